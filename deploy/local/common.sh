@@ -1,0 +1,45 @@
+# Shared by deploy/local/*.sh: package installation and the build.
+# shellcheck shell=bash
+
+JOULE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+
+# Debian 12 packages the build, the tests and the demo need.
+JOULE_PACKAGES=(
+  build-essential cmake ninja-build ccache pkg-config git
+  libabsl-dev libprotobuf-dev protobuf-compiler libgrpc++-dev protobuf-compiler-grpc
+  prometheus-cpp-dev libucx-dev ucx-utils nlohmann-json3-dev libboost1.81-dev
+  libgtest-dev libgmock-dev libbenchmark-dev
+  python3-torch python3-numpy curl iproute2
+)
+
+joule_log() { printf '\033[1m[joule]\033[0m %s\n' "$*" >&2; }
+
+# Installs whatever of JOULE_PACKAGES is missing (apt), once.
+joule_install_packages() {
+  local missing=()
+  for p in "${JOULE_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -eq 0 ]; then
+    return 0
+  fi
+  joule_log "installing: ${missing[*]}"
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "need root to install packages: ${missing[*]}" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+# Configures and builds the given preset (default: Release) in build/<preset>.
+joule_build() {
+  local preset="${1:-default}"
+  cd "$JOULE_ROOT"
+  export CCACHE_DIR="${CCACHE_DIR:-$HOME/.cache/ccache}"
+  joule_log "configuring (preset $preset)"
+  cmake --preset "$preset" >/dev/null
+  joule_log "building with $(nproc) jobs"
+  cmake --build --preset "$preset" -j "$(nproc)"
+}

@@ -1,0 +1,95 @@
+#include "kernels/cpu/elementwise.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace joule::kernels::cpu {
+namespace {
+
+// Sum of squares in 16 independent F32 lanes (vectorizes without -ffast-math)
+// finished in double.
+double SumSquares(const float* x, int64_t n) {
+  constexpr int kLanes = 16;
+  float lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lanes[l] += x[i + l] * x[i + l];
+  }
+  double sum = 0.0;
+  for (; i < n; ++i) sum += static_cast<double>(x[i]) * x[i];
+  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
+  return sum;
+}
+
+void RotateHalf(float* x, const float* cos, const float* sin, int half) {
+  for (int i = 0; i < half; ++i) {
+    const float x1 = x[i];
+    const float x2 = x[i + half];
+    x[i] = x1 * cos[i] - x2 * sin[i];
+    x[i + half] = x2 * cos[i] + x1 * sin[i];
+  }
+}
+
+}  // namespace
+
+void LaunchRmsNorm(const RmsNormParams& p, CpuStream stream) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.cols));
+  ParallelFor(stream, p.rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* x = p.x + r * p.cols;
+      float* out = p.out + r * p.cols;
+      const float mean = static_cast<float>(SumSquares(x, p.cols) / static_cast<double>(p.cols));
+      const float inv = 1.0f / std::sqrt(mean + p.eps);
+      // Same rounding order as Hugging Face: (x * rsqrt) * weight.
+      for (int64_t c = 0; c < p.cols; ++c) out[c] = (x[c] * inv) * p.weight[c];
+    }
+  });
+}
+
+void LaunchSiluMul(const SiluMulParams& p, CpuStream stream) {
+  ParallelFor(stream, p.n, 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float g = p.gate[i];
+      p.out[i] = g / (1.0f + std::exp(-g)) * p.up[i];
+    }
+  });
+}
+
+void LaunchRope(const RopeParams& p, CpuStream stream) {
+  const int half = p.head_dim / 2;
+  ParallelFor(stream, p.tokens, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t pos = p.positions[t];
+      const float* cos = p.cos + pos * half;
+      const float* sin = p.sin + pos * half;
+      if (p.q != nullptr) {
+        float* q = p.q + t * p.num_q_heads * static_cast<int64_t>(p.head_dim);
+        for (int h = 0; h < p.num_q_heads; ++h) RotateHalf(q + h * p.head_dim, cos, sin, half);
+      }
+      if (p.k != nullptr) {
+        float* k = p.k + t * p.num_kv_heads * static_cast<int64_t>(p.head_dim);
+        for (int h = 0; h < p.num_kv_heads; ++h) RotateHalf(k + h * p.head_dim, cos, sin, half);
+      }
+    }
+  });
+}
+
+void BuildRopeTable(float theta, int head_dim, int64_t max_position, float* cos, float* sin) {
+  const int half = head_dim / 2;
+  // F32 throughout, like `1.0 / (base ** (arange(0, d, 2).float() / d))` and
+  // `pos.float() * inv_freq` in the Hugging Face rotary embedding.
+  std::vector<float> inv_freq(half);
+  for (int i = 0; i < half; ++i) {
+    inv_freq[i] = 1.0f / std::pow(theta, static_cast<float>(2 * i) / static_cast<float>(head_dim));
+  }
+  for (int64_t pos = 0; pos < max_position; ++pos) {
+    for (int i = 0; i < half; ++i) {
+      const float angle = static_cast<float>(pos) * inv_freq[i];
+      cos[pos * half + i] = std::cos(angle);
+      sin[pos * half + i] = std::sin(angle);
+    }
+  }
+}
+
+}  // namespace joule::kernels::cpu

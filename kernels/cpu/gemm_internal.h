@@ -1,0 +1,29 @@
+// The per-ISA GEMM block entry points behind LaunchGemm / LaunchGroupedGemm (internal).
+#pragma once
+
+#include <cstdint>
+
+namespace joule::kernels::cpu {
+
+// Computes y[m0:m1, n0:n1] = x[m0:m1, :] . W[n0:n1, :]^T (+ bias) (+ y if accumulate).
+// Plain types only: this crosses from ISA-specific translation units.
+struct GemmBlock {
+  const float* x = nullptr;  // row r at x + r * ldx
+  int64_t ldx = 0;
+  const void* w = nullptr;   // [n, k] dense rows
+  bool w_bf16 = true;
+  int64_t k = 0;
+  const float* bias = nullptr;
+  float* y = nullptr;        // row r at y + r * ldy
+  int64_t ldy = 0;
+  bool accumulate = false;
+  int64_t m0 = 0, m1 = 0, n0 = 0, n1 = 0;
+};
+
+void GemmBlockScalar(const GemmBlock& b);
+#if defined(JOULE_CPU_X86)
+void GemmBlockAvx2(const GemmBlock& b);
+void GemmBlockAvx512(const GemmBlock& b);
+#endif
+
+}  // namespace joule::kernels::cpu

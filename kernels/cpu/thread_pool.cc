@@ -1,0 +1,149 @@
+#include "kernels/cpu/thread_pool.h"
+
+#include <algorithm>
+#include <chrono>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+namespace joule::kernels::cpu {
+namespace {
+
+// ParallelFor runs 10-20 times per layer per step with little serial work in
+// between, so helpers spin this long before sleeping on the condition variable
+// (a futex wake costs tens of microseconds; a spin hand-off well under one).
+constexpr auto kSpinTime = std::chrono::microseconds(200);
+
+// Chunks per thread: enough for dynamic balance when chunks cost unevenly.
+constexpr int64_t kChunksPerThread = 4;
+
+// Layout of ThreadPool::state_.
+constexpr int kGenShift = 16;
+constexpr uint64_t kClosed = uint64_t{1} << 15;
+constexpr uint64_t kJoinedMask = kClosed - 1;
+
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+// Spins until done() holds or kSpinTime passes; returns whether done() held.
+template <typename Pred>
+bool SpinUntil(Pred done) {
+  auto deadline = std::chrono::steady_clock::now() + kSpinTime;
+  for (;;) {
+    for (int i = 0; i < 64; ++i) {
+      if (done()) return true;
+      CpuRelax();
+    }
+    if (std::chrono::steady_clock::now() > deadline) return done();
+  }
+}
+
+}  // namespace
+
+ThreadPool::ThreadPool(int num_threads)
+    : num_threads_(num_threads > 0 ? num_threads
+                                   : std::max(1, static_cast<int>(std::thread::hardware_concurrency()))) {
+  threads_.reserve(num_threads_ - 1);
+  for (int i = 1; i < num_threads_; ++i) threads_.emplace_back([this, i] { WorkerLoop(i); });
+}
+
+ThreadPool::~ThreadPool() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_.store(true, std::memory_order_release);
+  }
+  work_cv_.notify_all();
+  for (auto& t : threads_) t.join();
+}
+
+void ThreadPool::RunChunks() {
+  const auto& fn = *fn_;
+  for (;;) {
+    int64_t begin = next_.fetch_add(chunk_, std::memory_order_relaxed);
+    if (begin >= n_) return;
+    fn(begin, std::min(n_, begin + chunk_));
+  }
+}
+
+void ThreadPool::WorkerLoop(int /*index*/) {
+  uint64_t seen = 0;  // generation of the last job this helper looked at
+  for (;;) {
+    auto ready = [&] {
+      return (state_.load(std::memory_order_acquire) >> kGenShift) != seen ||
+             stop_.load(std::memory_order_acquire);
+    };
+    if (!SpinUntil(ready)) {
+      std::unique_lock<std::mutex> lock(mu_);
+      work_cv_.wait(lock, ready);
+    }
+    if (stop_.load(std::memory_order_acquire)) return;
+    uint64_t s = state_.load(std::memory_order_acquire);
+    seen = s >> kGenShift;
+    // Join unless the caller already closed this job (then it needs no help).
+    bool joined = false;
+    while (!(s & kClosed) && (s >> kGenShift) == seen) {
+      if (state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel)) {
+        joined = true;
+        break;
+      }
+    }
+    if (!joined) continue;
+    RunChunks();
+    finished_.fetch_add(1, std::memory_order_acq_rel);
+    // Lock so the notify cannot slip between the caller's check and its wait.
+    std::lock_guard<std::mutex> lock(mu_);
+    done_cv_.notify_one();
+  }
+}
+
+void ThreadPool::ParallelFor(int64_t n, int64_t grain,
+                             const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(1, grain);
+  const int64_t chunk =
+      std::max(grain, (n + num_threads_ * kChunksPerThread - 1) / (num_threads_ * kChunksPerThread));
+  if (num_threads_ == 1 || chunk >= n) {
+    fn(0, n);
+    return;
+  }
+  std::lock_guard<std::mutex> call_lock(call_mu_);
+  fn_ = &fn;
+  n_ = n;
+  chunk_ = chunk;
+  next_.store(0, std::memory_order_relaxed);
+  finished_.store(0, std::memory_order_relaxed);
+  {
+    // Publishing under mu_ pairs with the predicate check of a helper going to sleep.
+    std::lock_guard<std::mutex> lock(mu_);
+    const uint64_t gen = (state_.load(std::memory_order_relaxed) >> kGenShift) + 1;
+    state_.store(gen << kGenShift, std::memory_order_release);
+  }
+  work_cv_.notify_all();  // cheap when nobody sleeps
+  RunChunks();
+  // Every chunk is claimed: close the job and wait for the helpers inside it.
+  const int joined = static_cast<int>(state_.fetch_or(kClosed, std::memory_order_acq_rel) & kJoinedMask);
+  auto done = [&] { return finished_.load(std::memory_order_acquire) == joined; };
+  if (!SpinUntil(done)) {
+    std::unique_lock<std::mutex> lock(mu_);
+    done_cv_.wait(lock, done);
+  }
+  fn_ = nullptr;
+}
+
+void ParallelFor(CpuStream stream, int64_t n, int64_t grain,
+                 const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  if (stream.pool != nullptr) {
+    stream.pool->ParallelFor(n, grain, fn);
+  } else {
+    fn(0, n);
+  }
+}
+
+}  // namespace joule::kernels::cpu

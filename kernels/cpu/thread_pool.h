@@ -1,0 +1,67 @@
+// A fixed pool of worker threads for data-parallel CPU kernels.
+// The calling thread takes part in every ParallelFor, so a pool of N threads
+// uses N cores with N-1 helpers.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace joule::kernels::cpu {
+
+class ThreadPool {
+ public:
+  // num_threads <= 0 means std::thread::hardware_concurrency().
+  explicit ThreadPool(int num_threads = 0);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int num_threads() const { return num_threads_; }
+
+  // Calls fn(begin, end) on disjoint chunks covering [0, n), each at least
+  // `grain` long (except the last), and returns when all have run.
+  // Not reentrant: fn must not call ParallelFor on the same pool.
+  void ParallelFor(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
+
+ private:
+  void WorkerLoop(int index);
+  void RunChunks();
+
+  int num_threads_;
+  std::vector<std::thread> threads_;
+  // Serializes concurrent callers; each ParallelFor owns the pool while it runs.
+  std::mutex call_mu_;
+  // Sleeping workers and a sleeping caller wait on these; the hot path spins on
+  // the atomics below and only takes mu_ to go to sleep or to wake sleepers.
+  std::mutex mu_;
+  std::condition_variable work_cv_;
+  std::condition_variable done_cv_;
+  std::atomic<bool> stop_{false};
+  // Job word: generation (bumped once per ParallelFor) << 16 | closed bit |
+  // number of helpers that joined. Helpers join by CAS while the job is open;
+  // the caller closes it once every chunk is claimed and waits only for the
+  // helpers that joined, so a descheduled helper never delays a call.
+  std::atomic<uint64_t> state_{0};
+  std::atomic<int> finished_{0};  // joined helpers done with the current job
+  // Current job.
+  const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
+  int64_t n_ = 0;
+  int64_t chunk_ = 0;
+  std::atomic<int64_t> next_{0};
+};
+
+// The CPU "stream": where a kernel runs. A null pool runs single-threaded.
+struct CpuStream {
+  ThreadPool* pool = nullptr;
+};
+
+// Convenience: runs on stream.pool when present, inline otherwise.
+void ParallelFor(CpuStream stream, int64_t n, int64_t grain,
+                 const std::function<void(int64_t, int64_t)>& fn);
+
+}  // namespace joule::kernels::cpu

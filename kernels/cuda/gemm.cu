@@ -1,0 +1,118 @@
+// Tiled F32 GEMM with F32 or BF16 weights: y = x W^T (+ bias) (+ y).
+//
+// Correctness first: a classic shared-memory tiling (64x64 output tile per
+// block, 4x4 per thread, k in steps of 16) with BF16 widened to F32 as it is
+// staged, F32 accumulation. Tensor-core paths come later behind the same API.
+#include <cuda_runtime.h>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/gemm.h"
+#include "kernels/cuda/launch_util.cuh"
+
+namespace joule::kernels::cuda {
+namespace {
+
+constexpr int kTileM = 64;
+constexpr int kTileN = 64;
+constexpr int kTileK = 16;
+constexpr int kThreads = 256;  // 16 x 16, each thread owns 4 x 4 outputs
+
+template <typename W>
+__device__ __forceinline__ float LoadWeight(const W* w, int64_t i);
+template <>
+__device__ __forceinline__ float LoadWeight<float>(const float* w, int64_t i) {
+  return w[i];
+}
+template <>
+__device__ __forceinline__ float LoadWeight<uint16_t>(const uint16_t* w, int64_t i) {
+  return Bf16BitsToFloat(w[i]);
+}
+
+template <typename W>
+__global__ void __launch_bounds__(kThreads) GemmKernel(GemmParams p, int64_t ldx, int64_t ldy) {
+  __shared__ float xs[kTileK][kTileM + 1];  // x tile, k-major; +1 avoids bank conflicts
+  __shared__ float ws[kTileK][kTileN + 1];  // W tile, k-major
+  const W* w = static_cast<const W*>(p.w);
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTileM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kTileN;
+  const int tx = threadIdx.x % 16;
+  const int ty = threadIdx.x / 16;
+
+  float acc[4][4] = {};
+  for (int64_t k0 = 0; k0 < p.k; k0 += kTileK) {
+    // Stage 64 x 16 of x and of W: 1024 values each, 4 per thread, reading
+    // 16 consecutive k per row.
+    for (int i = threadIdx.x; i < kTileM * kTileK; i += kThreads) {
+      const int row = i / kTileK;
+      const int kk = i % kTileK;
+      const int64_t gk = k0 + kk;
+      const int64_t gm = m0 + row;
+      const int64_t gn = n0 + row;
+      xs[kk][row] = (gm < p.m && gk < p.k) ? p.x[gm * ldx + gk] : 0.f;
+      ws[kk][row] = (gn < p.n && gk < p.k) ? LoadWeight(w, gn * p.k + gk) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kTileK; ++kk) {
+      float a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = xs[kk][ty + 16 * i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = ws[kk][tx + 16 * j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+      }
+    }
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t gm = m0 + ty + 16 * i;
+    if (gm >= p.m) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t gn = n0 + tx + 16 * j;
+      if (gn >= p.n) continue;
+      float r = acc[i][j];
+      if (p.bias != nullptr) r += p.bias[gn];
+      float* y = p.y + gm * ldy + gn;
+      *y = p.accumulate ? *y + r : r;
+    }
+  }
+}
+
+}  // namespace
+
+absl::Status LaunchGemm(const GemmParams& p, cudaStream_t stream) {
+  if (p.m < 0 || p.n < 0 || p.k < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Gemm: negative shape m=", p.m, " n=", p.n, " k=", p.k));
+  }
+  const int64_t ldx = p.ldx == 0 ? p.k : p.ldx;
+  const int64_t ldy = p.ldy == 0 ? p.n : p.ldy;
+  if (ldx < p.k || ldy < p.n) {
+    return absl::InvalidArgumentError(absl::StrCat("Gemm: ldx=", ldx, " < k=", p.k, " or ldy=",
+                                                   ldy, " < n=", p.n));
+  }
+  if (p.m == 0 || p.n == 0) return absl::OkStatus();
+  if (!p.y || (p.k > 0 && (!p.x || !p.w))) return absl::InvalidArgumentError("Gemm: null pointer");
+  const int64_t tiles_m = (p.m + kTileM - 1) / kTileM;
+  const int64_t tiles_n = (p.n + kTileN - 1) / kTileN;
+  if (tiles_m > 65535 || tiles_n > kMaxGridX) {
+    return absl::InvalidArgumentError(absl::StrCat("Gemm: m=", p.m, " too large for one launch"));
+  }
+  const dim3 grid(static_cast<unsigned>(tiles_n), static_cast<unsigned>(tiles_m));
+  if (p.w_type == WeightType::kBF16) {
+    GemmKernel<uint16_t><<<grid, kThreads, 0, stream>>>(p, ldx, ldy);
+  } else {
+    GemmKernel<float><<<grid, kThreads, 0, stream>>>(p, ldx, ldy);
+  }
+  JOULE_CUDA_RETURN_IF_LAUNCH_FAILED("GemmKernel");
+  return absl::OkStatus();
+}
+
+}  // namespace joule::kernels::cuda

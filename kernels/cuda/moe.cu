@@ -1,0 +1,216 @@
+// Router top-k, dispatch layout, permute and un-permute.
+#include <cuda_runtime.h>
+
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/launch_util.cuh"
+#include "kernels/cuda/moe.h"
+
+namespace joule::kernels::cuda {
+namespace {
+
+constexpr int kRouterWarpsPerBlock = 4;
+
+// One warp per token; the token's probabilities live in shared memory.
+__global__ void RouterTopKKernel(RouterTopKParams p) {
+  extern __shared__ float shared_probs[];
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kRouterWarpsPerBlock + warp;
+  if (t >= p.tokens) return;  // whole warps leave together
+  float* probs = shared_probs + warp * p.num_experts;
+  const float* logits = p.logits + t * p.num_experts;
+
+  float max_logit = -INFINITY;
+  for (int e = lane; e < p.num_experts; e += 32) {
+    probs[e] = logits[e];
+    max_logit = fmaxf(max_logit, probs[e]);
+  }
+  max_logit = WarpMax(max_logit);
+  float sum = 0.f;
+  for (int e = lane; e < p.num_experts; e += 32) {
+    probs[e] = expf(probs[e] - max_logit);
+    sum += probs[e];
+  }
+  sum = WarpSum(sum);
+  const float inv = 1.f / sum;  // multiply by the inverse, as the CPU kernel does
+  for (int e = lane; e < p.num_experts; e += 32) probs[e] *= inv;
+  __syncwarp();
+
+  int32_t* ids = p.expert_ids + t * p.top_k;
+  float* weights = p.weights + t * p.top_k;
+  float picked_sum = 0.f;
+  for (int j = 0; j < p.top_k; ++j) {
+    // Arg-max, ties to the lower expert id; picked experts hold -1 (probs are >= 0).
+    float best = -INFINITY;
+    int best_id = p.num_experts;
+    for (int e = lane; e < p.num_experts; e += 32) {
+      if (probs[e] > best) {  // e rises within a lane, so ">" keeps the lower id
+        best = probs[e];
+        best_id = e;
+      }
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      const float other = __shfl_xor_sync(0xffffffffu, best, offset);
+      const int other_id = __shfl_xor_sync(0xffffffffu, best_id, offset);
+      if (other > best || (other == best && other_id < best_id)) {
+        best = other;
+        best_id = other_id;
+      }
+    }
+    if (lane == 0) {
+      ids[j] = best_id;
+      weights[j] = best;
+      probs[best_id] = -1.f;
+    }
+    picked_sum += best;
+    __syncwarp();
+  }
+  if (p.renormalize && lane == 0) {
+    for (int j = 0; j < p.top_k; ++j) weights[j] /= picked_sum;
+  }
+}
+
+// Layout, step 1: expert_offsets[e + 1] = number of slots routed to e (one warp per expert).
+__global__ void CountSlotsKernel(MoeLayoutParams p, int64_t slots) {
+  const int e = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (e >= p.num_experts) return;
+  int64_t count = 0;
+  for (int64_t base = 0; base < slots; base += 32) {
+    const int64_t s = base + lane;
+    const bool mine = s < slots && p.expert_ids[s] == e;
+    count += __popc(__ballot_sync(0xffffffffu, mine));
+  }
+  if (lane == 0) p.expert_offsets[e + 1] = count;
+}
+
+// Layout, step 2: counts -> offsets. Expert counts are few; one thread is enough.
+__global__ void ScanOffsetsKernel(MoeLayoutParams p) {
+  p.expert_offsets[0] = 0;
+  for (int e = 0; e < p.num_experts; ++e) p.expert_offsets[e + 1] += p.expert_offsets[e];
+}
+
+// Layout, step 3: each expert's warp walks the slots in order and places its
+// own, which keeps the grouping stable in slot order.
+__global__ void PlaceSlotsKernel(MoeLayoutParams p, int64_t slots) {
+  const int e = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (e >= p.num_experts) return;
+  int64_t next = p.expert_offsets[e];
+  const unsigned lanes_below = (1u << lane) - 1u;
+  for (int64_t base = 0; base < slots; base += 32) {
+    const int64_t s = base + lane;
+    const bool mine = s < slots && p.expert_ids[s] == e;
+    const unsigned mask = __ballot_sync(0xffffffffu, mine);
+    if (mine) {
+      const int64_t row = next + __popc(mask & lanes_below);
+      p.permuted_to_slot[row] = static_cast<int32_t>(s);
+      p.slot_to_permuted[s] = static_cast<int32_t>(row);
+    }
+    next += __popc(mask);
+  }
+}
+
+__global__ void PermuteKernel(PermuteParams p) {
+  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
+    const float* src = p.x + static_cast<int64_t>(p.permuted_to_slot[r] / p.top_k) * p.hidden;
+    float* dst = p.out + r * p.hidden;
+    for (int64_t c = threadIdx.x; c < p.hidden; c += blockDim.x) dst[c] = src[c];
+  }
+}
+
+__global__ void UnpermuteKernel(UnpermuteParams p) {
+  for (int64_t t = blockIdx.x; t < p.tokens; t += gridDim.x) {
+    const int32_t* rows = p.slot_to_permuted + t * p.top_k;
+    const float* w = p.weights + t * p.top_k;
+    float* dst = p.out + t * p.hidden;
+    for (int64_t c = threadIdx.x; c < p.hidden; c += blockDim.x) {
+      // Same order as the CPU kernel: start from out (or 0), add choices in order.
+      float acc = p.accumulate ? dst[c] : 0.f;
+      for (int j = 0; j < p.top_k; ++j) {
+        if (rows[j] >= 0) acc += w[j] * p.expert_out[static_cast<int64_t>(rows[j]) * p.hidden + c];
+      }
+      dst[c] = acc;
+    }
+  }
+}
+
+unsigned RowBlocks(int64_t rows) { return static_cast<unsigned>(rows < 65535 ? rows : 65535); }
+
+}  // namespace
+
+absl::Status LaunchRouterTopK(const RouterTopKParams& p, cudaStream_t stream) {
+  if (p.tokens < 0) return absl::InvalidArgumentError("RouterTopK: negative tokens");
+  if (p.num_experts <= 0 || p.num_experts > kMaxRouterExperts) {
+    return absl::InvalidArgumentError(absl::StrCat("RouterTopK: num_experts must be in [1, ",
+                                                   kMaxRouterExperts, "], got ", p.num_experts));
+  }
+  if (p.top_k <= 0 || p.top_k > p.num_experts) {
+    return absl::InvalidArgumentError(absl::StrCat("RouterTopK: top_k must be in [1, ",
+                                                   p.num_experts, "], got ", p.top_k));
+  }
+  if (p.tokens == 0) return absl::OkStatus();
+  if (!p.logits || !p.expert_ids || !p.weights) {
+    return absl::InvalidArgumentError("RouterTopK: null pointer");
+  }
+  const int64_t blocks = (p.tokens + kRouterWarpsPerBlock - 1) / kRouterWarpsPerBlock;
+  if (blocks > kMaxGridX) return absl::InvalidArgumentError("RouterTopK: too many tokens");
+  const size_t shared = sizeof(float) * kRouterWarpsPerBlock * p.num_experts;
+  RouterTopKKernel<<<static_cast<unsigned>(blocks), 32 * kRouterWarpsPerBlock, shared, stream>>>(p);
+  JOULE_CUDA_RETURN_IF_LAUNCH_FAILED("RouterTopKKernel");
+  return absl::OkStatus();
+}
+
+absl::Status ComputeMoeLayout(const MoeLayoutParams& p, cudaStream_t stream) {
+  if (p.tokens < 0 || p.top_k < 0 || p.num_experts <= 0) {
+    return absl::InvalidArgumentError("MoeLayout: bad shape");
+  }
+  const int64_t slots = p.tokens * p.top_k;
+  if (slots > INT32_MAX) return absl::InvalidArgumentError("MoeLayout: too many slots");
+  if (!p.expert_offsets || (slots > 0 && (!p.expert_ids || !p.permuted_to_slot ||
+                                          !p.slot_to_permuted))) {
+    return absl::InvalidArgumentError("MoeLayout: null pointer");
+  }
+  if (slots > 0) {
+    JOULE_CUDA_RETURN_IF_ERROR(
+        cudaMemsetAsync(p.slot_to_permuted, 0xff, sizeof(int32_t) * slots, stream));  // -1
+  }
+  constexpr int kWarps = 4;
+  const unsigned blocks = (p.num_experts + kWarps - 1) / kWarps;
+  CountSlotsKernel<<<blocks, 32 * kWarps, 0, stream>>>(p, slots);
+  JOULE_CUDA_RETURN_IF_LAUNCH_FAILED("CountSlotsKernel");
+  ScanOffsetsKernel<<<1, 1, 0, stream>>>(p);
+  JOULE_CUDA_RETURN_IF_LAUNCH_FAILED("ScanOffsetsKernel");
+  PlaceSlotsKernel<<<blocks, 32 * kWarps, 0, stream>>>(p, slots);
+  JOULE_CUDA_RETURN_IF_LAUNCH_FAILED("PlaceSlotsKernel");
+  return absl::OkStatus();
+}
+
+absl::Status LaunchPermute(const PermuteParams& p, cudaStream_t stream) {
+  if (p.rows < 0 || p.hidden < 0 || p.top_k <= 0) {
+    return absl::InvalidArgumentError("Permute: bad shape");
+  }
+  if (p.rows == 0 || p.hidden == 0) return absl::OkStatus();
+  if (!p.x || !p.permuted_to_slot || !p.out) return absl::InvalidArgumentError("Permute: null pointer");
+  PermuteKernel<<<RowBlocks(p.rows), 128, 0, stream>>>(p);
+  JOULE_CUDA_RETURN_IF_LAUNCH_FAILED("PermuteKernel");
+  return absl::OkStatus();
+}
+
+absl::Status LaunchUnpermute(const UnpermuteParams& p, cudaStream_t stream) {
+  if (p.tokens < 0 || p.hidden < 0 || p.top_k <= 0) {
+    return absl::InvalidArgumentError("Unpermute: bad shape");
+  }
+  if (p.tokens == 0 || p.hidden == 0) return absl::OkStatus();
+  if (!p.expert_out || !p.slot_to_permuted || !p.weights || !p.out) {
+    return absl::InvalidArgumentError("Unpermute: null pointer");
+  }
+  UnpermuteKernel<<<RowBlocks(p.tokens), 128, 0, stream>>>(p);
+  JOULE_CUDA_RETURN_IF_LAUNCH_FAILED("UnpermuteKernel");
+  return absl::OkStatus();
+}
+
+}  // namespace joule::kernels::cuda

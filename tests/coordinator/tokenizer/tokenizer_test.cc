@@ -1,0 +1,288 @@
+#include "coordinator/tokenizer/tokenizer.h"
+
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+
+namespace joule::tokenizer {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using Json = nlohmann::json;
+
+std::unique_ptr<Tokenizer> BuiltIn() {
+  auto tok = ParseTokenizerJson(MakeByteLevelTokenizerJson(), "built-in");
+  EXPECT_TRUE(tok.ok()) << tok.status();
+  return tok.ok() ? std::move(tok).value() : nullptr;
+}
+
+std::vector<int32_t> Bytes(std::string_view s) {
+  std::vector<int32_t> ids;
+  for (unsigned char c : s) ids.push_back(c);
+  return ids;
+}
+
+bool IsValidUtf8(std::string_view s) {
+  std::string out;
+  return AppendValidUtf8(s, /*final=*/false, &out) == 0 && out == s;
+}
+
+TEST(ByteLevelTokenizerJson, HasTheBuiltInLayout) {
+  Json j = Json::parse(MakeByteLevelTokenizerJson());
+  EXPECT_EQ(j["model"]["type"], "BPE");
+  EXPECT_TRUE(j["model"]["merges"].empty());
+  EXPECT_EQ(j["pre_tokenizer"]["type"], "ByteLevel");
+  EXPECT_EQ(j["decoder"]["type"], "ByteLevel");
+  const Json& vocab = j["model"]["vocab"];
+  ASSERT_EQ(vocab.size(), 256u);
+  EXPECT_EQ(vocab["A"], 65);
+  EXPECT_EQ(vocab["!"], 33);
+  EXPECT_EQ(vocab["\xC4\x80"], 0);     // U+0100 is byte 0x00
+  EXPECT_EQ(vocab["\xC4\xA0"], 32);    // U+0120 'Ġ' is the space
+  EXPECT_EQ(vocab["\xC5\x83"], 0xAD);  // U+0143 is the soft hyphen, the 68th remapped byte
+  EXPECT_EQ(vocab["\xC3\xBF"], 255);   // 'ÿ' stands for itself
+  ASSERT_EQ(j["added_tokens"].size(), 3u);
+  EXPECT_EQ(j["added_tokens"][0]["id"], 256);
+  EXPECT_EQ(j["added_tokens"][0]["content"], "<|endoftext|>");
+  EXPECT_EQ(j["added_tokens"][1]["content"], "<|im_start|>");
+  EXPECT_EQ(j["added_tokens"][2]["id"], 258);
+  EXPECT_EQ(j["added_tokens"][2]["content"], "<|im_end|>");
+  EXPECT_EQ(j["added_tokens"][2]["special"], true);
+}
+
+TEST(ByteLevelTokenizer, VocabAndSpecialTokens) {
+  auto tok = BuiltIn();
+  ASSERT_NE(tok, nullptr);
+  EXPECT_EQ(tok->vocab_size(), 259);
+  EXPECT_EQ(tok->TokenId("<|endoftext|>"), 256);
+  EXPECT_EQ(tok->TokenId("<|im_start|>"), 257);
+  EXPECT_EQ(tok->TokenId("<|im_end|>"), 258);
+  EXPECT_EQ(tok->TokenId("<|nope|>"), std::nullopt);
+  EXPECT_TRUE(tok->IsSpecial(258));
+  EXPECT_FALSE(tok->IsSpecial(65));
+  EXPECT_FALSE(tok->IsSpecial(-1));
+  EXPECT_FALSE(tok->IsSpecial(259));
+  EXPECT_EQ(tok->TokenBytes(32), " ");
+  EXPECT_EQ(tok->TokenBytes(0), std::string(1, '\0'));
+  EXPECT_EQ(tok->TokenBytes(257), "<|im_start|>");
+  EXPECT_EQ(tok->TokenBytes(259), "");
+}
+
+TEST(ByteLevelTokenizer, RoundTripsText) {
+  auto tok = BuiltIn();
+  ASSERT_NE(tok, nullptr);
+  const std::vector<std::string> texts = {
+      "Hello, world! 0123456789 ~`@#$%^&*()_+-={}[]|\\:;\"'<>,.?/\t\r\n",
+      "Grüße, ça va? Ελληνικά, русский, עברית, العربية, हिन्दी, 中文, 日本語, 한국어",
+      "emoji 😀🚀 family 👨‍👩‍👧‍👦 flag 🇯🇵 skin 👍🏽",
+      "",
+  };
+  for (const std::string& text : texts) {
+    auto ids = tok->Encode(text);
+    ASSERT_TRUE(ids.ok()) << ids.status();
+    EXPECT_EQ(*ids, Bytes(text)) << text;  // one id per byte, id = byte value
+    EXPECT_EQ(tok->Decode(*ids), text);
+  }
+}
+
+TEST(ByteLevelTokenizer, EncodesEveryByte) {
+  auto tok = BuiltIn();
+  ASSERT_NE(tok, nullptr);
+  std::string all;
+  for (int b = 0; b < 256; ++b) all.push_back(static_cast<char>(b));
+  auto ids = tok->Encode(all);
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  EXPECT_EQ(*ids, Bytes(all));
+  std::string back;
+  for (int32_t id : *ids) back += tok->TokenBytes(id);
+  EXPECT_EQ(back, all);
+  // Decode is for display: invalid UTF-8 comes out as U+FFFD, never raw.
+  EXPECT_TRUE(IsValidUtf8(tok->Decode(*ids)));
+}
+
+TEST(ByteLevelTokenizer, SplitsOutSpecialTokensInsideText) {
+  auto tok = BuiltIn();
+  ASSERT_NE(tok, nullptr);
+  const std::string text = "<|im_start|>user\nHi 👋<|im_end|>\n<|im_start|>assistant\n";
+  auto ids = tok->Encode(text);
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  std::vector<int32_t> want = {257};
+  for (int32_t b : Bytes("user\nHi 👋")) want.push_back(b);
+  want.push_back(258);
+  want.push_back('\n');
+  want.push_back(257);
+  for (int32_t b : Bytes("assistant\n")) want.push_back(b);
+  EXPECT_EQ(*ids, want);
+  EXPECT_EQ(tok->Decode(*ids), text);
+
+  // Near misses stay plain bytes.
+  auto near = tok->Encode("<|im_sta<|im_end|<|endoftext|>");
+  ASSERT_TRUE(near.ok());
+  std::vector<int32_t> near_want = Bytes("<|im_sta<|im_end|");
+  near_want.push_back(256);
+  EXPECT_EQ(*near, near_want);
+}
+
+TEST(ByteLevelTokenizer, PrefersTheLongestAddedToken) {
+  Json j = Json::parse(MakeByteLevelTokenizerJson());
+  j["added_tokens"].push_back({{"id", 300}, {"content", "<|im"}, {"special", false}});
+  auto tok = ParseTokenizerJson(j.dump(), "test");
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  EXPECT_EQ((*tok)->vocab_size(), 301);
+  EXPECT_FALSE((*tok)->IsSpecial(300));
+  auto ids = (*tok)->Encode("<|im_end|><|imx");
+  ASSERT_TRUE(ids.ok());
+  EXPECT_THAT(*ids, ElementsAre(258, 300, 'x'));
+  // Ids between the vocabulary and the added tokens are unknown: skipped.
+  EXPECT_EQ((*tok)->Decode({'a', 280, 'b'}), "ab");
+}
+
+TEST(ByteLevelTokenizer, LoadsFromModelDirectory) {
+  std::filesystem::path dir = std::filesystem::path(::testing::TempDir()) /
+                              ("joule_tokenizer_test_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  {
+    std::ofstream out(dir / "tokenizer.json", std::ios::binary);
+    out << MakeByteLevelTokenizerJson();
+  }
+  auto tok = LoadTokenizer(dir.string());
+  std::filesystem::remove_all(dir);
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  auto ids = (*tok)->Encode("hi<|endoftext|>");
+  ASSERT_TRUE(ids.ok());
+  EXPECT_THAT(*ids, ElementsAre('h', 'i', 256));
+}
+
+TEST(ByteLevelTokenizer, MissingFileNamesThePath) {
+  auto tok = LoadTokenizer("/nonexistent/joule-model");
+  ASSERT_FALSE(tok.ok());
+  EXPECT_EQ(tok.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(tok.status().message(), HasSubstr("/nonexistent/joule-model/tokenizer.json"));
+}
+
+TEST(ByteLevelTokenizer, BadJsonGivesClearErrors) {
+  auto err = [](const std::string& text) {
+    auto tok = ParseTokenizerJson(text, "m/tokenizer.json");
+    EXPECT_FALSE(tok.ok());
+    EXPECT_EQ(tok.status().code(), absl::StatusCode::kInvalidArgument);
+    return std::string(tok.status().message());
+  };
+  EXPECT_THAT(err("{not json"), HasSubstr("not valid JSON"));
+  EXPECT_THAT(err("[]"), HasSubstr("expected a JSON object"));
+
+  Json base = Json::parse(MakeByteLevelTokenizerJson());
+  Json j = base;
+  j.erase("model");
+  EXPECT_THAT(err(j.dump()), HasSubstr("m/tokenizer.json: model: missing"));
+
+  j = base;
+  j["model"]["type"] = "WordPiece";
+  EXPECT_THAT(err(j.dump()), HasSubstr("model.type: expected \"BPE\", got \"WordPiece\""));
+
+  j = base;
+  j["model"]["vocab"].erase("A");
+  EXPECT_THAT(err(j.dump()), HasSubstr("model.vocab: no token for byte 0x41"));
+
+  j = base;
+  j["model"]["vocab"]["A"] = "sixty-five";
+  EXPECT_THAT(err(j.dump()), HasSubstr("model.vocab[\"A\"]"));
+
+  j = base;
+  j["pre_tokenizer"] = {{"type", "Whitespace"}};
+  EXPECT_THAT(err(j.dump()), HasSubstr("pre_tokenizer: expected ByteLevel, got Whitespace"));
+
+  j = base;
+  j["decoder"] = nullptr;
+  EXPECT_THAT(err(j.dump()), HasSubstr("decoder: expected ByteLevel, got null"));
+
+  j = base;
+  j["added_tokens"][1].erase("content");
+  EXPECT_THAT(err(j.dump()), HasSubstr("added_tokens[1].content"));
+}
+
+TEST(ByteLevelTokenizer, MergesMakeEncodeUnimplementedButDecodeWorks) {
+  Json j = Json::parse(MakeByteLevelTokenizerJson());
+  j["model"]["vocab"]["he"] = 259;
+  j["model"]["merges"] = {"h e", "l l"};
+  auto tok = ParseTokenizerJson(j.dump(), "test");
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  auto ids = (*tok)->Encode("hello");
+  ASSERT_FALSE(ids.ok());
+  EXPECT_EQ(ids.status().code(), absl::StatusCode::kUnimplemented);
+  EXPECT_THAT(ids.status().message(), HasSubstr("has 2 BPE merges"));
+  EXPECT_THAT(ids.status().message(), HasSubstr("--prompt-ids"));
+  EXPECT_EQ((*tok)->Decode({259, 'l', 'l', 'o'}), "hello");
+}
+
+TEST(IncrementalDecoder, HoldsBackSplitCharacters) {
+  auto tok = BuiltIn();
+  ASSERT_NE(tok, nullptr);
+  IncrementalDecoder dec(*tok);
+  // "€" is E2 82 AC: nothing leaves until the third byte.
+  EXPECT_EQ(dec.Push('a'), "a");
+  EXPECT_EQ(dec.Push(0xE2), "");
+  EXPECT_EQ(dec.pending_bytes(), 1u);
+  EXPECT_EQ(dec.Push(0x82), "");
+  EXPECT_EQ(dec.Push(0xAC), "\xE2\x82\xAC");
+  EXPECT_EQ(dec.pending_bytes(), 0u);
+  // A 4-byte emoji followed by a special token.
+  EXPECT_EQ(dec.Push(0xF0), "");
+  EXPECT_EQ(dec.Push(0x9F), "");
+  EXPECT_EQ(dec.Push(0x98), "");
+  EXPECT_EQ(dec.Push(0x80), "😀");
+  EXPECT_EQ(dec.Push(258), "<|im_end|>");
+  EXPECT_EQ(dec.Flush(), "");
+}
+
+TEST(IncrementalDecoder, NeverEmitsPartialUtf8) {
+  auto tok = BuiltIn();
+  ASSERT_NE(tok, nullptr);
+  const std::string text = "a€😀é中<|im_end|>👨‍👩‍👧 done ñ";
+  auto ids = tok->Encode(text);
+  ASSERT_TRUE(ids.ok());
+  IncrementalDecoder dec(*tok);
+  std::string all;
+  for (int32_t id : *ids) {
+    std::string piece = dec.Push(id);
+    EXPECT_TRUE(IsValidUtf8(piece)) << "partial UTF-8 after id " << id;
+    all += piece;
+  }
+  all += dec.Flush();
+  EXPECT_EQ(all, text);
+}
+
+TEST(IncrementalDecoder, InvalidBytesBecomeReplacementCharacters) {
+  auto tok = BuiltIn();
+  ASSERT_NE(tok, nullptr);
+  IncrementalDecoder dec(*tok);
+  EXPECT_EQ(dec.Push(0xFF), "\xEF\xBF\xBD");   // can never start a character
+  EXPECT_EQ(dec.Push(0x80), "\xEF\xBF\xBD");   // stray continuation
+  EXPECT_EQ(dec.Push(0xE2), "");
+  EXPECT_EQ(dec.Push('x'), "\xEF\xBF\xBDx");   // broken by an ASCII byte
+  EXPECT_EQ(dec.Push(0xED), "");
+  EXPECT_EQ(dec.Push(0xA0), "\xEF\xBF\xBD\xEF\xBF\xBD");  // surrogate: invalid at once
+  EXPECT_EQ(dec.Push(0xF0), "");
+  EXPECT_EQ(dec.Push(0x9F), "");
+  EXPECT_EQ(dec.Flush(), "\xEF\xBF\xBD");      // truncated at end of stream
+  EXPECT_EQ(dec.pending_bytes(), 0u);
+}
+
+TEST(IncrementalDecoder, CanSkipSpecialTokens) {
+  auto tok = BuiltIn();
+  ASSERT_NE(tok, nullptr);
+  IncrementalDecoder dec(*tok, {.skip_special_tokens = true});
+  std::string out;
+  for (int32_t id : std::vector<int32_t>{'o', 'k', 258, 256}) out += dec.Push(id);
+  EXPECT_EQ(out + dec.Flush(), "ok");
+}
+
+}  // namespace
+}  // namespace joule::tokenizer

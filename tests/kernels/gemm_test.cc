@@ -1,0 +1,190 @@
+#include "kernels/cpu/gemm.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "tests/kernels/kernel_test_util.h"
+
+namespace joule::kernels::cpu {
+namespace {
+
+using testing::FromBf16;
+using testing::IsaThreadsTest;
+using testing::RandomFloats;
+using testing::ToBf16;
+
+// Weights as the kernel sees them plus their exact F32 values for the reference.
+struct Weights {
+  std::vector<uint16_t> bf16;
+  std::vector<float> f32;  // exact values of the weights (BF16 widens exactly)
+  const void* data(WeightType t) const {
+    return t == WeightType::kBF16 ? static_cast<const void*>(bf16.data()) : f32.data();
+  }
+};
+
+Weights MakeWeights(int64_t n, int64_t k, WeightType t, uint32_t seed) {
+  Weights w;
+  w.f32 = RandomFloats(n * k, seed);
+  if (t == WeightType::kBF16) {
+    w.bf16.resize(w.f32.size());
+    for (size_t i = 0; i < w.f32.size(); ++i) {
+      w.bf16[i] = ToBf16(w.f32[i]);
+      w.f32[i] = FromBf16(w.bf16[i]);
+    }
+  }
+  return w;
+}
+
+// Checks y rows [m0, m1) against a double-precision reference.
+// Tolerance: any F32 summation order of k products is within
+// gamma_{k+2} * sum|terms| of the exact value, gamma_j ~ j * 2^-24 (Higham);
+// the kernel differs from the reference only in accumulation order and
+// rounding, so this bound cannot be exceeded by a correct kernel while an
+// indexing bug is off by O(sum|terms|).
+void ExpectGemmMatches(const float* x, int64_t ldx, const std::vector<float>& w, const float* bias,
+                       const std::vector<float>& y_before, const float* y, int64_t ldy,
+                       int64_t m0, int64_t m1, int64_t n, int64_t k, bool accumulate) {
+  for (int64_t i = m0; i < m1; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      double ref = 0.0, mag = 0.0;
+      for (int64_t kk = 0; kk < k; ++kk) {
+        const double t = static_cast<double>(x[i * ldx + kk]) * w[j * k + kk];
+        ref += t;
+        mag += std::fabs(t);
+      }
+      if (bias != nullptr) {
+        ref += bias[j];
+        mag += std::fabs(bias[j]);
+      }
+      if (accumulate) {
+        ref += y_before[i * ldy + j];
+        mag += std::fabs(y_before[i * ldy + j]);
+      }
+      const double tol = (k + 3) * 6e-8 * mag + 1e-30;
+      ASSERT_NEAR(y[i * ldy + j], ref, tol) << "row " << i << " col " << j << " k " << k;
+    }
+  }
+}
+
+class GemmTest : public IsaThreadsTest {};
+
+TEST_P(GemmTest, MatchesReferenceOnAwkwardShapes) {
+  uint32_t seed = 1;
+  for (WeightType wt : {WeightType::kBF16, WeightType::kF32}) {
+    for (int64_t m : {1, 2, 3, 4, 6, 7, 8, 17, 65}) {
+      for (int64_t k : {1, 7, 16, 33, 100, 257}) {
+        for (int64_t n : {1, 13, 31, 77}) {
+          for (int variant = 0; variant < 2; ++variant) {
+            // variant 1: padded strides, bias, accumulate into existing y.
+            const bool fancy = variant == 1;
+            const int64_t ldx = fancy ? k + 3 : k;
+            const int64_t ldy = fancy ? n + 5 : n;
+            auto x = RandomFloats(m * ldx, ++seed);
+            Weights w = MakeWeights(n, k, wt, ++seed);
+            auto bias = RandomFloats(n, ++seed);
+            auto y = RandomFloats(m * ldy, ++seed);
+            // Padding columns of y must survive untouched.
+            for (int64_t i = 0; i < m; ++i)
+              for (int64_t j = n; j < ldy; ++j) y[i * ldy + j] = 1234.5f;
+            const std::vector<float> y_before = y;
+
+            GemmParams p;
+            p.x = x.data();
+            p.m = m;
+            p.k = k;
+            p.ldx = fancy ? ldx : 0;
+            p.w = w.data(wt);
+            p.w_type = wt;
+            p.n = n;
+            p.bias = fancy ? bias.data() : nullptr;
+            p.y = y.data();
+            p.ldy = fancy ? ldy : 0;
+            p.accumulate = fancy;
+            LaunchGemm(p, stream());
+
+            SCOPED_TRACE(::testing::Message() << "bf16=" << (wt == WeightType::kBF16) << " m=" << m
+                                              << " k=" << k << " n=" << n << " fancy=" << fancy);
+            ExpectGemmMatches(x.data(), ldx, w.f32, p.bias, y_before, y.data(), ldy, 0, m, n, k,
+                              fancy);
+            for (int64_t i = 0; i < m; ++i)
+              for (int64_t j = n; j < ldy; ++j) ASSERT_EQ(y[i * ldy + j], 1234.5f);
+          }
+        }
+      }
+    }
+  }
+}
+
+// Large enough for many column blocks per thread and the full-width tiles.
+TEST_P(GemmTest, MatchesReferenceOnModelSizedShape) {
+  const int64_t m = 9, k = 1000, n = 515;
+  auto x = RandomFloats(m * k, 7);
+  Weights w = MakeWeights(n, k, WeightType::kBF16, 8);
+  std::vector<float> y(m * n, std::numeric_limits<float>::quiet_NaN());
+  GemmParams p;
+  p.x = x.data();
+  p.m = m;
+  p.k = k;
+  p.w = w.bf16.data();
+  p.n = n;
+  p.y = y.data();
+  LaunchGemm(p, stream());
+  ExpectGemmMatches(x.data(), k, w.f32, nullptr, {}, y.data(), n, 0, m, n, k, false);
+}
+
+TEST_P(GemmTest, GroupedMatchesPerGroupReference) {
+  const int64_t k = 45, n = 29;
+  // Uneven groups, empty ones included (an empty group's weights may be null).
+  const std::vector<int64_t> rows = {0, 5, 0, 17, 1, 40, 0};
+  std::vector<int64_t> offsets = {0};
+  for (int64_t r : rows) offsets.push_back(offsets.back() + r);
+  const int64_t total = offsets.back();
+  for (WeightType wt : {WeightType::kBF16, WeightType::kF32}) {
+    auto x = RandomFloats(total * k, 11);
+    std::vector<Weights> w;
+    std::vector<const void*> wptr;
+    for (size_t g = 0; g < rows.size(); ++g) {
+      w.push_back(MakeWeights(n, k, wt, 100 + g));
+      wptr.push_back(rows[g] == 0 ? nullptr : w.back().data(wt));
+    }
+    std::vector<float> y(total * n, std::numeric_limits<float>::quiet_NaN());
+    GroupedGemmParams p;
+    p.num_groups = static_cast<int>(rows.size());
+    p.x = x.data();
+    p.row_offsets = offsets.data();
+    p.k = k;
+    p.n = n;
+    p.w = wptr.data();
+    p.w_type = wt;
+    p.y = y.data();
+    LaunchGroupedGemm(p, stream());
+    for (size_t g = 0; g < rows.size(); ++g) {
+      SCOPED_TRACE(::testing::Message() << "group " << g);
+      ExpectGemmMatches(x.data(), k, w[g].f32, nullptr, {}, y.data(), n, offsets[g],
+                        offsets[g + 1], n, k, false);
+    }
+  }
+}
+
+TEST_P(GemmTest, GroupedWithAllGroupsEmptyWritesNothing) {
+  const std::vector<int64_t> offsets = {0, 0, 0};
+  const void* w[2] = {nullptr, nullptr};
+  float sentinel = 3.0f;
+  GroupedGemmParams p;
+  p.num_groups = 2;
+  p.row_offsets = offsets.data();
+  p.k = 8;
+  p.n = 4;
+  p.w = w;
+  p.y = &sentinel;
+  LaunchGroupedGemm(p, stream());
+  EXPECT_EQ(sentinel, 3.0f);
+}
+
+JOULE_INSTANTIATE_ISA_THREADS(GemmTest);
+
+}  // namespace
+}  // namespace joule::kernels::cpu

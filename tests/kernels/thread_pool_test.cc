@@ -1,0 +1,132 @@
+#include "kernels/cpu/thread_pool.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <mutex>
+#include <set>
+#include <thread>
+#include <utility>
+#include <vector>
+
+namespace joule::kernels::cpu {
+namespace {
+
+// Runs ParallelFor and returns the chunks it produced, sorted.
+std::vector<std::pair<int64_t, int64_t>> Chunks(ThreadPool* pool, int64_t n, int64_t grain) {
+  std::mutex mu;
+  std::vector<std::pair<int64_t, int64_t>> chunks;
+  ParallelFor(CpuStream{pool}, n, grain, [&](int64_t b, int64_t e) {
+    std::lock_guard<std::mutex> lock(mu);
+    chunks.emplace_back(b, e);
+  });
+  std::sort(chunks.begin(), chunks.end());
+  return chunks;
+}
+
+TEST(ThreadPoolTest, ChunksCoverRangeOnceAndRespectGrain) {
+  ThreadPool pool(3);
+  for (int64_t n : {1, 2, 7, 64, 1000, 12345}) {
+    for (int64_t grain : {1, 3, 16, 5000}) {
+      auto chunks = Chunks(&pool, n, grain);
+      ASSERT_FALSE(chunks.empty());
+      int64_t expect = 0;
+      for (size_t i = 0; i < chunks.size(); ++i) {
+        EXPECT_EQ(chunks[i].first, expect) << "n=" << n << " grain=" << grain;
+        EXPECT_GT(chunks[i].second, chunks[i].first);
+        if (i + 1 < chunks.size()) {
+          EXPECT_GE(chunks[i].second - chunks[i].first, grain);
+        }
+        expect = chunks[i].second;
+      }
+      EXPECT_EQ(expect, n);
+    }
+  }
+}
+
+TEST(ThreadPoolTest, ZeroWorkCallsNothing) {
+  ThreadPool pool(2);
+  bool called = false;
+  pool.ParallelFor(0, 1, [&](int64_t, int64_t) { called = true; });
+  ParallelFor(CpuStream{}, 0, 1, [&](int64_t, int64_t) { called = true; });
+  EXPECT_FALSE(called);
+}
+
+TEST(ThreadPoolTest, NullPoolRunsInlineAsOneChunk) {
+  auto chunks = Chunks(nullptr, 100, 1);
+  ASSERT_EQ(chunks.size(), 1u);
+  EXPECT_EQ(chunks[0], std::make_pair(int64_t{0}, int64_t{100}));
+}
+
+TEST(ThreadPoolTest, UsesHelperThreads) {
+  ThreadPool pool(2);
+  std::mutex mu;
+  std::set<std::thread::id> ids;
+  // Each chunk waits briefly so one thread cannot drain the queue alone.
+  pool.ParallelFor(64, 1, [&](int64_t, int64_t) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      ids.insert(std::this_thread::get_id());
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  });
+  EXPECT_EQ(ids.size(), 2u);
+}
+
+TEST(ThreadPoolTest, ManyBackToBackCallsAllComplete) {
+  ThreadPool pool(2);
+  int64_t total = 0;
+  std::atomic<int64_t> sum{0};
+  for (int iter = 0; iter < 20000; ++iter) {
+    pool.ParallelFor(16, 1, [&](int64_t b, int64_t e) { sum.fetch_add(e - b); });
+    total += 16;
+  }
+  EXPECT_EQ(sum.load(), total);
+}
+
+TEST(ThreadPoolTest, CallsAfterHelpersFellAsleepStillComplete) {
+  ThreadPool pool(2);
+  for (int iter = 0; iter < 3; ++iter) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));  // past the spin window
+    std::atomic<int64_t> sum{0};
+    pool.ParallelFor(1000, 1, [&](int64_t b, int64_t e) { sum.fetch_add(e - b); });
+    EXPECT_EQ(sum.load(), 1000);
+  }
+}
+
+TEST(ThreadPoolTest, ConcurrentCallersAreSerializedCorrectly) {
+  ThreadPool pool(2);
+  std::atomic<int64_t> sum{0};
+  auto caller = [&] {
+    for (int i = 0; i < 2000; ++i)
+      pool.ParallelFor(10, 1, [&](int64_t b, int64_t e) { sum.fetch_add(e - b); });
+  };
+  std::thread a(caller), b(caller);
+  a.join();
+  b.join();
+  EXPECT_EQ(sum.load(), 2 * 2000 * 10);
+}
+
+// Guards the per-call overhead the engine depends on (10-20 calls per layer).
+// The bound is loose (a shared 2-core CI host); a regression to a sleep/wake
+// per call costs tens of microseconds and fails it.
+TEST(ThreadPoolTest, PerCallOverheadIsSmall) {
+  ThreadPool pool(2);
+  std::atomic<int64_t> sink{0};
+  auto fn = [&](int64_t b, int64_t e) { sink.fetch_add(e - b, std::memory_order_relaxed); };
+  for (int i = 0; i < 1000; ++i) pool.ParallelFor(2, 1, fn);  // warm up
+  const int kCalls = 20000;
+  auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < kCalls; ++i) pool.ParallelFor(2, 1, fn);
+  const double us =
+      std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count() /
+      kCalls;
+  RecordProperty("per_call_us", std::to_string(us));
+  std::printf("ParallelFor per-call overhead: %.2f us\n", us);
+  EXPECT_LT(us, 20.0);
+}
+
+}  // namespace
+}  // namespace joule::kernels::cpu

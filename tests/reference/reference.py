@@ -1,0 +1,924 @@
+#!/usr/bin/env python3
+"""PyTorch reference model for Joule's supported MoE families.
+
+Follows the math of Hugging Face transformers' modeling code for
+  * Qwen3MoeForCausalLM  (modeling_qwen3_moe.py)
+  * Qwen2MoeForCausalLM  (modeling_qwen2_moe.py)
+  * MixtralForCausalLM   (modeling_mixtral.py)
+without depending on transformers or safetensors: weights are read with json +
+numpy and upcast once to float32; every computation runs in float32.
+
+Module use:
+    model = load_model("/path/to/checkpoint")
+    logits = model.logits([1, 2, 3])                 # [T, vocab], full recompute
+    ids, margins = model.greedy([1, 2, 3], 12)       # KV-cached greedy decode
+
+CLI (see tests/reference/README.md):
+    reference.py logits    --model DIR --ids 1,2,3
+    reference.py generate  --model DIR --ids 1,2,3 [--steps 12]
+    reference.py selfcheck --model DIR
+    reference.py golden    --model DIR --name NAME --out FILE [--source TEXT]
+    reference.py check     --models-dir DIR --fixtures FILE... [--atol 1e-4]
+    reference.py bench     --model DIR --batch 1 --batch 64 --prompt-len 32
+                           --decode-steps 32 --threads 2 [--json OUT]
+
+Exit status 77 means "torch is not importable": ctest treats it as SKIP.
+"""
+
+import argparse
+import glob
+import hashlib
+import json
+import os
+import platform
+import struct
+import sys
+import time
+
+try:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+except ImportError as _import_error:  # main() reports it and exits with SKIP_RETURN_CODE
+    torch = None
+    F = None
+    _IMPORT_ERROR = str(_import_error)
+
+SKIP_RETURN_CODE = 77
+
+# The built-in byte-level tokenizer: bytes 0..255 plus specials 256..258.
+TOKENIZER_ID_LIMIT = 259
+GOLDEN_PROMPT_LENGTHS = (1, 6, 19, 37)
+GOLDEN_SEED = 20240611
+GOLDEN_GREEDY_STEPS = 12
+SELF_CHECK_ATOL = 1e-5
+GREEDY_TIE_MARGIN = 1e-3
+
+
+class CheckpointError(Exception):
+    """A checkpoint or configuration the reference refuses to guess about."""
+
+
+# --------------------------------------------------------------------------
+# safetensors reader (json + numpy)
+# --------------------------------------------------------------------------
+
+def _bf16_to_f32(raw_u16):
+    return (raw_u16.astype(np.uint32) << 16).view(np.float32)
+
+
+def read_safetensors(path):
+    """Returns {name: float32 numpy array} for one .safetensors file."""
+    file_size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise CheckpointError(f"{path}: shorter than the 8-byte safetensors header length")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > file_size - 8:
+            raise CheckpointError(f"{path}: header length {header_len} exceeds file size {file_size}")
+        header = json.loads(f.read(header_len).decode("utf-8"))
+    data_start = 8 + header_len
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start,
+                     shape=(file_size - data_start,)) if file_size > data_start else np.zeros(0, np.uint8)
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = info["dtype"]
+        shape = [int(s) for s in info["shape"]]
+        begin, end = (int(x) for x in info["data_offsets"])
+        count = int(np.prod(shape)) if shape else 1
+        itemsize = {"BF16": 2, "F16": 2, "F32": 4}.get(dtype)
+        if itemsize is None:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype} "
+                                  "(reference reads BF16, F16, F32)")
+        if end < begin or end > data.shape[0] or end - begin != count * itemsize:
+            raise CheckpointError(f"{path}: tensor {name} has bad data_offsets [{begin}, {end}) "
+                                  f"for shape {shape} {dtype}")
+        raw = np.asarray(data[begin:end])
+        if dtype == "BF16":
+            arr = _bf16_to_f32(raw.view("<u2"))
+        elif dtype == "F16":
+            arr = raw.view("<f2").astype(np.float32)
+        else:
+            arr = raw.view("<f4").astype(np.float32)
+        tensors[name] = arr.reshape(shape)
+    return tensors
+
+
+def read_checkpoint_tensors(model_dir):
+    """Reads model.safetensors, or the shards named by model.safetensors.index.json."""
+    index_path = os.path.join(model_dir, "model.safetensors.index.json")
+    tensors = {}
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+        by_file = {}
+        for name, fname in weight_map.items():
+            by_file.setdefault(fname, set()).add(name)
+        for fname, names in sorted(by_file.items()):
+            shard = read_safetensors(os.path.join(model_dir, fname))
+            missing = names - set(shard)
+            if missing:
+                raise CheckpointError(f"{fname}: index names tensors the shard lacks: {sorted(missing)[:5]}")
+            extra = set(shard) - names
+            if extra:
+                raise CheckpointError(f"{fname}: shard holds tensors the index does not map to it: "
+                                      f"{sorted(extra)[:5]}")
+            tensors.update(shard)
+        return tensors
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if not files:
+        raise CheckpointError(f"{model_dir}: no *.safetensors files")
+    for path in files:
+        for name, arr in read_safetensors(path).items():
+            if name in tensors:
+                raise CheckpointError(f"{path}: duplicate tensor {name}")
+            tensors[name] = arr
+    return tensors
+
+
+def checkpoint_digest(model_dir):
+    """sha256 over config.json and the safetensors files, to tell checkpoints apart."""
+    h = hashlib.sha256()
+    names = ["config.json"] + sorted(os.path.basename(p) for p in
+                                     glob.glob(os.path.join(model_dir, "*.safetensors")))
+    for name in names:
+        h.update(name.encode())
+        with open(os.path.join(model_dir, name), "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------
+# config
+# --------------------------------------------------------------------------
+
+FAMILIES = {
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "MixtralForCausalLM": "mixtral",
+}
+
+# Defaults of the HF configuration classes where a key may be absent.
+_DEFAULTS = {
+    "qwen3_moe": dict(rms_norm_eps=1e-6, rope_theta=10000.0, norm_topk_prob=False,
+                      attention_bias=False, decoder_sparse_step=1),
+    "qwen2_moe": dict(rms_norm_eps=1e-6, rope_theta=10000.0, norm_topk_prob=False,
+                      qkv_bias=True, decoder_sparse_step=1),
+    "mixtral": dict(rms_norm_eps=1e-5, rope_theta=1e6, num_local_experts=8, num_experts_per_tok=2),
+}
+
+
+class Config:
+    def __init__(self, raw):
+        self.raw = raw
+        archs = raw.get("architectures") or []
+        if not archs:
+            raise CheckpointError("config.json: 'architectures' is missing or empty")
+        self.architecture = archs[0]
+        if self.architecture not in FAMILIES:
+            raise CheckpointError(f"config.json: architectures[0]={self.architecture!r} is not one of "
+                                  f"{sorted(FAMILIES)}")
+        fam = self.family = FAMILIES[self.architecture]
+        d = _DEFAULTS[fam]
+
+        def req(key):
+            if raw.get(key) is None:
+                raise CheckpointError(f"config.json: {key!r} is required")
+            return raw[key]
+
+        self.vocab_size = int(req("vocab_size"))
+        self.hidden_size = int(req("hidden_size"))
+        self.num_layers = int(req("num_hidden_layers"))
+        self.num_heads = int(req("num_attention_heads"))
+        self.num_kv_heads = int(raw.get("num_key_value_heads") or self.num_heads)
+        # Qwen3/Mixtral: getattr(config, "head_dim", None) or hidden // heads.
+        self.head_dim = int(raw.get("head_dim") or self.hidden_size // self.num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise CheckpointError("config.json: num_attention_heads must be a multiple of num_key_value_heads")
+        if self.head_dim % 2:
+            raise CheckpointError("config.json: head_dim must be even for RoPE")
+        self.rms_norm_eps = float(raw.get("rms_norm_eps", d["rms_norm_eps"]))
+        act = raw.get("hidden_act", "silu")
+        if act != "silu":
+            raise CheckpointError(f"config.json: hidden_act={act!r} unsupported (only 'silu')")
+        self.tie_word_embeddings = bool(raw.get("tie_word_embeddings", False))
+
+        # RoPE: only the default rotation; refuse scaling variants instead of guessing.
+        if raw.get("rope_scaling") is not None:
+            raise CheckpointError(f"config.json: rope_scaling={raw['rope_scaling']!r} is unsupported")
+        rope_params = raw.get("rope_parameters")
+        theta = raw.get("rope_theta")
+        if isinstance(rope_params, dict):
+            rtype = rope_params.get("rope_type", rope_params.get("type", "default"))
+            if rtype != "default":
+                raise CheckpointError(f"config.json: rope_parameters.rope_type={rtype!r} is unsupported")
+            if rope_params.get("rope_theta") is not None:
+                theta = rope_params["rope_theta"]
+        elif rope_params is not None:
+            raise CheckpointError("config.json: rope_parameters must be an object")
+        self.rope_theta = float(theta if theta is not None else d["rope_theta"])
+        if float(raw.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise CheckpointError("config.json: partial_rotary_factor != 1 is unsupported")
+
+        # Sliding window.
+        self.sliding_window = None
+        if fam == "mixtral":
+            sw = raw.get("sliding_window")
+            if sw is not None:
+                self.sliding_window = int(sw)
+                if self.sliding_window <= 0:
+                    raise CheckpointError("config.json: sliding_window must be positive or null")
+        else:
+            if raw.get("use_sliding_window", False):
+                raise CheckpointError(f"config.json: use_sliding_window=true is unsupported for {fam} "
+                                      "(HF's per-layer max_window_layers rule differs across versions)")
+            if raw.get("layer_types") is not None and any(t != "full_attention" for t in raw["layer_types"]):
+                raise CheckpointError("config.json: layer_types other than full_attention are unsupported")
+
+        # Attention projections.
+        self.qk_norm = fam == "qwen3_moe"
+        if fam == "qwen3_moe":
+            self.qkv_bias = self.o_bias = bool(raw.get("attention_bias", d["attention_bias"]))
+        elif fam == "qwen2_moe":
+            self.qkv_bias = bool(raw.get("qkv_bias", d["qkv_bias"]))
+            self.o_bias = False
+        else:
+            self.qkv_bias = self.o_bias = False
+
+        # Mixture of experts.
+        if fam == "mixtral":
+            self.num_experts = int(raw.get("num_local_experts", d["num_local_experts"]))
+            self.top_k = int(raw.get("num_experts_per_tok", d["num_experts_per_tok"]))
+            self.moe_intermediate_size = int(req("intermediate_size"))
+            self.intermediate_size = self.moe_intermediate_size
+            self.norm_topk_prob = True  # Mixtral always renormalizes
+            self.shared_expert_intermediate_size = 0
+            self.moe_layers = [True] * self.num_layers
+        else:
+            self.num_experts = int(req("num_experts"))
+            self.top_k = int(req("num_experts_per_tok"))
+            self.moe_intermediate_size = int(req("moe_intermediate_size"))
+            self.intermediate_size = int(raw.get("intermediate_size") or 0)
+            self.norm_topk_prob = bool(raw.get("norm_topk_prob", d["norm_topk_prob"]))
+            step = int(raw.get("decoder_sparse_step", d["decoder_sparse_step"]) or 1)
+            mlp_only = set(int(x) for x in (raw.get("mlp_only_layers") or []))
+            self.moe_layers = [(i not in mlp_only) and self.num_experts > 0 and (i + 1) % step == 0
+                               for i in range(self.num_layers)]
+            if not all(self.moe_layers) and self.intermediate_size <= 0:
+                raise CheckpointError("config.json: dense layers need intermediate_size")
+            self.shared_expert_intermediate_size = (
+                int(req("shared_expert_intermediate_size")) if fam == "qwen2_moe" else 0)
+        if any(self.moe_layers) and not (0 < self.top_k <= self.num_experts):
+            raise CheckpointError("config.json: need 0 < num_experts_per_tok <= num_experts")
+
+
+# --------------------------------------------------------------------------
+# model
+# --------------------------------------------------------------------------
+
+def rms_norm(x, weight, eps):
+    # HF *RMSNorm: x.float() * rsqrt(mean(x^2) + eps), then weight * x (all float32 here).
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(variance + eps))
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class KVCache:
+    """Per-layer K/V tensors [B, kv_heads, S, head_dim], appended with torch.cat like HF's DynamicCache."""
+
+    def __init__(self, num_layers):
+        self.k = [None] * num_layers
+        self.v = [None] * num_layers
+        self.length = 0
+
+    def update(self, layer, k, v):
+        if self.k[layer] is None:
+            self.k[layer], self.v[layer] = k, v
+        else:
+            self.k[layer] = torch.cat([self.k[layer], k], dim=2)
+            self.v[layer] = torch.cat([self.v[layer], v], dim=2)
+        return self.k[layer], self.v[layer]
+
+
+class Mlp:
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, gate, up, down):
+        self.gate, self.up, self.down = gate, up, down
+
+    def __call__(self, x):
+        return F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
+
+
+class MoeBlock:
+    """Softmax top-k routing, as Qwen3MoeSparseMoeBlock / Qwen2MoeSparseMoeBlock / MixtralSparseMoeBlock."""
+
+    def __init__(self, router, experts, top_k, norm_topk_prob, shared=None, shared_gate=None):
+        self.router = router          # [E, H]
+        self.experts = experts        # list of Mlp
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+        self.shared = shared          # Mlp or None (Qwen2-MoE)
+        self.shared_gate = shared_gate  # [1, H] or None
+        self.router_gaps = None       # list to collect min (k-th - (k+1)-th) routing prob, if set
+
+    def __call__(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        router_logits = F.linear(x, self.router)
+        probs = F.softmax(router_logits, dim=1, dtype=torch.float32)
+        weights, selected = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.router_gaps is not None and self.top_k < probs.shape[1]:
+            top = torch.topk(probs, self.top_k + 1, dim=-1).values
+            self.router_gaps.append(float((top[:, -2] - top[:, -1]).min()))
+        out = torch.zeros_like(x)
+        # [E, top_k, tokens]: loop only over experts that received tokens (HF's loop).
+        expert_mask = F.one_hot(selected, num_classes=len(self.experts)).permute(2, 1, 0)
+        hit = (expert_mask.sum(dim=(-1, -2)) > 0).nonzero(as_tuple=True)[0].tolist()
+        for e in hit:
+            slot, token = torch.where(expert_mask[e])
+            y = self.experts[e](x[token]) * weights[token, slot, None]
+            out.index_add_(0, token, y)
+        if self.shared is not None:
+            out = out + torch.sigmoid(F.linear(x, self.shared_gate)) * self.shared(x)
+        return out.reshape(shape)
+
+
+class Layer:
+    pass
+
+
+class Model:
+    def __init__(self, config, tensors, device="cpu", strict=True):
+        self.config = c = config
+        self.device = torch.device(device)
+        used = set()
+
+        def get(name, shape=None, optional=False):
+            if name not in tensors:
+                if optional:
+                    return None
+                raise CheckpointError(f"checkpoint: tensor {name} is missing")
+            arr = tensors[name]
+            if shape is not None and list(arr.shape) != list(shape):
+                raise CheckpointError(f"checkpoint: tensor {name} has shape {list(arr.shape)}, "
+                                      f"expected {list(shape)}")
+            used.add(name)
+            return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(self.device)
+
+        H, D = c.hidden_size, c.head_dim
+        qd, kvd = c.num_heads * D, c.num_kv_heads * D
+        self.embed = get("model.embed_tokens.weight", [c.vocab_size, H])
+        self.norm = get("model.norm.weight", [H])
+        if c.tie_word_embeddings:
+            self.lm_head = self.embed
+        else:
+            self.lm_head = get("lm_head.weight", [c.vocab_size, H])
+
+        def mlp(prefix, inter, names=("gate_proj", "up_proj", "down_proj")):
+            g, u, d = names
+            return Mlp(get(f"{prefix}.{g}.weight", [inter, H]),
+                       get(f"{prefix}.{u}.weight", [inter, H]),
+                       get(f"{prefix}.{d}.weight", [H, inter]))
+
+        self.layers = []
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}"
+            L = Layer()
+            L.input_norm = get(f"{p}.input_layernorm.weight", [H])
+            L.post_norm = get(f"{p}.post_attention_layernorm.weight", [H])
+            a = f"{p}.self_attn"
+            L.wq = get(f"{a}.q_proj.weight", [qd, H])
+            L.wk = get(f"{a}.k_proj.weight", [kvd, H])
+            L.wv = get(f"{a}.v_proj.weight", [kvd, H])
+            L.wo = get(f"{a}.o_proj.weight", [H, qd])
+            L.bq = get(f"{a}.q_proj.bias", [qd]) if c.qkv_bias else None
+            L.bk = get(f"{a}.k_proj.bias", [kvd]) if c.qkv_bias else None
+            L.bv = get(f"{a}.v_proj.bias", [kvd]) if c.qkv_bias else None
+            L.bo = get(f"{a}.o_proj.bias", [H]) if c.o_bias else None
+            L.q_norm = get(f"{a}.q_norm.weight", [D]) if c.qk_norm else None
+            L.k_norm = get(f"{a}.k_norm.weight", [D]) if c.qk_norm else None
+            if c.family == "mixtral":
+                m = f"{p}.block_sparse_moe"
+                experts = [mlp(f"{m}.experts.{e}", c.moe_intermediate_size, ("w1", "w3", "w2"))
+                           for e in range(c.num_experts)]
+                L.mlp = MoeBlock(get(f"{m}.gate.weight", [c.num_experts, H]), experts, c.top_k, True)
+            elif c.moe_layers[i]:
+                m = f"{p}.mlp"
+                experts = [mlp(f"{m}.experts.{e}", c.moe_intermediate_size) for e in range(c.num_experts)]
+                shared = shared_gate = None
+                if c.family == "qwen2_moe":
+                    shared = mlp(f"{m}.shared_expert", c.shared_expert_intermediate_size)
+                    shared_gate = get(f"{m}.shared_expert_gate.weight", [1, H])
+                L.mlp = MoeBlock(get(f"{m}.gate.weight", [c.num_experts, H]), experts, c.top_k,
+                                 c.norm_topk_prob, shared, shared_gate)
+            else:
+                L.mlp = mlp(f"{p}.mlp", c.intermediate_size)
+            self.layers.append(L)
+
+        ignorable = ("rotary_emb.inv_freq",)
+        if c.tie_word_embeddings:  # HF ties lm_head to embed_tokens and ignores a stored copy
+            ignorable += ("lm_head.weight",)
+        unused = sorted(n for n in tensors if n not in used and not n.endswith(ignorable))
+        if unused and strict:
+            raise CheckpointError(f"checkpoint: {len(unused)} tensors the {c.architecture} layout does not "
+                                  f"use, e.g. {unused[:5]}")
+
+        # inv_freq = 1 / theta ** (arange(0, d, 2) / d), computed in float32 as HF does.
+        self.inv_freq = 1.0 / (c.rope_theta ** (
+            torch.arange(0, D, 2, dtype=torch.int64).float() / D)).to(self.device)
+        self.scaling = D ** -0.5
+
+    # ---- forward ----------------------------------------------------------
+
+    def rope(self, positions):
+        # freqs = inv_freq (outer) positions in float32; emb = cat(freqs, freqs).
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+    def attention(self, L, li, x, cos, sin, cache, q_pos):
+        c = self.config
+        B, T, _ = x.shape
+        D = c.head_dim
+        q = F.linear(x, L.wq, L.bq).view(B, T, c.num_heads, D)
+        k = F.linear(x, L.wk, L.bk).view(B, T, c.num_kv_heads, D)
+        v = F.linear(x, L.wv, L.bv).view(B, T, c.num_kv_heads, D)
+        if L.q_norm is not None:  # Qwen3: per-head RMSNorm over head_dim, before RoPE
+            q = rms_norm(q, L.q_norm, c.rms_norm_eps)
+            k = rms_norm(k, L.k_norm, c.rms_norm_eps)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(li, k, v)
+        groups = c.num_heads // c.num_kv_heads
+        if groups > 1:  # repeat_kv
+            S = k.shape[2]
+            k = k[:, :, None].expand(B, c.num_kv_heads, groups, S, D).reshape(B, c.num_heads, S, D)
+            v = v[:, :, None].expand(B, c.num_kv_heads, groups, S, D).reshape(B, c.num_heads, S, D)
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.scaling
+        S = k.shape[2]
+        k_pos = torch.arange(S, device=x.device)
+        allowed = k_pos[None, :] <= q_pos[:, None]
+        if c.sliding_window is not None:
+            # masking_utils.sliding_window_overlay: kv_idx > q_idx - W, i.e. W keys including the
+            # query's own. (Some transformers 4.4x releases built the mask with tril(diagonal=
+            # past - W - 1), which lets W + 1 keys through; this follows the current code.)
+            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - c.sliding_window)
+        if not bool(allowed.all()):
+            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32)
+        out = torch.matmul(probs, v).transpose(1, 2).reshape(B, T, c.num_heads * D)
+        return F.linear(out, L.wo, L.bo)
+
+    def forward(self, ids, cache=None):
+        """ids: LongTensor [B, T] continuing the sequences held in `cache` (or fresh). Returns [B, T, V]."""
+        c = self.config
+        if ids.dim() == 1:
+            ids = ids[None]
+        ids = ids.to(self.device)
+        if int(ids.min()) < 0 or int(ids.max()) >= c.vocab_size:
+            raise CheckpointError(f"token id out of range [0, {c.vocab_size})")
+        start = cache.length if cache is not None else 0
+        T = ids.shape[1]
+        q_pos = torch.arange(start, start + T, device=self.device)
+        cos, sin = self.rope(q_pos)
+        h = F.embedding(ids, self.embed)
+        for li, L in enumerate(self.layers):
+            h = h + self.attention(L, li, rms_norm(h, L.input_norm, c.rms_norm_eps), cos, sin, cache, q_pos)
+            h = h + L.mlp(rms_norm(h, L.post_norm, c.rms_norm_eps))
+        if cache is not None:
+            cache.length += T
+        return F.linear(rms_norm(h, self.norm, c.rms_norm_eps), self.lm_head)
+
+    def new_cache(self):
+        return KVCache(self.config.num_layers)
+
+    # ---- conveniences -----------------------------------------------------
+
+    def logits(self, ids):
+        """Full-recompute logits [T, V] for one sequence (no cache, causal mask)."""
+        with torch.no_grad():
+            return self.forward(torch.tensor([list(ids)], dtype=torch.long))[0]
+
+    def min_router_gap(self, ids):
+        """Smallest gap between the k-th and (k+1)-th routing probability over all tokens and MoE
+        layers of a full-recompute pass: how close any token came to a different expert choice."""
+        gaps = []
+        blocks = [L.mlp for L in self.layers if isinstance(L.mlp, MoeBlock)]
+        for b in blocks:
+            b.router_gaps = gaps
+        try:
+            self.logits(ids)
+        finally:
+            for b in blocks:
+                b.router_gaps = None
+        return min(gaps) if gaps else None
+
+    def greedy(self, ids, steps, return_logits=False):
+        """KV-cached greedy decode. Returns (generated ids, top1-top2 margins[, per-step logits])."""
+        with torch.no_grad():
+            cache = self.new_cache()
+            last = self.forward(torch.tensor([list(ids)], dtype=torch.long), cache)[0, -1]
+            out, margins, step_logits = [], [], []
+            for _ in range(steps):
+                top2 = torch.topk(last, 2).values if last.numel() > 1 else torch.stack([last[0], last[0]])
+                tok = int(torch.argmax(last))
+                out.append(tok)
+                margins.append(float(top2[0] - top2[1]))
+                step_logits.append(last)
+                last = self.forward(torch.tensor([[tok]], dtype=torch.long), cache)[0, -1]
+        if return_logits:
+            return out, margins, step_logits
+        return out, margins
+
+
+def load_model(model_dir, device="cpu", strict=True):
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = Config(json.load(f))
+    return Model(config, read_checkpoint_tensors(model_dir), device=device, strict=strict)
+
+
+# --------------------------------------------------------------------------
+# self-check: the KV-cache and batched paths reproduce the full recompute
+# --------------------------------------------------------------------------
+
+def self_check(model, prompts, steps=GOLDEN_GREEDY_STEPS, atol=SELF_CHECK_ATOL, log=sys.stderr):
+    """Raises AssertionError when cached / chunked / batched logits differ from full recompute.
+
+    The bound is `atol * max(1, max|logit|)`: float32 rounding grows with the logits' magnitude
+    (e.g. tied embeddings give logits of ~40, where one float32 ulp is ~4e-6).
+    """
+    worst = 0.0
+
+    def cmp(what, a, b):
+        nonlocal worst
+        diff = float((a - b).abs().max())
+        bound = atol * max(1.0, float(b.abs().max()))
+        worst = max(worst, diff)
+        if not diff <= bound:
+            raise AssertionError(f"self-check {what}: max |diff| {diff:.3g} > {bound:.3g}")
+
+    with torch.no_grad():
+        for ids in prompts:
+            # (1) incremental decode with the cache == full recompute of prompt + generated.
+            gen, _, step_logits = model.greedy(ids, steps, return_logits=True)
+            full = model.logits(list(ids) + gen[:-1])
+            for s, lg in enumerate(step_logits):
+                cmp(f"cached decode step {s} (prompt len {len(ids)})", lg, full[len(ids) - 1 + s])
+            # (2) chunked prefill through the cache == full recompute.
+            if len(ids) >= 2:
+                cache = model.new_cache()
+                cut = len(ids) // 2
+                a = model.forward(torch.tensor([ids[:cut]]), cache)[0]
+                b = model.forward(torch.tensor([ids[cut:]]), cache)[0]
+                cmp(f"chunked prefill (prompt len {len(ids)})", torch.cat([a, b]), full[:len(ids)])
+        # (3) batched equal-length prompts + batched cached decode == per-sequence runs.
+        n = max(len(p) for p in prompts)
+        rng = np.random.RandomState(7)
+        limit = min(TOKENIZER_ID_LIMIT, model.config.vocab_size)
+        batch = [list(p) + rng.randint(0, limit, size=n - len(p)).tolist() for p in prompts]
+        cache = model.new_cache()
+        out = model.forward(torch.tensor(batch), cache)
+        nxt = torch.argmax(out[:, -1], dim=-1)
+        dec = [out]
+        for _ in range(3):
+            o = model.forward(nxt[:, None], cache)
+            dec.append(o)
+            nxt = torch.argmax(o[:, -1], dim=-1)
+        batched = torch.cat(dec, dim=1)
+        for bi, seq in enumerate(batch):
+            toks = seq + [int(torch.argmax(batched[bi, n - 1 + j])) for j in range(3)]
+            cmp(f"batched row {bi}", batched[bi], model.logits(toks))
+    print(f"self-check ok: cached/chunked/batched logits match full recompute (max |diff| {worst:.2e})",
+          file=log)
+    return worst
+
+
+# --------------------------------------------------------------------------
+# golden fixtures
+# --------------------------------------------------------------------------
+
+def golden_prompts(vocab_size, lengths=GOLDEN_PROMPT_LENGTHS, seed=GOLDEN_SEED):
+    rng = np.random.RandomState(seed)
+    limit = min(TOKENIZER_ID_LIMIT, vocab_size)
+    return [rng.randint(0, limit, size=n).tolist() for n in lengths]
+
+
+def _fmt(v):
+    # 8 significant digits: relative error <= 5e-8 (logits of ~40 keep ~2e-7 absolute).
+    s = "%.8g" % v
+    if s in ("nan", "inf", "-inf"):
+        raise ValueError("non-finite logit")
+    return s
+
+
+def _row(values):
+    return "[" + ",".join(_fmt(v) for v in values) + "]"
+
+
+def write_fixture(path, doc, rows_per_prompt):
+    """Writes JSON with one logits row per line (small diffs, readable)."""
+    head = {k: v for k, v in doc.items() if k != "prompts"}
+    parts = ["{"]
+    for k, v in head.items():
+        parts.append(f"{json.dumps(k)}: {json.dumps(v)},")
+    parts.append('"prompts": [')
+    for pi, p in enumerate(doc["prompts"]):
+        parts.append("{")
+        for k in ("ids", "logit_positions", "greedy"):
+            parts.append(f"{json.dumps(k)}: {json.dumps(p[k])},")
+        gap = p.get("min_router_gap")
+        parts.append('"min_router_gap": ' + ("null" if gap is None else _fmt(gap)) + ",")
+        parts.append('"greedy_margins": ' + _row(p["greedy_margins"]) + ",")
+        parts.append('"logits": [')
+        rows = rows_per_prompt[pi]
+        for ri, r in enumerate(rows):
+            parts.append(_row(r) + ("," if ri + 1 < len(rows) else ""))
+        parts.append("]")
+        parts.append("}" + ("," if pi + 1 < len(doc["prompts"]) else ""))
+    parts.append("]")
+    parts.append("}")
+    text = "\n".join(parts) + "\n"
+    json.loads(text)  # must round-trip
+    with open(path, "w") as f:
+        f.write(text)
+    return len(text)
+
+
+def make_golden(model_dir, name, out_path, source, max_bytes=1_500_000):
+    model = load_model(model_dir)
+    c = model.config
+    prompts = golden_prompts(c.vocab_size)
+    self_check(model, prompts)
+    entries, full_rows = [], []
+    with torch.no_grad():
+        for ids in prompts:
+            lg = model.logits(ids)
+            gen, margins = model.greedy(ids, GOLDEN_GREEDY_STEPS)
+            entries.append({"ids": ids, "greedy": gen, "greedy_margins": margins,
+                            "min_router_gap": model.min_router_gap(ids)})
+            full_rows.append(lg.tolist())
+    # Layout: every prompt position, unless the file would exceed max_bytes; then every position
+    # for the two shortest prompts and the last position only for the others.
+    est = sum(len(r) for r in full_rows) * c.vocab_size * 14
+    keep_all = [True] * len(prompts)
+    if est > max_bytes:
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        keep_all = [i in order[:2] for i in range(len(prompts))]
+    rows = []
+    for i, e in enumerate(entries):
+        T = len(prompts[i])
+        pos = list(range(T)) if keep_all[i] else [T - 1]
+        e["logit_positions"] = pos
+        rows.append([full_rows[i][p] for p in pos])
+    doc = {
+        "schema": "joule-golden-v1",
+        "model": name,
+        "architecture": c.architecture,
+        "family": c.family,
+        "source": source,
+        "reference": "tests/reference/reference.py (float32 PyTorch, HF modeling math)",
+        "torch_version": torch.__version__,
+        "checkpoint_sha256": checkpoint_digest(model_dir),
+        "vocab_size": c.vocab_size,
+        "greedy_steps": GOLDEN_GREEDY_STEPS,
+        "prompt_seed": GOLDEN_SEED,
+        "tolerance_abs": 1e-4,
+    }
+    doc["prompts"] = entries
+    size = write_fixture(out_path, doc, rows)
+    if size > max_bytes:
+        print(f"warning: {out_path} is {size} bytes (> {max_bytes})", file=sys.stderr)
+    print(f"wrote {out_path} ({size} bytes, {len(prompts)} prompts)", file=sys.stderr)
+    return size
+
+
+def check_fixture(model_dir, fixture_path, atol, log=sys.stdout):
+    """Regenerates a fixture's logits and greedy ids and compares. Returns list of failure strings."""
+    with open(fixture_path) as f:
+        doc = json.load(f)
+    model = load_model(model_dir)
+    failures = []
+    digest = checkpoint_digest(model_dir)
+    note = ""
+    if doc.get("checkpoint_sha256") not in (None, digest):
+        note = " [checkpoint bytes differ from the fixture's: other container or stale]"
+    if doc.get("architecture") != model.config.architecture:
+        failures.append(f"architecture {model.config.architecture} != fixture {doc.get('architecture')}")
+        return failures
+    worst = 0.0
+    with torch.no_grad():
+        for pi, p in enumerate(doc["prompts"]):
+            lg = model.logits(p["ids"])
+            ref = torch.tensor(p["logits"], dtype=torch.float32)
+            got = lg[p["logit_positions"]]
+            if got.shape != ref.shape:
+                failures.append(f"prompt {pi}: logits shape {list(got.shape)} != fixture {list(ref.shape)}")
+                continue
+            diff = float((got - ref).abs().max())
+            worst = max(worst, diff)
+            if not diff <= atol:
+                failures.append(f"prompt {pi} (len {len(p['ids'])}): max |logit diff| {diff:.3g} > {atol:g}")
+            gen, _ = model.greedy(p["ids"], len(p["greedy"]))
+            # Compare greedy ids up to the first near-tie (margin < GREEDY_TIE_MARGIN): past it a
+            # legitimate last-bit difference (other BLAS, other CPU) may pick the other token.
+            n = next((i for i, m in enumerate(p["greedy_margins"]) if m < GREEDY_TIE_MARGIN), len(gen))
+            if gen[:n + 1] != p["greedy"][:n + 1] and gen[:n] != p["greedy"][:n]:
+                failures.append(f"prompt {pi}: greedy {gen} != fixture {p['greedy']}")
+    print(f"{os.path.basename(model_dir)} vs {os.path.basename(fixture_path)}: max |logit diff| "
+          f"{worst:.2e} ({'ok' if not failures else 'FAIL'}){note}", file=log)
+    return failures
+
+
+# --------------------------------------------------------------------------
+# benchmark
+# --------------------------------------------------------------------------
+
+def bench(model, batches, prompt_len, decode_steps, seed=0, warmup=1, repeats=3):
+    """Times prefill (one forward over B x prompt_len) and KV-cached batched greedy decode.
+
+    Each configuration runs `warmup` untimed times first, then `repeats` timed times; the median
+    of the timed runs is reported.
+    """
+    c = model.config
+    limit = min(TOKENIZER_ID_LIMIT, c.vocab_size)
+    results = []
+    with torch.inference_mode():
+        for B in batches:
+            rng = np.random.RandomState(seed + B)
+            prompt = torch.tensor(rng.randint(0, limit, size=(B, prompt_len)), dtype=torch.long)
+
+            def run():
+                cache = model.new_cache()
+                t0 = time.perf_counter()
+                out = model.forward(prompt, cache)
+                t1 = time.perf_counter()
+                nxt = torch.argmax(out[:, -1], dim=-1)
+                for _ in range(decode_steps):
+                    nxt = torch.argmax(model.forward(nxt[:, None], cache)[:, -1], dim=-1)
+                t2 = time.perf_counter()
+                return t1 - t0, t2 - t1
+
+            for _ in range(warmup):
+                run()
+            timings = [run() for _ in range(max(1, repeats))]
+            prefill_s = float(np.median([t[0] for t in timings]))
+            decode_s = float(np.median([t[1] for t in timings]))
+            results.append({
+                "batch": B,
+                "prompt_len": prompt_len,
+                "decode_steps": decode_steps,
+                "repeats": len(timings),
+                "prefill_s": prefill_s,
+                "prefill_tokens_per_s": B * prompt_len / prefill_s,
+                "decode_s": decode_s,
+                "decode_tokens_per_s": B * decode_steps / decode_s if decode_steps else 0.0,
+                "decode_ms_per_step": 1e3 * decode_s / decode_steps if decode_steps else 0.0,
+            })
+    return results
+
+
+# --------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------
+
+def _parse_ids(text):
+    return [int(t) for t in text.replace(" ", "").split(",") if t]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("logits", help="print full-recompute logits for one prompt as JSON")
+    p.add_argument("--model", required=True)
+    p.add_argument("--ids", required=True, help="comma-separated token ids")
+    p.add_argument("--last", action="store_true", help="only the last position")
+
+    p = sub.add_parser("generate", help="greedy decode (KV-cached)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--ids", required=True)
+    p.add_argument("--steps", type=int, default=GOLDEN_GREEDY_STEPS)
+
+    p = sub.add_parser("selfcheck", help="verify cached/chunked/batched paths against full recompute")
+    p.add_argument("--model", required=True)
+
+    p = sub.add_parser("golden", help="write a golden fixture JSON")
+    p.add_argument("--model", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--source", default="")
+    p.add_argument("--max-bytes", type=int, default=1_500_000)
+
+    p = sub.add_parser("check", help="recompute fixtures and compare (exit 1 on mismatch, 77 without torch)")
+    p.add_argument("--models-dir", required=True, help="directory holding <fixture model name>/ checkpoints")
+    p.add_argument("--fixtures", nargs="+", required=True)
+    p.add_argument("--atol", type=float, default=1e-4)
+    p.add_argument("--variants", action="store_true",
+                   help="also check <models-dir>/<name>-* checkpoints (same weights, other containers)")
+    p.add_argument("--selfcheck", action="store_true",
+                   help="also verify the reference's cached/chunked/batched paths on each checkpoint")
+
+    p = sub.add_parser("bench", help="prefill and KV-cached batched decode throughput")
+    p.add_argument("--model", required=True)
+    p.add_argument("--batch", type=int, action="append", required=True)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per batch size")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (median reported)")
+    p.add_argument("--json", help="also write the result JSON here")
+
+    args = ap.parse_args(argv)
+    if torch is None:
+        print(f"SKIP: numpy/PyTorch are not importable by {sys.executable}: {_IMPORT_ERROR}")
+        return SKIP_RETURN_CODE
+
+    try:
+        if args.cmd == "logits":
+            lg = load_model(args.model).logits(_parse_ids(args.ids))
+            print(json.dumps((lg[-1:] if args.last else lg).tolist()))
+        elif args.cmd == "generate":
+            gen, margins = load_model(args.model).greedy(_parse_ids(args.ids), args.steps)
+            print(json.dumps({"greedy": gen, "greedy_margins": margins}))
+        elif args.cmd == "selfcheck":
+            m = load_model(args.model)
+            self_check(m, golden_prompts(m.config.vocab_size), log=sys.stdout)
+        elif args.cmd == "golden":
+            make_golden(args.model, args.name, args.out, args.source or
+                        f"tests/reference/reference.py golden --model <{args.name}> --name {args.name}",
+                        max_bytes=args.max_bytes)
+        elif args.cmd == "check":
+            failures = []
+            for fx in args.fixtures:
+                if not os.path.exists(fx):
+                    failures.append(f"{fx}: fixture file does not exist")
+                    continue
+                with open(fx) as f:
+                    name = json.load(f)["model"]
+                model_dir = os.path.join(args.models_dir, name)
+                if not os.path.exists(os.path.join(model_dir, "config.json")):
+                    failures.append(f"{fx}: checkpoint {model_dir} does not exist")
+                    continue
+                failures += [f"{os.path.basename(fx)}: {m}" for m in check_fixture(model_dir, fx, args.atol)]
+                # The same weights in other containers (e.g. <name>-sharded, -f16, -f32) must give
+                # the same numbers: exercises the sharded / F16 / F32 reader paths.
+                if args.variants:
+                    for variant in sorted(glob.glob(os.path.join(args.models_dir, name + "-*"))):
+                        if os.path.exists(os.path.join(variant, "config.json")):
+                            failures += [f"{os.path.basename(variant)} vs {os.path.basename(fx)}: {m}"
+                                         for m in check_fixture(variant, fx, args.atol)]
+                if args.selfcheck:
+                    m = load_model(model_dir)
+                    try:
+                        self_check(m, golden_prompts(m.config.vocab_size), log=sys.stdout)
+                    except AssertionError as e:
+                        failures.append(f"{name}: {e}")
+            if failures:
+                print("FAIL: golden fixtures are stale or the reference changed:\n  " + "\n  ".join(failures))
+                print("Regenerate with: tests/reference/make_golden.sh BUILD_DIR (see tests/reference/README.md)")
+                return 1
+            print("fixtures current")
+        elif args.cmd == "bench":
+            if args.threads > 0:
+                torch.set_num_threads(args.threads)
+            model = load_model(args.model)
+            res = {
+                "tool": "tests/reference/reference.py bench",
+                "model": os.path.basename(os.path.normpath(args.model)),
+                "architecture": model.config.architecture,
+                "dtype": "float32",
+                "device": "cpu",
+                "threads": torch.get_num_threads(),
+                "torch_version": torch.__version__,
+                "host": platform.node(),
+                "cpu": platform.processor() or platform.machine(),
+                "results": bench(model, args.batch, args.prompt_len, args.decode_steps, args.seed,
+                                 args.warmup, args.repeats),
+            }
+            text = json.dumps(res, indent=2)
+            print(text)
+            if args.json:
+                with open(args.json, "w") as f:
+                    f.write(text + "\n")
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+// Continuous batching behaviour a user would notice: outputs do not depend on
+// batch composition, preemption or chunking; cancellation frees memory; bad
+// requests get clear errors.
+#include "worker/engine/engine.h"
+
+#include <map>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/testing/paths.h"
+
+namespace joule {
+namespace {
+
+using ::testing::HasSubstr;
+
+class EngineTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto m = Model::Load(testing::TinyModelDir("qwen3_moe-tiny"), {.num_threads = 2});
+    ASSERT_TRUE(m.ok()) << m.status();
+    model_ = std::move(*m);
+  }
+
+  std::unique_ptr<Engine> MakeEngine(EngineOptions opts = {}) {
+    auto e = Engine::Create(model_.get(), opts);
+    EXPECT_TRUE(e.ok()) << e.status();
+    return std::move(*e);
+  }
+
+  static std::vector<int32_t> Prompt(int len, int salt) {
+    std::vector<int32_t> p;
+    for (int i = 0; i < len; ++i) p.push_back((i * 37 + salt * 11) % 256);
+    return p;
+  }
+
+  static SamplingParams Sampled(uint64_t seed, int max_tokens) {
+    SamplingParams s;
+    s.temperature = 0.9f;
+    s.top_p = 0.95f;
+    s.seed = seed;
+    s.max_tokens = max_tokens;
+    s.ignore_eos = true;
+    return s;
+  }
+
+  // Runs to completion; returns tokens per id and the total of preemptions.
+  static std::map<uint64_t, std::vector<int32_t>> Drain(Engine& e, int* preemptions = nullptr,
+                                                        std::map<uint64_t, FinishReason>* finish = nullptr) {
+    std::map<uint64_t, std::vector<int32_t>> out;
+    int steps = 0;
+    while (e.HasWork() && steps++ < 10000) {
+      auto r = e.Step();
+      EXPECT_TRUE(r.ok()) << r.status();
+      if (!r.ok()) break;
+      if (preemptions) *preemptions += static_cast<int>(r->preempted.size());
+      for (const TokenOutput& t : r->tokens) {
+        out[t.id].push_back(t.token);
+        if (finish && t.finish != FinishReason::kNone) (*finish)[t.id] = t.finish;
+      }
+    }
+    return out;
+  }
+
+  std::unique_ptr<Model> model_;
+};
+
+TEST_F(EngineTest, OutputIndependentOfBatchAndPreemption) {
+  // Reference: each request alone with plenty of memory.
+  std::map<uint64_t, std::vector<int32_t>> alone;
+  for (uint64_t id = 0; id < 6; ++id) {
+    auto e = MakeEngine();
+    ASSERT_TRUE(e->Add({.id = id, .prompt = Prompt(10 + 3 * id, id), .sampling = Sampled(100 + id, 20)}).ok());
+    alone[id] = Drain(*e)[id];
+    ASSERT_EQ(alone[id].size(), 20u);
+  }
+  // Together, in a cache so small that sequences must be preempted and recomputed.
+  EngineOptions tight;
+  tight.block_size = 4;
+  const int64_t block_bytes = 2LL * model_->config().num_layers * 4 * model_->config().num_key_value_heads *
+                              model_->config().head_dim * 4;
+  tight.kv_cache_bytes = 24 * block_bytes;  // 96 slots for 6 sequences of up to 45 tokens
+  tight.max_batch_tokens = 8;
+  auto e = MakeEngine(tight);
+  for (uint64_t id = 0; id < 6; ++id) {
+    ASSERT_TRUE(e->Add({.id = id, .prompt = Prompt(10 + 3 * id, id), .sampling = Sampled(100 + id, 20)}).ok());
+  }
+  int preemptions = 0;
+  auto together = Drain(*e, &preemptions);
+  EXPECT_GT(preemptions, 0) << "the test meant to force preemption";
+  EXPECT_EQ(together, alone);
+  EXPECT_EQ(e->kv_cache().allocator().num_free(), e->kv_cache().allocator().num_blocks());
+}
+
+TEST_F(EngineTest, RequestJoiningMidFlightGetsSameTokens) {
+  SamplingParams greedy;
+  greedy.temperature = 0.0f;
+  greedy.max_tokens = 12;
+  greedy.ignore_eos = true;
+  auto solo = MakeEngine();
+  ASSERT_TRUE(solo->Add({.id = 2, .prompt = Prompt(9, 5), .sampling = greedy}).ok());
+  auto want = Drain(*solo)[2];
+
+  auto e = MakeEngine();
+  ASSERT_TRUE(e->Add({.id = 1, .prompt = Prompt(30, 1), .sampling = greedy}).ok());
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(e->Step().ok());
+  ASSERT_TRUE(e->Add({.id = 2, .prompt = Prompt(9, 5), .sampling = greedy}).ok());
+  EXPECT_EQ(Drain(*e)[2], want);
+}
+
+TEST_F(EngineTest, CancelFreesBlocksQueuedOrRunning) {
+  auto e = MakeEngine({.block_size = 4});
+  const int64_t total = e->kv_cache().allocator().num_blocks();
+  ASSERT_TRUE(e->Add({.id = 1, .prompt = Prompt(40, 1), .sampling = Sampled(1, 50)}).ok());
+  ASSERT_TRUE(e->Add({.id = 2, .prompt = Prompt(5, 2), .sampling = Sampled(2, 50)}).ok());
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(e->Step().ok());
+  EXPECT_LT(e->kv_cache().allocator().num_free(), total);
+  EXPECT_TRUE(e->Cancel(1));
+  EXPECT_TRUE(e->Cancel(2));
+  EXPECT_FALSE(e->Cancel(2));
+  EXPECT_FALSE(e->HasWork());
+  EXPECT_EQ(e->kv_cache().allocator().num_free(), total);
+  // A cancelled id can be reused.
+  EXPECT_TRUE(e->Add({.id = 1, .prompt = Prompt(3, 1), .sampling = Sampled(1, 2)}).ok());
+}
+
+TEST_F(EngineTest, FinishReasons) {
+  SamplingParams greedy;
+  greedy.temperature = 0.0f;
+  greedy.max_tokens = 6;
+  greedy.ignore_eos = true;
+  auto e = MakeEngine();
+  ASSERT_TRUE(e->Add({.id = 1, .prompt = Prompt(7, 3), .sampling = greedy}).ok());
+  std::map<uint64_t, FinishReason> finish;
+  auto first = Drain(*e, nullptr, &finish)[1];
+  ASSERT_EQ(first.size(), 6u);
+  EXPECT_EQ(finish[1], FinishReason::kLength);
+
+  // Stopping on the third token ends the sequence there with reason "stop".
+  SamplingParams stop = greedy;
+  stop.stop_token_ids = {first[2]};
+  ASSERT_TRUE(e->Add({.id = 2, .prompt = Prompt(7, 3), .sampling = stop}).ok());
+  auto stopped = Drain(*e, nullptr, &finish)[2];
+  const size_t first_hit = std::find(first.begin(), first.end(), first[2]) - first.begin();
+  EXPECT_EQ(stopped.size(), first_hit + 1);
+  EXPECT_EQ(finish[2], FinishReason::kStop);
+
+  // EOS stops unless ignore_eos.
+  SamplingParams eos = greedy;
+  eos.ignore_eos = false;
+  const_cast<ModelConfig&>(model_->config()).eos_token_ids = {first[0]};
+  ASSERT_TRUE(e->Add({.id = 3, .prompt = Prompt(7, 3), .sampling = eos}).ok());
+  EXPECT_EQ(Drain(*e, nullptr, &finish)[3].size(), 1u);
+  EXPECT_EQ(finish[3], FinishReason::kStop);
+}
+
+TEST_F(EngineTest, BadRequestsGetClearErrors) {
+  auto e = MakeEngine({.block_size = 16, .kv_cache_bytes = 1 << 20});
+  SamplingParams ok;
+  EXPECT_THAT(std::string(e->Add({.id = 1, .prompt = {}, .sampling = ok}).message()), HasSubstr("prompt"));
+  absl::Status s = e->Add({.id = 1, .prompt = {1, 999}, .sampling = ok});
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("999"));
+  SamplingParams longgen;
+  longgen.max_tokens = 100000;
+  s = e->Add({.id = 1, .prompt = {1, 2}, .sampling = longgen});
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("max_tokens"));
+  SamplingParams bad;
+  bad.top_p = 2.0f;
+  EXPECT_THAT(std::string(e->Add({.id = 1, .prompt = {1}, .sampling = bad}).message()), HasSubstr("top_p"));
+  ASSERT_TRUE(e->Add({.id = 7, .prompt = {1}, .sampling = ok}).ok());
+  EXPECT_EQ(e->Add({.id = 7, .prompt = {1}, .sampling = ok}).code(), absl::StatusCode::kAlreadyExists);
+
+  // A request that could never fit the KV cache is refused up front.
+  auto small = MakeEngine({.block_size = 4, .kv_cache_bytes = 8 * 2 * 3 * 4 * 2 * 32 * 4});
+  SamplingParams big;
+  big.max_tokens = 100;
+  EXPECT_EQ(small->Add({.id = 1, .prompt = Prompt(10, 1), .sampling = big}).code(),
+            absl::StatusCode::kResourceExhausted);
+}
+
+}  // namespace
+}  // namespace joule

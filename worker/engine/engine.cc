@@ -1,0 +1,227 @@
+#include "worker/engine/engine.h"
+
+#include <algorithm>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+
+namespace joule {
+
+std::string_view FinishReasonName(FinishReason r) {
+  switch (r) {
+    case FinishReason::kNone: return "none";
+    case FinishReason::kStop: return "stop";
+    case FinishReason::kLength: return "length";
+    case FinishReason::kCancelled: return "cancelled";
+  }
+  return "?";
+}
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(Model* model, const EngineOptions& options) {
+  if (options.max_batch_tokens < 1 || options.max_running < 1 || options.max_prefill_chunk < 1) {
+    return absl::InvalidArgumentError(
+        "engine: max_batch_tokens, max_running and max_prefill_chunk must be positive");
+  }
+  ASSIGN_OR_RETURN(auto kv, PagedKvCache::Create(model->config(), options.block_size,
+                                                 options.kv_cache_bytes));
+  return std::unique_ptr<Engine>(new Engine(model, std::move(kv), options));
+}
+
+Engine::Engine(Model* model, std::unique_ptr<PagedKvCache> kv, const EngineOptions& options)
+    : model_(model), kv_(std::move(kv)), options_(options) {}
+
+absl::Status Engine::Add(GenerationRequest r) {
+  const ModelConfig& c = model_->config();
+  RETURN_IF_ERROR(r.sampling.Validate());
+  if (r.prompt.empty()) return absl::InvalidArgumentError("prompt must contain at least one token");
+  for (int32_t t : r.prompt) {
+    if (t < 0 || t >= c.vocab_size) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("prompt token id ", t, " is outside the vocabulary [0, ", c.vocab_size, ")"));
+    }
+  }
+  const int64_t total = static_cast<int64_t>(r.prompt.size()) + r.sampling.max_tokens;
+  if (total > c.max_position_embeddings) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prompt (", r.prompt.size(), " tokens) + max_tokens (", r.sampling.max_tokens,
+        ") exceeds the model's context length of ", c.max_position_embeddings));
+  }
+  const int64_t blocks = (total + kv_->block_size() - 1) / kv_->block_size();
+  if (blocks > kv_->allocator().num_blocks()) {
+    return absl::ResourceExhaustedError(absl::StrCat("request needs ", blocks,
+                                                     " KV blocks; the cache has only ",
+                                                     kv_->allocator().num_blocks()));
+  }
+  if (sequences_.contains(r.id)) {
+    return absl::AlreadyExistsError(absl::StrCat("request id ", r.id, " is already in the engine"));
+  }
+  auto seq = std::make_unique<Sequence>();
+  seq->id = r.id;
+  seq->tokens = std::move(r.prompt);
+  seq->sampling = std::move(r.sampling);
+  // Unseeded requests still get distinct, reproducible-per-process streams.
+  seq->rng = SamplerRng(seq->sampling.seed.value_or(0x6a6f756c65ull ^ (++unseeded_counter_ * 0x9e3779b97f4a7c15ull) ^
+                                                    std::random_device{}()));
+  waiting_.push_back(seq.get());
+  sequences_.emplace(seq->id, std::move(seq));
+  return absl::OkStatus();
+}
+
+bool Engine::EnsureBlocks(Sequence* seq, int num_tokens) {
+  const int bs = kv_->block_size();
+  const size_t need = static_cast<size_t>((num_tokens + bs - 1) / bs);
+  while (seq->blocks.size() < need) {
+    int32_t b = kv_->allocator().Allocate();
+    if (b < 0) return false;
+    seq->blocks.push_back(b);
+  }
+  return true;
+}
+
+void Engine::FreeBlocks(Sequence* seq) {
+  for (int32_t b : seq->blocks) kv_->allocator().Free(b);
+  seq->blocks.clear();
+}
+
+void Engine::Preempt(Sequence* seq) {
+  FreeBlocks(seq);
+  seq->num_computed = 0;
+  running_.erase(std::find(running_.begin(), running_.end(), seq));
+  waiting_.push_front(seq);
+}
+
+void Engine::Retire(Sequence* seq) {
+  FreeBlocks(seq);
+  auto it = std::find(running_.begin(), running_.end(), seq);
+  if (it != running_.end()) running_.erase(it);
+  auto wt = std::find(waiting_.begin(), waiting_.end(), seq);
+  if (wt != waiting_.end()) waiting_.erase(wt);
+  sequences_.erase(seq->id);
+}
+
+bool Engine::Cancel(uint64_t id) {
+  auto it = sequences_.find(id);
+  if (it == sequences_.end()) return false;
+  Retire(it->second.get());
+  return true;
+}
+
+FinishReason Engine::CheckFinished(const Sequence& seq, int32_t token) const {
+  const ModelConfig& c = model_->config();
+  if (!seq.sampling.ignore_eos &&
+      std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), token) != c.eos_token_ids.end()) {
+    return FinishReason::kStop;
+  }
+  const auto& stops = seq.sampling.stop_token_ids;
+  if (std::find(stops.begin(), stops.end(), token) != stops.end()) return FinishReason::kStop;
+  if (seq.generated >= seq.sampling.max_tokens) return FinishReason::kLength;
+  if (static_cast<int64_t>(seq.tokens.size()) >= c.max_position_embeddings) return FinishReason::kLength;
+  return FinishReason::kNone;
+}
+
+absl::StatusOr<StepResult> Engine::Step() {
+  StepResult result;
+  std::vector<Scheduled> scheduled;
+  int budget = options_.max_batch_tokens;
+
+  // 1. Running sequences, oldest first: decodes and unfinished prefills. When
+  //    the cache is full the newest running sequence yields its blocks.
+  for (size_t i = 0; i < running_.size() && budget > 0;) {
+    Sequence* seq = running_[i];
+    const int remaining = static_cast<int>(seq->tokens.size()) - seq->num_computed;
+    int chunk = std::min({remaining, budget, options_.max_prefill_chunk});
+    while (!EnsureBlocks(seq, seq->num_computed + chunk)) {
+      Sequence* victim = running_.back();
+      if (victim == seq) break;
+      result.preempted.push_back(victim->id);
+      Preempt(victim);
+    }
+    if (!EnsureBlocks(seq, seq->num_computed + chunk)) {
+      // Alone and still short of blocks (only if the cache is tiny): wait.
+      if (running_.back() == seq && i + 1 == running_.size() && scheduled.empty()) {
+        result.preempted.push_back(seq->id);
+        Preempt(seq);
+      }
+      break;
+    }
+    scheduled.push_back({seq, chunk});
+    budget -= chunk;
+    ++i;
+  }
+
+  // 2. Admit waiting sequences (FCFS) while budget, slots and blocks last.
+  while (!waiting_.empty() && budget > 0 &&
+         static_cast<int>(running_.size()) < options_.max_running) {
+    Sequence* seq = waiting_.front();
+    const int remaining = static_cast<int>(seq->tokens.size()) - seq->num_computed;
+    const int chunk = std::min({remaining, budget, options_.max_prefill_chunk});
+    if (!EnsureBlocks(seq, seq->num_computed + chunk)) {
+      FreeBlocks(seq);
+      break;
+    }
+    waiting_.pop_front();
+    running_.push_back(seq);
+    scheduled.push_back({seq, chunk});
+    budget -= chunk;
+  }
+  if (scheduled.empty()) return result;
+
+  // 3. One forward batch.
+  ForwardBatch& b = batch_;
+  b.tokens.clear();
+  b.positions.clear();
+  b.slots.clear();
+  b.query_start.assign(1, 0);
+  b.context_lens.clear();
+  b.logit_rows.clear();
+  int max_blocks = 0;
+  for (const Scheduled& s : scheduled) max_blocks = std::max<int>(max_blocks, s.seq->blocks.size());
+  b.max_blocks_per_seq = max_blocks;
+  b.block_tables.assign(scheduled.size() * max_blocks, 0);
+  std::vector<Sequence*> sampled;
+  const int bs = kv_->block_size();
+  for (size_t si = 0; si < scheduled.size(); ++si) {
+    const Scheduled& s = scheduled[si];
+    Sequence* seq = s.seq;
+    for (int j = 0; j < s.chunk; ++j) {
+      const int pos = seq->num_computed + j;
+      b.tokens.push_back(seq->tokens[pos]);
+      b.positions.push_back(pos);
+      b.slots.push_back(static_cast<int64_t>(seq->blocks[pos / bs]) * bs + pos % bs);
+    }
+    b.query_start.push_back(static_cast<int32_t>(b.tokens.size()));
+    b.context_lens.push_back(seq->num_computed + s.chunk);
+    std::copy(seq->blocks.begin(), seq->blocks.end(), b.block_tables.begin() + si * max_blocks);
+    if (seq->num_computed + s.chunk == static_cast<int>(seq->tokens.size())) {
+      b.logit_rows.push_back(static_cast<int32_t>(b.tokens.size()) - 1);
+      sampled.push_back(seq);
+    }
+    if (s.chunk == 1 && seq->generated > 0 && seq->num_computed + 1 == static_cast<int>(seq->tokens.size())) {
+      result.decode_tokens += 1;
+    } else {
+      result.prefill_tokens += s.chunk;
+    }
+  }
+  result.num_seqs = static_cast<int>(scheduled.size());
+  const int64_t vocab = model_->config().vocab_size;
+  logits_.resize(b.logit_rows.size() * vocab);
+  RETURN_IF_ERROR(model_->Forward(b, kv_->view(), logits_.data()));
+  for (const Scheduled& s : scheduled) s.seq->num_computed += s.chunk;
+
+  // 4. Sample and retire finished sequences.
+  for (size_t r = 0; r < sampled.size(); ++r) {
+    Sequence* seq = sampled[r];
+    const float* row = logits_.data() + r * vocab;
+    if (observer_) observer_(seq->id, row, vocab);
+    const int32_t token = SampleToken(row, vocab, seq->sampling, &seq->rng, &sample_scratch_);
+    seq->tokens.push_back(token);
+    ++seq->generated;
+    const FinishReason finish = CheckFinished(*seq, token);
+    result.tokens.push_back({seq->id, token, finish});
+    if (finish != FinishReason::kNone) Retire(seq);
+  }
+  return result;
+}
+
+}  // namespace joule

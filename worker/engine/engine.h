@@ -1,0 +1,113 @@
+// Continuous batching over a paged KV cache.
+//
+// Each Step() builds one forward batch that mixes decode tokens of running
+// sequences with prefill chunks of new ones under a token budget, runs the
+// model once, samples, and reports the new tokens. Sequences that cannot get
+// a KV block are preempted (blocks freed, recomputed later with the same
+// random stream, so their output is unchanged).
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "worker/engine/kv_cache.h"
+#include "worker/engine/sampler.h"
+#include "worker/model/model.h"
+
+namespace joule {
+
+enum class FinishReason { kNone, kStop, kLength, kCancelled };
+std::string_view FinishReasonName(FinishReason r);
+
+struct GenerationRequest {
+  uint64_t id = 0;
+  std::vector<int32_t> prompt;
+  SamplingParams sampling;
+};
+
+struct TokenOutput {
+  uint64_t id = 0;
+  int32_t token = -1;
+  FinishReason finish = FinishReason::kNone;  // set on the sequence's last token
+};
+
+struct StepResult {
+  std::vector<TokenOutput> tokens;
+  std::vector<uint64_t> preempted;
+  int64_t prefill_tokens = 0;
+  int64_t decode_tokens = 0;
+  int num_seqs = 0;
+};
+
+struct EngineOptions {
+  int block_size = 16;
+  int64_t kv_cache_bytes = int64_t{256} << 20;
+  int max_batch_tokens = 512;   // tokens per step (decode + prefill chunks)
+  int max_running = 64;         // sequences in the running batch
+  int max_prefill_chunk = 256;  // longest prefill slice of one sequence per step
+};
+
+class Engine {
+ public:
+  // `model` is not owned and must outlive the engine.
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(Model* model, const EngineOptions& options);
+
+  // Queues a request. InvalidArgument for a bad prompt or sampling field,
+  // AlreadyExists for a live id, ResourceExhausted if it could never fit the cache.
+  absl::Status Add(GenerationRequest request);
+  // Drops a queued or running sequence and frees its KV blocks. False if unknown.
+  bool Cancel(uint64_t id);
+  // Runs one engine step. With no work it returns an empty result.
+  absl::StatusOr<StepResult> Step();
+
+  bool HasWork() const { return !running_.empty() || !waiting_.empty(); }
+  int num_running() const { return static_cast<int>(running_.size()); }
+  int num_waiting() const { return static_cast<int>(waiting_.size()); }
+  const PagedKvCache& kv_cache() const { return *kv_; }
+  Model& model() { return *model_; }
+
+  // Test and benchmark hook: sees the logits each sampled token was drawn from.
+  using LogitsObserver = std::function<void(uint64_t id, const float* logits, int64_t vocab)>;
+  void set_logits_observer(LogitsObserver observer) { observer_ = std::move(observer); }
+
+ private:
+  struct Sequence {
+    uint64_t id = 0;
+    std::vector<int32_t> tokens;  // prompt followed by generated tokens
+    int generated = 0;
+    int num_computed = 0;         // tokens whose K/V are in the cache
+    std::vector<int32_t> blocks;
+    SamplingParams sampling;
+    SamplerRng rng{0};
+  };
+  struct Scheduled {
+    Sequence* seq;
+    int chunk;
+  };
+
+  Engine(Model* model, std::unique_ptr<PagedKvCache> kv, const EngineOptions& options);
+  bool EnsureBlocks(Sequence* seq, int num_tokens);
+  void FreeBlocks(Sequence* seq);
+  void Preempt(Sequence* seq);
+  FinishReason CheckFinished(const Sequence& seq, int32_t token) const;
+  void Retire(Sequence* seq);
+
+  Model* model_;
+  std::unique_ptr<PagedKvCache> kv_;
+  EngineOptions options_;
+  absl::flat_hash_map<uint64_t, std::unique_ptr<Sequence>> sequences_;
+  std::vector<Sequence*> running_;  // admission order
+  std::deque<Sequence*> waiting_;
+  ForwardBatch batch_;
+  std::vector<float> logits_;
+  std::vector<std::pair<float, int32_t>> sample_scratch_;
+  uint64_t unseeded_counter_ = 0;
+  LogitsObserver observer_;
+};
+
+}  // namespace joule

@@ -1,0 +1,55 @@
+// Paged KV cache: fixed-size blocks carved from a byte budget, handed to
+// sequences on demand and returned when they finish or are cancelled.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "worker/model/config.h"
+#include "worker/model/model.h"
+
+namespace joule {
+
+class BlockAllocator {
+ public:
+  explicit BlockAllocator(int64_t num_blocks);
+  int64_t num_blocks() const { return num_blocks_; }
+  int64_t num_free() const { return static_cast<int64_t>(free_.size()); }
+  // -1 when none is free.
+  int32_t Allocate();
+  void Free(int32_t block);
+
+ private:
+  int64_t num_blocks_;
+  std::vector<int32_t> free_;    // LIFO: recently freed blocks are warm in cache
+  std::vector<bool> in_use_;
+};
+
+class PagedKvCache {
+ public:
+  // Sizes the cache to as many blocks as fit in `budget_bytes` (K and V, every layer).
+  static absl::StatusOr<std::unique_ptr<PagedKvCache>> Create(const ModelConfig& config,
+                                                              int block_size, int64_t budget_bytes);
+
+  int block_size() const { return block_size_; }
+  int64_t BytesPerBlock() const { return bytes_per_block_; }
+  const KvCacheView& view() const { return view_; }
+  BlockAllocator& allocator() { return allocator_; }
+  const BlockAllocator& allocator() const { return allocator_; }
+  // Fraction of blocks in use, for metrics.
+  double Usage() const;
+
+ private:
+  PagedKvCache(const ModelConfig& config, int block_size, int64_t num_blocks);
+  int block_size_;
+  int64_t bytes_per_block_;
+  // [layers][k|v][num_blocks * block_size * kv_heads * head_dim], zeroed and
+  // so resident up front: no page faults on the decode path.
+  std::unique_ptr<float[]> storage_;
+  KvCacheView view_;
+  BlockAllocator allocator_;
+};
+
+}  // namespace joule

@@ -1,0 +1,41 @@
+// Token sampling: greedy, temperature, top-k, top-p, with a per-sequence seed.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "absl/status/status.h"
+
+namespace joule {
+
+struct SamplingParams {
+  float temperature = 1.0f;  // 0: greedy
+  float top_p = 1.0f;        // (0, 1]
+  int top_k = 0;             // 0: disabled
+  std::optional<uint64_t> seed;
+  int max_tokens = 16;
+  std::vector<int32_t> stop_token_ids;  // in addition to the model's EOS ids
+  bool ignore_eos = false;
+
+  // InvalidArgument naming the field.
+  absl::Status Validate() const;
+};
+
+// A sequence's random stream (splitmix64): identical seeds give identical
+// samples, whatever else is in the batch.
+class SamplerRng {
+ public:
+  explicit SamplerRng(uint64_t seed) : state_(seed) {}
+  uint64_t Next();
+  double Uniform();  // [0, 1)
+
+ private:
+  uint64_t state_;
+};
+
+// Picks the next token from logits [vocab]. `scratch` avoids per-call allocation.
+int32_t SampleToken(const float* logits, int64_t vocab, const SamplingParams& params,
+                    SamplerRng* rng, std::vector<std::pair<float, int32_t>>* scratch);
+
+}  // namespace joule

@@ -1,0 +1,57 @@
+// Where a MoE layer's routed experts run.
+//
+// The model computes attention and the router locally and hands the routed
+// tokens to an ExpertExecutor. LocalExpertExecutor runs every expert in this
+// process (grouped: permute by expert, one GEMM per expert, weighted
+// un-permute). The expert-parallel executor dispatches the same layout to the
+// ranks that own the experts and combines their outputs; both see the same call.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "kernels/cpu/thread_pool.h"
+#include "worker/model/weights.h"
+
+namespace joule {
+
+class ExpertExecutor {
+ public:
+  virtual ~ExpertExecutor() = default;
+  // x: [tokens, hidden] (post-attention-normed hidden states); expert_ids and
+  // weights: [tokens, top_k] from the router. Adds sum_j weight_j * expert_j(x)
+  // into out [tokens, hidden]. Called for every MoE layer of every step, also
+  // with tokens == 0, so collective implementations stay in lockstep.
+  virtual absl::Status Run(int layer, const float* x, int64_t tokens, const int32_t* expert_ids,
+                           const float* weights, float* out) = 0;
+};
+
+// Computes a SwiGLU MLP for `rows` rows of x, writing [rows, hidden] into out.
+// `scratch` is grown as needed.
+void RunMlp(const MlpWeights& mlp, const float* x, int64_t rows, float* out,
+            std::vector<float>* scratch, kernels::cpu::CpuStream stream);
+
+// Runs every expert in this process; the reference the EP path must match.
+class LocalExpertExecutor : public ExpertExecutor {
+ public:
+  LocalExpertExecutor(const ModelWeights* weights, kernels::cpu::CpuStream stream)
+      : weights_(weights), stream_(stream) {}
+
+  absl::Status Run(int layer, const float* x, int64_t tokens, const int32_t* expert_ids,
+                   const float* weights, float* out) override;
+
+  // Tokens routed to each expert since construction, [layer][expert]; what EPLB reads.
+  const std::vector<std::vector<int64_t>>& expert_load() const { return expert_load_; }
+
+ private:
+  const ModelWeights* weights_;
+  kernels::cpu::CpuStream stream_;
+  std::vector<int64_t> offsets_;
+  std::vector<int32_t> permuted_to_slot_, slot_to_permuted_;
+  std::vector<float> permuted_, gate_, up_, down_;
+  std::vector<const void*> w_ptrs_;
+  std::vector<std::vector<int64_t>> expert_load_;
+};
+
+}  // namespace joule

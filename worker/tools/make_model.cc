@@ -1,0 +1,348 @@
+// joule-make-model: writes a deterministic random checkpoint in Hugging Face
+// layout (config.json, safetensors, tokenizer.json) so tests, the demo and the
+// benchmarks need no download. The engine loads it through the same code that
+// loads real checkpoints.
+//
+//   joule-make-model --family qwen3_moe|qwen2_moe|mixtral --preset tiny|mini
+//                    --out DIR [--shards N] [--dtype bf16|f16|f32] [--seed S]
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/safetensors.h"
+#include "common/status.h"
+#include "coordinator/tokenizer/tokenizer.h"
+#include "nlohmann/json.hpp"
+
+namespace joule {
+namespace {
+
+struct Preset {
+  int64_t hidden, layers, heads, kv_heads, head_dim, experts, top_k, moe_inter, inter, shared_inter,
+      max_pos;
+  int decoder_sparse_step;
+  std::vector<int> mlp_only_layers;
+  bool tie;
+  bool norm_topk;
+  int sliding_window;  // Mixtral only; 0 = null
+};
+
+// Built-in tokenizer ids: 0..255 bytes, 256 <|endoftext|>, 257 <|im_start|>, 258 <|im_end|>.
+constexpr int64_t kVocab = 272;  // 259 used, padded to a multiple of 16 as real models do
+constexpr int64_t kEndOfText = 256;
+constexpr int64_t kImEnd = 258;
+
+absl::StatusOr<Preset> GetPreset(const std::string& family, const std::string& preset) {
+  if (preset == "tiny") {
+    // Small enough for golden tests, shaped to exercise every code path: a
+    // head_dim that is not hidden/heads (Qwen3), GQA, dense layers among MoE
+    // layers, shared experts, tied embeddings, a sliding window.
+    if (family == "qwen3_moe") return Preset{64, 3, 4, 2, 32, 8, 2, 32, 128, 0, 512, 1, {1}, false, true, 0};
+    if (family == "qwen2_moe") return Preset{64, 4, 4, 2, 16, 8, 2, 32, 128, 96, 512, 2, {}, true, false, 0};
+    if (family == "mixtral") return Preset{64, 2, 4, 1, 16, 4, 2, 48, 48, 0, 512, 1, {}, false, true, 16};
+  } else if (preset == "mini") {
+    // ~200 MB of BF16 weights: the engine benchmark's model.
+    if (family == "qwen3_moe") return Preset{512, 8, 8, 4, 64, 32, 4, 256, 1024, 0, 4096, 1, {}, false, true, 0};
+    if (family == "qwen2_moe") return Preset{512, 8, 8, 4, 64, 32, 4, 224, 1024, 512, 4096, 1, {}, false, false, 0};
+    if (family == "mixtral") return Preset{512, 8, 8, 4, 64, 8, 2, 1024, 1024, 0, 4096, 1, {}, false, true, 0};
+  }
+  return absl::InvalidArgumentError(absl::StrCat("unknown --family '", family, "' or --preset '",
+                                                 preset, "' (families: qwen3_moe, qwen2_moe, mixtral; presets: tiny, mini)"));
+}
+
+nlohmann::json MakeConfig(const std::string& family, const Preset& p) {
+  nlohmann::json c;
+  c["vocab_size"] = kVocab;
+  c["hidden_size"] = p.hidden;
+  c["num_hidden_layers"] = p.layers;
+  c["num_attention_heads"] = p.heads;
+  c["num_key_value_heads"] = p.kv_heads;
+  c["max_position_embeddings"] = p.max_pos;
+  c["hidden_act"] = "silu";
+  c["initializer_range"] = 0.02;
+  c["rope_theta"] = family == "qwen2_moe" ? 10000.0 : 1000000.0;
+  c["rope_scaling"] = nullptr;
+  c["tie_word_embeddings"] = p.tie;
+  c["torch_dtype"] = "bfloat16";
+  c["bos_token_id"] = kEndOfText;
+  c["eos_token_id"] = family == "mixtral" ? nlohmann::json(kEndOfText) : nlohmann::json(kImEnd);
+  c["num_experts_per_tok"] = p.top_k;
+  c["attention_dropout"] = 0.0;
+  if (family == "mixtral") {
+    c["architectures"] = {"MixtralForCausalLM"};
+    c["model_type"] = "mixtral";
+    c["num_local_experts"] = p.experts;
+    c["intermediate_size"] = p.moe_inter;
+    c["rms_norm_eps"] = 1e-5;
+    c["sliding_window"] = p.sliding_window > 0 ? nlohmann::json(p.sliding_window) : nlohmann::json();
+    c["router_aux_loss_coef"] = 0.02;
+    return c;
+  }
+  c["rms_norm_eps"] = 1e-6;
+  c["num_experts"] = p.experts;
+  c["moe_intermediate_size"] = p.moe_inter;
+  c["intermediate_size"] = p.inter;
+  c["decoder_sparse_step"] = p.decoder_sparse_step;
+  c["mlp_only_layers"] = p.mlp_only_layers;
+  c["norm_topk_prob"] = p.norm_topk;
+  c["use_sliding_window"] = false;
+  c["sliding_window"] = nullptr;
+  if (family == "qwen3_moe") {
+    c["architectures"] = {"Qwen3MoeForCausalLM"};
+    c["model_type"] = "qwen3_moe";
+    c["head_dim"] = p.head_dim;
+    c["attention_bias"] = false;
+  } else {
+    c["architectures"] = {"Qwen2MoeForCausalLM"};
+    c["model_type"] = "qwen2_moe";
+    c["shared_expert_intermediate_size"] = p.shared_inter;
+  }
+  return c;
+}
+
+uint64_t SplitMix(uint64_t& state) {
+  uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+uint64_t Fnv1a(const std::string& s) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char ch : s) h = (h ^ ch) * 1099511628211ull;
+  return h;
+}
+
+// One tensor: values are drawn per tensor from a stream keyed by (seed, name),
+// so they do not depend on tensor order or sharding, and rounded to BF16 first
+// so every --dtype holds the same numbers.
+struct GenTensor {
+  std::string name;
+  std::vector<int64_t> shape;
+  std::vector<uint16_t> u16;
+  std::vector<float> f32;
+};
+
+GenTensor Generate(const std::string& name, std::vector<int64_t> shape, float center, float scale,
+                   uint64_t seed, DType dtype) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  uint64_t state = seed ^ Fnv1a(name);
+  GenTensor t{name, std::move(shape), {}, {}};
+  if (dtype == DType::kF32) t.f32.resize(n); else t.u16.resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    // 24 random bits -> uniform in [-1, 1).
+    const float u = static_cast<float>(SplitMix(state) >> 40) * (1.0f / 8388608.0f) - 1.0f;
+    const uint16_t bf = F32ToBf16(center + scale * u);
+    switch (dtype) {
+      case DType::kBF16: t.u16[i] = bf; break;
+      case DType::kF16: t.u16[i] = F32ToF16(Bf16ToF32(bf)); break;
+      case DType::kF32: t.f32[i] = Bf16ToF32(bf); break;
+    }
+  }
+  return t;
+}
+
+std::vector<GenTensor> MakeTensors(const std::string& family, const Preset& p, uint64_t seed,
+                                   DType dtype) {
+  std::vector<GenTensor> ts;
+  auto linear = [&](const std::string& name, int64_t out, int64_t in) {
+    ts.push_back(Generate(name + ".weight", {out, in}, 0.0f, 1.0f / std::sqrt(static_cast<float>(in)), seed, dtype));
+  };
+  auto vec = [&](const std::string& name, int64_t n, float center, float scale) {
+    ts.push_back(Generate(name, {n}, center, scale, seed, dtype));
+  };
+  auto mlp = [&](const std::string& pre, const char* g, const char* u, const char* d, int64_t inter) {
+    linear(absl::StrCat(pre, ".", g), inter, p.hidden);
+    linear(absl::StrCat(pre, ".", u), inter, p.hidden);
+    linear(absl::StrCat(pre, ".", d), p.hidden, inter);
+  };
+  const bool mixtral = family == "mixtral";
+  const int64_t D = p.head_dim;
+  // Small enough that the residual stream is not just the input token (tied
+  // embeddings would otherwise make greedy decoding repeat its last token).
+  ts.push_back(Generate("model.embed_tokens.weight", {kVocab, p.hidden}, 0.0f, 0.125f, seed, dtype));
+  for (int64_t i = 0; i < p.layers; ++i) {
+    const std::string l = absl::StrCat("model.layers.", i);
+    vec(l + ".input_layernorm.weight", p.hidden, 1.0f, 0.1f);
+    vec(l + ".post_attention_layernorm.weight", p.hidden, 1.0f, 0.1f);
+    const std::string a = l + ".self_attn";
+    linear(a + ".q_proj", p.heads * D, p.hidden);
+    linear(a + ".k_proj", p.kv_heads * D, p.hidden);
+    linear(a + ".v_proj", p.kv_heads * D, p.hidden);
+    linear(a + ".o_proj", p.hidden, p.heads * D);
+    if (family == "qwen2_moe") {
+      vec(a + ".q_proj.bias", p.heads * D, 0.0f, 0.1f);
+      vec(a + ".k_proj.bias", p.kv_heads * D, 0.0f, 0.1f);
+      vec(a + ".v_proj.bias", p.kv_heads * D, 0.0f, 0.1f);
+    }
+    if (family == "qwen3_moe") {
+      vec(a + ".q_norm.weight", D, 1.0f, 0.1f);
+      vec(a + ".k_norm.weight", D, 1.0f, 0.1f);
+    }
+    bool moe = true;
+    if (!mixtral) {
+      bool mlp_only = false;
+      for (int m : p.mlp_only_layers) mlp_only |= (m == i);
+      moe = !mlp_only && (i + 1) % p.decoder_sparse_step == 0;
+    }
+    if (!moe) {
+      mlp(l + ".mlp", "gate_proj", "up_proj", "down_proj", p.inter);
+      continue;
+    }
+    const std::string m = mixtral ? l + ".block_sparse_moe" : l + ".mlp";
+    // A sharper router than 1/sqrt(hidden) so routing is decisive, as trained routers are.
+    ts.push_back(Generate(m + ".gate.weight", {p.experts, p.hidden}, 0.0f,
+                          4.0f / std::sqrt(static_cast<float>(p.hidden)), seed, dtype));
+    for (int64_t e = 0; e < p.experts; ++e) {
+      const std::string ep = absl::StrCat(m, ".experts.", e);
+      if (mixtral) mlp(ep, "w1", "w3", "w2", p.moe_inter);
+      else mlp(ep, "gate_proj", "up_proj", "down_proj", p.moe_inter);
+    }
+    if (p.shared_inter > 0) {
+      mlp(m + ".shared_expert", "gate_proj", "up_proj", "down_proj", p.shared_inter);
+      linear(m + ".shared_expert_gate", 1, p.hidden);
+    }
+  }
+  vec("model.norm.weight", p.hidden, 1.0f, 0.1f);
+  if (!p.tie) linear("lm_head", kVocab, p.hidden);
+  return ts;
+}
+
+absl::Status WriteText(const std::filesystem::path& path, const std::string& text) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out << text;
+  out.close();
+  if (!out) return absl::InternalError(absl::StrCat("cannot write ", path.string()));
+  return absl::OkStatus();
+}
+
+absl::Status Run(const std::string& family, const std::string& preset, const std::string& out_dir,
+                 int shards, DType dtype, uint64_t seed) {
+  ASSIGN_OR_RETURN(Preset p, GetPreset(family, preset));
+  if (shards < 1) return absl::InvalidArgumentError("--shards must be >= 1");
+  std::error_code ec;
+  std::filesystem::create_directories(out_dir, ec);
+  if (ec) return absl::InternalError(absl::StrCat("cannot create ", out_dir, ": ", ec.message()));
+  const std::filesystem::path dir(out_dir);
+
+  nlohmann::json config = MakeConfig(family, p);
+  config["torch_dtype"] = dtype == DType::kBF16 ? "bfloat16" : dtype == DType::kF16 ? "float16" : "float32";
+  RETURN_IF_ERROR(WriteText(dir / "config.json", config.dump(2) + "\n"));
+  nlohmann::json gen = {{"bos_token_id", kEndOfText}, {"eos_token_id", config["eos_token_id"]},
+                        {"do_sample", false}};
+  RETURN_IF_ERROR(WriteText(dir / "generation_config.json", gen.dump(2) + "\n"));
+  RETURN_IF_ERROR(WriteText(dir / "tokenizer.json", tokenizer::MakeByteLevelTokenizerJson()));
+  nlohmann::json tok_cfg = {
+      {"tokenizer_class", "PreTrainedTokenizerFast"},
+      {"eos_token", family == "mixtral" ? "<|endoftext|>" : "<|im_end|>"},
+      {"pad_token", "<|endoftext|>"},
+      {"model_max_length", p.max_pos},
+      {"chat_template",
+       "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+       "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"}};
+  RETURN_IF_ERROR(WriteText(dir / "tokenizer_config.json", tok_cfg.dump(2) + "\n"));
+
+  std::vector<GenTensor> tensors = MakeTensors(family, p, seed, dtype);
+  std::map<std::string, std::string> meta = {{"format", "pt"}, {"joule_family", family},
+                                             {"joule_preset", preset},
+                                             {"joule_seed", std::to_string(seed)}};
+  // Contiguous runs of tensors per shard, as Hugging Face's sharding does.
+  nlohmann::json weight_map = nlohmann::json::object();
+  size_t total_bytes = 0;
+  const size_t per_shard = (tensors.size() + shards - 1) / shards;
+  for (int s = 0; s < shards; ++s) {
+    const std::string file = shards == 1 ? "model.safetensors"
+                                         : absl::StrFormat("model-%05d-of-%05d.safetensors", s + 1, shards);
+    std::vector<TensorToWrite> w;
+    for (size_t i = s * per_shard; i < std::min(tensors.size(), (s + 1) * per_shard); ++i) {
+      const GenTensor& t = tensors[i];
+      w.push_back({t.name, dtype, t.shape,
+                   dtype == DType::kF32 ? static_cast<const void*>(t.f32.data()) : t.u16.data()});
+      weight_map[t.name] = file;
+      total_bytes += dtype == DType::kF32 ? t.f32.size() * 4 : t.u16.size() * 2;
+    }
+    RETURN_IF_ERROR(WriteSafetensors((dir / file).string(), w, meta));
+  }
+  if (shards > 1) {
+    nlohmann::json index = {{"metadata", {{"total_size", total_bytes}}}, {"weight_map", weight_map}};
+    RETURN_IF_ERROR(WriteText(dir / "model.safetensors.index.json", index.dump(2) + "\n"));
+  } else {
+    std::filesystem::remove(dir / "model.safetensors.index.json", ec);
+  }
+  std::printf("wrote %s %s model to %s: %zu tensors, %.1f MB in %d file(s)\n", family.c_str(),
+              preset.c_str(), out_dir.c_str(), tensors.size(), total_bytes / 1e6, shards);
+  return absl::OkStatus();
+}
+
+void Usage() {
+  std::fprintf(stderr,
+               "usage: joule-make-model --family qwen3_moe|qwen2_moe|mixtral --preset tiny|mini --out DIR\n"
+               "                        [--shards N] [--dtype bf16|f16|f32] [--seed S]\n");
+}
+
+}  // namespace
+}  // namespace joule
+
+int main(int argc, char** argv) {
+  std::string family = "qwen3_moe", preset = "tiny", out, dtype_name = "bf16";
+  int shards = 1;
+  uint64_t seed = 1234;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "missing value for %s\n", a.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "--family") family = value();
+    else if (a == "--preset") preset = value();
+    else if (a == "--out") out = value();
+    else if (a == "--dtype") dtype_name = value();
+    else if (a == "--shards" || a == "--seed") {
+      std::string v = value();
+      uint64_t n = 0;
+      if (!absl::SimpleAtoi(v, &n)) {
+        std::fprintf(stderr, "%s must be a non-negative integer, got '%s'\n", a.c_str(), v.c_str());
+        return 2;
+      }
+      if (a == "--shards") shards = static_cast<int>(n); else seed = n;
+    } else if (a == "--help" || a == "-h") {
+      joule::Usage();
+      return 0;
+    } else {
+      std::fprintf(stderr, "unknown argument '%s'\n", a.c_str());
+      joule::Usage();
+      return 2;
+    }
+  }
+  if (out.empty()) {
+    joule::Usage();
+    return 2;
+  }
+  joule::DType dtype;
+  if (dtype_name == "bf16") dtype = joule::DType::kBF16;
+  else if (dtype_name == "f16") dtype = joule::DType::kF16;
+  else if (dtype_name == "f32") dtype = joule::DType::kF32;
+  else {
+    std::fprintf(stderr, "--dtype must be bf16, f16 or f32, got '%s'\n", dtype_name.c_str());
+    return 2;
+  }
+  absl::Status s = joule::Run(family, preset, out, shards, dtype, seed);
+  if (!s.ok()) {
+    std::fprintf(stderr, "joule-make-model: %s\n", std::string(s.message()).c_str());
+    return 1;
+  }
+  return 0;
+}
