@@ -15,7 +15,9 @@
 #include <vector>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "common/options.h"
 #include "common/status.h"
 #include "kernels/cpu/thread_pool.h"
 #include "nlohmann/json.hpp"
@@ -136,34 +138,48 @@ absl::StatusOr<double> MeasurePrefill(Model* model, int len, int reps) {
   return best;
 }
 
-absl::Status Run(int argc, char** argv) {
-  std::string model_dir, json_out;
-  std::vector<int> batches = {1, 8, 64};
-  int threads = 0, prompt_len = 32, steps = 32, prefill_len = 512;
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    if (i + 1 >= argc) return absl::InvalidArgumentError("missing value for " + a);
-    std::string v = argv[++i];
-    if (a == "--model") model_dir = v;
-    else if (a == "--json") json_out = v;
-    else if (a == "--batch") {
-      batches.clear();
-      for (absl::string_view p : absl::StrSplit(v, ',')) {
-        int b;
-        if (!absl::SimpleAtoi(p, &b) || b < 1) return absl::InvalidArgumentError("--batch: bad value");
-        batches.push_back(b);
-      }
-    } else {
-      int n;
-      if (!absl::SimpleAtoi(v, &n) || n < 0) return absl::InvalidArgumentError(a + ": not a number");
-      if (a == "--threads") threads = n;
-      else if (a == "--prompt-len") prompt_len = n;
-      else if (a == "--decode-steps") steps = n;
-      else if (a == "--prefill-len") prefill_len = n;
-      else return absl::InvalidArgumentError("unknown argument " + a);
+// X(type, field, default, help); the flag is --field with '_' written '-'.
+#define JOULE_ENGINE_BENCH_FLAGS(X)                                                               \
+  X(std::string, model, "", "checkpoint directory (required)")                                    \
+  X(int, threads, 0, "CPU threads; 0: every core")                                                \
+  X(std::string, batch, "1,8,64", "decode batch sizes, comma separated")                          \
+  X(int, prompt_len, 32, "prompt tokens per sequence before decoding")                            \
+  X(int, decode_steps, 32, "decode steps per measured window")                                    \
+  X(int, prefill_len, 512, "prompt tokens of the prefill measurement")                            \
+  X(std::string, json, "", "also write the results to this JSON file")
+
+struct EngineBenchFlags {
+  JOULE_ENGINE_BENCH_FLAGS(JOULE_OPTION_FIELD)
+
+  std::vector<Option> Options() { return {JOULE_ENGINE_BENCH_FLAGS(JOULE_OPTION_BIND)}; }
+  absl::Status Validate() const {
+    if (model.empty()) return absl::InvalidArgumentError("--model: required (checkpoint directory)");
+    const std::pair<const char*, int> counts[] = {
+        {"threads", threads}, {"prompt-len", prompt_len}, {"decode-steps", decode_steps}, {"prefill-len", prefill_len}};
+    for (const auto& [flag, n] : counts) {
+      if (n < 0) return absl::InvalidArgumentError(absl::StrCat("--", flag, ": must be >= 0, got ", n));
     }
+    return Batches().status();
   }
-  if (model_dir.empty()) return absl::InvalidArgumentError("--model DIR is required");
+  absl::StatusOr<std::vector<int>> Batches() const {
+    std::vector<int> batches;
+    for (absl::string_view p : absl::StrSplit(batch, ',')) {
+      int b;
+      if (!absl::SimpleAtoi(p, &b) || b < 1) {
+        return absl::InvalidArgumentError(absl::StrCat("--batch: '", p, "' is not a positive integer"));
+      }
+      batches.push_back(b);
+    }
+    return batches;
+  }
+};
+
+absl::Status Run(const EngineBenchFlags& flags) {
+  const std::string& model_dir = flags.model;
+  const std::string& json_out = flags.json;
+  ASSIGN_OR_RETURN(const std::vector<int> batches, flags.Batches());
+  const int threads = flags.threads, prompt_len = flags.prompt_len, steps = flags.decode_steps,
+            prefill_len = flags.prefill_len;
   ASSIGN_OR_RETURN(auto model, Model::Load(model_dir, {.num_threads = threads}));
   const int nthreads = model->stream().pool->num_threads();
   // Conservative roofline: the best read bandwidth seen, before and after the decode runs.
@@ -215,7 +231,12 @@ absl::Status Run(int argc, char** argv) {
 }  // namespace joule
 
 int main(int argc, char** argv) {
-  absl::Status s = joule::Run(argc, argv);
+  auto flags = joule::ParseConfig<joule::EngineBenchFlags>(
+      "decode and prefill throughput of the single-process engine, against the memory roofline.\n"
+      "usage: joule-engine-bench --model DIR [--threads N] [--batch 1,8,64] [--json OUT] ...",
+      "JOULE_ENGINE_BENCH_", argc, argv);
+  if (!flags.ok()) return joule::ReportOptionsError("joule-engine-bench", flags.status());
+  absl::Status s = joule::Run(*flags);
   if (!s.ok()) {
     std::fprintf(stderr, "joule-engine-bench: %s\n", std::string(s.message()).c_str());
     return 1;

@@ -10,6 +10,7 @@ JOULE_PACKAGES=(
   prometheus-cpp-dev libucx-dev ucx-utils nlohmann-json3-dev libboost1.81-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   python3-torch python3-numpy curl iproute2
+  libopenmpi-dev openmpi-bin  # MPI_Alltoallv baseline of bench/dispatch_combine
 )
 
 joule_log() { printf '\033[1m[joule]\033[0m %s\n' "$*" >&2; }

@@ -49,6 +49,6 @@ fi
 
 joule_log "model: $model"
 joule_log "prompt: $prompt"
-# The built-in models have random weights: the continuation is fluent bytes, not English.
+joule_log "the built-in models have random weights: expect arbitrary bytes, not English"
 "$bin/worker/tools/joule-generate" --model "$model" --prompt "$prompt" \
   --max-tokens "$max_tokens" --threads "$threads" --ignore-eos

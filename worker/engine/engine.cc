@@ -93,6 +93,10 @@ void Engine::Preempt(Sequence* seq) {
 
 void Engine::Retire(Sequence* seq) {
   FreeBlocks(seq);
+  // A cancelled sequence leaves a pending plan (lockstep: planned, not yet run).
+  plan_.erase(std::remove_if(plan_.begin(), plan_.end(),
+                             [seq](const Scheduled& s) { return s.seq == seq; }),
+              plan_.end());
   auto it = std::find(running_.begin(), running_.end(), seq);
   if (it != running_.end()) running_.erase(it);
   auto wt = std::find(waiting_.begin(), waiting_.end(), seq);
@@ -121,8 +125,22 @@ FinishReason Engine::CheckFinished(const Sequence& seq, int32_t token) const {
 }
 
 absl::StatusOr<StepResult> Engine::Step() {
-  StepResult result;
-  std::vector<Scheduled> scheduled;
+  PlanStep();
+  return RunPlannedStep(/*run_empty=*/false);
+}
+
+int64_t Engine::PlanStep() {
+  auto tokens = [this]() {
+    int64_t n = 0;
+    for (const Scheduled& s : plan_) n += s.chunk;
+    return n;
+  };
+  if (planned_) return tokens();
+  planned_ = true;
+  plan_.clear();
+  plan_result_ = StepResult();
+  StepResult& result = plan_result_;
+  std::vector<Scheduled>& scheduled = plan_;
   int budget = options_.max_batch_tokens;
 
   // 1. Running sequences, oldest first: decodes and unfinished prefills. When
@@ -165,7 +183,17 @@ absl::StatusOr<StepResult> Engine::Step() {
     scheduled.push_back({seq, chunk});
     budget -= chunk;
   }
-  if (scheduled.empty()) return result;
+  return tokens();
+}
+
+absl::StatusOr<StepResult> Engine::RunPlannedStep(bool run_empty) {
+  PlanStep();
+  planned_ = false;
+  StepResult result = std::move(plan_result_);
+  plan_result_ = StepResult();
+  const std::vector<Scheduled> scheduled = std::move(plan_);
+  plan_.clear();
+  if (scheduled.empty() && !run_empty) return result;
 
   // 3. One forward batch.
   ForwardBatch& b = batch_;

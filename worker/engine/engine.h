@@ -63,7 +63,19 @@ class Engine {
   // Drops a queued or running sequence and frees its KV blocks. False if unknown.
   bool Cancel(uint64_t id);
   // Runs one engine step. With no work it returns an empty result.
+  // Same as PlanStep() followed by RunPlannedStep(false).
   absl::StatusOr<StepResult> Step();
+
+  // A step in two halves, for lockstep expert parallelism (worker/ep/lockstep.h),
+  // where every rank must learn the others' token counts before any runs.
+  // PlanStep() schedules the next step (admissions, preemptions, KV blocks)
+  // and returns how many tokens it will run; calling it again before the step
+  // runs returns the same plan. Cancel() drops a sequence from the plan.
+  int64_t PlanStep();
+  // Runs the planned step (planning first if needed). With run_empty a plan
+  // of zero tokens still runs the model over an empty batch, so this rank
+  // joins the collectives of every MoE layer; otherwise it returns at once.
+  absl::StatusOr<StepResult> RunPlannedStep(bool run_empty);
 
   bool HasWork() const { return !running_.empty() || !waiting_.empty(); }
   int num_running() const { return static_cast<int>(running_.size()); }
@@ -103,6 +115,10 @@ class Engine {
   absl::flat_hash_map<uint64_t, std::unique_ptr<Sequence>> sequences_;
   std::vector<Sequence*> running_;  // admission order
   std::deque<Sequence*> waiting_;
+  // The step PlanStep() scheduled and RunPlannedStep() will run.
+  bool planned_ = false;
+  std::vector<Scheduled> plan_;
+  StepResult plan_result_;  // preemptions made while planning
   ForwardBatch batch_;
   std::vector<float> logits_;
   std::vector<std::pair<float, int32_t>> sample_scratch_;

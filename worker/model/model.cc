@@ -84,6 +84,9 @@ absl::Status Model::Validate(const ForwardBatch& b, const KvCacheView& kv) const
   return absl::OkStatus();
 }
 
+// An empty batch (no sequences, query_start = {0}) is valid: every layer
+// runs over zero tokens and still calls the expert executor, which is how an
+// idle expert-parallel rank joins a step (worker/ep/lockstep.h).
 absl::Status Model::Forward(const ForwardBatch& b, const KvCacheView& kv, float* logits) {
   RETURN_IF_ERROR(Validate(b, kv));
   const ModelConfig& c = config();

@@ -11,6 +11,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "common/options.h"
 #include "common/status.h"
 #include "coordinator/tokenizer/tokenizer.h"
 #include "worker/engine/engine.h"
@@ -18,12 +19,39 @@
 namespace joule {
 namespace {
 
-struct Args {
-  std::string model;
-  std::string prompt;
-  std::string prompt_ids;
-  SamplingParams sampling;
-  int threads = 0;
+// X(type, field, default, help); the flag is --field with '_' written '-'.
+#define JOULE_GENERATE_FLAGS(X)                                                                   \
+  X(std::string, model, "", "checkpoint directory (Hugging Face layout; required)")              \
+  X(std::string, prompt, "", "prompt text (needs the model's tokenizer.json)")                   \
+  X(std::string, prompt_ids, "", "prompt as comma-separated token ids")                          \
+  X(int, max_tokens, 32, "tokens to generate at most")                                           \
+  X(float, temperature, 0.0f, "0 is greedy")                                                     \
+  X(float, top_p, 1.0f, "nucleus sampling mass in (0, 1]")                                       \
+  X(int, top_k, 0, "sample from the k most likely tokens; 0 disables")                          \
+  X(int64_t, seed, -1, "sampling seed; -1: random")                                              \
+  X(int, threads, 0, "CPU threads; 0: every core")                                               \
+  X(bool, ignore_eos, false, "keep generating past end-of-sequence tokens")
+
+struct GenerateFlags {
+  JOULE_GENERATE_FLAGS(JOULE_OPTION_FIELD)
+
+  std::vector<Option> Options() { return {JOULE_GENERATE_FLAGS(JOULE_OPTION_BIND)}; }
+  absl::Status Validate() const {
+    if (model.empty() || prompt.empty() == prompt_ids.empty()) {
+      return absl::InvalidArgumentError("give --model and exactly one of --prompt, --prompt-ids");
+    }
+    return absl::OkStatus();
+  }
+  SamplingParams Sampling() const {
+    SamplingParams s;
+    s.temperature = temperature;
+    s.top_p = top_p;
+    s.top_k = top_k;
+    s.max_tokens = max_tokens;
+    s.ignore_eos = ignore_eos;
+    if (seed >= 0) s.seed = static_cast<uint64_t>(seed);
+    return s;
+  }
 };
 
 absl::StatusOr<std::vector<int32_t>> ParseIds(const std::string& text) {
@@ -39,7 +67,7 @@ absl::StatusOr<std::vector<int32_t>> ParseIds(const std::string& text) {
   return ids;
 }
 
-absl::Status Run(const Args& args) {
+absl::Status Run(const GenerateFlags& args) {
   auto tok = tokenizer::LoadTokenizer(args.model);
   std::vector<int32_t> prompt;
   if (!args.prompt_ids.empty()) {
@@ -52,7 +80,7 @@ absl::Status Run(const Args& args) {
   ASSIGN_OR_RETURN(auto model, Model::Load(args.model, {.num_threads = args.threads}));
   ASSIGN_OR_RETURN(auto engine, Engine::Create(model.get(), EngineOptions{}));
   const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count();
-  RETURN_IF_ERROR(engine->Add({.id = 1, .prompt = prompt, .sampling = args.sampling}));
+  RETURN_IF_ERROR(engine->Add({.id = 1, .prompt = prompt, .sampling = args.Sampling()}));
 
   std::vector<int32_t> out;
   std::unique_ptr<tokenizer::IncrementalDecoder> decoder;
@@ -83,67 +111,16 @@ absl::Status Run(const Args& args) {
   return absl::OkStatus();
 }
 
-void Usage() {
-  std::fprintf(stderr,
-               "usage: joule-generate --model DIR (--prompt TEXT | --prompt-ids 1,2,3)\n"
-               "                      [--max-tokens N] [--temperature T] [--top-p P] [--top-k K]\n"
-               "                      [--seed S] [--threads N] [--ignore-eos]\n"
-               "temperature defaults to 0 (greedy).\n");
-}
-
 }  // namespace
 }  // namespace joule
 
 int main(int argc, char** argv) {
-  joule::Args args;
-  args.sampling.temperature = 0.0f;
-  args.sampling.max_tokens = 32;
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "missing value for %s\n", a.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    auto number = [&](auto* out) {
-      std::string v = value();
-      bool ok;
-      if constexpr (std::is_floating_point_v<std::remove_pointer_t<decltype(out)>>) ok = absl::SimpleAtof(v, out);
-      else ok = absl::SimpleAtoi(v, out);
-      if (!ok) {
-        std::fprintf(stderr, "%s: '%s' is not a number\n", a.c_str(), v.c_str());
-        std::exit(2);
-      }
-    };
-    if (a == "--model") args.model = value();
-    else if (a == "--prompt") args.prompt = value();
-    else if (a == "--prompt-ids") args.prompt_ids = value();
-    else if (a == "--max-tokens") number(&args.sampling.max_tokens);
-    else if (a == "--temperature") number(&args.sampling.temperature);
-    else if (a == "--top-p") number(&args.sampling.top_p);
-    else if (a == "--top-k") number(&args.sampling.top_k);
-    else if (a == "--threads") number(&args.threads);
-    else if (a == "--ignore-eos") args.sampling.ignore_eos = true;
-    else if (a == "--seed") {
-      uint64_t s;
-      number(&s);
-      args.sampling.seed = s;
-    } else if (a == "--help" || a == "-h") {
-      joule::Usage();
-      return 0;
-    } else {
-      std::fprintf(stderr, "unknown argument '%s'\n", a.c_str());
-      joule::Usage();
-      return 2;
-    }
-  }
-  if (args.model.empty() || (args.prompt.empty() == args.prompt_ids.empty())) {
-    joule::Usage();
-    return 2;
-  }
-  absl::Status s = joule::Run(args);
+  auto args = joule::ParseConfig<joule::GenerateFlags>(
+      "runs the single-process engine on one prompt.\n"
+      "usage: joule-generate --model DIR (--prompt TEXT | --prompt-ids 1,2,3) [--max-tokens N] ...",
+      "JOULE_GENERATE_", argc, argv);
+  if (!args.ok()) return joule::ReportOptionsError("joule-generate", args.status());
+  absl::Status s = joule::Run(*args);
   if (!s.ok()) {
     std::fprintf(stderr, "joule-generate: %s\n", std::string(s.message()).c_str());
     return 1;

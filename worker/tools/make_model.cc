@@ -15,9 +15,9 @@
 #include <vector>
 
 #include "absl/status/status.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/options.h"
 #include "common/safetensors.h"
 #include "common/status.h"
 #include "coordinator/tokenizer/tokenizer.h"
@@ -25,6 +25,31 @@
 
 namespace joule {
 namespace {
+
+// X(type, field, default, help); the flag is --field with '_' written '-'.
+#define JOULE_MAKE_MODEL_FLAGS(X)                                                                 \
+  X(std::string, family, "qwen3_moe", "model family: qwen3_moe, qwen2_moe or mixtral")            \
+  X(std::string, preset, "tiny", "size: tiny (tests) or mini (benchmarks, ~215 MB)")              \
+  X(std::string, out, "", "output directory (created if absent; required)")                       \
+  X(int, shards, 1, "number of safetensors files (> 1 writes model.safetensors.index.json)")      \
+  X(std::string, dtype, "bf16", "stored dtype: bf16, f16 or f32 (same numbers)")                  \
+  X(uint64_t, seed, 1234, "random seed")
+
+struct MakeModelFlags {
+  JOULE_MAKE_MODEL_FLAGS(JOULE_OPTION_FIELD)
+
+  std::vector<Option> Options() { return {JOULE_MAKE_MODEL_FLAGS(JOULE_OPTION_BIND)}; }
+  absl::Status Validate() const {
+    if (out.empty()) return absl::InvalidArgumentError("--out: required (output directory)");
+    return ParseDType().status();
+  }
+  absl::StatusOr<DType> ParseDType() const {
+    if (dtype == "bf16") return DType::kBF16;
+    if (dtype == "f16") return DType::kF16;
+    if (dtype == "f32") return DType::kF32;
+    return absl::InvalidArgumentError(absl::StrCat("--dtype: must be bf16, f16 or f32, got '", dtype, "'"));
+  }
+};
 
 struct Preset {
   int64_t hidden, layers, heads, kv_heads, head_dim, experts, top_k, moe_inter, inter, shared_inter,
@@ -284,62 +309,17 @@ absl::Status Run(const std::string& family, const std::string& preset, const std
   return absl::OkStatus();
 }
 
-void Usage() {
-  std::fprintf(stderr,
-               "usage: joule-make-model --family qwen3_moe|qwen2_moe|mixtral --preset tiny|mini --out DIR\n"
-               "                        [--shards N] [--dtype bf16|f16|f32] [--seed S]\n");
-}
-
 }  // namespace
 }  // namespace joule
 
 int main(int argc, char** argv) {
-  std::string family = "qwen3_moe", preset = "tiny", out, dtype_name = "bf16";
-  int shards = 1;
-  uint64_t seed = 1234;
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "missing value for %s\n", a.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    if (a == "--family") family = value();
-    else if (a == "--preset") preset = value();
-    else if (a == "--out") out = value();
-    else if (a == "--dtype") dtype_name = value();
-    else if (a == "--shards" || a == "--seed") {
-      std::string v = value();
-      uint64_t n = 0;
-      if (!absl::SimpleAtoi(v, &n)) {
-        std::fprintf(stderr, "%s must be a non-negative integer, got '%s'\n", a.c_str(), v.c_str());
-        return 2;
-      }
-      if (a == "--shards") shards = static_cast<int>(n); else seed = n;
-    } else if (a == "--help" || a == "-h") {
-      joule::Usage();
-      return 0;
-    } else {
-      std::fprintf(stderr, "unknown argument '%s'\n", a.c_str());
-      joule::Usage();
-      return 2;
-    }
-  }
-  if (out.empty()) {
-    joule::Usage();
-    return 2;
-  }
-  joule::DType dtype;
-  if (dtype_name == "bf16") dtype = joule::DType::kBF16;
-  else if (dtype_name == "f16") dtype = joule::DType::kF16;
-  else if (dtype_name == "f32") dtype = joule::DType::kF32;
-  else {
-    std::fprintf(stderr, "--dtype must be bf16, f16 or f32, got '%s'\n", dtype_name.c_str());
-    return 2;
-  }
-  absl::Status s = joule::Run(family, preset, out, shards, dtype, seed);
+  auto flags = joule::ParseConfig<joule::MakeModelFlags>(
+      "writes a deterministic random checkpoint in Hugging Face layout.\n"
+      "usage: joule-make-model --family qwen3_moe|qwen2_moe|mixtral --preset tiny|mini --out DIR",
+      "JOULE_MAKE_MODEL_", argc, argv);
+  if (!flags.ok()) return joule::ReportOptionsError("joule-make-model", flags.status());
+  absl::Status s = joule::Run(flags->family, flags->preset, flags->out, flags->shards, *flags->ParseDType(),
+                              flags->seed);
   if (!s.ok()) {
     std::fprintf(stderr, "joule-make-model: %s\n", std::string(s.message()).c_str());
     return 1;

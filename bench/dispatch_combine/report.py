@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""Merges the raw results of bench/dispatch_combine/run.sh into
+bench/results/dispatch_combine-transport.{json,md}, with the ratios against
+the baselines measured in the same run.
+
+  report.py RAW_DIR RESULTS_DIR COMMAND
+"""
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+
+MIB = 1 << 20
+# Joule configuration -> the baselines it is compared with.
+CONFIGS = {
+    "shm": ("shm", "mpi-shm", "UCX_TLS=shm,self, peer error handling on (default)"),
+    "shm-nopeer": ("shm", "mpi-shm", "UCX_TLS=shm,self, peer error handling off (CMA zero-copy)"),
+    "tcp": ("tcp", "mpi-tcp", "UCX_TLS=tcp,self over loopback"),
+}
+
+
+def load(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(l) for l in f if l.strip()]
+
+
+def cmd(*args):
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def machine():
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+                if l.startswith("model name")), "?")
+    mem = next((int(l.split()[1]) // (1 << 20) for l in open("/proc/meminfo")
+                if l.startswith("MemTotal")), 0)
+    ucx = next((l.strip("# \n") for l in cmd("ucx_info", "-v").splitlines() if "Version" in l), "?")
+    mpi = next((l.strip() for l in cmd("ompi_info", "--version").splitlines() if l.strip()), "none")
+    load1 = os.getloadavg()[0]
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem, "kernel": platform.release(),
+            "ucx": ucx, "mpi": mpi, "load_average_at_end": round(load1, 2)}
+
+
+def geomean(xs):
+    xs = [x for x in xs if x and x > 0]
+    if not xs:
+        return None
+    p = 1.0
+    for x in xs:
+        p *= x
+    return p ** (1.0 / len(xs))
+
+
+def fmt(x, spec=".2f"):
+    return "-" if x is None else format(x, spec)
+
+
+def main():
+    raw, out_dir, command = sys.argv[1], sys.argv[2], sys.argv[3]
+    perftest = {(p["tls"], p["bytes_per_peer"]): p["bw_MBps"] * MIB / 1e9
+                for p in load(os.path.join(raw, "perftest.jsonl"))}
+    mpi = {}
+    for label in ("mpi-shm", "mpi-tcp"):
+        for m in load(os.path.join(raw, f"{label}.jsonl")):
+            mpi[(label, m["ep"], m["hidden"], m["tokens"])] = m
+    rows, ratios = [], {}
+    for label, (ptls, mpi_label, _) in CONFIGS.items():
+        bw_ratios, mpi_ratios = [], []
+        for j in load(os.path.join(raw, f"joule-{label}.jsonl")):
+            pt = perftest.get((ptls, j["bytes_per_peer"]))
+            m = mpi.get((mpi_label, j["ep"], j["hidden"], j["tokens"]))
+            row = dict(j, config=label, perftest_GBps=pt,
+                       vs_perftest=(j["algbw_GBps"] / pt) if pt else None,
+                       mpi_latency_us=m["latency_us_median"] if m else None,
+                       mpi_over_joule_latency=(m["latency_us_median"] / j["latency_us_median"])
+                       if m else None)
+            rows.append(row)
+            if j["bytes_per_peer"] >= MIB and row["vs_perftest"]:
+                bw_ratios.append(row["vs_perftest"])
+            if j["tokens"] == 128 and row["mpi_over_joule_latency"]:
+                mpi_ratios.append((j["ep"], j["hidden"], row["mpi_over_joule_latency"]))
+        ratios[label] = {
+            "bandwidth_vs_ucx_perftest_at_ge_1MiB_per_peer": {
+                "points": len(bw_ratios),
+                "min": min(bw_ratios) if bw_ratios else None,
+                "geomean": geomean(bw_ratios),
+                "max": max(bw_ratios) if bw_ratios else None},
+            "mpi_latency_over_joule_latency_at_128_tokens": {
+                f"ep{ep}_hidden{h}": r for ep, h, r in mpi_ratios},
+        }
+    res = {"date": datetime.date.today().isoformat(), "command": command, "machine": machine(),
+           "definitions": {
+               "payload": "tokens_per_rank x top_k x hidden x 2 bytes (BF16) per rank, spread "
+                          "evenly over the EP ranks (own share is a local copy)",
+               "latency_us_median": "median of one all-to-all-v (a dispatch; combine moves the "
+                                    "same bytes back, so dispatch+combine is about twice it)",
+               "algbw_GBps": "bytes a rank sends to other ranks / median latency",
+               "vs_perftest": "algbw / ucx_perftest tag_bw (one pair, same message size, same "
+                              "UCX_TLS, same run)",
+               "mpi_over_joule_latency": "MPI_Alltoallv median latency / Joule median latency "
+                                         "(>= 1: Joule no slower)"},
+           "ratios": ratios, "rows": rows}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "dispatch_combine-transport.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+    mc = res["machine"]
+    lines = ["# Dispatch/combine benchmark: transport level (all-to-all-v)", "",
+             f"Machine: {mc['cpu']}, {mc['cores']} cores (shared with other jobs; load average "
+             f"{mc['load_average_at_end']} at the end), {mc['memory_gib']} GiB, Linux "
+             f"{mc['kernel']}; UCX {mc['ucx']}; {mc['mpi']}. Date {res['date']}.",
+             f"Command: `{command}`", "",
+             "Payload per rank: tokens x top-k 8 x hidden x 2 bytes (BF16), spread evenly over "
+             "the EP ranks. Latency is the median of one all-to-all-v (dispatch; combine is the "
+             "same exchange reversed). algbw = bytes sent to other ranks / latency. Baselines "
+             "measured in the same run: ucx_perftest tag_bw at the same per-peer message size "
+             "(one pair, unidirectional) and OpenMPI MPI_Alltoallv (pml ob1; vader for shm, tcp "
+             "over loopback for tcp).", "", "## Ratios", "",
+             "| Joule configuration | bandwidth / ucx_perftest at >= 1 MiB per peer (min / geomean / max, points) | MPI_Alltoallv latency / Joule latency at 128 tokens per rank |",
+             "|---|---|---|"]
+    for label, (_, _, desc) in CONFIGS.items():
+        r = ratios[label]
+        b = r["bandwidth_vs_ucx_perftest_at_ge_1MiB_per_peer"]
+        m = ", ".join(f"{k}: {v:.2f}x" for k, v in
+                      r["mpi_latency_over_joule_latency_at_128_tokens"].items()) or "-"
+        lines.append(f"| {desc} | {fmt(b['min'])} / {fmt(b['geomean'])} / {fmt(b['max'])} "
+                     f"({b['points']}) | {m} |")
+    for label, (_, _, desc) in CONFIGS.items():
+        lines += ["", f"## {desc}", "",
+                  "| EP | hidden | tokens/rank | bytes/peer | latency us | algbw GB/s | perftest GB/s | vs perftest | MPI latency us | MPI/Joule |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if r["config"] != label:
+                continue
+            lines.append(f"| {r['ep']} | {r['hidden']} | {r['tokens']} | {r['bytes_per_peer']} | "
+                         f"{r['latency_us_median']:.1f} | {r['algbw_GBps']:.2f} | "
+                         f"{fmt(r['perftest_GBps'])} | {fmt(r['vs_perftest'])} | "
+                         f"{fmt(r['mpi_latency_us'], '.1f')} | {fmt(r['mpi_over_joule_latency'])} |")
+    lines += ["", "ExpertParallelExecutor-level dispatch+combine timings: see "
+              "bench/dispatch_combine/README.md (TODO)."]
+    with open(os.path.join(out_dir, "dispatch_combine-transport.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines[:16]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+// One rank of the transport-level dispatch/combine benchmark (run.sh starts
+// EP of them; UCX_TLS picks shared memory or TCP).
+//
+//   joule-transport-bench --rank R --world W --dir DIR --hidden 2048,7168
+//       --tokens 1,4,16,64,128,256,1024,4096 [--top-k 8] [--peer-errors 1|0] [--out FILE]
+//
+// Per point: every rank routes tokens x top_k rows of hidden BF16 values
+// spread evenly over the W ranks (its own share is a local copy), as a
+// dispatch with uniform routing would; one all-to-all-v moves them. Combine
+// moves the same bytes back, so dispatch + combine = 2x the latency reported.
+// Rank 0 appends one JSON line per point to FILE (or stdout).
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <string>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "worker/ep/ucx_transport.h"
+
+namespace {
+
+struct Args {
+  int rank = -1, world = 0, top_k = 8;
+  bool peer_errors = true;  // UcxOptions::peer_error_handling
+  std::string dir, out;
+  std::vector<int> hidden, tokens;
+};
+
+std::vector<int> ParseList(const std::string& s) {
+  std::vector<int> v;
+  for (absl::string_view p : absl::StrSplit(s, ',', absl::SkipEmpty())) {
+    int x = 0;
+    if (!absl::SimpleAtoi(p, &x) || x <= 0) {
+      std::fprintf(stderr, "bad list element '%s'\n", std::string(p).c_str());
+      std::exit(2);
+    }
+    v.push_back(x);
+  }
+  return v;
+}
+
+Args Parse(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string k = argv[i], v = argv[i + 1];
+    if (k == "--rank") a.rank = std::atoi(v.c_str());
+    else if (k == "--world") a.world = std::atoi(v.c_str());
+    else if (k == "--top-k") a.top_k = std::atoi(v.c_str());
+    else if (k == "--peer-errors") a.peer_errors = v != "0";
+    else if (k == "--dir") a.dir = v;
+    else if (k == "--out") a.out = v;
+    else if (k == "--hidden") a.hidden = ParseList(v);
+    else if (k == "--tokens") a.tokens = ParseList(v);
+    else {
+      std::fprintf(stderr, "unknown flag %s\n", k.c_str());
+      std::exit(2);
+    }
+  }
+  if (a.rank < 0 || a.world < 1 || a.rank >= a.world || a.dir.empty() || a.hidden.empty() ||
+      a.tokens.empty() || a.top_k < 1) {
+    std::fprintf(stderr,
+                 "usage: %s --rank R --world W --dir DIR --hidden H,.. --tokens T,.. "
+                 "[--top-k K] [--peer-errors 1|0] [--out FILE]\n",
+                 argv[0]);
+    std::exit(2);
+  }
+  return a;
+}
+
+// File rendezvous for the worker addresses (production uses the coordinator).
+std::vector<std::string> Rendezvous(const std::string& dir, int rank, int world,
+                                    const std::string& address) {
+  const std::string path = absl::StrCat(dir, "/addr.", rank);
+  {
+    std::ofstream(path + ".tmp", std::ios::binary).write(address.data(), address.size());
+  }
+  std::filesystem::rename(path + ".tmp", path);
+  std::vector<std::string> all(world);
+  const absl::Time deadline = absl::Now() + absl::Seconds(60);
+  for (int r = 0; r < world; ++r) {
+    const std::string p = absl::StrCat(dir, "/addr.", r);
+    while (!std::filesystem::exists(p)) {
+      if (absl::Now() > deadline) {
+        std::fprintf(stderr, "rank %d: rank %d never published its address\n", rank, r);
+        std::exit(1);
+      }
+      absl::SleepFor(absl::Milliseconds(5));
+    }
+    std::ifstream in(p, std::ios::binary);
+    all[r].assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  return all;
+}
+
+void Check(const absl::Status& s, const char* what) {
+  if (!s.ok()) {
+    std::fprintf(stderr, "%s: %s\n", what, s.ToString().c_str());
+    std::exit(1);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Args a = Parse(argc, argv);
+  auto created = joule::ep::UcxTransport::Create(a.rank, a.world, {.timeout = absl::Seconds(60)},
+                                                 {.peer_error_handling = a.peer_errors});
+  Check(created.status(), "create");
+  joule::ep::UcxTransport& t = **created;
+  Check(t.Connect(Rendezvous(a.dir, a.rank, a.world, t.address())), "connect");
+
+  FILE* out = stdout;
+  if (a.rank == 0 && !a.out.empty()) out = std::fopen(a.out.c_str(), "a");
+  const char* tls = std::getenv("UCX_TLS");
+  const int w = a.world;
+  for (int hidden : a.hidden) {
+    for (int tokens : a.tokens) {
+      const size_t row = size_t(hidden) * 2;  // BF16
+      const size_t rows = size_t(tokens) * a.top_k;
+      // Rows spread evenly; the first (rows % w) ranks get one more.
+      std::vector<size_t> counts(w), offsets(w);
+      size_t total = 0;
+      for (int p = 0; p < w; ++p) {
+        counts[p] = (rows / w + (size_t(p) < rows % w ? 1 : 0)) * row;
+        offsets[p] = total;
+        total += counts[p];
+      }
+      // Every rank sends the same split, so rank p receives counts[p] from everyone.
+      std::vector<size_t> recv_counts(w, counts[a.rank]), recv_offsets(w);
+      for (int p = 0; p < w; ++p) recv_offsets[p] = p * counts[a.rank];
+      std::vector<char> send(total, 1), recv(w * counts[a.rank] + 1);
+      auto once = [&] {
+        Check(t.AllToAllV(send.data(), counts.data(), offsets.data(), recv.data(),
+                          recv_counts.data(), recv_offsets.data()),
+              "all-to-all-v");
+      };
+      // Warm up (wire-up, registration caches), then size the run to ~0.3 s
+      // (rank 0 decides; everyone follows through the all-gather).
+      for (int i = 0; i < 3; ++i) once();
+      Check(t.Barrier(), "barrier");
+      absl::Time start = absl::Now();
+      once();
+      int iters = static_cast<int>(std::clamp(absl::FDivDuration(absl::Seconds(0.3), absl::Now() - start), 5.0, 2000.0));
+      std::vector<int> all(w);
+      Check(t.AllGather(&iters, sizeof(int), all.data()), "all-gather");
+      iters = all[0];
+      std::vector<double> us(iters);
+      Check(t.Barrier(), "barrier");
+      for (int i = 0; i < iters; ++i) {
+        start = absl::Now();
+        once();
+        us[i] = absl::ToDoubleMicroseconds(absl::Now() - start);
+      }
+      std::vector<double> sorted = us;
+      std::sort(sorted.begin(), sorted.end());
+      const double median = sorted[iters / 2];
+      double mean = 0;
+      for (double x : us) mean += x / iters;
+      const size_t per_peer = counts[(a.rank + 1) % w];
+      const size_t to_peers = total - counts[a.rank];
+      if (a.rank == 0) {
+        std::fprintf(out,
+                     "{\"impl\":\"joule-ucx\",\"tls\":\"%s\",\"peer_errors\":%s,\"ep\":%d,\"hidden\":%d,\"tokens\":%d,"
+                     "\"top_k\":%d,\"bytes_per_rank\":%zu,\"bytes_per_peer\":%zu,\"iters\":%d,"
+                     "\"latency_us_median\":%.2f,\"latency_us_mean\":%.2f,"
+                     "\"algbw_GBps\":%.4f}\n",
+                     tls ? tls : "default", a.peer_errors ? "true" : "false", w, hidden, tokens, a.top_k, total, per_peer, iters,
+                     median, mean, to_peers / median / 1e3);
+        std::fflush(out);
+      }
+    }
+  }
+  if (out != stdout) std::fclose(out);
+  return 0;
+}

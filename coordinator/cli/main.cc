@@ -1,0 +1,197 @@
+// joule-cli: talks to a coordinator's Frontend service with token ids, so a
+// cluster is usable before the HTTP front door exists.
+//
+//   joule-cli generate  --coordinator HOST:PORT --prompt-ids 1,2,3 [--max-tokens 16]
+//                       [--temperature 0] [--top-p 1] [--top-k 0] [--seed S]
+//                       [--tier standard] [--timeout-s 600]
+//   joule-cli status    --coordinator HOST:PORT
+//   joule-cli rebalance --coordinator HOST:PORT [--redundant-experts N]
+//
+// generate prints each streamed token id on its own line as it arrives, then
+// "finish_reason: stop|length|cancelled". Exit status: 0 on success, 1 when
+// the coordinator returns an error (printed as "error: CODE: message"), 2 on
+// bad usage.
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "coordinator/cluster/grpc_util.h"
+#include "proto/joule/v1/generate.grpc.pb.h"
+
+namespace {
+
+using joule::v1::Frontend;
+
+constexpr char kUsage[] =
+    "usage:\n"
+    "  joule-cli generate  --coordinator HOST:PORT --prompt-ids 1,2,3 [--max-tokens 16]\n"
+    "                      [--temperature 0] [--top-p 1] [--top-k 0] [--seed S]\n"
+    "                      [--tier standard] [--timeout-s 600]\n"
+    "  joule-cli status    --coordinator HOST:PORT\n"
+    "  joule-cli rebalance --coordinator HOST:PORT [--redundant-experts N]\n";
+
+int Usage(const std::string& why) {
+  std::fprintf(stderr, "joule-cli: %s\n%s", why.c_str(), kUsage);
+  return 2;
+}
+
+int RpcError(const grpc::Status& s) {
+  std::fprintf(stderr, "error: %s: %s\n",
+               std::string(absl::StatusCodeToString(static_cast<absl::StatusCode>(s.error_code()))).c_str(),
+               s.error_message().c_str());
+  return 1;
+}
+
+const char* FinishName(joule::v1::FinishReason r) {
+  switch (r) {
+    case joule::v1::FINISH_REASON_STOP: return "stop";
+    case joule::v1::FINISH_REASON_LENGTH: return "length";
+    case joule::v1::FINISH_REASON_CANCELLED: return "cancelled";
+    default: return "unspecified";
+  }
+}
+
+struct Flags {
+  std::map<std::string, std::string> values;
+  bool Has(const std::string& k) const { return values.count(k) > 0; }
+  std::string Get(const std::string& k, const std::string& def = "") const {
+    auto it = values.find(k);
+    return it == values.end() ? def : it->second;
+  }
+};
+
+template <typename T>
+bool ParseNumber(const Flags& f, const std::string& name, T* out, std::string* error) {
+  if (!f.Has(name)) return true;
+  bool ok;
+  if constexpr (std::is_floating_point_v<T>) {
+    ok = absl::SimpleAtof(f.Get(name), out);
+  } else {
+    ok = absl::SimpleAtoi(f.Get(name), out);
+  }
+  if (!ok) *error = absl::StrCat("--", name, ": '", f.Get(name), "' is not a number");
+  return ok;
+}
+
+int Generate(Frontend::Stub* stub, const Flags& f) {
+  joule::v1::GenerateRequest request;
+  if (!f.Has("prompt-ids")) return Usage("generate needs --prompt-ids");
+  for (absl::string_view part : absl::StrSplit(f.Get("prompt-ids"), absl::ByAnyChar(", "), absl::SkipEmpty())) {
+    int32_t id;
+    if (!absl::SimpleAtoi(part, &id)) return Usage(absl::StrCat("--prompt-ids: '", part, "' is not an integer"));
+    request.add_prompt_token_ids(id);
+  }
+  std::string error;
+  int max_tokens = 16, top_k = 0, timeout_s = 600;
+  float temperature = 0, top_p = 1;
+  uint64_t seed = 0;
+  if (!ParseNumber(f, "max-tokens", &max_tokens, &error) || !ParseNumber(f, "top-k", &top_k, &error) ||
+      !ParseNumber(f, "timeout-s", &timeout_s, &error) ||
+      !ParseNumber(f, "temperature", &temperature, &error) || !ParseNumber(f, "top-p", &top_p, &error) ||
+      !ParseNumber(f, "seed", &seed, &error)) {
+    return Usage(error);
+  }
+  joule::v1::SamplingParams* s = request.mutable_sampling();
+  s->set_max_tokens(max_tokens);
+  s->set_temperature(temperature);
+  s->set_top_p(top_p);
+  s->set_top_k(top_k);
+  if (f.Has("seed")) s->set_seed(seed);
+  request.set_service_tier(f.Get("tier"));
+  request.set_request_id(f.Get("request-id"));
+
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(timeout_s));
+  auto reader = stub->Generate(&context, request);
+  joule::v1::GenerateResponse response;
+  joule::v1::GenerateResponse last;
+  int tokens = 0;
+  while (reader->Read(&response)) {
+    for (int32_t id : response.token_ids()) {
+      std::printf("%d\n", id);
+      ++tokens;
+    }
+    std::fflush(stdout);
+    if (response.finish_reason() != joule::v1::FINISH_REASON_UNSPECIFIED) last = response;
+  }
+  grpc::Status status = reader->Finish();
+  if (!status.ok()) return RpcError(status);
+  std::printf("finish_reason: %s\n", FinishName(last.finish_reason()));
+  std::fflush(stdout);
+  std::fprintf(stderr, "request %s served by rank %d: %d prompt tokens, %d completion tokens\n",
+               last.request_id().c_str(), last.rank(), last.prompt_tokens(),
+               last.completion_tokens() ? last.completion_tokens() : tokens);
+  return 0;
+}
+
+int Status(Frontend::Stub* stub) {
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  joule::v1::ClusterStatusReply reply;
+  grpc::Status status = stub->ClusterStatus(&context, joule::v1::ClusterStatusRequest(), &reply);
+  if (!status.ok()) return RpcError(status);
+  std::printf("world_size: %d\nplacement_epoch: %llu\n", reply.world_size(),
+              static_cast<unsigned long long>(reply.placement_epoch()));
+  for (const auto& r : reply.ranks()) {
+    std::printf("rank %d: %s endpoint=%s running=%d%s%s\n", r.rank(), r.state().c_str(),
+                r.worker_endpoint().empty() ? "-" : r.worker_endpoint().c_str(), r.running(),
+                r.reason().empty() ? "" : " reason=", r.reason().c_str());
+  }
+  return 0;
+}
+
+int Rebalance(Frontend::Stub* stub, const Flags& f) {
+  joule::v1::RebalanceRequest request;
+  std::string error;
+  int extra = 0;
+  if (!ParseNumber(f, "redundant-experts", &extra, &error)) return Usage(error);
+  if (f.Has("redundant-experts")) request.set_redundant_experts(extra);
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  joule::v1::RebalanceReply reply;
+  grpc::Status status = stub->Rebalance(&context, request, &reply);
+  if (!status.ok()) return RpcError(status);
+  std::printf("placement_epoch: %llu\n", static_cast<unsigned long long>(reply.placement_epoch()));
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) return Usage("missing command");
+  const std::string command = argv[1];
+  if (command == "--help" || command == "-h" || command == "help") {
+    std::fputs(kUsage, stdout);
+    return 0;
+  }
+  Flags f;
+  for (int i = 2; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a.rfind("--", 0) != 0) return Usage(absl::StrCat("unexpected argument '", a, "'"));
+    a = a.substr(2);
+    if (auto eq = a.find('='); eq != std::string::npos) {
+      f.values[a.substr(0, eq)] = a.substr(eq + 1);
+    } else if (i + 1 < argc) {
+      f.values[a] = argv[++i];
+    } else {
+      return Usage(absl::StrCat("--", a, ": missing value"));
+    }
+  }
+  if (!f.Has("coordinator")) return Usage("--coordinator HOST:PORT is required");
+  auto channel = grpc::CreateCustomChannel(f.Get("coordinator"), grpc::InsecureChannelCredentials(),
+                                           joule::cluster::ClientChannelArgs());
+  auto stub = Frontend::NewStub(channel);
+  if (command == "generate") return Generate(stub.get(), f);
+  if (command == "status") return Status(stub.get());
+  if (command == "rebalance") return Rebalance(stub.get(), f);
+  return Usage(absl::StrCat("unknown command '", command, "'"));
+}

@@ -1,0 +1,100 @@
+#include "coordinator/cluster/coordinator_server.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "common/logging.h"
+#include "common/model_fingerprint.h"
+#include "common/status.h"
+#include "coordinator/cluster/grpc_util.h"
+#include "coordinator/cluster/grpc_worker_client.h"
+#include "coordinator/cluster/model_summary.h"
+
+namespace joule::cluster {
+namespace {
+
+v1::TransportKind ParseTransport(const std::string& name) {
+  if (name == "nccl") return v1::TRANSPORT_KIND_NCCL;
+  if (name == "inproc") return v1::TRANSPORT_KIND_INPROC;
+  return v1::TRANSPORT_KIND_UCX;
+}
+
+// The control loop's period: fine enough to notice a cancelled client or a
+// silent rank promptly, coarse enough to cost nothing.
+constexpr absl::Duration kControlPeriod = absl::Milliseconds(50);
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
+    const CoordinatorOptions& options, std::unique_ptr<WorkerClientFactory> clients) {
+  std::unique_ptr<CoordinatorServer> s(new CoordinatorServer());
+  s->options_ = options;
+  ASSIGN_OR_RETURN(ModelSummary model, ReadModelSummary(options.model));
+  ASSIGN_OR_RETURN(s->fingerprint_, ModelFingerprint(options.model));
+  JOULE_LOG(Info) << "model " << model.name << " (" << model.architecture << "): "
+                  << model.num_layers << " layers, " << model.num_moe_layers() << " MoE, "
+                  << model.num_experts << " experts, top-" << model.top_k << "; fingerprint "
+                  << s->fingerprint_;
+  MembershipOptions m{.world_size = options.workers,
+                      .model_dir = options.model,
+                      .model_fingerprint = s->fingerprint_,
+                      .transport = ParseTransport(options.transport),
+                      .heartbeat_interval = absl::Milliseconds(options.heartbeat_ms),
+                      .heartbeat_misses = 3,
+                      .startup_timeout = absl::Seconds(options.startup_timeout_s),
+                      .redundant_experts = options.redundant_experts,
+                      .step_timeout = absl::Milliseconds(options.step_timeout_ms)};
+  ASSIGN_OR_RETURN(s->membership_, Membership::Create(std::move(m), std::move(model), &s->clock_));
+  s->clients_ = clients ? std::move(clients) : std::make_unique<GrpcWorkerClientFactory>();
+  s->router_ = std::make_unique<Router>(
+      s->membership_.get(), s->clients_.get(),
+      RouterOptions{.request_timeout = absl::Seconds(options.request_timeout_s)});
+  s->coordinator_service_ = std::make_unique<CoordinatorServiceImpl>(s->membership_.get());
+  s->frontend_service_ = std::make_unique<FrontendServiceImpl>(s->membership_.get(), s->router_.get());
+
+  grpc::ServerBuilder builder;
+  AddServerKeepalive(&builder);
+  builder.AddListeningPort(absl::StrCat(options.host, ":", options.port),
+                           grpc::InsecureServerCredentials(), &s->port_);
+  builder.RegisterService(s->coordinator_service_.get());
+  builder.RegisterService(s->frontend_service_.get());
+  s->server_ = builder.BuildAndStart();
+  if (!s->server_ || s->port_ == 0) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on ", options.host, ":", options.port, " (port in use?)"));
+  }
+  s->control_loop_ = std::thread([srv = s.get()] { srv->ControlLoop(); });
+  return s;
+}
+
+void CoordinatorServer::ControlLoop() {
+  const absl::Duration rebalance_every = absl::Seconds(options_.rebalance_interval_s);
+  absl::Time next_rebalance = absl::Now() + rebalance_every;
+  while (!stop_.WaitForNotificationWithTimeout(kControlPeriod)) {
+    router_->Poll();
+    if (rebalance_every > absl::ZeroDuration() && absl::Now() >= next_rebalance) {
+      next_rebalance = absl::Now() + rebalance_every;
+      auto epoch = membership_->Rebalance(std::nullopt);
+      if (!epoch.ok()) {
+        JOULE_LOG(Warning) << "periodic rebalance failed: " << epoch.status();
+      }
+    }
+  }
+}
+
+void CoordinatorServer::Stop() {
+  if (stopped_) return;
+  stopped_ = true;
+  JOULE_LOG(Info) << "coordinator shutting down";
+  router_->Shutdown();
+  membership_->Shutdown();
+  server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  stop_.Notify();
+  if (control_loop_.joinable()) control_loop_.join();
+}
+
+CoordinatorServer::~CoordinatorServer() {
+  if (server_) Stop();
+}
+
+}  // namespace joule::cluster

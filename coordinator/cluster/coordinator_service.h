@@ -1,0 +1,45 @@
+// Thin gRPC adapters: Coordinator (workers register, rendezvous, heartbeat)
+// over Membership, Frontend (token-id clients) over Router. They convert
+// deadlines and statuses and nothing else.
+#pragma once
+
+#include "coordinator/cluster/membership.h"
+#include "coordinator/cluster/router.h"
+#include "proto/joule/v1/cluster.grpc.pb.h"
+#include "proto/joule/v1/generate.grpc.pb.h"
+
+namespace joule::cluster {
+
+class CoordinatorServiceImpl final : public v1::Coordinator::Service {
+ public:
+  explicit CoordinatorServiceImpl(Membership* membership) : membership_(membership) {}
+
+  grpc::Status Register(grpc::ServerContext* context, const v1::RegisterRequest* request,
+                        v1::RegisterReply* reply) override;
+  grpc::Status Rendezvous(grpc::ServerContext* context, const v1::RendezvousRequest* request,
+                          v1::RendezvousReply* reply) override;
+  grpc::Status Heartbeat(grpc::ServerContext* context, const v1::HeartbeatRequest* request,
+                         v1::HeartbeatReply* reply) override;
+
+ private:
+  Membership* const membership_;
+};
+
+class FrontendServiceImpl final : public v1::Frontend::Service {
+ public:
+  FrontendServiceImpl(Membership* membership, Router* router)
+      : membership_(membership), router_(router) {}
+
+  grpc::Status Generate(grpc::ServerContext* context, const v1::GenerateRequest* request,
+                        grpc::ServerWriter<v1::GenerateResponse>* writer) override;
+  grpc::Status ClusterStatus(grpc::ServerContext* context, const v1::ClusterStatusRequest* request,
+                             v1::ClusterStatusReply* reply) override;
+  grpc::Status Rebalance(grpc::ServerContext* context, const v1::RebalanceRequest* request,
+                         v1::RebalanceReply* reply) override;
+
+ private:
+  Membership* const membership_;
+  Router* const router_;
+};
+
+}  // namespace joule::cluster

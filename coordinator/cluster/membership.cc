@@ -1,0 +1,381 @@
+#include "coordinator/cluster/membership.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/logging.h"
+#include "common/placement_proto.h"
+#include "coordinator/placement/eplb.h"
+
+namespace joule::cluster {
+namespace {
+
+std::string VersionName(int v) {
+  return absl::StrCat(v1::ProtocolVersion_IsValid(v)
+                          ? v1::ProtocolVersion_Name(static_cast<v1::ProtocolVersion>(v))
+                          : std::string("unknown"),
+                      " (", v, ")");
+}
+
+std::string TransportName(int t) {
+  return v1::TransportKind_IsValid(t) ? v1::TransportKind_Name(static_cast<v1::TransportKind>(t))
+                                      : absl::StrCat("unknown (", t, ")");
+}
+
+// Contiguous sharding with dense layers left empty.
+absl::StatusOr<Placement> InitialPlacement(int world_size, const ModelSummary& model) {
+  auto p = ContiguousPlacement(world_size, model.num_layers, model.num_experts);
+  if (!p.ok()) return p.status();
+  for (int l = 0; l < model.num_layers; ++l) {
+    if (!model.moe_layer[l]) p->replicas[l].clear();
+  }
+  return p;
+}
+
+}  // namespace
+
+std::string_view RankStateName(RankState state) {
+  switch (state) {
+    case RankState::kFree: return "free";
+    case RankState::kRegistered: return "registered";
+    case RankState::kReady: return "ready";
+    case RankState::kDead: return "dead";
+  }
+  return "?";
+}
+
+absl::StatusOr<std::unique_ptr<Membership>> Membership::Create(MembershipOptions options,
+                                                               ModelSummary model,
+                                                               const Clock* clock) {
+  if (options.world_size < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--workers must be at least 1, got ", options.world_size));
+  }
+  if (options.heartbeat_interval <= absl::ZeroDuration() || options.heartbeat_misses < 1) {
+    return absl::InvalidArgumentError("--heartbeat-ms must be positive");
+  }
+  if (options.redundant_experts < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--redundant-experts must not be negative, got ",
+                                                   options.redundant_experts));
+  }
+  if (static_cast<int>(model.moe_layer.size()) != model.num_layers) {
+    return absl::InvalidArgumentError("model summary: moe_layer does not cover every layer");
+  }
+  auto initial = InitialPlacement(options.world_size, model);
+  if (!initial.ok()) return initial.status();
+  return std::unique_ptr<Membership>(
+      new Membership(std::move(options), std::move(model), clock, *std::move(initial)));
+}
+
+Membership::Membership(MembershipOptions options, ModelSummary model, const Clock* clock,
+                       Placement initial)
+    : options_(std::move(options)),
+      model_(std::move(model)),
+      clock_(clock),
+      base_(initial),
+      slots_(options_.world_size),
+      placement_(std::move(initial)) {
+  for (int r = 0; r < options_.world_size; ++r) slots_[r].info.rank = r;
+  load_.resize(model_.num_layers);
+  for (int l = 0; l < model_.num_layers; ++l) {
+    if (model_.moe_layer[l]) load_[l].assign(model_.num_experts, 0);
+  }
+}
+
+void Membership::FillRegisterReplyLocked(int rank, v1::RegisterReply* reply) const {
+  reply->set_rank(rank);
+  reply->set_world_size(options_.world_size);
+  *reply->mutable_placement() = PlacementToProto(placement_, epoch_);
+  reply->set_heartbeat_interval_ms(absl::ToInt64Milliseconds(options_.heartbeat_interval));
+  reply->set_step_timeout_ms(absl::ToInt64Milliseconds(options_.step_timeout));
+}
+
+absl::Status Membership::Register(const v1::RegisterRequest& request, v1::RegisterReply* reply) {
+  if (request.protocol_version() != v1::PROTOCOL_VERSION_1) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "protocol_version ", VersionName(request.protocol_version()),
+        " is not supported: this coordinator speaks ", VersionName(v1::PROTOCOL_VERSION_1),
+        "; run a joule-worker built from the same release"));
+  }
+  if (request.model_fingerprint() != options_.model_fingerprint) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("worker model fingerprint ",
+                     request.model_fingerprint().empty() ? "(empty)" : request.model_fingerprint(),
+                     " != coordinator's ", options_.model_fingerprint, " (model ",
+                     options_.model_dir, "): start the worker with the same checkpoint"));
+  }
+  if (request.transport() != options_.transport) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("worker transport ", TransportName(request.transport()), " != coordinator's ",
+                     TransportName(options_.transport), " (--transport)"));
+  }
+  if (request.worker_id().empty()) {
+    return absl::InvalidArgumentError("worker_id: must not be empty");
+  }
+  if (request.worker_endpoint().empty()) {
+    return absl::InvalidArgumentError(
+        "worker_endpoint: must name the worker's gRPC server (host:port)");
+  }
+  const int n = options_.world_size;
+  const int requested = request.requested_rank();
+  if (requested < -1 || requested >= n) {
+    return absl::InvalidArgumentError(absl::StrCat("requested_rank ", requested,
+                                                   " is out of range [0, ", n,
+                                                   ") (-1 asks for any free rank)"));
+  }
+
+  absl::MutexLock lock(&mu_);
+  if (shutdown_) return absl::UnavailableError("coordinator is shutting down");
+  // The same process again (its reply was lost, or it restarted its client).
+  for (const Slot& s : slots_) {
+    if (Live(s) && s.info.worker_id == request.worker_id()) {
+      if (requested != -1 && requested != s.info.rank) {
+        return absl::AlreadyExistsError(absl::StrCat("worker ", request.worker_id(),
+                                                     " already holds rank ", s.info.rank,
+                                                     ", not the requested rank ", requested));
+      }
+      FillRegisterReplyLocked(s.info.rank, reply);
+      return absl::OkStatus();
+    }
+  }
+  int rank = requested;
+  if (rank >= 0) {
+    const Slot& s = slots_[rank];
+    if (Live(s)) {
+      return absl::AlreadyExistsError(absl::StrCat(
+          "duplicate rank: rank ", rank, " is already held by live worker ", s.info.worker_id,
+          " at ", s.info.worker_endpoint));
+    }
+  } else {
+    for (const Slot& s : slots_) {
+      if (!Live(s)) {
+        rank = s.info.rank;
+        break;
+      }
+    }
+    if (rank < 0) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "cluster is full: all ", n, " ranks are held by live workers (--workers ", n, ")"));
+    }
+  }
+  Slot& s = slots_[rank];
+  const bool replacing = s.info.state == RankState::kDead;
+  s.info = RankInfo{.rank = rank,
+                    .state = RankState::kRegistered,
+                    .worker_id = request.worker_id(),
+                    .worker_endpoint = request.worker_endpoint(),
+                    .host = request.host(),
+                    .device = request.device()};
+  s.transport_address = request.transport_address();
+  s.last_seen = clock_->Now();
+  s.heartbeated = false;
+  if (rank == 0) {
+    rank0_rendezvous_ = false;
+    nccl_unique_id_.clear();
+  }
+  JOULE_LOG(Info) << "rank " << rank << (replacing ? " replaced by" : " registered to") << " worker "
+                  << request.worker_id() << " at " << request.worker_endpoint() << " ("
+                  << request.device() << ")";
+  FillRegisterReplyLocked(rank, reply);
+  return absl::OkStatus();
+}
+
+bool Membership::FormedLocked() const {
+  for (const Slot& s : slots_) {
+    if (!Live(s)) return false;
+    if (options_.transport == v1::TRANSPORT_KIND_UCX && s.transport_address.empty()) return false;
+  }
+  return options_.transport != v1::TRANSPORT_KIND_NCCL || rank0_rendezvous_;
+}
+
+std::string Membership::MissingRanksLocked() const {
+  std::string out;
+  for (const Slot& s : slots_) {
+    if (Live(s)) {
+      if (options_.transport == v1::TRANSPORT_KIND_UCX && s.transport_address.empty()) {
+        absl::StrAppend(&out, out.empty() ? "" : ", ", s.info.rank,
+                        " (registered, no transport address yet)");
+      }
+      continue;
+    }
+    absl::StrAppend(&out, out.empty() ? "" : ", ", s.info.rank, " (",
+                    std::string(RankStateName(s.info.state)), ")");
+  }
+  if (out.empty() && options_.transport == v1::TRANSPORT_KIND_NCCL && !rank0_rendezvous_) {
+    out = "rank 0's NCCL unique id";
+  }
+  return out;
+}
+
+absl::Status Membership::Rendezvous(const v1::RendezvousRequest& request, absl::Time deadline,
+                                    v1::RendezvousReply* reply) {
+  const int n = options_.world_size;
+  if (request.rank() < 0 || request.rank() >= n) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rank ", request.rank(), " is out of range [0, ", n, ")"));
+  }
+  absl::MutexLock lock(&mu_);
+  Slot& mine = slots_[request.rank()];
+  if (!Live(mine) || mine.info.worker_id != request.worker_id()) {
+    return absl::NotFoundError(absl::StrCat("rank ", request.rank(), " is not held by worker ",
+                                            request.worker_id(), "; register first"));
+  }
+  if (!request.transport_address().empty()) mine.transport_address = request.transport_address();
+  mine.last_seen = clock_->Now();
+  if (request.rank() == 0) {
+    rank0_rendezvous_ = true;
+    nccl_unique_id_ = request.nccl_unique_id();
+  }
+  auto done = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return shutdown_ || FormedLocked(); };
+  mu_.AwaitWithDeadline(absl::Condition(&done), deadline);
+  if (shutdown_) return absl::UnavailableError("coordinator is shutting down");
+  if (!FormedLocked()) {
+    return absl::DeadlineExceededError(
+        absl::StrCat("rendezvous: still waiting for rank(s) ", MissingRanksLocked(), " of ", n,
+                     "; call Rendezvous again"));
+  }
+  for (const Slot& s : slots_) {
+    v1::PeerInfo* peer = reply->add_peers();
+    peer->set_rank(s.info.rank);
+    peer->set_transport_address(s.transport_address);
+    peer->set_worker_endpoint(s.info.worker_endpoint);
+  }
+  reply->set_nccl_unique_id(nccl_unique_id_);
+  return absl::OkStatus();
+}
+
+absl::Status Membership::Heartbeat(const v1::HeartbeatRequest& request, v1::HeartbeatReply* reply) {
+  const int n = options_.world_size;
+  if (request.rank() < 0 || request.rank() >= n) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rank ", request.rank(), " is out of range [0, ", n, ")"));
+  }
+  // Validate the load report before touching any state.
+  for (int i = 0; i < request.expert_load_size(); ++i) {
+    const v1::ExpertLoad& el = request.expert_load(i);
+    if (el.layer() < 0 || el.layer() >= model_.num_layers || !model_.moe_layer[el.layer()]) {
+      return absl::InvalidArgumentError(absl::StrCat("expert_load[", i, "].layer: ", el.layer(),
+                                                     " is not a MoE layer of the model"));
+    }
+    if (el.tokens_size() != model_.num_experts) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("expert_load[", i, "].tokens: has ", el.tokens_size(),
+                       " entries, expected one per expert (", model_.num_experts, ")"));
+    }
+  }
+  absl::MutexLock lock(&mu_);
+  Slot& s = slots_[request.rank()];
+  if (s.info.state == RankState::kFree || s.info.worker_id != request.worker_id()) {
+    return absl::NotFoundError(absl::StrCat("rank ", request.rank(), " is not held by worker ",
+                                            request.worker_id(), "; register again"));
+  }
+  if (s.info.state == RankState::kDead) {
+    JOULE_LOG(Warning) << "rank " << s.info.rank << " is alive again (was dead: "
+                       << s.info.dead_reason << ")";
+    s.info.dead_reason.clear();
+  }
+  s.info.state = request.ready() ? RankState::kReady : RankState::kRegistered;
+  s.info.running = request.running();
+  s.info.waiting = request.waiting();
+  s.info.kv_usage = request.kv_usage();
+  s.info.placement_epoch = request.placement_epoch();
+  s.last_seen = clock_->Now();
+  s.heartbeated = true;
+  for (const v1::ExpertLoad& el : request.expert_load()) {
+    auto& layer = load_[el.layer()];
+    for (int e = 0; e < el.tokens_size(); ++e) layer[e] += std::max<int64_t>(el.tokens(e), 0);
+  }
+  if (request.placement_epoch() != epoch_) {
+    *reply->mutable_placement() = PlacementToProto(placement_, epoch_);
+  }
+  return absl::OkStatus();
+}
+
+std::vector<DeadRank> Membership::ExpireHeartbeats() {
+  const absl::Time now = clock_->Now();
+  const absl::Duration limit = options_.heartbeat_interval * options_.heartbeat_misses;
+  std::vector<DeadRank> dead;
+  absl::MutexLock lock(&mu_);
+  for (Slot& s : slots_) {
+    if (!Live(s)) continue;
+    const absl::Duration silent = now - s.last_seen;
+    if (silent <= (s.heartbeated ? limit : options_.startup_timeout)) continue;
+    s.info.state = RankState::kDead;
+    s.info.dead_reason =
+        s.heartbeated
+            ? absl::StrCat("heartbeat lost (none for ", absl::ToInt64Milliseconds(silent),
+                           " ms, limit ", options_.heartbeat_misses, " x ",
+                           absl::ToInt64Milliseconds(options_.heartbeat_interval), " ms)")
+            : absl::StrCat("no heartbeat within ", absl::ToInt64Seconds(silent),
+                           " s of registering (startup timeout ",
+                           absl::ToInt64Seconds(options_.startup_timeout), " s)");
+    JOULE_LOG(Error) << "rank " << s.info.rank << " (worker " << s.info.worker_id
+                     << ") died: " << s.info.dead_reason;
+    dead.push_back({s.info.rank, s.info.dead_reason});
+  }
+  return dead;
+}
+
+bool Membership::MarkDead(int rank, const std::string& reason) {
+  absl::MutexLock lock(&mu_);
+  if (rank < 0 || rank >= options_.world_size || !Live(slots_[rank])) return false;
+  Slot& s = slots_[rank];
+  s.info.state = RankState::kDead;
+  s.info.dead_reason = reason;
+  JOULE_LOG(Error) << "rank " << rank << " (worker " << s.info.worker_id << ") died: " << reason;
+  return true;
+}
+
+absl::StatusOr<uint64_t> Membership::Rebalance(std::optional<int> redundant_experts) {
+  const int extra = redundant_experts.value_or(options_.redundant_experts);
+  if (extra < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("redundant_experts: must not be negative, got ", extra));
+  }
+  const int max_extra = model_.num_experts * (options_.world_size - 1);
+  if (extra > max_extra) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "redundant_experts: ", extra, " is more than fit: with ", model_.num_experts,
+        " experts on ", options_.world_size, " ranks at most ", max_extra,
+        " extra replicas per layer are possible"));
+  }
+  absl::MutexLock lock(&mu_);
+  auto next = RebalancePlacement(base_, load_, extra);
+  if (!next.ok()) return next.status();
+  placement_ = *std::move(next);
+  ++epoch_;
+  for (auto& layer : load_) std::fill(layer.begin(), layer.end(), 0);
+  JOULE_LOG(Info) << "placement epoch " << epoch_ << ": " << extra
+                  << " redundant expert replica(s) per MoE layer";
+  return epoch_;
+}
+
+void Membership::Shutdown() {
+  absl::MutexLock lock(&mu_);
+  shutdown_ = true;
+}
+
+std::vector<RankInfo> Membership::Ranks() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<RankInfo> out;
+  out.reserve(slots_.size());
+  for (const Slot& s : slots_) out.push_back(s.info);
+  return out;
+}
+
+uint64_t Membership::placement_epoch() const {
+  absl::MutexLock lock(&mu_);
+  return epoch_;
+}
+
+Placement Membership::placement() const {
+  absl::MutexLock lock(&mu_);
+  return placement_;
+}
+
+std::vector<std::vector<int64_t>> Membership::expert_load() const {
+  absl::MutexLock lock(&mu_);
+  return load_;
+}
+
+}  // namespace joule::cluster

@@ -1,0 +1,153 @@
+// Cluster membership: which worker holds which rank, whether it is alive and
+// ready, the rendezvous of transport addresses, the current expert placement
+// and the per-expert load that EPLB rebalances from.
+//
+// Plain C++ (proto messages in and out, no gRPC); thread-safe. Time comes from
+// an injected Clock so heartbeat expiry is testable; Rendezvous waits against a
+// real deadline because it blocks an RPC.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "common/placement.h"
+#include "coordinator/cluster/clock.h"
+#include "coordinator/cluster/model_summary.h"
+#include "proto/joule/v1/cluster.pb.h"
+
+namespace joule::cluster {
+
+enum class RankState {
+  kFree,        // nobody registered for it yet
+  kRegistered,  // registered, loading weights or connecting its transport
+  kReady,       // heartbeats say ready
+  kDead,        // heartbeats stopped or its endpoint is unreachable; see dead_reason
+};
+std::string_view RankStateName(RankState state);  // "free", "registered", "ready", "dead"
+
+struct MembershipOptions {
+  int world_size = 1;
+  std::string model_dir;          // for error messages
+  std::string model_fingerprint;  // common/model_fingerprint.h
+  v1::TransportKind transport = v1::TRANSPORT_KIND_UCX;
+  absl::Duration heartbeat_interval = absl::Milliseconds(500);
+  int heartbeat_misses = 3;   // dead after this many intervals without a heartbeat
+  // A registered rank that has not heartbeated yet is loading weights or
+  // waiting at the rendezvous (whose calls also count as signs of life); it is
+  // dead when silent this long.
+  absl::Duration startup_timeout = absl::Minutes(10);
+  int redundant_experts = 0;  // Rebalance() default
+  absl::Duration step_timeout = absl::Seconds(10);  // told to workers at registration
+};
+
+struct RankInfo {
+  int rank = 0;
+  RankState state = RankState::kFree;
+  std::string worker_id;
+  std::string worker_endpoint;
+  std::string host;
+  std::string device;
+  int running = 0;
+  int waiting = 0;
+  double kv_usage = 0;
+  uint64_t placement_epoch = 0;  // the placement the worker last said it runs
+  std::string dead_reason;
+};
+
+struct DeadRank {
+  int rank = 0;
+  std::string reason;  // "heartbeat lost (none for 1.6 s)"
+};
+
+class Membership {
+ public:
+  // The initial placement is contiguous sharding over the model's MoE layers.
+  static absl::StatusOr<std::unique_ptr<Membership>> Create(MembershipOptions options,
+                                                            ModelSummary model, const Clock* clock);
+
+  // Refusals carry a status code and a message naming the problem: wrong
+  // protocol version or model fingerprint or transport (FAILED_PRECONDITION),
+  // rank out of range or missing fields (INVALID_ARGUMENT), rank held by a live
+  // worker (ALREADY_EXISTS), cluster full (RESOURCE_EXHAUSTED). A worker that
+  // registers again with the same worker_id gets its rank back.
+  absl::Status Register(const v1::RegisterRequest& request, v1::RegisterReply* reply);
+
+  // Records the caller's transport address (when set, it replaces the one
+  // given at registration: a UCX address is made for a known rank), waits
+  // until every rank is held by a live worker whose address is known (UCX) and,
+  // for NCCL, rank 0 has sent its unique id, then lists every rank's
+  // addresses. DEADLINE_EXCEEDED naming the missing ranks when `deadline`
+  // passes first.
+  absl::Status Rendezvous(const v1::RendezvousRequest& request, absl::Time deadline,
+                          v1::RendezvousReply* reply);
+
+  // Records liveness, load and per-expert token counts; the reply carries the
+  // current placement when the worker runs an older one. NOT_FOUND when the
+  // worker does not hold that rank (it should register again). A rank marked
+  // dead whose worker heartbeats again is alive again.
+  absl::Status Heartbeat(const v1::HeartbeatRequest& request, v1::HeartbeatReply* reply);
+
+  // Marks dead every rank without a heartbeat for more than
+  // heartbeat_misses * heartbeat_interval (startup_timeout before its first
+  // heartbeat); returns those newly marked.
+  std::vector<DeadRank> ExpireHeartbeats();
+  // Marks `rank` dead (e.g. its endpoint stopped answering). False when it was
+  // not held by a live worker.
+  bool MarkDead(int rank, const std::string& reason);
+
+  // Replaces the placement by contiguous sharding plus `redundant_experts`
+  // replicas per MoE layer of the experts that received the most tokens since
+  // the last rebalance (coordinator/placement/eplb.h), bumps the epoch (workers
+  // get it with their next heartbeat) and resets the load counters.
+  // Absent: options.redundant_experts.
+  absl::StatusOr<uint64_t> Rebalance(std::optional<int> redundant_experts);
+
+  // Wakes Rendezvous waiters and refuses new registrations.
+  void Shutdown();
+
+  int world_size() const { return options_.world_size; }
+  const ModelSummary& model() const { return model_; }
+  std::vector<RankInfo> Ranks() const;
+  uint64_t placement_epoch() const;
+  Placement placement() const;
+  // Tokens per expert since the last rebalance: [layer][expert], empty for dense layers.
+  std::vector<std::vector<int64_t>> expert_load() const;
+
+ private:
+  struct Slot {
+    RankInfo info;
+    std::string transport_address;
+    absl::Time last_seen;       // last heartbeat (or registration / rendezvous call)
+    bool heartbeated = false;  // since registering
+  };
+
+  Membership(MembershipOptions options, ModelSummary model, const Clock* clock, Placement initial);
+  bool Live(const Slot& s) const { return s.info.state == RankState::kRegistered || s.info.state == RankState::kReady; }
+  bool FormedLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::string MissingRanksLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void FillRegisterReplyLocked(int rank, v1::RegisterReply* reply) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const MembershipOptions options_;
+  const ModelSummary model_;
+  const Clock* const clock_;
+  const Placement base_;  // contiguous sharding: what Rebalance adds replicas to
+
+  mutable absl::Mutex mu_;
+  std::vector<Slot> slots_ ABSL_GUARDED_BY(mu_);
+  Placement placement_ ABSL_GUARDED_BY(mu_);
+  uint64_t epoch_ ABSL_GUARDED_BY(mu_) = 1;
+  std::vector<std::vector<int64_t>> load_ ABSL_GUARDED_BY(mu_);
+  bool rank0_rendezvous_ ABSL_GUARDED_BY(mu_) = false;
+  std::string nccl_unique_id_ ABSL_GUARDED_BY(mu_);
+  bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+}  // namespace joule::cluster

@@ -1,0 +1,111 @@
+#include "coordinator/cluster/model_summary.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "nlohmann/json.hpp"
+
+namespace joule::cluster {
+namespace {
+
+using json = nlohmann::json;
+
+absl::Status FieldError(const std::string& source, absl::string_view field, absl::string_view msg) {
+  return absl::InvalidArgumentError(absl::StrCat(source, ": field '", field, "' ", msg));
+}
+
+// A positive integer field; `fallback` names an alternative spelling (Mixtral).
+absl::StatusOr<int64_t> PositiveInt(const json& j, const std::string& source, const char* field,
+                                    const char* fallback = nullptr) {
+  const char* used = field;
+  auto it = j.find(field);
+  if (it == j.end() && fallback != nullptr) {
+    it = j.find(fallback);
+    used = fallback;
+  }
+  if (it == j.end()) return FieldError(source, field, "is missing");
+  if (!it->is_number_integer() || it->get<int64_t>() <= 0) {
+    return FieldError(source, used, absl::StrCat("must be a positive integer, got ", it->dump()));
+  }
+  return it->get<int64_t>();
+}
+
+}  // namespace
+
+int ModelSummary::num_moe_layers() const {
+  return static_cast<int>(std::count(moe_layer.begin(), moe_layer.end(), true));
+}
+
+absl::StatusOr<ModelSummary> ParseModelSummary(const std::string& json_text,
+                                               const std::string& source) {
+  json j = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": not a JSON object"));
+  }
+  ModelSummary m;
+  auto arch = j.find("architectures");
+  if (arch == j.end() || !arch->is_array() || arch->empty() || !(*arch)[0].is_string()) {
+    return FieldError(source, "architectures", "must be a non-empty list of strings");
+  }
+  m.architecture = (*arch)[0].get<std::string>();
+  auto v = PositiveInt(j, source, "vocab_size");
+  if (!v.ok()) return v.status();
+  m.vocab_size = *v;
+  if (!(v = PositiveInt(j, source, "hidden_size")).ok()) return v.status();
+  m.hidden_size = *v;
+  if (!(v = PositiveInt(j, source, "num_hidden_layers")).ok()) return v.status();
+  m.num_layers = static_cast<int>(*v);
+  if (!(v = PositiveInt(j, source, "num_experts", "num_local_experts")).ok()) return v.status();
+  m.num_experts = static_cast<int>(*v);
+  if (!(v = PositiveInt(j, source, "num_experts_per_tok")).ok()) return v.status();
+  m.top_k = static_cast<int>(*v);
+  if (!(v = PositiveInt(j, source, "max_position_embeddings")).ok()) return v.status();
+  m.max_context = *v;
+
+  // Hugging Face's rule (Qwen2/3-MoE): a layer is MoE unless listed in
+  // mlp_only_layers, and only every decoder_sparse_step-th layer is. Mixtral has
+  // neither field: every layer is MoE.
+  int sparse_step = 1;
+  if (j.contains("decoder_sparse_step")) {
+    if (!(v = PositiveInt(j, source, "decoder_sparse_step")).ok()) return v.status();
+    sparse_step = static_cast<int>(*v);
+  }
+  std::vector<int> mlp_only;
+  if (auto it = j.find("mlp_only_layers"); it != j.end() && !it->is_null()) {
+    if (!it->is_array()) return FieldError(source, "mlp_only_layers", "must be a list of integers");
+    for (const json& e : *it) {
+      if (!e.is_number_integer() || e.get<int64_t>() < 0 || e.get<int64_t>() >= m.num_layers) {
+        return FieldError(source, "mlp_only_layers",
+                          absl::StrCat("entry ", e.dump(), " is not a layer in [0, ", m.num_layers,
+                                       ")"));
+      }
+      mlp_only.push_back(e.get<int>());
+    }
+  }
+  m.moe_layer.resize(m.num_layers);
+  for (int l = 0; l < m.num_layers; ++l) {
+    m.moe_layer[l] = std::find(mlp_only.begin(), mlp_only.end(), l) == mlp_only.end() &&
+                     (l + 1) % sparse_step == 0;
+  }
+  return m;
+}
+
+absl::StatusOr<ModelSummary> ReadModelSummary(const std::string& model_dir) {
+  const std::string path = model_dir + "/config.json";
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
+  std::stringstream text;
+  text << in.rdbuf();
+  auto m = ParseModelSummary(text.str(), path);
+  if (!m.ok()) return m.status();
+  std::filesystem::path dir(model_dir);
+  if (!dir.has_filename()) dir = dir.parent_path();  // "models/x/" -> "models/x"
+  m->name = dir.filename().string();
+  return m;
+}
+
+}  // namespace joule::cluster

@@ -1,0 +1,37 @@
+// What the coordinator needs to know about the served model, read from the
+// checkpoint's config.json: enough to validate requests (vocabulary, context)
+// and to compute expert placement (layers, which of them are MoE, experts).
+// The engine's full parser lives with the worker (worker/model/config.h); this
+// reader keeps the coordinator independent of it.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace joule::cluster {
+
+struct ModelSummary {
+  std::string name;          // served model name: the checkpoint directory's base name
+  std::string architecture;  // architectures[0], e.g. "Qwen3MoeForCausalLM"
+  int64_t vocab_size = 0;
+  int64_t hidden_size = 0;
+  int num_layers = 0;
+  int num_experts = 0;  // routed experts per MoE layer
+  int top_k = 0;
+  int64_t max_context = 0;  // max_position_embeddings
+  std::vector<bool> moe_layer;  // per decoder layer
+
+  int num_moe_layers() const;
+};
+
+// Parses config.json text; `source` names the file in errors. Fields the
+// coordinator relies on must be present and positive; errors name the field.
+absl::StatusOr<ModelSummary> ParseModelSummary(const std::string& json_text,
+                                               const std::string& source);
+// Reads DIR/config.json.
+absl::StatusOr<ModelSummary> ReadModelSummary(const std::string& model_dir);
+
+}  // namespace joule::cluster

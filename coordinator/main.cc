@@ -1,0 +1,71 @@
+// joule-coordinator: the control plane of a Joule cluster. Workers register
+// with it, rendezvous, heartbeat and receive expert placement; token-id clients
+// (joule-cli) send requests through its Frontend service.
+//
+//   joule-coordinator --model DIR --workers N [--port 0] [--port-file FILE]
+//                     [--transport ucx|nccl|inproc] [--redundant-experts N]
+//                     [--step-timeout-ms 10000] [--heartbeat-ms 500]
+//
+// Logs go to stderr; "listening on HOST:PORT" is printed to stdout once serving.
+// SIGTERM or SIGINT shut it down cleanly (exit status 0).
+#include <signal.h>
+
+#include <cstdio>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "common/logging.h"
+#include "coordinator/cluster/coordinator_options.h"
+#include "coordinator/cluster/coordinator_server.h"
+
+namespace {
+
+// Written to a temporary name and renamed, so a script polling for the file
+// never reads a partial port.
+bool WritePortFile(const std::string& path, int port) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    if (!(out << port << "\n")) return false;
+  }
+  return std::rename(tmp.c_str(), path.c_str()) == 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // Block the shutdown signals before any thread starts so every thread
+  // inherits the mask and only sigwait below sees them.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  auto options = joule::cluster::ParseCoordinatorOptions(argc, argv);
+  if (!options.ok()) return joule::ReportOptionsError("joule-coordinator", options.status());
+  JOULE_LOG(Info) << "joule-coordinator starting with\n" << options->ToString();
+  auto server = joule::cluster::CoordinatorServer::Start(*options);
+  if (!server.ok()) {
+    std::fprintf(stderr, "joule-coordinator: %s\n", std::string(server.status().message()).c_str());
+    return 1;
+  }
+  const int port = (*server)->port();
+  const std::string host = options->host == "0.0.0.0" || options->host == "[::]" ? "127.0.0.1" : options->host;
+  if (!options->port_file.empty() && !WritePortFile(options->port_file, port)) {
+    std::fprintf(stderr, "joule-coordinator: cannot write --port-file %s\n", options->port_file.c_str());
+    (*server)->Stop();
+    return 1;
+  }
+  std::printf("listening on %s:%d\n", host.c_str(), port);
+  std::fflush(stdout);
+  JOULE_LOG(Info) << "waiting for " << options->workers << " worker(s) on port " << port;
+
+  int sig = 0;
+  sigwait(&signals, &sig);
+  JOULE_LOG(Info) << "received " << (sig == SIGTERM ? "SIGTERM" : "SIGINT");
+  (*server)->Stop();
+  return 0;
+}

@@ -1,0 +1,20 @@
+// Expert-parallel load balancing: redundant replicas of hot experts.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/placement.h"
+
+namespace joule {
+
+// Starts from `base` and adds `redundant_experts` extra replicas per MoE
+// layer, one at a time to the expert with the highest load per replica, each
+// on the least-loaded rank that does not hold it yet.
+// load[layer][expert] = tokens routed there since the last rebalance.
+absl::StatusOr<Placement> RebalancePlacement(const Placement& base,
+                                             const std::vector<std::vector<int64_t>>& load,
+                                             int redundant_experts);
+
+}  // namespace joule

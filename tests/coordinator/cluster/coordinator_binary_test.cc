@@ -1,0 +1,116 @@
+// joule-coordinator and joule-cli as a script drives them: port file, the
+// "listening on" line, status through the CLI, clean exit on SIGTERM, and a
+// clear message for a bad flag.
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/coordinator/cluster/test_model.h"
+
+extern char** environ;
+
+namespace joule::cluster {
+namespace {
+
+using ::testing::HasSubstr;
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+// Starts `argv` with stdout and stderr redirected to files.
+pid_t Spawn(const std::vector<std::string>& args, const std::string& out, const std::string& err) {
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, 1, out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  posix_spawn_file_actions_addopen(&actions, 2, err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  std::vector<char*> argv;
+  for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+  argv.push_back(nullptr);
+  pid_t pid = -1;
+  EXPECT_EQ(posix_spawn(&pid, argv[0], &actions, nullptr, argv.data(), environ), 0);
+  posix_spawn_file_actions_destroy(&actions);
+  return pid;
+}
+
+// Exit status, or -1 if it did not exit within `timeout` (then it is killed).
+int WaitExit(pid_t pid, absl::Duration timeout) {
+  const absl::Time give_up = absl::Now() + timeout;
+  int status = 0;
+  while (absl::Now() < give_up) {
+    if (waitpid(pid, &status, WNOHANG) == pid) return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  kill(pid, SIGKILL);
+  waitpid(pid, &status, 0);
+  return -1;
+}
+
+TEST(CoordinatorBinary, ServesOnAnEphemeralPortAndExitsCleanlyOnSigterm) {
+  testing::TinyModelDir model;
+  const std::string dir = model.path();
+  const std::string port_file = dir + "/port";
+  pid_t pid = Spawn({JOULE_COORDINATOR_BIN, "--model", dir, "--workers", "2", "--port", "0",
+                     "--port-file", port_file, "--heartbeat-ms", "200"},
+                    dir + "/out", dir + "/err");
+  ASSERT_GT(pid, 0);
+  std::string port;
+  const absl::Time give_up = absl::Now() + absl::Seconds(30);
+  while (port.empty() && absl::Now() < give_up) {
+    port = ReadFile(port_file);
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  ASSERT_FALSE(port.empty()) << "no port file; stderr:\n" << ReadFile(dir + "/err");
+  while (!port.empty() && port.back() == '\n') port.pop_back();
+  absl::SleepFor(absl::Milliseconds(50));
+  EXPECT_THAT(ReadFile(dir + "/out"), HasSubstr(absl::StrCat("listening on 127.0.0.1:", port)));
+
+  pid_t cli = Spawn({JOULE_CLI_BIN, "status", "--coordinator", absl::StrCat("127.0.0.1:", port)},
+                    dir + "/cli-out", dir + "/cli-err");
+  EXPECT_EQ(WaitExit(cli, absl::Seconds(20)), 0) << ReadFile(dir + "/cli-err");
+  const std::string status = ReadFile(dir + "/cli-out");
+  EXPECT_THAT(status, HasSubstr("world_size: 2"));
+  EXPECT_THAT(status, HasSubstr("rank 0: free"));
+  EXPECT_THAT(status, HasSubstr("rank 1: free"));
+
+  cli = Spawn({JOULE_CLI_BIN, "generate", "--coordinator", absl::StrCat("127.0.0.1:", port),
+               "--prompt-ids", "1,2,3", "--max-tokens", "4"},
+              dir + "/gen-out", dir + "/gen-err");
+  EXPECT_EQ(WaitExit(cli, absl::Seconds(20)), 1);
+  EXPECT_THAT(ReadFile(dir + "/gen-err"), HasSubstr("error: UNAVAILABLE: no worker is ready"));
+
+  ASSERT_EQ(kill(pid, SIGTERM), 0);
+  EXPECT_EQ(WaitExit(pid, absl::Seconds(10)), 0) << ReadFile(dir + "/err");
+  EXPECT_THAT(ReadFile(dir + "/err"), HasSubstr("fingerprint fnv1a64:"));
+}
+
+TEST(CoordinatorBinary, BadFlagsNameTheFlag) {
+  testing::TinyModelDir model;
+  const std::string dir = model.path();
+  pid_t pid = Spawn({JOULE_COORDINATOR_BIN, "--model", dir, "--workers", "zero"}, dir + "/out",
+                    dir + "/err");
+  EXPECT_EQ(WaitExit(pid, absl::Seconds(10)), 2);
+  EXPECT_THAT(ReadFile(dir + "/err"), HasSubstr("--workers: 'zero' is not an integer"));
+
+  pid = Spawn({JOULE_COORDINATOR_BIN, "--model", dir + "/missing"}, dir + "/out", dir + "/err");
+  EXPECT_EQ(WaitExit(pid, absl::Seconds(10)), 1);
+  EXPECT_THAT(ReadFile(dir + "/err"), HasSubstr("/missing/config.json"));
+}
+
+}  // namespace
+}  // namespace joule::cluster

@@ -1,0 +1,454 @@
+#include "coordinator/cluster/membership.h"
+
+#include <thread>
+
+#include "coordinator/cluster/fake_clock.h"
+#include "common/placement_proto.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace joule::cluster {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr char kFingerprint[] = "fnv1a64:0123456789abcdef";
+
+ModelSummary TinySummary() {
+  ModelSummary m;
+  m.name = "tiny";
+  m.architecture = "Qwen3MoeForCausalLM";
+  m.vocab_size = 100;
+  m.hidden_size = 16;
+  m.num_layers = 4;
+  m.num_experts = 8;
+  m.top_k = 2;
+  m.max_context = 64;
+  m.moe_layer = {true, false, true, true};
+  return m;
+}
+
+MembershipOptions Options(int world_size) {
+  return MembershipOptions{.world_size = world_size,
+                           .model_dir = "/models/tiny",
+                           .model_fingerprint = kFingerprint,
+                           .transport = v1::TRANSPORT_KIND_UCX,
+                           .heartbeat_interval = absl::Milliseconds(500)};
+}
+
+v1::RegisterRequest Worker(const std::string& id, int requested_rank = -1) {
+  v1::RegisterRequest r;
+  r.set_protocol_version(v1::PROTOCOL_VERSION_1);
+  r.set_model_fingerprint(kFingerprint);
+  r.set_requested_rank(requested_rank);
+  r.set_worker_id(id);
+  r.set_host("host-a");
+  r.set_device("cpu");
+  r.set_transport(v1::TRANSPORT_KIND_UCX);
+  r.set_transport_address("ucx-address-of-" + id);
+  r.set_worker_endpoint(id + ":5000");
+  return r;
+}
+
+class MembershipTest : public ::testing::Test {
+ protected:
+  void Make(int world_size) {
+    auto m = Membership::Create(Options(world_size), TinySummary(), &clock_);
+    ASSERT_TRUE(m.ok()) << m.status();
+    membership_ = *std::move(m);
+  }
+  absl::StatusOr<int> Register(const v1::RegisterRequest& r) {
+    v1::RegisterReply reply;
+    absl::Status s = membership_->Register(r, &reply);
+    if (!s.ok()) return s;
+    return reply.rank();
+  }
+  absl::Status Beat(const std::string& id, int rank, bool ready = true, int running = 0) {
+    v1::HeartbeatRequest hb;
+    hb.set_worker_id(id);
+    hb.set_rank(rank);
+    hb.set_ready(ready);
+    hb.set_running(running);
+    hb.set_placement_epoch(membership_->placement_epoch());
+    v1::HeartbeatReply reply;
+    return membership_->Heartbeat(hb, &reply);
+  }
+
+  FakeClock clock_;
+  std::unique_ptr<Membership> membership_;
+};
+
+TEST_F(MembershipTest, AssignsLowestFreeRankOrTheRequestedOne) {
+  Make(3);
+  EXPECT_EQ(*Register(Worker("w-a", 2)), 2);
+  EXPECT_EQ(*Register(Worker("w-b")), 0);
+  EXPECT_EQ(*Register(Worker("w-c")), 1);
+  auto ranks = membership_->Ranks();
+  EXPECT_EQ(ranks[0].worker_id, "w-b");
+  EXPECT_EQ(ranks[1].worker_id, "w-c");
+  EXPECT_EQ(ranks[2].worker_id, "w-a");
+  EXPECT_EQ(ranks[2].state, RankState::kRegistered);
+  EXPECT_EQ(ranks[2].worker_endpoint, "w-a:5000");
+}
+
+TEST_F(MembershipTest, ReplyCarriesWorldSizeContiguousPlacementAndIntervals) {
+  Make(2);
+  v1::RegisterReply reply;
+  ASSERT_TRUE(membership_->Register(Worker("w-a"), &reply).ok());
+  EXPECT_EQ(reply.world_size(), 2);
+  EXPECT_EQ(reply.heartbeat_interval_ms(), 500);
+  EXPECT_EQ(reply.step_timeout_ms(), 10000);
+  const v1::Placement& p = reply.placement();
+  EXPECT_EQ(p.epoch(), 1u);
+  EXPECT_EQ(p.num_ranks(), 2);
+  EXPECT_EQ(p.num_experts(), 8);
+  ASSERT_EQ(p.layers_size(), 3);  // MoE layers only: 0, 2, 3
+  EXPECT_EQ(p.layers(0).layer(), 0);
+  EXPECT_EQ(p.layers(1).layer(), 2);
+  EXPECT_EQ(p.layers(2).layer(), 3);
+  // Experts 0-3 on rank 0, 4-7 on rank 1.
+  for (int e = 0; e < 8; ++e) {
+    EXPECT_THAT(p.layers(1).experts(e).ranks(), ::testing::ElementsAre(e / 4)) << "expert " << e;
+  }
+  auto back = PlacementFromProto(p, TinySummary().num_experts, TinySummary().moe_layer);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_TRUE(back->Validate().ok());
+  EXPECT_TRUE(back->replicas[1].empty());
+  EXPECT_EQ(back->LocalExperts(1, 0), (std::vector<int32_t>{4, 5, 6, 7}));
+}
+
+TEST_F(MembershipTest, RefusesWrongProtocolVersion) {
+  Make(2);
+  v1::RegisterRequest r = Worker("w-a");
+  r.set_protocol_version(v1::PROTOCOL_VERSION_UNSPECIFIED);
+  absl::Status s = Register(r).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("protocol_version PROTOCOL_VERSION_UNSPECIFIED (0) is not supported"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("speaks PROTOCOL_VERSION_1 (1)"));
+  r.set_protocol_version(static_cast<v1::ProtocolVersion>(7));
+  EXPECT_THAT(std::string(Register(r).status().message()), HasSubstr("unknown (7)"));
+  EXPECT_EQ(membership_->Ranks()[0].state, RankState::kFree);
+}
+
+TEST_F(MembershipTest, RefusesAnotherModel) {
+  Make(2);
+  v1::RegisterRequest r = Worker("w-a");
+  r.set_model_fingerprint("fnv1a64:ffffffffffffffff");
+  absl::Status s = Register(r).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("worker model fingerprint fnv1a64:ffffffffffffffff != coordinator's "
+                        "fnv1a64:0123456789abcdef (model /models/tiny)"));
+}
+
+TEST_F(MembershipTest, RefusesAnotherTransport) {
+  Make(2);
+  v1::RegisterRequest r = Worker("w-a");
+  r.set_transport(v1::TRANSPORT_KIND_NCCL);
+  absl::Status s = Register(r).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("worker transport TRANSPORT_KIND_NCCL != coordinator's TRANSPORT_KIND_UCX"));
+}
+
+TEST_F(MembershipTest, RefusesDuplicateRankHeldByLiveWorker) {
+  Make(2);
+  ASSERT_EQ(*Register(Worker("w-a", 1)), 1);
+  absl::Status s = Register(Worker("w-b", 1)).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("duplicate rank: rank 1 is already held by live worker w-a at w-a:5000"));
+  EXPECT_EQ(membership_->Ranks()[1].worker_id, "w-a");
+}
+
+TEST_F(MembershipTest, RefusesRankOutOfRangeAndMissingFields) {
+  Make(2);
+  absl::Status s = Register(Worker("w-a", 2)).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("requested_rank 2 is out of range [0, 2)"));
+  EXPECT_EQ(Register(Worker("w-a", -5)).status().code(), absl::StatusCode::kInvalidArgument);
+  v1::RegisterRequest r = Worker("");
+  EXPECT_THAT(std::string(Register(r).status().message()), HasSubstr("worker_id"));
+  r = Worker("w-a");
+  r.clear_worker_endpoint();
+  EXPECT_THAT(std::string(Register(r).status().message()), HasSubstr("worker_endpoint"));
+}
+
+TEST_F(MembershipTest, RefusesWhenFull) {
+  Make(2);
+  ASSERT_TRUE(Register(Worker("w-a")).ok());
+  ASSERT_TRUE(Register(Worker("w-b")).ok());
+  absl::Status s = Register(Worker("w-c")).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("cluster is full: all 2 ranks are held by live workers"));
+}
+
+TEST_F(MembershipTest, SameWorkerRegisteringAgainKeepsItsRank) {
+  Make(2);
+  ASSERT_EQ(*Register(Worker("w-a")), 0);
+  EXPECT_EQ(*Register(Worker("w-a")), 0);
+  EXPECT_EQ(*Register(Worker("w-a", 0)), 0);
+  EXPECT_EQ(Register(Worker("w-a", 1)).status().code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(*Register(Worker("w-b")), 1);
+}
+
+TEST_F(MembershipTest, HeartbeatsMakeRanksReadyAndSilenceMakesThemDead) {
+  Make(2);
+  ASSERT_TRUE(Register(Worker("w-a")).ok());
+  ASSERT_TRUE(Register(Worker("w-b")).ok());
+  ASSERT_TRUE(Beat("w-a", 0).ok());
+  ASSERT_TRUE(Beat("w-b", 1, /*ready=*/false).ok());
+  EXPECT_EQ(membership_->Ranks()[0].state, RankState::kReady);
+  EXPECT_EQ(membership_->Ranks()[1].state, RankState::kRegistered);
+
+  // 3 intervals (1.5 s) of silence is still alive; beyond it, dead.
+  clock_.Advance(absl::Milliseconds(1000));
+  ASSERT_TRUE(Beat("w-a", 0).ok());
+  clock_.Advance(absl::Milliseconds(500));
+  EXPECT_TRUE(membership_->ExpireHeartbeats().empty());
+  clock_.Advance(absl::Milliseconds(100));
+  std::vector<DeadRank> dead = membership_->ExpireHeartbeats();
+  ASSERT_EQ(dead.size(), 1u);
+  EXPECT_EQ(dead[0].rank, 1);
+  EXPECT_THAT(dead[0].reason, HasSubstr("heartbeat lost (none for 1600 ms, limit 3 x 500 ms)"));
+  EXPECT_EQ(membership_->Ranks()[1].state, RankState::kDead);
+  EXPECT_EQ(membership_->Ranks()[1].dead_reason, dead[0].reason);
+  EXPECT_TRUE(membership_->ExpireHeartbeats().empty()) << "reported once";
+  EXPECT_EQ(membership_->Ranks()[0].state, RankState::kReady);
+
+  // A dead rank's slot can be taken by a replacement worker.
+  EXPECT_EQ(*Register(Worker("w-new")), 1);
+  EXPECT_EQ(membership_->Ranks()[1].worker_id, "w-new");
+  EXPECT_EQ(Beat("w-b", 1).code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(MembershipTest, LoadingRankGetsTheStartupTimeoutBeforeItsFirstHeartbeat) {
+  Make(2);
+  ASSERT_TRUE(Register(Worker("w-a")).ok());
+  ASSERT_TRUE(Register(Worker("w-b")).ok());
+  ASSERT_TRUE(Beat("w-a", 0).ok());
+  // w-b loads weights for minutes without heartbeating: not dead...
+  for (int i = 0; i < 9; ++i) {
+    clock_.Advance(absl::Minutes(1));
+    ASSERT_TRUE(Beat("w-a", 0).ok());
+    EXPECT_TRUE(membership_->ExpireHeartbeats().empty()) << "minute " << i + 1;
+  }
+  // ...and a rendezvous call counts as a sign of life.
+  v1::RendezvousRequest req;
+  req.set_worker_id("w-b");
+  req.set_rank(1);
+  v1::RendezvousReply reply;
+  ASSERT_TRUE(membership_->Rendezvous(req, absl::Now(), &reply).ok());
+  clock_.Advance(absl::Minutes(9));
+  ASSERT_TRUE(Beat("w-a", 0).ok());
+  EXPECT_TRUE(membership_->ExpireHeartbeats().empty());
+  // Silent past the startup timeout (10 min): dead, saying why.
+  clock_.Advance(absl::Minutes(2));
+  ASSERT_TRUE(Beat("w-a", 0).ok());
+  std::vector<DeadRank> dead = membership_->ExpireHeartbeats();
+  ASSERT_EQ(dead.size(), 1u);
+  EXPECT_EQ(dead[0].rank, 1);
+  EXPECT_THAT(dead[0].reason, HasSubstr("no heartbeat within 660 s of registering (startup timeout 600 s)"));
+  // After its first heartbeat, the short limit applies.
+  ASSERT_EQ(*Register(Worker("w-c")), 1);
+  ASSERT_TRUE(Beat("w-c", 1).ok());
+  clock_.Advance(absl::Milliseconds(1600));
+  ASSERT_EQ(membership_->ExpireHeartbeats().size(), 2u);
+}
+
+TEST_F(MembershipTest, UcxAddressesMayArriveWithTheRendezvous) {
+  Make(2);
+  v1::RegisterRequest a = Worker("w-a"), b = Worker("w-b");
+  a.clear_transport_address();
+  b.clear_transport_address();
+  ASSERT_TRUE(Register(a).ok());
+  ASSERT_TRUE(Register(b).ok());
+  v1::RendezvousRequest ra;
+  ra.set_worker_id("w-a");
+  ra.set_rank(0);
+  ra.set_transport_address("ucx-a");
+  v1::RendezvousReply reply;
+  absl::Status s = membership_->Rendezvous(ra, absl::Now() + absl::Milliseconds(30), &reply);
+  EXPECT_EQ(s.code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("1 (registered, no transport address yet)"));
+  v1::RendezvousRequest rb;
+  rb.set_worker_id("w-b");
+  rb.set_rank(1);
+  rb.set_transport_address("ucx-b");
+  ASSERT_TRUE(membership_->Rendezvous(rb, absl::Now() + absl::Seconds(1), &reply).ok());
+  EXPECT_EQ(reply.peers(0).transport_address(), "ucx-a");
+  EXPECT_EQ(reply.peers(1).transport_address(), "ucx-b");
+}
+
+TEST_F(MembershipTest, DeadRankHeartbeatingAgainIsAlive) {
+  Make(1);
+  ASSERT_TRUE(Register(Worker("w-a")).ok());
+  EXPECT_TRUE(membership_->MarkDead(0, "worker unreachable: connection refused"));
+  EXPECT_FALSE(membership_->MarkDead(0, "again")) << "already dead";
+  EXPECT_EQ(membership_->Ranks()[0].dead_reason, "worker unreachable: connection refused");
+  ASSERT_TRUE(Beat("w-a", 0).ok());
+  EXPECT_EQ(membership_->Ranks()[0].state, RankState::kReady);
+  EXPECT_EQ(membership_->Ranks()[0].dead_reason, "");
+}
+
+TEST_F(MembershipTest, HeartbeatFromUnknownWorkerAsksToRegister) {
+  Make(2);
+  absl::Status s = Beat("w-x", 0);
+  EXPECT_EQ(s.code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("register again"));
+  EXPECT_EQ(Beat("w-x", 9).code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(MembershipTest, RendezvousWaitsForEveryRankThenListsAddresses) {
+  Make(2);
+  ASSERT_EQ(*Register(Worker("w-a")), 0);
+  v1::RendezvousRequest req;
+  req.set_worker_id("w-a");
+  req.set_rank(0);
+  v1::RendezvousReply early;
+  absl::Status s = membership_->Rendezvous(req, absl::Now() + absl::Milliseconds(50), &early);
+  EXPECT_EQ(s.code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("still waiting for rank(s) 1 (free) of 2"));
+
+  v1::RendezvousReply reply;
+  absl::Status waited;
+  std::thread waiter([&] { waited = membership_->Rendezvous(req, absl::Now() + absl::Seconds(10), &reply); });
+  absl::SleepFor(absl::Milliseconds(20));
+  ASSERT_EQ(*Register(Worker("w-b")), 1);
+  waiter.join();
+  ASSERT_TRUE(waited.ok()) << waited;
+  ASSERT_EQ(reply.peers_size(), 2);
+  EXPECT_EQ(reply.peers(0).rank(), 0);
+  EXPECT_EQ(reply.peers(0).transport_address(), "ucx-address-of-w-a");
+  EXPECT_EQ(reply.peers(1).transport_address(), "ucx-address-of-w-b");
+  EXPECT_EQ(reply.peers(1).worker_endpoint(), "w-b:5000");
+
+  req.set_worker_id("w-b");  // rank 0 belongs to w-a
+  EXPECT_EQ(membership_->Rendezvous(req, absl::Now(), &reply).code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(MembershipTest, NcclRendezvousCarriesRankZerosUniqueId) {
+  MembershipOptions o = Options(2);
+  o.transport = v1::TRANSPORT_KIND_NCCL;
+  membership_ = *Membership::Create(o, TinySummary(), &clock_);
+  v1::RegisterRequest a = Worker("w-a"), b = Worker("w-b");
+  a.set_transport(v1::TRANSPORT_KIND_NCCL);
+  b.set_transport(v1::TRANSPORT_KIND_NCCL);
+  ASSERT_TRUE(Register(a).ok());
+  ASSERT_TRUE(Register(b).ok());
+  v1::RendezvousRequest rb;
+  rb.set_worker_id("w-b");
+  rb.set_rank(1);
+  v1::RendezvousReply reply;
+  // Everyone registered, but rank 1 must wait for rank 0's id.
+  EXPECT_EQ(membership_->Rendezvous(rb, absl::Now() + absl::Milliseconds(30), &reply).code(),
+            absl::StatusCode::kDeadlineExceeded);
+  v1::RendezvousRequest ra;
+  ra.set_worker_id("w-a");
+  ra.set_rank(0);
+  ra.set_nccl_unique_id("nccl-id-bytes");
+  ASSERT_TRUE(membership_->Rendezvous(ra, absl::Now() + absl::Seconds(1), &reply).ok());
+  v1::RendezvousReply reply_b;
+  ASSERT_TRUE(membership_->Rendezvous(rb, absl::Now() + absl::Seconds(1), &reply_b).ok());
+  EXPECT_EQ(reply_b.nccl_unique_id(), "nccl-id-bytes");
+}
+
+TEST_F(MembershipTest, ShutdownEndsRendezvousWaits) {
+  Make(2);
+  ASSERT_TRUE(Register(Worker("w-a")).ok());
+  v1::RendezvousRequest req;
+  req.set_worker_id("w-a");
+  req.set_rank(0);
+  absl::Status waited;
+  std::thread waiter([&] {
+    v1::RendezvousReply reply;
+    waited = membership_->Rendezvous(req, absl::Now() + absl::Seconds(30), &reply);
+  });
+  absl::SleepFor(absl::Milliseconds(20));
+  membership_->Shutdown();
+  waiter.join();
+  EXPECT_EQ(waited.code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(Register(Worker("w-b")).status().code(), absl::StatusCode::kUnavailable);
+}
+
+TEST_F(MembershipTest, RebalanceReplicatesHotExpertsAndPushesNewEpoch) {
+  Make(2);
+  ASSERT_TRUE(Register(Worker("w-a")).ok());
+  ASSERT_TRUE(Register(Worker("w-b")).ok());
+  // Expert 5 (on rank 1) is hot in every MoE layer.
+  v1::HeartbeatRequest hb;
+  hb.set_worker_id("w-a");
+  hb.set_rank(0);
+  hb.set_ready(true);
+  hb.set_placement_epoch(1);
+  for (int layer : {0, 2, 3}) {
+    v1::ExpertLoad* el = hb.add_expert_load();
+    el->set_layer(layer);
+    for (int e = 0; e < 8; ++e) el->add_tokens(e == 5 ? 1000 : 10);
+  }
+  v1::HeartbeatReply reply;
+  ASSERT_TRUE(membership_->Heartbeat(hb, &reply).ok());
+  EXPECT_FALSE(reply.has_placement()) << "worker already runs the current epoch";
+  EXPECT_EQ(membership_->expert_load()[2][5], 1000);
+
+  auto epoch = membership_->Rebalance(1);
+  ASSERT_TRUE(epoch.ok()) << epoch.status();
+  EXPECT_EQ(*epoch, 2u);
+  Placement p = membership_->placement();
+  EXPECT_EQ(p.replicas[0][5], (std::vector<int32_t>{1, 0}));
+  EXPECT_TRUE(p.replicas[1].empty());
+  EXPECT_EQ(membership_->expert_load()[2][5], 0) << "load restarts after a rebalance";
+
+  // The next heartbeat of a worker on epoch 1 carries epoch 2; then nothing.
+  hb.clear_expert_load();
+  ASSERT_TRUE(membership_->Heartbeat(hb, &reply).ok());
+  ASSERT_TRUE(reply.has_placement());
+  EXPECT_EQ(reply.placement().epoch(), 2u);
+  EXPECT_THAT(reply.placement().layers(0).experts(5).ranks(), ::testing::ElementsAre(1, 0));
+  hb.set_placement_epoch(2);
+  v1::HeartbeatReply after;
+  ASSERT_TRUE(membership_->Heartbeat(hb, &after).ok());
+  EXPECT_FALSE(after.has_placement());
+  EXPECT_EQ(membership_->Ranks()[0].placement_epoch, 2u);
+
+  // 0 goes back to contiguous sharding; absurd counts are refused with the field.
+  EXPECT_EQ(*membership_->Rebalance(0), 3u);
+  EXPECT_EQ(membership_->placement().replicas[0][5], (std::vector<int32_t>{1}));
+  absl::Status too_many = membership_->Rebalance(9).status();
+  EXPECT_EQ(too_many.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(too_many.message()), HasSubstr("redundant_experts"));
+  EXPECT_EQ(membership_->Rebalance(-1).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(MembershipTest, RebalanceDefaultsToConfiguredRedundantExperts) {
+  MembershipOptions o = Options(2);
+  o.redundant_experts = 2;
+  membership_ = *Membership::Create(o, TinySummary(), &clock_);
+  ASSERT_TRUE(membership_->Rebalance(std::nullopt).ok());
+  const Placement p = membership_->placement();
+  int replicas = 0;
+  for (const auto& ranks : p.replicas[0]) replicas += ranks.size();
+  EXPECT_EQ(replicas, 8 + 2);
+}
+
+TEST_F(MembershipTest, BadExpertLoadIsRefusedNamingTheField) {
+  Make(1);
+  ASSERT_TRUE(Register(Worker("w-a")).ok());
+  v1::HeartbeatRequest hb;
+  hb.set_worker_id("w-a");
+  hb.set_rank(0);
+  hb.add_expert_load()->set_layer(1);  // dense
+  v1::HeartbeatReply reply;
+  absl::Status s = membership_->Heartbeat(hb, &reply);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("expert_load[0].layer: 1 is not a MoE layer"));
+  hb.mutable_expert_load(0)->set_layer(0);
+  hb.mutable_expert_load(0)->add_tokens(1);
+  EXPECT_THAT(std::string(membership_->Heartbeat(hb, &reply).message()),
+              HasSubstr("expert_load[0].tokens: has 1 entries, expected one per expert (8)"));
+}
+
+}  // namespace
+}  // namespace joule::cluster

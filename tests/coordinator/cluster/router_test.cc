@@ -1,0 +1,373 @@
+#include "coordinator/cluster/router.h"
+
+#include <atomic>
+#include <thread>
+
+#include "coordinator/cluster/fake_clock.h"
+#include "coordinator/cluster/fake_worker_client.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace joule::cluster {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr char kFingerprint[] = "fnv1a64:0123456789abcdef";
+
+ModelSummary TinySummary() {
+  ModelSummary m;
+  m.vocab_size = 100;
+  m.num_layers = 2;
+  m.num_experts = 4;
+  m.top_k = 2;
+  m.max_context = 64;
+  m.moe_layer = {true, true};
+  return m;
+}
+
+// Collects what the router writes to the client.
+class RecordingSink final : public GenerateSink {
+ public:
+  bool Write(const v1::GenerateResponse& r) override {
+    absl::MutexLock lock(&mu_);
+    responses_.push_back(r);
+    return !refuse_writes_;
+  }
+  bool ClientGone() const override { return gone_.load(); }
+  void set_gone() { gone_ = true; }
+  void set_refuse_writes() {
+    absl::MutexLock lock(&mu_);
+    refuse_writes_ = true;
+  }
+  std::vector<v1::GenerateResponse> responses() const {
+    absl::MutexLock lock(&mu_);
+    return responses_;
+  }
+  size_t count() const {
+    absl::MutexLock lock(&mu_);
+    return responses_.size();
+  }
+
+ private:
+  mutable absl::Mutex mu_;
+  std::vector<v1::GenerateResponse> responses_;
+  bool refuse_writes_ = false;
+  std::atomic<bool> gone_{false};
+};
+
+v1::GenerateResponse Tokens(std::vector<int32_t> ids, v1::FinishReason finish = v1::FINISH_REASON_UNSPECIFIED) {
+  v1::GenerateResponse r;
+  for (int32_t id : ids) r.add_token_ids(id);
+  r.set_finish_reason(finish);
+  return r;
+}
+
+v1::GenerateRequest Request(std::vector<int32_t> prompt = {1, 2, 3}, int max_tokens = 4) {
+  v1::GenerateRequest r;
+  for (int32_t id : prompt) r.add_prompt_token_ids(id);
+  r.mutable_sampling()->set_max_tokens(max_tokens);
+  return r;
+}
+
+class RouterTest : public ::testing::Test {
+ protected:
+  // `world_size` ranks, registered as w0..wN-1 at endpoints "wI:1".
+  void Make(int world_size, bool ready = true) {
+    MembershipOptions o{.world_size = world_size,
+                        .model_dir = "/m",
+                        .model_fingerprint = kFingerprint,
+                        .heartbeat_interval = absl::Milliseconds(500)};
+    membership_ = *Membership::Create(o, TinySummary(), &clock_);
+    router_ = std::make_unique<Router>(membership_.get(), &clients_, RouterOptions{});
+    for (int r = 0; r < world_size; ++r) {
+      v1::RegisterRequest req;
+      req.set_protocol_version(v1::PROTOCOL_VERSION_1);
+      req.set_model_fingerprint(kFingerprint);
+      req.set_requested_rank(r);
+      req.set_worker_id(absl::StrCat("w", r));
+      req.set_transport(v1::TRANSPORT_KIND_UCX);
+      req.set_worker_endpoint(absl::StrCat("w", r, ":1"));
+      v1::RegisterReply reply;
+      ASSERT_TRUE(membership_->Register(req, &reply).ok());
+      if (ready) Beat(r, 0, 0);
+    }
+  }
+  void Beat(int rank, int running, int waiting, bool ready = true) {
+    v1::HeartbeatRequest hb;
+    hb.set_worker_id(absl::StrCat("w", rank));
+    hb.set_rank(rank);
+    hb.set_ready(ready);
+    hb.set_running(running);
+    hb.set_waiting(waiting);
+    hb.set_placement_epoch(1);
+    v1::HeartbeatReply reply;
+    ASSERT_TRUE(membership_->Heartbeat(hb, &reply).ok());
+  }
+  std::shared_ptr<FakeWorkerClient> Worker(int rank) { return clients_.Get(absl::StrCat("w", rank, ":1")); }
+
+  FakeClock clock_;
+  FakeWorkerClientFactory clients_;
+  std::unique_ptr<Membership> membership_;
+  std::unique_ptr<Router> router_;
+};
+
+TEST_F(RouterTest, ValidationNamesTheField) {
+  Make(1);
+  auto check = [&](const v1::GenerateRequest& r, const std::string& expected) {
+    absl::Status s = router_->Validate(r);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << expected;
+    EXPECT_THAT(std::string(s.message()), HasSubstr(expected));
+  };
+  check(Request({}), "prompt_token_ids: must not be empty");
+  check(Request({1, 100}), "prompt_token_ids[1]: token id 100 is outside the vocabulary [0, 100)");
+  check(Request({-1}), "prompt_token_ids[0]: token id -1");
+  check(Request({1}, 0), "sampling.max_tokens: must be positive, got 0");
+  check(Request({1}, -3), "sampling.max_tokens: must be positive, got -3");
+  check(Request({1, 2}, 63), "exceed the model's context of 64 tokens");
+  v1::GenerateRequest r = Request();
+  r.mutable_sampling()->set_temperature(-1);
+  check(r, "sampling.temperature");
+  r = Request();
+  r.mutable_sampling()->set_top_p(1.5);
+  check(r, "sampling.top_p");
+  r = Request();
+  r.mutable_sampling()->add_stop_token_ids(1000);
+  check(r, "sampling.stop_token_ids[0]");
+  r = Request();
+  r.set_service_tier("platinum");
+  check(r, "service_tier");
+  EXPECT_TRUE(router_->Validate(Request({1, 2}, 62)).ok());
+
+  // Invalid requests never reach a worker.
+  RecordingSink sink;
+  EXPECT_EQ(router_->Generate(Request({}), absl::InfiniteFuture(), &sink).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Worker(0)->generate_calls(), 0u);
+}
+
+TEST_F(RouterTest, NoReadyWorkerIsUnavailable) {
+  Make(2, /*ready=*/false);
+  absl::StatusOr<int> r = router_->PickRank();
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("no worker is ready (2 of 2 ranks registered, 0 ready)"));
+  Beat(0, 0, 0);
+  EXPECT_EQ(*router_->PickRank(), 0);
+}
+
+TEST_F(RouterTest, ClusterNotFormedIsUnavailable) {
+  MembershipOptions o{.world_size = 2, .model_dir = "/m", .model_fingerprint = kFingerprint};
+  membership_ = *Membership::Create(o, TinySummary(), &clock_);
+  router_ = std::make_unique<Router>(membership_.get(), &clients_, RouterOptions{});
+  RecordingSink sink;
+  absl::Status s = router_->Generate(Request(), absl::InfiniteFuture(), &sink);
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("no worker is ready (0 of 2 ranks registered"));
+}
+
+TEST_F(RouterTest, PicksLeastLoadedReadyRank) {
+  Make(3);
+  Beat(0, 4, 1);
+  Beat(1, 2, 0);
+  Beat(2, 3, 3);
+  EXPECT_EQ(*router_->PickRank(), 1);
+  Beat(1, 5, 5);
+  EXPECT_EQ(*router_->PickRank(), 0);
+  Beat(0, 0, 0, /*ready=*/false);  // idle but not ready
+  EXPECT_EQ(*router_->PickRank(), 2);
+}
+
+TEST_F(RouterTest, InFlightRequestsCountBeforeHeartbeatsCatchUp) {
+  Make(2);
+  // Two requests block on their workers; the second must go to the other rank
+  // even though no heartbeat has reported the first yet.
+  RecordingSink s1, s2;
+  absl::Status st1, st2;
+  std::thread t1([&] { st1 = router_->Generate(Request(), absl::InfiniteFuture(), &s1); });
+  auto stream0 = Worker(0)->WaitForStream();
+  ASSERT_NE(stream0, nullptr);
+  EXPECT_EQ(router_->InFlight(0), 1);
+  std::thread t2([&] { st2 = router_->Generate(Request(), absl::InfiniteFuture(), &s2); });
+  auto stream1 = Worker(1)->WaitForStream();
+  ASSERT_NE(stream1, nullptr);
+  stream0->Push(Tokens({7}, v1::FINISH_REASON_LENGTH));
+  stream0->Close(absl::OkStatus());
+  stream1->Push(Tokens({8}, v1::FINISH_REASON_LENGTH));
+  stream1->Close(absl::OkStatus());
+  t1.join();
+  t2.join();
+  EXPECT_TRUE(st1.ok()) << st1;
+  EXPECT_TRUE(st2.ok()) << st2;
+  EXPECT_EQ(router_->InFlight(0), 0);
+}
+
+TEST_F(RouterTest, RelaysTheWorkerStream) {
+  Make(2);
+  Beat(0, 3, 0);
+  Worker(1)->SetScript({Tokens({5, 6}), Tokens({7}, v1::FINISH_REASON_LENGTH)});
+  RecordingSink sink;
+  v1::GenerateRequest req = Request({1, 2, 3}, 3);
+  req.set_request_id("my-request");
+  req.set_service_tier("flex");
+  const absl::Time before = absl::Now();
+  ASSERT_TRUE(router_->Generate(req, before + absl::Seconds(30), &sink).ok());
+  auto out = sink.responses();
+  ASSERT_EQ(out.size(), 2u);
+  EXPECT_THAT(out[0].token_ids(), ::testing::ElementsAre(5, 6));
+  EXPECT_EQ(out[1].finish_reason(), v1::FINISH_REASON_LENGTH);
+  EXPECT_EQ(out[1].rank(), 1);
+  EXPECT_EQ(out[1].request_id(), "my-request");
+  // What the worker saw: the same prompt, our tier name, the client's deadline.
+  auto stream = Worker(1)->WaitForStream();
+  EXPECT_THAT(stream->request().prompt_token_ids(), ::testing::ElementsAre(1, 2, 3));
+  EXPECT_EQ(stream->request().service_tier(), "batch");
+  EXPECT_EQ(stream->request().sampling().top_p(), 1.0f) << "unset top_p means 1";
+  EXPECT_EQ(stream->deadline(), before + absl::Seconds(30));
+}
+
+TEST_F(RouterTest, AssignsRequestIdsAndRefusesDuplicatesInFlight) {
+  Make(1);
+  RecordingSink s1, s2;
+  v1::GenerateRequest req = Request();
+  req.set_request_id("same");
+  absl::Status st1;
+  std::thread t([&] { st1 = router_->Generate(req, absl::InfiniteFuture(), &s1); });
+  auto stream = Worker(0)->WaitForStream();
+  absl::Status dup = router_->Generate(req, absl::InfiniteFuture(), &s2);
+  EXPECT_EQ(dup.code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_THAT(std::string(dup.message()), HasSubstr("request_id: 'same' is already in flight"));
+  stream->Push(Tokens({1}, v1::FINISH_REASON_STOP));
+  stream->Close(absl::OkStatus());
+  t.join();
+  EXPECT_TRUE(st1.ok());
+
+  Worker(0)->SetScript({Tokens({1}, v1::FINISH_REASON_STOP)});
+  RecordingSink s3;
+  ASSERT_TRUE(router_->Generate(Request(), absl::InfiniteFuture(), &s3).ok());
+  EXPECT_THAT(s3.responses()[0].request_id(), HasSubstr("req-"));
+}
+
+TEST_F(RouterTest, ClientCancellationCancelsTheWorkerCall) {
+  Make(1);
+  RecordingSink sink;
+  absl::Status st;
+  std::thread t([&] { st = router_->Generate(Request(), absl::InfiniteFuture(), &sink); });
+  auto stream = Worker(0)->WaitForStream();
+  ASSERT_NE(stream, nullptr);
+  // The client goes away while the worker is still prefilling (nothing to write yet).
+  sink.set_gone();
+  router_->Poll();
+  EXPECT_TRUE(stream->WaitCancelled(absl::Seconds(10)));
+  t.join();
+  EXPECT_EQ(st.code(), absl::StatusCode::kCancelled);
+  EXPECT_EQ(router_->InFlight(0), 0);
+}
+
+TEST_F(RouterTest, FailedWriteToClientCancelsTheWorkerCall) {
+  Make(1);
+  RecordingSink sink;
+  sink.set_refuse_writes();
+  absl::Status st;
+  std::thread t([&] { st = router_->Generate(Request(), absl::InfiniteFuture(), &sink); });
+  auto stream = Worker(0)->WaitForStream();
+  stream->Push(Tokens({1}));
+  EXPECT_TRUE(stream->WaitCancelled(absl::Seconds(10)));
+  t.join();
+  EXPECT_EQ(st.code(), absl::StatusCode::kCancelled);
+}
+
+TEST_F(RouterTest, HeartbeatLossFailsThatRanksRequestsWithTheReason) {
+  Make(2);
+  Beat(1, 9, 0);  // push the first request to rank 0
+  RecordingSink sink;
+  absl::Status st;
+  std::thread t([&] { st = router_->Generate(Request(), absl::InfiniteFuture(), &sink); });
+  auto stream = Worker(0)->WaitForStream();
+  ASSERT_NE(stream, nullptr);
+  stream->Push(Tokens({4}));
+
+  // Rank 1 keeps beating, rank 0 goes silent.
+  clock_.Advance(absl::Milliseconds(1000));
+  Beat(1, 0, 0);
+  router_->Poll();
+  EXPECT_FALSE(stream->cancelled());
+  clock_.Advance(absl::Milliseconds(700));
+  Beat(1, 0, 0);
+  router_->Poll();
+  EXPECT_TRUE(stream->WaitCancelled(absl::Seconds(10)));
+  t.join();
+  EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(st.message()), HasSubstr("rank 0 died: heartbeat lost (none for 1700 ms, limit 3 x 500 ms)"));
+  EXPECT_EQ(membership_->Ranks()[0].state, RankState::kDead);
+
+  // Nothing new is admitted while the expert-parallel group is broken.
+  absl::Status next = router_->Generate(Request(), absl::InfiniteFuture(), &sink);
+  EXPECT_EQ(next.code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(next.message()), HasSubstr("rank 0 died: heartbeat lost"));
+  EXPECT_EQ(Worker(1)->generate_calls(), 0u);
+}
+
+TEST_F(RouterTest, SurvivorErrorsAreUnavailableAndNameTheDeadRank) {
+  Make(2);
+  Beat(1, 9, 0);
+  RecordingSink sink;
+  absl::Status st;
+  std::thread t([&] { st = router_->Generate(Request(), absl::InfiniteFuture(), &sink); });
+  auto stream = Worker(0)->WaitForStream();
+  membership_->MarkDead(1, "heartbeat lost (none for 1600 ms, limit 3 x 500 ms)");
+  // Rank 0's worker fails its step because its peer is gone.
+  stream->Close(absl::AbortedError("step 12: timed out waiting for rank 1 after 10000 ms"));
+  t.join();
+  EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(st.message()), HasSubstr("rank 0 failed request"));
+  EXPECT_THAT(std::string(st.message()), HasSubstr("rank 1 died: heartbeat lost"));
+  EXPECT_THAT(std::string(st.message()), HasSubstr("timed out waiting for rank 1"));
+}
+
+TEST_F(RouterTest, UnreachableWorkerIsMarkedDead) {
+  Make(2);
+  Beat(1, 9, 0);
+  Worker(0)->SetScript({}, absl::UnavailableError("failed to connect to all addresses"));
+  Worker(0)->SetStatusReply(absl::UnavailableError("failed to connect to all addresses"));
+  RecordingSink sink;
+  absl::Status st = router_->Generate(Request(), absl::InfiniteFuture(), &sink);
+  EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(st.message()),
+              HasSubstr("rank 0 died: worker unreachable: failed to connect to all addresses"));
+  EXPECT_EQ(membership_->Ranks()[0].state, RankState::kDead);
+  EXPECT_EQ(Worker(0)->status_calls(), 1);
+}
+
+TEST_F(RouterTest, TransientUnavailableFromALiveWorkerDoesNotKillIt) {
+  Make(1);
+  Worker(0)->SetScript({}, absl::UnavailableError("stream reset"));
+  RecordingSink sink;
+  absl::Status st = router_->Generate(Request(), absl::InfiniteFuture(), &sink);
+  EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(membership_->Ranks()[0].state, RankState::kReady);
+}
+
+TEST_F(RouterTest, WorkerRequestErrorsKeepTheirCode) {
+  Make(1);
+  Worker(0)->SetScript({}, absl::ResourceExhaustedError("KV cache full"));
+  RecordingSink sink;
+  absl::Status st = router_->Generate(Request(), absl::InfiniteFuture(), &sink);
+  EXPECT_EQ(st.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(st.message()), HasSubstr("rank 0: KV cache full"));
+}
+
+TEST_F(RouterTest, ShutdownFailsRequestsInFlight) {
+  Make(1);
+  RecordingSink sink;
+  absl::Status st;
+  std::thread t([&] { st = router_->Generate(Request(), absl::InfiniteFuture(), &sink); });
+  auto stream = Worker(0)->WaitForStream();
+  router_->Shutdown();
+  EXPECT_TRUE(stream->WaitCancelled(absl::Seconds(10)));
+  t.join();
+  EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(st.message()), HasSubstr("shutting down"));
+}
+
+}  // namespace
+}  // namespace joule::cluster

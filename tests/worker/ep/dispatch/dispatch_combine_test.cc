@@ -1,0 +1,458 @@
+// Dispatch/combine against a dense reference: for random shapes, placements
+// (with replicas), token counts (zero on some ranks) and top-k, every rank's
+// output equals sum_k w_k * expert_k(x) computed densely per token — exactly
+// the local executor's result with F32 payloads, within BF16 rounding with
+// BF16 payloads. Plus the failure paths: a dead peer, disagreeing placements,
+// a rank missing weights — every rank returns an error, none hangs.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <memory>
+#include <numeric>
+#include <random>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/worker/ep/dispatch/ep_test_util.h"
+#include "worker/ep/ep_executor.h"
+#include "worker/ep/inproc_transport.h"
+#include "worker/model/experts.h"
+
+namespace joule::ep {
+namespace {
+
+using ::testing::HasSubstr;
+using testing::OwnedBy;
+using testing::RunRanks;
+using testing::TestDir;
+using testing::WriteRandomMoeCheckpoint;
+
+// BF16 keeps 8 significant bits: round-to-nearest moves a value by at most
+// 2^-8 of its magnitude.
+constexpr double kBf16Unit = 1.0 / 256;
+
+float Weight(const Linear& l, int64_t row, int64_t col) {
+  const int64_t i = row * l.in_features + col;
+  return l.type == kernels::cpu::WeightType::kBF16 ? Bf16ToF32(static_cast<const uint16_t*>(l.w)[i])
+                                                   : static_cast<const float*>(l.w)[i];
+}
+
+// One expert applied to one token in double precision: y = down(silu(gate x) * up x),
+// and |down| |act| (the magnitude F32 rounding errors scale with).
+void DenseExpert(const MlpWeights& m, const float* x, std::vector<double>* y, std::vector<double>* mag) {
+  const int64_t H = m.gate.in_features, I = m.gate.out_features;
+  std::vector<double> act(I);
+  for (int64_t i = 0; i < I; ++i) {
+    double g = 0, u = 0;
+    for (int64_t h = 0; h < H; ++h) {
+      g += static_cast<double>(x[h]) * Weight(m.gate, i, h);
+      u += static_cast<double>(x[h]) * Weight(m.up, i, h);
+    }
+    act[i] = g / (1 + std::exp(-g)) * u;
+  }
+  y->assign(H, 0);
+  mag->assign(H, 0);
+  for (int64_t h = 0; h < H; ++h) {
+    for (int64_t i = 0; i < I; ++i) {
+      (*y)[h] += act[i] * Weight(m.down, h, i);
+      (*mag)[h] += std::abs(act[i] * Weight(m.down, h, i));
+    }
+  }
+}
+
+struct RankInput {
+  int64_t tokens = 0;
+  std::vector<float> x;         // [layers][tokens, H]
+  std::vector<int32_t> ids;     // [layers][tokens, K]
+  std::vector<float> weights;   // [layers][tokens, K]
+  std::vector<float> initial;   // [layers][tokens, H]: `out` before Run (it accumulates)
+};
+
+struct Trial {
+  int world, experts, top_k, layers = 2;
+  int64_t hidden, intermediate;
+  Placement placement;
+  std::vector<RankInput> in;
+};
+
+Trial MakeTrial(std::mt19937_64& rng) {
+  Trial t;
+  auto pick = [&rng](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+  t.world = pick(1, 4);
+  t.experts = pick(4, 16);
+  t.top_k = pick(1, 4);
+  t.hidden = pick(1, 80);
+  t.intermediate = pick(1, 48);
+  // Random placement with replicas; sometimes every expert lives on a subset
+  // of ranks, so some ranks receive nothing.
+  Placement& p = t.placement;
+  p.num_ranks = t.world;
+  p.num_layers = t.layers;
+  p.num_experts = t.experts;
+  p.replicas.resize(t.layers);
+  for (int l = 0; l < t.layers; ++l) {
+    std::vector<int32_t> hosts(t.world);
+    std::iota(hosts.begin(), hosts.end(), 0);
+    std::shuffle(hosts.begin(), hosts.end(), rng);
+    if (t.world > 1 && pick(0, 2) == 0) hosts.resize(pick(1, t.world - 1));
+    for (int e = 0; e < t.experts; ++e) {
+      std::vector<int32_t> ranks = hosts;
+      std::shuffle(ranks.begin(), ranks.end(), rng);
+      ranks.resize(pick(0, 3) == 0 ? pick(1, static_cast<int>(hosts.size())) : 1);
+      p.replicas[l].push_back(ranks);
+    }
+  }
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_real_distribution<float> unit(0.05f, 1.0f);
+  t.in.resize(t.world);
+  for (RankInput& r : t.in) {
+    r.tokens = pick(0, 3) == 0 ? 0 : pick(1, 24);
+    const int hot = pick(0, t.experts - 1);
+    for (int l = 0; l < t.layers; ++l) {
+      for (int64_t i = 0; i < r.tokens * t.hidden; ++i) {
+        r.x.push_back(normal(rng));
+        r.initial.push_back(normal(rng));
+      }
+      for (int64_t tok = 0; tok < r.tokens; ++tok) {
+        // Distinct experts per token as a router picks them; skewed towards
+        // one hot expert so loads are uneven.
+        std::vector<int32_t> order(t.experts);
+        std::iota(order.begin(), order.end(), 0);
+        std::shuffle(order.begin(), order.end(), rng);
+        if (pick(0, 1) == 0) std::swap(order[0], *std::find(order.begin(), order.end(), hot));
+        float sum = 0;
+        std::vector<float> w(t.top_k);
+        for (float& v : w) sum += (v = unit(rng));
+        for (int k = 0; k < t.top_k; ++k) {
+          r.ids.push_back(order[k]);
+          r.weights.push_back(w[k] / sum);
+        }
+      }
+    }
+  }
+  return t;
+}
+
+// Runs every layer of `t` on all ranks; returns each rank's outputs [layers][tokens, H].
+std::vector<std::vector<float>> RunExpertParallel(
+    const Trial& t, const std::vector<std::unique_ptr<ModelWeights>>& rank_weights,
+    PayloadType payload, std::vector<std::vector<std::vector<int64_t>>>* loads,
+    std::vector<ExpertParallelExecutor::Stats>* stats) {
+  InProcessGroup group(t.world);
+  std::vector<std::vector<float>> outs(t.world);
+  loads->assign(t.world, {});
+  stats->assign(t.world, {});
+  RunRanks(t.world, [&](int rank) {
+    auto transport = group.Rank(rank);
+    ExpertParallelExecutor ex(rank_weights[rank].get(), transport.get(), t.placement, {},
+                              {.payload = payload});
+    const RankInput& in = t.in[rank];
+    const int64_t TH = in.tokens * t.hidden, TK = in.tokens * t.top_k;
+    outs[rank] = in.initial;
+    for (int l = 0; l < t.layers; ++l) {
+      absl::Status s = ex.Run(l, in.x.data() + l * TH, in.tokens, in.ids.data() + l * TK,
+                              in.weights.data() + l * TK, outs[rank].data() + l * TH);
+      EXPECT_TRUE(s.ok()) << "rank " << rank << ": " << s;
+    }
+    (*loads)[rank] = ex.TakeExpertLoad();
+    (*stats)[rank] = ex.stats();
+    for (const auto& layer : ex.TakeExpertLoad()) {
+      for (int64_t n : layer) EXPECT_EQ(n, 0) << "TakeExpertLoad resets the counts";
+    }
+  });
+  return outs;
+}
+
+TEST(DispatchCombineTest, MatchesDenseReferenceOnRandomProblems) {
+  std::mt19937_64 rng(20240611);
+  double worst_f32 = 0, worst_bf16 = 0;  // error / tolerance, reported at the end
+  for (int trial = 0; trial < 40; ++trial) {
+    Trial t = MakeTrial(rng);
+    SCOPED_TRACE(::testing::Message() << "trial " << trial << ": world " << t.world << ", hidden "
+                                      << t.hidden << ", experts " << t.experts << ", top_k "
+                                      << t.top_k << ", intermediate " << t.intermediate
+                                      << ", tokens/rank " << [&] {
+                                           std::string s;
+                                           for (auto& r : t.in) s += absl::StrCat(r.tokens, " ");
+                                           return s;
+                                         }());
+    const std::string dir = TestDir(absl::StrCat(trial));
+    ASSERT_TRUE(WriteRandomMoeCheckpoint(dir, t.hidden, t.experts, t.top_k, t.intermediate, t.layers,
+                                         rng())
+                    .ok());
+    auto full = ModelWeights::Load(dir);
+    ASSERT_TRUE(full.ok()) << full.status();
+    std::vector<std::unique_ptr<ModelWeights>> rank_weights;
+    for (int r = 0; r < t.world; ++r) {
+      auto w = ModelWeights::Load(dir, OwnedBy(t.placement, r));
+      ASSERT_TRUE(w.ok()) << w.status();
+      rank_weights.push_back(std::move(*w));
+    }
+
+    std::vector<std::vector<std::vector<int64_t>>> loads;
+    std::vector<ExpertParallelExecutor::Stats> stats;
+    auto f32 = RunExpertParallel(t, rank_weights, PayloadType::kF32, &loads, &stats);
+    auto bf16_loads = loads;
+    auto bf16_stats = stats;
+    auto bf16 = RunExpertParallel(t, rank_weights, PayloadType::kBF16, &bf16_loads, &bf16_stats);
+
+    const int64_t H = t.hidden;
+    const int K = t.top_k;
+    std::vector<std::vector<int64_t>> want_load(t.layers, std::vector<int64_t>(t.experts, 0));
+    for (int rank = 0; rank < t.world; ++rank) {
+      const RankInput& in = t.in[rank];
+      // The local executor on this rank's tokens: F32 EP must reproduce it bit for bit.
+      LocalExpertExecutor local(full->get(), {});
+      std::vector<float> local_out = in.initial;
+      for (int l = 0; l < t.layers; ++l) {
+        const int64_t TH = in.tokens * H, TK = in.tokens * K;
+        ASSERT_TRUE(local.Run(l, in.x.data() + l * TH, in.tokens, in.ids.data() + l * TK,
+                              in.weights.data() + l * TK, local_out.data() + l * TH)
+                        .ok());
+      }
+      ASSERT_EQ(f32[rank].size(), local_out.size());
+      for (size_t i = 0; i < local_out.size(); ++i) {
+        ASSERT_EQ(f32[rank][i], local_out[i]) << "rank " << rank << " element " << i;
+      }
+
+      std::vector<double> y, mag, ybf, magbf;
+      int64_t sent_f32 = 0, sent_bf16 = 0, returned_f32 = 0, returned_bf16 = 0;
+      for (int l = 0; l < t.layers; ++l) {
+        for (int64_t tok = 0; tok < in.tokens; ++tok) {
+          const int64_t row = l * in.tokens + tok;
+          std::vector<double> ref(H), ref_bf(H), tol(H), tol_bf(H);
+          std::vector<float> xbf(H);
+          for (int64_t h = 0; h < H; ++h) xbf[h] = Bf16ToF32(F32ToBf16(in.x[row * H + h]));
+          for (int k = 0; k < K; ++k) {
+            const int32_t e = in.ids[row * K + k];
+            const double w = in.weights[row * K + k];
+            ++want_load[l][e];
+            const MlpWeights& m = (*full)->layers()[l].experts[e];
+            DenseExpert(m, in.x.data() + row * H, &y, &mag);
+            DenseExpert(m, xbf.data(), &ybf, &magbf);
+            for (int64_t h = 0; h < H; ++h) {
+              ref[h] += w * y[h];
+              ref_bf[h] += w * ybf[h];
+              // F32: two chained GEMMs of at most 80 terms (and the silu) in
+              // single precision: far below 1e-5 of the magnitudes involved.
+              tol[h] += w * 1e-5 * (mag[h] + std::abs(y[h]));
+              // BF16: the receiver computes on the rounded x (as ref_bf does)
+              // and its output is rounded once more: at most 2^-8 |y|, plus the
+              // F32 error of that computation.
+              tol_bf[h] += w * (kBf16Unit * std::abs(ybf[h]) * 1.001 + 1e-5 * (magbf[h] + std::abs(ybf[h])));
+            }
+            const int dest = ChooseReplica(t.placement, l, e, tok, rank);
+            if (dest != rank) {
+              sent_f32 += H * 4 + 4;
+              sent_bf16 += H * 2 + 4;
+            }
+          }
+          for (int64_t h = 0; h < H; ++h) {
+            const double c = in.initial[row * H + h];
+            const double slack = 1e-6 * (std::abs(c) + 1);  // the F32 accumulation into out
+            const double err = std::abs(f32[rank][row * H + h] - (c + ref[h]));
+            ASSERT_LE(err, tol[h] + slack) << "F32 payload, rank " << rank << " layer " << l
+                                           << " token " << tok << " dim " << h;
+            worst_f32 = std::max(worst_f32, err / (tol[h] + slack));
+            const double err_bf = std::abs(bf16[rank][row * H + h] - (c + ref_bf[h]));
+            ASSERT_LE(err_bf, tol_bf[h] + slack) << "BF16 payload, rank " << rank << " layer " << l
+                                                 << " token " << tok << " dim " << h;
+            worst_bf16 = std::max(worst_bf16, err_bf / (tol_bf[h] + slack));
+          }
+        }
+      }
+      // Bytes counted are those sent to other ranks: dispatch rows carry the expert id.
+      EXPECT_EQ(stats[rank].dispatch_bytes, static_cast<uint64_t>(sent_f32));
+      EXPECT_EQ(bf16_stats[rank].dispatch_bytes, static_cast<uint64_t>(sent_bf16));
+      returned_f32 = returned_bf16 = 0;
+      for (int src = 0; src < t.world; ++src) {
+        if (src == rank) continue;
+        for (int l = 0; l < t.layers; ++l) {
+          for (int64_t tok = 0; tok < t.in[src].tokens; ++tok) {
+            for (int k = 0; k < K; ++k) {
+              const int32_t e = t.in[src].ids[(l * t.in[src].tokens + tok) * K + k];
+              if (ChooseReplica(t.placement, l, e, tok, src) == rank) {
+                returned_f32 += H * 4;
+                returned_bf16 += H * 2;
+              }
+            }
+          }
+        }
+      }
+      EXPECT_EQ(stats[rank].combine_bytes, static_cast<uint64_t>(returned_f32));
+      EXPECT_EQ(bf16_stats[rank].combine_bytes, static_cast<uint64_t>(returned_bf16));
+    }
+    // Per-expert load: tokens each rank routed, summed over ranks.
+    std::vector<std::vector<int64_t>> got_load(t.layers, std::vector<int64_t>(t.experts, 0));
+    for (const auto& rank_load : loads) {
+      ASSERT_EQ(rank_load.size(), static_cast<size_t>(t.layers));
+      for (int l = 0; l < t.layers; ++l) {
+        for (int e = 0; e < t.experts; ++e) got_load[l][e] += rank_load[l][e];
+      }
+    }
+    EXPECT_EQ(got_load, want_load);
+    std::filesystem::remove_all(dir);
+  }
+  std::printf("worst error / tolerance: F32 payload %.3g, BF16 payload %.3g\n", worst_f32, worst_bf16);
+}
+
+class DispatchFailureTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = TestDir("ckpt");
+    ASSERT_TRUE(WriteRandomMoeCheckpoint(dir_, 24, 6, 2, 16, 2, 7).ok());
+    auto w = ModelWeights::Load(dir_);
+    ASSERT_TRUE(w.ok()) << w.status();
+    weights_ = std::move(*w);
+    auto p = ContiguousPlacement(3, 2, 6);
+    ASSERT_TRUE(p.ok());
+    placement_ = *p;
+    x_.assign(4 * 24, 0.5f);
+    ids_ = {0, 5, 1, 4, 2, 3, 5, 0};
+    w_.assign(8, 0.5f);
+    out_.assign(4 * 24, 0.0f);
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+
+  absl::Status RunLayer(ExpertParallelExecutor& ex, int layer) {
+    std::vector<float> out(out_);
+    return ex.Run(layer, x_.data(), 4, ids_.data(), w_.data(), out.data());
+  }
+
+  std::string dir_;
+  std::unique_ptr<ModelWeights> weights_;
+  Placement placement_;
+  std::vector<float> x_, w_, out_;
+  std::vector<int32_t> ids_;
+};
+
+TEST_F(DispatchFailureTest, DeadPeerFailsEveryLayerCallQuicklyWithTheLayer) {
+  // A long transport timeout: the survivors must fail because the peer is
+  // gone, not because they waited it out.
+  InProcessGroup group(3, {.timeout = absl::Seconds(60)});
+  std::vector<absl::Status> results(3);
+  std::vector<double> seconds(3);
+  RunRanks(3, [&](int rank) {
+    auto transport = group.Rank(rank);
+    ExpertParallelExecutor ex(weights_.get(), transport.get(), placement_, {});
+    EXPECT_TRUE(RunLayer(ex, 0).ok());
+    if (rank == 2) {  // crashes before layer 1
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      group.Kill(2);
+      return;
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    results[rank] = RunLayer(ex, 1);
+    seconds[rank] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    // Later calls fail fast too.
+    EXPECT_FALSE(RunLayer(ex, 0).ok());
+  });
+  for (int rank = 0; rank < 2; ++rank) {
+    EXPECT_EQ(results[rank].code(), absl::StatusCode::kUnavailable) << results[rank];
+    EXPECT_THAT(std::string(results[rank].message()), HasSubstr("layer 1"));
+    EXPECT_THAT(std::string(results[rank].message()), HasSubstr("rank 2"));
+    EXPECT_LT(seconds[rank], 5.0);
+  }
+}
+
+TEST_F(DispatchFailureTest, DisagreeingPlacementsFailOnEveryRank) {
+  InProcessGroup group(3, {.timeout = absl::Seconds(60)});
+  std::vector<absl::Status> results(3);
+  Placement other = placement_;
+  other.replicas[1][0] = {0, 2};  // rank 1 believes expert 0 of layer 1 has a second replica
+  RunRanks(3, [&](int rank) {
+    auto transport = group.Rank(rank);
+    ExpertParallelExecutor ex(weights_.get(), transport.get(), rank == 1 ? other : placement_, {});
+    // Layer 0 is placed alike in both, but a rank must not route by a
+    // placement its peers do not share at all: the whole placement is compared.
+    results[rank] = RunLayer(ex, 0);
+  });
+  for (int rank = 0; rank < 3; ++rank) {
+    EXPECT_EQ(results[rank].code(), absl::StatusCode::kFailedPrecondition) << results[rank];
+    EXPECT_THAT(std::string(results[rank].message()), HasSubstr("different placement"));
+  }
+}
+
+TEST_F(DispatchFailureTest, RankWithoutItsWeightsFailsAndSoDoItsPeers) {
+  auto partial = ModelWeights::Load(dir_, OwnedBy(placement_, 0));  // rank 0's experts only
+  ASSERT_TRUE(partial.ok());
+  InProcessGroup group(3, {.timeout = absl::Seconds(60)});
+  std::vector<absl::Status> results(3);
+  const auto t0 = std::chrono::steady_clock::now();
+  RunRanks(3, [&](int rank) {
+    auto transport = group.Rank(rank);
+    // Rank 1 was given rank 0's weights.
+    ExpertParallelExecutor ex(rank == 1 ? partial->get() : weights_.get(), transport.get(), placement_, {});
+    results[rank] = RunLayer(ex, 0);
+  });
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 5.0);
+  EXPECT_EQ(results[1].code(), absl::StatusCode::kFailedPrecondition) << results[1];
+  EXPECT_THAT(std::string(results[1].message()), HasSubstr("layer 0 expert 2 on rank 1"));
+  for (int rank : {0, 2}) {
+    EXPECT_EQ(results[rank].code(), absl::StatusCode::kAborted) << results[rank];
+    EXPECT_THAT(std::string(results[rank].message()), HasSubstr("rank 1 failed"));
+  }
+}
+
+TEST_F(DispatchFailureTest, BadRoutingOnOneRankFailsItAndStopsItsPeers) {
+  InProcessGroup group(3, {.timeout = absl::Seconds(60)});
+  std::vector<absl::Status> results(3);
+  RunRanks(3, [&](int rank) {
+    auto transport = group.Rank(rank);
+    ExpertParallelExecutor ex(weights_.get(), transport.get(), placement_, {});
+    std::vector<int32_t> ids = ids_;
+    if (rank == 0) ids[3] = 99;
+    std::vector<float> out(out_);
+    results[rank] = ex.Run(1, x_.data(), 4, ids.data(), w_.data(), out.data());
+  });
+  EXPECT_EQ(results[0].code(), absl::StatusCode::kInvalidArgument) << results[0];
+  EXPECT_THAT(std::string(results[0].message()), HasSubstr("token 1 is routed to expert 99"));
+  EXPECT_THAT(std::string(results[0].message()), HasSubstr("layer 1"));
+  for (int rank : {1, 2}) EXPECT_EQ(results[rank].code(), absl::StatusCode::kAborted) << results[rank];
+
+  InProcessGroup group2(1);
+  auto transport = group2.Rank(0);
+  auto one = ContiguousPlacement(1, 2, 6);
+  ExpertParallelExecutor ex(weights_.get(), transport.get(), *one, {});
+  std::vector<float> out(out_);
+  absl::Status s = ex.Run(7, x_.data(), 4, ids_.data(), w_.data(), out.data());
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("layer 7 is not a MoE layer"));
+}
+
+TEST_F(DispatchFailureTest, SetPlacementRefusesWhatThisRankCannotServe) {
+  auto partial = ModelWeights::Load(dir_, OwnedBy(placement_, 0));
+  ASSERT_TRUE(partial.ok());
+  InProcessGroup group(3);
+  auto transport = group.Rank(0);
+  ExpertParallelExecutor ex(partial->get(), transport.get(), placement_, {});
+  Placement more = placement_;
+  more.replicas[1][4].push_back(0);  // rank 0 never loaded expert 4
+  absl::Status s = ex.SetPlacement(more);
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("layer 1 expert 4 on rank 0"));
+  EXPECT_EQ(ex.placement().replicas[1][4].size(), 1u) << "a refused placement is not applied";
+
+  auto two = ContiguousPlacement(2, 2, 6);
+  s = ex.SetPlacement(*two);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("2 ranks"));
+  Placement broken = placement_;
+  broken.replicas[0][3] = {};
+  EXPECT_THAT(std::string(ex.SetPlacement(broken).message()), HasSubstr("layer 0 expert 3 has no replica"));
+}
+
+TEST_F(DispatchFailureTest, AllRanksIdleExchangesOnlyCounts) {
+  InProcessGroup group(3);
+  RunRanks(3, [&](int rank) {
+    auto transport = group.Rank(rank);
+    ExpertParallelExecutor ex(weights_.get(), transport.get(), placement_, {});
+    std::vector<float> out;
+    EXPECT_TRUE(ex.Run(0, nullptr, 0, nullptr, nullptr, out.data()).ok());
+    EXPECT_EQ(ex.stats().dispatch_bytes, 0u);
+    EXPECT_EQ(ex.stats().combine_bytes, 0u);
+  });
+}
+
+}  // namespace
+}  // namespace joule::ep

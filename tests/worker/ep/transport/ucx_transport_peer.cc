@@ -1,0 +1,97 @@
+// One UCX transport rank as a process, for ucx_transport_test.
+//
+//   ucx_transport_peer RANK WORLD DIR SCENARIO TIMEOUT_MS
+//
+// Publishes its worker address in DIR, collects the others', connects and
+// runs SCENARIO: "conformance", "absent" (the last rank stays away) or
+// "killed" (loops until a peer fails; writes DIR/started.RANK once running);
+// a "-no-peer-errors" suffix runs it with UcxOptions::peer_error_handling off.
+// Exit status: 0 when the scenario behaved as the contract says, 1 when it
+// did not, 2 on bad arguments or a failed setup. Prints why on stderr.
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "tests/worker/ep/transport/conformance.h"
+#include "tests/worker/ep/transport/process_group.h"
+#include "worker/ep/ucx_transport.h"
+
+namespace {
+
+using joule::ep::testing::CollectAddresses;
+using joule::ep::testing::PublishAddress;
+using joule::ep::testing::Touch;
+
+int Run(int rank, int world, const std::string& dir, std::string scenario,
+        absl::Duration timeout) {
+  joule::ep::UcxOptions ucx;
+  const std::string suffix = "-no-peer-errors";
+  if (scenario.size() > suffix.size() &&
+      scenario.compare(scenario.size() - suffix.size(), suffix.size(), suffix) == 0) {
+    scenario.resize(scenario.size() - suffix.size());
+    ucx.peer_error_handling = false;
+  }
+  auto transport = joule::ep::UcxTransport::Create(rank, world, {.timeout = timeout}, ucx);
+  if (!transport.ok()) {
+    std::fprintf(stderr, "rank %d: %s\n", rank, transport.status().ToString().c_str());
+    return 2;
+  }
+  joule::ep::UcxTransport& t = **transport;
+  if (absl::Status s = PublishAddress(dir, rank, t.address()); !s.ok()) {
+    std::fprintf(stderr, "rank %d: %s\n", rank, s.ToString().c_str());
+    return 2;
+  }
+  auto addresses = CollectAddresses(dir, world, absl::Seconds(20));
+  if (!addresses.ok()) {
+    std::fprintf(stderr, "rank %d: %s\n", rank, addresses.status().ToString().c_str());
+    return 2;
+  }
+  if (absl::Status s = t.Connect(*addresses); !s.ok()) {
+    std::fprintf(stderr, "rank %d: connect: %s\n", rank, s.ToString().c_str());
+    return 2;
+  }
+  absl::Status result;
+  if (scenario == "conformance") {
+    result = joule::ep::testing::RunConformance(t);
+  } else if (scenario == "absent") {
+    const int absent = world - 1;
+    result = joule::ep::testing::CheckAbsentPeerTimesOut(t, absent, timeout);
+    // Stay alive past the others' deadline so they see a silent peer, not a dead one.
+    if (rank == absent) absl::SleepFor(timeout + absl::Seconds(1));
+  } else if (scenario == "killed") {
+    absl::Duration failed_after;
+    absl::Status failure;
+    result = joule::ep::testing::RunUntilPeerFails(
+        t, absl::Seconds(30), [&] { (void)Touch(dir, absl::StrCat("started.", rank)); }, &failure,
+        &failed_after);
+    std::fprintf(stderr, "rank %d: the failing collective returned after %s: %s\n", rank,
+                 absl::FormatDuration(failed_after).c_str(), failure.ToString().c_str());
+  } else {
+    std::fprintf(stderr, "unknown scenario '%s'\n", scenario.c_str());
+    return 2;
+  }
+  if (!result.ok()) {
+    std::fprintf(stderr, "rank %d: %s: FAILED: %s\n", rank, scenario.c_str(),
+                 result.ToString().c_str());
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int rank = 0, world = 0, timeout_ms = 0;
+  if (argc != 6 || !absl::SimpleAtoi(argv[1], &rank) || !absl::SimpleAtoi(argv[2], &world) ||
+      !absl::SimpleAtoi(argv[5], &timeout_ms) || timeout_ms <= 0) {
+    std::fprintf(stderr, "usage: %s RANK WORLD DIR SCENARIO TIMEOUT_MS\n", argv[0]);
+    return 2;
+  }
+  return Run(rank, world, argv[3], argv[4], absl::Milliseconds(timeout_ms));
+}

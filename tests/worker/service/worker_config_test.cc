@@ -1,0 +1,64 @@
+// joule-worker's flags: defaults, both spellings, the environment, and clear
+// errors naming the flag.
+#include "worker/service/worker_config.h"
+
+#include <cstdlib>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace joule::worker {
+namespace {
+
+using ::testing::HasSubstr;
+
+absl::StatusOr<WorkerConfig> Parse(std::vector<const char*> args) {
+  args.insert(args.begin(), "joule-worker");
+  return ParseWorkerConfig(static_cast<int>(args.size()), args.data());
+}
+
+TEST(WorkerConfigTest, DefaultsAndFlags) {
+  auto c = Parse({"--coordinator", "10.0.0.1:7000", "--model=/m", "--rank", "3", "--kv-cache-mb", "64",
+                  "--payload", "f32", "--step-timeout-ms=1500"});
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->coordinator, "10.0.0.1:7000");
+  EXPECT_EQ(c->model, "/m");
+  EXPECT_EQ(c->rank, 3);
+  EXPECT_EQ(c->kv_cache_mb, 64);
+  EXPECT_EQ(c->payload, "f32");
+  EXPECT_EQ(c->step_timeout_ms, 1500);
+  EXPECT_EQ(c->port, 0);
+  EXPECT_EQ(c->block_size, 16);
+  EXPECT_EQ(c->transport, "ucx");
+  EXPECT_THAT(c->ToString(), HasSubstr("--kv-cache-mb=64"));
+  EXPECT_THAT(c->ToString(), HasSubstr("--transport=ucx"));
+}
+
+TEST(WorkerConfigTest, EnvironmentThenFlags) {
+  setenv("JOULE_WORKER_BLOCK_SIZE", "32", 1);
+  setenv("JOULE_WORKER_THREADS", "3", 1);
+  auto c = Parse({"--coordinator", "c:1", "--model", "/m", "--threads", "2"});
+  unsetenv("JOULE_WORKER_BLOCK_SIZE");
+  unsetenv("JOULE_WORKER_THREADS");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->block_size, 32);
+  EXPECT_EQ(c->threads, 2);
+}
+
+TEST(WorkerConfigTest, ErrorsNameTheFlag) {
+  EXPECT_THAT(std::string(Parse({"--model", "/m"}).status().message()), HasSubstr("--coordinator"));
+  EXPECT_THAT(std::string(Parse({"--coordinator", "c:1"}).status().message()), HasSubstr("--model"));
+  EXPECT_THAT(std::string(Parse({"--coordinator", "c:1", "--model", "/m", "--port", "x"}).status().message()),
+              HasSubstr("--port: 'x'"));
+  EXPECT_THAT(std::string(Parse({"--coordinator", "c:1", "--model", "/m", "--transport", "tcp"})
+                              .status().message()),
+              HasSubstr("--transport"));
+  EXPECT_THAT(std::string(Parse({"--coordinator", "c:1", "--model", "/m", "--bogus", "1"}).status().message()),
+              HasSubstr("unknown flag --bogus"));
+  EXPECT_THAT(std::string(Parse({"--coordinator", "c:1", "--model", "/m", "--rank"}).status().message()),
+              HasSubstr("--rank: missing value"));
+  EXPECT_EQ(Parse({"--help"}).status().code(), absl::StatusCode::kCancelled);
+}
+
+}  // namespace
+}  // namespace joule::worker

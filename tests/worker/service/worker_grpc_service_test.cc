@@ -1,0 +1,173 @@
+// The Worker gRPC service end to end over a real server on an ephemeral port:
+// streamed tokens match the engine, the final message carries the finish
+// reason and counts, bad requests get INVALID_ARGUMENT naming the field, a
+// client that goes away frees its KV blocks, Status reports the rank.
+#include "worker/service/worker_grpc_service.h"
+
+#include "gmock/gmock.h"
+#include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "tests/worker/service/runtime_cluster.h"
+#include "worker/service/starting_handler.h"
+
+namespace joule::worker {
+namespace {
+
+using ::testing::HasSubstr;
+using testing_util::Greedy;
+using testing_util::Prompt;
+using testing_util::ReferenceTokens;
+using testing_util::RuntimeCluster;
+
+class WorkerGrpcServiceTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = testing::TinyModelDir("qwen3_moe-tiny");
+    service_ = std::make_unique<WorkerGrpcService>(&handler_);
+    grpc::ServerBuilder builder;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port_);
+    builder.RegisterService(service_.get());
+    server_ = builder.BuildAndStart();
+    ASSERT_NE(server_, nullptr);
+    ASSERT_GT(port_, 0);
+    stub_ = v1::Worker::NewStub(grpc::CreateChannel("127.0.0.1:" + std::to_string(port_),
+                                                    grpc::InsecureChannelCredentials()));
+  }
+  void TearDown() override {
+    if (cluster_) cluster_->runtime(0).Stop("test over");
+    if (cluster_) cluster_->runtime(0).Join();
+    server_->Shutdown();
+    cluster_.reset();
+  }
+  void StartRuntime() {
+    cluster_ = std::make_unique<RuntimeCluster>(dir_, 1, absl::Seconds(20));
+    cluster_->StartAll();
+    handler_.set_runtime(&cluster_->runtime(0));
+  }
+
+  v1::GenerateRequest Request(const std::string& id, const std::vector<int32_t>& prompt, int max_tokens) {
+    v1::GenerateRequest r;
+    r.set_request_id(id);
+    r.mutable_prompt_token_ids()->Add(prompt.begin(), prompt.end());
+    r.mutable_sampling()->set_temperature(0);
+    r.mutable_sampling()->set_max_tokens(max_tokens);
+    r.mutable_sampling()->set_ignore_eos(true);
+    return r;
+  }
+
+  std::string dir_;
+  StartingHandler handler_;
+  std::unique_ptr<RuntimeCluster> cluster_;
+  std::unique_ptr<WorkerGrpcService> service_;
+  std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<v1::Worker::Stub> stub_;
+  int port_ = 0;
+};
+
+TEST_F(WorkerGrpcServiceTest, NotReadyBeforeTheRuntimeStarts) {
+  grpc::ClientContext ctx;
+  auto reader = stub_->Generate(&ctx, Request("early", Prompt(4, 1), 2));
+  v1::GenerateResponse msg;
+  EXPECT_FALSE(reader->Read(&msg));
+  const grpc::Status s = reader->Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(s.error_message(), HasSubstr("starting"));
+  grpc::ClientContext sctx;
+  v1::WorkerStatusReply status;
+  ASSERT_TRUE(stub_->Status(&sctx, v1::WorkerStatusRequest(), &status).ok());
+  EXPECT_FALSE(status.ready());
+  EXPECT_GT(status.resident_bytes(), 0);
+}
+
+TEST_F(WorkerGrpcServiceTest, StreamsTheEnginesTokens) {
+  StartRuntime();
+  const std::vector<int32_t> prompt = Prompt(11, 2);
+  grpc::ClientContext ctx;
+  auto reader = stub_->Generate(&ctx, Request("r1", prompt, 12));
+  std::vector<int32_t> tokens;
+  v1::GenerateResponse msg, last;
+  while (reader->Read(&msg)) {
+    EXPECT_EQ(msg.request_id(), "r1");
+    EXPECT_EQ(msg.rank(), 0);
+    tokens.insert(tokens.end(), msg.token_ids().begin(), msg.token_ids().end());
+    last = msg;
+  }
+  ASSERT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(tokens, ReferenceTokens(dir_, prompt, Greedy(12)));
+  EXPECT_EQ(last.finish_reason(), v1::FINISH_REASON_LENGTH);
+  EXPECT_EQ(last.prompt_tokens(), 11);
+  EXPECT_EQ(last.completion_tokens(), 12);
+
+  grpc::ClientContext sctx;
+  v1::WorkerStatusReply status;
+  ASSERT_TRUE(stub_->Status(&sctx, v1::WorkerStatusRequest(), &status).ok());
+  EXPECT_TRUE(status.ready());
+  EXPECT_EQ(status.rank(), 0);
+  EXPECT_GT(status.kv_total_blocks(), 0);
+  EXPECT_GT(status.loaded_weight_bytes(), 0);
+  EXPECT_GT(status.resident_bytes(), 0);
+  EXPECT_GT(status.steps(), 0u);
+}
+
+TEST_F(WorkerGrpcServiceTest, BadRequestIsInvalidArgumentNamingTheField) {
+  StartRuntime();
+  v1::GenerateRequest r = Request("bad", {}, 4);
+  grpc::ClientContext ctx;
+  auto reader = stub_->Generate(&ctx, r);
+  v1::GenerateResponse msg;
+  EXPECT_FALSE(reader->Read(&msg));
+  const grpc::Status s = reader->Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("prompt_token_ids"));
+  // A token outside the vocabulary is refused by the engine, also clearly.
+  grpc::ClientContext ctx2;
+  auto reader2 = stub_->Generate(&ctx2, Request("bad2", {1, 99999}, 4));
+  EXPECT_FALSE(reader2->Read(&msg));
+  EXPECT_EQ(reader2->Finish().error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+}
+
+TEST_F(WorkerGrpcServiceTest, ClientGoingAwayFreesKvBlocks) {
+  StartRuntime();
+  const int64_t total = cluster_->runtime(0).Status().kv_total_blocks;
+  grpc::ClientContext ctx;
+  auto reader = stub_->Generate(&ctx, Request("gone", Prompt(30, 3), 450));
+  v1::GenerateResponse msg;
+  ASSERT_TRUE(reader->Read(&msg));
+  EXPECT_LT(cluster_->runtime(0).Status().kv_free_blocks, total);
+  ctx.TryCancel();
+  while (reader->Read(&msg)) {
+  }
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while ((cluster_->runtime(0).Status().kv_free_blocks != total ||
+          cluster_->runtime(0).Status().running != 0) && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_EQ(cluster_->runtime(0).Status().kv_free_blocks, total);
+  EXPECT_EQ(cluster_->runtime(0).Status().running, 0);
+}
+
+TEST_F(WorkerGrpcServiceTest, CancelRpcEndsTheStreamWithCancelledReason) {
+  StartRuntime();
+  grpc::ClientContext ctx;
+  auto reader = stub_->Generate(&ctx, Request("c1", Prompt(10, 4), 450));
+  v1::GenerateResponse msg;
+  ASSERT_TRUE(reader->Read(&msg));
+  grpc::ClientContext cctx;
+  v1::CancelRequest cancel;
+  cancel.set_request_id("c1");
+  v1::CancelReply reply;
+  ASSERT_TRUE(stub_->Cancel(&cctx, cancel, &reply).ok());
+  EXPECT_TRUE(reply.found());
+  v1::GenerateResponse last = msg;
+  while (reader->Read(&msg)) last = msg;
+  ASSERT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(last.finish_reason(), v1::FINISH_REASON_CANCELLED);
+  EXPECT_LT(last.completion_tokens(), 450);
+  grpc::ClientContext cctx2;
+  ASSERT_TRUE(stub_->Cancel(&cctx2, cancel, &reply).ok());
+  EXPECT_FALSE(reply.found());
+}
+
+}  // namespace
+}  // namespace joule::worker

@@ -1,0 +1,283 @@
+// The worker runtime as users of a cluster see it: requests on any rank get
+// the tokens the single-process engine gives, cancellation frees KV blocks, a
+// lost peer fails requests with a clear error within the step timeout, stops
+// and placement changes take effect on every rank at the same step.
+#include "worker/service/worker_runtime.h"
+
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/worker/service/runtime_cluster.h"
+#include "worker/service/convert.h"
+#include "worker/service/placement_loader.h"
+
+namespace joule::worker {
+namespace {
+
+using ::testing::HasSubstr;
+using testing_util::Collector;
+using testing_util::Greedy;
+using testing_util::Prompt;
+using testing_util::ReferenceTokens;
+using testing_util::RuntimeCluster;
+
+struct EpCase {
+  std::string family;
+  int world;
+};
+
+class RuntimeMatchesEngine : public ::testing::TestWithParam<EpCase> {};
+
+TEST_P(RuntimeMatchesEngine, GreedyTokensOnEveryRank) {
+  const std::string dir = testing::TinyModelDir(GetParam().family + "-tiny");
+  const int world = GetParam().world;
+  RuntimeCluster cluster(dir, world, absl::Seconds(20));
+  cluster.StartAll();
+  // Fewer requests than ranks for world 4: idle ranks must still serve their experts.
+  const int num_requests = world == 4 ? 3 : 4;
+  std::vector<std::unique_ptr<Collector>> collectors;
+  std::vector<std::vector<int32_t>> prompts;
+  for (int i = 0; i < num_requests; ++i) {
+    prompts.push_back(Prompt(5 + 4 * i, i));
+    collectors.push_back(std::make_unique<Collector>());
+    const int rank = i % world;
+    ASSERT_TRUE(cluster.runtime(rank)
+                    .Submit(absl::StrCat("req-", i),
+                            {.prompt = prompts[i], .sampling = Greedy(10 + i)},
+                            collectors[i]->callbacks())
+                    .ok());
+  }
+  for (int i = 0; i < num_requests; ++i) {
+    ASSERT_TRUE(collectors[i]->WaitDone()) << "request " << i;
+    const RequestOutcome outcome = collectors[i]->outcome();
+    ASSERT_TRUE(outcome.status.ok()) << outcome.status;
+    EXPECT_EQ(outcome.finish, FinishReason::kLength);
+    EXPECT_EQ(outcome.prompt_tokens, static_cast<int>(prompts[i].size()));
+    EXPECT_EQ(outcome.completion_tokens, 10 + i);
+    EXPECT_EQ(collectors[i]->tokens(), ReferenceTokens(dir, prompts[i], Greedy(10 + i)))
+        << "request " << i << " on rank " << i % world;
+  }
+  // Every rank ran the same number of lockstep rounds at some point; each
+  // reports its own status.
+  for (int r = 0; r < world; ++r) {
+    const WorkerStatus s = cluster.runtime(r).Status();
+    EXPECT_EQ(s.rank, r);
+    EXPECT_TRUE(s.ready);
+    EXPECT_GT(s.steps, 0u);
+    EXPECT_GT(s.resident_bytes, 0);
+  }
+  // Tokens were routed to experts, and the counts are handed out once.
+  int64_t routed = 0;
+  for (int r = 0; r < world; ++r) {
+    for (const auto& layer : cluster.runtime(r).TakeExpertLoad()) {
+      for (int64_t n : layer) routed += n;
+    }
+  }
+  EXPECT_GT(routed, 0);
+  for (int r = 0; r < world; ++r) {
+    for (const auto& layer : cluster.runtime(r).TakeExpertLoad()) {
+      for (int64_t n : layer) EXPECT_EQ(n, 0);
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Families, RuntimeMatchesEngine,
+                         ::testing::Values(EpCase{"qwen3_moe", 2}, EpCase{"qwen3_moe", 4},
+                                           EpCase{"qwen2_moe", 2}, EpCase{"mixtral", 2},
+                                           EpCase{"mixtral", 4}),
+                         [](const auto& info) {
+                           return info.param.family + "_ep" + std::to_string(info.param.world);
+                         });
+
+TEST(WorkerRuntime, CancelFreesKvBlocks) {
+  RuntimeCluster cluster(testing::TinyModelDir("qwen3_moe-tiny"), 2, absl::Seconds(20));
+  cluster.StartAll();
+  const int64_t total = cluster.runtime(1).Status().kv_total_blocks;
+  ASSERT_GT(total, 0);
+  Collector c;
+  ASSERT_TRUE(cluster.runtime(1).Submit("long", {.prompt = Prompt(40, 1), .sampling = Greedy(400)},
+                                        c.callbacks()).ok());
+  ASSERT_TRUE(c.WaitTokens(3));
+  EXPECT_LT(cluster.runtime(1).Status().kv_free_blocks, total);
+  // The same id again while it runs is refused, and nothing else happens.
+  Collector dup;
+  EXPECT_EQ(cluster.runtime(1).Submit("long", {.prompt = Prompt(4, 2), .sampling = Greedy(4)},
+                                      dup.callbacks()).code(),
+            absl::StatusCode::kAlreadyExists);
+  EXPECT_TRUE(cluster.runtime(1).Cancel("long"));
+  ASSERT_TRUE(c.WaitDone());
+  const RequestOutcome outcome = c.outcome();
+  EXPECT_TRUE(outcome.status.ok()) << outcome.status;
+  EXPECT_EQ(outcome.finish, FinishReason::kCancelled);
+  EXPECT_LT(outcome.completion_tokens, 400);
+  EXPECT_EQ(outcome.completion_tokens, static_cast<int>(c.tokens().size()));
+  EXPECT_FALSE(dup.done());
+  EXPECT_FALSE(cluster.runtime(1).Cancel("long"));  // no longer live
+  // Blocks come back as of the next published round.
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (cluster.runtime(1).Status().kv_free_blocks != total && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  EXPECT_EQ(cluster.runtime(1).Status().kv_free_blocks, total);
+  EXPECT_EQ(cluster.runtime(1).Status().running, 0);
+}
+
+TEST(WorkerRuntime, BadRequestGetsClearErrorAndOthersRun) {
+  RuntimeCluster cluster(testing::TinyModelDir("qwen3_moe-tiny"), 2, absl::Seconds(20));
+  cluster.StartAll();
+  Collector bad, good;
+  ASSERT_TRUE(cluster.runtime(0).Submit("bad", {.prompt = {1, 2, 100000}, .sampling = Greedy(4)},
+                                        bad.callbacks()).ok());
+  ASSERT_TRUE(cluster.runtime(0).Submit("good", {.prompt = Prompt(6, 3), .sampling = Greedy(4)},
+                                        good.callbacks()).ok());
+  ASSERT_TRUE(bad.WaitDone());
+  EXPECT_EQ(bad.outcome().status.code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(good.WaitDone());
+  EXPECT_TRUE(good.outcome().status.ok()) << good.outcome().status;
+  EXPECT_EQ(good.tokens().size(), 4u);
+}
+
+TEST(WorkerRuntime, KilledPeerFailsRequestsWithinStepTimeout) {
+  const absl::Duration timeout = absl::Seconds(2);
+  RuntimeCluster cluster(testing::TinyModelDir("qwen3_moe-tiny"), 2, timeout);
+  cluster.StartAll();
+  Collector c;
+  ASSERT_TRUE(cluster.runtime(0).Submit("victim", {.prompt = Prompt(10, 4), .sampling = Greedy(400)},
+                                        c.callbacks()).ok());
+  ASSERT_TRUE(c.WaitTokens(2));
+  const absl::Time killed = absl::Now();
+  cluster.group().Kill(1);  // as if rank 1's process crashed
+  ASSERT_TRUE(c.WaitDone(timeout + absl::Seconds(5)));
+  EXPECT_LE(absl::Now() - killed, timeout + absl::Seconds(1));
+  const RequestOutcome outcome = c.outcome();
+  EXPECT_EQ(outcome.status.code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(outcome.status.message()), HasSubstr("expert-parallel step failed"));
+  EXPECT_GT(outcome.completion_tokens, 0);
+  ASSERT_TRUE(cluster.runtime(0).WaitForExit(timeout + absl::Seconds(5)));
+  EXPECT_EQ(cluster.runtime(0).exit_status().code(), absl::StatusCode::kUnavailable);
+  // The rank stops serving, and says why.
+  const WorkerStatus s = cluster.runtime(0).Status();
+  EXPECT_FALSE(s.ready);
+  EXPECT_THAT(s.error, HasSubstr("expert-parallel step failed"));
+  EXPECT_EQ(s.kv_free_blocks, s.kv_total_blocks);
+  Collector late;
+  const absl::Status refused =
+      cluster.runtime(0).Submit("late", {.prompt = Prompt(3, 5), .sampling = Greedy(2)}, late.callbacks());
+  EXPECT_EQ(refused.code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(refused.message()), HasSubstr("expert-parallel step failed"));
+}
+
+TEST(WorkerRuntime, SilentPeerTimesOutWithinStepTimeout) {
+  // Rank 1 never runs its step loop (a hung process): rank 0's first
+  // collective gives up after the step timeout instead of hanging.
+  const absl::Duration timeout = absl::Milliseconds(500);
+  RuntimeCluster cluster(testing::TinyModelDir("qwen3_moe-tiny"), 2, timeout);
+  Collector c;
+  cluster.runtime(0).Start();
+  const absl::Time start = absl::Now();
+  ASSERT_TRUE(cluster.runtime(0).Submit("r", {.prompt = Prompt(8, 6), .sampling = Greedy(8)},
+                                        c.callbacks()).ok());
+  ASSERT_TRUE(c.WaitDone(timeout + absl::Seconds(5)));
+  EXPECT_LE(absl::Now() - start, timeout + absl::Seconds(1));
+  EXPECT_EQ(c.outcome().status.code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(c.outcome().status.message()), HasSubstr("expert-parallel step failed"));
+}
+
+TEST(WorkerRuntime, StopOnOneRankStopsEveryRankAtTheSameRound) {
+  RuntimeCluster cluster(testing::TinyModelDir("qwen3_moe-tiny"), 2, absl::Seconds(20));
+  cluster.StartAll();
+  Collector c;
+  ASSERT_TRUE(cluster.runtime(1).Submit("r", {.prompt = Prompt(8, 7), .sampling = Greedy(400)},
+                                        c.callbacks()).ok());
+  ASSERT_TRUE(c.WaitTokens(2));
+  cluster.runtime(0).Stop("SIGTERM");
+  // No timeout involved: both loops end promptly.
+  ASSERT_TRUE(cluster.runtime(0).WaitForExit(absl::Seconds(5)));
+  ASSERT_TRUE(cluster.runtime(1).WaitForExit(absl::Seconds(5)));
+  ASSERT_TRUE(c.WaitDone(absl::Seconds(1)));
+  EXPECT_EQ(c.outcome().status.code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(c.outcome().status.message()),
+              HasSubstr("worker shutting down: rank 0 is shutting down"));
+  EXPECT_TRUE(cluster.runtime(0).exit_status().ok()) << cluster.runtime(0).exit_status();
+  EXPECT_EQ(cluster.runtime(1).exit_status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(cluster.runtime(0).Status().steps, cluster.runtime(1).Status().steps);
+}
+
+TEST(WorkerRuntime, PlacementChangeAppliedBetweenStepsWithoutDroppingRequests) {
+  const std::string dir = testing::TinyModelDir("qwen3_moe-tiny");
+  RuntimeCluster cluster(dir, 2, absl::Seconds(20));
+  auto config = LoadModelConfig(dir);
+  ASSERT_TRUE(config.ok());
+  // Epoch 2: every expert on both ranks (each rank must load the other half);
+  // epoch 3: back to contiguous (nothing to load, SetPlacement).
+  Placement replicated = cluster.placement();
+  for (auto& layer : replicated.replicas) {
+    for (auto& ranks : layer) ranks = {0, 1};
+  }
+  std::vector<std::unique_ptr<PlacementLoader>> loaders;
+  for (int r = 0; r < 2; ++r) {
+    loaders.push_back(std::make_unique<PlacementLoader>(dir, *config, r, 2, cluster.placement()));
+  }
+  cluster.StartAll();
+  std::vector<std::unique_ptr<Collector>> cs;
+  std::vector<std::vector<int32_t>> prompts;
+  for (int i = 0; i < 2; ++i) {
+    prompts.push_back(Prompt(9 + i, 10 + i));
+    cs.push_back(std::make_unique<Collector>());
+    ASSERT_TRUE(cluster.runtime(i).Submit(absl::StrCat("p", i),
+                                          {.prompt = prompts[i], .sampling = Greedy(200)},
+                                          cs[i]->callbacks()).ok());
+  }
+  ASSERT_TRUE(cs[0]->WaitTokens(2));
+  {
+    auto p0 = loaders[0]->Prepare(PlacementToProto(replicated, 2));
+    ASSERT_TRUE(p0.ok()) << p0.status();
+    EXPECT_NE(p0->weights, nullptr);  // rank 0 had to load experts
+    cluster.runtime(0).OfferPlacement(*std::move(p0));
+  }
+  // Only rank 0 has it: nobody applies it yet.
+  absl::SleepFor(absl::Milliseconds(50));
+  EXPECT_EQ(cluster.runtime(0).Status().placement_epoch, 1u);
+  {
+    auto p1 = loaders[1]->Prepare(PlacementToProto(replicated, 2));
+    ASSERT_TRUE(p1.ok()) << p1.status();
+    cluster.runtime(1).OfferPlacement(*std::move(p1));
+  }
+  const absl::Time deadline = absl::Now() + absl::Seconds(20);
+  while ((cluster.runtime(0).Status().placement_epoch != 2 ||
+          cluster.runtime(1).Status().placement_epoch != 2) && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(2));
+  }
+  EXPECT_EQ(cluster.runtime(0).Status().placement_epoch, 2u);
+  EXPECT_EQ(cluster.runtime(1).Status().placement_epoch, 2u);
+  for (int r = 0; r < 2; ++r) {
+    auto p = loaders[r]->Prepare(PlacementToProto(cluster.placement(), 3));
+    ASSERT_TRUE(p.ok()) << p.status();
+    EXPECT_EQ(p->weights, nullptr);  // already holds every expert it needs
+    cluster.runtime(r).OfferPlacement(*std::move(p));
+  }
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_TRUE(cs[i]->WaitDone());
+    ASSERT_TRUE(cs[i]->outcome().status.ok()) << cs[i]->outcome().status;
+    EXPECT_EQ(cs[i]->tokens(), ReferenceTokens(dir, prompts[i], Greedy(200))) << "request " << i;
+  }
+  const absl::Time deadline3 = absl::Now() + absl::Seconds(20);
+  while ((cluster.runtime(0).Status().placement_epoch != 3 ||
+          cluster.runtime(1).Status().placement_epoch != 3) && absl::Now() < deadline3) {
+    absl::SleepFor(absl::Milliseconds(2));
+  }
+  EXPECT_EQ(cluster.runtime(0).Status().placement_epoch, 3u);
+  EXPECT_EQ(cluster.runtime(1).Status().placement_epoch, 3u);
+  // And it still generates the same tokens.
+  Collector after;
+  ASSERT_TRUE(cluster.runtime(1).Submit("after", {.prompt = prompts[0], .sampling = Greedy(8)},
+                                        after.callbacks()).ok());
+  ASSERT_TRUE(after.WaitDone());
+  EXPECT_EQ(after.tokens(), ReferenceTokens(dir, prompts[0], Greedy(8)));
+}
+
+}  // namespace
+}  // namespace joule::worker

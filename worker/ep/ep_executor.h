@@ -1,0 +1,74 @@
+// Expert parallelism: routed experts run on the ranks that hold them.
+//
+// Per MoE layer: choose a replica for every (token, expert) pair, permute rows
+// by destination rank, exchange counts, dispatch payloads (all-to-all-v),
+// run the local experts grouped, send the outputs back (combine) and un-permute
+// them with the router weights. The layout computed for dispatch is the handle
+// combine consumes, so the two can never disagree.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "common/placement.h"
+#include "kernels/cpu/thread_pool.h"
+#include "worker/ep/transport.h"
+#include "worker/model/experts.h"
+#include "worker/model/weights.h"
+
+namespace joule::ep {
+
+enum class PayloadType { kF32, kBF16 };
+
+// Payload precision of dispatched activations and combined expert outputs.
+// kF32 reproduces the local executor bit for bit; kBF16 halves the bytes and
+// rounds both (round-to-nearest-even), so results then differ from a
+// single-process run by BF16 rounding.
+struct ExpertParallelOptions {
+  PayloadType payload = PayloadType::kBF16;
+};
+
+class ExpertParallelExecutor : public ExpertExecutor {
+ public:
+  // weights must hold (at least) every expert the placement gives this rank;
+  // if not (or the placement is invalid), every Run fails with that error on
+  // this rank and Aborted on its peers. Neither weights nor transport is owned.
+  ExpertParallelExecutor(const ModelWeights* weights, Transport* transport, Placement placement,
+                         kernels::cpu::CpuStream stream, ExpertParallelOptions options = {});
+  ~ExpertParallelExecutor() override;
+
+  // Collective: every rank calls it for the same layers in the same order,
+  // also with tokens == 0. A transport error comes back annotated with the
+  // layer; a rank that fails before the exchange makes its peers fail too.
+  absl::Status Run(int layer, const float* x, int64_t tokens, const int32_t* expert_ids,
+                   const float* weights, float* out) override;
+
+  // Applies a new placement; call between steps only, on every rank.
+  // FailedPrecondition if this rank does not hold weights the placement needs.
+  absl::Status SetPlacement(Placement placement);
+  const Placement& placement() const;
+
+  // Tokens this rank routed to each expert since the last call, [layer][expert]
+  // (what workers report for EPLB), and resets the counts.
+  std::vector<std::vector<int64_t>> TakeExpertLoad();
+
+  // Cumulative since construction. Bytes are payload bytes this rank sent to
+  // other ranks (rows for itself are a local copy and not counted); dispatch
+  // seconds cover layout, count exchange, packing and the dispatch
+  // all-to-all, combine seconds packing, the combine all-to-all and the
+  // un-permute (expert compute is in neither).
+  struct Stats {
+    uint64_t dispatch_bytes = 0;
+    uint64_t combine_bytes = 0;
+    double dispatch_seconds = 0;
+    double combine_seconds = 0;
+  };
+  Stats stats() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace joule::ep

@@ -1,0 +1,61 @@
+// Transport: the only place ranks exchange tensors.
+//
+// Collectives over plain buffers (host memory, or device memory for
+// transports that say so). Every call either completes on every rank or
+// returns an error on every rank that can still tell: a peer that does not
+// show up within the timeout gives DeadlineExceeded, a peer that went away
+// gives Unavailable — never a hang. After an error the transport is broken
+// and every later call fails fast with FailedPrecondition; the owner rebuilds
+// the group.
+//
+// All ranks must issue the same sequence of collectives (lockstep).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+
+namespace joule::ep {
+
+enum class MemoryKind { kHost, kDevice };
+
+struct TransportOptions {
+  absl::Duration timeout = absl::Seconds(10);  // per collective
+};
+
+class Transport {
+ public:
+  virtual ~Transport() = default;
+
+  virtual int rank() const = 0;
+  virtual int world_size() const = 0;
+  virtual MemoryKind memory_kind() const { return MemoryKind::kHost; }
+  // Short name for logs and metrics: "inproc", "ucx", "nccl".
+  virtual std::string name() const = 0;
+
+  // Optional hint that [ptr, ptr+bytes) will be used in collectives many
+  // times (UCX maps it for zero-copy RDMA). Unregistered buffers still work.
+  virtual absl::Status RegisterBuffer(void* ptr, size_t bytes) { return absl::OkStatus(); }
+
+  // Every rank contributes `bytes` bytes from `in`; `out` receives
+  // world_size * bytes, rank r's contribution at offset r * bytes.
+  virtual absl::Status AllGather(const void* in, size_t bytes, void* out) = 0;
+
+  // Rank r receives send_counts[r] bytes starting at send + send_offsets[r]
+  // from this rank; this rank receives recv_counts[p] bytes from rank p into
+  // recv + recv_offsets[p]. Counts must agree pairwise (exchange them first,
+  // e.g. with AllGather). Zero counts are allowed, including all zero.
+  // All arrays have world_size entries; sizes are bytes.
+  virtual absl::Status AllToAllV(const void* send, const size_t* send_counts,
+                                 const size_t* send_offsets, void* recv,
+                                 const size_t* recv_counts, const size_t* recv_offsets) = 0;
+
+  // Convenience over AllGather.
+  absl::Status Barrier();
+};
+
+}  // namespace joule::ep

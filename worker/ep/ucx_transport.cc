@@ -1,0 +1,434 @@
+#include "worker/ep/ucx_transport.h"
+
+#include <sched.h>
+#include <ucp/api/ucp.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
+
+namespace joule::ep {
+namespace {
+
+// Tag layout: collective sequence number in the high 44 bits, source rank in
+// the low 20. Every rank issues the same sequence of collectives, so a message
+// can only match the receive posted for its own round and sender.
+constexpr int kRankBits = 20;
+constexpr int kMaxWorld = 1 << kRankBits;
+constexpr ucp_tag_t kFullMask = ~ucp_tag_t{0};
+
+ucp_tag_t MakeTag(uint64_t seq, int source) {
+  return (static_cast<ucp_tag_t>(seq) << kRankBits) | static_cast<ucp_tag_t>(source);
+}
+
+absl::Status UcsError(absl::string_view call, ucs_status_t status) {
+  return absl::InternalError(
+      absl::StrCat("ucx transport: ", call, " failed: ", ucs_status_string(status)));
+}
+
+// Teardown of endpoints and requests is bounded by this much progress time;
+// after it UCX releases whatever is left when the worker is destroyed.
+constexpr absl::Duration kTeardownBudget = absl::Seconds(1);
+
+// True unless UCX_TLS names transports and none of them is shared memory
+// (then asking for shared-memory settings only makes UCX warn).
+bool WantsSharedMemory() {
+  const char* tls = std::getenv("UCX_TLS");
+  if (tls == nullptr) return true;
+  const std::string t(tls);
+  for (const char* name : {"all", "shm", "posix", "sysv", "mm", "^"}) {
+    if (t.find(name) != std::string::npos) return true;
+  }
+  return false;
+}
+
+// Keepalive is how UCX notices a dead peer on shared memory (TCP also sees
+// the socket reset). Its default (20 s) is longer than a step timeout, so
+// unless the user set it, probe a few times per collective timeout.
+std::string KeepaliveInterval(absl::Duration timeout) {
+  absl::Duration interval = std::clamp(timeout / 4, absl::Milliseconds(100), absl::Seconds(5));
+  return absl::StrCat(absl::ToInt64Milliseconds(interval), "ms");
+}
+
+class UcxTransportImpl final : public UcxTransport {
+ public:
+  UcxTransportImpl(int rank, int world_size, const TransportOptions& options,
+                   const UcxOptions& ucx)
+      : rank_(rank), world_size_(world_size), options_(options), ucx_(ucx),
+        eps_(world_size, nullptr), peer_error_(world_size, UCS_OK) {}
+
+  ~UcxTransportImpl() override { Teardown(); }
+
+  absl::Status Init() {
+    ucp_config_t* config = nullptr;
+    if (ucs_status_t s = ucp_config_read(nullptr, nullptr, &config); s != UCS_OK) {
+      return UcsError("ucp_config_read", s);
+    }
+    // Shared-memory transports only take part in peer-failure handling when
+    // asked to; without it, UCX_TLS=shm leaves no transport that can report
+    // a dead peer. The environment still wins.
+    if (ucx_.peer_error_handling && WantsSharedMemory() &&
+        std::getenv("UCX_MM_ERROR_HANDLING") == nullptr && std::getenv("UCX_POSIX_ERROR_HANDLING") == nullptr &&
+        std::getenv("UCX_SYSV_ERROR_HANDLING") == nullptr) {
+      ucp_config_modify(config, "MM_ERROR_HANDLING", "y");
+    }
+    if (std::getenv("UCX_KEEPALIVE_INTERVAL") == nullptr) {
+      ucp_config_modify(config, "KEEPALIVE_INTERVAL", KeepaliveInterval(options_.timeout).c_str());
+    }
+    ucp_params_t params{};
+    params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED;
+    params.features = UCP_FEATURE_TAG;
+    params.mt_workers_shared = 0;
+    ucs_status_t s = ucp_init(&params, config, &context_);
+    ucp_config_release(config);
+    if (s != UCS_OK) return UcsError("ucp_init", s);
+
+    ucp_worker_params_t wparams{};
+    wparams.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+    wparams.thread_mode = UCS_THREAD_MODE_SINGLE;  // one thread (this rank's) drives it
+    if (s = ucp_worker_create(context_, &wparams, &worker_); s != UCS_OK) {
+      return UcsError("ucp_worker_create", s);
+    }
+    ucp_address_t* addr = nullptr;
+    size_t addr_len = 0;
+    if (s = ucp_worker_get_address(worker_, &addr, &addr_len); s != UCS_OK) {
+      return UcsError("ucp_worker_get_address", s);
+    }
+    address_.assign(reinterpret_cast<const char*>(addr), addr_len);
+    ucp_worker_release_address(worker_, addr);
+    return absl::OkStatus();
+  }
+
+  int rank() const override { return rank_; }
+  int world_size() const override { return world_size_; }
+  std::string name() const override { return "ucx"; }
+  const std::string& address() const override { return address_; }
+
+  absl::Status Connect(const std::vector<std::string>& addresses) override {
+    if (connected_) return absl::FailedPreconditionError("ucx transport: Connect called twice");
+    if (addresses.size() != static_cast<size_t>(world_size_)) {
+      return absl::InvalidArgumentError(absl::StrCat("ucx transport: addresses has ",
+                                                     addresses.size(), " entries, world_size is ",
+                                                     world_size_));
+    }
+    for (int p = 0; p < world_size_; ++p) {
+      if (p != rank_ && addresses[p].empty()) {
+        return absl::InvalidArgumentError(absl::StrCat("ucx transport: address of rank ", p,
+                                                       " is empty"));
+      }
+    }
+    for (int p = 0; p < world_size_; ++p) {
+      if (p == rank_) continue;
+      ucp_ep_params_t ep_params{};
+      ep_params.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS |
+                             UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
+      ep_params.address = reinterpret_cast<const ucp_address_t*>(addresses[p].data());
+      ep_params.err_mode =
+          ucx_.peer_error_handling ? UCP_ERR_HANDLING_MODE_PEER : UCP_ERR_HANDLING_MODE_NONE;
+      ep_params.err_handler.cb = &UcxTransportImpl::OnEndpointError;
+      ep_params.err_handler.arg = this;
+      if (ucs_status_t s = ucp_ep_create(worker_, &ep_params, &eps_[p]); s != UCS_OK) {
+        eps_[p] = nullptr;
+        broken_ = absl::UnavailableError(absl::StrCat(
+            "ucx transport: cannot reach rank ", p, ": ucp_ep_create: ", ucs_status_string(s)));
+        return broken_;
+      }
+    }
+    connected_ = true;
+    // Wires up every endpoint (UCX connects lazily) and proves all ranks are here.
+    return Barrier();
+  }
+
+  absl::Status AllGather(const void* in, size_t bytes, void* out) override {
+    if (absl::Status s = Ready(); !s.ok()) return s;
+    const uint64_t seq = seq_++;
+    char* dst = static_cast<char*>(out);
+    if (bytes > 0 && in != dst + rank_ * bytes) std::memmove(dst + rank_ * bytes, in, bytes);
+    ops_.clear();
+    for (int i = 1; i < world_size_; ++i) {
+      const int p = (rank_ + world_size_ - i) % world_size_;
+      if (absl::Status s = PostRecv(p, dst + p * bytes, bytes, seq); !s.ok()) return Fail(s);
+    }
+    for (int i = 1; i < world_size_; ++i) {
+      const int p = (rank_ + i) % world_size_;
+      if (absl::Status s = PostSend(p, in, bytes, seq); !s.ok()) return Fail(s);
+    }
+    return Wait("all-gather", seq);
+  }
+
+  absl::Status AllToAllV(const void* send, const size_t* send_counts, const size_t* send_offsets,
+                         void* recv, const size_t* recv_counts, const size_t* recv_offsets) override {
+    if (absl::Status s = Ready(); !s.ok()) return s;
+    const uint64_t seq = seq_++;
+    const char* src = static_cast<const char*>(send);
+    char* dst = static_cast<char*>(recv);
+    absl::Status self_mismatch;
+    if (send_counts[rank_] != recv_counts[rank_]) {
+      self_mismatch = absl::InvalidArgumentError(
+          absl::StrCat("all-to-all-v: rank ", rank_, " sends ", send_counts[rank_],
+                       " bytes to itself but expects ", recv_counts[rank_]));
+    } else if (send_counts[rank_] > 0) {
+      std::memmove(dst + recv_offsets[rank_], src + send_offsets[rank_], send_counts[rank_]);
+    }
+    ops_.clear();
+    // Zero-byte messages are sent too: they keep every round a full exchange,
+    // so an absent peer is noticed even when it has nothing to send.
+    for (int i = 1; i < world_size_; ++i) {
+      const int p = (rank_ + world_size_ - i) % world_size_;
+      if (absl::Status s = PostRecv(p, dst + recv_offsets[p], recv_counts[p], seq); !s.ok()) {
+        return Fail(s);
+      }
+    }
+    for (int i = 1; i < world_size_; ++i) {
+      const int p = (rank_ + i) % world_size_;
+      if (absl::Status s = PostSend(p, src + send_offsets[p], send_counts[p], seq); !s.ok()) {
+        return Fail(s);
+      }
+    }
+    absl::Status s = Wait("all-to-all-v", seq);
+    return s.ok() ? self_mismatch : s;
+  }
+
+ private:
+  struct Op {
+    void* request = nullptr;  // UCX request; nullptr once complete
+    int peer = 0;
+    bool is_send = false;
+    size_t expected = 0;  // receives: bytes the caller expects
+  };
+
+  static void OnEndpointError(void* arg, ucp_ep_h ep, ucs_status_t status) {
+    auto* self = static_cast<UcxTransportImpl*>(arg);
+    for (int p = 0; p < self->world_size_; ++p) {
+      if (self->eps_[p] == ep && self->peer_error_[p] == UCS_OK) self->peer_error_[p] = status;
+    }
+  }
+
+  absl::Status Ready() {
+    if (!broken_.ok()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("ucx transport: broken by an earlier error: ", broken_.message()));
+    }
+    if (!connected_) return absl::FailedPreconditionError("ucx transport: not connected");
+    for (int p = 0; p < world_size_; ++p) {
+      if (peer_error_[p] != UCS_OK) return Fail(PeerGone(p, peer_error_[p]));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status PeerGone(int peer, ucs_status_t status) {
+    return absl::UnavailableError(absl::StrCat("ucx transport: rank ", peer, " is unreachable (",
+                                               ucs_status_string(status), ")"));
+  }
+
+  absl::Status PostRecv(int peer, void* buf, size_t bytes, uint64_t seq) {
+    ucp_request_param_t param{};
+    // Always a request, so its completion reports the received length
+    // (UCX 1.13 leaves recv_info unset on immediate completion).
+    param.op_attr_mask = UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
+    ucs_status_ptr_t req = ucp_tag_recv_nbx(worker_, buf, bytes, MakeTag(seq, peer), kFullMask,
+                                            &param);
+    if (UCS_PTR_IS_ERR(req)) return UcsError("ucp_tag_recv_nbx", UCS_PTR_STATUS(req));
+    if (req != nullptr) ops_.push_back(Op{.request = req, .peer = peer, .expected = bytes});
+    return absl::OkStatus();
+  }
+
+  absl::Status PostSend(int peer, const void* buf, size_t bytes, uint64_t seq) {
+    ucp_request_param_t param{};
+    ucs_status_ptr_t req = ucp_tag_send_nbx(eps_[peer], buf, bytes, MakeTag(seq, rank_), &param);
+    if (UCS_PTR_IS_ERR(req)) return PeerGone(peer, UCS_PTR_STATUS(req));
+    ops_.push_back(Op{.request = req, .peer = peer, .is_send = true});
+    return absl::OkStatus();
+  }
+
+  absl::Status CheckLength(const Op& op, size_t length) {
+    if (length == op.expected) return absl::OkStatus();
+    return absl::InvalidArgumentError(absl::StrCat("ucx transport: rank ", op.peer, " sent ",
+                                                   length, " bytes to rank ", rank_,
+                                                   " which expects ", op.expected));
+  }
+
+  // Polls one outstanding request; returns an error for a failed one.
+  absl::Status Poll(Op& op, bool* done) {
+    ucs_status_t status;
+    size_t length = 0;
+    if (op.is_send) {
+      status = ucp_request_check_status(op.request);
+    } else {
+      ucp_tag_recv_info_t info{};
+      status = ucp_tag_recv_request_test(op.request, &info);
+      length = info.length;
+    }
+    *done = status != UCS_INPROGRESS;
+    if (!*done) return absl::OkStatus();
+    ucp_request_free(op.request);
+    op.request = nullptr;
+    if (status == UCS_ERR_MESSAGE_TRUNCATED) {
+      mismatch_.Update(absl::InvalidArgumentError(absl::StrCat(
+          "ucx transport: rank ", op.peer, " sent more than the ", op.expected,
+          " bytes rank ", rank_, " expects")));
+      return absl::OkStatus();
+    }
+    if (status != UCS_OK) return PeerGone(op.peer, status);
+    if (!op.is_send) mismatch_.Update(CheckLength(op, length));
+    return absl::OkStatus();
+  }
+
+  // Drives progress until every request of the collective completed, a peer
+  // failed, or the deadline passed.
+  absl::Status Wait(absl::string_view what, uint64_t seq) {
+    const absl::Time deadline = absl::Now() + options_.timeout;
+    size_t pending = 0;
+    for (const Op& op : ops_) pending += op.request != nullptr;
+    int idle = 0;
+    while (pending > 0) {
+      const unsigned progressed = ucp_worker_progress(worker_);
+      for (Op& op : ops_) {
+        if (op.request == nullptr) continue;
+        bool done = false;
+        if (absl::Status s = Poll(op, &done); !s.ok()) return Fail(s);
+        pending -= done;
+      }
+      if (pending == 0) break;
+      // A peer whose endpoint failed only matters while we still wait on it.
+      for (const Op& op : ops_) {
+        if (op.request != nullptr && peer_error_[op.peer] != UCS_OK) {
+          return Fail(PeerGone(op.peer, peer_error_[op.peer]));
+        }
+      }
+      if (progressed != 0) {
+        idle = 0;
+        continue;
+      }
+      ++idle;
+      if (idle % 16 == 0 && absl::Now() >= deadline) return Fail(TimedOut(what, seq));
+      // Ranks often outnumber cores (tests, one-host runs, shared hosts):
+      // after a short spin let the peer we wait for run. With an idle core
+      // sched_yield returns at once, so this costs little otherwise.
+      if (idle >= 32) sched_yield();
+    }
+    absl::Status mismatch = mismatch_;
+    mismatch_ = absl::OkStatus();
+    return mismatch;
+  }
+
+  absl::Status TimedOut(absl::string_view what, uint64_t seq) {
+    std::vector<int> from, to;
+    for (const Op& op : ops_) {
+      if (op.request == nullptr) continue;
+      (op.is_send ? to : from).push_back(op.peer);
+    }
+    std::string msg = absl::StrCat("ucx transport: rank ", rank_, " ", what, " #", seq,
+                                   " timed out after ", absl::FormatDuration(options_.timeout));
+    if (!from.empty()) absl::StrAppend(&msg, "; no data from rank(s) ", absl::StrJoin(from, ","));
+    if (!to.empty()) absl::StrAppend(&msg, "; sends not completed to rank(s) ", absl::StrJoin(to, ","));
+    return absl::DeadlineExceededError(msg);
+  }
+
+  // Records the first error, cancels what is outstanding and drops the
+  // endpoints: the transport is broken from here on.
+  absl::Status Fail(absl::Status status) {
+    if (broken_.ok()) broken_ = status;
+    mismatch_ = absl::OkStatus();
+    Abort();
+    return status;
+  }
+
+  // Cancels outstanding requests and force-closes every endpoint, so UCX no
+  // longer touches the caller's buffers once the collective returns.
+  void Abort() {
+    for (Op& op : ops_) {
+      if (op.request != nullptr) ucp_request_cancel(worker_, op.request);
+    }
+    CloseEndpoints(/*force=*/true);
+    const absl::Time deadline = absl::Now() + kTeardownBudget;
+    for (Op& op : ops_) {
+      if (op.request == nullptr) continue;
+      while (ucp_request_check_status(op.request) == UCS_INPROGRESS && absl::Now() < deadline) {
+        ucp_worker_progress(worker_);
+      }
+      ucp_request_free(op.request);  // released by UCX if still in flight
+      op.request = nullptr;
+    }
+    ops_.clear();
+  }
+
+  void CloseEndpoints(bool force) {
+    std::vector<void*> closing;
+    for (int p = 0; p < world_size_; ++p) {
+      if (eps_[p] == nullptr) continue;
+      ucp_request_param_t param{};
+      param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+      // A failed endpoint can only be closed by force.
+      param.flags = (force || peer_error_[p] != UCS_OK) ? UCP_EP_CLOSE_FLAG_FORCE : 0;
+      ucs_status_ptr_t req = ucp_ep_close_nbx(eps_[p], &param);
+      eps_[p] = nullptr;
+      if (req != nullptr && !UCS_PTR_IS_ERR(req)) closing.push_back(req);
+    }
+    const absl::Time deadline = absl::Now() + kTeardownBudget;
+    for (void* req : closing) {
+      while (ucp_request_check_status(req) == UCS_INPROGRESS && absl::Now() < deadline) {
+        ucp_worker_progress(worker_);
+      }
+      ucp_request_free(req);
+    }
+  }
+
+  void Teardown() {
+    if (worker_ != nullptr) {
+      if (!ops_.empty()) Abort();
+      CloseEndpoints(/*force=*/!broken_.ok());
+      ucp_worker_destroy(worker_);
+      worker_ = nullptr;
+    }
+    if (context_ != nullptr) {
+      ucp_cleanup(context_);
+      context_ = nullptr;
+    }
+  }
+
+  const int rank_;
+  const int world_size_;
+  const TransportOptions options_;
+  const UcxOptions ucx_;
+  ucp_context_h context_ = nullptr;
+  ucp_worker_h worker_ = nullptr;
+  std::string address_;
+  std::vector<ucp_ep_h> eps_;               // by rank; nullptr for self
+  std::vector<ucs_status_t> peer_error_;    // set by the endpoint error handler
+  bool connected_ = false;
+  uint64_t seq_ = 0;                        // collectives issued so far
+  std::vector<Op> ops_;                     // requests of the running collective
+  absl::Status mismatch_;                   // count mismatches of the running collective
+  absl::Status broken_;                     // first error; non-OK means broken
+};
+
+}  // namespace
+
+UcxTransport::~UcxTransport() = default;
+
+absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(int rank, int world_size,
+                                                                   const TransportOptions& options,
+                                                                   const UcxOptions& ucx) {
+  if (world_size < 1 || world_size > kMaxWorld) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ucx transport: world_size ", world_size, " is outside [1, ", kMaxWorld, "]"));
+  }
+  if (rank < 0 || rank >= world_size) {
+    return absl::InvalidArgumentError(absl::StrCat("ucx transport: rank ", rank,
+                                                   " is outside [0, ", world_size, ")"));
+  }
+  if (options.timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("ucx transport: timeout must be positive");
+  }
+  auto transport = std::make_unique<UcxTransportImpl>(rank, world_size, options, ucx);
+  if (absl::Status s = transport->Init(); !s.ok()) return s;
+  return transport;
+}
+
+}  // namespace joule::ep

@@ -1,0 +1,65 @@
+#include "worker/service/convert.h"
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+
+namespace joule::worker {
+
+absl::StatusOr<GenerationRequest> ToGenerationRequest(const v1::GenerateRequest& request) {
+  if (request.request_id().empty()) {
+    return absl::InvalidArgumentError("request_id: must not be empty");
+  }
+  if (request.prompt_token_ids().empty()) {
+    return absl::InvalidArgumentError("prompt_token_ids: must not be empty");
+  }
+  GenerationRequest out;
+  out.prompt.assign(request.prompt_token_ids().begin(), request.prompt_token_ids().end());
+  const v1::SamplingParams& s = request.sampling();
+  out.sampling.temperature = s.temperature();
+  out.sampling.top_p = s.top_p() == 0.0f ? 1.0f : s.top_p();
+  out.sampling.top_k = s.top_k();
+  if (s.has_seed()) out.sampling.seed = s.seed();
+  if (s.max_tokens() < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("sampling.max_tokens: must be positive, got ", s.max_tokens()));
+  }
+  out.sampling.max_tokens = s.max_tokens() == 0 ? kDefaultMaxTokens : s.max_tokens();
+  out.sampling.stop_token_ids.assign(s.stop_token_ids().begin(), s.stop_token_ids().end());
+  out.sampling.ignore_eos = s.ignore_eos();
+  if (absl::Status st = out.sampling.Validate(); !st.ok()) {
+    // SamplingParams names the bare field; say where it sits in the request.
+    return absl::InvalidArgumentError(absl::StrCat("sampling.", st.message()));
+  }
+  return out;
+}
+
+v1::FinishReason ToProto(FinishReason reason) {
+  switch (reason) {
+    case FinishReason::kStop: return v1::FINISH_REASON_STOP;
+    case FinishReason::kLength: return v1::FINISH_REASON_LENGTH;
+    case FinishReason::kCancelled: return v1::FINISH_REASON_CANCELLED;
+    case FinishReason::kNone: break;
+  }
+  return v1::FINISH_REASON_UNSPECIFIED;
+}
+
+absl::StatusOr<Placement> PlacementFromProto(const v1::Placement& placement, const ModelConfig& config) {
+  std::vector<bool> moe_layer(config.num_layers);
+  for (int l = 0; l < config.num_layers; ++l) moe_layer[l] = config.IsMoeLayer(l);
+  return joule::PlacementFromProto(placement, config.num_experts, moe_layer);
+}
+
+v1::ModelInfo ToModelInfo(const ModelConfig& config, const std::string& name) {
+  v1::ModelInfo info;
+  info.set_name(name);
+  info.set_architecture(config.architecture);
+  info.set_vocab_size(static_cast<int32_t>(config.vocab_size));
+  info.set_hidden_size(static_cast<int32_t>(config.hidden_size));
+  info.set_num_layers(config.num_layers);
+  info.set_num_experts(config.num_experts);
+  info.set_top_k(config.num_experts_per_tok);
+  info.set_max_context(config.max_position_embeddings);
+  return info;
+}
+
+}  // namespace joule::worker

@@ -1,0 +1,17 @@
+// CoordinatorClient over gRPC: every call carries a deadline, the channel
+// keeps itself alive with keepalive pings.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "absl/time/time.h"
+#include "worker/service/coordinator_client.h"
+
+namespace joule::worker {
+
+// `target` is host:port; `rpc_timeout` is the deadline of Register and Heartbeat.
+std::unique_ptr<CoordinatorClient> MakeGrpcCoordinatorClient(const std::string& target,
+                                                             absl::Duration rpc_timeout);
+
+}  // namespace joule::worker

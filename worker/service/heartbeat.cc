@@ -1,0 +1,95 @@
+#include "worker/service/heartbeat.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "common/logging.h"
+
+namespace joule::worker {
+
+HeartbeatLoop::HeartbeatLoop(CoordinatorClient* coordinator, WorkerRuntime* runtime,
+                             PlacementLoader* loader, HeartbeatOptions options,
+                             std::function<void(absl::Status)> on_stop)
+    : coordinator_(coordinator),
+      runtime_(runtime),
+      loader_(loader),
+      options_(std::move(options)),
+      on_stop_(std::move(on_stop)) {}
+
+HeartbeatLoop::~HeartbeatLoop() { Stop(); }
+
+void HeartbeatLoop::Start() {
+  thread_ = std::thread([this] { Loop(); });
+}
+
+void HeartbeatLoop::Stop() {
+  if (!quit_.HasBeenNotified()) quit_.Notify();
+  if (thread_.joinable()) thread_.join();
+}
+
+void HeartbeatLoop::Loop() {
+  do {
+    (void)Beat();  // failures are counted and logged inside
+  } while (!stopped_ && !quit_.WaitForNotificationWithTimeout(options_.interval));
+}
+
+absl::Status HeartbeatLoop::Beat() {
+  const WorkerStatus status = runtime_->Status();
+  v1::HeartbeatRequest request;
+  request.set_worker_id(options_.worker_id);
+  request.set_rank(options_.rank);
+  request.set_ready(status.ready);
+  request.set_running(status.running);
+  request.set_waiting(status.waiting);
+  request.set_kv_usage(status.kv_usage);
+  request.set_kv_free_blocks(status.kv_free_blocks);
+  request.set_placement_epoch(status.placement_epoch);
+  const std::vector<std::vector<int64_t>> load = runtime_->TakeExpertLoad();
+  for (size_t l = 0; l < load.size(); ++l) {
+    // Dense layers (and MoE layers nobody routed to) have nothing to report.
+    if (std::all_of(load[l].begin(), load[l].end(), [](int64_t n) { return n == 0; })) continue;
+    v1::ExpertLoad* el = request.add_expert_load();
+    el->set_layer(static_cast<int32_t>(l));
+    el->mutable_tokens()->Add(load[l].begin(), load[l].end());
+  }
+
+  absl::StatusOr<v1::HeartbeatReply> reply = coordinator_->Heartbeat(request);
+  if (!reply.ok()) {
+    ++missed_;
+    JOULE_LOG(Warning) << "rank " << options_.rank << ": heartbeat " << missed_ << "/"
+                       << options_.max_missed << " failed: " << reply.status().message();
+    if (missed_ > options_.max_missed && !stopped_) {
+      stopped_ = true;
+      const absl::Status why = absl::UnavailableError(absl::StrCat(
+          "coordinator unreachable for ", missed_, " heartbeats: ", reply.status().message()));
+      JOULE_LOG(Error) << "rank " << options_.rank << ": " << why.message() << "; stopping";
+      on_stop_(why);
+    }
+    return reply.status();
+  }
+  missed_ = 0;
+  if (reply->has_placement() && reply->placement().epoch() > offered_epoch_ &&
+      reply->placement().epoch() > status.placement_epoch &&
+      reply->placement().epoch() != rejected_epoch_) {
+    absl::StatusOr<PreparedPlacement> prepared = loader_->Prepare(reply->placement());
+    if (prepared.ok()) {
+      offered_epoch_ = prepared->epoch;
+      JOULE_LOG(Info) << "rank " << options_.rank << ": placement epoch " << offered_epoch_
+                      << " ready; applying between steps once every rank has it";
+      runtime_->OfferPlacement(std::move(*prepared));
+    } else {
+      // Keep running the current placement; the coordinator sees our epoch.
+      rejected_epoch_ = reply->placement().epoch();
+      JOULE_LOG(Error) << "rank " << options_.rank << ": cannot run placement epoch "
+                       << reply->placement().epoch() << ": " << prepared.status().message();
+    }
+  }
+  if (reply->shutdown() && !stopped_) {
+    stopped_ = true;
+    JOULE_LOG(Info) << "rank " << options_.rank << ": coordinator asked to shut down";
+    on_stop_(absl::OkStatus());
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace joule::worker

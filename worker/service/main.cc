@@ -1,0 +1,73 @@
+// joule-worker: one expert-parallel rank of a Joule cluster.
+//
+//   joule-worker --coordinator HOST:PORT --model DIR [--rank R] [--port 0] [--threads N]
+//                [--kv-cache-mb M] [--block-size 16] [--transport ucx|nccl]
+//                [--payload bf16|f32] [--step-timeout-ms 10000] ...   (--help lists all)
+//
+// Exit status: 0 after SIGTERM/SIGINT or a shutdown from the coordinator,
+// 1 when the worker could not start or stopped serving (peer lost, step
+// timeout, coordinator unreachable), 2 for bad flags.
+#include <pthread.h>
+#include <signal.h>
+
+#include <cstdio>
+#include <thread>
+
+#include "common/logging.h"
+#include "worker/service/grpc_coordinator_client.h"
+#include "worker/service/worker_config.h"
+#include "worker/service/worker_process.h"
+
+int main(int argc, char** argv) {
+  absl::StatusOr<joule::worker::WorkerConfig> config = joule::worker::ParseWorkerConfig(argc, argv);
+  if (!config.ok()) return joule::ReportOptionsError("joule-worker", config.status());
+
+  // Signals are taken by one owned thread (sigwait), never by a handler:
+  // block them before any other thread starts so every thread inherits it.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  auto coordinator = joule::worker::MakeGrpcCoordinatorClient(
+      config->coordinator, absl::Milliseconds(config->rpc_timeout_ms));
+  joule::worker::WorkerProcess process(*config, coordinator.get());
+
+  std::atomic<bool> exiting{false};
+  std::thread signal_thread([&] {
+    while (true) {
+      int sig = 0;
+      if (sigwait(&signals, &sig) != 0) continue;
+      if (exiting.load()) return;
+      JOULE_LOG(Info) << "received " << (sig == SIGTERM ? "SIGTERM" : "SIGINT") << "; shutting down";
+      process.Stop(sig == SIGTERM ? "SIGTERM" : "SIGINT");
+    }
+  });
+  auto join_signal_thread = [&] {
+    exiting.store(true);
+    pthread_kill(signal_thread.native_handle(), SIGTERM);
+    signal_thread.join();
+  };
+
+  int code = 0;
+  if (absl::Status s = process.Start(); !s.ok()) {
+    JOULE_LOG(Error) << "joule-worker failed to start: " << s.message();
+    process.Fail(s);
+    (void)process.Wait();
+    code = 1;
+  } else {
+    // The rank and port are what scripts and tests wait for.
+    std::printf("joule-worker rank %d listening on port %d\n", process.rank(), process.port());
+    std::fflush(stdout);
+    absl::Status s2 = process.Wait();
+    if (!s2.ok()) {
+      JOULE_LOG(Error) << "joule-worker stopped: " << s2.message();
+      code = 1;
+    } else {
+      JOULE_LOG(Info) << "joule-worker stopped cleanly";
+    }
+  }
+  join_signal_thread();
+  return code;
+}

@@ -1,0 +1,49 @@
+#include "worker/service/worker_config.h"
+
+#include "absl/strings/str_cat.h"
+
+namespace joule::worker {
+
+absl::Status WorkerConfig::Validate() const {
+  if (coordinator.empty()) return absl::InvalidArgumentError("--coordinator: required (host:port)");
+  if (model.empty()) return absl::InvalidArgumentError("--model: required (checkpoint directory)");
+  if (rank < -1) return absl::InvalidArgumentError(absl::StrCat("--rank: must be >= -1, got ", rank));
+  if (port < 0 || port > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat("--port: must be in [0, 65535], got ", port));
+  }
+  if (threads < 0) return absl::InvalidArgumentError(absl::StrCat("--threads: must be >= 0, got ", threads));
+  if (kv_cache_mb <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--kv-cache-mb: must be positive, got ", kv_cache_mb));
+  }
+  if (block_size <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--block-size: must be positive, got ", block_size));
+  }
+  if (max_batch_tokens <= 0) return absl::InvalidArgumentError("--max-batch-tokens: must be positive");
+  if (max_running <= 0) return absl::InvalidArgumentError("--max-running: must be positive");
+  if (transport != "ucx" && transport != "nccl") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--transport: must be ucx or nccl, got '", transport, "'"));
+  }
+  if (payload != "bf16" && payload != "f32") {
+    return absl::InvalidArgumentError(absl::StrCat("--payload: must be bf16 or f32, got '", payload, "'"));
+  }
+  if (step_timeout_ms <= 0) return absl::InvalidArgumentError("--step-timeout-ms: must be positive");
+  if (rpc_timeout_ms <= 0) return absl::InvalidArgumentError("--rpc-timeout-ms: must be positive");
+  if (rendezvous_timeout_ms <= 0) {
+    return absl::InvalidArgumentError("--rendezvous-timeout-ms: must be positive");
+  }
+  if (heartbeat_max_missed < 0) return absl::InvalidArgumentError("--heartbeat-max-missed: must be >= 0");
+  if (idle_wait_us < 0) return absl::InvalidArgumentError("--idle-wait-us: must be >= 0");
+  if (control_interval <= 0) return absl::InvalidArgumentError("--control-interval: must be positive");
+  if (shutdown_grace_ms < 0) return absl::InvalidArgumentError("--shutdown-grace-ms: must be >= 0");
+  return absl::OkStatus();
+}
+
+std::string WorkerConfig::ToString() const { return DescribeConfig(*this); }
+
+absl::StatusOr<WorkerConfig> ParseWorkerConfig(int argc, const char* const* argv) {
+  return ParseConfig<WorkerConfig>("usage: joule-worker --coordinator HOST:PORT --model DIR [flags]",
+                                   "JOULE_WORKER_", argc, argv);
+}
+
+}  // namespace joule::worker

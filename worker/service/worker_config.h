@@ -1,0 +1,56 @@
+// joule-worker's configuration, declared once: name, type, default, help.
+// Read from the environment (JOULE_WORKER_<NAME>, e.g. JOULE_WORKER_KV_CACHE_MB)
+// and then the command line (--kv-cache-mb), and printed at start-up.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/options.h"
+
+namespace joule::worker {
+
+// X(type, field, default, help); the flag is --field with '_' written '-'
+// (common/options.h reads and prints them).
+#define JOULE_WORKER_FLAGS(X)                                                                     \
+  X(std::string, coordinator, "", "host:port of the coordinator (required)")                      \
+  X(std::string, model, "", "Hugging Face checkpoint directory (required)")                       \
+  X(int, rank, -1, "rank to ask for; -1: any free rank")                                         \
+  X(std::string, listen_host, "0.0.0.0", "address the Worker gRPC server binds")                  \
+  X(int, port, 0, "port of the Worker gRPC server; 0: an ephemeral port (printed)")               \
+  X(std::string, advertise_host, "",                                                              \
+    "host the coordinator reaches this worker at; empty: the local address facing the coordinator") \
+  X(int, threads, 0, "CPU threads for the forward pass; 0: every core")                           \
+  X(int64_t, kv_cache_mb, 256, "KV cache size in MiB")                                            \
+  X(int, block_size, 16, "tokens per KV block")                                                   \
+  X(int, max_batch_tokens, 512, "tokens per engine step (decode + prefill chunks)")               \
+  X(int, max_running, 64, "sequences in the running batch")                                       \
+  X(std::string, transport, "ucx", "expert-parallel transport: ucx | nccl")                       \
+  X(std::string, payload, "bf16", "dispatch/combine payload precision: bf16 | f32")               \
+  X(int64_t, step_timeout_ms, 10000, "a collective that takes longer fails the step (peer lost); the coordinator's value wins") \
+  X(int64_t, rpc_timeout_ms, 5000, "deadline of Register and Heartbeat calls")                    \
+  X(int64_t, rendezvous_timeout_ms, 300000, "how long to wait for every rank to register")        \
+  X(int, heartbeat_max_missed, 5, "failed heartbeats in a row before the worker stops")           \
+  X(int64_t, idle_wait_us, 1000, "pause after a lockstep round in which no rank had work")        \
+  X(int, control_interval, 4, "lockstep rounds between control exchanges (placement, stop)")      \
+  X(int64_t, shutdown_grace_ms, 2000, "time given to streams to end at shutdown")                 \
+  X(std::string, device, "cpu", "device reported at registration")
+
+struct WorkerConfig {
+  JOULE_WORKER_FLAGS(JOULE_OPTION_FIELD)
+
+  std::vector<Option> Options() { return {JOULE_WORKER_FLAGS(JOULE_OPTION_BIND)}; }
+  // InvalidArgument naming the flag when a value is out of range.
+  absl::Status Validate() const;
+  // One line per flag, "--name=value", for the start-up log.
+  std::string ToString() const;
+};
+
+// Environment first, then argv, then Validate. InvalidArgument names the flag
+// for unknown flags, missing or malformed values. `--help` gives Cancelled with
+// the usage (IsHelpRequest).
+absl::StatusOr<WorkerConfig> ParseWorkerConfig(int argc, const char* const* argv);
+
+}  // namespace joule::worker

@@ -1,0 +1,59 @@
+// What the Worker gRPC service asks of a worker, in plain C++ (no gRPC or
+// protobuf types): the adapter (worker_grpc_service.h) translates, the runtime
+// (worker_runtime.h) implements, tests fake it.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "worker/engine/engine.h"
+
+namespace joule::worker {
+
+// The terminal outcome of one request: exactly one per accepted request.
+struct RequestOutcome {
+  absl::Status status;                        // not OK: the request failed with this error
+  FinishReason finish = FinishReason::kNone;  // kStop, kLength or kCancelled when OK
+  int prompt_tokens = 0;
+  int completion_tokens = 0;
+};
+
+// Called from the worker's step loop: implementations must not block.
+struct RequestCallbacks {
+  std::function<void(const std::vector<int32_t>& tokens)> on_tokens;  // new tokens, in order
+  std::function<void(const RequestOutcome& outcome)> on_done;         // last call
+};
+
+struct WorkerStatus {
+  int rank = -1;
+  bool ready = false;  // serving requests
+  int running = 0;
+  int waiting = 0;
+  int64_t kv_free_blocks = 0;
+  int64_t kv_total_blocks = 0;
+  double kv_usage = 0;
+  int64_t resident_bytes = 0;       // RSS of the process
+  int64_t loaded_weight_bytes = 0;  // weights this rank holds (attention/dense + its experts)
+  uint64_t steps = 0;               // lockstep rounds run
+  uint64_t placement_epoch = 0;
+  std::string error;                // why it stopped serving, when it did
+};
+
+class WorkerHandler {
+ public:
+  virtual ~WorkerHandler() = default;
+  // Queues a request. On error nothing is queued and no callback runs:
+  // Unavailable when not serving, AlreadyExists for a live request_id.
+  // Invalid prompts or sampling reach on_done as InvalidArgument.
+  virtual absl::Status Submit(const std::string& request_id, GenerationRequest request,
+                              RequestCallbacks callbacks) = 0;
+  // Cancels a queued or running request (its KV blocks are freed, on_done
+  // reports kCancelled). False if no such request is live.
+  virtual bool Cancel(const std::string& request_id) = 0;
+  virtual WorkerStatus Status() = 0;
+};
+
+}  // namespace joule::worker

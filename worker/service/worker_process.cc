@@ -1,0 +1,390 @@
+#include "worker/service/worker_process.h"
+
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/logging.h"
+#include "common/model_fingerprint.h"
+#include "common/status.h"
+#include "worker/engine/engine.h"
+#include "worker/ep/ep_executor.h"
+#include "worker/ep/ucx_transport.h"
+#include "worker/service/convert.h"
+
+namespace joule::worker {
+namespace {
+
+std::string HostName() {
+  char buf[256] = {};
+  if (gethostname(buf, sizeof(buf) - 1) != 0) return "localhost";
+  return buf;
+}
+
+std::string MakeWorkerId() {
+  std::random_device rd;
+  const uint64_t nonce = (static_cast<uint64_t>(rd()) << 32) | rd();
+  return absl::StrFormat("%s:%d:%016x", HostName(), getpid(), nonce);
+}
+
+// Splits "host:port" / "[v6]:port".
+bool SplitHostPort(const std::string& target, std::string* host, std::string* port) {
+  if (!target.empty() && target[0] == '[') {
+    const size_t close = target.find(']');
+    if (close == std::string::npos || close + 1 >= target.size() || target[close + 1] != ':') return false;
+    *host = target.substr(1, close - 1);
+    *port = target.substr(close + 2);
+    return true;
+  }
+  const size_t colon = target.rfind(':');
+  if (colon == std::string::npos) return false;
+  *host = target.substr(0, colon);
+  *port = target.substr(colon + 1);
+  return true;
+}
+
+// The local address of the interface that routes to the coordinator: what a
+// coordinator on another host (or network namespace) can reach us at.
+std::string AddressFacing(const std::string& coordinator) {
+  std::string host, port;
+  if (!SplitHostPort(coordinator, &host, &port)) return HostName();
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_DGRAM;
+  addrinfo* res = nullptr;
+  if (getaddrinfo(host.c_str(), port.c_str(), &hints, &res) != 0 || res == nullptr) return HostName();
+  std::string out = HostName();
+  const int fd = socket(res->ai_family, SOCK_DGRAM, 0);
+  if (fd >= 0) {
+    sockaddr_storage local{};
+    socklen_t len = sizeof(local);
+    // A UDP connect sends nothing; it only picks the route and source address.
+    if (connect(fd, res->ai_addr, res->ai_addrlen) == 0 &&
+        getsockname(fd, reinterpret_cast<sockaddr*>(&local), &len) == 0) {
+      char buf[INET6_ADDRSTRLEN] = {};
+      if (local.ss_family == AF_INET) {
+        inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(&local)->sin_addr, buf, sizeof(buf));
+        out = buf;
+      } else if (local.ss_family == AF_INET6) {
+        inet_ntop(AF_INET6, &reinterpret_cast<sockaddr_in6*>(&local)->sin6_addr, buf, sizeof(buf));
+        out = absl::StrCat("[", buf, "]");
+      }
+    }
+    close(fd);
+  }
+  freeaddrinfo(res);
+  return out;
+}
+
+}  // namespace
+
+WorkerProcess::WorkerProcess(WorkerConfig config, CoordinatorClient* coordinator)
+    : config_(std::move(config)),
+      coordinator_(coordinator),
+      worker_id_(MakeWorkerId()),
+      step_timeout_(absl::Milliseconds(config_.step_timeout_ms)) {}
+
+WorkerProcess::~WorkerProcess() {
+  Stop("worker process destroyed");
+  Shutdown();
+}
+
+void WorkerProcess::Stop(const std::string& reason) {
+  absl::MutexLock lock(&mu_);
+  if (stop_.HasBeenNotified()) return;
+  stop_reason_ = reason;
+  stop_.Notify();
+}
+
+void WorkerProcess::Fail(const absl::Status& error) {
+  absl::MutexLock lock(&mu_);
+  if (stop_.HasBeenNotified()) return;
+  stop_reason_ = std::string(error.message());
+  stop_status_ = error;
+  stop_.Notify();
+}
+
+absl::Status WorkerProcess::Start() {
+  JOULE_LOG(Info) << "joule-worker " << worker_id_ << " starting with\n" << config_.ToString();
+  RETURN_IF_ERROR(Annotate(StartServer(), "starting the Worker gRPC server"));
+  RETURN_IF_ERROR(Register());
+  RETURN_IF_ERROR(Annotate(LoadModel(), absl::StrCat("loading model ", config_.model)));
+  RETURN_IF_ERROR(Annotate(ConnectPeers(), "connecting to the other ranks"));
+  RETURN_IF_ERROR(StartServing());
+  return absl::OkStatus();
+}
+
+absl::Status WorkerProcess::StartServer() {
+  service_ = std::make_unique<WorkerGrpcService>(&handler_);
+  grpc::ServerBuilder builder;
+  const std::string listen = absl::StrCat(config_.listen_host, ":", config_.port);
+  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port_);
+  builder.RegisterService(service_.get());
+  // Let the coordinator's keepalive pings through, also between calls.
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 20000);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 1000);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, 0);
+  server_ = builder.BuildAndStart();
+  if (server_ == nullptr || port_ == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", listen));
+  }
+  const std::string host =
+      config_.advertise_host.empty() ? AddressFacing(config_.coordinator) : config_.advertise_host;
+  endpoint_ = absl::StrCat(host, ":", port_);
+  JOULE_LOG(Info) << "Worker gRPC server listening on " << config_.listen_host << ":" << port_
+                  << " (advertised as " << endpoint_ << ")";
+  return absl::OkStatus();
+}
+
+absl::Status WorkerProcess::Register() {
+  ASSIGN_OR_RETURN(model_config_, LoadModelConfig(config_.model));
+  absl::StatusOr<std::string> fingerprint = ModelFingerprint(config_.model);
+  if (!fingerprint.ok()) return Annotate(fingerprint.status(), "model fingerprint");
+
+  v1::RegisterRequest request;
+  request.set_protocol_version(v1::PROTOCOL_VERSION_1);
+  request.set_model_fingerprint(*fingerprint);
+  std::string name = config_.model;
+  while (name.size() > 1 && name.back() == '/') name.pop_back();
+  if (size_t slash = name.rfind('/'); slash != std::string::npos) name = name.substr(slash + 1);
+  *request.mutable_model() = ToModelInfo(model_config_, name);
+  request.set_requested_rank(config_.rank);
+  request.set_worker_id(worker_id_);
+  request.set_host(HostName());
+  request.set_device(config_.device);
+  request.set_memory_bytes(static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGESIZE));
+  request.set_transport(config_.transport == "nccl" ? v1::TRANSPORT_KIND_NCCL : v1::TRANSPORT_KIND_UCX);
+  // The transport address goes with the rendezvous: UCX needs our rank first.
+  request.set_worker_endpoint(endpoint_);
+
+  // The coordinator may start after the workers: retry while it is
+  // unreachable (a registration whose reply was lost gets the same rank back:
+  // same worker_id). Refusals (wrong model, duplicate rank, ...) are final.
+  const absl::Time deadline = absl::Now() + absl::Milliseconds(config_.rendezvous_timeout_ms);
+  absl::StatusOr<v1::RegisterReply> reply;
+  while (true) {
+    reply = coordinator_->Register(request);
+    const bool transient = !reply.ok() && (reply.status().code() == absl::StatusCode::kUnavailable ||
+                                           reply.status().code() == absl::StatusCode::kDeadlineExceeded);
+    if (!transient || absl::Now() >= deadline || stop_.HasBeenNotified()) break;
+    JOULE_LOG(Warning) << reply.status().message() << "; retrying";
+    absl::SleepFor(absl::Seconds(1));
+  }
+  if (!reply.ok()) return reply.status();  // already names the call and the coordinator
+  rank_ = reply->rank();
+  world_size_ = reply->world_size();
+  placement_epoch_ = reply->placement().epoch();
+  if (reply->heartbeat_interval_ms() > 0) {
+    heartbeat_interval_ = absl::Milliseconds(reply->heartbeat_interval_ms());
+  }
+  step_timeout_ = absl::Milliseconds(config_.step_timeout_ms);
+  if (reply->step_timeout_ms() > 0) {
+    // Every rank must give up on a lost peer alike: the cluster's value wins.
+    step_timeout_ = absl::Milliseconds(reply->step_timeout_ms());
+    if (reply->step_timeout_ms() != config_.step_timeout_ms) {
+      JOULE_LOG(Info) << "step timeout " << absl::FormatDuration(step_timeout_)
+                      << " from the coordinator (overrides --step-timeout-ms="
+                      << config_.step_timeout_ms << ")";
+    }
+  }
+  if (world_size_ < 1 || rank_ < 0 || rank_ >= world_size_) {
+    return absl::InvalidArgumentError(absl::StrCat("coordinator assigned rank ", rank_,
+                                                   " of world size ", world_size_));
+  }
+  absl::StatusOr<Placement> placement = PlacementFromProto(reply->placement(), model_config_);
+  if (!placement.ok()) return Annotate(placement.status(), "placement from the coordinator");
+  if (placement->num_ranks != world_size_) {
+    return absl::InvalidArgumentError(absl::StrCat("placement.num_ranks ", placement->num_ranks,
+                                                   " != world size ", world_size_));
+  }
+  placement_ = *std::move(placement);
+  int experts = 0;
+  for (int l = 0; l < model_config_.num_layers; ++l) {
+    experts += static_cast<int>(placement_.LocalExperts(rank_, l).size());
+  }
+  JOULE_LOG(Info) << "registered as rank " << rank_ << " of " << world_size_ << " (worker "
+                  << worker_id_ << "); placement epoch " << placement_epoch_ << " gives this rank "
+                  << experts << " expert(s) over all layers";
+  return absl::OkStatus();
+}
+
+absl::Status WorkerProcess::LoadModel() {
+  Model::Options options;
+  options.num_threads = config_.threads;
+  const Placement placement = placement_;
+  const int rank = rank_;
+  options.weights.owns_expert = [placement, rank](int layer, int expert) {
+    return placement.Holds(rank, layer, expert);
+  };
+  ASSIGN_OR_RETURN(model_, Model::Load(config_.model, options));
+  JOULE_LOG(Info) << "rank " << rank_ << ": loaded "
+                  << absl::StrFormat("%.2f", model_->weights().LoadedBytes() / double(1 << 20))
+                  << " MiB of weights (attention/dense + own experts)";
+  return absl::OkStatus();
+}
+
+absl::Status WorkerProcess::ConnectPeers() {
+  const ep::TransportOptions transport_options{.timeout = step_timeout_};
+  v1::RendezvousRequest request;
+  request.set_worker_id(worker_id_);
+  request.set_rank(rank_);
+  ep::UcxTransport* ucx = nullptr;
+  if (config_.transport == "ucx") {
+    ASSIGN_OR_RETURN(std::unique_ptr<ep::UcxTransport> t,
+                     ep::UcxTransport::Create(rank_, world_size_, transport_options));
+    ucx = t.get();
+    request.set_transport_address(t->address());
+    transport_ = std::move(t);
+  } else {
+    return absl::UnimplementedError(
+        "--transport nccl: this joule-worker has no NCCL transport (CPU build); use --transport ucx");
+  }
+
+  // Rendezvous blocks until every rank registered; retry in slices so a stop
+  // request is noticed, and until every peer's address is known (a peer may
+  // have registered but not yet sent its address).
+  const absl::Time deadline = absl::Now() + absl::Milliseconds(config_.rendezvous_timeout_ms);
+  std::vector<std::string> addresses;
+  while (true) {
+    if (stop_.HasBeenNotified()) return absl::CancelledError("stopped while waiting for the rendezvous");
+    const absl::Duration slice = std::min(absl::Seconds(10), deadline - absl::Now());
+    absl::StatusOr<v1::RendezvousReply> reply = coordinator_->Rendezvous(request, slice);
+    std::string waiting_for;
+    if (reply.ok()) {
+      addresses.assign(world_size_, "");
+      for (const v1::PeerInfo& peer : reply->peers()) {
+        if (peer.rank() < 0 || peer.rank() >= world_size_) {
+          return absl::InvalidArgumentError(absl::StrCat("rendezvous: peer rank ", peer.rank(),
+                                                         " out of range [0, ", world_size_, ")"));
+        }
+        addresses[peer.rank()] = peer.transport_address();
+      }
+      for (int r = 0; r < world_size_; ++r) {
+        if (r != rank_ && addresses[r].empty()) absl::StrAppend(&waiting_for, waiting_for.empty() ? "" : ", ", r);
+      }
+      if (waiting_for.empty()) break;
+      waiting_for = absl::StrCat("no transport address yet for rank(s) ", waiting_for);
+      absl::SleepFor(absl::Milliseconds(100));
+    } else {
+      const bool retry = reply.status().code() == absl::StatusCode::kDeadlineExceeded ||
+                         reply.status().code() == absl::StatusCode::kUnavailable;
+      if (!retry) return reply.status();
+      waiting_for = std::string(reply.status().message());
+    }
+    if (absl::Now() >= deadline) {
+      return absl::DeadlineExceededError(absl::StrCat(
+          "rendezvous: gave up after --rendezvous-timeout-ms=", config_.rendezvous_timeout_ms, ": ",
+          waiting_for));
+    }
+    JOULE_LOG(Info) << "rank " << rank_ << ": waiting for the other ranks: " << waiting_for;
+  }
+  RETURN_IF_ERROR(ucx->Connect(addresses));
+  JOULE_LOG(Info) << "rank " << rank_ << ": " << transport_->name() << " transport connected to "
+                  << world_size_ - 1 << " peer(s)";
+  return absl::OkStatus();
+}
+
+absl::Status WorkerProcess::StartServing() {
+  ep::ExpertParallelOptions ep_options;
+  ep_options.payload = config_.payload == "f32" ? ep::PayloadType::kF32 : ep::PayloadType::kBF16;
+  auto executor = std::make_unique<ep::ExpertParallelExecutor>(
+      &model_->weights(), transport_.get(), placement_, model_->stream(), ep_options);
+  EngineOptions engine_options;
+  engine_options.block_size = config_.block_size;
+  engine_options.kv_cache_bytes = config_.kv_cache_mb << 20;
+  engine_options.max_batch_tokens = config_.max_batch_tokens;
+  engine_options.max_running = config_.max_running;
+  ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, Engine::Create(model_.get(), engine_options));
+  RuntimeOptions runtime_options;
+  runtime_options.idle_wait = absl::Microseconds(config_.idle_wait_us);
+  runtime_options.control_interval = config_.control_interval;
+  runtime_options.expert_parallel = ep_options;
+  runtime_ = std::make_unique<WorkerRuntime>(model_.get(), transport_.get(), std::move(engine),
+                                             std::move(executor), placement_epoch_, runtime_options);
+  loader_ = std::make_unique<PlacementLoader>(config_.model, model_config_, rank_, world_size_,
+                                              placement_);
+  runtime_->Start();
+  handler_.set_runtime(runtime_.get());
+  heartbeat_ = std::make_unique<HeartbeatLoop>(
+      coordinator_, runtime_.get(), loader_.get(),
+      HeartbeatOptions{.worker_id = worker_id_,
+                       .rank = rank_,
+                       .interval = heartbeat_interval_,
+                       .max_missed = config_.heartbeat_max_missed},
+      [this](absl::Status why) {
+        if (why.ok()) {
+          Stop("the coordinator asked this worker to shut down");
+        } else {
+          Fail(why);
+        }
+      });
+  heartbeat_->Start();
+  const WorkerStatus status = runtime_->Status();
+  JOULE_LOG(Info) << "rank " << rank_ << " ready: serving on " << endpoint_ << ", KV cache "
+                  << status.kv_total_blocks << " blocks of " << config_.block_size << " tokens";
+  return absl::OkStatus();
+}
+
+absl::Status WorkerProcess::Wait() {
+  while (!stop_.WaitForNotificationWithTimeout(absl::Milliseconds(100))) {
+    if (runtime_ && runtime_->WaitForExit(absl::ZeroDuration())) {
+      absl::Status exit = runtime_->exit_status();
+      if (exit.ok()) {
+        Stop("step loop stopped");
+      } else {
+        Fail(exit);
+      }
+    }
+  }
+  Shutdown();
+  absl::MutexLock lock(&mu_);
+  return stop_status_;
+}
+
+void WorkerProcess::Shutdown() {
+  std::string reason;
+  bool failed;
+  {
+    absl::MutexLock lock(&mu_);
+    reason = stop_reason_;
+    failed = !stop_status_.ok();
+  }
+  const absl::Duration grace = absl::Milliseconds(config_.shutdown_grace_ms);
+  if (runtime_) {
+    // Every rank stops at the same control round; a lost peer ends the loop
+    // within the step timeout, so this wait is bounded.
+    runtime_->Stop(reason);
+    if (!runtime_->WaitForExit(step_timeout_ + grace)) {
+      JOULE_LOG(Error) << "rank " << rank_ << ": step loop did not stop in time";
+    }
+    runtime_->Join();
+    if (failed && heartbeat_) {
+      // Let the coordinator see "not ready" (and streams read their errors)
+      // before the process goes.
+      // (the heartbeat thread keeps reporting during the grace period).
+      JOULE_LOG(Info) << "rank " << rank_ << ": not serving (" << reason << "); exiting in "
+                      << absl::FormatDuration(grace);
+      absl::SleepFor(grace);
+    }
+  }
+  if (server_) {
+    server_->Shutdown(std::chrono::system_clock::now() +
+                      std::chrono::milliseconds(absl::ToInt64Milliseconds(grace)));
+    server_->Wait();
+    server_.reset();
+  }
+  if (heartbeat_) heartbeat_->Stop();
+  heartbeat_.reset();
+  runtime_.reset();
+  loader_.reset();
+  transport_.reset();
+  model_.reset();
+}
+
+}  // namespace joule::worker

@@ -1,0 +1,91 @@
+// One joule-worker process from start to exit, over a CoordinatorClient:
+//   1. start the Worker gRPC server (port 0: ephemeral, reported);
+//   2. Register (protocol version, model fingerprint and info, rank request,
+//      worker_id host:pid:nonce, endpoint) -> rank, world size, placement;
+//   3. load the model with only this rank's experts (mmap: the rest never
+//      becomes resident);
+//   4. open the transport for (rank, world), Rendezvous (sending its address)
+//      -> every peer's address, Connect (bounded by the step timeout);
+//   5. build the expert-parallel executor, engine and runtime, start the step
+//      loop and the heartbeat (which reports ready).
+// Wait() returns once the worker has stopped: asked to (SIGTERM, coordinator),
+// its step loop failed (peer lost), or the coordinator became unreachable.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "grpcpp/grpcpp.h"
+#include "worker/ep/transport.h"
+#include "worker/model/model.h"
+#include "worker/service/coordinator_client.h"
+#include "worker/service/heartbeat.h"
+#include "worker/service/placement_loader.h"
+#include "worker/service/starting_handler.h"
+#include "worker/service/worker_config.h"
+#include "worker/service/worker_grpc_service.h"
+#include "worker/service/worker_runtime.h"
+
+namespace joule::worker {
+
+class WorkerProcess {
+ public:
+  // `coordinator` is not owned.
+  WorkerProcess(WorkerConfig config, CoordinatorClient* coordinator);
+  ~WorkerProcess();
+
+  // Steps 1-5; an error names the step that failed. Stop() makes a pending
+  // rendezvous give up.
+  absl::Status Start();
+  // Port of the Worker gRPC server (after Start began).
+  int port() const { return port_; }
+  int rank() const { return rank_; }
+
+  // Thread-safe; the first call wins. Stop: a requested stop (Wait returns
+  // OK); Fail: the worker cannot go on (Wait returns `error`).
+  void Stop(const std::string& reason);
+  void Fail(const absl::Status& error);
+  // Blocks until the worker stops, shuts it down in order (step loop, streams,
+  // server, heartbeat) and returns OK for a requested stop, the error otherwise.
+  absl::Status Wait();
+
+ private:
+  absl::Status StartServer();
+  absl::Status Register();
+  absl::Status LoadModel();
+  absl::Status ConnectPeers();
+  absl::Status StartServing();
+  void Shutdown();
+
+  const WorkerConfig config_;
+  CoordinatorClient* const coordinator_;
+  std::string worker_id_;
+  std::string endpoint_;
+  int port_ = 0;
+  int rank_ = -1;
+  int world_size_ = 0;
+  uint64_t placement_epoch_ = 0;
+  absl::Duration heartbeat_interval_ = absl::Seconds(1);
+  absl::Duration step_timeout_;  // the coordinator's, else --step-timeout-ms
+  ModelConfig model_config_;
+  Placement placement_;
+
+  StartingHandler handler_;
+  std::unique_ptr<WorkerGrpcService> service_;
+  std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<Model> model_;
+  std::unique_ptr<ep::Transport> transport_;
+  std::unique_ptr<PlacementLoader> loader_;
+  std::unique_ptr<WorkerRuntime> runtime_;
+  std::unique_ptr<HeartbeatLoop> heartbeat_;
+
+  absl::Notification stop_;
+  mutable absl::Mutex mu_;
+  std::string stop_reason_ ABSL_GUARDED_BY(mu_);
+  absl::Status stop_status_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace joule::worker

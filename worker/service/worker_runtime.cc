@@ -1,0 +1,362 @@
+#include "worker/service/worker_runtime.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/logging.h"
+#include "worker/service/process_stats.h"
+
+namespace joule::worker {
+
+WorkerRuntime::WorkerRuntime(Model* model, ep::Transport* transport, std::unique_ptr<Engine> engine,
+                             std::unique_ptr<ep::ExpertParallelExecutor> executor,
+                             uint64_t placement_epoch, RuntimeOptions options)
+    : model_(model),
+      transport_(transport),
+      options_(std::move(options)),
+      engine_(std::move(engine)),
+      executor_(std::move(executor)),
+      stepper_(engine_.get(), transport_),
+      applied_epoch_(placement_epoch) {
+  model_->set_expert_executor(executor_.get());
+  absl::MutexLock lock(&mu_);
+  status_.rank = transport_->rank();
+  status_.placement_epoch = applied_epoch_;
+  status_.loaded_weight_bytes = static_cast<int64_t>(model_->weights().LoadedBytes());
+  status_.kv_total_blocks = engine_->kv_cache().allocator().num_blocks();
+  status_.kv_free_blocks = engine_->kv_cache().allocator().num_free();
+}
+
+WorkerRuntime::~WorkerRuntime() {
+  Stop("runtime destroyed");
+  Join();
+  // The model outlives us; it must not keep calling a destroyed executor.
+  model_->set_expert_executor(nullptr);
+}
+
+void WorkerRuntime::Start() {
+  {
+    absl::MutexLock lock(&mu_);
+    serving_ = true;
+    status_.ready = true;
+  }
+  loop_ = std::thread([this] { Loop(); });
+}
+
+void WorkerRuntime::Stop(const std::string& reason) {
+  absl::MutexLock lock(&mu_);
+  if (stop_requested_.load()) return;
+  stop_reason_ = reason;
+  stop_requested_.store(true);
+}
+
+void WorkerRuntime::Join() {
+  if (loop_.joinable()) loop_.join();
+}
+
+bool WorkerRuntime::WaitForExit(absl::Duration timeout) {
+  return exited_.WaitForNotificationWithTimeout(timeout);
+}
+
+absl::Status WorkerRuntime::exit_status() const {
+  absl::MutexLock lock(&mu_);
+  return exit_status_;
+}
+
+absl::Status WorkerRuntime::Submit(const std::string& request_id, GenerationRequest request,
+                                   RequestCallbacks callbacks) {
+  absl::MutexLock lock(&mu_);
+  if (!serving_) {
+    return absl::UnavailableError(status_.error.empty()
+                                      ? std::string("worker is not serving")
+                                      : absl::StrCat("worker is not serving: ", status_.error));
+  }
+  if (ids_.contains(request_id)) {
+    return absl::AlreadyExistsError(absl::StrCat("request_id '", request_id, "' is already running"));
+  }
+  const uint64_t id = next_id_++;
+  request.id = id;
+  Live live{.request_id = request_id, .callbacks = std::move(callbacks),
+            .prompt_tokens = static_cast<int>(request.prompt.size())};
+  accepted_.emplace(id, std::move(live));
+  ids_.emplace(request_id, id);
+  inbox_.push_back(AddOp{id, std::move(request)});
+  return absl::OkStatus();
+}
+
+bool WorkerRuntime::Cancel(const std::string& request_id) {
+  absl::MutexLock lock(&mu_);
+  auto it = ids_.find(request_id);
+  if (it == ids_.end()) return false;
+  inbox_.push_back(CancelOp{it->second});
+  return true;
+}
+
+WorkerStatus WorkerRuntime::Status() {
+  WorkerStatus s;
+  {
+    absl::MutexLock lock(&mu_);
+    s = status_;
+  }
+  s.resident_bytes = ResidentBytes();
+  return s;
+}
+
+void WorkerRuntime::OfferPlacement(PreparedPlacement placement) {
+  absl::MutexLock lock(&mu_);
+  if (offered_ && offered_->epoch >= placement.epoch) return;
+  if (!placement.weights && offered_ && offered_->weights) {
+    // The newer placement was prepared against the older one's weights.
+    placement.weights = std::move(offered_->weights);
+  }
+  offered_ = std::move(placement);
+}
+
+std::vector<std::vector<int64_t>> WorkerRuntime::TakeExpertLoad() {
+  absl::MutexLock lock(&mu_);
+  std::vector<std::vector<int64_t>> out = std::move(expert_load_);
+  expert_load_.clear();
+  return out;
+}
+
+void WorkerRuntime::Loop() {
+  JOULE_LOG(Info) << "rank " << transport_->rank() << "/" << transport_->world_size()
+                  << ": step loop started (" << transport_->name() << " transport, placement epoch "
+                  << applied_epoch_ << ")";
+  while (true) {
+    if (rounds_ % static_cast<uint64_t>(std::max(1, options_.control_interval)) == 0) {
+      if (!ControlRound()) break;
+    }
+    Drain();
+    absl::StatusOr<ep::LockstepStepper::Result> r = stepper_.Step();
+    if (!r.ok()) {
+      const absl::Status failure = absl::UnavailableError(
+          absl::StrCat("expert-parallel step failed: ", r.status().message()));
+      JOULE_LOG(Error) << "rank " << transport_->rank() << ": " << failure.message()
+                       << "; failing " << live_.size() << " in-flight request(s)";
+      FailAll(failure);
+      absl::MutexLock lock(&mu_);
+      exit_status_ = failure;
+      break;
+    }
+    ++rounds_;
+    if (r->global_tokens > 0) AccumulateExpertLoad();
+    PublishStatus();
+    Deliver(r->step);
+    if (r->global_tokens == 0) {
+      // Nobody had work: pause briefly (or until something arrives) before
+      // the next round, which every rank still runs.
+      absl::MutexLock lock(&mu_);
+      auto wake = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return !inbox_.empty() || stop_requested_.load();
+      };
+      mu_.AwaitWithTimeout(absl::Condition(&wake), options_.idle_wait);
+    }
+  }
+  JOULE_LOG(Info) << "rank " << transport_->rank() << ": step loop ended after " << rounds_
+                  << " rounds";
+  exited_.Notify();
+}
+
+bool WorkerRuntime::ControlRound() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (offered_ && offered_->epoch <= applied_epoch_) offered_.reset();
+    if (offered_ && (!candidate_ || offered_->epoch > candidate_->epoch)) {
+      if (!offered_->weights && candidate_ && candidate_->weights) {
+        offered_->weights = std::move(candidate_->weights);
+      }
+      candidate_ = std::move(*offered_);
+      offered_.reset();
+    }
+  }
+  const int world = transport_->world_size();
+  Control mine{.ready_epoch = candidate_ ? candidate_->epoch : applied_epoch_,
+               .stopping = stop_requested_.load() ? 1u : 0u};
+  std::vector<Control> all(world);
+  if (absl::Status s = transport_->AllGather(&mine, sizeof(Control), all.data()); !s.ok()) {
+    const absl::Status failure =
+        absl::UnavailableError(absl::StrCat("expert-parallel step failed: ", s.message()));
+    JOULE_LOG(Error) << "rank " << transport_->rank() << ": " << failure.message() << "; failing "
+                     << live_.size() << " in-flight request(s)";
+    FailAll(failure);
+    absl::MutexLock lock(&mu_);
+    exit_status_ = failure;
+    return false;
+  }
+  for (int r = 0; r < world; ++r) {
+    if (all[r].stopping == 0) continue;
+    std::string reason;
+    absl::Status exit;
+    if (r == transport_->rank()) {
+      absl::MutexLock lock(&mu_);
+      reason = stop_reason_;
+    } else {
+      reason = absl::StrCat("rank ", r, " is shutting down");
+      exit = absl::UnavailableError(reason);
+    }
+    JOULE_LOG(Info) << "rank " << transport_->rank() << ": stopping (" << reason << "); failing "
+                    << live_.size() << " in-flight request(s)";
+    FailAll(absl::UnavailableError(absl::StrCat("worker shutting down: ", reason)));
+    absl::MutexLock lock(&mu_);
+    exit_status_ = exit;
+    return false;
+  }
+  const uint64_t epoch = all[0].ready_epoch;
+  const bool agreed = std::all_of(all.begin(), all.end(),
+                                  [&](const Control& c) { return c.ready_epoch == epoch; });
+  if (agreed && epoch > applied_epoch_) return ApplyPlacement(epoch);
+  return true;
+}
+
+bool WorkerRuntime::ApplyPlacement(uint64_t epoch) {
+  PreparedPlacement p = std::move(*candidate_);
+  candidate_.reset();
+  AccumulateExpertLoad();  // counts of the executor being replaced
+  absl::Status s;
+  const bool reloaded = p.weights != nullptr;
+  if (reloaded) {
+    // Experts this rank did not hold: a new executor over the reloaded weights.
+    auto executor = std::make_unique<ep::ExpertParallelExecutor>(
+        p.weights.get(), transport_, p.placement, model_->stream(), options_.expert_parallel);
+    model_->set_expert_executor(executor.get());
+    executor_ = std::move(executor);
+    expert_weights_ = std::move(p.weights);
+  } else {
+    s = executor_->SetPlacement(p.placement);
+  }
+  if (!s.ok()) {
+    // Every other rank applied it; carrying on would route tokens wrongly.
+    const absl::Status failure = absl::InternalError(
+        absl::StrCat("applying placement epoch ", epoch, ": ", s.message()));
+    JOULE_LOG(Error) << "rank " << transport_->rank() << ": " << failure.message();
+    FailAll(absl::UnavailableError(absl::StrCat("expert-parallel step failed: ", failure.message())));
+    absl::MutexLock lock(&mu_);
+    exit_status_ = failure;
+    return false;
+  }
+  applied_epoch_ = epoch;
+  JOULE_LOG(Info) << "rank " << transport_->rank() << ": applied placement epoch " << epoch
+                  << " at round " << rounds_ << (reloaded ? " (with newly loaded experts)" : "");
+  absl::MutexLock lock(&mu_);
+  status_.placement_epoch = epoch;
+  // A reloaded set holds attention/dense weights too (views of the same
+  // mmapped files as the model's): its size is what this rank now serves.
+  status_.loaded_weight_bytes = static_cast<int64_t>(
+      expert_weights_ ? expert_weights_->LoadedBytes() : model_->weights().LoadedBytes());
+  return true;
+}
+
+void WorkerRuntime::Drain() {
+  std::deque<Op> ops;
+  std::vector<std::pair<uint64_t, Live>> added;
+  {
+    absl::MutexLock lock(&mu_);
+    ops.swap(inbox_);
+    for (const Op& op : ops) {
+      if (const AddOp* add = std::get_if<AddOp>(&op)) {
+        auto it = accepted_.find(add->id);
+        added.emplace_back(add->id, std::move(it->second));
+        accepted_.erase(it);
+      }
+    }
+  }
+  size_t next_added = 0;
+  for (Op& op : ops) {
+    if (AddOp* add = std::get_if<AddOp>(&op)) {
+      live_.emplace(add->id, std::move(added[next_added++].second));
+      if (absl::Status s = engine_->Add(std::move(add->request)); !s.ok()) {
+        Finish(add->id, RequestOutcome{.status = s});
+      }
+    } else {
+      const uint64_t id = std::get<CancelOp>(op).id;
+      auto it = live_.find(id);
+      if (it == live_.end()) continue;  // finished in the meantime
+      engine_->Cancel(id);
+      Finish(id, RequestOutcome{.finish = FinishReason::kCancelled,
+                                .prompt_tokens = it->second.prompt_tokens,
+                                .completion_tokens = it->second.completion_tokens});
+    }
+  }
+}
+
+void WorkerRuntime::Deliver(const StepResult& step) {
+  std::vector<int32_t> one(1);
+  for (const TokenOutput& t : step.tokens) {
+    auto it = live_.find(t.id);
+    if (it == live_.end()) continue;
+    Live& live = it->second;
+    ++live.completion_tokens;
+    one[0] = t.token;
+    if (live.callbacks.on_tokens) live.callbacks.on_tokens(one);
+    if (t.finish != FinishReason::kNone) {
+      Finish(t.id, RequestOutcome{.finish = t.finish,
+                                  .prompt_tokens = live.prompt_tokens,
+                                  .completion_tokens = live.completion_tokens});
+    }
+  }
+}
+
+void WorkerRuntime::Finish(uint64_t id, const RequestOutcome& outcome) {
+  auto it = live_.find(id);
+  if (it == live_.end()) return;
+  Live live = std::move(it->second);
+  live_.erase(it);
+  {
+    absl::MutexLock lock(&mu_);
+    ids_.erase(live.request_id);
+  }
+  if (live.callbacks.on_done) live.callbacks.on_done(outcome);
+}
+
+void WorkerRuntime::FailAll(const absl::Status& status) {
+  std::vector<Live> failed;
+  {
+    absl::MutexLock lock(&mu_);
+    serving_ = false;
+    status_.ready = false;
+    status_.error = std::string(status.message());
+    inbox_.clear();
+    for (auto& [id, live] : accepted_) failed.push_back(std::move(live));
+    accepted_.clear();
+    ids_.clear();
+  }
+  for (auto& [id, live] : live_) {
+    engine_->Cancel(id);  // frees its KV blocks
+    failed.push_back(std::move(live));
+  }
+  live_.clear();
+  for (Live& live : failed) {
+    if (live.callbacks.on_done) {
+      live.callbacks.on_done(RequestOutcome{.status = status,
+                                            .prompt_tokens = live.prompt_tokens,
+                                            .completion_tokens = live.completion_tokens});
+    }
+  }
+  PublishStatus();
+}
+
+void WorkerRuntime::AccumulateExpertLoad() {
+  std::vector<std::vector<int64_t>> load = executor_->TakeExpertLoad();
+  absl::MutexLock lock(&mu_);
+  if (expert_load_.size() < load.size()) expert_load_.resize(load.size());
+  for (size_t l = 0; l < load.size(); ++l) {
+    std::vector<int64_t>& acc = expert_load_[l];
+    if (acc.size() < load[l].size()) acc.resize(load[l].size(), 0);
+    for (size_t e = 0; e < load[l].size(); ++e) acc[e] += load[l][e];
+  }
+}
+
+void WorkerRuntime::PublishStatus() {
+  const BlockAllocator& blocks = engine_->kv_cache().allocator();
+  absl::MutexLock lock(&mu_);
+  status_.running = engine_->num_running();
+  status_.waiting = engine_->num_waiting();
+  status_.kv_free_blocks = blocks.num_free();
+  status_.kv_total_blocks = blocks.num_blocks();
+  status_.kv_usage = engine_->kv_cache().Usage();
+  status_.steps = rounds_;
+}
+
+}  // namespace joule::worker

@@ -1,0 +1,156 @@
+// WorkerRuntime: one expert-parallel rank's serving loop, without gRPC.
+//
+// One owned thread (the step loop) is the only user of the Engine, the
+// Transport and the expert-parallel executor. Other threads talk to it through
+// a queue that the loop drains between steps: new requests, cancellations,
+// placements. The loop calls LockstepStepper::Step() continuously — every rank
+// runs the same number of rounds, idle or not — and hands the new tokens to
+// each request's callbacks.
+//
+// Every `control_interval` rounds the ranks also all-gather a small control
+// record, so decisions that must take effect on every rank at the same step do:
+//   - a new placement is applied once every rank has it ready (same epoch);
+//   - a stop requested on any rank (SIGTERM, coordinator shutdown) stops all
+//     ranks at the same round, failing their in-flight requests with a clear
+//     error instead of leaving the peers to time out.
+// A failed collective (peer died, timeout) fails every in-flight request with
+// Unavailable "expert-parallel step failed: <reason>" and ends the loop.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <variant>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/time.h"
+#include "common/placement.h"
+#include "worker/engine/engine.h"
+#include "worker/ep/ep_executor.h"
+#include "worker/ep/lockstep.h"
+#include "worker/ep/transport.h"
+#include "worker/model/model.h"
+#include "worker/service/worker_handler.h"
+
+namespace joule::worker {
+
+struct RuntimeOptions {
+  absl::Duration idle_wait = absl::Milliseconds(1);  // pause after a round nobody had work for
+  int control_interval = 4;                          // rounds between control all-gathers
+  ep::ExpertParallelOptions expert_parallel;         // for executors built on placement changes
+};
+
+// A placement ready to run on this rank. `weights` holds the experts the
+// placement gives this rank when the weights in use do not; null when they do.
+struct PreparedPlacement {
+  uint64_t epoch = 0;
+  Placement placement;
+  std::unique_ptr<ModelWeights> weights;
+};
+
+class WorkerRuntime : public WorkerHandler {
+ public:
+  // `model` and `transport` are not owned and must outlive the runtime; the
+  // runtime owns the engine and the executor, installs the executor into the
+  // model and creates the LockstepStepper.
+  WorkerRuntime(Model* model, ep::Transport* transport, std::unique_ptr<Engine> engine,
+                std::unique_ptr<ep::ExpertParallelExecutor> executor, uint64_t placement_epoch,
+                RuntimeOptions options = {});
+  ~WorkerRuntime() override;  // Stop() and join
+
+  // Starts the step loop.
+  void Start();
+  // Asks every rank to stop at the next control round; in-flight requests fail
+  // with Unavailable "worker shutting down: <reason>". Idempotent.
+  void Stop(const std::string& reason);
+  // Blocks until the step loop has ended (after Stop, or a failed step).
+  void Join();
+  // Waits up to `timeout` for the loop to end; true if it has.
+  bool WaitForExit(absl::Duration timeout);
+  // OK after a clean stop; the error that ended the loop otherwise. Only
+  // meaningful once the loop has ended.
+  absl::Status exit_status() const;
+
+  // WorkerHandler.
+  absl::Status Submit(const std::string& request_id, GenerationRequest request,
+                      RequestCallbacks callbacks) override;
+  bool Cancel(const std::string& request_id) override;
+  WorkerStatus Status() override;
+
+  // Hands over a placement (from the heartbeat); it is applied between steps
+  // once every rank has the same epoch ready. A newer offer replaces an older
+  // one not yet applied (keeping the older one's weights if the newer needs none).
+  void OfferPlacement(PreparedPlacement placement);
+  // Tokens this rank routed to each expert since the last call, [layer][expert].
+  std::vector<std::vector<int64_t>> TakeExpertLoad();
+
+ private:
+  struct AddOp {
+    uint64_t id;
+    GenerationRequest request;
+  };
+  struct CancelOp {
+    uint64_t id;
+  };
+  using Op = std::variant<AddOp, CancelOp>;
+  struct Live {
+    std::string request_id;
+    RequestCallbacks callbacks;
+    int prompt_tokens = 0;
+    int completion_tokens = 0;
+  };
+  struct Control {  // all-gathered every control_interval rounds
+    uint64_t ready_epoch;
+    uint64_t stopping;
+  };
+
+  void Loop();
+  // Returns false when the loop must end (error or agreed stop).
+  bool ControlRound();
+  void Drain();
+  void Deliver(const StepResult& step);
+  // False (loop ends) when this rank cannot run the agreed placement.
+  bool ApplyPlacement(uint64_t epoch);
+  void AccumulateExpertLoad();
+  void PublishStatus();
+  // Ends every live and queued request with `status` and stops serving.
+  void FailAll(const absl::Status& status);
+  void Finish(uint64_t id, const RequestOutcome& outcome);
+
+  Model* const model_;
+  ep::Transport* const transport_;
+  const RuntimeOptions options_;
+  // Step-loop state.
+  std::unique_ptr<Engine> engine_;
+  std::unique_ptr<ModelWeights> expert_weights_;  // weights of a reloaded placement, if any
+  std::unique_ptr<ep::ExpertParallelExecutor> executor_;
+  ep::LockstepStepper stepper_;
+  absl::flat_hash_map<uint64_t, Live> live_;
+  std::optional<PreparedPlacement> candidate_;  // the placement this rank reports ready
+  uint64_t rounds_ = 0;
+  uint64_t applied_epoch_;
+  std::thread loop_;
+  absl::Notification exited_;
+  std::atomic<bool> stop_requested_{false};
+
+  mutable absl::Mutex mu_;
+  std::deque<Op> inbox_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<uint64_t, Live> accepted_ ABSL_GUARDED_BY(mu_);  // not yet taken by the loop
+  absl::flat_hash_map<std::string, uint64_t> ids_ ABSL_GUARDED_BY(mu_);  // live request_id -> id
+  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
+  bool serving_ ABSL_GUARDED_BY(mu_) = false;
+  std::string stop_reason_ ABSL_GUARDED_BY(mu_);
+  absl::Status exit_status_ ABSL_GUARDED_BY(mu_);
+  std::optional<PreparedPlacement> offered_ ABSL_GUARDED_BY(mu_);
+  WorkerStatus status_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::vector<int64_t>> expert_load_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace joule::worker
