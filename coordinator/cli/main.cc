@@ -3,7 +3,7 @@
 //
 //   joule-cli generate  --coordinator HOST:PORT --prompt-ids 1,2,3 [--max-tokens 16]
 //                       [--temperature 0] [--top-p 1] [--top-k 0] [--seed S]
-//                       [--tier standard] [--timeout-s 600]
+//                       [--tier fast|priority|default|flex] [--timeout-s 600]
 //   joule-cli status    --coordinator HOST:PORT
 //   joule-cli rebalance --coordinator HOST:PORT [--redundant-experts N]
 //
@@ -35,7 +35,7 @@ constexpr char kUsage[] =
     "usage:\n"
     "  joule-cli generate  --coordinator HOST:PORT --prompt-ids 1,2,3 [--max-tokens 16]\n"
     "                      [--temperature 0] [--top-p 1] [--top-k 0] [--seed S]\n"
-    "                      [--tier standard] [--timeout-s 600]\n"
+    "                      [--tier fast|priority|default|flex] [--timeout-s 600]\n"
     "  joule-cli status    --coordinator HOST:PORT\n"
     "  joule-cli rebalance --coordinator HOST:PORT [--redundant-experts N]\n";
 
