@@ -30,12 +30,12 @@ print(json.dumps({"torch_version": d["torch_version"], "threads": d["threads"],
                   "prefill": {"len": p["results"][0]["prompt_len"], "tokens_per_s": p["results"][0]["prefill_tokens_per_s"]}}))
 PY
 
-/usr/bin/python3 - "$tmp/joule.json" "$tmp/torch.json" "$root/bench/results" "$family" <<'PY'
+JOULE_BENCH_COMMAND="bench/engine/run.sh $*" /usr/bin/python3 - "$tmp/joule.json" "$tmp/torch.json" "$root/bench/results" "$family" <<'PY'
 import json, sys, platform, subprocess, datetime, os
 j = json.load(open(sys.argv[1])); t = json.load(open(sys.argv[2])); out, family = sys.argv[3], sys.argv[4]
 cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')), '?')
 res = {"date": datetime.date.today().isoformat(), "machine": f"{cpu}, {os.cpu_count()} cores",
-       "command": f"bench/engine/run.sh build/default {family}", "joule": j, "pytorch_reference": t,
+       "command": os.environ.get("JOULE_BENCH_COMMAND", ""), "joule": j, "pytorch_reference": t,
        "ratios": {}}
 lines = [f"# Engine benchmark: {family} mini", "",
          f"Machine: {res['machine']}; threads {j['threads']}; date {res['date']}.",

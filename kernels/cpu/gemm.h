@@ -1,31 +1,19 @@
 // Dense and grouped GEMM with BF16 or F32 weights and F32 activations.
 //
-// Weights use PyTorch's nn.Linear layout: W is [n, k] row-major and
-// y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]). BF16 weights are read straight
-// from the mmapped checkpoint and widened in registers; accumulation is F32.
+// GemmParams and WeightType (layout and semantics) are in kernels/params/gemm.h,
+// shared with the CUDA kernel. BF16 weights are read straight from the mmapped
+// checkpoint and widened in registers; accumulation is F32.
 #pragma once
 
 #include <cstdint>
 
 #include "kernels/cpu/thread_pool.h"
+#include "kernels/params/gemm.h"
 
 namespace joule::kernels::cpu {
 
-enum class WeightType { kF32, kBF16 };
-
-struct GemmParams {
-  const float* x = nullptr;  // [m, ldx]
-  int64_t m = 0;
-  int64_t k = 0;
-  int64_t ldx = 0;           // 0 means k
-  const void* w = nullptr;   // [n, k], dense rows
-  WeightType w_type = WeightType::kBF16;
-  int64_t n = 0;
-  const float* bias = nullptr;  // optional [n]
-  float* y = nullptr;           // [m, ldy]
-  int64_t ldy = 0;              // 0 means n
-  bool accumulate = false;      // y += x W^T instead of y = x W^T
-};
+using ::joule::kernels::GemmParams;
+using ::joule::kernels::WeightType;
 
 void LaunchGemm(const GemmParams& p, CpuStream stream);
 

@@ -90,6 +90,16 @@ absl::StatusOr<MlpWeights> LoadMlp(const Checkpoint& ckpt, const std::string& pr
 
 size_t MlpBytes(const MlpWeights& m) { return m.gate.bytes() + m.up.bytes() + m.down.bytes(); }
 
+// Bytes of a layer's weights that every token reads: attention, and the dense
+// MLP or the router and shared expert. Routed experts are counted by the caller.
+size_t LayerBytesExceptRoutedExperts(const LayerWeights& L) {
+  size_t total = L.q_proj.bytes() + L.k_proj.bytes() + L.v_proj.bytes() + L.o_proj.bytes();
+  if (!L.is_moe) return total + MlpBytes(L.dense);
+  total += L.router.bytes();
+  if (L.shared_expert.loaded) total += MlpBytes(L.shared_expert) + L.shared_expert_gate.bytes();
+  return total;
+}
+
 }  // namespace
 
 size_t Linear::bytes() const {
@@ -173,19 +183,13 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(const std::stri
 size_t ModelWeights::ActiveBytesPerToken() const {
   size_t total = lm_head_.bytes();
   for (const LayerWeights& L : layers_) {
-    total += L.q_proj.bytes() + L.k_proj.bytes() + L.v_proj.bytes() + L.o_proj.bytes();
-    if (!L.is_moe) {
-      total += MlpBytes(L.dense);
-      continue;
-    }
-    total += L.router.bytes();
+    total += LayerBytesExceptRoutedExperts(L);
     // Every expert of a layer has the same shape and dtype; any loaded one stands for all.
     for (const MlpWeights& e : L.experts) {
       if (!e.loaded) continue;
       total += MlpBytes(e) * static_cast<size_t>(config_.num_experts_per_tok);
       break;
     }
-    if (L.shared_expert.loaded) total += MlpBytes(L.shared_expert) + L.shared_expert_gate.bytes();
   }
   return total;
 }
@@ -193,16 +197,10 @@ size_t ModelWeights::ActiveBytesPerToken() const {
 size_t ModelWeights::LoadedBytes() const {
   size_t total = embed_.bytes() + (config_.tie_word_embeddings ? 0 : lm_head_.bytes());
   for (const LayerWeights& L : layers_) {
-    total += L.q_proj.bytes() + L.k_proj.bytes() + L.v_proj.bytes() + L.o_proj.bytes();
-    if (!L.is_moe) {
-      total += MlpBytes(L.dense);
-      continue;
-    }
-    total += L.router.bytes();
+    total += LayerBytesExceptRoutedExperts(L);
     for (const MlpWeights& e : L.experts) {
       if (e.loaded) total += MlpBytes(e);
     }
-    if (L.shared_expert.loaded) total += MlpBytes(L.shared_expert) + L.shared_expert_gate.bytes();
   }
   return total;
 }

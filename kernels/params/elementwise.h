@@ -1,0 +1,48 @@
+// Parameters of the normalization, activation and rotary-embedding kernels
+// (F32), shared by the launches in kernels/cpu/elementwise.h and
+// kernels/cuda/elementwise.h.
+//
+// Pointers are host memory for kernels::cpu launches and device memory for
+// kernels::cuda launches. Device-neutral: no CUDA or thread-pool types here.
+#pragma once
+
+#include <cstdint>
+
+namespace joule::kernels {
+
+// out[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * weight. out may alias x.
+struct RmsNormParams {
+  const float* x = nullptr;       // [rows, cols]
+  const float* weight = nullptr;  // [cols]
+  float* out = nullptr;           // [rows, cols]
+  int64_t rows = 0;
+  int64_t cols = 0;
+  float eps = 1e-6f;
+};
+
+// out[i] = silu(gate[i]) * up[i] over n elements; out may alias gate or up.
+struct SiluMulParams {
+  const float* gate = nullptr;
+  const float* up = nullptr;
+  float* out = nullptr;
+  int64_t n = 0;  // total elements
+};
+
+// Rotary embedding in the Hugging Face "rotate_half" (non-interleaved) form,
+// applied in place to q [tokens, num_q_heads, head_dim] and k [tokens,
+// num_kv_heads, head_dim] (either may be null). cos/sin tables are
+// [max_position, head_dim / 2], built on the host with
+// kernels::cpu::BuildRopeTable (and copied once to the device for CUDA).
+struct RopeParams {
+  float* q = nullptr;
+  float* k = nullptr;
+  const int32_t* positions = nullptr;  // [tokens]
+  int64_t tokens = 0;
+  int num_q_heads = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+};
+
+}  // namespace joule::kernels

@@ -1,0 +1,66 @@
+// Parameters of the mixture-of-experts routing kernels: router top-k, the
+// dispatch layout (tokens permuted by expert), permute and the weighted
+// un-permute (combine). Shared by the launches in kernels/cpu/moe.h and
+// kernels/cuda/moe.h; backend-specific limits and edge cases are documented
+// next to each launch there.
+//
+// Pointers are host memory for kernels::cpu launches and device memory for
+// kernels::cuda launches. Device-neutral: no CUDA or thread-pool types here.
+#pragma once
+
+#include <cstdint>
+
+namespace joule::kernels {
+
+// Softmax over all experts (F32), then the top_k largest (ties: lower expert id
+// first), optionally renormalized to sum to 1 (Qwen's norm_topk_prob, Mixtral
+// always). Outputs are ordered by decreasing weight.
+struct RouterTopKParams {
+  const float* logits = nullptr;  // [tokens, num_experts]
+  int64_t tokens = 0;
+  int num_experts = 0;
+  int top_k = 0;
+  bool renormalize = false;
+  int32_t* expert_ids = nullptr;  // [tokens, top_k]
+  float* weights = nullptr;       // [tokens, top_k]
+};
+
+// Groups the tokens*top_k (token, choice) slots by expert, stable in slot order.
+// expert_offsets[e]..expert_offsets[e+1] are expert e's rows in permuted order;
+// permuted_to_slot[r] is the slot (token * top_k + choice) of permuted row r and
+// slot_to_permuted is its inverse. What happens to expert ids outside
+// [0, num_experts) differs by backend; see ComputeMoeLayout in each.
+struct MoeLayoutParams {
+  const int32_t* expert_ids = nullptr;  // [tokens * top_k]
+  int64_t tokens = 0;
+  int top_k = 0;
+  int num_experts = 0;
+  int64_t* expert_offsets = nullptr;    // [num_experts + 1]
+  int32_t* permuted_to_slot = nullptr;  // [tokens * top_k]
+  int32_t* slot_to_permuted = nullptr;  // [tokens * top_k]
+};
+
+// out[r, :] = x[permuted_to_slot[r] / top_k, :] for r in [0, rows).
+struct PermuteParams {
+  const float* x = nullptr;  // [tokens, hidden]
+  int64_t hidden = 0;
+  int64_t rows = 0;
+  const int32_t* permuted_to_slot = nullptr;
+  int top_k = 0;
+  float* out = nullptr;  // [rows, hidden]
+};
+
+// out[t, :] (+)= sum_j weights[t*top_k + j] * expert_out[slot_to_permuted[t*top_k + j], :],
+// summed in choice order j = 0..top_k-1.
+struct UnpermuteParams {
+  const float* expert_out = nullptr;  // [tokens * top_k, hidden]
+  const int32_t* slot_to_permuted = nullptr;
+  const float* weights = nullptr;     // [tokens * top_k]
+  int64_t tokens = 0;
+  int top_k = 0;
+  int64_t hidden = 0;
+  float* out = nullptr;  // [tokens, hidden]
+  bool accumulate = false;  // add into out instead of overwriting it
+};
+
+}  // namespace joule::kernels
