@@ -2,7 +2,15 @@
 // joule-transport-bench (tokens x top_k rows of hidden BF16 values, spread
 // evenly over the ranks). Plain MPI and the C++ standard library only.
 //
-//   mpirun -np W joule-mpi-alltoallv-bench --hidden 2048,7168 --tokens 1,..,4096 [--top-k 8] [--out FILE]
+//   mpirun -np W joule-mpi-alltoallv-bench --hidden 2048,7168 --tokens 1,..,4096 [--top-k 8]
+//       [--mode alltoallv|dispatch-combine] [--out FILE]
+//
+// --mode dispatch-combine is the baseline for joule-dispatch-combine-bench:
+// one iteration is what ExpertParallelExecutor exchanges for a MoE layer
+// under uniform routing — an MPI_Allgather of the per-destination row counts
+// (W + 2 int64 per rank), an MPI_Alltoallv of the dispatch rows (hidden BF16
+// values + a 4-byte expert id each) and an MPI_Alltoallv of the combine rows
+// (hidden BF16 values) back — with rows spread evenly and no packing.
 #include <mpi.h>
 
 #include <algorithm>
@@ -32,18 +40,88 @@ int main(int argc, char** argv) {
   MPI_Comm_size(MPI_COMM_WORLD, &w);
   std::vector<int> hidden, tokens;
   int top_k = 8;
-  std::string out_path;
+  std::string out_path, mode = "alltoallv";
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i], v = argv[i + 1];
     if (k == "--hidden") hidden = ParseList(v);
     else if (k == "--tokens") tokens = ParseList(v);
     else if (k == "--top-k") top_k = std::atoi(v.c_str());
     else if (k == "--out") out_path = v;
+    else if (k == "--mode") mode = v;
   }
+  if (mode != "alltoallv" && mode != "dispatch-combine") {
+    if (rank == 0) std::fprintf(stderr, "--mode: alltoallv or dispatch-combine, got %s\n", mode.c_str());
+    MPI_Abort(MPI_COMM_WORLD, 2);
+  }
+  const bool dc = mode == "dispatch-combine";
   FILE* out = stdout;
   if (rank == 0 && !out_path.empty()) out = std::fopen(out_path.c_str(), "a");
   for (int h : hidden) {
     for (int t : tokens) {
+      if (dc) {
+        // Byte counts (MPI_BYTE); a rank's buffers stay below 2 GiB for the sweep's shapes.
+        const long rows = long(t) * top_k;
+        const long dstride = 2L * h + 4, cstride = 2L * h;
+        std::vector<int> rows_to(w), dcount(w), ddispl(w), ccount(w), cdispl(w);
+        for (int p = 0; p < w; ++p) rows_to[p] = int(rows / w + (p < rows % w ? 1 : 0));
+        long dtotal = 0, ctotal = 0;
+        for (int p = 0; p < w; ++p) {
+          dcount[p] = int(rows_to[p] * dstride);
+          ddispl[p] = int(dtotal);
+          dtotal += dcount[p];
+          ccount[p] = int(rows_to[p] * cstride);
+          cdispl[p] = int(ctotal);
+          ctotal += ccount[p];
+        }
+        // Rank p receives rows_to[p] rows from everyone (and sends them back).
+        std::vector<int> rdcount(w, dcount[rank]), rddispl(w), rccount(w, ccount[rank]), rcdispl(w);
+        for (int p = 0; p < w; ++p) {
+          rddispl[p] = p * dcount[rank];
+          rcdispl[p] = p * ccount[rank];
+        }
+        std::vector<char> send(dtotal, 1), recv(long(w) * dcount[rank] + 1, 0);
+        std::vector<long long> row(w + 2, 1), all_rows(long(w) * (w + 2));
+        auto once = [&] {
+          MPI_Allgather(row.data(), w + 2, MPI_LONG_LONG, all_rows.data(), w + 2, MPI_LONG_LONG,
+                        MPI_COMM_WORLD);
+          MPI_Alltoallv(send.data(), dcount.data(), ddispl.data(), MPI_BYTE, recv.data(),
+                        rdcount.data(), rddispl.data(), MPI_BYTE, MPI_COMM_WORLD);
+          MPI_Alltoallv(recv.data(), rccount.data(), rcdispl.data(), MPI_BYTE, send.data(),
+                        ccount.data(), cdispl.data(), MPI_BYTE, MPI_COMM_WORLD);
+        };
+        once();
+        MPI_Barrier(MPI_COMM_WORLD);
+        double start = MPI_Wtime();
+        once();
+        int iters = int(std::clamp(0.25 / (MPI_Wtime() - start), 3.0, 1000.0));
+        MPI_Bcast(&iters, 1, MPI_INT, 0, MPI_COMM_WORLD);
+        std::vector<double> us(iters);
+        for (int i = 0; i < iters; ++i) {
+          MPI_Barrier(MPI_COMM_WORLD);  // as joule-dispatch-combine-bench does before each Run
+          start = MPI_Wtime();
+          once();
+          us[i] = (MPI_Wtime() - start) * 1e6;
+        }
+        // The slowest rank's time per iteration, then the median.
+        std::vector<double> slowest(iters);
+        MPI_Reduce(us.data(), slowest.data(), iters, MPI_DOUBLE, MPI_MAX, 0, MPI_COMM_WORLD);
+        std::vector<double> sorted = slowest;
+        std::sort(sorted.begin(), sorted.end());
+        const double median = sorted[iters / 2];
+        double mean = 0;
+        for (double x : slowest) mean += x / iters;
+        const long to_peers = (dtotal - dcount[rank]) + (ctotal - ccount[rank]);
+        if (rank == 0) {
+          std::fprintf(out,
+                       "{\"impl\":\"mpi-dispatch-combine\",\"ep\":%d,\"hidden\":%d,\"tokens\":%d,"
+                       "\"top_k\":%d,\"bytes_per_rank\":%ld,\"bytes_per_peer\":%ld,\"iters\":%d,"
+                       "\"latency_us_median\":%.2f,\"latency_us_mean\":%.2f,\"algbw_GBps\":%.4f}\n",
+                       w, h, t, top_k, to_peers, long(dcount[(rank + 1) % w]), iters, median, mean,
+                       to_peers / median / 1e3);
+          std::fflush(out);
+        }
+        continue;
+      }
       // MPI counts are int: count in BF16 elements (MPI_SHORT, 2 bytes).
       const long rows = long(t) * top_k;
       std::vector<int> counts(w), displs(w);

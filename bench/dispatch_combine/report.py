@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Merges the raw results of bench/dispatch_combine/run.sh into
-bench/results/dispatch_combine-transport.{json,md}, with the ratios against
-the baselines measured in the same run.
+bench/results/dispatch_combine-transport.{json,md} (STAGE transport, the
+default) or bench/results/dispatch_combine-executor.{json,md} (STAGE
+executor), with the ratios against the baselines measured in the same run.
 
-  report.py RAW_DIR RESULTS_DIR COMMAND
+  report.py RAW_DIR RESULTS_DIR COMMAND [transport|executor]
 """
 import datetime
 import json
@@ -62,8 +63,7 @@ def fmt(x, spec=".2f"):
     return "-" if x is None else format(x, spec)
 
 
-def main():
-    raw, out_dir, command = sys.argv[1], sys.argv[2], sys.argv[3]
+def transport_report(raw, out_dir, command):
     perftest = {(p["tls"], p["bytes_per_peer"]): p["bw_MBps"] * MIB / 1e9
                 for p in load(os.path.join(raw, "perftest.jsonl"))}
     mpi = {}
@@ -143,11 +143,168 @@ def main():
                          f"{r['latency_us_median']:.1f} | {r['algbw_GBps']:.2f} | "
                          f"{fmt(r['perftest_GBps'])} | {fmt(r['vs_perftest'])} | "
                          f"{fmt(r['mpi_latency_us'], '.1f')} | {fmt(r['mpi_over_joule_latency'])} |")
-    lines += ["", "ExpertParallelExecutor-level dispatch+combine timings: see "
-              "bench/dispatch_combine/README.md (TODO)."]
+    lines += ["", "ExpertParallelExecutor-level dispatch+combine: "
+              "bench/results/dispatch_combine-executor.md (run.sh --executor)."]
     with open(os.path.join(out_dir, "dispatch_combine-transport.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines[:16]))
+
+
+def executor_report(raw, out_dir, command):
+    perftest = {(p["tls"], p["bytes_per_peer"]): p["bw_MBps"] * MIB / 1e9
+                for p in load(os.path.join(raw, "perftest.jsonl"))}
+    mpi = {}
+    for label in ("mpi-shm", "mpi-tcp"):
+        for m in load(os.path.join(raw, f"{label}.jsonl")):
+            mpi[(label, m["ep"], m["hidden"], m["tokens"])] = m
+    rows, skipped, ratios = [], [], {}
+    for label, (ptls, mpi_label, _) in CONFIGS.items():
+        bw_ratios, mpi_ratios = [], []
+        for j in load(os.path.join(raw, f"joule-{label}.jsonl")):
+            if "skipped" in j:
+                skipped.append(dict(j, config=label))
+                continue
+            pt = perftest.get((ptls, j["bytes_per_peer"]))
+            m = mpi.get((mpi_label, j["ep"], j["hidden"], j["tokens"]))
+            row = dict(j, config=label, perftest_GBps=pt,
+                       vs_perftest=(j["algbw_GBps"] / pt) if pt else None,
+                       mpi_latency_us=m["latency_us_median"] if m else None,
+                       mpi_over_joule_latency=(m["latency_us_median"] / j["latency_us_median"])
+                       if m else None)
+            rows.append(row)
+            if j["bytes_per_peer"] >= MIB and row["vs_perftest"]:
+                bw_ratios.append(row["vs_perftest"])
+            if j["tokens"] == 128 and row["mpi_over_joule_latency"]:
+                mpi_ratios.append((j["ep"], j["hidden"], row["mpi_over_joule_latency"]))
+        if not bw_ratios and not mpi_ratios and not any(r["config"] == label for r in rows):
+            continue
+        ratios[label] = {
+            "bandwidth_vs_ucx_perftest_at_ge_1MiB_per_peer": {
+                "points": len(bw_ratios),
+                "min": min(bw_ratios) if bw_ratios else None,
+                "geomean": geomean(bw_ratios),
+                "max": max(bw_ratios) if bw_ratios else None},
+            "mpi_latency_over_joule_latency_at_128_tokens": {
+                f"ep{ep}_hidden{h}": r for ep, h, r in mpi_ratios},
+        }
+    model = rows[0] if rows else {}
+    res = {"date": datetime.date.today().isoformat(), "command": command, "machine": machine(),
+           "model": {"family": "qwen3_moe (synthetic, one decoder layer, MoE)",
+                     "experts": model.get("experts"), "top_k": model.get("top_k"),
+                     "moe_intermediate_size": model.get("moe_intermediate"),
+                     "placement": "contiguous, no replicas; each rank loads only its experts",
+                     "payload": "BF16 (ExpertParallelOptions::payload kBF16)",
+                     "threads_per_rank": model.get("threads")},
+           "definitions": {
+               "routing": "each token picks top_k distinct experts uniformly at random (fresh "
+                          "every iteration), router weights 1/top_k",
+               "latency_us_median": "per iteration, the slowest rank's dispatch_seconds + "
+                                    "combine_seconds (ExpertParallelExecutor::stats() deltas: "
+                                    "layout, count exchange, packing, dispatch all-to-all; "
+                                    "packing, combine all-to-all, weighted un-permute); median "
+                                    "over iterations; expert compute excluded",
+               "latency_us_median_rank_mean": "the same with the mean over ranks instead of the "
+                                              "slowest rank",
+               "run_us_median": "wall time of ExpertParallelExecutor::Run (slowest rank), which "
+                                "adds regrouping the received rows by expert and the expert "
+                                "GEMMs",
+               "minor_faults_median": "minor page faults of a rank during one Run (the rank "
+                                      "with most, median over iterations)",
+               "bytes_per_rank": "payload bytes a rank sends to other ranks per Run, dispatch "
+                                 "(hidden x 2 + 4-byte expert id per row) plus combine (hidden x "
+                                 "2 per row), mean over ranks and iterations",
+               "bytes_per_peer": "expected dispatch message to one peer: tokens x top_k / EP "
+                                 "rows x (hidden x 2 + 4) bytes (the ucx_perftest size)",
+               "algbw_GBps": "bytes_per_rank / latency_us_median",
+               "vs_perftest": "algbw / ucx_perftest tag_bw bandwidth (one pair, unidirectional, "
+                              "message = bytes_per_peer, same UCX_TLS, same run)",
+               "mpi_over_joule_latency": "MPI latency / Joule latency (>= 1: Joule no slower); "
+                                         "MPI does per iteration an MPI_Allgather of the counts "
+                                         "and two MPI_Alltoallv (dispatch rows, combine rows) on "
+                                         "the same payloads, rows spread evenly, no packing, "
+                                         "slowest rank, median"},
+           "ratios": ratios, "rows": rows, "skipped": skipped}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "dispatch_combine-executor.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+    mc = res["machine"]
+    lines = ["# Dispatch/combine benchmark: ExpertParallelExecutor level", "",
+             f"Machine: {mc['cpu']}, {mc['cores']} cores (shared with other jobs; load average "
+             f"{mc['load_average_at_end']} at the end), {mc['memory_gib']} GiB, Linux "
+             f"{mc['kernel']}; UCX {mc['ucx']}; {mc['mpi']}. Date {res['date']}.",
+             f"Command: `{command}`", "",
+             f"Each rank process loads a synthetic Qwen3-MoE checkpoint with one MoE layer "
+             f"({model.get('experts')} experts, top-k {model.get('top_k')}, "
+             f"moe_intermediate_size {model.get('moe_intermediate')}) through the production "
+             "loader, only its own experts (contiguous placement), and runs "
+             "`ExpertParallelExecutor::Run` with BF16 payloads over `UcxTransport`, one thread "
+             "per rank, a barrier before each Run, after warm-up Runs (the first with 10% fewer "
+             "tokens, so that the executor's scratch buffers get headroom and random routing "
+             "does not regrow them during timed Runs). Routing is uniform at random (top-k distinct "
+             "experts per token, fresh every iteration). The tiny moe_intermediate_size makes "
+             "the expert GEMMs negligible next to communication, and they are excluded anyway: "
+             "latency = the slowest rank's dispatch + combine seconds from `stats()` (layout, "
+             "count exchange, BF16 packing, both all-to-alls, un-permute), median over "
+             "iterations. Run = the whole `Run` wall time (adds regrouping received rows and the "
+             "expert GEMMs). faults/Run = minor page faults during a Run (median, slowest rank). "
+             "algbw = payload bytes a rank sends to other ranks in dispatch "
+             "(rows of hidden x 2 + 4 bytes) and combine (hidden x 2) / latency. bytes/peer = "
+             "expected dispatch message to one peer.", "",
+             "Baselines measured in the same run: ucx_perftest tag_bw at bytes/peer (one pair, "
+             "unidirectional, same UCX_TLS) and OpenMPI (pml ob1; vader for shm, tcp over "
+             "loopback for tcp) doing an MPI_Allgather of the counts plus the dispatch and the "
+             "combine MPI_Alltoallv on the same payloads (rows spread evenly, no packing), "
+             "slowest rank, median.", ""]
+    if skipped:
+        lines += ["Reduced sweep: points skipped because all ranks' buffers would not fit in "
+                  "the memory share the benchmark allows itself on this shared host: " + ", ".join(
+                      f"{s['config']} EP {s['ep']} hidden {s['hidden']} tokens {s['tokens']} "
+                      f"({s['skipped']})" for s in skipped) + ".", ""]
+    lines += ["## Ratios", "",
+              "| Joule configuration | bandwidth / ucx_perftest at >= 1 MiB per peer (min / geomean / max, points) | MPI latency / Joule latency at 128 tokens per rank |",
+              "|---|---|---|"]
+    for label, (_, _, desc) in CONFIGS.items():
+        if label not in ratios:
+            continue
+        r = ratios[label]
+        b = r["bandwidth_vs_ucx_perftest_at_ge_1MiB_per_peer"]
+        m = ", ".join(f"{k}: {v:.2f}x" for k, v in
+                      r["mpi_latency_over_joule_latency_at_128_tokens"].items()) or "-"
+        lines.append(f"| {desc} | {fmt(b['min'])} / {fmt(b['geomean'])} / {fmt(b['max'])} "
+                     f"({b['points']}) | {m} |")
+    for label, (_, _, desc) in CONFIGS.items():
+        if label not in ratios:
+            continue
+        lines += ["", f"## {desc}", "",
+                  "| EP | hidden | tokens/rank | bytes/peer | iters | latency us | dispatch us | combine us | Run us | faults/Run | algbw GB/s | perftest GB/s | vs perftest | MPI latency us | MPI/Joule |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if r["config"] != label:
+                continue
+            lines.append(f"| {r['ep']} | {r['hidden']} | {r['tokens']} | {r['bytes_per_peer']} | "
+                         f"{r['iters']} | {r['latency_us_median']:.1f} | "
+                         f"{r['dispatch_us_median']:.1f} | {r['combine_us_median']:.1f} | "
+                         f"{r['run_us_median']:.1f} | {r.get('minor_faults_median', 0):.0f} | "
+                         f"{r['algbw_GBps']:.2f} | "
+                         f"{fmt(r['perftest_GBps'])} | {fmt(r['vs_perftest'])} | "
+                         f"{fmt(r['mpi_latency_us'], '.1f')} | {fmt(r['mpi_over_joule_latency'])} |")
+    lines += ["", "Transport-level all-to-all-v (no executor): "
+              "bench/results/dispatch_combine-transport.md (run.sh without --executor)."]
+    with open(os.path.join(out_dir, "dispatch_combine-executor.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines[:20]))
+
+
+def main():
+    raw, out_dir, command = sys.argv[1], sys.argv[2], sys.argv[3]
+    stage = sys.argv[4] if len(sys.argv) > 4 else "transport"
+    if stage == "executor":
+        executor_report(raw, out_dir, command)
+    elif stage == "transport":
+        transport_report(raw, out_dir, command)
+    else:
+        sys.exit(f"unknown stage {stage} (transport or executor)")
 
 
 if __name__ == "__main__":

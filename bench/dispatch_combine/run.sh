@@ -1,50 +1,84 @@
 #!/usr/bin/env bash
-# Transport-level dispatch/combine benchmark with its baselines, all in one run:
+# Dispatch/combine benchmark with its baselines, all in one run.
+#
+# Default stage, transport level:
 #   - Joule's UcxTransport all-to-all-v (joule-transport-bench, EP processes),
 #     over UCX shared memory (with and without peer error handling) and TCP;
 #   - ucx_perftest tag_bw (server + client on loopback) at the same per-peer sizes;
 #   - OpenMPI MPI_Alltoallv (joule-mpi-alltoallv-bench) over shared memory and TCP.
-#   bench/dispatch_combine/run.sh [BUILD_DIR] [--quick]
-# Writes bench/results/dispatch_combine-transport.{json,md}.
+#   Writes bench/results/dispatch_combine-transport.{json,md}.
+# --executor, ExpertParallelExecutor level:
+#   - ExpertParallelExecutor::Run on a synthetic one-MoE-layer Qwen3-MoE
+#     checkpoint (joule-dispatch-combine-bench, EP processes), dispatch +
+#     combine from its stats(), same UCX configurations;
+#   - ucx_perftest tag_bw at the per-peer dispatch message size;
+#   - OpenMPI count all-gather + dispatch and combine MPI_Alltoallv on the same
+#     payloads (joule-mpi-alltoallv-bench --mode dispatch-combine).
+#   Writes bench/results/dispatch_combine-executor.{json,md}.
+#
+#   bench/dispatch_combine/run.sh [BUILD_DIR] [--quick] [--executor]
+# Environment: EPS (default "2 4"), CONFIGS (default "shm shm-nopeer tcp").
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-build="${1:-$root/build/default}"
+build="$root/build/default"
+quick=""
+stage=transport
+for arg in "$@"; do
+  case "$arg" in
+    --quick) quick="--quick" ;;
+    --executor) stage=executor ;;
+    -*) echo "unknown flag $arg (usage: run.sh [BUILD_DIR] [--quick] [--executor])" >&2; exit 2 ;;
+    *) build="$arg" ;;
+  esac
+done
 bin="$build/bench/dispatch_combine"
 tokens="1,4,16,64,128,256,1024,4096"
 hidden="2048,7168"
-eps="2 4"
-if [ "${2:-}" = "--quick" ]; then tokens="1,128,1024"; hidden="2048"; fi
+eps="${EPS:-2 4}"
+configs="${CONFIGS:-shm shm-nopeer tcp}"
+if [ -n "$quick" ]; then tokens="1,128,1024"; hidden="2048"; fi
+if [ "$stage" = executor ]; then
+  joule_bin="$bin/joule-dispatch-combine-bench"; mpi_mode=dispatch-combine
+else
+  joule_bin="$bin/joule-transport-bench"; mpi_mode=alltoallv
+fi
+if [ ! -x "$joule_bin" ]; then echo "$joule_bin not built (configure with -DJOULE_BUILD_BENCH=ON)" >&2; exit 1; fi
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 export UCX_WARN_UNUSED_ENV_VARS=n
 
-# One Joule run: EP processes of joule-transport-bench. $1 label, $2 EP, rest: env.
+# One Joule run: EP processes of $joule_bin. $1 label, $2 EP, rest: env.
 joule_run() {
   local label="$1" ep="$2"; shift 2
   local dir; dir="$(mktemp -d -p "$tmp")"
   local pids=()
   for ((r = 0; r < ep; r++)); do
-    env "$@" "$bin/joule-transport-bench" --rank "$r" --world "$ep" --dir "$dir" \
+    env "$@" "$joule_bin" --rank "$r" --world "$ep" --dir "$dir" \
       --hidden "$hidden" --tokens "$tokens" --out "$tmp/joule-$label.jsonl" \
       $( [ "$label" = shm-nopeer ] && echo --peer-errors 0 ) &
     pids+=($!)
   done
-  for p in "${pids[@]}"; do wait "$p"; done
+  local rc=0
+  for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+  rm -rf "$dir"
+  return "$rc"
 }
 
 for ep in $eps; do
-  echo "joule ucx shm, EP $ep" >&2
-  joule_run shm "$ep" UCX_TLS=shm,self
-  echo "joule ucx shm without peer error handling, EP $ep" >&2
-  joule_run shm-nopeer "$ep" UCX_TLS=shm,self
-  echo "joule ucx tcp, EP $ep" >&2
-  joule_run tcp "$ep" UCX_TLS=tcp,self UCX_NET_DEVICES=lo
+  for c in $configs; do
+    echo "joule $stage, $c, EP $ep ($(date +%T))" >&2
+    case "$c" in
+      shm|shm-nopeer) joule_run "$c" "$ep" UCX_TLS=shm,self ;;
+      tcp) joule_run tcp "$ep" UCX_TLS=tcp,self UCX_NET_DEVICES=lo ;;
+      *) echo "unknown configuration $c" >&2; exit 2 ;;
+    esac
+  done
 done
 
 # ucx_perftest tag_bw at every per-peer size Joule measured.
 sizes="$(cat "$tmp"/joule-*.jsonl | /usr/bin/python3 -c '
 import json, sys
-print(" ".join(str(s) for s in sorted({json.loads(l)["bytes_per_peer"] for l in sys.stdin if l.strip()} - {0})))')"
+print(" ".join(str(s) for s in sorted({json.loads(l).get("bytes_per_peer", 0) for l in sys.stdin if l.strip()} - {0})))')"
 port=$((20000 + RANDOM % 20000))
 perftest() {  # $1 label, $2 size, rest: env
   local label="$1" size="$2"; shift 2
@@ -74,15 +108,18 @@ if [ -x "$bin/joule-mpi-alltoallv-bench" ] && command -v mpirun >/dev/null; then
   for ep in $eps; do
     echo "MPI_Alltoallv shm, EP $ep" >&2
     mpirun --allow-run-as-root --oversubscribe -np "$ep" --mca pml ob1 --mca btl self,vader \
-      "$bin/joule-mpi-alltoallv-bench" --hidden "$hidden" --tokens "$tokens" --out "$tmp/mpi-shm.jsonl"
+      "$bin/joule-mpi-alltoallv-bench" --mode "$mpi_mode" --hidden "$hidden" --tokens "$tokens" \
+      --out "$tmp/mpi-shm.jsonl"
     echo "MPI_Alltoallv tcp, EP $ep" >&2
     mpirun --allow-run-as-root --oversubscribe -np "$ep" --mca pml ob1 --mca btl self,tcp \
       --mca btl_tcp_if_include lo \
-      "$bin/joule-mpi-alltoallv-bench" --hidden "$hidden" --tokens "$tokens" --out "$tmp/mpi-tcp.jsonl"
+      "$bin/joule-mpi-alltoallv-bench" --mode "$mpi_mode" --hidden "$hidden" --tokens "$tokens" \
+      --out "$tmp/mpi-tcp.jsonl"
   done
 else
   echo "no MPI benchmark (install libopenmpi-dev openmpi-bin and rebuild): MPI columns stay empty" >&2
 fi
 
 /usr/bin/python3 "$root/bench/dispatch_combine/report.py" "$tmp" "$root/bench/results" \
-  "bench/dispatch_combine/run.sh ${build#$root/} ${2:-}"
+  "bench/dispatch_combine/run.sh ${build#$root/}${quick:+ $quick}$( [ "$stage" = executor ] && echo ' --executor')" \
+  "$stage"
