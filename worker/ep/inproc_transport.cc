@@ -17,6 +17,7 @@ class InProcessTransport : public Transport {
   absl::Status AllGather(const void* in, size_t bytes, void* out) override {
     InProcessGroup::Slot mine{.send = in, .bytes = bytes};
     return group_->Exchange(rank_, mine, [&](const std::vector<InProcessGroup::Slot>& slots) {
+      if (bytes == 0) return;  // buffers may be null; memcpy must not see them
       for (int r = 0; r < world_size(); ++r) {
         std::memcpy(static_cast<char*>(out) + r * bytes, slots[r].send, bytes);
       }
