@@ -49,6 +49,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
+#include "bench/dispatch_combine/rank_util.h"
 #include "common/dtype.h"
 #include "common/placement.h"
 #include "common/safetensors.h"
@@ -60,6 +61,10 @@
 
 namespace {
 
+using joule::bench::Check;
+using joule::bench::ParseList;
+using joule::bench::Rendezvous;
+
 struct Args {
   int rank = -1, world = 0, top_k = 8, experts = 64, moe_intermediate = 8, threads = 1;
   int max_iters = 200;
@@ -68,19 +73,6 @@ struct Args {
   std::string dir, out;
   std::vector<int> hidden, tokens;
 };
-
-std::vector<int> ParseList(const std::string& s) {
-  std::vector<int> v;
-  for (absl::string_view p : absl::StrSplit(s, ',', absl::SkipEmpty())) {
-    int x = 0;
-    if (!absl::SimpleAtoi(p, &x) || x <= 0) {
-      std::fprintf(stderr, "bad list element '%s'\n", std::string(p).c_str());
-      std::exit(2);
-    }
-    v.push_back(x);
-  }
-  return v;
-}
 
 Args Parse(int argc, char** argv) {
   Args a;
@@ -116,38 +108,6 @@ Args Parse(int argc, char** argv) {
     std::exit(2);
   }
   return a;
-}
-
-void Check(const absl::Status& s, const char* what) {
-  if (!s.ok()) {
-    std::fprintf(stderr, "%s: %s\n", what, s.ToString().c_str());
-    std::exit(1);
-  }
-}
-
-// File rendezvous for the worker addresses (production uses the coordinator).
-std::vector<std::string> Rendezvous(const std::string& dir, int rank, int world,
-                                    const std::string& address) {
-  const std::string path = absl::StrCat(dir, "/addr.", rank);
-  {
-    std::ofstream(path + ".tmp", std::ios::binary).write(address.data(), address.size());
-  }
-  std::filesystem::rename(path + ".tmp", path);
-  std::vector<std::string> all(world);
-  const absl::Time deadline = absl::Now() + absl::Seconds(60);
-  for (int r = 0; r < world; ++r) {
-    const std::string p = absl::StrCat(dir, "/addr.", r);
-    while (!std::filesystem::exists(p)) {
-      if (absl::Now() > deadline) {
-        std::fprintf(stderr, "rank %d: rank %d never published its address\n", rank, r);
-        std::exit(1);
-      }
-      absl::SleepFor(absl::Milliseconds(5));
-    }
-    std::ifstream in(p, std::ios::binary);
-    all[r].assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-  }
-  return all;
 }
 
 // A Qwen3-MoE checkpoint with one decoder layer, which is MoE: attention is a

@@ -1,6 +1,6 @@
-// Helpers for tests that run transport ranks as real processes: a file
-// rendezvous for UCX worker addresses (production bootstraps through the
-// coordinator) and spawning/reaping child processes with bounded waits.
+// Helpers for tests that run transport ranks as real processes: marker files
+// and spawning/reaping child processes with bounded waits. The address
+// rendezvous itself is worker/ep/file_rendezvous.h.
 #pragma once
 
 #include <sys/types.h>
@@ -14,13 +14,6 @@
 #include "absl/time/time.h"
 
 namespace joule::ep::testing {
-
-// Writes `address` as <dir>/addr.<rank> (atomically, via rename).
-absl::Status PublishAddress(const std::string& dir, int rank, const std::string& address);
-
-// Waits (bounded) until every rank published, then returns the addresses by rank.
-absl::StatusOr<std::vector<std::string>> CollectAddresses(const std::string& dir, int world_size,
-                                                          absl::Duration timeout);
 
 // Creates an empty marker file <dir>/<name>.
 absl::Status Touch(const std::string& dir, const std::string& name);

@@ -20,12 +20,14 @@
 #include "absl/time/clock.h"
 #include "tests/worker/ep/transport/conformance.h"
 #include "tests/worker/ep/transport/process_group.h"
+#include "worker/ep/file_rendezvous.h"
+#include "worker/ep/file_rendezvous.h"
 #include "worker/ep/ucx_transport.h"
 
 namespace {
 
-using joule::ep::testing::CollectAddresses;
-using joule::ep::testing::PublishAddress;
+using joule::ep::CollectAddresses;
+using joule::ep::PublishAddress;
 using joule::ep::testing::Touch;
 
 int Run(int rank, int world, const std::string& dir, std::string scenario,
