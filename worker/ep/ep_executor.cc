@@ -106,8 +106,8 @@ struct ExpertParallelExecutor::Impl {
   // Dispatch sends from `a` into `b`; combine sends from `b` (expert outputs,
   // in received order) back into `a`.
   ExchangeBuffer a, b;
-  std::vector<float> grouped, gate, up, down, combined;
-  std::vector<const void*> w_ptrs;
+  std::vector<float> grouped, down, combined;
+  GroupedExpertBuffers expert_buffers;
 
   mutable absl::Mutex mu;
   Stats stats ABSL_GUARDED_BY(mu);
@@ -208,7 +208,6 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
   const int E = c.num_experts;
   const int K = c.num_experts_per_tok;
   const int64_t H = c.hidden_size;
-  const int64_t I = c.moe_intermediate_size;
   const bool bf16 = options.payload == PayloadType::kBF16;
   const size_t payload = PayloadBytes(H);
   const size_t dispatch_stride = payload + sizeof(int32_t);  // activations, then the expert id
@@ -382,31 +381,10 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
       }
     });
   }
-  w_ptrs.assign(3 * E, nullptr);
-  kc::WeightType type = kc::WeightType::kBF16;
-  for (int e = 0; e < E; ++e) {
-    if (L.expert_offsets[e + 1] == L.expert_offsets[e]) continue;
-    const MlpWeights& m = LW.experts[e];
-    w_ptrs[e] = m.gate.w;
-    w_ptrs[E + e] = m.up.w;
-    w_ptrs[2 * E + e] = m.down.w;
-    type = m.gate.type;
-  }
-  gate.resize(recv_rows * I);
-  up.resize(recv_rows * I);
   down.resize(recv_rows * H);
-  kc::GroupedGemmParams gg{.num_groups = E, .x = grouped.data(),
-                           .row_offsets = L.expert_offsets.data(), .k = H, .n = I,
-                           .w = w_ptrs.data(), .w_type = type, .y = gate.data()};
-  kc::LaunchGroupedGemm(gg, stream);
-  gg.w = w_ptrs.data() + E;
-  gg.y = up.data();
-  kc::LaunchGroupedGemm(gg, stream);
-  kc::LaunchSiluMul({.gate = gate.data(), .up = up.data(), .out = gate.data(), .n = recv_rows * I},
-                    stream);
-  kc::LaunchGroupedGemm({.num_groups = E, .x = gate.data(), .row_offsets = L.expert_offsets.data(),
-                         .k = I, .n = H, .w = w_ptrs.data() + 2 * E, .w_type = type, .y = down.data()},
-                        stream);
+  RETURN_IF_ERROR(Annotate(RunGroupedExperts(LW, layer, grouped.data(), L.expert_offsets.data(), E,
+                                             down.data(), &expert_buffers, stream),
+                           context("experts")));
 
   // (e) Combine: outputs go back in received order, the dispatch layout reversed.
   const auto t_combine = std::chrono::steady_clock::now();

@@ -1,6 +1,7 @@
 #include "worker/model/experts.h"
 
 #include "absl/strings/str_cat.h"
+#include "common/status.h"
 #include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/moe.h"
 
@@ -28,6 +29,48 @@ void RunMlp(const MlpWeights& mlp, const float* x, int64_t rows, float* out,
                  stream);
 }
 
+absl::Status RunGroupedExperts(const LayerWeights& weights, int layer, const float* x,
+                               const int64_t* offsets, int num_experts, float* out,
+                               GroupedExpertBuffers* buffers, kc::CpuStream stream) {
+  const int E = num_experts;
+  auto& w = buffers->w;
+  w.assign(3 * E, nullptr);
+  const MlpWeights* any = nullptr;  // every expert of a layer has the same shape and dtype
+  for (int e = 0; e < E; ++e) {
+    const int64_t n = offsets[e + 1] - offsets[e];
+    if (n == 0) continue;
+    const MlpWeights& m = weights.experts[e];
+    if (!m.loaded) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "layer ", layer, ": ", n, " tokens routed to expert ", e, " which this rank does not hold"));
+    }
+    w[e] = m.gate.w;
+    w[E + e] = m.up.w;
+    w[2 * E + e] = m.down.w;
+    any = &m;
+  }
+  if (any == nullptr) return absl::OkStatus();
+  const int64_t rows = offsets[E];
+  const int64_t H = any->gate.in_features;
+  const int64_t I = any->gate.out_features;
+  const kc::WeightType type = any->gate.type;
+  buffers->gate.resize(rows * I);
+  buffers->up.resize(rows * I);
+  float* gate = buffers->gate.data();
+  float* up = buffers->up.data();
+  kc::GroupedGemmParams gg{.num_groups = E, .x = x, .row_offsets = offsets, .k = H, .n = I,
+                           .w = w.data(), .w_type = type, .y = gate};
+  kc::LaunchGroupedGemm(gg, stream);
+  gg.w = w.data() + E;
+  gg.y = up;
+  kc::LaunchGroupedGemm(gg, stream);
+  kc::LaunchSiluMul({.gate = gate, .up = up, .out = gate, .n = rows * I}, stream);
+  kc::LaunchGroupedGemm({.num_groups = E, .x = gate, .row_offsets = offsets, .k = I, .n = H,
+                         .w = w.data() + 2 * E, .w_type = type, .y = out},
+                        stream);
+  return absl::OkStatus();
+}
+
 absl::Status LocalExpertExecutor::Run(int layer, const float* x, int64_t tokens,
                                       const int32_t* expert_ids, const float* weights, float* out) {
   const ModelConfig& c = weights_->config();
@@ -35,7 +78,6 @@ absl::Status LocalExpertExecutor::Run(int layer, const float* x, int64_t tokens,
   const int E = c.num_experts;
   const int K = c.num_experts_per_tok;
   const int64_t H = c.hidden_size;
-  const int64_t I = c.moe_intermediate_size;
   if (tokens == 0) return absl::OkStatus();
   if (expert_load_.empty()) expert_load_.assign(c.num_layers, std::vector<int64_t>(E, 0));
 
@@ -47,43 +89,16 @@ absl::Status LocalExpertExecutor::Run(int layer, const float* x, int64_t tokens,
                         .expert_offsets = offsets_.data(),
                         .permuted_to_slot = permuted_to_slot_.data(),
                         .slot_to_permuted = slot_to_permuted_.data()});
-  w_ptrs_.assign(3 * E, nullptr);
-  kc::WeightType type = kc::WeightType::kBF16;
-  for (int e = 0; e < E; ++e) {
-    const int64_t n = offsets_[e + 1] - offsets_[e];
-    expert_load_[layer][e] += n;
-    if (n == 0) continue;
-    const MlpWeights& m = L.experts[e];
-    if (!m.loaded) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "layer ", layer, ": ", n, " tokens routed to expert ", e, " which this rank does not hold"));
-    }
-    w_ptrs_[e] = m.gate.w;
-    w_ptrs_[E + e] = m.up.w;
-    w_ptrs_[2 * E + e] = m.down.w;
-    type = m.gate.type;
-  }
+  for (int e = 0; e < E; ++e) expert_load_[layer][e] += offsets_[e + 1] - offsets_[e];
 
   permuted_.resize(rows * H);
-  gate_.resize(rows * I);
-  up_.resize(rows * I);
   down_.resize(rows * H);
   kc::LaunchPermute({.x = x, .hidden = H, .rows = rows,
                      .permuted_to_slot = permuted_to_slot_.data(), .top_k = K,
                      .out = permuted_.data()},
                     stream_);
-  kc::GroupedGemmParams gg{.num_groups = E, .x = permuted_.data(), .row_offsets = offsets_.data(),
-                           .k = H, .n = I, .w = w_ptrs_.data(), .w_type = type, .y = gate_.data()};
-  kc::LaunchGroupedGemm(gg, stream_);
-  gg.w = w_ptrs_.data() + E;
-  gg.y = up_.data();
-  kc::LaunchGroupedGemm(gg, stream_);
-  kc::LaunchSiluMul({.gate = gate_.data(), .up = up_.data(), .out = gate_.data(), .n = rows * I},
-                    stream_);
-  kc::LaunchGroupedGemm({.num_groups = E, .x = gate_.data(), .row_offsets = offsets_.data(),
-                         .k = I, .n = H, .w = w_ptrs_.data() + 2 * E, .w_type = type,
-                         .y = down_.data()},
-                        stream_);
+  RETURN_IF_ERROR(RunGroupedExperts(L, layer, permuted_.data(), offsets_.data(), E, down_.data(),
+                                    &buffers_, stream_));
   kc::LaunchUnpermute({.expert_out = down_.data(), .slot_to_permuted = slot_to_permuted_.data(),
                        .weights = weights, .tokens = tokens, .top_k = K, .hidden = H, .out = out,
                        .accumulate = true},

@@ -32,6 +32,21 @@ class ExpertExecutor {
 void RunMlp(const MlpWeights& mlp, const float* x, int64_t rows, float* out,
             std::vector<float>* scratch, kernels::cpu::CpuStream stream);
 
+// Reused across calls of RunGroupedExperts.
+struct GroupedExpertBuffers {
+  std::vector<const void*> w;  // [3 * num_experts]: gate, then up, then down pointers
+  std::vector<float> gate, up;
+};
+
+// Runs each expert's SwiGLU MLP on its rows of x, which are grouped by expert:
+// rows [offsets[e], offsets[e+1]) go through expert e, one grouped GEMM per
+// projection. Writes [offsets[num_experts], hidden] into out. Every expert
+// that has rows must be loaded (FailedPrecondition naming layer and expert).
+// The local and the expert-parallel executors both compute experts here.
+absl::Status RunGroupedExperts(const LayerWeights& weights, int layer, const float* x,
+                               const int64_t* offsets, int num_experts, float* out,
+                               GroupedExpertBuffers* buffers, kernels::cpu::CpuStream stream);
+
 // Runs every expert in this process; the reference the EP path must match.
 class LocalExpertExecutor : public ExpertExecutor {
  public:
@@ -49,8 +64,8 @@ class LocalExpertExecutor : public ExpertExecutor {
   kernels::cpu::CpuStream stream_;
   std::vector<int64_t> offsets_;
   std::vector<int32_t> permuted_to_slot_, slot_to_permuted_;
-  std::vector<float> permuted_, gate_, up_, down_;
-  std::vector<const void*> w_ptrs_;
+  std::vector<float> permuted_, down_;
+  GroupedExpertBuffers buffers_;
   std::vector<std::vector<int64_t>> expert_load_;
 };
 
