@@ -5,7 +5,56 @@
 #include <cstring>
 #include <vector>
 
+#include "kernels/cpu/convert_internal.h"
+#include "kernels/cpu/cpu_isa.h"
+
 namespace joule::kernels::cpu {
+namespace {
+
+struct ConvertFns {
+  F32ToBf16RowFn to_bf16;
+  Bf16ToF32RowFn to_f32;
+  AxpyBf16RowFn axpy_bf16;
+};
+
+ConvertFns ActiveConvertFns() {
+  switch (ActiveIsa()) {
+#if defined(JOULE_CPU_X86)
+    case Isa::kAvx512: return {&F32ToBf16RowAvx512, &Bf16ToF32RowAvx512, &AxpyBf16RowAvx512};
+    case Isa::kAvx2: return {&F32ToBf16RowAvx2, &Bf16ToF32RowAvx2, &AxpyBf16RowAvx2};
+#endif
+    default: return {&F32ToBf16RowScalar, &Bf16ToF32RowScalar, &AxpyBf16RowScalar};
+  }
+}
+
+// Same rounding as common/dtype.h's F32ToBf16 (kernels depend on nothing in the project).
+uint16_t RoundToBf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+float WidenBf16(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+}  // namespace
+
+void F32ToBf16RowScalar(const float* src, uint16_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = RoundToBf16(src[i]);
+}
+
+void Bf16ToF32RowScalar(const uint16_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = WidenBf16(src[i]);
+}
+
+void AxpyBf16RowScalar(float w, const uint16_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] += w * WidenBf16(src[i]);
+}
 
 void LaunchRouterTopK(const RouterTopKParams& p, CpuStream stream) {
   const int ne = p.num_experts;
@@ -77,6 +126,7 @@ void LaunchPermute(const PermuteParams& p, CpuStream stream) {
 
 void LaunchUnpermute(const UnpermuteParams& p, CpuStream stream) {
   const int64_t h = p.hidden;
+  const AxpyBf16RowFn axpy_bf16 = ActiveConvertFns().axpy_bf16;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, h * p.top_k));
   ParallelFor(stream, p.tokens, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -86,8 +136,34 @@ void LaunchUnpermute(const UnpermuteParams& p, CpuStream stream) {
       for (int j = 0; j < p.top_k; ++j) {
         const int64_t slot = t * p.top_k + j;
         const float w = p.weights[slot];
-        const float* row = p.expert_out + static_cast<int64_t>(p.slot_to_permuted[slot]) * h;
+        const int64_t offset = static_cast<int64_t>(p.slot_to_permuted[slot]) * h;
+        if (p.expert_out_bf16 != nullptr) {
+          axpy_bf16(w, p.expert_out_bf16 + offset, out, h);
+          continue;
+        }
+        const float* row = p.expert_out + offset;
         for (int64_t d = 0; d < h; ++d) out[d] += w * row[d];
+      }
+    }
+  });
+}
+
+void LaunchGatherRows(const GatherRowsParams& p, CpuStream stream) {
+  const ConvertFns fns = ActiveConvertFns();
+  const size_t in_elem = p.in_type == RowType::kBF16 ? 2 : 4;
+  const size_t row_bytes = in_elem * static_cast<size_t>(p.hidden);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.hidden));
+  ParallelFor(stream, p.rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t src_row = p.index != nullptr ? p.index[r] / p.index_divisor : r;
+      const auto* in = static_cast<const std::byte*>(p.in) + src_row * p.in_stride_bytes;
+      auto* out = static_cast<std::byte*>(p.out) + r * p.out_stride_bytes;
+      if (p.in_type == p.out_type) {
+        std::memcpy(out, in, row_bytes);
+      } else if (p.out_type == RowType::kBF16) {
+        fns.to_bf16(reinterpret_cast<const float*>(in), reinterpret_cast<uint16_t*>(out), p.hidden);
+      } else {
+        fns.to_f32(reinterpret_cast<const uint16_t*>(in), reinterpret_cast<float*>(out), p.hidden);
       }
     }
   });

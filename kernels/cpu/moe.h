@@ -9,9 +9,11 @@
 
 namespace joule::kernels::cpu {
 
+using ::joule::kernels::GatherRowsParams;
 using ::joule::kernels::MoeLayoutParams;
 using ::joule::kernels::PermuteParams;
 using ::joule::kernels::RouterTopKParams;
+using ::joule::kernels::RowType;
 using ::joule::kernels::UnpermuteParams;
 
 void LaunchRouterTopK(const RouterTopKParams& p, CpuStream stream);
@@ -23,5 +25,6 @@ void ComputeMoeLayout(const MoeLayoutParams& p);
 
 void LaunchPermute(const PermuteParams& p, CpuStream stream);
 void LaunchUnpermute(const UnpermuteParams& p, CpuStream stream);
+void LaunchGatherRows(const GatherRowsParams& p, CpuStream stream);
 
 }  // namespace joule::kernels::cpu

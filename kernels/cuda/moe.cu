@@ -131,7 +131,13 @@ __global__ void UnpermuteKernel(UnpermuteParams p) {
       // Same order as the CPU kernel: start from out (or 0), add choices in order.
       float acc = p.accumulate ? dst[c] : 0.f;
       for (int j = 0; j < p.top_k; ++j) {
-        if (rows[j] >= 0) acc += w[j] * p.expert_out[static_cast<int64_t>(rows[j]) * p.hidden + c];
+        if (rows[j] < 0) continue;
+        const int64_t i = static_cast<int64_t>(rows[j]) * p.hidden + c;
+        // BF16 expert outputs are widened exactly (the top 16 bits of an F32).
+        const float v = p.expert_out_bf16 != nullptr
+                            ? __uint_as_float(static_cast<uint32_t>(p.expert_out_bf16[i]) << 16)
+                            : p.expert_out[i];
+        acc += w[j] * v;
       }
       dst[c] = acc;
     }
@@ -205,7 +211,7 @@ absl::Status LaunchUnpermute(const UnpermuteParams& p, cudaStream_t stream) {
     return absl::InvalidArgumentError("Unpermute: bad shape");
   }
   if (p.tokens == 0 || p.hidden == 0) return absl::OkStatus();
-  if (!p.expert_out || !p.slot_to_permuted || !p.weights || !p.out) {
+  if ((!p.expert_out && !p.expert_out_bf16) || !p.slot_to_permuted || !p.weights || !p.out) {
     return absl::InvalidArgumentError("Unpermute: null pointer");
   }
   UnpermuteKernel<<<RowBlocks(p.tokens), 128, 0, stream>>>(p);

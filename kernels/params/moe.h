@@ -54,6 +54,9 @@ struct PermuteParams {
 // summed in choice order j = 0..top_k-1.
 struct UnpermuteParams {
   const float* expert_out = nullptr;  // [tokens * top_k, hidden]
+  // Set instead of expert_out when the expert outputs arrive as BF16 (an
+  // expert-parallel combine with BF16 payloads): widened while summing.
+  const uint16_t* expert_out_bf16 = nullptr;
   const int32_t* slot_to_permuted = nullptr;
   const float* weights = nullptr;     // [tokens * top_k]
   int64_t tokens = 0;
@@ -61,6 +64,28 @@ struct UnpermuteParams {
   int64_t hidden = 0;
   float* out = nullptr;  // [tokens, hidden]
   bool accumulate = false;  // add into out instead of overwriting it
+};
+
+// Element type of a row in GatherRowsParams.
+enum class RowType : uint8_t { kF32, kBF16 };
+
+// out row r = in row (index ? index[r] / index_divisor : r), converted from
+// in_type to out_type (F32 -> BF16 rounds to nearest even, NaN stays NaN).
+// Rows are `hidden` elements at the given byte strides, so packed exchange
+// rows may carry trailing bytes (an expert id) the kernel leaves alone.
+// Expert-parallel dispatch/combine packs and unpacks its payloads with it.
+// CPU launch only so far.
+struct GatherRowsParams {
+  const void* in = nullptr;
+  RowType in_type = RowType::kF32;
+  int64_t in_stride_bytes = 0;
+  const int32_t* index = nullptr;  // [rows], or null for the identity
+  int index_divisor = 1;           // e.g. top_k, to map a slot to its token
+  void* out = nullptr;
+  RowType out_type = RowType::kF32;
+  int64_t out_stride_bytes = 0;
+  int64_t rows = 0;
+  int64_t hidden = 0;
 };
 
 }  // namespace joule::kernels

@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <iterator>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -180,6 +182,143 @@ TEST_P(MoeTest, PermuteThenWeightedUnpermuteRoundTrips) {
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t d = 0; d < hidden; ++d)
       ASSERT_NEAR(acc[t * hidden + d], 1.0 + expected(t, d), 1e-6 * 7) << t << "," << d;
+}
+
+// The scalar rule every ISA must reproduce bit for bit.
+uint16_t ReferenceBf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+float Widen(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// Inputs that exercise rounding: ties to even (both directions), values that
+// round up into the next binade, infinities, NaNs and signed zeros.
+std::vector<float> RoundingCases(int64_t n, uint32_t seed) {
+  auto v = RandomFloats(n, seed, -4.0f, 4.0f);
+  const uint32_t special[] = {0x3f808000u, 0x3f818000u, 0x3f7fffffu, 0x7f7fffffu, 0x7f800000u,
+                              0xff800000u, 0x7fc00000u, 0x7f800001u, 0xffa00000u, 0x80000000u,
+                              0x00000000u, 0x00010000u, 0x3f80ffffu};
+  for (size_t i = 0; i < std::size(special) && i < v.size(); ++i) {
+    std::memcpy(&v[i * 7 % v.size()], &special[i], sizeof(float));
+  }
+  return v;
+}
+
+TEST_P(MoeTest, GatherRowsConvertsAndIndexesLikeTheScalarRule) {
+  // Odd hidden so every vector path has a tail; rows carry 4 trailing bytes
+  // (an expert id in the dispatch layout) that must survive untouched.
+  const int64_t tokens = 29, hidden = 203;
+  const int k = 3;
+  const auto x = RoundingCases(tokens * hidden, 41);
+  std::vector<int32_t> slots(tokens * k);
+  std::iota(slots.begin(), slots.end(), 0);
+  std::shuffle(slots.begin(), slots.end(), std::mt19937(5));
+  const int64_t rows = static_cast<int64_t>(slots.size());
+  const int64_t stride = hidden * 2 + 4;
+  std::vector<std::byte> packed(rows * stride, std::byte{0x5a});
+
+  // F32 tokens -> BF16 rows, row r = token slots[r] / k.
+  GatherRowsParams p;
+  p.in = x.data();
+  p.in_type = RowType::kF32;
+  p.in_stride_bytes = hidden * 4;
+  p.index = slots.data();
+  p.index_divisor = k;
+  p.out = packed.data();
+  p.out_type = RowType::kBF16;
+  p.out_stride_bytes = stride;
+  p.rows = rows;
+  p.hidden = hidden;
+  LaunchGatherRows(p, stream());
+  for (int64_t r = 0; r < rows; ++r) {
+    const auto* row = reinterpret_cast<const uint16_t*>(packed.data() + r * stride);
+    for (int64_t d = 0; d < hidden; ++d) {
+      ASSERT_EQ(row[d], ReferenceBf16(x[(slots[r] / k) * hidden + d])) << r << "," << d;
+    }
+    for (int b = 0; b < 4; ++b) ASSERT_EQ(packed[r * stride + hidden * 2 + b], std::byte{0x5a});
+  }
+
+  // BF16 rows -> F32 in reverse order (identity index absent: explicit reversal).
+  std::vector<int32_t> reverse(rows);
+  for (int64_t r = 0; r < rows; ++r) reverse[r] = static_cast<int32_t>(rows - 1 - r);
+  std::vector<float> widened(rows * hidden, -1.0f);
+  GatherRowsParams q;
+  q.in = packed.data();
+  q.in_type = RowType::kBF16;
+  q.in_stride_bytes = stride;
+  q.index = reverse.data();
+  q.out = widened.data();
+  q.out_type = RowType::kF32;
+  q.out_stride_bytes = hidden * 4;
+  q.rows = rows;
+  q.hidden = hidden;
+  LaunchGatherRows(q, stream());
+  for (int64_t r = 0; r < rows; ++r) {
+    const auto* src = reinterpret_cast<const uint16_t*>(packed.data() + (rows - 1 - r) * stride);
+    for (int64_t d = 0; d < hidden; ++d) {
+      const float want = Widen(src[d]);
+      const float got = widened[r * hidden + d];
+      if (std::isnan(want)) {
+        ASSERT_TRUE(std::isnan(got)) << r << "," << d;
+      } else {
+        ASSERT_EQ(got, want) << r << "," << d;
+      }
+    }
+  }
+
+  // Same type: a strided copy (no index = identity).
+  std::vector<float> copy(tokens * hidden, 0.0f);
+  GatherRowsParams c;
+  c.in = x.data();
+  c.in_stride_bytes = hidden * 4;
+  c.out = copy.data();
+  c.out_stride_bytes = hidden * 4;
+  c.rows = tokens;
+  c.hidden = hidden;
+  LaunchGatherRows(c, stream());
+  ASSERT_EQ(std::memcmp(copy.data(), x.data(), x.size() * sizeof(float)), 0);
+}
+
+TEST_P(MoeTest, UnpermuteOfBf16ExpertOutputsEqualsWidenedF32) {
+  const int64_t tokens = 23, hidden = 77;
+  const int k = 4, experts = 6;
+  auto logits = RandomFloats(tokens * experts, 51, -2.0f, 2.0f);
+  Routing r = Route(logits, tokens, experts, k, /*renorm=*/false, stream());
+  std::vector<int32_t> s2p(tokens * k);
+  std::iota(s2p.begin(), s2p.end(), 0);
+  std::shuffle(s2p.begin(), s2p.end(), std::mt19937(9));
+  const auto f32 = RandomFloats(tokens * k * hidden, 52);
+  std::vector<uint16_t> bf16(f32.size());
+  std::vector<float> widened(f32.size());
+  for (size_t i = 0; i < f32.size(); ++i) {
+    bf16[i] = ReferenceBf16(f32[i]);
+    widened[i] = Widen(bf16[i]);
+  }
+  UnpermuteParams up;
+  up.slot_to_permuted = s2p.data();
+  up.weights = r.weights.data();
+  up.tokens = tokens;
+  up.top_k = k;
+  up.hidden = hidden;
+  up.accumulate = true;
+  std::vector<float> from_f32(tokens * hidden, 0.5f), from_bf16(tokens * hidden, 0.5f);
+  up.expert_out = widened.data();
+  up.out = from_f32.data();
+  LaunchUnpermute(up, stream());
+  up.expert_out = nullptr;
+  up.expert_out_bf16 = bf16.data();
+  up.out = from_bf16.data();
+  LaunchUnpermute(up, stream());
+  // Same products added in the same order: identical, not merely close.
+  for (size_t i = 0; i < from_f32.size(); ++i) ASSERT_EQ(from_bf16[i], from_f32[i]) << i;
 }
 
 JOULE_INSTANTIATE_ISA_THREADS(MoeTest);

@@ -7,9 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
-#include "common/dtype.h"
 #include "common/status.h"
-#include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/moe.h"
 
 namespace joule::ep {
@@ -106,7 +104,7 @@ struct ExpertParallelExecutor::Impl {
   // Dispatch sends from `a` into `b`; combine sends from `b` (expert outputs,
   // in received order) back into `a`.
   ExchangeBuffer a, b;
-  std::vector<float> grouped, down, combined;
+  std::vector<float> grouped, down;
   GroupedExpertBuffers expert_buffers;
 
   mutable absl::Mutex mu;
@@ -214,7 +212,6 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
   auto context = [layer](const char* phase) {
     return absl::StrCat("expert-parallel ", phase, " of layer ", layer);
   };
-  const int64_t grain = std::max<int64_t>(1, 4096 / H);  // rows per chunk of copy loops
   const auto t_start = std::chrono::steady_clock::now();
 
   // Errors found here are not returned before the count exchange: this rank
@@ -307,22 +304,15 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
   // Each buffer carries dispatch rows one way and (smaller) combine rows back.
   RETURN_IF_ERROR(Annotate(a.Reserve(send_rows * dispatch_stride, transport), context("buffers")));
   RETURN_IF_ERROR(Annotate(b.Reserve(recv_rows * dispatch_stride, transport), context("buffers")));
-  {
-    std::byte* base = a.data();
-    kc::ParallelFor(stream, send_rows, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int32_t slot = L.send_to_slot[r];
-        const float* src = x + (slot / K) * H;
-        std::byte* row = base + r * dispatch_stride;
-        if (bf16) {
-          auto* dst = reinterpret_cast<uint16_t*>(row);
-          for (int64_t i = 0; i < H; ++i) dst[i] = F32ToBf16(src[i]);
-        } else {
-          std::memcpy(row, src, payload);
-        }
-        std::memcpy(row + payload, &expert_ids[slot], sizeof(int32_t));
-      }
-    });
+  const kc::RowType wire = bf16 ? kc::RowType::kBF16 : kc::RowType::kF32;
+  kc::LaunchGatherRows({.in = x, .in_type = kc::RowType::kF32, .in_stride_bytes = H * 4,
+                        .index = L.send_to_slot.data(), .index_divisor = K, .out = a.data(),
+                        .out_type = wire, .out_stride_bytes = static_cast<int64_t>(dispatch_stride),
+                        .rows = send_rows, .hidden = H},
+                       stream);
+  for (int64_t r = 0; r < send_rows; ++r) {
+    std::memcpy(a.data() + r * dispatch_stride + payload, &expert_ids[L.send_to_slot[r]],
+                sizeof(int32_t));
   }
   send_bytes.resize(W);
   send_byte_offsets.resize(W);
@@ -366,21 +356,12 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
                         .permuted_to_slot = L.grouped_to_recv.data(),
                         .slot_to_permuted = L.recv_to_grouped.data()});
   grouped.resize(recv_rows * H);
-  {
-    const std::byte* base = b.data();
-    kc::ParallelFor(stream, recv_rows, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t g = begin; g < end; ++g) {
-        const std::byte* row = base + L.grouped_to_recv[g] * dispatch_stride;
-        float* dst = grouped.data() + g * H;
-        if (bf16) {
-          const auto* src = reinterpret_cast<const uint16_t*>(row);
-          for (int64_t i = 0; i < H; ++i) dst[i] = Bf16ToF32(src[i]);
-        } else {
-          std::memcpy(dst, row, payload);
-        }
-      }
-    });
-  }
+  kc::LaunchGatherRows({.in = b.data(), .in_type = wire,
+                        .in_stride_bytes = static_cast<int64_t>(dispatch_stride),
+                        .index = L.grouped_to_recv.data(), .out = grouped.data(),
+                        .out_type = kc::RowType::kF32, .out_stride_bytes = H * 4,
+                        .rows = recv_rows, .hidden = H},
+                       stream);
   down.resize(recv_rows * H);
   RETURN_IF_ERROR(Annotate(RunGroupedExperts(LW, layer, grouped.data(), L.expert_offsets.data(), E,
                                              down.data(), &expert_buffers, stream),
@@ -388,21 +369,11 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
 
   // (e) Combine: outputs go back in received order, the dispatch layout reversed.
   const auto t_combine = std::chrono::steady_clock::now();
-  {
-    std::byte* base = b.data();
-    kc::ParallelFor(stream, recv_rows, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const float* src = down.data() + L.recv_to_grouped[r] * H;
-        std::byte* row = base + r * payload;
-        if (bf16) {
-          auto* dst = reinterpret_cast<uint16_t*>(row);
-          for (int64_t i = 0; i < H; ++i) dst[i] = F32ToBf16(src[i]);
-        } else {
-          std::memcpy(row, src, payload);
-        }
-      }
-    });
-  }
+  kc::LaunchGatherRows({.in = down.data(), .in_type = kc::RowType::kF32, .in_stride_bytes = H * 4,
+                        .index = L.recv_to_grouped.data(), .out = b.data(), .out_type = wire,
+                        .out_stride_bytes = static_cast<int64_t>(payload), .rows = recv_rows,
+                        .hidden = H},
+                       stream);
   uint64_t combine_peer_bytes = 0;
   for (int p = 0; p < W; ++p) {
     send_bytes[p] = (L.recv_offsets[p + 1] - L.recv_offsets[p]) * payload;
@@ -419,19 +390,16 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
   // (f) Weighted un-permute with the same kernel as the local executor: each
   // token's top_k contributions are added in choice order, so the result does
   // not depend on where the experts ran.
-  const float* expert_out = reinterpret_cast<const float*>(a.data());
+  // BF16 rows are widened inside the un-permute, with no intermediate copy.
+  kc::UnpermuteParams unpermute{.slot_to_permuted = L.slot_to_send.data(), .weights = router_w,
+                                .tokens = tokens, .top_k = K, .hidden = H, .out = out,
+                                .accumulate = true};
   if (bf16) {
-    combined.resize(send_rows * H);
-    const auto* src = reinterpret_cast<const uint16_t*>(a.data());
-    kc::ParallelFor(stream, send_rows * H, 16384, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) combined[i] = Bf16ToF32(src[i]);
-    });
-    expert_out = combined.data();
+    unpermute.expert_out_bf16 = reinterpret_cast<const uint16_t*>(a.data());
+  } else {
+    unpermute.expert_out = reinterpret_cast<const float*>(a.data());
   }
-  kc::LaunchUnpermute({.expert_out = expert_out, .slot_to_permuted = L.slot_to_send.data(),
-                       .weights = router_w, .tokens = tokens, .top_k = K, .hidden = H, .out = out,
-                       .accumulate = true},
-                      stream);
+  kc::LaunchUnpermute(unpermute, stream);
 
   absl::MutexLock lock(&mu);
   stats.dispatch_bytes += dispatch_peer_bytes;
