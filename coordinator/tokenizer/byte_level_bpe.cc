@@ -1,9 +1,11 @@
-// Byte-level BPE tokenizer read from a Hugging Face tokenizer.json, and the
-// writer of the built-in models' tokenizer.json.
+// Hugging Face tokenizer.json reader for byte-level BPE (Qwen2/Qwen3,
+// DeepSeek-V3, the built-in models), and the writer of the built-in models'
+// tokenizer.json.
 //
-// Byte level means every token string is spelled in GPT-2's bytes_to_unicode
-// alphabet: each byte is shown as one printable character, so decoding is a
-// table lookup per character and any byte string can be encoded.
+// Encode follows Hugging Face's order: added tokens that are not "normalized"
+// are cut out of the raw text first; the rest is normalized (NFC for Qwen),
+// "normalized" added tokens are cut out of that, and what remains goes through
+// the pre-tokenizer (regex splits) and BPE word by word.
 #include <array>
 #include <fstream>
 #include <sstream>
@@ -12,6 +14,10 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "coordinator/tokenizer/bpe.h"
+#include "coordinator/tokenizer/byte_level.h"
+#include "coordinator/tokenizer/pre_tokenizer.h"
 #include "coordinator/tokenizer/tokenizer.h"
 #include "nlohmann/json.hpp"
 
@@ -19,132 +25,134 @@ namespace joule::tokenizer {
 namespace {
 
 using Json = nlohmann::json;
-
-// GPT-2's bytes_to_unicode: printable latin-1 bytes stand for themselves, the
-// other 68 bytes map to U+0100.. in byte order.
-std::array<uint32_t, 256> BuildByteToCodepoint() {
-  std::array<uint32_t, 256> table{};
-  auto printable = [](int b) {
-    return (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
-  };
-  uint32_t next = 256;
-  for (int b = 0; b < 256; ++b) table[b] = printable(b) ? static_cast<uint32_t>(b) : next++;
-  return table;
-}
-
-const std::array<uint32_t, 256>& ByteToCodepoint() {
-  static const std::array<uint32_t, 256> table = BuildByteToCodepoint();
-  return table;
-}
-
-void AppendCodepointUtf8(uint32_t cp, std::string* out) {
-  if (cp < 0x80) {
-    out->push_back(static_cast<char>(cp));
-  } else if (cp < 0x800) {
-    out->push_back(static_cast<char>(0xC0 | (cp >> 6)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else if (cp < 0x10000) {
-    out->push_back(static_cast<char>(0xE0 | (cp >> 12)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else {
-    out->push_back(static_cast<char>(0xF0 | (cp >> 18)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  }
-}
-
-std::string ByteToVocabKey(uint8_t b) {
-  std::string key;
-  AppendCodepointUtf8(ByteToCodepoint()[b], &key);
-  return key;
-}
-
-// Raw bytes spelled by a vocabulary key. Characters outside the byte alphabet
-// (not produced by byte-level vocabularies, but tolerated as Hugging Face's
-// ByteLevel decoder does) stand for their own UTF-8.
-std::string VocabKeyToBytes(std::string_view key) {
-  static const absl::flat_hash_map<uint32_t, uint8_t> inverse = [] {
-    absl::flat_hash_map<uint32_t, uint8_t> m;
-    for (int b = 0; b < 256; ++b) m[ByteToCodepoint()[b]] = static_cast<uint8_t>(b);
-    return m;
-  }();
-  std::string out;
-  size_t i = 0;
-  while (i < key.size()) {
-    uint8_t c = static_cast<uint8_t>(key[i]);
-    size_t len = c < 0x80 ? 1 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4;
-    if (i + len > key.size()) len = key.size() - i;
-    uint32_t cp = len == 1 ? c : len == 2 ? (c & 0x1F) : len == 3 ? (c & 0x0F) : (c & 0x07);
-    for (size_t j = 1; j < len; ++j) cp = (cp << 6) | (static_cast<uint8_t>(key[i + j]) & 0x3F);
-    auto it = inverse.find(cp);
-    if (it != inverse.end()) {
-      out.push_back(static_cast<char>(it->second));
-    } else {
-      out.append(key.substr(i, len));
-    }
-    i += len;
-  }
-  return out;
-}
+using internal::BpeModel;
+using internal::Normalizer;
+using internal::PreTokenizer;
 
 struct AddedToken {
   int32_t id = 0;
   std::string content;
   bool special = false;
+  bool normalized = false;  // matched in normalized text rather than raw text
+};
+
+// Finds added tokens in text: a byte trie, longest match at the leftmost
+// position (Hugging Face's leftmost-longest). Most bytes cannot start a token
+// and are rejected by one table lookup.
+class AddedTokenMatcher {
+ public:
+  void Add(std::string_view content, int32_t id) {
+    first_byte_[static_cast<uint8_t>(content[0])] = true;
+    int32_t node = 0;
+    for (char c : content) {
+      auto [it, inserted] = next_.try_emplace(Edge(node, c), static_cast<int32_t>(ids_.size()));
+      if (inserted) ids_.push_back(-1);
+      node = it->second;
+    }
+    ids_[node] = id;
+  }
+
+  bool empty() const { return ids_.size() == 1; }
+
+  // Id of the longest token that starts at text[pos] (its length in *len), or -1.
+  int32_t LongestAt(std::string_view text, size_t pos, size_t* len) const {
+    if (!first_byte_[static_cast<uint8_t>(text[pos])]) return -1;
+    int32_t node = 0;
+    int32_t found = -1;
+    for (size_t i = pos; i < text.size(); ++i) {
+      auto it = next_.find(Edge(node, text[i]));
+      if (it == next_.end()) break;
+      node = it->second;
+      if (ids_[node] >= 0) {
+        found = ids_[node];
+        *len = i + 1 - pos;
+      }
+    }
+    return found;
+  }
+
+  // Calls on_text for the text between tokens and on_token for each token.
+  template <typename OnText, typename OnToken>
+  absl::Status Scan(std::string_view text, OnText on_text, OnToken on_token) const {
+    size_t start = 0;
+    if (!empty()) {
+      for (size_t i = 0; i < text.size();) {
+        size_t len = 0;
+        int32_t id = LongestAt(text, i, &len);
+        if (id < 0) {
+          ++i;
+          continue;
+        }
+        if (i > start) RETURN_IF_ERROR(on_text(text.substr(start, i - start)));
+        on_token(id);
+        i += len;
+        start = i;
+      }
+    }
+    if (start < text.size()) RETURN_IF_ERROR(on_text(text.substr(start)));
+    return absl::OkStatus();
+  }
+
+ private:
+  static uint64_t Edge(int32_t node, char c) {
+    return (static_cast<uint64_t>(node) << 8) | static_cast<uint8_t>(c);
+  }
+  std::array<bool, 256> first_byte_{};
+  absl::flat_hash_map<uint64_t, int32_t> next_;
+  std::vector<int32_t> ids_ = {-1};  // per trie node: the token ending there, or -1
 };
 
 class ByteLevelBpeTokenizer final : public Tokenizer {
  public:
   ByteLevelBpeTokenizer(std::vector<std::string> id_to_bytes, std::vector<bool> known,
-                        std::array<int32_t, 256> byte_to_id, std::vector<AddedToken> added,
-                        size_t num_merges, std::string encode_unsupported)
+                        const std::vector<AddedToken>& added, Normalizer normalizer,
+                        PreTokenizer pre_tokenizer, std::unique_ptr<BpeModel> bpe)
       : id_to_bytes_(std::move(id_to_bytes)),
         known_(std::move(known)),
-        byte_to_id_(byte_to_id),
-        added_(std::move(added)),
-        num_merges_(num_merges),
-        encode_unsupported_(std::move(encode_unsupported)),
-        special_(id_to_bytes_.size(), false) {
-    for (size_t i = 0; i < added_.size(); ++i) {
-      const AddedToken& t = added_[i];
+        special_(id_to_bytes_.size(), false),
+        normalizer_(normalizer),
+        pre_tokenizer_(std::move(pre_tokenizer)),
+        bpe_(std::move(bpe)) {
+    for (const AddedToken& t : added) {
       id_to_bytes_[t.id] = t.content;
       known_[t.id] = true;
       special_[t.id] = t.special;
       added_by_content_[t.content] = t.id;
-      added_by_first_byte_[static_cast<uint8_t>(t.content[0])].push_back(i);
+      (t.normalized ? normalized_added_ : raw_added_).Add(t.content, t.id);
     }
+    // With no merges, BPE spells every byte alone, so splitting into words
+    // cannot change the ids: the built-in byte-level models take this path,
+    // which also accepts text that is not UTF-8.
+    bytes_only_ = bpe_->num_merges() == 0 && !bpe_->ignore_merges() && normalizer_.is_identity() &&
+                  pre_tokenizer_.preserves_text();
   }
 
   absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text) const override {
-    if (!encode_unsupported_.empty()) return absl::UnimplementedError(encode_unsupported_);
-    if (num_merges_ > 0) {
-      return absl::UnimplementedError(absl::StrCat(
-          "tokenizer.json has ", num_merges_,
-          " BPE merges; full BPE arrives with the HTTP front door, use --prompt-ids"));
-    }
     std::vector<int32_t> ids;
-    ids.reserve(text.size());
-    size_t i = 0;
-    while (i < text.size()) {
-      // Longest added token starting here, if any.
-      const AddedToken* match = nullptr;
-      for (size_t k : added_by_first_byte_[static_cast<uint8_t>(text[i])]) {
-        const AddedToken& t = added_[k];
-        if (text.substr(i, t.content.size()) == t.content &&
-            (match == nullptr || t.content.size() > match->content.size())) {
-          match = &t;
-        }
-      }
-      if (match != nullptr) {
-        ids.push_back(match->id);
-        i += match->content.size();
-      } else {
-        ids.push_back(byte_to_id_[static_cast<uint8_t>(text[i])]);
-        ++i;
+    ids.reserve(text.size() / 3 + 4);
+    if (!bytes_only_) {
+      size_t bad = internal::FindInvalidUtf8(text);
+      if (bad != text.size()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("text is not valid UTF-8 (byte offset ", bad, ")"));
       }
     }
+    auto push_token = [&](int32_t id) { ids.push_back(id); };
+    std::string normalized;
+    auto encode_words = [&](std::string_view piece) -> absl::Status {
+      if (bytes_only_) {
+        bpe_->EncodeWord(piece, &ids);
+        return absl::OkStatus();
+      }
+      return pre_tokenizer_.Split(piece,
+                                  [&](std::string_view word) { bpe_->EncodeWord(word, &ids); });
+    };
+    auto encode_raw_piece = [&](std::string_view piece) -> absl::Status {
+      if (normalizer_.is_identity()) return normalized_added_.Scan(piece, encode_words, push_token);
+      RETURN_IF_ERROR(normalizer_.Apply(piece, &normalized));
+      return normalized_added_.Scan(normalized, encode_words, push_token);
+    };
+    RETURN_IF_ERROR(raw_added_.Scan(text, encode_raw_piece, push_token));
     return ids;
   }
 
@@ -171,39 +179,20 @@ class ByteLevelBpeTokenizer final : public Tokenizer {
     return it->second;
   }
 
-  bool IsSpecial(int32_t id) const override {
-    return id >= 0 && id < vocab_size() && special_[id];
-  }
+  bool IsSpecial(int32_t id) const override { return id >= 0 && id < vocab_size() && special_[id]; }
 
  private:
   std::vector<std::string> id_to_bytes_;
   std::vector<bool> known_;
-  std::array<int32_t, 256> byte_to_id_;
-  std::vector<AddedToken> added_;
-  size_t num_merges_;
-  std::string encode_unsupported_;  // why Encode cannot run, or empty
   std::vector<bool> special_;
   absl::flat_hash_map<std::string, int32_t> added_by_content_;
-  std::array<std::vector<size_t>, 256> added_by_first_byte_;
+  AddedTokenMatcher raw_added_;         // normalized: false
+  AddedTokenMatcher normalized_added_;  // normalized: true
+  Normalizer normalizer_;
+  PreTokenizer pre_tokenizer_;
+  std::unique_ptr<BpeModel> bpe_;
+  bool bytes_only_ = false;
 };
-
-bool HasByteLevel(const Json& node) {
-  if (!node.is_object()) return false;
-  auto type = node.find("type");
-  if (type == node.end() || !type->is_string()) return false;
-  if (*type == "ByteLevel") return true;
-  if (*type == "Sequence") {
-    for (const char* key : {"pretokenizers", "decoders"}) {
-      auto list = node.find(key);
-      if (list != node.end() && list->is_array()) {
-        for (const Json& child : *list) {
-          if (HasByteLevel(child)) return true;
-        }
-      }
-    }
-  }
-  return false;
-}
 
 std::string TypeOf(const Json& node) {
   if (node.is_null()) return "null";
@@ -214,14 +203,23 @@ std::string TypeOf(const Json& node) {
   return node.type_name();
 }
 
-}  // namespace
+// Hugging Face's ByteLevel decoder maps characters back to bytes, which is
+// what TokenBytes does; a Sequence of ByteLevel decoders is the same.
+bool IsByteLevelDecoder(const Json& node) {
+  std::string type = TypeOf(node);
+  if (type == "ByteLevel") return true;
+  if (type != "Sequence") return false;
+  auto list = node.find("decoders");
+  if (list == node.end() || !list->is_array() || list->empty()) return false;
+  for (const Json& child : *list) {
+    if (!IsByteLevelDecoder(child)) return false;
+  }
+  return true;
+}
 
-absl::StatusOr<std::unique_ptr<Tokenizer>> ParseTokenizerJson(std::string_view text,
-                                                              std::string_view origin_view) {
-  // Debian's Abseil has its own absl::string_view, so StrCat wants std::string.
-  const std::string origin(origin_view);
-  auto bad = [&](const std::string& field, const std::string& what) {
-    return absl::InvalidArgumentError(absl::StrCat(origin, ": ", field, ": ", what));
+absl::StatusOr<std::unique_ptr<Tokenizer>> Parse(std::string_view text) {
+  auto bad = [](const std::string& field, const std::string& what) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ": ", what));
   };
   Json root = Json::parse(text.begin(), text.end(), /*cb=*/nullptr, /*allow_exceptions=*/false);
   if (root.is_discarded()) return bad("(document)", "not valid JSON");
@@ -238,32 +236,16 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> ParseTokenizerJson(std::string_view t
   if (vocab == model->end() || !vocab->is_object() || vocab->empty()) {
     return bad("model.vocab", "missing or not a non-empty object");
   }
-  size_t num_merges = 0;
-  if (auto merges = model->find("merges"); merges != model->end()) {
-    if (!merges->is_array()) return bad("model.merges", "expected an array");
-    num_merges = merges->size();
-  }
-  if (auto pre = root.find("pre_tokenizer"); pre == root.end() || !HasByteLevel(*pre)) {
-    return bad("pre_tokenizer", absl::StrCat("expected ByteLevel, got ",
-                                             pre == root.end() ? "nothing" : TypeOf(*pre)));
-  }
-  if (auto dec = root.find("decoder"); dec == root.end() || !HasByteLevel(*dec)) {
+  auto pre_node = root.find("pre_tokenizer");
+  ASSIGN_OR_RETURN(PreTokenizer pre_tokenizer,
+                   PreTokenizer::Parse(pre_node == root.end() ? Json() : *pre_node));
+  if (auto dec = root.find("decoder"); dec == root.end() || !IsByteLevelDecoder(*dec)) {
     return bad("decoder", absl::StrCat("expected ByteLevel, got ",
                                        dec == root.end() ? "nothing" : TypeOf(*dec)));
   }
-
-  // Encoding features this reader does not implement yet make Encode fail
-  // clearly; decoding still works, so prompt ids can be used meanwhile.
-  std::string encode_unsupported;
-  if (auto norm = root.find("normalizer"); norm != root.end() && !norm->is_null()) {
-    encode_unsupported = absl::StrCat(origin, ": normalizer ", TypeOf(*norm),
-                                      " is not supported yet; use --prompt-ids");
-  }
-  if (auto prefix = root["pre_tokenizer"].find("add_prefix_space");
-      prefix != root["pre_tokenizer"].end() && prefix->is_boolean() && prefix->get<bool>()) {
-    encode_unsupported = absl::StrCat(
-        origin, ": pre_tokenizer.add_prefix_space=true is not supported yet; use --prompt-ids");
-  }
+  auto norm_node = root.find("normalizer");
+  ASSIGN_OR_RETURN(Normalizer normalizer,
+                   Normalizer::Parse(norm_node == root.end() ? Json() : *norm_node, "normalizer"));
 
   // Ids: vocabulary then added tokens; an added token may reuse a vocab id.
   std::vector<std::pair<int32_t, std::string>> entries;
@@ -295,9 +277,30 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> ParseTokenizerJson(std::string_view t
       if (content == t.end() || !content->is_string() || content->get<std::string>().empty()) {
         return bad(field + ".content", "expected a non-empty string");
       }
-      auto special = t.find("special");
-      AddedToken token{id->get<int32_t>(), content->get<std::string>(),
-                       special != t.end() && special->is_boolean() && special->get<bool>()};
+      auto flag = [&](const char* key, bool fallback) -> absl::StatusOr<bool> {
+        auto it = t.find(key);
+        if (it == t.end() || it->is_null()) return fallback;
+        if (!it->is_boolean()) return bad(absl::StrCat(field, ".", key), "expected true or false");
+        return it->get<bool>();
+      };
+      AddedToken token{id->get<int32_t>(), content->get<std::string>()};
+      ASSIGN_OR_RETURN(token.special, flag("special", false));
+      // Hugging Face's default: special tokens match raw text, others normalized text.
+      ASSIGN_OR_RETURN(token.normalized, flag("normalized", !token.special));
+      // Whitespace stripping and word-boundary matching are not implemented;
+      // the Qwen and DeepSeek files leave them off.
+      for (const char* key : {"lstrip", "rstrip", "single_word"}) {
+        ASSIGN_OR_RETURN(bool on, flag(key, false));
+        if (on) return bad(absl::StrCat(field, ".", key), "true is not supported");
+      }
+      if (token.normalized && !normalizer.is_identity()) {
+        std::string normalized_content;
+        if (internal::FindInvalidUtf8(token.content) != token.content.size()) {
+          return bad(field + ".content", "not valid UTF-8");
+        }
+        RETURN_IF_ERROR(normalizer.Apply(token.content, &normalized_content));
+        token.content = std::move(normalized_content);
+      }
       max_id = std::max<int64_t>(max_id, token.id);
       added.push_back(std::move(token));
     }
@@ -307,26 +310,37 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> ParseTokenizerJson(std::string_view t
   std::vector<std::string> id_to_bytes(size);
   std::vector<bool> known(size, false);
   absl::flat_hash_map<std::string, int32_t> key_to_id;
+  key_to_id.reserve(entries.size());
   for (auto& [id, key] : entries) {
-    id_to_bytes[id] = VocabKeyToBytes(key);
+    id_to_bytes[id] = internal::VocabKeyToBytes(key);
     known[id] = true;
-    key_to_id[key] = id;
+    key_to_id[std::move(key)] = id;
   }
   // Every byte must be spelled by some token, or some text could not be encoded.
   std::array<int32_t, 256> byte_to_id{};
   for (int b = 0; b < 256; ++b) {
-    std::string key = ByteToVocabKey(static_cast<uint8_t>(b));
+    std::string key = internal::ByteToVocabKey(static_cast<uint8_t>(b));
     auto it = key_to_id.find(key);
     if (it == key_to_id.end()) {
-      return bad("model.vocab", absl::StrCat("no token for byte 0x", absl::Hex(b, absl::kZeroPad2),
-                                             " (key ", Json(key).dump(),
-                                             "); not a byte-level vocabulary"));
+      return bad("model.vocab",
+                 absl::StrCat("no token for byte 0x", absl::Hex(b, absl::kZeroPad2), " (key ",
+                              Json(key).dump(), "); not a byte-level vocabulary"));
     }
     byte_to_id[b] = it->second;
   }
-  return std::make_unique<ByteLevelBpeTokenizer>(std::move(id_to_bytes), std::move(known),
-                                                 byte_to_id, std::move(added), num_merges,
-                                                 std::move(encode_unsupported));
+  ASSIGN_OR_RETURN(std::unique_ptr<BpeModel> bpe, BpeModel::Parse(*model, key_to_id, byte_to_id));
+  return std::make_unique<ByteLevelBpeTokenizer>(std::move(id_to_bytes), std::move(known), added,
+                                                 normalizer, std::move(pre_tokenizer),
+                                                 std::move(bpe));
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Tokenizer>> ParseTokenizerJson(std::string_view text,
+                                                              std::string_view origin) {
+  auto tokenizer = Parse(text);
+  if (!tokenizer.ok()) return Annotate(tokenizer.status(), origin);
+  return tokenizer;
 }
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& model_dir) {
@@ -357,7 +371,7 @@ std::string MakeByteLevelTokenizerJson() {
                      {"special", true}});
   }
   OrderedJson vocab = OrderedJson::object();
-  for (int b = 0; b < 256; ++b) vocab[ByteToVocabKey(static_cast<uint8_t>(b))] = b;
+  for (int b = 0; b < 256; ++b) vocab[internal::ByteToVocabKey(static_cast<uint8_t>(b))] = b;
   OrderedJson model = {{"type", "BPE"},
                        {"dropout", nullptr},
                        {"unk_token", nullptr},

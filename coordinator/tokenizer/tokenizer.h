@@ -1,6 +1,6 @@
 // Text <-> token ids for the coordinator. Callers depend on this interface only;
 // the Hugging Face tokenizer.json reader behind LoadTokenizer lives in
-// byte_level_bpe.cc.
+// byte_level_bpe.cc (with pre_tokenizer.cc and bpe.cc).
 #pragma once
 
 #include <cstdint>
@@ -18,8 +18,12 @@ class Tokenizer {
  public:
   virtual ~Tokenizer() = default;
 
-  // Token ids for `text`. Added tokens (<|im_start|>, ...) are matched exactly,
-  // longest first, wherever they occur in the text.
+  // Token ids for `text`, as Hugging Face's tokenizer.encode(text,
+  // add_special_tokens=False) gives them: no BOS/EOS is added (a chat template
+  // writes its markers as text). Added tokens (<|im_start|>, ...) are matched
+  // exactly, longest first, wherever they occur in the text. Thread-safe.
+  // InvalidArgument for text that is not UTF-8 (except for tokenizers without
+  // merges or normalizer, like the built-in one, which take any bytes).
   virtual absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text) const = 0;
 
   // The raw bytes one token stands for (an added token's content for added
@@ -44,8 +48,12 @@ class Tokenizer {
 };
 
 // Reads MODEL_DIR/tokenizer.json (Hugging Face tokenizers format). Supported:
-// model.type "BPE" with a byte-level vocabulary, pre_tokenizer and decoder
-// ByteLevel. Errors name the file and the offending field.
+// what Qwen2/Qwen3 and DeepSeek-V3 use — model.type "BPE" with a byte-level
+// vocabulary and merges (either spelling; ignore_merges), normalizer null/NFC/
+// Sequence, pre_tokenizer ByteLevel/Split (regex, Isolated or Removed)/Sequence,
+// decoder ByteLevel, added tokens (special or not, normalized or not). The
+// post_processor is not applied (see Encode). Anything else is refused; errors
+// name the file and the offending field.
 absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& model_dir);
 
 // Same as LoadTokenizer, from the text of a tokenizer.json; `origin` names the

@@ -9,9 +9,13 @@ JOULE_PACKAGES=(
   libabsl-dev libprotobuf-dev protobuf-compiler libgrpc++-dev protobuf-compiler-grpc
   prometheus-cpp-dev libucx-dev ucx-utils nlohmann-json3-dev libboost1.81-dev
   libgtest-dev libgmock-dev libbenchmark-dev
+  libicu-dev  # NFC and Unicode regexes of Hugging Face tokenizers (coordinator/tokenizer)
   python3-torch python3-numpy curl iproute2
   libopenmpi-dev openmpi-bin  # MPI_Alltoallv baseline of bench/dispatch_combine
 )
+
+# Only for bench/energy/plot.py (the sweep's plots); not needed to build or test.
+JOULE_BENCH_PACKAGES=(python3-matplotlib)
 
 joule_log() { printf '\033[1m[joule]\033[0m %s\n' "$*" >&2; }
 

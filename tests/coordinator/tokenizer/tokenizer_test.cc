@@ -2,9 +2,11 @@
 
 #include <unistd.h>
 
+#include <atomic>
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "gmock/gmock.h"
@@ -197,7 +199,8 @@ TEST(ByteLevelTokenizer, BadJsonGivesClearErrors) {
 
   j = base;
   j["pre_tokenizer"] = {{"type", "Whitespace"}};
-  EXPECT_THAT(err(j.dump()), HasSubstr("pre_tokenizer: expected ByteLevel, got Whitespace"));
+  EXPECT_THAT(err(j.dump()),
+              HasSubstr("pre_tokenizer.type: unsupported pre-tokenizer \"Whitespace\""));
 
   j = base;
   j["decoder"] = nullptr;
@@ -208,18 +211,210 @@ TEST(ByteLevelTokenizer, BadJsonGivesClearErrors) {
   EXPECT_THAT(err(j.dump()), HasSubstr("added_tokens[1].content"));
 }
 
-TEST(ByteLevelTokenizer, MergesMakeEncodeUnimplementedButDecodeWorks) {
+// A small byte-level BPE tokenizer: the built-in vocabulary plus `tokens`
+// (ids from 259 on) and `merges`, with Qwen's normalizer and pre-tokenizer.
+Json SmallBpe(const std::vector<std::string>& tokens, const Json& merges) {
   Json j = Json::parse(MakeByteLevelTokenizerJson());
-  j["model"]["vocab"]["he"] = 259;
-  j["model"]["merges"] = {"h e", "l l"};
+  int32_t id = 259;
+  for (const std::string& t : tokens) j["model"]["vocab"][t] = id++;
+  j["model"]["merges"] = merges;
+  j["normalizer"] = {{"type", "NFC"}};
+  j["pre_tokenizer"] = Json::parse(R"({"type": "Sequence", "pretokenizers": [
+      {"type": "Split", "pattern": {"Regex":
+        "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
+       "behavior": "Isolated", "invert": false},
+      {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}]})");
+  return j;
+}
+
+std::unique_ptr<Tokenizer> Parse(const Json& j) {
   auto tok = ParseTokenizerJson(j.dump(), "test");
-  ASSERT_TRUE(tok.ok()) << tok.status();
-  auto ids = (*tok)->Encode("hello");
+  EXPECT_TRUE(tok.ok()) << tok.status();
+  return tok.ok() ? std::move(tok).value() : nullptr;
+}
+
+std::vector<int32_t> EncodeOk(const Tokenizer& tok, std::string_view text) {
+  auto ids = tok.Encode(text);
+  EXPECT_TRUE(ids.ok()) << ids.status();
+  return ids.ok() ? *ids : std::vector<int32_t>{};
+}
+
+TEST(BpeTokenizer, AppliesMergesInRankOrder) {
+  // "Ġ" is the byte-level spelling of the space.
+  auto tok = Parse(SmallBpe({"he", "ll", "hell", "el", "Ġw", "Ġwo"},
+                            {"h e", "l l", "he ll", "e l", "Ġ w", "Ġw o"}));
+  ASSERT_NE(tok, nullptr);
+  EXPECT_EQ(tok->vocab_size(), 265);
+  // hello -> h e l l o -> he l l o -> he ll o -> hell o
+  EXPECT_THAT(EncodeOk(*tok, "hello"), ElementsAre(261, 'o'));
+  // " world": the pre-tokenizer keeps the space with the word.
+  EXPECT_THAT(EncodeOk(*tok, "hello world"), ElementsAre(261, 'o', 264, 'r', 'l', 'd'));
+  // With "e l" ranked first, "hel" becomes h + el instead of he + l.
+  auto swapped = Parse(SmallBpe({"he", "el"}, {"e l", "h e"}));
+  ASSERT_NE(swapped, nullptr);
+  EXPECT_THAT(EncodeOk(*swapped, "hel"), ElementsAre('h', 260));
+  auto original = Parse(SmallBpe({"he", "el"}, {"h e", "e l"}));
+  ASSERT_NE(original, nullptr);
+  EXPECT_THAT(EncodeOk(*original, "hel"), ElementsAre(259, 'l'));
+}
+
+TEST(BpeTokenizer, AcceptsBothMergeSpellings) {
+  auto strings = Parse(SmallBpe({"he", "ll"}, {"h e", "l l"}));
+  auto pairs = Parse(SmallBpe({"he", "ll"}, Json::parse(R"([["h", "e"], ["l", "l"]])")));
+  ASSERT_NE(strings, nullptr);
+  ASSERT_NE(pairs, nullptr);
+  EXPECT_THAT(EncodeOk(*strings, "hello"), ElementsAre(259, 260, 'o'));
+  EXPECT_EQ(EncodeOk(*pairs, "hello"), EncodeOk(*strings, "hello"));
+}
+
+TEST(BpeTokenizer, IgnoreMergesTakesWholeWordsFromTheVocabulary) {
+  Json j = SmallBpe({"he", "hello"}, {"h e"});  // no merge path reaches "hello"
+  auto merging = Parse(j);
+  j["model"]["ignore_merges"] = true;
+  auto ignoring = Parse(j);
+  ASSERT_NE(merging, nullptr);
+  ASSERT_NE(ignoring, nullptr);
+  EXPECT_THAT(EncodeOk(*merging, "hello"), ElementsAre(259, 'l', 'l', 'o'));
+  EXPECT_THAT(EncodeOk(*ignoring, "hello"), ElementsAre(260));
+  EXPECT_THAT(EncodeOk(*ignoring, "help"), ElementsAre(259, 'l', 'p'));  // not a word: merges
+}
+
+TEST(BpeTokenizer, NormalizesToNfcButNotAddedTokens) {
+  auto tok = Parse(SmallBpe({}, Json::array()));
+  ASSERT_NE(tok, nullptr);
+  // "e" + U+0301 COMBINING ACUTE becomes "é" (C3 A9) before BPE.
+  EXPECT_EQ(EncodeOk(*tok, "e\xCC\x81"), Bytes("\xC3\xA9"));
+  EXPECT_EQ(EncodeOk(*tok, "<|im_end|>e\xCC\x81"), (std::vector<int32_t>{258, 0xC3, 0xA9}));
+  // Without a normalizer the text is kept as is.
+  Json j = SmallBpe({}, Json::array());
+  j["normalizer"] = Json::parse(R"({"type": "Sequence", "normalizers": []})");
+  auto plain = Parse(j);
+  ASSERT_NE(plain, nullptr);
+  EXPECT_EQ(EncodeOk(*plain, "e\xCC\x81"), Bytes("e\xCC\x81"));
+}
+
+TEST(BpeTokenizer, SplitRemovedAndInvert) {
+  Json j = SmallBpe({"ab"}, {"a b"});
+  j["normalizer"] = nullptr;
+  // Removed drops the matches (here: digits); invert keeps only them.
+  j["pre_tokenizer"] = Json::parse(R"({"type": "Sequence", "pretokenizers": [
+      {"type": "Split", "pattern": {"Regex": "\\p{N}+"}, "behavior": "Removed", "invert": false},
+      {"type": "ByteLevel", "add_prefix_space": false, "use_regex": false}]})");
+  auto removed = Parse(j);
+  ASSERT_NE(removed, nullptr);
+  EXPECT_THAT(EncodeOk(*removed, "a12b"), ElementsAre('a', 'b'));  // "a" and "b" are apart
+  EXPECT_THAT(EncodeOk(*removed, "ab12"), ElementsAre(259));
+  j["pre_tokenizer"]["pretokenizers"][0]["invert"] = true;
+  auto inverted = Parse(j);
+  ASSERT_NE(inverted, nullptr);
+  EXPECT_THAT(EncodeOk(*inverted, "a12b"), ElementsAre('1', '2'));
+}
+
+TEST(BpeTokenizer, ByteLevelRegexAndPrefixSpace) {
+  Json j = SmallBpe({"Ġa", "Ġab"}, {"Ġ a", "Ġa b"});
+  j["normalizer"] = nullptr;
+  j["pre_tokenizer"] = {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"use_regex", true}};
+  auto tok = Parse(j);
+  ASSERT_NE(tok, nullptr);
+  // A space is put before the text, then GPT-2's regex splits " ab" "!" " ab".
+  EXPECT_THAT(EncodeOk(*tok, "ab! ab"), ElementsAre(260, '!', 260));
+  EXPECT_EQ(tok->Decode(EncodeOk(*tok, "ab! ab")), " ab! ab");
+}
+
+TEST(BpeTokenizer, RejectsTextThatIsNotUtf8) {
+  auto tok = Parse(SmallBpe({"he"}, {"h e"}));
+  ASSERT_NE(tok, nullptr);
+  auto ids = tok->Encode("he\xFF");
   ASSERT_FALSE(ids.ok());
-  EXPECT_EQ(ids.status().code(), absl::StatusCode::kUnimplemented);
-  EXPECT_THAT(ids.status().message(), HasSubstr("has 2 BPE merges"));
-  EXPECT_THAT(ids.status().message(), HasSubstr("--prompt-ids"));
-  EXPECT_EQ((*tok)->Decode({259, 'l', 'l', 'o'}), "hello");
+  EXPECT_EQ(ids.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(ids.status().message(), HasSubstr("not valid UTF-8 (byte offset 2)"));
+}
+
+TEST(BpeTokenizer, MalformedFilesGetErrorsNamingTheField) {
+  auto err = [](const Json& j) {
+    auto tok = ParseTokenizerJson(j.dump(), "m/tokenizer.json");
+    EXPECT_FALSE(tok.ok());
+    EXPECT_EQ(tok.status().code(), absl::StatusCode::kInvalidArgument);
+    return std::string(tok.status().message());
+  };
+  const Json base = SmallBpe({"he"}, {"h e"});
+  Json j = base;
+  j["model"]["merges"] = {"h e", "l"};
+  EXPECT_THAT(
+      err(j),
+      HasSubstr(
+          "m/tokenizer.json: model.merges[1]: expected \"A B\" or [\"A\", \"B\"], got \"l\""));
+  j["model"]["merges"] = {"h e", "x y z"};
+  EXPECT_THAT(err(j), HasSubstr("model.merges[1]: expected"));
+  j["model"]["merges"] = Json::parse(R"([["h", "e"], ["h"]])");
+  EXPECT_THAT(err(j), HasSubstr("model.merges[1]: expected"));
+  j["model"]["merges"] = {"h e", "l l"};
+  EXPECT_THAT(err(j), HasSubstr("model.merges[1]: merged token \"ll\" is not in model.vocab"));
+  j["model"]["merges"] = {"h \xE2\x82\xAC"};
+  EXPECT_THAT(err(j), HasSubstr("model.merges[0]: token \"€\" is not in model.vocab"));
+  j["model"]["merges"] = "h e";
+  EXPECT_THAT(err(j), HasSubstr("model.merges: expected an array"));
+
+  j = base;
+  j["pre_tokenizer"]["pretokenizers"][1] = {{"type", "Digits"}, {"individual_digits", true}};
+  EXPECT_THAT(err(j), HasSubstr("pre_tokenizer.pretokenizers[1].type: unsupported pre-tokenizer "
+                                "\"Digits\" (supported: ByteLevel, Split, Sequence)"));
+  j = base;
+  j["pre_tokenizer"]["pretokenizers"].erase(1);
+  EXPECT_THAT(err(j), HasSubstr("pre_tokenizer: expected ByteLevel or a Sequence containing it"));
+  j = base;
+  j["pre_tokenizer"]["pretokenizers"][0]["behavior"] = "Contiguous";
+  EXPECT_THAT(err(j),
+              HasSubstr("pre_tokenizer.pretokenizers[0].behavior: unsupported \"Contiguous\""));
+  j = base;
+  j["pre_tokenizer"]["pretokenizers"][0]["pattern"] = {{"Regex", "(unclosed"}};
+  EXPECT_THAT(err(j),
+              HasSubstr("pre_tokenizer.pretokenizers[0].pattern.Regex: regex does not compile"));
+  j = base;
+  j["pre_tokenizer"]["pretokenizers"][0]["pattern"] = "\\s+";
+  EXPECT_THAT(err(j), HasSubstr("pre_tokenizer.pretokenizers[0].pattern: expected {\"Regex\""));
+  j = base;
+  j["pre_tokenizer"] = nullptr;
+  EXPECT_THAT(err(j), HasSubstr("pre_tokenizer: unsupported pre-tokenizer \"null\""));
+
+  j = base;
+  j["normalizer"] = {{"type", "NFKC"}};
+  EXPECT_THAT(err(j), HasSubstr("normalizer.type: unsupported normalizer \"NFKC\""));
+  j["normalizer"] = Json::parse(
+      R"({"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Lowercase"}]})");
+  EXPECT_THAT(err(j),
+              HasSubstr("normalizer.normalizers[1].type: unsupported normalizer \"Lowercase\""));
+
+  j = base;
+  j["added_tokens"][2]["lstrip"] = true;
+  EXPECT_THAT(err(j), HasSubstr("added_tokens[2].lstrip: true is not supported"));
+  j = base;
+  j["model"]["continuing_subword_prefix"] = "##";
+  EXPECT_THAT(err(j), HasSubstr("model.continuing_subword_prefix: \"##\" is not supported"));
+  j = base;
+  j["model"]["ignore_merges"] = "yes";
+  EXPECT_THAT(err(j), HasSubstr("model.ignore_merges: expected true or false"));
+  j = base;
+  j["decoder"] = {{"type", "Metaspace"}};
+  EXPECT_THAT(err(j), HasSubstr("decoder: expected ByteLevel, got Metaspace"));
+}
+
+TEST(BpeTokenizer, SharedAcrossThreads) {
+  auto tok = Parse(SmallBpe({"he", "ll", "hell"}, {"h e", "l l", "he ll"}));
+  ASSERT_NE(tok, nullptr);
+  const std::vector<int32_t> want = EncodeOk(*tok, "hello hello, hell!");
+  std::vector<std::thread> threads;
+  std::atomic<int> mismatches{0};
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < 500; ++i) {
+        auto ids = tok->Encode("hello hello, hell!");
+        if (!ids.ok() || *ids != want) ++mismatches;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(mismatches.load(), 0);
 }
 
 TEST(IncrementalDecoder, HoldsBackSplitCharacters) {
@@ -263,15 +458,15 @@ TEST(IncrementalDecoder, InvalidBytesBecomeReplacementCharacters) {
   auto tok = BuiltIn();
   ASSERT_NE(tok, nullptr);
   IncrementalDecoder dec(*tok);
-  EXPECT_EQ(dec.Push(0xFF), "\xEF\xBF\xBD");   // can never start a character
-  EXPECT_EQ(dec.Push(0x80), "\xEF\xBF\xBD");   // stray continuation
+  EXPECT_EQ(dec.Push(0xFF), "\xEF\xBF\xBD");  // can never start a character
+  EXPECT_EQ(dec.Push(0x80), "\xEF\xBF\xBD");  // stray continuation
   EXPECT_EQ(dec.Push(0xE2), "");
-  EXPECT_EQ(dec.Push('x'), "\xEF\xBF\xBDx");   // broken by an ASCII byte
+  EXPECT_EQ(dec.Push('x'), "\xEF\xBF\xBDx");  // broken by an ASCII byte
   EXPECT_EQ(dec.Push(0xED), "");
   EXPECT_EQ(dec.Push(0xA0), "\xEF\xBF\xBD\xEF\xBF\xBD");  // surrogate: invalid at once
   EXPECT_EQ(dec.Push(0xF0), "");
   EXPECT_EQ(dec.Push(0x9F), "");
-  EXPECT_EQ(dec.Flush(), "\xEF\xBF\xBD");      // truncated at end of stream
+  EXPECT_EQ(dec.Flush(), "\xEF\xBF\xBD");  // truncated at end of stream
   EXPECT_EQ(dec.pending_bytes(), 0u);
 }
 
