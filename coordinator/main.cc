@@ -5,8 +5,11 @@
 //   joule-coordinator --model DIR --workers N [--port 0] [--port-file FILE]
 //                     [--transport ucx|nccl|inproc] [--redundant-experts N]
 //                     [--step-timeout-ms 10000] [--heartbeat-ms 500]
+//                     [--http-port P] [--http-port-file FILE] [--api-key KEY]
 //
-// Logs go to stderr; "listening on HOST:PORT" is printed to stdout once serving.
+// Logs go to stderr; "listening on HOST:PORT" (gRPC) and, with --http-port,
+// "http listening on HOST:PORT" (the OpenAI-compatible API) are printed to
+// stdout once serving.
 // SIGTERM or SIGINT shut it down cleanly (exit status 0).
 #include <signal.h>
 
@@ -54,12 +57,21 @@ int main(int argc, char** argv) {
   }
   const int port = (*server)->port();
   const std::string host = options->host == "0.0.0.0" || options->host == "[::]" ? "127.0.0.1" : options->host;
+  // The HTTP port file first: a script that sees the gRPC one may read both.
+  const int http_port = (*server)->http_port();
+  if (http_port >= 0 && !options->http_port_file.empty() &&
+      !WritePortFile(options->http_port_file, http_port)) {
+    std::fprintf(stderr, "joule-coordinator: cannot write --http-port-file %s\n", options->http_port_file.c_str());
+    (*server)->Stop();
+    return 1;
+  }
   if (!options->port_file.empty() && !WritePortFile(options->port_file, port)) {
     std::fprintf(stderr, "joule-coordinator: cannot write --port-file %s\n", options->port_file.c_str());
     (*server)->Stop();
     return 1;
   }
   std::printf("listening on %s:%d\n", host.c_str(), port);
+  if (http_port >= 0) std::printf("http listening on %s:%d\n", host.c_str(), http_port);
   std::fflush(stdout);
   JOULE_LOG(Info) << "waiting for " << options->workers << " worker(s) on port " << port;
 

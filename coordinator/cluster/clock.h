@@ -1,21 +1,13 @@
-// Time source for the control plane, injected so heartbeat expiry can be tested
-// with a fake clock (fake_clock.h).
+// Time source for the control plane: the scheduler's (scheduler/clock.h), so
+// the coordinator, its membership and its scheduler share one clock and tests
+// drive them all with one fake (fake_clock.h).
 #pragma once
 
-#include "absl/time/clock.h"
-#include "absl/time/time.h"
+#include "scheduler/clock.h"
 
 namespace joule::cluster {
 
-class Clock {
- public:
-  virtual ~Clock() = default;
-  virtual absl::Time Now() const = 0;
-};
-
-class RealClock final : public Clock {
- public:
-  absl::Time Now() const override { return absl::Now(); }
-};
+using Clock = scheduler::Clock;
+using RealClock = scheduler::RealClock;
 
 }  // namespace joule::cluster

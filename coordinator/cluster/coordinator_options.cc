@@ -1,6 +1,11 @@
 #include "coordinator/cluster/coordinator_options.h"
 
+#include <cstdlib>
+
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 
 namespace joule::cluster {
 
@@ -8,6 +13,10 @@ absl::Status CoordinatorOptions::Validate() const {
   if (model.empty()) return absl::InvalidArgumentError("--model: required (checkpoint directory)");
   if (workers < 1) {
     return absl::InvalidArgumentError(absl::StrCat("--workers: must be at least 1, got ", workers));
+  }
+  if (policy != "none" && policy != "fcfs" && policy != "priority" && policy != "ipw") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--policy: must be fcfs, priority, ipw or none, got '", policy, "'"));
   }
   if (port < 0 || port > 65535) {
     return absl::InvalidArgumentError(absl::StrCat("--port: must be in [0, 65535], got ", port));
@@ -38,14 +47,61 @@ absl::Status CoordinatorOptions::Validate() const {
     return absl::InvalidArgumentError(
         absl::StrCat("--rebalance-interval-s: must not be negative, got ", rebalance_interval_s));
   }
+  if (http_port < -1 || http_port > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--http-port: must be in [0, 65535], or -1 for no HTTP API, got ", http_port));
+  }
+  if (http_threads < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("--http-threads: must be at least 1, got ", http_threads));
+  }
+  if (max_body_bytes < 1024) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max-body-bytes: must be at least 1024, got ", max_body_bytes));
+  }
+  auto caps = ParseTierQueueCaps(tier_queue_cap);
+  if (!caps.ok()) return caps.status();
   return absl::OkStatus();
 }
 
-std::string CoordinatorOptions::ToString() const { return DescribeConfig(*this); }
+std::string CoordinatorOptions::ToString() const {
+  CoordinatorOptions shown = *this;
+  if (!shown.api_key.empty()) shown.api_key = "(set)";  // never log the secret
+  return DescribeConfig(shown);
+}
+
+absl::StatusOr<TierCaps> ParseTierQueueCaps(const std::string& spec) {
+  TierCaps caps = {64, 256, 1024, 4096};  // fast, priority, standard, batch
+  for (absl::string_view item : absl::StrSplit(spec, ',', absl::SkipWhitespace())) {
+    item = absl::StripAsciiWhitespace(item);
+    std::vector<absl::string_view> kv = absl::StrSplit(item, absl::MaxSplits('=', 1));
+    int n = 0;
+    if (kv.size() != 2 || !absl::SimpleAtoi(kv[1], &n) || n < 1) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--tier-queue-cap: expected TIER=N with N >= 1 (e.g. fast=64,standard=1024), got '", item, "'"));
+    }
+    bool found = false;
+    for (scheduler::Tier t : scheduler::kAllTiers) {
+      const std::string_view name = scheduler::TierName(t);
+      if (absl::StripAsciiWhitespace(kv[0]) == absl::string_view(name.data(), name.size())) {
+        caps[static_cast<size_t>(t)] = n;
+        found = true;
+      }
+    }
+    if (!found) {
+      return absl::InvalidArgumentError(absl::StrCat("--tier-queue-cap: unknown tier '", kv[0],
+                                                     "'; tiers are fast, priority, standard, batch"));
+    }
+  }
+  return caps;
+}
 
 absl::StatusOr<CoordinatorOptions> ParseCoordinatorOptions(int argc, const char* const* argv) {
-  return ParseConfig<CoordinatorOptions>("usage: joule-coordinator --model DIR --workers N [flags]",
-                                         "JOULE_COORDINATOR_", argc, argv);
+  auto options = ParseConfig<CoordinatorOptions>("usage: joule-coordinator --model DIR --workers N [flags]",
+                                                 "JOULE_COORDINATOR_", argc, argv);
+  if (options.ok() && options->api_key.empty()) {
+    if (const char* key = std::getenv("JOULE_API_KEY"); key != nullptr) options->api_key = key;
+  }
+  return options;
 }
 
 }  // namespace joule::cluster

@@ -5,11 +5,13 @@
 // result is printed at start-up. common/options.h does the reading.
 #pragma once
 
+#include <array>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "common/options.h"
+#include "scheduler/tier.h"
 
 namespace joule::cluster {
 
@@ -29,7 +31,25 @@ namespace joule::cluster {
   X(int, heartbeat_ms, 500, "worker heartbeat interval; a rank silent for 3 intervals is dead")   \
   X(int, startup_timeout_s, 600,                                                                  \
     "a registered worker that has not heartbeated (still loading) for this long is dead")       \
-  X(int, request_timeout_s, 600, "longest one request may run on a worker")
+  X(int, request_timeout_s, 600, "longest one request may run on a worker")                        \
+  X(int, http_port, -1,                                                                           \
+    "port of the OpenAI-compatible HTTP API; 0 picks a free one (see --http-port-file); "        \
+    "-1 serves no HTTP (needs MODEL/tokenizer.json when on)")                                     \
+  X(std::string, http_port_file, "", "write the bound HTTP port to this file once serving")       \
+  X(int, http_threads, 2, "I/O threads of the HTTP server (connections share them)")             \
+  X(std::string, served_model_name, "", "model id of the HTTP API; default: the --model directory's base name") \
+  X(std::string, api_key, "",                                                                     \
+    "when set, /v1 routes require 'Authorization: Bearer KEY' (also from env JOULE_API_KEY)")    \
+  X(int64_t, max_body_bytes, 1 << 20, "largest HTTP request body accepted (larger: 413)")        \
+  X(std::string, tier_queue_cap, "fast=64,priority=256,standard=1024,batch=4096",                 \
+    "per-tier cap on HTTP requests in flight at the coordinator, and on those waiting in the "   \
+    "scheduler's queue (beyond it: 429); TIER=N pairs, tiers fast|priority|standard|batch, "     \
+    "omitted tiers keep their default")                                                           \
+  X(std::string, policy, "priority",                                                              \
+    "scheduling policy of HTTP requests: fcfs (tiers ignored), priority (strict tier order), "   \
+    "ipw (interactivity per watt), or none (no scheduler: least loaded rank at once)")          \
+  X(std::string, scheduler_config, "",                                                            \
+    "JSON file of SLOs, caps and ipw knobs (scheduler/config.h); --policy overrides its policy")
 
 struct CoordinatorOptions {
   JOULE_COORDINATOR_OPTIONS(JOULE_OPTION_FIELD)
@@ -41,7 +61,15 @@ struct CoordinatorOptions {
   std::string ToString() const;
 };
 
-// Environment, then argv, then Validate. InvalidArgument naming the flag on
+// Requests in flight allowed per tier, indexed by scheduler::Tier.
+using TierCaps = std::array<int, std::size(scheduler::kAllTiers)>;
+
+// "fast=64,priority=256,..." on top of the defaults of --tier-queue-cap;
+// InvalidArgument naming the flag for unknown tiers or non-positive caps.
+absl::StatusOr<TierCaps> ParseTierQueueCaps(const std::string& spec);
+
+// Environment, then argv, then Validate. The API key may also come from
+// JOULE_API_KEY (the name OpenAI-style tools expect). InvalidArgument naming the flag on
 // unknown flags or bad values; "--help" gives Cancelled whose message is the
 // usage text (IsHelpRequest).
 absl::StatusOr<CoordinatorOptions> ParseCoordinatorOptions(int argc, const char* const* argv);

@@ -1,6 +1,8 @@
 #include "coordinator/cluster/coordinator_server.h"
 
 #include <algorithm>
+#include <fstream>
+#include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
@@ -22,6 +24,33 @@ v1::TransportKind ParseTransport(const std::string& name) {
 // The control loop's period: fine enough to notice a cancelled client or a
 // silent rank promptly, coarse enough to cost nothing.
 constexpr absl::Duration kControlPeriod = absl::Milliseconds(50);
+
+// --scheduler-config (if any), then --policy and --tier-queue-cap on top.
+absl::StatusOr<scheduler::SchedulerConfig> LoadSchedulerConfig(const CoordinatorOptions& options,
+                                                              const TierCaps& caps) {
+  scheduler::SchedulerConfig config;
+  if (!options.scheduler_config.empty()) {
+    std::ifstream in(options.scheduler_config);
+    if (!in) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--scheduler-config: cannot read ", options.scheduler_config));
+    }
+    std::stringstream text;
+    text << in.rdbuf();
+    auto parsed = scheduler::ParseSchedulerConfig(text.str());
+    if (!parsed.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("--scheduler-config ", options.scheduler_config,
+                                                     ": ", parsed.status().message()));
+    }
+    config = *std::move(parsed);
+  }
+  auto policy = scheduler::ParsePolicyKind(options.policy, "--policy");
+  if (!policy.ok()) return policy.status();
+  config.policy = *policy;
+  for (scheduler::Tier t : scheduler::kAllTiers) config.slo(t).queue_cap = caps[static_cast<int>(t)];
+  RETURN_IF_ERROR(config.Validate());
+  return config;
+}
 
 }  // namespace
 
@@ -63,8 +92,46 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
     return absl::UnavailableError(
         absl::StrCat("cannot listen on ", options.host, ":", options.port, " (port in use?)"));
   }
+  if (options.http_port >= 0) RETURN_IF_ERROR(s->StartHttp());
   s->control_loop_ = std::thread([srv = s.get()] { srv->ControlLoop(); });
   return s;
+}
+
+absl::Status CoordinatorServer::StartHttp() {
+  auto tokenizer = tokenizer::LoadTokenizer(options_.model);
+  if (!tokenizer.ok()) return Annotate(tokenizer.status(), "--http-port needs the model's tokenizer");
+  tokenizer_ = std::move(*tokenizer);
+  metrics_registry_ = std::make_shared<prometheus::Registry>();
+  const ModelSummary& model = membership_->model();
+  auto caps = ParseTierQueueCaps(options_.tier_queue_cap);
+  if (!caps.ok()) return caps.status();
+  http::GenerationBackend* backend = nullptr;
+  if (options_.policy == "none") {
+    http_backend_ = std::make_unique<http::RouterBackend>(router_.get());
+    backend = http_backend_.get();
+  } else {
+    ASSIGN_OR_RETURN(scheduler::SchedulerConfig config, LoadSchedulerConfig(options_, *caps));
+    JOULE_LOG(Info) << "scheduler:\n" << scheduler::DescribeSchedulerConfig(config);
+    ASSIGN_OR_RETURN(scheduler_, scheduler::Scheduler::Create(std::move(config), &clock_));
+    scheduled_backend_ = std::make_unique<http::ScheduledBackend>(router_.get(), membership_.get(),
+                                                                  scheduler_.get());
+    backend = scheduled_backend_.get();
+  }
+  openai_service_ = std::make_unique<http::OpenAiService>(
+      http::OpenAiServiceOptions{
+          .model_name = options_.served_model_name.empty() ? model.name : options_.served_model_name,
+          .max_context = model.max_context,
+          .api_key = options_.api_key,
+          .tier_caps = *caps},
+      tokenizer_.get(), backend, metrics_registry_, &clock_);
+  auto server = http::HttpServer::Start(http::HttpServerOptions{.host = options_.host,
+                                                                .port = options_.http_port,
+                                                                .threads = options_.http_threads,
+                                                                .max_body_bytes = options_.max_body_bytes},
+                                        openai_service_.get());
+  if (!server.ok()) return server.status();
+  http_server_ = std::move(*server);
+  return absl::OkStatus();
 }
 
 void CoordinatorServer::ControlLoop() {
@@ -86,7 +153,11 @@ void CoordinatorServer::Stop() {
   if (stopped_) return;
   stopped_ = true;
   JOULE_LOG(Info) << "coordinator shutting down";
+  // Queued requests and then those in flight get their error before the
+  // connections close.
+  if (scheduled_backend_) scheduled_backend_->Shutdown();
   router_->Shutdown();
+  if (http_server_) http_server_->Stop();
   membership_->Shutdown();
   server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   stop_.Notify();

@@ -1,5 +1,6 @@
-// joule-coordinator assembled: reads the model, builds membership, routing and
-// the gRPC server (Coordinator + Frontend services), and runs the control loop
+// joule-coordinator assembled: reads the model, builds membership, routing,
+// the gRPC server (Coordinator + Frontend services) and, with --http-port, the
+// OpenAI-compatible HTTP API (coordinator/http), and runs the control loop
 // (heartbeat expiry, client cancellations, periodic rebalancing) on one owned
 // thread that Stop() joins.
 #pragma once
@@ -18,6 +19,13 @@
 #include "coordinator/cluster/membership.h"
 #include "coordinator/cluster/router.h"
 #include "coordinator/cluster/worker_client.h"
+#include "coordinator/http/http_server.h"
+#include "coordinator/http/openai_service.h"
+#include "coordinator/http/router_backend.h"
+#include "coordinator/http/scheduled_backend.h"
+#include "scheduler/scheduler.h"
+#include "coordinator/tokenizer/tokenizer.h"
+#include "prometheus/registry.h"
 
 namespace joule::cluster {
 
@@ -29,6 +37,8 @@ class CoordinatorServer {
   ~CoordinatorServer();  // Stop()s
 
   int port() const { return port_; }
+  // The HTTP API's port; -1 when --http-port is -1.
+  int http_port() const { return http_server_ ? http_server_->port() : -1; }
   const std::string& model_fingerprint() const { return fingerprint_; }
   Membership* membership() { return membership_.get(); }
   Router* router() { return router_.get(); }
@@ -40,10 +50,22 @@ class CoordinatorServer {
  private:
   CoordinatorServer() = default;
   void ControlLoop();
+  absl::Status StartHttp();
 
   CoordinatorOptions options_;
   std::string fingerprint_;
   RealClock clock_;
+  // The HTTP front door is declared before the router so that it is destroyed
+  // after it: ~Router waits for every request's `done`, which still reaches
+  // the service and the connections.
+  std::unique_ptr<tokenizer::Tokenizer> tokenizer_;
+  std::shared_ptr<prometheus::Registry> metrics_registry_;
+  // Without a scheduler (--policy none) the front door talks to the router directly.
+  std::unique_ptr<scheduler::Scheduler> scheduler_;
+  std::unique_ptr<http::ScheduledBackend> scheduled_backend_;
+  std::unique_ptr<http::RouterBackend> http_backend_;
+  std::unique_ptr<http::OpenAiService> openai_service_;
+  std::unique_ptr<http::HttpServer> http_server_;
   std::unique_ptr<Membership> membership_;
   std::unique_ptr<WorkerClientFactory> clients_;
   std::unique_ptr<Router> router_;

@@ -1,26 +1,11 @@
-// A clock that moves only when told to.
+// The scheduler's fake clock under the control plane's name (see clock.h).
 #pragma once
 
-#include "absl/synchronization/mutex.h"
 #include "coordinator/cluster/clock.h"
+#include "scheduler/fake_clock.h"
 
 namespace joule::cluster {
 
-class FakeClock final : public Clock {
- public:
-  explicit FakeClock(absl::Time start = absl::UnixEpoch() + absl::Hours(24)) : now_(start) {}
-  absl::Time Now() const override {
-    absl::MutexLock lock(&mu_);
-    return now_;
-  }
-  void Advance(absl::Duration d) {
-    absl::MutexLock lock(&mu_);
-    now_ += d;
-  }
-
- private:
-  mutable absl::Mutex mu_;
-  absl::Time now_;
-};
+using FakeClock = scheduler::FakeClock;
 
 }  // namespace joule::cluster

@@ -1,11 +1,17 @@
 // In-memory WorkerClient for tests: every Generate call opens a FakeStream that
 // the test feeds (Push/Close) or that replays a script, and that records
 // whether the coordinator cancelled it.
+//
+// Events reach the observer on the thread that caused them (the test's Push or
+// Close, the coordinator's Cancel), one at a time: an event raised while
+// another is being delivered (a Cancel from inside OnResponse) is delivered
+// by that thread after the current one returns, as gRPC would order them.
 #pragma once
 
 #include <deque>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -15,17 +21,26 @@
 
 namespace joule::cluster {
 
-class FakeStream {
+class FakeStream final : public GenerateCall {
  public:
-  void Push(v1::GenerateResponse response) {
-    absl::MutexLock lock(&mu_);
-    queue_.push_back(std::move(response));
+  FakeStream(v1::GenerateRequest request, absl::Time deadline,
+             std::shared_ptr<GenerateObserver> observer)
+      : request_(std::move(request)), deadline_(deadline), observer_(std::move(observer)) {}
+
+  // The worker sends a message (ignored once the stream ended).
+  void Push(v1::GenerateResponse response) { Deliver(Event{std::move(response), {}}); }
+  // The worker ends the stream with `status`.
+  void Close(absl::Status status) { Deliver(Event{std::nullopt, std::move(status)}); }
+
+  // The coordinator cancels: the stream ends with CANCELLED unless it already ended.
+  void Cancel() override {
+    {
+      absl::MutexLock lock(&mu_);
+      cancelled_ = true;
+    }
+    Close(absl::CancelledError("cancelled by the coordinator"));
   }
-  void Close(absl::Status status) {
-    absl::MutexLock lock(&mu_);
-    closed_ = true;
-    final_ = std::move(status);
-  }
+
   bool cancelled() const {
     absl::MutexLock lock(&mu_);
     return cancelled_;
@@ -36,54 +51,67 @@ class FakeStream {
     mu_.AwaitWithTimeout(absl::Condition(&cancelled_), timeout);
     return cancelled_;
   }
+  // True once OnDone has been delivered.
+  bool ended() const {
+    absl::MutexLock lock(&mu_);
+    return done_delivered_;
+  }
   const v1::GenerateRequest& request() const { return request_; }
   absl::Time deadline() const { return deadline_; }
 
  private:
-  friend class FakeWorkerClient;
-  friend class FakeGenerateStream;
-  v1::GenerateRequest request_;
-  absl::Time deadline_;
+  struct Event {
+    std::optional<v1::GenerateResponse> response;  // empty: the end, with `status`
+    absl::Status status;
+  };
+
+  void Deliver(Event event) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (ended_) return;
+      ended_ = !event.response.has_value();
+      events_.push_back(std::move(event));
+      if (delivering_) return;  // the thread delivering now will get to it
+      delivering_ = true;
+    }
+    while (true) {
+      Event next;
+      {
+        absl::MutexLock lock(&mu_);
+        if (events_.empty()) {
+          delivering_ = false;
+          return;
+        }
+        next = std::move(events_.front());
+        events_.pop_front();
+      }
+      // observer_ is only touched by the one delivering thread.
+      if (next.response.has_value()) {
+        observer_->OnResponse(*next.response);
+      } else {
+        std::shared_ptr<GenerateObserver> observer = std::move(observer_);
+        observer->OnDone(std::move(next.status));
+        absl::MutexLock lock(&mu_);
+        done_delivered_ = true;
+      }
+    }
+  }
+
+  const v1::GenerateRequest request_;
+  const absl::Time deadline_;
+  std::shared_ptr<GenerateObserver> observer_;
   mutable absl::Mutex mu_;
-  std::deque<v1::GenerateResponse> queue_ ABSL_GUARDED_BY(mu_);
-  bool closed_ ABSL_GUARDED_BY(mu_) = false;
+  std::deque<Event> events_ ABSL_GUARDED_BY(mu_);
+  bool delivering_ ABSL_GUARDED_BY(mu_) = false;
+  bool ended_ ABSL_GUARDED_BY(mu_) = false;  // the end is queued or delivered
+  bool done_delivered_ ABSL_GUARDED_BY(mu_) = false;
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
-  absl::Status final_ ABSL_GUARDED_BY(mu_);
-};
-
-class FakeGenerateStream final : public GenerateStream {
- public:
-  explicit FakeGenerateStream(std::shared_ptr<FakeStream> s) : s_(std::move(s)) {}
-  bool Read(v1::GenerateResponse* response) override {
-    absl::MutexLock lock(&s_->mu_);
-    s_->mu_.Await(absl::Condition(
-        +[](FakeStream* s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s->mu_) {
-          return !s->queue_.empty() || s->closed_ || s->cancelled_;
-        },
-        s_.get()));
-    if (s_->cancelled_ || s_->queue_.empty()) return false;
-    *response = std::move(s_->queue_.front());
-    s_->queue_.pop_front();
-    return true;
-  }
-  void Cancel() override {
-    absl::MutexLock lock(&s_->mu_);
-    s_->cancelled_ = true;
-  }
-  absl::Status Finish() override {
-    absl::MutexLock lock(&s_->mu_);
-    if (s_->cancelled_) return absl::CancelledError("cancelled by the coordinator");
-    return s_->final_;
-  }
-
- private:
-  std::shared_ptr<FakeStream> s_;
 };
 
 class FakeWorkerClient final : public WorkerClient {
  public:
-  // When set, every new stream is pre-filled with these responses and closed
-  // with `final` (a worker that answers at once).
+  // When set, every new stream is fed these responses and closed with `final`
+  // before Generate returns (a worker that answers at once).
   void SetScript(std::vector<v1::GenerateResponse> responses, absl::Status final = absl::OkStatus()) {
     absl::MutexLock lock(&mu_);
     script_ = std::move(responses);
@@ -94,24 +122,55 @@ class FakeWorkerClient final : public WorkerClient {
     absl::MutexLock lock(&mu_);
     status_ = std::move(reply);
   }
-
-  std::unique_ptr<GenerateStream> Generate(const v1::GenerateRequest& request,
-                                           absl::Time deadline) override {
-    auto s = std::make_shared<FakeStream>();
-    s->request_ = request;
-    s->deadline_ = deadline;
+  // Status probes wait (unanswered) until ReleaseStatusReplies, like a worker
+  // that takes its time to answer.
+  void HoldStatusReplies() {
     absl::MutexLock lock(&mu_);
-    if (scripted_) {
-      for (const auto& r : script_) s->Push(r);
-      s->Close(script_final_);
-    }
-    streams_.push_back(s);
-    return std::make_unique<FakeGenerateStream>(std::move(s));
+    hold_status_ = true;
   }
-  absl::StatusOr<v1::WorkerStatusReply> Status(absl::Time deadline) override {
-    absl::MutexLock lock(&mu_);
-    ++status_calls_;
-    return status_;
+  void ReleaseStatusReplies() {
+    std::vector<StatusCallback> held;
+    absl::StatusOr<v1::WorkerStatusReply> reply;
+    {
+      absl::MutexLock lock(&mu_);
+      hold_status_ = false;
+      held.swap(held_status_);
+      reply = status_;
+    }
+    for (auto& done : held) done(reply);
+  }
+
+  std::shared_ptr<GenerateCall> Generate(const v1::GenerateRequest& request, absl::Time deadline,
+                                         std::shared_ptr<GenerateObserver> observer) override {
+    auto s = std::make_shared<FakeStream>(request, deadline, std::move(observer));
+    std::optional<std::vector<v1::GenerateResponse>> script;
+    absl::Status final;
+    {
+      absl::MutexLock lock(&mu_);
+      streams_.push_back(s);
+      if (scripted_) {
+        script = script_;
+        final = script_final_;
+      }
+    }
+    if (script.has_value()) {
+      for (const auto& r : *script) s->Push(r);
+      s->Close(final);
+    }
+    return s;
+  }
+  void Status(absl::Time deadline, StatusCallback done) override {
+    absl::StatusOr<v1::WorkerStatusReply> reply;
+    {
+      absl::MutexLock lock(&mu_);
+      ++status_calls_;
+      if (hold_status_) {
+        held_status_.push_back(std::move(done));
+        return;
+      }
+      reply = status_;
+    }
+    done(std::move(reply));
   }
 
   // Waits until at least `n` Generate calls arrived; nullptr on timeout.
@@ -138,6 +197,8 @@ class FakeWorkerClient final : public WorkerClient {
   absl::Status script_final_ ABSL_GUARDED_BY(mu_);
   absl::StatusOr<v1::WorkerStatusReply> status_ ABSL_GUARDED_BY(mu_) = v1::WorkerStatusReply();
   int status_calls_ ABSL_GUARDED_BY(mu_) = 0;
+  bool hold_status_ ABSL_GUARDED_BY(mu_) = false;
+  std::vector<StatusCallback> held_status_ ABSL_GUARDED_BY(mu_);
 };
 
 class FakeWorkerClientFactory final : public WorkerClientFactory {

@@ -2,39 +2,58 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <utility>
+
 #include "coordinator/cluster/grpc_util.h"
 #include "proto/joule/v1/generate.grpc.pb.h"
 
 namespace joule::cluster {
 namespace {
 
-class GrpcGenerateStream final : public GenerateStream {
+// One Worker.Generate call on gRPC's callback API: no thread waits on it;
+// gRPC's callback threads run OnReadDone/OnDone when messages arrive.
+class GrpcGenerateCall final : public GenerateCall,
+                               public grpc::ClientReadReactor<v1::GenerateResponse> {
  public:
-  GrpcGenerateStream(v1::Worker::Stub* stub, const v1::GenerateRequest& request,
-                     absl::Time deadline) {
-    context_.set_deadline(ToChrono(deadline));
-    reader_ = stub->Generate(&context_, request);
+  explicit GrpcGenerateCall(std::shared_ptr<GenerateObserver> observer)
+      : observer_(std::move(observer)) {}
+
+  static std::shared_ptr<GrpcGenerateCall> Start(v1::Worker::Stub* stub,
+                                                 const v1::GenerateRequest& request,
+                                                 absl::Time deadline,
+                                                 std::shared_ptr<GenerateObserver> observer) {
+    auto call = std::make_shared<GrpcGenerateCall>(std::move(observer));
+    // gRPC holds a raw pointer to the reactor until OnDone: keep it alive.
+    call->self_ = call;
+    call->request_ = request;
+    call->context_.set_deadline(ToChrono(deadline));
+    stub->async()->Generate(&call->context_, &call->request_, call.get());
+    call->StartRead(&call->response_);
+    call->StartCall();
+    return call;
   }
-  ~GrpcGenerateStream() override {
-    if (finished_) return;
-    // Abandoned mid-stream: cancel and collect the status so nothing leaks.
-    context_.TryCancel();
-    v1::GenerateResponse ignored;
-    while (reader_->Read(&ignored)) {
-    }
-    reader_->Finish();
-  }
-  bool Read(v1::GenerateResponse* response) override { return reader_->Read(response); }
+
+  // The context outlives the call (it is a member), so this is safe after OnDone.
   void Cancel() override { context_.TryCancel(); }
-  absl::Status Finish() override {
-    finished_ = true;
-    return FromGrpcStatus(reader_->Finish());
+
+  void OnReadDone(bool ok) override {
+    if (!ok) return;  // the stream ended; OnDone follows
+    observer_->OnResponse(response_);
+    StartRead(&response_);
+  }
+
+  void OnDone(const grpc::Status& status) override {
+    std::shared_ptr<GrpcGenerateCall> self = std::move(self_);
+    std::shared_ptr<GenerateObserver> observer = std::move(observer_);
+    observer->OnDone(FromGrpcStatus(status));
   }
 
  private:
   grpc::ClientContext context_;
-  std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader_;
-  bool finished_ = false;
+  v1::GenerateRequest request_;
+  v1::GenerateResponse response_;
+  std::shared_ptr<GenerateObserver> observer_;
+  std::shared_ptr<GrpcGenerateCall> self_;
 };
 
 class GrpcWorkerClient final : public WorkerClient {
@@ -43,18 +62,27 @@ class GrpcWorkerClient final : public WorkerClient {
       : stub_(v1::Worker::NewStub(grpc::CreateCustomChannel(
             endpoint, grpc::InsecureChannelCredentials(), ClientChannelArgs()))) {}
 
-  std::unique_ptr<GenerateStream> Generate(const v1::GenerateRequest& request,
-                                           absl::Time deadline) override {
-    return std::make_unique<GrpcGenerateStream>(stub_.get(), request, deadline);
+  std::shared_ptr<GenerateCall> Generate(const v1::GenerateRequest& request, absl::Time deadline,
+                                         std::shared_ptr<GenerateObserver> observer) override {
+    return GrpcGenerateCall::Start(stub_.get(), request, deadline, std::move(observer));
   }
 
-  absl::StatusOr<v1::WorkerStatusReply> Status(absl::Time deadline) override {
-    grpc::ClientContext context;
-    context.set_deadline(ToChrono(deadline));
-    v1::WorkerStatusReply reply;
-    grpc::Status s = stub_->Status(&context, v1::WorkerStatusRequest(), &reply);
-    if (!s.ok()) return FromGrpcStatus(s);
-    return reply;
+  void Status(absl::Time deadline, StatusCallback done) override {
+    struct Probe {
+      grpc::ClientContext context;
+      v1::WorkerStatusRequest request;
+      v1::WorkerStatusReply reply;
+    };
+    auto probe = std::make_shared<Probe>();
+    probe->context.set_deadline(ToChrono(deadline));
+    stub_->async()->Status(&probe->context, &probe->request, &probe->reply,
+                           [probe, done = std::move(done)](grpc::Status s) {
+                             if (!s.ok()) {
+                               done(FromGrpcStatus(s));
+                             } else {
+                               done(std::move(probe->reply));
+                             }
+                           });
   }
 
  private:

@@ -5,13 +5,20 @@
 // worker frees the sequence's KV blocks; a rank that dies fails its requests
 // with the reason.
 //
-// Plain C++: the gRPC adapter (coordinator_service.h) supplies a GenerateSink.
+// Asynchronous: a request holds no thread while it waits on its worker; its
+// responses are relayed from the worker client's callbacks (gRPC's threads).
+//
+// Plain C++: the adapters (coordinator_service.h, the HTTP front door) supply
+// a GenerateSink.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -58,7 +65,29 @@ class Router {
   // (expert-parallel ranks serve only together).
   absl::StatusOr<int> PickRank() const;
 
-  // Serves one request, blocking until it has its outcome.
+  // Starts serving `request` and returns at once. Responses go to sink->Write on
+  // gRPC's threads, one at a time for a given request; `done` runs exactly once,
+  // after the last Write, with the outcome (OK when finished or cancelled by the
+  // client, else the error, same statuses as Generate). `sink` is kept alive by the
+  // router until `done` has run. Validation errors also arrive through `done`
+  // (then before GenerateAsync returns, so `done` must not take a lock that the
+  // caller holds around GenerateAsync). Neither Write nor `done` may block.
+  void GenerateAsync(const v1::GenerateRequest& request, absl::Time client_deadline,
+                     std::shared_ptr<GenerateSink> sink, std::function<void(absl::Status)> done);
+
+  // GenerateAsync on the rank a scheduler chose (scheduler/scheduler.h)
+  // instead of the least loaded one. The cluster must still be ready
+  // (PickRank's errors apply); a rank outside it or not ready is UNAVAILABLE.
+  void GenerateAsyncOnRank(int rank, const v1::GenerateRequest& request, absl::Time client_deadline,
+                           std::shared_ptr<GenerateSink> sink, std::function<void(absl::Status)> done);
+
+  // The client went away: cancel the worker call now (the worker frees the
+  // sequence's KV blocks). No-op for unknown ids.
+  void Cancel(const std::string& request_id);
+
+  // Serves one request, blocking the calling thread until it has its outcome
+  // (CANCELLED when the client went away); the sink is written from this
+  // thread. For the gRPC Frontend; the HTTP front door uses GenerateAsync.
   absl::Status Generate(const v1::GenerateRequest& request, absl::Time client_deadline,
                         GenerateSink* sink);
 
@@ -75,29 +104,43 @@ class Router {
 
   int InFlight(int rank) const;
 
- private:
-  struct Call {
-    std::string request_id;
-    int rank = 0;
-    GenerateSink* sink = nullptr;
-    GenerateStream* stream = nullptr;
-    absl::Status abort;             // set once: why the coordinator ended it
-    bool client_cancelled = false;  // the client went away
-  };
+  // Waits for every request's `done` (and any Status probe) to have run.
+  ~Router();
 
-  void AbortLocked(Call* call, absl::Status why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status Outcome(const Call& call, const absl::Status& worker_status,
-                       WorkerClient* client, bool finished);
+ private:
+  struct Call;
+  class Relay;
+
+  // Starts a request; null when it already has its outcome (sent to `done`).
+  std::shared_ptr<Call> Start(const v1::GenerateRequest& request, absl::Time client_deadline,
+                              std::shared_ptr<GenerateSink> sink,
+                              std::function<void(absl::Status)> done, bool cancel_is_ok,
+                              std::optional<int> forced_rank = std::nullopt);
+  void OnWorkerResponse(const std::shared_ptr<Call>& call, const v1::GenerateResponse& response);
+  void OnWorkerDone(const std::shared_ptr<Call>& call, const absl::Status& worker_status);
+  void Complete(const std::shared_ptr<Call>& call, absl::Status outcome);
+  // Marks the call cancelled by its client and cancels the worker call.
+  void CancelByClient(const std::shared_ptr<Call>& call);
+  // The outcome when no Status probe is needed; nullopt when it is.
+  std::optional<absl::Status> Outcome(const Call& call, const absl::Status& worker_status) const;
+  absl::Status ProbedOutcome(const Call& call, const absl::Status& worker_status,
+                             const absl::StatusOr<v1::WorkerStatusReply>& probe);
   std::string DeadRanksSummary() const;
+  void Released();
 
   Membership* const membership_;
   WorkerClientFactory* const clients_;
   const RouterOptions options_;
 
   mutable absl::Mutex mu_;
-  std::map<uint64_t, Call*> calls_ ABSL_GUARDED_BY(mu_);  // in flight, by sequence number
+  // In flight (until the worker call ended), by sequence number and by request id.
+  std::map<uint64_t, std::shared_ptr<Call>> calls_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, uint64_t> by_id_ ABSL_GUARDED_BY(mu_);
+  std::vector<int> in_flight_ ABSL_GUARDED_BY(mu_);  // per rank
   uint64_t next_call_ ABSL_GUARDED_BY(mu_) = 0;
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
+  // Requests whose `done` has not run yet (a Status probe may outlive calls_).
+  int outstanding_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace joule::cluster

@@ -1,8 +1,12 @@
 // The coordinator's view of one worker's Worker service (generate.proto),
-// without gRPC types: grpc_worker_client.h implements it over a channel,
-// fake_worker_client.h in memory for tests.
+// without gRPC types: grpc_worker_client.h implements it over a channel with
+// gRPC's callback API, fake_worker_client.h in memory for tests.
+//
+// Calls are asynchronous so that no coordinator thread is held per request:
+// thousands of streams share gRPC's few callback threads.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -13,26 +17,43 @@
 
 namespace joule::cluster {
 
-// One server-streaming Worker.Generate call.
-class GenerateStream {
+// Receives one Worker.Generate call's events on the client's threads (gRPC's,
+// for the real client): OnResponse one at a time and in order (the next one
+// comes only after the previous returned), then OnDone exactly once, after
+// the last OnResponse. Must not block.
+class GenerateObserver {
  public:
-  virtual ~GenerateStream() = default;
-  // Blocks for the next message; false once the stream has ended (then call Finish).
-  virtual bool Read(v1::GenerateResponse* response) = 0;
-  // Cancels the call, from any thread: the worker drops the sequence and frees
-  // its KV blocks; a blocked Read returns false.
-  virtual void Cancel() = 0;
-  // How the stream ended; call once, after Read returned false.
-  virtual absl::Status Finish() = 0;
+  virtual ~GenerateObserver() = default;
+  virtual void OnResponse(const v1::GenerateResponse& response) = 0;
+  // How the stream ended: OK, the worker's error, CANCELLED after Cancel(),
+  // DEADLINE_EXCEEDED, UNAVAILABLE when the worker cannot be reached.
+  virtual void OnDone(absl::Status status) = 0;
 };
+
+// One Worker.Generate call in flight.
+class GenerateCall {
+ public:
+  virtual ~GenerateCall() = default;
+  // Cancels the call, from any thread, any number of times (a no-op once it
+  // ended): the worker drops the sequence and frees its KV blocks; OnDone
+  // still runs. Must not be called with a lock that the observer takes.
+  virtual void Cancel() = 0;
+};
+
+using StatusCallback = std::function<void(absl::StatusOr<v1::WorkerStatusReply>)>;
 
 class WorkerClient {
  public:
   virtual ~WorkerClient() = default;
-  // Never null; errors (worker unreachable, ...) surface through Finish().
-  virtual std::unique_ptr<GenerateStream> Generate(const v1::GenerateRequest& request,
-                                                   absl::Time deadline) = 0;
-  virtual absl::StatusOr<v1::WorkerStatusReply> Status(absl::Time deadline) = 0;
+  // Starts a call and returns at once; never null. The client keeps `observer`
+  // alive until OnDone has run. Errors (worker unreachable, ...) arrive
+  // through OnDone, which may run before Generate returns.
+  virtual std::shared_ptr<GenerateCall> Generate(const v1::GenerateRequest& request,
+                                                 absl::Time deadline,
+                                                 std::shared_ptr<GenerateObserver> observer) = 0;
+  // Asks the worker for its status; `done` runs exactly once, on the client's
+  // threads (possibly before Status returns), and must not block.
+  virtual void Status(absl::Time deadline, StatusCallback done) = 0;
 };
 
 // Hands out one client per worker endpoint ("host:port"), reused across calls.

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what is missing, builds, makes the built-in tiny model if absent, and
 # starts a local cluster: one coordinator and N workers (expert parallelism
-# over UCX). Sends one request per service tier through the coordinator, prints
-# the answers and where to send requests, then serves until Ctrl-C.
+# over UCX). Sends one request per service tier to the coordinator's
+# OpenAI-compatible HTTP API, prints the answers and where to send requests,
+# then serves until Ctrl-C.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -13,7 +14,8 @@ usage: deploy/local/up.sh [options]
   --family NAME      built-in model family: qwen3_moe | qwen2_moe | mixtral (default qwen3_moe)
   --preset NAME      built-in model size: tiny | mini (default tiny)
   --workers N        worker processes (expert-parallel ranks) (default 2)
-  --port P           coordinator port (default 50051; 0 picks a free one)
+  --port P           HTTP port of the OpenAI-compatible API (default 8000; 0 picks a free one)
+  --grpc-port P      coordinator gRPC port for workers and joule-cli (default 50051; 0 picks one)
   --prompt TEXT      demo prompt (default: "Joule serves mixture-of-experts models")
   --max-tokens N     tokens per demo answer (default 16)
   --once             exit after the demo instead of serving
@@ -23,7 +25,7 @@ Environment: UCX_TLS selects UCX transports (e.g. shm,self or tcp,self).
 USAGE
 }
 
-model="" family=qwen3_moe preset=tiny workers=2 port=50051
+model="" family=qwen3_moe preset=tiny workers=2 port=8000 grpc_port=50051
 prompt="Joule serves mixture-of-experts models" max_tokens=16 once=0 build=1
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -32,6 +34,7 @@ while [ $# -gt 0 ]; do
     --preset) preset="$2"; shift 2 ;;
     --workers) workers="$2"; shift 2 ;;
     --port) port="$2"; shift 2 ;;
+    --grpc-port) grpc_port="$2"; shift 2 ;;
     --prompt) prompt="$2"; shift 2 ;;
     --max-tokens) max_tokens="$2"; shift 2 ;;
     --once) once=1; shift ;;
@@ -64,12 +67,15 @@ trap stop EXIT
 trap 'exit 0' INT TERM
 
 joule_log "model: $model"
-"$bin/coordinator/joule-coordinator" --model "$model" --workers "$workers" --port "$port" \
-  --port-file "$run_dir/port" >"$run_dir/coordinator.out" 2>"$run_dir/coordinator.log" &
+"$bin/coordinator/joule-coordinator" --model "$model" --workers "$workers" \
+  --port "$grpc_port" --port-file "$run_dir/port" \
+  --http-port "$port" --http-port-file "$run_dir/http_port" \
+  >"$run_dir/coordinator.out" 2>"$run_dir/coordinator.log" &
 pids+=($!)
-for _ in $(seq 1 100); do [ -s "$run_dir/port" ] && break; sleep 0.1; done
-[ -s "$run_dir/port" ] || { tail "$run_dir/coordinator.log" >&2; echo "coordinator did not start" >&2; exit 1; }
+for _ in $(seq 1 100); do [ -s "$run_dir/port" ] && [ -s "$run_dir/http_port" ] && break; sleep 0.1; done
+[ -s "$run_dir/http_port" ] || { tail "$run_dir/coordinator.log" >&2; echo "coordinator did not start" >&2; exit 1; }
 addr="127.0.0.1:$(cat "$run_dir/port")"
+url="http://127.0.0.1:$(cat "$run_dir/http_port")"
 for r in $(seq 0 $((workers - 1))); do
   "$bin/worker/service/joule-worker" --coordinator "$addr" --model "$model" \
     >"$run_dir/worker$r.out" 2>"$run_dir/worker$r.log" &
@@ -83,25 +89,34 @@ for _ in $(seq 1 600); do
 done
 "$cli" status --coordinator "$addr"
 
-# The built-in tokenizer maps each byte to the token id of the same value.
-ids="$(printf '%s' "$prompt" | od -An -tu1 | tr -s ' \n' ',' | sed 's/^,//; s/,$//')"
-joule_log "prompt: \"$prompt\" -> token ids $ids"
-joule_log "the built-in models have random weights: answers are arbitrary tokens, not English"
-# Tiers by their OpenAI service_tier values: fast, priority, default (standard), flex (batch).
+for _ in $(seq 1 100); do curl -sf "$url/ready" >/dev/null && break; sleep 0.1; done
+served="$(curl -sf "$url/v1/models" | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])')"
+joule_log "the built-in models have random weights: answers are arbitrary text, not English"
+# One chat completion per tier, by its OpenAI service_tier value:
+# fast, priority, default (standard), flex (batch).
 for tier in fast priority default flex; do
-  answer="$("$cli" generate --coordinator "$addr" --prompt-ids "$ids" --max-tokens "$max_tokens" \
-              --temperature 0 --tier "$tier" 2>&1 | tr "\n" " " || true)"
+  body="$(/usr/bin/python3 -c 'import json,sys; print(json.dumps({"model": sys.argv[1],
+    "messages": [{"role": "user", "content": sys.argv[2]}], "max_tokens": int(sys.argv[3]),
+    "temperature": 0, "service_tier": sys.argv[4]}))' "$served" "$prompt" "$max_tokens" "$tier")"
+  answer="$(curl -s -H 'Content-Type: application/json' -d "$body" "$url/v1/chat/completions" |
+    /usr/bin/python3 -c 'import json,sys
+r = json.load(sys.stdin)
+if "error" in r: print("error:", r["error"]["message"]); sys.exit(0)
+u = r["usage"]
+energy = " %.3f J (%s)," % (u["energy_joules"], u["energy_source"]) if "energy_joules" in u else ""
+print("[%s, %d+%d tokens,%s %s] %r" % (r["service_tier"], u["prompt_tokens"], u["completion_tokens"],
+      energy, r["choices"][0]["finish_reason"], r["choices"][0]["message"]["content"]))' 2>&1 || true)"
   printf '  %-9s %s\n' "$tier:" "$answer"
 done
 
 cat <<EOF
 
-Joule is serving $model with $workers expert-parallel workers.
-  gRPC front door (joule.v1.Frontend): $addr
-  try:   $cli generate --coordinator $addr --prompt-ids 1,2,3 --max-tokens 8
+Joule is serving $model as "$served" with $workers expert-parallel workers.
+  OpenAI-compatible API: $url/v1  (chat/completions, completions, models; /health /ready /metrics)
+  try:   curl $url/v1/chat/completions -H 'Content-Type: application/json' \\
+           -d '{"model": "$served", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8, "service_tier": "fast"}'
          $cli status --coordinator $addr
   logs:  $run_dir
-(The OpenAI-compatible HTTP API arrives with the front-door issue.)
 EOF
 if [ "$once" = 1 ]; then
   exit 0

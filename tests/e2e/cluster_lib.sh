@@ -22,12 +22,14 @@ e2e_fail() {
   exit 1
 }
 
-# e2e_start_coordinator PREFIX_CMD MODEL WORKERS -> sets E2E_PORT
+# e2e_start_coordinator PREFIX_CMD MODEL WORKERS [extra flags...] -> sets E2E_PORT
 e2e_start_coordinator() {
   local prefix="$1" model="$2" workers="$3"
+  shift 3
   rm -f "$E2E_TMP/port"
   $prefix "$BUILD/coordinator/joule-coordinator" --model "$model" --workers "$workers" --port 0 \
-    --port-file "$E2E_TMP/port" --step-timeout-ms 5000 >"$E2E_TMP/coordinator.out" 2>"$E2E_TMP/coordinator.err" &
+    --port-file "$E2E_TMP/port" --step-timeout-ms 5000 "$@" \
+    >"$E2E_TMP/coordinator.out" 2>"$E2E_TMP/coordinator.err" &
   E2E_PIDS+=($!)
   for _ in $(seq 1 100); do
     [ -s "$E2E_TMP/port" ] && break

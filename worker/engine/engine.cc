@@ -60,6 +60,9 @@ absl::Status Engine::Add(GenerationRequest r) {
   seq->id = r.id;
   seq->tokens = std::move(r.prompt);
   seq->sampling = std::move(r.sampling);
+  seq->priority = r.priority;
+  seq->step_token_cap = std::max(0, r.step_token_cap);
+  seq->arrival = ++arrivals_;
   // Unseeded requests still get distinct, reproducible-per-process streams.
   seq->rng = SamplerRng(seq->sampling.seed.value_or(0x6a6f756c65ull ^ (++unseeded_counter_ * 0x9e3779b97f4a7c15ull) ^
                                                     std::random_device{}()));
@@ -87,8 +90,28 @@ void Engine::FreeBlocks(Sequence* seq) {
 void Engine::Preempt(Sequence* seq) {
   FreeBlocks(seq);
   seq->num_computed = 0;
+  seq->running = false;
   running_.erase(std::find(running_.begin(), running_.end(), seq));
   waiting_.push_front(seq);
+}
+
+Engine::Sequence* Engine::PickVictim(const Sequence* seq) const {
+  Sequence* victim = nullptr;
+  for (Sequence* r : running_) {  // oldest first: ties go to the newer one
+    if (r == seq || r->plan_mark == plan_epoch_) continue;
+    if (victim == nullptr || r->priority >= victim->priority) victim = r;
+  }
+  return victim;
+}
+
+void Engine::SetStepDirectives(StepDirectives directives) { directives_ = std::move(directives); }
+
+int Engine::LocalStepTokenCap() const {
+  int cap = 0;
+  for (const auto& [id, seq] : sequences_) {
+    if (seq->step_token_cap > 0 && (cap == 0 || seq->step_token_cap < cap)) cap = seq->step_token_cap;
+  }
+  return cap;
 }
 
 void Engine::Retire(Sequence* seq) {
@@ -141,45 +164,82 @@ int64_t Engine::PlanStep() {
   plan_result_ = StepResult();
   StepResult& result = plan_result_;
   std::vector<Scheduled>& scheduled = plan_;
-  int budget = options_.max_batch_tokens;
+  ++plan_epoch_;
+  auto capped = [](int option, int directive) {
+    return directive > 0 ? std::min(option, directive) : option;
+  };
+  int budget = capped(capped(options_.max_batch_tokens, directives_.max_batch_tokens),
+                      LocalStepTokenCap());
+  const int max_running = capped(options_.max_running, directives_.max_running);
 
-  // 1. Running sequences, oldest first: decodes and unfinished prefills. When
-  //    the cache is full the newest running sequence yields its blocks.
-  for (size_t i = 0; i < running_.size() && budget > 0;) {
-    Sequence* seq = running_[i];
-    const int remaining = static_cast<int>(seq->tokens.size()) - seq->num_computed;
-    int chunk = std::min({remaining, budget, options_.max_prefill_chunk});
-    while (!EnsureBlocks(seq, seq->num_computed + chunk)) {
-      Sequence* victim = running_.back();
-      if (victim == seq) break;
-      result.preempted.push_back(victim->id);
-      Preempt(victim);
-    }
-    if (!EnsureBlocks(seq, seq->num_computed + chunk)) {
-      // Alone and still short of blocks (only if the cache is tiny): wait.
-      if (running_.back() == seq && i + 1 == running_.size() && scheduled.empty()) {
-        result.preempted.push_back(seq->id);
-        Preempt(seq);
-      }
-      break;
-    }
-    scheduled.push_back({seq, chunk});
-    budget -= chunk;
-    ++i;
+  // 0. Preemptions the scheduler asked for.
+  for (uint64_t id : directives_.preempt) {
+    auto it = sequences_.find(id);
+    if (it == sequences_.end() || !it->second->running) continue;
+    result.preempted.push_back(id);
+    Preempt(it->second.get());
+    it->second->plan_mark = plan_epoch_;  // not re-admitted by this same plan
   }
+  directives_.preempt.clear();
 
-  // 2. Admit waiting sequences (FCFS) while budget, slots and blocks last.
-  while (!waiting_.empty() && budget > 0 &&
-         static_cast<int>(running_.size()) < options_.max_running) {
-    Sequence* seq = waiting_.front();
+  // Candidates in the order they get the budget: the scheduler's order, then
+  // by priority; within one priority running sequences (oldest first) before
+  // waiting ones (by arrival; a preempted sequence keeps its original arrival).
+  // With every priority equal this is plain continuous batching.
+  std::vector<Sequence*> candidates;
+  candidates.reserve(running_.size() + waiting_.size());
+  for (uint64_t id : directives_.order) {
+    auto it = sequences_.find(id);
+    if (it != sequences_.end()) candidates.push_back(it->second.get());
+  }
+  const size_t first_rest = candidates.size();
+  candidates.insert(candidates.end(), running_.begin(), running_.end());
+  candidates.insert(candidates.end(), waiting_.begin(), waiting_.end());
+  std::stable_sort(candidates.begin() + first_rest, candidates.end(),
+                   [](const Sequence* a, const Sequence* b) {
+                     if (a->priority != b->priority) return a->priority < b->priority;
+                     if (a->running != b->running) return a->running;
+                     // Running ones keep their admission order (stable sort).
+                     return !a->running && a->arrival < b->arrival;
+                   });
+
+  bool admitting = true;  // stops at the first waiting sequence that does not fit
+  for (Sequence* seq : candidates) {
+    if (budget <= 0) break;
+    if (seq->plan_mark == plan_epoch_ || !sequences_.contains(seq->id)) continue;
     const int remaining = static_cast<int>(seq->tokens.size()) - seq->num_computed;
     const int chunk = std::min({remaining, budget, options_.max_prefill_chunk});
-    if (!EnsureBlocks(seq, seq->num_computed + chunk)) {
-      FreeBlocks(seq);
-      break;
+    if (seq->running) {
+      // Decodes and unfinished prefills. When the cache is full a lower-priority
+      // (then newer) running sequence that is not in this plan yields its blocks.
+      while (!EnsureBlocks(seq, seq->num_computed + chunk)) {
+        Sequence* victim = PickVictim(seq);
+        if (victim == nullptr) break;
+        result.preempted.push_back(victim->id);
+        Preempt(victim);
+        victim->plan_mark = plan_epoch_;
+      }
+      if (!EnsureBlocks(seq, seq->num_computed + chunk)) {
+        // Alone and still short of blocks (only if the cache is tiny): start over later.
+        if (scheduled.empty() && running_.size() == 1) {
+          result.preempted.push_back(seq->id);
+          Preempt(seq);
+        }
+        seq->plan_mark = plan_epoch_;
+        continue;
+      }
+    } else {
+      if (!admitting || static_cast<int>(running_.size()) >= max_running) continue;
+      if (!EnsureBlocks(seq, seq->num_computed + chunk)) {
+        FreeBlocks(seq);
+        admitting = false;
+        continue;
+      }
+      waiting_.erase(std::find(waiting_.begin(), waiting_.end(), seq));
+      running_.push_back(seq);
+      seq->running = true;
     }
-    waiting_.pop_front();
-    running_.push_back(seq);
+    seq->plan_mark = plan_epoch_;
     scheduled.push_back({seq, chunk});
     budget -= chunk;
   }
@@ -232,6 +292,11 @@ absl::StatusOr<StepResult> Engine::RunPlannedStep(bool run_empty) {
     }
   }
   result.num_seqs = static_cast<int>(scheduled.size());
+  result.scheduled.clear();
+  for (const Scheduled& s : scheduled) {
+    result.scheduled.emplace_back(s.seq->id, s.chunk);
+    result.context_tokens += s.seq->num_computed + s.chunk;
+  }
   const int64_t vocab = model_->config().vocab_size;
   logits_.resize(b.logit_rows.size() * vocab);
   RETURN_IF_ERROR(model_->Forward(b, kv_->view(), logits_.data()));

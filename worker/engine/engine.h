@@ -28,6 +28,28 @@ struct GenerationRequest {
   uint64_t id = 0;
   std::vector<int32_t> prompt;
   SamplingParams sampling;
+  // Who gets a step's token budget first: lower first (running before waiting
+  // within one priority). The worker sets the service tier's rank (fast 0 ...
+  // batch 3) under tiered policies and 0 under FCFS.
+  int priority = 0;
+  // While this sequence is live, steps carry at most this many tokens (0: no
+  // cap): the scheduler's way to keep a fast request's time per output token.
+  int step_token_cap = 0;
+};
+
+// How the scheduler (the cluster's policy, relayed by the worker) wants the
+// next steps composed. The default reproduces plain continuous batching.
+struct StepDirectives {
+  int max_batch_tokens = 0;  // cap on tokens per step; 0: EngineOptions' value
+  int max_running = 0;       // cap on running sequences; 0: EngineOptions' value
+  // Sequences that get the step's token budget first, in this order (running
+  // or waiting; unknown ids are ignored). Everything else follows: running
+  // oldest first, then waiting by priority. A running sequence that gets no
+  // budget skips the step and keeps its KV blocks.
+  std::vector<uint64_t> order;
+  // Running sequences to preempt once, before the next plan (blocks freed,
+  // recomputed later with the same random stream, so output is unchanged).
+  std::vector<uint64_t> preempt;
 };
 
 struct TokenOutput {
@@ -42,6 +64,10 @@ struct StepResult {
   int64_t prefill_tokens = 0;
   int64_t decode_tokens = 0;
   int num_seqs = 0;
+  // Tokens each sequence had in the step (its prefill chunk or its decode),
+  // for energy attribution.
+  std::vector<std::pair<uint64_t, int>> scheduled;
+  int64_t context_tokens = 0;  // KV positions the step's attention read
 };
 
 struct EngineOptions {
@@ -72,6 +98,12 @@ class Engine {
   // and returns how many tokens it will run; calling it again before the step
   // runs returns the same plan. Cancel() drops a sequence from the plan.
   int64_t PlanStep();
+  // Applies from the next PlanStep() on (a pending plan is kept). `preempt`
+  // is consumed by that plan; the rest stays until replaced.
+  void SetStepDirectives(StepDirectives directives);
+  // The smallest step_token_cap of the live sequences (0: none has one), for
+  // ranks that must agree on one cap (lockstep expert parallelism).
+  int LocalStepTokenCap() const;
   // Runs the planned step (planning first if needed). With run_empty a plan
   // of zero tokens still runs the model over an empty batch, so this rank
   // joins the collectives of every MoE layer; otherwise it returns at once.
@@ -96,6 +128,11 @@ class Engine {
     std::vector<int32_t> blocks;
     SamplingParams sampling;
     SamplerRng rng{0};
+    int priority = 0;
+    int step_token_cap = 0;
+    uint64_t arrival = 0;
+    bool running = false;
+    uint64_t plan_mark = 0;  // == plan_epoch_ once considered by the current plan
   };
   struct Scheduled {
     Sequence* seq;
@@ -104,6 +141,9 @@ class Engine {
 
   Engine(Model* model, std::unique_ptr<PagedKvCache> kv, const EngineOptions& options);
   bool EnsureBlocks(Sequence* seq, int num_tokens);
+  // The running sequence to preempt so `seq` can grow: not yet in the plan,
+  // lowest priority (highest number), newest; nullptr if there is none.
+  Sequence* PickVictim(const Sequence* seq) const;
   void FreeBlocks(Sequence* seq);
   void Preempt(Sequence* seq);
   FinishReason CheckFinished(const Sequence& seq, int32_t token) const;
@@ -123,6 +163,9 @@ class Engine {
   std::vector<float> logits_;
   std::vector<std::pair<float, int32_t>> sample_scratch_;
   uint64_t unseeded_counter_ = 0;
+  uint64_t arrivals_ = 0;
+  uint64_t plan_epoch_ = 0;
+  StepDirectives directives_;
   LogitsObserver observer_;
 };
 

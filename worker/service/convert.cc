@@ -26,6 +26,16 @@ absl::StatusOr<GenerationRequest> ToGenerationRequest(const v1::GenerateRequest&
   out.sampling.max_tokens = s.max_tokens() == 0 ? kDefaultMaxTokens : s.max_tokens();
   out.sampling.stop_token_ids.assign(s.stop_token_ids().begin(), s.stop_token_ids().end());
   out.sampling.ignore_eos = s.ignore_eos();
+  if (request.priority() < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("priority: must be >= 0 (0 is most urgent), got ", request.priority()));
+  }
+  if (request.step_token_cap() < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("step_token_cap: must be >= 0 (0: no cap), got ", request.step_token_cap()));
+  }
+  out.priority = request.priority();
+  out.step_token_cap = request.step_token_cap();
   if (absl::Status st = out.sampling.Validate(); !st.ok()) {
     // SamplingParams names the bare field; say where it sits in the request.
     return absl::InvalidArgumentError(absl::StrCat("sampling.", st.message()));

@@ -59,6 +59,9 @@ int main(int argc, char** argv) {
   } else {
     // The rank and port are what scripts and tests wait for.
     std::printf("joule-worker rank %d listening on port %d\n", process.rank(), process.port());
+    if (process.metrics_port() > 0) {
+      std::printf("joule-worker rank %d metrics on port %d\n", process.rank(), process.metrics_port());
+    }
     std::fflush(stdout);
     absl::Status s2 = process.Wait();
     if (!s2.ok()) {

@@ -11,6 +11,10 @@ absl::Status WorkerConfig::Validate() const {
   if (port < 0 || port > 65535) {
     return absl::InvalidArgumentError(absl::StrCat("--port: must be in [0, 65535], got ", port));
   }
+  if (metrics_port < -1 || metrics_port > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--metrics-port: must be in [0, 65535] or -1 (off), got ", metrics_port));
+  }
   if (threads < 0) return absl::InvalidArgumentError(absl::StrCat("--threads: must be >= 0, got ", threads));
   if (kv_cache_mb <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("--kv-cache-mb: must be positive, got ", kv_cache_mb));
@@ -36,7 +40,7 @@ absl::Status WorkerConfig::Validate() const {
   if (idle_wait_us < 0) return absl::InvalidArgumentError("--idle-wait-us: must be >= 0");
   if (control_interval <= 0) return absl::InvalidArgumentError("--control-interval: must be positive");
   if (shutdown_grace_ms < 0) return absl::InvalidArgumentError("--shutdown-grace-ms: must be >= 0");
-  return absl::OkStatus();
+  return telemetry::EnergyMeterOptionsFrom(*this).Validate();
 }
 
 std::string WorkerConfig::ToString() const { return DescribeConfig(*this); }

@@ -9,6 +9,7 @@
 
 #include "absl/status/statusor.h"
 #include "common/options.h"
+#include "worker/telemetry/make_energy_meter.h"
 
 namespace joule::worker {
 
@@ -20,6 +21,8 @@ namespace joule::worker {
   X(int, rank, -1, "rank to ask for; -1: any free rank")                                         \
   X(std::string, listen_host, "0.0.0.0", "address the Worker gRPC server binds")                  \
   X(int, port, 0, "port of the Worker gRPC server; 0: an ephemeral port (printed)")               \
+  X(int, metrics_port, 0, "port of the Prometheus /metrics server; 0: an ephemeral port (printed); -1: off") \
+  X(std::string, metrics_port_file, "", "write the metrics port to this file once listening")   \
   X(std::string, advertise_host, "",                                                              \
     "host the coordinator reaches this worker at; empty: the local address facing the coordinator") \
   X(int, threads, 0, "CPU threads for the forward pass; 0: every core")                           \
@@ -36,7 +39,8 @@ namespace joule::worker {
   X(int64_t, idle_wait_us, 1000, "pause after a lockstep round in which no rank had work")        \
   X(int, control_interval, 4, "lockstep rounds between control exchanges (placement, stop)")      \
   X(int64_t, shutdown_grace_ms, 2000, "time given to streams to end at shutdown")                 \
-  X(std::string, device, "cpu", "device reported at registration")
+  X(std::string, device, "cpu", "device reported at registration")                                \
+  JOULE_ENERGY_METER_FLAGS(X)
 
 struct WorkerConfig {
   JOULE_WORKER_FLAGS(JOULE_OPTION_FIELD)

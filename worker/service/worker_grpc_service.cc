@@ -2,115 +2,196 @@
 
 #include <memory>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "absl/synchronization/mutex.h"
-#include "absl/time/time.h"
 #include "worker/service/convert.h"
 #include "worker/service/grpc_status.h"
 
 namespace joule::worker {
 namespace {
 
-// Filled by the step loop, drained by the gRPC thread.
-struct Mailbox {
-  absl::Mutex mu;
-  std::vector<int32_t> tokens ABSL_GUARDED_BY(mu);
-  std::optional<RequestOutcome> outcome ABSL_GUARDED_BY(mu);
-};
+// One Generate stream. Shared by gRPC (until OnDone) and the step loop's
+// callbacks (until on_done), whichever lets go last frees it. Every decision
+// is taken under mu_ and every gRPC operation is started outside it, so a
+// callback that gRPC runs inline cannot deadlock on it.
+class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateResponse>,
+                              public std::enable_shared_from_this<GenerateReactor> {
+ public:
+  GenerateReactor(WorkerHandler* handler, std::string request_id)
+      : handler_(handler), request_id_(std::move(request_id)) {}
 
-// How often a waiting Generate looks at whether its client went away.
-constexpr absl::Duration kCancelPoll = absl::Milliseconds(20);
+  // gRPC holds a raw pointer until OnDone: keep us alive until then.
+  void Hold() { self_ = shared_from_this(); }
+
+  void Start(GenerationRequest request) {
+    RequestCallbacks callbacks{
+        .on_tokens =
+            [self = self_](const std::vector<int32_t>& tokens) {
+              {
+                absl::MutexLock lock(&self->mu_);
+                self->tokens_.insert(self->tokens_.end(), tokens.begin(), tokens.end());
+              }
+              self->Pump();
+            },
+        .on_done =
+            [self = self_](const RequestOutcome& outcome) {
+              {
+                absl::MutexLock lock(&self->mu_);
+                self->outcome_ = outcome;
+              }
+              self->Pump();
+            },
+    };
+    if (absl::Status s = handler_->Submit(request_id_, std::move(request), std::move(callbacks));
+        !s.ok()) {
+      FinishWith(ToGrpc(s));
+      return;
+    }
+    const int rank = handler_->Status().rank;
+    {
+      absl::MutexLock lock(&mu_);
+      rank_ = rank;
+    }
+    Pump();
+  }
+
+  void FinishWith(grpc::Status status) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (finish_called_) return;
+      finish_called_ = true;
+    }
+    Finish(std::move(status));
+  }
+
+  void OnWriteDone(bool ok) override {
+    {
+      absl::MutexLock lock(&mu_);
+      write_in_flight_ = false;
+      if (!ok) client_gone_ = true;
+    }
+    if (!ok) CancelRequest();
+    Pump();
+  }
+
+  void OnCancel() override {
+    {
+      absl::MutexLock lock(&mu_);
+      client_gone_ = true;
+    }
+    CancelRequest();
+    Pump();
+  }
+
+  void OnDone() override {
+    // gRPC is done with us; the step loop's callbacks may still hold a reference.
+    std::shared_ptr<GenerateReactor> self = std::move(self_);
+  }
+
+ private:
+  // The client is gone: free the sequence (its on_done may still come).
+  void CancelRequest() {
+    {
+      absl::MutexLock lock(&mu_);
+      if (cancel_sent_ || outcome_.has_value()) return;
+      cancel_sent_ = true;
+    }
+    handler_->Cancel(request_id_);
+  }
+
+  // Starts the next write, or the finish, if one is due and none is in flight.
+  void Pump() {
+    enum class Action { kNone, kWrite, kWriteAndFinish, kFinish } action = Action::kNone;
+    grpc::Status status;
+    {
+      absl::MutexLock lock(&mu_);
+      if (finish_called_ || write_in_flight_ || rank_ < 0) return;
+      if (client_gone_) {
+        action = Action::kFinish;
+        status = grpc::Status(grpc::StatusCode::CANCELLED, "client cancelled the request");
+      } else if (outcome_.has_value() || !tokens_.empty()) {
+        response_.Clear();
+        response_.set_request_id(request_id_);
+        response_.set_rank(rank_);
+        response_.mutable_token_ids()->Add(tokens_.begin(), tokens_.end());
+        tokens_.clear();
+        if (!outcome_.has_value()) {
+          action = Action::kWrite;
+        } else if (!outcome_->status.ok()) {
+          // Tokens already produced are delivered before the error.
+          status = ToGrpc(outcome_->status);
+          action = response_.token_ids_size() > 0 ? Action::kWriteAndFinish : Action::kFinish;
+        } else {
+          response_.set_finish_reason(ToProto(outcome_->finish));
+          response_.set_prompt_tokens(outcome_->prompt_tokens);
+          response_.set_completion_tokens(outcome_->completion_tokens);
+          response_.set_energy_joules(outcome_->energy_joules);
+          response_.set_energy_source(outcome_->energy_source);
+          action = Action::kWriteAndFinish;
+        }
+      }
+      write_in_flight_ = action == Action::kWrite;
+      finish_called_ = action == Action::kWriteAndFinish || action == Action::kFinish;
+    }
+    switch (action) {
+      case Action::kNone:
+        break;
+      case Action::kWrite:
+        StartWrite(&response_);
+        break;
+      case Action::kWriteAndFinish:
+        StartWriteAndFinish(&response_, grpc::WriteOptions(), status);
+        break;
+      case Action::kFinish:
+        Finish(status);
+        break;
+    }
+  }
+
+  WorkerHandler* const handler_;
+  const std::string request_id_;
+  std::shared_ptr<GenerateReactor> self_;  // gRPC's reference, dropped in OnDone
+
+  absl::Mutex mu_;
+  int rank_ ABSL_GUARDED_BY(mu_) = -1;  // set once submitted; no write before
+  std::vector<int32_t> tokens_ ABSL_GUARDED_BY(mu_);
+  std::optional<RequestOutcome> outcome_ ABSL_GUARDED_BY(mu_);
+  v1::GenerateResponse response_;  // the message in flight; written under mu_ only when none is
+  bool write_in_flight_ ABSL_GUARDED_BY(mu_) = false;
+  bool finish_called_ ABSL_GUARDED_BY(mu_) = false;
+  bool client_gone_ ABSL_GUARDED_BY(mu_) = false;
+  bool cancel_sent_ ABSL_GUARDED_BY(mu_) = false;
+};
 
 }  // namespace
 
-grpc::Status WorkerGrpcService::Generate(grpc::ServerContext* context,
-                                         const v1::GenerateRequest* request,
-                                         grpc::ServerWriter<v1::GenerateResponse>* writer) {
+grpc::ServerWriteReactor<v1::GenerateResponse>* WorkerGrpcService::Generate(
+    grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+  auto reactor = std::make_shared<GenerateReactor>(handler_, request->request_id());
+  reactor->Hold();
   absl::StatusOr<GenerationRequest> converted = ToGenerationRequest(*request);
-  if (!converted.ok()) return ToGrpc(converted.status());
-  const std::string& request_id = request->request_id();
-
-  auto mailbox = std::make_shared<Mailbox>();
-  RequestCallbacks callbacks{
-      .on_tokens =
-          [mailbox](const std::vector<int32_t>& tokens) {
-            absl::MutexLock lock(&mailbox->mu);
-            mailbox->tokens.insert(mailbox->tokens.end(), tokens.begin(), tokens.end());
-          },
-      .on_done =
-          [mailbox](const RequestOutcome& outcome) {
-            absl::MutexLock lock(&mailbox->mu);
-            mailbox->outcome = outcome;
-          },
-  };
-  if (absl::Status s = handler_->Submit(request_id, *std::move(converted), std::move(callbacks));
-      !s.ok()) {
-    return ToGrpc(s);
+  if (!converted.ok()) {
+    reactor->FinishWith(ToGrpc(converted.status()));
+  } else {
+    reactor->Start(*std::move(converted));
   }
-  const int rank = handler_->Status().rank;
-
-  bool cancel_sent = false;
-  auto cancel = [&] {
-    if (!cancel_sent) handler_->Cancel(request_id);
-    cancel_sent = true;
-  };
-  while (true) {
-    std::vector<int32_t> tokens;
-    std::optional<RequestOutcome> outcome;
-    {
-      absl::MutexLock lock(&mailbox->mu);
-      auto ready = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mailbox->mu) {
-        return !mailbox->tokens.empty() || mailbox->outcome.has_value();
-      };
-      mailbox->mu.AwaitWithTimeout(absl::Condition(&ready), kCancelPoll);
-      tokens.swap(mailbox->tokens);
-      outcome = mailbox->outcome;
-    }
-    if (context->IsCancelled()) {
-      // The client is gone: free the sequence. Its on_done may still come;
-      // the mailbox outlives this call.
-      cancel();
-      return grpc::Status(grpc::StatusCode::CANCELLED, "client cancelled the request");
-    }
-    if (tokens.empty() && !outcome) continue;
-    if (outcome && !outcome->status.ok()) {
-      // Tokens already produced are delivered before the error.
-      if (!tokens.empty()) {
-        v1::GenerateResponse partial;
-        partial.set_request_id(request_id);
-        partial.set_rank(rank);
-        partial.mutable_token_ids()->Add(tokens.begin(), tokens.end());
-        writer->Write(partial);
-      }
-      return ToGrpc(outcome->status);
-    }
-    v1::GenerateResponse response;
-    response.set_request_id(request_id);
-    response.set_rank(rank);
-    response.mutable_token_ids()->Add(tokens.begin(), tokens.end());
-    if (outcome) {
-      response.set_finish_reason(ToProto(outcome->finish));
-      response.set_prompt_tokens(outcome->prompt_tokens);
-      response.set_completion_tokens(outcome->completion_tokens);
-    }
-    if (!writer->Write(response)) {
-      cancel();
-      return grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
-    }
-    if (outcome) return grpc::Status::OK;
-  }
+  return reactor.get();
 }
 
-grpc::Status WorkerGrpcService::Cancel(grpc::ServerContext* context,
-                                       const v1::CancelRequest* request, v1::CancelReply* reply) {
+grpc::ServerUnaryReactor* WorkerGrpcService::Cancel(grpc::CallbackServerContext* context,
+                                                    const v1::CancelRequest* request,
+                                                    v1::CancelReply* reply) {
   reply->set_found(handler_->Cancel(request->request_id()));
-  return grpc::Status::OK;
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
 }
 
-grpc::Status WorkerGrpcService::Status(grpc::ServerContext* context,
-                                       const v1::WorkerStatusRequest* request,
-                                       v1::WorkerStatusReply* reply) {
+grpc::ServerUnaryReactor* WorkerGrpcService::Status(grpc::CallbackServerContext* context,
+                                                    const v1::WorkerStatusRequest* request,
+                                                    v1::WorkerStatusReply* reply) {
   const WorkerStatus s = handler_->Status();
   reply->set_rank(s.rank);
   reply->set_ready(s.ready);
@@ -121,7 +202,9 @@ grpc::Status WorkerGrpcService::Status(grpc::ServerContext* context,
   reply->set_resident_bytes(s.resident_bytes);
   reply->set_loaded_weight_bytes(s.loaded_weight_bytes);
   reply->set_steps(s.steps);
-  return grpc::Status::OK;
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
 }
 
 }  // namespace joule::worker

@@ -1,10 +1,11 @@
 // The thin gRPC adapter of the Worker service (generate.proto) over a
 // WorkerHandler: it translates messages and streams, nothing else.
 //
-// Generate runs on a gRPC thread: it submits the request, then waits on a
-// per-call mailbox that the step loop fills (tokens, then the outcome), writing
-// whatever has arrived as one message. A client that goes away (cancelled
-// call, failed write, passed deadline) cancels the request, freeing its KV.
+// Callback API: a Generate stream holds no server thread. The step loop's
+// callbacks (tokens, then the outcome) queue onto the call and start a write
+// when none is in flight; whatever arrived meanwhile goes as one message. A
+// client that goes away (cancelled call, failed write, passed deadline:
+// OnCancel) cancels the request, freeing its KV blocks.
 #pragma once
 
 #include "grpcpp/grpcpp.h"
@@ -13,17 +14,19 @@
 
 namespace joule::worker {
 
-class WorkerGrpcService final : public v1::Worker::Service {
+class WorkerGrpcService final : public v1::Worker::CallbackService {
  public:
   // Not owned.
   explicit WorkerGrpcService(WorkerHandler* handler) : handler_(handler) {}
 
-  grpc::Status Generate(grpc::ServerContext* context, const v1::GenerateRequest* request,
-                        grpc::ServerWriter<v1::GenerateResponse>* writer) override;
-  grpc::Status Cancel(grpc::ServerContext* context, const v1::CancelRequest* request,
-                      v1::CancelReply* reply) override;
-  grpc::Status Status(grpc::ServerContext* context, const v1::WorkerStatusRequest* request,
-                      v1::WorkerStatusReply* reply) override;
+  grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(
+      grpc::CallbackServerContext* context, const v1::GenerateRequest* request) override;
+  grpc::ServerUnaryReactor* Cancel(grpc::CallbackServerContext* context,
+                                   const v1::CancelRequest* request,
+                                   v1::CancelReply* reply) override;
+  grpc::ServerUnaryReactor* Status(grpc::CallbackServerContext* context,
+                                   const v1::WorkerStatusRequest* request,
+                                   v1::WorkerStatusReply* reply) override;
 
  private:
   WorkerHandler* const handler_;

@@ -19,6 +19,10 @@ struct RequestOutcome {
   FinishReason finish = FinishReason::kNone;  // kStop, kLength or kCancelled when OK
   int prompt_tokens = 0;
   int completion_tokens = 0;
+  // This rank's metered energy charged to the request by its share of each
+  // step's tokens (worker/telemetry/energy_attributor.h); 0 without a meter.
+  double energy_joules = 0;
+  std::string energy_source;  // the meter's source(); empty without one
 };
 
 // Called from the worker's step loop: implementations must not block.
@@ -38,7 +42,20 @@ struct WorkerStatus {
   int64_t resident_bytes = 0;       // RSS of the process
   int64_t loaded_weight_bytes = 0;  // weights this rank holds (attention/dense + its experts)
   uint64_t steps = 0;               // lockstep rounds run
+  // Since start, for the metrics (worker_metrics.h).
+  uint64_t preemptions_total = 0;        // sequences preempted (KV freed, recomputed later)
+  uint64_t prompt_tokens_total = 0;      // prefill tokens computed (recomputes count again)
+  uint64_t generation_tokens_total = 0;  // tokens sampled
   uint64_t placement_epoch = 0;
+  // Energy since start from the worker's meter (see energy_attributor.h):
+  // total = attributed (charged to requests) + idle (between steps) +
+  // unattributed (steps without local tokens). Empty source: no meter.
+  std::string energy_source;
+  double energy_joules = 0;
+  double energy_attributed_joules = 0;
+  double energy_idle_joules = 0;
+  double energy_unattributed_joules = 0;
+  int step_token_cap = 0;  // the cap the ranks agreed on (0: none)
   std::string error;                // why it stopped serving, when it did
 };
 

@@ -1,5 +1,8 @@
 #include "worker/service/worker_process.h"
 
+#include <cstdio>
+#include <fstream>
+
 #include <arpa/inet.h>
 #include <netdb.h>
 #include <sys/socket.h>
@@ -111,6 +114,7 @@ void WorkerProcess::Fail(const absl::Status& error) {
 absl::Status WorkerProcess::Start() {
   JOULE_LOG(Info) << "joule-worker " << worker_id_ << " starting with\n" << config_.ToString();
   RETURN_IF_ERROR(Annotate(StartServer(), "starting the Worker gRPC server"));
+  RETURN_IF_ERROR(Annotate(StartMetrics(), "starting the metrics server"));
   RETURN_IF_ERROR(Register());
   RETURN_IF_ERROR(Annotate(LoadModel(), absl::StrCat("loading model ", config_.model)));
   RETURN_IF_ERROR(Annotate(ConnectPeers(), "connecting to the other ranks"));
@@ -139,6 +143,29 @@ absl::Status WorkerProcess::StartServer() {
   endpoint_ = absl::StrCat(host, ":", port_);
   JOULE_LOG(Info) << "Worker gRPC server listening on " << config_.listen_host << ":" << port_
                   << " (advertised as " << endpoint_ << ")";
+  return absl::OkStatus();
+}
+
+absl::Status WorkerProcess::StartMetrics() {
+  if (config_.metrics_port < 0) return absl::OkStatus();
+  ASSIGN_OR_RETURN(metrics_,
+                   WorkerMetricsServer::Start(config_.listen_host, config_.metrics_port, &handler_));
+  JOULE_LOG(Info) << "metrics on http://" << config_.listen_host << ":" << metrics_->port()
+                  << "/metrics";
+  if (!config_.metrics_port_file.empty()) {
+    // Written to a temporary name and renamed: a script polling for the file
+    // never reads a partial port.
+    const std::string tmp = config_.metrics_port_file + ".tmp";
+    {
+      std::ofstream out(tmp, std::ios::trunc);
+      out << metrics_->port() << "\n";
+      if (!out) return absl::InternalError(absl::StrCat("--metrics-port-file: cannot write ", tmp));
+    }
+    if (std::rename(tmp.c_str(), config_.metrics_port_file.c_str()) != 0) {
+      return absl::InternalError(
+          absl::StrCat("--metrics-port-file: cannot rename ", tmp, " to ", config_.metrics_port_file));
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -305,6 +332,9 @@ absl::Status WorkerProcess::StartServing() {
   runtime_options.idle_wait = absl::Microseconds(config_.idle_wait_us);
   runtime_options.control_interval = config_.control_interval;
   runtime_options.expert_parallel = ep_options;
+  ASSIGN_OR_RETURN(energy_meter_,
+                   telemetry::MakeEnergyMeter(telemetry::EnergyMeterOptionsFrom(config_)));
+  runtime_options.energy_meter = energy_meter_.get();
   runtime_ = std::make_unique<WorkerRuntime>(model_.get(), transport_.get(), std::move(engine),
                                              std::move(executor), placement_epoch_, runtime_options);
   loader_ = std::make_unique<PlacementLoader>(config_.model, model_config_, rank_, world_size_,
@@ -373,6 +403,7 @@ void WorkerProcess::Shutdown() {
       absl::SleepFor(grace);
     }
   }
+  metrics_.reset();
   if (server_) {
     server_->Shutdown(std::chrono::system_clock::now() +
                       std::chrono::milliseconds(absl::ToInt64Milliseconds(grace)));

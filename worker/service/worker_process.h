@@ -27,6 +27,7 @@
 #include "worker/service/starting_handler.h"
 #include "worker/service/worker_config.h"
 #include "worker/service/worker_grpc_service.h"
+#include "worker/service/worker_metrics.h"
 #include "worker/service/worker_runtime.h"
 
 namespace joule::worker {
@@ -42,6 +43,8 @@ class WorkerProcess {
   absl::Status Start();
   // Port of the Worker gRPC server (after Start began).
   int port() const { return port_; }
+  // Port of the /metrics server; 0 when it is off (--metrics-port -1).
+  int metrics_port() const { return metrics_ ? metrics_->port() : 0; }
   int rank() const { return rank_; }
 
   // Thread-safe; the first call wins. Stop: a requested stop (Wait returns
@@ -54,6 +57,7 @@ class WorkerProcess {
 
  private:
   absl::Status StartServer();
+  absl::Status StartMetrics();
   absl::Status Register();
   absl::Status LoadModel();
   absl::Status ConnectPeers();
@@ -76,9 +80,11 @@ class WorkerProcess {
   StartingHandler handler_;
   std::unique_ptr<WorkerGrpcService> service_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<WorkerMetricsServer> metrics_;
   std::unique_ptr<Model> model_;
   std::unique_ptr<ep::Transport> transport_;
   std::unique_ptr<PlacementLoader> loader_;
+  std::unique_ptr<telemetry::EnergyMeter> energy_meter_;  // outlives runtime_
   std::unique_ptr<WorkerRuntime> runtime_;
   std::unique_ptr<HeartbeatLoop> heartbeat_;
 

@@ -20,12 +20,16 @@ WorkerRuntime::WorkerRuntime(Model* model, ep::Transport* transport, std::unique
       stepper_(engine_.get(), transport_),
       applied_epoch_(placement_epoch) {
   model_->set_expert_executor(executor_.get());
+  if (options_.energy_meter != nullptr) {
+    attributor_ = std::make_unique<telemetry::EnergyAttributor>(options_.energy_meter);
+  }
   absl::MutexLock lock(&mu_);
   status_.rank = transport_->rank();
   status_.placement_epoch = applied_epoch_;
   status_.loaded_weight_bytes = static_cast<int64_t>(model_->weights().LoadedBytes());
   status_.kv_total_blocks = engine_->kv_cache().allocator().num_blocks();
   status_.kv_free_blocks = engine_->kv_cache().allocator().num_free();
+  if (options_.energy_meter != nullptr) status_.energy_source = options_.energy_meter->source();
 }
 
 WorkerRuntime::~WorkerRuntime() {
@@ -129,6 +133,12 @@ void WorkerRuntime::Loop() {
       if (!ControlRound()) break;
     }
     Drain();
+    if (attributor_) {
+      // A failed read loses this round's energy (counted); serving goes on.
+      if (absl::Status s = attributor_->BeginStep(); !s.ok()) {
+        JOULE_LOG(Warning) << "rank " << transport_->rank() << ": energy meter: " << s.message();
+      }
+    }
     absl::StatusOr<ep::LockstepStepper::Result> r = stepper_.Step();
     if (!r.ok()) {
       const absl::Status failure = absl::UnavailableError(
@@ -141,7 +151,14 @@ void WorkerRuntime::Loop() {
       break;
     }
     ++rounds_;
+    if (attributor_) AttributeEnergy(*r);
     if (r->global_tokens > 0) AccumulateExpertLoad();
+    {
+      absl::MutexLock lock(&mu_);
+      status_.preemptions_total += r->step.preempted.size();
+      status_.prompt_tokens_total += static_cast<uint64_t>(r->step.prefill_tokens);
+      status_.generation_tokens_total += r->step.tokens.size();
+    }
     PublishStatus();
     Deliver(r->step);
     if (r->global_tokens == 0) {
@@ -173,7 +190,8 @@ bool WorkerRuntime::ControlRound() {
   }
   const int world = transport_->world_size();
   Control mine{.ready_epoch = candidate_ ? candidate_->epoch : applied_epoch_,
-               .stopping = stop_requested_.load() ? 1u : 0u};
+               .stopping = stop_requested_.load() ? 1u : 0u,
+               .step_token_cap = engine_->LocalStepTokenCap()};
   std::vector<Control> all(world);
   if (absl::Status s = transport_->AllGather(&mine, sizeof(Control), all.data()); !s.ok()) {
     const absl::Status failure =
@@ -202,6 +220,17 @@ bool WorkerRuntime::ControlRound() {
     absl::MutexLock lock(&mu_);
     exit_status_ = exit;
     return false;
+  }
+  // One step's time is every rank's (lockstep): the tightest cap anywhere
+  // bounds every rank's steps, not only the rank holding the fast request.
+  int64_t cap = 0;
+  for (const Control& c : all) {
+    if (c.step_token_cap > 0 && (cap == 0 || c.step_token_cap < cap)) cap = c.step_token_cap;
+  }
+  engine_->SetStepDirectives({.max_batch_tokens = static_cast<int>(cap)});
+  {
+    absl::MutexLock lock(&mu_);
+    status_.step_token_cap = static_cast<int>(cap);
   }
   const uint64_t epoch = all[0].ready_epoch;
   const bool agreed = std::all_of(all.begin(), all.end(),
@@ -298,9 +327,35 @@ void WorkerRuntime::Deliver(const StepResult& step) {
   }
 }
 
-void WorkerRuntime::Finish(uint64_t id, const RequestOutcome& outcome) {
+void WorkerRuntime::AttributeEnergy(const ep::LockstepStepper::Result& round) {
+  absl::Status s;
+  if (round.global_tokens == 0) {
+    s = attributor_->EndIdleStep();
+  } else {
+    std::vector<telemetry::StepTokens> tokens;
+    tokens.reserve(round.step.scheduled.size());
+    for (const auto& [id, n] : round.step.scheduled) tokens.push_back({id, n});
+    s = attributor_->EndStep(tokens);
+  }
+  if (!s.ok() && !absl::IsFailedPrecondition(s)) {
+    JOULE_LOG(Warning) << "rank " << transport_->rank() << ": energy meter: " << s.message();
+  }
+  const telemetry::EnergyAttributor::Totals t = attributor_->totals();
+  absl::MutexLock lock(&mu_);
+  status_.energy_attributed_joules = t.attributed_joules;
+  status_.energy_idle_joules = t.idle_joules;
+  status_.energy_unattributed_joules = t.unattributed_joules;
+  status_.energy_joules = t.total_joules();
+}
+
+void WorkerRuntime::Finish(uint64_t id, const RequestOutcome& outcome_in) {
   auto it = live_.find(id);
   if (it == live_.end()) return;
+  RequestOutcome outcome = outcome_in;
+  if (attributor_) {
+    outcome.energy_joules = attributor_->TakeRequestJoules(id);
+    outcome.energy_source = options_.energy_meter->source();
+  }
   Live live = std::move(it->second);
   live_.erase(it);
   {

@@ -38,6 +38,8 @@
 #include "worker/ep/transport.h"
 #include "worker/model/model.h"
 #include "worker/service/worker_handler.h"
+#include "worker/telemetry/energy_attributor.h"
+#include "worker/telemetry/energy_meter.h"
 
 namespace joule::worker {
 
@@ -45,6 +47,9 @@ struct RuntimeOptions {
   absl::Duration idle_wait = absl::Milliseconds(1);  // pause after a round nobody had work for
   int control_interval = 4;                          // rounds between control all-gathers
   ep::ExpertParallelOptions expert_parallel;         // for executors built on placement changes
+  // Meters this rank's energy (not owned; outlives the runtime). Null: no
+  // energy accounting.
+  telemetry::EnergyMeter* energy_meter = nullptr;
 };
 
 // A placement ready to run on this rank. `weights` holds the experts the
@@ -109,6 +114,7 @@ class WorkerRuntime : public WorkerHandler {
   struct Control {  // all-gathered every control_interval rounds
     uint64_t ready_epoch;
     uint64_t stopping;
+    int64_t step_token_cap;  // this rank's Engine::LocalStepTokenCap()
   };
 
   void Loop();
@@ -119,6 +125,8 @@ class WorkerRuntime : public WorkerHandler {
   // False (loop ends) when this rank cannot run the agreed placement.
   bool ApplyPlacement(uint64_t epoch);
   void AccumulateExpertLoad();
+  // Charges the round's energy to the requests that had tokens in it.
+  void AttributeEnergy(const ep::LockstepStepper::Result& round);
   void PublishStatus();
   // Ends every live and queued request with `status` and stops serving.
   void FailAll(const absl::Status& status);
@@ -132,6 +140,7 @@ class WorkerRuntime : public WorkerHandler {
   std::unique_ptr<ModelWeights> expert_weights_;  // weights of a reloaded placement, if any
   std::unique_ptr<ep::ExpertParallelExecutor> executor_;
   ep::LockstepStepper stepper_;
+  std::unique_ptr<telemetry::EnergyAttributor> attributor_;  // null without a meter
   absl::flat_hash_map<uint64_t, Live> live_;
   std::optional<PreparedPlacement> candidate_;  // the placement this rank reports ready
   uint64_t rounds_ = 0;

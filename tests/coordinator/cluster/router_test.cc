@@ -369,5 +369,237 @@ TEST_F(RouterTest, ShutdownFailsRequestsInFlight) {
   EXPECT_THAT(std::string(st.message()), HasSubstr("shutting down"));
 }
 
+// ---- The asynchronous path (GenerateAsync / Cancel), as the HTTP front door uses it.
+
+// Records the outcome of one GenerateAsync request and how often `done` ran.
+struct AsyncResult {
+  absl::Mutex mu;
+  int done_calls = 0;
+  absl::Status status;
+  size_t writes_before_done = 0;
+
+  std::function<void(absl::Status)> Done(std::shared_ptr<RecordingSink> sink) {
+    return [this, sink](absl::Status s) {
+      absl::MutexLock lock(&mu);
+      ++done_calls;
+      status = std::move(s);
+      writes_before_done = sink->count();
+    };
+  }
+  int calls() {
+    absl::MutexLock lock(&mu);
+    return done_calls;
+  }
+  absl::Status outcome() {
+    absl::MutexLock lock(&mu);
+    return status;
+  }
+};
+
+TEST_F(RouterTest, AsyncRelaysTheStreamAndReportsOnceAfterTheLastWrite) {
+  Make(1);
+  auto sink = std::make_shared<RecordingSink>();
+  AsyncResult result;
+  v1::GenerateRequest req = Request({1, 2, 3}, 3);
+  req.set_request_id("cmpl-1");
+  router_->GenerateAsync(req, absl::InfiniteFuture(), sink, result.Done(sink));
+  // Returned at once: the worker has not answered yet, nothing is reported.
+  auto stream = Worker(0)->WaitForStream();
+  ASSERT_NE(stream, nullptr);
+  EXPECT_EQ(result.calls(), 0);
+  EXPECT_EQ(router_->InFlight(0), 1);
+  stream->Push(Tokens({5, 6}));
+  stream->Push(Tokens({7}, v1::FINISH_REASON_LENGTH));
+  EXPECT_EQ(result.calls(), 0) << "done must wait for the end of the worker's stream";
+  stream->Close(absl::OkStatus());
+  stream->Close(absl::InternalError("a second end must not produce a second outcome"));
+  EXPECT_EQ(result.calls(), 1);
+  EXPECT_TRUE(result.outcome().ok()) << result.outcome();
+  EXPECT_EQ(result.writes_before_done, 2u);
+  auto out = sink->responses();
+  ASSERT_EQ(out.size(), 2u);
+  EXPECT_THAT(out[0].token_ids(), ::testing::ElementsAre(5, 6));
+  EXPECT_EQ(out[1].request_id(), "cmpl-1");
+  EXPECT_EQ(out[1].finish_reason(), v1::FINISH_REASON_LENGTH);
+  EXPECT_EQ(router_->InFlight(0), 0);
+  // The id is free again once the request ended.
+  router_->Cancel("cmpl-1");
+  EXPECT_FALSE(stream->cancelled());
+}
+
+TEST_F(RouterTest, AsyncValidationAndAdmissionErrorsArriveThroughDone) {
+  Make(1);
+  auto sink = std::make_shared<RecordingSink>();
+  AsyncResult bad;
+  router_->GenerateAsync(Request({}), absl::InfiniteFuture(), sink, bad.Done(sink));
+  EXPECT_EQ(bad.calls(), 1);
+  EXPECT_EQ(bad.outcome().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(bad.outcome().message()), HasSubstr("prompt_token_ids"));
+
+  v1::GenerateRequest req = Request();
+  req.set_request_id("chatcmpl-9");
+  AsyncResult first, dup;
+  router_->GenerateAsync(req, absl::InfiniteFuture(), sink, first.Done(sink));
+  router_->GenerateAsync(req, absl::InfiniteFuture(), sink, dup.Done(sink));
+  EXPECT_EQ(dup.calls(), 1);
+  EXPECT_EQ(dup.outcome().code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(Worker(0)->generate_calls(), 1u);
+  EXPECT_EQ(first.calls(), 0);
+
+  router_->Shutdown();
+  EXPECT_EQ(first.calls(), 1);
+  EXPECT_EQ(first.outcome().code(), absl::StatusCode::kUnavailable);
+  AsyncResult late;
+  router_->GenerateAsync(Request(), absl::InfiniteFuture(), sink, late.Done(sink));
+  EXPECT_EQ(late.outcome().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(late.outcome().message()), HasSubstr("shutting down"));
+}
+
+TEST_F(RouterTest, AsyncCancelByIdCancelsTheWorkerCallAndEndsOk) {
+  Make(1);
+  auto sink = std::make_shared<RecordingSink>();
+  AsyncResult result;
+  v1::GenerateRequest req = Request();
+  req.set_request_id("cmpl-abc");
+  router_->GenerateAsync(req, absl::InfiniteFuture(), sink, result.Done(sink));
+  auto stream = Worker(0)->WaitForStream();
+  stream->Push(Tokens({1}));
+  router_->Cancel("cmpl-unknown");  // no-op
+  EXPECT_FALSE(stream->cancelled());
+  router_->Cancel("cmpl-abc");
+  EXPECT_TRUE(stream->cancelled()) << "the worker must be told at once, to free the KV blocks";
+  EXPECT_EQ(result.calls(), 1);
+  EXPECT_TRUE(result.outcome().ok()) << "a client cancellation is not an error: " << result.outcome();
+  stream->Push(Tokens({2}));  // too late: nothing more reaches the client
+  EXPECT_EQ(sink->count(), 1u);
+  EXPECT_EQ(router_->InFlight(0), 0);
+}
+
+TEST_F(RouterTest, AsyncFailedWriteCancelsTheWorkerCall) {
+  Make(1);
+  auto sink = std::make_shared<RecordingSink>();
+  sink->set_refuse_writes();
+  AsyncResult result;
+  router_->GenerateAsync(Request(), absl::InfiniteFuture(), sink, result.Done(sink));
+  auto stream = Worker(0)->WaitForStream();
+  stream->Push(Tokens({1}));
+  EXPECT_TRUE(stream->cancelled());
+  EXPECT_EQ(result.calls(), 1);
+  EXPECT_TRUE(result.outcome().ok()) << result.outcome();
+}
+
+TEST_F(RouterTest, AsyncClientGoneIsNoticedByPoll) {
+  Make(1);
+  auto sink = std::make_shared<RecordingSink>();
+  AsyncResult result;
+  router_->GenerateAsync(Request(), absl::InfiniteFuture(), sink, result.Done(sink));
+  auto stream = Worker(0)->WaitForStream();
+  router_->Poll();
+  EXPECT_FALSE(stream->cancelled());
+  sink->set_gone();
+  router_->Poll();
+  EXPECT_TRUE(stream->cancelled());
+  EXPECT_EQ(result.calls(), 1);
+}
+
+TEST_F(RouterTest, AsyncRankDeathFailsItsRequestsWithTheReason) {
+  Make(2);
+  auto sink0 = std::make_shared<RecordingSink>();
+  auto sink1 = std::make_shared<RecordingSink>();
+  AsyncResult on0, on1;
+  router_->GenerateAsync(Request(), absl::InfiniteFuture(), sink0, on0.Done(sink0));
+  router_->GenerateAsync(Request(), absl::InfiniteFuture(), sink1, on1.Done(sink1));
+  auto stream0 = Worker(0)->WaitForStream();
+  auto stream1 = Worker(1)->WaitForStream();
+  ASSERT_NE(stream0, nullptr);
+  ASSERT_NE(stream1, nullptr);
+  router_->FailRank(0, "process exited (signal 9)");
+  EXPECT_TRUE(stream0->cancelled());
+  EXPECT_FALSE(stream1->cancelled()) << "only the dead rank's requests fail";
+  EXPECT_EQ(on0.calls(), 1);
+  EXPECT_EQ(on0.outcome().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(on0.outcome().message()), HasSubstr("rank 0 died: process exited (signal 9)"));
+  EXPECT_EQ(on1.calls(), 0);
+  stream1->Push(Tokens({3}, v1::FINISH_REASON_STOP));
+  stream1->Close(absl::OkStatus());
+  EXPECT_TRUE(on1.outcome().ok());
+}
+
+TEST_F(RouterTest, AsyncDeadlineIsTheClientsOrTheRequestTimeout) {
+  Make(1);
+  router_ = std::make_unique<Router>(membership_.get(), &clients_,
+                                     RouterOptions{.request_timeout = absl::Seconds(60)});
+  auto sink = std::make_shared<RecordingSink>();
+  AsyncResult soon, late;
+  const absl::Time now = absl::Now();
+  router_->GenerateAsync(Request(), now + absl::Seconds(2), sink, soon.Done(sink));
+  router_->GenerateAsync(Request(), now + absl::Hours(5), sink, late.Done(sink));
+  auto s1 = Worker(0)->WaitForStream(1);
+  auto s2 = Worker(0)->WaitForStream(2);
+  EXPECT_EQ(s1->deadline(), now + absl::Seconds(2));
+  EXPECT_GE(s2->deadline(), now + absl::Seconds(60));
+  EXPECT_LE(s2->deadline(), absl::Now() + absl::Seconds(60));
+  // The worker call ran out of time: the client hears it, and no probe is needed.
+  s1->Close(absl::DeadlineExceededError("Deadline Exceeded"));
+  EXPECT_EQ(soon.outcome().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(std::string(soon.outcome().message()), HasSubstr("did not finish on rank 0 before its deadline"));
+  EXPECT_EQ(Worker(0)->status_calls(), 0);
+  s2->Close(absl::OkStatus());
+  EXPECT_EQ(late.outcome().code(), absl::StatusCode::kUnavailable) << "ended without a finish reason";
+}
+
+TEST_F(RouterTest, AsyncStatusProbeDoesNotHoldTheWorkerThread) {
+  Make(2);
+  Beat(1, 9, 0);
+  Worker(0)->HoldStatusReplies();
+  Worker(0)->SetStatusReply(absl::UnavailableError("connection refused"));
+  auto sink = std::make_shared<RecordingSink>();
+  AsyncResult result;
+  router_->GenerateAsync(Request(), absl::InfiniteFuture(), sink, result.Done(sink));
+  auto stream = Worker(0)->WaitForStream();
+  // Close returns while the probe is unanswered: the thread that delivered
+  // the end of the stream is not parked on the probe.
+  stream->Close(absl::UnavailableError("Socket closed"));
+  EXPECT_EQ(Worker(0)->status_calls(), 1);
+  EXPECT_EQ(result.calls(), 0);
+  EXPECT_EQ(router_->InFlight(0), 0);
+  Worker(0)->ReleaseStatusReplies();
+  EXPECT_EQ(result.calls(), 1);
+  EXPECT_THAT(std::string(result.outcome().message()),
+              HasSubstr("rank 0 died: worker unreachable: connection refused (its Generate stream "
+                        "ended with UNAVAILABLE: Socket closed)"));
+  EXPECT_EQ(membership_->Ranks()[0].state, RankState::kDead);
+}
+
+TEST_F(RouterTest, AsyncHoldsThousandsOfRequestsOnOneThread) {
+  Make(2);
+  constexpr int kRequests = 2000;
+  std::vector<std::shared_ptr<RecordingSink>> sinks;
+  std::vector<std::unique_ptr<AsyncResult>> results;
+  for (int i = 0; i < kRequests; ++i) {
+    sinks.push_back(std::make_shared<RecordingSink>());
+    results.push_back(std::make_unique<AsyncResult>());
+    v1::GenerateRequest req = Request();
+    req.set_request_id(absl::StrCat("cmpl-", i));
+    router_->GenerateAsync(req, absl::InfiniteFuture(), sinks.back(), results.back()->Done(sinks.back()));
+  }
+  EXPECT_EQ(router_->InFlight(0) + router_->InFlight(1), kRequests);
+  EXPECT_NEAR(router_->InFlight(0), kRequests / 2, 1) << "in-flight counts balance the ranks";
+  for (int rank = 0; rank < 2; ++rank) {
+    for (size_t n = 1; n <= Worker(rank)->generate_calls(); ++n) {
+      auto stream = Worker(rank)->WaitForStream(n);
+      stream->Push(Tokens({static_cast<int32_t>(n % 100)}, v1::FINISH_REASON_STOP));
+      stream->Close(absl::OkStatus());
+    }
+  }
+  for (int i = 0; i < kRequests; ++i) {
+    ASSERT_EQ(results[i]->calls(), 1) << i;
+    ASSERT_TRUE(results[i]->outcome().ok()) << i << ": " << results[i]->outcome();
+    ASSERT_EQ(sinks[i]->count(), 1u);
+    ASSERT_EQ(sinks[i]->responses()[0].request_id(), absl::StrCat("cmpl-", i));
+  }
+  EXPECT_EQ(router_->InFlight(0) + router_->InFlight(1), 0);
+}
+
 }  // namespace
 }  // namespace joule::cluster

@@ -3,6 +3,7 @@
 // requests get clear errors.
 #include "worker/engine/engine.h"
 
+#include <algorithm>
 #include <map>
 
 #include "gmock/gmock.h"
@@ -90,6 +91,102 @@ TEST_F(EngineTest, OutputIndependentOfBatchAndPreemption) {
   EXPECT_GT(preemptions, 0) << "the test meant to force preemption";
   EXPECT_EQ(together, alone);
   EXPECT_EQ(e->kv_cache().allocator().num_free(), e->kv_cache().allocator().num_blocks());
+}
+
+TEST_F(EngineTest, WaitingSequencesAreAdmittedByPriorityThenArrival) {
+  auto e = MakeEngine({.max_running = 1});
+  SamplingParams s = Sampled(1, 2);
+  ASSERT_TRUE(e->Add({.id = 1, .prompt = Prompt(5, 1), .sampling = s, .priority = 3}).ok());
+  ASSERT_TRUE(e->Add({.id = 2, .prompt = Prompt(5, 2), .sampling = s, .priority = 0}).ok());
+  ASSERT_TRUE(e->Add({.id = 3, .prompt = Prompt(5, 3), .sampling = s, .priority = 0}).ok());
+  std::vector<uint64_t> first_token_order;
+  while (e->HasWork()) {
+    auto r = e->Step();
+    ASSERT_TRUE(r.ok()) << r.status();
+    for (const TokenOutput& t : r->tokens) {
+      if (std::find(first_token_order.begin(), first_token_order.end(), t.id) ==
+          first_token_order.end()) {
+        first_token_order.push_back(t.id);
+      }
+    }
+  }
+  EXPECT_EQ(first_token_order, (std::vector<uint64_t>{2, 3, 1}));
+}
+
+TEST_F(EngineTest, DirectivesCapTheStepOrderTheBudgetAndPreemptWithoutChangingOutput) {
+  std::map<uint64_t, std::vector<int32_t>> alone;
+  for (uint64_t id = 1; id <= 3; ++id) {
+    auto e = MakeEngine();
+    ASSERT_TRUE(e->Add({.id = id, .prompt = Prompt(6 + id, id), .sampling = Sampled(7 + id, 10)}).ok());
+    alone[id] = Drain(*e)[id];
+  }
+  auto e = MakeEngine();
+  for (uint64_t id = 1; id <= 3; ++id) {
+    ASSERT_TRUE(e->Add({.id = id, .prompt = Prompt(6 + id, id), .sampling = Sampled(7 + id, 10)}).ok());
+  }
+  // A cap of 9 tokens with sequence 3 first: only 3's prefill (9 tokens) runs.
+  e->SetStepDirectives({.max_batch_tokens = 9, .order = {3}});
+  EXPECT_EQ(e->PlanStep(), 9);
+  std::map<uint64_t, std::vector<int32_t>> got;
+  auto collect = [&](const StepResult& r) {
+    for (const TokenOutput& t : r.tokens) got[t.id].push_back(t.token);
+  };
+  auto r = e->Step();
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->tokens.size(), 1u);
+  EXPECT_EQ(r->tokens[0].id, 3u);
+  collect(*r);
+  // Lift the cap: 1 and 2 are admitted next to 3's decode.
+  e->SetStepDirectives({});
+  r = e->Step();
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->num_seqs, 3);
+  collect(*r);
+  // Preempt 2 (say, batch work under pressure): freed now, recomputed later.
+  const int free_before = e->kv_cache().allocator().num_free();
+  e->SetStepDirectives({.preempt = {2}});
+  EXPECT_EQ(e->PlanStep(), 2);  // decodes of 1 and 3 only
+  EXPECT_GT(e->kv_cache().allocator().num_free(), free_before);
+  r = e->Step();
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->preempted, (std::vector<uint64_t>{2}));
+  collect(*r);
+  while (e->HasWork()) {
+    r = e->Step();
+    ASSERT_TRUE(r.ok()) << r.status();
+    collect(*r);
+  }
+  EXPECT_EQ(got, alone);
+  EXPECT_EQ(e->kv_cache().allocator().num_free(), e->kv_cache().allocator().num_blocks());
+}
+
+TEST_F(EngineTest, AStepTokenCapBoundsEveryStepWhileItsSequenceLivesAndGoesFirst) {
+  auto e = MakeEngine({.max_batch_tokens = 64});
+  // Batch work with long prompts, then a fast request capped at 6 tokens per step.
+  for (uint64_t id = 1; id <= 3; ++id) {
+    ASSERT_TRUE(e->Add({.id = id, .prompt = Prompt(20, id), .sampling = Sampled(id, 8), .priority = 3}).ok());
+  }
+  ASSERT_TRUE(e->Step().ok());  // 60 prompt tokens of batch work, uncapped
+  ASSERT_TRUE(e->Add({.id = 9, .prompt = Prompt(4, 9), .sampling = Sampled(9, 5), .priority = 0,
+                      .step_token_cap = 6}).ok());
+  EXPECT_EQ(e->LocalStepTokenCap(), 6);
+  bool fast_live = true;
+  int steps = 0;
+  while (fast_live && steps++ < 50) {
+    const int64_t planned = e->PlanStep();
+    EXPECT_LE(planned, 6);
+    auto r = e->Step();
+    ASSERT_TRUE(r.ok()) << r.status();
+    // The fast sequence is first in every step it is part of.
+    ASSERT_FALSE(r->scheduled.empty());
+    EXPECT_EQ(r->scheduled.front().first, 9u);
+    for (const TokenOutput& t : r->tokens) {
+      if (t.id == 9 && t.finish != FinishReason::kNone) fast_live = false;
+    }
+  }
+  EXPECT_FALSE(fast_live);
+  EXPECT_EQ(e->LocalStepTokenCap(), 0);
+  EXPECT_GT(e->PlanStep(), 0);  // batch work carries on, uncapped
 }
 
 TEST_F(EngineTest, RequestJoiningMidFlightGetsSameTokens) {

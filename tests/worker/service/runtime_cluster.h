@@ -124,8 +124,10 @@ class RuntimeCluster {
     std::unique_ptr<WorkerRuntime> runtime;
   };
 
+  // `energy_meters`, when given, holds one meter per rank (not owned).
   RuntimeCluster(const std::string& model_dir, int world, absl::Duration step_timeout,
-                 EngineOptions engine_options = SmallEngine())
+                 EngineOptions engine_options = SmallEngine(),
+                 std::vector<telemetry::EnergyMeter*> energy_meters = {})
       : model_dir_(model_dir), group_(world, ep::TransportOptions{.timeout = step_timeout}) {
     auto config = LoadModelConfig(model_dir);
     EXPECT_TRUE(config.ok()) << config.status();
@@ -140,6 +142,7 @@ class RuntimeCluster {
     options.expert_parallel.payload = ep::PayloadType::kF32;  // exact match with the reference
     for (int r = 0; r < world; ++r) {
       Rank rank;
+      options.energy_meter = energy_meters.empty() ? nullptr : energy_meters[r];
       Model::Options mo{.num_threads = 1};
       const Placement p = placement_;
       mo.weights.owns_expert = [p, r](int layer, int expert) { return p.Holds(r, layer, expert); };

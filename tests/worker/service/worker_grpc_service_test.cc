@@ -4,6 +4,7 @@
 // client that goes away frees its KV blocks, Status reports the rank.
 #include "worker/service/worker_grpc_service.h"
 
+#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
@@ -27,6 +28,11 @@ class WorkerGrpcServiceTest : public ::testing::Test {
     grpc::ServerBuilder builder;
     builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port_);
     builder.RegisterService(service_.get());
+    // Far fewer threads than the streams HoldsManyStreamsOnFewThreads opens:
+    // a stream must not need a server thread of its own.
+    grpc::ResourceQuota quota("worker-test");
+    quota.SetMaxThreads(4);
+    builder.SetResourceQuota(quota);
     server_ = builder.BuildAndStart();
     ASSERT_NE(server_, nullptr);
     ASSERT_GT(port_, 0);
@@ -167,6 +173,33 @@ TEST_F(WorkerGrpcServiceTest, CancelRpcEndsTheStreamWithCancelledReason) {
   grpc::ClientContext cctx2;
   ASSERT_TRUE(stub_->Cancel(&cctx2, cancel, &reply).ok());
   EXPECT_FALSE(reply.found());
+}
+
+TEST_F(WorkerGrpcServiceTest, HoldsManyStreamsOnFewThreads) {
+  StartRuntime();
+  constexpr int kStreams = 24;
+  constexpr int kTokens = 20;
+  std::vector<std::unique_ptr<grpc::ClientContext>> contexts;
+  std::vector<std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>>> readers;
+  std::vector<int> received(kStreams, 0);
+  v1::GenerateResponse msg;
+  // Every stream is open and has produced a token before any is drained.
+  for (int i = 0; i < kStreams; ++i) {
+    contexts.push_back(std::make_unique<grpc::ClientContext>());
+    contexts.back()->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    readers.push_back(stub_->Generate(contexts.back().get(),
+                                      Request(absl::StrCat("many-", i), Prompt(6, i), kTokens)));
+  }
+  for (int i = 0; i < kStreams; ++i) {
+    ASSERT_TRUE(readers[i]->Read(&msg)) << "stream " << i << ": " << readers[i]->Finish().error_message();
+    received[i] += msg.token_ids_size();
+  }
+  for (int i = 0; i < kStreams; ++i) {
+    while (readers[i]->Read(&msg)) received[i] += msg.token_ids_size();
+    const grpc::Status s = readers[i]->Finish();
+    EXPECT_TRUE(s.ok()) << "stream " << i << ": " << s.error_message();
+    EXPECT_EQ(received[i], kTokens) << "stream " << i;
+  }
 }
 
 }  // namespace

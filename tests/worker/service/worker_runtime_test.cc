@@ -125,6 +125,66 @@ TEST(WorkerRuntime, CancelFreesKvBlocks) {
   EXPECT_EQ(cluster.runtime(1).Status().running, 0);
 }
 
+// A meter whose every read is one joule later than the previous one: each
+// metered interval (a step, or the gap between steps) costs exactly 1 J.
+class TickingMeter final : public telemetry::EnergyMeter {
+ public:
+  absl::StatusOr<double> ReadJoules() override {
+    absl::MutexLock lock(&mu_);
+    return static_cast<double>(++reads_);
+  }
+  std::string_view source() const override { return "ticks"; }
+  std::string Describe() const override { return "one joule per read"; }
+  double last() const {
+    absl::MutexLock lock(&mu_);
+    return static_cast<double>(reads_);
+  }
+
+ private:
+  mutable absl::Mutex mu_;
+  int64_t reads_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+TEST(WorkerRuntime, StepEnergyIsChargedToRequestsByTokenShareAndAddsUpToTheMeter) {
+  TickingMeter m0, m1;
+  RuntimeCluster cluster(testing::TinyModelDir("qwen3_moe-tiny"), 2, absl::Seconds(20),
+                         testing_util::SmallEngine(), {&m0, &m1});
+  cluster.StartAll();
+  Collector a, b;
+  ASSERT_TRUE(cluster.runtime(0).Submit("a", {.prompt = Prompt(12, 1), .sampling = Greedy(6)},
+                                        a.callbacks()).ok());
+  ASSERT_TRUE(cluster.runtime(0).Submit("b", {.prompt = Prompt(3, 2), .sampling = Greedy(6)},
+                                        b.callbacks()).ok());
+  ASSERT_TRUE(a.WaitDone());
+  ASSERT_TRUE(b.WaitDone());
+  const RequestOutcome oa = a.outcome(), ob = b.outcome();
+  EXPECT_EQ(oa.energy_source, "ticks");
+  // Each request took part in at least its 6 steps, each worth at most 1 J.
+  EXPECT_GT(oa.energy_joules, 0);
+  EXPECT_GT(ob.energy_joules, 0);
+  EXPECT_LE(oa.energy_joules + ob.energy_joules, 12.0 + 1e-9);
+  // The longer prompt paid more for the steps both shared (its prefill chunk).
+  EXPECT_GT(oa.energy_joules, ob.energy_joules);
+  cluster.runtime(0).Stop("test done");
+  cluster.runtime(0).Join();
+  cluster.runtime(1).Join();
+  const WorkerStatus s0 = cluster.runtime(0).Status();
+  const WorkerStatus s1 = cluster.runtime(1).Status();
+  // Rank 0's requests were charged everything attributed on rank 0.
+  EXPECT_NEAR(s0.energy_attributed_joules, oa.energy_joules + ob.energy_joules, 1e-9);
+  // Rank 1 served only rank 0's tokens (experts): nothing attributed there.
+  EXPECT_EQ(s1.energy_attributed_joules, 0);
+  EXPECT_GT(s1.energy_unattributed_joules, 0);
+  for (const WorkerStatus* s : {&s0, &s1}) {
+    EXPECT_EQ(s->energy_source, "ticks");
+    EXPECT_NEAR(s->energy_joules, s->energy_attributed_joules + s->energy_idle_joules +
+                                      s->energy_unattributed_joules, 1e-9);
+    EXPECT_GT(s->energy_idle_joules, 0);
+  }
+  // Every interval between the meter's first and last read is in some bucket.
+  EXPECT_NEAR(s0.energy_joules, m0.last() - 1, 1.0);
+}
+
 TEST(WorkerRuntime, BadRequestGetsClearErrorAndOthersRun) {
   RuntimeCluster cluster(testing::TinyModelDir("qwen3_moe-tiny"), 2, absl::Seconds(20));
   cluster.StartAll();

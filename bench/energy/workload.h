@@ -1,0 +1,85 @@
+// What joule-bench sends and when: Poisson arrivals, a service-tier mix and
+// prompt/output length distributions, all drawn from a seed so two runs (or two
+// policies) see the same workload.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace joule::bench {
+
+// The four Joule tiers, in the order reports list them.
+enum class Tier { kFast = 0, kPriority = 1, kStandard = 2, kBatch = 3 };
+inline constexpr int kNumTiers = 4;
+inline constexpr std::array<Tier, kNumTiers> kAllTiers = {Tier::kFast, Tier::kPriority, Tier::kStandard,
+                                                          Tier::kBatch};
+std::string_view TierName(Tier t);        // "fast", "priority", "standard", "batch"
+std::string_view TierApiValue(Tier t);    // service_tier: "fast", "priority", "default", "flex"
+// Accepts both names: standard/default/auto -> standard, batch/flex -> batch.
+absl::StatusOr<Tier> ParseTier(std::string_view name);
+
+// A length distribution: "fixed:N", "uniform:MIN:MAX" (inclusive) or
+// "lognormal:MEDIAN:SIGMA[:MAX]" (sigma of the log; clipped to [1, MAX], MAX
+// defaults to 16 * MEDIAN).
+class LengthDistribution {
+ public:
+  // InvalidArgument naming `field` for a malformed spec.
+  static absl::StatusOr<LengthDistribution> Parse(std::string_view spec, std::string_view field);
+  int Sample(std::mt19937_64& rng) const;
+  std::string spec() const { return spec_; }
+
+ private:
+  enum class Kind { kFixed, kUniform, kLognormal };
+  Kind kind_ = Kind::kFixed;
+  double a_ = 0, b_ = 0;
+  int max_ = 0;
+  std::string spec_;
+};
+
+// "fast=0.1,priority=0.2,standard=0.4,batch=0.3": weights, normalized.
+class TierMix {
+ public:
+  static absl::StatusOr<TierMix> Parse(std::string_view spec);
+  Tier Sample(std::mt19937_64& rng) const;
+  double fraction(Tier t) const { return fractions_[static_cast<int>(t)]; }
+  std::string spec() const;
+
+ private:
+  std::array<double, kNumTiers> fractions_{};
+};
+
+// Per-tier targets "fast=200,priority=500,standard=2000,batch=30000" (ms);
+// tiers not named have no target (infinite).
+absl::StatusOr<std::array<double, kNumTiers>> ParseTierValues(std::string_view spec, std::string_view field);
+
+struct PlannedRequest {
+  double at_s = 0;  // since the start of the load
+  Tier tier = Tier::kStandard;
+  int prompt_tokens = 0;
+  int max_tokens = 0;
+  std::vector<int32_t> prompt;  // token ids, or empty with prompt_text set
+  std::string prompt_text;
+};
+
+struct WorkloadSpec {
+  double rate = 1;  // requests/s, Poisson
+  double duration_s = 10;
+  uint64_t seed = 1;
+  TierMix mix;
+  LengthDistribution prompt_len;
+  LengthDistribution output_len;
+  bool text_prompts = false;          // else token ids
+  int32_t token_min = 32, token_max = 126;  // prompt token ids are drawn from [min, max]
+};
+
+// Every request of a run, in arrival order. Each property has its own random
+// stream, so changing the mix does not move arrival times and vice versa.
+std::vector<PlannedRequest> PlanWorkload(const WorkloadSpec& spec);
+
+}  // namespace joule::bench

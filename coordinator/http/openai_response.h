@@ -1,0 +1,64 @@
+// Response bodies of the OpenAI-compatible API: whole responses, server-sent
+// event chunks of a streamed one, and the model list. Pure functions of their
+// arguments (no clock, no ids made up here), so tests pin them exactly.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "coordinator/http/openai_request.h"
+#include "scheduler/tier.h"
+
+namespace joule::http {
+
+// What every response and chunk of one request repeats.
+struct ResponseHeader {
+  Endpoint endpoint = Endpoint::kCompletions;
+  std::string id;        // "cmpl-..." / "chatcmpl-..."
+  int64_t created = 0;   // Unix seconds
+  std::string model;
+  scheduler::Tier tier = scheduler::Tier::kStandard;
+};
+
+struct Usage {
+  int64_t prompt_tokens = 0;
+  int64_t completion_tokens = 0;
+  // Joule's extension: the serving rank's metered energy charged to the
+  // request, and how it was measured (nvml, rapl, or model = an estimate).
+  // Absent when the worker reported none (no meter, or stopped by a stop string).
+  std::optional<double> energy_joules;
+  std::string energy_source;
+};
+
+// A non-streamed response: object "text_completion" with choices[0].text, or
+// "chat.completion" with choices[0].message {role: assistant, content}.
+std::string CompletionJson(const ResponseHeader& header, std::string_view text,
+                           std::string_view finish_reason, const Usage& usage);
+
+// One streamed chunk ("text_completion" / "chat.completion.chunk") with one
+// choice. Chat: `role_only` makes the opening delta {"role":"assistant","content":""};
+// a chunk with a finish reason carries delta {} plus any remaining text.
+// `usage_null` adds "usage": null (stream_options.include_usage asks for it on
+// every chunk but the last).
+struct ChunkFields {
+  std::string_view text;
+  std::string_view finish_reason;  // empty: null
+  bool role_only = false;
+  bool usage_null = false;
+};
+std::string ChunkJson(const ResponseHeader& header, const ChunkFields& fields);
+
+// The final chunk of stream_options.include_usage: empty choices, usage.
+std::string UsageChunkJson(const ResponseHeader& header, const Usage& usage);
+
+// "data: JSON\n\n"; and the stream's terminal event.
+std::string SseEvent(std::string_view json);
+inline constexpr std::string_view kSseDone = "data: [DONE]\n\n";
+
+// GET /v1/models (a list) and GET /v1/models/ID (one model).
+std::string ModelJson(std::string_view name, int64_t created, int64_t max_context);
+std::string ModelListJson(std::string_view name, int64_t created, int64_t max_context);
+
+}  // namespace joule::http

@@ -1,0 +1,93 @@
+// The OpenAI-compatible API on top of HttpServer: routes, API key, request
+// parsing, tokenization, per-tier admission, generation through a
+// GenerationBackend, and the answer as one JSON response or a stream of
+// server-sent events. Also /health, /ready and /metrics.
+//
+//   GET  /v1/models, /v1/models/ID      POST /v1/completions, /v1/chat/completions
+//   GET  /health (the process serves)   GET /ready (a request could be routed now)
+//   GET  /metrics (Prometheus text)
+//
+// Every admitted request ends exactly once: finished (stop/length), cancelled
+// because its client went away (the worker call is cancelled and its KV blocks
+// freed), or an error in OpenAI's shape (api_error.h). See docs/api.md.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "coordinator/cluster/clock.h"
+#include "coordinator/cluster/coordinator_options.h"
+#include "coordinator/http/generation_backend.h"
+#include "coordinator/http/http_metrics.h"
+#include "coordinator/http/http_server.h"
+#include "coordinator/http/openai_request.h"
+#include "coordinator/tokenizer/tokenizer.h"
+#include "prometheus/registry.h"
+
+namespace joule::http {
+
+struct OpenAiServiceOptions {
+  std::string model_name;    // the served model id
+  int64_t max_context = 0;   // prompt + completion tokens at most
+  std::string api_key;       // empty: no authentication
+  cluster::TierCaps tier_caps = {64, 256, 1024, 4096};
+  // max_tokens of a completion that sets none (OpenAI's legacy default);
+  // chat completions default to the rest of the context.
+  int64_t default_completion_tokens = 16;
+};
+
+class OpenAiService final : public HttpHandler {
+ public:
+  // Everything passed in must outlive the service. Metrics are registered in `registry`,
+  // which /metrics serves.
+  OpenAiService(OpenAiServiceOptions options, const tokenizer::Tokenizer* tokenizer,
+                GenerationBackend* backend, std::shared_ptr<prometheus::Registry> registry,
+                const cluster::Clock* clock);
+
+  void Handle(HttpRequest request, std::shared_ptr<Exchange> exchange) override;
+  HttpResponse ErrorResponse(int http_status, const std::string& message) override;
+
+  // Requests admitted and not yet ended, per tier (what --tier-queue-cap bounds).
+  int InFlight(scheduler::Tier tier) const { return in_flight_[static_cast<size_t>(tier)].load(); }
+
+ private:
+  friend class Generation;
+
+  // A generation request turned into what the backend takes.
+  struct Prepared {
+    CompletionRequest request;
+    v1::GenerateRequest generate;
+    int64_t prompt_tokens = 0;
+  };
+
+  void HandleCompletion(const HttpRequest& request, Endpoint endpoint, std::shared_ptr<Exchange> exchange,
+                        absl::Time arrival);
+  absl::StatusOr<Prepared> Prepare(std::string_view body, Endpoint endpoint) const;
+  absl::StatusOr<std::vector<int32_t>> PromptTokens(const CompletionRequest& request) const;
+  bool Authorized(const HttpRequest& request) const;
+  bool TryAdmit(scheduler::Tier tier);
+  void Release(scheduler::Tier tier);
+  std::string NewId(Endpoint endpoint);
+
+  // Sends an error response and counts it.
+  void RespondError(Exchange& exchange, std::string_view route, const absl::Status& status,
+                    std::string_view tier = "");
+
+  const OpenAiServiceOptions options_;
+  const tokenizer::Tokenizer* const tokenizer_;
+  GenerationBackend* const backend_;
+  const std::shared_ptr<prometheus::Registry> registry_;
+  const cluster::Clock* const clock_;
+  HttpMetrics metrics_;
+  const int64_t started_;  // Unix seconds, the model's "created"
+  std::vector<int32_t> chat_stop_ids_;  // <|im_end|> and end-of-text, where the tokenizer has them
+  std::array<std::atomic<int>, std::size(scheduler::kAllTiers)> in_flight_{};
+  std::atomic<uint64_t> next_id_{0};
+  const uint64_t id_salt_;
+};
+
+}  // namespace joule::http

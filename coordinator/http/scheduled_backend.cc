@@ -1,0 +1,222 @@
+#include "coordinator/http/scheduled_backend.h"
+
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/logging.h"
+#include "scheduler/tier.h"
+
+namespace joule::http {
+
+// Passes responses through and tells the scheduler about tokens; remembers
+// whether the request reached a finish reason (finished vs cancelled).
+class ScheduledBackend::CountingSink final : public cluster::GenerateSink {
+ public:
+  CountingSink(std::shared_ptr<cluster::GenerateSink> inner, scheduler::Scheduler* scheduler,
+               uint64_t id)
+      : inner_(std::move(inner)), scheduler_(scheduler), id_(id) {}
+
+  bool Write(const v1::GenerateResponse& response) override {
+    if (response.token_ids_size() > 0) scheduler_->OnTokens(id_, response.token_ids_size());
+    if (response.finish_reason() == v1::FINISH_REASON_STOP ||
+        response.finish_reason() == v1::FINISH_REASON_LENGTH) {
+      finished_ = true;
+    }
+    return inner_->Write(response);
+  }
+  bool ClientGone() const override { return inner_->ClientGone(); }
+  bool finished() const { return finished_; }
+
+ private:
+  const std::shared_ptr<cluster::GenerateSink> inner_;
+  scheduler::Scheduler* const scheduler_;
+  const uint64_t id_;
+  bool finished_ = false;  // written and read on the request's callback sequence
+};
+
+ScheduledBackend::ScheduledBackend(cluster::Router* router, cluster::Membership* membership,
+                                   scheduler::Scheduler* scheduler)
+    : router_(router), membership_(membership), scheduler_(scheduler) {
+  loop_ = std::thread([this] { Loop(); });
+}
+
+ScheduledBackend::~ScheduledBackend() { Shutdown(); }
+
+void ScheduledBackend::Shutdown() {
+  absl::flat_hash_map<uint64_t, Queued> left;
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  if (loop_.joinable()) loop_.join();
+  {
+    absl::MutexLock lock(&mu_);
+    left.swap(queued_);
+    ids_.clear();
+  }
+  for (auto& [id, q] : left) {
+    scheduler_->OnCancelled(id);
+    q.done(absl::UnavailableError("coordinator is shutting down"));
+  }
+}
+
+absl::Status ScheduledBackend::Validate(const v1::GenerateRequest& request) const {
+  return router_->Validate(request);
+}
+
+absl::Status ScheduledBackend::Ready() const { return router_->PickRank().status(); }
+
+void ScheduledBackend::GenerateAsync(const v1::GenerateRequest& request, absl::Time deadline,
+                                     std::shared_ptr<cluster::GenerateSink> sink,
+                                     std::function<void(absl::Status)> done) {
+  if (absl::Status s = router_->Validate(request); !s.ok()) {
+    done(std::move(s));
+    return;
+  }
+  // Readiness first: a cluster that cannot serve should say 503, not queue.
+  if (absl::Status s = router_->PickRank().status(); !s.ok()) {
+    done(std::move(s));
+    return;
+  }
+  const scheduler::Tier tier = scheduler::ParseServiceTier(request.service_tier()).value();
+  uint64_t id = 0;
+  absl::Status refused;
+  {
+    absl::MutexLock lock(&mu_);
+    if (stopping_) {
+      refused = absl::UnavailableError("coordinator is shutting down");
+    } else if (ids_.contains(request.request_id())) {
+      refused = absl::AlreadyExistsError(absl::StrCat(
+          "request_id: '", request.request_id(), "' is already in flight; ids must be unique"));
+    } else {
+      id = next_id_++;
+      refused = scheduler_->Submit({.id = id,
+                                    .tier = tier,
+                                    .prompt_tokens = request.prompt_token_ids_size(),
+                                    .max_tokens = request.sampling().max_tokens()});
+      if (refused.ok()) {
+        queued_[id] = Queued{request, deadline, std::move(sink), std::move(done)};
+        ids_[request.request_id()] = id;
+        woken_ = true;
+      }
+    }
+  }
+  if (!refused.ok()) done(std::move(refused));
+}
+
+void ScheduledBackend::Cancel(const std::string& request_id) {
+  std::function<void(absl::Status)> done;
+  uint64_t id = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = ids_.find(request_id);
+    if (it == ids_.end()) return;
+    id = it->second;
+    auto q = queued_.find(id);
+    if (q == queued_.end()) {
+      // Already sent: the router cancels the worker call; its done reports.
+      ids_.erase(it);
+    } else {
+      done = std::move(q->second.done);
+      queued_.erase(q);
+      ids_.erase(it);
+    }
+  }
+  if (done) {
+    scheduler_->OnCancelled(id);
+    done(absl::OkStatus());  // the client went away: not an error
+    Wake();
+    return;
+  }
+  router_->Cancel(request_id);
+}
+
+void ScheduledBackend::Wake() {
+  absl::MutexLock lock(&mu_);
+  woken_ = true;
+}
+
+scheduler::ClusterView ScheduledBackend::View() const {
+  scheduler::ClusterView view;
+  for (const cluster::RankInfo& r : membership_->Ranks()) {
+    view.ranks.push_back({.rank = r.rank, .ready = r.state == cluster::RankState::kReady});
+  }
+  return view;
+}
+
+void ScheduledBackend::Loop() {
+  std::vector<bool> was_ready;
+  while (true) {
+    {
+      absl::MutexLock lock(&mu_);
+      // Membership changes have no event here: look at least every 50 ms.
+      absl::Duration wait = absl::Milliseconds(50);
+      if (std::optional<absl::Time> at = scheduler_->NextWakeup()) {
+        wait = std::min(wait, std::max(absl::ZeroDuration(), *at - absl::Now()));
+      }
+      auto wake = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return woken_ || stopping_; };
+      mu_.AwaitWithTimeout(absl::Condition(&wake), wait);
+      if (stopping_) return;
+      woken_ = false;
+    }
+    const scheduler::ClusterView view = View();
+    // A rank that stopped being ready loses its requests (the router fails them).
+    was_ready.resize(std::max(was_ready.size(), view.ranks.size()));
+    for (const scheduler::RankInfo& r : view.ranks) {
+      if (was_ready[r.rank] && !r.ready) scheduler_->OnRankLost(r.rank);
+      was_ready[r.rank] = r.ready;
+    }
+    for (const scheduler::Assignment& a : scheduler_->Dispatch(view)) {
+      Queued q;
+      {
+        absl::MutexLock lock(&mu_);
+        auto it = queued_.find(a.id);
+        if (it == queued_.end()) continue;  // cancelled meanwhile
+        q = std::move(it->second);
+        queued_.erase(it);
+      }
+      Send(a.id, a.rank, std::move(q));
+    }
+  }
+}
+
+void ScheduledBackend::Send(uint64_t id, int rank, Queued q) {
+  const scheduler::PolicyKind policy = scheduler_->config().policy;
+  const scheduler::Tier tier = scheduler::ParseServiceTier(q.request.service_tier()).value();
+  v1::GenerateRequest forward = std::move(q.request);
+  if (policy != scheduler::PolicyKind::kFcfs) {
+    forward.set_priority(static_cast<int>(tier));
+  }
+  if (policy == scheduler::PolicyKind::kIpw) {
+    // Tiers with a time-per-output-token target carry the step cap the policy
+    // computed for this rank; the ranks agree on the tightest one (lockstep).
+    const scheduler::StepLimits limits = scheduler_->StepLimitsFor(rank);
+    const bool has_tpot = scheduler_->config().slo(tier).tpot > absl::ZeroDuration();
+    if (has_tpot && limits.step_time_budget != absl::InfiniteDuration() &&
+        limits.max_batch_tokens > 0) {
+      forward.set_step_token_cap(static_cast<int32_t>(limits.max_batch_tokens));
+    }
+  }
+  auto sink = std::make_shared<CountingSink>(std::move(q.sink), scheduler_, id);
+  const std::string request_id = forward.request_id();
+  std::function<void(absl::Status)> done = std::move(q.done);
+  router_->GenerateAsyncOnRank(
+      rank, forward, q.deadline, sink,
+      [this, id, sink, request_id, done = std::move(done)](absl::Status outcome) {
+        if (outcome.ok() && sink->finished()) {
+          scheduler_->OnFinished(id);
+        } else {
+          scheduler_->OnCancelled(id);
+        }
+        {
+          absl::MutexLock lock(&mu_);
+          auto it = ids_.find(request_id);
+          if (it != ids_.end() && it->second == id) ids_.erase(it);
+          woken_ = true;  // room on the rank: dispatch again
+        }
+        done(std::move(outcome));
+      });
+}
+
+}  // namespace joule::http

@@ -1,0 +1,72 @@
+// GenerationBackend that puts the scheduler (scheduler/scheduler.h) between
+// the front door and the Router: requests are admitted into per-tier queues
+// (RESOURCE_EXHAUSTED with a retry-after hint when a tier's queue is full ->
+// 429), held until the policy dispatches them, and sent to the rank it chose
+// with the step priority and token cap it set. Token arrivals and outcomes go
+// back to the scheduler for SLO accounting.
+//
+// One owned thread, the dispatch loop, runs Dispatch() after every event
+// (admission, first token, outcome) and at the scheduler's NextWakeup().
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/synchronization/mutex.h"
+#include "coordinator/cluster/membership.h"
+#include "coordinator/cluster/router.h"
+#include "coordinator/http/generation_backend.h"
+#include "scheduler/scheduler.h"
+
+namespace joule::http {
+
+class ScheduledBackend final : public GenerationBackend {
+ public:
+  // Nothing is owned; all must outlive the backend.
+  ScheduledBackend(cluster::Router* router, cluster::Membership* membership,
+                   scheduler::Scheduler* scheduler);
+  ~ScheduledBackend() override;  // Shutdown()
+
+  // Stops the dispatch loop; requests still queued fail with UNAVAILABLE and
+  // new ones are refused. Call before the router and membership go away.
+  // Idempotent.
+  void Shutdown();
+
+  absl::Status Validate(const v1::GenerateRequest& request) const override;
+  absl::Status Ready() const override;
+  void GenerateAsync(const v1::GenerateRequest& request, absl::Time deadline,
+                     std::shared_ptr<cluster::GenerateSink> sink,
+                     std::function<void(absl::Status)> done) override;
+  void Cancel(const std::string& request_id) override;
+
+ private:
+  struct Queued {
+    v1::GenerateRequest request;
+    absl::Time deadline;
+    std::shared_ptr<cluster::GenerateSink> sink;
+    std::function<void(absl::Status)> done;
+  };
+  class CountingSink;
+
+  void Loop();
+  void Wake();
+  void Send(uint64_t id, int rank, Queued queued);
+  scheduler::ClusterView View() const;
+
+  cluster::Router* const router_;
+  cluster::Membership* const membership_;
+  scheduler::Scheduler* const scheduler_;
+
+  mutable absl::Mutex mu_;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  bool woken_ ABSL_GUARDED_BY(mu_) = false;
+  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
+  absl::flat_hash_map<uint64_t, Queued> queued_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, uint64_t> ids_ ABSL_GUARDED_BY(mu_);  // request_id -> id
+  std::thread loop_;
+};
+
+}  // namespace joule::http

@@ -1,0 +1,115 @@
+// The coordinator's HTTP flags and wiring: options parsing (ports, tier caps,
+// the API key and its redaction) and a CoordinatorServer that serves the API
+// in front of its real Router (no workers, so generation is 503).
+#include <cstdlib>
+#include <fstream>
+
+#include "coordinator/cluster/coordinator_options.h"
+#include "coordinator/cluster/coordinator_server.h"
+#include "coordinator/tokenizer/tokenizer.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "tests/coordinator/cluster/test_model.h"
+#include "tests/coordinator/http/http_test_client.h"
+
+namespace joule::cluster {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::Not;
+using Json = nlohmann::json;
+namespace bhttp = boost::beast::http;
+
+absl::StatusOr<CoordinatorOptions> Parse(std::vector<const char*> args) {
+  args.insert(args.begin(), "joule-coordinator");
+  return ParseCoordinatorOptions(static_cast<int>(args.size()), args.data());
+}
+
+TEST(CoordinatorHttpOptions, DefaultsLeaveHttpOff) {
+  auto o = Parse({"--model", "/m"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->http_port, -1);
+  EXPECT_EQ(o->max_body_bytes, 1 << 20);
+}
+
+TEST(CoordinatorHttpOptions, TierQueueCaps) {
+  auto defaults = ParseTierQueueCaps("");
+  ASSERT_TRUE(defaults.ok());
+  EXPECT_EQ(*defaults, (TierCaps{64, 256, 1024, 4096}));
+  auto some = ParseTierQueueCaps("batch=10, fast=2");
+  ASSERT_TRUE(some.ok()) << some.status();
+  EXPECT_EQ(*some, (TierCaps{2, 256, 1024, 10}));
+  for (const char* bad : {"gold=3", "fast=0", "fast", "fast=x", "priority=-1"}) {
+    auto r = ParseTierQueueCaps(bad);
+    EXPECT_FALSE(r.ok()) << bad;
+    EXPECT_THAT(std::string(r.status().message()), HasSubstr("--tier-queue-cap")) << bad;
+  }
+  EXPECT_FALSE(Parse({"--model", "/m", "--tier-queue-cap", "fast=0"}).ok());
+  EXPECT_FALSE(Parse({"--model", "/m", "--http-port", "-2"}).ok());
+  EXPECT_FALSE(Parse({"--model", "/m", "--max-body-bytes", "10"}).ok());
+}
+
+TEST(CoordinatorHttpOptions, ApiKeyFromEnvironmentAndNeverPrinted) {
+  setenv("JOULE_API_KEY", "from-env-key", 1);
+  auto env = Parse({"--model", "/m"});
+  ASSERT_TRUE(env.ok());
+  EXPECT_EQ(env->api_key, "from-env-key");
+  auto flag = Parse({"--model", "/m", "--api-key", "flag-key"});
+  unsetenv("JOULE_API_KEY");
+  ASSERT_TRUE(flag.ok());
+  EXPECT_EQ(flag->api_key, "flag-key");  // the flag wins
+  EXPECT_THAT(flag->ToString(), Not(HasSubstr("flag-key")));
+  EXPECT_THAT(flag->ToString(), HasSubstr("(set)"));
+}
+
+TEST(CoordinatorServerHttp, ServesTheApiInFrontOfTheRouter) {
+  testing::TinyModelDir model;
+  std::ofstream(model.path() + "/tokenizer.json") << tokenizer::MakeByteLevelTokenizerJson();
+  CoordinatorOptions o;
+  o.model = model.path();
+  o.workers = 2;
+  o.host = "127.0.0.1";
+  o.http_port = 0;
+  o.served_model_name = "tiny-served";
+  auto server = CoordinatorServer::Start(o);
+  ASSERT_TRUE(server.ok()) << server.status();
+  const int port = (*server)->http_port();
+  ASSERT_GT(port, 0);
+  EXPECT_NE(port, (*server)->port());
+
+  http::testing::TestClient c(port);
+  auto models = c.Request(bhttp::verb::get, "/v1/models");
+  ASSERT_EQ(models.result_int(), 200);
+  const Json m = Json::parse(models.body());
+  EXPECT_EQ(m["data"][0]["id"], "tiny-served");
+  EXPECT_EQ(m["data"][0]["max_model_len"], 64);  // the checkpoint's max_position_embeddings
+
+  // No worker has registered: not ready, and generation is a 503 with the Router's reason.
+  auto ready = c.Request(bhttp::verb::get, "/ready");
+  EXPECT_EQ(ready.result_int(), 503);
+  auto gen = c.Request(bhttp::verb::post, "/v1/completions", R"({"model": "tiny-served", "prompt": [1, 2]})");
+  EXPECT_EQ(gen.result_int(), 503) << gen.body();
+  EXPECT_THAT(gen.body(), HasSubstr("no worker is ready"));
+  // Token-level validation is the Router's: ids beyond this checkpoint's vocabulary of 100.
+  auto bad = c.Request(bhttp::verb::post, "/v1/completions", R"({"model": "tiny-served", "prompt": [150]})");
+  EXPECT_EQ(bad.result_int(), 400) << bad.body();
+  EXPECT_EQ(Json::parse(bad.body())["error"]["param"], "prompt");
+  (*server)->Stop();
+}
+
+TEST(CoordinatorServerHttp, NeedsTheTokenizerWhenHttpIsOn) {
+  testing::TinyModelDir model;  // no tokenizer.json
+  CoordinatorOptions o;
+  o.model = model.path();
+  o.host = "127.0.0.1";
+  o.http_port = 0;
+  auto server = CoordinatorServer::Start(o);
+  ASSERT_FALSE(server.ok());
+  EXPECT_THAT(std::string(server.status().message()), HasSubstr("tokenizer"));
+  o.http_port = -1;
+  EXPECT_TRUE(CoordinatorServer::Start(o).ok());
+}
+
+}  // namespace
+}  // namespace joule::cluster

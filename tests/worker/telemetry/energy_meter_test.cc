@@ -1,0 +1,334 @@
+#include <dlfcn.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "worker/telemetry/fake_energy_meter.h"
+#include "worker/telemetry/make_energy_meter.h"
+#include "worker/telemetry/model_energy_meter.h"
+#include "worker/telemetry/nvml_energy_meter.h"
+#include "worker/telemetry/rapl_energy_meter.h"
+
+namespace joule::telemetry {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::DoubleNear;
+using ::testing::HasSubstr;
+
+// A fake sysfs tree in a fresh temporary directory.
+class FakeSysfs {
+ public:
+  FakeSysfs() {
+    char tmpl[] = "/tmp/joule-sysfs-XXXXXX";
+    root_ = mkdtemp(tmpl);
+  }
+  ~FakeSysfs() { fs::remove_all(root_); }
+  const std::string& root() const { return root_; }
+  void Write(const std::string& rel, const std::string& text) {
+    const fs::path p = fs::path(root_) / rel;
+    fs::create_directories(p.parent_path());
+    std::ofstream(p) << text;
+  }
+  void Zone(const std::string& dir, const std::string& name, uint64_t energy_uj, uint64_t max_uj) {
+    Write("class/powercap/" + dir + "/name", name + "\n");
+    Write("class/powercap/" + dir + "/energy_uj", std::to_string(energy_uj) + "\n");
+    Write("class/powercap/" + dir + "/max_energy_range_uj", std::to_string(max_uj) + "\n");
+  }
+  void SetEnergy(const std::string& dir, uint64_t energy_uj) {
+    Write("class/powercap/" + dir + "/energy_uj", std::to_string(energy_uj) + "\n");
+  }
+
+ private:
+  std::string root_;
+};
+
+TEST(RaplEnergyMeterTest, SumsPackagesAndIgnoresSubZonesAndPsys) {
+  FakeSysfs sys;
+  sys.Zone("intel-rapl:0", "package-0", 1'000'000, 262'143'328'850);
+  sys.Zone("intel-rapl:1", "package-1", 5'000'000, 262'143'328'850);
+  sys.Zone("intel-rapl:0:0", "core", 0, 262'143'328'850);   // part of package-0
+  sys.Zone("intel-rapl:0:1", "dram", 0, 262'143'328'850);
+  sys.Zone("intel-rapl:2", "psys", 0, 262'143'328'850);     // overlaps the packages
+  auto m = RaplEnergyMeter::Create({.sysfs_root = sys.root()});
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ((*m)->source(), "rapl");
+  EXPECT_EQ((*m)->Describe(), "2 RAPL packages (package-0, package-1)");
+  EXPECT_THAT(*(*m)->ReadJoules(), DoubleNear(0, 1e-9));  // origin: the first read
+
+  sys.SetEnergy("intel-rapl:0", 3'000'000);   // +2 J
+  sys.SetEnergy("intel-rapl:1", 5'500'000);   // +0.5 J
+  sys.SetEnergy("intel-rapl:0:0", 9'000'000); // a sub-zone moving must not count
+  sys.SetEnergy("intel-rapl:2", 9'000'000);
+  EXPECT_THAT(*(*m)->ReadJoules(), DoubleNear(2.5, 1e-9));
+  sys.SetEnergy("intel-rapl:1", 6'500'000);   // +1 J
+  EXPECT_THAT(*(*m)->ReadJoules(), DoubleNear(3.5, 1e-9));
+}
+
+TEST(RaplEnergyMeterTest, AddsTheRangeBackWhenACounterWraps) {
+  FakeSysfs sys;
+  const uint64_t range = 10'000'000;  // wraps at 10 J
+  sys.Zone("intel-rapl:0", "package-0", 9'000'000, range);
+  auto m = RaplEnergyMeter::Create({.sysfs_root = sys.root()});
+  ASSERT_TRUE(m.ok()) << m.status();
+  sys.SetEnergy("intel-rapl:0", 9'800'000);  // +0.8 J
+  EXPECT_THAT(*(*m)->ReadJoules(), DoubleNear(0.8, 1e-9));
+  sys.SetEnergy("intel-rapl:0", 1'200'000);  // +0.2 J to the range, +1.2 J after it
+  EXPECT_THAT(*(*m)->ReadJoules(), DoubleNear(2.2, 1e-9));
+  sys.SetEnergy("intel-rapl:0", 1'200'000);  // no change: still monotonic, no phantom wrap
+  EXPECT_THAT(*(*m)->ReadJoules(), DoubleNear(2.2, 1e-9));
+  sys.SetEnergy("intel-rapl:0", 500'000);    // wraps again: +8.8 + 0.5
+  EXPECT_THAT(*(*m)->ReadJoules(), DoubleNear(11.5, 1e-9));
+}
+
+TEST(RaplEnergyMeterTest, TakesAmdRaplZonesAndTheAmdEnergyHwmon) {
+  {
+    FakeSysfs sys;
+    sys.Zone("amd-rapl:0", "package-0", 0, 1'000'000'000);
+    auto m = RaplEnergyMeter::Create({.sysfs_root = sys.root()});
+    ASSERT_TRUE(m.ok()) << m.status();
+    sys.SetEnergy("amd-rapl:0", 4'000'000);
+    EXPECT_THAT(*(*m)->ReadJoules(), DoubleNear(4.0, 1e-9));
+  }
+  FakeSysfs sys;
+  sys.Write("class/hwmon/hwmon0/name", "k10temp\n");
+  sys.Write("class/hwmon/hwmon3/name", "amd_energy\n");
+  sys.Write("class/hwmon/hwmon3/energy1_label", "Ecore000\n");
+  sys.Write("class/hwmon/hwmon3/energy1_input", "100\n");
+  sys.Write("class/hwmon/hwmon3/energy2_label", "Esocket0\n");
+  sys.Write("class/hwmon/hwmon3/energy2_input", "1000000\n");
+  auto m = RaplEnergyMeter::Create({.sysfs_root = sys.root()});
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ((*m)->Describe(), "1 RAPL package (Esocket0)");
+  sys.Write("class/hwmon/hwmon3/energy1_input", "9000000\n");  // a core: inside the socket
+  sys.Write("class/hwmon/hwmon3/energy2_input", "3000000\n");
+  EXPECT_THAT(*(*m)->ReadJoules(), DoubleNear(2.0, 1e-9));
+}
+
+TEST(RaplEnergyMeterTest, NoCountersIsUnavailableNamingTheDirectory) {
+  FakeSysfs sys;
+  sys.Zone("intel-rapl:0:0", "core", 0, 100);  // a sub-zone alone is not a package
+  auto m = RaplEnergyMeter::Create({.sysfs_root = sys.root()});
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(m.status().message(), HasSubstr(sys.root() + "/class/powercap"));
+}
+
+TEST(RaplEnergyMeterTest, MissingAndMalformedFilesAreClearErrors) {
+  FakeSysfs sys;
+  sys.Zone("intel-rapl:0", "package-0", 0, 1000);
+  fs::remove(fs::path(sys.root()) / "class/powercap/intel-rapl:0/max_energy_range_uj");
+  auto m = RaplEnergyMeter::Create({.sysfs_root = sys.root()});
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(m.status().message(), HasSubstr("max_energy_range_uj"));
+
+  sys.Zone("intel-rapl:0", "package-0", 0, 1000);
+  m = RaplEnergyMeter::Create({.sysfs_root = sys.root()});
+  ASSERT_TRUE(m.ok()) << m.status();
+  sys.SetEnergy("intel-rapl:0", 100);
+  ASSERT_TRUE((*m)->ReadJoules().ok());
+  fs::remove(fs::path(sys.root()) / "class/powercap/intel-rapl:0/energy_uj");
+  absl::StatusOr<double> r = (*m)->ReadJoules();
+  ASSERT_FALSE(r.ok());
+  EXPECT_THAT(r.status().message(), HasSubstr("intel-rapl:0/energy_uj"));
+  sys.Write("class/powercap/intel-rapl:0/energy_uj", "n/a\n");
+  r = (*m)->ReadJoules();
+  ASSERT_FALSE(r.ok());
+  EXPECT_THAT(r.status().message(), HasSubstr("not an unsigned integer"));
+  // Once readable again, the meter continues from where it was.
+  sys.SetEnergy("intel-rapl:0", 400);
+  EXPECT_THAT(*(*m)->ReadJoules(), DoubleNear(400e-6, 1e-12));
+}
+
+TEST(RaplEnergyMeterTest, RootOnlyCounterIsPermissionDeniedWithAHint) {
+  FakeSysfs sys;
+  sys.Zone("intel-rapl:0", "package-0", 0, 1000);
+  // Tests may run as root, where chmod 000 does not stop reads: inject the
+  // reader to fail the way an unprivileged read of energy_uj fails.
+  RaplOptions options{.sysfs_root = sys.root()};
+  options.reader = [](const std::string& path) -> absl::StatusOr<std::string> {
+    if (path.ends_with("energy_uj")) return absl::PermissionDeniedError("cannot read " + path + ": Permission denied");
+    return ReadSysfsFile(path);
+  };
+  auto m = RaplEnergyMeter::Create(options);
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(m.status().message(), HasSubstr("root-only"));
+  EXPECT_THAT(m.status().message(), HasSubstr("intel-rapl:0/energy_uj"));
+}
+
+TEST(ReadSysfsFileTest, MapsErrnoToStatus) {
+  FakeSysfs sys;
+  sys.Write("f", "42\n");
+  EXPECT_EQ(*ReadSysfsFile(sys.root() + "/f"), "42\n");
+  EXPECT_EQ(ReadSysfsFile(sys.root() + "/absent").status().code(), absl::StatusCode::kNotFound);
+  if (geteuid() != 0) {  // root reads through mode 000
+    fs::permissions(fs::path(sys.root()) / "f", fs::perms::none);
+    EXPECT_EQ(ReadSysfsFile(sys.root() + "/f").status().code(), absl::StatusCode::kPermissionDenied);
+  }
+}
+
+// Wall and CPU time that move only when told to.
+class FakeProcessClock final : public ProcessClock {
+ public:
+  FakeProcessClock(double* wall, double* cpu) : wall_(wall), cpu_(cpu) {}
+  double WallSeconds() override { return *wall_; }
+  absl::StatusOr<double> CpuSeconds() override { return *cpu_; }
+
+ private:
+  double* wall_;
+  double* cpu_;
+};
+
+TEST(ModelEnergyMeterTest, IdlePowerTimesWallPlusEnergyPerCpuSecond) {
+  double wall = 1000, cpu = 7;  // arbitrary origins
+  auto m = ModelEnergyMeter::Create({.idle_watts = 30, .joules_per_cpu_second = 12},
+                                    std::make_unique<FakeProcessClock>(&wall, &cpu));
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ((*m)->source(), "model");
+  EXPECT_THAT((*m)->Describe(), HasSubstr("estimate"));
+  EXPECT_DOUBLE_EQ(*(*m)->ReadJoules(), 0);
+  wall += 2;  // idle 2 s: 60 J
+  EXPECT_DOUBLE_EQ(*(*m)->ReadJoules(), 60);
+  wall += 1;
+  cpu += 1.5;  // 1 s at 1.5 busy cores: +30 + 18
+  EXPECT_DOUBLE_EQ(*(*m)->ReadJoules(), 108);
+  EXPECT_EQ((*m)->ReadPowerWatts().status().code(), absl::StatusCode::kUnimplemented);
+}
+
+TEST(ModelEnergyMeterTest, RejectsNegativeParametersNamingTheField) {
+  auto m = ModelEnergyMeter::Create({.idle_watts = -1});
+  ASSERT_FALSE(m.ok());
+  EXPECT_THAT(m.status().message(), HasSubstr("energy_model_idle_watts"));
+  m = ModelEnergyMeter::Create({.joules_per_cpu_second = std::nan("")});
+  ASSERT_FALSE(m.ok());
+  EXPECT_THAT(m.status().message(), HasSubstr("energy_model_joules_per_cpu_second"));
+}
+
+TEST(ModelEnergyMeterTest, RealClockChargesThisProcessesCpuWork) {
+  auto m = ModelEnergyMeter::Create({.idle_watts = 0, .joules_per_cpu_second = 100});
+  ASSERT_TRUE(m.ok());
+  const double before = *(*m)->ReadJoules();
+  volatile double x = 0;
+  for (int i = 0; i < 20'000'000; ++i) x = x + i * 1e-9;  // ~tens of ms of CPU
+  const double after = *(*m)->ReadJoules();
+  EXPECT_GT(after - before, 0.1);  // >= 1 ms of CPU at 100 J/s
+}
+
+TEST(NvmlEnergyMeterTest, MissingLibraryIsUnavailableNamingIt) {
+  auto m = NvmlEnergyMeter::Create({.library = "/nonexistent/libnvidia-ml.so.1"});
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(m.status().message(), HasSubstr("/nonexistent/libnvidia-ml.so.1"));
+}
+
+TEST(NvmlEnergyMeterTest, LibraryWithoutNvmlSymbolsIsUnavailable) {
+  // libc loads but is not NVML.
+  auto m = NvmlEnergyMeter::Create({.library = "libc.so.6"});
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(m.status().message(), HasSubstr("missing symbol nvmlInit_v2"));
+}
+
+// Functions of the fake NVML library, reached through the same dlopen handle.
+struct FakeNvml {
+  FakeNvml() {
+    handle = dlopen(JOULE_FAKE_NVML_PATH, RTLD_NOW | RTLD_LOCAL);
+    if (!handle) return;
+    set_energy = reinterpret_cast<void (*)(unsigned long long)>(dlsym(handle, "FakeNvmlSetEnergyMj"));
+    set_instant = reinterpret_cast<void (*)(bool)>(dlsym(handle, "FakeNvmlSetInstantField"));
+    set_init = reinterpret_cast<void (*)(int)>(dlsym(handle, "FakeNvmlSetInitResult"));
+    field_calls = reinterpret_cast<int (*)()>(dlsym(handle, "FakeNvmlFieldCalls"));
+  }
+  ~FakeNvml() {
+    if (handle) dlclose(handle);
+  }
+  void* handle = nullptr;
+  void (*set_energy)(unsigned long long) = nullptr;
+  void (*set_instant)(bool) = nullptr;
+  void (*set_init)(int) = nullptr;
+  int (*field_calls)() = nullptr;
+};
+
+TEST(NvmlEnergyMeterTest, ReadsTheEnergyCounterAndInstantPowerThroughDlopen) {
+  FakeNvml fake;
+  ASSERT_NE(fake.handle, nullptr) << dlerror();
+  fake.set_init(0);
+  fake.set_instant(true);
+  fake.set_energy(5000);
+  auto m = NvmlEnergyMeter::Create({.library = JOULE_FAKE_NVML_PATH, .device_index = 0});
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ((*m)->source(), "nvml");
+  EXPECT_EQ((*m)->Describe(), "GPU 0 (Fake GPU)");
+  EXPECT_DOUBLE_EQ(*(*m)->ReadJoules(), 5.0);
+  fake.set_energy(7250);
+  EXPECT_DOUBLE_EQ(*(*m)->ReadJoules(), 7.25);
+  EXPECT_DOUBLE_EQ(*(*m)->ReadPowerWatts(), 312.5);  // field 186, milliwatts
+
+  // A driver without field 186 falls back to nvmlDeviceGetPowerUsage, and stops asking.
+  fake.set_instant(false);
+  EXPECT_DOUBLE_EQ(*(*m)->ReadPowerWatts(), 150.0);
+  const int calls = fake.field_calls();
+  EXPECT_DOUBLE_EQ(*(*m)->ReadPowerWatts(), 150.0);
+  EXPECT_EQ(fake.field_calls(), calls);
+}
+
+TEST(NvmlEnergyMeterTest, NoDeviceOrFailedInitIsUnavailable) {
+  FakeNvml fake;
+  ASSERT_NE(fake.handle, nullptr) << dlerror();
+  fake.set_init(0);
+  auto m = NvmlEnergyMeter::Create({.library = JOULE_FAKE_NVML_PATH, .device_index = 3});
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(m.status().message(), HasSubstr("no GPU at NVML index 3"));
+  fake.set_init(9);  // NVML_ERROR_DRIVER_NOT_LOADED
+  m = NvmlEnergyMeter::Create({.library = JOULE_FAKE_NVML_PATH});
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(m.status().message(), HasSubstr("nvmlInit_v2"));
+  fake.set_init(0);
+}
+
+TEST(MakeEnergyMeterTest, PrefersNvmlThenRaplThenModel) {
+  FakeSysfs sys;
+  sys.Zone("intel-rapl:0", "package-0", 0, 1000);
+  EnergyMeterOptions o;
+  o.nvml_library = JOULE_FAKE_NVML_PATH;
+  o.rapl_sysfs_root = sys.root();
+  EXPECT_EQ((*MakeEnergyMeter(o))->source(), "nvml");
+  o.nvml_library = "/nonexistent/libnvidia-ml.so.1";
+  EXPECT_EQ((*MakeEnergyMeter(o))->source(), "rapl");
+  o.rapl_sysfs_root = sys.root() + "/empty";
+  EXPECT_EQ((*MakeEnergyMeter(o))->source(), "model");
+}
+
+TEST(MakeEnergyMeterTest, ANamedSourceIsUsedOrFailsClearly) {
+  FakeSysfs sys;
+  sys.Zone("intel-rapl:0", "package-0", 0, 1000);
+  EnergyMeterOptions o;
+  o.nvml_library = JOULE_FAKE_NVML_PATH;
+  o.rapl_sysfs_root = sys.root();
+  o.energy_source = "model";
+  EXPECT_EQ((*MakeEnergyMeter(o))->source(), "model");
+  o.energy_source = "rapl";
+  EXPECT_EQ((*MakeEnergyMeter(o))->source(), "rapl");
+  o.energy_source = "nvml";
+  o.nvml_library = "/nonexistent/libnvidia-ml.so.1";
+  auto m = MakeEnergyMeter(o);
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kUnavailable);
+  o.energy_source = "gpu";
+  m = MakeEnergyMeter(o);
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(m.status().message(), HasSubstr("energy_source"));
+}
+
+}  // namespace
+}  // namespace joule::telemetry

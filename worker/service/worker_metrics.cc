@@ -1,0 +1,149 @@
+#include "worker/service/worker_metrics.h"
+
+#include <memory>
+#include <string>
+#include <thread>
+#include <utility>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "boost/asio.hpp"
+#include "prometheus/text_serializer.h"
+
+namespace joule::worker {
+namespace {
+
+namespace asio = boost::asio;
+using asio::ip::tcp;
+
+prometheus::MetricFamily Family(const char* name, prometheus::MetricType type, const char* help,
+                                double value, const std::string& rank,
+                                const std::string& source = "") {
+  prometheus::MetricFamily family{.name = name, .help = help, .type = type, .metric = {}};
+  prometheus::ClientMetric m;
+  m.label.push_back({"rank", rank});
+  if (!source.empty()) m.label.push_back({"source", source});
+  if (type == prometheus::MetricType::Counter) {
+    m.counter.value = value;
+  } else {
+    m.gauge.value = value;
+  }
+  family.metric.push_back(std::move(m));
+  return family;
+}
+
+// One scrape: read the request head, answer, close.
+class Connection : public std::enable_shared_from_this<Connection> {
+ public:
+  Connection(tcp::socket socket, const WorkerMetrics* metrics)
+      : socket_(std::move(socket)), metrics_(metrics) {}
+
+  void Start() {
+    asio::async_read_until(socket_, head_, "\r\n\r\n",
+                           [self = shared_from_this()](boost::system::error_code ec, size_t) {
+                             if (!ec) self->Answer();
+                           });
+  }
+
+ private:
+  void Answer() {
+    std::istream in(&head_);
+    std::string method, target;
+    in >> method >> target;
+    std::string status = "200 OK", body;
+    if (method != "GET") {
+      status = "405 Method Not Allowed";
+      body = "only GET\n";
+    } else if (target != "/metrics" && !absl::StartsWith(target, "/metrics?")) {
+      status = "404 Not Found";
+      body = "metrics are at /metrics\n";
+    } else {
+      body = prometheus::TextSerializer().Serialize(metrics_->Collect());
+    }
+    reply_ = absl::StrCat("HTTP/1.0 ", status,
+                          "\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8"
+                          "\r\nContent-Length: ",
+                          body.size(), "\r\nConnection: close\r\n\r\n", body);
+    asio::async_write(socket_, asio::buffer(reply_),
+                      [self = shared_from_this()](boost::system::error_code, size_t) {
+                        boost::system::error_code ignored;
+                        self->socket_.shutdown(tcp::socket::shutdown_both, ignored);
+                      });
+  }
+
+  tcp::socket socket_;
+  const WorkerMetrics* const metrics_;
+  asio::streambuf head_{8192};  // a request head larger than this is dropped
+  std::string reply_;
+};
+
+}  // namespace
+
+std::vector<prometheus::MetricFamily> WorkerMetricFamilies(const WorkerStatus& s) {
+  const std::string rank = absl::StrCat(s.rank);
+  std::vector<prometheus::MetricFamily> out;
+#define JOULE_METRIC_FAMILY(name, type, help, value) \
+  out.push_back(Family(#name, prometheus::MetricType::type, help, static_cast<double>(value), rank));
+  JOULE_WORKER_METRICS(JOULE_METRIC_FAMILY)
+#undef JOULE_METRIC_FAMILY
+  if (s.energy_source.empty()) return out;
+#define JOULE_ENERGY_FAMILY(name, type, help, value)                                             \
+  out.push_back(Family(#name, prometheus::MetricType::type, help, static_cast<double>(value), rank, \
+                       s.energy_source));
+  JOULE_WORKER_ENERGY_METRICS(JOULE_ENERGY_FAMILY)
+#undef JOULE_ENERGY_FAMILY
+  return out;
+}
+
+struct WorkerMetricsServer::Impl {
+  explicit Impl(WorkerHandler* handler)
+      : metrics([handler] { return handler->Status(); }), acceptor(io) {}
+
+  void Accept() {
+    acceptor.async_accept([this](boost::system::error_code ec, tcp::socket socket) {
+      if (ec == asio::error::operation_aborted) return;
+      if (!ec) std::make_shared<Connection>(std::move(socket), &metrics)->Start();
+      Accept();
+    });
+  }
+
+  WorkerMetrics metrics;
+  asio::io_context io;
+  tcp::acceptor acceptor;
+  std::thread thread;
+};
+
+WorkerMetricsServer::WorkerMetricsServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+absl::StatusOr<std::unique_ptr<WorkerMetricsServer>> WorkerMetricsServer::Start(
+    const std::string& host, int port, WorkerHandler* handler) {
+  const std::string listen = absl::StrCat(host, ":", port);
+  auto impl = std::make_unique<Impl>(handler);
+  boost::system::error_code ec;
+  const asio::ip::address address = asio::ip::make_address(host, ec);
+  if (ec) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cannot serve metrics on ", listen, ": '", host, "' is not an IP address"));
+  }
+  const tcp::endpoint endpoint(address, static_cast<uint16_t>(port));
+  impl->acceptor.open(endpoint.protocol(), ec);
+  if (!ec) impl->acceptor.set_option(tcp::acceptor::reuse_address(true), ec);
+  if (!ec) impl->acceptor.bind(endpoint, ec);
+  if (!ec) impl->acceptor.listen(asio::socket_base::max_listen_connections, ec);
+  if (ec) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot serve metrics on ", listen, ": ", ec.message()));
+  }
+  std::unique_ptr<WorkerMetricsServer> server(new WorkerMetricsServer(std::move(impl)));
+  server->port_ = server->impl_->acceptor.local_endpoint().port();
+  server->impl_->Accept();
+  server->impl_->thread = std::thread([io = &server->impl_->io] { io->run(); });
+  return server;
+}
+
+WorkerMetricsServer::~WorkerMetricsServer() {
+  impl_->io.stop();
+  impl_->thread.join();
+}
+
+}  // namespace joule::worker

@@ -1,0 +1,92 @@
+// The worker's Prometheus metrics, declared once in JOULE_WORKER_METRICS and
+// read from WorkerHandler::Status() at scrape time (so there is no updater
+// thread and a scrape always sees the step loop's latest published numbers).
+// WorkerMetricsServer serves them in Prometheus' text format on
+// http://HOST:PORT/metrics, labelled by rank: a minimal HTTP/1.0 responder on
+// one owned Boost.Asio thread (prometheus-cpp's civetweb Exposer takes up to
+// 2 s to stop, which every worker exit and test would pay).
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "prometheus/collectable.h"
+#include "prometheus/metric_family.h"
+#include "worker/service/worker_handler.h"
+
+namespace joule::worker {
+
+// X(name, type, help, value given `const WorkerStatus& s`). Counters are
+// cumulative since the worker started.
+#define JOULE_WORKER_METRICS(X)                                                                 \
+  X(joule_kv_cache_usage_perc, Gauge, "Fraction of KV cache blocks in use (1 = full).",         \
+    s.kv_usage)                                                                                 \
+  X(joule_kv_cache_free_blocks, Gauge, "Free KV cache blocks.", s.kv_free_blocks)               \
+  X(joule_kv_cache_total_blocks, Gauge, "KV cache blocks in all.", s.kv_total_blocks)           \
+  X(joule_num_requests_running, Gauge, "Sequences in the running batch.", s.running)            \
+  X(joule_num_requests_waiting, Gauge, "Sequences queued for admission.", s.waiting)            \
+  X(joule_num_preemptions_total, Counter,                                                       \
+    "Sequences preempted (KV blocks freed, recomputed later).", s.preemptions_total)            \
+  X(joule_prompt_tokens_total, Counter, "Prefill tokens computed (a recompute counts again).",  \
+    s.prompt_tokens_total)                                                                      \
+  X(joule_generation_tokens_total, Counter, "Tokens sampled.", s.generation_tokens_total)       \
+  X(joule_worker_ready, Gauge, "1 while the rank serves requests.", s.ready ? 1 : 0)            \
+  X(joule_lockstep_rounds_total, Counter, "Expert-parallel lockstep rounds run.", s.steps)      \
+  X(joule_resident_memory_bytes, Gauge, "Resident set size of the worker process.",             \
+    s.resident_bytes)                                                                           \
+  X(joule_step_token_cap, Gauge,                                                                \
+    "Tokens per step the ranks agreed on for their fast requests (0: uncapped).",               \
+    s.step_token_cap)
+
+// Energy, labelled rank and source (nvml, rapl, or model = an estimate);
+// only when the worker has a meter. total = attributed + idle + unattributed.
+#define JOULE_WORKER_ENERGY_METRICS(X)                                                          \
+  X(joule_energy_joules_total, Counter, "Energy metered by this rank since it started.",        \
+    s.energy_joules)                                                                            \
+  X(joule_energy_attributed_joules_total, Counter,                                              \
+    "Energy of steps charged to this rank's requests by token share.",                          \
+    s.energy_attributed_joules)                                                                 \
+  X(joule_energy_idle_joules_total, Counter, "Energy metered between steps (idle).",            \
+    s.energy_idle_joules)                                                                       \
+  X(joule_energy_unattributed_joules_total, Counter,                                            \
+    "Energy of steps in which this rank only served other ranks' tokens.",                      \
+    s.energy_unattributed_joules)
+
+// The metric families for one status snapshot, labelled rank="R" (-1 before
+// the worker has a rank).
+std::vector<prometheus::MetricFamily> WorkerMetricFamilies(const WorkerStatus& s);
+
+// Collects from a status source on every scrape.
+class WorkerMetrics final : public prometheus::Collectable {
+ public:
+  explicit WorkerMetrics(std::function<WorkerStatus()> status) : status_(std::move(status)) {}
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    return WorkerMetricFamilies(status_());
+  }
+
+ private:
+  const std::function<WorkerStatus()> status_;
+};
+
+class WorkerMetricsServer {
+ public:
+  // Listens on host:port (0: an ephemeral port, see port()). `handler` is not
+  // owned and must outlive the server. Unavailable when it cannot listen.
+  static absl::StatusOr<std::unique_ptr<WorkerMetricsServer>> Start(const std::string& host,
+                                                                    int port,
+                                                                    WorkerHandler* handler);
+  // Stops serving and joins its thread.
+  ~WorkerMetricsServer();
+  int port() const { return port_; }
+
+ private:
+  struct Impl;
+  explicit WorkerMetricsServer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+  int port_ = 0;
+};
+
+}  // namespace joule::worker
