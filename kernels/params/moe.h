@@ -54,9 +54,6 @@ struct PermuteParams {
 // summed in choice order j = 0..top_k-1.
 struct UnpermuteParams {
   const float* expert_out = nullptr;  // [tokens * top_k, hidden]
-  // Set instead of expert_out when the expert outputs arrive as BF16 (an
-  // expert-parallel combine with BF16 payloads): widened while summing.
-  const uint16_t* expert_out_bf16 = nullptr;
   const int32_t* slot_to_permuted = nullptr;
   const float* weights = nullptr;     // [tokens * top_k]
   int64_t tokens = 0;
@@ -64,6 +61,9 @@ struct UnpermuteParams {
   int64_t hidden = 0;
   float* out = nullptr;  // [tokens, hidden]
   bool accumulate = false;  // add into out instead of overwriting it
+  // Set instead of expert_out when the expert outputs arrive as BF16 (an
+  // expert-parallel combine with BF16 payloads): widened while summing.
+  const uint16_t* expert_out_bf16 = nullptr;
 };
 
 // Element type of a row in GatherRowsParams.
