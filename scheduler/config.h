@@ -8,7 +8,7 @@
 //     "lockstep": true,                // expert parallel: all ranks step together
 //     "max_batch_tokens": 512,         // tokens per step on one rank (fcfs/priority cap)
 //     "max_running": 128,              // sequences in one rank's running batch
-//     "max_inflight_per_rank": 256,    // dispatched, unfinished requests per rank
+//     "max_inflight_per_rank": 4096,   // dispatched, unfinished requests per rank
 //     "batch_max_wait_ms": 30000,      // starvation bound for batch work
 //     "retry_after_ms": 1000,          // 429 hint when the drain rate is unknown
 //     "tiers": {
@@ -79,7 +79,9 @@ struct SchedulerConfig {
   bool lockstep = true;
   int max_batch_tokens = 512;
   int max_running = 128;
-  int max_inflight_per_rank = 256;
+  // Generous: each worker bounds its running batch itself (--max-running); this
+  // only keeps one rank from absorbing unbounded work (1,000s of open streams).
+  int max_inflight_per_rank = 4096;
   absl::Duration batch_max_wait = absl::Seconds(30);
   absl::Duration retry_after = absl::Seconds(1);
   std::array<TierSlo, 4> tiers = DefaultTierSlos();
