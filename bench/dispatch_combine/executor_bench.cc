@@ -3,7 +3,7 @@
 //
 //   joule-dispatch-combine-bench --rank R --world W --dir DIR --hidden 2048,7168
 //       --tokens 1,4,16,64,128,256,1024,4096 [--top-k 8] [--experts 64]
-//       [--moe-intermediate 8] [--peer-errors 1|0] [--threads 1]
+//       [--moe-intermediate 8] [--peer-errors=false] [--threads 1]
 //       [--target-seconds 0.25] [--max-iters 200] [--mem-fraction 0.6] [--out FILE]
 //
 // Per hidden size, rank 0 writes a synthetic Qwen3-MoE checkpoint with ONE
@@ -51,6 +51,7 @@
 #include "absl/time/clock.h"
 #include "bench/dispatch_combine/rank_util.h"
 #include "common/dtype.h"
+#include "common/options.h"
 #include "common/placement.h"
 #include "common/safetensors.h"
 #include "common/status.h"
@@ -62,53 +63,31 @@
 namespace {
 
 using joule::bench::Check;
-using joule::bench::ParseList;
+using joule::bench::ParseSizeList;
 using joule::bench::Rendezvous;
 
-struct Args {
-  int rank = -1, world = 0, top_k = 8, experts = 64, moe_intermediate = 8, threads = 1;
-  int max_iters = 200;
-  double target_seconds = 0.25, mem_fraction = 0.6;
-  bool peer_errors = true;  // UcxOptions::peer_error_handling
-  std::string dir, out;
-  std::vector<int> hidden, tokens;
-};
+#define JOULE_EXECUTOR_BENCH_FLAGS(X)                                                       \
+  JOULE_RANK_BENCH_FLAGS(X)                                                                 \
+  X(int, experts, 64, "experts of the MoE layer")                                          \
+  X(int, moe_intermediate, 8, "moe_intermediate_size (tiny: the GEMMs cost next to nothing)") \
+  X(int, threads, 1, "CPU threads of each rank's executor")                                \
+  X(int, max_iters, 200, "most timed Runs per point (at least 3)")                         \
+  X(double, target_seconds, 0.25, "timed Runs per point are sized to about this long")     \
+  X(double, mem_fraction, 0.6, "skip points whose buffers need more of MemAvailable")
 
-Args Parse(int argc, char** argv) {
-  Args a;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string k = argv[i], v = argv[i + 1];
-    if (k == "--rank") a.rank = std::atoi(v.c_str());
-    else if (k == "--world") a.world = std::atoi(v.c_str());
-    else if (k == "--top-k") a.top_k = std::atoi(v.c_str());
-    else if (k == "--experts") a.experts = std::atoi(v.c_str());
-    else if (k == "--moe-intermediate") a.moe_intermediate = std::atoi(v.c_str());
-    else if (k == "--threads") a.threads = std::atoi(v.c_str());
-    else if (k == "--max-iters") a.max_iters = std::atoi(v.c_str());
-    else if (k == "--target-seconds") a.target_seconds = std::atof(v.c_str());
-    else if (k == "--mem-fraction") a.mem_fraction = std::atof(v.c_str());
-    else if (k == "--peer-errors") a.peer_errors = v != "0";
-    else if (k == "--dir") a.dir = v;
-    else if (k == "--out") a.out = v;
-    else if (k == "--hidden") a.hidden = ParseList(v);
-    else if (k == "--tokens") a.tokens = ParseList(v);
-    else {
-      std::fprintf(stderr, "unknown flag %s\n", k.c_str());
-      std::exit(2);
-    }
+struct Args {
+  JOULE_EXECUTOR_BENCH_FLAGS(JOULE_OPTION_FIELD)
+  std::vector<joule::Option> Options() { return {JOULE_EXECUTOR_BENCH_FLAGS(JOULE_OPTION_BIND)}; }
+  absl::Status Validate() const {
+    RETURN_IF_ERROR(joule::bench::ValidateRankFlags(*this));
+    if (experts < world) return absl::InvalidArgumentError("--experts: must be at least --world");
+    if (top_k > experts) return absl::InvalidArgumentError("--top-k: must be at most --experts");
+    if (moe_intermediate < 1) return absl::InvalidArgumentError("--moe-intermediate: must be positive");
+    if (threads < 1) return absl::InvalidArgumentError("--threads: must be positive");
+    if (max_iters < 3) return absl::InvalidArgumentError("--max-iters: must be at least 3");
+    return absl::OkStatus();
   }
-  if (a.rank < 0 || a.world < 1 || a.rank >= a.world || a.dir.empty() || a.hidden.empty() ||
-      a.tokens.empty() || a.top_k < 1 || a.experts < a.world || a.top_k > a.experts ||
-      a.moe_intermediate < 1 || a.threads < 1 || a.max_iters < 3) {
-    std::fprintf(stderr,
-                 "usage: %s --rank R --world W --dir DIR --hidden H,.. --tokens T,.. [--top-k K] "
-                 "[--experts E] [--moe-intermediate I] [--peer-errors 1|0] [--threads N] "
-                 "[--target-seconds S] [--max-iters N] [--mem-fraction F] [--out FILE]\n",
-                 argv[0]);
-    std::exit(2);
-  }
-  return a;
-}
+};
 
 // A Qwen3-MoE checkpoint with one decoder layer, which is MoE: attention is a
 // stub (one head of dim 2) the benchmark never runs; the router is unused too
@@ -205,7 +184,14 @@ double Mean(const std::vector<double>& v) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const Args a = Parse(argc, argv);
+  auto parsed = joule::ParseConfig<Args>(
+      "usage: joule-dispatch-combine-bench --rank R --world W --dir DIR --hidden H,.. "
+      "--tokens T,.. [flags]",
+      "JOULE_BENCH_", argc, argv);
+  if (!parsed.ok()) return joule::ReportOptionsError("joule-dispatch-combine-bench", parsed.status());
+  const Args& a = *parsed;
+  const std::vector<int> hidden_sizes = *ParseSizeList("hidden", a.hidden);
+  const std::vector<int> token_counts = *ParseSizeList("tokens", a.tokens);
   const int W = a.world, K = a.top_k, E = a.experts;
   auto created = joule::ep::UcxTransport::Create(a.rank, W, {.timeout = absl::Seconds(120)},
                                                  {.peer_error_handling = a.peer_errors});
@@ -222,7 +208,7 @@ int main(int argc, char** argv) {
   auto placement = joule::ContiguousPlacement(W, 1, E);
   Check(placement.status(), "placement");
 
-  for (int hidden : a.hidden) {
+  for (int hidden : hidden_sizes) {
     const std::string model_dir = absl::StrCat(a.dir, "/model-h", hidden);
     if (a.rank == 0) {
       Check(WriteCheckpoint(model_dir, hidden, E, K, a.moe_intermediate), "write checkpoint");
@@ -236,7 +222,7 @@ int main(int argc, char** argv) {
     joule::ep::ExpertParallelExecutor ex(weights->get(), &t, pl, stream,
                                          {.payload = joule::ep::PayloadType::kBF16});
 
-    for (int tokens : a.tokens) {
+    for (int tokens : token_counts) {
       // Resident bytes per rank at this point: x and out (F32); per routed
       // row the dispatch send buffer (BF16 + id) and the combined F32 copy,
       // and, with the doubled headroom the warm-up gives them (below), the

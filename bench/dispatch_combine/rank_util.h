@@ -1,5 +1,6 @@
 // Shared by the dispatch/combine benchmark binaries, one process per rank:
-// list flags, fatal checks and the file rendezvous for UCX addresses.
+// the flags every rank takes, list flags, fatal checks and the file
+// rendezvous for UCX addresses.
 #pragma once
 
 #include <cstdio>
@@ -8,25 +9,53 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/time.h"
 #include "worker/ep/file_rendezvous.h"
 
 namespace joule::bench {
 
-// "1,4,16" -> {1, 4, 16}; exits with status 2 on a bad element.
-inline std::vector<int> ParseList(const std::string& s) {
+// The options table rows (common/options.h) every rank binary has.
+#define JOULE_RANK_BENCH_FLAGS(X)                                                          \
+  X(int, rank, -1, "this process's rank (required)")                                      \
+  X(int, world, 0, "number of rank processes (required)")                                 \
+  X(std::string, dir, "", "rendezvous directory the ranks share (required)")              \
+  X(std::string, hidden, "", "hidden sizes to sweep, comma-separated (required)")         \
+  X(std::string, tokens, "", "tokens per rank to sweep, comma-separated (required)")      \
+  X(int, top_k, 8, "experts per token")                                                   \
+  X(bool, peer_errors, true, "UCX peer error handling (false: CMA zero-copy over shm)")   \
+  X(std::string, out, "", "file rank 0 appends its JSON lines to (default: stdout)")
+
+// "1,4,16" -> {1, 4, 16}; InvalidArgument naming --flag for an empty list or an
+// element that is not a positive integer.
+inline absl::StatusOr<std::vector<int>> ParseSizeList(absl::string_view flag, const std::string& s) {
   std::vector<int> v;
   for (absl::string_view p : absl::StrSplit(s, ',', absl::SkipEmpty())) {
     int x = 0;
     if (!absl::SimpleAtoi(p, &x) || x <= 0) {
-      std::fprintf(stderr, "bad list element '%s'\n", std::string(p).c_str());
-      std::exit(2);
+      return absl::InvalidArgumentError(
+          absl::StrCat("--", flag, ": '", p, "' is not a positive integer"));
     }
     v.push_back(x);
   }
+  if (v.empty()) return absl::InvalidArgumentError(absl::StrCat("--", flag, ": required"));
   return v;
+}
+
+// The checks of JOULE_RANK_BENCH_FLAGS, for a config's Validate().
+template <typename Config>
+absl::Status ValidateRankFlags(const Config& c) {
+  if (c.world < 1) return absl::InvalidArgumentError("--world: required, at least 1");
+  if (c.rank < 0 || c.rank >= c.world) {
+    return absl::InvalidArgumentError(absl::StrCat("--rank: must be in [0, ", c.world, ")"));
+  }
+  if (c.dir.empty()) return absl::InvalidArgumentError("--dir: required");
+  if (c.top_k < 1) return absl::InvalidArgumentError("--top-k: must be at least 1");
+  if (auto s = ParseSizeList("hidden", c.hidden); !s.ok()) return s.status();
+  return ParseSizeList("tokens", c.tokens).status();
 }
 
 // A benchmark rank cannot go on after a failed setup step: print and exit 1.

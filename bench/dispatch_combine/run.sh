@@ -55,7 +55,7 @@ joule_run() {
   for ((r = 0; r < ep; r++)); do
     env "$@" "$joule_bin" --rank "$r" --world "$ep" --dir "$dir" \
       --hidden "$hidden" --tokens "$tokens" --out "$tmp/joule-$label.jsonl" \
-      $( [ "$label" = shm-nopeer ] && echo --peer-errors 0 ) &
+      $( [ "$label" = shm-nopeer ] && echo --peer-errors=false ) &
     pids+=($!)
   done
   local rc=0

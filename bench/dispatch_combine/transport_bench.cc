@@ -2,7 +2,7 @@
 // EP of them; UCX_TLS picks shared memory or TCP).
 //
 //   joule-transport-bench --rank R --world W --dir DIR --hidden 2048,7168
-//       --tokens 1,4,16,64,128,256,1024,4096 [--top-k 8] [--peer-errors 1|0] [--out FILE]
+//       --tokens 1,4,16,64,128,256,1024,4096 [--top-k 8] [--peer-errors=false] [--out FILE]
 //
 // Per point: every rank routes tokens x top_k rows of hidden BF16 values
 // spread evenly over the W ranks (its own share is a local copy), as a
@@ -24,53 +24,31 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "bench/dispatch_combine/rank_util.h"
+#include "common/options.h"
 #include "worker/ep/ucx_transport.h"
 
 namespace {
 
 using joule::bench::Check;
-using joule::bench::ParseList;
+using joule::bench::ParseSizeList;
 using joule::bench::Rendezvous;
 
 struct Args {
-  int rank = -1, world = 0, top_k = 8;
-  bool peer_errors = true;  // UcxOptions::peer_error_handling
-  std::string dir, out;
-  std::vector<int> hidden, tokens;
+  JOULE_RANK_BENCH_FLAGS(JOULE_OPTION_FIELD)
+  std::vector<joule::Option> Options() { return {JOULE_RANK_BENCH_FLAGS(JOULE_OPTION_BIND)}; }
+  absl::Status Validate() const { return joule::bench::ValidateRankFlags(*this); }
 };
-
-Args Parse(int argc, char** argv) {
-  Args a;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string k = argv[i], v = argv[i + 1];
-    if (k == "--rank") a.rank = std::atoi(v.c_str());
-    else if (k == "--world") a.world = std::atoi(v.c_str());
-    else if (k == "--top-k") a.top_k = std::atoi(v.c_str());
-    else if (k == "--peer-errors") a.peer_errors = v != "0";
-    else if (k == "--dir") a.dir = v;
-    else if (k == "--out") a.out = v;
-    else if (k == "--hidden") a.hidden = ParseList(v);
-    else if (k == "--tokens") a.tokens = ParseList(v);
-    else {
-      std::fprintf(stderr, "unknown flag %s\n", k.c_str());
-      std::exit(2);
-    }
-  }
-  if (a.rank < 0 || a.world < 1 || a.rank >= a.world || a.dir.empty() || a.hidden.empty() ||
-      a.tokens.empty() || a.top_k < 1) {
-    std::fprintf(stderr,
-                 "usage: %s --rank R --world W --dir DIR --hidden H,.. --tokens T,.. "
-                 "[--top-k K] [--peer-errors 1|0] [--out FILE]\n",
-                 argv[0]);
-    std::exit(2);
-  }
-  return a;
-}
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  const Args a = Parse(argc, argv);
+  auto parsed = joule::ParseConfig<Args>(
+      "usage: joule-transport-bench --rank R --world W --dir DIR --hidden H,.. --tokens T,.. [flags]",
+      "JOULE_BENCH_", argc, argv);
+  if (!parsed.ok()) return joule::ReportOptionsError("joule-transport-bench", parsed.status());
+  const Args& a = *parsed;
+  const std::vector<int> hidden_sizes = *ParseSizeList("hidden", a.hidden);
+  const std::vector<int> token_counts = *ParseSizeList("tokens", a.tokens);
   auto created = joule::ep::UcxTransport::Create(a.rank, a.world, {.timeout = absl::Seconds(60)},
                                                  {.peer_error_handling = a.peer_errors});
   Check(created.status(), "create");
@@ -81,8 +59,8 @@ int main(int argc, char** argv) {
   if (a.rank == 0 && !a.out.empty()) out = std::fopen(a.out.c_str(), "a");
   const char* tls = std::getenv("UCX_TLS");
   const int w = a.world;
-  for (int hidden : a.hidden) {
-    for (int tokens : a.tokens) {
+  for (int hidden : hidden_sizes) {
+    for (int tokens : token_counts) {
       const size_t row = size_t(hidden) * 2;  // BF16
       const size_t rows = size_t(tokens) * a.top_k;
       // Rows spread evenly; the first (rows % w) ranks get one more.

@@ -36,6 +36,7 @@
 #include "boost/beast/core.hpp"
 #include "boost/beast/http.hpp"
 #include "nlohmann/json.hpp"
+#include "common/options.h"
 #include "proto/joule/v1/generate.grpc.pb.h"
 
 namespace {
@@ -47,20 +48,30 @@ using tcp = asio::ip::tcp;
 using Clock = std::chrono::steady_clock;
 using nlohmann::json;
 
-struct Options {
-  std::string http = "127.0.0.1:8000";  // host:port of the HTTP front door
-  std::string grpc;                     // host:port of the gRPC Frontend
-  std::string model;                    // model id; empty: the first of GET /v1/models
-  int warmup = 30;
-  int latency_requests = 300;  // per path
-  int latency_max_tokens = 1;
-  int streams = 1000;
-  int stream_max_tokens = 500;
-  double open_timeout_s = 120;  // for every stream to get its first token
-  double hold_s = 5;            // streams stay open this long after that
-  int coordinator_pid = 0;      // for CPU time and threads while streams are open
-  std::string worker_metrics;   // host:port of a worker's /metrics, to check cancellation freed KV
-  std::string json_out;
+#define JOULE_HTTP_BENCH_FLAGS(X)                                                                \
+  X(std::string, http, "127.0.0.1:8000", "host:port of the HTTP front door")                    \
+  X(std::string, grpc, "", "host:port of the gRPC Frontend (required for the latency phase)")   \
+  X(std::string, model, "", "model id; empty: the first of GET /v1/models")                    \
+  X(int, warmup, 30, "untimed requests per path before the latency phase")                     \
+  X(int, latency_requests, 300, "timed requests per path; 0 skips the latency phase")          \
+  X(int, latency_max_tokens, 1, "max_tokens of a latency request")                             \
+  X(int, streams, 1000, "concurrent SSE streams to open")                                      \
+  X(int, stream_max_tokens, 500, "max_tokens of each stream")                                  \
+  X(double, open_timeout_s, 120, "for every stream to get its first token")                    \
+  X(double, hold_s, 5, "streams stay open this long after that")                               \
+  X(int, coordinator_pid, 0, "for CPU time and threads while streams are open")                \
+  X(std::string, worker_metrics, "", "host:port of a worker's /metrics, to check cancellation freed KV") \
+  X(std::string, json_out, "", "write the results here (default: stdout)")
+
+struct BenchConfig {
+  JOULE_HTTP_BENCH_FLAGS(JOULE_OPTION_FIELD)
+  std::vector<joule::Option> Options() { return {JOULE_HTTP_BENCH_FLAGS(JOULE_OPTION_BIND)}; }
+  absl::Status Validate() const {
+    if (grpc.empty() && latency_requests > 0) {
+      return absl::InvalidArgumentError("--grpc: required for the latency phase");
+    }
+    return absl::OkStatus();
+  }
 };
 
 double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
@@ -128,7 +139,7 @@ struct LatencyResult {
   std::string first_error;
 };
 
-LatencyResult MeasureLatency(const Options& o, const std::string& model) {
+LatencyResult MeasureLatency(const BenchConfig& o, const std::string& model) {
   LatencyResult r;
   HttpConnection conn(o.http);
   auto channel = grpc::CreateChannel(o.grpc, grpc::InsecureChannelCredentials());
@@ -231,7 +242,7 @@ struct Stream : std::enable_shared_from_this<Stream> {
 
 class StreamBench {
  public:
-  StreamBench(const Options& o, const std::string& model) : o_(o) {
+  StreamBench(const BenchConfig& o, const std::string& model) : o_(o) {
     auto [host, port] = HostPort(o.http);
     host_ = host;
     tcp::resolver resolver(io_);
@@ -430,7 +441,7 @@ class StreamBench {
   int CoordinatorThreads() const { return o_.coordinator_pid > 0 ? std::atoi(StatusField("Threads").c_str()) : 0; }
   double CoordinatorRssMb() const { return std::atof(StatusField("VmRSS").c_str()) / 1024.0; }
 
-  const Options o_;
+  const BenchConfig o_;
   asio::io_context io_;
   tcp::endpoint endpoint_;
   std::string host_, body_;
@@ -469,39 +480,14 @@ double WaitWorkerIdle(const std::string& hp, double timeout_s, json* last) {
   return -1;
 }
 
-int Usage(const char* msg) {
-  std::fprintf(stderr,
-               "joule-http-bench: %s\nusage: joule-http-bench --http HOST:PORT --grpc HOST:PORT "
-               "[--model ID] [--latency-requests N] [--warmup N] [--streams N] "
-               "[--stream-max-tokens N] [--hold-s S] [--open-timeout-s S] [--coordinator-pid PID] "
-               "[--worker-metrics HOST:PORT] [--json FILE]\n",
-               msg);
-  return 2;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
-  Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string flag = argv[i];
-    if (i + 1 >= argc) return Usage(("missing value for " + flag).c_str());
-    const std::string v = argv[++i];
-    if (flag == "--http") o.http = v;
-    else if (flag == "--grpc") o.grpc = v;
-    else if (flag == "--model") o.model = v;
-    else if (flag == "--warmup") o.warmup = std::atoi(v.c_str());
-    else if (flag == "--latency-requests") o.latency_requests = std::atoi(v.c_str());
-    else if (flag == "--streams") o.streams = std::atoi(v.c_str());
-    else if (flag == "--stream-max-tokens") o.stream_max_tokens = std::atoi(v.c_str());
-    else if (flag == "--hold-s") o.hold_s = std::atof(v.c_str());
-    else if (flag == "--open-timeout-s") o.open_timeout_s = std::atof(v.c_str());
-    else if (flag == "--coordinator-pid") o.coordinator_pid = std::atoi(v.c_str());
-    else if (flag == "--worker-metrics") o.worker_metrics = v;
-    else if (flag == "--json") o.json_out = v;
-    else return Usage(("unknown flag " + flag).c_str());
-  }
-  if (o.grpc.empty() && o.latency_requests > 0) return Usage("--grpc is required for the latency phase");
+  auto parsed = joule::ParseConfig<BenchConfig>(
+      "usage: joule-http-bench --http HOST:PORT --grpc HOST:PORT [flags]", "JOULE_HTTP_BENCH_", argc,
+      argv);
+  if (!parsed.ok()) return joule::ReportOptionsError("joule-http-bench", parsed.status());
+  const BenchConfig& o = *parsed;
   // One socket per stream: raise the descriptor limit as far as allowed.
   rlimit lim{};
   if (getrlimit(RLIMIT_NOFILE, &lim) == 0 && lim.rlim_cur < lim.rlim_max) {

@@ -60,7 +60,7 @@ metrics_port="$(cat "$E2E_TMP/metrics_port")"
 "$BUILD/bench/http/joule-http-bench" --http "127.0.0.1:$http_port" --grpc "127.0.0.1:$grpc_port" \
   --latency-requests "$latency_requests" --streams "$streams" --stream-max-tokens 500 --hold-s 5 \
   --coordinator-pid "$coordinator_pid" --worker-metrics "127.0.0.1:$metrics_port" \
-  --json "$E2E_TMP/bench.json"
+  --json-out "$E2E_TMP/bench.json"
 
 # Pass/fail for ctest: no errors, every stream streaming at once, KV freed.
 JOULE_BENCH_COMMAND="bench/http/run.sh BUILD_DIR $*" /usr/bin/python3 - "$E2E_TMP/bench.json" \
