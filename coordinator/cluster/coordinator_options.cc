@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "scheduler/config.h"
 
 namespace joule::cluster {
 
@@ -14,9 +15,11 @@ absl::Status CoordinatorOptions::Validate() const {
   if (workers < 1) {
     return absl::InvalidArgumentError(absl::StrCat("--workers: must be at least 1, got ", workers));
   }
-  if (policy != "none" && policy != "fcfs" && policy != "priority" && policy != "ipw") {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--policy: must be fcfs, priority, ipw or none, got '", policy, "'"));
+  if (policy != "none") {
+    if (auto kind = scheduler::ParsePolicyKind(policy, "--policy"); !kind.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(kind.status().message(), ", or \"none\" (no scheduler)"));
+    }
   }
   if (port < 0 || port > 65535) {
     return absl::InvalidArgumentError(absl::StrCat("--port: must be in [0, 65535], got ", port));

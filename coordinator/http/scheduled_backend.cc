@@ -96,7 +96,7 @@ void ScheduledBackend::GenerateAsync(const v1::GenerateRequest& request, absl::T
                                     .prompt_tokens = request.prompt_token_ids_size(),
                                     .max_tokens = request.sampling().max_tokens()});
       if (refused.ok()) {
-        queued_[id] = Queued{request, deadline, std::move(sink), std::move(done)};
+        queued_[id] = Queued{tier, request, deadline, std::move(sink), std::move(done)};
         ids_[request.request_id()] = id;
         woken_ = true;
       }
@@ -183,7 +183,7 @@ void ScheduledBackend::Loop() {
 
 void ScheduledBackend::Send(uint64_t id, int rank, Queued q) {
   const scheduler::PolicyKind policy = scheduler_->config().policy;
-  const scheduler::Tier tier = scheduler::ParseServiceTier(q.request.service_tier()).value();
+  const scheduler::Tier tier = q.tier;
   v1::GenerateRequest forward = std::move(q.request);
   if (policy != scheduler::PolicyKind::kFcfs) {
     forward.set_priority(static_cast<int>(tier));

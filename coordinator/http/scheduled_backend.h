@@ -44,6 +44,7 @@ class ScheduledBackend final : public GenerationBackend {
 
  private:
   struct Queued {
+    scheduler::Tier tier;
     v1::GenerateRequest request;
     absl::Time deadline;
     std::shared_ptr<cluster::GenerateSink> sink;

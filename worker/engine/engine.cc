@@ -206,7 +206,7 @@ int64_t Engine::PlanStep() {
   bool admitting = true;  // stops at the first waiting sequence that does not fit
   for (Sequence* seq : candidates) {
     if (budget <= 0) break;
-    if (seq->plan_mark == plan_epoch_ || !sequences_.contains(seq->id)) continue;
+    if (seq->plan_mark == plan_epoch_) continue;
     const int remaining = static_cast<int>(seq->tokens.size()) - seq->num_computed;
     const int chunk = std::min({remaining, budget, options_.max_prefill_chunk});
     if (seq->running) {

@@ -39,16 +39,22 @@ absl::Status EnergyAttributor::BeginStep() {
   return absl::OkStatus();
 }
 
-absl::Status EnergyAttributor::EndStep(absl::Span<const StepTokens> tokens) {
-  absl::MutexLock lock(&mu_);
+absl::Status EnergyAttributor::CloseStep(const char* caller, double* joules) {
   if (!in_step_ || !have_last_) {
-    return absl::FailedPreconditionError("EndStep without a successful BeginStep");
+    return absl::FailedPreconditionError(absl::StrCat(caller, " without a successful BeginStep"));
   }
   in_step_ = false;
   double now = 0;
   if (absl::Status s = Read(&now); !s.ok()) return s;
-  const double step = now - last_;
+  *joules = now - last_;
   last_ = now;
+  return absl::OkStatus();
+}
+
+absl::Status EnergyAttributor::EndStep(absl::Span<const StepTokens> tokens) {
+  absl::MutexLock lock(&mu_);
+  double step = 0;
+  if (absl::Status s = CloseStep("EndStep", &step); !s.ok()) return s;
   ++totals_.steps;
   const double handed = SplitByTokens(step, tokens, &per_request_);
   totals_.attributed_joules += handed;
@@ -61,14 +67,9 @@ absl::Status EnergyAttributor::EndStep(absl::Span<const StepTokens> tokens) {
 
 absl::Status EnergyAttributor::EndIdleStep() {
   absl::MutexLock lock(&mu_);
-  if (!in_step_ || !have_last_) {
-    return absl::FailedPreconditionError("EndIdleStep without a successful BeginStep");
-  }
-  in_step_ = false;
-  double now = 0;
-  if (absl::Status s = Read(&now); !s.ok()) return s;
-  totals_.idle_joules += now - last_;
-  last_ = now;
+  double round = 0;
+  if (absl::Status s = CloseStep("EndIdleStep", &round); !s.ok()) return s;
+  totals_.idle_joules += round;
   return absl::OkStatus();
 }
 

@@ -66,6 +66,8 @@ class EnergyAttributor {
 
  private:
   absl::Status Read(double* joules) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Ends the interval BeginStep opened: its energy into *joules.
+  absl::Status CloseStep(const char* caller, double* joules) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   EnergyMeter* const meter_;
   mutable absl::Mutex mu_;
