@@ -8,6 +8,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "common/dtype.h"
+#include "common/file.h"
 #include "common/safetensors.h"
 #include "common/status.h"
 #include "nlohmann/json.hpp"
@@ -70,10 +71,8 @@ absl::StatusOr<std::string> ComputeModelFingerprint(const std::string& config_js
 
 absl::StatusOr<std::string> ModelFingerprint(const std::string& model_dir) {
   const std::string config_path = model_dir + "/config.json";
-  std::ifstream in(config_path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("model fingerprint: cannot read ", config_path));
-  std::stringstream text;
-  text << in.rdbuf();
+  absl::StatusOr<std::string> text = ReadFile(config_path);
+  if (!text.ok()) return Annotate(text.status(), "model fingerprint");
 
   auto checkpoint = Checkpoint::Open(model_dir);
   if (!checkpoint.ok()) return Annotate(checkpoint.status(), "model fingerprint");
@@ -83,7 +82,7 @@ absl::StatusOr<std::string> ModelFingerprint(const std::string& model_dir) {
     tensors.push_back(TensorSignature{
         .name = name, .dtype = std::string(DTypeName(view->dtype)), .shape = view->shape});
   }
-  auto fp = ComputeModelFingerprint(text.str(), std::move(tensors));
+  auto fp = ComputeModelFingerprint(*text, std::move(tensors));
   if (!fp.ok()) return Annotate(fp.status(), config_path);
   return fp;
 }

@@ -18,6 +18,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/file.h"
 #include "common/status.h"
 #include "nlohmann/json.hpp"
 
@@ -88,15 +89,6 @@ std::string ShapeString(const std::vector<int64_t>& shape) {
 bool PathExists(const std::string& path) {
   struct stat st;
   return ::stat(path.c_str(), &st) == 0;
-}
-
-absl::StatusOr<std::string> ReadWholeFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return ErrnoError(errno, "cannot open", path);
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) return ErrnoError(errno, "cannot read", path);
-  return ss.str();
 }
 
 std::string JoinPath(const std::string& dir, const std::string& name) {
@@ -334,7 +326,7 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
   const std::string single_path = JoinPath(dir, kSingleFile);
 
   if (PathExists(index_path)) {
-    ASSIGN_OR_RETURN(std::string text, ReadWholeFile(index_path));
+    ASSIGN_OR_RETURN(std::string text, ReadFile(index_path));
     json index = json::parse(text, nullptr, /*allow_exceptions=*/false);
     if (index.is_discarded()) {
       return absl::InvalidArgumentError(absl::StrCat(index_path, ": not valid JSON"));

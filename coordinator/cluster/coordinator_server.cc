@@ -1,10 +1,9 @@
 #include "coordinator/cluster/coordinator_server.h"
 
 #include <algorithm>
-#include <fstream>
-#include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "common/file.h"
 #include "common/logging.h"
 #include "common/model_fingerprint.h"
 #include "common/status.h"
@@ -30,14 +29,11 @@ absl::StatusOr<scheduler::SchedulerConfig> LoadSchedulerConfig(const Coordinator
                                                               const TierCaps& caps) {
   scheduler::SchedulerConfig config;
   if (!options.scheduler_config.empty()) {
-    std::ifstream in(options.scheduler_config);
-    if (!in) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--scheduler-config: cannot read ", options.scheduler_config));
+    absl::StatusOr<std::string> text = ReadFile(options.scheduler_config);
+    if (!text.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("--scheduler-config: ", text.status().message()));
     }
-    std::stringstream text;
-    text << in.rdbuf();
-    auto parsed = scheduler::ParseSchedulerConfig(text.str());
+    auto parsed = scheduler::ParseSchedulerConfig(*text);
     if (!parsed.ok()) {
       return absl::InvalidArgumentError(absl::StrCat("--scheduler-config ", options.scheduler_config,
                                                      ": ", parsed.status().message()));

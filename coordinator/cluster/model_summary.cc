@@ -7,6 +7,8 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "common/file.h"
+#include "common/status.h"
 #include "nlohmann/json.hpp"
 
 namespace joule::cluster {
@@ -96,11 +98,8 @@ absl::StatusOr<ModelSummary> ParseModelSummary(const std::string& json_text,
 
 absl::StatusOr<ModelSummary> ReadModelSummary(const std::string& model_dir) {
   const std::string path = model_dir + "/config.json";
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
-  std::stringstream text;
-  text << in.rdbuf();
-  auto m = ParseModelSummary(text.str(), path);
+  ASSIGN_OR_RETURN(const std::string text, ReadFile(path));
+  auto m = ParseModelSummary(text, path);
   if (!m.ok()) return m.status();
   std::filesystem::path dir(model_dir);
   if (!dir.has_filename()) dir = dir.parent_path();  // "models/x/" -> "models/x"

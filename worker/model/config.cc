@@ -12,6 +12,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/file.h"
 #include "common/status.h"
 #include "nlohmann/json.hpp"
 
@@ -427,16 +428,14 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text,
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
   std::string path = model_dir.empty() || model_dir.back() == '/' ? model_dir + "config.json"
                                                                   : model_dir + "/config.json";
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    int err = errno;
-    if (err == ENOENT) return absl::NotFoundError(absl::StrCat("model config not found: ", path));
-    return absl::ErrnoToStatus(err, absl::StrCat("cannot open ", path));
+  absl::StatusOr<std::string> text = ReadFile(path);
+  if (!text.ok()) {
+    if (absl::IsNotFound(text.status())) {
+      return absl::NotFoundError(absl::StrCat("model config not found: ", path));
+    }
+    return text.status();
   }
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) return absl::ErrnoToStatus(errno, absl::StrCat("cannot read ", path));
-  return ParseModelConfig(ss.str(), path);
+  return ParseModelConfig(*text, path);
 }
 
 }  // namespace joule
