@@ -63,94 +63,11 @@ def fmt(x, spec=".2f"):
     return "-" if x is None else format(x, spec)
 
 
-def transport_report(raw, out_dir, command):
-    perftest = {(p["tls"], p["bytes_per_peer"]): p["bw_MBps"] * MIB / 1e9
-                for p in load(os.path.join(raw, "perftest.jsonl"))}
-    mpi = {}
-    for label in ("mpi-shm", "mpi-tcp"):
-        for m in load(os.path.join(raw, f"{label}.jsonl")):
-            mpi[(label, m["ep"], m["hidden"], m["tokens"])] = m
-    rows, ratios = [], {}
-    for label, (ptls, mpi_label, _) in CONFIGS.items():
-        bw_ratios, mpi_ratios = [], []
-        for j in load(os.path.join(raw, f"joule-{label}.jsonl")):
-            pt = perftest.get((ptls, j["bytes_per_peer"]))
-            m = mpi.get((mpi_label, j["ep"], j["hidden"], j["tokens"]))
-            row = dict(j, config=label, perftest_GBps=pt,
-                       vs_perftest=(j["algbw_GBps"] / pt) if pt else None,
-                       mpi_latency_us=m["latency_us_median"] if m else None,
-                       mpi_over_joule_latency=(m["latency_us_median"] / j["latency_us_median"])
-                       if m else None)
-            rows.append(row)
-            if j["bytes_per_peer"] >= MIB and row["vs_perftest"]:
-                bw_ratios.append(row["vs_perftest"])
-            if j["tokens"] == 128 and row["mpi_over_joule_latency"]:
-                mpi_ratios.append((j["ep"], j["hidden"], row["mpi_over_joule_latency"]))
-        ratios[label] = {
-            "bandwidth_vs_ucx_perftest_at_ge_1MiB_per_peer": {
-                "points": len(bw_ratios),
-                "min": min(bw_ratios) if bw_ratios else None,
-                "geomean": geomean(bw_ratios),
-                "max": max(bw_ratios) if bw_ratios else None},
-            "mpi_latency_over_joule_latency_at_128_tokens": {
-                f"ep{ep}_hidden{h}": r for ep, h, r in mpi_ratios},
-        }
-    res = {"date": datetime.date.today().isoformat(), "command": command, "machine": machine(),
-           "definitions": {
-               "payload": "tokens_per_rank x top_k x hidden x 2 bytes (BF16) per rank, spread "
-                          "evenly over the EP ranks (own share is a local copy)",
-               "latency_us_median": "median of one all-to-all-v (a dispatch; combine moves the "
-                                    "same bytes back, so dispatch+combine is about twice it)",
-               "algbw_GBps": "bytes a rank sends to other ranks / median latency",
-               "vs_perftest": "algbw / ucx_perftest tag_bw (one pair, same message size, same "
-                              "UCX_TLS, same run)",
-               "mpi_over_joule_latency": "MPI_Alltoallv median latency / Joule median latency "
-                                         "(>= 1: Joule no slower)"},
-           "ratios": ratios, "rows": rows}
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "dispatch_combine-transport.json"), "w") as f:
-        json.dump(res, f, indent=1)
-
-    mc = res["machine"]
-    lines = ["# Dispatch/combine benchmark: transport level (all-to-all-v)", "",
-             f"Machine: {mc['cpu']}, {mc['cores']} cores (shared with other jobs; load average "
-             f"{mc['load_average_at_end']} at the end), {mc['memory_gib']} GiB, Linux "
-             f"{mc['kernel']}; UCX {mc['ucx']}; {mc['mpi']}. Date {res['date']}.",
-             f"Command: `{command}`", "",
-             "Payload per rank: tokens x top-k 8 x hidden x 2 bytes (BF16), spread evenly over "
-             "the EP ranks. Latency is the median of one all-to-all-v (dispatch; combine is the "
-             "same exchange reversed). algbw = bytes sent to other ranks / latency. Baselines "
-             "measured in the same run: ucx_perftest tag_bw at the same per-peer message size "
-             "(one pair, unidirectional) and OpenMPI MPI_Alltoallv (pml ob1; vader for shm, tcp "
-             "over loopback for tcp).", "", "## Ratios", "",
-             "| Joule configuration | bandwidth / ucx_perftest at >= 1 MiB per peer (min / geomean / max, points) | MPI_Alltoallv latency / Joule latency at 128 tokens per rank |",
-             "|---|---|---|"]
-    for label, (_, _, desc) in CONFIGS.items():
-        r = ratios[label]
-        b = r["bandwidth_vs_ucx_perftest_at_ge_1MiB_per_peer"]
-        m = ", ".join(f"{k}: {v:.2f}x" for k, v in
-                      r["mpi_latency_over_joule_latency_at_128_tokens"].items()) or "-"
-        lines.append(f"| {desc} | {fmt(b['min'])} / {fmt(b['geomean'])} / {fmt(b['max'])} "
-                     f"({b['points']}) | {m} |")
-    for label, (_, _, desc) in CONFIGS.items():
-        lines += ["", f"## {desc}", "",
-                  "| EP | hidden | tokens/rank | bytes/peer | latency us | algbw GB/s | perftest GB/s | vs perftest | MPI latency us | MPI/Joule |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            if r["config"] != label:
-                continue
-            lines.append(f"| {r['ep']} | {r['hidden']} | {r['tokens']} | {r['bytes_per_peer']} | "
-                         f"{r['latency_us_median']:.1f} | {r['algbw_GBps']:.2f} | "
-                         f"{fmt(r['perftest_GBps'])} | {fmt(r['vs_perftest'])} | "
-                         f"{fmt(r['mpi_latency_us'], '.1f')} | {fmt(r['mpi_over_joule_latency'])} |")
-    lines += ["", "ExpertParallelExecutor-level dispatch+combine: "
-              "bench/results/dispatch_combine-executor.md (run.sh --executor)."]
-    with open(os.path.join(out_dir, "dispatch_combine-transport.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines[:16]))
-
-
-def executor_report(raw, out_dir, command):
+def join_baselines(raw, omit_empty_configs):
+    """Joule's points with the ucx_perftest and MPI baselines of the same run
+    joined in, and per configuration the ratios the issue asks for. Points a
+    rank skipped (memory) are returned apart. With omit_empty_configs a
+    configuration without points gets no ratios entry."""
     perftest = {(p["tls"], p["bytes_per_peer"]): p["bw_MBps"] * MIB / 1e9
                 for p in load(os.path.join(raw, "perftest.jsonl"))}
     mpi = {}
@@ -176,7 +93,8 @@ def executor_report(raw, out_dir, command):
                 bw_ratios.append(row["vs_perftest"])
             if j["tokens"] == 128 and row["mpi_over_joule_latency"]:
                 mpi_ratios.append((j["ep"], j["hidden"], row["mpi_over_joule_latency"]))
-        if not bw_ratios and not mpi_ratios and not any(r["config"] == label for r in rows):
+        if (omit_empty_configs and not bw_ratios and not mpi_ratios
+                and not any(r["config"] == label for r in rows)):
             continue
         ratios[label] = {
             "bandwidth_vs_ucx_perftest_at_ge_1MiB_per_peer": {
@@ -187,6 +105,82 @@ def executor_report(raw, out_dir, command):
             "mpi_latency_over_joule_latency_at_128_tokens": {
                 f"ep{ep}_hidden{h}": r for ep, h, r in mpi_ratios},
         }
+    return rows, skipped, ratios
+
+
+def header_lines(title, res, command):
+    mc = res["machine"]
+    return [title, "",
+            f"Machine: {mc['cpu']}, {mc['cores']} cores (shared with other jobs; load average "
+            f"{mc['load_average_at_end']} at the end), {mc['memory_gib']} GiB, Linux "
+            f"{mc['kernel']}; UCX {mc['ucx']}; {mc['mpi']}. Date {res['date']}.",
+            f"Command: `{command}`", ""]
+
+
+def ratio_lines(ratios, mpi_column):
+    """The "## Ratios" table, one line per configuration that has ratios."""
+    lines = ["## Ratios", "",
+             "| Joule configuration | bandwidth / ucx_perftest at >= 1 MiB per peer (min / "
+             f"geomean / max, points) | {mpi_column} |",
+             "|---|---|---|"]
+    for label, (_, _, desc) in CONFIGS.items():
+        if label not in ratios:
+            continue
+        r = ratios[label]
+        b = r["bandwidth_vs_ucx_perftest_at_ge_1MiB_per_peer"]
+        m = ", ".join(f"{k}: {v:.2f}x" for k, v in
+                      r["mpi_latency_over_joule_latency_at_128_tokens"].items()) or "-"
+        lines.append(f"| {desc} | {fmt(b['min'])} / {fmt(b['geomean'])} / {fmt(b['max'])} "
+                     f"({b['points']}) | {m} |")
+    return lines
+
+
+def transport_report(raw, out_dir, command):
+    rows, _, ratios = join_baselines(raw, omit_empty_configs=False)
+    res = {"date": datetime.date.today().isoformat(), "command": command, "machine": machine(),
+           "definitions": {
+               "payload": "tokens_per_rank x top_k x hidden x 2 bytes (BF16) per rank, spread "
+                          "evenly over the EP ranks (own share is a local copy)",
+               "latency_us_median": "median of one all-to-all-v (a dispatch; combine moves the "
+                                    "same bytes back, so dispatch+combine is about twice it)",
+               "algbw_GBps": "bytes a rank sends to other ranks / median latency",
+               "vs_perftest": "algbw / ucx_perftest tag_bw (one pair, same message size, same "
+                              "UCX_TLS, same run)",
+               "mpi_over_joule_latency": "MPI_Alltoallv median latency / Joule median latency "
+                                         "(>= 1: Joule no slower)"},
+           "ratios": ratios, "rows": rows}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "dispatch_combine-transport.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+    lines = header_lines("# Dispatch/combine benchmark: transport level (all-to-all-v)", res, command)
+    lines += ["Payload per rank: tokens x top-k 8 x hidden x 2 bytes (BF16), spread evenly over "
+              "the EP ranks. Latency is the median of one all-to-all-v (dispatch; combine is the "
+              "same exchange reversed). algbw = bytes sent to other ranks / latency. Baselines "
+              "measured in the same run: ucx_perftest tag_bw at the same per-peer message size "
+              "(one pair, unidirectional) and OpenMPI MPI_Alltoallv (pml ob1; vader for shm, tcp "
+              "over loopback for tcp).", ""]
+    lines += ratio_lines(ratios, "MPI_Alltoallv latency / Joule latency at 128 tokens per rank")
+    for label, (_, _, desc) in CONFIGS.items():
+        lines += ["", f"## {desc}", "",
+                  "| EP | hidden | tokens/rank | bytes/peer | latency us | algbw GB/s | perftest GB/s | vs perftest | MPI latency us | MPI/Joule |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if r["config"] != label:
+                continue
+            lines.append(f"| {r['ep']} | {r['hidden']} | {r['tokens']} | {r['bytes_per_peer']} | "
+                         f"{r['latency_us_median']:.1f} | {r['algbw_GBps']:.2f} | "
+                         f"{fmt(r['perftest_GBps'])} | {fmt(r['vs_perftest'])} | "
+                         f"{fmt(r['mpi_latency_us'], '.1f')} | {fmt(r['mpi_over_joule_latency'])} |")
+    lines += ["", "ExpertParallelExecutor-level dispatch+combine: "
+              "bench/results/dispatch_combine-executor.md (run.sh --executor)."]
+    with open(os.path.join(out_dir, "dispatch_combine-transport.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines[:16]))
+
+
+def executor_report(raw, out_dir, command):
+    rows, skipped, ratios = join_baselines(raw, omit_empty_configs=True)
     model = rows[0] if rows else {}
     res = {"date": datetime.date.today().isoformat(), "command": command, "machine": machine(),
            "model": {"family": "qwen3_moe (synthetic, one decoder layer, MoE)",
@@ -228,51 +222,35 @@ def executor_report(raw, out_dir, command):
     with open(os.path.join(out_dir, "dispatch_combine-executor.json"), "w") as f:
         json.dump(res, f, indent=1)
 
-    mc = res["machine"]
-    lines = ["# Dispatch/combine benchmark: ExpertParallelExecutor level", "",
-             f"Machine: {mc['cpu']}, {mc['cores']} cores (shared with other jobs; load average "
-             f"{mc['load_average_at_end']} at the end), {mc['memory_gib']} GiB, Linux "
-             f"{mc['kernel']}; UCX {mc['ucx']}; {mc['mpi']}. Date {res['date']}.",
-             f"Command: `{command}`", "",
-             f"Each rank process loads a synthetic Qwen3-MoE checkpoint with one MoE layer "
-             f"({model.get('experts')} experts, top-k {model.get('top_k')}, "
-             f"moe_intermediate_size {model.get('moe_intermediate')}) through the production "
-             "loader, only its own experts (contiguous placement), and runs "
-             "`ExpertParallelExecutor::Run` with BF16 payloads over `UcxTransport`, one thread "
-             "per rank, a barrier before each Run, after warm-up Runs (the first with 10% fewer "
-             "tokens, so that the executor's scratch buffers get headroom and random routing "
-             "does not regrow them during timed Runs). Routing is uniform at random (top-k distinct "
-             "experts per token, fresh every iteration). The tiny moe_intermediate_size makes "
-             "the expert GEMMs negligible next to communication, and they are excluded anyway: "
-             "latency = the slowest rank's dispatch + combine seconds from `stats()` (layout, "
-             "count exchange, BF16 packing, both all-to-alls, un-permute), median over "
-             "iterations. Run = the whole `Run` wall time (adds regrouping received rows and the "
-             "expert GEMMs). faults/Run = minor page faults during a Run (median, slowest rank). "
-             "algbw = payload bytes a rank sends to other ranks in dispatch "
-             "(rows of hidden x 2 + 4 bytes) and combine (hidden x 2) / latency. bytes/peer = "
-             "expected dispatch message to one peer.", "",
-             "Baselines measured in the same run: ucx_perftest tag_bw at bytes/peer (one pair, "
-             "unidirectional, same UCX_TLS) and OpenMPI (pml ob1; vader for shm, tcp over "
-             "loopback for tcp) doing an MPI_Allgather of the counts plus the dispatch and the "
-             "combine MPI_Alltoallv on the same payloads (rows spread evenly, no packing), "
-             "slowest rank, median.", ""]
+    lines = header_lines("# Dispatch/combine benchmark: ExpertParallelExecutor level", res, command)
+    lines += [f"Each rank process loads a synthetic Qwen3-MoE checkpoint with one MoE layer "
+              f"({model.get('experts')} experts, top-k {model.get('top_k')}, "
+              f"moe_intermediate_size {model.get('moe_intermediate')}) through the production "
+              "loader, only its own experts (contiguous placement), and runs "
+              "`ExpertParallelExecutor::Run` with BF16 payloads over `UcxTransport`, one thread "
+              "per rank, a barrier before each Run, after warm-up Runs (the first with 10% fewer "
+              "tokens, so that the executor's scratch buffers get headroom and random routing "
+              "does not regrow them during timed Runs). Routing is uniform at random (top-k distinct "
+              "experts per token, fresh every iteration). The tiny moe_intermediate_size makes "
+              "the expert GEMMs negligible next to communication, and they are excluded anyway: "
+              "latency = the slowest rank's dispatch + combine seconds from `stats()` (layout, "
+              "count exchange, BF16 packing, both all-to-alls, un-permute), median over "
+              "iterations. Run = the whole `Run` wall time (adds regrouping received rows and the "
+              "expert GEMMs). faults/Run = minor page faults during a Run (median, slowest rank). "
+              "algbw = payload bytes a rank sends to other ranks in dispatch "
+              "(rows of hidden x 2 + 4 bytes) and combine (hidden x 2) / latency. bytes/peer = "
+              "expected dispatch message to one peer.", "",
+              "Baselines measured in the same run: ucx_perftest tag_bw at bytes/peer (one pair, "
+              "unidirectional, same UCX_TLS) and OpenMPI (pml ob1; vader for shm, tcp over "
+              "loopback for tcp) doing an MPI_Allgather of the counts plus the dispatch and the "
+              "combine MPI_Alltoallv on the same payloads (rows spread evenly, no packing), "
+              "slowest rank, median.", ""]
     if skipped:
         lines += ["Reduced sweep: points skipped because all ranks' buffers would not fit in "
                   "the memory share the benchmark allows itself on this shared host: " + ", ".join(
                       f"{s['config']} EP {s['ep']} hidden {s['hidden']} tokens {s['tokens']} "
                       f"({s['skipped']})" for s in skipped) + ".", ""]
-    lines += ["## Ratios", "",
-              "| Joule configuration | bandwidth / ucx_perftest at >= 1 MiB per peer (min / geomean / max, points) | MPI latency / Joule latency at 128 tokens per rank |",
-              "|---|---|---|"]
-    for label, (_, _, desc) in CONFIGS.items():
-        if label not in ratios:
-            continue
-        r = ratios[label]
-        b = r["bandwidth_vs_ucx_perftest_at_ge_1MiB_per_peer"]
-        m = ", ".join(f"{k}: {v:.2f}x" for k, v in
-                      r["mpi_latency_over_joule_latency_at_128_tokens"].items()) or "-"
-        lines.append(f"| {desc} | {fmt(b['min'])} / {fmt(b['geomean'])} / {fmt(b['max'])} "
-                     f"({b['points']}) | {m} |")
+    lines += ratio_lines(ratios, "MPI latency / Joule latency at 128 tokens per rank")
     for label, (_, _, desc) in CONFIGS.items():
         if label not in ratios:
             continue
