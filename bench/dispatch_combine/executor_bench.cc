@@ -351,9 +351,18 @@ int main(int argc, char** argv) {
         }
       }
       const double lat_us = Median(dc) * 1e6;
-      // The expected dispatch message to one peer (what ucx_perftest is run at).
-      const double rows_per_peer = double(tokens) * K / W;
-      const uint64_t nominal_peer = uint64_t(std::llround(rows_per_peer * (2.0 * hidden + 4)));
+      // The expected dispatch message to one peer (what ucx_perftest is run
+      // at): a token goes to a peer once if any of its K distinct uniform
+      // experts is among the peer's E / W, as a row of hidden BF16 values
+      // plus K expert ids and K router weights.
+      double miss = 1;  // P(none of the token's experts is on a given rank)
+      for (int i = 0; i < K; ++i) miss *= double(E - E / W - i) / (E - i);
+      const double rows_per_peer = double(tokens) * (1 - std::max(miss, 0.0));
+      const uint64_t nominal_peer =
+          uint64_t(std::llround(rows_per_peer * (2.0 * hidden + 8.0 * K)));
+      // What one row per (token, expert) slot would send to other ranks (the
+      // MPI baseline's payload): dispatch hidden x 2 + 4, combine hidden x 2.
+      const double slot_bytes = double(tokens) * K * (W - 1) / W * (4.0 * hidden + 4);
       std::fprintf(
           out,
           "{\"impl\":\"joule-ep-executor\",\"tls\":\"%s\",\"peer_errors\":%s,\"ep\":%d,\"hidden\":%d,"
@@ -364,14 +373,14 @@ int main(int argc, char** argv) {
           "\"excluded_us_median\":%.2f,\"minor_faults_median\":%.0f,\"minor_faults_max\":%.0f,"
           "\"dispatch_bytes_per_rank\":%.0f,"
           "\"combine_bytes_per_rank\":%.0f,\"bytes_per_rank\":%.0f,\"bytes_per_peer\":%llu,"
-          "\"algbw_GBps\":%.4f}\n",
+          "\"algbw_GBps\":%.4f,\"slot_bytes_per_rank\":%.0f,\"slot_algbw_GBps\":%.4f}\n",
           tls ? tls : "default", a.peer_errors ? "true" : "false", W, hidden, tokens, K, E,
           a.moe_intermediate, a.threads, iters, lat_us, Mean(dc) * 1e6, Median(dc_rank_mean) * 1e6,
           Median(disp) * 1e6,
           Median(comb) * 1e6, Median(run) * 1e6, Median(excluded) * 1e6, Median(faults),
           *std::max_element(faults.begin(), faults.end()), bytes_d, bytes_c,
           bytes_d + bytes_c, static_cast<unsigned long long>(nominal_peer),
-          (bytes_d + bytes_c) / lat_us / 1e3);
+          (bytes_d + bytes_c) / lat_us / 1e3, slot_bytes, slot_bytes / lat_us / 1e3);
       std::fflush(out);
     }
     Check(t.Barrier(), "barrier");

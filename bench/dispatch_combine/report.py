@@ -205,10 +205,16 @@ def executor_report(raw, out_dir, command):
                "minor_faults_median": "minor page faults of a rank during one Run (the rank "
                                       "with most, median over iterations)",
                "bytes_per_rank": "payload bytes a rank sends to other ranks per Run, dispatch "
-                                 "(hidden x 2 + 4-byte expert id per row) plus combine (hidden x "
-                                 "2 per row), mean over ranks and iterations",
-               "bytes_per_peer": "expected dispatch message to one peer: tokens x top_k / EP "
-                                 "rows x (hidden x 2 + 4) bytes (the ucx_perftest size)",
+                                 "(one row per token and destination rank: hidden x 2 + top_k "
+                                 "expert ids and router weights) plus combine (hidden x 2 per "
+                                 "row, each rank's weighted sum of the token's experts), mean "
+                                 "over ranks and iterations",
+               "bytes_per_peer": "expected dispatch message to one peer: tokens x P(a token has "
+                                 "an expert there) rows x (hidden x 2 + 8 x top_k) bytes (the "
+                                 "ucx_perftest size)",
+               "slot_algbw_GBps": "bytes one row per (token, expert) slot would send (the MPI "
+                                  "baseline's payload: tokens x top_k x (EP-1)/EP rows of hidden "
+                                  "x 2 + 4 in dispatch and hidden x 2 in combine) / latency",
                "algbw_GBps": "bytes_per_rank / latency_us_median",
                "vs_perftest": "algbw / ucx_perftest tag_bw bandwidth (one pair, unidirectional, "
                               "message = bytes_per_peer, same UCX_TLS, same run)",
@@ -238,8 +244,11 @@ def executor_report(raw, out_dir, command):
               "iterations. Run = the whole `Run` wall time (adds regrouping received rows and the "
               "expert GEMMs). faults/Run = minor page faults during a Run (median, slowest rank). "
               "algbw = payload bytes a rank sends to other ranks in dispatch "
-              "(rows of hidden x 2 + 4 bytes) and combine (hidden x 2) / latency. bytes/peer = "
-              "expected dispatch message to one peer.", "",
+              "(one row per token and destination rank: hidden x 2 + top-k expert ids and "
+              "weights) and combine (hidden x 2 per row: the weighted sum of the token's experts "
+              "on that rank) / latency. slot GB/s = the bytes of one row per (token, expert) "
+              "slot, as the MPI baseline sends, / latency. bytes/peer = expected dispatch "
+              "message to one peer.", "",
               "Baselines measured in the same run: ucx_perftest tag_bw at bytes/peer (one pair, "
               "unidirectional, same UCX_TLS) and OpenMPI (pml ob1; vader for shm, tcp over "
               "loopback for tcp) doing an MPI_Allgather of the counts plus the dispatch and the "
@@ -255,8 +264,8 @@ def executor_report(raw, out_dir, command):
         if label not in ratios:
             continue
         lines += ["", f"## {desc}", "",
-                  "| EP | hidden | tokens/rank | bytes/peer | iters | latency us | dispatch us | combine us | Run us | faults/Run | algbw GB/s | perftest GB/s | vs perftest | MPI latency us | MPI/Joule |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| EP | hidden | tokens/rank | bytes/peer | iters | latency us | dispatch us | combine us | Run us | faults/Run | algbw GB/s | slot GB/s | perftest GB/s | vs perftest | MPI latency us | MPI/Joule |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if r["config"] != label:
                 continue
@@ -264,7 +273,7 @@ def executor_report(raw, out_dir, command):
                          f"{r['iters']} | {r['latency_us_median']:.1f} | "
                          f"{r['dispatch_us_median']:.1f} | {r['combine_us_median']:.1f} | "
                          f"{r['run_us_median']:.1f} | {r.get('minor_faults_median', 0):.0f} | "
-                         f"{r['algbw_GBps']:.2f} | "
+                         f"{r['algbw_GBps']:.2f} | {fmt(r.get('slot_algbw_GBps'))} | "
                          f"{fmt(r['perftest_GBps'])} | {fmt(r['vs_perftest'])} | "
                          f"{fmt(r['mpi_latency_us'], '.1f')} | {fmt(r['mpi_over_joule_latency'])} |")
     lines += ["", "Transport-level all-to-all-v (no executor): "

@@ -52,4 +52,14 @@ void AxpyBf16RowAvx2(float w, const uint16_t* src, float* dst, int64_t n) {
   AxpyBf16RowScalar(w, src + i, dst + i, n - i);
 }
 
+void AxpyF32RowAvx2(float w, const float* src, float* dst, int64_t n) {
+  const __m256 wv = _mm256_set1_ps(w);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(dst + i, _mm256_add_ps(_mm256_loadu_ps(dst + i),
+                                            _mm256_mul_ps(wv, _mm256_loadu_ps(src + i))));
+  }
+  AxpyF32RowScalar(w, src + i, dst + i, n - i);
+}
+
 }  // namespace joule::kernels::cpu

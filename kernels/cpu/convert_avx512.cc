@@ -69,4 +69,18 @@ void AxpyBf16RowAvx512(float w, const uint16_t* src, float* dst, int64_t n) {
   }
 }
 
+void AxpyF32RowAvx512(float w, const float* src, float* dst, int64_t n) {
+  const __m512 wv = _mm512_set1_ps(w);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    _mm512_storeu_ps(dst + i, _mm512_add_ps(_mm512_loadu_ps(dst + i),
+                                            _mm512_mul_ps(wv, _mm512_loadu_ps(src + i))));
+  }
+  if (i < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(dst + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst + i),
+                                                    _mm512_mul_ps(wv, _mm512_maskz_loadu_ps(m, src + i))));
+  }
+}
+
 }  // namespace joule::kernels::cpu

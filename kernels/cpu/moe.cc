@@ -15,15 +15,19 @@ struct ConvertFns {
   F32ToBf16RowFn to_bf16;
   Bf16ToF32RowFn to_f32;
   AxpyBf16RowFn axpy_bf16;
+  AxpyF32RowFn axpy_f32;
 };
 
 ConvertFns ActiveConvertFns() {
   switch (ActiveIsa()) {
 #if defined(JOULE_CPU_X86)
-    case Isa::kAvx512: return {&F32ToBf16RowAvx512, &Bf16ToF32RowAvx512, &AxpyBf16RowAvx512};
-    case Isa::kAvx2: return {&F32ToBf16RowAvx2, &Bf16ToF32RowAvx2, &AxpyBf16RowAvx2};
+    case Isa::kAvx512:
+      return {&F32ToBf16RowAvx512, &Bf16ToF32RowAvx512, &AxpyBf16RowAvx512, &AxpyF32RowAvx512};
+    case Isa::kAvx2:
+      return {&F32ToBf16RowAvx2, &Bf16ToF32RowAvx2, &AxpyBf16RowAvx2, &AxpyF32RowAvx2};
 #endif
-    default: return {&F32ToBf16RowScalar, &Bf16ToF32RowScalar, &AxpyBf16RowScalar};
+    default:
+      return {&F32ToBf16RowScalar, &Bf16ToF32RowScalar, &AxpyBf16RowScalar, &AxpyF32RowScalar};
   }
 }
 
@@ -54,6 +58,10 @@ void Bf16ToF32RowScalar(const uint16_t* src, float* dst, int64_t n) {
 
 void AxpyBf16RowScalar(float w, const uint16_t* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] += w * WidenBf16(src[i]);
+}
+
+void AxpyF32RowScalar(float w, const float* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] += w * src[i];
 }
 
 void LaunchRouterTopK(const RouterTopKParams& p, CpuStream stream) {
@@ -165,6 +173,32 @@ void LaunchGatherRows(const GatherRowsParams& p, CpuStream stream) {
       } else {
         fns.to_f32(reinterpret_cast<const uint16_t*>(in), reinterpret_cast<float*>(out), p.hidden);
       }
+    }
+  });
+}
+
+void LaunchReduceRows(const ReduceRowsParams& p, CpuStream stream) {
+  const ConvertFns fns = ActiveConvertFns();
+  const int64_t h = p.hidden;
+  const bool f32_out = p.out_type == RowType::kF32;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, h));
+  ParallelFor(stream, p.rows, grain, [&](int64_t begin, int64_t end) {
+    // BF16 rows are summed in F32 here and rounded once at the end.
+    std::vector<float> scratch(f32_out ? 0 : h);
+    for (int64_t r = begin; r < end; ++r) {
+      auto* out = static_cast<std::byte*>(p.out) + r * p.out_stride_bytes;
+      float* acc = f32_out ? reinterpret_cast<float*>(out) : scratch.data();
+      if (!(f32_out && p.accumulate)) std::memset(acc, 0, sizeof(float) * h);
+      for (int64_t j = p.offsets[r]; j < p.offsets[r + 1]; ++j) {
+        const float w = p.weights != nullptr ? p.weights[j] : 1.0f;
+        const auto* in = static_cast<const std::byte*>(p.in) + p.index[j] * p.in_stride_bytes;
+        if (p.in_type == RowType::kBF16) {
+          fns.axpy_bf16(w, reinterpret_cast<const uint16_t*>(in), acc, h);
+        } else {
+          fns.axpy_f32(w, reinterpret_cast<const float*>(in), acc, h);
+        }
+      }
+      if (!f32_out) fns.to_bf16(acc, reinterpret_cast<uint16_t*>(out), h);
     }
   });
 }

@@ -1,5 +1,6 @@
 // Mixture-of-experts routing kernels: router top-k, the dispatch layout
-// (tokens permuted by expert), permute and the weighted un-permute (combine).
+// (tokens permuted by expert), permute and the weighted un-permute (combine),
+// and the row gather/reduce that expert-parallel dispatch/combine packs with.
 // The parameter structs (and their semantics) are in kernels/params/moe.h,
 // shared with the CUDA kernels.
 #pragma once
@@ -12,6 +13,7 @@ namespace joule::kernels::cpu {
 using ::joule::kernels::GatherRowsParams;
 using ::joule::kernels::MoeLayoutParams;
 using ::joule::kernels::PermuteParams;
+using ::joule::kernels::ReduceRowsParams;
 using ::joule::kernels::RouterTopKParams;
 using ::joule::kernels::RowType;
 using ::joule::kernels::UnpermuteParams;
@@ -26,5 +28,6 @@ void ComputeMoeLayout(const MoeLayoutParams& p);
 void LaunchPermute(const PermuteParams& p, CpuStream stream);
 void LaunchUnpermute(const UnpermuteParams& p, CpuStream stream);
 void LaunchGatherRows(const GatherRowsParams& p, CpuStream stream);
+void LaunchReduceRows(const ReduceRowsParams& p, CpuStream stream);
 
 }  // namespace joule::kernels::cpu

@@ -88,4 +88,25 @@ struct GatherRowsParams {
   int64_t hidden = 0;
 };
 
+// out row r (+)= sum_j weights[j] * in row index[j] for j in [offsets[r],
+// offsets[r+1]), summed in j order in F32, then written as out_type (F32 ->
+// BF16 rounds to nearest even once, after the sum). Strides are bytes, as in
+// GatherRowsParams. An expert-parallel combine reduces each token's expert
+// outputs on the rank that ran them with it, and adds the partial sums of all
+// ranks into the token's output. CPU launch only so far.
+struct ReduceRowsParams {
+  const void* in = nullptr;
+  RowType in_type = RowType::kF32;
+  int64_t in_stride_bytes = 0;
+  const int64_t* offsets = nullptr;  // [rows + 1] terms of each output row
+  const int32_t* index = nullptr;    // [offsets[rows]] input row of each term
+  const float* weights = nullptr;    // [offsets[rows]], or null: every weight 1
+  void* out = nullptr;
+  RowType out_type = RowType::kF32;
+  int64_t out_stride_bytes = 0;
+  bool accumulate = false;  // F32 out only: add into out instead of overwriting it
+  int64_t rows = 0;
+  int64_t hidden = 0;
+};
+
 }  // namespace joule::kernels

@@ -321,6 +321,83 @@ TEST_P(MoeTest, UnpermuteOfBf16ExpertOutputsEqualsWidenedF32) {
   for (size_t i = 0; i < from_f32.size(); ++i) ASSERT_EQ(from_bf16[i], from_f32[i]) << i;
 }
 
+TEST_P(MoeTest, ReduceRowsSumsTermsInOrderThenRoundsOnce) {
+  // Odd hidden for vector tails; rows with 0..4 terms, repeated input rows,
+  // strided rows with 6 trailing bytes that must survive.
+  const int64_t in_rows = 13, hidden = 45, rows = 9;
+  const auto in = RandomFloats(in_rows * hidden, 61);
+  std::mt19937 rng(3);
+  std::vector<int64_t> offsets{0};
+  std::vector<int32_t> index;
+  std::vector<float> weights;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < r % 5; ++j) {
+      index.push_back(static_cast<int32_t>(rng() % in_rows));
+      weights.push_back(0.1f + 0.2f * static_cast<float>(rng() % 5));
+    }
+    offsets.push_back(static_cast<int64_t>(index.size()));
+  }
+  // The reference: F32 multiply, then add, term by term from zero.
+  std::vector<float> want(rows * hidden, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = offsets[r]; j < offsets[r + 1]; ++j) {
+      for (int64_t d = 0; d < hidden; ++d) {
+        const float term = weights[j] * in[index[j] * hidden + d];
+        want[r * hidden + d] += term;
+      }
+    }
+  }
+
+  // F32 in -> BF16 out: the F32 sum rounded once.
+  const int64_t stride = hidden * 2 + 6;
+  std::vector<std::byte> packed(rows * stride, std::byte{0x5a});
+  ReduceRowsParams p;
+  p.in = in.data();
+  p.in_type = RowType::kF32;
+  p.in_stride_bytes = hidden * 4;
+  p.offsets = offsets.data();
+  p.index = index.data();
+  p.weights = weights.data();
+  p.out = packed.data();
+  p.out_type = RowType::kBF16;
+  p.out_stride_bytes = stride;
+  p.rows = rows;
+  p.hidden = hidden;
+  LaunchReduceRows(p, stream());
+  for (int64_t r = 0; r < rows; ++r) {
+    const auto* row = reinterpret_cast<const uint16_t*>(packed.data() + r * stride);
+    for (int64_t d = 0; d < hidden; ++d) {
+      ASSERT_EQ(row[d], ReferenceBf16(want[r * hidden + d])) << r << "," << d;
+    }
+    for (int b = 0; b < 6; ++b) ASSERT_EQ(packed[r * stride + hidden * 2 + b], std::byte{0x5a});
+  }
+
+  // BF16 in, no weights (every weight 1), accumulated into F32 out.
+  std::vector<uint16_t> bf16(in.size());
+  for (size_t i = 0; i < in.size(); ++i) bf16[i] = ReferenceBf16(in[i]);
+  std::vector<float> out(rows * hidden, 0.25f);
+  ReduceRowsParams q;
+  q.in = bf16.data();
+  q.in_type = RowType::kBF16;
+  q.in_stride_bytes = hidden * 2;
+  q.offsets = offsets.data();
+  q.index = index.data();
+  q.out = out.data();
+  q.out_type = RowType::kF32;
+  q.out_stride_bytes = hidden * 4;
+  q.accumulate = true;
+  q.rows = rows;
+  q.hidden = hidden;
+  LaunchReduceRows(q, stream());
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t d = 0; d < hidden; ++d) {
+      float acc = 0.25f;
+      for (int64_t j = offsets[r]; j < offsets[r + 1]; ++j) acc += Widen(bf16[index[j] * hidden + d]);
+      ASSERT_EQ(out[r * hidden + d], acc) << r << "," << d;
+    }
+  }
+}
+
 JOULE_INSTANTIATE_ISA_THREADS(MoeTest);
 
 }  // namespace

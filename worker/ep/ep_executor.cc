@@ -60,30 +60,62 @@ class ExchangeBuffer {
 };
 
 // The layout of one MoE layer's exchange. Dispatch computes it; combine reads
-// it back in reverse, so the two cannot disagree. Rows sent to rank d are the
-// (token, choice) slots routed there, in slot order; rows received from rank p
-// sit at recv_offsets[p] in source-rank order and are regrouped by expert for
-// the grouped GEMMs.
+// it back in reverse, so the two cannot disagree.
+//
+// A token goes to each destination rank once, however many of its top_k
+// experts live there (DeepEP's dedup: with top-k 8 over EP 2 that is 4x fewer
+// bytes). A send row is [activations, expert id x top_k, router weight x
+// top_k]: the ids and weights of the token's choices on that rank in choice
+// order, the unused entries id -1. Send rows are grouped by destination, in
+// token order; received rows sit at recv_offsets[p] in source-rank order.
+// The receiver expands each row into one "choice" per expert it names,
+// regroups the choices by expert for the grouped GEMMs, and combines:
+//   BF16 payload: each received row's weighted expert outputs are summed (F32)
+//     on the rank that ran them and one BF16 row goes back per send row; the
+//     source adds its ranks' partial sums.
+//   F32 payload: one unweighted row per choice goes back and the source
+//     un-permutes them in choice order, as the local executor does, so results
+//     stay bit for bit the same.
 struct DispatchLayout {
   int layer = -1;
   int world = 0;
-  // Sender side: slots (token * top_k + choice) grouped by destination rank.
-  std::vector<int32_t> dest;          // [slots] destination rank of each slot
-  std::vector<int64_t> send_offsets;  // [world + 1] first row for each destination
-  std::vector<int32_t> send_to_slot;  // [slots] send row -> slot
-  std::vector<int32_t> slot_to_send;  // [slots] slot -> send row
+  // Sender side.
+  std::vector<int32_t> dest;                 // [slots] destination rank of each slot
+  std::vector<int64_t> send_offsets;         // [world + 1] first send row for each destination
+  std::vector<int32_t> send_to_token;        // [send rows] token of each send row
+  std::vector<int64_t> send_choice_offsets;  // [send rows + 1] first choice of each send row
+  std::vector<int32_t> slot_row;             // [slots] send row carrying each slot
+  std::vector<int32_t> slot_to_choice;       // [slots] sender-side choice index of each slot
+  std::vector<int64_t> token_row_offsets;    // [tokens + 1] send rows of each token ...
+  std::vector<int32_t> token_rows;           // ... in the order its choices first reach a rank
   // counts[src * world + dst]: rows src sends to dst, identical on every rank.
   std::vector<int64_t> counts;
   // Receiver side.
-  std::vector<int64_t> recv_offsets;     // [world + 1] first received row from each source
-  std::vector<int32_t> recv_expert;      // [recv rows] expert of each received row
-  std::vector<int64_t> expert_offsets;   // [num_experts + 1] received rows grouped by expert
-  std::vector<int32_t> grouped_to_recv;  // grouped row -> received row
-  std::vector<int32_t> recv_to_grouped;  // received row -> grouped row
+  std::vector<int64_t> recv_offsets;         // [world + 1] first received row from each source
+  std::vector<int64_t> row_choice_offsets;   // [recv rows + 1] first choice of each received row
+  std::vector<int32_t> choice_expert;        // [choices] expert of each choice
+  std::vector<float> choice_weight;          // [choices] router weight of each choice
+  std::vector<int32_t> choice_row;           // [choices] received row of each choice
+  std::vector<int64_t> expert_offsets;       // [num_experts + 1] choices grouped by expert
+  std::vector<int32_t> grouped_to_choice;    // grouped row -> choice
+  std::vector<int32_t> choice_to_grouped;    // choice -> grouped row
+  std::vector<int32_t> grouped_to_row;       // grouped row -> received row
 
   int64_t send_rows() const { return send_offsets[world]; }
   int64_t recv_rows() const { return recv_offsets[world]; }
 };
+
+// Rows [0, n) written by fn(begin, end, dst) in up to three ranges: this
+// rank's own rows [self_begin, self_end) land at self_dst (row self_begin
+// first) — straight where the receiving side reads them, so they skip the
+// transport and its copy — the others at peer + row * stride.
+template <typename Fn>
+void WriteRowsSplitSelf(int64_t n, int64_t self_begin, int64_t self_end, std::byte* peer,
+                        size_t stride, std::byte* self_dst, Fn fn) {
+  if (self_begin > 0) fn(0, self_begin, peer);
+  if (self_end > self_begin) fn(self_begin, self_end, self_dst);
+  if (n > self_end) fn(self_end, n, peer + self_end * stride);
+}
 
 }  // namespace
 
@@ -100,9 +132,11 @@ struct ExpertParallelExecutor::Impl {
 
   DispatchLayout layout;
   std::vector<int64_t> count_row, count_all;
+  std::vector<int32_t> rank_token, rank_row;  // [world] per-token scratch of the layout
   std::vector<size_t> send_bytes, send_byte_offsets, recv_bytes, recv_byte_offsets;
   // Dispatch sends from `a` into `b`; combine sends from `b` (expert outputs,
-  // in received order) back into `a`.
+  // in received order) back into `a`. Rows for this rank itself are written
+  // straight into the other buffer.
   ExchangeBuffer a, b;
   std::vector<float> grouped, down;
   GroupedExpertBuffers expert_buffers;
@@ -208,7 +242,8 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
   const int64_t H = c.hidden_size;
   const bool bf16 = options.payload == PayloadType::kBF16;
   const size_t payload = PayloadBytes(H);
-  const size_t dispatch_stride = payload + sizeof(int32_t);  // activations, then the expert id
+  // Activations, then top_k expert ids and top_k router weights.
+  const size_t dispatch_stride = payload + 2 * K * sizeof(int32_t);
   auto context = [layer](const char* phase) {
     return absl::StrCat("expert-parallel ", phase, " of layer ", layer);
   };
@@ -234,21 +269,55 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
   }
   if (!local.ok()) slots = 0;  // send nothing; only the failure flag goes out
 
-  // (a) Sender layout: a replica for every slot, then slots grouped by destination.
+  // (a) Sender layout: a replica for every slot, then one send row per
+  // (token, destination rank), grouped by destination.
   DispatchLayout& L = layout;
   L.layer = layer;
   L.world = W;
   L.dest.resize(slots);
-  L.send_offsets.assign(W + 1, 0);
-  L.send_to_slot.resize(slots);
-  L.slot_to_send.resize(slots);
   for (int64_t s = 0; s < slots; ++s) {
     L.dest[s] = ChooseReplica(placement, layer, expert_ids[s], s / K, me);
   }
-  kc::ComputeMoeLayout({.expert_ids = L.dest.data(), .tokens = slots, .top_k = 1, .num_experts = W,
-                        .expert_offsets = L.send_offsets.data(),
-                        .permuted_to_slot = L.send_to_slot.data(),
-                        .slot_to_permuted = L.slot_to_send.data()});
+  const int64_t send_tokens = slots / K;
+  L.send_offsets.assign(W + 1, 0);
+  rank_token.assign(W, -1);
+  for (int64_t s = 0; s < slots; ++s) {
+    const int32_t d = L.dest[s];
+    if (rank_token[d] != s / K) {
+      rank_token[d] = static_cast<int32_t>(s / K);
+      ++L.send_offsets[d + 1];
+    }
+  }
+  for (int d = 0; d < W; ++d) L.send_offsets[d + 1] += L.send_offsets[d];
+  const int64_t send_rows = L.send_offsets[W];
+  L.send_to_token.resize(send_rows);
+  L.send_choice_offsets.assign(send_rows + 1, 0);
+  L.slot_row.resize(slots);
+  L.slot_to_choice.resize(slots);
+  L.token_row_offsets.resize(send_tokens + 1);
+  L.token_rows.resize(send_rows);
+  rank_token.assign(W, -1);
+  rank_row.assign(L.send_offsets.begin(), L.send_offsets.end() - 1);  // next free row per rank
+  int64_t token_row = 0;
+  for (int64_t t = 0; t < send_tokens; ++t) {
+    L.token_row_offsets[t] = token_row;
+    for (int k = 0; k < K; ++k) {
+      const int64_t s = t * K + k;
+      const int32_t d = L.dest[s];
+      if (rank_token[d] != t) {
+        rank_token[d] = static_cast<int32_t>(t);
+        const int32_t row = rank_row[d]++;
+        L.send_to_token[row] = static_cast<int32_t>(t);
+        L.token_rows[token_row++] = row;
+      }
+      const int32_t row = rank_row[d] - 1;  // this token's row for d, taken above or earlier
+      L.slot_row[s] = row;
+      L.slot_to_choice[s] = static_cast<int32_t>(L.send_choice_offsets[row + 1]++);  // index in row
+    }
+  }
+  L.token_row_offsets[send_tokens] = token_row;
+  for (int64_t r = 0; r < send_rows; ++r) L.send_choice_offsets[r + 1] += L.send_choice_offsets[r];
+  for (int64_t s = 0; s < slots; ++s) L.slot_to_choice[s] += L.send_choice_offsets[L.slot_row[s]];
 
   // (b) Count exchange: each rank's row is [rows to every rank, placement
   // fingerprint, failure flag]; together they form the world x world count
@@ -298,21 +367,45 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
     return absl::OkStatus();
   }
 
-  // (c) Dispatch: pack [activations, expert id] rows by destination and exchange them.
-  const int64_t send_rows = L.send_rows();
+  // (c) Dispatch: pack [activations, expert ids, router weights] rows by
+  // destination and exchange them; this rank's own rows go straight into `b`.
   const int64_t recv_rows = L.recv_rows();
-  // Each buffer carries dispatch rows one way and (smaller) combine rows back.
-  RETURN_IF_ERROR(Annotate(a.Reserve(send_rows * dispatch_stride, transport), context("buffers")));
+  const int64_t send_choices = L.send_choice_offsets[send_rows];
+  const size_t f32_row = static_cast<size_t>(H) * sizeof(float);
+  // `a` also receives the combine rows: one per send row (BF16), one per choice (F32).
+  const size_t a_bytes = std::max(send_rows * dispatch_stride,
+                                  bf16 ? send_rows * payload : send_choices * f32_row);
+  RETURN_IF_ERROR(Annotate(a.Reserve(a_bytes, transport), context("buffers")));
   RETURN_IF_ERROR(Annotate(b.Reserve(recv_rows * dispatch_stride, transport), context("buffers")));
   const kc::RowType wire = bf16 ? kc::RowType::kBF16 : kc::RowType::kF32;
-  kc::LaunchGatherRows({.in = x, .in_type = kc::RowType::kF32, .in_stride_bytes = H * 4,
-                        .index = L.send_to_slot.data(), .index_divisor = K, .out = a.data(),
-                        .out_type = wire, .out_stride_bytes = static_cast<int64_t>(dispatch_stride),
-                        .rows = send_rows, .hidden = H},
-                       stream);
+  const int64_t self_send = L.send_offsets[me], self_send_end = L.send_offsets[me + 1];
+  std::byte* const self_recv = b.data() + L.recv_offsets[me] * dispatch_stride;
+  auto send_row = [&](int64_t row) {
+    return row >= self_send && row < self_send_end
+               ? self_recv + (row - self_send) * dispatch_stride
+               : a.data() + row * dispatch_stride;
+  };
+  WriteRowsSplitSelf(send_rows, self_send, self_send_end, a.data(), dispatch_stride, self_recv,
+                     [&](int64_t begin, int64_t end, std::byte* dst) {
+                       kc::LaunchGatherRows(
+                           {.in = x, .in_type = kc::RowType::kF32, .in_stride_bytes = H * 4,
+                            .index = L.send_to_token.data() + begin, .out = dst,
+                            .out_type = wire,
+                            .out_stride_bytes = static_cast<int64_t>(dispatch_stride),
+                            .rows = end - begin, .hidden = H},
+                           stream);
+                     });
+  constexpr int32_t kUnused = -1;
   for (int64_t r = 0; r < send_rows; ++r) {
-    std::memcpy(a.data() + r * dispatch_stride + payload, &expert_ids[L.send_to_slot[r]],
-                sizeof(int32_t));
+    std::byte* ids = send_row(r) + payload;
+    for (int j = 0; j < K; ++j) std::memcpy(ids + j * sizeof(int32_t), &kUnused, sizeof(int32_t));
+  }
+  for (int64_t s = 0; s < slots; ++s) {
+    const int64_t row = L.slot_row[s];
+    const int64_t j = L.slot_to_choice[s] - L.send_choice_offsets[row];
+    std::byte* meta = send_row(row) + payload;
+    std::memcpy(meta + j * sizeof(int32_t), &expert_ids[s], sizeof(int32_t));
+    std::memcpy(meta + (K + j) * sizeof(int32_t), &router_w[s], sizeof(float));
   }
   send_bytes.resize(W);
   send_byte_offsets.resize(W);
@@ -320,11 +413,12 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
   recv_byte_offsets.resize(W);
   uint64_t dispatch_peer_bytes = 0;
   for (int p = 0; p < W; ++p) {
-    send_bytes[p] = (L.send_offsets[p + 1] - L.send_offsets[p]) * dispatch_stride;
+    const bool peer = p != me;  // rows for this rank itself are already in place
+    send_bytes[p] = peer ? (L.send_offsets[p + 1] - L.send_offsets[p]) * dispatch_stride : 0;
     send_byte_offsets[p] = L.send_offsets[p] * dispatch_stride;
-    recv_bytes[p] = (L.recv_offsets[p + 1] - L.recv_offsets[p]) * dispatch_stride;
+    recv_bytes[p] = peer ? (L.recv_offsets[p + 1] - L.recv_offsets[p]) * dispatch_stride : 0;
     recv_byte_offsets[p] = L.recv_offsets[p] * dispatch_stride;
-    if (p != me) dispatch_peer_bytes += send_bytes[p];
+    dispatch_peer_bytes += send_bytes[p];
   }
   RETURN_IF_ERROR(Annotate(
       transport->AllToAllV(a.data(), send_bytes.data(), send_byte_offsets.data(), b.data(),
@@ -332,74 +426,141 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
       context("dispatch")));
   const double dispatch_seconds = SecondsSince(t_start);
 
-  // (d) Received rows grouped by expert (stable: source rank, then the
-  // source's slot order), then the grouped SwiGLU exactly as the local executor runs it.
-  L.recv_expert.resize(recv_rows);
-  for (int64_t r = 0; r < recv_rows; ++r) {
-    std::memcpy(&L.recv_expert[r], b.data() + r * dispatch_stride + payload, sizeof(int32_t));
-  }
+  // (d) Every received row becomes one choice per expert it names; choices
+  // are grouped by expert (stable: source rank, then the source's token and
+  // choice order), then the grouped SwiGLU exactly as the local executor runs it.
   const LayerWeights& LW = weights->layers()[layer];
+  L.row_choice_offsets.resize(recv_rows + 1);
+  L.choice_expert.clear();
+  L.choice_weight.clear();
+  L.choice_row.clear();
   for (int64_t r = 0; r < recv_rows; ++r) {
-    const int32_t e = L.recv_expert[r];
-    if (e < 0 || e >= E || !LW.experts[e].loaded) {
-      // Unreachable while placements agree (checked above) and SetPlacement
-      // checked the weights; peers then time out in combine.
-      return absl::InternalError(absl::StrCat(context("dispatch"), ": received a row for expert ", e,
-                                              " which rank ", me, " does not hold"));
+    L.row_choice_offsets[r] = static_cast<int64_t>(L.choice_expert.size());
+    const std::byte* meta = b.data() + r * dispatch_stride + payload;
+    for (int j = 0; j < K; ++j) {
+      int32_t e;
+      std::memcpy(&e, meta + j * sizeof(int32_t), sizeof(int32_t));
+      if (e == -1) break;
+      if (e < 0 || e >= E || !LW.experts[e].loaded) {
+        // Unreachable while placements agree (checked above) and SetPlacement
+        // checked the weights; peers then time out in combine.
+        return absl::InternalError(absl::StrCat(context("dispatch"),
+                                                ": received a row for expert ", e, " which rank ",
+                                                me, " does not hold"));
+      }
+      float w;
+      std::memcpy(&w, meta + (K + j) * sizeof(int32_t), sizeof(float));
+      L.choice_expert.push_back(e);
+      L.choice_weight.push_back(w);
+      L.choice_row.push_back(static_cast<int32_t>(r));
     }
   }
+  const int64_t recv_choices = static_cast<int64_t>(L.choice_expert.size());
+  L.row_choice_offsets[recv_rows] = recv_choices;
   L.expert_offsets.resize(E + 1);
-  L.grouped_to_recv.resize(recv_rows);
-  L.recv_to_grouped.resize(recv_rows);
-  kc::ComputeMoeLayout({.expert_ids = L.recv_expert.data(), .tokens = recv_rows, .top_k = 1,
+  L.grouped_to_choice.resize(recv_choices);
+  L.choice_to_grouped.resize(recv_choices);
+  kc::ComputeMoeLayout({.expert_ids = L.choice_expert.data(), .tokens = recv_choices, .top_k = 1,
                         .num_experts = E, .expert_offsets = L.expert_offsets.data(),
-                        .permuted_to_slot = L.grouped_to_recv.data(),
-                        .slot_to_permuted = L.recv_to_grouped.data()});
-  grouped.resize(recv_rows * H);
+                        .permuted_to_slot = L.grouped_to_choice.data(),
+                        .slot_to_permuted = L.choice_to_grouped.data()});
+  L.grouped_to_row.resize(recv_choices);
+  for (int64_t g = 0; g < recv_choices; ++g) {
+    L.grouped_to_row[g] = L.choice_row[L.grouped_to_choice[g]];
+  }
+  grouped.resize(recv_choices * H);
   kc::LaunchGatherRows({.in = b.data(), .in_type = wire,
                         .in_stride_bytes = static_cast<int64_t>(dispatch_stride),
-                        .index = L.grouped_to_recv.data(), .out = grouped.data(),
+                        .index = L.grouped_to_row.data(), .out = grouped.data(),
                         .out_type = kc::RowType::kF32, .out_stride_bytes = H * 4,
-                        .rows = recv_rows, .hidden = H},
+                        .rows = recv_choices, .hidden = H},
                        stream);
-  down.resize(recv_rows * H);
+  down.resize(recv_choices * H);
   RETURN_IF_ERROR(Annotate(RunGroupedExperts(LW, layer, grouped.data(), L.expert_offsets.data(), E,
                                              down.data(), &expert_buffers, stream),
                            context("experts")));
 
-  // (e) Combine: outputs go back in received order, the dispatch layout reversed.
+  // (e) Combine: outputs go back in received order, the dispatch layout
+  // reversed; rows for this rank itself go straight into `a`. `b` is free
+  // again (its rows were regrouped above), so it may grow here.
   const auto t_combine = std::chrono::steady_clock::now();
-  kc::LaunchGatherRows({.in = down.data(), .in_type = kc::RowType::kF32, .in_stride_bytes = H * 4,
-                        .index = L.recv_to_grouped.data(), .out = b.data(), .out_type = wire,
-                        .out_stride_bytes = static_cast<int64_t>(payload), .rows = recv_rows,
-                        .hidden = H},
-                       stream);
+  const int64_t self_recv_row = L.recv_offsets[me], self_recv_end = L.recv_offsets[me + 1];
   uint64_t combine_peer_bytes = 0;
-  for (int p = 0; p < W; ++p) {
-    send_bytes[p] = (L.recv_offsets[p + 1] - L.recv_offsets[p]) * payload;
-    send_byte_offsets[p] = L.recv_offsets[p] * payload;
-    recv_bytes[p] = (L.send_offsets[p + 1] - L.send_offsets[p]) * payload;
-    recv_byte_offsets[p] = L.send_offsets[p] * payload;
-    if (p != me) combine_peer_bytes += send_bytes[p];
+  if (bf16) {
+    // One row per received row: its choices' weighted sum, rounded once.
+    RETURN_IF_ERROR(Annotate(b.Reserve(recv_rows * payload, transport), context("buffers")));
+    WriteRowsSplitSelf(recv_rows, self_recv_row, self_recv_end, b.data(), payload,
+                       a.data() + self_send * payload,
+                       [&](int64_t begin, int64_t end, std::byte* dst) {
+                         kc::LaunchReduceRows(
+                             {.in = down.data(), .in_type = kc::RowType::kF32,
+                              .in_stride_bytes = H * 4,
+                              .offsets = L.row_choice_offsets.data() + begin,
+                              .index = L.choice_to_grouped.data(),
+                              .weights = L.choice_weight.data(), .out = dst,
+                              .out_type = kc::RowType::kBF16,
+                              .out_stride_bytes = static_cast<int64_t>(payload),
+                              .rows = end - begin, .hidden = H},
+                             stream);
+                       });
+    for (int p = 0; p < W; ++p) {
+      const bool peer = p != me;
+      send_bytes[p] = peer ? (L.recv_offsets[p + 1] - L.recv_offsets[p]) * payload : 0;
+      send_byte_offsets[p] = L.recv_offsets[p] * payload;
+      recv_bytes[p] = peer ? (L.send_offsets[p + 1] - L.send_offsets[p]) * payload : 0;
+      recv_byte_offsets[p] = L.send_offsets[p] * payload;
+      combine_peer_bytes += send_bytes[p];
+    }
+  } else {
+    // One unweighted row per choice, in choice order.
+    RETURN_IF_ERROR(Annotate(b.Reserve(recv_choices * f32_row, transport), context("buffers")));
+    const int64_t self_choice = L.row_choice_offsets[self_recv_row];
+    const int64_t self_choice_end = L.row_choice_offsets[self_recv_end];
+    WriteRowsSplitSelf(recv_choices, self_choice, self_choice_end, b.data(), f32_row,
+                       a.data() + L.send_choice_offsets[self_send] * f32_row,
+                       [&](int64_t begin, int64_t end, std::byte* dst) {
+                         kc::LaunchGatherRows(
+                             {.in = down.data(), .in_type = kc::RowType::kF32,
+                              .in_stride_bytes = H * 4,
+                              .index = L.choice_to_grouped.data() + begin, .out = dst,
+                              .out_type = kc::RowType::kF32, .out_stride_bytes = H * 4,
+                              .rows = end - begin, .hidden = H},
+                             stream);
+                       });
+    for (int p = 0; p < W; ++p) {
+      const bool peer = p != me;
+      const int64_t from = L.row_choice_offsets[L.recv_offsets[p]];
+      const int64_t to = L.send_choice_offsets[L.send_offsets[p]];
+      send_bytes[p] = peer ? (L.row_choice_offsets[L.recv_offsets[p + 1]] - from) * f32_row : 0;
+      send_byte_offsets[p] = from * f32_row;
+      recv_bytes[p] = peer ? (L.send_choice_offsets[L.send_offsets[p + 1]] - to) * f32_row : 0;
+      recv_byte_offsets[p] = to * f32_row;
+      combine_peer_bytes += send_bytes[p];
+    }
   }
   RETURN_IF_ERROR(Annotate(
       transport->AllToAllV(b.data(), send_bytes.data(), send_byte_offsets.data(), a.data(),
                            recv_bytes.data(), recv_byte_offsets.data()),
       context("combine")));
 
-  // (f) Weighted un-permute with the same kernel as the local executor: each
-  // token's top_k contributions are added in choice order, so the result does
-  // not depend on where the experts ran.
-  // BF16 rows are widened inside the un-permute, with no intermediate copy.
-  kc::UnpermuteParams unpermute{.slot_to_permuted = L.slot_to_send.data(), .weights = router_w,
-                                .tokens = tokens, .top_k = K, .hidden = H, .out = out,
-                                .accumulate = true};
+  // (f) Into `out`. BF16: each token adds its ranks' partial sums (widened,
+  // no intermediate copy). F32: the weighted un-permute of the local
+  // executor, each token's top_k contributions added in choice order, so the
+  // result does not depend on where the experts ran.
   if (bf16) {
-    unpermute.expert_out_bf16 = reinterpret_cast<const uint16_t*>(a.data());
+    kc::LaunchReduceRows({.in = a.data(), .in_type = kc::RowType::kBF16,
+                          .in_stride_bytes = static_cast<int64_t>(payload),
+                          .offsets = L.token_row_offsets.data(), .index = L.token_rows.data(),
+                          .out = out, .out_type = kc::RowType::kF32, .out_stride_bytes = H * 4,
+                          .accumulate = true, .rows = tokens, .hidden = H},
+                         stream);
   } else {
-    unpermute.expert_out = reinterpret_cast<const float*>(a.data());
+    kc::LaunchUnpermute({.expert_out = reinterpret_cast<const float*>(a.data()),
+                         .slot_to_permuted = L.slot_to_choice.data(), .weights = router_w,
+                         .tokens = tokens, .top_k = K, .hidden = H, .out = out,
+                         .accumulate = true},
+                        stream);
   }
-  kc::LaunchUnpermute(unpermute, stream);
 
   absl::MutexLock lock(&mu);
   stats.dispatch_bytes += dispatch_peer_bytes;

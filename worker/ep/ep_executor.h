@@ -1,9 +1,10 @@
 // Expert parallelism: routed experts run on the ranks that hold them.
 //
-// Per MoE layer: choose a replica for every (token, expert) pair, permute rows
-// by destination rank, exchange counts, dispatch payloads (all-to-all-v),
-// run the local experts grouped, send the outputs back (combine) and un-permute
-// them with the router weights. The layout computed for dispatch is the handle
+// Per MoE layer: choose a replica for every (token, expert) pair, pack one row
+// per token and destination rank (however many of its experts live there),
+// exchange counts, dispatch payloads (all-to-all-v), run the local experts
+// grouped, send the outputs back (combine) and add them up with the router
+// weights. The layout computed for dispatch is the handle
 // combine consumes, so the two can never disagree.
 #pragma once
 
@@ -24,7 +25,9 @@ enum class PayloadType { kF32, kBF16 };
 // Payload precision of dispatched activations and combined expert outputs.
 // kF32 reproduces the local executor bit for bit; kBF16 halves the bytes and
 // rounds both (round-to-nearest-even), so results then differ from a
-// single-process run by BF16 rounding.
+// single-process run by BF16 rounding. With kBF16 the rank that ran a token's
+// experts also sums their weighted outputs before combine (one row back per
+// token instead of one per expert); the rounding is of that sum.
 struct ExpertParallelOptions {
   PayloadType payload = PayloadType::kBF16;
 };
@@ -54,10 +57,11 @@ class ExpertParallelExecutor : public ExpertExecutor {
   std::vector<std::vector<int64_t>> TakeExpertLoad();
 
   // Cumulative since construction. Bytes are payload bytes this rank sent to
-  // other ranks (rows for itself are a local copy and not counted); dispatch
+  // other ranks (rows for itself are written in place and not counted); dispatch
   // seconds cover layout, count exchange, packing and the dispatch
-  // all-to-all, combine seconds packing, the combine all-to-all and the
-  // un-permute (expert compute is in neither).
+  // all-to-all, combine seconds packing (with kBF16 the weighted sum of each
+  // token's expert outputs), the combine all-to-all and the un-permute
+  // (expert compute is in neither).
   struct Stats {
     uint64_t dispatch_bytes = 0;
     uint64_t combine_bytes = 0;

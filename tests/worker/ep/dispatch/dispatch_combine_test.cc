@@ -10,6 +10,7 @@
 #include <memory>
 #include <numeric>
 #include <random>
+#include <set>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -133,6 +134,17 @@ Trial MakeTrial(std::mt19937_64& rng) {
   return t;
 }
 
+// The ranks that token `tok` of `rank` (layer l) is dispatched to.
+std::set<int> TokenDestinations(const Trial& t, int rank, int l, int64_t tok) {
+  const RankInput& in = t.in[rank];
+  std::set<int> dests;
+  for (int k = 0; k < t.top_k; ++k) {
+    const int32_t e = in.ids[(l * in.tokens + tok) * t.top_k + k];
+    dests.insert(ChooseReplica(t.placement, l, e, tok, rank));
+  }
+  return dests;
+}
+
 // Runs every layer of `t` on all ranks; returns each rank's outputs [layers][tokens, H].
 std::vector<std::vector<float>> RunExpertParallel(
     const Trial& t, const std::vector<std::unique_ptr<ModelWeights>>& rank_weights,
@@ -237,15 +249,17 @@ TEST(DispatchCombineTest, MatchesDenseReferenceOnRandomProblems) {
               // single precision: far below 1e-5 of the magnitudes involved.
               tol[h] += w * 1e-5 * (mag[h] + std::abs(y[h]));
               // BF16: the receiver computes on the rounded x (as ref_bf does)
-              // and its output is rounded once more: at most 2^-8 |y|, plus the
-              // F32 error of that computation.
+              // and rounds the weighted sum of the token's experts it ran once
+              // more: at most 2^-8 of sum w |y| over them, plus the F32 error
+              // of that computation.
               tol_bf[h] += w * (kBf16Unit * std::abs(ybf[h]) * 1.001 + 1e-5 * (magbf[h] + std::abs(ybf[h])));
             }
-            const int dest = ChooseReplica(t.placement, l, e, tok, rank);
-            if (dest != rank) {
-              sent_f32 += H * 4 + 4;
-              sent_bf16 += H * 2 + 4;
-            }
+          }
+          // A token goes once to each other rank holding any of its experts.
+          for (int dest : TokenDestinations(t, rank, l, tok)) {
+            if (dest == rank) continue;
+            sent_f32 += H * 4 + 8 * K;
+            sent_bf16 += H * 2 + 8 * K;
           }
           for (int64_t h = 0; h < H; ++h) {
             const double c = in.initial[row * H + h];
@@ -261,7 +275,8 @@ TEST(DispatchCombineTest, MatchesDenseReferenceOnRandomProblems) {
           }
         }
       }
-      // Bytes counted are those sent to other ranks: dispatch rows carry the expert id.
+      // Bytes counted are those sent to other ranks: dispatch rows carry the
+      // token's expert ids and router weights on that rank (top_k of each).
       EXPECT_EQ(stats[rank].dispatch_bytes, static_cast<uint64_t>(sent_f32));
       EXPECT_EQ(bf16_stats[rank].dispatch_bytes, static_cast<uint64_t>(sent_bf16));
       returned_f32 = returned_bf16 = 0;
@@ -271,11 +286,10 @@ TEST(DispatchCombineTest, MatchesDenseReferenceOnRandomProblems) {
           for (int64_t tok = 0; tok < t.in[src].tokens; ++tok) {
             for (int k = 0; k < K; ++k) {
               const int32_t e = t.in[src].ids[(l * t.in[src].tokens + tok) * K + k];
-              if (ChooseReplica(t.placement, l, e, tok, src) == rank) {
-                returned_f32 += H * 4;
-                returned_bf16 += H * 2;
-              }
+              if (ChooseReplica(t.placement, l, e, tok, src) == rank) returned_f32 += H * 4;
             }
+            // BF16: one row per token, the sum of its experts on this rank.
+            if (TokenDestinations(t, src, l, tok).count(rank) != 0) returned_bf16 += H * 2;
           }
         }
       }
