@@ -160,6 +160,13 @@ absl::Status SchedulerConfig::Validate() const {
   if (!(ipw.efficiency_slack >= 0)) {
     return FieldError("ipw.efficiency_slack", "must not be negative");
   }
+  if (ipw.min_step_tokens < 1) return FieldError("ipw.min_step_tokens", "must be at least 1");
+  if (!(ipw.pace >= 0 && ipw.pace <= 1)) {
+    return FieldError("ipw.pace", absl::StrCat("must be in [0, 1], got ", ipw.pace));
+  }
+  if (ipw.batch_token_interval < absl::ZeroDuration()) {
+    return FieldError("ipw.batch_token_interval_ms", "must not be negative");
+  }
   return absl::OkStatus();
 }
 
@@ -199,11 +206,15 @@ absl::StatusOr<SchedulerConfig> ParseSchedulerConfig(std::string_view json_text)
   }
   if (const json* ipw = top.Find("ipw")) {
     Object o(*ipw, "ipw");
-    RETURN_IF_ERROR(o.Check({"safety", "min_headroom", "efficiency_slack", "valley_hold_ms"}));
+    RETURN_IF_ERROR(o.Check({"safety", "min_headroom", "efficiency_slack", "valley_hold_ms", "pace",
+                             "batch_token_interval_ms", "min_step_tokens"}));
     RETURN_IF_ERROR(o.Number("safety", 1e-3, 1, &c.ipw.safety));
     RETURN_IF_ERROR(o.Number("min_headroom", 0, 0.999, &c.ipw.min_headroom));
     RETURN_IF_ERROR(o.Number("efficiency_slack", 0, 1e3, &c.ipw.efficiency_slack));
     RETURN_IF_ERROR(o.Millis("valley_hold_ms", &c.ipw.valley_hold));
+    RETURN_IF_ERROR(o.Number("pace", 0, 1, &c.ipw.pace));
+    RETURN_IF_ERROR(o.Millis("batch_token_interval_ms", &c.ipw.batch_token_interval));
+    RETURN_IF_ERROR(o.Int("min_step_tokens", 1, kIntMax, &c.ipw.min_step_tokens));
   }
   if (const json* cal = top.Find("calibration")) {
     if (!cal->is_array()) {
@@ -252,6 +263,8 @@ std::string DescribeSchedulerConfig(const SchedulerConfig& c) {
   absl::StrAppend(&out, "ipw: safety=", c.ipw.safety, " min_headroom=", c.ipw.min_headroom,
                   " efficiency_slack=", c.ipw.efficiency_slack,
                   " valley_hold_ms=", absl::ToDoubleMilliseconds(c.ipw.valley_hold),
+                  " pace=", c.ipw.pace, " min_step_tokens=", c.ipw.min_step_tokens,
+                  " batch_token_interval_ms=", absl::ToDoubleMilliseconds(c.ipw.batch_token_interval),
                   "\ncalibration_samples=", c.calibration.size(), "\n");
   return out;
 }

@@ -18,7 +18,8 @@
 //       "batch":    {"ttft_ms": 60000, "tpot_ms": 0,   "attainment": 0.90, "queue_cap": 4096}
 //     },
 //     "ipw": {"safety": 0.9, "min_headroom": 0.05, "efficiency_slack": 0.25,
-//             "valley_hold_ms": 15000},
+//             "valley_hold_ms": 15000, "pace": 0.8, "batch_token_interval_ms": 200,
+//             "min_step_tokens": 16},
 //     "calibration": [{"rank": 0, "batch_tokens": 64, "context_tokens": 2048,
 //                      "duration_ms": 14.2, "energy_joules": 5.1}, ...]
 //   }
@@ -67,6 +68,17 @@ struct IpwOptions {
   // ...or until the oldest of it has waited this long: waiting longer risks
   // carrying it out of the valley into the next peak.
   absl::Duration valley_hold = absl::Seconds(15);
+  // Pacing: a request needs a token only every pace * its tier's TPOT target
+  // (batch: every batch_token_interval), not every step; ranks skip steps
+  // while every running request is paced and not due, so tokens gather into
+  // fewer, fuller steps (the fixed cost of a step is paid less often).
+  // pace 0 turns pacing off.
+  double pace = 0.8;
+  // The step cap never goes below this many tokens: a prefill crawling a few
+  // tokens per step costs more TTFT (and steps) than its TPOT protection
+  // is worth.
+  int min_step_tokens = 16;
+  absl::Duration batch_token_interval = absl::Milliseconds(200);
 };
 
 struct CalibrationSample {

@@ -28,6 +28,10 @@ struct StepSample {
   int64_t context_tokens = 0;
   absl::Duration duration;
   double energy_joules = 0;
+  // When the step ended on the worker's clock; InfinitePast: when observed.
+  // Workers report steps in batches (heartbeats), so the scheduler cannot
+  // take the arrival time for the step's time.
+  absl::Time ended_at = absl::InfinitePast();
 };
 
 struct StepCost {

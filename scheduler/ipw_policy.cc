@@ -17,9 +17,14 @@
 //    ipw.valley_hold; then all of it starts together.
 //  - Preemption: when a rank's running slots are full and interactive work
 //    waits there, the newest batch sequences yield.
+//  - Pacing: a decoding request needs a token only every pace * its TPOT
+//    target (batch: every ipw.batch_token_interval); workers skip steps while
+//    every running request is paced and not due, so tokens gather into fewer,
+//    fuller steps that pay the fixed step cost less often.
 //  - The safety margin shrinks when a request misses its TPOT and recovers
 //    slowly on hits, absorbing what the cost model gets wrong.
 #include <algorithm>
+#include <array>
 #include <limits>
 
 #include "scheduler/policy.h"
@@ -38,7 +43,15 @@ bool HasTpotTarget(const PolicyState& s, const Request& r) {
 class IpwPolicy final : public Policy {
  public:
   explicit IpwPolicy(const SchedulerConfig& config)
-      : safety_(config.ipw.safety), max_safety_(config.ipw.safety) {}
+      : safety_(config.ipw.safety), max_safety_(config.ipw.safety) {
+    for (Tier t : kAllTiers) {
+      const absl::Duration tpot = config.slo(t).tpot;
+      intervals_[static_cast<int>(t)] =
+          config.ipw.pace <= 0 ? absl::ZeroDuration()
+          : tpot > absl::ZeroDuration() ? tpot * config.ipw.pace
+                                        : config.ipw.batch_token_interval;
+    }
+  }
 
   PolicyKind kind() const override { return PolicyKind::kIpw; }
   double safety() const override { return safety_; }
@@ -98,7 +111,7 @@ class IpwPolicy final : public Policy {
       const int64_t slots = InFlight(s, rank) + added[rank];
       const int64_t capacity = s.config->max_inflight_per_rank - slots;
       if (Constrained(s, rank)) {
-        const int64_t fill = headroom_ok ? Budget(s, rank, nullptr) - slots : 0;
+        const int64_t fill = headroom_ok ? Budget(s, rank, Tightest(s, rank), nullptr) - slots : 0;
         room[rank] = std::min(fill, capacity);
         continue;
       }
@@ -135,10 +148,20 @@ class IpwPolicy final : public Policy {
     return out;
   }
 
+  absl::Duration TokenInterval(Tier tier) const override {
+    return intervals_[static_cast<int>(tier)];
+  }
+
+  int64_t StepTokenCap(const PolicyState& s, int rank, Tier tier) override {
+    const absl::Duration tpot = s.config->slo(tier).tpot;
+    if (tpot <= absl::ZeroDuration()) return 0;
+    return Budget(s, rank, tpot, nullptr);
+  }
+
   StepLimits Limits(const PolicyState& s, int rank) override {
     StepLimits l;
     l.max_running = s.config->max_running;
-    l.max_batch_tokens = Budget(s, rank, &l.step_time_budget);
+    l.max_batch_tokens = Budget(s, rank, Tightest(s, rank), &l.step_time_budget);
     auto it = s.ranks->find(rank);
     if (it == s.ranks->end()) return l;
 
@@ -183,6 +206,7 @@ class IpwPolicy final : public Policy {
   }
 
  private:
+  std::array<absl::Duration, 4> intervals_;  // pacing per tier
   static constexpr double kMinSafety = 0.5;
 
   // Is `rank`'s step time bounded by a TPOT target? In lockstep every rank's
@@ -218,10 +242,11 @@ class IpwPolicy final : public Policy {
     return ctx;
   }
 
-  // Tokens `rank` may put into its next step.
-  int64_t Budget(const PolicyState& s, int rank, absl::Duration* time_budget) const {
+  // Tokens `rank` may put into its next step for steps to stay within
+  // `tightest` (a TPOT target; none: the full cap).
+  int64_t Budget(const PolicyState& s, int rank, std::optional<absl::Duration> tightest,
+                 absl::Duration* time_budget) const {
     const int64_t cap = s.config->max_batch_tokens;
-    std::optional<absl::Duration> tightest = Tightest(s, rank);
     if (!tightest) {
       if (time_budget) *time_budget = absl::InfiniteDuration();
       return cap;
@@ -239,7 +264,8 @@ class IpwPolicy final : public Policy {
         if (HasTpotTarget(s, *r)) ++constrained;
       }
     }
-    return std::clamp<int64_t>(tokens, std::max<int64_t>(constrained, 1), cap);
+    return std::clamp<int64_t>(
+        tokens, std::max<int64_t>({constrained, 1, s.config->ipw.min_step_tokens}), cap);
   }
 
   // 1 - observed TPOT / target of the worst running request with a TPOT
@@ -290,7 +316,7 @@ class IpwPolicy final : public Policy {
         if (!Constrained(s, rank)) continue;
         const int64_t slots = InFlight(s, rank) + added_at(added, rank);
         if (slots >= s.config->max_inflight_per_rank) continue;
-        const int64_t room = Budget(s, rank, nullptr) - slots;
+        const int64_t room = Budget(s, rank, Tightest(s, rank), nullptr) - slots;
         if (room > best_room) {
           best = rank;
           best_room = room;

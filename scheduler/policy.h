@@ -63,6 +63,14 @@ class Policy {
   virtual std::vector<Assignment> Dispatch(const PolicyState& state,
                                            const std::vector<int>& ready) = 0;
   virtual StepLimits Limits(const PolicyState& state, int rank) = 0;
+  // Tokens per step under which a request of `tier` running on `rank` meets
+  // its TPOT target; 0: no cap (the policy does not cap steps, or the tier
+  // has no TPOT target).
+  virtual int64_t StepTokenCap(const PolicyState& /*state*/, int /*rank*/, Tier /*tier*/) {
+    return 0;
+  }
+  // How often a decoding request of `tier` needs a token (pacing); zero: every step.
+  virtual absl::Duration TokenInterval(Tier /*tier*/) const { return absl::ZeroDuration(); }
   // Feedback from finished requests (ipw adapts its safety margin).
   virtual void OnFinished(Tier /*tier*/, bool /*attained*/, bool /*tpot_ok*/) {}
   virtual double safety() const { return 0; }

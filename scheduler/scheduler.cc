@@ -148,6 +148,17 @@ StepLimits Scheduler::StepLimitsFor(int rank) {
   return limits;
 }
 
+int64_t Scheduler::StepTokenCapFor(int rank, Tier tier) {
+  absl::MutexLock lock(&mu_);
+  PolicyState state{clock_->Now(), &config_, &cost_, &slo_, &queues_, &ranks_, &step_gap_s_};
+  return policy_->StepTokenCap(state, rank, tier);
+}
+
+absl::Duration Scheduler::TokenIntervalFor(Tier tier) const {
+  absl::MutexLock lock(&mu_);
+  return policy_->TokenInterval(tier);
+}
+
 void Scheduler::OnTokens(uint64_t id, int64_t count) {
   absl::MutexLock lock(&mu_);
   auto it = requests_.find(id);
@@ -206,17 +217,21 @@ void Scheduler::Forget(uint64_t id) {
   requests_.erase(it);
 }
 
+// The most time between back-to-back steps that counts as step overhead.
+constexpr double kMaxStepOverheadSeconds = 0.01;
+
 void Scheduler::OnStep(int rank, const StepSample& sample, const TierTokens& tier_tokens) {
   absl::MutexLock lock(&mu_);
   cost_.Observe(rank, sample);
-  const absl::Time now = clock_->Now();
+  const absl::Time now = sample.ended_at == absl::InfinitePast() ? clock_->Now() : sample.ended_at;
   // Time between back-to-back steps that is not step time. Only while the
   // rank had work throughout; an idle rank's pauses are not overhead.
   auto last = last_step_at_.find(rank);
   auto busy = ranks_.find(rank);
   if (last != last_step_at_.end() && busy != ranks_.end() && !busy->second.empty()) {
     const double gap = absl::ToDoubleSeconds(now - last->second - sample.duration);
-    if (gap >= 0 && gap < 1.0) {
+    // Longer gaps are pauses (paced requests not due, lulls), not overhead.
+    if (gap >= 0 && gap < kMaxStepOverheadSeconds) {
       auto [g, inserted] = step_gap_s_.try_emplace(rank, gap);
       if (!inserted) g->second = (1 - kEwma) * g->second + kEwma * gap;
     }

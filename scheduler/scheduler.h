@@ -122,6 +122,14 @@ class Scheduler {
 
   // How `rank` should compose its next step (see step_limits.h).
   StepLimits StepLimitsFor(int rank);
+  // The step size a request of `tier` needs on `rank` to meet its TPOT
+  // target, by the cost model: what travels with the request to the worker
+  // (GenerateRequest.step_token_cap), whose ranks keep every step within the
+  // smallest cap of their live requests. 0: uncapped (only ipw caps).
+  int64_t StepTokenCapFor(int rank, Tier tier);
+  // How often a decoding request of `tier` needs a token (pacing, ipw only;
+  // GenerateRequest.token_interval_us); zero: every step.
+  absl::Duration TokenIntervalFor(Tier tier) const;
 
   // Observations. Unknown ids are ignored: a late message for a request that
   // already had its outcome changes nothing.

@@ -4,29 +4,34 @@
 # (bench/energy/plot.py): throughput per watt against interactivity per tier.
 #
 #   bench/energy/sweep.sh                      # defaults below
-#   POLICIES="fcfs joule" RATES="1 2 4" DURATION=60 bench/energy/sweep.sh
+#   POLICIES="fcfs ipw" RATES="4 8" DURATION=30 bench/energy/sweep.sh
 #
 # Every setting is an environment variable:
 #   BUILD           build directory with joule-bench and the cluster (build/default)
-#   POLICIES        policy names ("fcfs strict-priority joule")
-#   RATES           arrival rates, requests/s ("0.5 1 2 4")
+#   POLICIES        scheduling policies ("fcfs priority ipw")
+#   RATES           arrival rates, requests/s ("2 4 8 12")
 #   DURATION WARMUP IDLE   seconds of load, of warm-up excluded, of idle-power measurement (60 10 10)
 #   TIER_MIX PROMPT_LEN OUTPUT_LEN SEED   the workload (joule-bench flags of the same names)
 #   PORT            HTTP port of the cluster (8000)
+#   METRICS_PORT    first worker's /metrics port (9100); worker r serves on METRICS_PORT+r
 #   METRICS_URLS    comma-separated /metrics URLs carrying the energy counter
-#                   (empty: no energy numbers, latency and throughput only)
-#   CLUSTER_START   command that starts a cluster and serves until killed; {policy}
-#                   and {port} are substituted. The default passes the policy in
-#                   JOULE_POLICY; replace it once joule-coordinator has --policy, e.g.
-#                   CLUSTER_START='$BUILD/coordinator/joule-coordinator --policy {policy} ...'
-#   READY_PATH      polled on the cluster until it answers 200 (/v1/models)
+#                   (default: the 2 workers' on METRICS_PORT; empty: no energy numbers)
+#   SCHEDULER_CONFIG  scheduler JSON (SLOs, ipw knobs) for every policy
+#                   (bench/energy/mini-slo.json: targets for the mini model on CPUs)
+#   CLUSTER_START   command that starts a cluster and serves until killed; {policy},
+#                   {port}, {metrics_port} and {scheduler_config} are substituted
+#                   (default: deploy/local/up.sh, mini model, 2 workers)
+#   READY_PATH      polled on the cluster until it answers 200 (/ready: every rank serves)
+#   READY_LOG       ...and until the cluster's output has this line ("serving until Ctrl-C",
+#                   what up.sh prints after its demo requests; empty: do not wait)
 #   OUT             results directory (bench/results/energy-<date>)
-#   EXTRA_ARGS      more joule-bench flags (e.g. --ignore-eos --slo-tpot-ms fast=15)
+#   MODEL           the requests' model field (qwen3_moe-mini)
+#   EXTRA_ARGS      more joule-bench flags (--ignore-eos: outputs run to max_tokens)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 BUILD="${BUILD:-$root/build/default}"
-POLICIES="${POLICIES:-fcfs strict-priority joule}"
-RATES="${RATES:-0.5 1 2 4}"
+POLICIES="${POLICIES:-fcfs priority ipw}"
+RATES="${RATES:-2 4 8 12}"
 DURATION="${DURATION:-60}"
 WARMUP="${WARMUP:-10}"
 IDLE="${IDLE:-10}"
@@ -35,12 +40,29 @@ PROMPT_LEN="${PROMPT_LEN:-lognormal:64:0.5:512}"
 OUTPUT_LEN="${OUTPUT_LEN:-uniform:16:64}"
 SEED="${SEED:-1}"
 PORT="${PORT:-8000}"
-METRICS_URLS="${METRICS_URLS:-}"
-default_start='JOULE_POLICY={policy} ROOT/deploy/local/up.sh --no-build --port {port}'
+METRICS_PORT="${METRICS_PORT:-9100}"
+METRICS_URLS="${METRICS_URLS-http://127.0.0.1:$METRICS_PORT/metrics,http://127.0.0.1:$((METRICS_PORT + 1))/metrics}"
+SCHEDULER_CONFIG="${SCHEDULER_CONFIG:-$root/bench/energy/mini-slo.json}"
+default_start="JOULE_BUILD_DIR=$BUILD ROOT/deploy/local/up.sh --no-build --preset mini --workers 2"
+default_start+=" --port {port} --grpc-port 0 --policy {policy} --scheduler-config {scheduler_config}"
+default_start+=" --worker-metrics-port {metrics_port}"
 CLUSTER_START="${CLUSTER_START:-${default_start//ROOT/$root}}"
-READY_PATH="${READY_PATH:-/v1/models}"
+READY_PATH="${READY_PATH:-/ready}"
+READY_LOG="${READY_LOG-serving until Ctrl-C}"
 OUT="${OUT:-$root/bench/results/energy-$(date +%Y%m%d-%H%M%S)}"
-EXTRA_ARGS="${EXTRA_ARGS:-}"
+MODEL="${MODEL:-qwen3_moe-mini}"
+EXTRA_ARGS="${EXTRA_ARGS---ignore-eos}"
+
+# joule-bench judges attainment by the same targets the scheduler aims for.
+slo_flags="$(/usr/bin/python3 - "$SCHEDULER_CONFIG" <<'PY'
+import json, sys
+tiers = json.load(open(sys.argv[1])).get("tiers", {})
+def flag(key, none):
+    return ",".join("%s=%g" % (t, tiers[t].get(key, none) or none) for t in tiers)
+if tiers:
+    print("--slo-ttft-ms %s --slo-tpot-ms %s" % (flag("ttft_ms", 1e9), flag("tpot_ms", 1e9)))
+PY
+)"
 
 bench="$BUILD/bench/energy/joule-bench"
 [ -x "$bench" ] || { echo "no $bench: build the joule-bench target first" >&2; exit 1; }
@@ -61,12 +83,18 @@ trap stop_cluster EXIT
 for policy in $POLICIES; do
   cmd="${CLUSTER_START//\{policy\}/$policy}"
   cmd="${cmd//\{port\}/$PORT}"
+  cmd="${cmd//\{metrics_port\}/$METRICS_PORT}"
+  cmd="${cmd//\{scheduler_config\}/$SCHEDULER_CONFIG}"
   echo "[sweep] policy $policy: $cmd" >&2
   setsid bash -c "$cmd" >"$OUT/cluster-$policy.log" 2>&1 &
   cluster_pid=$!
   ready=0
   for _ in $(seq 1 300); do
-    if curl -sf -o /dev/null "$url$READY_PATH"; then ready=1; break; fi
+    if curl -sf -o /dev/null "$url$READY_PATH" &&
+       { [ -z "$READY_LOG" ] || grep -q "$READY_LOG" "$OUT/cluster-$policy.log"; }; then
+      ready=1
+      break
+    fi
     kill -0 "$cluster_pid" 2>/dev/null || break
     sleep 0.5
   done
@@ -78,10 +106,10 @@ for policy in $POLICIES; do
   for rate in $RATES; do
     echo "[sweep] policy $policy, rate $rate req/s" >&2
     # shellcheck disable=SC2086  # EXTRA_ARGS is a list of flags
-    "$bench" --url "$url" --rate "$rate" --duration-s "$DURATION" --warmup-s "$WARMUP" \
+    "$bench" --url "$url" --model "$MODEL" --rate "$rate" --duration-s "$DURATION" --warmup-s "$WARMUP" \
       --idle-s "$IDLE" --tier-mix "$TIER_MIX" --prompt-len "$PROMPT_LEN" --output-len "$OUTPUT_LEN" \
       --seed "$SEED" --metrics-urls "$METRICS_URLS" --label "$policy" \
-      --out "$OUT/$policy-rate$rate" $EXTRA_ARGS >/dev/null
+      --out "$OUT/$policy-rate$rate" $slo_flags $EXTRA_ARGS >/dev/null
   done
   stop_cluster
 done

@@ -10,6 +10,7 @@
 #include "coordinator/cluster/grpc_util.h"
 #include "coordinator/cluster/grpc_worker_client.h"
 #include "coordinator/cluster/model_summary.h"
+#include "coordinator/http/scheduler_metrics.h"
 
 namespace joule::cluster {
 namespace {
@@ -102,6 +103,7 @@ absl::Status CoordinatorServer::StartHttp() {
   auto caps = ParseTierQueueCaps(options_.tier_queue_cap);
   if (!caps.ok()) return caps.status();
   http::GenerationBackend* backend = nullptr;
+  std::vector<std::shared_ptr<prometheus::Collectable>> collectables;
   if (options_.policy == "none") {
     http_backend_ = std::make_unique<http::RouterBackend>(router_.get());
     backend = http_backend_.get();
@@ -109,16 +111,18 @@ absl::Status CoordinatorServer::StartHttp() {
     ASSIGN_OR_RETURN(scheduler::SchedulerConfig config, LoadSchedulerConfig(options_, *caps));
     JOULE_LOG(Info) << "scheduler:\n" << scheduler::DescribeSchedulerConfig(config);
     ASSIGN_OR_RETURN(scheduler_, scheduler::Scheduler::Create(std::move(config), &clock_));
-    scheduled_backend_ = std::make_unique<http::ScheduledBackend>(router_.get(), membership_.get(),
-                                                                  scheduler_.get());
+    scheduled_backend_ = std::make_unique<http::ScheduledBackend>(
+        router_.get(), membership_.get(), scheduler_.get(), metrics_registry_.get());
     backend = scheduled_backend_.get();
+    collectables.push_back(std::make_shared<http::SchedulerMetrics>(scheduler_.get()));
   }
   openai_service_ = std::make_unique<http::OpenAiService>(
       http::OpenAiServiceOptions{
           .model_name = options_.served_model_name.empty() ? model.name : options_.served_model_name,
           .max_context = model.max_context,
           .api_key = options_.api_key,
-          .tier_caps = *caps},
+          .tier_caps = *caps,
+          .collectables = std::move(collectables)},
       tokenizer_.get(), backend, metrics_registry_, &clock_);
   auto server = http::HttpServer::Start(http::HttpServerOptions{.host = options_.host,
                                                                 .port = options_.http_port,

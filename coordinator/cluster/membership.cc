@@ -1,10 +1,12 @@
 #include "coordinator/cluster/membership.h"
 
+#include <cmath>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
 #include "common/placement_proto.h"
+#include "common/status.h"
 #include "coordinator/placement/eplb.h"
 
 namespace joule::cluster {
@@ -263,7 +265,47 @@ absl::Status Membership::Heartbeat(const v1::HeartbeatRequest& request, v1::Hear
                        " entries, expected one per expert (", model_.num_experts, ")"));
     }
   }
+  std::vector<scheduler::StepSample> steps;
+  steps.reserve(request.steps_size());
+  for (int i = 0; i < request.steps_size(); ++i) {
+    const v1::StepRecord& r = request.steps(i);
+    const auto bad = [&](absl::string_view field, absl::string_view why) {
+      return absl::InvalidArgumentError(absl::StrCat("steps[", i, "].", field, ": ", why));
+    };
+    if (r.batch_tokens() < 1) return bad("batch_tokens", "must be at least 1");
+    if (r.context_tokens() < 0) return bad("context_tokens", "must not be negative");
+    if (!std::isfinite(r.seconds()) || r.seconds() < 0) {
+      return bad("seconds", "must be a finite, non-negative duration");
+    }
+    if (!std::isfinite(r.energy_joules()) || r.energy_joules() < 0) {
+      return bad("energy_joules", "must be finite and non-negative");
+    }
+    steps.push_back(scheduler::StepSample{.batch_tokens = r.batch_tokens(),
+                                          .context_tokens = r.context_tokens(),
+                                          .duration = absl::Seconds(r.seconds()),
+                                          .energy_joules = r.energy_joules(),
+                                          .ended_at = r.ended_unix_micros() > 0
+                                                          ? absl::FromUnixMicros(r.ended_unix_micros())
+                                                          : absl::InfinitePast()});
+  }
+  StepObserver observer;
+  {
+    absl::MutexLock lock(&mu_);
+    RETURN_IF_ERROR(HeartbeatLocked(request, reply));
+    observer = step_observer_;
+  }
+  // Outside the lock: the observer (the scheduler) takes its own.
+  if (observer && !steps.empty()) observer(request.rank(), steps);
+  return absl::OkStatus();
+}
+
+void Membership::SetStepObserver(StepObserver observer) {
   absl::MutexLock lock(&mu_);
+  step_observer_ = std::move(observer);
+}
+
+absl::Status Membership::HeartbeatLocked(const v1::HeartbeatRequest& request,
+                                         v1::HeartbeatReply* reply) {
   Slot& s = slots_[request.rank()];
   if (s.info.state == RankState::kFree || s.info.worker_id != request.worker_id()) {
     return absl::NotFoundError(absl::StrCat("rank ", request.rank(), " is not held by worker ",

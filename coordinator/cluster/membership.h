@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -22,6 +23,7 @@
 #include "coordinator/cluster/clock.h"
 #include "coordinator/cluster/model_summary.h"
 #include "proto/joule/v1/cluster.pb.h"
+#include "scheduler/cost_model.h"
 
 namespace joule::cluster {
 
@@ -93,7 +95,14 @@ class Membership {
   // current placement when the worker runs an older one. NOT_FOUND when the
   // worker does not hold that rank (it should register again). A rank marked
   // dead whose worker heartbeats again is alive again.
+  // Its measured steps go to the step observer, if one is set.
   absl::Status Heartbeat(const v1::HeartbeatRequest& request, v1::HeartbeatReply* reply);
+
+  // Receives each heartbeat's measured steps (oldest first) with the rank:
+  // what the scheduler's step cost model learns from. Called on the
+  // heartbeat's RPC thread, without the membership lock held.
+  using StepObserver = std::function<void(int rank, const std::vector<scheduler::StepSample>&)>;
+  void SetStepObserver(StepObserver observer);
 
   // Marks dead every rank without a heartbeat for more than
   // heartbeat_misses * heartbeat_interval (startup_timeout before its first
@@ -132,6 +141,8 @@ class Membership {
   Membership(MembershipOptions options, ModelSummary model, const Clock* clock, Placement initial);
   bool Live(const Slot& s) const { return s.info.state == RankState::kRegistered || s.info.state == RankState::kReady; }
   bool FormedLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status HeartbeatLocked(const v1::HeartbeatRequest& request, v1::HeartbeatReply* reply)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::string MissingRanksLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FillRegisterReplyLocked(int rank, v1::RegisterReply* reply) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
@@ -148,6 +159,7 @@ class Membership {
   bool rank0_rendezvous_ ABSL_GUARDED_BY(mu_) = false;
   std::string nccl_unique_id_ ABSL_GUARDED_BY(mu_);
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
+  StepObserver step_observer_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace joule::cluster

@@ -7,6 +7,7 @@
 #include <array>
 #include <string_view>
 
+#include "absl/synchronization/mutex.h"
 #include "prometheus/counter.h"
 #include "prometheus/family.h"
 #include "prometheus/gauge.h"
@@ -31,6 +32,9 @@ namespace joule::http {
   X(Counter, request_energy, "joule_request_energy_joules_total",                                     \
     "Energy charged to finished requests by the workers' meters (usage.energy_joules); "            \
     "generation tokens / this = tokens per joule", "tier")                                            \
+  X(Gauge, tokens_per_joule, "joule_tokens_per_joule",                                                \
+    "Completion tokens / energy of the requests that finished with an energy figure, since start",  \
+    "tier")                                                                                           \
   X(Gauge, running, "joule_num_requests_running",                                                     \
     "Requests admitted at the coordinator and not yet finished", "tier")                             \
   X(LatencyHistogram, ttft, "joule_time_to_first_token_seconds",                                      \
@@ -39,6 +43,9 @@ namespace joule::http {
     "Time from the request's arrival to its last token", "tier")                                     \
   X(IntervalHistogram, itl, "joule_inter_token_latency_seconds",                                      \
     "Time between consecutive generated tokens of one request", "tier")
+
+// vLLM's buckets for TTFT, end-to-end latency and queue time.
+const prometheus::Histogram::BucketBoundaries& LatencyBuckets();
 
 class HttpMetrics {
  public:
@@ -50,7 +57,9 @@ class HttpMetrics {
   prometheus::Counter& prompt_tokens(scheduler::Tier t) { return *prompt_tokens_[Index(t)]; }
   prometheus::Counter& generation_tokens(scheduler::Tier t) { return *generation_tokens_[Index(t)]; }
   prometheus::Gauge& running(scheduler::Tier t) { return *running_[Index(t)]; }
-  prometheus::Counter& request_energy(scheduler::Tier t) { return *request_energy_[Index(t)]; }
+  // A finished request's energy (usage.energy_joules) and completion tokens:
+  // joule_request_energy_joules_total and joule_tokens_per_joule.
+  void AddRequestEnergy(scheduler::Tier t, double joules, int64_t completion_tokens);
   prometheus::Histogram& ttft(scheduler::Tier t) { return *ttft_[Index(t)]; }
   prometheus::Histogram& e2e(scheduler::Tier t) { return *e2e_[Index(t)]; }
   prometheus::Histogram& itl(scheduler::Tier t) { return *itl_[Index(t)]; }
@@ -73,6 +82,10 @@ class HttpMetrics {
   PerTier<prometheus::Counter> generation_tokens_{};
   PerTier<prometheus::Gauge> running_{};
   PerTier<prometheus::Counter> request_energy_{};
+  PerTier<prometheus::Gauge> tokens_per_joule_{};
+  absl::Mutex energy_mu_;
+  std::array<double, 4> energy_joules_ ABSL_GUARDED_BY(energy_mu_) = {};
+  std::array<double, 4> energy_tokens_ ABSL_GUARDED_BY(energy_mu_) = {};
   PerTier<prometheus::Histogram> ttft_{};
   PerTier<prometheus::Histogram> e2e_{};
   PerTier<prometheus::Histogram> itl_{};

@@ -1,5 +1,6 @@
 #include "coordinator/http/openai_service.h"
 
+#include <iterator>
 #include <random>
 #include <sstream>
 #include <utility>
@@ -128,7 +129,7 @@ class Generation : public std::enable_shared_from_this<Generation> {
       if (!response.energy_source().empty()) {
         energy_joules_ = response.energy_joules();
         energy_source_ = response.energy_source();
-        m.request_energy(header_.tier).Increment(response.energy_joules());
+        m.AddRequestEnergy(header_.tier, response.energy_joules(), completion_tokens_);
       }
       std::string tail = text_.Flush();
       const bool stop = text_.stopped() || response.finish_reason() == v1::FINISH_REASON_STOP;
@@ -404,7 +405,12 @@ void OpenAiService::Handle(HttpRequest request, std::shared_ptr<Exchange> exchan
     metrics_.CountRequest(label, 200, "");  // counted before serializing, so a scrape sees itself
     HttpResponse r(bhttp::status::ok, 11);
     r.set(bhttp::field::content_type, "text/plain; version=0.0.4; charset=utf-8");
-    r.body() = prometheus::TextSerializer().Serialize(registry_->Collect());
+    std::vector<prometheus::MetricFamily> families = registry_->Collect();
+    for (const auto& c : options_.collectables) {
+      std::vector<prometheus::MetricFamily> more = c->Collect();
+      std::move(more.begin(), more.end(), std::back_inserter(families));
+    }
+    r.body() = prometheus::TextSerializer().Serialize(families);
     return exchange->Respond(std::move(r));
   }
   if (path == kRouteModels) {

@@ -17,6 +17,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "coordinator/cluster/clock.h"
@@ -26,6 +27,7 @@
 #include "coordinator/http/http_server.h"
 #include "coordinator/http/openai_request.h"
 #include "coordinator/tokenizer/tokenizer.h"
+#include "prometheus/collectable.h"
 #include "prometheus/registry.h"
 
 namespace joule::http {
@@ -38,6 +40,8 @@ struct OpenAiServiceOptions {
   // max_tokens of a completion that sets none (OpenAI's legacy default);
   // chat completions default to the rest of the context.
   int64_t default_completion_tokens = 16;
+  // More metric sources /metrics serves after the registry (the scheduler's).
+  std::vector<std::shared_ptr<prometheus::Collectable>> collectables;
 };
 
 class OpenAiService final : public HttpHandler {

@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
+#include "coordinator/http/http_metrics.h"
 #include "scheduler/tier.h"
 
 namespace joule::http {
@@ -36,14 +37,35 @@ class ScheduledBackend::CountingSink final : public cluster::GenerateSink {
 };
 
 ScheduledBackend::ScheduledBackend(cluster::Router* router, cluster::Membership* membership,
-                                   scheduler::Scheduler* scheduler)
+                                   scheduler::Scheduler* scheduler, prometheus::Registry* registry)
     : router_(router), membership_(membership), scheduler_(scheduler) {
+  if (registry != nullptr) {
+    auto& family = prometheus::BuildHistogram()
+                       .Name("joule_request_queue_time_seconds")
+                       .Help("Time a request waited in the coordinator's tier queue before "
+                             "the scheduler sent it to a rank")
+                       .Register(*registry);
+    for (scheduler::Tier t : scheduler::kAllTiers) {
+      queue_time_[static_cast<int>(t)] =
+          &family.Add({{"tier", std::string(scheduler::TierName(t))}}, LatencyBuckets());
+    }
+  }
+  // The workers' measured steps teach the scheduler's cost model; a better
+  // model may change what the policy dispatches, hence the wake-up.
+  membership_->SetStepObserver(
+      [this](int rank, const std::vector<scheduler::StepSample>& steps) {
+        for (const scheduler::StepSample& step : steps) scheduler_->OnStep(rank, step);
+        Wake();
+      });
   loop_ = std::thread([this] { Loop(); });
 }
 
 ScheduledBackend::~ScheduledBackend() { Shutdown(); }
 
 void ScheduledBackend::Shutdown() {
+  // A heartbeat already holding the observer may still call it: the
+  // backend outlives the coordinator's RPC server (see its Stop()).
+  membership_->SetStepObserver(nullptr);
   absl::flat_hash_map<uint64_t, Queued> left;
   {
     absl::MutexLock lock(&mu_);
@@ -96,7 +118,7 @@ void ScheduledBackend::GenerateAsync(const v1::GenerateRequest& request, absl::T
                                     .prompt_tokens = request.prompt_token_ids_size(),
                                     .max_tokens = request.sampling().max_tokens()});
       if (refused.ok()) {
-        queued_[id] = Queued{tier, request, deadline, std::move(sink), std::move(done)};
+        queued_[id] = Queued{tier, request, deadline, std::move(sink), std::move(done), absl::Now()};
         ids_[request.request_id()] = id;
         woken_ = true;
       }
@@ -176,6 +198,9 @@ void ScheduledBackend::Loop() {
         q = std::move(it->second);
         queued_.erase(it);
       }
+      if (prometheus::Histogram* h = queue_time_[static_cast<int>(q.tier)]) {
+        h->Observe(absl::ToDoubleSeconds(absl::Now() - q.queued_at));
+      }
       Send(a.id, a.rank, std::move(q));
     }
   }
@@ -188,16 +213,14 @@ void ScheduledBackend::Send(uint64_t id, int rank, Queued q) {
   if (policy != scheduler::PolicyKind::kFcfs) {
     forward.set_priority(static_cast<int>(tier));
   }
-  if (policy == scheduler::PolicyKind::kIpw) {
-    // Tiers with a time-per-output-token target carry the step cap the policy
-    // computed for this rank; the ranks agree on the tightest one (lockstep).
-    const scheduler::StepLimits limits = scheduler_->StepLimitsFor(rank);
-    const bool has_tpot = scheduler_->config().slo(tier).tpot > absl::ZeroDuration();
-    if (has_tpot && limits.step_time_budget != absl::InfiniteDuration() &&
-        limits.max_batch_tokens > 0) {
-      forward.set_step_token_cap(static_cast<int32_t>(limits.max_batch_tokens));
-    }
+  // Tiers with a time-per-output-token target carry the step cap their own
+  // target needs on this rank (ipw only); the ranks keep every step within
+  // the smallest cap of their live requests (lockstep), so the cap ends with
+  // the request that needed it.
+  if (const int64_t cap = scheduler_->StepTokenCapFor(rank, tier); cap > 0) {
+    forward.set_step_token_cap(static_cast<int32_t>(cap));
   }
+  forward.set_token_interval_us(absl::ToInt64Microseconds(scheduler_->TokenIntervalFor(tier)));
   auto sink = std::make_shared<CountingSink>(std::move(q.sink), scheduler_, id);
   const std::string request_id = forward.request_id();
   std::function<void(absl::Status)> done = std::move(q.done);

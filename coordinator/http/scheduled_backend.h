@@ -5,10 +5,15 @@
 // with the step priority and token cap it set. Token arrivals and outcomes go
 // back to the scheduler for SLO accounting.
 //
+// The steps workers report with their heartbeats go to Scheduler::OnStep, so
+// the step cost model learns from the cluster's own telemetry.
+//
 // One owned thread, the dispatch loop, runs Dispatch() after every event
-// (admission, first token, outcome) and at the scheduler's NextWakeup().
+// (admission, first token, outcome, step reports) and at the scheduler's
+// NextWakeup().
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -19,15 +24,19 @@
 #include "coordinator/cluster/membership.h"
 #include "coordinator/cluster/router.h"
 #include "coordinator/http/generation_backend.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
 #include "scheduler/scheduler.h"
 
 namespace joule::http {
 
 class ScheduledBackend final : public GenerationBackend {
  public:
-  // Nothing is owned; all must outlive the backend.
+  // Nothing is owned; all must outlive the backend. With a registry, the
+  // time requests wait in the tier queues is observed in
+  // joule_request_queue_time_seconds{tier}.
   ScheduledBackend(cluster::Router* router, cluster::Membership* membership,
-                   scheduler::Scheduler* scheduler);
+                   scheduler::Scheduler* scheduler, prometheus::Registry* registry = nullptr);
   ~ScheduledBackend() override;  // Shutdown()
 
   // Stops the dispatch loop; requests still queued fail with UNAVAILABLE and
@@ -49,6 +58,7 @@ class ScheduledBackend final : public GenerationBackend {
     absl::Time deadline;
     std::shared_ptr<cluster::GenerateSink> sink;
     std::function<void(absl::Status)> done;
+    absl::Time queued_at;
   };
   class CountingSink;
 
@@ -60,6 +70,7 @@ class ScheduledBackend final : public GenerationBackend {
   cluster::Router* const router_;
   cluster::Membership* const membership_;
   scheduler::Scheduler* const scheduler_;
+  std::array<prometheus::Histogram*, 4> queue_time_{};  // per tier; null without a registry
 
   mutable absl::Mutex mu_;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;

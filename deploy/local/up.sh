@@ -16,6 +16,9 @@ usage: deploy/local/up.sh [options]
   --workers N        worker processes (expert-parallel ranks) (default 2)
   --port P           HTTP port of the OpenAI-compatible API (default 8000; 0 picks a free one)
   --grpc-port P      coordinator gRPC port for workers and joule-cli (default 50051; 0 picks one)
+  --policy NAME      scheduling policy: priority | ipw | fcfs | none (default priority)
+  --scheduler-config FILE  scheduler JSON: tier SLOs, queue caps, ipw knobs (docs/operations.md)
+  --worker-metrics-port P  worker r serves Prometheus /metrics on P+r (default 0: free ports)
   --prompt TEXT      demo prompt (default: "Joule serves mixture-of-experts models")
   --max-tokens N     tokens per demo answer (default 16)
   --once             exit after the demo instead of serving
@@ -26,6 +29,7 @@ USAGE
 }
 
 model="" family=qwen3_moe preset=tiny workers=2 port=8000 grpc_port=50051
+policy=priority scheduler_config="" worker_metrics_port=0
 prompt="Joule serves mixture-of-experts models" max_tokens=16 once=0 build=1
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -35,6 +39,9 @@ while [ $# -gt 0 ]; do
     --workers) workers="$2"; shift 2 ;;
     --port) port="$2"; shift 2 ;;
     --grpc-port) grpc_port="$2"; shift 2 ;;
+    --policy) policy="$2"; shift 2 ;;
+    --scheduler-config) scheduler_config="$2"; shift 2 ;;
+    --worker-metrics-port) worker_metrics_port="$2"; shift 2 ;;
     --prompt) prompt="$2"; shift 2 ;;
     --max-tokens) max_tokens="$2"; shift 2 ;;
     --once) once=1; shift ;;
@@ -69,7 +76,8 @@ trap 'exit 0' INT TERM
 joule_log "model: $model"
 "$bin/coordinator/joule-coordinator" --model "$model" --workers "$workers" \
   --port "$grpc_port" --port-file "$run_dir/port" \
-  --http-port "$port" --http-port-file "$run_dir/http_port" \
+  --http-port "$port" --http-port-file "$run_dir/http_port" --policy "$policy" \
+  ${scheduler_config:+--scheduler-config "$scheduler_config"} \
   >"$run_dir/coordinator.out" 2>"$run_dir/coordinator.log" &
 pids+=($!)
 for _ in $(seq 1 100); do [ -s "$run_dir/port" ] && [ -s "$run_dir/http_port" ] && break; sleep 0.1; done
@@ -77,7 +85,10 @@ for _ in $(seq 1 100); do [ -s "$run_dir/port" ] && [ -s "$run_dir/http_port" ] 
 addr="127.0.0.1:$(cat "$run_dir/port")"
 url="http://127.0.0.1:$(cat "$run_dir/http_port")"
 for r in $(seq 0 $((workers - 1))); do
+  metrics_port=0
+  [ "$worker_metrics_port" = 0 ] || metrics_port=$((worker_metrics_port + r))
   "$bin/worker/service/joule-worker" --coordinator "$addr" --model "$model" \
+    --metrics-port "$metrics_port" --metrics-port-file "$run_dir/metrics_port.$r" \
     >"$run_dir/worker$r.out" 2>"$run_dir/worker$r.log" &
   pids+=($!)
 done
@@ -116,6 +127,10 @@ Joule is serving $model as "$served" with $workers expert-parallel workers.
   try:   curl $url/v1/chat/completions -H 'Content-Type: application/json' \\
            -d '{"model": "$served", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8, "service_tier": "fast"}'
          $cli status --coordinator $addr
+  scheduling policy: $policy; metrics: $url/metrics (coordinator), $(
+    for r in $(seq 0 $((workers - 1))); do
+      printf 'http://127.0.0.1:%s/metrics ' "$(cat "$run_dir/metrics_port.$r" 2>/dev/null)"
+    done)(workers)
   logs:  $run_dir
 EOF
 if [ "$once" = 1 ]; then

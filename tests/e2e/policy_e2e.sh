@@ -28,6 +28,7 @@ e2e_wait_ready "" "$addr" "$WORKERS"
 for r in $(seq 0 $((WORKERS - 1))); do metrics+=("$(cat "$E2E_TMP/metrics.$r")"); done
 grep -q "policy=$POLICY" "$E2E_TMP/coordinator.err" || e2e_fail "coordinator did not log policy=$POLICY"
 /usr/bin/python3 "$(dirname "$0")/policy_e2e_client.py" --port "$(cat "$E2E_TMP/http_port")" \
-  --model "$(basename "$MODEL")" --worker-metrics "$(IFS=,; echo "${metrics[*]}")" ||
+  --model "$(basename "$MODEL")" --worker-metrics "$(IFS=,; echo "${metrics[*]}")" \
+  --dashboard "$(dirname "$0")/../../deploy/grafana/joule-dashboard.json" ||
   e2e_fail "policy $POLICY checks failed"
 echo "PASS: policy $POLICY on $(basename "$MODEL"), EP=$WORKERS"

@@ -3,13 +3,16 @@
 checks that each got exactly one terminal event with its tier and usage, that every request's
 usage.energy_joules is positive and labelled, and that the requests' energy adds up to what the
 workers' meters charged to requests (worker /metrics), which in turn is the meters' total minus
-idle and unattributed energy. Standard library only; exits non-zero with the reason."""
+idle and unattributed energy. Then the other metrics: workers' power, exchange and per-expert
+load; the coordinator's SLO outcomes and tokens per joule per tier, and the step cost model
+learned from the workers' heartbeats. Standard library only; exits non-zero with the reason."""
 import argparse
 import http.client
 import json
 import re
 import sys
 import threading
+import time
 
 TIERS = {"fast": "fast", "priority": "priority", "default": "default", "flex": "flex"}
 
@@ -63,16 +66,21 @@ def stream(port, model, tier, i, results):
 
 
 def scrape(port):
+    """Every joule_ sample of a /metrics page: {name: {labels: value}}."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.request("GET", "/metrics")
     text = conn.getresponse().read().decode()
     conn.close()
     out = {}
     for line in text.splitlines():
-        m = re.match(r"^(joule_energy_\w+)\{[^}]*\} (\S+)$", line)
+        m = re.match(r"^(joule_\w+)(\{[^}]*\})? (\S+)$", line)
         if m:
-            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
+            out.setdefault(m.group(1), {})[m.group(2) or ""] = float(m.group(3))
     return out
+
+
+def total(samples, name):
+    return sum(samples.get(name, {}).values())
 
 
 def main():
@@ -81,6 +89,7 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--worker-metrics", required=True, help="comma-separated metrics ports")
     ap.add_argument("--per-tier", type=int, default=6)
+    ap.add_argument("--dashboard", help="Grafana dashboard JSON whose joule_ metrics must all be served")
     args = ap.parse_args()
 
     results = []
@@ -102,9 +111,10 @@ def main():
         energy += usage["energy_joules"]
 
     totals = {}
-    for p in args.worker_metrics.split(","):
-        for k, v in scrape(int(p)).items():
-            totals[k] = totals.get(k, 0.0) + v
+    workers = [scrape(int(p)) for p in args.worker_metrics.split(",")]
+    for w in workers:
+        for k in w:
+            totals[k] = totals.get(k, 0.0) + total(w, k)
     attributed = totals.get("joule_energy_attributed_joules_total", -1)
     if abs(attributed - energy) > 1e-6 * max(1.0, attributed):
         fail("requests were charged %.9f J but the workers attributed %.9f J" % (energy, attributed))
@@ -113,8 +123,54 @@ def main():
     if abs(parts - totals["joule_energy_joules_total"]) > 1e-6 * max(1.0, parts):
         fail("meter total %.6f J != attributed + idle + unattributed %.6f J"
              % (totals["joule_energy_joules_total"], parts))
-    print("ok: %d requests, %.3f J charged to requests, %.3f J metered in all"
-          % (len(results), energy, totals["joule_energy_joules_total"]))
+    # Power is a mean over windows of at least a second: wait for the first.
+    deadline = time.time() + 5
+    while not all(total(w, "joule_power_watts") > 0 for w in workers) and time.time() < deadline:
+        time.sleep(0.2)
+        workers = [scrape(int(p)) for p in args.worker_metrics.split(",")]
+    for i, w in enumerate(workers):
+        if not total(w, "joule_power_watts") > 0:
+            fail("worker %d reports no power: %r" % (i, w.get("joule_power_watts")))
+        if not total(w, "joule_dispatch_seconds_total") > 0:
+            fail("worker %d reports no dispatch time" % i)
+    if not totals.get("joule_dispatch_bytes_total", 0) > 0:
+        fail("no dispatch bytes between the two workers")
+    routed = totals.get("joule_expert_tokens_total", 0)
+    if not routed > 0:
+        fail("no per-expert load in the workers' metrics")
+
+    # The coordinator: SLO outcomes of every request, tokens per joule per tier,
+    # and a step cost model learned from the workers' heartbeats (every 500 ms).
+    deadline = time.time() + 10
+    while True:
+        coord = scrape(args.port)
+        learned = coord.get("joule_step_cost_samples", {})
+        if len(learned) >= 2 and all(v > 0 for v in learned.values()):
+            break
+        if time.time() > deadline:
+            fail("the step cost model learned no steps from the workers: %r" % learned)
+        time.sleep(0.2)
+    for tier in ("fast", "priority", "standard", "batch"):  # default -> standard, flex -> batch
+        outcomes = coord.get("joule_slo_requests_total", {})
+        done = sum(v for k, v in outcomes.items()
+                   if 'tier="%s"' % tier in k and ('"attained"' in k or '"missed"' in k))
+        if done != args.per_tier:
+            fail("%s: %d SLO outcomes for %d requests: %r" % (tier, done, args.per_tier, outcomes))
+        tpj = coord.get("joule_tokens_per_joule", {}).get('{tier="%s"}' % tier, 0)
+        if not tpj > 0:
+            fail("%s: no tokens per joule at the coordinator" % tier)
+    if args.dashboard:
+        served = set(coord)
+        for w in workers:
+            served |= set(w)
+        with open(args.dashboard) as f:
+            wanted = set(re.findall(r"joule_\w+", f.read()))
+        missing = sorted(wanted - served)
+        if missing:
+            fail("the dashboard plots metrics nobody serves: %s" % ", ".join(missing))
+    print("ok: %d requests, %.3f J charged to requests, %.3f J metered in all, "
+          "%d steps behind the cost model"
+          % (len(results), energy, totals["joule_energy_joules_total"], sum(learned.values())))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ TEST(SchedulerConfig, OverridesFromJson) {
   absl::StatusOr<SchedulerConfig> c = ParseSchedulerConfig(R"({
     "policy": "priority", "lockstep": false, "max_batch_tokens": 64, "batch_max_wait_ms": 5000,
     "tiers": {"fast": {"tpot_ms": 40, "attainment": 0.9, "queue_cap": 3}},
-    "ipw": {"safety": 0.8, "valley_hold_ms": 100},
+    "ipw": {"safety": 0.8, "valley_hold_ms": 100, "pace": 0.5, "batch_token_interval_ms": 300},
     "calibration": [{"rank": 1, "batch_tokens": 8, "context_tokens": 100,
                      "duration_ms": 5.5, "energy_joules": 1.25}]})");
   ASSERT_TRUE(c.ok()) << c.status();
@@ -40,6 +40,8 @@ TEST(SchedulerConfig, OverridesFromJson) {
   EXPECT_EQ(c->slo(Tier::kFast).queue_cap, 3);
   EXPECT_DOUBLE_EQ(c->ipw.safety, 0.8);
   EXPECT_EQ(c->ipw.valley_hold, absl::Milliseconds(100));
+  EXPECT_DOUBLE_EQ(c->ipw.pace, 0.5);
+  EXPECT_EQ(c->ipw.batch_token_interval, absl::Milliseconds(300));
   ASSERT_EQ(c->calibration.size(), 1u);
   EXPECT_EQ(c->calibration[0].rank, 1);
   EXPECT_EQ(c->calibration[0].sample.batch_tokens, 8);
@@ -61,6 +63,8 @@ TEST(SchedulerConfig, ErrorsNameTheField) {
            {R"({"max_running": 2.5})", "max_running"},
            {R"({"max_batch_token": 5})", "max_batch_token"},
            {R"({"ipw": {"safety": 0}})", "ipw.safety"},
+           {R"({"ipw": {"pace": 1.5}})", "ipw.pace"},
+           {R"({"ipw": {"batch_token_interval_ms": -1}})", "ipw.batch_token_interval_ms"},
            {R"({"calibration": [{"batch_tokens": 4, "energy_joules": 1}]})",
             "calibration[0].duration_ms"},
        }) {

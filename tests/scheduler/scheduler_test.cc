@@ -174,6 +174,33 @@ TEST_F(SchedulerTest, IpwCapsTheStepWhileAFastRequestIsInFlight) {
   EXPECT_EQ(s->StepLimitsFor(0).max_batch_tokens, c.max_batch_tokens);
 }
 
+TEST_F(SchedulerTest, IpwStepTokenCapFollowsTheRequestsOwnTier) {
+  SchedulerConfig c = Config(PolicyKind::kIpw);
+  c.slo(Tier::kStandard).tpot = absl::Milliseconds(50);
+  auto s = Make(c);
+  // Each tier's own TPOT: 0.9 * 25 ms = 10 ms + 125 * 0.1 ms for fast, 0.9 *
+  // 50 ms = 10 ms + 350 * 0.1 ms for standard, whatever else is in flight.
+  ASSERT_TRUE(s->Submit({1, Tier::kFast, 10, 50}).ok());
+  ASSERT_THAT(Ids(s->Dispatch(Ranks(1))), ElementsAre(1));
+  const int64_t fast = s->StepTokenCapFor(0, Tier::kFast);
+  const int64_t standard = s->StepTokenCapFor(0, Tier::kStandard);
+  EXPECT_GE(fast, 110);
+  EXPECT_LE(fast, 125);
+  EXPECT_GE(standard, 330);
+  EXPECT_LE(standard, 350);
+  EXPECT_EQ(s->StepTokenCapFor(0, Tier::kBatch), 0) << "no TPOT target, no cap";
+  // Pacing: a token every 0.8 * TPOT target, batch every 200 ms (the defaults).
+  EXPECT_EQ(s->TokenIntervalFor(Tier::kFast), absl::Milliseconds(20));
+  EXPECT_EQ(s->TokenIntervalFor(Tier::kStandard), absl::Milliseconds(40));
+  EXPECT_EQ(s->TokenIntervalFor(Tier::kBatch), absl::Milliseconds(200));
+  c.ipw.pace = 0;
+  EXPECT_EQ(Make(c)->TokenIntervalFor(Tier::kFast), absl::ZeroDuration()) << "pace 0: off";
+  for (PolicyKind p : {PolicyKind::kFcfs, PolicyKind::kPriority}) {
+    EXPECT_EQ(Make(Config(p))->StepTokenCapFor(0, Tier::kFast), 0) << "only ipw caps steps";
+    EXPECT_EQ(Make(Config(p))->TokenIntervalFor(Tier::kBatch), absl::ZeroDuration()) << "nor paces";
+  }
+}
+
 TEST_F(SchedulerTest, IpwDefersBatchWhenFastHeadroomIsLowAndFillsWhenHigh) {
   for (bool tight : {true, false}) {
     SCOPED_TRACE(tight ? "fast tier near its TPOT target" : "fast tier with headroom");

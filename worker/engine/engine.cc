@@ -61,6 +61,7 @@ absl::Status Engine::Add(GenerationRequest r) {
   seq->tokens = std::move(r.prompt);
   seq->sampling = std::move(r.sampling);
   seq->priority = r.priority;
+  seq->token_interval = std::max(absl::ZeroDuration(), r.token_interval);
   seq->step_token_cap = std::max(0, r.step_token_cap);
   seq->arrival = ++arrivals_;
   // Unseeded requests still get distinct, reproducible-per-process streams.
@@ -182,6 +183,18 @@ int64_t Engine::PlanStep() {
   }
   directives_.preempt.clear();
 
+  // Pacing: with every live sequence paced, decoding and not due, no step.
+  const absl::Time now = options_.clock ? options_.clock() : absl::Now();
+  auto resting = [&](const Sequence* seq) {
+    return seq->running && seq->token_interval > absl::ZeroDuration() && seq->generated > 0 &&
+           seq->num_computed + 1 == static_cast<int>(seq->tokens.size()) &&
+           now - seq->last_step_at < seq->token_interval;
+  };
+  if (waiting_.empty() && !running_.empty() &&
+      std::all_of(running_.begin(), running_.end(), resting)) {
+    return 0;
+  }
+
   // Candidates in the order they get the budget: the scheduler's order, then
   // by priority; within one priority running sequences (oldest first) before
   // waiting ones (by arrival; a preempted sequence keeps its original arrival).
@@ -202,6 +215,9 @@ int64_t Engine::PlanStep() {
                      // Running ones keep their admission order (stable sort).
                      return !a->running && a->arrival < b->arrival;
                    });
+  // Resting paced sequences only ride along, after everything that needs the step.
+  std::stable_partition(candidates.begin(), candidates.end(),
+                        [&](const Sequence* s) { return !resting(s); });
 
   bool admitting = true;  // stops at the first waiting sequence that does not fit
   for (Sequence* seq : candidates) {
@@ -240,6 +256,7 @@ int64_t Engine::PlanStep() {
       seq->running = true;
     }
     seq->plan_mark = plan_epoch_;
+    seq->last_step_at = now;
     scheduled.push_back({seq, chunk});
     budget -= chunk;
   }

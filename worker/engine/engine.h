@@ -15,6 +15,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "worker/engine/kv_cache.h"
 #include "worker/engine/sampler.h"
 #include "worker/model/model.h"
@@ -35,6 +36,12 @@ struct GenerationRequest {
   // While this sequence is live, steps carry at most this many tokens (0: no
   // cap): the scheduler's way to keep a fast request's time per output token.
   int step_token_cap = 0;
+  // Pacing: once decoding, the sequence needs a token only every this long
+  // (0: every step). Steps run while some live sequence is unpaced, still
+  // prefilling, waiting for admission or due; a paced sequence that is not
+  // due rides along in steps that run anyway (after the others get the
+  // budget). So paced work gathers into fewer, fuller steps.
+  absl::Duration token_interval = absl::ZeroDuration();
 };
 
 // How the scheduler (the cluster's policy, relayed by the worker) wants the
@@ -76,6 +83,8 @@ struct EngineOptions {
   int max_batch_tokens = 512;   // tokens per step (decode + prefill chunks)
   int max_running = 64;         // sequences in the running batch
   int max_prefill_chunk = 256;  // longest prefill slice of one sequence per step
+  // Time for pacing (GenerationRequest::token_interval); null: absl::Now.
+  std::function<absl::Time()> clock;
 };
 
 class Engine {
@@ -130,6 +139,8 @@ class Engine {
     SamplerRng rng{0};
     int priority = 0;
     int step_token_cap = 0;
+    absl::Duration token_interval = absl::ZeroDuration();
+    absl::Time last_step_at = absl::InfinitePast();  // last planned into a step
     uint64_t arrival = 0;
     bool running = false;
     uint64_t plan_mark = 0;  // == plan_epoch_ once considered by the current plan

@@ -34,6 +34,11 @@ absl::StatusOr<GenerationRequest> ToGenerationRequest(const v1::GenerateRequest&
     return absl::InvalidArgumentError(
         absl::StrCat("step_token_cap: must be >= 0 (0: no cap), got ", request.step_token_cap()));
   }
+  if (request.token_interval_us() < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "token_interval_us: must be >= 0 (0: a token every step), got ", request.token_interval_us()));
+  }
+  out.token_interval = absl::Microseconds(request.token_interval_us());
   out.priority = request.priority();
   out.step_token_cap = request.step_token_cap();
   if (absl::Status st = out.sampling.Validate(); !st.ok()) {

@@ -53,6 +53,15 @@ absl::Status HeartbeatLoop::Beat() {
     el->mutable_tokens()->Add(load[l].begin(), load[l].end());
   }
 
+  for (const scheduler::StepSample& step : runtime_->TakeStepSamples()) {
+    v1::StepRecord* r = request.add_steps();
+    r->set_batch_tokens(step.batch_tokens);
+    r->set_context_tokens(step.context_tokens);
+    r->set_seconds(absl::ToDoubleSeconds(step.duration));
+    r->set_energy_joules(step.energy_joules);
+    r->set_ended_unix_micros(absl::ToUnixMicros(step.ended_at));
+  }
+
   absl::StatusOr<v1::HeartbeatReply> reply = coordinator_->Heartbeat(request);
   if (!reply.ok()) {
     ++missed_;

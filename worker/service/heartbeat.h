@@ -2,7 +2,8 @@
 // coordinator every interval and acts on the reply (a new placement, shutdown).
 //
 // Each heartbeat carries readiness, running/waiting counts, KV usage and the
-// per-expert token counts since the last one (for EPLB). A placement newer
+// per-expert token counts since the last one (for EPLB), and the steps
+// measured since then (for the coordinator's step cost model). A placement newer
 // than the one offered last is prepared (loading experts if needed) and
 // offered to the runtime, which applies it between steps on every rank at
 // once. When the coordinator asks to shut down, or cannot be reached for more

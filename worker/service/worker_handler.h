@@ -55,7 +55,20 @@ struct WorkerStatus {
   double energy_attributed_joules = 0;
   double energy_idle_joules = 0;
   double energy_unattributed_joules = 0;
+  // Mean power over the last second or so of metered rounds (energy delta /
+  // wall time, not an instant reading); 0 before the first window closes.
+  double power_watts = 0;
   int step_token_cap = 0;  // the cap the ranks agreed on (0: none)
+  // Expert-parallel exchange since start (ExpertParallelExecutor::Stats):
+  // payload bytes sent to other ranks and seconds spent in dispatch / combine.
+  uint64_t dispatch_bytes_total = 0;
+  uint64_t combine_bytes_total = 0;
+  double dispatch_seconds_total = 0;
+  double combine_seconds_total = 0;
+  uint64_t busy_steps = 0;  // rounds in which some rank had tokens (ran the MoE layers)
+  // Tokens this rank routed to each expert since start, [layer][expert]
+  // (empty rows for dense layers).
+  std::vector<std::vector<int64_t>> expert_tokens_total;
   std::string error;                // why it stopped serving, when it did
 };
 

@@ -86,6 +86,19 @@ std::vector<prometheus::MetricFamily> WorkerMetricFamilies(const WorkerStatus& s
   out.push_back(Family(#name, prometheus::MetricType::type, help, static_cast<double>(value), rank));
   JOULE_WORKER_METRICS(JOULE_METRIC_FAMILY)
 #undef JOULE_METRIC_FAMILY
+  prometheus::MetricFamily experts{.name = "joule_expert_tokens_total",
+                                   .help = "Tokens this rank routed to each expert (per-expert load).",
+                                   .type = prometheus::MetricType::Counter,
+                                   .metric = {}};
+  for (size_t l = 0; l < s.expert_tokens_total.size(); ++l) {
+    for (size_t e = 0; e < s.expert_tokens_total[l].size(); ++e) {
+      prometheus::ClientMetric m;
+      m.label = {{"rank", rank}, {"layer", absl::StrCat(l)}, {"expert", absl::StrCat(e)}};
+      m.counter.value = static_cast<double>(s.expert_tokens_total[l][e]);
+      experts.metric.push_back(std::move(m));
+    }
+  }
+  if (!experts.metric.empty()) out.push_back(std::move(experts));
   if (s.energy_source.empty()) return out;
 #define JOULE_ENERGY_FAMILY(name, type, help, value)                                             \
   out.push_back(Family(#name, prometheus::MetricType::type, help, static_cast<double>(value), rank, \

@@ -39,7 +39,19 @@ namespace joule::worker {
     s.resident_bytes)                                                                           \
   X(joule_step_token_cap, Gauge,                                                                \
     "Tokens per step the ranks agreed on for their fast requests (0: uncapped).",               \
-    s.step_token_cap)
+    s.step_token_cap)                                                                           \
+  X(joule_busy_steps_total, Counter, "Lockstep rounds in which some rank had tokens.",          \
+    s.busy_steps)                                                                               \
+  X(joule_dispatch_bytes_total, Counter,                                                        \
+    "Expert-parallel dispatch payload bytes sent to other ranks.", s.dispatch_bytes_total)      \
+  X(joule_combine_bytes_total, Counter,                                                         \
+    "Expert-parallel combine payload bytes sent to other ranks.", s.combine_bytes_total)        \
+  X(joule_dispatch_seconds_total, Counter,                                                      \
+    "Seconds in dispatch (layout, counts, packing, all-to-all); / busy steps = per step.",      \
+    s.dispatch_seconds_total)                                                                   \
+  X(joule_combine_seconds_total, Counter,                                                       \
+    "Seconds in combine (packing, all-to-all, un-permute); / busy steps = per step.",           \
+    s.combine_seconds_total)
 
 // Energy, labelled rank and source (nvml, rapl, or model = an estimate);
 // only when the worker has a meter. total = attributed + idle + unattributed.
@@ -53,10 +65,13 @@ namespace joule::worker {
     s.energy_idle_joules)                                                                       \
   X(joule_energy_unattributed_joules_total, Counter,                                            \
     "Energy of steps in which this rank only served other ranks' tokens.",                      \
-    s.energy_unattributed_joules)
+    s.energy_unattributed_joules)                                                               \
+  X(joule_power_watts, Gauge, "Mean power over the last second of steps (energy delta / time).", \
+    s.power_watts)
 
 // The metric families for one status snapshot, labelled rank="R" (-1 before
-// the worker has a rank).
+// the worker has a rank), plus joule_expert_tokens_total{rank,layer,expert}:
+// tokens this rank routed to each expert (per-expert load; MoE layers only).
 std::vector<prometheus::MetricFamily> WorkerMetricFamilies(const WorkerStatus& s);
 
 // Collects from a status source on every scrape.

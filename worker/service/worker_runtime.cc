@@ -139,7 +139,9 @@ void WorkerRuntime::Loop() {
         JOULE_LOG(Warning) << "rank " << transport_->rank() << ": energy meter: " << s.message();
       }
     }
+    const absl::Time step_start = absl::Now();
     absl::StatusOr<ep::LockstepStepper::Result> r = stepper_.Step();
+    const absl::Duration took = absl::Now() - step_start;
     if (!r.ok()) {
       const absl::Status failure = absl::UnavailableError(
           absl::StrCat("expert-parallel step failed: ", r.status().message()));
@@ -151,13 +153,18 @@ void WorkerRuntime::Loop() {
       break;
     }
     ++rounds_;
-    if (attributor_) AttributeEnergy(*r);
+    if (attributor_) {
+      AttributeEnergy(*r, took);
+    } else {
+      RecordStep(r->step, took, 0);
+    }
     if (r->global_tokens > 0) AccumulateExpertLoad();
     {
       absl::MutexLock lock(&mu_);
       status_.preemptions_total += r->step.preempted.size();
       status_.prompt_tokens_total += static_cast<uint64_t>(r->step.prefill_tokens);
       status_.generation_tokens_total += r->step.tokens.size();
+      if (r->global_tokens > 0) ++status_.busy_steps;
     }
     PublishStatus();
     Deliver(r->step);
@@ -250,6 +257,12 @@ bool WorkerRuntime::ApplyPlacement(uint64_t epoch) {
     auto executor = std::make_unique<ep::ExpertParallelExecutor>(
         p.weights.get(), transport_, p.placement, model_->stream(), options_.expert_parallel);
     model_->set_expert_executor(executor.get());
+    // Its stats start at zero; the metrics are counters since the worker started.
+    const ep::ExpertParallelExecutor::Stats old = executor_->stats();
+    retired_ep_stats_.dispatch_bytes += old.dispatch_bytes;
+    retired_ep_stats_.combine_bytes += old.combine_bytes;
+    retired_ep_stats_.dispatch_seconds += old.dispatch_seconds;
+    retired_ep_stats_.combine_seconds += old.combine_seconds;
     executor_ = std::move(executor);
     expert_weights_ = std::move(p.weights);
   } else {
@@ -327,25 +340,61 @@ void WorkerRuntime::Deliver(const StepResult& step) {
   }
 }
 
-void WorkerRuntime::AttributeEnergy(const ep::LockstepStepper::Result& round) {
+void WorkerRuntime::AttributeEnergy(const ep::LockstepStepper::Result& round,
+                                    absl::Duration took) {
   absl::Status s;
+  double step_joules = 0;
   if (round.global_tokens == 0) {
     s = attributor_->EndIdleStep();
   } else {
     std::vector<telemetry::StepTokens> tokens;
     tokens.reserve(round.step.scheduled.size());
     for (const auto& [id, n] : round.step.scheduled) tokens.push_back({id, n});
-    s = attributor_->EndStep(tokens);
+    s = attributor_->EndStep(tokens, &step_joules);
   }
   if (!s.ok() && !absl::IsFailedPrecondition(s)) {
     JOULE_LOG(Warning) << "rank " << transport_->rank() << ": energy meter: " << s.message();
   }
+  // A step whose energy was not read would teach the cost model 0 J.
+  if (s.ok()) RecordStep(round.step, took, step_joules);
   const telemetry::EnergyAttributor::Totals t = attributor_->totals();
+  const absl::Time now = absl::Now();
   absl::MutexLock lock(&mu_);
   status_.energy_attributed_joules = t.attributed_joules;
   status_.energy_idle_joules = t.idle_joules;
   status_.energy_unattributed_joules = t.unattributed_joules;
   status_.energy_joules = t.total_joules();
+  // Power over windows of at least a second: per-round deltas of a counter
+  // that updates every ~100 ms (NVML) would be mostly zeros and spikes.
+  if (power_window_start_ == absl::InfinitePast()) {
+    power_window_start_ = now;
+    power_window_joules_ = status_.energy_joules;
+  } else if (const absl::Duration window = now - power_window_start_; window >= absl::Seconds(1)) {
+    status_.power_watts =
+        (status_.energy_joules - power_window_joules_) / absl::ToDoubleSeconds(window);
+    power_window_start_ = now;
+    power_window_joules_ = status_.energy_joules;
+  }
+}
+
+void WorkerRuntime::RecordStep(const StepResult& step, absl::Duration took, double joules) {
+  int64_t tokens = 0;
+  for (const auto& [id, n] : step.scheduled) tokens += n;
+  if (tokens <= 0) return;  // only joined the others' step: not this rank's cost
+  absl::MutexLock lock(&mu_);
+  if (step_samples_.size() >= kMaxStepSamples) step_samples_.pop_front();
+  step_samples_.push_back(scheduler::StepSample{.batch_tokens = tokens,
+                                                .context_tokens = step.context_tokens,
+                                                .duration = took,
+                                                .energy_joules = joules,
+                                                .ended_at = absl::Now()});
+}
+
+std::vector<scheduler::StepSample> WorkerRuntime::TakeStepSamples() {
+  absl::MutexLock lock(&mu_);
+  std::vector<scheduler::StepSample> out(step_samples_.begin(), step_samples_.end());
+  step_samples_.clear();
+  return out;
 }
 
 void WorkerRuntime::Finish(uint64_t id, const RequestOutcome& outcome_in) {
@@ -396,10 +445,13 @@ void WorkerRuntime::AccumulateExpertLoad() {
   std::vector<std::vector<int64_t>> load = executor_->TakeExpertLoad();
   absl::MutexLock lock(&mu_);
   if (expert_load_.size() < load.size()) expert_load_.resize(load.size());
+  std::vector<std::vector<int64_t>>& total = status_.expert_tokens_total;
+  if (total.size() < load.size()) total.resize(load.size());
   for (size_t l = 0; l < load.size(); ++l) {
-    std::vector<int64_t>& acc = expert_load_[l];
-    if (acc.size() < load[l].size()) acc.resize(load[l].size(), 0);
-    for (size_t e = 0; e < load[l].size(); ++e) acc[e] += load[l][e];
+    for (std::vector<int64_t>* acc : {&expert_load_[l], &total[l]}) {
+      if (acc->size() < load[l].size()) acc->resize(load[l].size(), 0);
+      for (size_t e = 0; e < load[l].size(); ++e) (*acc)[e] += load[l][e];
+    }
   }
 }
 
@@ -412,6 +464,11 @@ void WorkerRuntime::PublishStatus() {
   status_.kv_total_blocks = blocks.num_blocks();
   status_.kv_usage = engine_->kv_cache().Usage();
   status_.steps = rounds_;
+  const ep::ExpertParallelExecutor::Stats ep = executor_->stats();
+  status_.dispatch_bytes_total = retired_ep_stats_.dispatch_bytes + ep.dispatch_bytes;
+  status_.combine_bytes_total = retired_ep_stats_.combine_bytes + ep.combine_bytes;
+  status_.dispatch_seconds_total = retired_ep_stats_.dispatch_seconds + ep.dispatch_seconds;
+  status_.combine_seconds_total = retired_ep_stats_.combine_seconds + ep.combine_seconds;
 }
 
 }  // namespace joule::worker

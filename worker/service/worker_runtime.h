@@ -32,6 +32,7 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "common/placement.h"
+#include "scheduler/cost_model.h"
 #include "worker/engine/engine.h"
 #include "worker/ep/ep_executor.h"
 #include "worker/ep/lockstep.h"
@@ -95,6 +96,10 @@ class WorkerRuntime : public WorkerHandler {
   void OfferPlacement(PreparedPlacement placement);
   // Tokens this rank routed to each expert since the last call, [layer][expert].
   std::vector<std::vector<int64_t>> TakeExpertLoad();
+  // The steps with local tokens measured since the last call, oldest first;
+  // at most kMaxStepSamples (the most recent) are kept between calls.
+  std::vector<scheduler::StepSample> TakeStepSamples();
+  static constexpr size_t kMaxStepSamples = 256;
 
  private:
   struct AddOp {
@@ -125,8 +130,11 @@ class WorkerRuntime : public WorkerHandler {
   // False (loop ends) when this rank cannot run the agreed placement.
   bool ApplyPlacement(uint64_t epoch);
   void AccumulateExpertLoad();
-  // Charges the round's energy to the requests that had tokens in it.
-  void AttributeEnergy(const ep::LockstepStepper::Result& round);
+  // Charges the round's energy to the requests that had tokens in it and
+  // records the step for the cost model.
+  void AttributeEnergy(const ep::LockstepStepper::Result& round, absl::Duration took);
+  // The step for the cost model when energy is not metered.
+  void RecordStep(const StepResult& step, absl::Duration took, double joules);
   void PublishStatus();
   // Ends every live and queued request with `status` and stops serving.
   void FailAll(const absl::Status& status);
@@ -139,6 +147,7 @@ class WorkerRuntime : public WorkerHandler {
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<ModelWeights> expert_weights_;  // weights of a reloaded placement, if any
   std::unique_ptr<ep::ExpertParallelExecutor> executor_;
+  ep::ExpertParallelExecutor::Stats retired_ep_stats_;  // of executors replaced by placements
   ep::LockstepStepper stepper_;
   std::unique_ptr<telemetry::EnergyAttributor> attributor_;  // null without a meter
   absl::flat_hash_map<uint64_t, Live> live_;
@@ -160,6 +169,10 @@ class WorkerRuntime : public WorkerHandler {
   std::optional<PreparedPlacement> offered_ ABSL_GUARDED_BY(mu_);
   WorkerStatus status_ ABSL_GUARDED_BY(mu_);
   std::vector<std::vector<int64_t>> expert_load_ ABSL_GUARDED_BY(mu_);
+  std::deque<scheduler::StepSample> step_samples_ ABSL_GUARDED_BY(mu_);
+  // Power window: energy total and wall time when the current one opened.
+  double power_window_joules_ = 0;
+  absl::Time power_window_start_ = absl::InfinitePast();
 };
 
 }  // namespace joule::worker

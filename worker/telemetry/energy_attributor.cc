@@ -51,10 +51,11 @@ absl::Status EnergyAttributor::CloseStep(const char* caller, double* joules) {
   return absl::OkStatus();
 }
 
-absl::Status EnergyAttributor::EndStep(absl::Span<const StepTokens> tokens) {
+absl::Status EnergyAttributor::EndStep(absl::Span<const StepTokens> tokens, double* step_joules) {
   absl::MutexLock lock(&mu_);
   double step = 0;
   if (absl::Status s = CloseStep("EndStep", &step); !s.ok()) return s;
+  if (step_joules != nullptr) *step_joules = step;
   ++totals_.steps;
   const double handed = SplitByTokens(step, tokens, &per_request_);
   totals_.attributed_joules += handed;

@@ -43,7 +43,9 @@ class EnergyAttributor {
   absl::Status BeginStep();
   // Right after it: energy since BeginStep goes to `tokens` by share.
   // FailedPrecondition if BeginStep did not succeed first.
-  absl::Status EndStep(absl::Span<const StepTokens> tokens);
+  // The step's whole energy (also the part nobody here is charged) goes to
+  // *step_joules when given.
+  absl::Status EndStep(absl::Span<const StepTokens> tokens, double* step_joules = nullptr);
   // Instead of EndStep for a bracketed round that ran no step on any rank (an
   // idle lockstep round): its energy is idle.
   absl::Status EndIdleStep();

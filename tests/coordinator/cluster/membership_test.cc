@@ -1,6 +1,9 @@
 #include "coordinator/cluster/membership.h"
 
+#include <limits>
 #include <thread>
+#include <utility>
+#include <vector>
 
 #include "coordinator/cluster/fake_clock.h"
 #include "common/placement_proto.h"
@@ -448,6 +451,76 @@ TEST_F(MembershipTest, BadExpertLoadIsRefusedNamingTheField) {
   hb.mutable_expert_load(0)->add_tokens(1);
   EXPECT_THAT(std::string(membership_->Heartbeat(hb, &reply).message()),
               HasSubstr("expert_load[0].tokens: has 1 entries, expected one per expert (8)"));
+}
+
+TEST_F(MembershipTest, MeasuredStepsReachTheStepObserverInOrder) {
+  Make(2);
+  ASSERT_TRUE(Register(Worker("w-a")).ok());
+  ASSERT_TRUE(Register(Worker("w-b")).ok());
+  std::vector<std::pair<int, scheduler::StepSample>> seen;
+  membership_->SetStepObserver([&](int rank, const std::vector<scheduler::StepSample>& steps) {
+    for (const scheduler::StepSample& s : steps) seen.emplace_back(rank, s);
+  });
+  v1::HeartbeatRequest hb;
+  hb.set_worker_id("w-b");
+  hb.set_rank(1);
+  hb.set_ready(true);
+  for (int i = 1; i <= 3; ++i) {
+    v1::StepRecord* r = hb.add_steps();
+    r->set_batch_tokens(8 * i);
+    r->set_context_tokens(100 * i);
+    r->set_seconds(0.01 * i);
+    r->set_energy_joules(2.5 * i);
+    r->set_ended_unix_micros(1'700'000'000'000'000 + i);
+  }
+  v1::HeartbeatReply reply;
+  ASSERT_TRUE(membership_->Heartbeat(hb, &reply).ok());
+  ASSERT_EQ(seen.size(), 3u);
+  for (int i = 1; i <= 3; ++i) {
+    const auto& [rank, s] = seen[i - 1];
+    EXPECT_EQ(rank, 1);
+    EXPECT_EQ(s.batch_tokens, 8 * i);
+    EXPECT_EQ(s.context_tokens, 100 * i);
+    EXPECT_NEAR(absl::ToDoubleSeconds(s.duration), 0.01 * i, 1e-12);
+    EXPECT_DOUBLE_EQ(s.energy_joules, 2.5 * i);
+    EXPECT_EQ(absl::ToUnixMicros(s.ended_at), 1'700'000'000'000'000 + i);
+  }
+  // A heartbeat without steps does not call it; after the observer is
+  // cleared nothing is delivered.
+  ASSERT_TRUE(Beat("w-a", 0).ok());
+  EXPECT_EQ(seen.size(), 3u);
+  membership_->SetStepObserver(nullptr);
+  ASSERT_TRUE(membership_->Heartbeat(hb, &reply).ok());
+  EXPECT_EQ(seen.size(), 3u);
+}
+
+TEST_F(MembershipTest, BadStepRecordIsRefusedNamingTheField) {
+  Make(1);
+  ASSERT_TRUE(Register(Worker("w-a")).ok());
+  int calls = 0;
+  membership_->SetStepObserver([&](int, const std::vector<scheduler::StepSample>&) { ++calls; });
+  v1::HeartbeatRequest hb;
+  hb.set_worker_id("w-a");
+  hb.set_rank(0);
+  v1::StepRecord* good = hb.add_steps();
+  good->set_batch_tokens(4);
+  good->set_seconds(0.01);
+  v1::StepRecord* bad = hb.add_steps();
+  bad->set_batch_tokens(4);
+  bad->set_seconds(-1);
+  v1::HeartbeatReply reply;
+  absl::Status s = membership_->Heartbeat(hb, &reply);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("steps[1].seconds"));
+  bad->set_seconds(0.01);
+  bad->set_energy_joules(std::numeric_limits<double>::quiet_NaN());
+  EXPECT_THAT(std::string(membership_->Heartbeat(hb, &reply).message()),
+              HasSubstr("steps[1].energy_joules"));
+  bad->set_energy_joules(1);
+  bad->set_batch_tokens(0);
+  EXPECT_THAT(std::string(membership_->Heartbeat(hb, &reply).message()),
+              HasSubstr("steps[1].batch_tokens"));
+  EXPECT_EQ(calls, 0) << "nothing of a refused heartbeat is delivered";
 }
 
 }  // namespace

@@ -189,6 +189,54 @@ TEST_F(EngineTest, AStepTokenCapBoundsEveryStepWhileItsSequenceLivesAndGoesFirst
   EXPECT_GT(e->PlanStep(), 0);  // batch work carries on, uncapped
 }
 
+TEST_F(EngineTest, PacedSequencesSkipStepsUntilDueAndRideAlongOtherwise) {
+  absl::Time now = absl::UnixEpoch();
+  auto e = MakeEngine({.clock = [&now] { return now; }});
+  std::map<uint64_t, std::vector<int32_t>> paced;
+  auto step = [&]() -> StepResult {
+    auto r = e->Step();
+    EXPECT_TRUE(r.ok()) << r.status();
+    for (const TokenOutput& t : r->tokens) paced[t.id].push_back(t.token);
+    return *std::move(r);
+  };
+  const absl::Duration interval = absl::Milliseconds(100);
+  ASSERT_TRUE(e->Add({.id = 1, .prompt = Prompt(20, 1), .sampling = Sampled(1, 6),
+                      .token_interval = interval}).ok());
+  ASSERT_TRUE(e->Add({.id = 2, .prompt = Prompt(9, 2), .sampling = Sampled(2, 6),
+                      .token_interval = interval}).ok());
+  // Prefill is never paced: both prompts, then their first tokens.
+  EXPECT_EQ(step().tokens.size(), 2u);
+  // Decoding and not due: no step at all.
+  now += absl::Milliseconds(40);
+  EXPECT_EQ(e->PlanStep(), 0);
+  EXPECT_TRUE(step().tokens.empty());
+  // Due: one step carries both, which keeps them in step with each other.
+  now += absl::Milliseconds(60);
+  EXPECT_EQ(e->PlanStep(), 2);
+  EXPECT_EQ(step().tokens.size(), 2u);
+  now += absl::Milliseconds(99);
+  EXPECT_EQ(e->PlanStep(), 0);
+  EXPECT_TRUE(step().tokens.empty());
+
+  // An unpaced request makes steps run; the paced ones ride along after it.
+  ASSERT_TRUE(e->Add({.id = 3, .prompt = Prompt(3, 3), .sampling = Sampled(3, 6)}).ok());
+  const StepResult ride = step();
+  ASSERT_EQ(ride.scheduled.size(), 3u);
+  EXPECT_EQ(ride.scheduled.front().first, 3u);
+  int steps = 0;
+  while (e->HasWork() && steps++ < 1000) {
+    now += absl::Milliseconds(10);
+    step();
+  }
+  // Pacing changes when tokens come, not which.
+  auto plain = MakeEngine();
+  for (uint64_t id : {1, 2, 3}) {
+    ASSERT_TRUE(plain->Add({.id = id, .prompt = Prompt(id == 1 ? 20 : id == 2 ? 9 : 3, static_cast<int>(id)),
+                            .sampling = Sampled(id, 6)}).ok());
+  }
+  EXPECT_EQ(paced, Drain(*plain));
+}
+
 TEST_F(EngineTest, RequestJoiningMidFlightGetsSameTokens) {
   SamplingParams greedy;
   greedy.temperature = 0.0f;

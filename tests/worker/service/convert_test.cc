@@ -67,6 +67,21 @@ TEST(ConvertTest, BadRequestsNameTheField) {
   r = Valid();
   r.mutable_sampling()->set_top_p(1.5f);
   EXPECT_THAT(std::string(ToGenerationRequest(r).status().message()), HasSubstr("sampling.top_p"));
+  r = Valid();
+  r.set_token_interval_us(-1);
+  EXPECT_THAT(std::string(ToGenerationRequest(r).status().message()), HasSubstr("token_interval_us"));
+}
+
+TEST(ConvertTest, CopiesTheSchedulersHints) {
+  v1::GenerateRequest r = Valid();
+  r.set_priority(2);
+  r.set_step_token_cap(48);
+  r.set_token_interval_us(96'000);
+  auto g = ToGenerationRequest(r);
+  ASSERT_TRUE(g.ok()) << g.status();
+  EXPECT_EQ(g->priority, 2);
+  EXPECT_EQ(g->step_token_cap, 48);
+  EXPECT_EQ(g->token_interval, absl::Milliseconds(96));
 }
 
 TEST(ConvertTest, PlacementRoundTripsOverTheWire) {

@@ -1,5 +1,5 @@
 // The heartbeat against a scripted coordinator: it reports what the
-// coordinator needs (readiness, load, per-expert tokens), applies a new
+// coordinator needs (readiness, load, per-expert tokens, measured steps), applies a new
 // placement, and stops the worker when asked or when the coordinator is gone.
 #include "worker/service/heartbeat.h"
 
@@ -82,6 +82,22 @@ TEST_F(HeartbeatTest, ReportsReadinessLoadAndExpertTokens) {
   int moe_layers = 0;
   for (int l = 0; l < config_.num_layers; ++l) moe_layers += config_.IsMoeLayer(l);
   EXPECT_EQ(tokens, int64_t{16} * config_.num_experts_per_tok * moe_layers);
+
+  // The steps it ran, for the coordinator's cost model: every token once, in order.
+  int64_t step_tokens = 0;
+  int64_t last_end = 0;
+  ASSERT_GE(hb.steps_size(), 2);  // the prefill, then the decodes
+  for (const v1::StepRecord& r : hb.steps()) {
+    step_tokens += r.batch_tokens();
+    EXPECT_GT(r.seconds(), 0);
+    EXPECT_GT(r.context_tokens(), 0);
+    EXPECT_GE(r.ended_unix_micros(), last_end);
+    last_end = r.ended_unix_micros();
+  }
+  EXPECT_EQ(step_tokens, 16);
+  EXPECT_EQ(hb.steps(0).batch_tokens(), 12);
+  ASSERT_TRUE(loop->Beat().ok());
+  EXPECT_EQ(coordinator_.heartbeats()[1].steps_size(), 0) << "each step is reported once";
 }
 
 TEST_F(HeartbeatTest, AppliesPlacementFromReply) {

@@ -140,6 +140,21 @@ TEST(WorkerMetricsTest, ServesTheTableOverLoopbackWithCurrentValues) {
   EXPECT_DOUBLE_EQ(m["joule_energy_attributed_joules_total{rank=\"3\",source=\"rapl\"}"], 30);
   EXPECT_DOUBLE_EQ(m["joule_energy_unattributed_joules_total{rank=\"3\",source=\"rapl\"}"], 2.5);
   EXPECT_EQ(m.size(), WorkerMetricFamilies(s).size());
+
+  // Power by source, the exchange counters, and one series per expert of each MoE layer.
+  s.power_watts = 312.5;
+  s.dispatch_bytes_total = 4096;
+  s.combine_seconds_total = 0.75;
+  s.expert_tokens_total = {{}, {3, 0, 5}};
+  handler.Set(s);
+  m = Samples(HttpGet((*server)->port(), "/metrics"));
+  EXPECT_DOUBLE_EQ(m["joule_power_watts{rank=\"3\",source=\"rapl\"}"], 312.5);
+  EXPECT_DOUBLE_EQ(m["joule_dispatch_bytes_total{rank=\"3\"}"], 4096);
+  EXPECT_DOUBLE_EQ(m["joule_combine_seconds_total{rank=\"3\"}"], 0.75);
+  EXPECT_DOUBLE_EQ(m["joule_expert_tokens_total{rank=\"3\",layer=\"1\",expert=\"0\"}"], 3);
+  EXPECT_DOUBLE_EQ(m["joule_expert_tokens_total{rank=\"3\",layer=\"1\",expert=\"1\"}"], 0);
+  EXPECT_DOUBLE_EQ(m["joule_expert_tokens_total{rank=\"3\",layer=\"1\",expert=\"2\"}"], 5);
+  EXPECT_EQ(m.size(), WorkerMetricFamilies(s).size() - 1 + 3);
 }
 
 TEST(WorkerMetricsTest, PortInUseIsAClearError) {

@@ -165,6 +165,8 @@ TEST(WorkerRuntime, StepEnergyIsChargedToRequestsByTokenShareAndAddsUpToTheMeter
   EXPECT_LE(oa.energy_joules + ob.energy_joules, 12.0 + 1e-9);
   // The longer prompt paid more for the steps both shared (its prefill chunk).
   EXPECT_GT(oa.energy_joules, ob.energy_joules);
+  // Past the first power window (1 s) of idle rounds, which the meter also charges.
+  absl::SleepFor(absl::Milliseconds(1200));
   cluster.runtime(0).Stop("test done");
   cluster.runtime(0).Join();
   cluster.runtime(1).Join();
@@ -183,6 +185,43 @@ TEST(WorkerRuntime, StepEnergyIsChargedToRequestsByTokenShareAndAddsUpToTheMeter
   }
   // Every interval between the meter's first and last read is in some bucket.
   EXPECT_NEAR(s0.energy_joules, m0.last() - 1, 1.0);
+
+  // The steps rank 0 reports for the cost model: its tokens, each step's
+  // whole energy (1 J here), adding up to what its requests were charged.
+  const std::vector<scheduler::StepSample> steps0 = cluster.runtime(0).TakeStepSamples();
+  int64_t tokens = 0;
+  double joules = 0;
+  for (const scheduler::StepSample& st : steps0) {
+    tokens += st.batch_tokens;
+    joules += st.energy_joules;
+    EXPECT_DOUBLE_EQ(st.energy_joules, 1.0);
+    EXPECT_GT(st.duration, absl::ZeroDuration());
+  }
+  EXPECT_EQ(tokens, 12 + 3 + 5 + 5);  // both prefills, then 5 decodes each
+  EXPECT_NEAR(joules, s0.energy_attributed_joules, 1e-9);
+  EXPECT_TRUE(cluster.runtime(1).TakeStepSamples().empty()) << "rank 1 had no tokens of its own";
+  EXPECT_TRUE(cluster.runtime(0).TakeStepSamples().empty()) << "each step is taken once";
+
+  // Power over the last window, exchange counters and per-expert load.
+  ModelConfig config = *LoadModelConfig(testing::TinyModelDir("qwen3_moe-tiny"));
+  int moe_layers = 0;
+  for (int l = 0; l < config.num_layers; ++l) moe_layers += config.IsMoeLayer(l);
+  for (const WorkerStatus* s : {&s0, &s1}) {
+    EXPECT_GT(s->power_watts, 0) << "rank " << s->rank;
+    EXPECT_GT(s->busy_steps, 0u);
+    EXPECT_GT(s->dispatch_seconds_total + s->combine_seconds_total, 0);
+  }
+  // Rank 0's tokens went to rank 1's experts too; rank 1 only sent results back.
+  EXPECT_GT(s0.dispatch_bytes_total, 0u);
+  EXPECT_GT(s1.combine_bytes_total, 0u);
+  int64_t routed = 0;
+  for (const auto& layer : s0.expert_tokens_total) {
+    for (int64_t n : layer) routed += n;
+  }
+  EXPECT_EQ(routed, tokens * config.num_experts_per_tok * moe_layers);
+  for (const auto& layer : s1.expert_tokens_total) {
+    for (int64_t n : layer) EXPECT_EQ(n, 0);
+  }
 }
 
 TEST(WorkerRuntime, BadRequestGetsClearErrorAndOthersRun) {

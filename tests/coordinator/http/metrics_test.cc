@@ -1,0 +1,105 @@
+// The coordinator's metrics that are not counted per HTTP exchange: tokens
+// per joule from finished requests' energy, and the scheduler's state (SLO
+// attainment and outcomes by tier, queues, the learned step cost model).
+#include <map>
+#include <string>
+
+#include "coordinator/http/http_metrics.h"
+#include "coordinator/http/scheduler_metrics.h"
+#include "gtest/gtest.h"
+#include "prometheus/registry.h"
+#include "scheduler/fake_clock.h"
+
+namespace joule::http {
+namespace {
+
+using scheduler::Tier;
+
+// "name{k=v,...}" -> value of every sample of the families.
+std::map<std::string, double> Values(const std::vector<prometheus::MetricFamily>& families) {
+  std::map<std::string, double> out;
+  for (const prometheus::MetricFamily& f : families) {
+    for (const prometheus::ClientMetric& m : f.metric) {
+      std::string key = f.name + "{";
+      for (size_t i = 0; i < m.label.size(); ++i) {
+        key += (i ? "," : "") + m.label[i].name + "=" + m.label[i].value;
+      }
+      key += "}";
+      out[key] = f.type == prometheus::MetricType::Counter ? m.counter.value : m.gauge.value;
+    }
+  }
+  return out;
+}
+
+TEST(HttpMetricsTest, TokensPerJouleFollowsFinishedRequestsEnergy) {
+  prometheus::Registry registry;
+  HttpMetrics metrics(registry);
+  EXPECT_EQ(Values(registry.Collect())["joule_tokens_per_joule{tier=fast}"], 0);
+  metrics.AddRequestEnergy(Tier::kFast, 2.0, 10);
+  metrics.AddRequestEnergy(Tier::kFast, 3.0, 5);
+  metrics.AddRequestEnergy(Tier::kBatch, 1.0, 40);
+  auto v = Values(registry.Collect());
+  EXPECT_DOUBLE_EQ(v["joule_tokens_per_joule{tier=fast}"], 15.0 / 5.0);
+  EXPECT_DOUBLE_EQ(v["joule_tokens_per_joule{tier=batch}"], 40.0);
+  EXPECT_DOUBLE_EQ(v["joule_request_energy_joules_total{tier=fast}"], 5.0);
+  EXPECT_DOUBLE_EQ(v["joule_tokens_per_joule{tier=standard}"], 0);
+}
+
+TEST(SchedulerMetricsTest, AttainmentOutcomesQueuesAndTheLearnedCostModel) {
+  scheduler::FakeClock clock;
+  scheduler::SchedulerConfig config;
+  config.policy = scheduler::PolicyKind::kPriority;
+  config.slo(Tier::kFast) = {.ttft = absl::Milliseconds(100), .tpot = absl::Milliseconds(20),
+                             .attainment = 0.99, .queue_cap = 1};
+  auto s = scheduler::Scheduler::Create(config, &clock);
+  ASSERT_TRUE(s.ok()) << s.status();
+  scheduler::Scheduler& sched = **s;
+  const scheduler::ClusterView one_rank{{{0, true}}};
+
+  // Request 1 meets its targets, request 2 is too slow, request 3 is refused
+  // (the queue holds one waiting fast request), request 4 waits in the queue.
+  ASSERT_TRUE(sched.Submit({.id = 1, .tier = Tier::kFast, .prompt_tokens = 4, .max_tokens = 3}).ok());
+  ASSERT_EQ(sched.Dispatch(one_rank).size(), 1u);
+  for (int i = 0; i < 3; ++i) {
+    clock.Advance(absl::Milliseconds(10));
+    sched.OnTokens(1, 1);
+  }
+  sched.OnFinished(1);
+  ASSERT_TRUE(sched.Submit({.id = 2, .tier = Tier::kFast, .prompt_tokens = 4, .max_tokens = 3}).ok());
+  ASSERT_EQ(sched.Dispatch(one_rank).size(), 1u);
+  for (int i = 0; i < 3; ++i) {
+    clock.Advance(absl::Milliseconds(200));
+    sched.OnTokens(2, 1);
+  }
+  sched.OnFinished(2);
+  ASSERT_TRUE(sched.Submit({.id = 4, .tier = Tier::kFast, .prompt_tokens = 4, .max_tokens = 3}).ok());
+  EXPECT_FALSE(sched.Submit({.id = 3, .tier = Tier::kFast, .prompt_tokens = 4, .max_tokens = 3}).ok());
+
+  // Steps measured on rank 0: 5 ms + 0.1 ms per token, 2 J + 0.01 J per token.
+  for (int i = 0; i < 64; ++i) {
+    const int64_t tokens = 1 + (i % 8) * 16;
+    sched.OnStep(0, {.batch_tokens = tokens,
+                     .context_tokens = 0,
+                     .duration = absl::Seconds(5e-3 + 1e-4 * tokens),
+                     .energy_joules = 2.0 + 0.01 * tokens});
+  }
+
+  auto v = Values(SchedulerMetricFamilies(sched.Snapshot()));
+  EXPECT_DOUBLE_EQ(v["joule_slo_attainment{tier=fast}"], 0.5);
+  EXPECT_DOUBLE_EQ(v["joule_slo_attainment{tier=batch}"], 1.0) << "nothing finished, nothing missed";
+  EXPECT_DOUBLE_EQ(v["joule_slo_attainment_target{tier=fast}"], 0.99);
+  EXPECT_DOUBLE_EQ(v["joule_slo_requests_total{tier=fast,outcome=attained}"], 1);
+  EXPECT_DOUBLE_EQ(v["joule_slo_requests_total{tier=fast,outcome=missed}"], 1);
+  EXPECT_DOUBLE_EQ(v["joule_slo_requests_total{tier=fast,outcome=rejected}"], 1);
+  EXPECT_DOUBLE_EQ(v["joule_scheduler_queued_requests{tier=fast}"] +
+                       v["joule_scheduler_dispatched_requests{tier=fast}"],
+                   1);
+  EXPECT_NEAR(v["joule_step_cost_seconds{rank=0,term=fixed}"], 5e-3, 1e-4);
+  EXPECT_NEAR(v["joule_step_cost_seconds{rank=0,term=per_batch_token}"], 1e-4, 1e-6);
+  EXPECT_NEAR(v["joule_step_cost_joules{rank=0,term=fixed}"], 2.0, 0.05);
+  EXPECT_NEAR(v["joule_step_cost_joules{rank=0,term=per_batch_token}"], 0.01, 1e-3);
+  EXPECT_EQ(v["joule_step_cost_samples{rank=0}"], 64);
+}
+
+}  // namespace
+}  // namespace joule::http
