@@ -31,12 +31,20 @@ std::string ErrorClass(const RequestRecord& r) {
   return "connection";
 }
 
+void SetAttainment(TierSummary* s) {
+  auto ratio = [s](int64_t met) {
+    return s->requests == 0 ? NAN : static_cast<double>(met) / static_cast<double>(s->requests);
+  };
+  s->slo_attainment = ratio(s->slo_met);
+  s->ttft_attainment = ratio(s->ttft_met);
+  s->tpot_attainment = ratio(s->tpot_met);
+}
+
 // Latency percentiles, errors and SLO attainment of the requests (tokens are
 // counted separately, by arrival time).
 void FillLatencies(const std::vector<const RequestRecord*>& reqs, double ttft_ms_target, double tpot_ms_target,
                    TierSummary* s) {
   std::vector<double> ttft, tpot, itl, e2e;
-  int64_t met = 0;
   for (const RequestRecord* r : reqs) {
     ++s->requests;
     if (!r->ok()) {
@@ -51,7 +59,9 @@ void FillLatencies(const std::vector<const RequestRecord*>& reqs, double ttft_ms
     e2e.push_back(r->e2e_s() * 1e3);
     const bool ttft_ok = !std::isnan(r->ttft_s()) && r->ttft_s() * 1e3 <= ttft_ms_target;
     const bool tpot_ok = std::isnan(r->tpot_s()) || r->tpot_s() * 1e3 <= tpot_ms_target;
-    met += (ttft_ok && tpot_ok) ? 1 : 0;
+    s->slo_met += (ttft_ok && tpot_ok) ? 1 : 0;
+    s->ttft_met += ttft_ok ? 1 : 0;
+    s->tpot_met += tpot_ok ? 1 : 0;
   }
   s->mean_tpot_ms = Mean(tpot);
   s->interactivity_tok_s_user = std::isnan(s->mean_tpot_ms) || s->mean_tpot_ms <= 0 ? NAN : 1e3 / s->mean_tpot_ms;
@@ -63,7 +73,7 @@ void FillLatencies(const std::vector<const RequestRecord*>& reqs, double ttft_ms
   s->itl_p99_ms = Percentile(itl, 99);
   s->e2e_p50_ms = Percentile(e2e, 50);
   s->e2e_p99_ms = Percentile(e2e, 99);
-  s->slo_attainment = s->requests == 0 ? NAN : static_cast<double>(met) / static_cast<double>(s->requests);
+  SetAttainment(s);
 }
 
 void SetEnergy(double joules, double joules_excl_idle, TierSummary* s) {
@@ -136,14 +146,14 @@ RunSummary Summarize(const RunResult& run, const SloTargets& slo, double min_ene
   // "all": every request against its own tier's target.
   out.all.tier = "all";
   {
-    int64_t met_total = 0;
-    for (Tier tier : kAllTiers) {
-      const TierSummary& s = out.tiers[static_cast<int>(tier)];
-      if (s.requests > 0) met_total += std::llround(s.slo_attainment * static_cast<double>(s.requests));
-    }
     FillLatencies(all, INFINITY, INFINITY, &out.all);
-    out.all.slo_attainment =
-        out.all.requests == 0 ? NAN : static_cast<double>(met_total) / static_cast<double>(out.all.requests);
+    out.all.slo_met = out.all.ttft_met = out.all.tpot_met = 0;
+    for (const TierSummary& s : out.tiers) {
+      out.all.slo_met += s.slo_met;
+      out.all.ttft_met += s.ttft_met;
+      out.all.tpot_met += s.tpot_met;
+    }
+    SetAttainment(&out.all);
   }
   out.all.throughput_tok_s = out.window_s > 0 ? out.all.output_tokens / out.window_s : NAN;
   if (with_energy > 0) {
@@ -205,6 +215,8 @@ nlohmann::json SummaryJson(const RunSummary& s, const nlohmann::json& meta) {
         {"itl_ms", {{"p50", t.itl_p50_ms}, {"p99", t.itl_p99_ms}}},
         {"e2e_ms", {{"p50", t.e2e_p50_ms}, {"p99", t.e2e_p99_ms}}},
         {"slo_attainment", t.slo_attainment},
+        {"ttft_attainment", t.ttft_attainment},
+        {"tpot_attainment", t.tpot_attainment},
         {"joules", t.joules},
         {"joules_excl_idle", t.joules_excl_idle},
         {"j_per_token", t.j_per_token},
@@ -234,7 +246,8 @@ std::string SummaryCsv(const RunSummary& s, const std::string& label, double rat
   std::string out =
       "label,rate,tier,requests,completed,errors,throughput_tok_s,interactivity_tok_s_user,"
       "ttft_p50_ms,ttft_p99_ms,tpot_p50_ms,tpot_p99_ms,e2e_p50_ms,e2e_p99_ms,slo_attainment,"
-      "j_per_token,j_per_token_excl_idle,tokens_per_joule,tokens_per_joule_excl_idle,idle_watts,energy_source\n";
+      "j_per_token,j_per_token_excl_idle,tokens_per_joule,tokens_per_joule_excl_idle,idle_watts,energy_source,"
+      "ttft_attainment,tpot_attainment\n";
   auto num = [](double v) { return std::isnan(v) ? std::string() : absl::StrFormat("%.6g", v); };
   auto row = [&](const TierSummary& t) {
     absl::StrAppend(&out, label, ",", num(rate), ",", t.tier, ",", t.requests, ",", t.completed, ",", t.errors, ",",
@@ -243,7 +256,7 @@ std::string SummaryCsv(const RunSummary& s, const std::string& label, double rat
                     ",", num(t.e2e_p99_ms), ",", num(t.slo_attainment), ",", num(t.j_per_token), ",",
                     num(t.j_per_token_excl_idle), ",", num(t.tokens_per_joule), ",",
                     num(t.tokens_per_joule_excl_idle), ",", num(s.idle_watts.value_or(NAN)), ",",
-                    s.energy_source, "\n");
+                    s.energy_source, ",", num(t.ttft_attainment), ",", num(t.tpot_attainment), "\n");
   };
   for (const TierSummary& t : s.tiers) {
     if (t.requests > 0) row(t);

@@ -35,6 +35,10 @@ struct TierSummary {
   double itl_p50_ms = NAN, itl_p99_ms = NAN;
   double e2e_p50_ms = NAN, e2e_p99_ms = NAN;
   double slo_attainment = NAN;  // met / requests
+  // The two halves of it: requests within the TTFT target / requests, and
+  // within the TPOT target / requests (errors miss both).
+  double ttft_attainment = NAN, tpot_attainment = NAN;
+  int64_t slo_met = 0, ttft_met = 0, tpot_met = 0;
   // Energy of this tier's tokens in the window (see docs/benchmarks.md).
   double joules = NAN, joules_excl_idle = NAN;
   double j_per_token = NAN, j_per_token_excl_idle = NAN;

@@ -179,6 +179,8 @@ TEST(ReportTest, LatenciesFromKnownChunkTimes) {
   EXPECT_NEAR(fast.mean_tpot_ms, 20, 1e-6);
   EXPECT_NEAR(fast.interactivity_tok_s_user, 50, 1e-6);
   EXPECT_DOUBLE_EQ(fast.slo_attainment, 0.5);
+  EXPECT_DOUBLE_EQ(fast.ttft_attainment, 0.5);  // the second missed TTFT only
+  EXPECT_DOUBLE_EQ(fast.tpot_attainment, 1.0);
   // Tokens in the window [1, 11]: all of the last three, none of the warm-up one.
   EXPECT_NEAR(fast.output_tokens, 22, 1e-9);
   EXPECT_NEAR(fast.throughput_tok_s, 2.2, 1e-9);
@@ -190,6 +192,8 @@ TEST(ReportTest, LatenciesFromKnownChunkTimes) {
   EXPECT_NEAR(standard.tpot_p50_ms, 50, 1e-6);
   EXPECT_EQ(s.all.requests, 4);
   EXPECT_DOUBLE_EQ(s.all.slo_attainment, 0.5);  // 1 of 2 fast + 1 of 2 standard
+  EXPECT_DOUBLE_EQ(s.all.ttft_attainment, 0.5);
+  EXPECT_DOUBLE_EQ(s.all.tpot_attainment, 0.75);  // only the error misses TPOT
   EXPECT_FALSE(s.window_joules.has_value());
 
   // Energy: 100 W idle measured before; 1500 J in the 10 s window -> 500 J active.
