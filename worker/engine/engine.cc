@@ -161,6 +161,7 @@ int64_t Engine::PlanStep() {
   };
   if (planned_) return tokens();
   planned_ = true;
+  plan_rested_ = false;
   plan_.clear();
   plan_result_ = StepResult();
   StepResult& result = plan_result_;
@@ -190,8 +191,9 @@ int64_t Engine::PlanStep() {
            seq->num_computed + 1 == static_cast<int>(seq->tokens.size()) &&
            now - seq->last_step_at < seq->token_interval;
   };
-  if (waiting_.empty() && !running_.empty() &&
+  if (!ride_along_ && waiting_.empty() && !running_.empty() &&
       std::all_of(running_.begin(), running_.end(), resting)) {
+    plan_rested_ = true;
     return 0;
   }
 
@@ -261,6 +263,17 @@ int64_t Engine::PlanStep() {
     budget -= chunk;
   }
   return tokens();
+}
+
+int64_t Engine::RideAlong() {
+  if (!planned_ || !plan_rested_) return PlanStep();
+  // A rested plan made no preemptions (those leave sequences waiting), so
+  // planning again loses nothing.
+  planned_ = false;
+  ride_along_ = true;
+  const int64_t tokens = PlanStep();
+  ride_along_ = false;
+  return tokens;
 }
 
 absl::StatusOr<StepResult> Engine::RunPlannedStep(bool run_empty) {

@@ -107,6 +107,12 @@ class Engine {
   // and returns how many tokens it will run; calling it again before the step
   // runs returns the same plan. Cancel() drops a sequence from the plan.
   int64_t PlanStep();
+  // For a step the ranks agreed to run anyway (another rank has work): a plan
+  // that is empty only because every running sequence rests (pacing) is made
+  // again with them riding along, since this rank pays for the step either way
+  // and their next tokens then come with it instead of in a step of their own.
+  // Returns the plan's tokens; any other plan is kept as it is.
+  int64_t RideAlong();
   // Applies from the next PlanStep() on (a pending plan is kept). `preempt`
   // is consumed by that plan; the rest stays until replaced.
   void SetStepDirectives(StepDirectives directives);
@@ -168,6 +174,8 @@ class Engine {
   std::deque<Sequence*> waiting_;
   // The step PlanStep() scheduled and RunPlannedStep() will run.
   bool planned_ = false;
+  bool plan_rested_ = false;  // the plan is empty because every sequence rests
+  bool ride_along_ = false;   // planning for RideAlong(): resting is no reason to skip
   std::vector<Scheduled> plan_;
   StepResult plan_result_;  // preemptions made while planning
   ForwardBatch batch_;

@@ -15,6 +15,8 @@ absl::StatusOr<LockstepStepper::Result> LockstepStepper::Step() {
                            "lockstep step: token count exchange"));
   Result result;
   for (int64_t n : all) result.global_tokens += n;
+  // The step runs anyway: resting paced sequences take their next token in it.
+  if (mine == 0 && result.global_tokens > 0) engine_->RideAlong();
   // Every rank sees the same counts: either all run the step (the idle ones
   // over an empty batch, to serve their experts) or none runs a forward pass.
   ASSIGN_OR_RETURN(result.step, engine_->RunPlannedStep(/*run_empty=*/result.global_tokens > 0));

@@ -20,7 +20,9 @@ class LockstepStepper {
 
   struct Result {
     StepResult step;          // this rank's outcome (empty when it only joined)
-    int64_t global_tokens = 0;  // tokens in the step over all ranks; 0: nobody ran
+    // Tokens in the step over all ranks, as the count exchange agreed (without
+    // paced sequences that then rode along, Engine::RideAlong); 0: nobody ran.
+    int64_t global_tokens = 0;
   };
   // One collective step. Must be called the same number of times on every rank.
   absl::StatusOr<Result> Step();

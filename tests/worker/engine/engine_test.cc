@@ -217,6 +217,21 @@ TEST_F(EngineTest, PacedSequencesSkipStepsUntilDueAndRideAlongOtherwise) {
   now += absl::Milliseconds(99);
   EXPECT_EQ(e->PlanStep(), 0);
   EXPECT_TRUE(step().tokens.empty());
+  // A step that runs anyway (another lockstep rank has work): the resting
+  // sequences take their next token in it early, and are not due again for a
+  // whole interval after it.
+  EXPECT_EQ(e->PlanStep(), 0);
+  EXPECT_EQ(e->RideAlong(), 2);
+  EXPECT_EQ(e->RideAlong(), 2);  // the plan stands
+  {
+    auto r = e->RunPlannedStep(/*run_empty=*/true);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->tokens.size(), 2u);
+    for (const TokenOutput& t : r->tokens) paced[t.id].push_back(t.token);
+  }
+  now += absl::Milliseconds(60);
+  EXPECT_EQ(e->PlanStep(), 0);
+  EXPECT_TRUE(step().tokens.empty());
 
   // An unpaced request makes steps run; the paced ones ride along after it.
   ASSERT_TRUE(e->Add({.id = 3, .prompt = Prompt(3, 3), .sampling = Sampled(3, 6)}).ok());

@@ -449,6 +449,45 @@ TEST(LockstepTest, IdleRankRunsEmptyStepsOnlyWhileOthersWork) {
   EXPECT_EQ(empty_calls[1], 3 * moe_layers);
 }
 
+TEST(LockstepTest, RestingPacedSequencesRideAlongStepsOtherRanksRun) {
+  const std::string dir = joule::testing::TinyModelDir("qwen3_moe-tiny");
+  auto config = LoadModelConfig(dir);
+  ASSERT_TRUE(config.ok());
+  auto placement = ContiguousPlacement(2, config->num_layers, config->num_experts);
+  InProcessGroup group(2);
+  const absl::Time frozen = absl::UnixEpoch();  // rank 0's request is never due again
+  std::vector<std::vector<size_t>> tokens(2);
+  std::vector<std::vector<int64_t>> global(2);
+  RunRanks(2, [&](int rank) {
+    auto transport = group.Rank(rank);
+    auto model = Model::Load(dir, {.num_threads = 1, .weights = OwnedBy(*placement, rank)});
+    ASSERT_TRUE(model.ok());
+    ExpertParallelExecutor ex(&(*model)->weights(), transport.get(), *placement, (*model)->stream());
+    (*model)->set_expert_executor(&ex);
+    EngineOptions options = Options();
+    options.clock = [frozen] { return frozen; };
+    auto engine = Engine::Create(model->get(), options);
+    ASSERT_TRUE(engine.ok());
+    GenerationRequest r = Greedy(1 + rank, 4, rank == 0 ? 3 : 5);
+    if (rank == 0) r.token_interval = absl::Hours(1);
+    ASSERT_TRUE((*engine)->Add(r).ok());
+    LockstepStepper stepper(engine->get(), transport.get());
+    for (int i = 0; i < 6; ++i) {
+      auto step = stepper.Step();
+      ASSERT_TRUE(step.ok()) << step.status();
+      tokens[rank].push_back(step->step.tokens.size());
+      global[rank].push_back(step->global_tokens);
+    }
+    EXPECT_FALSE((*engine)->HasWork());
+  });
+  // Rank 0 rests after its prefill, yet takes a token in each step rank 1
+  // runs; the count exchange saw only rank 1's tokens.
+  EXPECT_EQ(tokens[0], (std::vector<size_t>{1, 1, 1, 0, 0, 0}));
+  EXPECT_EQ(tokens[1], (std::vector<size_t>{1, 1, 1, 1, 1, 0}));
+  EXPECT_EQ(global[0], (std::vector<int64_t>{8, 1, 1, 1, 1, 0}));
+  EXPECT_EQ(global[1], global[0]);
+}
+
 TEST(LockstepTest, PlanIsStableAndCancelLeavesIt) {
   auto model = Model::Load(joule::testing::TinyModelDir("qwen3_moe-tiny"), {.num_threads = 1});
   ASSERT_TRUE(model.ok());
