@@ -185,14 +185,20 @@ int64_t Engine::PlanStep() {
   directives_.preempt.clear();
 
   // Pacing: with every live sequence paced, decoding and not due, no step.
-  const absl::Time now = options_.clock ? options_.clock() : absl::Now();
-  auto resting = [&](const Sequence* seq) {
+  const absl::Time now = Now();
+  plan_at_ = now;
+  auto resting_for = [&](const Sequence* seq, absl::Duration horizon) {
     return seq->running && seq->token_interval > absl::ZeroDuration() && seq->generated > 0 &&
            seq->num_computed + 1 == static_cast<int>(seq->tokens.size()) &&
-           now - seq->last_step_at < seq->token_interval;
+           now + horizon - seq->last_step_at < seq->token_interval;
   };
+  // Whether to run a step at all is decided on who is due now; once a step
+  // runs, a sequence that falls due before the next one could start needs
+  // this one, or under a step token cap it would wait a whole extra step.
+  auto resting = [&](const Sequence* seq) { return resting_for(seq, step_estimate_); };
   if (!ride_along_ && waiting_.empty() && !running_.empty() &&
-      std::all_of(running_.begin(), running_.end(), resting)) {
+      std::all_of(running_.begin(), running_.end(),
+                  [&](const Sequence* seq) { return resting_for(seq, absl::ZeroDuration()); })) {
     plan_rested_ = true;
     return 0;
   }
@@ -331,6 +337,10 @@ absl::StatusOr<StepResult> Engine::RunPlannedStep(bool run_empty) {
   logits_.resize(b.logit_rows.size() * vocab);
   RETURN_IF_ERROR(model_->Forward(b, kv_->view(), logits_.data()));
   for (const Scheduled& s : scheduled) s.seq->num_computed += s.chunk;
+  // Plan to end of the forward pass (in lockstep that includes the token
+  // count exchange and waiting for the slowest rank).
+  const absl::Duration took = std::max(absl::ZeroDuration(), Now() - plan_at_);
+  step_estimate_ = step_estimate_ == absl::ZeroDuration() ? took : (3 * step_estimate_ + took) / 4;
 
   // 4. Sample and retire finished sequences.
   for (size_t r = 0; r < sampled.size(); ++r) {

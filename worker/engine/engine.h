@@ -40,7 +40,9 @@ struct GenerationRequest {
   // (0: every step). Steps run while some live sequence is unpaced, still
   // prefilling, waiting for admission or due; a paced sequence that is not
   // due rides along in steps that run anyway (after the others get the
-  // budget). So paced work gathers into fewer, fuller steps.
+  // budget), unless it falls due within a step's time (the engine's moving
+  // average), when it needs that step. So paced work gathers into fewer,
+  // fuller steps.
   absl::Duration token_interval = absl::ZeroDuration();
 };
 
@@ -165,6 +167,7 @@ class Engine {
   void Preempt(Sequence* seq);
   FinishReason CheckFinished(const Sequence& seq, int32_t token) const;
   void Retire(Sequence* seq);
+  absl::Time Now() const { return options_.clock ? options_.clock() : absl::Now(); }
 
   Model* model_;
   std::unique_ptr<PagedKvCache> kv_;
@@ -184,6 +187,8 @@ class Engine {
   uint64_t unseeded_counter_ = 0;
   uint64_t arrivals_ = 0;
   uint64_t plan_epoch_ = 0;
+  absl::Time plan_at_;                                  // when the pending plan was made
+  absl::Duration step_estimate_ = absl::ZeroDuration();  // moving average, plan to result
   StepDirectives directives_;
   LogitsObserver observer_;
 };

@@ -252,6 +252,33 @@ TEST_F(EngineTest, PacedSequencesSkipStepsUntilDueAndRideAlongOtherwise) {
   EXPECT_EQ(paced, Drain(*plain));
 }
 
+TEST_F(EngineTest, APacedSequenceDueWithinAStepTakesItAheadOfLowerTiers) {
+  // Steps take 30 ms on this clock; one step carries at most 4 tokens.
+  absl::Time now = absl::UnixEpoch();
+  auto e = MakeEngine({.max_batch_tokens = 4, .clock = [&now] { return now; }});
+  const absl::Duration step_time = absl::Milliseconds(30);
+  ASSERT_TRUE(e->Add({.id = 1, .prompt = Prompt(3, 1), .sampling = Sampled(1, 4),
+                      .token_interval = absl::Milliseconds(100)}).ok());
+  ASSERT_TRUE(e->Add({.id = 2, .prompt = Prompt(200, 2), .sampling = Sampled(2, 2), .priority = 3}).ok());
+  auto step = [&]() -> std::vector<uint64_t> {
+    e->PlanStep();
+    now += step_time;
+    auto r = e->RunPlannedStep(/*run_empty=*/false);
+    EXPECT_TRUE(r.ok()) << r.status();
+    std::vector<uint64_t> ids;
+    for (const auto& [id, chunk] : r->scheduled) ids.push_back(id);
+    return ids;
+  };
+  EXPECT_EQ(step(), (std::vector<uint64_t>{1, 2}));  // t=0: prompt 1 whole, then its first token
+  // t=30 and t=60: the next token is due at 100, after these steps end.
+  EXPECT_EQ(step(), (std::vector<uint64_t>{2}));
+  EXPECT_EQ(step(), (std::vector<uint64_t>{2}));
+  // t=90: due before the next step could start (120), so it needs this one
+  // and goes first; planned no later than at 120 its token would come at 150.
+  EXPECT_EQ(step(), (std::vector<uint64_t>{1, 2}));
+  EXPECT_EQ(step(), (std::vector<uint64_t>{2}));
+}
+
 TEST_F(EngineTest, RequestJoiningMidFlightGetsSameTokens) {
   SamplingParams greedy;
   greedy.temperature = 0.0f;
