@@ -17,7 +17,8 @@
 #   METRICS_URLS    comma-separated /metrics URLs carrying the energy counter
 #                   (default: the 2 workers' on METRICS_PORT; empty: no energy numbers)
 #   SCHEDULER_CONFIG  scheduler JSON (SLOs, ipw knobs) for every policy
-#                   (bench/energy/mini-slo.json: targets for the mini model on CPUs)
+#                   (bench/energy/mini-slo.json: targets for the mini model on CPUs;
+#                   mini-slo-x2.json: the same doubled, for a host half as fast)
 #   CLUSTER_START   command that starts a cluster and serves until killed; {policy},
 #                   {port}, {metrics_port} and {scheduler_config} are substituted
 #                   (default: deploy/local/up.sh, mini model, 2 workers)
