@@ -31,6 +31,13 @@ absl::Status UcsError(absl::string_view call, ucs_status_t status) {
       absl::StrCat("ucx transport: ", call, " failed: ", ucs_status_string(status)));
 }
 
+// Waiting for a collective: spin (yielding) this long without progress,
+// then sleep in naps of an eighth of the time waited so far (within these
+// bounds), so a nap adds at most about an eighth to any wait.
+constexpr absl::Duration kSpinBeforeNaps = absl::Microseconds(500);
+constexpr absl::Duration kMinNap = absl::Microseconds(10);
+constexpr absl::Duration kMaxNap = absl::Milliseconds(1);
+
 // Teardown of endpoints and requests is bounded by this much progress time;
 // after it UCX releases whatever is left when the worker is destroyed.
 constexpr absl::Duration kTeardownBudget = absl::Seconds(1);
@@ -286,6 +293,7 @@ class UcxTransportImpl final : public UcxTransport {
     size_t pending = 0;
     for (const Op& op : ops_) pending += op.request != nullptr;
     int idle = 0;
+    absl::Time idle_since;
     while (pending > 0) {
       const unsigned progressed = ucp_worker_progress(worker_);
       for (Op& op : ops_) {
@@ -305,12 +313,20 @@ class UcxTransportImpl final : public UcxTransport {
         idle = 0;
         continue;
       }
-      ++idle;
-      if (idle % 16 == 0 && absl::Now() >= deadline) return Fail(TimedOut(what, seq));
+      if (++idle < 32) continue;
+      const absl::Time now = absl::Now();
+      if (idle == 32) idle_since = now;
+      if (idle % 16 == 0 && now >= deadline) return Fail(TimedOut(what, seq));
       // Ranks often outnumber cores (tests, one-host runs, shared hosts):
-      // after a short spin let the peer we wait for run. With an idle core
-      // sched_yield returns at once, so this costs little otherwise.
-      if (idle >= 32) sched_yield();
+      // after a short spin let the peer we wait for run. A peer still busy
+      // after that (its expert GEMMs, an idle round's pause) is waited for
+      // in naps: spinning through it would burn a core for nothing.
+      const absl::Duration waited = now - idle_since;
+      if (waited < kSpinBeforeNaps) {
+        sched_yield();
+      } else {
+        absl::SleepFor(std::clamp(waited / 8, kMinNap, kMaxNap));
+      }
     }
     absl::Status mismatch = mismatch_;
     mismatch_ = absl::OkStatus();

@@ -3,16 +3,20 @@
 //   ucx_transport_peer RANK WORLD DIR SCENARIO TIMEOUT_MS
 //
 // Publishes its worker address in DIR, collects the others', connects and
-// runs SCENARIO: "conformance", "absent" (the last rank stays away) or
-// "killed" (loops until a peer fails; writes DIR/started.RANK once running);
+// runs SCENARIO: "conformance", "absent" (the last rank stays away),
+// "late" (the last rank joins an all-gather 500 ms late; the others must not
+// spend a core waiting for it) or "killed" (loops until a peer fails; writes
+// DIR/started.RANK once running);
 // a "-no-peer-errors" suffix runs it with UcxOptions::peer_error_handling off.
 // Exit status: 0 when the scenario behaved as the contract says, 1 when it
 // did not, 2 on bad arguments or a failed setup. Prints why on stderr.
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
@@ -27,6 +31,45 @@
 namespace {
 
 using joule::ep::CollectAddresses;
+
+absl::Duration CpuTime() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return absl::DurationFromTimeval(u.ru_utime) + absl::DurationFromTimeval(u.ru_stime);
+}
+
+// Every rank but the last waits in an all-gather for the last one, which
+// comes `late`; the waiting ranks' CPU time over that wait must stay a small
+// part of it, and the gathered values must be right.
+absl::Status CheckLatePeerCostsNoCore(joule::ep::Transport& t, absl::Duration late) {
+  const int w = t.world_size();
+  const bool is_late = t.rank() == w - 1;
+  if (absl::Status s = t.Barrier(); !s.ok()) return s;
+  if (is_late) absl::SleepFor(late);
+  const absl::Time start = absl::Now();
+  const absl::Duration cpu_start = CpuTime();
+  const int64_t mine = 100 + t.rank();
+  std::vector<int64_t> all(w, -1);
+  if (absl::Status s = t.AllGather(&mine, sizeof(mine), all.data()); !s.ok()) return s;
+  const absl::Duration wall = absl::Now() - start;
+  const absl::Duration cpu = CpuTime() - cpu_start;
+  for (int r = 0; r < w; ++r) {
+    if (all[r] != 100 + r) {
+      return absl::InternalError(absl::StrCat("all-gather slot ", r, " holds ", all[r]));
+    }
+  }
+  if (is_late) return absl::OkStatus();
+  std::fprintf(stderr, "rank %d: waited %s for the late rank using %s of CPU\n", t.rank(),
+               absl::FormatDuration(wall).c_str(), absl::FormatDuration(cpu).c_str());
+  if (wall < late / 2) {
+    return absl::InternalError(absl::StrCat("the all-gather took only ", absl::FormatDuration(wall)));
+  }
+  if (cpu > wall * 0.2) {
+    return absl::InternalError(absl::StrCat("waiting ", absl::FormatDuration(wall), " for a late rank used ",
+                                            absl::FormatDuration(cpu), " of CPU"));
+  }
+  return absl::OkStatus();
+}
 using joule::ep::PublishAddress;
 using joule::ep::testing::Touch;
 
@@ -66,6 +109,8 @@ int Run(int rank, int world, const std::string& dir, std::string scenario,
     result = joule::ep::testing::CheckAbsentPeerTimesOut(t, absent, timeout);
     // Stay alive past the others' deadline so they see a silent peer, not a dead one.
     if (rank == absent) absl::SleepFor(timeout + absl::Seconds(1));
+  } else if (scenario == "late") {
+    result = CheckLatePeerCostsNoCore(t, absl::Milliseconds(500));
   } else if (scenario == "killed") {
     absl::Duration failed_after;
     absl::Status failure;

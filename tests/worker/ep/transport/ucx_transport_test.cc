@@ -1,7 +1,8 @@
 // UcxTransport: the conformance suite with ranks as real processes
 // (ucx_transport_peer), over shared memory and over TCP, selected only by
-// UCX_TLS; plus an absent rank, a rank killed with SIGKILL mid-run, and the
-// argument checks. Every child is reaped, every wait bounded.
+// UCX_TLS; plus an absent rank, a late one (waiting costs no core), a rank
+// killed with SIGKILL mid-run, and the argument checks. Every child is
+// reaped, every wait bounded.
 #include <signal.h>
 #include <sys/wait.h>
 
@@ -96,6 +97,12 @@ TEST_P(UcxProcesses, KilledRankFailsSurvivorsWithoutPeerErrorHandling) {
 TEST_P(UcxProcesses, AbsentRankTimesOutEveryOtherRank) {
   Launch("absent", absl::Milliseconds(1500));
   const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  for (int r = 0; r < GetParam().world; ++r) EXPECT_EQ(Outcome(r, deadline), "") << "rank " << r;
+}
+
+TEST_P(UcxProcesses, WaitingForALateRankDoesNotSpendACore) {
+  Launch("late", absl::Seconds(10));
+  const absl::Time deadline = absl::Now() + absl::Seconds(60);
   for (int r = 0; r < GetParam().world; ++r) EXPECT_EQ(Outcome(r, deadline), "") << "rank " << r;
 }
 
