@@ -25,12 +25,13 @@
 #include "tests/worker/ep/transport/conformance.h"
 #include "tests/worker/ep/transport/process_group.h"
 #include "worker/ep/file_rendezvous.h"
-#include "worker/ep/file_rendezvous.h"
 #include "worker/ep/ucx_transport.h"
 
 namespace {
 
 using joule::ep::CollectAddresses;
+using joule::ep::PublishAddress;
+using joule::ep::testing::Touch;
 
 absl::Duration CpuTime() {
   rusage u{};
@@ -62,16 +63,16 @@ absl::Status CheckLatePeerCostsNoCore(joule::ep::Transport& t, absl::Duration la
   std::fprintf(stderr, "rank %d: waited %s for the late rank using %s of CPU\n", t.rank(),
                absl::FormatDuration(wall).c_str(), absl::FormatDuration(cpu).c_str());
   if (wall < late / 2) {
-    return absl::InternalError(absl::StrCat("the all-gather took only ", absl::FormatDuration(wall)));
+    return absl::InternalError(
+        absl::StrCat("the all-gather took only ", absl::FormatDuration(wall)));
   }
   if (cpu > wall * 0.2) {
-    return absl::InternalError(absl::StrCat("waiting ", absl::FormatDuration(wall), " for a late rank used ",
-                                            absl::FormatDuration(cpu), " of CPU"));
+    return absl::InternalError(absl::StrCat("waiting ", absl::FormatDuration(wall),
+                                            " for a late rank used ", absl::FormatDuration(cpu),
+                                            " of CPU"));
   }
   return absl::OkStatus();
 }
-using joule::ep::PublishAddress;
-using joule::ep::testing::Touch;
 
 int Run(int rank, int world, const std::string& dir, std::string scenario,
         absl::Duration timeout) {
