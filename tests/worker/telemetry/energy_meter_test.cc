@@ -1,10 +1,14 @@
 #include <dlfcn.h>
 #include <unistd.h>
 
+#include <chrono>
+#include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <thread>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -293,6 +297,32 @@ TEST(NvmlEnergyMeterTest, NoDeviceOrFailedInitIsUnavailable) {
   EXPECT_EQ(m.status().code(), absl::StatusCode::kUnavailable);
   EXPECT_THAT(m.status().message(), HasSubstr("nvmlInit_v2"));
   fake.set_init(0);
+}
+
+// The real driver, where there is one (skips elsewhere, e.g. on CI): the counter must
+// advance, over 1.5 s (15 of NVML's ~100 ms updates), at a power a GPU can draw, and agree
+// with the instant power reading within a loose band (the GPU may change state meanwhile).
+TEST(NvmlEnergyMeterTest, RealGpuCounterAdvancesAtAPlausiblePower) {
+  auto m = NvmlEnergyMeter::Create({});
+  if (!m.ok()) GTEST_SKIP() << m.status();
+  EXPECT_THAT((*m)->Describe(), HasSubstr("GPU 0"));
+  const absl::StatusOr<double> j0 = (*m)->ReadJoules();
+  const auto t0 = std::chrono::steady_clock::now();
+  ASSERT_TRUE(j0.ok()) << j0.status();
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  const absl::StatusOr<double> j1 = (*m)->ReadJoules();
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  ASSERT_TRUE(j1.ok()) << j1.status();
+  const double counter_watts = (*j1 - *j0) / seconds;
+  const absl::StatusOr<double> instant = (*m)->ReadPowerWatts();
+  ASSERT_TRUE(instant.ok()) << instant.status();
+  std::printf("%s: %.1f J total, %.1f W from the counter, %.1f W instant\n", (*m)->Describe().c_str(),
+              *j1, counter_watts, *instant);
+  EXPECT_GT(counter_watts, 5.0);  // an idle datacenter GPU draws tens of watts
+  EXPECT_LT(counter_watts, 2000.0);
+  EXPECT_GT(*instant, 5.0);
+  EXPECT_LT(*instant, 2000.0);
+  EXPECT_LT(std::abs(*instant - counter_watts), 0.5 * counter_watts + 50.0);
 }
 
 TEST(MakeEnergyMeterTest, PrefersNvmlThenRaplThenModel) {
