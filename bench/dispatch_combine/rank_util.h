@@ -26,7 +26,7 @@ namespace joule::bench {
   X(std::string, hidden, "", "hidden sizes to sweep, comma-separated (required)")         \
   X(std::string, tokens, "", "tokens per rank to sweep, comma-separated (required)")      \
   X(int, top_k, 8, "experts per token")                                                   \
-  X(bool, peer_errors, true, "UCX peer error handling (false: CMA zero-copy over shm)")   \
+  X(bool, peer_errors, false, "UCX peer error handling (true: no CMA zero-copy over shm)")   \
   X(std::string, out, "", "file rank 0 appends its JSON lines to (default: stdout)")
 
 // "1,4,16" -> {1, 4, 16}; InvalidArgument naming --flag for an empty list or an

@@ -17,8 +17,8 @@ import sys
 MIB = 1 << 20
 # Joule configuration -> the baselines it is compared with.
 CONFIGS = {
-    "shm": ("shm", "mpi-shm", "UCX_TLS=shm,self, peer error handling on (default)"),
-    "shm-nopeer": ("shm", "mpi-shm", "UCX_TLS=shm,self, peer error handling off (CMA zero-copy)"),
+    "shm": ("shm", "mpi-shm", "UCX_TLS=shm,self (default: no peer error handling, CMA zero-copy)"),
+    "shm-peer": ("shm", "mpi-shm", "UCX_TLS=shm,self, peer error handling on (no CMA)"),
     "tcp": ("tcp", "mpi-tcp", "UCX_TLS=tcp,self over loopback"),
 }
 
@@ -76,7 +76,7 @@ def join_baselines(raw, omit_empty_configs):
             mpi[(label, m["ep"], m["hidden"], m["tokens"])] = m
     rows, skipped, ratios = [], [], {}
     for label, (ptls, mpi_label, _) in CONFIGS.items():
-        bw_ratios, mpi_ratios = [], []
+        bw_ratios, mpi_ratios, skew_free_ratios = [], [], []
         for j in load(os.path.join(raw, f"joule-{label}.jsonl")):
             if "skipped" in j:
                 skipped.append(dict(j, config=label))
@@ -88,6 +88,11 @@ def join_baselines(raw, omit_empty_configs):
                        mpi_latency_us=m["latency_us_median"] if m else None,
                        mpi_over_joule_latency=(m["latency_us_median"] / j["latency_us_median"])
                        if m else None)
+            if m and j.get("latency_us_median_skew_free"):
+                row["mpi_over_joule_skew_free"] = (m["latency_us_median"]
+                                                   / j["latency_us_median_skew_free"])
+                if j["tokens"] == 128:
+                    skew_free_ratios.append((j["ep"], j["hidden"], row["mpi_over_joule_skew_free"]))
             rows.append(row)
             if j["bytes_per_peer"] >= MIB and row["vs_perftest"]:
                 bw_ratios.append(row["vs_perftest"])
@@ -105,6 +110,9 @@ def join_baselines(raw, omit_empty_configs):
             "mpi_latency_over_joule_latency_at_128_tokens": {
                 f"ep{ep}_hidden{h}": r for ep, h, r in mpi_ratios},
         }
+        if skew_free_ratios:
+            ratios[label]["mpi_latency_over_joule_skew_free_latency_at_128_tokens"] = {
+                f"ep{ep}_hidden{h}": r for ep, h, r in skew_free_ratios}
     return rows, skipped, ratios
 
 
@@ -130,6 +138,9 @@ def ratio_lines(ratios, mpi_column):
         b = r["bandwidth_vs_ucx_perftest_at_ge_1MiB_per_peer"]
         m = ", ".join(f"{k}: {v:.2f}x" for k, v in
                       r["mpi_latency_over_joule_latency_at_128_tokens"].items()) or "-"
+        sf = r.get("mpi_latency_over_joule_skew_free_latency_at_128_tokens")
+        if sf:
+            m += " (skew-free: " + ", ".join(f"{v:.2f}x" for v in sf.values()) + ")"
         lines.append(f"| {desc} | {fmt(b['min'])} / {fmt(b['geomean'])} / {fmt(b['max'])} "
                      f"({b['points']}) | {m} |")
     return lines
@@ -199,6 +210,13 @@ def executor_report(raw, out_dir, command):
                                     "over iterations; expert compute excluded",
                "latency_us_median_rank_mean": "the same with the mean over ranks instead of the "
                                               "slowest rank",
+               "latency_us_median_skew_free": "per iteration, the slowest rank's dispatch_seconds "
+                                              "+ the fastest rank's combine_seconds: a rank's "
+                                              "combine also waits for peers that finish their "
+                                              "experts later; the rank that arrives last waits "
+                                              "for nobody's, so this leaves the compute skew "
+                                              "out, as the MPI baseline (no compute between its "
+                                              "exchanges) has none; median over iterations",
                "run_us_median": "wall time of ExpertParallelExecutor::Run (slowest rank), which "
                                 "adds regrouping the received rows by expert and the expert "
                                 "GEMMs",
@@ -241,7 +259,10 @@ def executor_report(raw, out_dir, command):
               "the expert GEMMs negligible next to communication, and they are excluded anyway: "
               "latency = the slowest rank's dispatch + combine seconds from `stats()` (layout, "
               "count exchange, BF16 packing, both all-to-alls, un-permute), median over "
-              "iterations. Run = the whole `Run` wall time (adds regrouping received rows and the "
+              "iterations. skew-free = the slowest rank's dispatch + the fastest rank's "
+              "combine: a rank's combine also waits for peers that finish their experts later, "
+              "and the rank that arrived last waited for nobody's (the MPI baseline computes "
+              "nothing between its exchanges). Run = the whole `Run` wall time (adds regrouping received rows and the "
               "expert GEMMs). faults/Run = minor page faults during a Run (median, slowest rank). "
               "algbw = payload bytes a rank sends to other ranks in dispatch "
               "(one row per token and destination rank: hidden x 2 + top-k expert ids and "
@@ -264,18 +285,20 @@ def executor_report(raw, out_dir, command):
         if label not in ratios:
             continue
         lines += ["", f"## {desc}", "",
-                  "| EP | hidden | tokens/rank | bytes/peer | iters | latency us | dispatch us | combine us | Run us | faults/Run | algbw GB/s | slot GB/s | perftest GB/s | vs perftest | MPI latency us | MPI/Joule |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| EP | hidden | tokens/rank | bytes/peer | iters | latency us | skew-free us | dispatch us | combine us | Run us | faults/Run | algbw GB/s | slot GB/s | perftest GB/s | vs perftest | MPI latency us | MPI/Joule | MPI/Joule skew-free |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if r["config"] != label:
                 continue
             lines.append(f"| {r['ep']} | {r['hidden']} | {r['tokens']} | {r['bytes_per_peer']} | "
                          f"{r['iters']} | {r['latency_us_median']:.1f} | "
+                         f"{fmt(r.get('latency_us_median_skew_free'), '.1f')} | "
                          f"{r['dispatch_us_median']:.1f} | {r['combine_us_median']:.1f} | "
                          f"{r['run_us_median']:.1f} | {r.get('minor_faults_median', 0):.0f} | "
                          f"{r['algbw_GBps']:.2f} | {fmt(r.get('slot_algbw_GBps'))} | "
                          f"{fmt(r['perftest_GBps'])} | {fmt(r['vs_perftest'])} | "
-                         f"{fmt(r['mpi_latency_us'], '.1f')} | {fmt(r['mpi_over_joule_latency'])} |")
+                         f"{fmt(r['mpi_latency_us'], '.1f')} | {fmt(r['mpi_over_joule_latency'])} | "
+                         f"{fmt(r.get('mpi_over_joule_skew_free'))} |")
     lines += ["", "Transport-level all-to-all-v (no executor): "
               "bench/results/dispatch_combine-transport.md (run.sh without --executor)."]
     with open(os.path.join(out_dir, "dispatch_combine-executor.md"), "w") as f:

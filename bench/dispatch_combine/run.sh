@@ -3,7 +3,7 @@
 #
 # Default stage, transport level:
 #   - Joule's UcxTransport all-to-all-v (joule-transport-bench, EP processes),
-#     over UCX shared memory (with and without peer error handling) and TCP;
+#     over UCX shared memory (default, and with peer error handling) and TCP;
 #   - ucx_perftest tag_bw (server + client on loopback) at the same per-peer sizes;
 #   - OpenMPI MPI_Alltoallv (joule-mpi-alltoallv-bench) over shared memory and TCP.
 #   Writes bench/results/dispatch_combine-transport.{json,md}.
@@ -17,7 +17,7 @@
 #   Writes bench/results/dispatch_combine-executor.{json,md}.
 #
 #   bench/dispatch_combine/run.sh [BUILD_DIR] [--quick] [--executor]
-# Environment: EPS (default "2 4"), CONFIGS (default "shm shm-nopeer tcp").
+# Environment: EPS (default "2 4"), CONFIGS (default "shm shm-peer tcp").
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 build="$root/build/default"
@@ -35,7 +35,7 @@ bin="$build/bench/dispatch_combine"
 tokens="1,4,16,64,128,256,1024,4096"
 hidden="2048,7168"
 eps="${EPS:-2 4}"
-configs="${CONFIGS:-shm shm-nopeer tcp}"
+configs="${CONFIGS:-shm shm-peer tcp}"
 if [ -n "$quick" ]; then tokens="1,128,1024"; hidden="2048"; fi
 if [ "$stage" = executor ]; then
   joule_bin="$bin/joule-dispatch-combine-bench"; mpi_mode=dispatch-combine
@@ -55,7 +55,7 @@ joule_run() {
   for ((r = 0; r < ep; r++)); do
     env "$@" "$joule_bin" --rank "$r" --world "$ep" --dir "$dir" \
       --hidden "$hidden" --tokens "$tokens" --out "$tmp/joule-$label.jsonl" \
-      $( [ "$label" = shm-nopeer ] && echo --peer-errors=false ) &
+      $( [ "$label" = shm-peer ] && echo --peer-errors=true ) &
     pids+=($!)
   done
   local rc=0
@@ -68,7 +68,7 @@ for ep in $eps; do
   for c in $configs; do
     echo "joule $stage, $c, EP $ep ($(date +%T))" >&2
     case "$c" in
-      shm|shm-nopeer) joule_run "$c" "$ep" UCX_TLS=shm,self ;;
+      shm|shm-peer) joule_run "$c" "$ep" UCX_TLS=shm,self ;;
       tcp) joule_run tcp "$ep" UCX_TLS=tcp,self UCX_NET_DEVICES=lo ;;
       *) echo "unknown configuration $c" >&2; exit 2 ;;
     esac

@@ -2,7 +2,7 @@
 // EP of them; UCX_TLS picks shared memory or TCP).
 //
 //   joule-transport-bench --rank R --world W --dir DIR --hidden 2048,7168
-//       --tokens 1,4,16,64,128,256,1024,4096 [--top-k 8] [--peer-errors=false] [--out FILE]
+//       --tokens 1,4,16,64,128,256,1024,4096 [--top-k 8] [--peer-errors] [--out FILE]
 //
 // Per point: every rank routes tokens x top_k rows of hidden BF16 values
 // spread evenly over the W ranks (its own share is a local copy), as a

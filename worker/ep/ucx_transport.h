@@ -16,14 +16,17 @@
 namespace joule::ep {
 
 struct UcxOptions {
-  // Endpoints in UCP_ERR_HANDLING_MODE_PEER: a peer whose connection fails
-  // is reported as Unavailable naming it (TCP notices a killed process at
-  // once). UCX then uses only transports that can report failures, which on
-  // one host leaves out CMA, the zero-copy path for large messages over
-  // shared memory. false lets UCX use it (the dispatch/combine benchmark
-  // shows the gain); a dead peer then surfaces as DeadlineExceeded after the
-  // timeout, or as Unavailable where the transport still reports it.
-  bool peer_error_handling = true;
+  // Endpoints in UCP_ERR_HANDLING_MODE_PEER (with keepalive). UCX then uses
+  // only transports that can report failures, which on one host leaves out
+  // CMA, the zero-copy path for large messages over shared memory, and
+  // costs 2-4x in all-to-all time (bench/dispatch_combine). Off by default
+  // because with UCX 1.13 (Debian 12) it buys nothing measured: a killed
+  // peer over TCP is reported as Unavailable within milliseconds in both
+  // modes (the endpoint's error callback fires either way), and over shared
+  // memory only the timeout (DeadlineExceeded) notices it in both modes
+  // (ucx_transport_test's Killed* cases). Kept for UCX versions whose
+  // shared-memory keepalive does report a dead peer.
+  bool peer_error_handling = false;
 };
 
 class UcxTransport : public Transport {

@@ -7,7 +7,7 @@
 // "late" (the last rank joins an all-gather 500 ms late; the others must not
 // spend a core waiting for it) or "killed" (loops until a peer fails; writes
 // DIR/started.RANK once running);
-// a "-no-peer-errors" suffix runs it with UcxOptions::peer_error_handling off.
+// a "-peer-errors" suffix runs it with UcxOptions::peer_error_handling on.
 // Exit status: 0 when the scenario behaved as the contract says, 1 when it
 // did not, 2 on bad arguments or a failed setup. Prints why on stderr.
 #include <sys/resource.h>
@@ -77,11 +77,11 @@ absl::Status CheckLatePeerCostsNoCore(joule::ep::Transport& t, absl::Duration la
 int Run(int rank, int world, const std::string& dir, std::string scenario,
         absl::Duration timeout) {
   joule::ep::UcxOptions ucx;
-  const std::string suffix = "-no-peer-errors";
+  const std::string suffix = "-peer-errors";
   if (scenario.size() > suffix.size() &&
       scenario.compare(scenario.size() - suffix.size(), suffix.size(), suffix) == 0) {
     scenario.resize(scenario.size() - suffix.size());
-    ucx.peer_error_handling = false;
+    ucx.peer_error_handling = true;
   }
   auto transport = joule::ep::UcxTransport::Create(rank, world, {.timeout = timeout}, ucx);
   if (!transport.ok()) {

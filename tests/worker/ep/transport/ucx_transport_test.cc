@@ -82,16 +82,16 @@ TEST_P(UcxProcesses, PassesConformanceSuite) {
   for (int r = 0; r < GetParam().world; ++r) EXPECT_EQ(Outcome(r, deadline), "") << "rank " << r;
 }
 
-// Without peer error handling UCX may pick other protocols (CMA zero-copy on
+// With peer error handling UCX picks other protocols (no CMA zero-copy on
 // one host); the contract holds all the same.
-TEST_P(UcxProcesses, PassesConformanceSuiteWithoutPeerErrorHandling) {
-  Launch("conformance-no-peer-errors", absl::Seconds(10));
+TEST_P(UcxProcesses, PassesConformanceSuiteWithPeerErrorHandling) {
+  Launch("conformance-peer-errors", absl::Seconds(10));
   const absl::Time deadline = absl::Now() + absl::Seconds(60);
   for (int r = 0; r < GetParam().world; ++r) EXPECT_EQ(Outcome(r, deadline), "") << "rank " << r;
 }
 
-TEST_P(UcxProcesses, KilledRankFailsSurvivorsWithoutPeerErrorHandling) {
-  KillOneRank("killed-no-peer-errors");
+TEST_P(UcxProcesses, KilledRankFailsSurvivorsWithPeerErrorHandling) {
+  KillOneRank("killed-peer-errors");
 }
 
 TEST_P(UcxProcesses, AbsentRankTimesOutEveryOtherRank) {
