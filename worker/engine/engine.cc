@@ -282,6 +282,15 @@ int64_t Engine::RideAlong() {
   return tokens;
 }
 
+absl::Duration Engine::RestsFor() const {
+  if (!planned_ || !plan_rested_ || running_.empty()) return absl::ZeroDuration();
+  absl::Duration rest = absl::InfiniteDuration();
+  for (const Sequence* seq : running_) {
+    rest = std::min(rest, seq->last_step_at + seq->token_interval - plan_at_);
+  }
+  return std::max(rest, absl::ZeroDuration());
+}
+
 absl::StatusOr<StepResult> Engine::RunPlannedStep(bool run_empty) {
   PlanStep();
   planned_ = false;

@@ -115,6 +115,11 @@ class Engine {
   // and their next tokens then come with it instead of in a step of their own.
   // Returns the plan's tokens; any other plan is kept as it is.
   int64_t RideAlong();
+  // How long the current plan's rest lasts: when it is empty only because
+  // every running sequence rests (pacing), the time from planning until the
+  // first of them falls due; otherwise zero. Idle lockstep ranks wait that
+  // long (within bounds) instead of polling each other every millisecond.
+  absl::Duration RestsFor() const;
   // Applies from the next PlanStep() on (a pending plan is kept). `preempt`
   // is consumed by that plan; the rest stays until replaced.
   void SetStepDirectives(StepDirectives directives);

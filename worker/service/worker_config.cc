@@ -38,6 +38,7 @@ absl::Status WorkerConfig::Validate() const {
   }
   if (heartbeat_max_missed < 0) return absl::InvalidArgumentError("--heartbeat-max-missed: must be >= 0");
   if (idle_wait_us < 0) return absl::InvalidArgumentError("--idle-wait-us: must be >= 0");
+  if (idle_wait_max_us < 0) return absl::InvalidArgumentError("--idle-wait-max-us: must be >= 0");
   if (control_interval <= 0) return absl::InvalidArgumentError("--control-interval: must be positive");
   if (shutdown_grace_ms < 0) return absl::InvalidArgumentError("--shutdown-grace-ms: must be >= 0");
   return telemetry::EnergyMeterOptionsFrom(*this).Validate();

@@ -330,6 +330,7 @@ absl::Status WorkerProcess::StartServing() {
   ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, Engine::Create(model_.get(), engine_options));
   RuntimeOptions runtime_options;
   runtime_options.idle_wait = absl::Microseconds(config_.idle_wait_us);
+  runtime_options.idle_wait_max = absl::Microseconds(config_.idle_wait_max_us);
   runtime_options.control_interval = config_.control_interval;
   runtime_options.expert_parallel = ep_options;
   ASSIGN_OR_RETURN(energy_meter_,

@@ -170,12 +170,17 @@ void WorkerRuntime::Loop() {
     Deliver(r->step);
     if (r->global_tokens == 0) {
       // Nobody had work: pause briefly (or until something arrives) before
-      // the next round, which every rank still runs.
+      // the next round, which every rank still runs. While every rank's
+      // sequences rest (pacing), pause until the first falls due, within
+      // idle_wait_max: a request arriving at another rank meanwhile waits for
+      // this one's next round at most that long.
+      const absl::Duration pause =
+          std::max(options_.idle_wait, std::min(r->rest, options_.idle_wait_max));
       absl::MutexLock lock(&mu_);
       auto wake = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
         return !inbox_.empty() || stop_requested_.load();
       };
-      mu_.AwaitWithTimeout(absl::Condition(&wake), options_.idle_wait);
+      mu_.AwaitWithTimeout(absl::Condition(&wake), pause);
     }
   }
   JOULE_LOG(Info) << "rank " << transport_->rank() << ": step loop ended after " << rounds_

@@ -46,6 +46,8 @@ namespace joule::worker {
 
 struct RuntimeOptions {
   absl::Duration idle_wait = absl::Milliseconds(1);  // pause after a round nobody had work for
+  // Longest pause while every rank's sequences rest (pacing) and not yet due.
+  absl::Duration idle_wait_max = absl::Milliseconds(20);
   int control_interval = 4;                          // rounds between control all-gathers
   ep::ExpertParallelOptions expert_parallel;         // for executors built on placement changes
   // Meters this rank's energy (not owned; outlives the runtime). Null: no

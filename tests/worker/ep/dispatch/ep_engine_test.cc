@@ -488,6 +488,59 @@ TEST(LockstepTest, RestingPacedSequencesRideAlongStepsOtherRanksRun) {
   EXPECT_EQ(global[1], global[0]);
 }
 
+// A round nobody runs because every rank's sequences rest reports how long
+// until the first falls due, over all ranks (rank 2 has no sequences and puts
+// no bound on it); a round where a rank is idle because it has nothing at all
+// reports no rest.
+TEST(LockstepTest, ARoundEveryRankRestsThroughSaysUntilTheFirstIsDue) {
+  const std::string dir = joule::testing::TinyModelDir("qwen3_moe-tiny");
+  auto config = LoadModelConfig(dir);
+  ASSERT_TRUE(config.ok());
+  constexpr int kWorld = 3;
+  auto placement = ContiguousPlacement(kWorld, config->num_layers, config->num_experts);
+  InProcessGroup group(kWorld);
+  std::vector<std::vector<int64_t>> global(kWorld);
+  std::vector<std::vector<absl::Duration>> rest(kWorld);
+  RunRanks(kWorld, [&](int rank) {
+    auto transport = group.Rank(rank);
+    auto model = Model::Load(dir, {.num_threads = 1, .weights = OwnedBy(*placement, rank)});
+    ASSERT_TRUE(model.ok());
+    ExpertParallelExecutor ex(&(*model)->weights(), transport.get(), *placement, (*model)->stream());
+    (*model)->set_expert_executor(&ex);
+    absl::Time now = absl::UnixEpoch();  // this rank's clock, moved by this thread only
+    EngineOptions options = Options();
+    options.clock = [&now] { return now; };
+    auto engine = Engine::Create(model->get(), options);
+    ASSERT_TRUE(engine.ok());
+    if (rank < 2) {
+      GenerationRequest r = Greedy(1 + rank, 4, 3);
+      r.token_interval = absl::Milliseconds(rank == 0 ? 100 : 40);
+      ASSERT_TRUE((*engine)->Add(r).ok());
+    }
+    LockstepStepper stepper(engine->get(), transport.get());
+    // Prefill (each rank's first token), then 10 ms later everyone rests:
+    // rank 1's sequence is due 30 ms after that, rank 0's 90 ms.
+    for (absl::Duration at : {absl::ZeroDuration(), absl::Milliseconds(10)}) {
+      now = absl::UnixEpoch() + at;
+      auto step = stepper.Step();
+      ASSERT_TRUE(step.ok()) << step.status();
+      global[rank].push_back(step->global_tokens);
+      rest[rank].push_back(step->rest);
+    }
+    for (uint64_t id : {1, 2}) (*engine)->Cancel(id);
+    auto step = stepper.Step();  // nobody has sequences: no rest to report
+    ASSERT_TRUE(step.ok()) << step.status();
+    global[rank].push_back(step->global_tokens);
+    rest[rank].push_back(step->rest);
+  });
+  for (int rank = 0; rank < kWorld; ++rank) {
+    EXPECT_EQ(global[rank], (std::vector<int64_t>{8, 0, 0})) << "rank " << rank;
+    EXPECT_EQ(rest[rank], (std::vector<absl::Duration>{absl::ZeroDuration(), absl::Milliseconds(30),
+                                                       absl::ZeroDuration()}))
+        << "rank " << rank;
+  }
+}
+
 TEST(LockstepTest, PlanIsStableAndCancelLeavesIt) {
   auto model = Model::Load(joule::testing::TinyModelDir("qwen3_moe-tiny"), {.num_threads = 1});
   ASSERT_TRUE(model.ok());
