@@ -74,9 +74,13 @@ int main(int argc, char** argv) {
       // Every rank sends the same split, so rank p receives counts[p] from everyone.
       std::vector<size_t> recv_counts(w, counts[a.rank]), recv_offsets(w);
       for (int p = 0; p < w; ++p) recv_offsets[p] = p * counts[a.rank];
-      std::vector<char> send(total, 1), recv(w * counts[a.rank] + 1);
+      // Allocated as the executor allocates its exchange buffers.
+      joule::ep::HostBuffer send = joule::ep::AllocateHostBuffer(total);
+      joule::ep::HostBuffer recv = joule::ep::AllocateHostBuffer(w * counts[a.rank] + 1);
+      std::memset(send.get(), 1, total);
+      std::memset(recv.get(), 0, w * counts[a.rank] + 1);
       auto once = [&] {
-        Check(t.AllToAllV(send.data(), counts.data(), offsets.data(), recv.data(),
+        Check(t.AllToAllV(send.get(), counts.data(), offsets.data(), recv.get(),
                           recv_counts.data(), recv_offsets.data()),
               "all-to-all-v");
       };

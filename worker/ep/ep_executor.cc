@@ -49,13 +49,13 @@ class ExchangeBuffer {
   absl::Status Reserve(size_t bytes, Transport* transport) {
     if (bytes <= capacity_) return absl::OkStatus();
     capacity_ = std::max(bytes, 2 * capacity_);
-    data_.reset(new std::byte[capacity_]);
+    data_ = AllocateHostBuffer(capacity_);
     return transport->RegisterBuffer(data_.get(), capacity_);
   }
   std::byte* data() { return data_.get(); }
 
  private:
-  std::unique_ptr<std::byte[]> data_;
+  HostBuffer data_;
   size_t capacity_ = 0;
 };
 

@@ -1,8 +1,29 @@
 #include "worker/ep/transport.h"
 
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <new>
 #include <vector>
 
 namespace joule::ep {
+
+void FreeHostBuffer::operator()(std::byte* p) const { std::free(p); }
+
+HostBuffer AllocateHostBuffer(size_t bytes) {
+  constexpr size_t kHugePage = size_t{2} << 20;
+  void* p = nullptr;
+  if (bytes < kHugePage) {
+    p = std::malloc(std::max<size_t>(bytes, 1));
+  } else {
+    const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+    p = std::aligned_alloc(kHugePage, rounded);
+    if (p != nullptr) madvise(p, rounded, MADV_HUGEPAGE);
+  }
+  if (p == nullptr) throw std::bad_alloc();
+  return HostBuffer(static_cast<std::byte*>(p));
+}
 
 absl::Status Transport::Barrier() {
   const char token = 0;

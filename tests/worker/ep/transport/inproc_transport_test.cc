@@ -1,4 +1,5 @@
 // The transport conformance suite on InProcessTransport: ranks as threads.
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <thread>
@@ -73,6 +74,21 @@ TEST_P(InProcessFailures, KilledRankFailsSurvivors) {
 
 INSTANTIATE_TEST_SUITE_P(World, InProcessFailures, ::testing::Values(2, 4),
                          [](const auto& info) { return "world" + std::to_string(info.param); });
+
+// Exchange buffers from 2 MiB up start on a 2 MiB boundary (so the kernel can
+// back them with huge pages); smaller ones are plain allocations. All usable.
+TEST(HostBufferTest, LargeBuffersAreHugePageAligned) {
+  for (size_t bytes : {size_t{0}, size_t{1}, size_t{4096}, (size_t{2} << 20) - 1, size_t{2} << 20,
+                       (size_t{5} << 20) + 3}) {
+    HostBuffer b = AllocateHostBuffer(bytes);
+    ASSERT_NE(b.get(), nullptr) << bytes;
+    if (bytes >= (size_t{2} << 20)) {
+      EXPECT_EQ(reinterpret_cast<uintptr_t>(b.get()) % (size_t{2} << 20), 0u) << bytes;
+    }
+    for (size_t i = 0; i < bytes; i += 4096) b[i] = std::byte{1};
+    if (bytes > 0) b[bytes - 1] = std::byte{2};
+  }
+}
 
 }  // namespace
 }  // namespace joule::ep
