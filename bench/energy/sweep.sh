@@ -25,6 +25,12 @@
 #   READY_PATH      polled on the cluster until it answers 200 (/ready: every rank serves)
 #   READY_LOG       ...and until the cluster's output has this line ("serving until Ctrl-C",
 #                   what up.sh prints after its demo requests; empty: do not wait)
+#   SLO_SCALE       multiply every TTFT/TPOT target of SCHEDULER_CONFIG by this number (the
+#                   scaled config goes to OUT/scheduler-config.json and is what the cluster and
+#                   joule-bench use); "auto": by SLO_REFERENCE_TOK_S / this host's batch-1 decode
+#                   tokens/s on the mini model (joule-engine-bench, OUT/engine-bench.json)
+#   SLO_REFERENCE_TOK_S  batch-1 decode tokens/s of the host the config was calibrated on
+#                   (710: mini-slo.json's host, bench/results/engine-qwen3_moe-mini.md of 11-23)
 #   OUT             results directory (bench/results/energy-<date>)
 #   MODEL           the requests' model field (qwen3_moe-mini)
 #   EXTRA_ARGS      more joule-bench flags (--ignore-eos: outputs run to max_tokens)
@@ -53,6 +59,37 @@ READY_LOG="${READY_LOG-serving until Ctrl-C}"
 OUT="${OUT:-$root/bench/results/energy-$(date +%Y%m%d-%H%M%S)}"
 MODEL="${MODEL:-qwen3_moe-mini}"
 EXTRA_ARGS="${EXTRA_ARGS---ignore-eos}"
+SLO_SCALE="${SLO_SCALE:-1}"
+SLO_REFERENCE_TOK_S="${SLO_REFERENCE_TOK_S:-710}"
+mkdir -p "$OUT"
+
+# Host-scaled targets: a host k times slower gets k times the TTFT/TPOT targets.
+if [ "$SLO_SCALE" = auto ]; then
+  mini="$BUILD/models/qwen3_moe-mini"
+  [ -f "$mini/config.json" ] ||
+    "$BUILD/worker/tools/joule-make-model" --family qwen3_moe --preset mini --out "$mini" >/dev/null
+  "$BUILD/bench/engine/joule-engine-bench" --model "$mini" --batch 1 --decode-steps 32 \
+    --prefill-len 32 --json "$OUT/engine-bench.json" >/dev/null
+  SLO_SCALE="$(/usr/bin/python3 -c 'import json, sys
+tok_s = json.load(open(sys.argv[1]))["decode"]["1"]["tokens_per_s"]
+print("%.3f" % (float(sys.argv[2]) / tok_s))' "$OUT/engine-bench.json" "$SLO_REFERENCE_TOK_S")"
+  echo "[sweep] batch-1 decode here vs the calibration host's $SLO_REFERENCE_TOK_S tokens/s: SLO_SCALE=$SLO_SCALE" >&2
+fi
+if [ "$SLO_SCALE" != 1 ]; then
+  /usr/bin/python3 - "$SCHEDULER_CONFIG" "$SLO_SCALE" "$OUT/scheduler-config.json" <<'PY'
+import json, sys
+config, scale = json.load(open(sys.argv[1])), float(sys.argv[2])
+if scale <= 0:
+    sys.exit("SLO_SCALE must be positive, got %s" % sys.argv[2])
+for tier in config.get("tiers", {}).values():
+    for key in ("ttft_ms", "tpot_ms"):
+        if tier.get(key):
+            tier[key] = round(tier[key] * scale, 1)
+json.dump(config, open(sys.argv[3], "w"), indent=1)
+PY
+  SCHEDULER_CONFIG="$OUT/scheduler-config.json"
+  echo "[sweep] targets x$SLO_SCALE: $SCHEDULER_CONFIG" >&2
+fi
 
 # joule-bench judges attainment by the same targets the scheduler aims for.
 slo_flags="$(/usr/bin/python3 - "$SCHEDULER_CONFIG" <<'PY'
@@ -67,7 +104,6 @@ PY
 
 bench="$BUILD/bench/energy/joule-bench"
 [ -x "$bench" ] || { echo "no $bench: build the joule-bench target first" >&2; exit 1; }
-mkdir -p "$OUT"
 url="http://127.0.0.1:$PORT"
 cluster_pid=""
 
