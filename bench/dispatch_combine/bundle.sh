@@ -7,6 +7,7 @@
 #   bench/dispatch_combine/bundle.sh [BUILD_DIR]     (default build/default)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+source deploy/local/common.sh  # joule_carry_libs
 B=${1:-build/default}
 cmake --build "$B" -j"$(nproc)" --target joule-transport-bench joule-dispatch-combine-bench \
   joule-mpi-alltoallv-bench
@@ -22,10 +23,7 @@ cp -r /usr/share/openmpi .bench/ompi/share/
 cp -r "$A/pmix2/lib/pmix" .bench/pmix2/lib/ && cp -r "$A/pmix2/share/pmix" .bench/pmix2/share/
 cp -r "$A/ucx" .bench/lib/ucx  # UCX loads its transports from <dir of libucs>/ucx
 find .bench/lib/ucx -name '*.a' -delete
-# Every library the binaries and plugins resolve, outside glibc/libstdc++.
-find .bench/bin .bench/ompi .bench/pmix2 .bench/lib/ucx -type f -name '*' | while read -r f; do
-  ldd "$f" 2>/dev/null || true; done | awk '$3 ~ /^\// {print $3}' | sort -u |
-  grep -Ev '/(libc|libm|libdl|libpthread|librt|libgcc_s|libstdc\+\+)\.so' |
-  xargs -r -I{} cp -L {} .bench/lib/
+mapfile -t carried < <(find .bench/bin .bench/ompi .bench/pmix2 .bench/lib/ucx -type f)
+joule_carry_libs .bench/lib "${carried[@]}"
 grep -qx '/.bench/' .git/info/exclude 2>/dev/null || echo '/.bench/' >> .git/info/exclude
 du -sh .bench

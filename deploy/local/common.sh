@@ -48,3 +48,14 @@ joule_build() {
   joule_log "building with $(nproc) jobs"
   cmake --build --preset "$preset" -j "$(nproc)"
 }
+
+# Copies into DEST every shared library the given binaries and plugins resolve here, except
+# glibc, libstdc++/libgcc and CUDA's (the other machine has its own): what a Debian build needs
+# on a machine without our packages (tests/gpu/bundle.sh, bench/dispatch_combine/bundle.sh).
+joule_carry_libs() {
+  local dest="$1"
+  shift
+  for f in "$@"; do ldd "$f" 2>/dev/null || true; done | awk '$3 ~ /^\// {print $3}' | sort -u |
+    grep -Ev '/usr/local/cuda|/(libc|libm|libdl|libpthread|librt|libgcc_s|libstdc\+\+)\.so' |
+    xargs -r -I{} cp -L {} "$dest/"
+}

@@ -8,6 +8,7 @@
 #   tests/gpu/bundle.sh [BUILD_DIR]        (default build/default; builds the targets it needs)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+source deploy/local/common.sh  # joule_carry_libs
 B=${1:-build/default}
 targets=(cuda_kernels_test nccl_transport_test energy_meter_test joule_fake_nvml
          joule-energy-probe joule-make-model)
@@ -16,10 +17,7 @@ rm -rf .gpu && mkdir -p .gpu/bin .gpu/lib .gpu/models
 cp "$B/tests/kernels/cuda/cuda_kernels_test" "$B/tests/worker/ep/transport/nccl_transport_test" \
    "$B/tests/worker/telemetry/energy_meter_test" "$B/tests/worker/telemetry/libjoule_fake_nvml.so" \
    "$B/worker/telemetry/joule-energy-probe" "$B/worker/tools/joule-make-model" .gpu/bin/
-# Everything resolved outside glibc/libstdc++ and CUDA travels.
-for f in .gpu/bin/*; do ldd "$f"; done | awk '$3 ~ /^\// {print $3}' | sort -u |
-  grep -Ev '/usr/local/cuda|/(libc|libm|libdl|libpthread|librt|libgcc_s|libstdc\+\+)\.so' |
-  xargs -r -I{} cp -L {} .gpu/lib/
+joule_carry_libs .gpu/lib .gpu/bin/*
 # The fake NVML's path is compiled into energy_meter_test; run.sh recreates it there.
 realpath "$B/tests/worker/telemetry" > .gpu/fake_nvml_dir
 cp -r "$B"/models/{qwen3_moe,qwen2_moe,mixtral}-tiny .gpu/models/
