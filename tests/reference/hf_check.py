@@ -24,8 +24,8 @@ import json
 import os
 import sys
 
-SKIP_RETURN_CODE = 77
-GREEDY_TIE_MARGIN = 1e-3
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import reference  # noqa: E402  (same directory: the fixtures' greedy near-tie rule, the prompts)
 
 try:
     import torch
@@ -71,28 +71,11 @@ def hf_greedy(model, ids, steps):
     return out, margins
 
 
-def greedy_agrees(got, want, margins):
-    """Equal up to the first step whose margin is a near-tie (where either pick is legitimate)."""
-    n = next((i for i, m in enumerate(margins) if m < GREEDY_TIE_MARGIN), len(want))
-    return got[:n + 1] == want[:n + 1] or got[:n] == want[:n]
-
-
 def check_prompts(label, model, prompts, atol, log):
-    """prompts: dicts with ids, logit_positions, logits, greedy, greedy_margins. Returns failures."""
-    failures, worst = [], 0.0
-    for pi, p in enumerate(prompts):
-        got = hf_logits(model, p["ids"])[p["logit_positions"]]
-        want = torch.as_tensor(p["logits"], dtype=torch.float32)
-        if got.shape != want.shape:
-            failures.append(f"{label} prompt {pi}: logits shape {list(got.shape)} != {list(want.shape)}")
-            continue
-        diff = float((got - want).abs().max())
-        worst = max(worst, diff)
-        if not diff <= atol:
-            failures.append(f"{label} prompt {pi} (len {len(p['ids'])}): max |logit diff| {diff:.3g} > {atol:g}")
-        gen, _ = hf_greedy(model, p["ids"], len(p["greedy"]))
-        if not greedy_agrees(gen, p["greedy"], p["greedy_margins"]):
-            failures.append(f"{label} prompt {pi}: transformers greedy {gen} != {p['greedy']}")
+    """transformers against recorded prompts (reference.compare_prompts). Returns failures."""
+    failures, worst = reference.compare_prompts(lambda ids: hf_logits(model, ids),
+                                                lambda ids, n: hf_greedy(model, ids, n)[0], prompts, atol)
+    failures = [f"{label} {f}" for f in failures]
     print(f"{label}: max |logit diff| {worst:.2e} over {len(prompts)} prompts "
           f"({'ok' if not failures else 'FAIL'})", file=log)
     return failures
@@ -118,9 +101,6 @@ def cmd_fixtures(args, log):
 
 
 def cmd_compare(args, log):
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import reference  # noqa: E402  (same directory)
-
     failures = []
     for model_dir in args.model:
         model, problems = load_hf(model_dir)
@@ -151,7 +131,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if torch is None:
         print(f"SKIP: transformers/torch are not importable by {sys.executable}: {_IMPORT_ERROR}")
-        return SKIP_RETURN_CODE
+        return reference.SKIP_RETURN_CODE
     torch.backends.cuda.matmul.allow_tf32 = False  # everything runs on the CPU in float32 anyway
     print(f"transformers {transformers.__version__}, torch {torch.__version__}")
     failures = (cmd_fixtures if args.cmd == "fixtures" else cmd_compare)(args, sys.stdout)

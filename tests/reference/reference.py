@@ -705,6 +705,35 @@ def make_golden(model_dir, name, out_path, source, max_bytes=1_500_000):
     return size
 
 
+def greedy_agrees(got, want, margins):
+    """Greedy ids equal up to the first near-tie (margin < GREEDY_TIE_MARGIN): past it a
+    legitimate last-bit difference (other BLAS, other CPU, other code) may pick the other token."""
+    n = next((i for i, m in enumerate(margins) if m < GREEDY_TIE_MARGIN), len(want))
+    return got[:n + 1] == want[:n + 1] or got[:n] == want[:n]
+
+
+def compare_prompts(logits_fn, greedy_fn, prompts, atol):
+    """An implementation's logits (logits_fn(ids) -> [T, vocab]) and greedy ids
+    (greedy_fn(ids, steps)) against recorded prompts (dicts with ids, logit_positions, logits,
+    greedy, greedy_margins). Returns (failure strings, worst max |logit diff|)."""
+    failures, worst = [], 0.0
+    with torch.no_grad():
+        for pi, p in enumerate(prompts):
+            got = logits_fn(p["ids"])[p["logit_positions"]]
+            want = torch.as_tensor(p["logits"], dtype=torch.float32)
+            if got.shape != want.shape:
+                failures.append(f"prompt {pi}: logits shape {list(got.shape)} != {list(want.shape)}")
+                continue
+            diff = float((got - want).abs().max())
+            worst = max(worst, diff)
+            if not diff <= atol:
+                failures.append(f"prompt {pi} (len {len(p['ids'])}): max |logit diff| {diff:.3g} > {atol:g}")
+            gen = greedy_fn(p["ids"], len(p["greedy"]))
+            if not greedy_agrees(gen, p["greedy"], p["greedy_margins"]):
+                failures.append(f"prompt {pi}: greedy {gen} != {p['greedy']}")
+    return failures, worst
+
+
 def check_fixture(model_dir, fixture_path, atol, log=sys.stdout):
     """Regenerates a fixture's logits and greedy ids and compares. Returns list of failure strings."""
     with open(fixture_path) as f:
@@ -718,25 +747,8 @@ def check_fixture(model_dir, fixture_path, atol, log=sys.stdout):
     if doc.get("architecture") != model.config.architecture:
         failures.append(f"architecture {model.config.architecture} != fixture {doc.get('architecture')}")
         return failures
-    worst = 0.0
-    with torch.no_grad():
-        for pi, p in enumerate(doc["prompts"]):
-            lg = model.logits(p["ids"])
-            ref = torch.tensor(p["logits"], dtype=torch.float32)
-            got = lg[p["logit_positions"]]
-            if got.shape != ref.shape:
-                failures.append(f"prompt {pi}: logits shape {list(got.shape)} != fixture {list(ref.shape)}")
-                continue
-            diff = float((got - ref).abs().max())
-            worst = max(worst, diff)
-            if not diff <= atol:
-                failures.append(f"prompt {pi} (len {len(p['ids'])}): max |logit diff| {diff:.3g} > {atol:g}")
-            gen, _ = model.greedy(p["ids"], len(p["greedy"]))
-            # Compare greedy ids up to the first near-tie (margin < GREEDY_TIE_MARGIN): past it a
-            # legitimate last-bit difference (other BLAS, other CPU) may pick the other token.
-            n = next((i for i, m in enumerate(p["greedy_margins"]) if m < GREEDY_TIE_MARGIN), len(gen))
-            if gen[:n + 1] != p["greedy"][:n + 1] and gen[:n] != p["greedy"][:n]:
-                failures.append(f"prompt {pi}: greedy {gen} != fixture {p['greedy']}")
+    failures, worst = compare_prompts(model.logits, lambda ids, n: model.greedy(ids, n)[0],
+                                      doc["prompts"], atol)
     print(f"{os.path.basename(model_dir)} vs {os.path.basename(fixture_path)}: max |logit diff| "
           f"{worst:.2e} ({'ok' if not failures else 'FAIL'}){note}", file=log)
     return failures
