@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# End-to-end: deploy/local/up.sh (the README's first command) without its
+# install and build steps: a coordinator and workers on the built-in tiny
+# model, one answer per tier, each worker with its share of the cores; bad
+# flags exit 2 naming the flag.
+#   up_e2e.sh BUILD_DIR
+set -euo pipefail
+BUILD="$1"
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+up="$root/deploy/local/up.sh"
+out="$(mktemp)"
+trap 'rm -f "$out"' EXIT
+fail() { echo "FAIL: $*" >&2; cat "$out" >&2; exit 1; }
+
+run_up() { JOULE_BUILD_DIR="$BUILD" timeout 100 "$up" --no-build "$@" >"$out" 2>&1; }
+
+# Bad flags: exit 2 before anything starts, the message naming the flag.
+for bad in "--workers 0" "--workers two" "--worker-threads -1" "--bogus"; do
+  # shellcheck disable=SC2086  # each case is a list of arguments
+  rc=0; run_up $bad || rc=$?
+  [ "$rc" = 2 ] || fail "up.sh $bad: exit $rc, want 2"
+  grep -q -- "${bad%% *}" "$out" || fail "up.sh $bad: message does not name ${bad%% *}"
+done
+
+check_threads() {  # WANT: every worker's logged configuration says --threads=WANT
+  local logs n
+  logs="$(sed -n 's/.*logs were in \(.*\)$/\1/p' "$out" | tail -1)"
+  [ -d "$logs" ] || fail "up.sh printed no logs directory"
+  n=$({ grep -l -- "--threads=$1\$" "$logs"/worker*.log || true; } | wc -l)
+  [ "$n" = "$2" ] || fail "$n of $2 workers logged --threads=$1 ($logs)"
+  rm -rf "$logs"
+}
+
+run_up --once --port 0 --grpc-port 0 || fail "up.sh --once exited $?"
+for tier in fast priority default flex; do
+  grep -Eq "^  $tier: +\[$tier, [0-9]+\+[0-9]+ tokens, " "$out" || fail "no answer for tier $tier"
+done
+grep -q "OpenAI-compatible API: http://127.0.0.1:[0-9]*/v1" "$out" || fail "no API address printed"
+cores=$(nproc)
+want=$((cores / 2)); [ "$want" -ge 1 ] || want=1
+check_threads "$want" 2
+
+# An explicit count wins (3 workers: the default would give each cores / 3).
+run_up --once --port 0 --grpc-port 0 --workers 3 --worker-threads 1 --max-tokens 4 ||
+  fail "up.sh --workers 3 --worker-threads 1 exited $?"
+check_threads 1 3
+echo "PASS: up.sh served every tier; workers got $want of $cores cores each by default"
