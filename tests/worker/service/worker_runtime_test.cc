@@ -151,7 +151,10 @@ TEST(WorkerRuntime, StepEnergyIsChargedToRequestsByTokenShareAndAddsUpToTheMeter
                          testing_util::SmallEngine(), {&m0, &m1});
   cluster.StartAll();
   Collector a, b;
-  ASSERT_TRUE(cluster.runtime(0).Submit("a", {.prompt = Prompt(12, 1), .sampling = Greedy(6)},
+  // a has the longer prompt and 4 more tokens: b, submitted right after it,
+  // cannot outlast it, so b never runs a step alone (with the same lengths it
+  // could: a prefilled alone, then b decoded its last token alone).
+  ASSERT_TRUE(cluster.runtime(0).Submit("a", {.prompt = Prompt(12, 1), .sampling = Greedy(10)},
                                         a.callbacks()).ok());
   ASSERT_TRUE(cluster.runtime(0).Submit("b", {.prompt = Prompt(3, 2), .sampling = Greedy(6)},
                                         b.callbacks()).ok());
@@ -159,11 +162,13 @@ TEST(WorkerRuntime, StepEnergyIsChargedToRequestsByTokenShareAndAddsUpToTheMeter
   ASSERT_TRUE(b.WaitDone());
   const RequestOutcome oa = a.outcome(), ob = b.outcome();
   EXPECT_EQ(oa.energy_source, "ticks");
-  // Each request took part in at least its 6 steps, each worth at most 1 J.
+  // Each request took part in at least its 10 or 6 steps, each worth at most 1 J.
   EXPECT_GT(oa.energy_joules, 0);
   EXPECT_GT(ob.energy_joules, 0);
-  EXPECT_LE(oa.energy_joules + ob.energy_joules, 12.0 + 1e-9);
-  // The longer prompt paid more for the steps both shared (its prefill chunk).
+  EXPECT_LE(oa.energy_joules + ob.energy_joules, 16.0 + 1e-9);
+  // b shared every step it ran in with a, each split by token share: a paid
+  // more (the larger share of the prefill, half of each shared decode step,
+  // all of its own last steps).
   EXPECT_GT(oa.energy_joules, ob.energy_joules);
   // Past the first power window (1 s) of idle rounds, which the meter also charges.
   absl::SleepFor(absl::Milliseconds(1200));
@@ -197,7 +202,7 @@ TEST(WorkerRuntime, StepEnergyIsChargedToRequestsByTokenShareAndAddsUpToTheMeter
     EXPECT_DOUBLE_EQ(st.energy_joules, 1.0);
     EXPECT_GT(st.duration, absl::ZeroDuration());
   }
-  EXPECT_EQ(tokens, 12 + 3 + 5 + 5);  // both prefills, then 5 decodes each
+  EXPECT_EQ(tokens, 12 + 3 + 9 + 5);  // both prefills, then 9 and 5 decodes
   EXPECT_NEAR(joules, s0.energy_attributed_joules, 1e-9);
   EXPECT_TRUE(cluster.runtime(1).TakeStepSamples().empty()) << "rank 1 had no tokens of its own";
   EXPECT_TRUE(cluster.runtime(0).TakeStepSamples().empty()) << "each step is taken once";
