@@ -31,10 +31,9 @@ absl::Status UcsError(absl::string_view call, ucs_status_t status) {
       absl::StrCat("ucx transport: ", call, " failed: ", ucs_status_string(status)));
 }
 
-// Waiting for a collective: spin (yielding) this long without progress,
-// then sleep in naps of an eighth of the time waited so far (within these
-// bounds), so a nap adds at most about an eighth to any wait.
-constexpr absl::Duration kSpinBeforeNaps = absl::Microseconds(500);
+// Waiting for a collective: after UcxOptions::spin_before_naps, naps of an
+// eighth of the time waited so far (within these bounds), so a nap adds at
+// most about an eighth to any wait.
 constexpr absl::Duration kMinNap = absl::Microseconds(10);
 constexpr absl::Duration kMaxNap = absl::Milliseconds(1);
 
@@ -322,7 +321,7 @@ class UcxTransportImpl final : public UcxTransport {
       // after that (its expert GEMMs, an idle round's pause) is waited for
       // in naps: spinning through it would burn a core for nothing.
       const absl::Duration waited = now - idle_since;
-      if (waited < kSpinBeforeNaps) {
+      if (waited < ucx_.spin_before_naps) {
         sched_yield();
       } else {
         absl::SleepFor(std::clamp(waited / 8, kMinNap, kMaxNap));
@@ -441,6 +440,9 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(int rank, int
   }
   if (options.timeout <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("ucx transport: timeout must be positive");
+  }
+  if (ucx.spin_before_naps < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("ucx transport: spin_before_naps must not be negative");
   }
   auto transport = std::make_unique<UcxTransportImpl>(rank, world_size, options, ucx);
   if (absl::Status s = transport->Init(); !s.ok()) return s;

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "worker/ep/transport.h"
 
 namespace joule::ep {
@@ -27,6 +28,10 @@ struct UcxOptions {
   // (ucx_transport_test's Killed* cases). Kept for UCX versions whose
   // shared-memory keepalive does report a dead peer.
   bool peer_error_handling = false;
+  // Waiting for a peer in a collective: spin (yielding) this long without
+  // progress, then sleep in naps of an eighth of the time waited so far. The
+  // spin is CPU time, which energy meters charge; the naps add latency.
+  absl::Duration spin_before_naps = absl::Microseconds(500);
 };
 
 class UcxTransport : public Transport {

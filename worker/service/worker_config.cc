@@ -15,6 +15,9 @@ absl::Status WorkerConfig::Validate() const {
     return absl::InvalidArgumentError(
         absl::StrCat("--metrics-port: must be in [0, 65535] or -1 (off), got ", metrics_port));
   }
+  if (ucx_spin_us < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--ucx-spin-us: must be >= 0, got ", ucx_spin_us));
+  }
   if (threads < 0) return absl::InvalidArgumentError(absl::StrCat("--threads: must be >= 0, got ", threads));
   if (kv_cache_mb <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("--kv-cache-mb: must be positive, got ", kv_cache_mb));

@@ -39,6 +39,8 @@ namespace joule::worker {
   X(int64_t, idle_wait_us, 1000, "pause after a lockstep round in which no rank had work")        \
   X(int64_t, idle_wait_max_us, 20000,                                                              \
     "longest pause while every rank's paced sequences rest (delays another rank's new request)")  \
+  X(int64_t, ucx_spin_us, 500,                                                                    \
+    "waiting for a peer: spin this long before sleeping in naps (CPU time against latency)")     \
   X(int, control_interval, 4, "lockstep rounds between control exchanges (placement, stop)")      \
   X(int64_t, shutdown_grace_ms, 2000, "time given to streams to end at shutdown")                 \
   X(std::string, device, "cpu", "device reported at registration")                                \

@@ -264,7 +264,9 @@ absl::Status WorkerProcess::ConnectPeers() {
   ep::UcxTransport* ucx = nullptr;
   if (config_.transport == "ucx") {
     ASSIGN_OR_RETURN(std::unique_ptr<ep::UcxTransport> t,
-                     ep::UcxTransport::Create(rank_, world_size_, transport_options));
+                     ep::UcxTransport::Create(
+                         rank_, world_size_, transport_options,
+                         {.spin_before_naps = absl::Microseconds(config_.ucx_spin_us)}));
     ucx = t.get();
     request.set_transport_address(t->address());
     transport_ = std::move(t);

@@ -57,6 +57,9 @@ TEST(WorkerConfigTest, ErrorsNameTheFlag) {
               HasSubstr("unknown flag --bogus"));
   EXPECT_THAT(std::string(Parse({"--coordinator", "c:1", "--model", "/m", "--rank"}).status().message()),
               HasSubstr("--rank: missing value"));
+  EXPECT_THAT(std::string(Parse({"--coordinator", "c:1", "--model", "/m", "--ucx-spin-us", "-1"})
+                              .status().message()),
+              HasSubstr("--ucx-spin-us: must be >= 0"));
   EXPECT_EQ(Parse({"--help"}).status().code(), absl::StatusCode::kCancelled);
 }
 

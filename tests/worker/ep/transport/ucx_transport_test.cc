@@ -158,6 +158,8 @@ TEST(UcxTransport, RejectsBadArguments) {
   EXPECT_TRUE(absl::IsInvalidArgument(UcxTransport::Create(-1, 2).status()));
   EXPECT_TRUE(absl::IsInvalidArgument(UcxTransport::Create(0, 0).status()));
   EXPECT_TRUE(absl::IsInvalidArgument(UcxTransport::Create(0, 1, {.timeout = absl::ZeroDuration()}).status()));
+  EXPECT_TRUE(absl::IsInvalidArgument(
+      UcxTransport::Create(0, 1, {}, {.spin_before_naps = absl::Microseconds(-1)}).status()));
   auto t = UcxTransport::Create(0, 2);
   ASSERT_TRUE(t.ok()) << t.status();
   EXPECT_FALSE((*t)->address().empty());
