@@ -231,10 +231,12 @@ int main(int argc, char** argv) {
       // Resident bytes per rank at this point: x and out (F32); per routed
       // row the dispatch send buffer (BF16 + id) and the combined F32 copy,
       // and, with the doubled headroom the warm-up gives them (below), the
-      // receive buffer and the grouped and expert-output F32 copies. Skip
-      // the point where all ranks would need more than --mem-fraction of
-      // MemAvailable (the host is shared).
-      const double need = double(tokens) * hidden * (8.0 + K * (2 + 4 + 1.8 * (2 + 4 + 4))) * W;
+      // receive buffer and the grouped F32 copy, plus the expert outputs
+      // (F32, one row per token and rank it reaches). Skip the point where
+      // all ranks would need more than --mem-fraction of MemAvailable (the
+      // host is shared).
+      const double need = double(tokens) * hidden *
+                          (8.0 + K * (2 + 4 + 1.8 * (2 + 4)) + 1.8 * 4 * std::min(W, K)) * W;
       int skip = need > a.mem_fraction * double(MemAvailable()) ? 1 : 0;
       std::vector<int> skips(W);
       Check(t.AllGather(&skip, sizeof(int), skips.data()), "all-gather");

@@ -88,23 +88,41 @@ void LaunchGroupedGemm(const GroupedGemmParams& p, CpuStream stream) {
   }
   if (groups.empty()) return;
   const GemmBlockFn fn = SelectBlockFn();
+  GemmBlock proto;
+  proto.x = p.x;
+  proto.ldx = p.k;
+  proto.w_bf16 = bf16;
+  proto.k = p.k;
+  proto.y = p.y;
+  proto.ldy = p.n;
+  const auto run = [&](GemmBlock& b, int g, int64_t col_item) {
+    b.w = p.w[g];
+    b.m0 = p.row_offsets[g];
+    b.m1 = p.row_offsets[g + 1];
+    b.n0 = col_item * cols;
+    b.n1 = std::min(p.n, b.n0 + cols);
+    fn(b);
+  };
+  if (p.y_rows != nullptr) {
+    // Scatter-add: rows of different groups may meet in one y row, so a work
+    // item owns a column block across every group (no two threads write the
+    // same element) and adds the groups in order.
+    proto.y_rows = p.y_rows;
+    proto.row_scale = p.row_scale;
+    proto.accumulate = true;
+    ParallelFor(stream, col_items, 1, [&](int64_t begin, int64_t end) {
+      GemmBlock b = proto;
+      for (int64_t item = begin; item < end; ++item) {
+        for (int g : groups) run(b, g, item);
+      }
+    });
+    return;
+  }
   ParallelFor(stream, static_cast<int64_t>(groups.size()) * col_items, 1,
               [&](int64_t begin, int64_t end) {
-                GemmBlock b;
-                b.x = p.x;
-                b.ldx = p.k;
-                b.w_bf16 = bf16;
-                b.k = p.k;
-                b.y = p.y;
-                b.ldy = p.n;
+                GemmBlock b = proto;
                 for (int64_t item = begin; item < end; ++item) {
-                  const int g = groups[item / col_items];
-                  b.w = p.w[g];
-                  b.m0 = p.row_offsets[g];
-                  b.m1 = p.row_offsets[g + 1];
-                  b.n0 = (item % col_items) * cols;
-                  b.n1 = std::min(p.n, b.n0 + cols);
-                  fn(b);
+                  run(b, groups[item / col_items], item % col_items);
                 }
               });
 }

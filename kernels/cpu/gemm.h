@@ -29,7 +29,14 @@ struct GroupedGemmParams {
   int64_t n = 0;
   const void* const* w = nullptr;      // [num_groups] pointers to [n, k]
   WeightType w_type = WeightType::kBF16;
-  float* y = nullptr;                  // [total_rows, n]
+  float* y = nullptr;                  // [total_rows, n], or with y_rows [max(y_rows) + 1, n]
+  // Optional weighted scatter-add (an MoE combine fused into the down
+  // projection): row r of the product is multiplied by row_scale[r] (when
+  // given) and added into row y_rows[r] of y, which the caller initialized.
+  // Several rows may name the same y row; each y row then receives its terms
+  // in group order, whatever the thread count, so results are deterministic.
+  const int32_t* y_rows = nullptr;     // [total_rows]
+  const float* row_scale = nullptr;    // [total_rows]; only with y_rows
 };
 
 void LaunchGroupedGemm(const GroupedGemmParams& p, CpuStream stream);

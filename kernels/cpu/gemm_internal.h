@@ -6,6 +6,8 @@
 namespace joule::kernels::cpu {
 
 // Computes y[m0:m1, n0:n1] = x[m0:m1, :] . W[n0:n1, :]^T (+ bias) (+ y if accumulate).
+// With y_rows, row r of the product goes to row y_rows[r] of y instead of row r,
+// scaled by row_scale[r] when given (a weighted scatter-add with accumulate).
 // Plain types only: this crosses from ISA-specific translation units.
 struct GemmBlock {
   const float* x = nullptr;  // row r at x + r * ldx
@@ -17,6 +19,8 @@ struct GemmBlock {
   float* y = nullptr;        // row r at y + r * ldy
   int64_t ldy = 0;
   bool accumulate = false;
+  const int32_t* y_rows = nullptr;
+  const float* row_scale = nullptr;
   int64_t m0 = 0, m1 = 0, n0 = 0, n1 = 0;
 };
 

@@ -73,11 +73,14 @@ inline void GemmTile(const GemmBlock& b, int64_t m, int64_t n) {
 
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
-    float* y = b.y + (m + i) * b.ldy + n;
+    const int64_t row = b.y_rows != nullptr ? b.y_rows[m + i] : m + i;
+    const float scale = b.row_scale != nullptr ? b.row_scale[m + i] : 1.0f;
+    float* y = b.y + row * b.ldy + n;
 #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
       float r = V::ReduceAdd(acc[i][j]);
       if (b.bias != nullptr) r += b.bias[n + j];
+      if (b.row_scale != nullptr) r *= scale;
       y[j] = b.accumulate ? y[j] + r : r;
     }
   }

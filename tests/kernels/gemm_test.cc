@@ -169,6 +169,77 @@ TEST_P(GemmTest, GroupedMatchesPerGroupReference) {
   }
 }
 
+// The fused MoE combine: rows of several groups scatter-add, weighted, into
+// shared output rows; output rows nobody names keep their value; the sums do
+// not depend on the thread count (each output row adds its terms in group order).
+TEST_P(GemmTest, GroupedScatterAddMatchesWeightedReference) {
+  const int64_t k = 37, n = 53, out_rows = 9;
+  const std::vector<int64_t> rows = {3, 0, 6, 1, 11, 0, 4};
+  std::vector<int64_t> offsets = {0};
+  for (int64_t r : rows) offsets.push_back(offsets.back() + r);
+  const int64_t total = offsets.back();
+  std::vector<int32_t> y_rows(total);
+  for (int64_t r = 0; r < total; ++r) y_rows[r] = static_cast<int32_t>((r * 5) % (out_rows - 1));
+  const auto scale = RandomFloats(total, 21);
+  for (WeightType wt : {WeightType::kBF16, WeightType::kF32}) {
+    SCOPED_TRACE(::testing::Message() << "bf16=" << (wt == WeightType::kBF16));
+    const auto x = RandomFloats(total * k, 22);
+    std::vector<Weights> w;
+    std::vector<const void*> wptr;
+    for (size_t g = 0; g < rows.size(); ++g) {
+      w.push_back(MakeWeights(n, k, wt, 200 + g));
+      wptr.push_back(rows[g] == 0 ? nullptr : w.back().data(wt));
+    }
+    const auto y_before = RandomFloats(out_rows * n, 23);
+    std::vector<float> y = y_before;
+    GroupedGemmParams p;
+    p.num_groups = static_cast<int>(rows.size());
+    p.x = x.data();
+    p.row_offsets = offsets.data();
+    p.k = k;
+    p.n = n;
+    p.w = wptr.data();
+    p.w_type = wt;
+    p.y = y.data();
+    p.y_rows = y_rows.data();
+    p.row_scale = scale.data();
+    LaunchGroupedGemm(p, stream());
+
+    std::vector<double> ref(y_before.begin(), y_before.end()), mag(out_rows * n);
+    for (int64_t i = 0; i < out_rows * n; ++i) mag[i] = std::fabs(y_before[i]);
+    for (size_t g = 0; g < rows.size(); ++g) {
+      for (int64_t r = offsets[g]; r < offsets[g + 1]; ++r) {
+        for (int64_t j = 0; j < n; ++j) {
+          double dot = 0.0, dot_mag = 0.0;
+          for (int64_t kk = 0; kk < k; ++kk) {
+            const double t = static_cast<double>(x[r * k + kk]) * w[g].f32[j * k + kk];
+            dot += t;
+            dot_mag += std::fabs(t);
+          }
+          ref[y_rows[r] * n + j] += scale[r] * dot;
+          mag[y_rows[r] * n + j] += std::fabs(scale[r]) * dot_mag;
+        }
+      }
+    }
+    for (int64_t i = 0; i < out_rows; ++i) {
+      for (int64_t j = 0; j < n; ++j) {
+        if (i == out_rows - 1) {
+          ASSERT_EQ(y[i * n + j], y_before[i * n + j]) << "row " << i << " is named by no row";
+          continue;
+        }
+        // A dot product's bound (see ExpectGemmMatches) plus one rounding per added term.
+        const double tol = (k + 3 + total) * 6e-8 * mag[i * n + j] + 1e-30;
+        ASSERT_NEAR(y[i * n + j], ref[i * n + j], tol) << "row " << i << " col " << j;
+      }
+    }
+    // Bit for bit the same on one thread, whatever this instantiation's pool.
+    std::vector<float> y1 = y_before;
+    p.y = y1.data();
+    LaunchGroupedGemm(p, CpuStream{});
+    EXPECT_EQ(y1, y);
+  }
+}
+
 TEST_P(GemmTest, GroupedWithAllGroupsEmptyWritesNothing) {
   const std::vector<int64_t> offsets = {0, 0, 0};
   const void* w[2] = {nullptr, nullptr};

@@ -70,9 +70,10 @@ class ExchangeBuffer {
 // token order; received rows sit at recv_offsets[p] in source-rank order.
 // The receiver expands each row into one "choice" per expert it names,
 // regroups the choices by expert for the grouped GEMMs, and combines:
-//   BF16 payload: each received row's weighted expert outputs are summed (F32)
-//     on the rank that ran them and one BF16 row goes back per send row; the
-//     source adds its ranks' partial sums.
+//   BF16 payload: each received row's weighted expert outputs are summed (F32,
+//     in expert order, inside the down projection) on the rank that ran them
+//     and one BF16 row goes back per send row; the source adds its ranks'
+//     partial sums.
 //   F32 payload: one unweighted row per choice goes back and the source
 //     un-permutes them in choice order, as the local executor does, so results
 //     stay bit for bit the same.
@@ -100,6 +101,7 @@ struct DispatchLayout {
   std::vector<int32_t> grouped_to_choice;    // grouped row -> choice
   std::vector<int32_t> choice_to_grouped;    // choice -> grouped row
   std::vector<int32_t> grouped_to_row;       // grouped row -> received row
+  std::vector<float> grouped_weight;         // [choices] router weight of each grouped row
 
   int64_t send_rows() const { return send_offsets[world]; }
   int64_t recv_rows() const { return recv_offsets[world]; }
@@ -475,9 +477,24 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
                         .out_type = kc::RowType::kF32, .out_stride_bytes = H * 4,
                         .rows = recv_choices, .hidden = H},
                        stream);
-  down.resize(recv_choices * H);
+  // BF16: the weighted sum per received row is fused into the down
+  // projection, so `down` holds one F32 row per received row, not per choice.
+  if (bf16) {
+    L.grouped_weight.resize(recv_choices);
+    for (int64_t g = 0; g < recv_choices; ++g) {
+      L.grouped_weight[g] = L.choice_weight[L.grouped_to_choice[g]];
+    }
+    // resize, not assign: assign reallocates to the exact size whenever the
+    // row count creeps up, and every fresh allocation page-faults again.
+    down.resize(recv_rows * H);
+    std::fill(down.begin(), down.end(), 0.0f);
+  } else {
+    down.resize(recv_choices * H);
+  }
+  const FusedCombine fused{.rows = L.grouped_to_row.data(), .weights = L.grouped_weight.data()};
   RETURN_IF_ERROR(Annotate(RunGroupedExperts(LW, layer, grouped.data(), L.expert_offsets.data(), E,
-                                             down.data(), &expert_buffers, stream),
+                                             down.data(), &expert_buffers, stream,
+                                             bf16 ? &fused : nullptr),
                            context("experts")));
 
   // (e) Combine: outputs go back in received order, the dispatch layout
@@ -487,17 +504,15 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
   const int64_t self_recv_row = L.recv_offsets[me], self_recv_end = L.recv_offsets[me + 1];
   uint64_t combine_peer_bytes = 0;
   if (bf16) {
-    // One row per received row: its choices' weighted sum, rounded once.
+    // One row per received row: its choices' weighted sum (summed by the
+    // down projection above), rounded once.
     RETURN_IF_ERROR(Annotate(b.Reserve(recv_rows * payload, transport), context("buffers")));
     WriteRowsSplitSelf(recv_rows, self_recv_row, self_recv_end, b.data(), payload,
                        a.data() + self_send * payload,
                        [&](int64_t begin, int64_t end, std::byte* dst) {
-                         kc::LaunchReduceRows(
-                             {.in = down.data(), .in_type = kc::RowType::kF32,
-                              .in_stride_bytes = H * 4,
-                              .offsets = L.row_choice_offsets.data() + begin,
-                              .index = L.choice_to_grouped.data(),
-                              .weights = L.choice_weight.data(), .out = dst,
+                         kc::LaunchGatherRows(
+                             {.in = down.data() + begin * H, .in_type = kc::RowType::kF32,
+                              .in_stride_bytes = H * 4, .out = dst,
                               .out_type = kc::RowType::kBF16,
                               .out_stride_bytes = static_cast<int64_t>(payload),
                               .rows = end - begin, .hidden = H},

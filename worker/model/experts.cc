@@ -31,7 +31,8 @@ void RunMlp(const MlpWeights& mlp, const float* x, int64_t rows, float* out,
 
 absl::Status RunGroupedExperts(const LayerWeights& weights, int layer, const float* x,
                                const int64_t* offsets, int num_experts, float* out,
-                               GroupedExpertBuffers* buffers, kc::CpuStream stream) {
+                               GroupedExpertBuffers* buffers, kc::CpuStream stream,
+                               const FusedCombine* combine) {
   const int E = num_experts;
   auto& w = buffers->w;
   w.assign(3 * E, nullptr);
@@ -66,7 +67,9 @@ absl::Status RunGroupedExperts(const LayerWeights& weights, int layer, const flo
   kc::LaunchGroupedGemm(gg, stream);
   kc::LaunchSiluMul({.gate = gate, .up = up, .out = gate, .n = rows * I}, stream);
   kc::LaunchGroupedGemm({.num_groups = E, .x = gate, .row_offsets = offsets, .k = I, .n = H,
-                         .w = w.data() + 2 * E, .w_type = type, .y = out},
+                         .w = w.data() + 2 * E, .w_type = type, .y = out,
+                         .y_rows = combine != nullptr ? combine->rows : nullptr,
+                         .row_scale = combine != nullptr ? combine->weights : nullptr},
                         stream);
   return absl::OkStatus();
 }

@@ -38,14 +38,24 @@ struct GroupedExpertBuffers {
   std::vector<float> gate, up;
 };
 
+// A weighted combine fused into the down projection: grouped row g is scaled
+// by weights[g] and added into row rows[g] of the output.
+struct FusedCombine {
+  const int32_t* rows = nullptr;   // [offsets[num_experts]]
+  const float* weights = nullptr;  // [offsets[num_experts]]
+};
+
 // Runs each expert's SwiGLU MLP on its rows of x, which are grouped by expert:
 // rows [offsets[e], offsets[e+1]) go through expert e, one grouped GEMM per
-// projection. Writes [offsets[num_experts], hidden] into out. Every expert
-// that has rows must be loaded (FailedPrecondition naming layer and expert).
-// The local and the expert-parallel executors both compute experts here.
+// projection. Writes [offsets[num_experts], hidden] into out; with `combine`,
+// adds into the rows of out it names instead (the caller initializes them;
+// each out row gets its terms in expert order). Every expert that has rows
+// must be loaded (FailedPrecondition naming layer and expert). The local and
+// the expert-parallel executors both compute experts here.
 absl::Status RunGroupedExperts(const LayerWeights& weights, int layer, const float* x,
                                const int64_t* offsets, int num_experts, float* out,
-                               GroupedExpertBuffers* buffers, kernels::cpu::CpuStream stream);
+                               GroupedExpertBuffers* buffers, kernels::cpu::CpuStream stream,
+                               const FusedCombine* combine = nullptr);
 
 // Runs every expert in this process; the reference the EP path must match.
 class LocalExpertExecutor : public ExpertExecutor {
