@@ -1,7 +1,12 @@
 #include "kernels/cpu/thread_pool.h"
 
+#include <sched.h>
+
 #include <algorithm>
 #include <chrono>
+#include <exception>
+#include <fstream>
+#include <sstream>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -44,11 +49,66 @@ bool SpinUntil(Pred done) {
   }
 }
 
+// cpu.max is "max PERIOD" (no limit) or "QUOTA PERIOD" in microseconds.
+int CoresFromCpuMax(const std::string& text) {
+  std::istringstream in(text);
+  std::string quota;
+  int64_t period = 0;
+  if (!(in >> quota >> period) || quota == "max" || period <= 0) return 0;
+  int64_t q = 0;
+  try {
+    q = std::stoll(quota);
+  } catch (const std::exception&) {
+    return 0;
+  }
+  if (q <= 0) return 0;
+  return static_cast<int>(std::max<int64_t>(1, (q + period - 1) / period));
+}
+
+int AffinityCores() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) != 0) return 0;
+  return CPU_COUNT(&set);
+}
+
 }  // namespace
 
+int CgroupCpuLimit(const std::string& proc_self_cgroup, const std::string& cgroup_root) {
+  // cgroup v2 has a single line "0::/PATH"; v1 lines ("N:controllers:/PATH") are ignored.
+  std::istringstream lines(proc_self_cgroup);
+  std::string line, path;
+  while (std::getline(lines, line)) {
+    if (line.rfind("0::", 0) == 0) path = line.substr(3);
+  }
+  if (path.empty() || path[0] != '/') return 0;
+  int limit = 0;
+  for (;;) {
+    std::ifstream f(cgroup_root + path + "/cpu.max");
+    std::stringstream text;
+    if (f) text << f.rdbuf();
+    const int cores = CoresFromCpuMax(text.str());
+    if (cores > 0 && (limit == 0 || cores < limit)) limit = cores;
+    if (path == "/") break;
+    const size_t slash = path.rfind('/');
+    path = slash == 0 ? "/" : path.substr(0, slash);
+  }
+  return limit;
+}
+
+int UsableCores() {
+  int cores = AffinityCores();
+  if (cores <= 0) cores = static_cast<int>(std::thread::hardware_concurrency());
+  std::ifstream f("/proc/self/cgroup");
+  std::stringstream text;
+  if (f) text << f.rdbuf();
+  const int quota = CgroupCpuLimit(text.str(), "/sys/fs/cgroup");
+  if (quota > 0) cores = cores > 0 ? std::min(cores, quota) : quota;
+  return std::max(1, cores);
+}
+
 ThreadPool::ThreadPool(int num_threads)
-    : num_threads_(num_threads > 0 ? num_threads
-                                   : std::max(1, static_cast<int>(std::thread::hardware_concurrency()))) {
+    : num_threads_(num_threads > 0 ? num_threads : UsableCores()) {
   threads_.reserve(num_threads_ - 1);
   for (int i = 1; i < num_threads_; ++i) threads_.emplace_back([this, i] { WorkerLoop(i); });
 }

@@ -8,14 +8,28 @@
 #include <cstdint>
 #include <functional>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
 namespace joule::kernels::cpu {
 
+// The cores this process may use: the CPUs in its affinity mask (taskset,
+// cpusets), further capped by a cgroup v2 CPU quota (cpu.max of its cgroup or
+// an ancestor, rounded up), at least 1. std::thread::hardware_concurrency()
+// counts every CPU of the host, so a container limited to 2 CPUs on a 64-core
+// host would otherwise start 64 spinning threads.
+int UsableCores();
+
+// The cgroup v2 CPU limit in cores (quota / period, rounded up) that applies
+// to the cgroup named in `proc_self_cgroup` (the text of /proc/self/cgroup),
+// with the cgroup2 hierarchy mounted at `cgroup_root`: the smallest cpu.max
+// of it and its ancestors, or 0 when none is set (or none can be read).
+int CgroupCpuLimit(const std::string& proc_self_cgroup, const std::string& cgroup_root);
+
 class ThreadPool {
  public:
-  // num_threads <= 0 means std::thread::hardware_concurrency().
+  // num_threads <= 0 means UsableCores().
   explicit ThreadPool(int num_threads = 0);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;

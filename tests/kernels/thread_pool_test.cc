@@ -1,12 +1,17 @@
 #include "kernels/cpu/thread_pool.h"
 
 #include <gtest/gtest.h>
+#include <sched.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <filesystem>
+#include <fstream>
 #include <mutex>
 #include <set>
+#include <string>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -126,6 +131,68 @@ TEST(ThreadPoolTest, PerCallOverheadIsSmall) {
   RecordProperty("per_call_us", std::to_string(us));
   std::printf("ParallelFor per-call overhead: %.2f us\n", us);
   EXPECT_LT(us, 20.0);
+}
+
+// A fake cgroup2 tree: /a/b in the hierarchy, limits on some levels.
+class CgroupCpuLimitTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    root_ = std::filesystem::path(::testing::TempDir()) /
+            ("cgroup-" + std::to_string(::getpid()) + "-" +
+             ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    std::filesystem::create_directories(root_ / "a" / "b");
+  }
+  void TearDown() override { std::filesystem::remove_all(root_); }
+  void Write(const std::string& rel, const std::string& text) {
+    std::ofstream(root_ / rel) << text;
+  }
+  int Limit(const std::string& proc_self_cgroup) {
+    return CgroupCpuLimit(proc_self_cgroup, root_.string());
+  }
+  std::filesystem::path root_;
+};
+
+TEST_F(CgroupCpuLimitTest, TightestLevelWinsAndQuotaRoundsUp) {
+  Write("a/b/cpu.max", "max 100000\n");
+  Write("a/cpu.max", "250000 100000\n");  // 2.5 cores -> 3
+  Write("cpu.max", "800000 100000\n");
+  EXPECT_EQ(Limit("0::/a/b\n"), 3);
+  Write("a/b/cpu.max", "50000 100000\n");  // half a core -> 1
+  EXPECT_EQ(Limit("0::/a/b\n"), 1);
+  EXPECT_EQ(Limit("0::/\n"), 8);  // a container sees its own cgroup as the root
+}
+
+TEST_F(CgroupCpuLimitTest, NoLimitWhenUnsetUnreadableOrCgroupV1) {
+  EXPECT_EQ(Limit("0::/a/b\n"), 0);  // no cpu.max files at all
+  Write("a/cpu.max", "max 100000\n");
+  EXPECT_EQ(Limit("0::/a/b\n"), 0);
+  Write("a/cpu.max", "lots 100000\n");
+  EXPECT_EQ(Limit("0::/a/b\n"), 0);
+  Write("a/cpu.max", "200000 100000\n");
+  EXPECT_EQ(Limit("12:cpu,cpuacct:/a/b\n"), 0);  // cgroup v1 only: not read
+  EXPECT_EQ(Limit(""), 0);
+  EXPECT_EQ(Limit("11:memory:/x\n0::/a/b\n"), 2);
+}
+
+TEST(UsableCoresTest, FollowsTheAffinityMask) {
+  const int all = UsableCores();
+  EXPECT_GE(all, 1);
+  EXPECT_LE(all, static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  EXPECT_EQ(ThreadPool().num_threads(), all);
+  // Pin this thread (sched_getaffinity(0) reads the calling thread) to one CPU.
+  cpu_set_t saved;
+  ASSERT_EQ(sched_getaffinity(0, sizeof(saved), &saved), 0);
+  int first = 0;
+  while (!CPU_ISSET(first, &saved)) ++first;
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  CPU_SET(first, &one);
+  ASSERT_EQ(sched_setaffinity(0, sizeof(one), &one), 0);
+  const int pinned = UsableCores();
+  const int pool_threads = ThreadPool().num_threads();
+  ASSERT_EQ(sched_setaffinity(0, sizeof(saved), &saved), 0);
+  EXPECT_EQ(pinned, 1);
+  EXPECT_EQ(pool_threads, 1);
 }
 
 }  // namespace

@@ -43,7 +43,7 @@ struct ForwardBatch {
 class Model {
  public:
   struct Options {
-    int num_threads = 0;  // 0: every core
+    int num_threads = 0;  // 0: every usable core (kernels::cpu::UsableCores)
     WeightLoadOptions weights;
   };
 

@@ -25,7 +25,8 @@ namespace joule::worker {
   X(std::string, metrics_port_file, "", "write the metrics port to this file once listening")   \
   X(std::string, advertise_host, "",                                                              \
     "host the coordinator reaches this worker at; empty: the local address facing the coordinator") \
-  X(int, threads, 0, "CPU threads for the forward pass; 0: every core")                           \
+  X(int, threads, 0,                                                                              \
+    "CPU threads for the forward pass; 0: every usable core (CPU affinity, cgroup CPU quota)")    \
   X(int64_t, kv_cache_mb, 256, "KV cache size in MiB")                                            \
   X(int, block_size, 16, "tokens per KV block")                                                   \
   X(int, max_batch_tokens, 512, "tokens per engine step (decode + prefill chunks)")               \
