@@ -135,30 +135,45 @@ TEST_P(GemmTest, MatchesReferenceOnModelSizedShape) {
   ExpectGemmMatches(x.data(), k, w.f32, nullptr, {}, y.data(), n, 0, m, n, k, false);
 }
 
+// Groups of the given row counts over [n, k] weights (seeded seed + group),
+// and LaunchGroupedGemm's parameters for them; an empty group's weights are null.
+struct GroupedCase {
+  std::vector<int64_t> offsets{0};
+  std::vector<Weights> w;
+  std::vector<const void*> wptr;
+  GroupedGemmParams params;
+
+  GroupedCase(const std::vector<int64_t>& rows, int64_t k, int64_t n, WeightType wt,
+              uint32_t seed) {
+    for (int64_t r : rows) offsets.push_back(offsets.back() + r);
+    for (size_t g = 0; g < rows.size(); ++g) {
+      w.push_back(MakeWeights(n, k, wt, seed + g));
+      wptr.push_back(rows[g] == 0 ? nullptr : w.back().data(wt));
+    }
+    params.num_groups = static_cast<int>(rows.size());
+    params.row_offsets = offsets.data();
+    params.k = k;
+    params.n = n;
+    params.w = wptr.data();
+    params.w_type = wt;
+  }
+  GroupedCase(const GroupedCase&) = delete;  // params points into the members
+  int64_t total() const { return offsets.back(); }
+};
+
 TEST_P(GemmTest, GroupedMatchesPerGroupReference) {
   const int64_t k = 45, n = 29;
   // Uneven groups, empty ones included (an empty group's weights may be null).
   const std::vector<int64_t> rows = {0, 5, 0, 17, 1, 40, 0};
-  std::vector<int64_t> offsets = {0};
-  for (int64_t r : rows) offsets.push_back(offsets.back() + r);
-  const int64_t total = offsets.back();
   for (WeightType wt : {WeightType::kBF16, WeightType::kF32}) {
+    GroupedCase c(rows, k, n, wt, 100);
+    const int64_t total = c.total();
+    const auto& offsets = c.offsets;
+    const auto& w = c.w;
     auto x = RandomFloats(total * k, 11);
-    std::vector<Weights> w;
-    std::vector<const void*> wptr;
-    for (size_t g = 0; g < rows.size(); ++g) {
-      w.push_back(MakeWeights(n, k, wt, 100 + g));
-      wptr.push_back(rows[g] == 0 ? nullptr : w.back().data(wt));
-    }
     std::vector<float> y(total * n, std::numeric_limits<float>::quiet_NaN());
-    GroupedGemmParams p;
-    p.num_groups = static_cast<int>(rows.size());
+    GroupedGemmParams p = c.params;
     p.x = x.data();
-    p.row_offsets = offsets.data();
-    p.k = k;
-    p.n = n;
-    p.w = wptr.data();
-    p.w_type = wt;
     p.y = y.data();
     LaunchGroupedGemm(p, stream());
     for (size_t g = 0; g < rows.size(); ++g) {
@@ -175,31 +190,20 @@ TEST_P(GemmTest, GroupedMatchesPerGroupReference) {
 TEST_P(GemmTest, GroupedScatterAddMatchesWeightedReference) {
   const int64_t k = 37, n = 53, out_rows = 9;
   const std::vector<int64_t> rows = {3, 0, 6, 1, 11, 0, 4};
-  std::vector<int64_t> offsets = {0};
-  for (int64_t r : rows) offsets.push_back(offsets.back() + r);
-  const int64_t total = offsets.back();
-  std::vector<int32_t> y_rows(total);
-  for (int64_t r = 0; r < total; ++r) y_rows[r] = static_cast<int32_t>((r * 5) % (out_rows - 1));
-  const auto scale = RandomFloats(total, 21);
   for (WeightType wt : {WeightType::kBF16, WeightType::kF32}) {
     SCOPED_TRACE(::testing::Message() << "bf16=" << (wt == WeightType::kBF16));
+    GroupedCase c(rows, k, n, wt, 200);
+    const int64_t total = c.total();
+    const auto& offsets = c.offsets;
+    const auto& w = c.w;
+    std::vector<int32_t> y_rows(total);
+    for (int64_t r = 0; r < total; ++r) y_rows[r] = static_cast<int32_t>((r * 5) % (out_rows - 1));
+    const auto scale = RandomFloats(total, 21);
     const auto x = RandomFloats(total * k, 22);
-    std::vector<Weights> w;
-    std::vector<const void*> wptr;
-    for (size_t g = 0; g < rows.size(); ++g) {
-      w.push_back(MakeWeights(n, k, wt, 200 + g));
-      wptr.push_back(rows[g] == 0 ? nullptr : w.back().data(wt));
-    }
     const auto y_before = RandomFloats(out_rows * n, 23);
     std::vector<float> y = y_before;
-    GroupedGemmParams p;
-    p.num_groups = static_cast<int>(rows.size());
+    GroupedGemmParams p = c.params;
     p.x = x.data();
-    p.row_offsets = offsets.data();
-    p.k = k;
-    p.n = n;
-    p.w = wptr.data();
-    p.w_type = wt;
     p.y = y.data();
     p.y_rows = y_rows.data();
     p.row_scale = scale.data();
