@@ -5,12 +5,13 @@
 #include <algorithm>
 #include <chrono>
 #include <exception>
-#include <fstream>
 #include <sstream>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
+
+#include "common/file.h"
 
 namespace joule::kernels::cpu {
 namespace {
@@ -84,10 +85,7 @@ int CgroupCpuLimit(const std::string& proc_self_cgroup, const std::string& cgrou
   if (path.empty() || path[0] != '/') return 0;
   int limit = 0;
   for (;;) {
-    std::ifstream f(cgroup_root + path + "/cpu.max");
-    std::stringstream text;
-    if (f) text << f.rdbuf();
-    const int cores = CoresFromCpuMax(text.str());
+    const int cores = CoresFromCpuMax(ReadFile(cgroup_root + path + "/cpu.max").value_or(""));
     if (cores > 0 && (limit == 0 || cores < limit)) limit = cores;
     if (path == "/") break;
     const size_t slash = path.rfind('/');
@@ -99,10 +97,7 @@ int CgroupCpuLimit(const std::string& proc_self_cgroup, const std::string& cgrou
 int UsableCores() {
   int cores = AffinityCores();
   if (cores <= 0) cores = static_cast<int>(std::thread::hardware_concurrency());
-  std::ifstream f("/proc/self/cgroup");
-  std::stringstream text;
-  if (f) text << f.rdbuf();
-  const int quota = CgroupCpuLimit(text.str(), "/sys/fs/cgroup");
+  const int quota = CgroupCpuLimit(ReadFile("/proc/self/cgroup").value_or(""), "/sys/fs/cgroup");
   if (quota > 0) cores = cores > 0 ? std::min(cores, quota) : quota;
   return std::max(1, cores);
 }

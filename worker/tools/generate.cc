@@ -29,7 +29,7 @@ namespace {
   X(float, top_p, 1.0f, "nucleus sampling mass in (0, 1]")                                       \
   X(int, top_k, 0, "sample from the k most likely tokens; 0 disables")                          \
   X(int64_t, seed, -1, "sampling seed; -1: random")                                              \
-  X(int, threads, 0, "CPU threads; 0: every usable core")                                             \
+  X(int, threads, 0, "CPU threads; 0: every usable core")                                        \
   X(bool, ignore_eos, false, "keep generating past end-of-sequence tokens")
 
 struct GenerateFlags {
