@@ -3,7 +3,10 @@
 // evenly over the ranks). Plain MPI and the C++ standard library only.
 //
 //   mpirun -np W joule-mpi-alltoallv-bench --hidden 2048,7168 --tokens 1,..,4096 [--top-k 8]
-//       [--mode alltoallv|dispatch-combine] [--out FILE]
+//       [--mode alltoallv|dispatch-combine] [--self-copy 0|1] [--out FILE]
+//
+// A rank's own share stays out of the exchange (count 0), as in Joule's
+// executor; --self-copy 1 passes it through MPI_Alltoallv as well.
 //
 // --mode dispatch-combine is the baseline for joule-dispatch-combine-bench:
 // one iteration is what ExpertParallelExecutor exchanges for a MoE layer
@@ -40,6 +43,7 @@ int main(int argc, char** argv) {
   MPI_Comm_size(MPI_COMM_WORLD, &w);
   std::vector<int> hidden, tokens;
   int top_k = 8;
+  bool self_copy = false;
   std::string out_path, mode = "alltoallv";
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i], v = argv[i + 1];
@@ -48,6 +52,7 @@ int main(int argc, char** argv) {
     else if (k == "--top-k") top_k = std::atoi(v.c_str());
     else if (k == "--out") out_path = v;
     else if (k == "--mode") mode = v;
+    else if (k == "--self-copy") self_copy = v == "1" || v == "true";
   }
   if (mode != "alltoallv" && mode != "dispatch-combine") {
     if (rank == 0) std::fprintf(stderr, "--mode: alltoallv or dispatch-combine, got %s\n", mode.c_str());
@@ -80,6 +85,9 @@ int main(int argc, char** argv) {
           rcdispl[p] = p * ccount[rank];
         }
         std::vector<char> send(dtotal, 1), recv(long(w) * dcount[rank] + 1, 0);
+        // Buffers and displacements keep room for the own share either way.
+        const long self_bytes = dcount[rank] + ccount[rank];
+        if (!self_copy) dcount[rank] = rdcount[rank] = ccount[rank] = rccount[rank] = 0;
         std::vector<long long> row(w + 2, 1), all_rows(long(w) * (w + 2));
         auto once = [&] {
           MPI_Allgather(row.data(), w + 2, MPI_LONG_LONG, all_rows.data(), w + 2, MPI_LONG_LONG,
@@ -110,13 +118,14 @@ int main(int argc, char** argv) {
         const double median = sorted[iters / 2];
         double mean = 0;
         for (double x : slowest) mean += x / iters;
-        const long to_peers = (dtotal - dcount[rank]) + (ctotal - ccount[rank]);
+        const long to_peers = dtotal + ctotal - self_bytes;
         if (rank == 0) {
           std::fprintf(out,
-                       "{\"impl\":\"mpi-dispatch-combine\",\"ep\":%d,\"hidden\":%d,\"tokens\":%d,"
+                       "{\"impl\":\"mpi-dispatch-combine\",\"self_copy\":%s,\"ep\":%d,\"hidden\":%d,\"tokens\":%d,"
                        "\"top_k\":%d,\"bytes_per_rank\":%ld,\"bytes_per_peer\":%ld,\"iters\":%d,"
                        "\"latency_us_median\":%.2f,\"latency_us_mean\":%.2f,\"algbw_GBps\":%.4f}\n",
-                       w, h, t, top_k, to_peers, long(dcount[(rank + 1) % w]), iters, median, mean,
+                       self_copy ? "true" : "false", w, h, t, top_k, to_peers,
+                       long(dcount[(rank + 1) % w]), iters, median, mean,
                        to_peers / median / 1e3);
           std::fflush(out);
         }
@@ -134,8 +143,11 @@ int main(int argc, char** argv) {
       std::vector<int> rcounts(w, counts[rank]), rdispls(w);
       for (int p = 0; p < w; ++p) rdispls[p] = p * counts[rank];
       std::vector<short> send(total, 1), recv(long(w) * counts[rank] + 1);
+      const long self_elems = counts[rank];
+      std::vector<int> scounts = counts;
+      if (!self_copy) scounts[rank] = rcounts[rank] = 0;
       auto once = [&] {
-        MPI_Alltoallv(send.data(), counts.data(), displs.data(), MPI_SHORT, recv.data(),
+        MPI_Alltoallv(send.data(), scounts.data(), displs.data(), MPI_SHORT, recv.data(),
                       rcounts.data(), rdispls.data(), MPI_SHORT, MPI_COMM_WORLD);
       };
       for (int i = 0; i < 3; ++i) once();
@@ -158,13 +170,14 @@ int main(int argc, char** argv) {
       for (double x : us) mean += x / iters;
       const long bytes_total = total * 2;
       const long per_peer = long(counts[(rank + 1) % w]) * 2;
-      const long to_peers = bytes_total - long(counts[rank]) * 2;
+      const long to_peers = bytes_total - self_elems * 2;
       if (rank == 0) {
         std::fprintf(out,
-                     "{\"impl\":\"mpi-alltoallv\",\"ep\":%d,\"hidden\":%d,\"tokens\":%d,"
+                     "{\"impl\":\"mpi-alltoallv\",\"self_copy\":%s,\"ep\":%d,\"hidden\":%d,\"tokens\":%d,"
                      "\"top_k\":%d,\"bytes_per_rank\":%ld,\"bytes_per_peer\":%ld,\"iters\":%d,"
                      "\"latency_us_median\":%.2f,\"latency_us_mean\":%.2f,\"algbw_GBps\":%.4f}\n",
-                     w, h, t, top_k, bytes_total, per_peer, iters, median, mean,
+                     self_copy ? "true" : "false", w, h, t, top_k, bytes_total, per_peer, iters,
+                     median, mean,
                      to_peers / median / 1e3);
         std::fflush(out);
       }

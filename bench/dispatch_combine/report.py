@@ -151,7 +151,8 @@ def transport_report(raw, out_dir, command):
     res = {"date": datetime.date.today().isoformat(), "command": command, "machine": machine(),
            "definitions": {
                "payload": "tokens_per_rank x top_k x hidden x 2 bytes (BF16) per rank, spread "
-                          "evenly over the EP ranks (own share is a local copy)",
+                          "evenly over the EP ranks; a rank's own share stays out of the "
+                          "exchange (Joule and MPI alike), as the executor packs it in place",
                "latency_us_median": "median of one all-to-all-v (a dispatch; combine moves the "
                                     "same bytes back, so dispatch+combine is about twice it)",
                "algbw_GBps": "bytes a rank sends to other ranks / median latency",
@@ -166,7 +167,9 @@ def transport_report(raw, out_dir, command):
 
     lines = header_lines("# Dispatch/combine benchmark: transport level (all-to-all-v)", res, command)
     lines += ["Payload per rank: tokens x top-k 8 x hidden x 2 bytes (BF16), spread evenly over "
-              "the EP ranks. Latency is the median of one all-to-all-v (dispatch; combine is the "
+              "the EP ranks; a rank's own share stays out of the exchange, for Joule and MPI alike, "
+              "since ExpertParallelExecutor packs those rows straight into its receive buffer "
+              "(until 2026-12-05 both copied it inside the timed call). Latency is the median of one all-to-all-v (dispatch; combine is the "
               "same exchange reversed). algbw = bytes sent to other ranks / latency. Baselines "
               "measured in the same run: ucx_perftest tag_bw at the same per-peer message size "
               "(one pair, unidirectional) and OpenMPI MPI_Alltoallv (pml ob1; vader for shm, tcp "
@@ -240,7 +243,7 @@ def executor_report(raw, out_dir, command):
                                          "MPI does per iteration an MPI_Allgather of the counts "
                                          "and two MPI_Alltoallv (dispatch rows, combine rows) on "
                                          "the same payloads, rows spread evenly, no packing, "
-                                         "slowest rank, median"},
+                                         "own share not exchanged, slowest rank, median"},
            "ratios": ratios, "rows": rows, "skipped": skipped}
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "dispatch_combine-executor.json"), "w") as f:
@@ -273,8 +276,8 @@ def executor_report(raw, out_dir, command):
               "Baselines measured in the same run: ucx_perftest tag_bw at bytes/peer (one pair, "
               "unidirectional, same UCX_TLS) and OpenMPI (pml ob1; vader for shm, tcp over "
               "loopback for tcp) doing an MPI_Allgather of the counts plus the dispatch and the "
-              "combine MPI_Alltoallv on the same payloads (rows spread evenly, no packing), "
-              "slowest rank, median.", ""]
+              "combine MPI_Alltoallv on the same payloads (rows spread evenly, no packing, the own "
+              "share left out as the executor leaves it out), slowest rank, median.", ""]
     if skipped:
         lines += ["Reduced sweep: points skipped because all ranks' buffers would not fit in "
                   "the memory share the benchmark allows itself on this shared host: " + ", ".join(

@@ -2,11 +2,15 @@
 // EP of them; UCX_TLS picks shared memory or TCP).
 //
 //   joule-transport-bench --rank R --world W --dir DIR --hidden 2048,7168
-//       --tokens 1,4,16,64,128,256,1024,4096 [--top-k 8] [--peer-errors] [--out FILE]
+//       --tokens 1,4,16,64,128,256,1024,4096 [--top-k 8] [--peer-errors] [--self-copy]
+//       [--out FILE]
 //
 // Per point: every rank routes tokens x top_k rows of hidden BF16 values
-// spread evenly over the W ranks (its own share is a local copy), as a
-// dispatch with uniform routing would; one all-to-all-v moves them. Combine
+// spread evenly over the W ranks, as a dispatch with uniform routing would;
+// one all-to-all-v moves the shares of the other ranks. A rank's own share
+// stays out of the exchange, as in ExpertParallelExecutor, which packs those
+// rows straight into its receive buffer; --self-copy passes it through
+// AllToAllV as well (a local copy inside the timed call). Combine
 // moves the same bytes back, so dispatch + combine = 2x the latency reported.
 // Rank 0 appends one JSON line per point to FILE (or stdout).
 #include <algorithm>
@@ -33,9 +37,15 @@ using joule::bench::Check;
 using joule::bench::ParseSizeList;
 using joule::bench::Rendezvous;
 
+#define JOULE_TRANSPORT_BENCH_FLAGS(X)                                                     \
+  JOULE_RANK_BENCH_FLAGS(X)                                                                 \
+  X(bool, self_copy, false,                                                                 \
+    "also pass this rank's own share through AllToAllV (a local copy counted in the "       \
+    "latency, not in the bytes); the executor writes it in place")
+
 struct Args {
-  JOULE_RANK_BENCH_FLAGS(JOULE_OPTION_FIELD)
-  std::vector<joule::Option> Options() { return {JOULE_RANK_BENCH_FLAGS(JOULE_OPTION_BIND)}; }
+  JOULE_TRANSPORT_BENCH_FLAGS(JOULE_OPTION_FIELD)
+  std::vector<joule::Option> Options() { return {JOULE_TRANSPORT_BENCH_FLAGS(JOULE_OPTION_BIND)}; }
   absl::Status Validate() const { return joule::bench::ValidateRankFlags(*this); }
 };
 
@@ -74,13 +84,15 @@ int main(int argc, char** argv) {
       // Every rank sends the same split, so rank p receives counts[p] from everyone.
       std::vector<size_t> recv_counts(w, counts[a.rank]), recv_offsets(w);
       for (int p = 0; p < w; ++p) recv_offsets[p] = p * counts[a.rank];
+      std::vector<size_t> send_counts = counts;
+      if (!a.self_copy) send_counts[a.rank] = recv_counts[a.rank] = 0;
       // Allocated as the executor allocates its exchange buffers.
       joule::ep::HostBuffer send = joule::ep::AllocateHostBuffer(total);
       joule::ep::HostBuffer recv = joule::ep::AllocateHostBuffer(w * counts[a.rank] + 1);
       std::memset(send.get(), 1, total);
       std::memset(recv.get(), 0, w * counts[a.rank] + 1);
       auto once = [&] {
-        Check(t.AllToAllV(send.get(), counts.data(), offsets.data(), recv.get(),
+        Check(t.AllToAllV(send.get(), send_counts.data(), offsets.data(), recv.get(),
                           recv_counts.data(), recv_offsets.data()),
               "all-to-all-v");
       };
@@ -110,11 +122,12 @@ int main(int argc, char** argv) {
       const size_t to_peers = total - counts[a.rank];
       if (a.rank == 0) {
         std::fprintf(out,
-                     "{\"impl\":\"joule-ucx\",\"tls\":\"%s\",\"peer_errors\":%s,\"ep\":%d,\"hidden\":%d,\"tokens\":%d,"
+                     "{\"impl\":\"joule-ucx\",\"tls\":\"%s\",\"peer_errors\":%s,\"self_copy\":%s,\"ep\":%d,\"hidden\":%d,\"tokens\":%d,"
                      "\"top_k\":%d,\"bytes_per_rank\":%zu,\"bytes_per_peer\":%zu,\"iters\":%d,"
                      "\"latency_us_median\":%.2f,\"latency_us_mean\":%.2f,"
                      "\"algbw_GBps\":%.4f}\n",
-                     tls ? tls : "default", a.peer_errors ? "true" : "false", w, hidden, tokens, a.top_k, total, per_peer, iters,
+                     tls ? tls : "default", a.peer_errors ? "true" : "false",
+                     a.self_copy ? "true" : "false", w, hidden, tokens, a.top_k, total, per_peer, iters,
                      median, mean, to_peers / median / 1e3);
         std::fflush(out);
       }
