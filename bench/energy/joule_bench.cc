@@ -34,7 +34,7 @@ namespace {
   X(int, max_inflight, 4096, "arrivals beyond this many open requests are dropped (and counted)")     \
   X(uint64_t, seed, 1, "workload seed (arrivals, tiers, lengths, prompts)")                            \
   X(std::string, tier_mix, "standard=1", "tier weights, e.g. fast=0.1,priority=0.2,standard=0.4,batch=0.3") \
-  X(std::string, prompt_len, "fixed:128", "prompt tokens: fixed:N | uniform:MIN:MAX | lognormal:MEDIAN:SIGMA[:MAX]") \
+  X(std::string, prompt_len, "fixed:128", "prompt tokens: fixed:N | uniform:MIN:MAX | lognormal:MEDIAN:SIGMA[:MAX], then optional per-tier overrides ,TIER=DIST") \
   X(std::string, output_len, "fixed:64", "max_tokens: same forms as --prompt-len")                     \
   X(bool, text_prompts, false, "send text prompts (~1 token per byte) instead of token ids")          \
   X(int, token_min, 32, "smallest prompt token id")                                                    \
@@ -77,8 +77,8 @@ absl::Status Main(const BenchConfig& c, const std::string& command) {
   w.duration_s = c.duration_s;
   w.seed = c.seed;
   ASSIGN_OR_RETURN(w.mix, TierMix::Parse(c.tier_mix));
-  ASSIGN_OR_RETURN(w.prompt_len, LengthDistribution::Parse(c.prompt_len, "prompt_len"));
-  ASSIGN_OR_RETURN(w.output_len, LengthDistribution::Parse(c.output_len, "output_len"));
+  ASSIGN_OR_RETURN(w.prompt_len, TieredLength::Parse(c.prompt_len, "prompt_len"));
+  ASSIGN_OR_RETURN(w.output_len, TieredLength::Parse(c.output_len, "output_len"));
   w.text_prompts = c.text_prompts;
   w.token_min = c.token_min;
   w.token_max = c.token_max;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
@@ -95,6 +96,40 @@ int LengthDistribution::Sample(std::mt19937_64& rng) const {
   return 1;
 }
 
+absl::StatusOr<TieredLength> TieredLength::Parse(std::string_view spec, std::string_view field) {
+  std::optional<LengthDistribution> fallback;
+  std::array<std::optional<LengthDistribution>, kNumTiers> named;
+  for (absl::string_view item : absl::StrSplit(absl::string_view(spec.data(), spec.size()), ',',
+                                               absl::SkipWhitespace())) {
+    item = absl::StripAsciiWhitespace(item);
+    const size_t eq = item.find('=');
+    std::string_view dist(item.data(), item.size());
+    std::optional<LengthDistribution>* slot = &fallback;
+    if (eq != absl::string_view::npos) {
+      absl::StatusOr<Tier> t = ParseTier(std::string(absl::StripAsciiWhitespace(item.substr(0, eq))));
+      if (!t.ok()) return Bad(field, spec, std::string(t.status().message()));
+      slot = &named[static_cast<int>(*t)];
+      dist = dist.substr(eq + 1);
+    }
+    if (slot->has_value()) {
+      return Bad(field, spec, eq == absl::string_view::npos
+                                  ? "more than one distribution without a tier"
+                                  : absl::StrCat("tier '", std::string(item.substr(0, eq)),
+                                                 "' named twice"));
+    }
+    absl::StatusOr<LengthDistribution> d = LengthDistribution::Parse(dist, field);
+    if (!d.ok()) return d.status();
+    *slot = *std::move(d);
+  }
+  if (!fallback.has_value()) {
+    return Bad(field, spec, "needs one distribution without a tier (the default for the others)");
+  }
+  TieredLength out;
+  out.spec_ = std::string(spec);
+  for (int i = 0; i < kNumTiers; ++i) out.by_tier_[i] = named[i].value_or(*fallback);
+  return out;
+}
+
 absl::StatusOr<TierMix> TierMix::Parse(std::string_view spec) {
   TierMix mix;
   double sum = 0;
@@ -164,8 +199,8 @@ std::vector<PlannedRequest> PlanWorkload(const WorkloadSpec& spec) {
     PlannedRequest r;
     r.at_s = t;
     r.tier = spec.mix.Sample(tiers);
-    r.prompt_tokens = spec.prompt_len.Sample(lengths);
-    r.max_tokens = spec.output_len.Sample(lengths);
+    r.prompt_tokens = spec.prompt_len.Sample(r.tier, lengths);
+    r.max_tokens = spec.output_len.Sample(r.tier, lengths);
     if (spec.text_prompts) {
       // About one token per byte for a byte-level vocabulary; fewer for BPE.
       static constexpr char kLetters[] = "abcdefghijklmnopqrstuvwxyz    ";

@@ -42,6 +42,24 @@ class LengthDistribution {
   std::string spec_;
 };
 
+// A length distribution per tier: "DIST[,TIER=DIST...]", e.g.
+// "lognormal:64:0.5:512,batch=uniform:768:1024" (batch prompts are long
+// documents, the other tiers chat turns). DIST alone applies to every tier.
+class TieredLength {
+ public:
+  // InvalidArgument naming `field`: a malformed DIST, an unknown tier, a tier
+  // named twice, or not exactly one DIST without a tier.
+  static absl::StatusOr<TieredLength> Parse(std::string_view spec, std::string_view field);
+  int Sample(Tier tier, std::mt19937_64& rng) const {
+    return by_tier_[static_cast<int>(tier)].Sample(rng);
+  }
+  std::string spec() const { return spec_; }
+
+ private:
+  std::array<LengthDistribution, kNumTiers> by_tier_;
+  std::string spec_;
+};
+
 // "fast=0.1,priority=0.2,standard=0.4,batch=0.3": weights, normalized.
 class TierMix {
  public:
@@ -72,8 +90,8 @@ struct WorkloadSpec {
   double duration_s = 10;
   uint64_t seed = 1;
   TierMix mix;
-  LengthDistribution prompt_len;
-  LengthDistribution output_len;
+  TieredLength prompt_len;
+  TieredLength output_len;
   bool text_prompts = false;          // else token ids
   int32_t token_min = 32, token_max = 126;  // prompt token ids are drawn from [min, max]
 };

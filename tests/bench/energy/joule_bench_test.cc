@@ -22,8 +22,8 @@ WorkloadSpec Spec(double rate, double duration, const std::string& mix = "standa
   w.duration_s = duration;
   w.seed = seed;
   w.mix = *TierMix::Parse(mix);
-  w.prompt_len = *LengthDistribution::Parse("fixed:8", "prompt_len");
-  w.output_len = *LengthDistribution::Parse(out, "output_len");
+  w.prompt_len = *TieredLength::Parse("fixed:8", "prompt_len");
+  w.output_len = *TieredLength::Parse(out, "output_len");
   return w;
 }
 
@@ -105,6 +105,51 @@ TEST(WorkloadTest, LengthDistributions) {
     absl::StatusOr<LengthDistribution> d = LengthDistribution::Parse(bad, "prompt_len");
     ASSERT_FALSE(d.ok()) << bad;
     EXPECT_THAT(d.status().message(), HasSubstr("prompt_len")) << bad;
+  }
+}
+
+TEST(WorkloadTest, PerTierLengthsOverrideOnlyTheirTier) {
+  WorkloadSpec w = Spec(100, 20, "fast=0.5,batch=0.5", "fixed:4");
+  WorkloadSpec tiered = w;
+  tiered.prompt_len = *TieredLength::Parse("fixed:8, batch=uniform:700:900", "prompt_len");
+  tiered.output_len = *TieredLength::Parse("fixed:4,fast=fixed:16", "output_len");
+  const auto plain = PlanWorkload(w);
+  const auto plan = PlanWorkload(tiered);
+  ASSERT_EQ(plan.size(), plain.size());
+  int batch = 0, fast = 0;
+  for (size_t i = 0; i < plan.size(); ++i) {
+    // Lengths have their own random stream: arrivals and tiers do not move.
+    ASSERT_EQ(plan[i].at_s, plain[i].at_s);
+    ASSERT_EQ(plan[i].tier, plain[i].tier);
+    if (plan[i].tier == Tier::kBatch) {
+      ++batch;
+      ASSERT_GE(plan[i].prompt_tokens, 700);
+      ASSERT_LE(plan[i].prompt_tokens, 900);
+      ASSERT_EQ(plan[i].prompt.size(), static_cast<size_t>(plan[i].prompt_tokens));
+      ASSERT_EQ(plan[i].max_tokens, 4);
+    } else {
+      ++fast;
+      ASSERT_EQ(plan[i].prompt_tokens, 8);
+      ASSERT_EQ(plan[i].max_tokens, 16);
+    }
+  }
+  EXPECT_GT(batch, 500);
+  EXPECT_GT(fast, 500);
+  EXPECT_EQ(tiered.prompt_len.spec(), "fixed:8, batch=uniform:700:900");
+
+  struct Bad {
+    const char* spec;
+    const char* why;
+  };
+  for (const Bad& bad : {Bad{"batch=fixed:9", "one distribution without a tier"},
+                         Bad{"fixed:1,fixed:2", "more than one distribution without a tier"},
+                         Bad{"fixed:1,batch=fixed:2,flex=fixed:3", "named twice"},
+                         Bad{"fixed:1,urgent=fixed:2", "unknown tier 'urgent'"},
+                         Bad{"fixed:1,batch=uniform:9:2", "MIN <= MAX"}}) {
+    absl::StatusOr<TieredLength> d = TieredLength::Parse(bad.spec, "prompt_len");
+    ASSERT_FALSE(d.ok()) << bad.spec;
+    EXPECT_THAT(d.status().message(), HasSubstr("prompt_len")) << bad.spec;
+    EXPECT_THAT(d.status().message(), HasSubstr(bad.why)) << bad.spec;
   }
 }
 
