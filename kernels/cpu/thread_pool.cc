@@ -6,6 +6,8 @@
 #include <chrono>
 #include <exception>
 #include <sstream>
+#include <string>
+#include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -50,12 +52,10 @@ bool SpinUntil(Pred done) {
   }
 }
 
-// cpu.max is "max PERIOD" (no limit) or "QUOTA PERIOD" in microseconds.
-int CoresFromCpuMax(const std::string& text) {
-  std::istringstream in(text);
-  std::string quota;
-  int64_t period = 0;
-  if (!(in >> quota >> period) || quota == "max" || period <= 0) return 0;
+// A quota of `quota` microseconds per `period` in whole cores, rounded up;
+// 0 (no limit) for "max", -1 (v1's "none") or anything unparsable.
+int CoresFromQuota(const std::string& quota, int64_t period) {
+  if (quota == "max" || period <= 0) return 0;
   int64_t q = 0;
   try {
     q = std::stoll(quota);
@@ -64,6 +64,48 @@ int CoresFromCpuMax(const std::string& text) {
   }
   if (q <= 0) return 0;
   return static_cast<int>(std::max<int64_t>(1, (q + period - 1) / period));
+}
+
+// cpu.max is "max PERIOD" (no limit) or "QUOTA PERIOD" in microseconds.
+int CoresFromCpuMax(const std::string& text) {
+  std::istringstream in(text);
+  std::string quota;
+  int64_t period = 0;
+  if (!(in >> quota >> period)) return 0;
+  return CoresFromQuota(quota, period);
+}
+
+// v1 splits the same pair over cpu.cfs_quota_us and cpu.cfs_period_us.
+int CoresFromCfsFiles(const std::string& dir) {
+  std::istringstream quota(ReadFile(dir + "/cpu.cfs_quota_us").value_or(""));
+  std::istringstream period(ReadFile(dir + "/cpu.cfs_period_us").value_or(""));
+  std::string q;
+  int64_t p = 0;
+  if (!(quota >> q) || !(period >> p)) return 0;
+  return CoresFromQuota(q, p);
+}
+
+// Walks `path` ("/a/b") and its ancestors up to "/", keeping the smallest
+// positive limit that `at` reports for each.
+template <typename LimitAt>
+int TightestOnPath(std::string path, LimitAt at) {
+  int limit = 0;
+  for (;;) {
+    const int cores = at(path == "/" ? std::string() : path);
+    if (cores > 0 && (limit == 0 || cores < limit)) limit = cores;
+    if (path == "/") break;
+    const size_t slash = path.rfind('/');
+    path = slash == 0 ? "/" : path.substr(0, slash);
+  }
+  return limit;
+}
+
+bool HasItem(const std::string& list, const std::string& item) {
+  std::istringstream in(list);
+  for (std::string x; std::getline(in, x, ',');) {
+    if (x == item) return true;
+  }
+  return false;
 }
 
 int AffinityCores() {
@@ -83,22 +125,62 @@ int CgroupCpuLimit(const std::string& proc_self_cgroup, const std::string& cgrou
     if (line.rfind("0::", 0) == 0) path = line.substr(3);
   }
   if (path.empty() || path[0] != '/') return 0;
-  int limit = 0;
-  for (;;) {
-    const int cores = CoresFromCpuMax(ReadFile(cgroup_root + path + "/cpu.max").value_or(""));
-    if (cores > 0 && (limit == 0 || cores < limit)) limit = cores;
-    if (path == "/") break;
-    const size_t slash = path.rfind('/');
-    path = slash == 0 ? "/" : path.substr(0, slash);
+  return TightestOnPath(path, [&](const std::string& p) {
+    return CoresFromCpuMax(ReadFile(cgroup_root + p + "/cpu.max").value_or(""));
+  });
+}
+
+int CgroupV1CpuLimit(const std::string& proc_self_cgroup, const std::string& mountinfo) {
+  // "N:cpu,cpuacct:/PATH": the line whose controller list names cpu.
+  std::istringstream lines(proc_self_cgroup);
+  std::string line, path;
+  while (std::getline(lines, line)) {
+    const size_t a = line.find(':');
+    const size_t b = a == std::string::npos ? a : line.find(':', a + 1);
+    if (b != std::string::npos && HasItem(line.substr(a + 1, b - a - 1), "cpu")) {
+      path = line.substr(b + 1);
+    }
   }
-  return limit;
+  if (path.empty() || path[0] != '/') return 0;
+  // mountinfo: "ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [TAGS...] - cgroup SOURCE SUPEROPTIONS";
+  // the v1 hierarchy with the cpu controller, ROOT being the cgroup mounted there.
+  std::istringstream mounts(mountinfo);
+  while (std::getline(mounts, line)) {
+    std::istringstream in(line);
+    std::vector<std::string> f;
+    for (std::string x; in >> x;) f.push_back(x);
+    const auto dash = std::find(f.begin(), f.end(), "-");
+    if (f.size() < 5 || dash == f.end() || f.end() - dash < 4 || dash[1] != "cgroup" ||
+        !HasItem(dash[3], "cpu")) {
+      continue;
+    }
+    const std::string& root = f[3];
+    const std::string& mount_point = f[4];
+    // Inside a container the mount's root is the container's cgroup, and
+    // /proc/self/cgroup may name it from the host's view or as "/": walk the
+    // part below the root, or read the mount point alone.
+    std::string below = "/";
+    if (root == "/") {
+      below = path;
+    } else if (path.rfind(root, 0) == 0 && (path.size() == root.size() || path[root.size()] == '/')) {
+      below = path.size() == root.size() ? "/" : path.substr(root.size());
+    }
+    return TightestOnPath(below, [&](const std::string& p) {
+      return CoresFromCfsFiles(mount_point + p);
+    });
+  }
+  return 0;
 }
 
 int UsableCores() {
   int cores = AffinityCores();
   if (cores <= 0) cores = static_cast<int>(std::thread::hardware_concurrency());
-  const int quota = CgroupCpuLimit(ReadFile("/proc/self/cgroup").value_or(""), "/sys/fs/cgroup");
-  if (quota > 0) cores = cores > 0 ? std::min(cores, quota) : quota;
+  const std::string proc_self_cgroup = ReadFile("/proc/self/cgroup").value_or("");
+  for (const int quota :
+       {CgroupCpuLimit(proc_self_cgroup, "/sys/fs/cgroup"),
+        CgroupV1CpuLimit(proc_self_cgroup, ReadFile("/proc/self/mountinfo").value_or(""))}) {
+    if (quota > 0) cores = cores > 0 ? std::min(cores, quota) : quota;
+  }
   return std::max(1, cores);
 }
 

@@ -15,8 +15,8 @@
 namespace joule::kernels::cpu {
 
 // The cores this process may use: the CPUs in its affinity mask (taskset,
-// cpusets), further capped by a cgroup v2 CPU quota (cpu.max of its cgroup or
-// an ancestor, rounded up), at least 1. std::thread::hardware_concurrency()
+// cpusets), further capped by a cgroup CPU quota (v2 cpu.max or v1
+// cpu.cfs_quota_us of its cgroup or an ancestor, rounded up), at least 1. std::thread::hardware_concurrency()
 // counts every CPU of the host, so a container limited to 2 CPUs on a 64-core
 // host would otherwise start 64 spinning threads.
 int UsableCores();
@@ -26,6 +26,12 @@ int UsableCores();
 // with the cgroup2 hierarchy mounted at `cgroup_root`: the smallest cpu.max
 // of it and its ancestors, or 0 when none is set (or none can be read).
 int CgroupCpuLimit(const std::string& proc_self_cgroup, const std::string& cgroup_root);
+
+// The same for a cgroup v1 hierarchy with the cpu controller, found in
+// `mountinfo` (the text of /proc/self/mountinfo; its mount point is read as a
+// path): the smallest cpu.cfs_quota_us / cpu.cfs_period_us of the process's
+// cpu cgroup and its ancestors below the mount, or 0 when none is set (-1).
+int CgroupV1CpuLimit(const std::string& proc_self_cgroup, const std::string& mountinfo);
 
 class ThreadPool {
  public:

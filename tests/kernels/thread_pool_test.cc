@@ -174,6 +174,61 @@ TEST_F(CgroupCpuLimitTest, NoLimitWhenUnsetUnreadableOrCgroupV1) {
   EXPECT_EQ(Limit("11:memory:/x\n0::/a/b\n"), 2);
 }
 
+// A fake cgroup v1 cpu hierarchy mounted at ROOT/cpu,cpuacct.
+class CgroupV1CpuLimitTest : public CgroupCpuLimitTest {
+ protected:
+  void Cfs(const std::string& rel, const std::string& quota, const std::string& period = "100000\n") {
+    std::filesystem::create_directories(root_ / ("cpu,cpuacct/" + rel));
+    Write("cpu,cpuacct/" + rel + "cpu.cfs_quota_us", quota);
+    Write("cpu,cpuacct/" + rel + "cpu.cfs_period_us", period);
+  }
+  // One mountinfo line for the hierarchy, mounted from cgroup `mount_root`.
+  std::string Mountinfo(const std::string& mount_root = "/", const std::string& options = "rw,cpu,cpuacct") {
+    return "30 22 0:27 / " + root_.string() + " rw - tmpfs tmpfs rw,mode=755\n" +
+           "31 30 0:28 " + mount_root + " " + (root_ / "cpu,cpuacct").string() +
+           " rw,nosuid shared:9 - cgroup cgroup " + options + "\n";
+  }
+};
+
+TEST_F(CgroupV1CpuLimitTest, TightestLevelWinsAndQuotaRoundsUp) {
+  Cfs("a/b/", "-1\n");
+  Cfs("a/", "150000\n");  // 1.5 cores -> 2
+  Cfs("", "400000\n");
+  const std::string self = "12:memory:/a/b\n11:cpu,cpuacct:/a/b\n0::/\n";
+  EXPECT_EQ(CgroupV1CpuLimit(self, Mountinfo()), 2);
+  Cfs("a/b/", "25000\n", "50000\n");  // half a core -> 1
+  EXPECT_EQ(CgroupV1CpuLimit(self, Mountinfo()), 1);
+  EXPECT_EQ(CgroupV1CpuLimit("11:cpu,cpuacct:/\n", Mountinfo()), 4);
+}
+
+TEST_F(CgroupV1CpuLimitTest, ContainerMountsItsOwnCgroupAtTheMountPoint) {
+  // Docker on v1: the container's cgroup /docker/ID is what is mounted, so its
+  // limit sits at the mount point itself, whatever /proc/self/cgroup says.
+  Cfs("", "300000\n");
+  Cfs("b/", "-1\n");
+  EXPECT_EQ(CgroupV1CpuLimit("4:cpu,cpuacct:/docker/ID\n", Mountinfo("/docker/ID")), 3);
+  EXPECT_EQ(CgroupV1CpuLimit("4:cpu,cpuacct:/\n", Mountinfo("/docker/ID")), 3);  // cgroup namespace
+  Cfs("b/", "100000\n");
+  EXPECT_EQ(CgroupV1CpuLimit("4:cpu,cpuacct:/docker/ID/b\n", Mountinfo("/docker/ID")), 1);
+  // A path that only shares a prefix with the mount root is not below it.
+  EXPECT_EQ(CgroupV1CpuLimit("4:cpu,cpuacct:/docker/IDX/b\n", Mountinfo("/docker/ID")), 3);
+}
+
+TEST_F(CgroupV1CpuLimitTest, NoLimitWithoutTheCpuControllerOrAQuota) {
+  const std::string self = "11:cpu,cpuacct:/a/b\n";
+  EXPECT_EQ(CgroupV1CpuLimit(self, Mountinfo()), 0);  // no files
+  Cfs("a/", "-1\n");
+  EXPECT_EQ(CgroupV1CpuLimit(self, Mountinfo()), 0);
+  Cfs("a/", "lots\n");
+  EXPECT_EQ(CgroupV1CpuLimit(self, Mountinfo()), 0);
+  Cfs("a/", "200000\n");
+  EXPECT_EQ(CgroupV1CpuLimit(self, Mountinfo()), 2);
+  EXPECT_EQ(CgroupV1CpuLimit("3:cpuset:/a/b\n0::/a/b\n", Mountinfo()), 0);  // no cpu line
+  EXPECT_EQ(CgroupV1CpuLimit(self, Mountinfo("/", "rw,cpuset")), 0);         // no cpu mount
+  EXPECT_EQ(CgroupV1CpuLimit(self, ""), 0);
+  EXPECT_EQ(CgroupV1CpuLimit("", Mountinfo()), 0);
+}
+
 TEST(UsableCoresTest, FollowsTheAffinityMask) {
   const int all = UsableCores();
   EXPECT_GE(all, 1);
