@@ -19,8 +19,9 @@ usage: deploy/local/up.sh [options]
   --policy NAME      scheduling policy: priority | ipw | fcfs | none (default priority)
   --scheduler-config FILE  scheduler JSON: tier SLOs, queue caps, ipw knobs (docs/operations.md)
   --worker-metrics-port P  worker r serves Prometheus /metrics on P+r (default 0: free ports)
-  --worker-threads N compute threads per worker (default: the cores divided among the
-                     workers, at least 1; 0: every core in every worker)
+  --worker-threads N compute threads per worker (default: the usable cores, after CPU
+                     affinity and any cgroup CPU quota, divided among the workers, at
+                     least 1; 0: every usable core in every worker)
   --prompt TEXT      demo prompt (default: "Joule serves mixture-of-experts models")
   --max-tokens N     tokens per demo answer (default 16)
   --once             exit after the demo instead of serving
@@ -72,11 +73,11 @@ fi
 # Workers on one host share its cores: each one's compute pool spins while it
 # waits for work, so N workers with every core each oversubscribe the machine
 # (2 cores, 2 workers: 1 thread each rather than 2 gave 1.06-1.38x the tokens
-# per joule, depending on policy and load; docs/operations.md).
-if [ -z "$worker_threads" ]; then
-  worker_threads=$(($(nproc) / workers))
-  [ "$worker_threads" -ge 1 ] || worker_threads=1
-fi
+# per joule, depending on policy and load; docs/operations.md). Each worker
+# divides the cores it may use (affinity and cgroup CPU quota, which nproc
+# does not see) by --workers-per-host.
+thread_flags=(--threads 0 --workers-per-host "$workers")
+[ -z "$worker_threads" ] || thread_flags=(--threads "$worker_threads")
 
 run_dir="$(mktemp -d /tmp/joule-up.XXXXXX)"
 pids=()
@@ -104,7 +105,7 @@ for r in $(seq 0 $((workers - 1))); do
   [ "$worker_metrics_port" = 0 ] || metrics_port=$((worker_metrics_port + r))
   "$bin/worker/service/joule-worker" --coordinator "$addr" --model "$model" \
     --metrics-port "$metrics_port" --metrics-port-file "$run_dir/metrics_port.$r" \
-    --threads "$worker_threads" \
+    "${thread_flags[@]}" \
     >"$run_dir/worker$r.out" 2>"$run_dir/worker$r.log" &
   pids+=($!)
 done

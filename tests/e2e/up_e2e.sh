@@ -22,12 +22,23 @@ for bad in "--workers 0" "--workers two" "--worker-threads -1" "--bogus"; do
   grep -q -- "${bad%% *}" "$out" || fail "up.sh $bad: message does not name ${bad%% *}"
 done
 
-check_threads() {  # WANT: every worker's logged configuration says --threads=WANT
-  local logs n
+check_threads() {  # WANT N: N worker logs say "compute threads: WANT"; WANT "share": usable cores / N
+  local logs n=0 log line threads usable want
   logs="$(sed -n 's/.*logs were in \(.*\)$/\1/p' "$out" | tail -1)"
   [ -d "$logs" ] || fail "up.sh printed no logs directory"
-  n=$({ grep -l -- "--threads=$1\$" "$logs"/worker*.log || true; } | wc -l)
-  [ "$n" = "$2" ] || fail "$n of $2 workers logged --threads=$1 ($logs)"
+  for log in "$logs"/worker*.log; do
+    line="$(grep -o 'compute threads: [0-9]* (usable cores [0-9]*' "$log" | head -1)"
+    [ -n "$line" ] || fail "$log has no compute-threads line"
+    threads="$(echo "$line" | awk '{print $3}')"
+    usable="$(echo "$line" | awk '{print $6}')"
+    [ "$usable" -ge 1 ] && [ "$usable" -le "$(nproc)" ] || fail "$log: usable cores $usable, nproc $(nproc)"
+    want="$1"
+    if [ "$want" = share ]; then want=$((usable / $2)); [ "$want" -ge 1 ] || want=1; fi
+    [ "$threads" = "$want" ] || fail "$log: $threads compute threads, want $want"
+    n=$((n + 1))
+  done
+  [ "$n" = "$2" ] || fail "$n worker logs, want $2 ($logs)"
+  echo "workers: $threads compute threads of $usable usable cores each"
   rm -rf "$logs"
 }
 
@@ -36,12 +47,10 @@ for tier in fast priority default flex; do
   grep -Eq "^  $tier: +\[$tier, [0-9]+\+[0-9]+ tokens, " "$out" || fail "no answer for tier $tier"
 done
 grep -q "OpenAI-compatible API: http://127.0.0.1:[0-9]*/v1" "$out" || fail "no API address printed"
-cores=$(nproc)
-want=$((cores / 2)); [ "$want" -ge 1 ] || want=1
-check_threads "$want" 2
+check_threads share 2
 
-# An explicit count wins (3 workers: the default would give each cores / 3).
+# An explicit count wins (3 workers: the default would give each usable cores / 3).
 run_up --once --port 0 --grpc-port 0 --workers 3 --worker-threads 1 --max-tokens 4 ||
   fail "up.sh --workers 3 --worker-threads 1 exited $?"
 check_threads 1 3
-echo "PASS: up.sh served every tier; workers got $want of $cores cores each by default"
+echo "PASS: up.sh served every tier; workers took their share of the usable cores by default"

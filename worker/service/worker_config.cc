@@ -1,5 +1,7 @@
 #include "worker/service/worker_config.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 
 namespace joule::worker {
@@ -19,6 +21,10 @@ absl::Status WorkerConfig::Validate() const {
     return absl::InvalidArgumentError(absl::StrCat("--ucx-spin-us: must be >= 0, got ", ucx_spin_us));
   }
   if (threads < 0) return absl::InvalidArgumentError(absl::StrCat("--threads: must be >= 0, got ", threads));
+  if (workers_per_host < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--workers-per-host: must be at least 1, got ", workers_per_host));
+  }
   if (kv_cache_mb <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("--kv-cache-mb: must be positive, got ", kv_cache_mb));
   }
@@ -52,6 +58,11 @@ std::string WorkerConfig::ToString() const { return DescribeConfig(*this); }
 absl::StatusOr<WorkerConfig> ParseWorkerConfig(int argc, const char* const* argv) {
   return ParseConfig<WorkerConfig>("usage: joule-worker --coordinator HOST:PORT --model DIR [flags]",
                                    "JOULE_WORKER_", argc, argv);
+}
+
+int WorkerConfig::ComputeThreads(int usable_cores) const {
+  if (threads > 0) return threads;
+  return std::max(1, usable_cores / workers_per_host);
 }
 
 }  // namespace joule::worker

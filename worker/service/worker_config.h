@@ -26,7 +26,10 @@ namespace joule::worker {
   X(std::string, advertise_host, "",                                                              \
     "host the coordinator reaches this worker at; empty: the local address facing the coordinator") \
   X(int, threads, 0,                                                                              \
-    "CPU threads for the forward pass; 0: every usable core (CPU affinity, cgroup CPU quota)")    \
+    "CPU threads for the forward pass; 0: this worker's share of the usable cores (CPU affinity, " \
+    "cgroup CPU quota; see --workers-per-host)")                                                  \
+  X(int, workers_per_host, 1,                                                                     \
+    "worker processes sharing this host's cores: --threads 0 gives each usable cores / this, at least 1") \
   X(int64_t, kv_cache_mb, 256, "KV cache size in MiB")                                            \
   X(int, block_size, 16, "tokens per KV block")                                                   \
   X(int, max_batch_tokens, 512, "tokens per engine step (decode + prefill chunks)")               \
@@ -55,6 +58,8 @@ struct WorkerConfig {
   absl::Status Validate() const;
   // One line per flag, "--name=value", for the start-up log.
   std::string ToString() const;
+  // Compute threads: --threads, or for 0 this worker's share of `usable_cores`.
+  int ComputeThreads(int usable_cores) const;
 };
 
 // Environment first, then argv, then Validate. InvalidArgument names the flag

@@ -15,6 +15,7 @@
 #include "common/logging.h"
 #include "common/model_fingerprint.h"
 #include "common/status.h"
+#include "kernels/cpu/thread_pool.h"
 #include "worker/engine/engine.h"
 #include "worker/ep/ep_executor.h"
 #include "worker/ep/ucx_transport.h"
@@ -243,7 +244,11 @@ absl::Status WorkerProcess::Register() {
 
 absl::Status WorkerProcess::LoadModel() {
   Model::Options options;
-  options.num_threads = config_.threads;
+  const int usable = kernels::cpu::UsableCores();
+  options.num_threads = config_.ComputeThreads(usable);
+  JOULE_LOG(Info) << "compute threads: " << options.num_threads << " (usable cores " << usable
+                  << ", --threads " << config_.threads << ", --workers-per-host "
+                  << config_.workers_per_host << ")";
   const Placement placement = placement_;
   const int rank = rank_;
   options.weights.owns_expert = [placement, rank](int layer, int expert) {

@@ -60,7 +60,23 @@ TEST(WorkerConfigTest, ErrorsNameTheFlag) {
   EXPECT_THAT(std::string(Parse({"--coordinator", "c:1", "--model", "/m", "--ucx-spin-us", "-1"})
                               .status().message()),
               HasSubstr("--ucx-spin-us: must be >= 0"));
+  EXPECT_THAT(std::string(Parse({"--coordinator", "c:1", "--model", "/m", "--workers-per-host", "0"})
+                              .status().message()),
+              HasSubstr("--workers-per-host: must be at least 1"));
   EXPECT_EQ(Parse({"--help"}).status().code(), absl::StatusCode::kCancelled);
+}
+
+TEST(WorkerConfigTest, ThreadsZeroTakesThisWorkersShareOfTheUsableCores) {
+  auto all = Parse({"--coordinator", "c:1", "--model", "/m"});
+  ASSERT_TRUE(all.ok()) << all.status();
+  EXPECT_EQ(all->ComputeThreads(8), 8);
+  auto shared = Parse({"--coordinator", "c:1", "--model", "/m", "--workers-per-host", "3"});
+  ASSERT_TRUE(shared.ok()) << shared.status();
+  EXPECT_EQ(shared->ComputeThreads(8), 2);  // rounded down: 3 x 2 <= 8
+  EXPECT_EQ(shared->ComputeThreads(2), 1);  // never 0
+  auto fixed = Parse({"--coordinator", "c:1", "--model", "/m", "--threads", "5", "--workers-per-host", "4"});
+  ASSERT_TRUE(fixed.ok()) << fixed.status();
+  EXPECT_EQ(fixed->ComputeThreads(2), 5);  // an explicit count wins
 }
 
 }  // namespace
