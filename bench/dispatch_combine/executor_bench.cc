@@ -76,6 +76,7 @@ using joule::bench::Rendezvous;
   X(int, experts, 64, "experts of the MoE layer")                                          \
   X(int, moe_intermediate, 8, "moe_intermediate_size (tiny: the GEMMs cost next to nothing)") \
   X(int, threads, 1, "CPU threads of each rank's executor")                                \
+  X(bool, shared_windows, true, "write rows into peers' shared windows where the transport maps them (else all-to-all-v)") \
   X(int, max_iters, 200, "most timed Runs per point (at least 3)")                         \
   X(double, target_seconds, 0.25, "timed Runs per point are sized to about this long")     \
   X(double, mem_fraction, 0.6, "skip points whose buffers need more of MemAvailable")
@@ -225,7 +226,8 @@ int main(int argc, char** argv) {
         model_dir, {.owns_expert = [&pl, me](int l, int e) { return pl.Holds(me, l, e); }});
     Check(weights.status(), "load");
     joule::ep::ExpertParallelExecutor ex(weights->get(), &t, pl, stream,
-                                         {.payload = joule::ep::PayloadType::kBF16});
+                                         {.payload = joule::ep::PayloadType::kBF16,
+                                          .shared_windows = a.shared_windows});
 
     for (int tokens : token_counts) {
       // Resident bytes per rank at this point: x and out (F32); per routed
@@ -245,10 +247,11 @@ int main(int argc, char** argv) {
           std::fprintf(stderr, "EP %d hidden %d tokens %d: skipped, needs %.1f GB\n", W, hidden,
                        tokens, need / 1e9);
           std::fprintf(out,
-                       "{\"impl\":\"joule-ep-executor\",\"tls\":\"%s\",\"peer_errors\":%s,\"ep\":%d,"
+                       "{\"impl\":\"joule-ep-executor\",\"tls\":\"%s\",\"peer_errors\":%s,\"shared_windows\":%s,\"ep\":%d,"
                        "\"hidden\":%d,\"tokens\":%d,\"top_k\":%d,"
                        "\"skipped\":\"needs %.1f GB, more than %.0f%% of MemAvailable\"}\n",
-                       tls ? tls : "default", a.peer_errors ? "true" : "false", W, hidden, tokens,
+                       tls ? tls : "default", a.peer_errors ? "true" : "false",
+                       a.shared_windows ? "true" : "false", W, hidden, tokens,
                        K, need / 1e9, a.mem_fraction * 100);
           std::fflush(out);
         }
@@ -375,7 +378,7 @@ int main(int argc, char** argv) {
       const double slot_bytes = double(tokens) * K * (W - 1) / W * (4.0 * hidden + 4);
       std::fprintf(
           out,
-          "{\"impl\":\"joule-ep-executor\",\"tls\":\"%s\",\"peer_errors\":%s,\"ep\":%d,\"hidden\":%d,"
+          "{\"impl\":\"joule-ep-executor\",\"tls\":\"%s\",\"peer_errors\":%s,\"shared_windows\":%s,\"ep\":%d,\"hidden\":%d,"
           "\"tokens\":%d,\"top_k\":%d,\"experts\":%d,\"moe_intermediate\":%d,\"threads\":%d,"
           "\"iters\":%d,\"latency_us_median\":%.2f,\"latency_us_mean\":%.2f,"
           "\"latency_us_median_rank_mean\":%.2f,\"latency_us_median_skew_free\":%.2f,"
@@ -384,7 +387,8 @@ int main(int argc, char** argv) {
           "\"dispatch_bytes_per_rank\":%.0f,"
           "\"combine_bytes_per_rank\":%.0f,\"bytes_per_rank\":%.0f,\"bytes_per_peer\":%llu,"
           "\"algbw_GBps\":%.4f,\"slot_bytes_per_rank\":%.0f,\"slot_algbw_GBps\":%.4f}\n",
-          tls ? tls : "default", a.peer_errors ? "true" : "false", W, hidden, tokens, K, E,
+          tls ? tls : "default", a.peer_errors ? "true" : "false",
+                       a.shared_windows ? "true" : "false", W, hidden, tokens, K, E,
           a.moe_intermediate, a.threads, iters, lat_us, Mean(dc) * 1e6, Median(dc_rank_mean) * 1e6,
           Median(skew_free) * 1e6,
           Median(disp) * 1e6,

@@ -261,7 +261,7 @@ def executor_report(raw, out_dir, command):
               "experts per token, fresh every iteration). The tiny moe_intermediate_size makes "
               "the expert GEMMs negligible next to communication, and they are excluded anyway: "
               "latency = the slowest rank's dispatch + combine seconds from `stats()` (layout, "
-              "count exchange, BF16 packing, both all-to-alls, un-permute), median over "
+              "count exchange, BF16 packing, both exchanges: over shared memory writes into peers' windows and a barrier, over TCP all-to-all-v; un-permute), median over "
               "iterations. skew-free = the slowest rank's dispatch + the fastest rank's "
               "combine: a rank's combine also waits for peers that finish their experts later, "
               "and the rank that arrived last waited for nobody's (the MPI baseline computes "

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "common/logging.h"
 #include "common/status.h"
 #include "kernels/cpu/moe.h"
 
@@ -140,6 +141,12 @@ struct ExpertParallelExecutor::Impl {
   // in received order) back into `a`. Rows for this rank itself are written
   // straight into the other buffer.
   ExchangeBuffer a, b;
+  // With shared windows (ranks on one host, BF16) the exchanges become
+  // writes into peers' memory: dispatch rows into each destination's
+  // `win_b`, combine rows into each source's `win_a`, a barrier after each.
+  std::unique_ptr<SharedWindows> win_a, win_b;
+  bool windows_off = false;  // the transport cannot map them (or options say no)
+  std::vector<std::byte*> row_ptr;  // [send rows] where each dispatch row is written
   std::vector<float> grouped, down;
   GroupedExpertBuffers expert_buffers;
 
@@ -151,6 +158,9 @@ struct ExpertParallelExecutor::Impl {
     return static_cast<size_t>(hidden) * (options.payload == PayloadType::kBF16 ? 2 : 4);
   }
   absl::Status CheckPlacement(const Placement& p) const;
+  // Windows of at least a_bytes / b_bytes on every rank (grown together:
+  // every rank passes the same sizes); false once they are off. Collective.
+  absl::StatusOr<bool> EnsureWindows(size_t a_bytes, size_t b_bytes);
   absl::Status Run(int layer, const float* x, int64_t tokens, const int32_t* expert_ids,
                    const float* weights, float* out);
 };
@@ -187,6 +197,32 @@ absl::Status ExpertParallelExecutor::Impl::CheckPlacement(const Placement& p) co
   return absl::OkStatus();
 }
 
+absl::StatusOr<bool> ExpertParallelExecutor::Impl::EnsureWindows(size_t a_bytes, size_t b_bytes) {
+  if (windows_off) return false;
+  for (auto [win, need] : {std::pair{&win_a, a_bytes}, std::pair{&win_b, b_bytes}}) {
+    if (*win != nullptr && (*win)->bytes() >= need) continue;
+    const size_t grown = std::max(need, *win == nullptr ? size_t{0} : 2 * (*win)->bytes());
+    win->reset();
+    absl::StatusOr<std::unique_ptr<SharedWindows>> mapped = transport->MapSharedWindows(grown);
+    if (absl::IsUnimplemented(mapped.status())) {  // the same answer on every rank
+      JOULE_LOG(Info) << "rank " << transport->rank()
+                      << ": expert-parallel dispatch/combine through all-to-all-v ("
+                      << mapped.status().message() << ")";
+      windows_off = true;
+      win_a.reset();
+      win_b.reset();
+      return false;
+    }
+    if (!mapped.ok()) return mapped.status();
+    if (win_a == nullptr && win_b == nullptr) {
+      JOULE_LOG(Info) << "rank " << transport->rank()
+                      << ": expert-parallel dispatch/combine write into peers' shared windows";
+    }
+    *win = *std::move(mapped);
+  }
+  return true;
+}
+
 ExpertParallelExecutor::ExpertParallelExecutor(const ModelWeights* weights, Transport* transport,
                                                Placement placement, kc::CpuStream stream,
                                                ExpertParallelOptions options)
@@ -195,6 +231,7 @@ ExpertParallelExecutor::ExpertParallelExecutor(const ModelWeights* weights, Tran
   impl_->transport = transport;
   impl_->stream = stream;
   impl_->options = options;
+  impl_->windows_off = !options.shared_windows || options.payload != PayloadType::kBF16;
   impl_->placement_status = impl_->CheckPlacement(placement);
   impl_->fingerprint = PlacementFingerprint(placement);
   impl_->placement = std::move(placement);
@@ -374,38 +411,67 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
   const int64_t recv_rows = L.recv_rows();
   const int64_t send_choices = L.send_choice_offsets[send_rows];
   const size_t f32_row = static_cast<size_t>(H) * sizeof(float);
-  // `a` also receives the combine rows: one per send row (BF16), one per choice (F32).
-  const size_t a_bytes = std::max(send_rows * dispatch_stride,
-                                  bf16 ? send_rows * payload : send_choices * f32_row);
-  RETURN_IF_ERROR(Annotate(a.Reserve(a_bytes, transport), context("buffers")));
-  RETURN_IF_ERROR(Annotate(b.Reserve(recv_rows * dispatch_stride, transport), context("buffers")));
-  const kc::RowType wire = bf16 ? kc::RowType::kBF16 : kc::RowType::kF32;
-  const int64_t self_send = L.send_offsets[me], self_send_end = L.send_offsets[me + 1];
-  std::byte* const self_recv = b.data() + L.recv_offsets[me] * dispatch_stride;
-  auto send_row = [&](int64_t row) {
-    return row >= self_send && row < self_send_end
-               ? self_recv + (row - self_send) * dispatch_stride
-               : a.data() + row * dispatch_stride;
+  // Rank p's rows for rank d sit at row RowsBefore(p, d) of its send layout;
+  // rank d receives them at row RowsFrom(d, p) (sources in rank order).
+  auto rows_before = [&](int p, int d) {
+    int64_t r = 0;
+    for (int q = 0; q < d; ++q) r += L.counts[p * W + q];
+    return r;
   };
-  WriteRowsSplitSelf(send_rows, self_send, self_send_end, a.data(), dispatch_stride, self_recv,
-                     [&](int64_t begin, int64_t end, std::byte* dst) {
-                       kc::LaunchGatherRows(
-                           {.in = x, .in_type = kc::RowType::kF32, .in_stride_bytes = H * 4,
-                            .index = L.send_to_token.data() + begin, .out = dst,
-                            .out_type = wire,
-                            .out_stride_bytes = static_cast<int64_t>(dispatch_stride),
-                            .rows = end - begin, .hidden = H},
-                           stream);
-                     });
+  auto rows_from = [&](int d, int p) {
+    int64_t r = 0;
+    for (int q = 0; q < p; ++q) r += L.counts[q * W + d];
+    return r;
+  };
+  // Windows are sized for the rank that needs the most (all ranks agree).
+  size_t win_a_bytes = 0, win_b_bytes = 0;
+  for (int r = 0; r < W; ++r) {
+    win_a_bytes = std::max<size_t>(win_a_bytes, rows_before(r, W) * payload);
+    win_b_bytes = std::max<size_t>(win_b_bytes, rows_from(r, W) * dispatch_stride);
+  }
+  absl::StatusOr<bool> windows = EnsureWindows(win_a_bytes, win_b_bytes);
+  if (!windows.ok()) return Annotate(windows.status(), context("shared windows"));
+  const bool direct = *windows;
+  if (!direct) {
+    // `a` also receives the combine rows: one per send row (BF16), one per choice (F32).
+    const size_t a_bytes = std::max(send_rows * dispatch_stride,
+                                    bf16 ? send_rows * payload : send_choices * f32_row);
+    RETURN_IF_ERROR(Annotate(a.Reserve(a_bytes, transport), context("buffers")));
+    RETURN_IF_ERROR(Annotate(b.Reserve(recv_rows * dispatch_stride, transport), context("buffers")));
+  }
+  std::byte* const recv_base = direct ? win_b->at(me) : b.data();
+  const kc::RowType wire = bf16 ? kc::RowType::kBF16 : kc::RowType::kF32;
+  const int64_t self_send = L.send_offsets[me];
+  // Where each send row goes: the destination's window, or `a` (this rank's
+  // own rows straight into `b`) for the all-to-all.
+  row_ptr.resize(send_rows);
+  for (int d = 0; d < W; ++d) {
+    std::byte* base = direct ? win_b->at(d) + rows_from(d, me) * dispatch_stride
+                      : d == me ? b.data() + L.recv_offsets[me] * dispatch_stride
+                                : a.data() + L.send_offsets[d] * dispatch_stride;
+    for (int64_t r = L.send_offsets[d]; r < L.send_offsets[d + 1]; ++r) {
+      row_ptr[r] = base + (r - L.send_offsets[d]) * dispatch_stride;
+    }
+  }
+  for (int d = 0; d < W; ++d) {
+    const int64_t begin = L.send_offsets[d], end = L.send_offsets[d + 1];
+    if (begin == end) continue;
+    kc::LaunchGatherRows({.in = x, .in_type = kc::RowType::kF32, .in_stride_bytes = H * 4,
+                          .index = L.send_to_token.data() + begin, .out = row_ptr[begin],
+                          .out_type = wire,
+                          .out_stride_bytes = static_cast<int64_t>(dispatch_stride),
+                          .rows = end - begin, .hidden = H},
+                         stream);
+  }
   constexpr int32_t kUnused = -1;
   for (int64_t r = 0; r < send_rows; ++r) {
-    std::byte* ids = send_row(r) + payload;
+    std::byte* ids = row_ptr[r] + payload;
     for (int j = 0; j < K; ++j) std::memcpy(ids + j * sizeof(int32_t), &kUnused, sizeof(int32_t));
   }
   for (int64_t s = 0; s < slots; ++s) {
     const int64_t row = L.slot_row[s];
     const int64_t j = L.slot_to_choice[s] - L.send_choice_offsets[row];
-    std::byte* meta = send_row(row) + payload;
+    std::byte* meta = row_ptr[row] + payload;
     std::memcpy(meta + j * sizeof(int32_t), &expert_ids[s], sizeof(int32_t));
     std::memcpy(meta + (K + j) * sizeof(int32_t), &router_w[s], sizeof(float));
   }
@@ -423,8 +489,9 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
     dispatch_peer_bytes += send_bytes[p];
   }
   RETURN_IF_ERROR(Annotate(
-      transport->AllToAllV(a.data(), send_bytes.data(), send_byte_offsets.data(), b.data(),
-                           recv_bytes.data(), recv_byte_offsets.data()),
+      direct ? transport->Barrier()  // every rank's rows are in place once all have written
+             : transport->AllToAllV(a.data(), send_bytes.data(), send_byte_offsets.data(),
+                                    b.data(), recv_bytes.data(), recv_byte_offsets.data()),
       context("dispatch")));
   const double dispatch_seconds = SecondsSince(t_start);
 
@@ -438,7 +505,7 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
   L.choice_row.clear();
   for (int64_t r = 0; r < recv_rows; ++r) {
     L.row_choice_offsets[r] = static_cast<int64_t>(L.choice_expert.size());
-    const std::byte* meta = b.data() + r * dispatch_stride + payload;
+    const std::byte* meta = recv_base + r * dispatch_stride + payload;
     for (int j = 0; j < K; ++j) {
       int32_t e;
       std::memcpy(&e, meta + j * sizeof(int32_t), sizeof(int32_t));
@@ -471,7 +538,7 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
     L.grouped_to_row[g] = L.choice_row[L.grouped_to_choice[g]];
   }
   grouped.resize(recv_choices * H);
-  kc::LaunchGatherRows({.in = b.data(), .in_type = wire,
+  kc::LaunchGatherRows({.in = recv_base, .in_type = wire,
                         .in_stride_bytes = static_cast<int64_t>(dispatch_stride),
                         .index = L.grouped_to_row.data(), .out = grouped.data(),
                         .out_type = kc::RowType::kF32, .out_stride_bytes = H * 4,
@@ -503,7 +570,22 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
   const auto t_combine = std::chrono::steady_clock::now();
   const int64_t self_recv_row = L.recv_offsets[me], self_recv_end = L.recv_offsets[me + 1];
   uint64_t combine_peer_bytes = 0;
-  if (bf16) {
+  if (direct) {
+    // Rank p's rows, rounded once, straight into its window where its own
+    // combine would have received them: row RowsBefore(p, me) on.
+    for (int p = 0; p < W; ++p) {
+      const int64_t begin = L.recv_offsets[p], end = L.recv_offsets[p + 1];
+      if (begin == end) continue;
+      kc::LaunchGatherRows({.in = down.data() + begin * H, .in_type = kc::RowType::kF32,
+                            .in_stride_bytes = H * 4,
+                            .out = win_a->at(p) + rows_before(p, me) * payload,
+                            .out_type = kc::RowType::kBF16,
+                            .out_stride_bytes = static_cast<int64_t>(payload),
+                            .rows = end - begin, .hidden = H},
+                           stream);
+      if (p != me) combine_peer_bytes += (end - begin) * payload;
+    }
+  } else if (bf16) {
     // One row per received row: its choices' weighted sum (summed by the
     // down projection above), rounded once.
     RETURN_IF_ERROR(Annotate(b.Reserve(recv_rows * payload, transport), context("buffers")));
@@ -554,23 +636,25 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
     }
   }
   RETURN_IF_ERROR(Annotate(
-      transport->AllToAllV(b.data(), send_bytes.data(), send_byte_offsets.data(), a.data(),
-                           recv_bytes.data(), recv_byte_offsets.data()),
+      direct ? transport->Barrier()
+             : transport->AllToAllV(b.data(), send_bytes.data(), send_byte_offsets.data(),
+                                    a.data(), recv_bytes.data(), recv_byte_offsets.data()),
       context("combine")));
+  const std::byte* const combined = direct ? win_a->at(me) : a.data();
 
   // (f) Into `out`. BF16: each token adds its ranks' partial sums (widened,
   // no intermediate copy). F32: the weighted un-permute of the local
   // executor, each token's top_k contributions added in choice order, so the
   // result does not depend on where the experts ran.
   if (bf16) {
-    kc::LaunchReduceRows({.in = a.data(), .in_type = kc::RowType::kBF16,
+    kc::LaunchReduceRows({.in = combined, .in_type = kc::RowType::kBF16,
                           .in_stride_bytes = static_cast<int64_t>(payload),
                           .offsets = L.token_row_offsets.data(), .index = L.token_rows.data(),
                           .out = out, .out_type = kc::RowType::kF32, .out_stride_bytes = H * 4,
                           .accumulate = true, .rows = tokens, .hidden = H},
                          stream);
   } else {
-    kc::LaunchUnpermute({.expert_out = reinterpret_cast<const float*>(a.data()),
+    kc::LaunchUnpermute({.expert_out = reinterpret_cast<const float*>(combined),
                          .slot_to_permuted = L.slot_to_choice.data(), .weights = router_w,
                          .tokens = tokens, .top_k = K, .hidden = H, .out = out,
                          .accumulate = true},

@@ -30,6 +30,10 @@ enum class PayloadType { kF32, kBF16 };
 // token instead of one per expert); the rounding is of that sum.
 struct ExpertParallelOptions {
   PayloadType payload = PayloadType::kBF16;
+  // BF16 only: when the transport maps shared windows (ranks on one host),
+  // write dispatch and combine rows straight into peers' memory, a barrier in
+  // place of each all-to-all; otherwise, or when it cannot, all-to-all-v.
+  bool shared_windows = true;
 };
 
 class ExpertParallelExecutor : public ExpertExecutor {

@@ -1,10 +1,24 @@
 #include "worker/ep/inproc_transport.h"
 
+#include <algorithm>
+#include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 
 namespace joule::ep {
+
+// Ranks are threads of one process: a window is plain memory, shared by address.
+class InProcessWindows final : public SharedWindows {
+ public:
+  InProcessWindows(int world, size_t bytes) : own_(AllocateHostBuffer(std::max<size_t>(bytes, 1))) {
+    ptrs_.assign(world, nullptr);
+    bytes_ = bytes;
+  }
+  HostBuffer own_;
+  using SharedWindows::ptrs_;
+};
 
 class InProcessTransport : public Transport {
  public:
@@ -22,6 +36,15 @@ class InProcessTransport : public Transport {
         std::memcpy(static_cast<char*>(out) + r * bytes, slots[r].send, bytes);
       }
     });
+  }
+
+  absl::StatusOr<std::unique_ptr<SharedWindows>> MapSharedWindows(size_t bytes) override {
+    auto win = std::make_unique<InProcessWindows>(world_size(), bytes);
+    const uint64_t mine = reinterpret_cast<uintptr_t>(win->own_.get());
+    std::vector<uint64_t> all(world_size());
+    if (absl::Status s = AllGather(&mine, sizeof(mine), all.data()); !s.ok()) return s;
+    for (int r = 0; r < world_size(); ++r) win->ptrs_[r] = reinterpret_cast<std::byte*>(all[r]);
+    return std::unique_ptr<SharedWindows>(std::move(win));
   }
 
   absl::Status AllToAllV(const void* send, const size_t* send_counts, const size_t* send_offsets,

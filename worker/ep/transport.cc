@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <new>
+#include <string>
 #include <vector>
 
 namespace joule::ep {
@@ -23,6 +24,10 @@ HostBuffer AllocateHostBuffer(size_t bytes) {
   }
   if (p == nullptr) throw std::bad_alloc();
   return HostBuffer(static_cast<std::byte*>(p));
+}
+
+absl::StatusOr<std::unique_ptr<SharedWindows>> Transport::MapSharedWindows(size_t /*bytes*/) {
+  return absl::UnimplementedError(name() + " transport: no shared windows");
 }
 
 absl::Status Transport::Barrier() {

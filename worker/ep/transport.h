@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/time/time.h"
 
 namespace joule::ep {
@@ -26,6 +27,22 @@ enum class MemoryKind { kHost, kDevice };
 
 struct TransportOptions {
   absl::Duration timeout = absl::Seconds(10);  // per collective
+};
+
+// Memory every rank of a group can load and store through plain pointers:
+// rank r's window is at(r) in this process (this rank's own included), all of
+// bytes() long. From Transport::MapSharedWindows. Released by its destructor;
+// it may outlive the transport (the transport then releases it first, and the
+// pointers must no longer be used).
+class SharedWindows {
+ public:
+  virtual ~SharedWindows() = default;
+  std::byte* at(int rank) const { return ptrs_[rank]; }
+  size_t bytes() const { return bytes_; }
+
+ protected:
+  std::vector<std::byte*> ptrs_;
+  size_t bytes_ = 0;
 };
 
 class Transport {
@@ -54,6 +71,14 @@ class Transport {
   virtual absl::Status AllToAllV(const void* send, const size_t* send_counts,
                                  const size_t* send_offsets, void* recv,
                                  const size_t* recv_counts, const size_t* recv_offsets) = 0;
+
+  // Collective: every rank allocates a window of `bytes` (the same on every
+  // rank) and maps every peer's, so ranks can write each other's memory
+  // directly (ranks on one host). Unimplemented on every rank when some rank
+  // cannot map a peer's window; callers then exchange through AllToAllV.
+  // Writes become visible to a peer once both have passed a later collective
+  // (e.g. Barrier).
+  virtual absl::StatusOr<std::unique_ptr<SharedWindows>> MapSharedWindows(size_t bytes);
 
   // Convenience over AllGather.
   absl::Status Barrier();

@@ -6,6 +6,9 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <mutex>
+#include <set>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -61,6 +64,46 @@ std::string KeepaliveInterval(absl::Duration timeout) {
   return absl::StrCat(absl::ToInt64Milliseconds(interval), "ms");
 }
 
+// Shared windows hold UCX resources (a mapped allocation, peers' rkeys) that
+// must go before the endpoints and the context do. Whichever comes first, the
+// window's destructor or the transport's teardown, releases them.
+class UcxWindows;
+struct WindowRegistry {
+  std::mutex mu;
+  bool alive = true;  // false once the transport has torn down
+  std::set<UcxWindows*> live;
+};
+
+class UcxWindows final : public SharedWindows {
+ public:
+  UcxWindows(std::shared_ptr<WindowRegistry> registry, ucp_context_h context, int world,
+             size_t bytes)
+      : registry_(std::move(registry)), context_(context) {
+    ptrs_.assign(world, nullptr);
+    bytes_ = bytes;
+  }
+  ~UcxWindows() override {
+    std::lock_guard<std::mutex> lock(registry_->mu);
+    if (!registry_->alive) return;  // the transport released everything already
+    Release();
+    registry_->live.erase(this);
+  }
+  // Called with the registry's lock held.
+  void Release() {
+    for (ucp_rkey_h rkey : rkeys_) ucp_rkey_destroy(rkey);
+    rkeys_.clear();
+    if (mem_ != nullptr) ucp_mem_unmap(context_, mem_);
+    mem_ = nullptr;
+    std::fill(ptrs_.begin(), ptrs_.end(), nullptr);
+  }
+
+  const std::shared_ptr<WindowRegistry> registry_;
+  const ucp_context_h context_;
+  ucp_mem_h mem_ = nullptr;
+  std::vector<ucp_rkey_h> rkeys_;
+  using SharedWindows::ptrs_;
+};
+
 class UcxTransportImpl final : public UcxTransport {
  public:
   UcxTransportImpl(int rank, int world_size, const TransportOptions& options,
@@ -88,7 +131,8 @@ class UcxTransportImpl final : public UcxTransport {
     }
     ucp_params_t params{};
     params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED;
-    params.features = UCP_FEATURE_TAG;
+    // RMA: peers' shared-memory windows are mapped through rkeys (MapSharedWindows).
+    params.features = UCP_FEATURE_TAG | UCP_FEATURE_RMA;
     params.mt_workers_shared = 0;
     ucs_status_t s = ucp_init(&params, config, &context_);
     ucp_config_release(config);
@@ -165,6 +209,87 @@ class UcxTransportImpl final : public UcxTransport {
       if (absl::Status s = PostSend(p, in, bytes, seq); !s.ok()) return Fail(s);
     }
     return Wait("all-gather", seq);
+  }
+
+  absl::StatusOr<std::unique_ptr<SharedWindows>> MapSharedWindows(size_t bytes) override {
+    if (absl::Status s = Ready(); !s.ok()) return s;
+    auto win = std::make_unique<UcxWindows>(registry_, context_, world_size_, bytes);
+    // 1. Memory UCX allocates itself (shared memory it can export), and its
+    //    rkey: [address, rkey bytes]; empty when this rank could not.
+    std::string why;
+    std::string blob;
+    ucp_mem_map_params_t mp{};
+    mp.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH |
+                    UCP_MEM_MAP_PARAM_FIELD_FLAGS;
+    mp.address = nullptr;
+    mp.length = std::max<size_t>(bytes, 1);
+    mp.flags = UCP_MEM_MAP_ALLOCATE;
+    if (ucs_status_t st = ucp_mem_map(context_, &mp, &win->mem_); st != UCS_OK) {
+      win->mem_ = nullptr;
+      why = absl::StrCat("ucp_mem_map: ", ucs_status_string(st));
+    } else {
+      ucp_mem_attr_t attr{};
+      attr.field_mask = UCP_MEM_ATTR_FIELD_ADDRESS;
+      void* rkey_buf = nullptr;
+      size_t rkey_len = 0;
+      ucs_status_t st2 = ucp_mem_query(win->mem_, &attr);
+      if (st2 == UCS_OK) st2 = ucp_rkey_pack(context_, win->mem_, &rkey_buf, &rkey_len);
+      if (st2 != UCS_OK) {
+        why = absl::StrCat("ucp_rkey_pack: ", ucs_status_string(st2));
+      } else {
+        const uint64_t address = reinterpret_cast<uintptr_t>(attr.address);
+        blob.assign(reinterpret_cast<const char*>(&address), sizeof(address));
+        blob.append(static_cast<const char*>(rkey_buf), rkey_len);
+        ucp_rkey_buffer_release(rkey_buf);
+        win->ptrs_[rank_] = static_cast<std::byte*>(attr.address);
+      }
+    }
+    // 2. Everyone's blob (lengths first, then padded to the longest).
+    std::vector<uint64_t> lengths(world_size_);
+    const uint64_t my_length = blob.size();
+    if (absl::Status s = AllGather(&my_length, sizeof(my_length), lengths.data()); !s.ok()) return s;
+    const size_t longest = *std::max_element(lengths.begin(), lengths.end());
+    std::vector<char> blobs(longest * world_size_);
+    blob.resize(longest);
+    if (absl::Status s = AllGather(blob.data(), longest, blobs.data()); !s.ok()) return s;
+    // 3. A pointer to every peer's window, where UCX can give one.
+    for (int p = 0; p < world_size_ && why.empty(); ++p) {
+      if (p == rank_) continue;
+      const char* b = blobs.data() + p * longest;
+      if (lengths[p] <= sizeof(uint64_t)) {
+        why = absl::StrCat("rank ", p, " has no window");
+        break;
+      }
+      uint64_t address = 0;
+      std::memcpy(&address, b, sizeof(address));
+      ucp_rkey_h rkey = nullptr;
+      if (ucs_status_t st = ucp_ep_rkey_unpack(eps_[p], b + sizeof(address), &rkey); st != UCS_OK) {
+        why = absl::StrCat("ucp_ep_rkey_unpack for rank ", p, ": ", ucs_status_string(st));
+        break;
+      }
+      win->rkeys_.push_back(rkey);
+      void* local = nullptr;
+      if (ucs_status_t st = ucp_rkey_ptr(rkey, address, &local); st != UCS_OK) {
+        why = absl::StrCat("ucp_rkey_ptr for rank ", p, ": ", ucs_status_string(st));
+        break;
+      }
+      win->ptrs_[p] = static_cast<std::byte*>(local);
+    }
+    // 4. All ranks agree, so all fall back together.
+    std::vector<uint8_t> ok(world_size_);
+    const uint8_t my_ok = why.empty() ? 1 : 0;
+    if (absl::Status s = AllGather(&my_ok, 1, ok.data()); !s.ok()) return s;
+    for (int p = 0; p < world_size_; ++p) {
+      if (ok[p] == 0) {
+        return absl::UnimplementedError(absl::StrCat(
+            "ucx transport: no shared windows: rank ", p, " cannot map its peers' memory",
+            p == rank_ ? absl::StrCat(" (", why, ")") : "",
+            " (UCX_TLS without shared memory, or ranks on different hosts)"));
+      }
+    }
+    std::lock_guard<std::mutex> lock(registry_->mu);
+    registry_->live.insert(win.get());
+    return std::unique_ptr<SharedWindows>(std::move(win));
   }
 
   absl::Status AllToAllV(const void* send, const size_t* send_counts, const size_t* send_offsets,
@@ -395,6 +520,12 @@ class UcxTransportImpl final : public UcxTransport {
   }
 
   void Teardown() {
+    {
+      std::lock_guard<std::mutex> lock(registry_->mu);
+      for (UcxWindows* w : registry_->live) w->Release();
+      registry_->live.clear();
+      registry_->alive = false;
+    }
     if (worker_ != nullptr) {
       if (!ops_.empty()) Abort();
       CloseEndpoints(/*force=*/!broken_.ok());
@@ -413,6 +544,7 @@ class UcxTransportImpl final : public UcxTransport {
   const UcxOptions ucx_;
   ucp_context_h context_ = nullptr;
   ucp_worker_h worker_ = nullptr;
+  const std::shared_ptr<WindowRegistry> registry_ = std::make_shared<WindowRegistry>();
   std::string address_;
   std::vector<ucp_ep_h> eps_;               // by rank; nullptr for self
   std::vector<ucs_status_t> peer_error_;    // set by the endpoint error handler

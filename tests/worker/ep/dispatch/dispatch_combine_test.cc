@@ -149,7 +149,7 @@ std::set<int> TokenDestinations(const Trial& t, int rank, int l, int64_t tok) {
 std::vector<std::vector<float>> RunExpertParallel(
     const Trial& t, const std::vector<std::unique_ptr<ModelWeights>>& rank_weights,
     PayloadType payload, std::vector<std::vector<std::vector<int64_t>>>* loads,
-    std::vector<ExpertParallelExecutor::Stats>* stats) {
+    std::vector<ExpertParallelExecutor::Stats>* stats, bool shared_windows = true) {
   InProcessGroup group(t.world);
   std::vector<std::vector<float>> outs(t.world);
   loads->assign(t.world, {});
@@ -157,7 +157,7 @@ std::vector<std::vector<float>> RunExpertParallel(
   RunRanks(t.world, [&](int rank) {
     auto transport = group.Rank(rank);
     ExpertParallelExecutor ex(rank_weights[rank].get(), transport.get(), t.placement, {},
-                              {.payload = payload});
+                              {.payload = payload, .shared_windows = shared_windows});
     const RankInput& in = t.in[rank];
     const int64_t TH = in.tokens * t.hidden, TK = in.tokens * t.top_k;
     outs[rank] = in.initial;
@@ -207,6 +207,17 @@ TEST(DispatchCombineTest, MatchesDenseReferenceOnRandomProblems) {
     auto bf16_loads = loads;
     auto bf16_stats = stats;
     auto bf16 = RunExpertParallel(t, rank_weights, PayloadType::kBF16, &bf16_loads, &bf16_stats);
+    // BF16 writes rows into peers' shared windows; through all-to-all-v
+    // instead, the same arithmetic must give the same bits and bytes.
+    auto a2a_loads = loads;
+    auto a2a_stats = stats;
+    auto bf16_a2a = RunExpertParallel(t, rank_weights, PayloadType::kBF16, &a2a_loads, &a2a_stats,
+                                      /*shared_windows=*/false);
+    for (int rank = 0; rank < t.world; ++rank) {
+      ASSERT_EQ(bf16[rank], bf16_a2a[rank]) << "rank " << rank << ": windows vs all-to-all-v";
+      EXPECT_EQ(bf16_stats[rank].dispatch_bytes, a2a_stats[rank].dispatch_bytes) << "rank " << rank;
+      EXPECT_EQ(bf16_stats[rank].combine_bytes, a2a_stats[rank].combine_bytes) << "rank " << rank;
+    }
 
     const int64_t H = t.hidden;
     const int K = t.top_k;

@@ -193,7 +193,41 @@ absl::Status CheckMismatchedCounts(Transport& t) {
   return Annotate(t.Barrier(), "barrier after mismatched counts");
 }
 
+absl::Status CheckSharedWindows(Transport& t, bool* mapped) {
+  const int w = t.world_size();
+  const int me = t.rank();
+  *mapped = false;
+  for (const size_t chunk : {size_t{4096} + 3, size_t{3} << 20}) {  // then larger, the first released
+    absl::StatusOr<std::unique_ptr<SharedWindows>> windows = t.MapSharedWindows(chunk * w);
+    if (absl::IsUnimplemented(windows.status())) return absl::OkStatus();
+    if (!windows.ok()) return Annotate(windows.status(), "map shared windows");
+    *mapped = true;
+    const SharedWindows& win = **windows;
+    if (win.bytes() != chunk * w) {
+      return absl::InternalError(absl::StrCat("window of ", win.bytes(), " bytes, asked ", chunk * w));
+    }
+    // Rank `me` writes its chunk of every rank's window (its own included).
+    for (int p = 0; p < w; ++p) {
+      if (win.at(p) == nullptr) return absl::InternalError(absl::StrCat("no window for rank ", p));
+      Fill(reinterpret_cast<uint8_t*>(win.at(p)) + me * chunk, chunk, chunk, me, p);
+    }
+    if (absl::Status s = t.Barrier(); !s.ok()) return Annotate(s, "barrier after window writes");
+    for (int p = 0; p < w; ++p) {
+      if (absl::Status s = Verify(reinterpret_cast<const uint8_t*>(win.at(me)) + p * chunk, chunk,
+                                  chunk, p, me, "shared window");
+          !s.ok()) {
+        return s;
+      }
+    }
+    // Nobody releases (or reuses) a window a peer may still be reading.
+    if (absl::Status s = t.Barrier(); !s.ok()) return Annotate(s, "barrier after window reads");
+  }
+  return absl::OkStatus();
+}
+
 absl::Status RunConformance(Transport& t) {
+  bool mapped = false;
+  if (absl::Status s = CheckSharedWindows(t, &mapped); !s.ok()) return s;
   if (absl::Status s = CheckBarriers(t, 3); !s.ok()) return s;
   if (absl::Status s = CheckAllGather(t); !s.ok()) return s;
   if (absl::Status s = CheckAllToAllVRandom(t, 64, 42); !s.ok()) return s;

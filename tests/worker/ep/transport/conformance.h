@@ -36,6 +36,12 @@ absl::Status CheckBarriers(Transport& t, int n);
 // sender, other ranks succeed, and the group stays usable.
 absl::Status CheckMismatchedCounts(Transport& t);
 
+// Shared windows (Transport::MapSharedWindows): Unimplemented is allowed
+// (`*mapped` stays false). Otherwise every rank writes its chunk of every
+// rank's window, and after a barrier finds each peer's chunk in its own; then
+// the same with a larger mapping made after the first was released.
+absl::Status CheckSharedWindows(Transport& t, bool* mapped);
+
 // All of the above; the suite every transport must pass.
 absl::Status RunConformance(Transport& t);
 

@@ -5,7 +5,8 @@
 // Publishes its worker address in DIR, collects the others', connects and
 // runs SCENARIO: "conformance", "absent" (the last rank stays away),
 // "late" (the last rank joins an all-gather 500 ms late; the others must not
-// spend a core waiting for it) or "killed" (loops until a peer fails; writes
+// spend a core waiting for it), "windows-shm" / "windows-none" (shared
+// windows must map / must be refused) or "killed" (loops until a peer fails; writes
 // DIR/started.RANK once running);
 // a "-peer-errors" suffix runs it with UcxOptions::peer_error_handling on.
 // Exit status: 0 when the scenario behaved as the contract says, 1 when it
@@ -110,6 +111,14 @@ int Run(int rank, int world, const std::string& dir, std::string scenario,
     result = joule::ep::testing::CheckAbsentPeerTimesOut(t, absent, timeout);
     // Stay alive past the others' deadline so they see a silent peer, not a dead one.
     if (rank == absent) absl::SleepFor(timeout + absl::Seconds(1));
+  } else if (scenario == "windows-shm" || scenario == "windows-none") {
+    // Over shared memory every rank maps every peer's window; over TCP none does.
+    bool mapped = false;
+    result = joule::ep::testing::CheckSharedWindows(t, &mapped);
+    if (result.ok() && mapped != (scenario == "windows-shm")) {
+      result = absl::InternalError(absl::StrCat("shared windows ", mapped ? "mapped" : "not mapped",
+                                                " in scenario ", scenario));
+    }
   } else if (scenario == "late") {
     result = CheckLatePeerCostsNoCore(t, absl::Milliseconds(500));
   } else if (scenario == "killed") {

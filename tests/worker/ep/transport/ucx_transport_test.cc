@@ -108,6 +108,14 @@ TEST_P(UcxProcesses, WaitingForALateRankDoesNotSpendACore) {
 
 TEST_P(UcxProcesses, KilledRankFailsSurvivorsWithinTimeout) { KillOneRank("killed"); }
 
+TEST_P(UcxProcesses, SharedWindowsMapOverSharedMemoryOnly) {
+  const bool shm = GetParam().tls.find("shm") != std::string::npos;
+  Launch(shm ? "windows-shm" : "windows-none", absl::Seconds(10));
+  for (int r = 0; r < GetParam().world; ++r) {
+    EXPECT_EQ(Outcome(r, absl::Now() + absl::Seconds(30)), "") << "rank " << r;
+  }
+}
+
 void UcxProcesses::KillOneRank(const std::string& scenario) {
   const absl::Duration timeout = absl::Seconds(2);
   Launch(scenario, timeout);
