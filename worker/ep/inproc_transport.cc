@@ -12,10 +12,8 @@ namespace joule::ep {
 // Ranks are threads of one process: a window is plain memory, shared by address.
 class InProcessWindows final : public SharedWindows {
  public:
-  InProcessWindows(int world, size_t bytes) : own_(AllocateHostBuffer(std::max<size_t>(bytes, 1))) {
-    ptrs_.assign(world, nullptr);
-    bytes_ = bytes;
-  }
+  InProcessWindows(int world, size_t bytes)
+      : SharedWindows(world, bytes), own_(AllocateHostBuffer(std::max<size_t>(bytes, 1))) {}
   HostBuffer own_;
   using SharedWindows::ptrs_;
 };

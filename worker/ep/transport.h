@@ -41,8 +41,10 @@ class SharedWindows {
   size_t bytes() const { return bytes_; }
 
  protected:
+  // The transport fills in ptrs_ as it maps each rank's window.
+  SharedWindows(int world, size_t bytes) : ptrs_(world, nullptr), bytes_(bytes) {}
   std::vector<std::byte*> ptrs_;
-  size_t bytes_ = 0;
+  const size_t bytes_;
 };
 
 class Transport {

@@ -78,10 +78,7 @@ class UcxWindows final : public SharedWindows {
  public:
   UcxWindows(std::shared_ptr<WindowRegistry> registry, ucp_context_h context, int world,
              size_t bytes)
-      : registry_(std::move(registry)), context_(context) {
-    ptrs_.assign(world, nullptr);
-    bytes_ = bytes;
-  }
+      : SharedWindows(world, bytes), registry_(std::move(registry)), context_(context) {}
   ~UcxWindows() override {
     std::lock_guard<std::mutex> lock(registry_->mu);
     if (!registry_->alive) return;  // the transport released everything already
