@@ -200,7 +200,8 @@ int main(int argc, char** argv) {
   const std::vector<int> token_counts = *ParseSizeList("tokens", a.tokens);
   const int W = a.world, K = a.top_k, E = a.experts;
   auto created = joule::ep::UcxTransport::Create(a.rank, W, {.timeout = absl::Seconds(120)},
-                                                 {.peer_error_handling = a.peer_errors});
+                                                 {.peer_error_handling = a.peer_errors,
+                                                  .receive_thread = a.recv_thread});
   Check(created.status(), "create");
   joule::ep::UcxTransport& t = **created;
   Check(t.Connect(Rendezvous(a.dir, a.rank, W, t.address())), "connect");
@@ -247,10 +248,10 @@ int main(int argc, char** argv) {
           std::fprintf(stderr, "EP %d hidden %d tokens %d: skipped, needs %.1f GB\n", W, hidden,
                        tokens, need / 1e9);
           std::fprintf(out,
-                       "{\"impl\":\"joule-ep-executor\",\"tls\":\"%s\",\"peer_errors\":%s,\"shared_windows\":%s,\"ep\":%d,"
+                       "{\"impl\":\"joule-ep-executor\",\"tls\":\"%s\",\"peer_errors\":%s,\"recv_thread\":%s,\"shared_windows\":%s,\"ep\":%d,"
                        "\"hidden\":%d,\"tokens\":%d,\"top_k\":%d,"
                        "\"skipped\":\"needs %.1f GB, more than %.0f%% of MemAvailable\"}\n",
-                       tls ? tls : "default", a.peer_errors ? "true" : "false",
+                       tls ? tls : "default", a.peer_errors ? "true" : "false", a.recv_thread ? "true" : "false",
                        a.shared_windows ? "true" : "false", W, hidden, tokens,
                        K, need / 1e9, a.mem_fraction * 100);
           std::fflush(out);
@@ -378,7 +379,7 @@ int main(int argc, char** argv) {
       const double slot_bytes = double(tokens) * K * (W - 1) / W * (4.0 * hidden + 4);
       std::fprintf(
           out,
-          "{\"impl\":\"joule-ep-executor\",\"tls\":\"%s\",\"peer_errors\":%s,\"shared_windows\":%s,\"ep\":%d,\"hidden\":%d,"
+          "{\"impl\":\"joule-ep-executor\",\"tls\":\"%s\",\"peer_errors\":%s,\"recv_thread\":%s,\"shared_windows\":%s,\"ep\":%d,\"hidden\":%d,"
           "\"tokens\":%d,\"top_k\":%d,\"experts\":%d,\"moe_intermediate\":%d,\"threads\":%d,"
           "\"iters\":%d,\"latency_us_median\":%.2f,\"latency_us_mean\":%.2f,"
           "\"latency_us_median_rank_mean\":%.2f,\"latency_us_median_skew_free\":%.2f,"
@@ -387,7 +388,7 @@ int main(int argc, char** argv) {
           "\"dispatch_bytes_per_rank\":%.0f,"
           "\"combine_bytes_per_rank\":%.0f,\"bytes_per_rank\":%.0f,\"bytes_per_peer\":%llu,"
           "\"algbw_GBps\":%.4f,\"slot_bytes_per_rank\":%.0f,\"slot_algbw_GBps\":%.4f}\n",
-          tls ? tls : "default", a.peer_errors ? "true" : "false",
+          tls ? tls : "default", a.peer_errors ? "true" : "false", a.recv_thread ? "true" : "false",
                        a.shared_windows ? "true" : "false", W, hidden, tokens, K, E,
           a.moe_intermediate, a.threads, iters, lat_us, Mean(dc) * 1e6, Median(dc_rank_mean) * 1e6,
           Median(skew_free) * 1e6,

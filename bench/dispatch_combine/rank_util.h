@@ -27,6 +27,8 @@ namespace joule::bench {
   X(std::string, tokens, "", "tokens per rank to sweep, comma-separated (required)")      \
   X(int, top_k, 8, "experts per token")                                                   \
   X(bool, peer_errors, false, "UCX peer error handling (true: no CMA zero-copy over shm)")   \
+  X(bool, recv_thread, false,                                                             \
+    "UCX receive thread: a second worker and thread take the receives of large exchanges") \
   X(std::string, out, "", "file rank 0 appends its JSON lines to (default: stdout)")
 
 // "1,4,16" -> {1, 4, 16}; InvalidArgument naming --flag for an empty list or an

@@ -20,6 +20,8 @@ CONFIGS = {
     "shm": ("shm", "mpi-shm", "UCX_TLS=shm,self (default: no peer error handling, CMA zero-copy)"),
     "shm-peer": ("shm", "mpi-shm", "UCX_TLS=shm,self, peer error handling on (no CMA)"),
     "tcp": ("tcp", "mpi-tcp", "UCX_TLS=tcp,self over loopback"),
+    "tcp-rt": ("tcp", "mpi-tcp", "UCX_TLS=tcp,self over loopback, receive thread "
+               "(UcxOptions::receive_thread)"),
 }
 
 

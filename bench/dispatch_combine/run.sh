@@ -17,7 +17,9 @@
 #   Writes bench/results/dispatch_combine-executor.{json,md}.
 #
 #   bench/dispatch_combine/run.sh [BUILD_DIR] [--quick] [--executor]
-# Environment: EPS (default "2 4"), CONFIGS (default "shm shm-peer tcp").
+# Environment: EPS (default "2 4"), CONFIGS (default "shm shm-peer tcp tcp-rt";
+# tcp-rt is TCP with UcxOptions::receive_thread, which needs a spare core per
+# rank to pay off).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 build="$root/build/default"
@@ -35,7 +37,7 @@ bin="$build/bench/dispatch_combine"
 tokens="1,4,16,64,128,256,1024,4096"
 hidden="2048,7168"
 eps="${EPS:-2 4}"
-configs="${CONFIGS:-shm shm-peer tcp}"
+configs="${CONFIGS:-shm shm-peer tcp tcp-rt}"
 if [ -n "$quick" ]; then tokens="1,128,1024"; hidden="2048"; fi
 if [ "$stage" = executor ]; then
   joule_bin="$bin/joule-dispatch-combine-bench"; mpi_mode=dispatch-combine
@@ -55,7 +57,8 @@ joule_run() {
   for ((r = 0; r < ep; r++)); do
     env "$@" "$joule_bin" --rank "$r" --world "$ep" --dir "$dir" \
       --hidden "$hidden" --tokens "$tokens" --out "$tmp/joule-$label.jsonl" \
-      $( [ "$label" = shm-peer ] && echo --peer-errors=true ) &
+      $( [ "$label" = shm-peer ] && echo --peer-errors=true ) \
+      $( [ "$label" = tcp-rt ] && echo --recv-thread=true ) &
     pids+=($!)
   done
   local rc=0
@@ -69,7 +72,7 @@ for ep in $eps; do
     echo "joule $stage, $c, EP $ep ($(date +%T))" >&2
     case "$c" in
       shm|shm-peer) joule_run "$c" "$ep" UCX_TLS=shm,self ;;
-      tcp) joule_run tcp "$ep" UCX_TLS=tcp,self UCX_NET_DEVICES=lo ;;
+      tcp|tcp-rt) joule_run "$c" "$ep" UCX_TLS=tcp,self UCX_NET_DEVICES=lo ;;
       *) echo "unknown configuration $c" >&2; exit 2 ;;
     esac
   done

@@ -60,7 +60,8 @@ int main(int argc, char** argv) {
   const std::vector<int> hidden_sizes = *ParseSizeList("hidden", a.hidden);
   const std::vector<int> token_counts = *ParseSizeList("tokens", a.tokens);
   auto created = joule::ep::UcxTransport::Create(a.rank, a.world, {.timeout = absl::Seconds(60)},
-                                                 {.peer_error_handling = a.peer_errors});
+                                                 {.peer_error_handling = a.peer_errors,
+                                                  .receive_thread = a.recv_thread});
   Check(created.status(), "create");
   joule::ep::UcxTransport& t = **created;
   Check(t.Connect(Rendezvous(a.dir, a.rank, a.world, t.address())), "connect");
@@ -122,11 +123,11 @@ int main(int argc, char** argv) {
       const size_t to_peers = total - counts[a.rank];
       if (a.rank == 0) {
         std::fprintf(out,
-                     "{\"impl\":\"joule-ucx\",\"tls\":\"%s\",\"peer_errors\":%s,\"self_copy\":%s,\"ep\":%d,\"hidden\":%d,\"tokens\":%d,"
+                     "{\"impl\":\"joule-ucx\",\"tls\":\"%s\",\"peer_errors\":%s,\"recv_thread\":%s,\"self_copy\":%s,\"ep\":%d,\"hidden\":%d,\"tokens\":%d,"
                      "\"top_k\":%d,\"bytes_per_rank\":%zu,\"bytes_per_peer\":%zu,\"iters\":%d,"
                      "\"latency_us_median\":%.2f,\"latency_us_mean\":%.2f,"
                      "\"algbw_GBps\":%.4f}\n",
-                     tls ? tls : "default", a.peer_errors ? "true" : "false",
+                     tls ? tls : "default", a.peer_errors ? "true" : "false", a.recv_thread ? "true" : "false",
                      a.self_copy ? "true" : "false", w, hidden, tokens, a.top_k, total, per_peer, iters,
                      median, mean, to_peers / median / 1e3);
         std::fflush(out);

@@ -1,16 +1,21 @@
 #include "worker/ep/ucx_transport.h"
 
+#include <pthread.h>
 #include <sched.h>
 #include <ucp/api/ucp.h>
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
 #include <set>
 #include <string>
+#include <thread>
 
+#include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
@@ -101,12 +106,78 @@ class UcxWindows final : public SharedWindows {
   using SharedWindows::ptrs_;
 };
 
+// Address blob: a format byte, then the sending worker's UCP address (with
+// its length), then with a receive thread the receiving worker's. Peers'
+// endpoints lead to the receiving worker, so that is where messages land.
+constexpr char kOneWorker = 1;
+constexpr char kTwoWorkers = 2;
+
+struct PeerAddress {
+  char format = 0;
+  std::string send, recv;
+};
+
+absl::StatusOr<PeerAddress> ParseAddress(int rank, const std::string& blob) {
+  PeerAddress a;
+  uint32_t len = 0;
+  if (blob.size() < 1 + sizeof(len)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ucx transport: address of rank ", rank, " is too short (", blob.size(),
+                     " bytes)"));
+  }
+  a.format = blob[0];
+  std::memcpy(&len, blob.data() + 1, sizeof(len));
+  const size_t head = 1 + sizeof(len);
+  if ((a.format != kOneWorker && a.format != kTwoWorkers) || len == 0 ||
+      len > blob.size() - head || (a.format == kOneWorker && len != blob.size() - head) ||
+      (a.format == kTwoWorkers && len == blob.size() - head)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ucx transport: address of rank ", rank, " is malformed"));
+  }
+  a.send = blob.substr(head, len);
+  a.recv = a.format == kTwoWorkers ? blob.substr(head + len) : a.send;
+  return a;
+}
+
+// Spin, then nap, while a wait makes no progress (UcxOptions::spin_before_naps).
+class Backoff {
+ public:
+  explicit Backoff(absl::Duration spin) : spin_(spin) {}
+  void Progressed() { idle_ = 0; }
+  // One round without progress; false when `deadline` has passed.
+  bool Idle(absl::Time deadline) {
+    if (++idle_ < 32) return true;
+    const absl::Time now = absl::Now();
+    if (idle_ == 32) idle_since_ = now;
+    if (idle_ % 16 == 0 && now >= deadline) return false;
+    // Ranks often outnumber cores (tests, one-host runs, shared hosts):
+    // after a short spin let the peer we wait for run. A peer still busy
+    // after that (its expert GEMMs, an idle round's pause) is waited for
+    // in naps: spinning through it would burn a core for nothing.
+    const absl::Duration waited = now - idle_since_;
+    if (waited < spin_) {
+      sched_yield();
+    } else {
+      absl::SleepFor(std::clamp(waited / 8, kMinNap, kMaxNap));
+    }
+    return true;
+  }
+
+ private:
+  const absl::Duration spin_;
+  int idle_ = 0;
+  absl::Time idle_since_;
+};
+
 class UcxTransportImpl final : public UcxTransport {
  public:
   UcxTransportImpl(int rank, int world_size, const TransportOptions& options,
                    const UcxOptions& ucx)
       : rank_(rank), world_size_(world_size), options_(options), ucx_(ucx),
-        eps_(world_size, nullptr), peer_error_(world_size, UCS_OK) {}
+        eps_(world_size, nullptr), peer_error_(world_size), awaiting_(world_size) {
+    for (auto& e : peer_error_) e.store(UCS_OK);
+    for (auto& a : awaiting_) a.store(false);
+  }
 
   ~UcxTransportImpl() override { Teardown(); }
 
@@ -130,24 +201,32 @@ class UcxTransportImpl final : public UcxTransport {
     params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED;
     // RMA: peers' shared-memory windows are mapped through rkeys (MapSharedWindows).
     params.features = UCP_FEATURE_TAG | UCP_FEATURE_RMA;
-    params.mt_workers_shared = 0;
+    // With a receive thread two threads drive two workers of this context at once.
+    params.mt_workers_shared = ucx_.receive_thread ? 1 : 0;
     ucs_status_t s = ucp_init(&params, config, &context_);
     ucp_config_release(config);
     if (s != UCS_OK) return UcsError("ucp_init", s);
 
-    ucp_worker_params_t wparams{};
-    wparams.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
-    wparams.thread_mode = UCS_THREAD_MODE_SINGLE;  // one thread (this rank's) drives it
-    if (s = ucp_worker_create(context_, &wparams, &worker_); s != UCS_OK) {
-      return UcsError("ucp_worker_create", s);
+    // The sending worker: only the calling thread drives it.
+    absl::StatusOr<std::string> send_address = CreateWorker(UCS_THREAD_MODE_SINGLE, &worker_);
+    if (!send_address.ok()) return send_address.status();
+    const uint32_t len = send_address->size();
+    address_.assign(1, ucx_.receive_thread ? kTwoWorkers : kOneWorker);
+    address_.append(reinterpret_cast<const char*>(&len), sizeof(len));
+    address_ += *send_address;
+    if (!ucx_.receive_thread) {
+      recv_worker_ = worker_;
+      return absl::OkStatus();
     }
-    ucp_address_t* addr = nullptr;
-    size_t addr_len = 0;
-    if (s = ucp_worker_get_address(worker_, &addr, &addr_len); s != UCS_OK) {
-      return UcsError("ucp_worker_get_address", s);
-    }
-    address_.assign(reinterpret_cast<const char*>(addr), addr_len);
-    ucp_worker_release_address(worker_, addr);
+    // The receiving worker: the calling thread posts receives and drives it
+    // for small collectives, the receive thread for large ones, never both
+    // at once.
+    absl::StatusOr<std::string> recv_address =
+        CreateWorker(UCS_THREAD_MODE_SERIALIZED, &recv_worker_);
+    if (!recv_address.ok()) return recv_address.status();
+    address_ += *recv_address;
+    recv_thread_ = std::thread([this] { ReceiveLoop(); });
+    pthread_setname_np(recv_thread_.native_handle(), kReceiveThreadName);  // for top and tests
     return absl::OkStatus();
   }
 
@@ -163,18 +242,29 @@ class UcxTransportImpl final : public UcxTransport {
                                                      addresses.size(), " entries, world_size is ",
                                                      world_size_));
     }
+    std::vector<PeerAddress> peers(world_size_);
     for (int p = 0; p < world_size_; ++p) {
-      if (p != rank_ && addresses[p].empty()) {
+      if (p == rank_) continue;
+      if (addresses[p].empty()) {
         return absl::InvalidArgumentError(absl::StrCat("ucx transport: address of rank ", p,
                                                        " is empty"));
       }
+      absl::StatusOr<PeerAddress> a = ParseAddress(p, addresses[p]);
+      if (!a.ok()) return a.status();
+      if (a->format != address_[0]) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "ucx transport: rank ", p, (a->format == kTwoWorkers ? " runs" : " does not run"),
+            " a receive thread and rank ", rank_,
+            (ucx_.receive_thread ? " does" : " does not"), "; every rank must agree"));
+      }
+      peers[p] = *std::move(a);
     }
     for (int p = 0; p < world_size_; ++p) {
       if (p == rank_) continue;
       ucp_ep_params_t ep_params{};
       ep_params.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS |
                              UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
-      ep_params.address = reinterpret_cast<const ucp_address_t*>(addresses[p].data());
+      ep_params.address = reinterpret_cast<const ucp_address_t*>(peers[p].recv.data());
       ep_params.err_mode =
           ucx_.peer_error_handling ? UCP_ERR_HANDLING_MODE_PEER : UCP_ERR_HANDLING_MODE_NONE;
       ep_params.err_handler.cb = &UcxTransportImpl::OnEndpointError;
@@ -196,16 +286,17 @@ class UcxTransportImpl final : public UcxTransport {
     const uint64_t seq = seq_++;
     char* dst = static_cast<char*>(out);
     if (bytes > 0 && in != dst + rank_ * bytes) std::memmove(dst + rank_ * bytes, in, bytes);
-    ops_.clear();
+    ClearOps();
     for (int i = 1; i < world_size_; ++i) {
       const int p = (rank_ + world_size_ - i) % world_size_;
       if (absl::Status s = PostRecv(p, dst + p * bytes, bytes, seq); !s.ok()) return Fail(s);
     }
+    const bool threaded = HandOffReceives(bytes * (world_size_ - 1));
     for (int i = 1; i < world_size_; ++i) {
       const int p = (rank_ + i) % world_size_;
       if (absl::Status s = PostSend(p, in, bytes, seq); !s.ok()) return Fail(s);
     }
-    return Wait("all-gather", seq);
+    return Wait("all-gather", seq, threaded);
   }
 
   absl::StatusOr<std::unique_ptr<SharedWindows>> MapSharedWindows(size_t bytes) override {
@@ -289,6 +380,7 @@ class UcxTransportImpl final : public UcxTransport {
     return std::unique_ptr<SharedWindows>(std::move(win));
   }
 
+
   absl::Status AllToAllV(const void* send, const size_t* send_counts, const size_t* send_offsets,
                          void* recv, const size_t* recv_counts, const size_t* recv_offsets) override {
     if (absl::Status s = Ready(); !s.ok()) return s;
@@ -303,22 +395,25 @@ class UcxTransportImpl final : public UcxTransport {
     } else if (send_counts[rank_] > 0) {
       std::memmove(dst + recv_offsets[rank_], src + send_offsets[rank_], send_counts[rank_]);
     }
-    ops_.clear();
+    ClearOps();
     // Zero-byte messages are sent too: they keep every round a full exchange,
     // so an absent peer is noticed even when it has nothing to send.
+    size_t incoming = 0;
     for (int i = 1; i < world_size_; ++i) {
       const int p = (rank_ + world_size_ - i) % world_size_;
       if (absl::Status s = PostRecv(p, dst + recv_offsets[p], recv_counts[p], seq); !s.ok()) {
         return Fail(s);
       }
+      incoming += recv_counts[p];
     }
+    const bool threaded = HandOffReceives(incoming);
     for (int i = 1; i < world_size_; ++i) {
       const int p = (rank_ + i) % world_size_;
       if (absl::Status s = PostSend(p, src + send_offsets[p], send_counts[p], seq); !s.ok()) {
         return Fail(s);
       }
     }
-    absl::Status s = Wait("all-to-all-v", seq);
+    absl::Status s = Wait("all-to-all-v", seq, threaded);
     return s.ok() ? self_mismatch : s;
   }
 
@@ -330,10 +425,29 @@ class UcxTransportImpl final : public UcxTransport {
     size_t expected = 0;  // receives: bytes the caller expects
   };
 
+  absl::StatusOr<std::string> CreateWorker(ucs_thread_mode_t mode, ucp_worker_h* worker) {
+    ucp_worker_params_t wparams{};
+    wparams.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+    wparams.thread_mode = mode;
+    if (ucs_status_t s = ucp_worker_create(context_, &wparams, worker); s != UCS_OK) {
+      *worker = nullptr;
+      return UcsError("ucp_worker_create", s);
+    }
+    ucp_address_t* addr = nullptr;
+    size_t addr_len = 0;
+    if (ucs_status_t s = ucp_worker_get_address(*worker, &addr, &addr_len); s != UCS_OK) {
+      return UcsError("ucp_worker_get_address", s);
+    }
+    std::string address(reinterpret_cast<const char*>(addr), addr_len);
+    ucp_worker_release_address(*worker, addr);
+    return address;
+  }
+
   static void OnEndpointError(void* arg, ucp_ep_h ep, ucs_status_t status) {
     auto* self = static_cast<UcxTransportImpl*>(arg);
     for (int p = 0; p < self->world_size_; ++p) {
-      if (self->eps_[p] == ep && self->peer_error_[p] == UCS_OK) self->peer_error_[p] = status;
+      ucs_status_t ok = UCS_OK;
+      if (self->eps_[p] == ep) self->peer_error_[p].compare_exchange_strong(ok, status);
     }
   }
 
@@ -344,7 +458,7 @@ class UcxTransportImpl final : public UcxTransport {
     }
     if (!connected_) return absl::FailedPreconditionError("ucx transport: not connected");
     for (int p = 0; p < world_size_; ++p) {
-      if (peer_error_[p] != UCS_OK) return Fail(PeerGone(p, peer_error_[p]));
+      if (ucs_status_t e = peer_error_[p].load(); e != UCS_OK) return Fail(PeerGone(p, e));
     }
     return absl::OkStatus();
   }
@@ -354,15 +468,20 @@ class UcxTransportImpl final : public UcxTransport {
                                                ucs_status_string(status), ")"));
   }
 
+  void ClearOps() {
+    recvs_.clear();
+    sends_.clear();
+  }
+
   absl::Status PostRecv(int peer, void* buf, size_t bytes, uint64_t seq) {
     ucp_request_param_t param{};
     // Always a request, so its completion reports the received length
     // (UCX 1.13 leaves recv_info unset on immediate completion).
     param.op_attr_mask = UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
-    ucs_status_ptr_t req = ucp_tag_recv_nbx(worker_, buf, bytes, MakeTag(seq, peer), kFullMask,
-                                            &param);
+    ucs_status_ptr_t req = ucp_tag_recv_nbx(recv_worker_, buf, bytes, MakeTag(seq, peer),
+                                            kFullMask, &param);
     if (UCS_PTR_IS_ERR(req)) return UcsError("ucp_tag_recv_nbx", UCS_PTR_STATUS(req));
-    if (req != nullptr) ops_.push_back(Op{.request = req, .peer = peer, .expected = bytes});
+    if (req != nullptr) recvs_.push_back(Op{.request = req, .peer = peer, .expected = bytes});
     return absl::OkStatus();
   }
 
@@ -370,7 +489,7 @@ class UcxTransportImpl final : public UcxTransport {
     ucp_request_param_t param{};
     ucs_status_ptr_t req = ucp_tag_send_nbx(eps_[peer], buf, bytes, MakeTag(seq, rank_), &param);
     if (UCS_PTR_IS_ERR(req)) return PeerGone(peer, UCS_PTR_STATUS(req));
-    ops_.push_back(Op{.request = req, .peer = peer, .is_send = true});
+    sends_.push_back(Op{.request = req, .peer = peer, .is_send = true});
     return absl::OkStatus();
   }
 
@@ -381,8 +500,9 @@ class UcxTransportImpl final : public UcxTransport {
                                                    " which expects ", op.expected));
   }
 
-  // Polls one outstanding request; returns an error for a failed one.
-  absl::Status Poll(Op& op, bool* done) {
+  // Polls one outstanding request; returns an error for a failed one and
+  // records a length mismatch in *mismatch.
+  absl::Status Poll(Op& op, bool* done, absl::Status* mismatch) {
     ucs_status_t status;
     size_t length = 0;
     if (op.is_send) {
@@ -397,68 +517,153 @@ class UcxTransportImpl final : public UcxTransport {
     ucp_request_free(op.request);
     op.request = nullptr;
     if (status == UCS_ERR_MESSAGE_TRUNCATED) {
-      mismatch_.Update(absl::InvalidArgumentError(absl::StrCat(
+      mismatch->Update(absl::InvalidArgumentError(absl::StrCat(
           "ucx transport: rank ", op.peer, " sent more than the ", op.expected,
           " bytes rank ", rank_, " expects")));
       return absl::OkStatus();
     }
     if (status != UCS_OK) return PeerGone(op.peer, status);
-    if (!op.is_send) mismatch_.Update(CheckLength(op, length));
+    if (!op.is_send) mismatch->Update(CheckLength(op, length));
     return absl::OkStatus();
   }
 
-  // Drives progress until every request of the collective completed, a peer
-  // failed, or the deadline passed.
-  absl::Status Wait(absl::string_view what, uint64_t seq) {
-    const absl::Time deadline = absl::Now() + options_.timeout;
+  // Polls every outstanding request of `ops`; returns how many are left.
+  // With `awaiting`, clears the peer's entry as its request completes.
+  absl::StatusOr<size_t> PollAll(std::vector<Op>& ops, absl::Status* mismatch,
+                                 std::vector<std::atomic<bool>>* awaiting = nullptr) {
     size_t pending = 0;
-    for (const Op& op : ops_) pending += op.request != nullptr;
-    int idle = 0;
-    absl::Time idle_since;
-    while (pending > 0) {
-      const unsigned progressed = ucp_worker_progress(worker_);
-      for (Op& op : ops_) {
-        if (op.request == nullptr) continue;
-        bool done = false;
-        if (absl::Status s = Poll(op, &done); !s.ok()) return Fail(s);
-        pending -= done;
+    for (Op& op : ops) {
+      if (op.request == nullptr) continue;
+      bool done = false;
+      if (absl::Status s = Poll(op, &done, mismatch); !s.ok()) return s;
+      if (done && awaiting != nullptr) (*awaiting)[op.peer].store(false);
+      pending += !done;
+    }
+    return pending;
+  }
+
+  // Drives progress until every request of the collective completed, a peer
+  // failed, or the deadline passed. With `threaded`, the receive thread
+  // drives the receives meanwhile.
+  absl::Status Wait(absl::string_view what, uint64_t seq, bool threaded) {
+    const absl::Time deadline = absl::Now() + options_.timeout;
+    Backoff backoff(ucx_.spin_before_naps);
+    absl::Status mismatch;
+    for (;;) {
+      unsigned progressed = ucp_worker_progress(worker_);
+      if (!threaded && recv_worker_ != worker_) progressed += ucp_worker_progress(recv_worker_);
+      absl::StatusOr<size_t> pending = PollAll(sends_, &mismatch);
+      if (pending.ok() && !threaded) {
+        absl::StatusOr<size_t> more = PollAll(recvs_, &mismatch);
+        pending = more.ok() ? absl::StatusOr<size_t>(*pending + *more) : more;
       }
-      if (pending == 0) break;
+      if (!pending.ok()) return Fail(pending.status());
+      const bool receives_done = !threaded || job_done_.load(std::memory_order_acquire);
+      if (*pending == 0 && receives_done) break;
+      if (threaded && receives_done && !job_status_.ok()) return Fail(EndReceiveJob());
       // A peer whose endpoint failed only matters while we still wait on it.
-      for (const Op& op : ops_) {
-        if (op.request != nullptr && peer_error_[op.peer] != UCS_OK) {
-          return Fail(PeerGone(op.peer, peer_error_[op.peer]));
+      bool take_back = false;
+      for (int p = 0; p < world_size_; ++p) {
+        const ucs_status_t e = peer_error_[p].load();
+        if (e == UCS_OK) continue;
+        // Its message may have landed before the receive thread noticed:
+        // take the receives back and look for ourselves.
+        if (threaded && awaiting_[p].load()) take_back = true;
+        bool waited_on = false;
+        for (const std::vector<Op>* ops : {&sends_, &recvs_}) {
+          if (ops == &recvs_ && threaded) continue;
+          for (const Op& op : *ops) waited_on |= op.request != nullptr && op.peer == p;
         }
+        if (waited_on) return Fail(PeerGone(p, e));
       }
-      if (progressed != 0) {
-        idle = 0;
+      if (take_back) {
+        if (absl::Status r = EndReceiveJob(); !r.ok()) return Fail(r);
+        mismatch.Update(job_mismatch_);
+        threaded = false;
         continue;
       }
-      if (++idle < 32) continue;
-      const absl::Time now = absl::Now();
-      if (idle == 32) idle_since = now;
-      if (idle % 16 == 0 && now >= deadline) return Fail(TimedOut(what, seq));
-      // Ranks often outnumber cores (tests, one-host runs, shared hosts):
-      // after a short spin let the peer we wait for run. A peer still busy
-      // after that (its expert GEMMs, an idle round's pause) is waited for
-      // in naps: spinning through it would burn a core for nothing.
-      const absl::Duration waited = now - idle_since;
-      if (waited < ucx_.spin_before_naps) {
-        sched_yield();
-      } else {
-        absl::SleepFor(std::clamp(waited / 8, kMinNap, kMaxNap));
+      if (progressed != 0) {
+        backoff.Progressed();
+        continue;
       }
+      if (!backoff.Idle(deadline)) return Fail(TimedOut(what, seq));
     }
-    absl::Status mismatch = mismatch_;
-    mismatch_ = absl::OkStatus();
+    if (threaded) {
+      absl::Status received = EndReceiveJob();
+      if (!received.ok()) return Fail(received);
+      mismatch.Update(job_mismatch_);
+    }
     return mismatch;
   }
 
+  // Receive thread. Hands the posted receives of a collective receiving at
+  // least receive_thread_min_bytes to it; returns whether it did.
+  bool HandOffReceives(size_t incoming) {
+    if (!ucx_.receive_thread || incoming < ucx_.receive_thread_min_bytes || recvs_.empty()) {
+      return false;
+    }
+    for (const Op& op : recvs_) awaiting_[op.peer].store(true);
+    job_stop_.store(false);
+    job_done_.store(false);
+    {
+      std::lock_guard<std::mutex> lock(job_mu_);
+      job_pending_ = true;
+    }
+    job_cv_.notify_one();
+    job_running_ = true;
+    return true;
+  }
+
+  // Stops the running receive job (if any) and waits for the thread to let
+  // go of the receiving worker; returns the job's error.
+  absl::Status EndReceiveJob() {
+    if (!job_running_) return absl::OkStatus();
+    job_stop_.store(true);
+    while (!job_done_.load(std::memory_order_acquire)) absl::SleepFor(kMinNap);
+    job_running_ = false;
+    return job_status_;
+  }
+
+  void ReceiveLoop() {
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(job_mu_);
+        job_cv_.wait(lock, [this] { return job_pending_ || quit_; });
+        if (quit_) return;
+        job_pending_ = false;
+      }
+      job_status_ = absl::OkStatus();
+      job_mismatch_ = absl::OkStatus();
+      // The caller owns the deadline and stops the job when it passes.
+      Backoff backoff(ucx_.spin_before_naps);
+      while (!job_stop_.load()) {
+        const unsigned progressed = ucp_worker_progress(recv_worker_);
+        absl::StatusOr<size_t> pending = PollAll(recvs_, &job_mismatch_, &awaiting_);
+        if (!pending.ok()) job_status_ = pending.status();
+        if (!pending.ok() || *pending == 0) break;
+        if (progressed != 0) {
+          backoff.Progressed();
+        } else {
+          backoff.Idle(absl::InfiniteFuture());
+        }
+      }
+      for (auto& a : awaiting_) a.store(false);
+      job_done_.store(true, std::memory_order_release);
+    }
+  }
+
   absl::Status TimedOut(absl::string_view what, uint64_t seq) {
+    if (job_running_) {  // the receives are this thread's again: see which are left
+      (void)EndReceiveJob();
+      absl::Status ignored;
+      (void)PollAll(recvs_, &ignored);
+    }
     std::vector<int> from, to;
-    for (const Op& op : ops_) {
-      if (op.request == nullptr) continue;
-      (op.is_send ? to : from).push_back(op.peer);
+    for (const Op& op : recvs_) {
+      if (op.request != nullptr) from.push_back(op.peer);
+    }
+    for (const Op& op : sends_) {
+      if (op.request != nullptr) to.push_back(op.peer);
     }
     std::string msg = absl::StrCat("ucx transport: rank ", rank_, " ", what, " #", seq,
                                    " timed out after ", absl::FormatDuration(options_.timeout));
@@ -470,29 +675,40 @@ class UcxTransportImpl final : public UcxTransport {
   // Records the first error, cancels what is outstanding and drops the
   // endpoints: the transport is broken from here on.
   absl::Status Fail(absl::Status status) {
+    (void)EndReceiveJob();
     if (broken_.ok()) broken_ = status;
-    mismatch_ = absl::OkStatus();
     Abort();
     return status;
+  }
+
+  unsigned ProgressBoth() {
+    unsigned n = ucp_worker_progress(worker_);
+    if (recv_worker_ != worker_) n += ucp_worker_progress(recv_worker_);
+    return n;
   }
 
   // Cancels outstanding requests and force-closes every endpoint, so UCX no
   // longer touches the caller's buffers once the collective returns.
   void Abort() {
-    for (Op& op : ops_) {
+    for (Op& op : recvs_) {
+      if (op.request != nullptr) ucp_request_cancel(recv_worker_, op.request);
+    }
+    for (Op& op : sends_) {
       if (op.request != nullptr) ucp_request_cancel(worker_, op.request);
     }
     CloseEndpoints(/*force=*/true);
     const absl::Time deadline = absl::Now() + kTeardownBudget;
-    for (Op& op : ops_) {
-      if (op.request == nullptr) continue;
-      while (ucp_request_check_status(op.request) == UCS_INPROGRESS && absl::Now() < deadline) {
-        ucp_worker_progress(worker_);
+    for (std::vector<Op>* ops : {&recvs_, &sends_}) {
+      for (Op& op : *ops) {
+        if (op.request == nullptr) continue;
+        while (ucp_request_check_status(op.request) == UCS_INPROGRESS && absl::Now() < deadline) {
+          ProgressBoth();
+        }
+        ucp_request_free(op.request);  // released by UCX if still in flight
+        op.request = nullptr;
       }
-      ucp_request_free(op.request);  // released by UCX if still in flight
-      op.request = nullptr;
     }
-    ops_.clear();
+    ClearOps();
   }
 
   void CloseEndpoints(bool force) {
@@ -502,7 +718,7 @@ class UcxTransportImpl final : public UcxTransport {
       ucp_request_param_t param{};
       param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
       // A failed endpoint can only be closed by force.
-      param.flags = (force || peer_error_[p] != UCS_OK) ? UCP_EP_CLOSE_FLAG_FORCE : 0;
+      param.flags = (force || peer_error_[p].load() != UCS_OK) ? UCP_EP_CLOSE_FLAG_FORCE : 0;
       ucs_status_ptr_t req = ucp_ep_close_nbx(eps_[p], &param);
       eps_[p] = nullptr;
       if (req != nullptr && !UCS_PTR_IS_ERR(req)) closing.push_back(req);
@@ -510,13 +726,22 @@ class UcxTransportImpl final : public UcxTransport {
     const absl::Time deadline = absl::Now() + kTeardownBudget;
     for (void* req : closing) {
       while (ucp_request_check_status(req) == UCS_INPROGRESS && absl::Now() < deadline) {
-        ucp_worker_progress(worker_);
+        ProgressBoth();
       }
       ucp_request_free(req);
     }
   }
 
   void Teardown() {
+    if (recv_thread_.joinable()) {
+      (void)EndReceiveJob();
+      {
+        std::lock_guard<std::mutex> lock(job_mu_);
+        quit_ = true;
+      }
+      job_cv_.notify_one();
+      recv_thread_.join();
+    }
     {
       std::lock_guard<std::mutex> lock(registry_->mu);
       for (UcxWindows* w : registry_->live) w->Release();
@@ -524,11 +749,13 @@ class UcxTransportImpl final : public UcxTransport {
       registry_->alive = false;
     }
     if (worker_ != nullptr) {
-      if (!ops_.empty()) Abort();
+      if (!recvs_.empty() || !sends_.empty()) Abort();
       CloseEndpoints(/*force=*/!broken_.ok());
-      ucp_worker_destroy(worker_);
-      worker_ = nullptr;
     }
+    if (recv_worker_ != nullptr && recv_worker_ != worker_) ucp_worker_destroy(recv_worker_);
+    recv_worker_ = nullptr;
+    if (worker_ != nullptr) ucp_worker_destroy(worker_);
+    worker_ = nullptr;
     if (context_ != nullptr) {
       ucp_cleanup(context_);
       context_ = nullptr;
@@ -540,16 +767,30 @@ class UcxTransportImpl final : public UcxTransport {
   const TransportOptions options_;
   const UcxOptions ucx_;
   ucp_context_h context_ = nullptr;
-  ucp_worker_h worker_ = nullptr;
+  ucp_worker_h worker_ = nullptr;       // sends (and everything without a receive thread)
+  ucp_worker_h recv_worker_ = nullptr;  // where peers' messages land; worker_ without a receive thread
   const std::shared_ptr<WindowRegistry> registry_ = std::make_shared<WindowRegistry>();
   std::string address_;
-  std::vector<ucp_ep_h> eps_;               // by rank; nullptr for self
-  std::vector<ucs_status_t> peer_error_;    // set by the endpoint error handler
+  std::vector<ucp_ep_h> eps_;               // by rank, on worker_; nullptr for self
+  std::vector<std::atomic<ucs_status_t>> peer_error_;  // set by the endpoint error handler
   bool connected_ = false;
   uint64_t seq_ = 0;                        // collectives issued so far
-  std::vector<Op> ops_;                     // requests of the running collective
-  absl::Status mismatch_;                   // count mismatches of the running collective
+  std::vector<Op> recvs_, sends_;           // requests of the running collective
   absl::Status broken_;                     // first error; non-OK means broken
+
+  // The receive thread and its job: the running collective's recvs_, owned
+  // by the thread from HandOffReceives until job_done_.
+  std::thread recv_thread_;
+  std::mutex job_mu_;
+  std::condition_variable job_cv_;
+  bool job_pending_ = false;  // guarded by job_mu_
+  bool quit_ = false;         // guarded by job_mu_
+  bool job_running_ = false;  // caller's view: a job was handed off and not yet ended
+  std::atomic<bool> job_stop_{false};
+  std::atomic<bool> job_done_{true};
+  std::vector<std::atomic<bool>> awaiting_;  // by peer: a handed-off receive from it is outstanding
+  absl::Status job_status_;    // written by the thread, read after job_done_
+  absl::Status job_mismatch_;  // likewise
 };
 
 }  // namespace

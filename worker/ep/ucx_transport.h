@@ -32,10 +32,24 @@ struct UcxOptions {
   // progress, then sleep in naps of an eighth of the time waited so far. The
   // spin is CPU time, which energy meters charge; the naps add latency.
   absl::Duration spin_before_naps = absl::Microseconds(500);
+  // Two-sided progress: a second UCP worker, driven by a thread of its own,
+  // takes the receive side of every collective that receives at least
+  // receive_thread_min_bytes, while the calling thread drives the sends. Over
+  // TCP the kernel copies each byte once on the sending side and once on the
+  // receiving side, and one thread doing both for an exchange moves about
+  // half of what a ucx_perftest pair (a process per side) moves; with a spare
+  // core per rank this thread gives the receive copies their own core. It
+  // buys nothing where ranks already fill the cores (bench/dispatch_combine
+  // README). Every rank of a group must agree: Connect refuses a mix.
+  bool receive_thread = false;
+  size_t receive_thread_min_bytes = size_t{256} << 10;
 };
 
 class UcxTransport : public Transport {
  public:
+  // Name of the receive thread (UcxOptions::receive_thread), as /proc shows it.
+  static constexpr char kReceiveThreadName[] = "joule-ucx-recv";
+
   static absl::StatusOr<std::unique_ptr<UcxTransport>> Create(int rank, int world_size,
                                                               const TransportOptions& options = {},
                                                               const UcxOptions& ucx = {});

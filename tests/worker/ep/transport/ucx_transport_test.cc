@@ -68,6 +68,15 @@ class UcxProcesses : public ::testing::TestWithParam<Setup> {
     return WIFEXITED(*status) && WEXITSTATUS(*status) == 0 ? "" : DescribeExit(*status);
   }
 
+  // Runs `scenario` with collective timeout `timeout`; every rank must exit 0
+  // within `limit`.
+  void ExpectEveryRankPasses(const std::string& scenario, absl::Duration timeout,
+                             absl::Duration limit) {
+    Launch(scenario, timeout);
+    const absl::Time deadline = absl::Now() + limit;
+    for (int r = 0; r < GetParam().world; ++r) EXPECT_EQ(Outcome(r, deadline), "") << "rank " << r;
+  }
+
   // Starts `scenario` (a "killed" one), SIGKILLs the last rank once all run,
   // and expects the survivors to report the failure within the timeout.
   void KillOneRank(const std::string& scenario);
@@ -77,17 +86,13 @@ class UcxProcesses : public ::testing::TestWithParam<Setup> {
 };
 
 TEST_P(UcxProcesses, PassesConformanceSuite) {
-  Launch("conformance", absl::Seconds(10));
-  const absl::Time deadline = absl::Now() + absl::Seconds(60);
-  for (int r = 0; r < GetParam().world; ++r) EXPECT_EQ(Outcome(r, deadline), "") << "rank " << r;
+  ExpectEveryRankPasses("conformance", absl::Seconds(10), absl::Seconds(60));
 }
 
 // With peer error handling UCX picks other protocols (no CMA zero-copy on
 // one host); the contract holds all the same.
 TEST_P(UcxProcesses, PassesConformanceSuiteWithPeerErrorHandling) {
-  Launch("conformance-peer-errors", absl::Seconds(10));
-  const absl::Time deadline = absl::Now() + absl::Seconds(60);
-  for (int r = 0; r < GetParam().world; ++r) EXPECT_EQ(Outcome(r, deadline), "") << "rank " << r;
+  ExpectEveryRankPasses("conformance-peer-errors", absl::Seconds(10), absl::Seconds(60));
 }
 
 TEST_P(UcxProcesses, KilledRankFailsSurvivorsWithPeerErrorHandling) {
@@ -95,25 +100,52 @@ TEST_P(UcxProcesses, KilledRankFailsSurvivorsWithPeerErrorHandling) {
 }
 
 TEST_P(UcxProcesses, AbsentRankTimesOutEveryOtherRank) {
-  Launch("absent", absl::Milliseconds(1500));
-  const absl::Time deadline = absl::Now() + absl::Seconds(30);
-  for (int r = 0; r < GetParam().world; ++r) EXPECT_EQ(Outcome(r, deadline), "") << "rank " << r;
+  ExpectEveryRankPasses("absent", absl::Milliseconds(1500), absl::Seconds(30));
 }
 
 TEST_P(UcxProcesses, WaitingForALateRankDoesNotSpendACore) {
-  Launch("late", absl::Seconds(10));
-  const absl::Time deadline = absl::Now() + absl::Seconds(60);
-  for (int r = 0; r < GetParam().world; ++r) EXPECT_EQ(Outcome(r, deadline), "") << "rank " << r;
+  ExpectEveryRankPasses("late", absl::Seconds(10), absl::Seconds(60));
 }
 
 TEST_P(UcxProcesses, KilledRankFailsSurvivorsWithinTimeout) { KillOneRank("killed"); }
 
 TEST_P(UcxProcesses, SharedWindowsMapOverSharedMemoryOnly) {
   const bool shm = GetParam().tls.find("shm") != std::string::npos;
-  Launch(shm ? "windows-shm" : "windows-none", absl::Seconds(10));
-  for (int r = 0; r < GetParam().world; ++r) {
-    EXPECT_EQ(Outcome(r, absl::Now() + absl::Seconds(30)), "") << "rank " << r;
-  }
+  ExpectEveryRankPasses(shm ? "windows-shm" : "windows-none", absl::Seconds(10),
+                        absl::Seconds(30));
+}
+
+// UcxOptions::receive_thread, handed every collective: the same contract
+// (conformance, a killed, an absent and a late rank, shared windows), the
+// thread does take the receives, and a group that disagrees on it is refused.
+TEST_P(UcxProcesses, PassesConformanceSuiteWithReceiveThread) {
+  ExpectEveryRankPasses("conformance-recv-thread", absl::Seconds(10), absl::Seconds(60));
+}
+
+TEST_P(UcxProcesses, KilledRankFailsSurvivorsWithReceiveThread) {
+  KillOneRank("killed-recv-thread");
+}
+
+TEST_P(UcxProcesses, AbsentRankTimesOutWithReceiveThread) {
+  ExpectEveryRankPasses("absent-recv-thread", absl::Milliseconds(1500), absl::Seconds(30));
+}
+
+TEST_P(UcxProcesses, WaitingForALateRankWithReceiveThreadDoesNotSpendACore) {
+  ExpectEveryRankPasses("late-recv-thread", absl::Seconds(10), absl::Seconds(60));
+}
+
+TEST_P(UcxProcesses, SharedWindowsMapWithReceiveThread) {
+  const bool shm = GetParam().tls.find("shm") != std::string::npos;
+  ExpectEveryRankPasses(shm ? "windows-shm-recv-thread" : "windows-none-recv-thread",
+                        absl::Seconds(10), absl::Seconds(30));
+}
+
+TEST_P(UcxProcesses, ReceiveThreadTakesTheReceives) {
+  ExpectEveryRankPasses("recv-copies", absl::Seconds(10), absl::Seconds(60));
+}
+
+TEST_P(UcxProcesses, GroupThatDisagreesOnTheReceiveThreadIsRefused) {
+  ExpectEveryRankPasses("mixed", absl::Seconds(5), absl::Seconds(30));
 }
 
 void UcxProcesses::KillOneRank(const std::string& scenario) {
