@@ -550,8 +550,8 @@ class UcxTransportImpl final : public UcxTransport {
     Backoff backoff(ucx_.spin_before_naps);
     absl::Status mismatch;
     for (;;) {
-      unsigned progressed = ucp_worker_progress(worker_);
-      if (!threaded && recv_worker_ != worker_) progressed += ucp_worker_progress(recv_worker_);
+      // The receive thread drives the receiving worker while it holds the receives.
+      const unsigned progressed = threaded ? ucp_worker_progress(worker_) : ProgressBoth();
       absl::StatusOr<size_t> pending = PollAll(sends_, &mismatch);
       if (pending.ok() && !threaded) {
         absl::StatusOr<size_t> more = PollAll(recvs_, &mismatch);
