@@ -9,6 +9,7 @@
 // widened weight vector feeds MR FMAs.
 #pragma once
 
+#include <bit>
 #include <cstdint>
 
 #include "kernels/cpu/gemm_internal.h"
@@ -86,8 +87,21 @@ inline void GemmTile(const GemmBlock& b, int64_t m, int64_t n) {
   }
 }
 
-// All columns of the block for rows [m, m + MR): full NR tiles, then single
-// columns. Only the first row tile of a block streams weights from memory.
+// The last `rem` (< NR) columns as one narrower tile: a column at a time would
+// load the MR x vectors once per column (the gate/up projection of a tiny
+// model has n = 16 = 6 + 6 + 4 on AVX-512).
+template <class V, class W, int MR, int NR>
+inline void GemmRemainderTile(const GemmBlock& b, int64_t m, int64_t n, int rem) {
+  if constexpr (NR > 1) {
+    if (rem == NR) return GemmTile<V, W, MR, NR, false>(b, m, n);
+    GemmRemainderTile<V, W, MR, NR - 1>(b, m, n, rem);
+  } else {
+    GemmTile<V, W, MR, 1, false>(b, m, n);
+  }
+}
+
+// All columns of the block for rows [m, m + MR): full NR tiles, then one
+// narrower tile. Only the first row tile of a block streams weights from memory.
 template <class V, class W, int MR, int NR>
 inline void GemmRowTile(const GemmBlock& b, int64_t m) {
   int64_t n = b.n0;
@@ -96,7 +110,91 @@ inline void GemmRowTile(const GemmBlock& b, int64_t m) {
   } else {
     for (; n + NR <= b.n1; n += NR) GemmTile<V, W, MR, NR, false>(b, m, n);
   }
-  for (; n < b.n1; ++n) GemmTile<V, W, MR, 1, false>(b, m, n);
+  if (n < b.n1) GemmRemainderTile<V, W, MR, NR - 1>(b, m, n, static_cast<int>(b.n1 - n));
+}
+
+inline float WidenWeight(float w) { return w; }
+inline float WidenWeight(uint16_t w) {  // BF16 is the high half of an F32
+  return std::bit_cast<float>(static_cast<uint32_t>(w) << 16);
+}
+
+// Rows shorter than two vectors (the down projection of a tiny test model has
+// k = 8): a dot product per output would spend more on its masked loads and
+// horizontal reduction than on its one or two FMAs. Instead the block's
+// weights are transposed once per panel into wt[k][columns] and x is
+// broadcast, so every FMA yields kLanes outputs and nothing is reduced. The
+// transpose costs about one row of the dot-product form. The choice depends on
+// k alone, never on the rows in the block: a row's result must not depend on
+// which other rows share its batch (expert parallelism regroups rows and is
+// checked bit for bit against the local executor).
+template <class V>
+constexpr bool UseShortK(int64_t k) {
+  return V::kLanes > 1 && k < 2 * V::kLanes;
+}
+
+// One output row of a short-k panel, columns [j, j + U*L) (or [j, j + count)
+// when U = 1 and count < L): U independent accumulators share each broadcast
+// of x, then (dot + bias) * scale is added to y or stored, as GemmTile does.
+template <class V, int U>
+inline void ShortKColumns(const float* wt, int64_t panel, const float* x, int64_t k,
+                          const float* bias, typename V::Reg scale, bool accumulate, float* y,
+                          int64_t j, int count) {
+  constexpr int L = V::kLanes;
+  const bool full = count == L;
+  const auto load = [&](const float* p) { return full ? V::Load(p) : V::LoadTail(p, count); };
+  typename V::Reg acc[U];
+#pragma GCC unroll 4
+  for (int u = 0; u < U; ++u) acc[u] = bias == nullptr ? V::Zero() : load(bias + j + u * L);
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const typename V::Reg xv = V::Set1(x[kk]);
+    const float* w = wt + kk * panel + j;
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) acc[u] = V::Fma(xv, load(w + u * L), acc[u]);
+  }
+#pragma GCC unroll 4
+  for (int u = 0; u < U; ++u) {
+    float* out = y + j + u * L;
+    const typename V::Reg r = V::Fma(acc[u], scale, accumulate ? load(out) : V::Zero());
+    if (full) {
+      V::Store(out, r);
+    } else {
+      V::StoreTail(out, r, count);
+    }
+  }
+}
+
+template <class V, class W>
+inline void GemmBlockShortK(const GemmBlock& b) {
+  constexpr int L = V::kLanes;
+  constexpr int64_t kPanel = 8 * L;  // columns per transposed panel
+  constexpr int64_t kMaxK = 2 * L - 1;
+  alignas(64) float wt[kMaxK * kPanel];
+  const int64_t k = b.k;
+  for (int64_t c0 = b.n0; c0 < b.n1; c0 += kPanel) {
+    const int64_t nc = b.n1 - c0 < kPanel ? b.n1 - c0 : kPanel;
+    for (int64_t j = 0; j < nc; ++j) {
+      const W* row = static_cast<const W*>(b.w) + (c0 + j) * k;
+      for (int64_t kk = 0; kk < k; ++kk) wt[kk * kPanel + j] = WidenWeight(row[kk]);
+    }
+    for (int64_t m = b.m0; m < b.m1; ++m) {
+      const float* x = b.x + m * b.ldx;
+      const int64_t out_row = b.y_rows != nullptr ? b.y_rows[m] : m;
+      float* y = b.y + out_row * b.ldy + c0;
+      const float* bias = b.bias != nullptr ? b.bias + c0 : nullptr;
+      const typename V::Reg scale = V::Set1(b.row_scale != nullptr ? b.row_scale[m] : 1.0f);
+      int64_t j = 0;
+      for (; j + 4 * L <= nc; j += 4 * L) {
+        ShortKColumns<V, 4>(wt, kPanel, x, k, bias, scale, b.accumulate, y, j, L);
+      }
+      for (; j + L <= nc; j += L) {
+        ShortKColumns<V, 1>(wt, kPanel, x, k, bias, scale, b.accumulate, y, j, L);
+      }
+      if (j < nc) {
+        ShortKColumns<V, 1>(wt, kPanel, x, k, bias, scale, b.accumulate, y, j,
+                            static_cast<int>(nc - j));
+      }
+    }
+  }
 }
 
 // Tile shapes come from Tiles: kNr<mr> columns for mr rows. Rows go 4 at a
@@ -105,6 +203,7 @@ inline void GemmRowTile(const GemmBlock& b, int64_t m) {
 // one tile of 1-4 rows.
 template <class V, class W, class Tiles>
 inline void GemmBlockImpl(const GemmBlock& b) {
+  if (UseShortK<V>(b.k)) return GemmBlockShortK<V, W>(b);
   int64_t m = b.m0;
   for (; b.m1 - m >= 5; m += 4) GemmRowTile<V, W, 4, Tiles::kNr4>(b, m);
   switch (b.m1 - m) {

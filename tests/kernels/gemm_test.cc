@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "tests/kernels/kernel_test_util.h"
@@ -118,6 +119,40 @@ TEST_P(GemmTest, MatchesReferenceOnAwkwardShapes) {
   }
 }
 
+// Batch invariance: a row's outputs are the same bits whether it is computed
+// alone or among other rows, at any position (expert parallelism regroups
+// rows, and serving must not change a request's tokens with its batch).
+TEST_P(GemmTest, RowResultDoesNotDependOnItsBatch) {
+  const int64_t n = 45, m = 9;
+  for (WeightType wt : {WeightType::kBF16, WeightType::kF32}) {
+    for (int64_t k : {5, 8, 20, 37, 300}) {  // the short-row form and the dot-product tiles
+      SCOPED_TRACE(::testing::Message() << "bf16=" << (wt == WeightType::kBF16) << " k=" << k);
+      const auto x = RandomFloats(m * k, 31 + static_cast<uint32_t>(k));
+      Weights w = MakeWeights(n, k, wt, 41);
+      std::vector<float> batch(m * n);
+      GemmParams p;
+      p.x = x.data();
+      p.m = m;
+      p.k = k;
+      p.w = w.data(wt);
+      p.w_type = wt;
+      p.n = n;
+      p.y = batch.data();
+      LaunchGemm(p, stream());
+      for (int64_t r = 0; r < m; ++r) {
+        std::vector<float> alone(n);
+        p.x = x.data() + r * k;
+        p.m = 1;
+        p.y = alone.data();
+        LaunchGemm(p, stream());
+        for (int64_t j = 0; j < n; ++j) {
+          ASSERT_EQ(alone[j], batch[r * n + j]) << "row " << r << " col " << j;
+        }
+      }
+    }
+  }
+}
+
 // Large enough for many column blocks per thread and the full-width tiles.
 TEST_P(GemmTest, MatchesReferenceOnModelSizedShape) {
   const int64_t m = 9, k = 1000, n = 515;
@@ -187,11 +222,16 @@ TEST_P(GemmTest, GroupedMatchesPerGroupReference) {
 // The fused MoE combine: rows of several groups scatter-add, weighted, into
 // shared output rows; output rows nobody names keep their value; the sums do
 // not depend on the thread count (each output row adds its terms in group order).
+// k = 8 takes the short-row (transposed panel) form, as a tiny model's down
+// projection does; k = 37 the dot-product tiles.
 TEST_P(GemmTest, GroupedScatterAddMatchesWeightedReference) {
-  const int64_t k = 37, n = 53, out_rows = 9;
+  const int64_t n = 141, out_rows = 9;  // past one 128-column panel, with a tail
   const std::vector<int64_t> rows = {3, 0, 6, 1, 11, 0, 4};
-  for (WeightType wt : {WeightType::kBF16, WeightType::kF32}) {
-    SCOPED_TRACE(::testing::Message() << "bf16=" << (wt == WeightType::kBF16));
+  for (const auto& [k, wt] : {std::pair{int64_t{37}, WeightType::kBF16},
+                              std::pair{int64_t{37}, WeightType::kF32},
+                              std::pair{int64_t{8}, WeightType::kBF16},
+                              std::pair{int64_t{8}, WeightType::kF32}}) {
+    SCOPED_TRACE(::testing::Message() << "bf16=" << (wt == WeightType::kBF16) << " k=" << k);
     GroupedCase c(rows, k, n, wt, 200);
     const int64_t total = c.total();
     const auto& offsets = c.offsets;
