@@ -90,7 +90,9 @@ void LaunchGroupedGemm(const GroupedGemmParams& p, CpuStream stream) {
   const GemmBlockFn fn = SelectBlockFn();
   GemmBlock proto;
   proto.x = p.x;
-  proto.ldx = p.k;
+  proto.x_bf16 = p.x_type == RowType::kBF16;
+  proto.ldx = p.ldx != 0 ? p.ldx : p.k;
+  proto.x_rows = p.x_rows;
   proto.w_bf16 = bf16;
   proto.k = p.k;
   proto.y = p.y;

@@ -1,4 +1,5 @@
-// Dense and grouped GEMM with BF16 or F32 weights and F32 activations.
+// Dense and grouped GEMM with BF16 or F32 weights and F32 activations (the
+// grouped GEMM also takes BF16 activations, gathered in place).
 //
 // GemmParams and WeightType (layout and semantics) are in kernels/params/gemm.h,
 // shared with the CUDA kernel. BF16 weights are read straight from the mmapped
@@ -9,10 +10,12 @@
 
 #include "kernels/cpu/thread_pool.h"
 #include "kernels/params/gemm.h"
+#include "kernels/params/moe.h"
 
 namespace joule::kernels::cpu {
 
 using ::joule::kernels::GemmParams;
+using ::joule::kernels::RowType;
 using ::joule::kernels::WeightType;
 
 void LaunchGemm(const GemmParams& p, CpuStream stream);
@@ -23,7 +26,7 @@ void LaunchGemm(const GemmParams& p, CpuStream stream);
 // (group, column block) pairs so uneven groups keep every core busy.
 struct GroupedGemmParams {
   int num_groups = 0;
-  const float* x = nullptr;            // [total_rows, k]
+  const void* x = nullptr;             // [total_rows, k] of x_type, row stride ldx
   const int64_t* row_offsets = nullptr;  // [num_groups + 1]
   int64_t k = 0;
   int64_t n = 0;
@@ -37,6 +40,13 @@ struct GroupedGemmParams {
   // in group order, whatever the thread count, so results are deterministic.
   const int32_t* y_rows = nullptr;     // [total_rows]
   const float* row_scale = nullptr;    // [total_rows]; only with y_rows
+  // Activations: F32, or BF16 (widened exactly in registers, like weights).
+  // Optional in-place gather: row r of the product reads row x_rows[r] of x,
+  // so rows straight from a receive buffer, one row shared by several groups,
+  // need no regrouped copy. ldx: elements between rows of x (0: k).
+  RowType x_type = RowType::kF32;
+  int64_t ldx = 0;
+  const int32_t* x_rows = nullptr;     // [total_rows]
 };
 
 void LaunchGroupedGemm(const GroupedGemmParams& p, CpuStream stream);

@@ -10,8 +10,12 @@ namespace joule::kernels::cpu {
 // scaled by row_scale[r] when given (a weighted scatter-add with accumulate).
 // Plain types only: this crosses from ISA-specific translation units.
 struct GemmBlock {
-  const float* x = nullptr;  // row r at x + r * ldx
+  // Row r of x is at x + r * ldx elements, or at x + x_rows[r] * ldx when
+  // x_rows is given (rows gathered in place, e.g. straight from a receive buffer).
+  const void* x = nullptr;
+  bool x_bf16 = false;
   int64_t ldx = 0;
+  const int32_t* x_rows = nullptr;
   const void* w = nullptr;   // [n, k] dense rows
   bool w_bf16 = true;
   int64_t k = 0;

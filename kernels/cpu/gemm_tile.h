@@ -22,15 +22,21 @@ namespace {  // internal linkage: one copy per ISA translation unit
 // per weight vector the out-of-order window alone keeps too few cache misses in
 // flight to stream from DRAM at full bandwidth. (One row of x needs no help,
 // and later row tiles of a block find the weights in L2.)
-template <class V, class W, int MR, int NR, bool kPrefetch>
+template <class X>
+inline const X* GemmRowX(const GemmBlock& b, int64_t m) {
+  const int64_t row = b.x_rows != nullptr ? b.x_rows[m] : m;
+  return static_cast<const X*>(b.x) + row * b.ldx;
+}
+
+template <class V, class X, class W, int MR, int NR, bool kPrefetch>
 inline void GemmTile(const GemmBlock& b, int64_t m, int64_t n) {
   constexpr int L = V::kLanes;
   const int64_t k = b.k;
-  const float* x[MR];
+  const X* x[MR];
   const W* w[NR];
   const W* next[NR];
 #pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) x[i] = b.x + (m + i) * b.ldx;
+  for (int i = 0; i < MR; ++i) x[i] = GemmRowX<X>(b, m + i);
 #pragma GCC unroll 8
   for (int j = 0; j < NR; ++j) {
     w[j] = static_cast<const W*>(b.w) + (n + j) * k;
@@ -48,7 +54,7 @@ inline void GemmTile(const GemmBlock& b, int64_t m, int64_t n) {
     typename V::Reg xv[MR];
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
-      xv[i] = V::Load(x[i] + kk);
+      xv[i] = V::LoadW(x[i] + kk);  // BF16 activations widen like weights
       V::Pin(xv[i]);
     }
 #pragma GCC unroll 8
@@ -63,7 +69,7 @@ inline void GemmTile(const GemmBlock& b, int64_t m, int64_t n) {
     const int rem = static_cast<int>(k - kk);
     typename V::Reg xv[MR];
 #pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) xv[i] = V::LoadTail(x[i] + kk, rem);
+    for (int i = 0; i < MR; ++i) xv[i] = V::LoadWTail(x[i] + kk, rem);
 #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
       typename V::Reg wv = V::LoadWTail(w[j] + kk, rem);
@@ -90,31 +96,31 @@ inline void GemmTile(const GemmBlock& b, int64_t m, int64_t n) {
 // The last `rem` (< NR) columns as one narrower tile: a column at a time would
 // load the MR x vectors once per column (the gate/up projection of a tiny
 // model has n = 16 = 6 + 6 + 4 on AVX-512).
-template <class V, class W, int MR, int NR>
+template <class V, class X, class W, int MR, int NR>
 inline void GemmRemainderTile(const GemmBlock& b, int64_t m, int64_t n, int rem) {
   if constexpr (NR > 1) {
-    if (rem == NR) return GemmTile<V, W, MR, NR, false>(b, m, n);
-    GemmRemainderTile<V, W, MR, NR - 1>(b, m, n, rem);
+    if (rem == NR) return GemmTile<V, X, W, MR, NR, false>(b, m, n);
+    GemmRemainderTile<V, X, W, MR, NR - 1>(b, m, n, rem);
   } else {
-    GemmTile<V, W, MR, 1, false>(b, m, n);
+    GemmTile<V, X, W, MR, 1, false>(b, m, n);
   }
 }
 
 // All columns of the block for rows [m, m + MR): full NR tiles, then one
 // narrower tile. Only the first row tile of a block streams weights from memory.
-template <class V, class W, int MR, int NR>
+template <class V, class X, class W, int MR, int NR>
 inline void GemmRowTile(const GemmBlock& b, int64_t m) {
   int64_t n = b.n0;
   if (MR > 1 && m == b.m0) {
-    for (; n + NR <= b.n1; n += NR) GemmTile<V, W, MR, NR, (MR > 1)>(b, m, n);
+    for (; n + NR <= b.n1; n += NR) GemmTile<V, X, W, MR, NR, (MR > 1)>(b, m, n);
   } else {
-    for (; n + NR <= b.n1; n += NR) GemmTile<V, W, MR, NR, false>(b, m, n);
+    for (; n + NR <= b.n1; n += NR) GemmTile<V, X, W, MR, NR, false>(b, m, n);
   }
-  if (n < b.n1) GemmRemainderTile<V, W, MR, NR - 1>(b, m, n, static_cast<int>(b.n1 - n));
+  if (n < b.n1) GemmRemainderTile<V, X, W, MR, NR - 1>(b, m, n, static_cast<int>(b.n1 - n));
 }
 
-inline float WidenWeight(float w) { return w; }
-inline float WidenWeight(uint16_t w) {  // BF16 is the high half of an F32
+inline float Widen(float w) { return w; }
+inline float Widen(uint16_t w) {  // BF16 is the high half of an F32
   return std::bit_cast<float>(static_cast<uint32_t>(w) << 16);
 }
 
@@ -135,8 +141,8 @@ constexpr bool UseShortK(int64_t k) {
 // One output row of a short-k panel, columns [j, j + U*L) (or [j, j + count)
 // when U = 1 and count < L): U independent accumulators share each broadcast
 // of x, then (dot + bias) * scale is added to y or stored, as GemmTile does.
-template <class V, int U>
-inline void ShortKColumns(const float* wt, int64_t panel, const float* x, int64_t k,
+template <class V, int U, class X>
+inline void ShortKColumns(const float* wt, int64_t panel, const X* x, int64_t k,
                           const float* bias, typename V::Reg scale, bool accumulate, float* y,
                           int64_t j, int count) {
   constexpr int L = V::kLanes;
@@ -146,7 +152,7 @@ inline void ShortKColumns(const float* wt, int64_t panel, const float* x, int64_
 #pragma GCC unroll 4
   for (int u = 0; u < U; ++u) acc[u] = bias == nullptr ? V::Zero() : load(bias + j + u * L);
   for (int64_t kk = 0; kk < k; ++kk) {
-    const typename V::Reg xv = V::Set1(x[kk]);
+    const typename V::Reg xv = V::Set1(Widen(x[kk]));
     const float* w = wt + kk * panel + j;
 #pragma GCC unroll 4
     for (int u = 0; u < U; ++u) acc[u] = V::Fma(xv, load(w + u * L), acc[u]);
@@ -163,7 +169,7 @@ inline void ShortKColumns(const float* wt, int64_t panel, const float* x, int64_
   }
 }
 
-template <class V, class W>
+template <class V, class X, class W>
 inline void GemmBlockShortK(const GemmBlock& b) {
   constexpr int L = V::kLanes;
   constexpr int64_t kPanel = 8 * L;  // columns per transposed panel
@@ -174,10 +180,10 @@ inline void GemmBlockShortK(const GemmBlock& b) {
     const int64_t nc = b.n1 - c0 < kPanel ? b.n1 - c0 : kPanel;
     for (int64_t j = 0; j < nc; ++j) {
       const W* row = static_cast<const W*>(b.w) + (c0 + j) * k;
-      for (int64_t kk = 0; kk < k; ++kk) wt[kk * kPanel + j] = WidenWeight(row[kk]);
+      for (int64_t kk = 0; kk < k; ++kk) wt[kk * kPanel + j] = Widen(row[kk]);
     }
     for (int64_t m = b.m0; m < b.m1; ++m) {
-      const float* x = b.x + m * b.ldx;
+      const X* x = GemmRowX<X>(b, m);
       const int64_t out_row = b.y_rows != nullptr ? b.y_rows[m] : m;
       float* y = b.y + out_row * b.ldy + c0;
       const float* bias = b.bias != nullptr ? b.bias + c0 : nullptr;
@@ -201,27 +207,28 @@ inline void GemmBlockShortK(const GemmBlock& b) {
 // time (the most compute-efficient tile; on AVX-512 two 4-row passes over an
 // L2-resident weight block also beat a single 8x2 tile at m = 8) and end with
 // one tile of 1-4 rows.
-template <class V, class W, class Tiles>
+template <class V, class X, class W, class Tiles>
 inline void GemmBlockImpl(const GemmBlock& b) {
-  if (UseShortK<V>(b.k)) return GemmBlockShortK<V, W>(b);
+  if (UseShortK<V>(b.k)) return GemmBlockShortK<V, X, W>(b);
   int64_t m = b.m0;
-  for (; b.m1 - m >= 5; m += 4) GemmRowTile<V, W, 4, Tiles::kNr4>(b, m);
+  for (; b.m1 - m >= 5; m += 4) GemmRowTile<V, X, W, 4, Tiles::kNr4>(b, m);
   switch (b.m1 - m) {
-    case 4: GemmRowTile<V, W, 4, Tiles::kNr4>(b, m); break;
-    case 3: GemmRowTile<V, W, 3, Tiles::kNr3>(b, m); break;
-    case 2: GemmRowTile<V, W, 2, Tiles::kNr2>(b, m); break;
-    case 1: GemmRowTile<V, W, 1, Tiles::kNr1>(b, m); break;
+    case 4: GemmRowTile<V, X, W, 4, Tiles::kNr4>(b, m); break;
+    case 3: GemmRowTile<V, X, W, 3, Tiles::kNr3>(b, m); break;
+    case 2: GemmRowTile<V, X, W, 2, Tiles::kNr2>(b, m); break;
+    case 1: GemmRowTile<V, X, W, 1, Tiles::kNr1>(b, m); break;
     default: break;
   }
 }
 
 template <class V, class Tiles>
 inline void GemmBlockDispatch(const GemmBlock& b) {
-  if (b.w_bf16) {
-    GemmBlockImpl<V, uint16_t, Tiles>(b);
-  } else {
-    GemmBlockImpl<V, float, Tiles>(b);
+  if (b.x_bf16) {
+    if (b.w_bf16) return GemmBlockImpl<V, uint16_t, uint16_t, Tiles>(b);
+    return GemmBlockImpl<V, uint16_t, float, Tiles>(b);
   }
+  if (b.w_bf16) return GemmBlockImpl<V, float, uint16_t, Tiles>(b);
+  GemmBlockImpl<V, float, float, Tiles>(b);
 }
 
 }  // namespace

@@ -147,7 +147,7 @@ struct ExpertParallelExecutor::Impl {
   std::unique_ptr<SharedWindows> win_a, win_b;
   bool windows_off = false;  // the transport cannot map them (or options say no)
   std::vector<std::byte*> row_ptr;  // [send rows] where each dispatch row is written
-  std::vector<float> grouped, down;
+  std::vector<float> down;
   GroupedExpertBuffers expert_buffers;
 
   mutable absl::Mutex mu;
@@ -537,13 +537,6 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
   for (int64_t g = 0; g < recv_choices; ++g) {
     L.grouped_to_row[g] = L.choice_row[L.grouped_to_choice[g]];
   }
-  grouped.resize(recv_choices * H);
-  kc::LaunchGatherRows({.in = recv_base, .in_type = wire,
-                        .in_stride_bytes = static_cast<int64_t>(dispatch_stride),
-                        .index = L.grouped_to_row.data(), .out = grouped.data(),
-                        .out_type = kc::RowType::kF32, .out_stride_bytes = H * 4,
-                        .rows = recv_choices, .hidden = H},
-                       stream);
   // BF16: the weighted sum per received row is fused into the down
   // projection, so `down` holds one F32 row per received row, not per choice.
   if (bf16) {
@@ -559,14 +552,24 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
     down.resize(recv_choices * H);
   }
   const FusedCombine fused{.rows = L.grouped_to_row.data(), .weights = L.grouped_weight.data()};
-  RETURN_IF_ERROR(Annotate(RunGroupedExperts(LW, layer, grouped.data(), L.expert_offsets.data(), E,
+  // The gate/up projections read the received rows where they landed (a
+  // BF16 row widens in registers), one row per expert choice through
+  // grouped_to_row: no F32 copy per choice. Nothing overwrites them before
+  // combine: peers' next dispatch waits for this rank at combine's barrier
+  // or all-to-all.
+  const GroupedInput grouped{
+      .x = recv_base,
+      .type = wire,
+      .stride = static_cast<int64_t>(dispatch_stride / (bf16 ? sizeof(uint16_t) : sizeof(float))),
+      .rows = L.grouped_to_row.data()};
+  RETURN_IF_ERROR(Annotate(RunGroupedExperts(LW, layer, grouped, L.expert_offsets.data(), E,
                                              down.data(), &expert_buffers, stream,
                                              bf16 ? &fused : nullptr),
                            context("experts")));
 
   // (e) Combine: outputs go back in received order, the dispatch layout
   // reversed; rows for this rank itself go straight into `a`. `b` is free
-  // again (its rows were regrouped above), so it may grow here.
+  // again (the experts are done with its rows), so it may grow here.
   const auto t_combine = std::chrono::steady_clock::now();
   const int64_t self_recv_row = L.recv_offsets[me], self_recv_end = L.recv_offsets[me + 1];
   uint64_t combine_peer_bytes = 0;

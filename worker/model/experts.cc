@@ -29,7 +29,7 @@ void RunMlp(const MlpWeights& mlp, const float* x, int64_t rows, float* out,
                  stream);
 }
 
-absl::Status RunGroupedExperts(const LayerWeights& weights, int layer, const float* x,
+absl::Status RunGroupedExperts(const LayerWeights& weights, int layer, const GroupedInput& x,
                                const int64_t* offsets, int num_experts, float* out,
                                GroupedExpertBuffers* buffers, kc::CpuStream stream,
                                const FusedCombine* combine) {
@@ -59,8 +59,9 @@ absl::Status RunGroupedExperts(const LayerWeights& weights, int layer, const flo
   buffers->up.resize(rows * I);
   float* gate = buffers->gate.data();
   float* up = buffers->up.data();
-  kc::GroupedGemmParams gg{.num_groups = E, .x = x, .row_offsets = offsets, .k = H, .n = I,
-                           .w = w.data(), .w_type = type, .y = gate};
+  kc::GroupedGemmParams gg{.num_groups = E, .x = x.x, .row_offsets = offsets, .k = H, .n = I,
+                           .w = w.data(), .w_type = type, .y = gate, .x_type = x.type,
+                           .ldx = x.stride, .x_rows = x.rows};
   kc::LaunchGroupedGemm(gg, stream);
   gg.w = w.data() + E;
   gg.y = up;
@@ -94,14 +95,13 @@ absl::Status LocalExpertExecutor::Run(int layer, const float* x, int64_t tokens,
                         .slot_to_permuted = slot_to_permuted_.data()});
   for (int e = 0; e < E; ++e) expert_load_[layer][e] += offsets_[e + 1] - offsets_[e];
 
-  permuted_.resize(rows * H);
+  // The experts read each token's row of x in place, once per choice: no
+  // permuted copy (slot = token * K + choice).
+  permuted_token_.resize(rows);
+  for (int64_t g = 0; g < rows; ++g) permuted_token_[g] = permuted_to_slot_[g] / K;
   down_.resize(rows * H);
-  kc::LaunchPermute({.x = x, .hidden = H, .rows = rows,
-                     .permuted_to_slot = permuted_to_slot_.data(), .top_k = K,
-                     .out = permuted_.data()},
-                    stream_);
-  RETURN_IF_ERROR(RunGroupedExperts(L, layer, permuted_.data(), offsets_.data(), E, down_.data(),
-                                    &buffers_, stream_));
+  RETURN_IF_ERROR(RunGroupedExperts(L, layer, {.x = x, .rows = permuted_token_.data()},
+                                    offsets_.data(), E, down_.data(), &buffers_, stream_));
   kc::LaunchUnpermute({.expert_out = down_.data(), .slot_to_permuted = slot_to_permuted_.data(),
                        .weights = weights, .tokens = tokens, .top_k = K, .hidden = H, .out = out,
                        .accumulate = true},

@@ -12,6 +12,7 @@
 
 #include "absl/status/status.h"
 #include "kernels/cpu/thread_pool.h"
+#include "kernels/params/moe.h"
 #include "worker/model/weights.h"
 
 namespace joule {
@@ -45,6 +46,16 @@ struct FusedCombine {
   const float* weights = nullptr;  // [offsets[num_experts]]
 };
 
+// The rows the experts read, grouped by expert: grouped row g is row rows[g]
+// of x (row g without rows), `stride` elements apart (0: hidden), F32 or
+// BF16 (widened exactly in registers). Rows can stay where they arrived.
+struct GroupedInput {
+  const void* x = nullptr;
+  kernels::RowType type = kernels::RowType::kF32;
+  int64_t stride = 0;
+  const int32_t* rows = nullptr;
+};
+
 // Runs each expert's SwiGLU MLP on its rows of x, which are grouped by expert:
 // rows [offsets[e], offsets[e+1]) go through expert e, one grouped GEMM per
 // projection. Writes [offsets[num_experts], hidden] into out; with `combine`,
@@ -52,7 +63,7 @@ struct FusedCombine {
 // each out row gets its terms in expert order). Every expert that has rows
 // must be loaded (FailedPrecondition naming layer and expert). The local and
 // the expert-parallel executors both compute experts here.
-absl::Status RunGroupedExperts(const LayerWeights& weights, int layer, const float* x,
+absl::Status RunGroupedExperts(const LayerWeights& weights, int layer, const GroupedInput& x,
                                const int64_t* offsets, int num_experts, float* out,
                                GroupedExpertBuffers* buffers, kernels::cpu::CpuStream stream,
                                const FusedCombine* combine = nullptr);
@@ -73,8 +84,8 @@ class LocalExpertExecutor : public ExpertExecutor {
   const ModelWeights* weights_;
   kernels::cpu::CpuStream stream_;
   std::vector<int64_t> offsets_;
-  std::vector<int32_t> permuted_to_slot_, slot_to_permuted_;
-  std::vector<float> permuted_, down_;
+  std::vector<int32_t> permuted_to_slot_, slot_to_permuted_, permuted_token_;
+  std::vector<float> down_;
   GroupedExpertBuffers buffers_;
   std::vector<std::vector<int64_t>> expert_load_;
 };
