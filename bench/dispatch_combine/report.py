@@ -223,8 +223,8 @@ def executor_report(raw, out_dir, command):
                                               "out, as the MPI baseline (no compute between its "
                                               "exchanges) has none; median over iterations",
                "run_us_median": "wall time of ExpertParallelExecutor::Run (slowest rank), which "
-                                "adds regrouping the received rows by expert and the expert "
-                                "GEMMs",
+                                "adds ordering the received rows by expert (an index: the GEMMs read the "
+                                "rows where they landed) and the expert GEMMs",
                "minor_faults_median": "minor page faults of a rank during one Run (the rank "
                                       "with most, median over iterations)",
                "bytes_per_rank": "payload bytes a rank sends to other ranks per Run, dispatch "
@@ -269,8 +269,8 @@ def executor_report(raw, out_dir, command):
               "iterations. skew-free = the slowest rank's dispatch + the fastest rank's "
               "combine: a rank's combine also waits for peers that finish their experts later, "
               "and the rank that arrived last waited for nobody's (the MPI baseline computes "
-              "nothing between its exchanges). Run = the whole `Run` wall time (adds regrouping received rows and the "
-              "expert GEMMs). faults/Run = minor page faults during a Run (median, slowest rank). "
+              "nothing between its exchanges). Run = the whole `Run` wall time (adds ordering received rows by expert, an index: "
+              "the GEMMs read them where they landed, and the expert GEMMs). faults/Run = minor page faults during a Run (median, slowest rank). "
               "algbw = payload bytes a rank sends to other ranks in dispatch "
               "(one row per token and destination rank: hidden x 2 + top-k expert ids and "
               "weights) and combine (hidden x 2 per row: the weighted sum of the token's experts "
