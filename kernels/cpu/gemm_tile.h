@@ -22,10 +22,15 @@ namespace {  // internal linkage: one copy per ISA translation unit
 // per weight vector the out-of-order window alone keeps too few cache misses in
 // flight to stream from DRAM at full bandwidth. (One row of x needs no help,
 // and later row tiles of a block find the weights in L2.)
+// Row m of the block's x and the row of y it lands in (x_rows / y_rows, when given).
 template <class X>
 inline const X* GemmRowX(const GemmBlock& b, int64_t m) {
   const int64_t row = b.x_rows != nullptr ? b.x_rows[m] : m;
   return static_cast<const X*>(b.x) + row * b.ldx;
+}
+inline float* GemmRowY(const GemmBlock& b, int64_t m) {
+  const int64_t row = b.y_rows != nullptr ? b.y_rows[m] : m;
+  return b.y + row * b.ldy;
 }
 
 template <class V, class X, class W, int MR, int NR, bool kPrefetch>
@@ -80,9 +85,8 @@ inline void GemmTile(const GemmBlock& b, int64_t m, int64_t n) {
 
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
-    const int64_t row = b.y_rows != nullptr ? b.y_rows[m + i] : m + i;
     const float scale = b.row_scale != nullptr ? b.row_scale[m + i] : 1.0f;
-    float* y = b.y + row * b.ldy + n;
+    float* y = GemmRowY(b, m + i) + n;
 #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
       float r = V::ReduceAdd(acc[i][j]);
@@ -119,6 +123,9 @@ inline void GemmRowTile(const GemmBlock& b, int64_t m) {
   if (n < b.n1) GemmRemainderTile<V, X, W, MR, NR - 1>(b, m, n, static_cast<int>(b.n1 - n));
 }
 
+// Not common/dtype.h's Bf16ToF32: an inline function with external linkage,
+// compiled here with this ISA's flags, could be the copy the linker keeps for
+// every caller (the reason this header sits in an anonymous namespace).
 inline float Widen(float w) { return w; }
 inline float Widen(uint16_t w) {  // BF16 is the high half of an F32
   return std::bit_cast<float>(static_cast<uint32_t>(w) << 16);
@@ -184,8 +191,7 @@ inline void GemmBlockShortK(const GemmBlock& b) {
     }
     for (int64_t m = b.m0; m < b.m1; ++m) {
       const X* x = GemmRowX<X>(b, m);
-      const int64_t out_row = b.y_rows != nullptr ? b.y_rows[m] : m;
-      float* y = b.y + out_row * b.ldy + c0;
+      float* y = GemmRowY(b, m) + c0;
       const float* bias = b.bias != nullptr ? b.bias + c0 : nullptr;
       const typename V::Reg scale = V::Set1(b.row_scale != nullptr ? b.row_scale[m] : 1.0f);
       int64_t j = 0;
