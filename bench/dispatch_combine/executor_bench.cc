@@ -10,9 +10,9 @@
 // MoE layer (E experts, top-k K, BF16 weights) under DIR; every rank loads
 // only the experts a contiguous placement gives it, through the production
 // loader, and builds an ExpertParallelExecutor (BF16 payloads) on a
-// UcxTransport. moe_intermediate_size is tiny (8 by default) so that the
-// expert GEMMs cost next to nothing; they are excluded from the reported
-// latency anyway (see below).
+// UcxTransport. moe_intermediate_size is tiny (8 by default) to keep the
+// expert GEMMs small; they are not free (about 0.1 MFLOP per (token, expert)
+// row at hidden 2048) and are excluded from the reported latency (see below).
 //
 // Per tokens-per-rank point: warm-up, then N iterations (N sized to about
 // --target-seconds; at least 5, or 3 for the slowest points) of ExpertParallelExecutor::Run with fresh
@@ -74,7 +74,7 @@ using joule::bench::Rendezvous;
 #define JOULE_EXECUTOR_BENCH_FLAGS(X)                                                       \
   JOULE_RANK_BENCH_FLAGS(X)                                                                 \
   X(int, experts, 64, "experts of the MoE layer")                                          \
-  X(int, moe_intermediate, 8, "moe_intermediate_size (tiny: the GEMMs cost next to nothing)") \
+  X(int, moe_intermediate, 8, "moe_intermediate_size (tiny, to keep the expert GEMMs small)") \
   X(int, threads, 1, "CPU threads of each rank's executor")                                \
   X(bool, shared_windows, true, "write rows into peers' shared windows where the transport maps them (else all-to-all-v)") \
   X(int, max_iters, 200, "most timed Runs per point (at least 3)")                         \
@@ -201,6 +201,7 @@ int main(int argc, char** argv) {
   const int W = a.world, K = a.top_k, E = a.experts;
   auto created = joule::ep::UcxTransport::Create(a.rank, W, {.timeout = absl::Seconds(120)},
                                                  {.peer_error_handling = a.peer_errors,
+                                                  .spin_before_naps = absl::Microseconds(a.spin_us),
                                                   .receive_thread = a.recv_thread});
   Check(created.status(), "create");
   joule::ep::UcxTransport& t = **created;

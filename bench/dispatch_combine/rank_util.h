@@ -29,6 +29,8 @@ namespace joule::bench {
   X(bool, peer_errors, false, "UCX peer error handling (true: no CMA zero-copy over shm)")   \
   X(bool, recv_thread, false,                                                             \
     "UCX receive thread: a second worker and thread take the receives of large exchanges") \
+  X(int64_t, spin_us, 500,                                                                \
+    "waiting for a peer: spin this long before sleeping (the worker's --ucx-spin-us)")   \
   X(std::string, out, "", "file rank 0 appends its JSON lines to (default: stdout)")
 
 // "1,4,16" -> {1, 4, 16}; InvalidArgument naming --flag for an empty list or an

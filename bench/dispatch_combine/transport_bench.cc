@@ -61,6 +61,7 @@ int main(int argc, char** argv) {
   const std::vector<int> token_counts = *ParseSizeList("tokens", a.tokens);
   auto created = joule::ep::UcxTransport::Create(a.rank, a.world, {.timeout = absl::Seconds(60)},
                                                  {.peer_error_handling = a.peer_errors,
+                                                  .spin_before_naps = absl::Microseconds(a.spin_us),
                                                   .receive_thread = a.recv_thread});
   Check(created.status(), "create");
   joule::ep::UcxTransport& t = **created;

@@ -159,22 +159,39 @@ void LaunchUnpermute(const UnpermuteParams& p, CpuStream stream) {
 void LaunchGatherRows(const GatherRowsParams& p, CpuStream stream) {
   const ConvertFns fns = ActiveConvertFns();
   const size_t in_elem = p.in_type == RowType::kBF16 ? 2 : 4;
+  const size_t out_elem = p.out_type == RowType::kBF16 ? 2 : 4;
   const size_t row_bytes = in_elem * static_cast<size_t>(p.hidden);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.hidden));
-  ParallelFor(stream, p.rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t src_row = p.index != nullptr ? p.index[r] / p.index_divisor : r;
-      const auto* in = static_cast<const std::byte*>(p.in) + src_row * p.in_stride_bytes;
-      auto* out = static_cast<std::byte*>(p.out) + r * p.out_stride_bytes;
-      if (p.in_type == p.out_type) {
-        std::memcpy(out, in, row_bytes);
-      } else if (p.out_type == RowType::kBF16) {
-        fns.to_bf16(reinterpret_cast<const float*>(in), reinterpret_cast<uint16_t*>(out), p.hidden);
-      } else {
-        fns.to_f32(reinterpret_cast<const uint16_t*>(in), reinterpret_cast<float*>(out), p.hidden);
+  auto out_row = [&](int64_t r) {
+    return p.out_rows != nullptr ? p.out_rows[r]
+                                 : static_cast<std::byte*>(p.out) + r * p.out_stride_bytes;
+  };
+  // Rows that copy an earlier one wait until every converted row is written.
+  for (const bool copies : {false, true}) {
+    if (copies && p.copy_of == nullptr) break;
+    ParallelFor(stream, p.rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const bool copy = p.copy_of != nullptr && p.copy_of[r] >= 0;
+        if (copy != copies) continue;
+        std::byte* out = out_row(r);
+        if (copy) {
+          std::memcpy(out, out_row(p.copy_of[r]), out_elem * static_cast<size_t>(p.hidden));
+          continue;
+        }
+        const int64_t src_row = p.index != nullptr ? p.index[r] / p.index_divisor : r;
+        const auto* in = static_cast<const std::byte*>(p.in) + src_row * p.in_stride_bytes;
+        if (p.in_type == p.out_type) {
+          std::memcpy(out, in, row_bytes);
+        } else if (p.out_type == RowType::kBF16) {
+          fns.to_bf16(reinterpret_cast<const float*>(in), reinterpret_cast<uint16_t*>(out),
+                      p.hidden);
+        } else {
+          fns.to_f32(reinterpret_cast<const uint16_t*>(in), reinterpret_cast<float*>(out),
+                     p.hidden);
+        }
       }
-    }
-  });
+    });
+  }
 }
 
 void LaunchReduceRows(const ReduceRowsParams& p, CpuStream stream) {

@@ -8,6 +8,7 @@
 // kernels::cuda launches. Device-neutral: no CUDA or thread-pool types here.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 namespace joule::kernels {
@@ -86,6 +87,13 @@ struct GatherRowsParams {
   int64_t out_stride_bytes = 0;
   int64_t rows = 0;
   int64_t hidden = 0;
+  // Optional [rows]: where out row r goes, in place of out + r *
+  // out_stride_bytes (rows spread over several buffers, e.g. peers' windows).
+  std::byte* const* out_rows = nullptr;
+  // Optional [rows]: an earlier out row (< r) that holds the same input row,
+  // or -1. Such rows are copied from it as converted instead of converted
+  // again: a token dispatched to several ranks is rounded once. Same bits.
+  const int64_t* copy_of = nullptr;
 };
 
 // out row r (+)= sum_j weights[j] * in row index[j] for j in [offsets[r],

@@ -287,6 +287,58 @@ TEST_P(MoeTest, GatherRowsConvertsAndIndexesLikeTheScalarRule) {
   ASSERT_EQ(std::memcmp(copy.data(), x.data(), x.size() * sizeof(float)), 0);
 }
 
+TEST_P(MoeTest, GatherRowsIntoScatteredRowsConvertsEachTokenOnce) {
+  // Dispatch's form: rows land in two buffers (two peers' windows) through
+  // out_rows, and a token's later rows copy its first, already converted.
+  // Same bits as converting every row; trailing bytes stay untouched.
+  const int64_t tokens = 13, hidden = 203;
+  const auto x = RoundingCases(tokens * hidden, 43);
+  const std::vector<int32_t> token = {0, 3, 3, 7, 12, 0, 5, 3, 12, 9, 0};
+  const int64_t rows = static_cast<int64_t>(token.size());
+  std::vector<int64_t> copy_of(rows, -1);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t q = 0; q < r; ++q) {
+      if (token[q] == token[r]) {
+        copy_of[r] = q;
+        break;
+      }
+    }
+  }
+  for (const RowType out_type : {RowType::kBF16, RowType::kF32}) {
+    const int64_t row_bytes = (out_type == RowType::kBF16 ? 2 : 4) * hidden + 4;
+    std::vector<std::byte> even(rows * row_bytes, std::byte{0x5a}), odd = even;
+    std::vector<std::byte*> out_rows(rows);
+    for (int64_t r = 0; r < rows; ++r) {
+      out_rows[r] = (r % 2 == 0 ? even.data() : odd.data()) + (r / 2) * row_bytes;
+    }
+    GatherRowsParams p;
+    p.in = x.data();
+    p.in_type = RowType::kF32;
+    p.in_stride_bytes = hidden * 4;
+    p.index = token.data();
+    p.out_type = out_type;
+    p.rows = rows;
+    p.hidden = hidden;
+    p.out_rows = out_rows.data();
+    p.copy_of = copy_of.data();
+    LaunchGatherRows(p, stream());
+
+    // Reference: every row converted on its own, contiguous.
+    std::vector<std::byte> want(rows * row_bytes, std::byte{0x5a});
+    GatherRowsParams ref = p;
+    ref.out_rows = nullptr;
+    ref.copy_of = nullptr;
+    ref.out = want.data();
+    ref.out_stride_bytes = row_bytes;
+    LaunchGatherRows(ref, stream());
+    for (int64_t r = 0; r < rows; ++r) {
+      ASSERT_EQ(std::memcmp(out_rows[r], want.data() + r * row_bytes, row_bytes), 0)
+          << "row " << r << " (token " << token[r] << "), out_type "
+          << static_cast<int>(out_type);
+    }
+  }
+}
+
 TEST_P(MoeTest, UnpermuteOfBf16ExpertOutputsEqualsWidenedF32) {
   const int64_t tokens = 23, hidden = 77;
   const int k = 4, experts = 6;

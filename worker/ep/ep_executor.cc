@@ -85,6 +85,7 @@ struct DispatchLayout {
   std::vector<int32_t> dest;                 // [slots] destination rank of each slot
   std::vector<int64_t> send_offsets;         // [world + 1] first send row for each destination
   std::vector<int32_t> send_to_token;        // [send rows] token of each send row
+  std::vector<int64_t> send_copy_of;         // [send rows] the token's first send row, or -1 if this is it
   std::vector<int64_t> send_choice_offsets;  // [send rows + 1] first choice of each send row
   std::vector<int32_t> slot_row;             // [slots] send row carrying each slot
   std::vector<int32_t> slot_to_choice;       // [slots] sender-side choice index of each slot
@@ -330,6 +331,7 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
   for (int d = 0; d < W; ++d) L.send_offsets[d + 1] += L.send_offsets[d];
   const int64_t send_rows = L.send_offsets[W];
   L.send_to_token.resize(send_rows);
+  L.send_copy_of.resize(send_rows);
   L.send_choice_offsets.assign(send_rows + 1, 0);
   L.slot_row.resize(slots);
   L.slot_to_choice.resize(slots);
@@ -347,6 +349,8 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
         rank_token[d] = static_cast<int32_t>(t);
         const int32_t row = rank_row[d]++;
         L.send_to_token[row] = static_cast<int32_t>(t);
+        const int64_t first = L.token_row_offsets[t];
+        L.send_copy_of[row] = token_row == first ? -1 : L.token_rows[first];
         L.token_rows[token_row++] = row;
       }
       const int32_t row = rank_row[d] - 1;  // this token's row for d, taken above or earlier
@@ -453,16 +457,13 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
       row_ptr[r] = base + (r - L.send_offsets[d]) * dispatch_stride;
     }
   }
-  for (int d = 0; d < W; ++d) {
-    const int64_t begin = L.send_offsets[d], end = L.send_offsets[d + 1];
-    if (begin == end) continue;
-    kc::LaunchGatherRows({.in = x, .in_type = kc::RowType::kF32, .in_stride_bytes = H * 4,
-                          .index = L.send_to_token.data() + begin, .out = row_ptr[begin],
-                          .out_type = wire,
-                          .out_stride_bytes = static_cast<int64_t>(dispatch_stride),
-                          .rows = end - begin, .hidden = H},
-                         stream);
-  }
+  // A token going to several ranks is converted (BF16: rounded) once, into
+  // its first row, and copied from there into the others.
+  kc::LaunchGatherRows({.in = x, .in_type = kc::RowType::kF32, .in_stride_bytes = H * 4,
+                        .index = L.send_to_token.data(), .out_type = wire,
+                        .rows = send_rows, .hidden = H, .out_rows = row_ptr.data(),
+                        .copy_of = L.send_copy_of.data()},
+                       stream);
   constexpr int32_t kUnused = -1;
   for (int64_t r = 0; r < send_rows; ++r) {
     std::byte* ids = row_ptr[r] + payload;
