@@ -19,15 +19,16 @@
 // random routing (each token picks K distinct experts uniformly; router
 // weights 1/K), a barrier before each. Per iteration and rank the deltas of
 // stats() give dispatch seconds (layout, count exchange, packing, dispatch
-// all-to-all) and combine seconds (packing, combine all-to-all, weighted
-// un-permute), and the payload bytes sent to other ranks. The latency of an
+// all-to-all) and combine seconds (combine all-to-all or barrier, weighted
+// un-permute; the BF16 combine rows are summed and rounded inside the expert
+// down projection, so that is in Run), and the payload bytes sent to other ranks. The latency of an
 // iteration is the slowest rank's dispatch + combine; the reported latency
 // is the median over iterations. A rank's combine also waits for the peers
 // that finish their experts later; the skew-free latency (slowest dispatch +
 // fastest combine, i.e. the combine of the rank that arrived last and so
 // waited for nobody's experts) leaves that wait out, as the MPI baseline,
 // which computes nothing between its exchanges, has none. Run's wall time
-// (which adds the expert compute and the regrouping of received rows) is
+// (which adds the expert compute, with the combine rows' sums) is
 // reported alongside.
 // A point whose buffers would need more than --mem-fraction of MemAvailable
 // over all ranks is skipped (and reported as such): the host is shared.

@@ -211,7 +211,9 @@ def executor_report(raw, out_dir, command):
                "latency_us_median": "per iteration, the slowest rank's dispatch_seconds + "
                                     "combine_seconds (ExpertParallelExecutor::stats() deltas: "
                                     "layout, count exchange, packing, dispatch all-to-all; "
-                                    "packing, combine all-to-all, weighted un-permute); median "
+                                    "combine all-to-all or barrier, un-permute: BF16 combine "
+                                    "rows are summed and rounded inside the expert down "
+                                    "projection, in Run); median "
                                     "over iterations; expert compute excluded",
                "latency_us_median_rank_mean": "the same with the mean over ranks instead of the "
                                               "slowest rank",
@@ -265,7 +267,7 @@ def executor_report(raw, out_dir, command):
               "row, 100 MFLOP per rank per Run at 128 tokens per rank): they take most of a Run, "
               "and random routing gives the ranks unequal shares. They are excluded: "
               "latency = the slowest rank's dispatch + combine seconds from `stats()` (layout, "
-              "count exchange, BF16 packing, both exchanges: over shared memory writes into peers' windows and a barrier, over TCP all-to-all-v; un-permute), median over "
+              "count exchange, BF16 packing of dispatch rows, both exchanges: over shared memory writes into peers' windows and a barrier, over TCP all-to-all-v; un-permute; the combine rows are summed and rounded to BF16 inside the experts' down projection, so that is in Run, not here), median over "
               "iterations. skew-free = the slowest rank's dispatch + the fastest rank's "
               "combine: a rank's combine also waits for peers that finish their experts later, "
               "and the rank that arrived last waited for nobody's (the MPI baseline computes "

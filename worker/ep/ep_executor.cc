@@ -148,7 +148,9 @@ struct ExpertParallelExecutor::Impl {
   std::unique_ptr<SharedWindows> win_a, win_b;
   bool windows_off = false;  // the transport cannot map them (or options say no)
   std::vector<std::byte*> row_ptr;  // [send rows] where each dispatch row is written
-  std::vector<float> down;
+  std::vector<float> down;                  // F32: expert outputs, one row per choice
+  std::vector<std::byte*> combine_row;      // BF16: [received rows] where each combine row goes
+  std::vector<std::byte*> chunk_row;        // BF16: the same, at one column chunk
   GroupedExpertBuffers expert_buffers;
 
   mutable absl::Mutex mu;
@@ -538,21 +540,48 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
   for (int64_t g = 0; g < recv_choices; ++g) {
     L.grouped_to_row[g] = L.choice_row[L.grouped_to_choice[g]];
   }
-  // BF16: the weighted sum per received row is fused into the down
-  // projection, so `down` holds one F32 row per received row, not per choice.
+  // BF16: each received row's weighted sum is fused into the down
+  // projection, which runs in column chunks; every finished chunk is rounded
+  // straight into the row that goes back (a peer's window, or the combine
+  // send buffer) while it is in cache, so the F32 sums never reach memory.
+  const int64_t self_recv_row = L.recv_offsets[me], self_recv_end = L.recv_offsets[me + 1];
+  FusedCombine fused;
   if (bf16) {
     L.grouped_weight.resize(recv_choices);
     for (int64_t g = 0; g < recv_choices; ++g) {
       L.grouped_weight[g] = L.choice_weight[L.grouped_to_choice[g]];
     }
-    // resize, not assign: assign reallocates to the exact size whenever the
-    // row count creeps up, and every fresh allocation page-faults again.
-    down.resize(recv_rows * H);
-    std::fill(down.begin(), down.end(), 0.0f);
+    // Where received row r's combine row goes: rank p's rows straight into
+    // its window where its own combine reads them (row RowsBefore(p, me) on);
+    // otherwise as the all-to-all sends them, from `b` in received order, but
+    // this rank's own rows straight into `a`. `b` already holds recv_rows
+    // dispatch rows, longer than combine rows, and the gate/up projections
+    // are done with the received rows before the first chunk lands on them.
+    combine_row.resize(recv_rows);
+    for (int p = 0; p < W; ++p) {
+      for (int64_t r = L.recv_offsets[p]; r < L.recv_offsets[p + 1]; ++r) {
+        const int64_t i = r - L.recv_offsets[p];
+        combine_row[r] = direct   ? win_a->at(p) + (rows_before(p, me) + i) * payload
+                         : p == me ? a.data() + (self_send + i) * payload
+                                   : b.data() + r * payload;
+      }
+    }
+    fused = {.rows = L.grouped_to_row.data(), .weights = L.grouped_weight.data(),
+             .out_rows = recv_rows,
+             .sink = [&](int64_t col0, int64_t cols, const float* y) {
+               chunk_row.resize(recv_rows);
+               for (int64_t r = 0; r < recv_rows; ++r) {
+                 chunk_row[r] = combine_row[r] + col0 * sizeof(uint16_t);
+               }
+               kc::LaunchGatherRows({.in = y, .in_type = kc::RowType::kF32,
+                                     .in_stride_bytes = cols * 4,
+                                     .out_type = kc::RowType::kBF16, .rows = recv_rows,
+                                     .hidden = cols, .out_rows = chunk_row.data()},
+                                    stream);
+             }};
   } else {
     down.resize(recv_choices * H);
   }
-  const FusedCombine fused{.rows = L.grouped_to_row.data(), .weights = L.grouped_weight.data()};
   // The gate/up projections read the received rows where they landed (a
   // BF16 row widens in registers), one row per expert choice through
   // grouped_to_row: no F32 copy per choice. Nothing overwrites them before
@@ -564,46 +593,16 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
       .stride = static_cast<int64_t>(dispatch_stride / (bf16 ? sizeof(uint16_t) : sizeof(float))),
       .rows = L.grouped_to_row.data()};
   RETURN_IF_ERROR(Annotate(RunGroupedExperts(LW, layer, grouped, L.expert_offsets.data(), E,
-                                             down.data(), &expert_buffers, stream,
-                                             bf16 ? &fused : nullptr),
+                                             bf16 ? nullptr : down.data(), &expert_buffers,
+                                             stream, bf16 ? &fused : nullptr),
                            context("experts")));
 
   // (e) Combine: outputs go back in received order, the dispatch layout
-  // reversed; rows for this rank itself go straight into `a`. `b` is free
-  // again (the experts are done with its rows), so it may grow here.
+  // reversed. BF16 rows are in place already (above); F32 rows are gathered
+  // here, rows for this rank itself straight into `a`.
   const auto t_combine = std::chrono::steady_clock::now();
-  const int64_t self_recv_row = L.recv_offsets[me], self_recv_end = L.recv_offsets[me + 1];
   uint64_t combine_peer_bytes = 0;
-  if (direct) {
-    // Rank p's rows, rounded once, straight into its window where its own
-    // combine would have received them: row RowsBefore(p, me) on.
-    for (int p = 0; p < W; ++p) {
-      const int64_t begin = L.recv_offsets[p], end = L.recv_offsets[p + 1];
-      if (begin == end) continue;
-      kc::LaunchGatherRows({.in = down.data() + begin * H, .in_type = kc::RowType::kF32,
-                            .in_stride_bytes = H * 4,
-                            .out = win_a->at(p) + rows_before(p, me) * payload,
-                            .out_type = kc::RowType::kBF16,
-                            .out_stride_bytes = static_cast<int64_t>(payload),
-                            .rows = end - begin, .hidden = H},
-                           stream);
-      if (p != me) combine_peer_bytes += (end - begin) * payload;
-    }
-  } else if (bf16) {
-    // One row per received row: its choices' weighted sum (summed by the
-    // down projection above), rounded once.
-    RETURN_IF_ERROR(Annotate(b.Reserve(recv_rows * payload, transport), context("buffers")));
-    WriteRowsSplitSelf(recv_rows, self_recv_row, self_recv_end, b.data(), payload,
-                       a.data() + self_send * payload,
-                       [&](int64_t begin, int64_t end, std::byte* dst) {
-                         kc::LaunchGatherRows(
-                             {.in = down.data() + begin * H, .in_type = kc::RowType::kF32,
-                              .in_stride_bytes = H * 4, .out = dst,
-                              .out_type = kc::RowType::kBF16,
-                              .out_stride_bytes = static_cast<int64_t>(payload),
-                              .rows = end - begin, .hidden = H},
-                             stream);
-                       });
+  if (bf16) {
     for (int p = 0; p < W; ++p) {
       const bool peer = p != me;
       send_bytes[p] = peer ? (L.recv_offsets[p + 1] - L.recv_offsets[p]) * payload : 0;
@@ -613,7 +612,8 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
       combine_peer_bytes += send_bytes[p];
     }
   } else {
-    // One unweighted row per choice, in choice order.
+    // One unweighted row per choice, in choice order. `b` is free again (the
+    // experts are done with its rows), so it may grow here.
     RETURN_IF_ERROR(Annotate(b.Reserve(recv_choices * f32_row, transport), context("buffers")));
     const int64_t self_choice = L.row_choice_offsets[self_recv_row];
     const int64_t self_choice_end = L.row_choice_offsets[self_recv_end];

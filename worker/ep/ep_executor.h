@@ -63,9 +63,11 @@ class ExpertParallelExecutor : public ExpertExecutor {
   // Cumulative since construction. Bytes are payload bytes this rank sent to
   // other ranks (rows for itself are written in place and not counted); dispatch
   // seconds cover layout, count exchange, packing and the dispatch
-  // all-to-all, combine seconds packing (with kBF16 the weighted sum of each
-  // token's expert outputs), the combine all-to-all and the un-permute
-  // (expert compute is in neither).
+  // all-to-all, combine seconds the combine all-to-all (or barrier) and the
+  // un-permute, with kF32 also packing the expert outputs. Expert compute is
+  // in neither, and with kBF16 neither is the combine's packing: each
+  // token's weighted sum is summed and rounded into the row that goes back
+  // inside the experts' down projection.
   struct Stats {
     uint64_t dispatch_bytes = 0;
     uint64_t combine_bytes = 0;

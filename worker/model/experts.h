@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -37,13 +38,24 @@ void RunMlp(const MlpWeights& mlp, const float* x, int64_t rows, float* out,
 struct GroupedExpertBuffers {
   std::vector<const void*> w;  // [3 * num_experts]: gate, then up, then down pointers
   std::vector<float> gate, up;
+  std::vector<const void*> chunk_w;  // FusedCombine::sink: down weights of one column chunk
+  std::vector<float> chunk_y;        // FusedCombine::sink: one column chunk of the output
 };
 
 // A weighted combine fused into the down projection: grouped row g is scaled
 // by weights[g] and added into row rows[g] of the output.
+//
+// With `sink`, the output is never whole in memory: the down projection runs
+// over column chunks of a scratch [out_rows, chunk] (zeroed first; every row
+// of it must be named by some rows[g]), and each finished chunk goes to
+// sink(col0, cols, y) while it is still in cache, y row r holding columns
+// [col0, col0 + cols) of output row r. Expert parallelism rounds the chunks
+// straight into the rows it sends back. Same bits as without.
 struct FusedCombine {
   const int32_t* rows = nullptr;   // [offsets[num_experts]]
   const float* weights = nullptr;  // [offsets[num_experts]]
+  int64_t out_rows = 0;            // with sink: rows of the output
+  std::function<void(int64_t col0, int64_t cols, const float* y)> sink;
 };
 
 // The rows the experts read, grouped by expert: grouped row g is row rows[g]

@@ -7,11 +7,13 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <numeric>
 #include <random>
 #include <set>
 
+#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/worker/ep/dispatch/ep_test_util.h"
@@ -319,6 +321,72 @@ TEST(DispatchCombineTest, MatchesDenseReferenceOnRandomProblems) {
     std::filesystem::remove_all(dir);
   }
   std::printf("worst error / tolerance: F32 payload %.3g, BF16 payload %.3g\n", worst_f32, worst_bf16);
+}
+
+// The fused combine's column-chunk form (FusedCombine::sink, what BF16
+// expert parallelism runs) gives the same bits as scatter-adding into the
+// whole zeroed output: for short rows (the down projection's k = 8) and long
+// ones (k = 40), F32 and BF16 inputs, with enough output rows that the output
+// is split into several chunks, the last one narrower.
+TEST(FusedCombineTest, ColumnChunksGiveTheBitsOfTheWholeOutput) {
+  for (const int64_t intermediate : {8, 40}) {
+    const int64_t hidden = 500;
+    const int experts = 4;
+    const std::string dir = TestDir(absl::StrCat("fused_chunks_", intermediate));
+    ASSERT_TRUE(WriteRandomMoeCheckpoint(dir, hidden, experts, 2, intermediate, 1, 11).ok());
+    auto weights = ModelWeights::Load(dir);
+    ASSERT_TRUE(weights.ok()) << weights.status();
+    const LayerWeights& layer = (*weights)->layers()[0];
+
+    std::mt19937_64 rng(intermediate);
+    const int64_t out_rows = 4000, x_rows = 300;
+    std::vector<int64_t> offsets = {0, 2500, 2500, 4500, 6000};  // expert 1 gets none
+    const int64_t rows = offsets.back();
+    std::vector<int32_t> x_index(rows), out_index(rows);
+    std::vector<float> scale(rows);
+    std::uniform_int_distribution<int32_t> pick_x(0, x_rows - 1), pick_out(0, out_rows - 1);
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    for (int64_t g = 0; g < rows; ++g) {
+      x_index[g] = pick_x(rng);
+      // Every output row gets at least one term (the sink's contract).
+      out_index[g] = g < out_rows ? static_cast<int32_t>(g) : pick_out(rng);
+      scale[g] = u(rng);
+    }
+    std::vector<float> x32(x_rows * hidden);
+    for (float& v : x32) v = u(rng);
+    std::vector<uint16_t> x16(x32.size());
+    for (size_t i = 0; i < x32.size(); ++i) x16[i] = F32ToBf16(x32[i]);
+
+    for (const bool bf16 : {false, true}) {
+      const GroupedInput in{.x = bf16 ? static_cast<const void*>(x16.data()) : x32.data(),
+                            .type = bf16 ? kernels::RowType::kBF16 : kernels::RowType::kF32,
+                            .rows = x_index.data()};
+      GroupedExpertBuffers buffers;
+      std::vector<float> whole(out_rows * hidden, 0.0f);
+      const FusedCombine plain{.rows = out_index.data(), .weights = scale.data()};
+      ASSERT_TRUE(RunGroupedExperts(layer, 0, in, offsets.data(), experts, whole.data(), &buffers,
+                                    {}, &plain)
+                      .ok());
+
+      std::vector<float> chunked(out_rows * hidden, std::nanf(""));
+      std::vector<int64_t> chunk_cols;
+      FusedCombine sink{.rows = out_index.data(), .weights = scale.data(), .out_rows = out_rows};
+      sink.sink = [&](int64_t col0, int64_t cols, const float* y) {
+        chunk_cols.push_back(cols);
+        for (int64_t r = 0; r < out_rows; ++r) {
+          std::copy(y + r * cols, y + (r + 1) * cols, chunked.begin() + r * hidden + col0);
+        }
+      };
+      ASSERT_TRUE(
+          RunGroupedExperts(layer, 0, in, offsets.data(), experts, nullptr, &buffers, {}, &sink)
+              .ok());
+      ASSERT_GE(chunk_cols.size(), 2u) << "the output should not fit one chunk";
+      EXPECT_LT(chunk_cols.back(), chunk_cols.front());
+      EXPECT_EQ(std::accumulate(chunk_cols.begin(), chunk_cols.end(), int64_t{0}), hidden);
+      ASSERT_EQ(std::memcmp(whole.data(), chunked.data(), whole.size() * sizeof(float)), 0)
+          << "intermediate " << intermediate << (bf16 ? ", BF16" : ", F32") << " rows";
+    }
+  }
 }
 
 class DispatchFailureTest : public ::testing::Test {
