@@ -311,16 +311,9 @@ TEST_P(MoeTest, GatherRowsIntoScatteredRowsConvertsEachTokenOnce) {
     for (int64_t r = 0; r < rows; ++r) {
       out_rows[r] = (r % 2 == 0 ? even.data() : odd.data()) + (r / 2) * row_bytes;
     }
-    GatherRowsParams p;
-    p.in = x.data();
-    p.in_type = RowType::kF32;
-    p.in_stride_bytes = hidden * 4;
-    p.index = token.data();
-    p.out_type = out_type;
-    p.rows = rows;
-    p.hidden = hidden;
-    p.out_rows = out_rows.data();
-    p.copy_of = copy_of.data();
+    const GatherRowsParams p{.in = x.data(), .in_stride_bytes = hidden * 4, .index = token.data(),
+                             .out_type = out_type, .rows = rows, .hidden = hidden,
+                             .out_rows = out_rows.data(), .copy_of = copy_of.data()};
     LaunchGatherRows(p, stream());
 
     // Reference: every row converted on its own, contiguous.
