@@ -148,17 +148,41 @@ std::set<int> TokenDestinations(const Trial& t, int rank, int l, int64_t tok) {
 }
 
 // Runs every layer of `t` on all ranks; returns each rank's outputs [layers][tokens, H].
+// A random checkpoint for trial `t` under dir, loaded whole and as each
+// rank's share of t.placement.
+struct TrialWeights {
+  std::unique_ptr<ModelWeights> full;
+  std::vector<std::unique_ptr<ModelWeights>> ranks;
+};
+void WriteAndLoad(const std::string& dir, const Trial& t, uint64_t seed, TrialWeights* out) {
+  ASSERT_TRUE(
+      WriteRandomMoeCheckpoint(dir, t.hidden, t.experts, t.top_k, t.intermediate, t.layers, seed)
+          .ok());
+  auto full = ModelWeights::Load(dir);
+  ASSERT_TRUE(full.ok()) << full.status();
+  out->full = std::move(*full);
+  for (int r = 0; r < t.world; ++r) {
+    auto w = ModelWeights::Load(dir, OwnedBy(t.placement, r));
+    ASSERT_TRUE(w.ok()) << w.status();
+    out->ranks.push_back(std::move(*w));
+  }
+}
+
 std::vector<std::vector<float>> RunExpertParallel(
     const Trial& t, const std::vector<std::unique_ptr<ModelWeights>>& rank_weights,
     PayloadType payload, std::vector<std::vector<std::vector<int64_t>>>* loads,
-    std::vector<ExpertParallelExecutor::Stats>* stats, bool shared_windows = true) {
+    std::vector<ExpertParallelExecutor::Stats>* stats, bool shared_windows = true,
+    int threads = 1) {
   InProcessGroup group(t.world);
   std::vector<std::vector<float>> outs(t.world);
   loads->assign(t.world, {});
   stats->assign(t.world, {});
   RunRanks(t.world, [&](int rank) {
     auto transport = group.Rank(rank);
-    ExpertParallelExecutor ex(rank_weights[rank].get(), transport.get(), t.placement, {},
+    std::unique_ptr<kernels::cpu::ThreadPool> pool;
+    if (threads > 1) pool = std::make_unique<kernels::cpu::ThreadPool>(threads);
+    ExpertParallelExecutor ex(rank_weights[rank].get(), transport.get(), t.placement,
+                              {pool.get()},
                               {.payload = payload, .shared_windows = shared_windows});
     const RankInput& in = t.in[rank];
     const int64_t TH = in.tokens * t.hidden, TK = in.tokens * t.top_k;
@@ -191,17 +215,10 @@ TEST(DispatchCombineTest, MatchesDenseReferenceOnRandomProblems) {
                                            return s;
                                          }());
     const std::string dir = TestDir(absl::StrCat(trial));
-    ASSERT_TRUE(WriteRandomMoeCheckpoint(dir, t.hidden, t.experts, t.top_k, t.intermediate, t.layers,
-                                         rng())
-                    .ok());
-    auto full = ModelWeights::Load(dir);
-    ASSERT_TRUE(full.ok()) << full.status();
-    std::vector<std::unique_ptr<ModelWeights>> rank_weights;
-    for (int r = 0; r < t.world; ++r) {
-      auto w = ModelWeights::Load(dir, OwnedBy(t.placement, r));
-      ASSERT_TRUE(w.ok()) << w.status();
-      rank_weights.push_back(std::move(*w));
-    }
+    TrialWeights loaded;
+    ASSERT_NO_FATAL_FAILURE(WriteAndLoad(dir, t, rng(), &loaded));
+    const auto& full = loaded.full;
+    const auto& rank_weights = loaded.ranks;
 
     std::vector<std::vector<std::vector<int64_t>>> loads;
     std::vector<ExpertParallelExecutor::Stats> stats;
@@ -215,8 +232,15 @@ TEST(DispatchCombineTest, MatchesDenseReferenceOnRandomProblems) {
     auto a2a_stats = stats;
     auto bf16_a2a = RunExpertParallel(t, rank_weights, PayloadType::kBF16, &a2a_loads, &a2a_stats,
                                       /*shared_windows=*/false);
+    // And with a thread pool per rank (the chunks of every kernel split over
+    // threads): still the same bits.
+    auto pooled_loads = loads;
+    auto pooled_stats = stats;
+    auto bf16_pooled = RunExpertParallel(t, rank_weights, PayloadType::kBF16, &pooled_loads,
+                                         &pooled_stats, /*shared_windows=*/true, /*threads=*/3);
     for (int rank = 0; rank < t.world; ++rank) {
       ASSERT_EQ(bf16[rank], bf16_a2a[rank]) << "rank " << rank << ": windows vs all-to-all-v";
+      ASSERT_EQ(bf16[rank], bf16_pooled[rank]) << "rank " << rank << ": 1 vs 3 threads";
       EXPECT_EQ(bf16_stats[rank].dispatch_bytes, a2a_stats[rank].dispatch_bytes) << "rank " << rank;
       EXPECT_EQ(bf16_stats[rank].combine_bytes, a2a_stats[rank].combine_bytes) << "rank " << rank;
     }
@@ -227,7 +251,7 @@ TEST(DispatchCombineTest, MatchesDenseReferenceOnRandomProblems) {
     for (int rank = 0; rank < t.world; ++rank) {
       const RankInput& in = t.in[rank];
       // The local executor on this rank's tokens: F32 EP must reproduce it bit for bit.
-      LocalExpertExecutor local(full->get(), {});
+      LocalExpertExecutor local(full.get(), {});
       std::vector<float> local_out = in.initial;
       for (int l = 0; l < t.layers; ++l) {
         const int64_t TH = in.tokens * H, TK = in.tokens * K;
@@ -252,7 +276,7 @@ TEST(DispatchCombineTest, MatchesDenseReferenceOnRandomProblems) {
             const int32_t e = in.ids[row * K + k];
             const double w = in.weights[row * K + k];
             ++want_load[l][e];
-            const MlpWeights& m = (*full)->layers()[l].experts[e];
+            const MlpWeights& m = full->layers()[l].experts[e];
             DenseExpert(m, in.x.data() + row * H, &y, &mag);
             DenseExpert(m, xbf.data(), &ybf, &magbf);
             for (int64_t h = 0; h < H; ++h) {
@@ -323,6 +347,65 @@ TEST(DispatchCombineTest, MatchesDenseReferenceOnRandomProblems) {
   std::printf("worst error / tolerance: F32 payload %.3g, BF16 payload %.3g\n", worst_f32, worst_bf16);
 }
 
+// Wide enough rows and enough of them that the BF16 combine is rounded into
+// the returning rows over several column chunks (the random problems above
+// fit one): windows, all-to-all-v and a thread pool agree bit for bit, and
+// all are within BF16 rounding of the single-process executor.
+TEST(DispatchCombineTest, WideRowsCombineOverSeveralChunks) {
+  Trial t{.world = 2, .experts = 8, .top_k = 2, .layers = 1, .hidden = 1024, .intermediate = 8};
+  auto placement = ContiguousPlacement(t.world, t.layers, t.experts);
+  ASSERT_TRUE(placement.ok()) << placement.status();
+  t.placement = *placement;
+  std::mt19937_64 rng(7);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  t.in.resize(t.world);
+  for (RankInput& r : t.in) {
+    r.tokens = 1500;
+    for (int64_t i = 0; i < r.tokens * t.hidden; ++i) {
+      r.x.push_back(normal(rng));
+      r.initial.push_back(0.0f);
+    }
+    std::vector<int32_t> order(t.experts);
+    std::iota(order.begin(), order.end(), 0);
+    for (int64_t tok = 0; tok < r.tokens; ++tok) {
+      std::shuffle(order.begin(), order.end(), rng);
+      for (int k = 0; k < t.top_k; ++k) {
+        r.ids.push_back(order[k]);
+        r.weights.push_back(k == 0 ? 0.75f : 0.25f);
+      }
+    }
+  }
+  TrialWeights loaded;
+  ASSERT_NO_FATAL_FAILURE(WriteAndLoad(TestDir("wide_rows"), t, 3, &loaded));
+  const auto& full = loaded.full;
+  const auto& rank_weights = loaded.ranks;
+  std::vector<std::vector<std::vector<int64_t>>> loads;
+  std::vector<ExpertParallelExecutor::Stats> stats;
+  auto windows = RunExpertParallel(t, rank_weights, PayloadType::kBF16, &loads, &stats);
+  auto a2a = RunExpertParallel(t, rank_weights, PayloadType::kBF16, &loads, &stats,
+                               /*shared_windows=*/false);
+  auto pooled = RunExpertParallel(t, rank_weights, PayloadType::kBF16, &loads, &stats,
+                                  /*shared_windows=*/true, /*threads=*/3);
+  for (int rank = 0; rank < t.world; ++rank) {
+    ASSERT_EQ(windows[rank], a2a[rank]) << "rank " << rank << ": windows vs all-to-all-v";
+    ASSERT_EQ(windows[rank], pooled[rank]) << "rank " << rank << ": 1 vs 3 threads";
+    const RankInput& in = t.in[rank];
+    LocalExpertExecutor local(full.get(), {});
+    std::vector<float> want = in.initial;
+    ASSERT_TRUE(
+        local.Run(0, in.x.data(), in.tokens, in.ids.data(), in.weights.data(), want.data()).ok());
+    double rms = 0;
+    for (float v : want) rms += double(v) * v / want.size();
+    rms = std::sqrt(rms);
+    ASSERT_GT(rms, 0);
+    for (size_t i = 0; i < want.size(); ++i) {
+      // BF16 inputs and a BF16 sum: a few units of 2^-8 of the values involved.
+      ASSERT_NEAR(windows[rank][i], want[i], 4 * kBf16Unit * (std::abs(want[i]) + rms))
+          << "rank " << rank << " token " << i / t.hidden << " column " << i % t.hidden;
+    }
+  }
+}
+
 // The fused combine's column-chunk form (FusedCombine::sink, what BF16
 // expert parallelism runs) gives the same bits as scatter-adding into the
 // whole zeroed output: for short rows (the down projection's k = 8) and long
@@ -357,6 +440,7 @@ TEST(FusedCombineTest, ColumnChunksGiveTheBitsOfTheWholeOutput) {
     std::vector<uint16_t> x16(x32.size());
     for (size_t i = 0; i < x32.size(); ++i) x16[i] = F32ToBf16(x32[i]);
 
+    kernels::cpu::ThreadPool pool(3);
     for (const bool bf16 : {false, true}) {
       const GroupedInput in{.x = bf16 ? static_cast<const void*>(x16.data()) : x32.data(),
                             .type = bf16 ? kernels::RowType::kBF16 : kernels::RowType::kF32,
@@ -368,23 +452,28 @@ TEST(FusedCombineTest, ColumnChunksGiveTheBitsOfTheWholeOutput) {
                                     {}, &plain)
                       .ok());
 
-      std::vector<float> chunked(out_rows * hidden, std::nanf(""));
-      std::vector<int64_t> chunk_cols;
-      FusedCombine sink{.rows = out_index.data(), .weights = scale.data(), .out_rows = out_rows};
-      sink.sink = [&](int64_t col0, int64_t cols, const float* y) {
-        chunk_cols.push_back(cols);
-        for (int64_t r = 0; r < out_rows; ++r) {
-          std::copy(y + r * cols, y + (r + 1) * cols, chunked.begin() + r * hidden + col0);
-        }
-      };
-      ASSERT_TRUE(
-          RunGroupedExperts(layer, 0, in, offsets.data(), experts, nullptr, &buffers, {}, &sink)
-              .ok());
-      ASSERT_GE(chunk_cols.size(), 2u) << "the output should not fit one chunk";
-      EXPECT_LT(chunk_cols.back(), chunk_cols.front());
-      EXPECT_EQ(std::accumulate(chunk_cols.begin(), chunk_cols.end(), int64_t{0}), hidden);
-      ASSERT_EQ(std::memcmp(whole.data(), chunked.data(), whole.size() * sizeof(float)), 0)
-          << "intermediate " << intermediate << (bf16 ? ", BF16" : ", F32") << " rows";
+      // Chunked on one thread and on a pool: the same bits either way.
+      for (const kernels::cpu::CpuStream stream :
+           {kernels::cpu::CpuStream{}, kernels::cpu::CpuStream{&pool}}) {
+        std::vector<float> chunked(out_rows * hidden, std::nanf(""));
+        std::vector<int64_t> chunk_cols;
+        FusedCombine sink{.rows = out_index.data(), .weights = scale.data(), .out_rows = out_rows};
+        sink.sink = [&](int64_t col0, int64_t cols, const float* y) {
+          chunk_cols.push_back(cols);
+          for (int64_t r = 0; r < out_rows; ++r) {
+            std::copy(y + r * cols, y + (r + 1) * cols, chunked.begin() + r * hidden + col0);
+          }
+        };
+        ASSERT_TRUE(RunGroupedExperts(layer, 0, in, offsets.data(), experts, nullptr, &buffers,
+                                      stream, &sink)
+                        .ok());
+        ASSERT_GE(chunk_cols.size(), 2u) << "the output should not fit one chunk";
+        EXPECT_LT(chunk_cols.back(), chunk_cols.front());
+        EXPECT_EQ(std::accumulate(chunk_cols.begin(), chunk_cols.end(), int64_t{0}), hidden);
+        ASSERT_EQ(std::memcmp(whole.data(), chunked.data(), whole.size() * sizeof(float)), 0)
+            << "intermediate " << intermediate << (bf16 ? ", BF16" : ", F32") << " rows, "
+            << (stream.pool != nullptr ? "3 threads" : "1 thread");
+      }
     }
   }
 }
