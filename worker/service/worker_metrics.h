@@ -50,7 +50,8 @@ namespace joule::worker {
     "Seconds in dispatch (layout, counts, packing, all-to-all); / busy steps = per step.",      \
     s.dispatch_seconds_total)                                                                   \
   X(joule_combine_seconds_total, Counter,                                                       \
-    "Seconds in combine (packing, all-to-all, un-permute); / busy steps = per step.",           \
+    "Seconds in combine (all-to-all or barrier, un-permute; F32 payloads also packing; BF16 "  \
+    "rows are summed and rounded in the expert GEMMs); / busy steps = per step.",               \
     s.combine_seconds_total)
 
 // Energy, labelled rank and source (nvml, rapl, or model = an estimate);
