@@ -85,7 +85,7 @@ struct DispatchLayout {
   std::vector<int32_t> dest;                 // [slots] destination rank of each slot
   std::vector<int64_t> send_offsets;         // [world + 1] first send row for each destination
   std::vector<int32_t> send_to_token;        // [send rows] token of each send row
-  std::vector<int64_t> send_copy_of;         // [send rows] the token's first send row, or -1 if this is it
+  std::vector<int64_t> send_copy_of;         // [send rows] the token's first send row, or -1
   std::vector<int64_t> send_choice_offsets;  // [send rows + 1] first choice of each send row
   std::vector<int32_t> slot_row;             // [slots] send row carrying each slot
   std::vector<int32_t> slot_to_choice;       // [slots] sender-side choice index of each slot
@@ -558,13 +558,17 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
     // dispatch rows, longer than combine rows, and the gate/up projections
     // are done with the received rows before the first chunk lands on them.
     combine_row.resize(recv_rows);
-    for (int p = 0; p < W; ++p) {
-      for (int64_t r = L.recv_offsets[p]; r < L.recv_offsets[p + 1]; ++r) {
-        const int64_t i = r - L.recv_offsets[p];
-        combine_row[r] = direct   ? win_a->at(p) + (rows_before(p, me) + i) * payload
-                         : p == me ? a.data() + (self_send + i) * payload
-                                   : b.data() + r * payload;
+    auto place = [&](int64_t begin, int64_t end, std::byte* dst) {
+      for (int64_t r = begin; r < end; ++r) combine_row[r] = dst + (r - begin) * payload;
+    };
+    if (direct) {
+      for (int p = 0; p < W; ++p) {
+        place(L.recv_offsets[p], L.recv_offsets[p + 1],
+              win_a->at(p) + rows_before(p, me) * payload);
       }
+    } else {
+      WriteRowsSplitSelf(recv_rows, self_recv_row, self_recv_end, b.data(), payload,
+                         a.data() + self_send * payload, place);
     }
     fused = {.rows = L.grouped_to_row.data(), .weights = L.grouped_weight.data(),
              .out_rows = recv_rows,

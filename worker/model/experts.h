@@ -72,7 +72,8 @@ struct GroupedInput {
 // rows [offsets[e], offsets[e+1]) go through expert e, one grouped GEMM per
 // projection. Writes [offsets[num_experts], hidden] into out; with `combine`,
 // adds into the rows of out it names instead (the caller initializes them;
-// each out row gets its terms in expert order). Every expert that has rows
+// each out row gets its terms in expert order), or with combine->sink hands
+// the sums over chunk by chunk and leaves out unused (it may be null). Every expert that has rows
 // must be loaded (FailedPrecondition naming layer and expert). The local and
 // the expert-parallel executors both compute experts here.
 absl::Status RunGroupedExperts(const LayerWeights& weights, int layer, const GroupedInput& x,
