@@ -13,7 +13,10 @@ usage: deploy/local/up.sh [options]
   --model DIR        checkpoint directory (default: the built-in tiny model, made if absent)
   --family NAME      built-in model family: qwen3_moe | qwen2_moe | mixtral (default qwen3_moe)
   --preset NAME      built-in model size: tiny | mini (default tiny)
-  --workers N        worker processes (expert-parallel ranks) (default 2)
+  --workers N        worker processes (expert-parallel ranks) (default 2; 1 with --device cuda)
+  --device DEV       where workers compute: cpu | cuda | cuda:N (default cpu). A GPU worker
+                     serves a one-rank cluster: expert parallelism between GPU workers is
+                     not available yet
   --port P           HTTP port of the OpenAI-compatible API (default 8000; 0 picks a free one)
   --grpc-port P      coordinator gRPC port for workers and joule-cli (default 50051; 0 picks one)
   --policy NAME      scheduling policy: priority | ipw | fcfs | none (default priority)
@@ -31,7 +34,7 @@ Environment: UCX_TLS selects UCX transports (e.g. shm,self or tcp,self).
 USAGE
 }
 
-model="" family=qwen3_moe preset=tiny workers=2 port=8000 grpc_port=50051
+model="" family=qwen3_moe preset=tiny workers="" device=cpu port=8000 grpc_port=50051
 policy=priority scheduler_config="" worker_metrics_port=0 worker_threads=""
 prompt="Joule serves mixture-of-experts models" max_tokens=16 once=0 build=1
 while [ $# -gt 0 ]; do
@@ -40,6 +43,7 @@ while [ $# -gt 0 ]; do
     --family) family="$2"; shift 2 ;;
     --preset) preset="$2"; shift 2 ;;
     --workers) workers="$2"; shift 2 ;;
+    --device) device="$2"; shift 2 ;;
     --port) port="$2"; shift 2 ;;
     --grpc-port) grpc_port="$2"; shift 2 ;;
     --policy) policy="$2"; shift 2 ;;
@@ -54,7 +58,18 @@ while [ $# -gt 0 ]; do
     *) echo "unknown option: $1" >&2; usage >&2; exit 2 ;;
   esac
 done
+[[ "$device" =~ ^(cpu|cuda|cuda:[0-9]+)$ ]] ||
+  { echo "--device: must be cpu, cuda or cuda:N, got '$device'" >&2; exit 2; }
+if [ -z "$workers" ]; then
+  workers=2
+  [ "$device" = cpu ] || workers=1
+fi
 [[ "$workers" =~ ^[1-9][0-9]*$ ]] || { echo "--workers: must be a positive integer, got '$workers'" >&2; exit 2; }
+if [ "$device" != cpu ] && [ "$workers" != 1 ]; then
+  echo "--device $device: a GPU worker serves a one-rank cluster (--workers 1); expert parallelism" \
+       "between GPU workers is not available yet" >&2
+  exit 2
+fi
 [[ -z "$worker_threads" || "$worker_threads" =~ ^[0-9]+$ ]] ||
   { echo "--worker-threads: must be a non-negative integer, got '$worker_threads'" >&2; exit 2; }
 
@@ -105,7 +120,7 @@ for r in $(seq 0 $((workers - 1))); do
   [ "$worker_metrics_port" = 0 ] || metrics_port=$((worker_metrics_port + r))
   "$bin/worker/service/joule-worker" --coordinator "$addr" --model "$model" \
     --metrics-port "$metrics_port" --metrics-port-file "$run_dir/metrics_port.$r" \
-    "${thread_flags[@]}" \
+    --device "$device" "${thread_flags[@]}" \
     >"$run_dir/worker$r.out" 2>"$run_dir/worker$r.log" &
   pids+=($!)
 done
@@ -113,6 +128,13 @@ cli="$bin/coordinator/cli/joule-cli"
 joule_log "waiting for $workers workers to load and connect"
 for _ in $(seq 1 600); do
   [ "$("$cli" status --coordinator "$addr" 2>/dev/null | grep -c ': ready')" = "$workers" ] && break
+  for r in $(seq 0 $((workers - 1))); do  # a worker that exits (no GPU, bad model) says why
+    if ! kill -0 "${pids[$((r + 1))]}" 2>/dev/null; then
+      tail -5 "$run_dir/worker$r.log" >&2
+      echo "worker $r exited before it was ready (log: $run_dir/worker$r.log)" >&2
+      exit 1
+    fi
+  done
   sleep 0.2
 done
 "$cli" status --coordinator "$addr"
@@ -139,7 +161,7 @@ done
 
 cat <<EOF
 
-Joule is serving $model as "$served" with $workers expert-parallel workers.
+Joule is serving $model as "$served" with $workers expert-parallel worker(s) on $device.
   OpenAI-compatible API: $url/v1  (chat/completions, completions, models; /health /ready /metrics)
   try:   curl $url/v1/chat/completions -H 'Content-Type: application/json' \\
            -d '{"model": "$served", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8, "service_tier": "fast"}'

@@ -34,8 +34,8 @@ void LaunchKvCacheWrite(const KvCacheWriteParams& p, CpuStream stream) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t slot = p.slots[t];
       if (slot < 0) continue;  // padding token (vLLM's convention): nothing to store
-      std::memcpy(p.k_cache + slot * row, p.k + t * row, sizeof(float) * row);
-      std::memcpy(p.v_cache + slot * row, p.v + t * row, sizeof(float) * row);
+      std::memcpy(static_cast<float*>(p.k_cache) + slot * row, p.k + t * row, sizeof(float) * row);
+      std::memcpy(static_cast<float*>(p.v_cache) + slot * row, p.v + t * row, sizeof(float) * row);
     }
   });
 }
@@ -73,8 +73,8 @@ void LaunchPagedAttention(const PagedAttentionParams& p, CpuStream stream) {
       a.group = group;
       a.head_dim = hd;
       a.scale = p.scale;
-      a.k_cache = p.k_cache + h * hd;
-      a.v_cache = p.v_cache + h * hd;
+      a.k_cache = static_cast<const float*>(p.k_cache) + h * hd;
+      a.v_cache = static_cast<const float*>(p.v_cache) + h * hd;
       a.kv_stride = kv_stride;
       a.block_size = p.block_size;
       a.block_table = p.block_tables + static_cast<int64_t>(s) * p.max_blocks_per_seq;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace joule::kernels::cpu {
@@ -90,6 +91,42 @@ void BuildRopeTable(float theta, int head_dim, int64_t max_position, float* cos,
       sin[pos * half + i] = std::sin(angle);
     }
   }
+}
+
+void LaunchEmbedding(const EmbeddingParams& p, CpuStream stream) {
+  const int64_t H = p.hidden;
+  ParallelFor(stream, p.count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      float* dst = p.out + t * H;
+      const int64_t row = p.tokens[t];
+      if (p.table_type == DType::kBF16) {
+        const auto* src = static_cast<const uint16_t*>(p.table) + row * H;
+        for (int64_t i = 0; i < H; ++i) {
+          const uint32_t bits = static_cast<uint32_t>(src[i]) << 16;  // exact widening
+          std::memcpy(dst + i, &bits, sizeof(float));
+        }
+      } else {
+        std::memcpy(dst, static_cast<const float*>(p.table) + row * H, H * sizeof(float));
+      }
+    }
+  });
+}
+
+void LaunchAdd(const AddParams& p, CpuStream stream) {
+  ParallelFor(stream, p.n, 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) p.y[i] += p.x[i];
+  });
+}
+
+void LaunchGatedAdd(const GatedAddParams& p, CpuStream stream) {
+  ParallelFor(stream, p.rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float g = 1.0f / (1.0f + std::exp(-p.gate_logit[r]));
+      float* y = p.y + r * p.cols;
+      const float* x = p.x + r * p.cols;
+      for (int64_t c = 0; c < p.cols; ++c) y[c] += g * x[c];
+    }
+  });
 }
 
 }  // namespace joule::kernels::cpu

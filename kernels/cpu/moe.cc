@@ -119,7 +119,12 @@ void ComputeMoeLayout(const MoeLayoutParams& p) {
     const int64_t r = cursor[p.expert_ids[s]]++;
     p.permuted_to_slot[r] = static_cast<int32_t>(s);
     p.slot_to_permuted[s] = static_cast<int32_t>(r);
+    if (p.permuted_to_token != nullptr) p.permuted_to_token[r] = static_cast<int32_t>(s / p.top_k);
   }
+}
+
+void AccumulateExpertLoad(const ExpertLoadParams& p) {
+  for (int e = 0; e < p.num_experts; ++e) p.load[e] += p.expert_offsets[e + 1] - p.expert_offsets[e];
 }
 
 void LaunchPermute(const PermuteParams& p, CpuStream stream) {

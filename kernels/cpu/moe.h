@@ -10,6 +10,7 @@
 
 namespace joule::kernels::cpu {
 
+using ::joule::kernels::ExpertLoadParams;
 using ::joule::kernels::GatherRowsParams;
 using ::joule::kernels::MoeLayoutParams;
 using ::joule::kernels::PermuteParams;
@@ -24,6 +25,9 @@ void LaunchRouterTopK(const RouterTopKParams& p, CpuStream stream);
 // [0, num_experts) are an error of the caller (unchecked; the CUDA kernel
 // instead leaves such slots out).
 void ComputeMoeLayout(const MoeLayoutParams& p);
+
+// Runs synchronously on the calling thread.
+void AccumulateExpertLoad(const ExpertLoadParams& p);
 
 void LaunchPermute(const PermuteParams& p, CpuStream stream);
 void LaunchUnpermute(const UnpermuteParams& p, CpuStream stream);

@@ -1,5 +1,5 @@
-// RMSNorm, SiLU-mul and RoPE. Simple, memory-bound kernels: one block per row
-// (RMSNorm) or token (RoPE), grid-stride loops elsewhere.
+// RMSNorm, SiLU-mul, RoPE, embedding lookup, residual and bias adds. Simple,
+// memory-bound kernels: one block per row or token, grid-stride loops elsewhere.
 #include <cuda_runtime.h>
 
 #include "absl/strings/str_cat.h"
@@ -11,6 +11,10 @@ namespace joule::kernels::cuda {
 namespace {
 
 constexpr int kRmsNormThreads = 256;
+constexpr int kRowThreads = 256;
+
+// One block per row; blocks stride over the rows past GridStrideBlocks' cap.
+unsigned RowBlocks(int64_t rows) { return GridStrideBlocks(rows, 1); }
 
 __global__ void RmsNormKernel(RmsNormParams p) {
   const float* x = p.x + blockIdx.x * p.cols;
@@ -62,6 +66,46 @@ __global__ void RopeKernel(RopeParams p) {
   }
 }
 
+__global__ void EmbeddingKernel(EmbeddingParams p) {
+  for (int64_t t = blockIdx.x; t < p.count; t += gridDim.x) {
+    const int64_t row = p.tokens[t];
+    float* dst = p.out + t * p.hidden;
+    if (p.table_type == DType::kBF16) {
+      const uint16_t* src = static_cast<const uint16_t*>(p.table) + row * p.hidden;
+      for (int64_t c = threadIdx.x; c < p.hidden; c += blockDim.x) {
+        dst[c] = Bf16BitsToFloat(src[c]);  // exact widening
+      }
+    } else {
+      const float* src = static_cast<const float*>(p.table) + row * p.hidden;
+      for (int64_t c = threadIdx.x; c < p.hidden; c += blockDim.x) dst[c] = src[c];
+    }
+  }
+}
+
+__global__ void AddKernel(AddParams p) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < p.n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    p.y[i] += p.x[i];
+  }
+}
+
+__global__ void GatedAddKernel(GatedAddParams p) {
+  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
+    // The CPU kernel's formula and rounding order: 1 / (1 + exp(-g)), then g * x.
+    const float gate = 1.f / (1.f + expf(-p.gate_logit[r]));
+    float* y = p.y + r * p.cols;
+    const float* x = p.x + r * p.cols;
+    for (int64_t c = threadIdx.x; c < p.cols; c += blockDim.x) y[c] += gate * x[c];
+  }
+}
+
+__global__ void BiasAddKernel(BiasAddParams p, int64_t ldy) {
+  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
+    float* y = p.y + r * ldy;
+    for (int64_t c = threadIdx.x; c < p.cols; c += blockDim.x) y[c] += p.bias[c];
+  }
+}
+
 }  // namespace
 
 absl::Status LaunchRmsNorm(const RmsNormParams& p, cudaStream_t stream) {
@@ -96,6 +140,59 @@ absl::Status LaunchRope(const RopeParams& p, cudaStream_t stream) {
   if (p.tokens > kMaxGridX) return absl::InvalidArgumentError("Rope: too many tokens");
   RopeKernel<<<static_cast<unsigned>(p.tokens), 128, 0, stream>>>(p);
   JOULE_CUDA_RETURN_IF_LAUNCH_FAILED("RopeKernel");
+  return absl::OkStatus();
+}
+
+absl::Status LaunchEmbedding(const EmbeddingParams& p, cudaStream_t stream) {
+  if (p.count < 0 || p.hidden < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "Embedding: count and hidden must be >= 0, got count=", p.count, " hidden=", p.hidden));
+  }
+  if (p.count == 0 || p.hidden == 0) return absl::OkStatus();
+  if (!p.tokens) return absl::InvalidArgumentError("Embedding: tokens is null");
+  if (!p.table) return absl::InvalidArgumentError("Embedding: table is null");
+  if (!p.out) return absl::InvalidArgumentError("Embedding: out is null");
+  EmbeddingKernel<<<RowBlocks(p.count), kRowThreads, 0, stream>>>(p);
+  JOULE_CUDA_RETURN_IF_LAUNCH_FAILED("EmbeddingKernel");
+  return absl::OkStatus();
+}
+
+absl::Status LaunchAdd(const AddParams& p, cudaStream_t stream) {
+  if (p.n < 0) return absl::InvalidArgumentError(absl::StrCat("Add: n must be >= 0, got ", p.n));
+  if (p.n == 0) return absl::OkStatus();
+  if (!p.y) return absl::InvalidArgumentError("Add: y is null");
+  if (!p.x) return absl::InvalidArgumentError("Add: x is null");
+  AddKernel<<<GridStrideBlocks(p.n, 256), 256, 0, stream>>>(p);
+  JOULE_CUDA_RETURN_IF_LAUNCH_FAILED("AddKernel");
+  return absl::OkStatus();
+}
+
+absl::Status LaunchGatedAdd(const GatedAddParams& p, cudaStream_t stream) {
+  if (p.rows < 0 || p.cols < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "GatedAdd: rows and cols must be >= 0, got rows=", p.rows, " cols=", p.cols));
+  }
+  if (p.rows == 0 || p.cols == 0) return absl::OkStatus();
+  if (!p.y) return absl::InvalidArgumentError("GatedAdd: y is null");
+  if (!p.x) return absl::InvalidArgumentError("GatedAdd: x is null");
+  if (!p.gate_logit) return absl::InvalidArgumentError("GatedAdd: gate_logit is null");
+  GatedAddKernel<<<RowBlocks(p.rows), kRowThreads, 0, stream>>>(p);
+  JOULE_CUDA_RETURN_IF_LAUNCH_FAILED("GatedAddKernel");
+  return absl::OkStatus();
+}
+
+absl::Status LaunchBiasAdd(const BiasAddParams& p, cudaStream_t stream) {
+  const int64_t ldy = p.ldy == 0 ? p.cols : p.ldy;
+  if (p.rows < 0 || p.cols < 0 || ldy < p.cols) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("BiasAdd: need rows >= 0 and ldy >= cols >= 0, got rows=", p.rows,
+                     " cols=", p.cols, " ldy=", ldy));
+  }
+  if (p.rows == 0 || p.cols == 0) return absl::OkStatus();
+  if (!p.y) return absl::InvalidArgumentError("BiasAdd: y is null");
+  if (!p.bias) return absl::InvalidArgumentError("BiasAdd: bias is null");
+  BiasAddKernel<<<RowBlocks(p.rows), kRowThreads, 0, stream>>>(p, ldy);
+  JOULE_CUDA_RETURN_IF_LAUNCH_FAILED("BiasAddKernel");
   return absl::OkStatus();
 }
 

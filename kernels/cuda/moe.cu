@@ -1,7 +1,9 @@
-// Router top-k, dispatch layout, permute and un-permute.
+// Router top-k, dispatch layout, expert load, permute, un-permute and the
+// row gather.
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstdint>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_check.h"
@@ -22,6 +24,17 @@ __global__ void RouterTopKKernel(RouterTopKParams p) {
   if (t >= p.tokens) return;  // whole warps leave together
   float* probs = shared_probs + warp * p.num_experts;
   const float* logits = p.logits + t * p.num_experts;
+  int32_t* ids = p.expert_ids + t * p.top_k;
+  float* weights = p.weights + t * p.top_k;
+  if (p.valid_tokens != nullptr && t >= *p.valid_tokens) {
+    // Padding of a captured batch: no expert and no weight, so the layout
+    // leaves its slots out and the un-permute adds nothing for it.
+    for (int j = lane; j < p.top_k; j += 32) {
+      ids[j] = -1;
+      weights[j] = 0.f;
+    }
+    return;  // t is the warp's, so whole warps leave together
+  }
 
   float max_logit = -INFINITY;
   for (int e = lane; e < p.num_experts; e += 32) {
@@ -39,8 +52,6 @@ __global__ void RouterTopKKernel(RouterTopKParams p) {
   for (int e = lane; e < p.num_experts; e += 32) probs[e] *= inv;
   __syncwarp();
 
-  int32_t* ids = p.expert_ids + t * p.top_k;
-  float* weights = p.weights + t * p.top_k;
   float picked_sum = 0.f;
   for (int j = 0; j < p.top_k; ++j) {
     // Arg-max, ties to the lower expert id; picked experts hold -1 (probs are >= 0).
@@ -109,8 +120,18 @@ __global__ void PlaceSlotsKernel(MoeLayoutParams p, int64_t slots) {
       const int64_t row = next + __popc(mask & lanes_below);
       p.permuted_to_slot[row] = static_cast<int32_t>(s);
       p.slot_to_permuted[s] = static_cast<int32_t>(row);
+      if (p.permuted_to_token != nullptr) {
+        p.permuted_to_token[row] = static_cast<int32_t>(s / p.top_k);
+      }
     }
     next += __popc(mask);
+  }
+}
+
+__global__ void ExpertLoadKernel(ExpertLoadParams p) {
+  for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < p.num_experts;
+       e += gridDim.x * blockDim.x) {
+    p.load[e] += p.expert_offsets[e + 1] - p.expert_offsets[e];
   }
 }
 
@@ -144,7 +165,94 @@ __global__ void UnpermuteKernel(UnpermuteParams p) {
   }
 }
 
+// Same rounding as the CPU's RoundToBf16 (kernels/cpu/moe.cc), bit for bit:
+// nearest even, and a NaN stays a (quiet) NaN instead of rounding to infinity.
+__device__ __forceinline__ uint16_t F32BitsToBf16(uint32_t bits) {
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// Rows move as raw bits (uint32_t: F32, uint16_t: BF16), so a row of the
+// same type is copied exactly, NaN payloads included.
+template <typename In, typename Out>
+__device__ __forceinline__ Out ConvertBits(In v) {
+  if constexpr (sizeof(In) == sizeof(Out)) {
+    return v;
+  } else if constexpr (sizeof(Out) == sizeof(uint16_t)) {
+    return F32BitsToBf16(v);
+  } else {
+    return static_cast<uint32_t>(v) << 16;  // BF16 -> F32 is exact
+  }
+}
+
+template <typename In, typename Out>
+__global__ void GatherRowsKernel(GatherRowsParams p) {
+  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
+    const int64_t src_row = p.index != nullptr ? p.index[r] / p.index_divisor : r;
+    const In* in = reinterpret_cast<const In*>(static_cast<const char*>(p.in) +
+                                               src_row * p.in_stride_bytes);
+    char* out_bytes = p.out_rows != nullptr ? reinterpret_cast<char*>(p.out_rows[r])
+                                            : static_cast<char*>(p.out) + r * p.out_stride_bytes;
+    Out* out = reinterpret_cast<Out*>(out_bytes);
+    for (int64_t c = threadIdx.x; c < p.hidden; c += blockDim.x) {
+      out[c] = ConvertBits<In, Out>(in[c]);
+    }
+  }
+}
+
 unsigned RowBlocks(int64_t rows) { return static_cast<unsigned>(rows < 65535 ? rows : 65535); }
+
+int64_t AddressLowBits(const void* ptr) {
+  return static_cast<int64_t>(reinterpret_cast<uintptr_t>(ptr) % 16);
+}
+
+absl::Status ValidateGatherRows(const GatherRowsParams& p) {
+  if (p.rows < 0 || p.hidden < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "GatherRows: rows and hidden must be >= 0, got rows=", p.rows, " hidden=", p.hidden));
+  }
+  if (p.index != nullptr && p.index_divisor <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("GatherRows: index_divisor must be positive, got ", p.index_divisor));
+  }
+  if (p.rows == 0 || p.hidden == 0) return absl::OkStatus();
+  if (!p.in) return absl::InvalidArgumentError("GatherRows: in is null");
+  if (!p.out && !p.out_rows) {
+    return absl::InvalidArgumentError("GatherRows: out and out_rows are both null");
+  }
+  // Misaligned element accesses fault on the GPU, so they are refused here.
+  // With out_rows, out and out_stride_bytes are unused.
+  struct Check {
+    const char* field;
+    int64_t value;
+    RowType type;
+  };
+  const bool out_used = p.out_rows == nullptr;
+  const Check checks[] = {
+      {"in_stride_bytes", p.in_stride_bytes, p.in_type},
+      {"in (address)", AddressLowBits(p.in), p.in_type},
+      {"out_stride_bytes", out_used ? p.out_stride_bytes : 0, p.out_type},
+      {"out (address)", out_used ? AddressLowBits(p.out) : 0, p.out_type},
+  };
+  for (const Check& c : checks) {
+    const int64_t bytes = static_cast<int64_t>(ElementBytes(c.type));
+    if (c.value % bytes != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("GatherRows: ", c.field,
+                                                     " must be a multiple of ", bytes, " for ",
+                                                     DTypeName(c.type), " rows, got ", c.value));
+    }
+  }
+  return absl::OkStatus();
+}
+
+template <typename In>
+void LaunchGatherRowsFrom(const GatherRowsParams& p, cudaStream_t stream) {
+  if (p.out_type == RowType::kBF16) {
+    GatherRowsKernel<In, uint16_t><<<RowBlocks(p.rows), 128, 0, stream>>>(p);
+  } else {
+    GatherRowsKernel<In, uint32_t><<<RowBlocks(p.rows), 128, 0, stream>>>(p);
+  }
+}
 
 }  // namespace
 
@@ -195,6 +303,19 @@ absl::Status ComputeMoeLayout(const MoeLayoutParams& p, cudaStream_t stream) {
   return absl::OkStatus();
 }
 
+absl::Status AccumulateExpertLoad(const ExpertLoadParams& p, cudaStream_t stream) {
+  if (p.num_experts < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ExpertLoad: num_experts must be >= 0, got ", p.num_experts));
+  }
+  if (p.num_experts == 0) return absl::OkStatus();
+  if (!p.expert_offsets) return absl::InvalidArgumentError("ExpertLoad: expert_offsets is null");
+  if (!p.load) return absl::InvalidArgumentError("ExpertLoad: load is null");
+  ExpertLoadKernel<<<GridStrideBlocks(p.num_experts, 128), 128, 0, stream>>>(p);
+  JOULE_CUDA_RETURN_IF_LAUNCH_FAILED("ExpertLoadKernel");
+  return absl::OkStatus();
+}
+
 absl::Status LaunchPermute(const PermuteParams& p, cudaStream_t stream) {
   if (p.rows < 0 || p.hidden < 0 || p.top_k <= 0) {
     return absl::InvalidArgumentError("Permute: bad shape");
@@ -216,6 +337,18 @@ absl::Status LaunchUnpermute(const UnpermuteParams& p, cudaStream_t stream) {
   }
   UnpermuteKernel<<<RowBlocks(p.tokens), 128, 0, stream>>>(p);
   JOULE_CUDA_RETURN_IF_LAUNCH_FAILED("UnpermuteKernel");
+  return absl::OkStatus();
+}
+
+absl::Status LaunchGatherRows(const GatherRowsParams& p, cudaStream_t stream) {
+  if (absl::Status s = ValidateGatherRows(p); !s.ok()) return s;
+  if (p.rows == 0 || p.hidden == 0) return absl::OkStatus();
+  if (p.in_type == RowType::kBF16) {
+    LaunchGatherRowsFrom<uint16_t>(p, stream);
+  } else {
+    LaunchGatherRowsFrom<uint32_t>(p, stream);
+  }
+  JOULE_CUDA_RETURN_IF_LAUNCH_FAILED("GatherRowsKernel");
   return absl::OkStatus();
 }
 

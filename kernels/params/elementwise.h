@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "kernels/params/types.h"
+
 namespace joule::kernels {
 
 // out[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * weight. out may alias x.
@@ -43,6 +45,33 @@ struct RopeParams {
   int head_dim = 0;
   const float* cos = nullptr;
   const float* sin = nullptr;
+};
+
+// out[t, :] = table[tokens[t], :] widened to F32 (the embedding lookup).
+// Ids are checked by the caller (the model validates its batch).
+struct EmbeddingParams {
+  const int32_t* tokens = nullptr;  // [count]
+  int64_t count = 0;
+  const void* table = nullptr;      // [vocab, hidden] of table_type
+  DType table_type = DType::kBF16;
+  int64_t hidden = 0;
+  float* out = nullptr;             // [count, hidden]
+};
+
+// y[i] += x[i] over n elements (a residual add).
+struct AddParams {
+  float* y = nullptr;
+  const float* x = nullptr;
+  int64_t n = 0;
+};
+
+// y[r, :] += sigmoid(gate_logit[r]) * x[r, :] (Qwen2-MoE's shared-expert gate).
+struct GatedAddParams {
+  float* y = nullptr;                 // [rows, cols]
+  const float* x = nullptr;           // [rows, cols]
+  const float* gate_logit = nullptr;  // [rows]
+  int64_t rows = 0;
+  int64_t cols = 0;
 };
 
 }  // namespace joule::kernels

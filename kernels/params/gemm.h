@@ -12,9 +12,9 @@
 
 #include <cstdint>
 
-namespace joule::kernels {
+#include "kernels/params/types.h"
 
-enum class WeightType { kF32, kBF16 };
+namespace joule::kernels {
 
 struct GemmParams {
   const float* x = nullptr;  // [m, ldx]
@@ -28,6 +28,42 @@ struct GemmParams {
   float* y = nullptr;           // [m, ldy]
   int64_t ldy = 0;              // 0 means n
   bool accumulate = false;      // y += x W^T instead of y = x W^T
+  // CUDA: tensor cores take BF16 inputs, so F32 x is rounded to BF16 into
+  // this caller-owned scratch first (Backend::GemmWorkspaceBytes; CPU: none).
+  void* workspace = nullptr;
+};
+
+// One GEMM per group over contiguous row ranges of x (tokens permuted by
+// expert): rows [row_offsets[g], row_offsets[g+1]) are multiplied by w[g].
+// Groups with no rows are skipped (their w may be null).
+struct GroupedGemmParams {
+  int num_groups = 0;
+  const void* x = nullptr;             // [total_rows, k] of x_type, row stride ldx
+  const int64_t* row_offsets = nullptr;  // [num_groups + 1]
+  int64_t k = 0;
+  int64_t n = 0;
+  const void* const* w = nullptr;      // [num_groups] pointers to [n, k]
+  WeightType w_type = WeightType::kBF16;
+  float* y = nullptr;                  // [total_rows, n], or with y_rows [max(y_rows) + 1, n]
+  // Optional weighted scatter-add (an MoE combine fused into the down
+  // projection): row r of the product is multiplied by row_scale[r] (when
+  // given) and added into row y_rows[r] of y, which the caller initialized.
+  // CPU: several rows may name the same y row; each y row then receives its
+  // terms in group order, whatever the thread count, so results are
+  // deterministic. CUDA: y rows must not repeat (no atomics, no order).
+  const int32_t* y_rows = nullptr;     // [total_rows]
+  const float* row_scale = nullptr;    // [total_rows]; only with y_rows
+  // Activations: F32, or BF16 (widened exactly in registers, like weights).
+  // Optional in-place gather: row r of the product reads row x_rows[r] of x,
+  // so rows straight from a receive buffer, one row shared by several groups,
+  // need no regrouped copy. ldx: elements between rows of x (0: k).
+  RowType x_type = RowType::kF32;
+  int64_t ldx = 0;
+  const int32_t* x_rows = nullptr;     // [total_rows]
+  // CUDA: row_offsets live on the device, so the launch is sized from this
+  // bound on row_offsets[num_groups] (e.g. tokens * top_k); the CPU reads the
+  // offsets themselves and ignores it.
+  int64_t max_rows = 0;
 };
 
 }  // namespace joule::kernels

@@ -11,6 +11,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/params/types.h"
+
 namespace joule::kernels {
 
 // Softmax over all experts (F32), then the top_k largest (ties: lower expert id
@@ -24,6 +26,10 @@ struct RouterTopKParams {
   bool renormalize = false;
   int32_t* expert_ids = nullptr;  // [tokens, top_k]
   float* weights = nullptr;       // [tokens, top_k]
+  // Optional, device memory (CUDA graphs pad a batch to a captured size):
+  // tokens at or past *valid_tokens are padding and get expert id -1 and
+  // weight 0, so the layout leaves them out. Null: every token is real.
+  const int64_t* valid_tokens = nullptr;
 };
 
 // Groups the tokens*top_k (token, choice) slots by expert, stable in slot order.
@@ -39,6 +45,17 @@ struct MoeLayoutParams {
   int64_t* expert_offsets = nullptr;    // [num_experts + 1]
   int32_t* permuted_to_slot = nullptr;  // [tokens * top_k]
   int32_t* slot_to_permuted = nullptr;  // [tokens * top_k]
+  // Optional [tokens * top_k]: the token of each permuted row
+  // (permuted_to_slot / top_k), the row index the expert GEMMs read x by.
+  int32_t* permuted_to_token = nullptr;
+};
+
+// load[e] += expert_offsets[e + 1] - expert_offsets[e] for every expert: the
+// per-expert token counts that EPLB reads, kept where the layout is.
+struct ExpertLoadParams {
+  const int64_t* expert_offsets = nullptr;  // [num_experts + 1]
+  int num_experts = 0;
+  int64_t* load = nullptr;                  // [num_experts]
 };
 
 // out[r, :] = x[permuted_to_slot[r] / top_k, :] for r in [0, rows).
@@ -67,15 +84,12 @@ struct UnpermuteParams {
   const uint16_t* expert_out_bf16 = nullptr;
 };
 
-// Element type of a row in GatherRowsParams.
-enum class RowType : uint8_t { kF32, kBF16 };
-
 // out row r = in row (index ? index[r] / index_divisor : r), converted from
 // in_type to out_type (F32 -> BF16 rounds to nearest even, NaN stays NaN).
 // Rows are `hidden` elements at the given byte strides, so packed exchange
 // rows may carry trailing bytes (an expert id) the kernel leaves alone.
 // Expert-parallel dispatch/combine packs and unpacks its payloads with it.
-// CPU launch only so far.
+// CPU and CUDA launches (the GPU model gathers its sampled rows with it).
 struct GatherRowsParams {
   const void* in = nullptr;
   RowType in_type = RowType::kF32;

@@ -1,25 +1,55 @@
 #!/usr/bin/env bash
-# Packs what tests/gpu/run.sh needs into .gpu/ (ignored by git): the GPU test binaries built
-# here, the non-CUDA shared libraries they load (Debian's Abseil and ICU, which a GPU image
-# usually lacks), and the tiny checkpoints. CUDA, cuBLAS, NCCL and NVML come from the GPU
-# machine itself. Use it when the GPU machine is not a Debian host with our build deps;
-# on one that is, `deploy/local/test.sh` runs the same tests un-skipped.
+# Packs what tests/gpu/run.sh needs into .gpu/ (ignored by git): the GPU test and benchmark
+# binaries built here (stripped), the non-CUDA shared libraries they load (Debian's Abseil and
+# ICU, which a GPU image usually lacks), and the tiny checkpoints. CUDA, cuBLAS, NCCL and NVML
+# come from the GPU machine itself. Use it when the GPU machine is not a Debian host with our
+# build deps; on one that is, `deploy/local/test.sh` runs the same tests un-skipped.
 #
 #   tests/gpu/bundle.sh [BUILD_DIR]        (default build/default; builds the targets it needs)
+#
+# Targets that do not exist in this build yet are left out with a note; run.sh then fails
+# their checks, saying the bundle lacks them.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 source deploy/local/common.sh  # joule_carry_libs
 B=${1:-build/default}
-targets=(cuda_kernels_test nccl_transport_test energy_meter_test joule_fake_nvml
-         joule-energy-probe joule-make-model)
+# target -> its binary in the build tree
+declare -A binaries=(
+  [cuda_kernels_test]=tests/kernels/cuda/cuda_kernels_test
+  [nccl_transport_test]=tests/worker/ep/transport/nccl_transport_test
+  [energy_meter_test]=tests/worker/telemetry/energy_meter_test
+  [joule_fake_nvml]=tests/worker/telemetry/libjoule_fake_nvml.so
+  [joule-energy-probe]=worker/telemetry/joule-energy-probe
+  [joule-make-model]=worker/tools/joule-make-model
+  [gpu_model_test]=tests/worker/model/gpu_model_test
+  [gpu_fault_test]=tests/worker/model/gpu_fault_test
+  [device_test]=tests/worker/device/device_test
+  [joule-engine-bench]=bench/engine/joule-engine-bench
+)
+known=$(cmake --build "$B" --target help | sed -n 's/^\([^ :]*\): .*/\1/p')
+targets=()
+for t in "${!binaries[@]}"; do
+  if grep -qx -- "$t" <<<"$known"; then
+    targets+=("$t")
+  else
+    echo "bundle.sh: no target $t in $B yet: left out (run.sh will fail its check)" >&2
+  fi
+done
 cmake --build "$B" -j"$(nproc)" --target "${targets[@]}"
 rm -rf .gpu && mkdir -p .gpu/bin .gpu/lib .gpu/models
-cp "$B/tests/kernels/cuda/cuda_kernels_test" "$B/tests/worker/ep/transport/nccl_transport_test" \
-   "$B/tests/worker/telemetry/energy_meter_test" "$B/tests/worker/telemetry/libjoule_fake_nvml.so" \
-   "$B/worker/telemetry/joule-energy-probe" "$B/worker/tools/joule-make-model" .gpu/bin/
+for t in "${targets[@]}"; do
+  cp "$B/${binaries[$t]}" .gpu/bin/
+done
+# Symbols are most of a test binary's size; the CUDA kernels (fatbins) are data and stay.
+strip --strip-unneeded .gpu/bin/* 2>/dev/null || true
 joule_carry_libs .gpu/lib .gpu/bin/*
 # The fake NVML's path is compiled into energy_meter_test; run.sh recreates it there.
 realpath "$B/tests/worker/telemetry" > .gpu/fake_nvml_dir
 cp -r "$B"/models/{qwen3_moe,qwen2_moe,mixtral}-tiny .gpu/models/
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
-du -sh .gpu
+du -sh .gpu .gpu/bin .gpu/lib .gpu/models
+size_mb=$(( $(du -sb .gpu | cut -f1) / 1000000 ))
+echo "bundle: ${size_mb} MB in .gpu/ (binaries: ${targets[*]})"
+if [ "$size_mb" -gt 60 ]; then
+  echo "bundle.sh: WARNING: ${size_mb} MB; keep it to tens of MB (it is copied to every GPU host)" >&2
+fi

@@ -1,48 +1,73 @@
 #!/bin/bash
-# Joule's GPU checks, from the repository root, on a machine with an NVIDIA GPU whose image
-# lacks our Debian build deps: runs the binaries that tests/gpu/bundle.sh packed into .gpu/.
-#   - cuda_kernels_test, nccl_transport_test (1-rank communicator, device buffers, init
-#     timeout), energy_meter_test (incl. the real NVML counter);
-#   - joule-energy-probe on NVML while a bf16 matmul loads the GPU (idle, load, idle);
-#   - tests/reference/hf_check.py: transformers against the golden fixtures (tiny) and against
-#     reference.py on the mini presets (generated there with joule-make-model).
-# Logs go to $OUT (default /tmp/joule-gpu): gpu.log and one gtest JSON per binary.
-set -u
-G=$PWD/.gpu
-OUT=${OUT:-/tmp/joule-gpu}
+# Joule's GPU checks, on a machine with an NVIDIA GPU whose image lacks our Debian build deps:
+# runs what tests/gpu/bundle.sh packed into .gpu/ (see tests/gpu/README.md).
+#
+# Every check runs, each under its own time limit; the summary at the end gives PASS or FAIL
+# per check, and the exit status is 1 when any failed (2: no bundle). Test binaries run with
+# JOULE_REQUIRE_GPU=1, so a test that finds no usable GPU fails here instead of skipping.
+# Logs go to $OUT (default /tmp/joule-gpu): gpu.log, one gtest JSON per test binary, the
+# engine benchmark's results under bench/.
+#
+# JOULE_GPU_CHECKS="cuda_kernels_test gpu_model_test" runs only the checks named.
+#
+# A check is one line at the bottom: `check NAME TIME_LIMIT_S COMMAND [ARGS...]`, where COMMAND
+# is a program or one of the functions here (`gtest BINARY` runs a bundled gtest binary, and
+# fails saying so when the bundle lacks it).
+set -u -o pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 2
+export OUT=${OUT:-/tmp/joule-gpu}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu.log") 2>&1
-step() { echo; echo "===== $* ($(date +%T))"; }
-[ -d "$G/bin" ] || { echo "no .gpu/ bundle: run tests/gpu/bundle.sh first"; exit 2; }
-
-step machine
-nvidia-smi --query-gpu=name,driver_version,memory.total,power.draw,power.limit --format=csv
-echo "cores: $(nproc)"
-python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-
-step libraries
-libdirs=$G/lib
-for n in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libnccl.so.2 libnvidia-ml.so.1; do
-  p=$(find /usr/local/cuda/lib64/ /usr/local/cuda/ /usr/local/nvidia/ /usr/lib/x86_64-linux-gnu/ /opt/ \
-        -name "$n" 2>/dev/null | head -1)
-  echo "$n: ${p:-MISSING}"
-  if [ -n "$p" ]; then libdirs=$libdirs:$(dirname "$p"); fi
-done
-# Only our binaries get these paths: torch must keep loading its own CUDA libraries.
-GPU_LD=$libdirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+tee_pid=$!
+source tests/gpu/env.sh
+export G=$JOULE_GPU_BUNDLE
+[ -d "$G/bin" ] || { echo "no bundle at $G: run tests/gpu/bundle.sh first"; exit 2; }
+joule_gpu_find_libraries
+export JOULE_REQUIRE_GPU=1
+# The test binaries find fixtures in this tree and the tiny models in the bundle
+# (tests/testing/paths.h), not in the build tree they were compiled in.
+export JOULE_SOURCE_DIR=$PWD JOULE_BINARY_DIR=$G
+# GPU 0's PCI bus id as NVML spells it: energy_meter_test opens the real GPU by it.
+JOULE_TEST_NVML_PCI_BUS_ID=$(nvidia-smi --query-gpu=pci.bus_id --format=csv,noheader -i 0 2>/dev/null | tr -d ' ')
+export JOULE_TEST_NVML_PCI_BUS_ID
+# The fake NVML's path is compiled into energy_meter_test: recreate it.
 mkdir -p "$(cat "$G/fake_nvml_dir")" && cp "$G/bin/libjoule_fake_nvml.so" "$(cat "$G/fake_nvml_dir")/"
 
-for t in cuda_kernels_test nccl_transport_test energy_meter_test; do
-  step "$t"
-  LD_LIBRARY_PATH=$GPU_LD NCCL_DEBUG=WARN timeout 180 "$G/bin/$t" --gtest_output="json:$OUT/$t.json"
-  echo "$t exit $?"
-done
+# ---- checks' commands ----------------------------------------------------------------------
 
-step "NVML counter under a bf16 matmul load (idle 1.5 s, load 3 s, idle)"
-LD_LIBRARY_PATH=$GPU_LD "$G/bin/joule-energy-probe" --energy-source nvml --samples 28 --interval-ms 250 &
-probe=$!
-sleep 1.5
-python3 - <<'PY'
+machine() {
+  nvidia-smi --query-gpu=name,driver_version,memory.total,power.draw,power.limit,pci.bus_id --format=csv || return 1
+  echo "cores: $(nproc)"
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__);
+assert torch.cuda.is_available(), 'torch sees no CUDA device'; print('torch device 0:', torch.cuda.get_device_name(0))"
+}
+
+libraries() {
+  printf '%s' "$JOULE_GPU_LIBS"
+  [ -z "$JOULE_GPU_MISSING" ] || { echo "missing on this host: $JOULE_GPU_MISSING"; return 1; }
+}
+
+# gtest BINARY [ARGS...]: a gtest binary of the bundle, its results in $OUT/BINARY.json.
+gtest() {
+  local name=$1
+  shift
+  if [ ! -x "$G/bin/$name" ]; then
+    echo "$name is not in the bundle: build its target, then rerun tests/gpu/bundle.sh"
+    return 127
+  fi
+  LD_LIBRARY_PATH=$JOULE_GPU_LD NCCL_DEBUG=WARN "$G/bin/$name" --gtest_output="json:$OUT/$name.json" "$@"
+}
+
+# The NVML counter of GPU 0, opened by PCI bus id, while a bf16 matmul loads it (idle 1.5 s,
+# load 3 s, idle): the probe must name the bus id and see the power rise.
+nvml_under_load() {
+  local probe_out=$OUT/nvml_under_load.txt
+  [ -n "$JOULE_TEST_NVML_PCI_BUS_ID" ] || { echo "nvidia-smi gave no PCI bus id for GPU 0"; return 1; }
+  LD_LIBRARY_PATH=$JOULE_GPU_LD "$G/bin/joule-energy-probe" --energy-source nvml \
+    --nvml-pci-bus-id "$JOULE_TEST_NVML_PCI_BUS_ID" --samples 40 --interval-ms 250 > "$probe_out" 2>&1 &
+  local probe=$!
+  sleep 1.5
+  python3 - <<'PY'
 import time, torch
 a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
 n, t = 0, time.time()
@@ -51,21 +76,90 @@ while time.time() - t < 3.0:
 dt = time.time() - t
 print(f"load: {n} matmuls 8192^3 in {dt:.2f} s = {n * 2 * 8192**3 / dt / 1e12:.0f} TFLOP/s")
 PY
-wait $probe
+  wait "$probe"
+  local rc=$?
+  cat "$probe_out"
+  [ "$rc" -eq 0 ] || { echo "joule-energy-probe failed (exit $rc)"; return 1; }
+  python3 - "$probe_out" "$JOULE_TEST_NVML_PCI_BUS_ID" <<'PY'
+import statistics, sys
+text = open(sys.argv[1]).read()
+lines = [l.split() for l in text.splitlines()]
+watts = [float(l[2]) for l in lines if len(l) == 4 and l[2].replace('.', '', 1).isdigit()]
+if sys.argv[2][-7:].upper() not in text.upper():
+    sys.exit(f"the probe does not name the GPU at {sys.argv[2]}")
+if len(watts) < 8:
+    sys.exit(f"only {len(watts)} power readings")
+idle, peak = statistics.median(watts[:4]), max(watts)
+print(f"idle {idle:.0f} W, peak {peak:.0f} W under load")
+if peak < idle + 100:
+    sys.exit("the counter's power did not rise by 100 W under a matmul load")
+PY
+}
 
-step "transformers vs the golden fixtures (tiny checkpoints)"
-timeout 240 python3 tests/reference/hf_check.py fixtures --models-dir "$G/models" \
+hf_mini_presets() {
+  local mini rc f
+  mini=$(mktemp -d)
+  for f in qwen3_moe qwen2_moe mixtral; do
+    LD_LIBRARY_PATH=$JOULE_GPU_LD "$G/bin/joule-make-model" --family $f --preset mini --out "$mini/$f-mini" || return 1
+  done
+  python3 tests/reference/hf_check.py compare \
+    --model "$mini/qwen3_moe-mini" --model "$mini/qwen2_moe-mini" --model "$mini/mixtral-mini"
+  rc=$?
+  rm -rf "$mini"
+  return $rc
+}
+
+export -f machine libraries gtest nvml_under_load hf_mini_presets
+
+# ---- the runner ----------------------------------------------------------------------------
+
+names=() results=() seconds=() notes=()
+# check NAME TIME_LIMIT_S COMMAND [ARGS...]: runs one check and records PASS or FAIL.
+check() {
+  local name=$1 limit=$2 start=$SECONDS rc note=""
+  shift 2
+  # JOULE_GPU_CHECKS="a b": run only these checks (a rerun after a fix).
+  if [ -n "${JOULE_GPU_CHECKS:-}" ] && [[ " $JOULE_GPU_CHECKS " != *" $name "* ]]; then return 0; fi
+  echo
+  echo "===== $name ($(date +%T), limit ${limit} s): $*"
+  timeout -k 10 "$limit" bash -c '"$@"' "$name" "$@"
+  rc=$?
+  case $rc in
+    0) ;;
+    124|137) note="timed out after $limit s" ;;
+    127) note="command or binary missing" ;;
+    77) note="exit 77: skipped, which is a failure on a GPU host" ;;
+    *) note="exit $rc" ;;
+  esac
+  names+=("$name") seconds+=($((SECONDS - start))) notes+=("$note")
+  if [ $rc -eq 0 ]; then results+=(PASS); else results+=(FAIL); fi
+  echo "----- $name: ${results[-1]}${note:+ ($note)}, $((SECONDS - start)) s"
+}
+
+# Most telling first: a short lease may end before the benchmark.
+check machine               60 machine
+check libraries              5 libraries
+check device_test           60 gtest device_test
+check cuda_kernels_test    180 gtest cuda_kernels_test
+check gpu_model_test       300 gtest gpu_model_test
+check gpu_fault_test        60 gtest gpu_fault_test
+check nccl_transport_test  180 gtest nccl_transport_test
+check energy_meter_test    120 gtest energy_meter_test
+check nvml_under_load       60 nvml_under_load
+check engine_bench         480 bench/engine/gpu_run.sh --out "$OUT/bench"
+check hf_fixtures          240 python3 tests/reference/hf_check.py fixtures --models-dir "$G/models" \
   --fixtures tests/data/golden/qwen3_moe-tiny.json tests/data/golden/qwen2_moe-tiny.json \
              tests/data/golden/mixtral-tiny.json
-echo "hf fixtures exit $?"
-
-step "transformers vs reference.py on the mini presets"
-mini=$(mktemp -d)
-for f in qwen3_moe qwen2_moe mixtral; do
-  LD_LIBRARY_PATH=$G/lib "$G/bin/joule-make-model" --family $f --preset mini --out "$mini/$f-mini"
+check hf_mini_presets      300 hf_mini_presets
+echo
+echo "===== summary ($(date +%T))"
+failed=0
+printf '%-22s %-6s %8s  %s\n' check result seconds note
+for i in "${!names[@]}"; do
+  printf '%-22s %-6s %8s  %s\n' "${names[$i]}" "${results[$i]}" "${seconds[$i]}" "${notes[$i]}"
+  [ "${results[$i]}" = PASS ] || failed=$((failed + 1))
 done
-timeout 300 python3 tests/reference/hf_check.py compare \
-  --model "$mini/qwen3_moe-mini" --model "$mini/qwen2_moe-mini" --model "$mini/mixtral-mini"
-echo "hf compare exit $?"
-rm -rf "$mini"
-step done
+echo "$(( ${#names[@]} - failed )) passed, $failed failed"
+exec >&- 2>&-
+wait "$tee_pid" 2>/dev/null
+[ "$failed" -eq 0 ]

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Regenerates the golden fixtures tests/data/golden/<family>-tiny.json.
+# Regenerates the golden fixtures tests/data/golden/<family>-tiny.json (float32, the CPU
+# engine's numbers) and <family>-tiny.bf16act.json (GEMM inputs and KV cache rounded to BF16,
+# the GPU path's numbers).
 #
 #   tests/reference/make_golden.sh BUILD_DIR [FAMILY...]
 #
@@ -41,5 +43,8 @@ for family in "${FAMILIES[@]}"; do
   PYTHONDONTWRITEBYTECODE=1 "$PYTHON" "$SRC_DIR/tests/reference/reference.py" golden \
     --model "$TMP/$name" --name "$name" --out "$OUT_DIR/$name.json" \
     --source "tests/reference/make_golden.sh BUILD_DIR: joule-make-model --family $family --preset $PRESET --out DIR; reference.py golden --model DIR --name $name --out tests/data/golden/$name.json"
+  PYTHONDONTWRITEBYTECODE=1 "$PYTHON" "$SRC_DIR/tests/reference/reference.py" golden \
+    --model "$TMP/$name" --name "$name" --out "$OUT_DIR/$name.bf16act.json" --bf16-activations \
+    --source "tests/reference/make_golden.sh BUILD_DIR: joule-make-model --family $family --preset $PRESET --out DIR; reference.py golden --model DIR --name $name --out tests/data/golden/$name.bf16act.json --bf16-activations"
 done
 ls -l "$OUT_DIR"

@@ -308,20 +308,32 @@ class KVCache:
         return self.k[layer], self.v[layer]
 
 
-class Mlp:
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+def _same(x):
+    return x
 
-    def __init__(self, gate, up, down):
-        self.gate, self.up, self.down = gate, up, down
+
+def _round_bf16(x):
+    """x rounded to BF16 (nearest even) and back: what a GPU GEMM's input holds."""
+    return x.to(torch.bfloat16).to(x.dtype)
+
+
+class Mlp:
+    """SwiGLU: down(silu(gate(x)) * up(x)). `act` rounds each GEMM's input (identity in float32)."""
+
+    def __init__(self, gate, up, down, act=_same):
+        self.gate, self.up, self.down, self.act = gate, up, down, act
 
     def __call__(self, x):
-        return F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
+        x = self.act(x)
+        return F.linear(self.act(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up)), self.down)
 
 
 class MoeBlock:
     """Softmax top-k routing, as Qwen3MoeSparseMoeBlock / Qwen2MoeSparseMoeBlock / MixtralSparseMoeBlock."""
 
-    def __init__(self, router, experts, top_k, norm_topk_prob, shared=None, shared_gate=None):
+    def __init__(self, router, experts, top_k, norm_topk_prob, shared=None, shared_gate=None,
+                 act=_same):
+        self.act = act                # rounds GEMM inputs (identity in float32)
         self.router = router          # [E, H]
         self.experts = experts        # list of Mlp
         self.top_k = top_k
@@ -333,7 +345,7 @@ class MoeBlock:
     def __call__(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        router_logits = F.linear(x, self.router)
+        router_logits = F.linear(self.act(x), self.router)
         probs = F.softmax(router_logits, dim=1, dtype=torch.float32)
         weights, selected = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
@@ -350,7 +362,7 @@ class MoeBlock:
             y = self.experts[e](x[token]) * weights[token, slot, None]
             out.index_add_(0, token, y)
         if self.shared is not None:
-            out = out + torch.sigmoid(F.linear(x, self.shared_gate)) * self.shared(x)
+            out = out + torch.sigmoid(F.linear(self.act(x), self.shared_gate)) * self.shared(x)
         return out.reshape(shape)
 
 
@@ -359,9 +371,14 @@ class Layer:
 
 
 class Model:
-    def __init__(self, config, tensors, device="cpu", strict=True):
+    """bf16_activations: round every GEMM's input and the KV cache entries to BF16, as Joule's
+    GPU path does (F32 activations, BF16 tensor-core GEMM inputs, a BF16 KV cache); the
+    fixtures <name>.bf16act.json hold its numbers."""
+
+    def __init__(self, config, tensors, device="cpu", strict=True, bf16_activations=False):
         self.config = c = config
         self.device = torch.device(device)
+        self.act = act = _round_bf16 if bf16_activations else _same
         used = set()
 
         def get(name, shape=None, optional=False):
@@ -389,7 +406,7 @@ class Model:
             g, u, d = names
             return Mlp(get(f"{prefix}.{g}.weight", [inter, H]),
                        get(f"{prefix}.{u}.weight", [inter, H]),
-                       get(f"{prefix}.{d}.weight", [H, inter]))
+                       get(f"{prefix}.{d}.weight", [H, inter]), act)
 
         self.layers = []
         for i in range(c.num_layers):
@@ -412,7 +429,8 @@ class Model:
                 m = f"{p}.block_sparse_moe"
                 experts = [mlp(f"{m}.experts.{e}", c.moe_intermediate_size, ("w1", "w3", "w2"))
                            for e in range(c.num_experts)]
-                L.mlp = MoeBlock(get(f"{m}.gate.weight", [c.num_experts, H]), experts, c.top_k, True)
+                L.mlp = MoeBlock(get(f"{m}.gate.weight", [c.num_experts, H]), experts, c.top_k, True,
+                                 act=act)
             elif c.moe_layers[i]:
                 m = f"{p}.mlp"
                 experts = [mlp(f"{m}.experts.{e}", c.moe_intermediate_size) for e in range(c.num_experts)]
@@ -421,7 +439,7 @@ class Model:
                     shared = mlp(f"{m}.shared_expert", c.shared_expert_intermediate_size)
                     shared_gate = get(f"{m}.shared_expert_gate.weight", [1, H])
                 L.mlp = MoeBlock(get(f"{m}.gate.weight", [c.num_experts, H]), experts, c.top_k,
-                                 c.norm_topk_prob, shared, shared_gate)
+                                 c.norm_topk_prob, shared, shared_gate, act)
             else:
                 L.mlp = mlp(f"{p}.mlp", c.intermediate_size)
             self.layers.append(L)
@@ -451,6 +469,7 @@ class Model:
         c = self.config
         B, T, _ = x.shape
         D = c.head_dim
+        x = self.act(x)
         q = F.linear(x, L.wq, L.bq).view(B, T, c.num_heads, D)
         k = F.linear(x, L.wk, L.bk).view(B, T, c.num_kv_heads, D)
         v = F.linear(x, L.wv, L.bv).view(B, T, c.num_kv_heads, D)
@@ -460,6 +479,7 @@ class Model:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        k, v = self.act(k), self.act(v)  # what the KV cache stores
         if cache is not None:
             k, v = cache.update(li, k, v)
         groups = c.num_heads // c.num_kv_heads
@@ -480,7 +500,7 @@ class Model:
             scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
         probs = F.softmax(scores, dim=-1, dtype=torch.float32)
         out = torch.matmul(probs, v).transpose(1, 2).reshape(B, T, c.num_heads * D)
-        return F.linear(out, L.wo, L.bo)
+        return F.linear(self.act(out), L.wo, L.bo)
 
     def forward(self, ids, cache=None):
         """ids: LongTensor [B, T] continuing the sequences held in `cache` (or fresh). Returns [B, T, V]."""
@@ -500,7 +520,7 @@ class Model:
             h = h + L.mlp(rms_norm(h, L.post_norm, c.rms_norm_eps))
         if cache is not None:
             cache.length += T
-        return F.linear(rms_norm(h, self.norm, c.rms_norm_eps), self.lm_head)
+        return F.linear(self.act(rms_norm(h, self.norm, c.rms_norm_eps)), self.lm_head)
 
     def new_cache(self):
         return KVCache(self.config.num_layers)
@@ -544,10 +564,11 @@ class Model:
         return out, margins
 
 
-def load_model(model_dir, device="cpu", strict=True):
+def load_model(model_dir, device="cpu", strict=True, bf16_activations=False):
     with open(os.path.join(model_dir, "config.json")) as f:
         config = Config(json.load(f))
-    return Model(config, read_checkpoint_tensors(model_dir), device=device, strict=strict)
+    return Model(config, read_checkpoint_tensors(model_dir), device=device, strict=strict,
+                 bf16_activations=bf16_activations)
 
 
 # --------------------------------------------------------------------------
@@ -657,8 +678,14 @@ def write_fixture(path, doc, rows_per_prompt):
     return len(text)
 
 
-def make_golden(model_dir, name, out_path, source, max_bytes=1_500_000):
-    model = load_model(model_dir)
+# The BF16-activation fixtures move with summation order: identical rounding points but float64
+# instead of float32 sums moved the tiny models' logits by up to 5e-3 (a rounding at a BF16 tie
+# goes the other way and propagates). Checks of those fixtures allow twice that.
+BF16_ACT_TOLERANCE = 1e-2
+
+
+def make_golden(model_dir, name, out_path, source, max_bytes=1_500_000, bf16_activations=False):
+    model = load_model(model_dir, bf16_activations=bf16_activations)
     c = model.config
     prompts = golden_prompts(c.vocab_size)
     self_check(model, prompts)
@@ -689,13 +716,16 @@ def make_golden(model_dir, name, out_path, source, max_bytes=1_500_000):
         "architecture": c.architecture,
         "family": c.family,
         "source": source,
-        "reference": "tests/reference/reference.py (float32 PyTorch, HF modeling math)",
+        "reference": "tests/reference/reference.py (float32 PyTorch, HF modeling math" +
+                     (", GEMM inputs and KV cache rounded to BF16 as on Joule's GPU path)"
+                      if bf16_activations else ")"),
+        "activations": "bf16" if bf16_activations else "f32",
         "torch_version": torch.__version__,
         "checkpoint_sha256": checkpoint_digest(model_dir),
         "vocab_size": c.vocab_size,
         "greedy_steps": GOLDEN_GREEDY_STEPS,
         "prompt_seed": GOLDEN_SEED,
-        "tolerance_abs": 1e-4,
+        "tolerance_abs": BF16_ACT_TOLERANCE if bf16_activations else 1e-4,
     }
     doc["prompts"] = entries
     size = write_fixture(out_path, doc, rows)
@@ -738,7 +768,10 @@ def check_fixture(model_dir, fixture_path, atol, log=sys.stdout):
     """Regenerates a fixture's logits and greedy ids and compares. Returns list of failure strings."""
     with open(fixture_path) as f:
         doc = json.load(f)
-    model = load_model(model_dir)
+    bf16 = doc.get("activations") == "bf16"
+    if bf16:
+        atol = max(atol, doc.get("tolerance_abs", BF16_ACT_TOLERANCE))
+    model = load_model(model_dir, bf16_activations=bf16)
     failures = []
     digest = checkpoint_digest(model_dir)
     note = ""
@@ -833,6 +866,8 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--source", default="")
     p.add_argument("--max-bytes", type=int, default=1_500_000)
+    p.add_argument("--bf16-activations", action="store_true",
+                   help="round GEMM inputs and the KV cache to BF16 (Joule's GPU numerics)")
 
     p = sub.add_parser("check", help="recompute fixtures and compare (exit 1 on mismatch, 77 without torch)")
     p.add_argument("--models-dir", required=True, help="directory holding <fixture model name>/ checkpoints")
@@ -872,7 +907,7 @@ def main(argv=None):
         elif args.cmd == "golden":
             make_golden(args.model, args.name, args.out, args.source or
                         f"tests/reference/reference.py golden --model <{args.name}> --name {args.name}",
-                        max_bytes=args.max_bytes)
+                        max_bytes=args.max_bytes, bf16_activations=args.bf16_activations)
         elif args.cmd == "check":
             failures = []
             for fx in args.fixtures:

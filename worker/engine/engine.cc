@@ -4,6 +4,9 @@
 #include <random>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "common/logging.h"
 #include "common/status.h"
 
 namespace joule {
@@ -23,13 +26,66 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(Model* model, const Engin
     return absl::InvalidArgumentError(
         "engine: max_batch_tokens, max_running and max_prefill_chunk must be positive");
   }
-  ASSIGN_OR_RETURN(auto kv, PagedKvCache::Create(model->config(), options.block_size,
-                                                 options.kv_cache_bytes));
-  return std::unique_ptr<Engine>(new Engine(model, std::move(kv), options));
+  const ModelConfig& c = model->config();
+  if (options.block_size <= 0) return absl::InvalidArgumentError("engine: block_size must be positive");
+  if (options.max_model_len < 0 || options.max_model_len > c.max_position_embeddings) {
+    return absl::InvalidArgumentError(absl::StrCat("engine: max_model_len ", options.max_model_len,
+                                                   " must be in [0, max_position_embeddings ",
+                                                   c.max_position_embeddings, "]"));
+  }
+  const int64_t max_len = options.max_model_len > 0 ? options.max_model_len : c.max_position_embeddings;
+  const int64_t width = (max_len + options.block_size - 1) / options.block_size;
+  RETURN_IF_ERROR(model->Reserve({.tokens = options.max_batch_tokens, .seqs = options.max_running,
+                                  .blocks_per_seq = width, .logit_rows = options.max_running,
+                                  .max_context_len = width * options.block_size}));
+  ASSIGN_OR_RETURN(const int64_t budget, KvBudget(*model, options));
+  ASSIGN_OR_RETURN(auto kv, PagedKvCache::Create(model->backend(), c, options.block_size, budget));
+  const int64_t blocks = kv->allocator().num_blocks();
+  JOULE_LOG(Info) << "KV cache on " << model->backend().spec().ToString() << ": " << blocks
+                  << " blocks of " << options.block_size << " tokens = "
+                  << blocks * options.block_size << " tokens ("
+                  << absl::StrFormat("%.2f", blocks * kv->BytesPerBlock() / double(1 << 30))
+                  << " GiB " << kernels::DTypeName(kv->view().type) << ")";
+  ASSIGN_OR_RETURN(const std::vector<int> graphs,
+                   model->CaptureDecodeGraphs(kv->view(), options.max_running));
+  if (!graphs.empty()) {
+    JOULE_LOG(Info) << "captured " << graphs.size() << " decode graphs, batch sizes "
+                    << absl::StrJoin(graphs, ",");
+  }
+  auto engine = std::unique_ptr<Engine>(new Engine(model, std::move(kv), options));
+  engine->max_model_len_ = max_len;
+  return engine;
+}
+
+absl::StatusOr<int64_t> Engine::KvBudget(Model& model, const EngineOptions& options) {
+  device::Backend& backend = model.backend();
+  if (backend.device_memory_is_host() || options.gpu_memory_utilization <= 0) {
+    return options.kv_cache_bytes;
+  }
+  if (options.gpu_memory_utilization > 1) {
+    return absl::InvalidArgumentError(absl::StrCat("engine: gpu_memory_utilization ",
+                                                   options.gpu_memory_utilization,
+                                                   " must be in (0, 1]"));
+  }
+  ASSIGN_OR_RETURN(const device::MemoryInfo memory, backend.DeviceMemory());
+  const int64_t used = memory.total_bytes - memory.free_bytes;
+  const int64_t allowed = static_cast<int64_t>(options.gpu_memory_utilization * memory.total_bytes);
+  const int64_t block = PagedKvCache::BlockBytes(model.config(), options.block_size,
+                                                 backend.kv_cache_type());
+  if (allowed - used < block) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "no room for a KV cache on %s: %.2f GiB of %.2f GiB are in use (weights, workspaces, "
+        "other processes) and --gpu-memory-utilization %.2f allows %.2f GiB; one KV block "
+        "needs %d bytes",
+        backend.spec().ToString(), used / double(1 << 30), memory.total_bytes / double(1 << 30),
+        options.gpu_memory_utilization, allowed / double(1 << 30), block));
+  }
+  return allowed - used;
 }
 
 Engine::Engine(Model* model, std::unique_ptr<PagedKvCache> kv, const EngineOptions& options)
-    : model_(model), kv_(std::move(kv)), options_(options) {}
+    : model_(model), kv_(std::move(kv)), options_(options),
+      max_model_len_(model->config().max_position_embeddings) {}
 
 absl::Status Engine::Add(GenerationRequest r) {
   const ModelConfig& c = model_->config();
@@ -42,10 +98,10 @@ absl::Status Engine::Add(GenerationRequest r) {
     }
   }
   const int64_t total = static_cast<int64_t>(r.prompt.size()) + r.sampling.max_tokens;
-  if (total > c.max_position_embeddings) {
+  if (total > max_model_len_) {
     return absl::InvalidArgumentError(absl::StrCat(
         "prompt (", r.prompt.size(), " tokens) + max_tokens (", r.sampling.max_tokens,
-        ") exceeds the model's context length of ", c.max_position_embeddings));
+        ") exceeds the model's context length of ", max_model_len_));
   }
   const int64_t blocks = (total + kv_->block_size() - 1) / kv_->block_size();
   if (blocks > kv_->allocator().num_blocks()) {
@@ -144,7 +200,7 @@ FinishReason Engine::CheckFinished(const Sequence& seq, int32_t token) const {
   const auto& stops = seq.sampling.stop_token_ids;
   if (std::find(stops.begin(), stops.end(), token) != stops.end()) return FinishReason::kStop;
   if (seq.generated >= seq.sampling.max_tokens) return FinishReason::kLength;
-  if (static_cast<int64_t>(seq.tokens.size()) >= c.max_position_embeddings) return FinishReason::kLength;
+  if (static_cast<int64_t>(seq.tokens.size()) >= max_model_len_) return FinishReason::kLength;
   return FinishReason::kNone;
 }
 
@@ -343,8 +399,13 @@ absl::StatusOr<StepResult> Engine::RunPlannedStep(bool run_empty) {
     result.context_tokens += s.seq->num_computed + s.chunk;
   }
   const int64_t vocab = model_->config().vocab_size;
-  logits_.resize(b.logit_rows.size() * vocab);
-  RETURN_IF_ERROR(model_->Forward(b, kv_->view(), logits_.data()));
+  // Pinned memory: a GPU copies the sampled rows' logits straight into it.
+  const size_t logit_bytes = b.logit_rows.size() * vocab * sizeof(float);
+  if (logits_.bytes() < logit_bytes) {
+    ASSIGN_OR_RETURN(logits_, model_->backend().Allocate(device::MemoryKind::kPinned,
+                                                         std::max(logit_bytes, 2 * logits_.bytes())));
+  }
+  RETURN_IF_ERROR(model_->Forward(b, kv_->view(), logits_.as<float>()));
   for (const Scheduled& s : scheduled) s.seq->num_computed += s.chunk;
   // Plan to end of the forward pass (in lockstep that includes the token
   // count exchange and waiting for the slowest rank).
@@ -354,7 +415,7 @@ absl::StatusOr<StepResult> Engine::RunPlannedStep(bool run_empty) {
   // 4. Sample and retire finished sequences.
   for (size_t r = 0; r < sampled.size(); ++r) {
     Sequence* seq = sampled[r];
-    const float* row = logits_.data() + r * vocab;
+    const float* row = logits_.as<float>() + r * vocab;
     if (observer_) observer_(seq->id, row, vocab);
     const int32_t token = SampleToken(row, vocab, seq->sampling, &seq->rng, &sample_scratch_);
     seq->tokens.push_back(token);

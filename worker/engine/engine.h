@@ -82,6 +82,13 @@ struct StepResult {
 struct EngineOptions {
   int block_size = 16;
   int64_t kv_cache_bytes = int64_t{256} << 20;
+  // On a GPU (> 0): the KV cache takes what is left of this fraction of the
+  // device's memory once weights and workspaces are allocated (vLLM's
+  // --gpu-memory-utilization), instead of kv_cache_bytes.
+  double gpu_memory_utilization = 0;
+  // Longest sequence (prompt + max_tokens) a request may have; 0: the
+  // model's max_position_embeddings. Sizes the step's block tables.
+  int64_t max_model_len = 0;
   int max_batch_tokens = 512;   // tokens per step (decode + prefill chunks)
   int max_running = 64;         // sequences in the running batch
   int max_prefill_chunk = 256;  // longest prefill slice of one sequence per step
@@ -91,7 +98,9 @@ struct EngineOptions {
 
 class Engine {
  public:
-  // `model` is not owned and must outlive the engine.
+  // `model` is not owned and must outlive the engine. Sizes the model's step
+  // workspace and the KV cache, and captures the model's decode graphs (on
+  // a GPU), so the first request pays for none of it.
   static absl::StatusOr<std::unique_ptr<Engine>> Create(Model* model, const EngineOptions& options);
 
   // Queues a request. InvalidArgument for a bad prompt or sampling field,
@@ -135,6 +144,7 @@ class Engine {
   int num_running() const { return static_cast<int>(running_.size()); }
   int num_waiting() const { return static_cast<int>(waiting_.size()); }
   const PagedKvCache& kv_cache() const { return *kv_; }
+  int64_t max_model_len() const { return max_model_len_; }
   Model& model() { return *model_; }
 
   // Test and benchmark hook: sees the logits each sampled token was drawn from.
@@ -164,6 +174,9 @@ class Engine {
   };
 
   Engine(Model* model, std::unique_ptr<PagedKvCache> kv, const EngineOptions& options);
+  // The KV budget: options.kv_cache_bytes, or on a GPU what the memory
+  // utilization leaves once the model's buffers are allocated.
+  static absl::StatusOr<int64_t> KvBudget(Model& model, const EngineOptions& options);
   bool EnsureBlocks(Sequence* seq, int num_tokens);
   // The running sequence to preempt so `seq` can grow: not yet in the plan,
   // lowest priority (highest number), newest; nullptr if there is none.
@@ -177,6 +190,7 @@ class Engine {
   Model* model_;
   std::unique_ptr<PagedKvCache> kv_;
   EngineOptions options_;
+  int64_t max_model_len_;
   absl::flat_hash_map<uint64_t, std::unique_ptr<Sequence>> sequences_;
   std::vector<Sequence*> running_;  // admission order
   std::deque<Sequence*> waiting_;
@@ -187,7 +201,7 @@ class Engine {
   std::vector<Scheduled> plan_;
   StepResult plan_result_;  // preemptions made while planning
   ForwardBatch batch_;
-  std::vector<float> logits_;
+  device::Buffer logits_;  // [logit rows, vocab], pinned host memory
   std::vector<std::pair<float, int32_t>> sample_scratch_;
   uint64_t unseeded_counter_ = 0;
   uint64_t arrivals_ = 0;

@@ -1,6 +1,7 @@
 #include "worker/engine/kv_cache.h"
 
 #include "absl/strings/str_cat.h"
+#include "common/status.h"
 
 namespace joule {
 
@@ -24,33 +25,41 @@ void BlockAllocator::Free(int32_t block) {
   free_.push_back(block);
 }
 
-absl::StatusOr<std::unique_ptr<PagedKvCache>> PagedKvCache::Create(const ModelConfig& c,
+int64_t PagedKvCache::BlockBytes(const ModelConfig& c, int block_size, kernels::DType type) {
+  return int64_t{2} * c.num_layers * block_size * c.num_key_value_heads * c.head_dim *
+         static_cast<int64_t>(kernels::ElementBytes(type));
+}
+
+absl::StatusOr<std::unique_ptr<PagedKvCache>> PagedKvCache::Create(device::Backend& backend,
+                                                                   const ModelConfig& c,
                                                                    int block_size,
                                                                    int64_t budget_bytes) {
   if (block_size <= 0) return absl::InvalidArgumentError("kv cache: block_size must be positive");
-  const int64_t per_block = static_cast<int64_t>(2) * c.num_layers * block_size *
-                            c.num_key_value_heads * c.head_dim * sizeof(float);
+  const kernels::DType type = backend.kv_cache_type();
+  const int64_t per_block = BlockBytes(c, block_size, type);
   const int64_t blocks = budget_bytes / per_block;
   if (blocks < 1) {
     return absl::InvalidArgumentError(absl::StrCat("kv cache: budget of ", budget_bytes,
                                                    " bytes holds no block of ", per_block, " bytes"));
   }
-  return std::unique_ptr<PagedKvCache>(new PagedKvCache(c, block_size, blocks));
+  ASSIGN_OR_RETURN(device::Buffer storage,
+                   backend.Allocate(device::MemoryKind::kDevice, static_cast<size_t>(blocks * per_block)));
+  KvCacheView view{.block_size = block_size, .num_blocks = blocks, .type = type};
+  const size_t per_layer = static_cast<size_t>(blocks * block_size * c.num_key_value_heads *
+                                               c.head_dim) * kernels::ElementBytes(type);
+  auto* base = storage.as<std::byte>();
+  for (int l = 0; l < c.num_layers; ++l) {
+    view.k.push_back(base + (2 * l) * per_layer);
+    view.v.push_back(base + (2 * l + 1) * per_layer);
+  }
+  return std::unique_ptr<PagedKvCache>(new PagedKvCache(std::move(storage), std::move(view), per_block));
 }
 
-PagedKvCache::PagedKvCache(const ModelConfig& c, int block_size, int64_t num_blocks)
-    : block_size_(block_size), allocator_(num_blocks) {
-  const int64_t per_layer = num_blocks * block_size * c.num_key_value_heads * c.head_dim;
-  bytes_per_block_ = static_cast<int64_t>(2) * c.num_layers * block_size * c.num_key_value_heads *
-                     c.head_dim * sizeof(float);
-  storage_.reset(new float[static_cast<size_t>(2 * c.num_layers * per_layer)]());
-  view_.block_size = block_size;
-  view_.num_blocks = num_blocks;
-  for (int l = 0; l < c.num_layers; ++l) {
-    view_.k.push_back(storage_.get() + (2 * l) * per_layer);
-    view_.v.push_back(storage_.get() + (2 * l + 1) * per_layer);
-  }
-}
+PagedKvCache::PagedKvCache(device::Buffer storage, KvCacheView view, int64_t bytes_per_block)
+    : bytes_per_block_(bytes_per_block),
+      storage_(std::move(storage)),
+      view_(std::move(view)),
+      allocator_(view_.num_blocks) {}
 
 double PagedKvCache::Usage() const {
   return 1.0 - static_cast<double>(allocator_.num_free()) / static_cast<double>(allocator_.num_blocks());

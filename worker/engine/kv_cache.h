@@ -1,5 +1,6 @@
-// Paged KV cache: fixed-size blocks carved from a byte budget, handed to
-// sequences on demand and returned when they finish or are cancelled.
+// Paged KV cache: fixed-size blocks carved from a byte budget in the
+// backend's memory (F32 on the CPU, BF16 on a GPU), handed to sequences on
+// demand and returned when they finish or are cancelled.
 #pragma once
 
 #include <cstdint>
@@ -7,6 +8,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "worker/device/backend.h"
 #include "worker/model/config.h"
 #include "worker/model/model.h"
 
@@ -29,11 +31,15 @@ class BlockAllocator {
 
 class PagedKvCache {
  public:
-  // Sizes the cache to as many blocks as fit in `budget_bytes` (K and V, every layer).
-  static absl::StatusOr<std::unique_ptr<PagedKvCache>> Create(const ModelConfig& config,
+  // Bytes of one block: K and V of every layer, in the backend's KV type.
+  static int64_t BlockBytes(const ModelConfig& config, int block_size, kernels::DType type);
+  // Sizes the cache to as many blocks as fit in `budget_bytes` and allocates
+  // them, zeroed (so resident up front: no page faults on the decode path).
+  static absl::StatusOr<std::unique_ptr<PagedKvCache>> Create(device::Backend& backend,
+                                                              const ModelConfig& config,
                                                               int block_size, int64_t budget_bytes);
 
-  int block_size() const { return block_size_; }
+  int block_size() const { return view_.block_size; }
   int64_t BytesPerBlock() const { return bytes_per_block_; }
   const KvCacheView& view() const { return view_; }
   BlockAllocator& allocator() { return allocator_; }
@@ -42,12 +48,9 @@ class PagedKvCache {
   double Usage() const;
 
  private:
-  PagedKvCache(const ModelConfig& config, int block_size, int64_t num_blocks);
-  int block_size_;
+  PagedKvCache(device::Buffer storage, KvCacheView view, int64_t bytes_per_block);
   int64_t bytes_per_block_;
-  // [layers][k|v][num_blocks * block_size * kv_heads * head_dim], zeroed and
-  // so resident up front: no page faults on the decode path.
-  std::unique_ptr<float[]> storage_;
+  device::Buffer storage_;  // [layers][k|v][num_blocks * block_size * kv_heads * head_dim]
   KvCacheView view_;
   BlockAllocator allocator_;
 };

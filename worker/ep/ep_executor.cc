@@ -10,6 +10,7 @@
 #include "common/logging.h"
 #include "common/status.h"
 #include "kernels/cpu/moe.h"
+#include "worker/device/cpu_backend.h"
 
 namespace joule::ep {
 namespace {
@@ -132,6 +133,11 @@ struct ExpertParallelExecutor::Impl {
   // Run then fails (on every rank, through the count exchange).
   absl::Status placement_status;
   kc::CpuStream stream;
+  // The experts run through the execution seam on this rank's CPU threads
+  // (GPU expert parallelism is "GPU workers, part 2").
+  std::unique_ptr<device::CpuBackend> backend;
+  std::vector<std::vector<const void*>> expert_tables;  // [layer] pointers of the held experts
+  std::vector<ExpertsView> experts;                     // [layer]
   ExpertParallelOptions options;
 
   DispatchLayout layout;
@@ -233,6 +239,11 @@ ExpertParallelExecutor::ExpertParallelExecutor(const ModelWeights* weights, Tran
   impl_->weights = weights;
   impl_->transport = transport;
   impl_->stream = stream;
+  impl_->backend = std::make_unique<device::CpuBackend>(stream);
+  impl_->expert_tables.resize(weights->layers().size());
+  for (size_t l = 0; l < weights->layers().size(); ++l) {
+    impl_->experts.push_back(ViewExperts(weights->layers()[l], &impl_->expert_tables[l]));
+  }
   impl_->options = options;
   impl_->windows_off = !options.shared_windows || options.payload != PayloadType::kBF16;
   impl_->placement_status = impl_->CheckPlacement(placement);
@@ -596,9 +607,10 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
       .type = wire,
       .stride = static_cast<int64_t>(dispatch_stride / (bf16 ? sizeof(uint16_t) : sizeof(float))),
       .rows = L.grouped_to_row.data()};
-  RETURN_IF_ERROR(Annotate(RunGroupedExperts(LW, layer, grouped, L.expert_offsets.data(), E,
+  RETURN_IF_ERROR(Annotate(RunGroupedExperts(*backend, experts[layer], layer, grouped,
+                                             L.expert_offsets.data(), L.expert_offsets[E],
                                              bf16 ? nullptr : down.data(), &expert_buffers,
-                                             stream, bf16 ? &fused : nullptr),
+                                             bf16 ? &fused : nullptr),
                            context("experts")));
 
   // (e) Combine: outputs go back in received order, the dispatch layout

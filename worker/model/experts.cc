@@ -5,34 +5,55 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
-#include "kernels/cpu/elementwise.h"
-#include "kernels/cpu/moe.h"
 
 namespace joule {
 
-namespace kc = kernels::cpu;
 
-void RunMlp(const MlpWeights& mlp, const float* x, int64_t rows, float* out,
-            std::vector<float>* scratch, kc::CpuStream stream) {
+
+absl::Status RunMlp(device::Backend& backend, const MlpView& mlp, const float* x, int64_t rows,
+                    float* out, float* scratch, void* gemm_workspace) {
   const int64_t H = mlp.gate.in_features;
   const int64_t I = mlp.gate.out_features;
-  scratch->resize(static_cast<size_t>(2 * rows * I));
-  float* gate = scratch->data();
+  float* gate = scratch;
   float* up = gate + rows * I;
-  kc::GemmParams g{.x = x, .m = rows, .k = H, .w = mlp.gate.w, .w_type = mlp.gate.type,
-                   .n = I, .y = gate};
-  kc::LaunchGemm(g, stream);
+  kernels::GemmParams g{.x = x, .m = rows, .k = H, .w = mlp.gate.w, .w_type = mlp.gate.type,
+                        .n = I, .y = gate, .workspace = gemm_workspace};
+  RETURN_IF_ERROR(backend.Gemm(g));
   g.w = mlp.up.w;
   g.w_type = mlp.up.type;
   g.y = up;
-  kc::LaunchGemm(g, stream);
-  kc::LaunchSiluMul({.gate = gate, .up = up, .out = gate, .n = rows * I}, stream);
-  kc::LaunchGemm({.x = gate, .m = rows, .k = I, .w = mlp.down.w, .w_type = mlp.down.type,
-                  .n = H, .y = out},
-                 stream);
+  RETURN_IF_ERROR(backend.Gemm(g));
+  RETURN_IF_ERROR(backend.SiluMul({.gate = gate, .up = up, .out = gate, .n = rows * I}));
+  return backend.Gemm({.x = gate, .m = rows, .k = I, .w = mlp.down.w, .w_type = mlp.down.type,
+                       .n = H, .y = out, .workspace = gemm_workspace});
+}
+
+size_t GroupedExpertBytes(const ExpertsView& experts, int64_t rows) {
+  return static_cast<size_t>(2 * rows * experts.intermediate) * sizeof(float);
 }
 
 namespace {
+
+// At least `bytes` in `buffer`, grown geometrically (a reservation made up
+// front keeps this from allocating on the hot path).
+absl::Status EnsureBytes(device::Backend& backend, device::Buffer* buffer, size_t bytes) {
+  if (buffer->bytes() >= bytes) return absl::OkStatus();
+  ASSIGN_OR_RETURN(*buffer, backend.Allocate(device::MemoryKind::kDevice,
+                                             std::max(bytes, 2 * buffer->bytes())));
+  return absl::OkStatus();
+}
+
+// Every expert with rows must be held. Only where offsets are host-visible.
+absl::Status CheckHeld(const ExpertsView& experts, int layer, const int64_t* offsets) {
+  for (int e = 0; e < experts.num_experts; ++e) {
+    const int64_t n = offsets[e + 1] - offsets[e];
+    if (n > 0 && experts.gate[e] == nullptr) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "layer ", layer, ": ", n, " tokens routed to expert ", e, " which this rank does not hold"));
+    }
+  }
+  return absl::OkStatus();
+}
 
 // Columns per chunk of FusedCombine::sink: a chunk of the output about the
 // size of L2 (2 MiB on the Xeons we measured; 512 KiB chunks or 64 columns
@@ -49,12 +70,15 @@ int64_t SinkChunkColumns(int64_t rows, int64_t I, int64_t H, int64_t out_rows) {
   return std::min(H, (cols + 63) / 64 * 64);
 }
 
-void RunDownInChunks(const FusedCombine& combine, const float* gate, const int64_t* offsets, int E,
-                     int64_t I, int64_t H, const void* const* down_w, kc::WeightType type,
-                     GroupedExpertBuffers* buffers, kc::CpuStream stream) {
+absl::Status RunDownInChunks(device::Backend& backend, const FusedCombine& combine,
+                             const float* gate, const int64_t* offsets, const ExpertsView& experts,
+                             GroupedExpertBuffers* buffers) {
+  const int E = experts.num_experts;
+  const int64_t I = experts.intermediate;
+  const int64_t H = experts.hidden;
   const int64_t rows = offsets[E];
   const int64_t chunk = SinkChunkColumns(rows, I, H, combine.out_rows);
-  const size_t elem = type == kc::WeightType::kBF16 ? 2 : 4;
+  const size_t elem = kernels::ElementBytes(experts.type);
   buffers->chunk_w.assign(E, nullptr);
   buffers->chunk_y.resize(static_cast<size_t>(combine.out_rows * chunk));
   float* y = buffers->chunk_y.data();
@@ -62,103 +86,141 @@ void RunDownInChunks(const FusedCombine& combine, const float* gate, const int64
     const int64_t cols = std::min(chunk, H - c0);
     // Output columns are rows of the [H, I] weights: the chunk's start at row c0.
     for (int e = 0; e < E; ++e) {
-      buffers->chunk_w[e] = down_w[e] == nullptr
+      buffers->chunk_w[e] = experts.down[e] == nullptr
                                 ? nullptr
-                                : static_cast<const std::byte*>(down_w[e]) + c0 * I * elem;
+                                : static_cast<const std::byte*>(experts.down[e]) + c0 * I * elem;
     }
     std::fill(y, y + combine.out_rows * cols, 0.0f);
-    kc::LaunchGroupedGemm({.num_groups = E, .x = gate, .row_offsets = offsets, .k = I, .n = cols,
-                           .w = buffers->chunk_w.data(), .w_type = type, .y = y,
-                           .y_rows = combine.rows, .row_scale = combine.weights},
-                          stream);
+    RETURN_IF_ERROR(backend.GroupedGemm({.num_groups = E, .x = gate, .row_offsets = offsets,
+                                         .k = I, .n = cols, .w = buffers->chunk_w.data(),
+                                         .w_type = experts.type, .y = y, .y_rows = combine.rows,
+                                         .row_scale = combine.weights, .max_rows = rows}));
     combine.sink(c0, cols, y);
   }
+  return absl::OkStatus();
 }
 
 }  // namespace
 
-absl::Status RunGroupedExperts(const LayerWeights& weights, int layer, const GroupedInput& x,
-                               const int64_t* offsets, int num_experts, float* out,
-                               GroupedExpertBuffers* buffers, kc::CpuStream stream,
+absl::Status RunGroupedExperts(device::Backend& backend, const ExpertsView& experts, int layer,
+                               const GroupedInput& x, const int64_t* offsets, int64_t max_rows,
+                               float* out, GroupedExpertBuffers* buffers,
                                const FusedCombine* combine) {
-  const int E = num_experts;
-  auto& w = buffers->w;
-  w.assign(3 * E, nullptr);
-  const MlpWeights* any = nullptr;  // every expert of a layer has the same shape and dtype
-  for (int e = 0; e < E; ++e) {
-    const int64_t n = offsets[e + 1] - offsets[e];
-    if (n == 0) continue;
-    const MlpWeights& m = weights.experts[e];
-    if (!m.loaded) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "layer ", layer, ": ", n, " tokens routed to expert ", e, " which this rank does not hold"));
-    }
-    w[e] = m.gate.w;
-    w[E + e] = m.up.w;
-    w[2 * E + e] = m.down.w;
-    any = &m;
+  const int E = experts.num_experts;
+  const bool host = backend.device_memory_is_host();
+  int64_t rows = max_rows;
+  if (host) {
+    RETURN_IF_ERROR(CheckHeld(experts, layer, offsets));
+    rows = offsets[E];
   }
-  if (any == nullptr) return absl::OkStatus();
-  const int64_t rows = offsets[E];
-  const int64_t H = any->gate.in_features;
-  const int64_t I = any->gate.out_features;
-  const kc::WeightType type = any->gate.type;
-  buffers->gate.resize(rows * I);
-  buffers->up.resize(rows * I);
-  float* gate = buffers->gate.data();
-  float* up = buffers->up.data();
-  kc::GroupedGemmParams gg{.num_groups = E, .x = x.x, .row_offsets = offsets, .k = H, .n = I,
-                           .w = w.data(), .w_type = type, .y = gate, .x_type = x.type,
-                           .ldx = x.stride, .x_rows = x.rows};
-  kc::LaunchGroupedGemm(gg, stream);
-  gg.w = w.data() + E;
+  if (rows == 0 || experts.held == 0) return absl::OkStatus();
+  const int64_t H = experts.hidden;
+  const int64_t I = experts.intermediate;
+  RETURN_IF_ERROR(EnsureBytes(backend, &buffers->gate_up, GroupedExpertBytes(experts, rows)));
+  float* gate = buffers->gate_up.as<float>();
+  float* up = gate + rows * I;
+  kernels::GroupedGemmParams gg{.num_groups = E, .x = x.x, .row_offsets = offsets, .k = H, .n = I,
+                                .w = experts.gate, .w_type = experts.type, .y = gate,
+                                .x_type = x.type, .ldx = x.stride, .x_rows = x.rows,
+                                .max_rows = rows};
+  RETURN_IF_ERROR(backend.GroupedGemm(gg));
+  gg.w = experts.up;
   gg.y = up;
-  kc::LaunchGroupedGemm(gg, stream);
-  kc::LaunchSiluMul({.gate = gate, .up = up, .out = gate, .n = rows * I}, stream);
+  RETURN_IF_ERROR(backend.GroupedGemm(gg));
+  RETURN_IF_ERROR(backend.SiluMul({.gate = gate, .up = up, .out = gate, .n = rows * I}));
   if (combine != nullptr && combine->sink) {
-    RunDownInChunks(*combine, gate, offsets, E, I, H, w.data() + 2 * E, type, buffers, stream);
-    return absl::OkStatus();
+    if (!host) return absl::UnimplementedError("FusedCombine::sink runs on the CPU only");
+    return RunDownInChunks(backend, *combine, gate, offsets, experts, buffers);
   }
-  kc::LaunchGroupedGemm({.num_groups = E, .x = gate, .row_offsets = offsets, .k = I, .n = H,
-                         .w = w.data() + 2 * E, .w_type = type, .y = out,
-                         .y_rows = combine != nullptr ? combine->rows : nullptr,
-                         .row_scale = combine != nullptr ? combine->weights : nullptr},
-                        stream);
+  return backend.GroupedGemm({.num_groups = E, .x = gate, .row_offsets = offsets, .k = I, .n = H,
+                              .w = experts.down, .w_type = experts.type, .y = out,
+                              .y_rows = combine != nullptr ? combine->rows : nullptr,
+                              .row_scale = combine != nullptr ? combine->weights : nullptr,
+                              .max_rows = rows});
+}
+
+LocalExpertExecutor::LocalExpertExecutor(device::Backend* backend, const DeviceWeights* weights,
+                                         const ModelConfig& config)
+    : backend_(backend), weights_(weights), config_(config) {}
+
+absl::Status LocalExpertExecutor::Reserve(int64_t max_tokens) {
+  const int E = config_.num_experts;
+  const int64_t L = config_.num_layers;
+  if (load_.empty() && E > 0) {
+    ASSIGN_OR_RETURN(load_, backend_->Allocate(device::MemoryKind::kDevice,
+                                               static_cast<size_t>(L * E) * sizeof(int64_t)));
+  }
+  if (max_tokens <= reserved_tokens_) return absl::OkStatus();
+  const int64_t rows = max_tokens * config_.num_experts_per_tok;
+  device::WorkspaceLayout layout;
+  const size_t offsets = layout.Reserve((E + 1) * sizeof(int64_t));
+  const size_t index = layout.Reserve(3 * rows * sizeof(int32_t));
+  const size_t down = layout.Reserve(rows * config_.hidden_size * sizeof(float));
+  ASSIGN_OR_RETURN(workspace_, backend_->Allocate(device::MemoryKind::kDevice, layout.bytes()));
+  auto* base = workspace_.as<std::byte>();
+  offsets_ = reinterpret_cast<int64_t*>(base + offsets);
+  permuted_to_slot_ = reinterpret_cast<int32_t*>(base + index);
+  slot_to_permuted_ = permuted_to_slot_ + rows;
+  permuted_token_ = slot_to_permuted_ + rows;
+  down_ = reinterpret_cast<float*>(base + down);
+  for (const LayerView& layer : weights_->layers()) {
+    if (!layer.is_moe) continue;
+    const size_t gate_up = GroupedExpertBytes(layer.experts, rows);
+    if (buffers_.gate_up.bytes() < gate_up) {
+      ASSIGN_OR_RETURN(buffers_.gate_up, backend_->Allocate(device::MemoryKind::kDevice, gate_up));
+    }
+  }
+  reserved_tokens_ = max_tokens;
   return absl::OkStatus();
 }
 
 absl::Status LocalExpertExecutor::Run(int layer, const float* x, int64_t tokens,
                                       const int32_t* expert_ids, const float* weights, float* out) {
-  const ModelConfig& c = weights_->config();
-  const LayerWeights& L = weights_->layers()[layer];
-  const int E = c.num_experts;
-  const int K = c.num_experts_per_tok;
-  const int64_t H = c.hidden_size;
   if (tokens == 0) return absl::OkStatus();
-  if (expert_load_.empty()) expert_load_.assign(c.num_layers, std::vector<int64_t>(E, 0));
-
-  const int64_t rows = tokens * K;
-  offsets_.resize(E + 1);
-  permuted_to_slot_.resize(rows);
-  slot_to_permuted_.resize(rows);
-  kc::ComputeMoeLayout({.expert_ids = expert_ids, .tokens = tokens, .top_k = K, .num_experts = E,
-                        .expert_offsets = offsets_.data(),
-                        .permuted_to_slot = permuted_to_slot_.data(),
-                        .slot_to_permuted = slot_to_permuted_.data()});
-  for (int e = 0; e < E; ++e) expert_load_[layer][e] += offsets_[e + 1] - offsets_[e];
-
+  RETURN_IF_ERROR(Reserve(tokens));
+  const LayerView& L = weights_->layers()[layer];
+  const int E = config_.num_experts;
+  const int K = config_.num_experts_per_tok;
+  RETURN_IF_ERROR(backend_->MoeLayout({.expert_ids = expert_ids, .tokens = tokens, .top_k = K,
+                                       .num_experts = E, .expert_offsets = offsets_,
+                                       .permuted_to_slot = permuted_to_slot_,
+                                       .slot_to_permuted = slot_to_permuted_,
+                                       .permuted_to_token = permuted_token_}));
+  RETURN_IF_ERROR(backend_->ExpertLoad({.expert_offsets = offsets_, .num_experts = E,
+                                        .load = load_.as<int64_t>() + int64_t{layer} * E}));
   // The experts read each token's row of x in place, once per choice: no
   // permuted copy (slot = token * K + choice).
-  permuted_token_.resize(rows);
-  for (int64_t g = 0; g < rows; ++g) permuted_token_[g] = permuted_to_slot_[g] / K;
-  down_.resize(rows * H);
-  RETURN_IF_ERROR(RunGroupedExperts(L, layer, {.x = x, .rows = permuted_token_.data()},
-                                    offsets_.data(), E, down_.data(), &buffers_, stream_));
-  kc::LaunchUnpermute({.expert_out = down_.data(), .slot_to_permuted = slot_to_permuted_.data(),
-                       .weights = weights, .tokens = tokens, .top_k = K, .hidden = H, .out = out,
-                       .accumulate = true},
-                      stream_);
-  return absl::OkStatus();
+  RETURN_IF_ERROR(RunGroupedExperts(*backend_, L.experts, layer,
+                                    {.x = x, .rows = permuted_token_}, offsets_, tokens * K, down_,
+                                    &buffers_));
+  return backend_->Unpermute({.expert_out = down_, .slot_to_permuted = slot_to_permuted_,
+                              .weights = weights, .tokens = tokens, .top_k = K,
+                              .hidden = config_.hidden_size, .out = out, .accumulate = true});
+}
+
+absl::StatusOr<std::vector<std::vector<int64_t>>> LocalExpertExecutor::ExpertLoad() {
+  const int E = config_.num_experts;
+  std::vector<std::vector<int64_t>> load(config_.num_layers, std::vector<int64_t>(E, 0));
+  if (load_.empty()) return load;
+  std::vector<int64_t> flat(static_cast<size_t>(config_.num_layers) * E);
+  RETURN_IF_ERROR(backend_->CopyAsync(flat.data(), load_.data(), flat.size() * sizeof(int64_t)));
+  RETURN_IF_ERROR(backend_->Synchronize());
+  for (int l = 0; l < config_.num_layers; ++l) {
+    std::copy(flat.begin() + l * E, flat.begin() + (l + 1) * E, load[l].begin());
+  }
+  return load;
+}
+
+absl::StatusOr<std::vector<std::vector<int64_t>>> LocalExpertExecutor::TakeExpertLoad() {
+  ASSIGN_OR_RETURN(std::vector<std::vector<int64_t>> total, ExpertLoad());
+  std::vector<std::vector<int64_t>> delta = total;
+  if (taken_.size() == total.size()) {
+    for (size_t l = 0; l < total.size(); ++l) {
+      for (size_t e = 0; e < total[l].size(); ++e) delta[l][e] -= taken_[l][e];
+    }
+  }
+  taken_ = std::move(total);
+  return delta;
 }
 
 }  // namespace joule

@@ -1,10 +1,11 @@
 // Where a MoE layer's routed experts run.
 //
-// The model computes attention and the router locally and hands the routed
-// tokens to an ExpertExecutor. LocalExpertExecutor runs every expert in this
-// process (grouped: permute by expert, one GEMM per expert, weighted
-// un-permute). The expert-parallel executor dispatches the same layout to the
-// ranks that own the experts and combines their outputs; both see the same call.
+// The model computes attention and the router on its device and hands the
+// routed tokens to an ExpertExecutor. LocalExpertExecutor runs every expert in
+// this process, on the model's backend (grouped: the dispatch layout, one
+// grouped GEMM per projection, the weighted un-permute). The expert-parallel
+// executor dispatches the same layout to the ranks that own the experts and
+// combines their outputs; both see the same call.
 #pragma once
 
 #include <cstdint>
@@ -12,9 +13,11 @@
 #include <vector>
 
 #include "absl/status/status.h"
-#include "kernels/cpu/thread_pool.h"
+#include "absl/status/statusor.h"
 #include "kernels/params/moe.h"
-#include "worker/model/weights.h"
+#include "worker/device/backend.h"
+#include "worker/model/config.h"
+#include "worker/model/device_weights.h"
 
 namespace joule {
 
@@ -24,33 +27,40 @@ class ExpertExecutor {
   // x: [tokens, hidden] (post-attention-normed hidden states); expert_ids and
   // weights: [tokens, top_k] from the router. Adds sum_j weight_j * expert_j(x)
   // into out [tokens, hidden]. Called for every MoE layer of every step, also
-  // with tokens == 0, so collective implementations stay in lockstep.
+  // with tokens == 0, so collective implementations stay in lockstep. Every
+  // pointer is memory of the model's backend.
   virtual absl::Status Run(int layer, const float* x, int64_t tokens, const int32_t* expert_ids,
                            const float* weights, float* out) = 0;
 };
 
-// Computes a SwiGLU MLP for `rows` rows of x, writing [rows, hidden] into out.
-// `scratch` is grown as needed.
-void RunMlp(const MlpWeights& mlp, const float* x, int64_t rows, float* out,
-            std::vector<float>* scratch, kernels::cpu::CpuStream stream);
+// A SwiGLU MLP, down(silu(gate(x)) * up(x)), for `rows` rows of x into out
+// [rows, hidden]. `scratch` holds 2 * rows * intermediate floats;
+// gemm_workspace holds Backend::GemmWorkspaceBytes(rows, max(hidden, intermediate)).
+absl::Status RunMlp(device::Backend& backend, const MlpView& mlp, const float* x, int64_t rows,
+                    float* out, float* scratch, void* gemm_workspace);
 
-// Reused across calls of RunGroupedExperts.
+// Reused across calls of RunGroupedExperts: the gate/up activations in the
+// backend's memory (grown on demand, or sized once by the caller so nothing
+// allocates later, e.g. under graph capture), and the host scratch of the
+// CPU's chunked combine (FusedCombine::sink).
 struct GroupedExpertBuffers {
-  std::vector<const void*> w;  // [3 * num_experts]: gate, then up, then down pointers
-  std::vector<float> gate, up;
+  device::Buffer gate_up;            // [2, rows, intermediate] F32
   std::vector<const void*> chunk_w;  // FusedCombine::sink: down weights of one column chunk
   std::vector<float> chunk_y;        // FusedCombine::sink: one column chunk of the output
 };
 
+// Bytes of GroupedExpertBuffers::gate_up for `rows` grouped rows.
+size_t GroupedExpertBytes(const ExpertsView& experts, int64_t rows);
+
 // A weighted combine fused into the down projection: grouped row g is scaled
 // by weights[g] and added into row rows[g] of the output.
 //
-// With `sink`, the output is never whole in memory: the down projection runs
-// over column chunks of a scratch [out_rows, chunk] (zeroed first; every row
-// of it must be named by some rows[g]), and each finished chunk goes to
-// sink(col0, cols, y) while it is still in cache, y row r holding columns
-// [col0, col0 + cols) of output row r. Expert parallelism rounds the chunks
-// straight into the rows it sends back. Same bits as without.
+// With `sink` (CPU only), the output is never whole in memory: the down
+// projection runs over column chunks of a scratch [out_rows, chunk] (zeroed
+// first; every row of it must be named by some rows[g]), and each finished
+// chunk goes to sink(col0, cols, y) while it is still in cache, y row r
+// holding columns [col0, col0 + cols) of output row r. Expert parallelism
+// rounds the chunks straight into the rows it sends back. Same bits as without.
 struct FusedCombine {
   const int32_t* rows = nullptr;   // [offsets[num_experts]]
   const float* weights = nullptr;  // [offsets[num_experts]]
@@ -72,35 +82,51 @@ struct GroupedInput {
 // rows [offsets[e], offsets[e+1]) go through expert e, one grouped GEMM per
 // projection. Writes [offsets[num_experts], hidden] into out; with `combine`,
 // adds into the rows of out it names instead (the caller initializes them;
-// each out row gets its terms in expert order), or with combine->sink hands
-// the sums over chunk by chunk and leaves out unused (it may be null). Every expert that has rows
-// must be loaded (FailedPrecondition naming layer and expert). The local and
-// the expert-parallel executors both compute experts here.
-absl::Status RunGroupedExperts(const LayerWeights& weights, int layer, const GroupedInput& x,
-                               const int64_t* offsets, int num_experts, float* out,
-                               GroupedExpertBuffers* buffers, kernels::cpu::CpuStream stream,
+// on the CPU each out row gets its terms in expert order), or with
+// combine->sink hands the sums over chunk by chunk and leaves out unused (it
+// may be null).
+//
+// Where offsets are host-visible (the CPU) every expert that has rows must be
+// held (FailedPrecondition naming layer and expert) and the row count is
+// read from them; on a GPU they stay on the device and max_rows bounds the
+// rows. The local and the expert-parallel executors both compute experts here.
+absl::Status RunGroupedExperts(device::Backend& backend, const ExpertsView& experts, int layer,
+                               const GroupedInput& x, const int64_t* offsets, int64_t max_rows,
+                               float* out, GroupedExpertBuffers* buffers,
                                const FusedCombine* combine = nullptr);
 
-// Runs every expert in this process; the reference the EP path must match.
+// Runs every expert in this process on the backend; the reference the
+// expert-parallel path must match.
 class LocalExpertExecutor : public ExpertExecutor {
  public:
-  LocalExpertExecutor(const ModelWeights* weights, kernels::cpu::CpuStream stream)
-      : weights_(weights), stream_(stream) {}
+  // `backend` and `weights` are not owned and must outlive the executor.
+  LocalExpertExecutor(device::Backend* backend, const DeviceWeights* weights,
+                      const ModelConfig& config);
 
+  // Sizes the workspace for steps of up to `max_tokens` tokens, so Run
+  // allocates nothing (graph capture). Run grows it otherwise.
+  absl::Status Reserve(int64_t max_tokens);
   absl::Status Run(int layer, const float* x, int64_t tokens, const int32_t* expert_ids,
                    const float* weights, float* out) override;
 
-  // Tokens routed to each expert since construction, [layer][expert]; what EPLB reads.
-  const std::vector<std::vector<int64_t>>& expert_load() const { return expert_load_; }
+  // Tokens routed to each expert since construction, [layer][expert]; what
+  // EPLB reads. Counted on the device; reading waits for the stream.
+  absl::StatusOr<std::vector<std::vector<int64_t>>> ExpertLoad();
+  // The tokens routed since the previous call (the first: since construction).
+  absl::StatusOr<std::vector<std::vector<int64_t>>> TakeExpertLoad();
 
  private:
-  const ModelWeights* weights_;
-  kernels::cpu::CpuStream stream_;
-  std::vector<int64_t> offsets_;
-  std::vector<int32_t> permuted_to_slot_, slot_to_permuted_, permuted_token_;
-  std::vector<float> down_;
+  device::Backend* backend_;
+  const DeviceWeights* weights_;
+  const ModelConfig config_;
+  int64_t reserved_tokens_ = 0;
+  device::Buffer workspace_;  // layout and per-choice outputs (Reserve)
+  device::Buffer load_;       // [layers, experts] int64
+  int64_t* offsets_ = nullptr;
+  int32_t *permuted_to_slot_ = nullptr, *slot_to_permuted_ = nullptr, *permuted_token_ = nullptr;
+  float* down_ = nullptr;
   GroupedExpertBuffers buffers_;
-  std::vector<std::vector<int64_t>> expert_load_;
+  std::vector<std::vector<int64_t>> taken_;  // ExpertLoad() at the last TakeExpertLoad()
 };
 
 }  // namespace joule

@@ -1,38 +1,86 @@
 #include "worker/model/model.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <numeric>
 
 #include "absl/strings/str_cat.h"
+#include "common/logging.h"
 #include "common/status.h"
-#include "kernels/cpu/attention.h"
 #include "kernels/cpu/elementwise.h"
-#include "kernels/cpu/moe.h"
+#include "worker/device/cpu_backend.h"
 
 namespace joule {
 
-namespace kc = kernels::cpu;
-
 absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& model_dir,
                                                    const Options& options) {
+  ASSIGN_OR_RETURN(auto backend, device::CreateBackend(options.device,
+                                                       {.num_threads = options.num_threads}));
   ASSIGN_OR_RETURN(auto weights, ModelWeights::Load(model_dir, options.weights));
-  return std::make_unique<Model>(std::move(weights), options.num_threads);
+  return Create(std::move(weights), std::move(backend), options.cuda_graphs);
+}
+
+absl::StatusOr<std::unique_ptr<Model>> Model::Create(std::unique_ptr<ModelWeights> weights,
+                                                     std::unique_ptr<device::Backend> backend,
+                                                     bool cuda_graphs) {
+  ASSIGN_OR_RETURN(auto device_weights, DeviceWeights::Create(*weights, *backend));
+  auto model = std::unique_ptr<Model>(new Model(std::move(weights), std::move(backend),
+                                                std::move(device_weights), cuda_graphs));
+  RETURN_IF_ERROR(model->PrepareRope());
+  return model;
 }
 
 Model::Model(std::unique_ptr<ModelWeights> weights, int num_threads)
-    : weights_(std::move(weights)),
-      pool_(std::make_unique<kc::ThreadPool>(num_threads)),
-      local_experts_(weights_.get(), kc::CpuStream{pool_.get()}),
-      experts_(&local_experts_) {
-  const ModelConfig& c = config();
-  const int64_t half = c.head_dim / 2;
-  rope_cos_.resize(c.max_position_embeddings * half);
-  rope_sin_.resize(c.max_position_embeddings * half);
-  kc::BuildRopeTable(c.rope_theta, c.head_dim, c.max_position_embeddings, rope_cos_.data(),
-                     rope_sin_.data());
+    : Model(std::move(weights), std::make_unique<device::CpuBackend>(num_threads), nullptr, false) {
+  // On the CPU the weights are views (nothing can fail) and the RoPE table
+  // is host memory.
+  device_weights_ = *DeviceWeights::Create(*weights_, *backend_);
+  local_experts_ = std::make_unique<LocalExpertExecutor>(backend_.get(), device_weights_.get(), config());
+  absl::Status rope = PrepareRope();
+  if (!rope.ok()) {  // only an allocation of host memory can fail here
+    JOULE_LOG(Error) << "model: " << rope;
+    std::abort();
+  }
 }
 
-void Model::set_expert_executor(ExpertExecutor* executor) {
-  experts_ = executor != nullptr ? executor : &local_experts_;
+Model::Model(std::unique_ptr<ModelWeights> weights, std::unique_ptr<device::Backend> backend,
+             std::unique_ptr<DeviceWeights> device_weights, bool cuda_graphs)
+    : weights_(std::move(weights)),
+      backend_(std::move(backend)),
+      device_weights_(std::move(device_weights)),
+      cuda_graphs_(cuda_graphs) {
+  if (device_weights_ != nullptr) {
+    local_experts_ = std::make_unique<LocalExpertExecutor>(backend_.get(), device_weights_.get(), config());
+  }
+  experts_ = nullptr;
+}
+
+Model::~Model() = default;
+
+absl::Status Model::PrepareRope() {
+  const ModelConfig& c = config();
+  const int64_t n = c.max_position_embeddings * (c.head_dim / 2);
+  std::vector<float> table(2 * n);
+  kernels::cpu::BuildRopeTable(c.rope_theta, c.head_dim, c.max_position_embeddings, table.data(),
+                               table.data() + n);
+  ASSIGN_OR_RETURN(rope_, backend_->Allocate(device::MemoryKind::kDevice, table.size() * sizeof(float)));
+  RETURN_IF_ERROR(backend_->CopyAsync(rope_.data(), table.data(), table.size() * sizeof(float)));
+  RETURN_IF_ERROR(backend_->Synchronize());
+  rope_cos_ = rope_.as<float>();
+  rope_sin_ = rope_cos_ + n;
+  return absl::OkStatus();
+}
+
+void Model::set_expert_executor(ExpertExecutor* executor) { experts_ = executor; }
+
+absl::Status Model::Reserve(const StepShape& shape) {
+  if (workspace_.bytes() > 0 && workspace_.shape().Holds(shape)) return absl::OkStatus();
+  // Graphs hold the old buffers' addresses; they are captured again on demand.
+  decode_graphs_.clear();
+  graph_kv_ = nullptr;
+  RETURN_IF_ERROR(workspace_.Allocate(*backend_, config(), shape.Max(workspace_.shape())));
+  return local_experts_->Reserve(workspace_.shape().tokens);
 }
 
 absl::Status Model::Validate(const ForwardBatch& b, const KvCacheView& kv) const {
@@ -51,6 +99,12 @@ absl::Status Model::Validate(const ForwardBatch& b, const KvCacheView& kv) const
   }
   if (static_cast<int>(kv.k.size()) != c.num_layers || static_cast<int>(kv.v.size()) != c.num_layers) {
     return absl::InvalidArgumentError("forward batch: KV cache view has the wrong layer count");
+  }
+  if (kv.type != backend_->kv_cache_type()) {
+    return absl::InvalidArgumentError(absl::StrCat("forward batch: a ", kernels::DTypeName(kv.type),
+                                                   " KV cache on ", backend_->spec().ToString(),
+                                                   ", which keeps ",
+                                                   kernels::DTypeName(backend_->kv_cache_type())));
   }
   for (int32_t t : b.tokens) {
     if (t < 0 || t >= c.vocab_size) {
@@ -78,6 +132,11 @@ absl::Status Model::Validate(const ForwardBatch& b, const KvCacheView& kv) const
       return absl::InvalidArgumentError(absl::StrCat("forward batch: KV slot ", slot, " out of range"));
     }
   }
+  for (int32_t block : b.block_tables) {
+    if (block < 0 || block >= kv.num_blocks) {
+      return absl::InvalidArgumentError(absl::StrCat("forward batch: KV block ", block, " out of range"));
+    }
+  }
   for (int32_t r : b.logit_rows) {
     if (r < 0 || r >= T) return absl::InvalidArgumentError("forward batch: logit row out of range");
   }
@@ -89,148 +148,214 @@ absl::Status Model::Validate(const ForwardBatch& b, const KvCacheView& kv) const
 // idle expert-parallel rank joins a step (worker/ep/lockstep.h).
 absl::Status Model::Forward(const ForwardBatch& b, const KvCacheView& kv, float* logits) {
   RETURN_IF_ERROR(Validate(b, kv));
-  const ModelConfig& c = config();
-  const int64_t T = b.num_tokens();
-  const int64_t H = c.hidden_size;
-
-  x_.resize(T * H);
-  const Linear& embed = weights_->embed_tokens();
-  kc::ParallelFor(stream(), T, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      float* dst = x_.data() + t * H;
-      const int64_t row = b.tokens[t];
-      if (embed.type == kc::WeightType::kBF16) {
-        const auto* src = static_cast<const uint16_t*>(embed.w) + row * H;
-        for (int64_t i = 0; i < H; ++i) dst[i] = Bf16ToF32(src[i]);
-      } else {
-        std::memcpy(dst, static_cast<const float*>(embed.w) + row * H, H * sizeof(float));
-      }
-    }
-  });
-
-  for (int layer = 0; layer < c.num_layers; ++layer) {
-    RETURN_IF_ERROR(Layer(layer, b, kv));
-  }
-
-  // Final norm and lm_head only for the rows whose logits are wanted.
   const int64_t R = static_cast<int64_t>(b.logit_rows.size());
-  if (R == 0) return absl::OkStatus();
-  final_.resize(R * H);
-  for (int64_t r = 0; r < R; ++r) {
-    std::memcpy(final_.data() + r * H, x_.data() + b.logit_rows[r] * H, H * sizeof(float));
+  const StepActivations& act = workspace_.activations();
+  if (auto [graph, bucket] = DecodeGraphFor(b, kv); graph != nullptr) {
+    RETURN_IF_ERROR(workspace_.Stage(*backend_, b, DecodeShape(bucket)));
+    RETURN_IF_ERROR(graph->Launch());
+    ++graph_replays_;
+    return ReturnLogits(act.logits, R, logits);
   }
-  kc::LaunchRmsNorm({.x = final_.data(), .weight = weights_->final_norm().data(),
-                     .out = final_.data(), .rows = R, .cols = H, .eps = c.rms_norm_eps},
-                    stream());
-  const Linear& head = weights_->lm_head();
-  kc::LaunchGemm({.x = final_.data(), .m = R, .k = H, .w = head.w, .w_type = head.type,
-                  .n = c.vocab_size, .y = logits},
-                 stream());
-  return absl::OkStatus();
+  const StepShape step{.tokens = b.num_tokens(), .seqs = b.num_seqs(),
+                       .blocks_per_seq = b.max_blocks_per_seq, .logit_rows = R,
+                       .max_context_len = int64_t{b.max_blocks_per_seq} * kv.block_size};
+  RETURN_IF_ERROR(Reserve(step));
+  RETURN_IF_ERROR(workspace_.Stage(*backend_, b, step));
+  const bool host = backend_->device_memory_is_host();
+  RETURN_IF_ERROR(Run(step, /*padded=*/false, kv, host ? logits : workspace_.activations().logits));
+  return ReturnLogits(workspace_.activations().logits, R, logits);
 }
 
-absl::Status Model::Layer(int layer, const ForwardBatch& b, const KvCacheView& kv) {
-  const ModelConfig& c = config();
-  const LayerWeights& L = weights_->layers()[layer];
+absl::Status Model::ReturnLogits(const float* device_logits, int64_t rows, float* logits) {
+  if (!backend_->device_memory_is_host() && rows > 0) {
+    RETURN_IF_ERROR(backend_->CopyAsync(logits, device_logits,
+                                        static_cast<size_t>(rows * config().vocab_size) * sizeof(float)));
+  }
+  // Also where nothing comes back: a fault inside any kernel of the step
+  // surfaces here, as this step's error, naming the device.
+  return Annotate(backend_->Synchronize(), backend_->spec().ToString());
+}
+
+StepShape Model::DecodeShape(int64_t bucket) const {
+  const StepShape& r = workspace_.shape();
+  return {.tokens = bucket, .seqs = bucket, .blocks_per_seq = r.blocks_per_seq,
+          .logit_rows = bucket, .max_context_len = r.max_context_len};
+}
+
+std::pair<device::Graph*, int64_t> Model::DecodeGraphFor(const ForwardBatch& b,
+                                                         const KvCacheView& kv) {
   const int64_t T = b.num_tokens();
+  if (decode_graphs_.empty() || T == 0 || experts_ != nullptr || kv.k.empty() ||
+      kv.k[0] != graph_kv_ || b.max_blocks_per_seq > workspace_.shape().blocks_per_seq ||
+      b.num_seqs() != T || static_cast<int64_t>(b.logit_rows.size()) != T) {
+    return {nullptr, 0};
+  }
+  for (int64_t t = 0; t < T; ++t) {  // one token per sequence, every row sampled in order
+    if (b.query_start[t + 1] != t + 1 || b.logit_rows[t] != t) return {nullptr, 0};
+  }
+  auto it = decode_graphs_.lower_bound(T);
+  if (it == decode_graphs_.end()) return {nullptr, 0};
+  return {it->second.get(), it->first};
+}
+
+absl::StatusOr<std::vector<int>> Model::CaptureDecodeGraphs(const KvCacheView& kv, int max_seqs) {
+  std::vector<int> captured;
+  if (!cuda_graphs_ || !backend_->SupportsGraphs() || max_seqs < 1 || experts_ != nullptr) {
+    return captured;
+  }
+  // Buckets 1, 2, 4, 8, then every 8 up to 64 and every 32 beyond (a step
+  // runs at the smallest bucket that holds it, padding the rest), and the
+  // largest batch itself.
+  std::vector<int> buckets;
+  for (int b = 1; b < max_seqs; b = b < 8 ? 2 * b : b < 64 ? b + 8 : b + 32) buckets.push_back(b);
+  buckets.push_back(max_seqs);
+  // Block tables as wide as the reservation says (the engine's longest
+  // sequence), else the model's context.
+  int64_t width = workspace_.shape().blocks_per_seq;
+  if (width == 0) width = (config().max_position_embeddings + kv.block_size - 1) / kv.block_size;
+  RETURN_IF_ERROR(Reserve({.tokens = max_seqs, .seqs = max_seqs, .blocks_per_seq = width,
+                           .logit_rows = max_seqs, .max_context_len = width * kv.block_size}));
+  decode_graphs_.clear();
+  const ForwardBatch padding_only{.query_start = {0}};
+  float* logits = workspace_.activations().logits;
+  for (int bucket : buckets) {
+    const StepShape shape = DecodeShape(bucket);
+    // The same launches eagerly first, over padding only (no KV slot, no
+    // context, no routed token): cuBLASLt picks its algorithms and every
+    // kernel loads, which capture cannot do, and a failing launch shows its
+    // own error.
+    RETURN_IF_ERROR(workspace_.Stage(*backend_, padding_only, shape));
+    RETURN_IF_ERROR(Annotate(Run(shape, /*padded=*/true, kv, logits),
+                             absl::StrCat("warming up the decode step of batch ", bucket)));
+    RETURN_IF_ERROR(backend_->Synchronize());
+    RETURN_IF_ERROR(backend_->BeginCapture());
+    const absl::Status run = Run(shape, /*padded=*/true, kv, logits);
+    absl::StatusOr<std::unique_ptr<device::Graph>> graph = backend_->EndCapture();
+    RETURN_IF_ERROR(Annotate(run, absl::StrCat("capturing the decode graph of batch ", bucket)));
+    RETURN_IF_ERROR(graph.status());
+    decode_graphs_[bucket] = *std::move(graph);
+    captured.push_back(bucket);
+  }
+  graph_kv_ = kv.k.empty() ? nullptr : kv.k[0];
+  return captured;
+}
+
+absl::Status Model::Run(const StepShape& step, bool padded, const KvCacheView& kv, float* logits) {
+  const ModelConfig& c = config();
+  const StepMetadata& m = workspace_.metadata();
+  const StepActivations& a = workspace_.activations();
+  const int64_t T = step.tokens;
+  const int64_t H = c.hidden_size;
+  const DeviceWeights& w = *device_weights_;
+  RETURN_IF_ERROR(backend_->Embedding({.tokens = m.tokens, .count = T, .table = w.embed_tokens().w,
+                                       .table_type = w.embed_tokens().type, .hidden = H,
+                                       .out = a.x}));
+  for (int layer = 0; layer < c.num_layers; ++layer) {
+    RETURN_IF_ERROR(Annotate(Layer(layer, step, padded, kv), absl::StrCat("layer ", layer)));
+  }
+  // Final norm and lm_head only for the rows whose logits are wanted.
+  const int64_t R = step.logit_rows;
+  if (R == 0) return absl::OkStatus();
+  RETURN_IF_ERROR(backend_->GatherRows({.in = a.x, .in_type = kernels::RowType::kF32,
+                                        .in_stride_bytes = H * 4, .index = m.logit_rows,
+                                        .out = a.final, .out_type = kernels::RowType::kF32,
+                                        .out_stride_bytes = H * 4, .rows = R, .hidden = H}));
+  RETURN_IF_ERROR(backend_->RmsNorm({.x = a.final, .weight = w.final_norm(), .out = a.final,
+                                     .rows = R, .cols = H, .eps = c.rms_norm_eps}));
+  const LinearView& head = w.lm_head();
+  return backend_->Gemm({.x = a.final, .m = R, .k = H, .w = head.w, .w_type = head.type,
+                         .n = c.vocab_size, .y = logits, .workspace = a.gemm_workspace});
+}
+
+absl::Status Model::Layer(int layer, const StepShape& step, bool padded, const KvCacheView& kv) {
+  const ModelConfig& c = config();
+  const LayerView& L = device_weights_->layers()[layer];
+  const StepMetadata& m = workspace_.metadata();
+  const StepActivations& a = workspace_.activations();
+  device::Backend& dev = *backend_;
+  const int64_t T = step.tokens;
   const int64_t H = c.hidden_size;
   const int D = c.head_dim;
   const int Hq = c.num_attention_heads;
   const int Hk = c.num_key_value_heads;
-  auto s = stream();
 
   // --- attention ---
-  h_.resize(T * H);
-  kc::LaunchRmsNorm({.x = x_.data(), .weight = L.input_norm.data(), .out = h_.data(), .rows = T,
-                     .cols = H, .eps = c.rms_norm_eps},
-                    s);
-  q_.resize(T * Hq * D);
-  k_.resize(T * Hk * D);
-  v_.resize(T * Hk * D);
-  auto project = [&](const Linear& l, float* out) {
-    kc::LaunchGemm({.x = h_.data(), .m = T, .k = H, .w = l.w, .w_type = l.type,
-                    .n = l.out_features, .bias = l.bias.empty() ? nullptr : l.bias.data(),
-                    .y = out},
-                   s);
+  RETURN_IF_ERROR(dev.RmsNorm({.x = a.x, .weight = L.input_norm, .out = a.h, .rows = T, .cols = H,
+                               .eps = c.rms_norm_eps}));
+  auto project = [&](const LinearView& l, float* out) {
+    return dev.Gemm({.x = a.h, .m = T, .k = H, .w = l.w, .w_type = l.type, .n = l.out_features,
+                     .bias = l.bias, .y = out, .workspace = a.gemm_workspace});
   };
-  project(L.q_proj, q_.data());
-  project(L.k_proj, k_.data());
-  project(L.v_proj, v_.data());
+  RETURN_IF_ERROR(project(L.q_proj, a.q));
+  RETURN_IF_ERROR(project(L.k_proj, a.k));
+  RETURN_IF_ERROR(project(L.v_proj, a.v));
   if (c.qk_norm) {
-    kc::LaunchRmsNorm({.x = q_.data(), .weight = L.q_norm.data(), .out = q_.data(),
-                       .rows = T * Hq, .cols = D, .eps = c.rms_norm_eps},
-                      s);
-    kc::LaunchRmsNorm({.x = k_.data(), .weight = L.k_norm.data(), .out = k_.data(),
-                       .rows = T * Hk, .cols = D, .eps = c.rms_norm_eps},
-                      s);
+    RETURN_IF_ERROR(dev.RmsNorm({.x = a.q, .weight = L.q_norm, .out = a.q, .rows = T * Hq,
+                                 .cols = D, .eps = c.rms_norm_eps}));
+    RETURN_IF_ERROR(dev.RmsNorm({.x = a.k, .weight = L.k_norm, .out = a.k, .rows = T * Hk,
+                                 .cols = D, .eps = c.rms_norm_eps}));
   }
-  kc::LaunchRope({.q = q_.data(), .k = k_.data(), .positions = b.positions.data(), .tokens = T,
-                  .num_q_heads = Hq, .num_kv_heads = Hk, .head_dim = D, .cos = rope_cos_.data(),
-                  .sin = rope_sin_.data()},
-                 s);
-  kc::LaunchKvCacheWrite({.k = k_.data(), .v = v_.data(), .slots = b.slots.data(), .tokens = T,
-                          .num_kv_heads = Hk, .head_dim = D, .k_cache = kv.k[layer],
-                          .v_cache = kv.v[layer]},
-                         s);
-  attn_.resize(T * Hq * D);
-  kc::LaunchPagedAttention(
-      {.q = q_.data(), .out = attn_.data(), .num_q_heads = Hq, .num_kv_heads = Hk, .head_dim = D,
+  RETURN_IF_ERROR(dev.Rope({.q = a.q, .k = a.k, .positions = m.positions, .tokens = T,
+                            .num_q_heads = Hq, .num_kv_heads = Hk, .head_dim = D,
+                            .cos = rope_cos_, .sin = rope_sin_}));
+  RETURN_IF_ERROR(dev.KvCacheWrite({.k = a.k, .v = a.v, .slots = m.slots, .tokens = T,
+                                    .num_kv_heads = Hk, .head_dim = D, .k_cache = kv.k[layer],
+                                    .v_cache = kv.v[layer], .cache_type = kv.type}));
+  RETURN_IF_ERROR(dev.PagedAttention(
+      {.q = a.q, .out = a.attn, .num_q_heads = Hq, .num_kv_heads = Hk, .head_dim = D,
        .scale = 1.0f / std::sqrt(static_cast<float>(D)), .k_cache = kv.k[layer],
-       .v_cache = kv.v[layer], .block_size = kv.block_size, .num_seqs = b.num_seqs(),
-       .query_start = b.query_start.data(), .context_lens = b.context_lens.data(),
-       .block_tables = b.block_tables.data(), .max_blocks_per_seq = b.max_blocks_per_seq,
-       .sliding_window = c.sliding_window},
-      s);
+       .v_cache = kv.v[layer], .cache_type = kv.type, .block_size = kv.block_size,
+       .num_seqs = static_cast<int>(step.seqs), .query_start = m.query_start,
+       .context_lens = m.context_lens, .block_tables = m.block_tables,
+       .max_blocks_per_seq = static_cast<int>(step.blocks_per_seq),
+       .sliding_window = c.sliding_window, .num_tokens = T,
+       .max_context_len = step.max_context_len, .workspace = a.attention_workspace}));
   // Residual add fused into the output projection.
-  kc::LaunchGemm({.x = attn_.data(), .m = T, .k = Hq * D, .w = L.o_proj.w, .w_type = L.o_proj.type,
-                  .n = H, .y = x_.data(), .accumulate = true},
-                 s);
+  RETURN_IF_ERROR(dev.Gemm({.x = a.attn, .m = T, .k = int64_t{Hq} * D, .w = L.o_proj.w,
+                            .w_type = L.o_proj.type, .n = H, .y = a.x, .accumulate = true,
+                            .workspace = a.gemm_workspace}));
 
   // --- MLP / MoE ---
-  kc::LaunchRmsNorm({.x = x_.data(), .weight = L.post_attention_norm.data(), .out = h_.data(),
-                     .rows = T, .cols = H, .eps = c.rms_norm_eps},
-                    s);
-  mlp_out_.resize(T * H);
+  RETURN_IF_ERROR(dev.RmsNorm({.x = a.x, .weight = L.post_attention_norm, .out = a.h, .rows = T,
+                               .cols = H, .eps = c.rms_norm_eps}));
   if (!L.is_moe) {
-    RunMlp(L.dense, h_.data(), T, mlp_out_.data(), &scratch_, s);
-    for (int64_t i = 0; i < T * H; ++i) x_[i] += mlp_out_[i];
-    return absl::OkStatus();
+    RETURN_IF_ERROR(RunMlp(dev, L.dense, a.h, T, a.mlp_out, a.mlp_scratch, a.gemm_workspace));
+  } else {
+    RETURN_IF_ERROR(Moe(L, layer, step, padded));
   }
+  return dev.Add({.y = a.x, .x = a.mlp_out, .n = T * H});
+}
 
-  const int E = c.num_experts;
-  const int K = c.num_experts_per_tok;
-  router_logits_.resize(T * E);
-  topk_ids_.resize(T * K);
-  topk_w_.resize(T * K);
+// mlp_out = the routed experts' weighted sum (+ the gated shared expert).
+absl::Status Model::Moe(const LayerView& L, int layer, const StepShape& step, bool padded) {
+  const ModelConfig& c = config();
+  const StepActivations& a = workspace_.activations();
+  device::Backend& dev = *backend_;
+  const int64_t T = step.tokens;
+  const int64_t H = c.hidden_size;
   if (T > 0) {
-    kc::LaunchGemm({.x = h_.data(), .m = T, .k = H, .w = L.router.w, .w_type = L.router.type,
-                    .n = E, .y = router_logits_.data()},
-                   s);
-    kc::LaunchRouterTopK({.logits = router_logits_.data(), .tokens = T, .num_experts = E,
-                          .top_k = K, .renormalize = c.norm_topk_prob,
-                          .expert_ids = topk_ids_.data(), .weights = topk_w_.data()},
-                         s);
+    RETURN_IF_ERROR(dev.Gemm({.x = a.h, .m = T, .k = H, .w = L.router.w, .w_type = L.router.type,
+                              .n = c.num_experts, .y = a.router_logits,
+                              .workspace = a.gemm_workspace}));
+    RETURN_IF_ERROR(dev.RouterTopK(
+        {.logits = a.router_logits, .tokens = T, .num_experts = c.num_experts,
+         .top_k = c.num_experts_per_tok, .renormalize = c.norm_topk_prob,
+         .expert_ids = a.topk_ids, .weights = a.topk_weights,
+         .valid_tokens = padded ? workspace_.metadata().valid_tokens : nullptr}));
   }
-  std::fill(mlp_out_.begin(), mlp_out_.end(), 0.0f);
-  RETURN_IF_ERROR(Annotate(experts_->Run(layer, h_.data(), T, topk_ids_.data(), topk_w_.data(),
-                                         mlp_out_.data()),
-                           absl::StrCat("layer ", layer, " experts")));
-  if (L.shared_expert.loaded) {
-    // Qwen2-MoE: out += sigmoid(x . w_gate) * shared_expert(x).
-    std::vector<float>& shared = final_;  // free until the end of Forward
-    shared.resize(T * H);
-    RunMlp(L.shared_expert, h_.data(), T, shared.data(), &scratch_, s);
-    gate_logit_.resize(T);
-    kc::LaunchGemm({.x = h_.data(), .m = T, .k = H, .w = L.shared_expert_gate.w,
-                    .w_type = L.shared_expert_gate.type, .n = 1, .y = gate_logit_.data()},
-                   s);
-    for (int64_t t = 0; t < T; ++t) {
-      const float g = 1.0f / (1.0f + std::exp(-gate_logit_[t]));
-      for (int64_t i = 0; i < H; ++i) mlp_out_[t * H + i] += g * shared[t * H + i];
-    }
-  }
-  for (int64_t i = 0; i < T * H; ++i) x_[i] += mlp_out_[i];
-  return absl::OkStatus();
+  // The executor adds into mlp_out, which starts at zero.
+  RETURN_IF_ERROR(dev.Zero(a.mlp_out, static_cast<size_t>(T * H) * sizeof(float)));
+  ExpertExecutor* experts = experts_ != nullptr ? experts_ : local_experts_.get();
+  RETURN_IF_ERROR(Annotate(experts->Run(layer, a.h, T, a.topk_ids, a.topk_weights, a.mlp_out),
+                           "experts"));
+  if (!L.has_shared_expert) return absl::OkStatus();
+  // Qwen2-MoE: out += sigmoid(x . w_gate) * shared_expert(x).
+  RETURN_IF_ERROR(RunMlp(dev, L.shared_expert, a.h, T, a.shared, a.mlp_scratch, a.gemm_workspace));
+  RETURN_IF_ERROR(dev.Gemm({.x = a.h, .m = T, .k = H, .w = L.shared_expert_gate.w,
+                            .w_type = L.shared_expert_gate.type, .n = 1, .y = a.gate_logit,
+                            .workspace = a.gemm_workspace}));
+  return dev.GatedAdd({.y = a.mlp_out, .x = a.shared, .gate_logit = a.gate_logit, .rows = T,
+                       .cols = H});
 }
 
 }  // namespace joule

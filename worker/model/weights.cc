@@ -88,22 +88,26 @@ absl::StatusOr<MlpWeights> LoadMlp(const Checkpoint& ckpt, const std::string& pr
   return m;
 }
 
-size_t MlpBytes(const MlpWeights& m) { return m.gate.bytes() + m.up.bytes() + m.down.bytes(); }
+using AsType = std::optional<kernels::DType>;
+
+size_t MlpBytes(const MlpWeights& m, AsType as = std::nullopt) {
+  return m.gate.bytes(as) + m.up.bytes(as) + m.down.bytes(as);
+}
 
 // Bytes of a layer's weights that every token reads: attention, and the dense
 // MLP or the router and shared expert. Routed experts are counted by the caller.
-size_t LayerBytesExceptRoutedExperts(const LayerWeights& L) {
-  size_t total = L.q_proj.bytes() + L.k_proj.bytes() + L.v_proj.bytes() + L.o_proj.bytes();
-  if (!L.is_moe) return total + MlpBytes(L.dense);
-  total += L.router.bytes();
-  if (L.shared_expert.loaded) total += MlpBytes(L.shared_expert) + L.shared_expert_gate.bytes();
+size_t LayerBytesExceptRoutedExperts(const LayerWeights& L, AsType as = std::nullopt) {
+  size_t total = L.q_proj.bytes(as) + L.k_proj.bytes(as) + L.v_proj.bytes(as) + L.o_proj.bytes(as);
+  if (!L.is_moe) return total + MlpBytes(L.dense, as);
+  total += L.router.bytes(as);
+  if (L.shared_expert.loaded) total += MlpBytes(L.shared_expert, as) + L.shared_expert_gate.bytes(as);
   return total;
 }
 
 }  // namespace
 
-size_t Linear::bytes() const {
-  size_t elem = type == WeightType::kBF16 ? 2 : 4;
+size_t Linear::bytes(std::optional<kernels::DType> as) const {
+  const size_t elem = kernels::ElementBytes(as.value_or(type));
   return static_cast<size_t>(out_features * in_features) * elem + bias.size() * sizeof(float);
 }
 
@@ -180,14 +184,14 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(const std::stri
   return mw;
 }
 
-size_t ModelWeights::ActiveBytesPerToken() const {
-  size_t total = lm_head_.bytes();
+size_t ModelWeights::ActiveBytesPerToken(std::optional<kernels::DType> as) const {
+  size_t total = lm_head_.bytes(as);
   for (const LayerWeights& L : layers_) {
-    total += LayerBytesExceptRoutedExperts(L);
+    total += LayerBytesExceptRoutedExperts(L, as);
     // Every expert of a layer has the same shape and dtype; any loaded one stands for all.
     for (const MlpWeights& e : L.experts) {
       if (!e.loaded) continue;
-      total += MlpBytes(e) * static_cast<size_t>(config_.num_experts_per_tok);
+      total += MlpBytes(e, as) * static_cast<size_t>(config_.num_experts_per_tok);
       break;
     }
   }

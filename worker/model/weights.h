@@ -8,6 +8,7 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -26,7 +27,9 @@ struct Linear {
   int64_t in_features = 0;
   std::vector<float> bias;      // empty when the layer has none
   std::vector<float> owned_f32; // backing store when widened from F16
-  size_t bytes() const;
+  // Bytes of the matrix (and bias); with `as`, of the matrix stored in that
+  // type instead (a GPU keeps every matrix in BF16).
+  size_t bytes(std::optional<kernels::DType> as = std::nullopt) const;
 };
 
 // SwiGLU MLP: down(silu(gate(x)) * up(x)).
@@ -68,7 +71,8 @@ class ModelWeights {
   // Bytes of weights one token touches in a decode step (attention, router,
   // dense/shared MLPs, top_k experts per MoE layer, lm_head) — the numerator
   // of the memory-bandwidth roofline.
-  size_t ActiveBytesPerToken() const;
+  // With `as`: the matrices counted as stored in that type (the device's).
+  size_t ActiveBytesPerToken(std::optional<kernels::DType> as = std::nullopt) const;
   // Bytes of every loaded weight.
   size_t LoadedBytes() const;
 

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "worker/device/device_spec.h"
 
 namespace joule::worker {
 
@@ -24,6 +25,16 @@ absl::Status WorkerConfig::Validate() const {
   if (workers_per_host < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("--workers-per-host: must be at least 1, got ", workers_per_host));
+  }
+  if (absl::StatusOr<device::DeviceSpec> spec = device::ParseDeviceSpec(device); !spec.ok()) {
+    return spec.status();
+  }
+  if (!(gpu_memory_utilization > 0 && gpu_memory_utilization <= 1)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--gpu-memory-utilization: must be in (0, 1], got ", gpu_memory_utilization));
+  }
+  if (max_model_len < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--max-model-len: must be >= 0, got ", max_model_len));
   }
   if (kv_cache_mb <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("--kv-cache-mb: must be positive, got ", kv_cache_mb));

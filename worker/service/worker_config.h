@@ -30,7 +30,13 @@ namespace joule::worker {
     "cgroup CPU quota; see --workers-per-host)")                                                  \
   X(int, workers_per_host, 1,                                                                     \
     "worker processes sharing this host's cores: --threads 0 gives each usable cores / this, at least 1") \
-  X(int64_t, kv_cache_mb, 256, "KV cache size in MiB")                                            \
+  X(int64_t, kv_cache_mb, 256, "KV cache size in MiB (CPU; a GPU sizes it with --gpu-memory-utilization)") \
+  X(double, gpu_memory_utilization, 0.9,                                                          \
+    "GPU: the fraction of the device's memory this worker may use; the KV cache gets what weights " \
+    "and workspaces leave of it")                                                                  \
+  X(int64_t, max_model_len, 0,                                                                    \
+    "longest prompt + max_tokens a request may have; 0: the model's max_position_embeddings")     \
+  X(bool, cuda_graphs, true, "GPU: replay decode steps from CUDA graphs captured at start-up")    \
   X(int, block_size, 16, "tokens per KV block")                                                   \
   X(int, max_batch_tokens, 512, "tokens per engine step (decode + prefill chunks)")               \
   X(int, max_running, 64, "sequences in the running batch")                                       \
@@ -47,7 +53,8 @@ namespace joule::worker {
     "waiting for a peer: spin this long before sleeping in naps (CPU time against latency)")     \
   X(int, control_interval, 4, "lockstep rounds between control exchanges (placement, stop)")      \
   X(int64_t, shutdown_grace_ms, 2000, "time given to streams to end at shutdown")                 \
-  X(std::string, device, "cpu", "device reported at registration")                                \
+  X(std::string, device, "cpu",                                                                  \
+    "where the forward pass runs: cpu, cuda (= cuda:0) or cuda:N; reported at registration")      \
   JOULE_ENERGY_METER_FLAGS(X)
 
 struct WorkerConfig {

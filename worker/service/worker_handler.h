@@ -58,6 +58,9 @@ struct WorkerStatus {
   // Mean power over the last second or so of metered rounds (energy delta /
   // wall time, not an instant reading); 0 before the first window closes.
   double power_watts = 0;
+  // The meter's own power reading (EnergyMeter::ReadPowerWatts: NVML's instant
+  // field) when the last power window closed; < 0 where the meter has none.
+  double power_instant_watts = -1;
   int step_token_cap = 0;  // the cap the ranks agreed on (0: none)
   // Expert-parallel exchange since start (ExpertParallelExecutor::Stats):
   // payload bytes sent to other ranks and seconds spent in dispatch / combine.

@@ -104,6 +104,9 @@ std::vector<prometheus::MetricFamily> WorkerMetricFamilies(const WorkerStatus& s
   out.push_back(Family(#name, prometheus::MetricType::type, help, static_cast<double>(value), rank, \
                        s.energy_source));
   JOULE_WORKER_ENERGY_METRICS(JOULE_ENERGY_FAMILY)
+  if (s.power_instant_watts >= 0) {
+    JOULE_WORKER_METER_POWER_METRICS(JOULE_ENERGY_FAMILY)
+  }
 #undef JOULE_ENERGY_FAMILY
   return out;
 }

@@ -70,6 +70,13 @@ namespace joule::worker {
   X(joule_power_watts, Gauge, "Mean power over the last second of steps (energy delta / time).", \
     s.power_watts)
 
+// The meter's own power reading (NVML's instant field), labelled rank and
+// source; only when the meter has one (s.power_instant_watts >= 0).
+#define JOULE_WORKER_METER_POWER_METRICS(X)                                                     \
+  X(joule_power_instant_watts, Gauge,                                                           \
+    "Power the meter reported when the last power window closed (NVML's instant field).",       \
+    s.power_instant_watts)
+
 // The metric families for one status snapshot, labelled rank="R" (-1 before
 // the worker has a rank), plus joule_expert_tokens_total{rank,layer,expert}:
 // tokens this rank routed to each expert (per-expert load; MoE layers only).

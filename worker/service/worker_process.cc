@@ -16,6 +16,7 @@
 #include "common/model_fingerprint.h"
 #include "common/status.h"
 #include "kernels/cpu/thread_pool.h"
+#include "worker/device/device_spec.h"
 #include "worker/engine/engine.h"
 #include "worker/ep/ep_executor.h"
 #include "worker/ep/ucx_transport.h"
@@ -244,6 +245,14 @@ absl::Status WorkerProcess::Register() {
 
 absl::Status WorkerProcess::LoadModel() {
   Model::Options options;
+  ASSIGN_OR_RETURN(options.device, device::ParseDeviceSpec(config_.device));
+  if (options.device.is_cuda() && world_size_ > 1) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "--device ", config_.device, ": this cluster has ", world_size_,
+        " ranks, and expert parallelism between GPU workers is not available yet (GPU workers, "
+        "part 2); a GPU worker serves a one-rank cluster (joule-coordinator --workers 1)"));
+  }
+  options.cuda_graphs = config_.cuda_graphs;
   const int usable = kernels::cpu::UsableCores();
   options.num_threads = config_.ComputeThreads(usable);
   JOULE_LOG(Info) << "compute threads: " << options.num_threads << " (usable cores " << usable
@@ -257,7 +266,8 @@ absl::Status WorkerProcess::LoadModel() {
   ASSIGN_OR_RETURN(model_, Model::Load(config_.model, options));
   JOULE_LOG(Info) << "rank " << rank_ << ": loaded "
                   << absl::StrFormat("%.2f", model_->weights().LoadedBytes() / double(1 << 20))
-                  << " MiB of weights (attention/dense + own experts)";
+                  << " MiB of weights (attention/dense + own experts) on "
+                  << model_->backend().Describe();
   return absl::OkStatus();
 }
 
@@ -327,11 +337,18 @@ absl::Status WorkerProcess::ConnectPeers() {
 absl::Status WorkerProcess::StartServing() {
   ep::ExpertParallelOptions ep_options;
   ep_options.payload = config_.payload == "f32" ? ep::PayloadType::kF32 : ep::PayloadType::kBF16;
-  auto executor = std::make_unique<ep::ExpertParallelExecutor>(
-      &model_->weights(), transport_.get(), placement_, model_->stream(), ep_options);
+  // A GPU worker (a one-rank cluster, see LoadModel) runs its experts on its
+  // device through the model's local executor.
+  std::unique_ptr<ep::ExpertParallelExecutor> executor;
+  if (!model_->backend().spec().is_cuda()) {
+    executor = std::make_unique<ep::ExpertParallelExecutor>(
+        &model_->weights(), transport_.get(), placement_, model_->stream(), ep_options);
+  }
   EngineOptions engine_options;
   engine_options.block_size = config_.block_size;
   engine_options.kv_cache_bytes = config_.kv_cache_mb << 20;
+  engine_options.gpu_memory_utilization = config_.gpu_memory_utilization;
+  engine_options.max_model_len = config_.max_model_len;
   engine_options.max_batch_tokens = config_.max_batch_tokens;
   engine_options.max_running = config_.max_running;
   ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, Engine::Create(model_.get(), engine_options));
@@ -340,8 +357,10 @@ absl::Status WorkerProcess::StartServing() {
   runtime_options.idle_wait_max = absl::Microseconds(config_.idle_wait_max_us);
   runtime_options.control_interval = config_.control_interval;
   runtime_options.expert_parallel = ep_options;
-  ASSIGN_OR_RETURN(energy_meter_,
-                   telemetry::MakeEnergyMeter(telemetry::EnergyMeterOptionsFrom(config_)));
+  // On a GPU, NVML meters the GPU this worker computes on (its PCI bus id).
+  ASSIGN_OR_RETURN(energy_meter_, telemetry::MakeEnergyMeter(telemetry::ForComputeDevice(
+                                      telemetry::EnergyMeterOptionsFrom(config_),
+                                      model_->backend().pci_bus_id())));
   runtime_options.energy_meter = energy_meter_.get();
   runtime_ = std::make_unique<WorkerRuntime>(model_.get(), transport_.get(), std::move(engine),
                                              std::move(executor), placement_epoch_, runtime_options);

@@ -143,8 +143,10 @@ void WorkerRuntime::Loop() {
     absl::StatusOr<ep::LockstepStepper::Result> r = stepper_.Step();
     const absl::Duration took = absl::Now() - step_start;
     if (!r.ok()) {
-      const absl::Status failure = absl::UnavailableError(
-          absl::StrCat("expert-parallel step failed: ", r.status().message()));
+      // Names this rank: on a GPU worker the cause may be its own device
+      // (a CUDA error), not a peer.
+      const absl::Status failure = absl::UnavailableError(absl::StrCat(
+          "expert-parallel step failed on rank ", transport_->rank(), ": ", r.status().message()));
       JOULE_LOG(Error) << "rank " << transport_->rank() << ": " << failure.message()
                        << "; failing " << live_.size() << " in-flight request(s)";
       FailAll(failure);
@@ -256,23 +258,23 @@ bool WorkerRuntime::ApplyPlacement(uint64_t epoch) {
   candidate_.reset();
   AccumulateExpertLoad();  // counts of the executor being replaced
   absl::Status s;
-  const bool reloaded = p.weights != nullptr;
+  const bool reloaded = p.weights != nullptr && executor_ != nullptr;
   if (reloaded) {
     // Experts this rank did not hold: a new executor over the reloaded weights.
     auto executor = std::make_unique<ep::ExpertParallelExecutor>(
         p.weights.get(), transport_, p.placement, model_->stream(), options_.expert_parallel);
     model_->set_expert_executor(executor.get());
     // Its stats start at zero; the metrics are counters since the worker started.
-    const ep::ExpertParallelExecutor::Stats old = executor_->stats();
+    const ep::ExpertParallelExecutor::Stats old = executor_->stats();  // non-null: reloaded
     retired_ep_stats_.dispatch_bytes += old.dispatch_bytes;
     retired_ep_stats_.combine_bytes += old.combine_bytes;
     retired_ep_stats_.dispatch_seconds += old.dispatch_seconds;
     retired_ep_stats_.combine_seconds += old.combine_seconds;
     executor_ = std::move(executor);
     expert_weights_ = std::move(p.weights);
-  } else {
+  } else if (executor_ != nullptr) {
     s = executor_->SetPlacement(p.placement);
-  }
+  }  // without an executor this one rank holds every expert: nothing moves
   if (!s.ok()) {
     // Every other rank applied it; carrying on would route tokens wrongly.
     const absl::Status failure = absl::InternalError(
@@ -364,6 +366,11 @@ void WorkerRuntime::AttributeEnergy(const ep::LockstepStepper::Result& round,
   if (s.ok()) RecordStep(round.step, took, step_joules);
   const telemetry::EnergyAttributor::Totals t = attributor_->totals();
   const absl::Time now = absl::Now();
+  // The meter's instant power, read (outside the lock) once per power window.
+  std::optional<double> instant_watts;
+  if (power_window_start_ != absl::InfinitePast() && now - power_window_start_ >= absl::Seconds(1)) {
+    if (absl::StatusOr<double> w = options_.energy_meter->ReadPowerWatts(); w.ok()) instant_watts = *w;
+  }
   absl::MutexLock lock(&mu_);
   status_.energy_attributed_joules = t.attributed_joules;
   status_.energy_idle_joules = t.idle_joules;
@@ -377,6 +384,7 @@ void WorkerRuntime::AttributeEnergy(const ep::LockstepStepper::Result& round,
   } else if (const absl::Duration window = now - power_window_start_; window >= absl::Seconds(1)) {
     status_.power_watts =
         (status_.energy_joules - power_window_joules_) / absl::ToDoubleSeconds(window);
+    if (instant_watts) status_.power_instant_watts = *instant_watts;
     power_window_start_ = now;
     power_window_joules_ = status_.energy_joules;
   }
@@ -447,7 +455,17 @@ void WorkerRuntime::FailAll(const absl::Status& status) {
 }
 
 void WorkerRuntime::AccumulateExpertLoad() {
-  std::vector<std::vector<int64_t>> load = executor_->TakeExpertLoad();
+  std::vector<std::vector<int64_t>> load;
+  if (executor_ != nullptr) {
+    load = executor_->TakeExpertLoad();
+  } else {
+    absl::StatusOr<std::vector<std::vector<int64_t>>> local = model_->local_experts().TakeExpertLoad();
+    if (!local.ok()) {
+      JOULE_LOG(Warning) << "rank " << transport_->rank() << ": expert load: " << local.status();
+      return;
+    }
+    load = *std::move(local);
+  }
   absl::MutexLock lock(&mu_);
   if (expert_load_.size() < load.size()) expert_load_.resize(load.size());
   std::vector<std::vector<int64_t>>& total = status_.expert_tokens_total;
@@ -469,7 +487,8 @@ void WorkerRuntime::PublishStatus() {
   status_.kv_total_blocks = blocks.num_blocks();
   status_.kv_usage = engine_->kv_cache().Usage();
   status_.steps = rounds_;
-  const ep::ExpertParallelExecutor::Stats ep = executor_->stats();
+  const ep::ExpertParallelExecutor::Stats ep =
+      executor_ != nullptr ? executor_->stats() : ep::ExpertParallelExecutor::Stats{};
   status_.dispatch_bytes_total = retired_ep_stats_.dispatch_bytes + ep.dispatch_bytes;
   status_.combine_bytes_total = retired_ep_stats_.combine_bytes + ep.combine_bytes;
   status_.dispatch_seconds_total = retired_ep_stats_.dispatch_seconds + ep.dispatch_seconds;

@@ -67,7 +67,8 @@ class WorkerRuntime : public WorkerHandler {
  public:
   // `model` and `transport` are not owned and must outlive the runtime; the
   // runtime owns the engine and the executor, installs the executor into the
-  // model and creates the LockstepStepper.
+  // model and creates the LockstepStepper. A null executor leaves the model's
+  // local experts in place (a one-rank GPU worker: every expert on its device).
   WorkerRuntime(Model* model, ep::Transport* transport, std::unique_ptr<Engine> engine,
                 std::unique_ptr<ep::ExpertParallelExecutor> executor, uint64_t placement_epoch,
                 RuntimeOptions options = {});

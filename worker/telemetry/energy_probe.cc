@@ -1,6 +1,6 @@
 // joule-energy-probe: prints readings from the energy meter a worker would pick
 // (or the one named), to check a machine's telemetry before a benchmark:
-//   joule-energy-probe [--energy-source auto|nvml|rapl|model] [--nvml-device 0]
+//   joule-energy-probe [--energy-source auto|nvml|rapl|model] [--nvml-pci-bus-id ID | --nvml-device 0]
 //                      [--samples 10] [--interval-ms 500]
 // Each line: elapsed seconds, cumulative joules, average watts over the
 // interval (from the counter), and instant watts where the meter has them.

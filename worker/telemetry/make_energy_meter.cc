@@ -17,6 +17,7 @@ absl::Status EnergyMeterOptions::Validate() const {
     return absl::InvalidArgumentError(absl::StrCat(
         "energy_source must be one of auto, nvml, rapl, model; got '", energy_source, "'"));
   }
+  if (!nvml_pci_bus_id.empty()) RETURN_IF_ERROR(CanonicalPciBusId(nvml_pci_bus_id).status());
   if (nvml_device < 0) {
     return absl::InvalidArgumentError(absl::StrCat("nvml_device must be >= 0, got ", nvml_device));
   }
@@ -31,6 +32,11 @@ absl::Status EnergyMeterOptions::Validate() const {
   return absl::OkStatus();
 }
 
+EnergyMeterOptions ForComputeDevice(EnergyMeterOptions options, std::string_view compute_pci_bus_id) {
+  if (options.nvml_pci_bus_id.empty()) options.nvml_pci_bus_id = std::string(compute_pci_bus_id);
+  return options;
+}
+
 absl::StatusOr<std::unique_ptr<EnergyMeter>> MakeEnergyMeter(const EnergyMeterOptions& options) {
   RETURN_IF_ERROR(options.Validate());
   const bool any = options.energy_source == "auto";
@@ -40,10 +46,18 @@ absl::StatusOr<std::unique_ptr<EnergyMeter>> MakeEnergyMeter(const EnergyMeterOp
     return m;
   };
   if (any || options.energy_source == kSourceNvml) {
-    auto m = NvmlEnergyMeter::Create({.library = options.nvml_library, .device_index = options.nvml_device});
+    auto m = NvmlEnergyMeter::Create({.library = options.nvml_library,
+                                      .pci_bus_id = options.nvml_pci_bus_id,
+                                      .device_index = options.nvml_device});
     if (m.ok()) return chosen(std::move(*m));
     if (!any) return m.status();
-    JOULE_LOG(Info) << "energy meter: no nvml: " << m.status().message();
+    if (options.nvml_pci_bus_id.empty()) {
+      JOULE_LOG(Info) << "energy meter: no nvml: " << m.status().message();
+    } else {
+      // A GPU this worker computes on, whose energy the fallback will not see.
+      JOULE_LOG(Warning) << "energy meter: no nvml for the GPU at " << options.nvml_pci_bus_id
+                         << ", metering the next best source instead: " << m.status().message();
+    }
   }
   if (any || options.energy_source == kSourceRapl) {
     auto m = RaplEnergyMeter::Create({.sysfs_root = options.rapl_sysfs_root});

@@ -3,6 +3,7 @@
 //
 //   joule-generate --model DIR (--prompt TEXT | --prompt-ids 1,2,3) [--max-tokens N]
 //                  [--temperature T] [--top-p P] [--top-k K] [--seed S] [--threads N]
+//                  [--device cpu|cuda:N]
 #include <chrono>
 #include <cstdio>
 #include <string>
@@ -30,6 +31,8 @@ namespace {
   X(int, top_k, 0, "sample from the k most likely tokens; 0 disables")                          \
   X(int64_t, seed, -1, "sampling seed; -1: random")                                              \
   X(int, threads, 0, "CPU threads; 0: every usable core")                                        \
+  X(std::string, device, "cpu", "where the forward pass runs: cpu, cuda or cuda:N")             \
+  X(bool, cuda_graphs, true, "GPU: replay decode steps from CUDA graphs captured at start-up")   \
   X(bool, ignore_eos, false, "keep generating past end-of-sequence tokens")
 
 struct GenerateFlags {
@@ -77,8 +80,13 @@ absl::Status Run(const GenerateFlags& args) {
     ASSIGN_OR_RETURN(prompt, (*tok)->Encode(args.prompt));
   }
   const auto t_load = std::chrono::steady_clock::now();
-  ASSIGN_OR_RETURN(auto model, Model::Load(args.model, {.num_threads = args.threads}));
-  ASSIGN_OR_RETURN(auto engine, Engine::Create(model.get(), EngineOptions{}));
+  ASSIGN_OR_RETURN(const device::DeviceSpec device, device::ParseDeviceSpec(args.device));
+  ASSIGN_OR_RETURN(auto model, Model::Load(args.model, {.num_threads = args.threads,
+                                                        .device = device,
+                                                        .cuda_graphs = args.cuda_graphs}));
+  // One request: a small batch; on a GPU the KV cache is sized from its memory.
+  ASSIGN_OR_RETURN(auto engine, Engine::Create(model.get(), {.gpu_memory_utilization = 0.9,
+                                                             .max_running = 8}));
   const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count();
   RETURN_IF_ERROR(engine->Add({.id = 1, .prompt = prompt, .sampling = args.Sampling()}));
 

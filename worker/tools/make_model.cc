@@ -4,14 +4,24 @@
 // loads real checkpoints.
 //
 //   joule-make-model --family qwen3_moe|qwen2_moe|mixtral --preset tiny|mini
-//                    --out DIR [--shards N] [--dtype bf16|f16|f32] [--seed S]
+//                    --out DIR [--shards N] [--dtype bf16|f16|f32] [--seed S] [--layers N]
+//   joule-make-model --preset qwen3-30b-a3b-shape --out DIR [--layers 4]
+//
+// Every value is a pure function of (seed, tensor name, element index), so the
+// tensors are generated in parallel chunks with the same bytes for any --threads;
+// one shard is held in memory at a time.
+#include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -29,7 +39,12 @@ namespace {
 // X(type, field, default, help); the flag is --field with '_' written '-'.
 #define JOULE_MAKE_MODEL_FLAGS(X)                                                                 \
   X(std::string, family, "qwen3_moe", "model family: qwen3_moe, qwen2_moe or mixtral")            \
-  X(std::string, preset, "tiny", "size: tiny (tests) or mini (benchmarks, ~215 MB)")              \
+  X(std::string, preset, "tiny",                                                                  \
+    "size: tiny (tests), mini (benchmarks, ~215 MB) or qwen3-30b-a3b-shape (Qwen3-30B-A3B's layer " \
+    "shapes with 4 layers, ~6.2 GB; qwen3_moe only)")                                             \
+  X(int, layers, 0, "decoder layers; 0: the preset's")                                            \
+  X(int, threads, 0, "threads generating the weights; 0: every core (same bytes for any count)")  \
+  X(bool, config_only, false, "write config.json and the tokenizer files but no weights")        \
   X(std::string, out, "", "output directory (created if absent; required)")                       \
   X(int, shards, 1, "number of safetensors files (> 1 writes model.safetensors.index.json)")      \
   X(std::string, dtype, "bf16", "stored dtype: bf16, f16 or f32 (same numbers)")                  \
@@ -41,6 +56,9 @@ struct MakeModelFlags {
   std::vector<Option> Options() { return {JOULE_MAKE_MODEL_FLAGS(JOULE_OPTION_BIND)}; }
   absl::Status Validate() const {
     if (out.empty()) return absl::InvalidArgumentError("--out: required (output directory)");
+    if (layers < 0) return absl::InvalidArgumentError(absl::StrCat("--layers: must be >= 0, got ", layers));
+    if (threads < 0) return absl::InvalidArgumentError(absl::StrCat("--threads: must be >= 0, got ", threads));
+    if (shards < 1) return absl::InvalidArgumentError(absl::StrCat("--shards: must be >= 1, got ", shards));
     return ParseDType().status();
   }
   absl::StatusOr<DType> ParseDType() const {
@@ -51,6 +69,11 @@ struct MakeModelFlags {
   }
 };
 
+// Built-in tokenizer ids: 0..255 bytes, 256 <|endoftext|>, 257 <|im_start|>, 258 <|im_end|>.
+constexpr int64_t kVocab = 272;  // 259 used, padded to a multiple of 16 as real models do
+constexpr int64_t kEndOfText = 256;
+constexpr int64_t kImEnd = 258;
+
 struct Preset {
   int64_t hidden, layers, heads, kv_heads, head_dim, experts, top_k, moe_inter, inter, shared_inter,
       max_pos;
@@ -59,12 +82,12 @@ struct Preset {
   bool tie;
   bool norm_topk;
   int sliding_window;  // Mixtral only; 0 = null
+  // Rows of the embedding and lm_head. The built-in tokenizer uses the first 259; a larger
+  // vocabulary (a real model's shape) only makes those matrices the real size.
+  int64_t vocab = kVocab;
 };
 
-// Built-in tokenizer ids: 0..255 bytes, 256 <|endoftext|>, 257 <|im_start|>, 258 <|im_end|>.
-constexpr int64_t kVocab = 272;  // 259 used, padded to a multiple of 16 as real models do
-constexpr int64_t kEndOfText = 256;
-constexpr int64_t kImEnd = 258;
+constexpr const char* kQwen3_30B_A3B_Shape = "qwen3-30b-a3b-shape";
 
 absl::StatusOr<Preset> GetPreset(const std::string& family, const std::string& preset) {
   if (preset == "tiny") {
@@ -74,6 +97,17 @@ absl::StatusOr<Preset> GetPreset(const std::string& family, const std::string& p
     if (family == "qwen3_moe") return Preset{64, 3, 4, 2, 32, 8, 2, 32, 128, 0, 512, 1, {1}, false, true, 0};
     if (family == "qwen2_moe") return Preset{64, 4, 4, 2, 16, 8, 2, 32, 128, 96, 512, 2, {}, true, false, 0};
     if (family == "mixtral") return Preset{64, 2, 4, 1, 16, 4, 2, 48, 48, 0, 512, 1, {}, false, true, 16};
+  } else if (preset == kQwen3_30B_A3B_Shape) {
+    // Qwen/Qwen3-30B-A3B's config.json with 4 of its 48 layers (--layers changes that): the
+    // GPU benchmark's model, the real GEMM and attention shapes at a size a borrowed GPU host
+    // generates in seconds. Every layer is MoE (intermediate_size is there but unused).
+    if (family != "qwen3_moe") {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--preset ", preset, " is a qwen3_moe shape; got --family '", family, "'"));
+    }
+    Preset p{2048, 4, 32, 4, 128, 128, 8, 768, 6144, 0, 40960, 1, {}, false, true, 0};
+    p.vocab = 151936;
+    return p;
   } else if (preset == "mini") {
     // ~200 MB of BF16 weights: the engine benchmark's model.
     if (family == "qwen3_moe") return Preset{512, 8, 8, 4, 64, 32, 4, 256, 1024, 0, 4096, 1, {}, false, true, 0};
@@ -81,12 +115,13 @@ absl::StatusOr<Preset> GetPreset(const std::string& family, const std::string& p
     if (family == "mixtral") return Preset{512, 8, 8, 4, 64, 8, 2, 1024, 1024, 0, 4096, 1, {}, false, true, 0};
   }
   return absl::InvalidArgumentError(absl::StrCat("unknown --family '", family, "' or --preset '",
-                                                 preset, "' (families: qwen3_moe, qwen2_moe, mixtral; presets: tiny, mini)"));
+                                                 preset, "' (families: qwen3_moe, qwen2_moe, mixtral; presets: tiny, mini, ",
+                                                 kQwen3_30B_A3B_Shape, ")"));
 }
 
 nlohmann::json MakeConfig(const std::string& family, const Preset& p) {
   nlohmann::json c;
-  c["vocab_size"] = kVocab;
+  c["vocab_size"] = p.vocab;
   c["hidden_size"] = p.hidden;
   c["num_hidden_layers"] = p.layers;
   c["num_attention_heads"] = p.heads;
@@ -147,24 +182,36 @@ uint64_t Fnv1a(const std::string& s) {
   return h;
 }
 
-// One tensor: values are drawn per tensor from a stream keyed by (seed, name),
-// so they do not depend on tensor order or sharding, and rounded to BF16 first
-// so every --dtype holds the same numbers.
-struct GenTensor {
+// One tensor: values are drawn per tensor from a SplitMix64 stream keyed by
+// (seed, name), so they do not depend on tensor order or sharding, and rounded
+// to BF16 first so every --dtype holds the same numbers. Element i is the
+// stream's (i+1)-th output, computed from its counter, so any chunk of a
+// tensor can be filled on its own.
+struct TensorSpec {
   std::string name;
   std::vector<int64_t> shape;
-  std::vector<uint16_t> u16;
-  std::vector<float> f32;
+  float center, scale;
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    return n;
+  }
 };
 
-GenTensor Generate(const std::string& name, std::vector<int64_t> shape, float center, float scale,
-                   uint64_t seed, DType dtype) {
-  int64_t n = 1;
-  for (int64_t d : shape) n *= d;
-  uint64_t state = seed ^ Fnv1a(name);
-  GenTensor t{name, std::move(shape), {}, {}};
-  if (dtype == DType::kF32) t.f32.resize(n); else t.u16.resize(n);
-  for (int64_t i = 0; i < n; ++i) {
+// Uninitialized storage: the filling threads touch its pages first (the page
+// faults of a multi-GB checkpoint are then spread over the threads too).
+struct GenTensor {
+  const TensorSpec* spec;
+  std::unique_ptr<uint16_t[]> u16;  // BF16 / F16
+  std::unique_ptr<float[]> f32;     // F32
+};
+
+// Elements [begin, end) of `t`.
+void FillChunk(GenTensor& t, int64_t begin, int64_t end, uint64_t seed, DType dtype) {
+  constexpr uint64_t kGamma = 0x9e3779b97f4a7c15ull;  // SplitMix's increment
+  uint64_t state = (seed ^ Fnv1a(t.spec->name)) + static_cast<uint64_t>(begin) * kGamma;
+  const float center = t.spec->center, scale = t.spec->scale;
+  for (int64_t i = begin; i < end; ++i) {
     // 24 random bits -> uniform in [-1, 1).
     const float u = static_cast<float>(SplitMix(state) >> 40) * (1.0f / 8388608.0f) - 1.0f;
     const uint16_t bf = F32ToBf16(center + scale * u);
@@ -174,17 +221,50 @@ GenTensor Generate(const std::string& name, std::vector<int64_t> shape, float ce
       case DType::kF32: t.f32[i] = Bf16ToF32(bf); break;
     }
   }
-  return t;
 }
 
-std::vector<GenTensor> MakeTensors(const std::string& family, const Preset& p, uint64_t seed,
-                                   DType dtype) {
-  std::vector<GenTensor> ts;
+// Allocates and fills the tensors of `specs` with `threads` threads, in chunks of 64K elements.
+std::vector<GenTensor> Generate(const std::vector<const TensorSpec*>& specs, uint64_t seed,
+                                DType dtype, int threads) {
+  constexpr int64_t kChunk = int64_t{1} << 16;
+  struct Chunk {
+    size_t tensor;
+    int64_t begin, end;
+  };
+  std::vector<GenTensor> tensors;
+  std::vector<Chunk> chunks;
+  for (const TensorSpec* spec : specs) {
+    GenTensor t{spec, nullptr, nullptr};
+    const int64_t n = spec->numel();
+    if (dtype == DType::kF32) {
+      t.f32 = std::make_unique_for_overwrite<float[]>(n);
+    } else {
+      t.u16 = std::make_unique_for_overwrite<uint16_t[]>(n);
+    }
+    for (int64_t b = 0; b < n; b += kChunk) chunks.push_back({tensors.size(), b, std::min(n, b + kChunk)});
+    tensors.push_back(std::move(t));
+  }
+  std::atomic<size_t> next{0};
+  auto work = [&] {
+    for (size_t c; (c = next.fetch_add(1)) < chunks.size();) {
+      FillChunk(tensors[chunks[c].tensor], chunks[c].begin, chunks[c].end, seed, dtype);
+    }
+  };
+  const size_t helpers = std::min<size_t>(static_cast<size_t>(std::max(threads, 1)), chunks.size());
+  std::vector<std::thread> pool;
+  for (size_t i = 1; i < helpers; ++i) pool.emplace_back(work);
+  work();
+  for (std::thread& th : pool) th.join();
+  return tensors;
+}
+
+std::vector<TensorSpec> MakeTensorSpecs(const std::string& family, const Preset& p) {
+  std::vector<TensorSpec> ts;
   auto linear = [&](const std::string& name, int64_t out, int64_t in) {
-    ts.push_back(Generate(name + ".weight", {out, in}, 0.0f, 1.0f / std::sqrt(static_cast<float>(in)), seed, dtype));
+    ts.push_back({name + ".weight", {out, in}, 0.0f, 1.0f / std::sqrt(static_cast<float>(in))});
   };
   auto vec = [&](const std::string& name, int64_t n, float center, float scale) {
-    ts.push_back(Generate(name, {n}, center, scale, seed, dtype));
+    ts.push_back({name, {n}, center, scale});
   };
   auto mlp = [&](const std::string& pre, const char* g, const char* u, const char* d, int64_t inter) {
     linear(absl::StrCat(pre, ".", g), inter, p.hidden);
@@ -195,7 +275,7 @@ std::vector<GenTensor> MakeTensors(const std::string& family, const Preset& p, u
   const int64_t D = p.head_dim;
   // Small enough that the residual stream is not just the input token (tied
   // embeddings would otherwise make greedy decoding repeat its last token).
-  ts.push_back(Generate("model.embed_tokens.weight", {kVocab, p.hidden}, 0.0f, 0.125f, seed, dtype));
+  ts.push_back({"model.embed_tokens.weight", {p.vocab, p.hidden}, 0.0f, 0.125f});
   for (int64_t i = 0; i < p.layers; ++i) {
     const std::string l = absl::StrCat("model.layers.", i);
     vec(l + ".input_layernorm.weight", p.hidden, 1.0f, 0.1f);
@@ -226,8 +306,8 @@ std::vector<GenTensor> MakeTensors(const std::string& family, const Preset& p, u
     }
     const std::string m = mixtral ? l + ".block_sparse_moe" : l + ".mlp";
     // A sharper router than 1/sqrt(hidden) so routing is decisive, as trained routers are.
-    ts.push_back(Generate(m + ".gate.weight", {p.experts, p.hidden}, 0.0f,
-                          4.0f / std::sqrt(static_cast<float>(p.hidden)), seed, dtype));
+    ts.push_back({m + ".gate.weight", {p.experts, p.hidden}, 0.0f,
+                  4.0f / std::sqrt(static_cast<float>(p.hidden))});
     for (int64_t e = 0; e < p.experts; ++e) {
       const std::string ep = absl::StrCat(m, ".experts.", e);
       if (mixtral) mlp(ep, "w1", "w3", "w2", p.moe_inter);
@@ -239,7 +319,7 @@ std::vector<GenTensor> MakeTensors(const std::string& family, const Preset& p, u
     }
   }
   vec("model.norm.weight", p.hidden, 1.0f, 0.1f);
-  if (!p.tie) linear("lm_head", kVocab, p.hidden);
+  if (!p.tie) linear("lm_head", p.vocab, p.hidden);
   return ts;
 }
 
@@ -251,14 +331,21 @@ absl::Status WriteText(const std::filesystem::path& path, const std::string& tex
   return absl::OkStatus();
 }
 
-absl::Status Run(const std::string& family, const std::string& preset, const std::string& out_dir,
-                 int shards, DType dtype, uint64_t seed) {
+absl::Status Run(const MakeModelFlags& flags) {
+  const std::string& family = flags.family;
+  const std::string& preset = flags.preset;
+  const int shards = flags.shards;
+  const uint64_t seed = flags.seed;
+  ASSIGN_OR_RETURN(const DType dtype, flags.ParseDType());
   ASSIGN_OR_RETURN(Preset p, GetPreset(family, preset));
-  if (shards < 1) return absl::InvalidArgumentError("--shards must be >= 1");
+  if (flags.layers > 0) {
+    p.layers = flags.layers;
+    std::erase_if(p.mlp_only_layers, [&](int l) { return l >= p.layers; });
+  }
   std::error_code ec;
-  std::filesystem::create_directories(out_dir, ec);
-  if (ec) return absl::InternalError(absl::StrCat("cannot create ", out_dir, ": ", ec.message()));
-  const std::filesystem::path dir(out_dir);
+  std::filesystem::create_directories(flags.out, ec);
+  if (ec) return absl::InternalError(absl::StrCat("cannot create ", flags.out, ": ", ec.message()));
+  const std::filesystem::path dir(flags.out);
 
   nlohmann::json config = MakeConfig(family, p);
   config["torch_dtype"] = dtype == DType::kBF16 ? "bfloat16" : dtype == DType::kF16 ? "float16" : "float32";
@@ -276,27 +363,46 @@ absl::Status Run(const std::string& family, const std::string& preset, const std
        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
        "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"}};
   RETURN_IF_ERROR(WriteText(dir / "tokenizer_config.json", tok_cfg.dump(2) + "\n"));
+  const std::vector<TensorSpec> specs = MakeTensorSpecs(family, p);
+  if (flags.config_only) {
+    std::printf("wrote the %s %s config (%lld layers) to %s, no weights\n", family.c_str(), preset.c_str(),
+                static_cast<long long>(p.layers), flags.out.c_str());
+    return absl::OkStatus();
+  }
 
-  std::vector<GenTensor> tensors = MakeTensors(family, p, seed, dtype);
+  const int threads = flags.threads > 0 ? flags.threads
+                                        : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   std::map<std::string, std::string> meta = {{"format", "pt"}, {"joule_family", family},
                                              {"joule_preset", preset},
                                              {"joule_seed", std::to_string(seed)}};
-  // Contiguous runs of tensors per shard, as Hugging Face's sharding does.
+  if (flags.layers > 0) meta["joule_layers"] = std::to_string(p.layers);
+  // Contiguous runs of tensors per shard, as Hugging Face's sharding does; one shard
+  // is generated, written and freed at a time.
+  using Clock = std::chrono::steady_clock;
+  double generate_s = 0, write_s = 0;
   nlohmann::json weight_map = nlohmann::json::object();
   size_t total_bytes = 0;
-  const size_t per_shard = (tensors.size() + shards - 1) / shards;
+  const size_t per_shard = (specs.size() + shards - 1) / shards;
   for (int s = 0; s < shards; ++s) {
     const std::string file = shards == 1 ? "model.safetensors"
                                          : absl::StrFormat("model-%05d-of-%05d.safetensors", s + 1, shards);
+    std::vector<const TensorSpec*> shard_specs;
+    for (size_t i = s * per_shard; i < std::min(specs.size(), (s + 1) * per_shard); ++i) {
+      shard_specs.push_back(&specs[i]);
+    }
+    const Clock::time_point t0 = Clock::now();
+    const std::vector<GenTensor> tensors = Generate(shard_specs, seed, dtype, threads);
+    const Clock::time_point t1 = Clock::now();
     std::vector<TensorToWrite> w;
-    for (size_t i = s * per_shard; i < std::min(tensors.size(), (s + 1) * per_shard); ++i) {
-      const GenTensor& t = tensors[i];
-      w.push_back({t.name, dtype, t.shape,
-                   dtype == DType::kF32 ? static_cast<const void*>(t.f32.data()) : t.u16.data()});
-      weight_map[t.name] = file;
-      total_bytes += dtype == DType::kF32 ? t.f32.size() * 4 : t.u16.size() * 2;
+    for (const GenTensor& t : tensors) {
+      w.push_back({t.spec->name, dtype, t.spec->shape,
+                   dtype == DType::kF32 ? static_cast<const void*>(t.f32.get()) : t.u16.get()});
+      weight_map[t.spec->name] = file;
+      total_bytes += static_cast<size_t>(t.spec->numel()) * DTypeSize(dtype);
     }
     RETURN_IF_ERROR(WriteSafetensors((dir / file).string(), w, meta));
+    generate_s += std::chrono::duration<double>(t1 - t0).count();
+    write_s += std::chrono::duration<double>(Clock::now() - t1).count();
   }
   if (shards > 1) {
     nlohmann::json index = {{"metadata", {{"total_size", total_bytes}}}, {"weight_map", weight_map}};
@@ -304,8 +410,16 @@ absl::Status Run(const std::string& family, const std::string& preset, const std
   } else {
     std::filesystem::remove(dir / "model.safetensors.index.json", ec);
   }
-  std::printf("wrote %s %s model to %s: %zu tensors, %.1f MB in %d file(s)\n", family.c_str(),
-              preset.c_str(), out_dir.c_str(), tensors.size(), total_bytes / 1e6, shards);
+  std::printf("wrote %s %s model to %s: %zu tensors, %.1f MB in %d file(s)", family.c_str(),
+              preset.c_str(), flags.out.c_str(), specs.size(), total_bytes / 1e6, shards);
+  if (flags.layers > 0) std::printf(", %lld layers", static_cast<long long>(p.layers));
+  // Only for large checkpoints, so the small ones' output stays as scripts expect it.
+  if (total_bytes >= (size_t{1} << 30)) {
+    std::printf("; generated at %.0f MB/s (%d threads), written at %.0f MB/s",
+                total_bytes / 1e6 / std::max(generate_s, 1e-9), threads,
+                total_bytes / 1e6 / std::max(write_s, 1e-9));
+  }
+  std::printf("\n");
   return absl::OkStatus();
 }
 
@@ -315,11 +429,11 @@ absl::Status Run(const std::string& family, const std::string& preset, const std
 int main(int argc, char** argv) {
   auto flags = joule::ParseConfig<joule::MakeModelFlags>(
       "writes a deterministic random checkpoint in Hugging Face layout.\n"
-      "usage: joule-make-model --family qwen3_moe|qwen2_moe|mixtral --preset tiny|mini --out DIR",
+      "usage: joule-make-model --family qwen3_moe|qwen2_moe|mixtral --preset tiny|mini --out DIR\n"
+      "       joule-make-model --preset qwen3-30b-a3b-shape --out DIR [--layers N]",
       "JOULE_MAKE_MODEL_", argc, argv);
   if (!flags.ok()) return joule::ReportOptionsError("joule-make-model", flags.status());
-  absl::Status s = joule::Run(flags->family, flags->preset, flags->out, flags->shards, *flags->ParseDType(),
-                              flags->seed);
+  absl::Status s = joule::Run(*flags);
   if (!s.ok()) {
     std::fprintf(stderr, "joule-make-model: %s\n", std::string(s.message()).c_str());
     return 1;

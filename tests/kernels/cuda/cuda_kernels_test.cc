@@ -5,103 +5,31 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <iterator>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "kernels/cpu/elementwise.h"
+#include "kernels/cpu/moe.h"
+#include "kernels/cuda/blas.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/elementwise.h"
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/moe.h"
+#include "tests/kernels/cuda/cuda_test_util.h"
 
 namespace joule::kernels::cuda {
 namespace {
 
 using ::testing::HasSubstr;
 using ::testing::StartsWith;
-
-// ---------------------------------------------------------------------------
-// Helpers
-// ---------------------------------------------------------------------------
-
-std::vector<float> RandomFloats(size_t n, uint32_t seed, float lo = -1.f, float hi = 1.f) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> dist(lo, hi);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
-}
-
-uint16_t ToBf16(float f) {  // round to nearest even, as PyTorch does
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
-
-float FromBf16(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-// Owns a device allocation of n T's.
-template <typename T>
-class DeviceBuffer {
- public:
-  explicit DeviceBuffer(size_t n) : n_(n) {
-    EXPECT_EQ(cudaMalloc(&ptr_, std::max<size_t>(1, n) * sizeof(T)), cudaSuccess);
-  }
-  explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) {
-    EXPECT_EQ(cudaMemcpy(ptr_, host.data(), n_ * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
-  }
-  ~DeviceBuffer() { cudaFree(ptr_); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-
-  T* get() const { return ptr_; }
-  std::vector<T> Download() const {
-    std::vector<T> host(n_);
-    EXPECT_EQ(cudaMemcpy(host.data(), ptr_, n_ * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
-    return host;
-  }
-
- private:
-  T* ptr_ = nullptr;
-  size_t n_;
-};
-
-class CudaKernelTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    absl::Status device = CheckDeviceAvailable();
-    if (!device.ok()) GTEST_SKIP() << device.message();
-    ASSERT_EQ(cudaStreamCreate(&stream_), cudaSuccess);
-  }
-  void TearDown() override {
-    if (stream_ != nullptr) cudaStreamDestroy(stream_);
-  }
-  // Waits for the stream and surfaces asynchronous kernel faults.
-  void Sync() { ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess) << cudaGetErrorString(cudaGetLastError()); }
-
-  cudaStream_t stream_ = nullptr;
-};
-
-void ExpectNear(const std::vector<float>& got, const std::vector<float>& want, float rel,
-                float abs, const char* what) {
-  ASSERT_EQ(got.size(), want.size()) << what;
-  int reported = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    const float tol = abs + rel * std::fabs(want[i]);
-    if (!(std::fabs(got[i] - want[i]) <= tol) && reported++ < 10) {
-      ADD_FAILURE() << what << "[" << i << "]: got " << got[i] << ", want " << want[i];
-    }
-  }
-}
 
 // ---------------------------------------------------------------------------
 // Status wrapping (no device needed)
@@ -208,6 +136,126 @@ TEST(CudaValidation, RejectsBadParameters) {
   EXPECT_TRUE(LaunchSiluMul(SiluMulParams{}, nullptr).ok());
 }
 
+// The new launches name the bad field, before any device work; empty work is
+// a no-op. Pointers here are never dereferenced.
+TEST(CudaValidation, NewLaunchesNameTheBadField) {
+  auto expect_invalid = [](const absl::Status& s, const char* field) {
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+    EXPECT_THAT(s.message(), HasSubstr(field));
+  };
+  EmbeddingParams embedding;
+  embedding.count = -1;
+  expect_invalid(LaunchEmbedding(embedding, nullptr), "count");
+  embedding.count = 2;
+  embedding.hidden = 8;
+  expect_invalid(LaunchEmbedding(embedding, nullptr), "tokens is null");
+
+  expect_invalid(LaunchAdd(AddParams{nullptr, nullptr, -3}, nullptr), "n must be >= 0");
+  GatedAddParams gated;
+  gated.rows = 2;
+  gated.cols = 4;
+  expect_invalid(LaunchGatedAdd(gated, nullptr), "y is null");
+
+  BiasAddParams bias;
+  bias.rows = 2;
+  bias.cols = 8;
+  bias.ldy = 4;
+  expect_invalid(LaunchBiasAdd(bias, nullptr), "ldy");
+
+  ExpertLoadParams load;
+  load.num_experts = -1;
+  expect_invalid(AccumulateExpertLoad(load, nullptr), "num_experts");
+
+  std::vector<int32_t> fake(4);
+  GatherRowsParams gather;
+  gather.in = fake.data();
+  gather.out = fake.data();
+  gather.rows = 2;
+  gather.hidden = 3;
+  gather.in_stride_bytes = 12;
+  gather.out_stride_bytes = 12;
+  gather.index = fake.data();
+  gather.index_divisor = 0;
+  expect_invalid(LaunchGatherRows(gather, nullptr), "index_divisor");
+  gather.index_divisor = 1;
+  gather.in_stride_bytes = 14;  // not a whole number of F32
+  expect_invalid(LaunchGatherRows(gather, nullptr), "in_stride_bytes");
+  gather.in_stride_bytes = 12;
+  gather.out_type = RowType::kBF16;
+  gather.out_stride_bytes = 7;
+  expect_invalid(LaunchGatherRows(gather, nullptr), "out_stride_bytes");
+  gather.out_stride_bytes = 6;
+  gather.out = reinterpret_cast<char*>(fake.data()) + 1;
+  expect_invalid(LaunchGatherRows(gather, nullptr), "out (address)");
+
+  EXPECT_TRUE(LaunchEmbedding(EmbeddingParams{}, nullptr).ok());
+  EXPECT_TRUE(LaunchAdd(AddParams{}, nullptr).ok());
+  EXPECT_TRUE(LaunchGatedAdd(GatedAddParams{}, nullptr).ok());
+  EXPECT_TRUE(LaunchBiasAdd(BiasAddParams{}, nullptr).ok());
+  EXPECT_TRUE(AccumulateExpertLoad(ExpertLoadParams{}, nullptr).ok());
+  EXPECT_TRUE(LaunchGatherRows(GatherRowsParams{}, nullptr).ok());
+}
+
+TEST(CudaValidation, LtGemmNamesTheBadField) {
+  std::vector<float> host(64);
+  GemmParams p;
+  p.x = host.data();
+  p.w = host.data();
+  p.y = host.data();
+  p.workspace = host.data();
+  p.m = 2;
+  p.n = 4;
+  p.k = 8;
+  EXPECT_TRUE(ValidateLtGemmParams(p).ok());
+
+  auto expect_invalid = [](GemmParams bad, const char* field) {
+    const absl::Status s = ValidateLtGemmParams(bad);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << field;
+    EXPECT_THAT(s.message(), HasSubstr(field));
+  };
+  GemmParams bad = p;
+  bad.w_type = WeightType::kF32;
+  expect_invalid(bad, "w_type");
+  bad = p;
+  bad.ldx = 4;
+  expect_invalid(bad, "ldx");
+  bad = p;
+  bad.ldy = 3;
+  expect_invalid(bad, "ldy");
+  bad = p;
+  bad.k = -1;
+  expect_invalid(bad, "k=");
+  bad = p;
+  bad.workspace = nullptr;
+  expect_invalid(bad, "workspace");
+  bad = p;
+  bad.w = reinterpret_cast<const char*>(host.data()) + 1;
+  expect_invalid(bad, "w must be 2-byte aligned");
+
+  // Empty products need no pointers; k = 0 needs no x, w or workspace.
+  GemmParams empty;
+  empty.m = 0;
+  empty.n = 5;
+  empty.k = 3;
+  EXPECT_TRUE(ValidateLtGemmParams(empty).ok());
+  GemmParams no_k;
+  no_k.m = 2;
+  no_k.n = 4;
+  no_k.y = host.data();
+  EXPECT_TRUE(ValidateLtGemmParams(no_k).ok());
+
+  // Rows of the BF16 copy of x are padded to 8 elements.
+  EXPECT_EQ(LtGemmWorkspaceBytes(7, 33), size_t{7 * 40 * 2});
+  EXPECT_EQ(LtGemmWorkspaceBytes(3, 64), size_t{3 * 64 * 2});
+  EXPECT_EQ(LtGemmWorkspaceBytes(0, 64), size_t{0});
+}
+
+TEST(CudaValidation, LtGemmCreateWithoutDeviceIsFailedPrecondition) {
+  if (DeviceCount() > 0) GTEST_SKIP() << "a device is present";
+  absl::StatusOr<std::unique_ptr<LtGemm>> gemm = LtGemm::Create(1 << 20);
+  EXPECT_EQ(gemm.status().code(), absl::StatusCode::kFailedPrecondition) << gemm.status();
+}
+
 // ---------------------------------------------------------------------------
 // Elementwise
 // ---------------------------------------------------------------------------
@@ -292,6 +340,91 @@ TEST_F(CudaKernelTest, RopeRotateHalfMatchesReference) {
   Sync();
   ExpectNear(dq.Download(), rotate(q, hq), 1e-6f, 1e-6f, "q");
   ExpectNear(dk.Download(), rotate(k, hkv), 1e-6f, 1e-6f, "k");
+}
+
+std::vector<uint32_t> Bits(const std::vector<float>& v) {
+  std::vector<uint32_t> bits(v.size());
+  std::memcpy(bits.data(), v.data(), v.size() * sizeof(float));
+  return bits;
+}
+
+TEST_F(CudaKernelTest, EmbeddingWidensExactlyLikeTheCpu) {
+  const int64_t vocab = 50, hidden = 300;
+  const std::vector<int32_t> tokens = {0, 49, 7, 7, 23, 0, 12};  // repeats, first and last id
+  const int64_t count = static_cast<int64_t>(tokens.size());
+  std::vector<float> table = RandomFloats(vocab * hidden, 31, -2.f, 2.f);
+  std::vector<uint16_t> table16(table.size());
+  for (size_t i = 0; i < table.size(); ++i) table16[i] = ToBf16(table[i]);
+  table16[7 * hidden + 5] = 0x7f81;  // a signalling NaN is widened bit for bit
+  table16[7 * hidden + 6] = 0x8001;  // so is a negative denormal
+  DeviceBuffer<int32_t> dtokens(tokens);
+  DeviceBuffer<float> dtable(table), dout(count * hidden);
+  DeviceBuffer<uint16_t> dtable16(table16);
+  for (DType type : {DType::kBF16, DType::kF32}) {
+    SCOPED_TRACE(DTypeName(type));
+    const bool bf16 = type == DType::kBF16;
+    std::vector<float> want(count * hidden);
+    EmbeddingParams p;
+    p.tokens = tokens.data();
+    p.count = count;
+    p.table = bf16 ? static_cast<const void*>(table16.data()) : table.data();
+    p.table_type = type;
+    p.hidden = hidden;
+    p.out = want.data();
+    cpu::LaunchEmbedding(p, cpu::CpuStream{});
+    p.tokens = dtokens.get();
+    p.table = bf16 ? static_cast<const void*>(dtable16.get()) : dtable.get();
+    p.out = dout.get();
+    ASSERT_TRUE(LaunchEmbedding(p, stream_).ok());
+    Sync();
+    EXPECT_EQ(Bits(dout.Download()), Bits(want));
+  }
+}
+
+TEST_F(CudaKernelTest, AddMatchesCpuExactly) {
+  const int64_t n = 100003;  // not a multiple of the block size
+  const std::vector<float> x = RandomFloats(n, 32);
+  const std::vector<float> y = RandomFloats(n, 33);
+  std::vector<float> want = y;
+  cpu::LaunchAdd(AddParams{want.data(), x.data(), n}, cpu::CpuStream{});
+  DeviceBuffer<float> dy(y), dx(x);
+  ASSERT_TRUE(LaunchAdd(AddParams{dy.get(), dx.get(), n}, stream_).ok());
+  Sync();
+  EXPECT_EQ(dy.Download(), want);  // one rounding per element on both
+}
+
+TEST_F(CudaKernelTest, GatedAddMatchesCpu) {
+  const int64_t rows = 9, cols = 1000;
+  std::vector<float> logits = RandomFloats(rows, 34, -8.f, 8.f);
+  logits[0] = -100.f;  // gate 0: y unchanged
+  logits[1] = 100.f;   // gate 1
+  logits[2] = 0.f;     // gate 1/2
+  const std::vector<float> x = RandomFloats(rows * cols, 35);
+  const std::vector<float> y = RandomFloats(rows * cols, 36);
+  std::vector<float> want = y;
+  cpu::LaunchGatedAdd(GatedAddParams{want.data(), x.data(), logits.data(), rows, cols},
+                      cpu::CpuStream{});
+  DeviceBuffer<float> dy(y), dx(x), dlogits(logits);
+  ASSERT_TRUE(
+      LaunchGatedAdd(GatedAddParams{dy.get(), dx.get(), dlogits.get(), rows, cols}, stream_).ok());
+  Sync();
+  // The GPU's expf is within 2 ulp of the CPU's, so the gate differs in its
+  // last bits at most; a wrong sign or a missing gate is off by ~0.1 or more.
+  ExpectNear(dy.Download(), want, 1e-6f, 1e-6f, "gated add");
+}
+
+TEST_F(CudaKernelTest, BiasAddLeavesRowPaddingAlone) {
+  const int64_t rows = 5, cols = 33, ldy = 40;
+  const std::vector<float> y = RandomFloats(rows * ldy, 37);
+  const std::vector<float> bias = RandomFloats(cols, 38);
+  std::vector<float> want = y;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) want[r * ldy + c] += bias[c];
+  }
+  DeviceBuffer<float> dy(y), dbias(bias);
+  ASSERT_TRUE(LaunchBiasAdd(BiasAddParams{dy.get(), dbias.get(), rows, cols, ldy}, stream_).ok());
+  Sync();
+  EXPECT_EQ(dy.Download(), want);
 }
 
 // ---------------------------------------------------------------------------
@@ -435,6 +568,236 @@ TEST_F(CudaKernelTest, PermuteAndUnpermuteMatchReference) {
   }
 }
 
+TEST_F(CudaKernelTest, RouterTopKPadsTokensPastValidTokens) {
+  const int64_t tokens = 37;
+  const int experts = 60, top_k = 4;
+  const std::vector<float> logits = RandomFloats(tokens * experts, 41, -4.f, 4.f);
+  std::vector<int32_t> ref_ids;
+  std::vector<float> ref_w;
+  ReferenceRouterTopK(logits, tokens, experts, top_k, true, &ref_ids, &ref_w);
+  DeviceBuffer<float> dlogits(logits), dw(tokens * top_k);
+  DeviceBuffer<int32_t> dids(tokens * top_k);
+  DeviceBuffer<int64_t> dvalid(1);
+  // Fewer, none, all, and more than all (a count is never trusted as a size).
+  for (int64_t valid : {int64_t{20}, int64_t{0}, tokens, int64_t{1000}}) {
+    SCOPED_TRACE(testing::Message() << "valid_tokens=" << valid);
+    ASSERT_EQ(cudaMemcpy(dvalid.get(), &valid, sizeof(valid), cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_EQ(cudaMemset(dids.get(), 0x7f, sizeof(int32_t) * tokens * top_k), cudaSuccess);
+    ASSERT_EQ(cudaMemset(dw.get(), 0x7f, sizeof(float) * tokens * top_k), cudaSuccess);
+    RouterTopKParams p{dlogits.get(), tokens, experts, top_k, true, dids.get(), dw.get(),
+                       dvalid.get()};
+    ASSERT_TRUE(LaunchRouterTopK(p, stream_).ok());
+    Sync();
+    std::vector<int32_t> want_ids = ref_ids;
+    std::vector<float> want_w = ref_w;
+    for (int64_t slot = std::min(valid, tokens) * top_k; slot < tokens * top_k; ++slot) {
+      want_ids[slot] = -1;
+      want_w[slot] = 0.f;
+    }
+    EXPECT_EQ(dids.Download(), want_ids);
+    ExpectNear(dw.Download(), want_w, 1e-5f, 1e-7f, "weights");
+  }
+
+  // The padding stays out of the layout: only the 20 real tokens' slots are placed.
+  const int64_t valid = 20;
+  ASSERT_EQ(cudaMemcpy(dvalid.get(), &valid, sizeof(valid), cudaMemcpyHostToDevice), cudaSuccess);
+  RouterTopKParams router{dlogits.get(), tokens, experts, top_k, true, dids.get(), dw.get(),
+                          dvalid.get()};
+  ASSERT_TRUE(LaunchRouterTopK(router, stream_).ok());
+  DeviceBuffer<int64_t> doffsets(experts + 1);
+  DeviceBuffer<int32_t> dp2s(tokens * top_k), ds2p(tokens * top_k);
+  MoeLayoutParams layout{dids.get(), tokens, top_k, experts, doffsets.get(), dp2s.get(),
+                         ds2p.get()};
+  ASSERT_TRUE(ComputeMoeLayout(layout, stream_).ok());
+  Sync();
+  EXPECT_EQ(doffsets.Download().back(), valid * top_k);
+  const std::vector<int32_t> s2p = ds2p.Download();
+  for (int64_t slot = 0; slot < tokens * top_k; ++slot) {
+    EXPECT_EQ(s2p[slot] < 0, slot >= valid * top_k) << "slot " << slot;
+  }
+}
+
+TEST_F(CudaKernelTest, MoeLayoutFillsPermutedToToken) {
+  const int64_t tokens = 300;
+  const int top_k = 4, ne = 16;
+  const int64_t slots = tokens * top_k;
+  std::mt19937 rng(42);
+  std::uniform_int_distribution<int> pick(0, ne - 1);
+  std::vector<int32_t> ids(slots);
+  for (int32_t& e : ids) e = pick(rng);
+
+  // In range everywhere: the CPU layout is the reference, permuted_to_token included.
+  std::vector<int64_t> want_offsets(ne + 1);
+  std::vector<int32_t> want_p2s(slots), want_s2p(slots), want_p2t(slots);
+  cpu::ComputeMoeLayout(MoeLayoutParams{ids.data(), tokens, top_k, ne, want_offsets.data(),
+                                        want_p2s.data(), want_s2p.data(), want_p2t.data()});
+  DeviceBuffer<int32_t> dids(ids), dp2s(slots), ds2p(slots), dp2t(slots);
+  DeviceBuffer<int64_t> doffsets(ne + 1);
+  MoeLayoutParams p{dids.get(), tokens, top_k, ne, doffsets.get(), dp2s.get(), ds2p.get(),
+                    dp2t.get()};
+  ASSERT_TRUE(ComputeMoeLayout(p, stream_).ok());
+  Sync();
+  EXPECT_EQ(doffsets.Download(), want_offsets);
+  EXPECT_EQ(dp2s.Download(), want_p2s);
+  EXPECT_EQ(ds2p.Download(), want_s2p);
+  EXPECT_EQ(dp2t.Download(), want_p2t);
+
+  // With router padding (-1) in every 7th token, the placed rows still name their token.
+  for (int64_t t = 0; t < tokens; t += 7) {
+    for (int j = 0; j < top_k; ++j) ids[t * top_k + j] = -1;
+  }
+  DeviceBuffer<int32_t> dpadded(ids);
+  p.expert_ids = dpadded.get();
+  ASSERT_TRUE(ComputeMoeLayout(p, stream_).ok());
+  Sync();
+  const int64_t placed = doffsets.Download().back();
+  EXPECT_EQ(placed, (tokens - (tokens + 6) / 7) * top_k);
+  const std::vector<int32_t> p2s = dp2s.Download();
+  const std::vector<int32_t> p2t = dp2t.Download();
+  for (int64_t r = 0; r < placed; ++r) {
+    EXPECT_EQ(p2t[r], p2s[r] / top_k) << "row " << r;
+    EXPECT_GE(ids[p2s[r]], 0) << "row " << r;
+  }
+}
+
+TEST_F(CudaKernelTest, ExpertLoadAccumulatesLikeTheCpu) {
+  const int ne = 37;  // not a multiple of the block size
+  std::mt19937 rng(43);
+  std::uniform_int_distribution<int64_t> count(0, 50);
+  std::vector<int64_t> offsets(ne + 1, 0);
+  for (int e = 0; e < ne; ++e) offsets[e + 1] = offsets[e] + count(rng);
+  std::vector<int64_t> load(ne);
+  for (int64_t& l : load) l = count(rng) * 1000;
+  std::vector<int64_t> want = load;
+  DeviceBuffer<int64_t> doffsets(offsets), dload(load);
+  for (int step = 0; step < 2; ++step) {  // it adds; it does not overwrite
+    cpu::AccumulateExpertLoad(ExpertLoadParams{offsets.data(), ne, want.data()});
+    ASSERT_TRUE(
+        AccumulateExpertLoad(ExpertLoadParams{doffsets.get(), ne, dload.get()}, stream_).ok());
+  }
+  Sync();
+  EXPECT_EQ(dload.Download(), want);
+}
+
+// Every in/out type pair, rows with trailing bytes (an expert id) that must
+// be left alone, an index with a divisor, scattered out_rows and copy_of:
+// byte for byte what the CPU kernel writes, rounding ties and NaNs included.
+TEST_F(CudaKernelTest, GatherRowsMatchesCpuBitForBit) {
+  const int64_t tokens = 6, hidden = 37, rows = 10;
+  const int divisor = 2;
+  // Tokens 5 0 1 1 3 5 0 2 2 4: repeats for copy_of.
+  const std::vector<int32_t> index = {11, 0, 3, 2, 7, 10, 1, 4, 5, 9};
+  std::vector<int64_t> copy_of(rows, -1);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t earlier = 0; earlier < r; ++earlier) {
+      if (index[earlier] / divisor == index[r] / divisor) {
+        copy_of[r] = earlier;
+        break;
+      }
+    }
+  }
+  // F32 values with BF16 rounding ties (to even: down, then up), NaNs (quiet,
+  // signalling), infinities, the largest finite (rounds to inf), -0, denormals.
+  const uint32_t special_f32[] = {0x3f808000u, 0x3f818000u, 0x7fc00001u, 0x7f800001u,
+                                  0xff800000u, 0x7f7fffffu, 0x80000000u, 0x00000001u,
+                                  0x807fffffu, 0x3f80ffffu};
+  const uint16_t special_bf16[] = {0x7fc1, 0x7f81, 0xff80, 0x8000, 0x0001, 0x7f7f};
+  std::vector<float> values = RandomFloats(tokens * hidden, 44, -3.f, 3.f);
+  std::vector<uint32_t> f32(values.size());
+  std::memcpy(f32.data(), values.data(), values.size() * sizeof(float));
+  std::vector<uint16_t> bf16(values.size());
+  for (size_t i = 0; i < values.size(); ++i) bf16[i] = ToBf16(values[i]);
+  for (size_t i = 0; i < std::size(special_f32); ++i) f32[i * 11 % f32.size()] = special_f32[i];
+  for (size_t i = 0; i < std::size(special_bf16); ++i) bf16[i * 13 % bf16.size()] = special_bf16[i];
+
+  for (RowType in_type : {RowType::kF32, RowType::kBF16}) {
+    for (RowType out_type : {RowType::kF32, RowType::kBF16}) {
+      for (int mode = 0; mode < 3; ++mode) {  // 0: strided out, 1: out_rows, 2: copy_of
+        SCOPED_TRACE(testing::Message() << DTypeName(in_type) << " -> " << DTypeName(out_type)
+                                        << " mode " << mode);
+        const int64_t in_elem = static_cast<int64_t>(ElementBytes(in_type));
+        const int64_t out_elem = static_cast<int64_t>(ElementBytes(out_type));
+        const int64_t in_stride = hidden * in_elem + 8;  // trailing bytes past each row
+        const int64_t out_stride = hidden * out_elem + 4;
+        std::vector<uint8_t> in(tokens * in_stride, 0xcd);
+        for (int64_t t = 0; t < tokens; ++t) {
+          const void* src = in_type == RowType::kF32 ? static_cast<const void*>(&f32[t * hidden])
+                                                     : &bf16[t * hidden];
+          std::memcpy(&in[t * in_stride], src, hidden * in_elem);
+        }
+        std::vector<uint8_t> want(rows * out_stride, 0xab);
+        DeviceBuffer<uint8_t> din(in), dout(want);
+        DeviceBuffer<int32_t> dindex(index);
+        DeviceBuffer<int64_t> dcopy_of(copy_of);
+        // Reversed row order through out_rows, so a kernel that ignores it fails.
+        std::vector<std::byte*> host_rows(rows), device_rows(rows);
+        for (int64_t r = 0; r < rows; ++r) {
+          host_rows[r] = reinterpret_cast<std::byte*>(&want[(rows - 1 - r) * out_stride]);
+          device_rows[r] = reinterpret_cast<std::byte*>(dout.get() + (rows - 1 - r) * out_stride);
+        }
+        DeviceBuffer<std::byte*> drows(device_rows);
+
+        GatherRowsParams p;
+        p.in_type = in_type;
+        p.in_stride_bytes = in_stride;
+        p.index_divisor = divisor;
+        p.out_type = out_type;
+        p.out_stride_bytes = out_stride;
+        p.rows = rows;
+        p.hidden = hidden;
+        GatherRowsParams host = p;
+        host.in = in.data();
+        host.index = index.data();
+        host.out = want.data();
+        host.out_rows = mode == 1 ? host_rows.data() : nullptr;
+        host.copy_of = mode == 2 ? copy_of.data() : nullptr;
+        cpu::LaunchGatherRows(host, cpu::CpuStream{});
+        GatherRowsParams device = p;
+        device.in = din.get();
+        device.index = dindex.get();
+        device.out = dout.get();
+        device.out_rows = mode == 1 ? drows.get() : nullptr;
+        device.copy_of = mode == 2 ? dcopy_of.get() : nullptr;
+        ASSERT_TRUE(LaunchGatherRows(device, stream_).ok());
+        Sync();
+        const std::vector<uint8_t> got = dout.Download();
+        ASSERT_EQ(got.size(), want.size());
+        int reported = 0;
+        for (size_t i = 0; i < got.size() && reported < 10; ++i) {
+          if (got[i] != want[i]) {
+            ++reported;
+            ADD_FAILURE() << "byte " << i << " (row " << i / out_stride << "): got "
+                          << int(got[i]) << ", want " << int(want[i]);
+          }
+        }
+      }
+    }
+  }
+  // No index: the identity, F32 -> BF16 (the conversion LtGemm uses for x).
+  std::vector<uint16_t> want(tokens * hidden);
+  for (size_t i = 0; i < want.size(); ++i) {
+    const uint32_t bits = f32[i];
+    want[i] = (bits & 0x7fffffffu) > 0x7f800000u
+                  ? static_cast<uint16_t>((bits >> 16) | 0x40)
+                  : static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+  }
+  EXPECT_EQ(want[0], 0x3f80);   // tie, even below: down
+  EXPECT_EQ(want[11], 0x3f82);  // tie, odd below: up
+  DeviceBuffer<uint32_t> din(f32);
+  DeviceBuffer<uint16_t> dout(want.size());
+  GatherRowsParams p;
+  p.in = din.get();
+  p.in_stride_bytes = hidden * 4;
+  p.out = dout.get();
+  p.out_type = RowType::kBF16;
+  p.out_stride_bytes = hidden * 2;
+  p.rows = tokens;
+  p.hidden = hidden;
+  ASSERT_TRUE(LaunchGatherRows(p, stream_).ok());
+  Sync();
+  EXPECT_EQ(dout.Download(), want);
+}
+
 // ---------------------------------------------------------------------------
 // GEMM
 // ---------------------------------------------------------------------------
@@ -494,6 +857,113 @@ TEST_F(CudaKernelTest, GemmMatchesReference) {
       // Entries outside [m, n] (ldy padding) must be untouched: tol 0 there.
       if (!(std::fabs(got[i] - want[i]) <= tol[i]) && reported++ < 10) {
         ADD_FAILURE() << "y[" << i << "]: got " << got[i] << ", want " << want[i];
+      }
+    }
+  }
+}
+
+// cuBLASLt: y = x W^T (+ bias) (+ y) with x rounded to BF16 first. The
+// reference is computed in double on the same BF16-rounded x and W, so the
+// products are the GPU's exactly (8-bit mantissas multiply exactly in F32)
+// and the only difference is F32 summation: tolerance 1e-5 * (sum_k |x w| + 1),
+// over 40x the worst error of a host simulation of these shapes that adds
+// 16-term partial sums in F32 truncating toward zero (as tensor cores may),
+// while x left in F32 already exceeds it in most entries, and a dropped term
+// or a missing bias by far more. Padding (ldy > n) must come back bit for bit; x's padding
+// (ldx > k) and the BF16 copy's row padding hold NaN, so reading them shows.
+TEST_F(CudaKernelTest, LtGemmMatchesReference) {
+  absl::StatusOr<std::unique_ptr<LtGemm>> created = LtGemm::Create(size_t{32} << 20);
+  ASSERT_TRUE(created.ok()) << created.status();
+  LtGemm& gemm = **created;
+  struct Case { int64_t m, n, k, ldx, ldy, y_offset; bool bias, accumulate; };
+  for (Case c : {Case{1, 257, 129, 0, 0, 0, true, false},
+                 Case{7, 64, 33, 40, 70, 0, true, true},
+                 Case{7, 64, 33, 0, 0, 0, false, false},  // same m, n, k: another plan
+                 Case{64, 128, 256, 0, 0, 0, false, false},
+                 Case{300, 97, 515, 520, 101, 1, true, true},  // y 4-byte aligned only
+                 Case{300, 1, 64, 0, 0, 0, false, true},
+                 Case{64, 1024, 2048, 0, 0, 0, true, false},
+                 Case{3, 5, 0, 0, 7, 0, true, false}}) {  // k = 0: y = bias
+    SCOPED_TRACE(testing::Message() << "m=" << c.m << " n=" << c.n << " k=" << c.k
+                                    << " ldx=" << c.ldx << " ldy=" << c.ldy);
+    const int64_t ldx = c.ldx ? c.ldx : c.k, ldy = c.ldy ? c.ldy : c.n;
+    std::vector<float> x = RandomFloats(c.m * ldx, 51);
+    std::vector<float> x_rounded(x.size());
+    for (size_t i = 0; i < x.size(); ++i) {
+      if (static_cast<int64_t>(i % ldx) >= c.k) x[i] = std::nanf("");  // padding: never read
+      x_rounded[i] = FromBf16(ToBf16(x[i]));
+    }
+    std::vector<float> w = RandomFloats(c.n * c.k, 52);
+    std::vector<uint16_t> w16(w.size());
+    for (size_t i = 0; i < w.size(); ++i) {
+      w16[i] = ToBf16(w[i]);
+      w[i] = FromBf16(w16[i]);
+    }
+    const std::vector<float> bias = RandomFloats(c.n, 53);
+    const std::vector<float> y0 = RandomFloats(c.y_offset + c.m * ldy, 54);
+    std::vector<float> want = y0;
+    std::vector<double> tol(want.size(), 0.0);
+    for (int64_t i = 0; i < c.m; ++i) {
+      for (int64_t j = 0; j < c.n; ++j) {
+        double acc = 0, mag = 0;
+        for (int64_t kk = 0; kk < c.k; ++kk) {
+          const double term = double(x_rounded[i * ldx + kk]) * w[j * c.k + kk];
+          acc += term;
+          mag += std::fabs(term);
+        }
+        if (c.bias) acc += bias[j];
+        const int64_t at = c.y_offset + i * ldy + j;
+        want[at] = static_cast<float>(c.accumulate ? y0[at] + acc : acc);
+        tol[at] = 1e-5 * (mag + 1.0);
+      }
+    }
+
+    DeviceBuffer<float> dx(x), dbias(bias), dy(y0);
+    DeviceBuffer<uint16_t> dw(w16);
+    const size_t workspace_bytes = LtGemmWorkspaceBytes(c.m, c.k);
+    DeviceBuffer<uint16_t> dworkspace(workspace_bytes / 2);
+    ASSERT_EQ(cudaMemset(dworkspace.get(), 0xff, workspace_bytes), cudaSuccess);  // BF16 NaN
+    GemmParams p;
+    p.x = dx.get();
+    p.m = c.m;
+    p.k = c.k;
+    p.ldx = c.ldx;
+    p.w = dw.get();
+    p.n = c.n;
+    p.bias = c.bias ? dbias.get() : nullptr;
+    p.y = dy.get() + c.y_offset;
+    p.ldy = c.ldy;
+    p.accumulate = c.accumulate;
+    p.workspace = dworkspace.get();
+    const size_t plans_before = gemm.cached_plans();
+    // Overwriting runs go twice: the second reuses the cached algorithm.
+    for (int run = 0; run < (c.accumulate ? 1 : 2); ++run) {
+      const absl::Status status = gemm.Run(p, stream_);
+      ASSERT_TRUE(status.ok()) << status;
+    }
+    Sync();
+    EXPECT_EQ(gemm.cached_plans(), plans_before + (c.k > 0 ? 1 : 0));
+
+    const std::vector<float> got = dy.Download();
+    int reported = 0;
+    for (size_t i = 0; i < got.size(); ++i) {
+      // Padding and the y_offset prefix: tol 0, so bit for bit.
+      if (!(std::fabs(double(got[i]) - double(want[i])) <= tol[i]) && reported++ < 10) {
+        ADD_FAILURE() << "y[" << i << "]: got " << got[i] << ", want " << want[i]
+                      << " (tol " << tol[i] << ")";
+      }
+    }
+    // The staged copy is x rounded to nearest even, rows 8-element aligned.
+    if (c.k > 0) {
+      const int64_t packed_ld = static_cast<int64_t>(workspace_bytes / 2) / c.m;
+      const std::vector<uint16_t> staged = dworkspace.Download();
+      int wrong = 0;
+      for (int64_t i = 0; i < c.m; ++i) {
+        for (int64_t kk = 0; kk < c.k; ++kk) {
+          if (staged[i * packed_ld + kk] != ToBf16(x[i * ldx + kk]) && wrong++ < 5) {
+            ADD_FAILURE() << "x_bf16[" << i << ", " << kk << "]";
+          }
+        }
       }
     }
   }

@@ -149,12 +149,22 @@ TEST(WorkerMetricsTest, ServesTheTableOverLoopbackWithCurrentValues) {
   handler.Set(s);
   m = Samples(HttpGet((*server)->port(), "/metrics"));
   EXPECT_DOUBLE_EQ(m["joule_power_watts{rank=\"3\",source=\"rapl\"}"], 312.5);
+  EXPECT_EQ(m.count("joule_power_instant_watts{rank=\"3\",source=\"rapl\"}"), 0u)
+      << "a meter without an instant reading exports none";
   EXPECT_DOUBLE_EQ(m["joule_dispatch_bytes_total{rank=\"3\"}"], 4096);
   EXPECT_DOUBLE_EQ(m["joule_combine_seconds_total{rank=\"3\"}"], 0.75);
   EXPECT_DOUBLE_EQ(m["joule_expert_tokens_total{rank=\"3\",layer=\"1\",expert=\"0\"}"], 3);
   EXPECT_DOUBLE_EQ(m["joule_expert_tokens_total{rank=\"3\",layer=\"1\",expert=\"1\"}"], 0);
   EXPECT_DOUBLE_EQ(m["joule_expert_tokens_total{rank=\"3\",layer=\"1\",expert=\"2\"}"], 5);
   EXPECT_EQ(m.size(), WorkerMetricFamilies(s).size() - 1 + 3);
+
+  // NVML's instant power, by rank and source, where the meter has it.
+  s.energy_source = "nvml";
+  s.power_instant_watts = 287.25;
+  handler.Set(s);
+  m = Samples(HttpGet((*server)->port(), "/metrics"));
+  EXPECT_DOUBLE_EQ(m["joule_power_instant_watts{rank=\"3\",source=\"nvml\"}"], 287.25);
+  EXPECT_DOUBLE_EQ(m["joule_power_watts{rank=\"3\",source=\"nvml\"}"], 312.5);
 }
 
 TEST(WorkerMetricsTest, PortInUseIsAClearError) {

@@ -127,8 +127,14 @@ TEST(WorkerRuntime, CancelFreesKvBlocks) {
 
 // A meter whose every read is one joule later than the previous one: each
 // metered interval (a step, or the gap between steps) costs exactly 1 J.
+// With instant_watts >= 0 it also has an instant power reading, as NVML does.
 class TickingMeter final : public telemetry::EnergyMeter {
  public:
+  explicit TickingMeter(double instant_watts = -1) : instant_watts_(instant_watts) {}
+  absl::StatusOr<double> ReadPowerWatts() override {
+    if (instant_watts_ < 0) return absl::UnimplementedError("no instant power");
+    return instant_watts_;
+  }
   absl::StatusOr<double> ReadJoules() override {
     absl::MutexLock lock(&mu_);
     return static_cast<double>(++reads_);
@@ -141,12 +147,13 @@ class TickingMeter final : public telemetry::EnergyMeter {
   }
 
  private:
+  const double instant_watts_;
   mutable absl::Mutex mu_;
   int64_t reads_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 TEST(WorkerRuntime, StepEnergyIsChargedToRequestsByTokenShareAndAddsUpToTheMeter) {
-  TickingMeter m0, m1;
+  TickingMeter m0(/*instant_watts=*/245.5), m1;
   RuntimeCluster cluster(testing::TinyModelDir("qwen3_moe-tiny"), 2, absl::Seconds(20),
                          testing_util::SmallEngine(), {&m0, &m1});
   cluster.StartAll();
@@ -213,6 +220,8 @@ TEST(WorkerRuntime, StepEnergyIsChargedToRequestsByTokenShareAndAddsUpToTheMeter
   for (int l = 0; l < config.num_layers; ++l) moe_layers += config.IsMoeLayer(l);
   for (const WorkerStatus* s : {&s0, &s1}) {
     EXPECT_GT(s->power_watts, 0) << "rank " << s->rank;
+    // The meter's own reading where it has one (rank 0's), none elsewhere.
+    EXPECT_DOUBLE_EQ(s->power_instant_watts, s == &s0 ? 245.5 : -1) << "rank " << s->rank;
     EXPECT_GT(s->busy_steps, 0u);
     EXPECT_GT(s->dispatch_seconds_total + s->combine_seconds_total, 0);
   }

@@ -17,6 +17,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/worker/ep/dispatch/ep_test_util.h"
+#include "worker/device/cpu_backend.h"
 #include "worker/ep/ep_executor.h"
 #include "worker/ep/inproc_transport.h"
 #include "worker/model/experts.h"
@@ -150,6 +151,18 @@ std::set<int> TokenDestinations(const Trial& t, int rank, int l, int64_t tok) {
 // Runs every layer of `t` on all ranks; returns each rank's outputs [layers][tokens, H].
 // A random checkpoint for trial `t` under dir, loaded whole and as each
 // rank's share of t.placement.
+// The local executor (the reference F32 expert parallelism must match) on one
+// CPU thread, over host weights.
+struct LocalOnCpu {
+  explicit LocalOnCpu(const ModelWeights& weights)
+      : cpu(kernels::cpu::CpuStream{}),
+        device_weights(*DeviceWeights::Create(weights, cpu)),
+        executor(&cpu, device_weights.get(), weights.config()) {}
+  device::CpuBackend cpu;
+  std::unique_ptr<DeviceWeights> device_weights;
+  LocalExpertExecutor executor;
+};
+
 struct TrialWeights {
   std::unique_ptr<ModelWeights> full;
   std::vector<std::unique_ptr<ModelWeights>> ranks;
@@ -251,7 +264,8 @@ TEST(DispatchCombineTest, MatchesDenseReferenceOnRandomProblems) {
     for (int rank = 0; rank < t.world; ++rank) {
       const RankInput& in = t.in[rank];
       // The local executor on this rank's tokens: F32 EP must reproduce it bit for bit.
-      LocalExpertExecutor local(full.get(), {});
+      LocalOnCpu local_cpu(*full);
+      LocalExpertExecutor& local = local_cpu.executor;
       std::vector<float> local_out = in.initial;
       for (int l = 0; l < t.layers; ++l) {
         const int64_t TH = in.tokens * H, TK = in.tokens * K;
@@ -390,7 +404,8 @@ TEST(DispatchCombineTest, WideRowsCombineOverSeveralChunks) {
     ASSERT_EQ(windows[rank], a2a[rank]) << "rank " << rank << ": windows vs all-to-all-v";
     ASSERT_EQ(windows[rank], pooled[rank]) << "rank " << rank << ": 1 vs 3 threads";
     const RankInput& in = t.in[rank];
-    LocalExpertExecutor local(full.get(), {});
+    LocalOnCpu local_cpu(*full);
+    LocalExpertExecutor& local = local_cpu.executor;
     std::vector<float> want = in.initial;
     ASSERT_TRUE(
         local.Run(0, in.x.data(), in.tokens, in.ids.data(), in.weights.data(), want.data()).ok());
@@ -420,6 +435,8 @@ TEST(FusedCombineTest, ColumnChunksGiveTheBitsOfTheWholeOutput) {
     auto weights = ModelWeights::Load(dir);
     ASSERT_TRUE(weights.ok()) << weights.status();
     const LayerWeights& layer = (*weights)->layers()[0];
+    std::vector<const void*> table;
+    const ExpertsView view = ViewExperts(layer, &table);
 
     std::mt19937_64 rng(intermediate);
     const int64_t out_rows = 4000, x_rows = 300;
@@ -448,8 +465,9 @@ TEST(FusedCombineTest, ColumnChunksGiveTheBitsOfTheWholeOutput) {
       GroupedExpertBuffers buffers;
       std::vector<float> whole(out_rows * hidden, 0.0f);
       const FusedCombine plain{.rows = out_index.data(), .weights = scale.data()};
-      ASSERT_TRUE(RunGroupedExperts(layer, 0, in, offsets.data(), experts, whole.data(), &buffers,
-                                    {}, &plain)
+      device::CpuBackend one_thread(kernels::cpu::CpuStream{});
+      ASSERT_TRUE(RunGroupedExperts(one_thread, view, 0, in, offsets.data(), rows, whole.data(),
+                                    &buffers, &plain)
                       .ok());
 
       // Chunked on one thread and on a pool: the same bits either way.
@@ -464,8 +482,9 @@ TEST(FusedCombineTest, ColumnChunksGiveTheBitsOfTheWholeOutput) {
             std::copy(y + r * cols, y + (r + 1) * cols, chunked.begin() + r * hidden + col0);
           }
         };
-        ASSERT_TRUE(RunGroupedExperts(layer, 0, in, offsets.data(), experts, nullptr, &buffers,
-                                      stream, &sink)
+        device::CpuBackend backend(stream);
+        ASSERT_TRUE(RunGroupedExperts(backend, view, 0, in, offsets.data(), rows, nullptr, &buffers,
+                                      &sink)
                         .ok());
         ASSERT_GE(chunk_cols.size(), 2u) << "the output should not fit one chunk";
         EXPECT_LT(chunk_cols.back(), chunk_cols.front());

@@ -12,6 +12,7 @@
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "kernels/cuda/cuda_check.h"
+#include "tests/kernels/cuda/cuda_test_util.h"
 #include "worker/ep/nccl_transport.h"
 
 namespace joule::ep {
@@ -20,10 +21,12 @@ namespace {
 using kernels::cuda::CheckDeviceAvailable;
 using kernels::cuda::DeviceCount;
 
+// Skips without a GPU; fails instead under JOULE_REQUIRE_GPU=1 (tests/gpu/run.sh).
 #define SKIP_WITHOUT_DEVICE()                                          \
   do {                                                                 \
-    const absl::Status device = CheckDeviceAvailable();                \
-    if (!device.ok()) GTEST_SKIP() << device.message();                \
+    if (!kernels::cuda::DeviceOrSkip()) {                              \
+      GTEST_SKIP() << CheckDeviceAvailable().message();                \
+    }                                                                  \
   } while (0)
 
 // Device buffer that frees itself.

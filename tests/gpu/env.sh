@@ -1,0 +1,28 @@
+# Sourced by tests/gpu/run.sh and bench/engine/gpu_run.sh on a GPU host: where the bundle is
+# (JOULE_GPU_BUNDLE, default .gpu/ of the repository) and the library path its binaries need
+# (JOULE_GPU_LD: the bundle's own libraries, then the host's CUDA runtime, cuBLAS, NCCL and
+# NVML). Only our binaries get JOULE_GPU_LD: torch must keep loading its own CUDA libraries.
+# shellcheck shell=bash
+
+JOULE_GPU_BUNDLE=${JOULE_GPU_BUNDLE:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/.gpu}
+JOULE_GPU_HOST_LIBS=(libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libnccl.so.2 libnvidia-ml.so.1)
+
+# Sets JOULE_GPU_LD, JOULE_GPU_LIBS (one "name: path" line each) and JOULE_GPU_MISSING (names
+# not found); exports them.
+joule_gpu_find_libraries() {
+  local libdirs=$JOULE_GPU_BUNDLE/lib n p
+  JOULE_GPU_LIBS="" JOULE_GPU_MISSING=""
+  for n in "${JOULE_GPU_HOST_LIBS[@]}"; do
+    p=$(find /usr/local/cuda/lib64/ /usr/local/cuda/ /usr/local/nvidia/ /usr/lib/x86_64-linux-gnu/ /opt/ \
+          -name "$n" 2>/dev/null | head -1)
+    [ -n "$p" ] || p=$(ldconfig -p 2>/dev/null | awk -v n="$n" '$1 == n {print $NF; exit}')
+    JOULE_GPU_LIBS+="$n: ${p:-MISSING}"$'\n'
+    if [ -n "$p" ]; then
+      case ":$libdirs:" in *":$(dirname "$p"):"*) ;; *) libdirs=$libdirs:$(dirname "$p") ;; esac
+    else
+      JOULE_GPU_MISSING+="$n "
+    fi
+  done
+  JOULE_GPU_LD=$libdirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  export JOULE_GPU_BUNDLE JOULE_GPU_LD JOULE_GPU_LIBS JOULE_GPU_MISSING
+}

@@ -1,0 +1,155 @@
+// The execution seam on a host without a GPU: device specs, buffers that know
+// where they live, workspace layouts, the CPU backend, and the clear refusal
+// of a GPU that is not there.
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "worker/device/backend.h"
+#include "worker/device/cpu_backend.h"
+#include "worker/device/device_spec.h"
+
+namespace joule::device {
+namespace {
+
+using ::testing::HasSubstr;
+
+TEST(DeviceSpecTest, ParsesCpuAndCudaOrdinals) {
+  EXPECT_EQ(*ParseDeviceSpec("cpu"), DeviceSpec{});
+  EXPECT_EQ(*ParseDeviceSpec("cuda"), (DeviceSpec{.kind = DeviceKind::kCuda, .index = 0}));
+  EXPECT_EQ(*ParseDeviceSpec("cuda:0"), (DeviceSpec{.kind = DeviceKind::kCuda, .index = 0}));
+  EXPECT_EQ(*ParseDeviceSpec("cuda:12"), (DeviceSpec{.kind = DeviceKind::kCuda, .index = 12}));
+  EXPECT_EQ(ParseDeviceSpec("cuda:3")->ToString(), "cuda:3");
+  EXPECT_EQ(ParseDeviceSpec("cpu")->ToString(), "cpu");
+}
+
+TEST(DeviceSpecTest, RejectsAnythingElseNamingTheFlag) {
+  for (const char* bad : {"", "gpu", "cuda:", "cuda:-1", "cuda:1x", "CUDA:0", "cuda:0 ", "cpu:0",
+                          "cuda:99999999999"}) {
+    absl::StatusOr<DeviceSpec> spec = ParseDeviceSpec(bad);
+    ASSERT_FALSE(spec.ok()) << "'" << bad << "'";
+    EXPECT_EQ(spec.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(spec.status().message()), HasSubstr("--device"));
+  }
+}
+
+int releases = 0;
+void CountRelease(void* data, MemoryKind) {
+  ++releases;
+  delete[] static_cast<char*>(data);
+}
+
+TEST(BufferTest, OwnsItsMemoryOnceAcrossMoves) {
+  releases = 0;
+  {
+    Buffer a(new char[16], 16, MemoryKind::kPinned, &CountRelease);
+    EXPECT_EQ(a.kind(), MemoryKind::kPinned);
+    Buffer b = std::move(a);
+    EXPECT_TRUE(a.empty());
+    EXPECT_EQ(b.bytes(), 16u);
+    Buffer c(new char[8], 8, MemoryKind::kDevice, &CountRelease);
+    c = std::move(b);  // c's own memory goes back first
+    EXPECT_EQ(releases, 1);
+    EXPECT_EQ(c.bytes(), 16u);
+  }
+  EXPECT_EQ(releases, 2);
+}
+
+TEST(WorkspaceLayoutTest, SlicesAreAlignedAndDisjoint) {
+  WorkspaceLayout layout;
+  const size_t a = layout.Reserve(1);
+  const size_t b = layout.Reserve(300);
+  const size_t c = layout.Reserve(0);
+  const size_t d = layout.Reserve(256);
+  EXPECT_EQ(a, 0u);
+  EXPECT_EQ(b, 256u);
+  EXPECT_EQ(c, 768u);  // 300 rounds up to 512
+  EXPECT_EQ(d, 768u);  // an empty slice takes no room
+  EXPECT_EQ(layout.bytes(), 1024u);
+}
+
+TEST(CpuBackendTest, AllocatesZeroedAlignedHostMemoryForEveryKind) {
+  CpuBackend cpu(1);
+  for (MemoryKind kind : {MemoryKind::kHost, MemoryKind::kPinned, MemoryKind::kDevice}) {
+    absl::StatusOr<Buffer> buffer = cpu.Allocate(kind, 1000);
+    ASSERT_TRUE(buffer.ok()) << buffer.status();
+    EXPECT_EQ(buffer->kind(), kind);
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(buffer->data()) % 64, 0u);
+    const auto* bytes = buffer->as<unsigned char>();
+    EXPECT_TRUE(std::all_of(bytes, bytes + 1000, [](unsigned char v) { return v == 0; }));
+  }
+  EXPECT_TRUE(cpu.device_memory_is_host());
+  EXPECT_EQ(cpu.kv_cache_type(), kernels::DType::kF32);
+  EXPECT_EQ(cpu.weight_type(kernels::DType::kBF16), kernels::DType::kBF16);
+  EXPECT_EQ(cpu.pci_bus_id(), "");
+  EXPECT_FALSE(cpu.SupportsGraphs());
+  EXPECT_EQ(cpu.BeginCapture().code(), absl::StatusCode::kUnimplemented);
+}
+
+TEST(CpuBackendTest, CopiesAndZeroesInStreamOrder) {
+  CpuBackend cpu(2);
+  std::vector<float> src = {1, 2, 3, 4};
+  absl::StatusOr<Buffer> dst = cpu.Allocate(MemoryKind::kDevice, 4 * sizeof(float));
+  ASSERT_TRUE(dst.ok());
+  ASSERT_TRUE(cpu.CopyAsync(dst->data(), src.data(), 4 * sizeof(float)).ok());
+  ASSERT_TRUE(cpu.Zero(dst->as<float>() + 1, 2 * sizeof(float)).ok());
+  ASSERT_TRUE(cpu.Synchronize().ok());
+  EXPECT_EQ(std::vector<float>(dst->as<float>(), dst->as<float>() + 4),
+            (std::vector<float>{1, 0, 0, 4}));
+}
+
+TEST(CpuBackendTest, RefusesWhatOnlyAGpuDoesNamingTheField) {
+  CpuBackend cpu(1);
+  absl::Status kv = cpu.KvCacheWrite({.cache_type = kernels::DType::kBF16});
+  EXPECT_EQ(kv.code(), absl::StatusCode::kUnimplemented);
+  EXPECT_THAT(std::string(kv.message()), HasSubstr("KV cache"));
+  int64_t valid = 1;
+  absl::Status router = cpu.RouterTopK({.valid_tokens = &valid});
+  EXPECT_EQ(router.code(), absl::StatusCode::kUnimplemented);
+  EXPECT_THAT(std::string(router.message()), HasSubstr("valid_tokens"));
+}
+
+TEST(CpuBackendTest, RunsKernelsOnItsThreads) {
+  CpuBackend cpu(2);
+  std::vector<float> y = {1, 2, 3}, x = {10, 20, 30};
+  ASSERT_TRUE(cpu.Add({.y = y.data(), .x = x.data(), .n = 3}).ok());
+  EXPECT_EQ(y, (std::vector<float>{11, 22, 33}));
+  std::vector<uint16_t> table = {0x3f80, 0x4000, 0xc040, 0x0000};  // 1, 2, -3, 0 in BF16
+  std::vector<int32_t> tokens = {1, 0};
+  std::vector<float> out(4);
+  ASSERT_TRUE(cpu.Embedding({.tokens = tokens.data(), .count = 2, .table = table.data(),
+                             .table_type = kernels::DType::kBF16, .hidden = 2, .out = out.data()})
+                  .ok());
+  EXPECT_EQ(out, (std::vector<float>{-3, 0, 1, 2}));
+  EXPECT_THAT(cpu.Describe(), HasSubstr("2 threads"));
+}
+
+// Without a usable GPU (this CI host) asking for one is a clear error, not a
+// crash or a silent CPU fallback; on a GPU host, an ordinal past the last
+// device names how many there are.
+TEST(CreateBackendTest, AGpuThatIsNotThereIsAClearError) {
+  for (int ordinal : {0, 7}) {
+    absl::StatusOr<std::unique_ptr<Backend>> backend =
+        CreateBackend({.kind = DeviceKind::kCuda, .index = ordinal});
+    if (backend.ok()) {
+      EXPECT_EQ((*backend)->spec().index, ordinal);  // a GPU host with that many devices
+      continue;
+    }
+    EXPECT_EQ(backend.status().code(), absl::StatusCode::kFailedPrecondition);
+    const std::string message(backend.status().message());
+    EXPECT_THAT(message, HasSubstr("cuda:" + std::to_string(ordinal)));
+    EXPECT_TRUE(message.find("no CUDA device") != std::string::npos ||
+                message.find("built without CUDA") != std::string::npos ||
+                message.find("CUDA device") != std::string::npos)
+        << message;
+  }
+  absl::StatusOr<std::unique_ptr<Backend>> cpu = CreateBackend({});
+  ASSERT_TRUE(cpu.ok());
+  EXPECT_FALSE((*cpu)->spec().is_cuda());
+}
+
+}  // namespace
+}  // namespace joule::device

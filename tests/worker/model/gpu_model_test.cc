@@ -1,0 +1,224 @@
+// The forward pass on a GPU (--device cuda:0) through the same paths as the
+// CPU golden tests: batched prefill, chunked paged prefill, token by token,
+// and the engine loop; CUDA-graph replay against eager launches; and the bad
+// input a GPU worker must refuse clearly. Skips without a GPU (fails instead
+// under JOULE_REQUIRE_GPU=1, as tests/gpu/run.sh sets it).
+//
+// Tolerance. The GPU rounds every GEMM input (F32 activations) and the KV
+// cache to BF16, so it is compared with the reference run with the same
+// roundings (tests/data/golden/<model>.bf16act.json; reference.py
+// --bf16-activations). What remains is the order of F32 sums (tensor-core
+// GEMMs, split attention), and through the BF16 roundings that is not tiny:
+// the reference itself moved by up to 5e-3 on these models between F32 and
+// F64 sums (a value at a BF16 tie rounds the other way and the difference
+// propagates). |gpu - reference| <= 2e-2 * max(1, max |logit| at the
+// position) leaves 4x headroom over that, while a wrong norm, rope, routing
+// or layout moves logits by more than 1e-1.
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "kernels/cuda/cuda_check.h"
+#include "tests/kernels/cuda/cuda_test_util.h"
+#include "tests/testing/paths.h"
+#include "tests/worker/model/golden_harness.h"
+#include "worker/device/backend.h"
+#include "worker/engine/engine.h"
+#include "worker/model/model.h"
+
+namespace joule {
+namespace {
+
+using ::testing::HasSubstr;
+using testing::ExpectGreedyMatches;
+using testing::ExpectLogitsNear;
+using testing::LoadFixture;
+using testing::Prompt;
+using testing::RunGreedy;
+using testing::RunPrompts;
+
+constexpr float kGpuTolerance = 2e-2f;
+const testing::LogitTolerance kTolerance = [](float, float max_abs) {
+  return kGpuTolerance * std::max(1.0f, max_abs);
+};
+// A greedy step may differ from the reference only where the reference's top
+// two logits are closer than the GPU's error can be.
+constexpr float kTieMargin = 2 * kGpuTolerance * 4;  // logits here are below 4
+
+const device::DeviceSpec kGpu{.kind = device::DeviceKind::kCuda, .index = 0};
+
+std::unique_ptr<Model> LoadOnGpu(const std::string& name, bool cuda_graphs) {
+  auto m = Model::Load(testing::TinyModelDir(name),
+                       {.num_threads = 1, .device = kGpu, .cuda_graphs = cuda_graphs});
+  EXPECT_TRUE(m.ok()) << m.status();
+  return m.ok() ? *std::move(m) : nullptr;
+}
+
+class GpuGoldenTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    if (!kernels::cuda::DeviceOrSkip()) GTEST_SKIP() << "no CUDA device";
+    prompts_ = LoadFixture(GetParam() + ".bf16act");
+    ASSERT_FALSE(prompts_.empty());
+    model_ = LoadOnGpu(GetParam(), /*cuda_graphs=*/true);
+    ASSERT_NE(model_, nullptr);
+    ASSERT_TRUE(model_->backend().spec().is_cuda());
+    std::printf("device: %s\n", model_->backend().Describe().c_str());
+  }
+  std::vector<Prompt> prompts_;
+  std::unique_ptr<Model> model_;
+};
+
+TEST_P(GpuGoldenTest, BatchedPrefillLogitsMatchReference) {
+  ExpectLogitsNear(prompts_, RunPrompts(*model_, prompts_, 16, 1 << 20, 1), "gpu_batched_prefill",
+                   kTolerance);
+}
+
+TEST_P(GpuGoldenTest, ChunkedPagedPrefillLogitsMatchReference) {
+  ExpectLogitsNear(prompts_, RunPrompts(*model_, prompts_, 4, 5, 7), "gpu_chunked_paged", kTolerance);
+}
+
+TEST_P(GpuGoldenTest, TokenByTokenLogitsMatchReference) {
+  ExpectLogitsNear(prompts_, RunPrompts(*model_, prompts_, 1, 1, 3), "gpu_token_by_token", kTolerance);
+}
+
+TEST_P(GpuGoldenTest, GreedyContinuationMatchesReference) {
+  // The engine captures decode graphs at creation, so its decode steps replay them.
+  const auto got = RunGreedy(*model_, prompts_,
+                             {.block_size = 4, .max_batch_tokens = 16, .max_running = 8});
+  ExpectGreedyMatches(prompts_, got, kTieMargin);
+  EXPECT_GT(model_->graph_replays(), 0) << "no decode step replayed a graph";
+}
+
+INSTANTIATE_TEST_SUITE_P(Families, GpuGoldenTest,
+                         ::testing::Values("qwen3_moe-tiny", "qwen2_moe-tiny", "mixtral-tiny"),
+                         [](const auto& info) {
+                           std::string n = info.param;
+                           std::replace(n.begin(), n.end(), '-', '_');
+                           return n;
+                         });
+
+// The logits each engine step sampled from, by request and step.
+struct StepLogits {
+  std::map<std::pair<uint64_t, int>, std::vector<float>> rows;
+  std::map<uint64_t, int> steps;
+};
+
+StepLogits RunEngine(Model& model, const std::vector<Prompt>& prompts) {
+  StepLogits seen;
+  auto engine = Engine::Create(&model, {.block_size = 4, .max_running = 8});
+  EXPECT_TRUE(engine.ok()) << engine.status();
+  if (!engine.ok()) return seen;
+  (*engine)->set_logits_observer([&](uint64_t id, const float* logits, int64_t vocab) {
+    seen.rows[{id, seen.steps[id]++}] = std::vector<float>(logits, logits + vocab);
+  });
+  for (size_t s = 0; s < prompts.size(); ++s) {
+    SamplingParams sp;
+    sp.temperature = 0.0f;
+    sp.max_tokens = 12;
+    sp.ignore_eos = true;
+    EXPECT_TRUE((*engine)->Add({.id = s, .prompt = prompts[s].ids, .sampling = sp}).ok());
+  }
+  for (int steps = 0; (*engine)->HasWork() && steps < 1000; ++steps) {
+    auto r = (*engine)->Step();
+    EXPECT_TRUE(r.ok()) << r.status();
+    if (!r.ok()) break;
+  }
+  return seen;
+}
+
+// A replayed graph runs the launches an eager step runs, on a batch padded to
+// its bucket: the same logits up to the order of F32 sums (cuBLASLt may pick
+// another algorithm for the padded row count; attention splits by the
+// reserved context), so the same bound as against the reference.
+TEST(CudaGraphTest, ReplayGivesTheLogitsOfEagerLaunches) {
+  if (!kernels::cuda::DeviceOrSkip()) GTEST_SKIP() << "no CUDA device";
+  const std::vector<Prompt> prompts = LoadFixture("qwen3_moe-tiny.bf16act");
+  auto graphed = LoadOnGpu("qwen3_moe-tiny", /*cuda_graphs=*/true);
+  auto eager = LoadOnGpu("qwen3_moe-tiny", /*cuda_graphs=*/false);
+  ASSERT_NE(graphed, nullptr);
+  ASSERT_NE(eager, nullptr);
+  const StepLogits a = RunEngine(*graphed, prompts);
+  const StepLogits b = RunEngine(*eager, prompts);
+  EXPECT_GT(graphed->graph_replays(), 0);
+  EXPECT_EQ(eager->graph_replays(), 0);
+  ASSERT_EQ(a.rows.size(), b.rows.size());
+  float worst = 0;
+  for (const auto& [key, row] : a.rows) {
+    const std::vector<float>& other = b.rows.at(key);
+    float max_abs = 0;
+    for (float v : other) max_abs = std::max(max_abs, std::abs(v));
+    for (size_t v = 0; v < row.size(); ++v) {
+      const float err = std::abs(row[v] - other[v]);
+      worst = std::max(worst, err);
+      ASSERT_LE(err, kTolerance(other[v], max_abs))
+          << "request " << key.first << " step " << key.second << " token " << v;
+    }
+  }
+  std::printf("graph vs eager: max |diff| = %.3g over %zu sampled rows\n", worst, a.rows.size());
+}
+
+TEST(GpuBadInputTest, AnOrdinalPastTheLastDeviceNamesHowManyThereAre) {
+  if (!kernels::cuda::DeviceOrSkip()) GTEST_SKIP() << "no CUDA device";
+  const int count = kernels::cuda::DeviceCount();
+  auto backend = device::CreateBackend({.kind = device::DeviceKind::kCuda, .index = count});
+  ASSERT_FALSE(backend.ok());
+  EXPECT_EQ(backend.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(backend.status().message()),
+              HasSubstr(absl::StrCat("this host has ", count, " CUDA device")));
+}
+
+TEST(GpuBadInputTest, MemoryThatIsNotThereSaysHowMuchWasAskedAndIsFree) {
+  if (!kernels::cuda::DeviceOrSkip()) GTEST_SKIP() << "no CUDA device";
+  auto backend = device::CreateBackend(kGpu);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  auto memory = (*backend)->DeviceMemory();
+  ASSERT_TRUE(memory.ok());
+  auto huge = (*backend)->Allocate(device::MemoryKind::kDevice,
+                                   static_cast<size_t>(memory->total_bytes) * 2);
+  ASSERT_FALSE(huge.ok());
+  EXPECT_EQ(huge.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(huge.status().message()), HasSubstr("GiB free of"));
+  // The device is still usable afterwards.
+  EXPECT_TRUE((*backend)->Allocate(device::MemoryKind::kDevice, 1 << 20).ok());
+}
+
+TEST(GpuBadInputTest, AKvCacheThatDoesNotFitIsAClearError) {
+  if (!kernels::cuda::DeviceOrSkip()) GTEST_SKIP() << "no CUDA device";
+  auto model = LoadOnGpu("qwen3_moe-tiny", false);
+  ASSERT_NE(model, nullptr);
+  // A utilization below what is already in use leaves no room.
+  auto engine = Engine::Create(model.get(), {.gpu_memory_utilization = 1e-6});
+  ASSERT_FALSE(engine.ok());
+  EXPECT_EQ(engine.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(engine.status().message()), HasSubstr("--gpu-memory-utilization"));
+  // Sized from the GPU's memory, the cache holds far more than the CPU default.
+  auto sized = Engine::Create(model.get(), {.gpu_memory_utilization = 0.5});
+  ASSERT_TRUE(sized.ok()) << sized.status();
+  EXPECT_GT((*sized)->kv_cache().allocator().num_blocks() * (*sized)->kv_cache().BytesPerBlock(),
+            int64_t{1} << 30);
+  EXPECT_EQ((*sized)->kv_cache().view().type, kernels::DType::kBF16);
+}
+
+TEST(GpuBadInputTest, ABatchThatDoesNotMatchTheCacheIsRefused) {
+  if (!kernels::cuda::DeviceOrSkip()) GTEST_SKIP() << "no CUDA device";
+  auto model = LoadOnGpu("qwen3_moe-tiny", false);
+  ASSERT_NE(model, nullptr);
+  KvCacheView f32_view{.block_size = 16, .num_blocks = 1, .type = kernels::DType::kF32};
+  f32_view.k.assign(model->config().num_layers, nullptr);
+  f32_view.v.assign(model->config().num_layers, nullptr);
+  ForwardBatch b{.tokens = {1}, .positions = {0}, .slots = {0}, .query_start = {0, 1},
+                 .context_lens = {1}, .block_tables = {0}, .max_blocks_per_seq = 1,
+                 .logit_rows = {0}};
+  std::vector<float> logits(model->config().vocab_size);
+  absl::Status s = model->Forward(b, f32_view, logits.data());
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("bf16"));
+}
+
+}  // namespace
+}  // namespace joule

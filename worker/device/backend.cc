@@ -1,0 +1,23 @@
+#include "worker/device/backend.h"
+
+#include "absl/strings/str_cat.h"
+#include "worker/device/cpu_backend.h"
+#include "worker/device/cuda_backend.h"
+
+namespace joule::device {
+
+absl::Status Backend::BeginCapture() {
+  return absl::UnimplementedError(absl::StrCat(spec().ToString(), " has no graphs"));
+}
+
+absl::StatusOr<std::unique_ptr<Graph>> Backend::EndCapture() {
+  return absl::UnimplementedError(absl::StrCat(spec().ToString(), " has no graphs"));
+}
+
+absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(const DeviceSpec& spec,
+                                                       const BackendOptions& options) {
+  if (spec.is_cuda()) return CreateCudaBackend(spec.index, options);
+  return std::make_unique<CpuBackend>(options.num_threads);
+}
+
+}  // namespace joule::device

@@ -1,0 +1,11 @@
+// Built when nvcc was not found: a worker asked for a GPU says why it has none.
+#include "worker/device/cuda_backend.h"
+
+namespace joule::device {
+
+absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(int ordinal, const BackendOptions&) {
+  return absl::FailedPreconditionError(
+      "--device cuda: this joule-worker was built without CUDA (nvcc was not found at build time)");
+}
+
+}  // namespace joule::device

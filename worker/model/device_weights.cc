@@ -1,0 +1,190 @@
+#include "worker/model/device_weights.h"
+
+#include <cstring>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/dtype.h"
+#include "common/status.h"
+
+namespace joule {
+
+
+
+// Walks the weights once per mode, in the same order every time: kView hands
+// out host pointers; kPlan only reserves each tensor's slice of the arena;
+// kUpload copies (converting to the device's type) into those slices.
+class DeviceWeights::Placer {
+ public:
+  enum class Mode { kView, kPlan, kUpload };
+  Placer(Mode mode, device::Backend& backend, std::byte* arena)
+      : mode_(mode), backend_(backend), arena_(arena) {}
+
+  LinearView Linear(const joule::Linear& l) {
+    LinearView v{.w = Matrix(l), .type = backend_.weight_type(l.type),
+                 .out_features = l.out_features, .in_features = l.in_features};
+    if (!l.bias.empty()) v.bias = Vector(l.bias);
+    return v;
+  }
+
+  MlpView Mlp(const MlpWeights& m) { return MlpView{Linear(m.gate), Linear(m.up), Linear(m.down)}; }
+
+  const float* Vector(const std::vector<float>& values) {
+    if (values.empty()) return nullptr;
+    return static_cast<const float*>(Place(values.data(), values.size() * sizeof(float)));
+  }
+
+  ExpertsView Experts(const LayerWeights& L, std::vector<const void*>* table) {
+    if (mode_ == Mode::kView) return ViewExperts(L, table);
+    const int E = static_cast<int>(L.experts.size());
+    table->assign(3 * static_cast<size_t>(E), nullptr);
+    ExpertsView v{.num_experts = E};
+    for (int e = 0; e < E; ++e) {
+      const MlpWeights& m = L.experts[e];
+      if (!m.loaded) continue;
+      (*table)[e] = Matrix(m.gate);
+      (*table)[E + e] = Matrix(m.up);
+      (*table)[2 * E + e] = Matrix(m.down);
+      v.type = backend_.weight_type(m.gate.type);
+      v.hidden = m.gate.in_features;
+      v.intermediate = m.gate.out_features;
+      ++v.held;
+    }
+    const auto* ptrs =
+        static_cast<const void* const*>(Place(table->data(), table->size() * sizeof(void*)));
+    v.gate = ptrs;
+    v.up = ptrs + E;
+    v.down = ptrs + 2 * E;
+    return v;
+  }
+
+  size_t bytes() const { return layout_.bytes(); }
+  const absl::Status& status() const { return status_; }
+
+ private:
+  // Device bytes of a matrix; each distinct host matrix is placed once (tied
+  // embeddings share one copy).
+  const void* Matrix(const joule::Linear& l) {
+    if (mode_ == Mode::kView) return l.w;
+    auto it = placed_.find(l.w);
+    if (it != placed_.end()) return it->second;
+    const kernels::DType to = backend_.weight_type(l.type);
+    const size_t n = static_cast<size_t>(l.out_features * l.in_features);
+    const size_t offset = layout_.Reserve(n * kernels::ElementBytes(to));
+    void* dst = mode_ == Mode::kUpload ? arena_ + offset : nullptr;
+    if (dst != nullptr) {
+      if (to == l.type) {
+        Copy(dst, l.w, n * kernels::ElementBytes(to));
+      } else {  // F32 (or widened F16) -> BF16, rounded to nearest even
+        staging_.resize(n);
+        const auto* src = static_cast<const float*>(l.w);
+        for (size_t i = 0; i < n; ++i) staging_[i] = F32ToBf16(src[i]);
+        Copy(dst, staging_.data(), n * sizeof(uint16_t));
+        Sync();  // staging_ is reused by the next conversion
+      }
+    }
+    placed_[l.w] = dst;
+    return dst;
+  }
+
+  const void* Place(const void* src, size_t bytes) {
+    if (mode_ == Mode::kView) return src;
+    const size_t offset = layout_.Reserve(bytes);
+    if (mode_ == Mode::kPlan) return nullptr;
+    Copy(arena_ + offset, src, bytes);
+    Sync();  // the source may be a temporary (expert tables)
+    return arena_ + offset;
+  }
+
+  void Copy(void* dst, const void* src, size_t bytes) {
+    if (status_.ok()) status_ = backend_.CopyAsync(dst, src, bytes);
+  }
+  void Sync() {
+    if (status_.ok()) status_ = backend_.Synchronize();
+  }
+
+  const Mode mode_;
+  device::Backend& backend_;
+  std::byte* const arena_;
+  device::WorkspaceLayout layout_;
+  absl::flat_hash_map<const void*, const void*> placed_;
+  std::vector<uint16_t> staging_;
+  absl::Status status_;
+};
+
+ExpertsView ViewExperts(const LayerWeights& L, std::vector<const void*>* table) {
+  const int E = static_cast<int>(L.experts.size());
+  table->assign(3 * static_cast<size_t>(E), nullptr);
+  ExpertsView v{.gate = table->data(), .up = table->data() + E, .down = table->data() + 2 * E,
+                .num_experts = E};
+  for (int e = 0; e < E; ++e) {
+    const MlpWeights& m = L.experts[e];
+    if (!m.loaded) continue;
+    (*table)[e] = m.gate.w;
+    (*table)[E + e] = m.up.w;
+    (*table)[2 * E + e] = m.down.w;
+    v.type = m.gate.type;
+    v.hidden = m.gate.in_features;
+    v.intermediate = m.gate.out_features;
+    ++v.held;
+  }
+  return v;
+}
+
+absl::StatusOr<std::unique_ptr<DeviceWeights>> DeviceWeights::Create(const ModelWeights& weights,
+                                                                     device::Backend& backend) {
+  auto dw = std::unique_ptr<DeviceWeights>(new DeviceWeights());
+  const bool view = backend.device_memory_is_host();
+  auto traverse = [&](Placer& placer) {
+    dw->tables_.assign(weights.layers().size(), {});
+    dw->embed_ = placer.Linear(weights.embed_tokens());
+    dw->lm_head_ = placer.Linear(weights.lm_head());
+    dw->final_norm_ = placer.Vector(weights.final_norm());
+    dw->layers_.assign(weights.layers().size(), LayerView{});
+    for (size_t i = 0; i < weights.layers().size(); ++i) {
+      const LayerWeights& L = weights.layers()[i];
+      LayerView& v = dw->layers_[i];
+      v.input_norm = placer.Vector(L.input_norm);
+      v.post_attention_norm = placer.Vector(L.post_attention_norm);
+      v.q_norm = placer.Vector(L.q_norm);
+      v.k_norm = placer.Vector(L.k_norm);
+      v.q_proj = placer.Linear(L.q_proj);
+      v.k_proj = placer.Linear(L.k_proj);
+      v.v_proj = placer.Linear(L.v_proj);
+      v.o_proj = placer.Linear(L.o_proj);
+      v.is_moe = L.is_moe;
+      if (!L.is_moe) {
+        v.dense = placer.Mlp(L.dense);
+        continue;
+      }
+      v.router = placer.Linear(L.router);
+      v.experts = placer.Experts(L, &dw->tables_[i]);
+      v.has_shared_expert = L.shared_expert.loaded;
+      if (v.has_shared_expert) {
+        v.shared_expert = placer.Mlp(L.shared_expert);
+        v.shared_expert_gate = placer.Linear(L.shared_expert_gate);
+      }
+    }
+  };
+  if (view) {
+    Placer placer(Placer::Mode::kView, backend, nullptr);
+    traverse(placer);
+    return dw;
+  }
+  Placer plan(Placer::Mode::kPlan, backend, nullptr);
+  traverse(plan);
+  absl::StatusOr<device::Buffer> arena = backend.Allocate(device::MemoryKind::kDevice, plan.bytes());
+  if (!arena.ok()) {
+    return Annotate(arena.status(),
+                    absl::StrFormat("uploading %.2f GiB of weights to %s", plan.bytes() / double(1 << 30),
+                                    backend.spec().ToString()));
+  }
+  dw->arena_ = *std::move(arena);
+  Placer upload(Placer::Mode::kUpload, backend, dw->arena_.as<std::byte>());
+  traverse(upload);
+  RETURN_IF_ERROR(upload.status());
+  return dw;
+}
+
+}  // namespace joule

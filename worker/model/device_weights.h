@@ -1,0 +1,93 @@
+// The model's weights where the backend computes: views of the host weights
+// on the CPU (zero copy, as loaded), or one upload to GPU memory (every
+// matrix in BF16, F32/F16 checkpoints converted; a rank uploads only the
+// experts it holds, plus attention, dense and shared weights).
+//
+// The forward pass reads weights only through these views, so it is written
+// once for both devices.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "kernels/params/types.h"
+#include "worker/device/backend.h"
+#include "worker/model/weights.h"
+
+namespace joule {
+
+// An [out_features, in_features] matrix (nn.Linear layout) and its optional
+// F32 bias, in the backend's memory.
+struct LinearView {
+  const void* w = nullptr;
+  kernels::DType type = kernels::DType::kBF16;
+  int64_t out_features = 0;
+  int64_t in_features = 0;
+  const float* bias = nullptr;
+};
+
+struct MlpView {
+  LinearView gate, up, down;
+};
+
+// One layer's routed experts as the grouped GEMM takes them: arrays of
+// num_experts pointers (in the backend's memory), null for experts this rank
+// does not hold. Every expert of a layer has one shape and type.
+struct ExpertsView {
+  const void* const* gate = nullptr;
+  const void* const* up = nullptr;
+  const void* const* down = nullptr;
+  kernels::DType type = kernels::DType::kBF16;
+  int num_experts = 0;
+  int64_t hidden = 0;
+  int64_t intermediate = 0;
+  int held = 0;  // experts with weights
+};
+
+struct LayerView {
+  const float* input_norm = nullptr;
+  const float* post_attention_norm = nullptr;
+  const float* q_norm = nullptr;  // Qwen3 only
+  const float* k_norm = nullptr;
+  LinearView q_proj, k_proj, v_proj, o_proj;
+  bool is_moe = false;
+  MlpView dense;  // when !is_moe
+  LinearView router;
+  ExpertsView experts;
+  bool has_shared_expert = false;  // Qwen2-MoE
+  MlpView shared_expert;
+  LinearView shared_expert_gate;
+};
+
+// A view of one layer's routed experts in host memory (as loaded), with its
+// pointer arrays in `table` ([gate x E, up x E, down x E]; kept by the caller).
+ExpertsView ViewExperts(const LayerWeights& layer, std::vector<const void*>* table);
+
+class DeviceWeights {
+ public:
+  // `weights` must outlive the result (the CPU views point into it).
+  // ResourceExhausted on a GPU says how many bytes the weights need and how
+  // many are free.
+  static absl::StatusOr<std::unique_ptr<DeviceWeights>> Create(const ModelWeights& weights,
+                                                               device::Backend& backend);
+
+  const LinearView& embed_tokens() const { return embed_; }
+  const LinearView& lm_head() const { return lm_head_; }
+  const float* final_norm() const { return final_norm_; }
+  const std::vector<LayerView>& layers() const { return layers_; }
+  // Bytes placed in device memory by the upload; 0 for views of host memory.
+  size_t uploaded_bytes() const { return arena_.bytes(); }
+
+ private:
+  class Placer;
+  DeviceWeights() = default;
+
+  device::Buffer arena_;                          // GPU: every weight, one allocation
+  std::vector<std::vector<const void*>> tables_;  // CPU: each MoE layer's expert pointers
+  LinearView embed_, lm_head_;
+  const float* final_norm_ = nullptr;
+  std::vector<LayerView> layers_;
+};
+
+}  // namespace joule
