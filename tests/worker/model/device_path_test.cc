@@ -1,0 +1,171 @@
+// The host side of the GPU path, on a machine without a GPU: the model on
+// FakeDeviceBackend (the CPU's kernels behind a backend whose memory the model
+// must upload to, stage into and copy out of, which records and replays
+// graphs, and honours padded batches as the CUDA kernels do). What runs on a
+// GPU differs only in the kernels, which tests/kernels/cuda checks against the
+// CPU's.
+//
+// Every row's result has the CPU backend's bits, so the golden tolerance is
+// the CPU one, and a replayed decode graph must give exactly the logits of
+// eager launches: padding a batch to its bucket changes no real row (each
+// row's GEMM result does not depend on its batch; GemmTest checks that).
+#include <cstring>
+#include <map>
+
+#include "gtest/gtest.h"
+#include "tests/testing/paths.h"
+#include "tests/worker/model/golden_harness.h"
+#include "worker/device/fake_device_backend.h"
+#include "worker/engine/engine.h"
+#include "worker/model/model.h"
+
+namespace joule {
+namespace {
+
+using testing::ExpectGreedyMatches;
+using testing::ExpectLogitsNear;
+using testing::LoadFixture;
+using testing::Prompt;
+using testing::RunGreedy;
+using testing::RunPrompts;
+
+const testing::LogitTolerance kCpuTolerance = [](float want, float) {
+  return 2e-4f + 2e-4f * std::abs(want);
+};
+
+std::unique_ptr<Model> OnFakeDevice(const std::string& name, bool graphs,
+                                    device::FakeDeviceBackend** backend = nullptr) {
+  auto weights = ModelWeights::Load(testing::TinyModelDir(name));
+  EXPECT_TRUE(weights.ok()) << weights.status();
+  auto fake = std::make_unique<device::FakeDeviceBackend>(2);
+  if (backend != nullptr) *backend = fake.get();
+  auto model = Model::Create(*std::move(weights), std::move(fake), graphs);
+  EXPECT_TRUE(model.ok()) << model.status();
+  return model.ok() ? *std::move(model) : nullptr;
+}
+
+class DevicePathGoldenTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    prompts_ = LoadFixture(GetParam());
+    ASSERT_FALSE(prompts_.empty());
+    model_ = OnFakeDevice(GetParam(), /*graphs=*/true);
+    ASSERT_NE(model_, nullptr);
+    // The weights were uploaded (copied into the device arena), not viewed.
+    ASSERT_GT(model_->device_weights().uploaded_bytes(), 0u);
+  }
+  std::vector<Prompt> prompts_;
+  std::unique_ptr<Model> model_;
+};
+
+TEST_P(DevicePathGoldenTest, BatchedPrefillLogitsMatchReference) {
+  ExpectLogitsNear(prompts_, RunPrompts(*model_, prompts_, 16, 1 << 20, 1), "device_batched",
+                   kCpuTolerance);
+}
+
+TEST_P(DevicePathGoldenTest, ChunkedPagedPrefillLogitsMatchReference) {
+  ExpectLogitsNear(prompts_, RunPrompts(*model_, prompts_, 4, 5, 7), "device_chunked", kCpuTolerance);
+}
+
+TEST_P(DevicePathGoldenTest, TokenByTokenLogitsMatchReference) {
+  ExpectLogitsNear(prompts_, RunPrompts(*model_, prompts_, 1, 1, 3), "device_token_by_token",
+                   kCpuTolerance);
+}
+
+TEST_P(DevicePathGoldenTest, GreedyThroughDecodeGraphsMatchesReference) {
+  const auto got = RunGreedy(*model_, prompts_,
+                             {.block_size = 4, .max_batch_tokens = 16, .max_running = 8});
+  ExpectGreedyMatches(prompts_, got, 1e-3f);
+  EXPECT_GT(model_->graph_replays(), 0) << "no decode step replayed a graph";
+}
+
+INSTANTIATE_TEST_SUITE_P(Families, DevicePathGoldenTest,
+                         ::testing::Values("qwen3_moe-tiny", "qwen2_moe-tiny", "mixtral-tiny"),
+                         [](const auto& info) {
+                           std::string n = info.param;
+                           std::replace(n.begin(), n.end(), '-', '_');
+                           return n;
+                         });
+
+struct LoadRun {
+  std::map<std::pair<uint64_t, int>, std::vector<float>> logits;  // (request, step) -> row
+  std::vector<std::vector<int64_t>> expert_load;
+};
+
+// Requests of different lengths and arrival steps, sampled, so decode steps
+// run at several batch sizes (buckets 1 to 8, padded) and sequences retire
+// mid-run.
+LoadRun RunMixedLoad(Model& model) {
+  LoadRun run;
+  std::map<uint64_t, int> steps;
+  auto engine = Engine::Create(&model, {.block_size = 4, .max_batch_tokens = 64, .max_running = 8});
+  EXPECT_TRUE(engine.ok()) << engine.status();
+  if (!engine.ok()) return run;
+  (*engine)->set_logits_observer([&](uint64_t id, const float* logits, int64_t vocab) {
+    run.logits[{id, steps[id]++}] = std::vector<float>(logits, logits + vocab);
+  });
+  uint64_t next = 0;
+  for (int step = 0; step < 200 && (next < 7 || (*engine)->HasWork()); ++step) {
+    if (next < 7 && step % 3 == 0) {
+      SamplingParams sp;
+      sp.temperature = 0.8f;
+      sp.seed = 100 + next;
+      sp.max_tokens = 5 + 3 * static_cast<int>(next);
+      sp.ignore_eos = true;
+      std::vector<int32_t> prompt;
+      for (uint64_t i = 0; i < 3 + 2 * next; ++i) prompt.push_back(static_cast<int32_t>((7 * i + next) % 200));
+      EXPECT_TRUE((*engine)->Add({.id = next++, .prompt = prompt, .sampling = sp}).ok());
+    }
+    auto r = (*engine)->Step();
+    EXPECT_TRUE(r.ok()) << r.status();
+    if (!r.ok()) break;
+  }
+  auto load = model.local_experts().ExpertLoad();
+  EXPECT_TRUE(load.ok());
+  if (load.ok()) run.expert_load = *load;
+  return run;
+}
+
+TEST(DevicePathTest, ReplayedDecodeGraphsGiveTheBitsOfEagerLaunches) {
+  device::FakeDeviceBackend* fake = nullptr;
+  auto graphed = OnFakeDevice("qwen3_moe-tiny", /*graphs=*/true, &fake);
+  auto eager = OnFakeDevice("qwen3_moe-tiny", /*graphs=*/false);
+  ASSERT_NE(graphed, nullptr);
+  ASSERT_NE(eager, nullptr);
+  const LoadRun a = RunMixedLoad(*graphed);
+  const LoadRun b = RunMixedLoad(*eager);
+  EXPECT_GT(graphed->graph_replays(), 10);
+  EXPECT_GT(fake->recorded(), 0);
+  EXPECT_EQ(eager->graph_replays(), 0);
+  ASSERT_EQ(a.logits.size(), b.logits.size());
+  ASSERT_GT(a.logits.size(), 40u);
+  for (const auto& [key, row] : a.logits) {
+    const std::vector<float>& other = b.logits.at(key);
+    ASSERT_EQ(std::memcmp(row.data(), other.data(), row.size() * sizeof(float)), 0)
+        << "request " << key.first << " step " << key.second;
+  }
+  // Padding tokens route to no expert: the load is the real tokens' alone.
+  EXPECT_EQ(a.expert_load, b.expert_load);
+}
+
+// The same steps on the CPU backend (weights viewed in place, no staging)
+// and on the fake device (weights uploaded, metadata staged, logits copied
+// back, decode graphs): the same bits.
+TEST(DevicePathTest, TheDevicePathGivesTheCpuBackendsBits) {
+  auto cpu = Model::Load(testing::TinyModelDir("qwen2_moe-tiny"), {.num_threads = 2});
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  auto device = OnFakeDevice("qwen2_moe-tiny", /*graphs=*/true);
+  ASSERT_NE(device, nullptr);
+  const LoadRun a = RunMixedLoad(**cpu);
+  const LoadRun b = RunMixedLoad(*device);
+  ASSERT_EQ(a.logits.size(), b.logits.size());
+  for (const auto& [key, row] : a.logits) {
+    const std::vector<float>& other = b.logits.at(key);
+    ASSERT_EQ(std::memcmp(row.data(), other.data(), row.size() * sizeof(float)), 0)
+        << "request " << key.first << " step " << key.second;
+  }
+  EXPECT_EQ(a.expert_load, b.expert_load);
+}
+
+}  // namespace
+}  // namespace joule
