@@ -28,6 +28,7 @@
 #include "kernels/params/elementwise.h"
 #include "kernels/params/gemm.h"
 #include "kernels/params/moe.h"
+#include "kernels/params/sampling.h"
 #include "kernels/params/types.h"
 #include "worker/device/buffer.h"
 #include "worker/device/device_spec.h"
@@ -105,6 +106,7 @@ class Backend {
   virtual absl::Status ExpertLoad(const kernels::ExpertLoadParams& p) = 0;
   virtual absl::Status Unpermute(const kernels::UnpermuteParams& p) = 0;
   virtual absl::Status GatherRows(const kernels::GatherRowsParams& p) = 0;
+  virtual absl::Status Sample(const kernels::SampleParams& p) = 0;
 
   // --- graphs ---------------------------------------------------------------
   // Between BeginCapture and EndCapture launches are recorded, not run; the

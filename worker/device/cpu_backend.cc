@@ -11,6 +11,7 @@
 #include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/moe.h"
+#include "kernels/cpu/sampling.h"
 
 namespace joule::device {
 
@@ -146,6 +147,11 @@ absl::Status CpuBackend::Unpermute(const kernels::UnpermuteParams& p) {
 
 absl::Status CpuBackend::GatherRows(const kernels::GatherRowsParams& p) {
   kc::LaunchGatherRows(p, stream());
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::Sample(const kernels::SampleParams& p) {
+  kc::LaunchSample(p, stream());
   return absl::OkStatus();
 }
 

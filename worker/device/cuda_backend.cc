@@ -17,6 +17,7 @@
 #include "kernels/cuda/elementwise.h"
 #include "kernels/cuda/grouped_gemm.h"
 #include "kernels/cuda/moe.h"
+#include "kernels/cuda/sampling.h"
 
 namespace joule::device {
 namespace {
@@ -170,6 +171,10 @@ class CudaBackend final : public Backend {
   absl::Status GatherRows(const kernels::GatherRowsParams& p) override {
     Bind();
     return kcu::LaunchGatherRows(p, stream_);
+  }
+  absl::Status Sample(const kernels::SampleParams& p) override {
+    Bind();
+    return kcu::LaunchSample(p, stream_);
   }
 
   bool SupportsGraphs() const override { return true; }

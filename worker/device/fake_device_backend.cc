@@ -108,6 +108,9 @@ absl::Status FakeDeviceBackend::ExpertLoad(const kernels::ExpertLoadParams& p) {
 absl::Status FakeDeviceBackend::GatherRows(const kernels::GatherRowsParams& p) {
   return Launch([=, this] { return cpu_.GatherRows(p); });
 }
+absl::Status FakeDeviceBackend::Sample(const kernels::SampleParams& p) {
+  return Launch([=, this] { return cpu_.Sample(p); });
+}
 
 // As on the GPU: a sequence with no context (padding) gets zeros.
 absl::Status FakeDeviceBackend::PagedAttention(const kernels::PagedAttentionParams& p) {

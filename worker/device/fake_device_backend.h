@@ -54,6 +54,7 @@ class FakeDeviceBackend final : public Backend {
   absl::Status ExpertLoad(const kernels::ExpertLoadParams& p) override;
   absl::Status Unpermute(const kernels::UnpermuteParams& p) override;
   absl::Status GatherRows(const kernels::GatherRowsParams& p) override;
+  absl::Status Sample(const kernels::SampleParams& p) override;
 
   bool SupportsGraphs() const override { return true; }
   absl::Status BeginCapture() override;

@@ -405,7 +405,20 @@ absl::StatusOr<StepResult> Engine::RunPlannedStep(bool run_empty) {
     ASSIGN_OR_RETURN(logits_, model_->backend().Allocate(device::MemoryKind::kPinned,
                                                          std::max(logit_bytes, 2 * logits_.bytes())));
   }
-  RETURN_IF_ERROR(model_->Forward(b, kv_->view(), logits_.as<float>()));
+  // Greedy and plain temperature sampling happen where the logits are (on a
+  // GPU only the tokens come back); top-k, top-p and a logits observer need
+  // the logits here. The uniform is drawn now, from the sequence's stream, as
+  // the host sampler would.
+  StepSampling& sampling = sampling_;
+  sampling.temperature.assign(sampled.size(), -1.0f);
+  sampling.uniform.assign(sampled.size(), 0.0);
+  for (size_t r = 0; r < sampled.size() && !observer_; ++r) {
+    const SamplingParams& p = sampled[r]->sampling;
+    if (!SamplesOnDevice(p, vocab)) continue;
+    sampling.temperature[r] = DeviceTemperature(p);
+    if (sampling.temperature[r] > 0.0f) sampling.uniform[r] = sampled[r]->rng.Uniform();
+  }
+  RETURN_IF_ERROR(model_->Forward(b, kv_->view(), logits_.as<float>(), &sampling));
   for (const Scheduled& s : scheduled) s.seq->num_computed += s.chunk;
   // Plan to end of the forward pass (in lockstep that includes the token
   // count exchange and waiting for the slowest rank).
@@ -417,7 +430,9 @@ absl::StatusOr<StepResult> Engine::RunPlannedStep(bool run_empty) {
     Sequence* seq = sampled[r];
     const float* row = logits_.as<float>() + r * vocab;
     if (observer_) observer_(seq->id, row, vocab);
-    const int32_t token = SampleToken(row, vocab, seq->sampling, &seq->rng, &sample_scratch_);
+    const int32_t token = sampling.tokens[r] >= 0
+                              ? sampling.tokens[r]
+                              : SampleToken(row, vocab, seq->sampling, &seq->rng, &sample_scratch_);
     seq->tokens.push_back(token);
     ++seq->generated;
     const FinishReason finish = CheckFinished(*seq, token);

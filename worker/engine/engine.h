@@ -202,6 +202,7 @@ class Engine {
   StepResult plan_result_;  // preemptions made while planning
   ForwardBatch batch_;
   device::Buffer logits_;  // [logit rows, vocab], pinned host memory
+  StepSampling sampling_;  // where each sampled row's token is picked
   std::vector<std::pair<float, int32_t>> sample_scratch_;
   uint64_t unseeded_counter_ = 0;
   uint64_t arrivals_ = 0;

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/cpu/sampling.h"
 
 namespace joule {
 
@@ -26,12 +27,25 @@ uint64_t SamplerRng::Next() {
 
 double SamplerRng::Uniform() { return static_cast<double>(Next() >> 11) * 0x1.0p-53; }
 
+bool SamplesOnDevice(const SamplingParams& p, int64_t vocab) {
+  return p.temperature == 0.0f || p.top_k == 1 ||
+         ((p.top_k == 0 || p.top_k >= vocab) && p.top_p >= 1.0f);
+}
+
+float DeviceTemperature(const SamplingParams& p) {
+  return p.temperature == 0.0f || p.top_k == 1 ? 0.0f : p.temperature;
+}
+
 int32_t SampleToken(const float* logits, int64_t vocab, const SamplingParams& p, SamplerRng* rng,
                     std::vector<std::pair<float, int32_t>>* scratch) {
-  // Greedy: first maximum, as torch.argmax does.
-  if (p.temperature == 0.0f || p.top_k == 1) {
-    return static_cast<int32_t>(std::max_element(logits, logits + vocab) - logits);
+  if (SamplesOnDevice(p, vocab)) {
+    // Greedy (the first maximum, as torch.argmax) or every token a candidate:
+    // the device sampler's arithmetic (kernels/params/sampling.h), no sort.
+    const float t = DeviceTemperature(p);
+    thread_local std::vector<float> exps;
+    return kernels::cpu::SampleRow(logits, vocab, t, t == 0.0f ? 0.0 : rng->Uniform(), &exps);
   }
+  // Top-k or top-p: candidates sorted by logit.
   auto& cand = *scratch;
   cand.resize(vocab);
   for (int64_t i = 0; i < vocab; ++i) cand[i] = {logits[i] / p.temperature, static_cast<int32_t>(i)};

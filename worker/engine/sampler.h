@@ -34,7 +34,15 @@ class SamplerRng {
   uint64_t state_;
 };
 
+// Whether the device picks this sequence's tokens (kernels/params/sampling.h):
+// greedy, or plain temperature sampling; top-k and top-p are picked on the host.
+bool SamplesOnDevice(const SamplingParams& params, int64_t vocab);
+// The temperature the device sampler takes for such a sequence (0: greedy).
+float DeviceTemperature(const SamplingParams& params);
+
 // Picks the next token from logits [vocab]. `scratch` avoids per-call allocation.
+// For a sequence that SamplesOnDevice, the same arithmetic as the device sampler
+// (one uniform drawn from rng unless greedy).
 int32_t SampleToken(const float* logits, int64_t vocab, const SamplingParams& params,
                     SamplerRng* rng, std::vector<std::pair<float, int32_t>>* scratch);
 

@@ -36,6 +36,16 @@ struct ForwardBatch {
   int num_seqs() const { return static_cast<int>(context_lens.size()); }
 };
 
+// Where each logit row's next token is chosen (kernels/params/sampling.h):
+// temperature >= 0 on the device (0: greedy; else a draw with `uniform`), its
+// token returned in `tokens` and its logits never copied back; < 0 on the host,
+// from the logits Model::Forward copies back (tokens -1).
+struct StepSampling {
+  std::vector<float> temperature;  // [logit rows]
+  std::vector<double> uniform;     // [logit rows]
+  std::vector<int32_t> tokens;     // [logit rows], written by Model::Forward
+};
+
 // The largest step a workspace holds: tokens, sequences, block-table width
 // and logit rows, and the longest context attention may read.
 struct StepShape {

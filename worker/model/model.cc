@@ -146,30 +146,51 @@ absl::Status Model::Validate(const ForwardBatch& b, const KvCacheView& kv) const
 // An empty batch (no sequences, query_start = {0}) is valid: every layer
 // runs over zero tokens and still calls the expert executor, which is how an
 // idle expert-parallel rank joins a step (worker/ep/lockstep.h).
-absl::Status Model::Forward(const ForwardBatch& b, const KvCacheView& kv, float* logits) {
+absl::Status Model::Forward(const ForwardBatch& b, const KvCacheView& kv, float* logits,
+                            StepSampling* sampling) {
   RETURN_IF_ERROR(Validate(b, kv));
   const int64_t R = static_cast<int64_t>(b.logit_rows.size());
-  const StepActivations& act = workspace_.activations();
+  if (sampling != nullptr && (static_cast<int64_t>(sampling->temperature.size()) != R ||
+                              static_cast<int64_t>(sampling->uniform.size()) != R)) {
+    return absl::InvalidArgumentError("forward batch: sampling must have one entry per logit row");
+  }
   if (auto [graph, bucket] = DecodeGraphFor(b, kv); graph != nullptr) {
-    RETURN_IF_ERROR(workspace_.Stage(*backend_, b, DecodeShape(bucket)));
+    RETURN_IF_ERROR(workspace_.Stage(*backend_, b, DecodeShape(bucket), sampling));
     RETURN_IF_ERROR(graph->Launch());
     ++graph_replays_;
-    return ReturnLogits(act.logits, R, logits);
+    return ReturnResults(R, logits, sampling);
   }
   const StepShape step{.tokens = b.num_tokens(), .seqs = b.num_seqs(),
                        .blocks_per_seq = b.max_blocks_per_seq, .logit_rows = R,
                        .max_context_len = int64_t{b.max_blocks_per_seq} * kv.block_size};
   RETURN_IF_ERROR(Reserve(step));
-  RETURN_IF_ERROR(workspace_.Stage(*backend_, b, step));
+  RETURN_IF_ERROR(workspace_.Stage(*backend_, b, step, sampling));
   const bool host = backend_->device_memory_is_host();
   RETURN_IF_ERROR(Run(step, /*padded=*/false, kv, host ? logits : workspace_.activations().logits));
-  return ReturnLogits(workspace_.activations().logits, R, logits);
+  return ReturnResults(R, logits, sampling);
 }
 
-absl::Status Model::ReturnLogits(const float* device_logits, int64_t rows, float* logits) {
-  if (!backend_->device_memory_is_host() && rows > 0) {
-    RETURN_IF_ERROR(backend_->CopyAsync(logits, device_logits,
-                                        static_cast<size_t>(rows * config().vocab_size) * sizeof(float)));
+absl::Status Model::ReturnResults(int64_t rows, float* logits, StepSampling* sampling) {
+  const StepActivations& a = workspace_.activations();
+  const size_t row_bytes = static_cast<size_t>(config().vocab_size) * sizeof(float);
+  auto host_row = [&](int64_t r) { return sampling == nullptr || sampling->temperature[r] < 0.0f; };
+  if (!backend_->device_memory_is_host()) {
+    // Runs of the host's rows, one copy each (usually one run, or none).
+    for (int64_t r = 0; r < rows;) {
+      if (!host_row(r)) {
+        ++r;
+        continue;
+      }
+      int64_t end = r + 1;
+      while (end < rows && host_row(end)) ++end;
+      RETURN_IF_ERROR(backend_->CopyAsync(logits + r * config().vocab_size,
+                                          a.logits + r * config().vocab_size, (end - r) * row_bytes));
+      r = end;
+    }
+  }
+  if (sampling != nullptr) {
+    sampling->tokens.resize(rows);
+    RETURN_IF_ERROR(backend_->CopyAsync(sampling->tokens.data(), a.tokens, rows * sizeof(int32_t)));
   }
   // Also where nothing comes back: a fault inside any kernel of the step
   // surfaces here, as this step's error, naming the device.
@@ -263,8 +284,11 @@ absl::Status Model::Run(const StepShape& step, bool padded, const KvCacheView& k
   RETURN_IF_ERROR(backend_->RmsNorm({.x = a.final, .weight = w.final_norm(), .out = a.final,
                                      .rows = R, .cols = H, .eps = c.rms_norm_eps}));
   const LinearView& head = w.lm_head();
-  return backend_->Gemm({.x = a.final, .m = R, .k = H, .w = head.w, .w_type = head.type,
-                         .n = c.vocab_size, .y = logits, .workspace = a.gemm_workspace});
+  RETURN_IF_ERROR(backend_->Gemm({.x = a.final, .m = R, .k = H, .w = head.w, .w_type = head.type,
+                                  .n = c.vocab_size, .y = logits, .workspace = a.gemm_workspace}));
+  return backend_->Sample({.logits = logits, .rows = R, .vocab = c.vocab_size,
+                           .temperature = m.temperature, .uniform = m.uniform,
+                           .tokens = a.tokens});
 }
 
 absl::Status Model::Layer(int layer, const StepShape& step, bool padded, const KvCacheView& kv) {

@@ -76,8 +76,10 @@ class Model {
   int64_t graph_replays() const { return graph_replays_; }
 
   // Runs all layers and writes logits [logit_rows.size(), vocab_size] into
-  // host memory.
-  absl::Status Forward(const ForwardBatch& batch, const KvCacheView& kv, float* logits);
+  // host memory. With `sampling`, the rows it gives the device get their next
+  // token there (sampling->tokens) and only the other rows' logits come back.
+  absl::Status Forward(const ForwardBatch& batch, const KvCacheView& kv, float* logits,
+                       StepSampling* sampling = nullptr);
 
  private:
   Model(std::unique_ptr<ModelWeights> weights, std::unique_ptr<device::Backend> backend,
@@ -95,8 +97,9 @@ class Model {
   absl::Status Run(const StepShape& shape, bool padded, const KvCacheView& kv, float* logits);
   absl::Status Layer(int layer, const StepShape& shape, bool padded, const KvCacheView& kv);
   absl::Status Moe(const LayerView& L, int layer, const StepShape& shape, bool padded);
-  // Copies the logits of `rows` rows back to the caller and waits.
-  absl::Status ReturnLogits(const float* device_logits, int64_t rows, float* logits);
+  // Copies back the tokens the device picked and the logits of the rows it
+  // did not (of `rows` rows), and waits.
+  absl::Status ReturnResults(int64_t rows, float* logits, StepSampling* sampling);
 
   std::unique_ptr<ModelWeights> weights_;
   std::unique_ptr<device::Backend> backend_;

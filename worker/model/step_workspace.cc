@@ -34,6 +34,8 @@ StepMetadata StepWorkspace::Carve(std::byte* base) const {
           .context_lens = reinterpret_cast<int32_t*>(base + context_lens_),
           .block_tables = reinterpret_cast<int32_t*>(base + block_tables_),
           .logit_rows = reinterpret_cast<int32_t*>(base + logit_rows_),
+          .temperature = reinterpret_cast<float*>(base + temperature_),
+          .uniform = reinterpret_cast<double*>(base + uniform_),
           .valid_tokens = reinterpret_cast<int64_t*>(base + valid_tokens_)};
 }
 
@@ -57,6 +59,8 @@ absl::Status StepWorkspace::Allocate(device::Backend& backend, const ModelConfig
   query_start_ = layout.Reserve((S + 1) * sizeof(int32_t));
   context_lens_ = layout.Reserve(S * sizeof(int32_t));
   logit_rows_ = layout.Reserve(R * sizeof(int32_t));
+  temperature_ = layout.Reserve(R * sizeof(float));
+  uniform_ = layout.Reserve(R * sizeof(double));
   valid_tokens_ = layout.Reserve(sizeof(int64_t));
   // Last, so a step copies only the rows of its block tables it uses.
   block_tables_ = layout.Reserve(S * std::max<int64_t>(1, shape.blocks_per_seq) * sizeof(int32_t));
@@ -67,7 +71,7 @@ absl::Status StepWorkspace::Allocate(device::Backend& backend, const ModelConfig
                shared = floats(T * H), scratch = floats(2 * T * dense),
                router = floats(T * E), ids = floats(T * K), weights = floats(T * K),
                gate = floats(T), final = floats(R * H),
-               logits = host ? 0 : floats(R * c.vocab_size);
+               logits = host ? 0 : floats(R * c.vocab_size), tokens = floats(R);
   const size_t gemm = layout.Reserve(
       backend.GemmWorkspaceBytes(std::max(T, R), std::max({H, qd, dense})));
   // A step with fewer tokens may split its keys into more parts (decode), so
@@ -93,14 +97,15 @@ absl::Status StepWorkspace::Allocate(device::Backend& backend, const ModelConfig
           .mlp_out = f(mlp_out), .shared = f(shared), .mlp_scratch = f(scratch),
           .router_logits = f(router), .topk_ids = reinterpret_cast<int32_t*>(base + ids),
           .topk_weights = f(weights), .gate_logit = f(gate), .final = f(final),
-          .logits = host ? nullptr : f(logits), .gemm_workspace = base + gemm,
+          .logits = host ? nullptr : f(logits),
+          .tokens = reinterpret_cast<int32_t*>(base + tokens), .gemm_workspace = base + gemm,
           .attention_workspace = base + attention};
   shape_ = shape;
   return absl::OkStatus();
 }
 
 absl::Status StepWorkspace::Stage(device::Backend& backend, const ForwardBatch& b,
-                                  const StepShape& step) {
+                                  const StepShape& step, const StepSampling* sampling) {
   const StepMetadata& m = staging_meta_;
   const int64_t T = b.num_tokens();
   const int S = b.num_seqs();
@@ -129,6 +134,11 @@ absl::Status StepWorkspace::Stage(device::Backend& backend, const ForwardBatch& 
   }
   for (int64_t r = R; r < step.logit_rows; ++r) {
     m.logit_rows[r] = static_cast<int32_t>(std::min(r, step.tokens - 1));
+  }
+  for (int64_t r = 0; r < step.logit_rows; ++r) {
+    const bool device = sampling != nullptr && r < R;
+    m.temperature[r] = device ? sampling->temperature[r] : -1.0f;
+    m.uniform[r] = device ? sampling->uniform[r] : 0.0;
   }
   *m.valid_tokens = T;
   if (backend.device_memory_is_host()) return absl::OkStatus();

@@ -22,6 +22,8 @@ struct StepMetadata {
   int32_t* context_lens = nullptr;  // [seqs]
   int32_t* block_tables = nullptr;  // [seqs, blocks_per_seq of the staged step]
   int32_t* logit_rows = nullptr;    // [logit_rows]
+  float* temperature = nullptr;     // [logit_rows] StepSampling's, -1 for the host's rows
+  double* uniform = nullptr;        // [logit_rows]
   int64_t* valid_tokens = nullptr;  // [1]: the real tokens of a padded step
 };
 
@@ -42,6 +44,7 @@ struct StepActivations {
   float* gate_logit = nullptr;     // [tokens]
   float* final = nullptr;          // [logit_rows, hidden]
   float* logits = nullptr;         // [logit_rows, vocab] (device memory; null on the CPU)
+  int32_t* tokens = nullptr;       // [logit_rows] the device sampler's picks
   void* gemm_workspace = nullptr;
   void* attention_workspace = nullptr;
 };
@@ -62,8 +65,10 @@ class StepWorkspace {
   // tables step.blocks_per_seq wide), and copies it to the device. A step
   // larger than the batch is padding (CUDA graphs' fixed sizes): one-token
   // sequences with no context and no KV slot, after the batch's own, and
-  // valid_tokens tells the router which tokens are real.
-  absl::Status Stage(device::Backend& backend, const ForwardBatch& batch, const StepShape& step);
+  // valid_tokens tells the router which tokens are real. Rows `sampling` does
+  // not give the device (all without it; padding) are the host's.
+  absl::Status Stage(device::Backend& backend, const ForwardBatch& batch, const StepShape& step,
+                     const StepSampling* sampling = nullptr);
 
  private:
   StepMetadata Carve(std::byte* base) const;
@@ -74,7 +79,7 @@ class StepWorkspace {
   size_t metadata_bytes_ = 0;
   // Offsets of the metadata arrays within either buffer.
   size_t tokens_ = 0, positions_ = 0, slots_ = 0, query_start_ = 0, context_lens_ = 0,
-         block_tables_ = 0, logit_rows_ = 0, valid_tokens_ = 0;
+         block_tables_ = 0, logit_rows_ = 0, temperature_ = 0, uniform_ = 0, valid_tokens_ = 0;
   StepMetadata device_meta_, staging_meta_;
   StepActivations act_;
 };

@@ -89,26 +89,31 @@ INSTANTIATE_TEST_SUITE_P(Families, DevicePathGoldenTest,
 
 struct LoadRun {
   std::map<std::pair<uint64_t, int>, std::vector<float>> logits;  // (request, step) -> row
+  std::map<uint64_t, std::vector<int32_t>> tokens;                 // request -> its tokens
   std::vector<std::vector<int64_t>> expert_load;
 };
 
-// Requests of different lengths and arrival steps, sampled, so decode steps
-// run at several batch sizes (buckets 1 to 8, padded) and sequences retire
-// mid-run.
-LoadRun RunMixedLoad(Model& model) {
+// Requests of different lengths and arrival steps, sampled (every third one
+// greedy), so decode steps run at several batch sizes (buckets 1 to 8,
+// padded) and sequences retire mid-run. With `observe` the engine hands over
+// every row's logits, so every token is picked on the host; without, the
+// device picks them and no logits come back.
+LoadRun RunMixedLoad(Model& model, bool observe = true) {
   LoadRun run;
   std::map<uint64_t, int> steps;
   auto engine = Engine::Create(&model, {.block_size = 4, .max_batch_tokens = 64, .max_running = 8});
   EXPECT_TRUE(engine.ok()) << engine.status();
   if (!engine.ok()) return run;
-  (*engine)->set_logits_observer([&](uint64_t id, const float* logits, int64_t vocab) {
-    run.logits[{id, steps[id]++}] = std::vector<float>(logits, logits + vocab);
-  });
+  if (observe) {
+    (*engine)->set_logits_observer([&](uint64_t id, const float* logits, int64_t vocab) {
+      run.logits[{id, steps[id]++}] = std::vector<float>(logits, logits + vocab);
+    });
+  }
   uint64_t next = 0;
   for (int step = 0; step < 200 && (next < 7 || (*engine)->HasWork()); ++step) {
     if (next < 7 && step % 3 == 0) {
       SamplingParams sp;
-      sp.temperature = 0.8f;
+      sp.temperature = next % 3 == 2 ? 0.0f : 0.8f;
       sp.seed = 100 + next;
       sp.max_tokens = 5 + 3 * static_cast<int>(next);
       sp.ignore_eos = true;
@@ -119,6 +124,7 @@ LoadRun RunMixedLoad(Model& model) {
     auto r = (*engine)->Step();
     EXPECT_TRUE(r.ok()) << r.status();
     if (!r.ok()) break;
+    for (const TokenOutput& t : r->tokens) run.tokens[t.id].push_back(t.token);
   }
   auto load = model.local_experts().ExpertLoad();
   EXPECT_TRUE(load.ok());
@@ -165,6 +171,23 @@ TEST(DevicePathTest, TheDevicePathGivesTheCpuBackendsBits) {
         << "request " << key.first << " step " << key.second;
   }
   EXPECT_EQ(a.expert_load, b.expert_load);
+}
+
+// Greedy and temperature draws picked where the logits are (the device
+// sampler, kernels/params/sampling.h) are the tokens the host sampler picks
+// from the same logits and the same seeded streams; on the fake device only
+// the tokens come back.
+TEST(DevicePathTest, TokensPickedOnTheDeviceAreTheHostSamplersTokens) {
+  auto device = OnFakeDevice("qwen3_moe-tiny", /*graphs=*/true);
+  ASSERT_NE(device, nullptr);
+  const LoadRun on_device = RunMixedLoad(*device, /*observe=*/false);
+  const LoadRun on_host = RunMixedLoad(*device, /*observe=*/true);
+  auto cpu = Model::Load(testing::TinyModelDir("qwen3_moe-tiny"), {.num_threads = 2});
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  const LoadRun cpu_device = RunMixedLoad(**cpu, /*observe=*/false);
+  ASSERT_EQ(on_device.tokens.size(), 7u);
+  EXPECT_EQ(on_device.tokens, on_host.tokens);
+  EXPECT_EQ(on_device.tokens, cpu_device.tokens);
 }
 
 }  // namespace
