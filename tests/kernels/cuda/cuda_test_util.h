@@ -20,17 +20,29 @@
 
 namespace joule::kernels::cuda {
 
-// True when a CUDA device is usable. Without one: false (the caller skips),
-// unless JOULE_REQUIRE_GPU=1, which turns the skip into a test failure.
-inline bool DeviceOrSkip() {
-  const absl::Status device = CheckDeviceAvailable();
-  if (device.ok()) return true;
+// Set by tests/gpu/run.sh on a GPU host.
+inline bool GpuRequired() {
   const char* require = std::getenv("JOULE_REQUIRE_GPU");
-  if (require != nullptr && std::string(require) == "1") {
-    ADD_FAILURE() << "JOULE_REQUIRE_GPU=1 but " << device.message();
-  }
-  return false;
+  return require != nullptr && std::string(require) == "1";
 }
+
+}  // namespace joule::kernels::cuda
+
+// Skips the test where no CUDA device is usable; under JOULE_REQUIRE_GPU=1
+// fails it instead, fatally, so a fixture's test body never runs on a device
+// that is not there. For a test body or a fixture's SetUp.
+#define JOULE_SKIP_WITHOUT_CUDA_DEVICE()                                                        \
+  do {                                                                                          \
+    const absl::Status joule_device_ = ::joule::kernels::cuda::CheckDeviceAvailable();          \
+    if (!joule_device_.ok()) {                                                                  \
+      if (::joule::kernels::cuda::GpuRequired()) {                                              \
+        GTEST_FAIL() << "JOULE_REQUIRE_GPU=1 but " << joule_device_.message();                  \
+      }                                                                                         \
+      GTEST_SKIP() << joule_device_.message();                                                  \
+    }                                                                                           \
+  } while (0)
+
+namespace joule::kernels::cuda {
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -86,7 +98,7 @@ class DeviceBuffer {
 class CudaKernelTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (!DeviceOrSkip()) GTEST_SKIP() << CheckDeviceAvailable().message();
+    JOULE_SKIP_WITHOUT_CUDA_DEVICE();
     ASSERT_EQ(cudaStreamCreate(&stream_), cudaSuccess);
   }
   void TearDown() override {

@@ -17,7 +17,7 @@ namespace {
 using ::testing::HasSubstr;
 
 TEST(GpuFaultTest, AFaultInsideAStepIsThatStepsErrorAndTheNextStepsToo) {
-  if (!kernels::cuda::DeviceOrSkip()) GTEST_SKIP() << "no CUDA device";
+  JOULE_SKIP_WITHOUT_CUDA_DEVICE();
   auto model = Model::Load(testing::TinyModelDir("qwen3_moe-tiny"),
                            {.device = {.kind = device::DeviceKind::kCuda, .index = 0},
                             .cuda_graphs = false});

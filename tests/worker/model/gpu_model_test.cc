@@ -61,7 +61,7 @@ std::unique_ptr<Model> LoadOnGpu(const std::string& name, bool cuda_graphs) {
 class GpuGoldenTest : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
-    if (!kernels::cuda::DeviceOrSkip()) GTEST_SKIP() << "no CUDA device";
+    JOULE_SKIP_WITHOUT_CUDA_DEVICE();
     prompts_ = LoadFixture(GetParam() + ".bf16act");
     ASSERT_FALSE(prompts_.empty());
     model_ = LoadOnGpu(GetParam(), /*cuda_graphs=*/true);
@@ -136,7 +136,7 @@ StepLogits RunEngine(Model& model, const std::vector<Prompt>& prompts) {
 // another algorithm for the padded row count; attention splits by the
 // reserved context), so the same bound as against the reference.
 TEST(CudaGraphTest, ReplayGivesTheLogitsOfEagerLaunches) {
-  if (!kernels::cuda::DeviceOrSkip()) GTEST_SKIP() << "no CUDA device";
+  JOULE_SKIP_WITHOUT_CUDA_DEVICE();
   const std::vector<Prompt> prompts = LoadFixture("qwen3_moe-tiny.bf16act");
   auto graphed = LoadOnGpu("qwen3_moe-tiny", /*cuda_graphs=*/true);
   auto eager = LoadOnGpu("qwen3_moe-tiny", /*cuda_graphs=*/false);
@@ -163,7 +163,7 @@ TEST(CudaGraphTest, ReplayGivesTheLogitsOfEagerLaunches) {
 }
 
 TEST(GpuBadInputTest, AnOrdinalPastTheLastDeviceNamesHowManyThereAre) {
-  if (!kernels::cuda::DeviceOrSkip()) GTEST_SKIP() << "no CUDA device";
+  JOULE_SKIP_WITHOUT_CUDA_DEVICE();
   const int count = kernels::cuda::DeviceCount();
   auto backend = device::CreateBackend({.kind = device::DeviceKind::kCuda, .index = count});
   ASSERT_FALSE(backend.ok());
@@ -173,7 +173,7 @@ TEST(GpuBadInputTest, AnOrdinalPastTheLastDeviceNamesHowManyThereAre) {
 }
 
 TEST(GpuBadInputTest, MemoryThatIsNotThereSaysHowMuchWasAskedAndIsFree) {
-  if (!kernels::cuda::DeviceOrSkip()) GTEST_SKIP() << "no CUDA device";
+  JOULE_SKIP_WITHOUT_CUDA_DEVICE();
   auto backend = device::CreateBackend(kGpu);
   ASSERT_TRUE(backend.ok()) << backend.status();
   auto memory = (*backend)->DeviceMemory();
@@ -188,7 +188,7 @@ TEST(GpuBadInputTest, MemoryThatIsNotThereSaysHowMuchWasAskedAndIsFree) {
 }
 
 TEST(GpuBadInputTest, AKvCacheThatDoesNotFitIsAClearError) {
-  if (!kernels::cuda::DeviceOrSkip()) GTEST_SKIP() << "no CUDA device";
+  JOULE_SKIP_WITHOUT_CUDA_DEVICE();
   auto model = LoadOnGpu("qwen3_moe-tiny", false);
   ASSERT_NE(model, nullptr);
   // A utilization below what is already in use leaves no room.
@@ -205,7 +205,7 @@ TEST(GpuBadInputTest, AKvCacheThatDoesNotFitIsAClearError) {
 }
 
 TEST(GpuBadInputTest, ABatchThatDoesNotMatchTheCacheIsRefused) {
-  if (!kernels::cuda::DeviceOrSkip()) GTEST_SKIP() << "no CUDA device";
+  JOULE_SKIP_WITHOUT_CUDA_DEVICE();
   auto model = LoadOnGpu("qwen3_moe-tiny", false);
   ASSERT_NE(model, nullptr);
   KvCacheView f32_view{.block_size = 16, .num_blocks = 1, .type = kernels::DType::kF32};

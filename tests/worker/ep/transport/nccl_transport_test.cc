@@ -22,12 +22,7 @@ using kernels::cuda::CheckDeviceAvailable;
 using kernels::cuda::DeviceCount;
 
 // Skips without a GPU; fails instead under JOULE_REQUIRE_GPU=1 (tests/gpu/run.sh).
-#define SKIP_WITHOUT_DEVICE()                                          \
-  do {                                                                 \
-    if (!kernels::cuda::DeviceOrSkip()) {                              \
-      GTEST_SKIP() << CheckDeviceAvailable().message();                \
-    }                                                                  \
-  } while (0)
+#define SKIP_WITHOUT_DEVICE() JOULE_SKIP_WITHOUT_CUDA_DEVICE()
 
 // Device buffer that frees itself.
 struct DeviceBuffer {
