@@ -15,6 +15,7 @@
 #include "kernels/cuda/blas.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/elementwise.h"
+#include "kernels/cuda/gemm.h"
 #include "kernels/cuda/grouped_gemm.h"
 #include "kernels/cuda/moe.h"
 #include "kernels/cuda/sampling.h"
@@ -114,7 +115,12 @@ class CudaBackend final : public Backend {
 
   absl::Status Gemm(const kernels::GemmParams& p) override {
     Bind();
-    return gemm_->Run(p, stream_);
+    absl::Status lt = gemm_->Run(p, stream_);
+    // A shape cuBLASLt has no algorithm for (decided on the host, the same
+    // way at warm-up and at capture) runs on the SIMT kernel, which reads
+    // the F32 input as it is.
+    if (absl::IsUnimplemented(lt)) return kcu::LaunchGemm(p, stream_);
+    return lt;
   }
   absl::Status GroupedGemm(const kernels::GroupedGemmParams& p) override {
     Bind();
