@@ -1,11 +1,12 @@
 // Expert parallelism: routed experts run on the ranks that hold them.
 //
-// Per MoE layer: choose a replica for every (token, expert) pair, pack one row
-// per token and destination rank (however many of its experts live there),
-// exchange counts, dispatch payloads (all-to-all-v), run the local experts
-// grouped, send the outputs back (combine) and add them up with the router
-// weights. The layout computed for dispatch is the handle
-// combine consumes, so the two can never disagree.
+// Per MoE layer, in stages: the dispatch layout (a replica for every (token,
+// expert) pair, one row per token and destination rank however many of its
+// experts live there; dispatch_layout.h), the count exchange, dispatch (pack
+// and all-to-all-v, or writes into peers' shared windows), the local experts
+// grouped, combine (the outputs back) and the reduce into the token's output
+// (combine.h: one strategy per payload type). The layout computed for
+// dispatch is the handle combine consumes, so the two can never disagree.
 #pragma once
 
 #include <memory>
@@ -14,13 +15,12 @@
 #include "absl/status/status.h"
 #include "common/placement.h"
 #include "kernels/cpu/thread_pool.h"
+#include "worker/ep/combine.h"
 #include "worker/ep/transport.h"
 #include "worker/model/experts.h"
 #include "worker/model/weights.h"
 
 namespace joule::ep {
-
-enum class PayloadType { kF32, kBF16 };
 
 // Payload precision of dispatched activations and combined expert outputs.
 // kF32 reproduces the local executor bit for bit; kBF16 halves the bytes and
