@@ -92,6 +92,16 @@ void Membership::FillRegisterReplyLocked(int rank, v1::RegisterReply* reply) con
   reply->set_step_timeout_ms(absl::ToInt64Milliseconds(options_.step_timeout));
 }
 
+namespace {
+
+// "cuda" of "cuda:3"; "cpu" of "cpu" (an empty device is a CPU).
+std::string DeviceKind(const std::string& device) {
+  const std::string kind = device.substr(0, device.find(':'));
+  return kind.empty() ? "cpu" : kind;
+}
+
+}  // namespace
+
 absl::Status Membership::Register(const v1::RegisterRequest& request, v1::RegisterReply* reply) {
   if (request.protocol_version() != v1::PROTOCOL_VERSION_1) {
     return absl::FailedPreconditionError(absl::StrCat(
@@ -128,6 +138,17 @@ absl::Status Membership::Register(const v1::RegisterRequest& request, v1::Regist
 
   absl::MutexLock lock(&mu_);
   if (shutdown_) return absl::UnavailableError("coordinator is shutting down");
+  // One kind of device per group: the ranks' collectives and shared windows
+  // must be of one kind (host memory, or GPU memory through NCCL / CUDA IPC).
+  for (const Slot& s : slots_) {
+    if (Live(s) && s.info.worker_id != request.worker_id() &&
+        DeviceKind(s.info.device) != DeviceKind(request.device())) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "device: worker ", request.worker_id(), " computes on ", request.device(), " but rank ",
+          s.info.rank, " (worker ", s.info.worker_id, ") on ", s.info.device,
+          "; every rank of a group uses one kind of device (--device)"));
+    }
+  }
   // The same process again (its reply was lost, or it restarted its client).
   for (const Slot& s : slots_) {
     if (Live(s) && s.info.worker_id == request.worker_id()) {

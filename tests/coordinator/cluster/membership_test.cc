@@ -155,6 +155,22 @@ TEST_F(MembershipTest, RefusesAnotherTransport) {
               HasSubstr("worker transport TRANSPORT_KIND_NCCL != coordinator's TRANSPORT_KIND_UCX"));
 }
 
+TEST_F(MembershipTest, RefusesAnotherKindOfDeviceInOneGroup) {
+  Make(3);
+  v1::RegisterRequest gpu = Worker("w-a");
+  gpu.set_device("cuda:0");
+  ASSERT_EQ(*Register(gpu), 0);
+  v1::RegisterRequest other_gpu = Worker("w-b");
+  other_gpu.set_device("cuda:1");  // another GPU of the same kind is fine
+  ASSERT_EQ(*Register(other_gpu), 1);
+  absl::Status s = Register(Worker("w-c")).status();  // a CPU worker
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("worker w-c computes on cpu but rank 0 (worker w-a) on cuda:0"));
+  // The same worker registering again is not a conflict with itself.
+  EXPECT_EQ(*Register(gpu), 0);
+}
+
 TEST_F(MembershipTest, RefusesDuplicateRankHeldByLiveWorker) {
   Make(2);
   ASSERT_EQ(*Register(Worker("w-a", 1)), 1);
