@@ -17,6 +17,7 @@
 #include <boost/beast/http/write.hpp>
 
 #include "absl/strings/str_cat.h"
+#include "common/http_framing.h"
 #include "common/logging.h"
 
 namespace joule::http {
@@ -34,13 +35,6 @@ std::chrono::steady_clock::duration ToChrono(absl::Duration d) { return absl::To
 // body we refused with 413): read and drop it for a while before closing, so
 // the client gets our response rather than a connection reset.
 constexpr absl::Duration kLingerTime = absl::Seconds(2);
-
-// A parser error about the bytes received (not the connection ending early).
-bool IsMalformedRequest(const boost::system::error_code& ec) {
-  if (!ec || &ec.category() != &bhttp::make_error_code(bhttp::error::bad_method).category()) return false;
-  return ec != bhttp::error::end_of_stream && ec != bhttp::error::partial_message &&
-         ec != bhttp::error::need_more && ec != bhttp::error::need_buffer;
-}
 
 }  // namespace
 
@@ -126,6 +120,7 @@ class Session : public std::enable_shared_from_this<Session> {
     if (closed_) return;
     parser_.emplace();
     parser_->body_limit(static_cast<uint64_t>(server_->options_.max_body_bytes));
+    parser_->header_limit(kMaxHttpHeaderBytes);
     stream_.expires_after(ToChrono(server_->options_.idle_timeout));
     bhttp::async_read_header(stream_, buffer_, *parser_,
                              [self = shared_from_this()](beast::error_code ec, size_t) { self->OnHeader(ec); });
@@ -153,15 +148,9 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void OnRead(beast::error_code ec) {
     if (closed_) return;
-    if (ec == bhttp::error::body_limit) {
-      return ServerError(413, absl::StrCat("the request body exceeds the server's limit of ",
-                                           server_->options_.max_body_bytes, " bytes (--max-body-bytes)"));
-    }
-    if (ec == bhttp::error::header_limit) {
-      return ServerError(431, "the request's header fields exceed the server's limit of 8 KiB");
-    }
-    if (IsMalformedRequest(ec)) {
-      return ServerError(400, absl::StrCat("malformed HTTP request: ", ec.message()));
+    if (std::optional<HttpFramingError> bad = RequestFramingError(ec, server_->options_.max_body_bytes)) {
+      if (bad->status == 413) bad->message += " (--max-body-bytes)";
+      return ServerError(bad->status, bad->message);
     }
     if (ec) return CloseNow();  // the client closed, went idle too long, or reset
 

@@ -97,6 +97,17 @@ absl::Status Engine::Add(GenerationRequest r) {
           absl::StrCat("prompt token id ", t, " is outside the vocabulary [0, ", c.vocab_size, ")"));
     }
   }
+  if (static_cast<int64_t>(r.resumed.size()) >= r.sampling.max_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat("resumed_token_ids: ", r.resumed.size(),
+                                                   " tokens leave nothing of max_tokens ",
+                                                   r.sampling.max_tokens));
+  }
+  for (int32_t t : r.resumed) {
+    if (t < 0 || t >= c.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "resumed token id ", t, " is outside the vocabulary [0, ", c.vocab_size, ")"));
+    }
+  }
   const int64_t total = static_cast<int64_t>(r.prompt.size()) + r.sampling.max_tokens;
   if (total > max_model_len_) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -115,6 +126,8 @@ absl::Status Engine::Add(GenerationRequest r) {
   auto seq = std::make_unique<Sequence>();
   seq->id = r.id;
   seq->tokens = std::move(r.prompt);
+  seq->tokens.insert(seq->tokens.end(), r.resumed.begin(), r.resumed.end());
+  seq->generated = static_cast<int>(r.resumed.size());
   seq->sampling = std::move(r.sampling);
   seq->priority = r.priority;
   seq->token_interval = std::max(absl::ZeroDuration(), r.token_interval);
@@ -123,6 +136,10 @@ absl::Status Engine::Add(GenerationRequest r) {
   // Unseeded requests still get distinct, reproducible-per-process streams.
   seq->rng = SamplerRng(seq->sampling.seed.value_or(0x6a6f756c65ull ^ (++unseeded_counter_ * 0x9e3779b97f4a7c15ull) ^
                                                     std::random_device{}()));
+  // Every token a sampler drew (not greedy) took one uniform.
+  if (DrawsPerToken(seq->sampling) > 0) {
+    for (size_t i = 0; i < r.resumed.size(); ++i) seq->rng.Uniform();
+  }
   waiting_.push_back(seq.get());
   sequences_.emplace(seq->id, std::move(seq));
   return absl::OkStatus();
@@ -409,6 +426,9 @@ absl::StatusOr<StepResult> Engine::RunPlannedStep(bool run_empty) {
   // GPU only the tokens come back); top-k, top-p and a logits observer need
   // the logits here. The uniform is drawn now, from the sequence's stream, as
   // the host sampler would.
+  std::vector<SamplerRng>& rngs = rng_before_step_;  // undone if the step fails
+  rngs.clear();
+  for (Sequence* seq : sampled) rngs.push_back(seq->rng);
   StepSampling& sampling = sampling_;
   sampling.temperature.assign(sampled.size(), -1.0f);
   sampling.uniform.assign(sampled.size(), 0.0);
@@ -418,7 +438,12 @@ absl::StatusOr<StepResult> Engine::RunPlannedStep(bool run_empty) {
     sampling.temperature[r] = DeviceTemperature(p);
     if (sampling.temperature[r] > 0.0f) sampling.uniform[r] = sampled[r]->rng.Uniform();
   }
-  RETURN_IF_ERROR(model_->Forward(b, kv_->view(), logits_.as<float>(), &sampling));
+  if (absl::Status s = model_->Forward(b, kv_->view(), logits_.as<float>(), &sampling); !s.ok()) {
+    // The step did not happen: the next one draws the same uniforms again,
+    // so its tokens are what this step's would have been.
+    for (size_t r = 0; r < sampled.size(); ++r) sampled[r]->rng = rngs[r];
+    return s;
+  }
   for (const Scheduled& s : scheduled) s.seq->num_computed += s.chunk;
   // Plan to end of the forward pass (in lockstep that includes the token
   // count exchange and waiting for the slowest rank).

@@ -28,6 +28,12 @@ std::string_view FinishReasonName(FinishReason r);
 struct GenerationRequest {
   uint64_t id = 0;
   std::vector<int32_t> prompt;
+  // A request resuming after its rank died: the tokens it generated there.
+  // They are recomputed as context after the prompt, count against
+  // max_tokens, are not reported again, and a seeded stream continues after
+  // the draws they took, so the rest equals an uninterrupted run's where the
+  // arithmetic is the same.
+  std::vector<int32_t> resumed;
   SamplingParams sampling;
   // Who gets a step's token budget first: lower first (running before waiting
   // within one priority). The worker sets the service tier's rank (fast 0 ...
@@ -203,6 +209,7 @@ class Engine {
   ForwardBatch batch_;
   device::Buffer logits_;  // [logit rows, vocab], pinned host memory
   StepSampling sampling_;  // where each sampled row's token is picked
+  std::vector<SamplerRng> rng_before_step_;
   std::vector<std::pair<float, int32_t>> sample_scratch_;
   uint64_t unseeded_counter_ = 0;
   uint64_t arrivals_ = 0;

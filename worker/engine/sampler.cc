@@ -27,6 +27,10 @@ uint64_t SamplerRng::Next() {
 
 double SamplerRng::Uniform() { return static_cast<double>(Next() >> 11) * 0x1.0p-53; }
 
+int DrawsPerToken(const SamplingParams& p) {
+  return p.temperature == 0.0f || p.top_k == 1 ? 0 : 1;
+}
+
 bool SamplesOnDevice(const SamplingParams& p, int64_t vocab) {
   return p.temperature == 0.0f || p.top_k == 1 ||
          ((p.top_k == 0 || p.top_k >= vocab) && p.top_p >= 1.0f);

@@ -34,6 +34,9 @@ class SamplerRng {
   uint64_t state_;
 };
 
+// Uniforms a sequence draws per token: 0 greedy, else 1.
+int DrawsPerToken(const SamplingParams& params);
+
 // Whether the device picks this sequence's tokens (kernels/params/sampling.h):
 // greedy, or plain temperature sampling; top-k and top-p are picked on the host.
 bool SamplesOnDevice(const SamplingParams& params, int64_t vocab);

@@ -14,6 +14,7 @@ absl::StatusOr<GenerationRequest> ToGenerationRequest(const v1::GenerateRequest&
   }
   GenerationRequest out;
   out.prompt.assign(request.prompt_token_ids().begin(), request.prompt_token_ids().end());
+  out.resumed.assign(request.resumed_token_ids().begin(), request.resumed_token_ids().end());
   const v1::SamplingParams& s = request.sampling();
   out.sampling.temperature = s.temperature();
   out.sampling.top_p = s.top_p() == 0.0f ? 1.0f : s.top_p();

@@ -127,6 +127,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
           response_.set_finish_reason(ToProto(outcome_->finish));
           response_.set_prompt_tokens(outcome_->prompt_tokens);
           response_.set_completion_tokens(outcome_->completion_tokens);
+          response_.set_resumed_tokens(outcome_->resumed_tokens);
           response_.set_energy_joules(outcome_->energy_joules);
           response_.set_energy_source(outcome_->energy_source);
           action = Action::kWriteAndFinish;

@@ -18,7 +18,8 @@ struct RequestOutcome {
   absl::Status status;                        // not OK: the request failed with this error
   FinishReason finish = FinishReason::kNone;  // kStop, kLength or kCancelled when OK
   int prompt_tokens = 0;
-  int completion_tokens = 0;
+  int completion_tokens = 0;  // generated here
+  int resumed_tokens = 0;     // recomputed here for a resumed request
   // This rank's metered energy charged to the request by its share of each
   // step's tokens (worker/telemetry/energy_attributor.h); 0 without a meter.
   double energy_joules = 0;

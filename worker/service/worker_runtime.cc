@@ -82,7 +82,8 @@ absl::Status WorkerRuntime::Submit(const std::string& request_id, GenerationRequ
   const uint64_t id = next_id_++;
   request.id = id;
   Live live{.request_id = request_id, .callbacks = std::move(callbacks),
-            .prompt_tokens = static_cast<int>(request.prompt.size())};
+            .prompt_tokens = static_cast<int>(request.prompt.size()),
+            .resumed_tokens = static_cast<int>(request.resumed.size())};
   accepted_.emplace(id, std::move(live));
   ids_.emplace(request_id, id);
   inbox_.push_back(AddOp{id, std::move(request)});
@@ -325,7 +326,8 @@ void WorkerRuntime::Drain() {
       engine_->Cancel(id);
       Finish(id, RequestOutcome{.finish = FinishReason::kCancelled,
                                 .prompt_tokens = it->second.prompt_tokens,
-                                .completion_tokens = it->second.completion_tokens});
+                                .completion_tokens = it->second.completion_tokens,
+                                .resumed_tokens = it->second.resumed_tokens});
     }
   }
 }
@@ -342,7 +344,8 @@ void WorkerRuntime::Deliver(const StepResult& step) {
     if (t.finish != FinishReason::kNone) {
       Finish(t.id, RequestOutcome{.finish = t.finish,
                                   .prompt_tokens = live.prompt_tokens,
-                                  .completion_tokens = live.completion_tokens});
+                                  .completion_tokens = live.completion_tokens,
+                                  .resumed_tokens = live.resumed_tokens});
     }
   }
 }
@@ -448,7 +451,8 @@ void WorkerRuntime::FailAll(const absl::Status& status) {
     if (live.callbacks.on_done) {
       live.callbacks.on_done(RequestOutcome{.status = status,
                                             .prompt_tokens = live.prompt_tokens,
-                                            .completion_tokens = live.completion_tokens});
+                                            .completion_tokens = live.completion_tokens,
+                                  .resumed_tokens = live.resumed_tokens});
     }
   }
   PublishStatus();

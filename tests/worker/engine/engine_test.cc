@@ -367,5 +367,94 @@ TEST_F(EngineTest, BadRequestsGetClearErrors) {
             absl::StatusCode::kResourceExhausted);
 }
 
+// A request resumed elsewhere after its rank died: the tokens it had are
+// recomputed as context, count against max_tokens and are not reported
+// again, and a seeded stream continues after their draws, so what follows
+// equals the uninterrupted run (the CPU's prefill and decode give a position
+// the same bits). Greedy (no draws), plain temperature (device sampler's
+// arithmetic) and top-p (host sampler).
+TEST_F(EngineTest, AResumedRequestContinuesAsTheUninterruptedRunWould) {
+  SamplingParams plain = Sampled(11, 12);
+  plain.top_p = 1.0f;
+  SamplingParams greedy = Sampled(0, 12);
+  greedy.temperature = 0.0f;
+  for (const SamplingParams& sp : {Sampled(7, 12), plain, greedy}) {
+    auto whole = MakeEngine();
+    ASSERT_TRUE(whole->Add({.id = 1, .prompt = Prompt(9, 3), .sampling = sp}).ok());
+    const std::vector<int32_t> want = Drain(*whole)[1];
+    ASSERT_EQ(want.size(), 12u);
+    for (size_t cut : {size_t{1}, size_t{5}, size_t{11}}) {
+      auto resumed = MakeEngine();
+      GenerationRequest r{.id = 2, .prompt = Prompt(9, 3), .sampling = sp};
+      r.resumed.assign(want.begin(), want.begin() + cut);
+      ASSERT_TRUE(resumed->Add(std::move(r)).ok());
+      const std::vector<int32_t> rest = Drain(*resumed)[2];
+      EXPECT_EQ(rest, std::vector<int32_t>(want.begin() + cut, want.end()))
+          << "cut after " << cut << " tokens, temperature " << sp.temperature;
+    }
+  }
+}
+
+TEST_F(EngineTest, ResumedTokensAreCheckedNamingTheField) {
+  auto e = MakeEngine();
+  GenerationRequest all{.id = 1, .prompt = Prompt(4, 1), .sampling = Sampled(1, 3)};
+  all.resumed = {1, 2, 3};
+  absl::Status s = e->Add(std::move(all));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("resumed_token_ids"));
+  GenerationRequest bad{.id = 2, .prompt = Prompt(4, 1), .sampling = Sampled(1, 3)};
+  bad.resumed = {100000};
+  EXPECT_THAT(std::string(e->Add(std::move(bad)).message()), HasSubstr("resumed token id 100000"));
+}
+
+// An expert executor that fails the next `failures` calls: a step that
+// fails (a peer died mid-step) does not happen, and its redo draws the same
+// uniforms, so the tokens are an uninterrupted run's.
+class FailingExperts : public ExpertExecutor {
+ public:
+  explicit FailingExperts(ExpertExecutor* real) : real_(real) {}
+  int failures = 0;
+  absl::Status Run(int layer, const float* x, int64_t tokens, const int32_t* ids,
+                   const float* weights, float* out) override {
+    if (failures > 0) {
+      --failures;
+      return absl::UnavailableError("peer lost");
+    }
+    return real_->Run(layer, x, tokens, ids, weights, out);
+  }
+
+ private:
+  ExpertExecutor* real_;
+};
+
+TEST_F(EngineTest, AFailedStepIsRedoneWithTheSameRandomDraws) {
+  SamplingParams plain = Sampled(5, 10);
+  plain.top_p = 1.0f;
+  auto whole = MakeEngine();
+  ASSERT_TRUE(whole->Add({.id = 1, .prompt = Prompt(6, 2), .sampling = plain}).ok());
+  ASSERT_TRUE(whole->Add({.id = 2, .prompt = Prompt(8, 4), .sampling = Sampled(6, 10)}).ok());
+  const auto want = Drain(*whole);
+
+  FailingExperts failing(&model_->local_experts());
+  model_->set_expert_executor(&failing);
+  auto e = MakeEngine();
+  ASSERT_TRUE(e->Add({.id = 1, .prompt = Prompt(6, 2), .sampling = plain}).ok());
+  ASSERT_TRUE(e->Add({.id = 2, .prompt = Prompt(8, 4), .sampling = Sampled(6, 10)}).ok());
+  std::map<uint64_t, std::vector<int32_t>> got;
+  int failed = 0;
+  for (int step = 0; e->HasWork() && step < 200; ++step) {
+    if (step % 3 == 1) failing.failures = 1;  // every third step fails once
+    auto r = e->Step();
+    if (!r.ok()) {
+      ++failed;
+      continue;
+    }
+    for (const TokenOutput& t : r->tokens) got[t.id].push_back(t.token);
+  }
+  model_->set_expert_executor(nullptr);
+  EXPECT_GT(failed, 2);
+  EXPECT_EQ(got, want);
+}
+
 }  // namespace
 }  // namespace joule
