@@ -66,6 +66,8 @@ class InProcessTransport : public Transport {
     return s.ok() ? mismatch : s;
   }
 
+  void Interrupt(const std::string& reason) override { group_->Interrupt(reason); }
+
  private:
   InProcessGroup* group_;
   int rank_;
@@ -85,6 +87,12 @@ void InProcessGroup::Kill(int rank) {
   dead_[rank] = true;
 }
 
+void InProcessGroup::Interrupt(const std::string& reason) {
+  absl::MutexLock lock(&mu_);
+  broken_ = true;
+  if (failure_.ok()) failure_ = absl::AbortedError(absl::StrCat("in-process transport: interrupted: ", reason));
+}
+
 absl::Status InProcessGroup::Exchange(int rank, const Slot& mine,
                                       const std::function<void(const std::vector<Slot>&)>& copy) {
   absl::MutexLock lock(&mu_);
@@ -99,7 +107,7 @@ absl::Status InProcessGroup::Exchange(int rank, const Slot& mine,
       }
     }
     if (broken_) {
-      if (in_round && !failure_.ok()) return failure_;
+      if ((in_round || absl::IsAborted(failure_)) && !failure_.ok()) return failure_;
       return absl::FailedPreconditionError("in-process transport: the group failed earlier");
     }
     return absl::OkStatus();

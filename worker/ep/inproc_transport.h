@@ -25,6 +25,9 @@ class InProcessGroup {
   // Test hook: marks `rank` as gone; its peers' pending and later collectives
   // fail with Unavailable, as a crashed process would make them.
   void Kill(int rank);
+  // Breaks the group: every rank's pending and later collectives fail with
+  // Aborted naming `reason` (Transport::Interrupt of any rank).
+  void Interrupt(const std::string& reason);
 
  private:
   friend class InProcessTransport;

@@ -1,5 +1,7 @@
 #include "worker/ep/nccl_transport.h"
 
+#include <atomic>
+
 #include <cuda_runtime_api.h>
 #include <nccl.h>
 #include <sched.h>
@@ -7,6 +9,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "kernels/cuda/cuda_check.h"
 
@@ -111,8 +114,23 @@ class NcclTransportImpl final : public NcclTransport {
     return Complete("all-to-all-v", deadline);
   }
 
+  void Interrupt(const std::string& reason) override {
+    {
+      absl::MutexLock lock(&interrupt_mu_);
+      if (interrupt_reason_.empty()) interrupt_reason_ = reason;
+    }
+    interrupted_.store(true, std::memory_order_release);
+  }
+
  private:
+  absl::Status Interrupted() {
+    absl::MutexLock lock(&interrupt_mu_);
+    return absl::AbortedError(
+        absl::StrCat("nccl transport: rank ", rank_, " interrupted: ", interrupt_reason_));
+  }
+
   absl::Status Ready() {
+    if (interrupted_.load(std::memory_order_acquire)) return Fail(Interrupted());
     if (!broken_.ok()) {
       return absl::FailedPreconditionError(
           absl::StrCat("nccl transport: broken by an earlier error: ", broken_.message()));
@@ -144,6 +162,7 @@ class NcclTransportImpl final : public NcclTransport {
       if (r != ncclSuccess) return AsyncError(r, what);
       if (state == ncclSuccess) return absl::OkStatus();
       if (state != ncclInProgress) return AsyncError(state, what);
+      if (interrupted_.load(std::memory_order_acquire)) return Interrupted();
       if (absl::Now() >= deadline) return TimedOut(what);
       if (polls > 64) sched_yield();
     }
@@ -168,6 +187,7 @@ class NcclTransportImpl final : public NcclTransport {
       const ncclResult_t r = ncclCommGetAsyncError(comm_, &state);
       if (r != ncclSuccess) return Fail(AsyncError(r, what));
       if (state != ncclSuccess && state != ncclInProgress) return Fail(AsyncError(state, what));
+      if (interrupted_.load(std::memory_order_acquire)) return Fail(Interrupted());
       if (absl::Now() >= deadline) return Fail(TimedOut(what));
       if (polls > 64) sched_yield();
     }
@@ -198,6 +218,9 @@ class NcclTransportImpl final : public NcclTransport {
   ncclComm_t comm_ = nullptr;
   cudaStream_t stream_ = nullptr;
   absl::Status broken_;  // first error; non-OK means broken
+  std::atomic<bool> interrupted_{false};  // Interrupt(): the waits below give up
+  absl::Mutex interrupt_mu_;
+  std::string interrupt_reason_ ABSL_GUARDED_BY(interrupt_mu_);
 };
 
 }  // namespace

@@ -82,6 +82,12 @@ class Transport {
   // (e.g. Barrier).
   virtual absl::StatusOr<std::unique_ptr<SharedWindows>> MapSharedWindows(size_t bytes);
 
+  // Thread-safe, from any thread: the collective this rank is waiting in (and
+  // every later one) fails at once with Aborted "...interrupted: <reason>"
+  // instead of waiting for a peer that will not come; the owner is about to
+  // rebuild the group (a membership change). The transport is broken after.
+  virtual void Interrupt(const std::string& reason) = 0;
+
   // Convenience over AllGather.
   absl::Status Barrier();
 };

@@ -17,6 +17,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 
@@ -180,6 +181,14 @@ class UcxTransportImpl final : public UcxTransport {
   }
 
   ~UcxTransportImpl() override { Teardown(); }
+
+  void Interrupt(const std::string& reason) override {
+    {
+      absl::MutexLock lock(&interrupt_mu_);
+      if (interrupt_reason_.empty()) interrupt_reason_ = reason;
+    }
+    interrupted_.store(true, std::memory_order_release);
+  }
 
   absl::Status Init() {
     ucp_config_t* config = nullptr;
@@ -452,6 +461,7 @@ class UcxTransportImpl final : public UcxTransport {
   }
 
   absl::Status Ready() {
+    if (interrupted_.load(std::memory_order_acquire)) return Fail(Interrupted());
     if (!broken_.ok()) {
       return absl::FailedPreconditionError(
           absl::StrCat("ucx transport: broken by an earlier error: ", broken_.message()));
@@ -461,6 +471,12 @@ class UcxTransportImpl final : public UcxTransport {
       if (ucs_status_t e = peer_error_[p].load(); e != UCS_OK) return Fail(PeerGone(p, e));
     }
     return absl::OkStatus();
+  }
+
+  absl::Status Interrupted() {
+    absl::MutexLock lock(&interrupt_mu_);
+    return absl::AbortedError(
+        absl::StrCat("ucx transport: rank ", rank_, " interrupted: ", interrupt_reason_));
   }
 
   absl::Status PeerGone(int peer, ucs_status_t status) {
@@ -558,6 +574,7 @@ class UcxTransportImpl final : public UcxTransport {
         pending = more.ok() ? absl::StatusOr<size_t>(*pending + *more) : more;
       }
       if (!pending.ok()) return Fail(pending.status());
+      if (interrupted_.load(std::memory_order_acquire)) return Fail(Interrupted());
       const bool receives_done = !threaded || job_done_.load(std::memory_order_acquire);
       if (*pending == 0 && receives_done) break;
       if (threaded && receives_done && !job_status_.ok()) return Fail(EndReceiveJob());
@@ -777,6 +794,9 @@ class UcxTransportImpl final : public UcxTransport {
   uint64_t seq_ = 0;                        // collectives issued so far
   std::vector<Op> recvs_, sends_;           // requests of the running collective
   absl::Status broken_;                     // first error; non-OK means broken
+  std::atomic<bool> interrupted_{false};    // Interrupt(): the waits give up
+  absl::Mutex interrupt_mu_;
+  std::string interrupt_reason_ ABSL_GUARDED_BY(interrupt_mu_);
 
   // The receive thread and its job: the running collective's recvs_, owned
   // by the thread from HandOffReceives until job_done_.

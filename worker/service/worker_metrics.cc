@@ -1,19 +1,28 @@
 #include "worker/service/worker_metrics.h"
 
+#include <chrono>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <utility>
 
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "boost/asio.hpp"
+#include "boost/beast/core/flat_buffer.hpp"
+#include "boost/beast/core/tcp_stream.hpp"
+#include "boost/beast/http/empty_body.hpp"
+#include "boost/beast/http/parser.hpp"
+#include "boost/beast/http/read.hpp"
+#include "common/http_framing.h"
 #include "prometheus/text_serializer.h"
 
 namespace joule::worker {
 namespace {
 
 namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace bhttp = boost::beast::http;
 using asio::ip::tcp;
 
 prometheus::MetricFamily Family(const char* name, prometheus::MetricType type, const char* help,
@@ -32,49 +41,71 @@ prometheus::MetricFamily Family(const char* name, prometheus::MetricType type, c
   return family;
 }
 
-// One scrape: read the request head, answer, close.
+// One scrape: read the request head, answer, close. Bad framing is answered
+// too (common/http_framing.h: 431 for a head over 8 KiB, 400 for bytes that are
+// not HTTP), and a client that sends too slowly is dropped after kReadTimeout.
 class Connection : public std::enable_shared_from_this<Connection> {
  public:
   Connection(tcp::socket socket, const WorkerMetrics* metrics)
-      : socket_(std::move(socket)), metrics_(metrics) {}
+      : stream_(std::move(socket)), metrics_(metrics) {}
 
   void Start() {
-    asio::async_read_until(socket_, head_, "\r\n\r\n",
-                           [self = shared_from_this()](boost::system::error_code ec, size_t) {
-                             if (!ec) self->Answer();
-                           });
+    parser_.header_limit(kMaxHttpHeaderBytes);
+    stream_.expires_after(kReadTimeout);
+    bhttp::async_read_header(stream_, buffer_, parser_,
+                             [self = shared_from_this()](boost::system::error_code ec, size_t) {
+                               if (!ec) return self->Answer();
+                               if (auto bad = RequestFramingError(ec, /*max_body_bytes=*/0)) {
+                                 return self->Reply(bad->status, absl::StrCat(bad->message, "\n"));
+                               }
+                             });
   }
 
  private:
+  // A request head larger than this is refused with 431, a slower one dropped.
+  static constexpr std::chrono::seconds kReadTimeout{10};
+  // After the answer, unread request bytes are drained for this long before the
+  // close, so that the client reads the answer rather than a connection reset.
+  static constexpr std::chrono::seconds kLingerTime{2};
+
   void Answer() {
-    std::istream in(&head_);
-    std::string method, target;
-    in >> method >> target;
-    std::string status = "200 OK", body;
-    if (method != "GET") {
-      status = "405 Method Not Allowed";
-      body = "only GET\n";
-    } else if (target != "/metrics" && !absl::StartsWith(target, "/metrics?")) {
-      status = "404 Not Found";
-      body = "metrics are at /metrics\n";
-    } else {
-      body = prometheus::TextSerializer().Serialize(metrics_->Collect());
+    const bhttp::request<bhttp::empty_body>& request = parser_.get();
+    const std::string_view target(request.target().data(), request.target().size());
+    if (request.method() != bhttp::verb::get) return Reply(405, "only GET\n");
+    if (target != "/metrics" && !target.starts_with("/metrics?")) {
+      return Reply(404, "metrics are at /metrics\n");
     }
-    reply_ = absl::StrCat("HTTP/1.0 ", status,
+    Reply(200, prometheus::TextSerializer().Serialize(metrics_->Collect()));
+  }
+
+  void Reply(int status, std::string body) {
+    const auto reason = bhttp::obsolete_reason(static_cast<bhttp::status>(status));
+    reply_ = absl::StrCat("HTTP/1.0 ", status, " ", absl::string_view(reason.data(), reason.size()),
                           "\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8"
                           "\r\nContent-Length: ",
                           body.size(), "\r\nConnection: close\r\n\r\n", body);
-    asio::async_write(socket_, asio::buffer(reply_),
-                      [self = shared_from_this()](boost::system::error_code, size_t) {
+    asio::async_write(stream_, asio::buffer(reply_),
+                      [self = shared_from_this()](boost::system::error_code ec, size_t) {
+                        if (ec) return;
                         boost::system::error_code ignored;
-                        self->socket_.shutdown(tcp::socket::shutdown_both, ignored);
+                        self->stream_.socket().shutdown(tcp::socket::shutdown_send, ignored);
+                        self->stream_.expires_after(kLingerTime);
+                        self->Drain();
                       });
   }
 
-  tcp::socket socket_;
+  void Drain() {
+    stream_.async_read_some(asio::buffer(drain_), [self = shared_from_this()](boost::system::error_code ec, size_t) {
+      if (!ec) self->Drain();
+    });
+  }
+
+  beast::tcp_stream stream_;
   const WorkerMetrics* const metrics_;
-  asio::streambuf head_{8192};  // a request head larger than this is dropped
+  beast::flat_buffer buffer_;
+  bhttp::request_parser<bhttp::empty_body> parser_;
   std::string reply_;
+  char drain_[4096];
 };
 
 }  // namespace

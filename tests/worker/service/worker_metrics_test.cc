@@ -47,18 +47,21 @@ class StatusOnlyHandler final : public WorkerHandler {
   WorkerStatus status_;
 };
 
-// GET http://127.0.0.1:port/path; the whole response (headers and body).
-std::string HttpGet(int port, const std::string& path) {
+// Sends `request` to 127.0.0.1:port and returns the whole response (headers
+// and body): empty when the server closed or reset the connection without one.
+std::string HttpExchange(int port, const std::string& request) {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
   if (fd < 0) return "";
+  timeval timeout{.tv_sec = 10, .tv_usec = 0};  // a server that never answers fails the test, not hangs it
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_port = htons(static_cast<uint16_t>(port));
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   std::string out;
   if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
-    const std::string req = absl::StrCat("GET ", path, " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
-    if (write(fd, req.data(), req.size()) == static_cast<ssize_t>(req.size())) {
+    // MSG_NOSIGNAL: a server that closes early is an assertion failure, not SIGPIPE.
+    if (send(fd, request.data(), request.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(request.size())) {
       char buf[4096];
       ssize_t n;
       while ((n = read(fd, buf, sizeof(buf))) > 0) out.append(buf, n);
@@ -66,6 +69,11 @@ std::string HttpGet(int port, const std::string& path) {
   }
   close(fd);
   return out;
+}
+
+// GET http://127.0.0.1:port/path; the whole response (headers and body).
+std::string HttpGet(int port, const std::string& path) {
+  return HttpExchange(port, absl::StrCat("GET ", path, " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"));
 }
 
 // "name{labels} value" lines of a text exposition, by "name{labels}".
@@ -165,6 +173,28 @@ TEST(WorkerMetricsTest, ServesTheTableOverLoopbackWithCurrentValues) {
   m = Samples(HttpGet((*server)->port(), "/metrics"));
   EXPECT_DOUBLE_EQ(m["joule_power_instant_watts{rank=\"3\",source=\"nvml\"}"], 287.25);
   EXPECT_DOUBLE_EQ(m["joule_power_watts{rank=\"3\",source=\"nvml\"}"], 312.5);
+}
+
+// Bad framing gets an answer, as from the coordinator's front door: a request
+// head over 8 KiB (here 100 KB of header) is 431, bytes that are not HTTP 400,
+// and the server goes on serving scrapes.
+TEST(WorkerMetricsTest, OversizedHeaderGets431AndGarbageGets400) {
+  StatusOnlyHandler handler;
+  auto server = WorkerMetricsServer::Start("127.0.0.1", 0, &handler);
+  ASSERT_TRUE(server.ok()) << server.status();
+  const int port = (*server)->port();
+
+  const std::string huge = absl::StrCat("GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: ",
+                                        std::string(100 * 1024, 'a'), "\r\n\r\n");
+  const std::string response = HttpExchange(port, huge);
+  EXPECT_THAT(response, ::testing::StartsWith("HTTP/1.0 431 Request Header Fields Too Large\r\n"));
+  EXPECT_THAT(response, HasSubstr("header fields exceed the server's limit of 8 KiB"));
+
+  EXPECT_THAT(HttpExchange(port, "GET /metrics HTTP/1.1\r\nBad Header\r\n\r\n"),
+              ::testing::StartsWith("HTTP/1.0 400 Bad Request\r\n"));
+  EXPECT_THAT(HttpExchange(port, "POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+              ::testing::StartsWith("HTTP/1.0 405 Method Not Allowed\r\n"));
+  EXPECT_THAT(HttpGet(port, "/metrics"), ::testing::StartsWith("HTTP/1.0 200 OK\r\n"));
 }
 
 TEST(WorkerMetricsTest, PortInUseIsAClearError) {

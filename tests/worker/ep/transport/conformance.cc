@@ -2,6 +2,7 @@
 
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -265,6 +266,37 @@ absl::Status CheckAbsentPeerTimesOut(Transport& t, int absent, absl::Duration ti
   if (took_again > absl::Milliseconds(200)) {
     return absl::InternalError(absl::StrCat("rank ", t.rank(), ": the call after a timeout took ",
                                             absl::FormatDuration(took_again)));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckInterruptEndsAWait(Transport& t, int absent, absl::Duration after) {
+  if (t.rank() == absent) return absl::OkStatus();
+  const int w = t.world_size();
+  std::vector<std::vector<size_t>> counts(w, std::vector<size_t>(w, 64));
+  std::thread interrupter([&] {
+    absl::SleepFor(after);
+    t.Interrupt("membership epoch 2");
+  });
+  const absl::Time start = absl::Now();
+  absl::Status s = ExchangeAndVerify(t, 0, counts, "all-to-all-v while interrupted");
+  const absl::Duration took = absl::Now() - start;
+  interrupter.join();
+  if (!absl::IsAborted(s) || s.message().find("interrupted: membership epoch 2") == absl::string_view::npos) {
+    return absl::InternalError(absl::StrCat("rank ", t.rank(),
+                                            ": expected Aborted naming the interruption, got ",
+                                            s.ToString()));
+  }
+  if (took > after + absl::Seconds(1)) {
+    return absl::InternalError(absl::StrCat("rank ", t.rank(), ": the interrupted wait took ",
+                                            absl::FormatDuration(took)));
+  }
+  const absl::Time again = absl::Now();
+  s = t.Barrier();
+  if (s.ok() || absl::Now() - again > absl::Milliseconds(200)) {
+    return absl::InternalError(absl::StrCat("rank ", t.rank(),
+                                            ": the call after an interrupt did not fail fast: ",
+                                            s.ToString()));
   }
   return absl::OkStatus();
 }

@@ -50,6 +50,12 @@ absl::Status RunConformance(Transport& t);
 // which must fail fast with FailedPrecondition. The absent rank returns OK at once.
 absl::Status CheckAbsentPeerTimesOut(Transport& t, int absent, absl::Duration timeout);
 
+// Rank `absent` never joins. Every other rank waits in an all-to-all-v under
+// a long timeout while another thread calls Interrupt after `after`: the wait
+// must end with Aborted naming the reason well before the timeout, and the
+// next call must fail fast.
+absl::Status CheckInterruptEndsAWait(Transport& t, int absent, absl::Duration after);
+
 // Runs all-to-all-v rounds until one fails (at most `limit` of wall time).
 // `on_started` is called once after the first rounds succeeded (the caller
 // then kills or removes a peer). OK when the failure is Unavailable or

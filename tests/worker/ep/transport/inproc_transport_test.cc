@@ -52,6 +52,15 @@ TEST_P(InProcessFailures, AbsentRankTimesOutEveryOtherRank) {
   for (int r = 0; r < GetParam(); ++r) EXPECT_TRUE(results[r].ok()) << "rank " << r << ": " << results[r];
 }
 
+TEST_P(InProcessFailures, InterruptEndsAWaitForAnAbsentRank) {
+  InProcessGroup group(GetParam(), {.timeout = absl::Seconds(20)});
+  const int absent = GetParam() - 1;
+  auto results = RunRanks(group, [&](Transport& t) {
+    return testing::CheckInterruptEndsAWait(t, absent, absl::Milliseconds(200));
+  });
+  for (int r = 0; r < GetParam(); ++r) EXPECT_TRUE(results[r].ok()) << "rank " << r << ": " << results[r];
+}
+
 TEST_P(InProcessFailures, KilledRankFailsSurvivors) {
   const absl::Duration timeout = absl::Seconds(2);
   InProcessGroup group(GetParam(), {.timeout = timeout});

@@ -209,6 +209,10 @@ int Run(int rank, int world, const std::string& dir, std::string scenario,
     result = joule::ep::testing::CheckAbsentPeerTimesOut(t, absent, timeout);
     // Stay alive past the others' deadline so they see a silent peer, not a dead one.
     if (rank == absent) absl::SleepFor(timeout + absl::Seconds(1));
+  } else if (scenario == "interrupt") {
+    const int absent = world - 1;
+    result = joule::ep::testing::CheckInterruptEndsAWait(t, absent, absl::Milliseconds(300));
+    if (rank == absent) absl::SleepFor(absl::Seconds(2));  // silent, not dead
   } else if (scenario == "windows-shm" || scenario == "windows-none") {
     // Over shared memory every rank maps every peer's window; over TCP none does.
     bool mapped = false;

@@ -126,6 +126,11 @@ TEST_P(UcxProcesses, KilledRankFailsSurvivorsWithReceiveThread) {
   KillOneRank("killed-recv-thread");
 }
 
+// The step timeout is long; a membership change must not wait for it.
+TEST_P(UcxProcesses, InterruptEndsAWaitForAnAbsentRank) {
+  ExpectEveryRankPasses("interrupt", absl::Seconds(30), absl::Seconds(30));
+}
+
 TEST_P(UcxProcesses, AbsentRankTimesOutWithReceiveThread) {
   ExpectEveryRankPasses("absent-recv-thread", absl::Milliseconds(1500), absl::Seconds(30));
 }
