@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/logging.h"
 #include "common/placement_proto.h"
 #include "common/status.h"
@@ -181,6 +182,12 @@ absl::Status Membership::Register(const v1::RegisterRequest& request, v1::Regist
           "cluster is full: all ", n, " ranks are held by live workers (--workers ", n, ")"));
     }
   }
+  if (options_.elastic && group_epoch_ > 0 && GroupRankLocked(rank) < 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "rank ", rank, " left the expert-parallel group (now epoch ", group_epoch_, ": ",
+        group_reason_, "); joining a running group is not supported yet: restart the cluster to "
+        "bring it back"));
+  }
   Slot& s = slots_[rank];
   const bool replacing = s.info.state == RankState::kDead;
   s.info = RankInfo{.rank = rank,
@@ -243,6 +250,7 @@ absl::Status Membership::Rendezvous(const v1::RendezvousRequest& request, absl::
     return absl::NotFoundError(absl::StrCat("rank ", request.rank(), " is not held by worker ",
                                             request.worker_id(), "; register first"));
   }
+  if (request.group_epoch() > 0) return GroupRendezvousLocked(request, deadline, reply);
   if (!request.transport_address().empty()) mine.transport_address = request.transport_address();
   mine.last_seen = clock_->Now();
   if (request.rank() == 0) {
@@ -257,6 +265,17 @@ absl::Status Membership::Rendezvous(const v1::RendezvousRequest& request, absl::
         absl::StrCat("rendezvous: still waiting for rank(s) ", MissingRanksLocked(), " of ", n,
                      "; call Rendezvous again"));
   }
+  if (group_epoch_ == 0) {  // the first group: every rank, in rank order
+    group_epoch_ = 1;
+    group_.clear();
+    group_addresses_.clear();
+    for (const Slot& s : slots_) {
+      group_.push_back(s.info.rank);
+      group_addresses_.push_back(s.transport_address);
+    }
+    group_reason_ = "every rank registered";
+    JOULE_LOG(Info) << "expert-parallel group epoch 1: ranks 0.." << n - 1;
+  }
   for (const Slot& s : slots_) {
     v1::PeerInfo* peer = reply->add_peers();
     peer->set_rank(s.info.rank);
@@ -264,7 +283,111 @@ absl::Status Membership::Rendezvous(const v1::RendezvousRequest& request, absl::
     peer->set_worker_endpoint(s.info.worker_endpoint);
   }
   reply->set_nccl_unique_id(nccl_unique_id_);
+  reply->set_group_epoch(1);
   return absl::OkStatus();
+}
+
+absl::Status Membership::GroupRendezvousLocked(const v1::RendezvousRequest& request,
+                                               absl::Time deadline, v1::RendezvousReply* reply) {
+  const uint64_t epoch = request.group_epoch();
+  auto moved_on = [&] {
+    return absl::AbortedError(absl::StrCat("rendezvous for group epoch ", epoch,
+                                           ": the group has moved on to epoch ", group_epoch_,
+                                           " (", group_reason_, ")"));
+  };
+  if (epoch != group_epoch_) {
+    if (epoch < group_epoch_) return moved_on();
+    return absl::InvalidArgumentError(absl::StrCat("group_epoch ", epoch, " is ahead of the ",
+                                                   "coordinator's ", group_epoch_));
+  }
+  const int g = GroupRankLocked(request.rank());
+  if (g < 0) {
+    return absl::FailedPreconditionError(absl::StrCat("rank ", request.rank(),
+                                                      " is not a member of group epoch ", epoch));
+  }
+  if (request.transport_address().empty()) {
+    return absl::InvalidArgumentError("transport_address: a group rendezvous needs this epoch's");
+  }
+  group_addresses_[g] = request.transport_address();
+  slots_[request.rank()].last_seen = clock_->Now();
+  auto done = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (shutdown_ || group_epoch_ != epoch) return true;
+    for (const std::string& a : group_addresses_) {
+      if (a.empty()) return false;
+    }
+    return true;
+  };
+  mu_.AwaitWithDeadline(absl::Condition(&done), deadline);
+  if (shutdown_) return absl::UnavailableError("coordinator is shutting down");
+  if (group_epoch_ != epoch) return moved_on();
+  std::string missing;
+  for (size_t i = 0; i < group_.size(); ++i) {
+    if (group_addresses_[i].empty()) absl::StrAppend(&missing, missing.empty() ? "" : ", ", group_[i]);
+  }
+  if (!missing.empty()) {
+    return absl::DeadlineExceededError(absl::StrCat("rendezvous for group epoch ", epoch,
+                                                    ": still waiting for rank(s) ", missing,
+                                                    "; call Rendezvous again"));
+  }
+  for (size_t i = 0; i < group_.size(); ++i) {
+    v1::PeerInfo* peer = reply->add_peers();
+    peer->set_rank(static_cast<int>(i));
+    peer->set_transport_address(group_addresses_[i]);
+    peer->set_worker_endpoint(slots_[group_[i]].info.worker_endpoint);
+  }
+  reply->set_group_epoch(epoch);
+  return absl::OkStatus();
+}
+
+int Membership::GroupRankLocked(int rank) const {
+  for (size_t i = 0; i < group_.size(); ++i) {
+    if (group_[i] == rank) return static_cast<int>(i);
+  }
+  return -1;
+}
+
+bool Membership::ServingLocked() const {
+  if (group_epoch_ == 0 || group_.empty()) return false;
+  for (int r : group_) {
+    const RankInfo& info = slots_[r].info;
+    if (info.state != RankState::kReady || std::max<uint64_t>(info.group_epoch, 1) != group_epoch_) {
+      return false;
+    }
+  }
+  return true;
+}
+
+void Membership::MemberDiedLocked(int rank, const std::string& reason) {
+  if (!options_.elastic || group_epoch_ == 0 || GroupRankLocked(rank) < 0) return;
+  std::vector<int> members;
+  for (int r : group_) {
+    if (Live(slots_[r])) members.push_back(r);
+  }
+  ++group_epoch_;
+  group_ = members;
+  group_addresses_.assign(members.size(), "");
+  group_reason_ = absl::StrCat("rank ", rank, " died: ", reason);
+  if (members.empty()) {
+    JOULE_LOG(Error) << "expert-parallel group epoch " << group_epoch_ << ": no rank left ("
+                     << group_reason_ << ")";
+    return;
+  }
+  auto placement = InitialPlacement(static_cast<int>(members.size()), model_);
+  if (placement.ok()) {
+    base_ = *placement;
+    placement_ = *std::move(placement);
+    ++epoch_;
+    for (auto& layer : load_) std::fill(layer.begin(), layer.end(), 0);
+  }
+  JOULE_LOG(Warning) << "expert-parallel group epoch " << group_epoch_ << ": " << group_reason_
+                     << "; " << members.size() << " rank(s) regroup (ranks "
+                     << absl::StrJoin(members, ",") << "), placement epoch " << epoch_;
+}
+
+GroupInfo Membership::group() const {
+  absl::MutexLock lock(&mu_);
+  return {.epoch = group_epoch_, .members = group_, .serving = ServingLocked(),
+          .reason = group_reason_};
 }
 
 absl::Status Membership::Heartbeat(const v1::HeartbeatRequest& request, v1::HeartbeatReply* reply) {
@@ -332,6 +455,15 @@ absl::Status Membership::HeartbeatLocked(const v1::HeartbeatRequest& request,
     return absl::NotFoundError(absl::StrCat("rank ", request.rank(), " is not held by worker ",
                                             request.worker_id(), "; register again"));
   }
+  if (options_.elastic && group_epoch_ > 0 && GroupRankLocked(request.rank()) < 0) {
+    // It left the group (marked dead while silent, e.g. stopped): the others
+    // moved on without it, and it stays out.
+    reply->set_shutdown(true);
+    reply->set_shutdown_reason(absl::StrCat("rank ", request.rank(), " is no longer in the ",
+                                            "expert-parallel group (epoch ", group_epoch_, ": ",
+                                            group_reason_, ")"));
+    return absl::OkStatus();
+  }
   if (s.info.state == RankState::kDead) {
     JOULE_LOG(Warning) << "rank " << s.info.rank << " is alive again (was dead: "
                        << s.info.dead_reason << ")";
@@ -342,11 +474,22 @@ absl::Status Membership::HeartbeatLocked(const v1::HeartbeatRequest& request,
   s.info.waiting = request.waiting();
   s.info.kv_usage = request.kv_usage();
   s.info.placement_epoch = request.placement_epoch();
+  s.info.group_epoch = request.group_epoch();
   s.last_seen = clock_->Now();
   s.heartbeated = true;
   for (const v1::ExpertLoad& el : request.expert_load()) {
     auto& layer = load_[el.layer()];
     for (int e = 0; e < el.tokens_size(); ++e) layer[e] += std::max<int64_t>(el.tokens(e), 0);
+  }
+  const int g = GroupRankLocked(request.rank());
+  if (group_epoch_ > 1 && request.group_epoch() != group_epoch_) {
+    v1::GroupUpdate* update = reply->mutable_group();
+    update->set_epoch(group_epoch_);
+    update->set_world_size(static_cast<int>(group_.size()));
+    update->set_rank(g);
+    *update->mutable_placement() = PlacementToProto(placement_, epoch_);
+    update->set_reason(group_reason_);
+    return absl::OkStatus();
   }
   if (request.placement_epoch() != epoch_) {
     *reply->mutable_placement() = PlacementToProto(placement_, epoch_);
@@ -376,6 +519,7 @@ std::vector<DeadRank> Membership::ExpireHeartbeats() {
                      << ") died: " << s.info.dead_reason;
     dead.push_back({s.info.rank, s.info.dead_reason});
   }
+  for (const DeadRank& d : dead) MemberDiedLocked(d.rank, d.reason);
   return dead;
 }
 
@@ -386,6 +530,7 @@ bool Membership::MarkDead(int rank, const std::string& reason) {
   s.info.state = RankState::kDead;
   s.info.dead_reason = reason;
   JOULE_LOG(Error) << "rank " << rank << " (worker " << s.info.worker_id << ") died: " << reason;
+  MemberDiedLocked(rank, reason);
   return true;
 }
 
@@ -395,14 +540,15 @@ absl::StatusOr<uint64_t> Membership::Rebalance(std::optional<int> redundant_expe
     return absl::InvalidArgumentError(
         absl::StrCat("redundant_experts: must not be negative, got ", extra));
   }
-  const int max_extra = model_.num_experts * (options_.world_size - 1);
+  absl::MutexLock lock(&mu_);
+  const int ranks = static_cast<int>(base_.num_ranks);
+  const int max_extra = model_.num_experts * (ranks - 1);
   if (extra > max_extra) {
     return absl::InvalidArgumentError(absl::StrCat(
         "redundant_experts: ", extra, " is more than fit: with ", model_.num_experts,
-        " experts on ", options_.world_size, " ranks at most ", max_extra,
+        " experts on ", ranks, " ranks at most ", max_extra,
         " extra replicas per layer are possible"));
   }
-  absl::MutexLock lock(&mu_);
   auto next = RebalancePlacement(base_, load_, extra);
   if (!next.ok()) return next.status();
   placement_ = *std::move(next);
@@ -422,7 +568,10 @@ std::vector<RankInfo> Membership::Ranks() const {
   absl::MutexLock lock(&mu_);
   std::vector<RankInfo> out;
   out.reserve(slots_.size());
-  for (const Slot& s : slots_) out.push_back(s.info);
+  for (const Slot& s : slots_) {
+    out.push_back(s.info);
+    out.back().group_rank = GroupRankLocked(s.info.rank);
+  }
   return out;
 }
 

@@ -48,6 +48,10 @@ struct MembershipOptions {
   absl::Duration startup_timeout = absl::Minutes(10);
   int redundant_experts = 0;  // Rebalance() default
   absl::Duration step_timeout = absl::Seconds(10);  // told to workers at registration
+  // A member that dies leaves the expert-parallel group: the survivors form a
+  // new one (a new group epoch) and serve on. False: the group stays broken
+  // until every rank is back (the behaviour before elastic groups).
+  bool elastic = true;
 };
 
 struct RankInfo {
@@ -62,6 +66,18 @@ struct RankInfo {
   double kv_usage = 0;
   uint64_t placement_epoch = 0;  // the placement the worker last said it runs
   std::string dead_reason;
+  int group_rank = -1;           // its transport rank in the current group; -1: not a member
+  uint64_t group_epoch = 0;      // the group the worker last said it serves in
+};
+
+// The expert-parallel group: the registered ranks that step together, in
+// transport-rank order. A new epoch opens when a member dies.
+struct GroupInfo {
+  uint64_t epoch = 0;        // 0: not formed yet
+  std::vector<int> members;  // registered ranks, by transport rank
+  // Every member is ready and serves in this epoch: requests can run.
+  bool serving = false;
+  std::string reason;        // why the last epoch opened
 };
 
 struct DeadRank {
@@ -87,7 +103,10 @@ class Membership {
   // until every rank is held by a live worker whose address is known (UCX) and,
   // for NCCL, rank 0 has sent its unique id, then lists every rank's
   // addresses. DEADLINE_EXCEEDED naming the missing ranks when `deadline`
-  // passes first.
+  // passes first. With request.group_epoch set, the same for that group: the
+  // members' addresses for it, by transport rank; ABORTED when the group has
+  // moved on to a later epoch, FAILED_PRECONDITION when the caller is not a
+  // member.
   absl::Status Rendezvous(const v1::RendezvousRequest& request, absl::Time deadline,
                           v1::RendezvousReply* reply);
 
@@ -123,6 +142,7 @@ class Membership {
   void Shutdown();
 
   int world_size() const { return options_.world_size; }
+  GroupInfo group() const;
   const ModelSummary& model() const { return model_; }
   std::vector<RankInfo> Ranks() const;
   uint64_t placement_epoch() const;
@@ -145,11 +165,17 @@ class Membership {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::string MissingRanksLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FillRegisterReplyLocked(int rank, v1::RegisterReply* reply) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status GroupRendezvousLocked(const v1::RendezvousRequest& request, absl::Time deadline,
+                                     v1::RendezvousReply* reply) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // `rank` died: with elastic groups, a new group of the live members opens.
+  void MemberDiedLocked(int rank, const std::string& reason) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  int GroupRankLocked(int rank) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool ServingLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const MembershipOptions options_;
   const ModelSummary model_;
   const Clock* const clock_;
-  const Placement base_;  // contiguous sharding: what Rebalance adds replicas to
+  Placement base_ ABSL_GUARDED_BY(mu_);  // contiguous over the group: what Rebalance adds replicas to
 
   mutable absl::Mutex mu_;
   std::vector<Slot> slots_ ABSL_GUARDED_BY(mu_);
@@ -158,6 +184,10 @@ class Membership {
   std::vector<std::vector<int64_t>> load_ ABSL_GUARDED_BY(mu_);
   bool rank0_rendezvous_ ABSL_GUARDED_BY(mu_) = false;
   std::string nccl_unique_id_ ABSL_GUARDED_BY(mu_);
+  uint64_t group_epoch_ ABSL_GUARDED_BY(mu_) = 0;  // 0: not formed yet
+  std::vector<int> group_ ABSL_GUARDED_BY(mu_);    // members' ranks, by transport rank
+  std::vector<std::string> group_addresses_ ABSL_GUARDED_BY(mu_);  // this epoch's, by transport rank
+  std::string group_reason_ ABSL_GUARDED_BY(mu_);
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
   StepObserver step_observer_ ABSL_GUARDED_BY(mu_);
 };

@@ -55,8 +55,10 @@ v1::RegisterRequest Worker(const std::string& id, int requested_rank = -1) {
 
 class MembershipTest : public ::testing::Test {
  protected:
-  void Make(int world_size) {
-    auto m = Membership::Create(Options(world_size), TinySummary(), &clock_);
+  void Make(int world_size, bool elastic = true) {
+    MembershipOptions options = Options(world_size);
+    options.elastic = elastic;
+    auto m = Membership::Create(options, TinySummary(), &clock_);
     ASSERT_TRUE(m.ok()) << m.status();
     membership_ = *std::move(m);
   }
@@ -244,7 +246,7 @@ TEST_F(MembershipTest, HeartbeatsMakeRanksReadyAndSilenceMakesThemDead) {
 }
 
 TEST_F(MembershipTest, LoadingRankGetsTheStartupTimeoutBeforeItsFirstHeartbeat) {
-  Make(2);
+  Make(2, /*elastic=*/false);  // the dead rank is replaced, not left behind
   ASSERT_TRUE(Register(Worker("w-a")).ok());
   ASSERT_TRUE(Register(Worker("w-b")).ok());
   ASSERT_TRUE(Beat("w-a", 0).ok());
@@ -540,4 +542,143 @@ TEST_F(MembershipTest, BadStepRecordIsRefusedNamingTheField) {
 }
 
 }  // namespace
+// Every rank of a world of `n` registered, rendezvoused (the first group)
+// and ready.
+void FormGroup(Membership& m, int n, FakeClock& clock) {
+  std::vector<std::thread> threads;
+  for (int r = 0; r < n; ++r) {
+    v1::RegisterReply reply;
+    ASSERT_TRUE(m.Register(Worker(absl::StrCat("w-", r), r), &reply).ok());
+  }
+  for (int r = 0; r < n; ++r) {
+    threads.emplace_back([&m, r] {
+      v1::RendezvousRequest req;
+      req.set_worker_id(absl::StrCat("w-", r));
+      req.set_rank(r);
+      v1::RendezvousReply reply;
+      EXPECT_TRUE(m.Rendezvous(req, absl::Now() + absl::Seconds(10), &reply).ok());
+      EXPECT_EQ(reply.group_epoch(), 1u);
+    });
+  }
+  for (auto& t : threads) t.join();
+}
+
+v1::HeartbeatReply BeatIn(Membership& m, int rank, uint64_t group_epoch) {
+  v1::HeartbeatRequest hb;
+  hb.set_worker_id(absl::StrCat("w-", rank));
+  hb.set_rank(rank);
+  hb.set_ready(true);
+  hb.set_group_epoch(group_epoch);
+  hb.set_placement_epoch(m.placement_epoch());
+  v1::HeartbeatReply reply;
+  EXPECT_TRUE(m.Heartbeat(hb, &reply).ok());
+  return reply;
+}
+
+// A member dies: the live ones form the next group, renumbered in rank order,
+// with a placement over them that still holds every expert; each learns its
+// new transport rank from its heartbeat, meets the others at that epoch's
+// rendezvous, and requests run again once every member serves in it.
+TEST_F(MembershipTest, SurvivorsOfADeadMemberFormTheNextGroup) {
+  Make(3);
+  FormGroup(*membership_, 3, clock_);
+  for (int r = 0; r < 3; ++r) BeatIn(*membership_, r, 1);
+  EXPECT_TRUE(membership_->group().serving);
+  const uint64_t placement_before = membership_->placement_epoch();
+
+  ASSERT_TRUE(membership_->MarkDead(1, "worker unreachable"));
+  GroupInfo g = membership_->group();
+  EXPECT_EQ(g.epoch, 2u);
+  EXPECT_EQ(g.members, (std::vector<int>{0, 2}));
+  EXPECT_FALSE(g.serving);
+  EXPECT_THAT(g.reason, HasSubstr("rank 1 died: worker unreachable"));
+  const Placement p = membership_->placement();
+  EXPECT_EQ(p.num_ranks, 2);
+  EXPECT_GT(membership_->placement_epoch(), placement_before);
+  for (int l : {0, 2, 3}) {
+    for (int e = 0; e < 8; ++e) EXPECT_FALSE(p.replicas[l][e].empty()) << l << "/" << e;
+  }
+
+  const v1::HeartbeatReply r0 = BeatIn(*membership_, 0, 1);
+  const v1::HeartbeatReply r2 = BeatIn(*membership_, 2, 1);
+  ASSERT_TRUE(r2.has_group());
+  EXPECT_EQ(r2.group().epoch(), 2u);
+  EXPECT_EQ(r2.group().world_size(), 2);
+  EXPECT_EQ(r0.group().rank(), 0);
+  EXPECT_EQ(r2.group().rank(), 1);
+  EXPECT_EQ(r2.group().placement().num_ranks(), 2);
+  EXPECT_FALSE(r2.has_placement());  // the group update carries it
+
+  std::vector<v1::RendezvousReply> replies(2);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 2; ++i) {
+    threads.emplace_back([&, i] {
+      const int rank = i == 0 ? 0 : 2;
+      v1::RendezvousRequest req;
+      req.set_worker_id(absl::StrCat("w-", rank));
+      req.set_rank(rank);
+      req.set_group_epoch(2);
+      req.set_transport_address(absl::StrCat("epoch2-address-of-", rank));
+      EXPECT_TRUE(membership_->Rendezvous(req, absl::Now() + absl::Seconds(10), &replies[i]).ok());
+    });
+  }
+  for (auto& t : threads) t.join();
+  ASSERT_EQ(replies[1].peers_size(), 2);
+  EXPECT_EQ(replies[1].peers(1).transport_address(), "epoch2-address-of-2");
+  EXPECT_EQ(replies[0].peers(0).transport_address(), "epoch2-address-of-0");
+  EXPECT_EQ(replies[0].group_epoch(), 2u);
+
+  BeatIn(*membership_, 0, 2);
+  EXPECT_FALSE(membership_->group().serving);  // rank 2 has not regrouped yet
+  EXPECT_FALSE(BeatIn(*membership_, 2, 2).has_group());
+  EXPECT_TRUE(membership_->group().serving);
+  const std::vector<RankInfo> ranks = membership_->Ranks();
+  EXPECT_EQ(ranks[2].group_rank, 1);
+  EXPECT_EQ(ranks[1].group_rank, -1);
+}
+
+TEST_F(MembershipTest, ARendezvousOvertakenByAnotherDeathIsAborted) {
+  Make(3);
+  FormGroup(*membership_, 3, clock_);
+  ASSERT_TRUE(membership_->MarkDead(2, "gone"));
+  std::thread waiter([&] {
+    v1::RendezvousRequest req;
+    req.set_worker_id("w-0");
+    req.set_rank(0);
+    req.set_group_epoch(2);
+    req.set_transport_address("a0");
+    v1::RendezvousReply reply;
+    absl::Status s = membership_->Rendezvous(req, absl::Now() + absl::Seconds(10), &reply);
+    EXPECT_EQ(s.code(), absl::StatusCode::kAborted) << s;
+    EXPECT_THAT(std::string(s.message()), HasSubstr("moved on to epoch 3"));
+  });
+  absl::SleepFor(absl::Milliseconds(100));
+  ASSERT_TRUE(membership_->MarkDead(1, "also gone"));
+  waiter.join();
+  EXPECT_EQ(membership_->group().members, (std::vector<int>{0}));
+}
+
+// A dead member stays out: its worker coming back is told to stop, and a new
+// worker for its rank is refused with the reason (joining is not supported).
+TEST_F(MembershipTest, ALeftRankStaysOutOfTheRunningGroup) {
+  Make(2);
+  FormGroup(*membership_, 2, clock_);
+  ASSERT_TRUE(membership_->MarkDead(1, "stopped"));
+  const v1::HeartbeatReply back = BeatIn(*membership_, 1, 1);
+  EXPECT_TRUE(back.shutdown());
+  EXPECT_THAT(back.shutdown_reason(), HasSubstr("no longer in the expert-parallel group"));
+  absl::Status s = Register(Worker("w-new", 1)).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("left the expert-parallel group"));
+}
+
+TEST_F(MembershipTest, WithoutElasticGroupsADeathLeavesTheGroupAsItWas) {
+  Make(2, /*elastic=*/false);
+  FormGroup(*membership_, 2, clock_);
+  ASSERT_TRUE(membership_->MarkDead(1, "gone"));
+  EXPECT_EQ(membership_->group().epoch, 1u);
+  EXPECT_FALSE(BeatIn(*membership_, 0, 1).has_group());
+  EXPECT_FALSE(membership_->group().serving);
+}
+
 }  // namespace joule::cluster
