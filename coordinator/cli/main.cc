@@ -141,10 +141,17 @@ int Status(Frontend::Stub* stub) {
   if (!status.ok()) return RpcError(status);
   std::printf("world_size: %d\nplacement_epoch: %llu\n", reply.world_size(),
               static_cast<unsigned long long>(reply.placement_epoch()));
+  if (reply.group_epoch() > 0) {
+    std::printf("group_epoch: %llu (%s)%s%s\n", static_cast<unsigned long long>(reply.group_epoch()),
+                reply.serving() ? "serving" : "not serving",
+                reply.group_reason().empty() ? "" : " after ", reply.group_reason().c_str());
+  }
   for (const auto& r : reply.ranks()) {
-    std::printf("rank %d: %s endpoint=%s running=%d%s%s\n", r.rank(), r.state().c_str(),
+    const std::string member =
+        reply.group_epoch() > 0 && r.group_rank() >= 0 ? " group_rank=" + std::to_string(r.group_rank()) : "";
+    std::printf("rank %d: %s endpoint=%s running=%d%s%s%s\n", r.rank(), r.state().c_str(),
                 r.worker_endpoint().empty() ? "-" : r.worker_endpoint().c_str(), r.running(),
-                r.reason().empty() ? "" : " reason=", r.reason().c_str());
+                member.c_str(), r.reason().empty() ? "" : " reason=", r.reason().c_str());
   }
   return 0;
 }

@@ -42,6 +42,12 @@ absl::Status CoordinatorOptions::Validate() const {
     return absl::InvalidArgumentError(
         absl::StrCat("--startup-timeout-s: must be positive, got ", startup_timeout_s));
   }
+  if (max_resumes < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--max-resumes: must be >= 0, got ", max_resumes));
+  }
+  if (resume_wait_s < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("--resume-wait-s: must be positive, got ", resume_wait_s));
+  }
   if (request_timeout_s < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("--request-timeout-s: must be positive, got ", request_timeout_s));

@@ -29,9 +29,18 @@ namespace joule::cluster {
     "how long workers wait for their peers in one step (sent to workers at registration); "     \
     "bounds how long a dead peer stalls the others")                                              \
   X(int, heartbeat_ms, 500, "worker heartbeat interval; a rank silent for 3 intervals is dead")   \
+  X(bool, elastic, true,                                                                          \
+    "a dead worker leaves the expert-parallel group and the others regroup and serve on; false: " \
+    "the cluster stops serving until it is restarted")                                            \
   X(int, startup_timeout_s, 600,                                                                  \
     "a registered worker that has not heartbeated (still loading) for this long is dead")       \
   X(int, request_timeout_s, 600, "longest one request may run on a worker")                        \
+  X(int, max_resumes, 3,                                                                          \
+    "times a request resumes on another rank after its rank died (its tokens so far are "       \
+    "recomputed there, the stream goes on); 0: it fails with the reason")                        \
+  X(int, resume_wait_s, 60,                                                                       \
+    "how long a request waits for the group to serve again (to resume, or to start while the "  \
+    "group re-forms) before it fails with 503")                                                   \
   X(int, http_port, -1,                                                                           \
     "port of the OpenAI-compatible HTTP API; 0 picks a free one (see --http-port-file); "        \
     "-1 serves no HTTP (needs MODEL/tokenizer.json when on)")                                     \

@@ -10,6 +10,7 @@
 #include "coordinator/cluster/grpc_util.h"
 #include "coordinator/cluster/grpc_worker_client.h"
 #include "coordinator/cluster/model_summary.h"
+#include "coordinator/http/cluster_metrics.h"
 #include "coordinator/http/scheduler_metrics.h"
 
 namespace joule::cluster {
@@ -69,12 +70,15 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
                       .heartbeat_misses = 3,
                       .startup_timeout = absl::Seconds(options.startup_timeout_s),
                       .redundant_experts = options.redundant_experts,
-                      .step_timeout = absl::Milliseconds(options.step_timeout_ms)};
+                      .step_timeout = absl::Milliseconds(options.step_timeout_ms),
+                      .elastic = options.elastic};
   ASSIGN_OR_RETURN(s->membership_, Membership::Create(std::move(m), std::move(model), &s->clock_));
   s->clients_ = clients ? std::move(clients) : std::make_unique<GrpcWorkerClientFactory>();
   s->router_ = std::make_unique<Router>(
       s->membership_.get(), s->clients_.get(),
-      RouterOptions{.request_timeout = absl::Seconds(options.request_timeout_s)});
+      RouterOptions{.request_timeout = absl::Seconds(options.request_timeout_s),
+                    .max_resumes = options.max_resumes,
+                    .resume_wait = absl::Seconds(options.resume_wait_s)});
   s->coordinator_service_ = std::make_unique<CoordinatorServiceImpl>(s->membership_.get());
   s->frontend_service_ = std::make_unique<FrontendServiceImpl>(s->membership_.get(), s->router_.get());
 
@@ -103,7 +107,8 @@ absl::Status CoordinatorServer::StartHttp() {
   auto caps = ParseTierQueueCaps(options_.tier_queue_cap);
   if (!caps.ok()) return caps.status();
   http::GenerationBackend* backend = nullptr;
-  std::vector<std::shared_ptr<prometheus::Collectable>> collectables;
+  std::vector<std::shared_ptr<prometheus::Collectable>> collectables{
+      std::make_shared<http::ClusterMetrics>(membership_.get(), router_.get())};
   if (options_.policy == "none") {
     http_backend_ = std::make_unique<http::RouterBackend>(router_.get());
     backend = http_backend_.get();
@@ -137,8 +142,20 @@ absl::Status CoordinatorServer::StartHttp() {
 void CoordinatorServer::ControlLoop() {
   const absl::Duration rebalance_every = absl::Seconds(options_.rebalance_interval_s);
   absl::Time next_rebalance = absl::Now() + rebalance_every;
+  absl::Time last_poll = absl::Now();
+  const absl::Duration heartbeat = absl::Milliseconds(options_.heartbeat_ms);
   while (!stop_.WaitForNotificationWithTimeout(kControlPeriod)) {
-    router_->Poll();
+    // After a stall of this process (an overloaded host) the workers'
+    // heartbeats may still wait in its queues: judging silence now would
+    // declare live workers dead, so the next round does.
+    const absl::Duration since = absl::Now() - last_poll;
+    last_poll = absl::Now();
+    const bool stalled = since > heartbeat;
+    if (stalled) {
+      JOULE_LOG(Warning) << "control loop delayed by " << absl::FormatDuration(since)
+                         << " (coordinator starved of CPU?): heartbeats are judged next round";
+    }
+    router_->Poll(/*expire_heartbeats=*/!stalled);
     if (rebalance_every > absl::ZeroDuration() && absl::Now() >= next_rebalance) {
       next_rebalance = absl::Now() + rebalance_every;
       auto epoch = membership_->Rebalance(std::nullopt);

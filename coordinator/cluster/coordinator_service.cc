@@ -66,6 +66,10 @@ grpc::Status FrontendServiceImpl::ClusterStatus(grpc::ServerContext* context,
                                                 v1::ClusterStatusReply* reply) {
   reply->set_world_size(membership_->world_size());
   reply->set_placement_epoch(membership_->placement_epoch());
+  const GroupInfo group = membership_->group();
+  reply->set_group_epoch(group.epoch);
+  reply->set_serving(group.serving);
+  reply->set_group_reason(group.reason);
   for (const RankInfo& r : membership_->Ranks()) {
     v1::RankStatus* out = reply->add_ranks();
     out->set_rank(r.rank);
@@ -73,6 +77,7 @@ grpc::Status FrontendServiceImpl::ClusterStatus(grpc::ServerContext* context,
     out->set_worker_endpoint(r.worker_endpoint);
     out->set_running(std::max(r.running, router_->InFlight(r.rank)));
     out->set_reason(r.dead_reason);
+    out->set_group_rank(r.group_rank);
   }
   return grpc::Status::OK;
 }

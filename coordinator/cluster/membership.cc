@@ -91,6 +91,7 @@ void Membership::FillRegisterReplyLocked(int rank, v1::RegisterReply* reply) con
   *reply->mutable_placement() = PlacementToProto(placement_, epoch_);
   reply->set_heartbeat_interval_ms(absl::ToInt64Milliseconds(options_.heartbeat_interval));
   reply->set_step_timeout_ms(absl::ToInt64Milliseconds(options_.step_timeout));
+  reply->set_elastic(options_.elastic);
 }
 
 namespace {
@@ -358,6 +359,7 @@ bool Membership::ServingLocked() const {
 }
 
 void Membership::MemberDiedLocked(int rank, const std::string& reason) {
+  ++rank_failures_;
   if (!options_.elastic || group_epoch_ == 0 || GroupRankLocked(rank) < 0) return;
   std::vector<int> members;
   for (int r : group_) {
@@ -372,6 +374,8 @@ void Membership::MemberDiedLocked(int rank, const std::string& reason) {
                      << group_reason_ << ")";
     return;
   }
+  // A second death during a recovery extends it: it ends when a group serves.
+  if (!recovering_since_.has_value()) recovering_since_ = clock_->Now();
   auto placement = InitialPlacement(static_cast<int>(members.size()), model_);
   if (placement.ok()) {
     base_ = *placement;
@@ -382,6 +386,13 @@ void Membership::MemberDiedLocked(int rank, const std::string& reason) {
   JOULE_LOG(Warning) << "expert-parallel group epoch " << group_epoch_ << ": " << group_reason_
                      << "; " << members.size() << " rank(s) regroup (ranks "
                      << absl::StrJoin(members, ",") << "), placement epoch " << epoch_;
+}
+
+MembershipStats Membership::stats() const {
+  absl::MutexLock lock(&mu_);
+  return {.group_epoch = group_epoch_,
+          .rank_failures = rank_failures_,
+          .recovery_seconds = recovery_seconds_};
 }
 
 GroupInfo Membership::group() const {
@@ -480,6 +491,14 @@ absl::Status Membership::HeartbeatLocked(const v1::HeartbeatRequest& request,
   for (const v1::ExpertLoad& el : request.expert_load()) {
     auto& layer = load_[el.layer()];
     for (int e = 0; e < el.tokens_size(); ++e) layer[e] += std::max<int64_t>(el.tokens(e), 0);
+  }
+  if (recovering_since_.has_value() && ServingLocked()) {
+    const absl::Duration took = clock_->Now() - *recovering_since_;
+    recovery_seconds_.push_back(absl::ToDoubleSeconds(took));
+    recovering_since_.reset();
+    JOULE_LOG(Warning) << "expert-parallel group epoch " << group_epoch_ << " serves again ("
+                       << group_.size() << " rank(s)), " << absl::FormatDuration(took)
+                       << " after " << group_reason_;
   }
   const int g = GroupRankLocked(request.rank());
   if (group_epoch_ > 1 && request.group_epoch() != group_epoch_) {

@@ -80,6 +80,13 @@ struct GroupInfo {
   std::string reason;        // why the last epoch opened
 };
 
+// Failures and recoveries so far, for /metrics.
+struct MembershipStats {
+  uint64_t group_epoch = 0;
+  uint64_t rank_failures = 0;            // ranks marked dead
+  std::vector<double> recovery_seconds;  // a member's death -> its group serving again
+};
+
 struct DeadRank {
   int rank = 0;
   std::string reason;  // "heartbeat lost (none for 1.6 s)"
@@ -143,6 +150,7 @@ class Membership {
 
   int world_size() const { return options_.world_size; }
   GroupInfo group() const;
+  MembershipStats stats() const;
   const ModelSummary& model() const { return model_; }
   std::vector<RankInfo> Ranks() const;
   uint64_t placement_epoch() const;
@@ -188,6 +196,10 @@ class Membership {
   std::vector<int> group_ ABSL_GUARDED_BY(mu_);    // members' ranks, by transport rank
   std::vector<std::string> group_addresses_ ABSL_GUARDED_BY(mu_);  // this epoch's, by transport rank
   std::string group_reason_ ABSL_GUARDED_BY(mu_);
+  // Set while a re-formed group does not serve yet: when the first death was seen.
+  std::optional<absl::Time> recovering_since_ ABSL_GUARDED_BY(mu_);
+  uint64_t rank_failures_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<double> recovery_seconds_ ABSL_GUARDED_BY(mu_);
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
   StepObserver step_observer_ ABSL_GUARDED_BY(mu_);
 };

@@ -68,6 +68,18 @@ absl::StatusOr<ModelSummary> ParseModelSummary(const std::string& json_text,
   if (!(v = PositiveInt(j, source, "max_position_embeddings")).ok()) return v.status();
   m.max_context = *v;
 
+  if (auto it = j.find("eos_token_id"); it != j.end() && !it->is_null()) {
+    const json ids = it->is_array() ? *it : json::array({*it});
+    for (const json& e : ids) {
+      if (!e.is_number_integer() || e.get<int64_t>() < 0) {
+        return FieldError(source, "eos_token_id",
+                          absl::StrCat("must be a non-negative integer or a list of them, got ",
+                                       it->dump()));
+      }
+      m.eos_token_ids.push_back(e.get<int64_t>());
+    }
+  }
+
   // Hugging Face's rule (Qwen2/3-MoE): a layer is MoE unless listed in
   // mlp_only_layers, and only every decoder_sparse_step-th layer is. Mixtral has
   // neither field: every layer is MoE.

@@ -23,6 +23,7 @@ struct ModelSummary {
   int top_k = 0;
   int64_t max_context = 0;  // max_position_embeddings
   std::vector<bool> moe_layer;  // per decoder layer
+  std::vector<int64_t> eos_token_ids;  // eos_token_id (one id or a list; may be absent)
 
   int num_moe_layers() const;
 };

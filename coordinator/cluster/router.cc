@@ -12,26 +12,34 @@
 #include "scheduler/tier.h"
 
 namespace joule::cluster {
-// What the router keeps of one request while it is in flight.
+// What the router keeps of one request until it has its outcome.
 struct Router::Call {
   uint64_t seq = 0;
   std::string request_id;
-  int rank = 0;
+  v1::GenerateRequest request;  // as sent to workers, without resumed tokens
+  absl::Time deadline;          // the client's, capped by request_timeout
   std::shared_ptr<GenerateSink> sink;
   std::function<void(absl::Status)> done;
-  std::shared_ptr<WorkerClient> client;
   // Async callers hear OK for a client cancellation (they know); the blocking
   // Generate keeps answering CANCELLED.
   bool cancel_is_ok = false;
 
   // Guarded by Router::mu_.
+  int rank = -1;     // the current attempt's rank; -1 while parked
+  int attempts = 0;  // attempts started
+  std::shared_ptr<WorkerClient> client;
   std::shared_ptr<GenerateCall> worker_call;
-  absl::Status abort;             // set once: why the coordinator ended it
+  absl::Status abort;             // why the coordinator ended the current attempt
   bool client_cancelled = false;  // the client went away
+  bool parked = false;            // waiting for a serving group
+  absl::Time parked_at;
+  std::string park_reason;        // the failure it waits to recover from
 
-  // Touched only from the observer's callbacks, which come one at a time.
-  bool finished = false;      // a response carried a finish reason
-  bool write_failed = false;  // the sink refused a write: drop the rest
+  // Touched by one attempt's callbacks (one at a time) and between attempts.
+  bool finished = false;        // a response carried a finish reason
+  bool write_failed = false;    // the sink refused a write: drop the rest
+  std::vector<int32_t> tokens;  // relayed to the sink, over every attempt
+  int resumed_tokens = 0;       // recomputed by attempts after the first
 };
 
 // The worker call's observer: forwards to the router, keeps the Call alive.
@@ -117,9 +125,26 @@ std::string Router::DeadRanksSummary() const {
   return out;
 }
 
-absl::StatusOr<int> Router::PickRank() const {
-  const std::vector<RankInfo> ranks = membership_->Ranks();
-  int registered = 0, ready = 0;
+absl::StatusOr<std::vector<int>> Router::ServingRanks(const std::vector<RankInfo>& ranks) const {
+  const GroupInfo group = membership_->group();
+  std::vector<int> serving;
+  if (group.epoch > 1) {
+    // An elastic group re-formed after a death: its members serve, once all
+    // of them run the new epoch.
+    if (group.members.empty()) {
+      return absl::UnavailableError(
+          absl::StrCat("no rank is left in the expert-parallel group (", group.reason, ")"));
+    }
+    if (!group.serving) {
+      return absl::UnavailableError(absl::StrCat("the expert-parallel group is re-forming (epoch ",
+                                                 group.epoch, " after ", group.reason, ")"));
+    }
+    for (int r : group.members) {
+      if (ranks[r].state == RankState::kReady) serving.push_back(r);
+    }
+    return serving;
+  }
+  int registered = 0;
   for (const RankInfo& r : ranks) {
     if (r.state == RankState::kDead) {
       // One missing rank stalls every step of the others: refuse rather than hang.
@@ -128,28 +153,45 @@ absl::StatusOr<int> Router::PickRank() const {
                        "; the expert-parallel group cannot serve until it is back"));
     }
     registered += r.state != RankState::kFree;
-    ready += r.state == RankState::kReady;
+    if (r.state == RankState::kReady) serving.push_back(r.rank);
   }
   const int n = static_cast<int>(ranks.size());
-  if (ready == 0 || registered < n) {
+  if (serving.empty() || registered < n) {
     return absl::UnavailableError(absl::StrCat("no worker is ready (", registered, " of ", n,
-                                               " ranks registered, ", ready, " ready)"));
+                                               " ranks registered, ", serving.size(), " ready)"));
   }
+  return serving;
+}
+
+absl::StatusOr<int> Router::PickRank() const {
+  const std::vector<RankInfo> ranks = membership_->Ranks();
+  ASSIGN_OR_RETURN(const std::vector<int> serving, ServingRanks(ranks));
   absl::MutexLock lock(&mu_);
-  std::vector<int> in_flight = in_flight_;
-  in_flight.resize(n, 0);
   int best = -1;
   int best_load = 0;
-  for (const RankInfo& r : ranks) {
-    if (r.state != RankState::kReady) continue;
-    const int load = std::max(in_flight[r.rank], r.running + r.waiting);
+  for (int rank : serving) {
+    const RankInfo& r = ranks[rank];
+    const int in_flight = static_cast<size_t>(rank) < in_flight_.size() ? in_flight_[rank] : 0;
+    const int load = std::max(in_flight, r.running + r.waiting);
     if (best < 0 || load < best_load ||
         (load == best_load && r.kv_usage < ranks[best].kv_usage)) {
-      best = r.rank;
+      best = rank;
       best_load = load;
     }
   }
+  if (best < 0) return absl::UnavailableError("no rank of the expert-parallel group is ready");
   return best;
+}
+
+bool Router::Reforming() const {
+  if (options_.max_resumes <= 0) return false;
+  const GroupInfo group = membership_->group();
+  return group.epoch > 1 && !group.members.empty() && !group.serving;
+}
+
+absl::Status Router::Ready() const {
+  absl::Status s = PickRank().status();
+  return s.ok() || Reforming() ? absl::OkStatus() : s;
 }
 
 void Router::GenerateAsync(const v1::GenerateRequest& request, absl::Time client_deadline,
@@ -174,12 +216,14 @@ std::shared_ptr<Router::Call> Router::Start(const v1::GenerateRequest& request,
     return nullptr;
   }
   absl::StatusOr<int> rank = PickRank();
-  if (!rank.ok()) {
+  // While the group re-forms, a new request waits like a resumed one.
+  const bool wait = !rank.ok() && Reforming();
+  if (!rank.ok() && !wait) {
     done(rank.status());
     return nullptr;
   }
-  const std::vector<RankInfo> ranks = membership_->Ranks();
-  if (forced_rank.has_value()) {
+  if (rank.ok() && forced_rank.has_value()) {
+    const std::vector<RankInfo> ranks = membership_->Ranks();
     if (*forced_rank < 0 || *forced_rank >= static_cast<int>(ranks.size()) ||
         ranks[*forced_rank].state != RankState::kReady) {
       done(absl::UnavailableError(absl::StrCat("rank ", *forced_rank, " is not ready")));
@@ -187,20 +231,17 @@ std::shared_ptr<Router::Call> Router::Start(const v1::GenerateRequest& request,
     }
     rank = *forced_rank;
   }
-  const std::string endpoint = ranks[*rank].worker_endpoint;
-
-  v1::GenerateRequest forward = request;
-  // Workers get our tier names (scheduler/tier.h), whatever the client spelled.
-  forward.set_service_tier(std::string(
-      scheduler::TierName(scheduler::ParseServiceTier(request.service_tier()).value())));
-  if (forward.sampling().top_p() == 0) forward.mutable_sampling()->set_top_p(1.0f);
 
   auto call = std::make_shared<Call>();
-  call->rank = *rank;
+  call->request = request;
+  // Workers get our tier names (scheduler/tier.h), whatever the client spelled.
+  call->request.set_service_tier(std::string(
+      scheduler::TierName(scheduler::ParseServiceTier(request.service_tier()).value())));
+  if (call->request.sampling().top_p() == 0) call->request.mutable_sampling()->set_top_p(1.0f);
+  call->deadline = std::min(client_deadline, absl::Now() + options_.request_timeout);
   call->sink = std::move(sink);
   call->done = std::move(done);
   call->cancel_is_ok = cancel_is_ok;
-  call->client = clients_->Connect(endpoint);
   absl::Status refused;
   {
     absl::MutexLock lock(&mu_);
@@ -211,25 +252,74 @@ std::shared_ptr<Router::Call> Router::Start(const v1::GenerateRequest& request,
           "request_id: '", request.request_id(), "' is already in flight; ids must be unique"));
     } else {
       call->seq = next_call_++;
-      if (request.request_id().empty()) forward.set_request_id(absl::StrCat("req-", call->seq));
-      call->request_id = forward.request_id();
+      if (request.request_id().empty()) call->request.set_request_id(absl::StrCat("req-", call->seq));
+      call->request_id = call->request.request_id();
       calls_[call->seq] = call;
       by_id_[call->request_id] = call->seq;
-      if (in_flight_.size() <= static_cast<size_t>(call->rank)) in_flight_.resize(call->rank + 1);
-      ++in_flight_[call->rank];
       ++outstanding_;
+      // Launch takes parked calls: a new one starts out parked.
+      call->parked = true;
+      call->parked_at = absl::Now();
+      if (wait) call->park_reason = std::string(rank.status().message());
     }
   }
   if (!refused.ok()) {
     call->done(std::move(refused));
     return nullptr;
   }
-  JOULE_LOG(Debug) << "request " << call->request_id << " -> rank " << call->rank << " ("
-                   << endpoint << ")";
+  if (wait) {
+    JOULE_LOG(Info) << "request " << call->request_id << " waits: " << call->park_reason;
+  } else if (Claim(call)) {
+    Launch(call, *rank);
+  }
+  return call;
+}
 
-  const absl::Time deadline = std::min(client_deadline, absl::Now() + options_.request_timeout);
+bool Router::Claim(const std::shared_ptr<Call>& call) {
+  absl::MutexLock lock(&mu_);
+  if (!call->parked) return false;
+  call->parked = false;
+  return true;
+}
+
+void Router::Launch(const std::shared_ptr<Call>& call, int rank) {
+  const std::vector<RankInfo> ranks = membership_->Ranks();
+  const std::string endpoint = ranks[rank].worker_endpoint;
+  v1::GenerateRequest forward = call->request;
+  forward.mutable_resumed_token_ids()->Assign(call->tokens.begin(), call->tokens.end());
+  std::shared_ptr<WorkerClient> client = clients_->Connect(endpoint);
+  absl::Status refused;
+  {
+    absl::MutexLock lock(&mu_);
+    if (shutdown_) {
+      refused = absl::UnavailableError("coordinator is shutting down");
+    } else {
+      call->rank = rank;
+      call->client = client;
+      call->abort = absl::OkStatus();
+      call->worker_call = nullptr;
+      if (call->attempts++ > 0) {
+        ++stats_.requests_resumed;
+        stats_.resumed_tokens += call->tokens.size();
+      }
+      if (in_flight_.size() <= static_cast<size_t>(rank)) in_flight_.resize(rank + 1);
+      ++in_flight_[rank];
+    }
+  }
+  if (!refused.ok()) {
+    Finish(call, std::move(refused));
+    return;
+  }
+  if (call->tokens.empty()) {
+    JOULE_LOG(Debug) << "request " << call->request_id << " -> rank " << rank << " (" << endpoint
+                     << ")";
+  } else {
+    JOULE_LOG(Info) << "request " << call->request_id << " resumes on rank " << rank << " ("
+                    << endpoint << ") with " << call->tokens.size()
+                    << " tokens generated so far, attempt " << call->attempts;
+  }
   std::shared_ptr<GenerateCall> worker_call =
-      call->client->Generate(forward, deadline, std::make_shared<Relay>(this, call));
+      client->Generate(forward, call->deadline, std::make_shared<Relay>(this, call));
   bool cancel_now;
   {
     absl::MutexLock lock(&mu_);
@@ -238,7 +328,6 @@ std::shared_ptr<Router::Call> Router::Start(const v1::GenerateRequest& request,
     cancel_now = !call->abort.ok() || call->client_cancelled;
   }
   if (cancel_now) worker_call->Cancel();
-  return call;
 }
 
 void Router::OnWorkerResponse(const std::shared_ptr<Call>& call,
@@ -247,7 +336,15 @@ void Router::OnWorkerResponse(const std::shared_ptr<Call>& call,
   v1::GenerateResponse out = response;
   out.set_request_id(call->request_id);
   out.set_rank(call->rank);
+  call->tokens.insert(call->tokens.end(), response.token_ids().begin(),
+                      response.token_ids().end());
   call->finished = call->finished || out.finish_reason() != v1::FINISH_REASON_UNSPECIFIED;
+  if (call->finished) {
+    // The client's usage covers every attempt: all tokens it received, and
+    // how many of them a later attempt had to recompute.
+    out.set_completion_tokens(static_cast<int32_t>(call->tokens.size()));
+    out.set_resumed_tokens(call->resumed_tokens);
+  }
   if (!call->sink->Write(out)) {
     call->write_failed = true;
     CancelByClient(call);
@@ -256,43 +353,155 @@ void Router::OnWorkerResponse(const std::shared_ptr<Call>& call,
 
 void Router::CancelByClient(const std::shared_ptr<Call>& call) {
   std::shared_ptr<GenerateCall> worker_call;
+  bool parked;
   {
     absl::MutexLock lock(&mu_);
     if (call->client_cancelled) return;
     call->client_cancelled = true;
     worker_call = call->worker_call;
+    parked = call->parked;
   }
-  JOULE_LOG(Debug) << "request " << call->request_id << ": client gone, cancelling on rank "
-                   << call->rank;
-  // Null while Start has not stored it yet; Start then cancels.
+  JOULE_LOG(Debug) << "request " << call->request_id << ": client gone"
+                   << (parked ? " while it waited" : ", cancelling its worker call");
+  if (parked) {
+    if (Claim(call)) Finish(call, absl::CancelledError("the client cancelled the request"));
+    return;
+  }
+  // Null while Launch has not stored it yet; Launch then cancels.
   if (worker_call != nullptr) worker_call->Cancel();
 }
 
 void Router::OnWorkerDone(const std::shared_ptr<Call>& call, const absl::Status& worker_status) {
   {
     absl::MutexLock lock(&mu_);
-    calls_.erase(call->seq);
-    by_id_.erase(call->request_id);
     --in_flight_[call->rank];
   }
   if (std::optional<absl::Status> outcome = Outcome(*call, worker_status)) {
-    Complete(call, *std::move(outcome));
+    AfterAttempt(call, *std::move(outcome));
     return;
   }
   // Did the request fail, or is the worker gone? Ask it directly, without
   // holding this (gRPC) thread while the probe waits.
   call->client->Status(absl::Now() + options_.probe_timeout,
                        [this, call, worker_status](absl::StatusOr<v1::WorkerStatusReply> probe) {
-                         Complete(call, ProbedOutcome(*call, worker_status, probe));
+                         AfterAttempt(call, ProbedOutcome(*call, worker_status, probe));
                        });
+}
+
+void Router::AfterAttempt(const std::shared_ptr<Call>& call, absl::Status outcome) {
+  if (!absl::IsUnavailable(outcome) || call->finished) {
+    Finish(call, std::move(outcome));
+    return;
+  }
+  if (std::optional<v1::FinishReason> reason = FinishedByTokens(*call)) {
+    // The rank died between the last token and its final message: finish here.
+    v1::GenerateResponse last;
+    last.set_request_id(call->request_id);
+    last.set_rank(call->rank);
+    last.set_finish_reason(*reason);
+    last.set_prompt_tokens(call->request.prompt_token_ids_size());
+    last.set_completion_tokens(static_cast<int32_t>(call->tokens.size()));
+    last.set_resumed_tokens(call->resumed_tokens);
+    call->finished = true;
+    call->sink->Write(last);
+    Finish(call, absl::OkStatus());
+    return;
+  }
+  if (!Park(call, &outcome)) {
+    Finish(call, std::move(outcome));
+    return;
+  }
+  JOULE_LOG(Info) << "request " << call->request_id << " (" << call->tokens.size()
+                  << " tokens so far) will resume: " << outcome.message();
+  TryResume(call);
+}
+
+std::optional<v1::FinishReason> Router::FinishedByTokens(const Call& call) const {
+  if (call.tokens.empty()) return std::nullopt;
+  const v1::SamplingParams& s = call.request.sampling();
+  const int32_t last = call.tokens.back();
+  const auto& eos = membership_->model().eos_token_ids;
+  if ((!s.ignore_eos() && std::find(eos.begin(), eos.end(), last) != eos.end()) ||
+      std::find(s.stop_token_ids().begin(), s.stop_token_ids().end(), last) !=
+          s.stop_token_ids().end()) {
+    return v1::FINISH_REASON_STOP;
+  }
+  if (static_cast<int64_t>(call.tokens.size()) >= s.max_tokens()) return v1::FINISH_REASON_LENGTH;
+  return std::nullopt;
+}
+
+bool Router::Park(const std::shared_ptr<Call>& call, absl::Status* outcome) {
+  absl::MutexLock lock(&mu_);
+  if (shutdown_ || call->client_cancelled || call->write_failed || options_.max_resumes <= 0 ||
+      absl::Now() >= call->deadline) {
+    return false;
+  }
+  if (call->attempts > options_.max_resumes) {
+    *outcome = absl::UnavailableError(
+        absl::StrCat(outcome->message(), "; request ", call->request_id, " reached its resume limit (",
+                     options_.max_resumes, " resumes, --max-resumes)"));
+    return false;
+  }
+  call->parked = true;
+  call->parked_at = absl::Now();
+  call->park_reason = std::string(outcome->message());
+  call->rank = -1;
+  call->worker_call = nullptr;
+  call->resumed_tokens += static_cast<int>(call->tokens.size());
+  return true;
+}
+
+void Router::TryResume(const std::shared_ptr<Call>& call) {
+  std::optional<absl::Status> end;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!call->parked) return;
+    const absl::Time now = absl::Now();
+    if (shutdown_) {
+      end = absl::UnavailableError("coordinator is shutting down");
+    } else if (call->client_cancelled) {
+      end = absl::CancelledError("the client cancelled the request");
+    } else if (now >= call->deadline) {
+      end = absl::DeadlineExceededError(absl::StrCat(
+          "request ", call->request_id, " reached its deadline while it waited to resume (",
+          call->park_reason, ")"));
+    } else if (now - call->parked_at >= options_.resume_wait) {
+      end = absl::UnavailableError(absl::StrCat(
+          "request ", call->request_id, " waited ", absl::FormatDuration(options_.resume_wait),
+          " for a serving group and gave up (", call->park_reason, ")"));
+    }
+  }
+  if (end.has_value()) {
+    if (Claim(call)) Finish(call, *std::move(end));
+    return;
+  }
+  absl::StatusOr<int> rank = PickRank();
+  if (rank.ok()) {
+    if (Claim(call)) Launch(call, *rank);
+    return;
+  }
+  // A group that re-forms serves again soon: Poll tries again. Otherwise
+  // (no rank left, or a group that cannot re-form) waiting would not help.
+  if (!Reforming() && Claim(call)) {
+    Finish(call, absl::UnavailableError(absl::StrCat(call->park_reason, "; ",
+                                                     rank.status().message())));
+  }
+}
+
+void Router::Finish(const std::shared_ptr<Call>& call, absl::Status outcome) {
+  {
+    absl::MutexLock lock(&mu_);
+    calls_.erase(call->seq);
+    by_id_.erase(call->request_id);
+  }
+  Complete(call, std::move(outcome));
 }
 
 void Router::Complete(const std::shared_ptr<Call>& call, absl::Status outcome) {
   if (absl::IsCancelled(outcome) && call->cancel_is_ok) {
     outcome = absl::OkStatus();
   } else if (!outcome.ok() && !absl::IsCancelled(outcome)) {
-    JOULE_LOG(Info) << "request " << call->request_id << " on rank " << call->rank << ": "
-                    << outcome;
+    JOULE_LOG(Info) << "request " << call->request_id << ": " << outcome;
   }
   call->done(std::move(outcome));
   call->done = nullptr;  // what it captured (the client's connection) can go now
@@ -441,20 +650,30 @@ absl::Status Router::ProbedOutcome(const Call& call, const absl::Status& worker_
                                              msg));
 }
 
-void Router::Poll() {
-  for (const DeadRank& d : membership_->ExpireHeartbeats()) FailRank(d.rank, d.reason);
+void Router::Poll(bool expire_heartbeats) {
+  if (expire_heartbeats) {
+    for (const DeadRank& d : membership_->ExpireHeartbeats()) FailRank(d.rank, d.reason);
+  }
   // ClientGone() belongs to the front door and may take its locks: ask
   // outside ours.
-  std::vector<std::shared_ptr<Call>> live;
+  std::vector<std::shared_ptr<Call>> live, parked;
   {
     absl::MutexLock lock(&mu_);
     live.reserve(calls_.size());
     for (const auto& [seq, call] : calls_) {
-      if (!call->client_cancelled) live.push_back(call);
+      if (call->client_cancelled) continue;
+      (call->parked ? parked : live).push_back(call);
     }
   }
   for (const std::shared_ptr<Call>& call : live) {
     if (call->sink->ClientGone()) CancelByClient(call);
+  }
+  for (const std::shared_ptr<Call>& call : parked) {
+    if (call->sink->ClientGone()) {
+      CancelByClient(call);
+    } else {
+      TryResume(call);
+    }
   }
 }
 
@@ -463,7 +682,7 @@ void Router::FailRank(int rank, const std::string& reason) {
   {
     absl::MutexLock lock(&mu_);
     for (auto& [seq, call] : calls_) {
-      if (call->rank != rank || !call->abort.ok()) continue;
+      if (call->parked || call->rank != rank || !call->abort.ok()) continue;
       call->abort = absl::UnavailableError(absl::StrCat("rank ", rank, " died: ", reason));
       if (call->worker_call != nullptr) to_cancel.push_back(call->worker_call);
     }
@@ -474,16 +693,30 @@ void Router::FailRank(int rank, const std::string& reason) {
 
 void Router::Shutdown() {
   std::vector<std::shared_ptr<GenerateCall>> to_cancel;
+  std::vector<std::shared_ptr<Call>> parked;
   {
     absl::MutexLock lock(&mu_);
     shutdown_ = true;
     for (auto& [seq, call] : calls_) {
+      if (call->parked) {
+        parked.push_back(call);
+        continue;
+      }
       if (!call->abort.ok()) continue;
       call->abort = absl::UnavailableError("coordinator is shutting down");
       if (call->worker_call != nullptr) to_cancel.push_back(call->worker_call);
     }
   }
   for (const auto& c : to_cancel) c->Cancel();
+  for (const auto& call : parked) TryResume(call);  // ends it: shutting down
+}
+
+RouterStats Router::stats() const {
+  absl::MutexLock lock(&mu_);
+  RouterStats out = stats_;
+  out.parked = 0;
+  for (const auto& [seq, call] : calls_) out.parked += call->parked ? 1 : 0;
+  return out;
 }
 
 int Router::InFlight(int rank) const {

@@ -2,8 +2,15 @@
 // picks the least loaded ready rank, relays that worker's Generate stream to
 // the client and gives every request exactly one outcome (finished, cancelled
 // or a clear error). Client cancellation cancels the worker call, so the
-// worker frees the sequence's KV blocks; a rank that dies fails its requests
-// with the reason.
+// worker frees the sequence's KV blocks.
+//
+// A request whose rank dies (or whose step fails with its group) is resumed:
+// the router keeps the tokens it relayed, waits for a serving group (an
+// elastic group re-forms without the dead rank, membership.h) and sends the
+// request again with those tokens as resumed_token_ids, so the new rank
+// recomputes them and streams only what follows. The client sees one stream
+// with nothing repeated or missing. A request fails only when its resume limit
+// is reached, no rank is left, or no group serves again within resume_wait.
 //
 // Asynchronous: a request holds no thread while it waits on its worker; its
 // responses are relayed from the worker client's callbacks (gRPC's threads).
@@ -45,6 +52,19 @@ struct RouterOptions {
   absl::Duration request_timeout = absl::Minutes(10);
   // Deadline of the Status probe that tells an unreachable worker from a failed request.
   absl::Duration probe_timeout = absl::Seconds(1);
+  // Times one request may resume on another attempt after its rank failed
+  // (--max-resumes); 0 fails it at once with the reason.
+  int max_resumes = 0;
+  // How long a request waits for a group that serves (to resume, or to start
+  // while the group re-forms) before it fails with UNAVAILABLE.
+  absl::Duration resume_wait = absl::Seconds(60);
+};
+
+// What the router did, for /metrics.
+struct RouterStats {
+  uint64_t requests_resumed = 0;    // attempts started after a failed one
+  uint64_t resumed_tokens = 0;      // tokens those attempts had to recompute
+  int parked = 0;                   // requests waiting for a serving group now
 };
 
 class Router {
@@ -62,8 +82,12 @@ class Router {
   // running + waiting from its last heartbeat); ties go to the lower KV usage,
   // then the lower rank. UNAVAILABLE "no worker is ready" when the cluster has
   // not formed or no rank is ready, and with the reason when a rank is dead
-  // (expert-parallel ranks serve only together).
+  // (expert-parallel ranks serve only together) or the group re-forms.
   absl::StatusOr<int> PickRank() const;
+
+  // OK when a request would be served: a rank can take it now, or (with
+  // resumes on) the group is re-forming after a death and it will wait.
+  absl::Status Ready() const;
 
   // Starts serving `request` and returns at once. Responses go to sink->Write on
   // gRPC's threads, one at a time for a given request; `done` runs exactly once,
@@ -92,17 +116,20 @@ class Router {
                         GenerateSink* sink);
 
   // Periodic work, from the coordinator's control loop: expires heartbeats
-  // (failing the dead ranks' requests) and cancels worker calls whose client
-  // has gone away.
-  void Poll();
+  // (failing the dead ranks' requests) unless `expire_heartbeats` is false,
+  // cancels worker calls whose client has gone away and resumes waiting
+  // requests once a group serves.
+  void Poll(bool expire_heartbeats = true);
 
-  // Fails every request in flight on `rank` with UNAVAILABLE "rank R died: REASON".
+  // Ends every attempt in flight on `rank` with UNAVAILABLE "rank R died:
+  // REASON"; those requests resume elsewhere when resumes are on.
   void FailRank(int rank, const std::string& reason);
 
   // Fails everything in flight and refuses new requests (UNAVAILABLE).
   void Shutdown();
 
   int InFlight(int rank) const;
+  RouterStats stats() const;
 
   // Waits for every request's `done` (and any Status probe) to have run.
   ~Router();
@@ -116,8 +143,25 @@ class Router {
                               std::shared_ptr<GenerateSink> sink,
                               std::function<void(absl::Status)> done, bool cancel_is_ok,
                               std::optional<int> forced_rank = std::nullopt);
+  // Starts the call's next attempt on `rank` (a parked call claimed by the caller).
+  void Launch(const std::shared_ptr<Call>& call, int rank);
   void OnWorkerResponse(const std::shared_ptr<Call>& call, const v1::GenerateResponse& response);
   void OnWorkerDone(const std::shared_ptr<Call>& call, const absl::Status& worker_status);
+  // An attempt ended with `outcome`: resume the request or give it its outcome.
+  void AfterAttempt(const std::shared_ptr<Call>& call, absl::Status outcome);
+  // Parks the call for a later attempt when it may resume; else false and
+  // `outcome` says why not (when the limit was reached).
+  bool Park(const std::shared_ptr<Call>& call, absl::Status* outcome);
+  // Starts a parked call on a serving rank, or ends it when it waited too long
+  // or its client left; no-op when the group does not serve yet.
+  void TryResume(const std::shared_ptr<Call>& call);
+  // True for the one caller that takes a parked call out of the parking.
+  bool Claim(const std::shared_ptr<Call>& call);
+  // The tokens relayed already end the request (a stop token, or max_tokens):
+  // the rank died before its final message.
+  std::optional<v1::FinishReason> FinishedByTokens(const Call& call) const;
+  // Removes the call and gives it its outcome.
+  void Finish(const std::shared_ptr<Call>& call, absl::Status outcome);
   void Complete(const std::shared_ptr<Call>& call, absl::Status outcome);
   // Marks the call cancelled by its client and cancels the worker call.
   void CancelByClient(const std::shared_ptr<Call>& call);
@@ -126,6 +170,10 @@ class Router {
   absl::Status ProbedOutcome(const Call& call, const absl::Status& worker_status,
                              const absl::StatusOr<v1::WorkerStatusReply>& probe);
   std::string DeadRanksSummary() const;
+  // Why no rank can take a request now (PickRank's errors); the candidate
+  // ranks otherwise.
+  absl::StatusOr<std::vector<int>> ServingRanks(const std::vector<RankInfo>& ranks) const;
+  bool Reforming() const;
   void Released();
 
   Membership* const membership_;
@@ -133,7 +181,7 @@ class Router {
   const RouterOptions options_;
 
   mutable absl::Mutex mu_;
-  // In flight (until the worker call ended), by sequence number and by request id.
+  // Until they have their outcome (parked ones too), by sequence number and by request id.
   std::map<uint64_t, std::shared_ptr<Call>> calls_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, uint64_t> by_id_ ABSL_GUARDED_BY(mu_);
   std::vector<int> in_flight_ ABSL_GUARDED_BY(mu_);  // per rank
@@ -141,6 +189,7 @@ class Router {
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
   // Requests whose `done` has not run yet (a Status probe may outlive calls_).
   int outstanding_ ABSL_GUARDED_BY(mu_) = 0;
+  RouterStats stats_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace joule::cluster

@@ -28,6 +28,7 @@ Json UsageJson(const Usage& u) {
     j["energy_joules"] = *u.energy_joules;
     j["energy_source"] = u.energy_source;
   }
+  if (u.resumed_tokens > 0) j["resumed_tokens"] = u.resumed_tokens;
   return j;
 }
 

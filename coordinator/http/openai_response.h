@@ -28,8 +28,13 @@ struct Usage {
   // Joule's extension: the serving rank's metered energy charged to the
   // request, and how it was measured (nvml, rapl, or model = an estimate).
   // Absent when the worker reported none (no meter, or stopped by a stop string).
+  // When the worker that served it died, the energy is the last rank's only.
   std::optional<double> energy_joules;
   std::string energy_source;
+  // Joule's extension, present when > 0: completion tokens a live rank had to
+  // recompute after the rank serving the request died (they count once in
+  // completion_tokens; this is the extra work).
+  int64_t resumed_tokens = 0;
 };
 
 // A non-streamed response: object "text_completion" with choices[0].text, or

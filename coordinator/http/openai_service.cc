@@ -126,6 +126,7 @@ class Generation : public std::enable_shared_from_this<Generation> {
     if (text_.stopped()) {
       FinishLocked("stop", "", &out);
     } else if (response.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
+      resumed_tokens_ = response.resumed_tokens();
       if (!response.energy_source().empty()) {
         energy_joules_ = response.energy_joules();
         energy_source_ = response.energy_source();
@@ -188,7 +189,8 @@ class Generation : public std::enable_shared_from_this<Generation> {
     const Usage usage{.prompt_tokens = prompt_tokens_,
                       .completion_tokens = completion_tokens_,
                       .energy_joules = energy_joules_,
-                      .energy_source = energy_source_};
+                      .energy_source = energy_source_,
+                      .resumed_tokens = resumed_tokens_};
     HttpMetrics& m = service_->metrics_;
     m.e2e(header_.tier).Observe(absl::ToDoubleSeconds(service_->clock_->Now() - arrival_));
     m.CountFinished(reason, header_.tier);
@@ -232,6 +234,7 @@ class Generation : public std::enable_shared_from_this<Generation> {
   std::string text_so_far_ ABSL_GUARDED_BY(mu_);  // non-streamed responses
   int64_t completion_tokens_ ABSL_GUARDED_BY(mu_) = 0;
   std::optional<double> energy_joules_ ABSL_GUARDED_BY(mu_);
+  int64_t resumed_tokens_ ABSL_GUARDED_BY(mu_) = 0;
   std::string energy_source_ ABSL_GUARDED_BY(mu_);
   absl::Time last_token_ ABSL_GUARDED_BY(mu_);
   bool stream_started_ ABSL_GUARDED_BY(mu_) = false;

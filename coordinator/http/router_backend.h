@@ -13,7 +13,7 @@ class RouterBackend final : public GenerationBackend {
   absl::Status Validate(const v1::GenerateRequest& request) const override {
     return router_->Validate(request);
   }
-  absl::Status Ready() const override { return router_->PickRank().status(); }
+  absl::Status Ready() const override { return router_->Ready(); }
   void GenerateAsync(const v1::GenerateRequest& request, absl::Time deadline,
                      std::shared_ptr<cluster::GenerateSink> sink,
                      std::function<void(absl::Status)> done) override {

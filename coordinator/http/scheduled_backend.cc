@@ -87,7 +87,7 @@ absl::Status ScheduledBackend::Validate(const v1::GenerateRequest& request) cons
   return router_->Validate(request);
 }
 
-absl::Status ScheduledBackend::Ready() const { return router_->PickRank().status(); }
+absl::Status ScheduledBackend::Ready() const { return router_->Ready(); }
 
 void ScheduledBackend::GenerateAsync(const v1::GenerateRequest& request, absl::Time deadline,
                                      std::shared_ptr<cluster::GenerateSink> sink,
@@ -97,7 +97,7 @@ void ScheduledBackend::GenerateAsync(const v1::GenerateRequest& request, absl::T
     return;
   }
   // Readiness first: a cluster that cannot serve should say 503, not queue.
-  if (absl::Status s = router_->PickRank().status(); !s.ok()) {
+  if (absl::Status s = router_->Ready(); !s.ok()) {
     done(std::move(s));
     return;
   }

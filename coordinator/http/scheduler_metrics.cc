@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "coordinator/http/metric_families.h"
 
 namespace joule::http {
 namespace {
@@ -11,21 +12,6 @@ namespace {
 using prometheus::ClientMetric;
 using prometheus::MetricFamily;
 using prometheus::MetricType;
-
-MetricFamily NewFamily(const char* name, MetricType type, const char* help) {
-  return MetricFamily{.name = name, .help = help, .type = type, .metric = {}};
-}
-
-void Add(MetricFamily* family, std::vector<ClientMetric::Label> labels, double value) {
-  ClientMetric m;
-  m.label = std::move(labels);
-  if (family->type == MetricType::Counter) {
-    m.counter.value = value;
-  } else {
-    m.gauge.value = value;
-  }
-  family->metric.push_back(std::move(m));
-}
 
 }  // namespace
 
@@ -46,16 +32,16 @@ std::vector<MetricFamily> SchedulerMetricFamilies(const scheduler::SchedulerSnap
                                       "Requests sent to a rank that have no token yet");
   for (const scheduler::TierSnapshot& t : snapshot.tiers) {
     const std::string tier(scheduler::TierName(t.tier));
-    Add(&attainment, {{"tier", tier}}, t.stats.attainment());
-    Add(&recent, {{"tier", tier}}, t.recent_attainment);
-    Add(&target, {{"tier", tier}}, t.slo.attainment);
-    Add(&outcomes, {{"tier", tier}, {"outcome", "attained"}}, static_cast<double>(t.stats.attained));
-    Add(&outcomes, {{"tier", tier}, {"outcome", "missed"}},
+    AddSample(&attainment, {{"tier", tier}}, t.stats.attainment());
+    AddSample(&recent, {{"tier", tier}}, t.recent_attainment);
+    AddSample(&target, {{"tier", tier}}, t.slo.attainment);
+    AddSample(&outcomes, {{"tier", tier}, {"outcome", "attained"}}, static_cast<double>(t.stats.attained));
+    AddSample(&outcomes, {{"tier", tier}, {"outcome", "missed"}},
         static_cast<double>(t.stats.finished - t.stats.attained));
-    Add(&outcomes, {{"tier", tier}, {"outcome", "rejected"}}, static_cast<double>(t.stats.rejected));
-    Add(&outcomes, {{"tier", tier}, {"outcome", "cancelled"}}, static_cast<double>(t.stats.cancelled));
-    Add(&queued, {{"tier", tier}}, static_cast<double>(t.queued));
-    Add(&dispatched, {{"tier", tier}}, static_cast<double>(t.dispatched));
+    AddSample(&outcomes, {{"tier", tier}, {"outcome", "rejected"}}, static_cast<double>(t.stats.rejected));
+    AddSample(&outcomes, {{"tier", tier}, {"outcome", "cancelled"}}, static_cast<double>(t.stats.cancelled));
+    AddSample(&queued, {{"tier", tier}}, static_cast<double>(t.queued));
+    AddSample(&dispatched, {{"tier", tier}}, static_cast<double>(t.dispatched));
   }
 
   MetricFamily seconds = NewFamily(
@@ -71,10 +57,10 @@ std::vector<MetricFamily> SchedulerMetricFamilies(const scheduler::SchedulerSnap
   for (const scheduler::RankSnapshot& r : snapshot.ranks) {
     const std::string rank = absl::StrCat(r.rank);
     for (int i = 0; i < 3; ++i) {
-      Add(&seconds, {{"rank", rank}, {"term", kTerms[i]}}, r.cost.time[i]);
-      Add(&joules, {{"rank", rank}, {"term", kTerms[i]}}, r.cost.energy[i]);
+      AddSample(&seconds, {{"rank", rank}, {"term", kTerms[i]}}, r.cost.time[i]);
+      AddSample(&joules, {{"rank", rank}, {"term", kTerms[i]}}, r.cost.energy[i]);
     }
-    Add(&samples, {{"rank", rank}}, static_cast<double>(r.cost.samples));
+    AddSample(&samples, {{"rank", rank}}, static_cast<double>(r.cost.samples));
   }
   std::vector<MetricFamily> out;
   for (MetricFamily* f : {&attainment, &recent, &target, &outcomes, &queued, &dispatched, &seconds,

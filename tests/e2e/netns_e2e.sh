@@ -3,12 +3,15 @@
 # their own network namespace ("host"), joined by veth pairs to a bridge in a
 # further namespace, so every byte between them crosses a network interface
 # (UCX over TCP). Tokens must equal the single-process engine's.
-#   netns_e2e.sh BUILD_DIR MODEL_DIR WORKERS
+#   netns_e2e.sh BUILD_DIR MODEL_DIR WORKERS [linkdown]
+# linkdown: instead, chaos_e2e.py (in the coordinator's namespace) takes one
+# worker's link down while 32 streams run; every request must still complete.
 # Needs root (ip netns); exits 77 (ctest: skipped) where namespaces cannot be made.
 set -euo pipefail
 BUILD="$1"
 MODEL="$2"
 WORKERS="$3"
+MODE="${4:-tokens}"
 source "$(dirname "$0")/cluster_lib.sh"
 
 tag="j$$"
@@ -39,6 +42,12 @@ for i in "${!hosts[@]}"; do
   ip -n "$ns" link set lo up
 done
 in_ns() { echo "ip netns exec $1"; }
+
+if [ "$MODE" = linkdown ]; then
+  ip netns exec "${hosts[0]}" /usr/bin/python3 "$(dirname "$0")/chaos_e2e.py" "$BUILD" "$MODEL" \
+    --workers "$WORKERS" --fault link --netns "$tag" --subnet "$subnet"
+  exit $?
+fi
 
 # UCX over TCP on the namespace's interface only: no shared memory between "hosts".
 export UCX_TLS=tcp,self UCX_NET_DEVICES=eth0 UCX_WARN_UNUSED_ENV_VARS=n

@@ -9,12 +9,14 @@ namespace joule::worker {
 
 HeartbeatLoop::HeartbeatLoop(CoordinatorClient* coordinator, WorkerRuntime* runtime,
                              PlacementLoader* loader, HeartbeatOptions options,
-                             std::function<void(absl::Status)> on_stop)
+                             std::function<void(absl::Status)> on_stop,
+                             std::function<void(const v1::GroupUpdate&)> on_group)
     : coordinator_(coordinator),
       runtime_(runtime),
       loader_(loader),
       options_(std::move(options)),
-      on_stop_(std::move(on_stop)) {}
+      on_stop_(std::move(on_stop)),
+      on_group_(std::move(on_group)) {}
 
 HeartbeatLoop::~HeartbeatLoop() { Stop(); }
 
@@ -44,6 +46,7 @@ absl::Status HeartbeatLoop::Beat() {
   request.set_kv_usage(status.kv_usage);
   request.set_kv_free_blocks(status.kv_free_blocks);
   request.set_placement_epoch(status.placement_epoch);
+  request.set_group_epoch(status.group_epoch);
   const std::vector<std::vector<int64_t>> load = runtime_->TakeExpertLoad();
   for (size_t l = 0; l < load.size(); ++l) {
     // Dense layers (and MoE layers nobody routed to) have nothing to report.
@@ -77,7 +80,10 @@ absl::Status HeartbeatLoop::Beat() {
     return reply.status();
   }
   missed_ = 0;
-  if (reply->has_placement() && reply->placement().epoch() > offered_epoch_ &&
+  if (reply->has_group()) {
+    // A new group first: placements are for the group the worker serves in.
+    if (on_group_) on_group_(reply->group());
+  } else if (reply->has_placement() && reply->placement().epoch() > offered_epoch_ &&
       reply->placement().epoch() > status.placement_epoch &&
       reply->placement().epoch() != rejected_epoch_) {
     absl::StatusOr<PreparedPlacement> prepared = loader_->Prepare(reply->placement());
@@ -95,8 +101,13 @@ absl::Status HeartbeatLoop::Beat() {
   }
   if (reply->shutdown() && !stopped_) {
     stopped_ = true;
-    JOULE_LOG(Info) << "rank " << options_.rank << ": coordinator asked to shut down";
-    on_stop_(absl::OkStatus());
+    if (!reply->shutdown_reason().empty()) {
+      JOULE_LOG(Error) << "rank " << options_.rank << ": " << reply->shutdown_reason();
+      on_stop_(absl::FailedPreconditionError(reply->shutdown_reason()));
+    } else {
+      JOULE_LOG(Info) << "rank " << options_.rank << ": coordinator asked to shut down";
+      on_stop_(absl::OkStatus());
+    }
   }
   return absl::OkStatus();
 }

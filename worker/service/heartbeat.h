@@ -34,8 +34,11 @@ class HeartbeatLoop {
  public:
   // on_stop(OK): the coordinator asked to shut down; on_stop(error): it is
   // unreachable. Nothing is owned; all must outlive the loop.
+  // on_group(update): the coordinator formed a new expert-parallel group (a
+  // peer died); the worker regroups (it must not block this thread).
   HeartbeatLoop(CoordinatorClient* coordinator, WorkerRuntime* runtime, PlacementLoader* loader,
-                HeartbeatOptions options, std::function<void(absl::Status)> on_stop);
+                HeartbeatOptions options, std::function<void(absl::Status)> on_stop,
+                std::function<void(const v1::GroupUpdate&)> on_group = nullptr);
   ~HeartbeatLoop();  // Stop()
 
   void Start();
@@ -54,6 +57,7 @@ class HeartbeatLoop {
   PlacementLoader* const loader_;
   const HeartbeatOptions options_;
   const std::function<void(absl::Status)> on_stop_;
+  const std::function<void(const v1::GroupUpdate&)> on_group_;
   uint64_t offered_epoch_ = 0;   // newest placement handed to the runtime
   uint64_t rejected_epoch_ = 0;  // a placement that could not be prepared (not retried)
   int missed_ = 0;

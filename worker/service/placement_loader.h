@@ -29,11 +29,18 @@ class PlacementLoader {
   // the load error when new experts cannot be read.
   absl::StatusOr<PreparedPlacement> Prepare(const v1::Placement& placement);
 
+  // This rank is `rank` of `world_size` from now on (a new expert-parallel
+  // group); the experts it holds stay held.
+  void Regroup(int rank, int world_size) {
+    rank_ = rank;
+    world_size_ = world_size;
+  }
+
  private:
   const std::string model_dir_;
   const ModelConfig config_;
-  const int rank_;
-  const int world_size_;
+  int rank_;
+  int world_size_;
   // Experts the newest prepared weights hold, [layer][expert].
   std::vector<std::vector<bool>> held_;
 };

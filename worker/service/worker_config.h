@@ -52,6 +52,9 @@ namespace joule::worker {
   X(int64_t, ucx_spin_us, 500,                                                                    \
     "waiting for a peer: spin this long before sleeping in naps (CPU time against latency)")     \
   X(int, control_interval, 4, "lockstep rounds between control exchanges (placement, stop)")      \
+  X(int64_t, regroup_timeout_ms, 30000,                                                           \
+    "after a failed step (a peer died), how long to wait for the coordinator's new group before " \
+    "failing every request; 0: fail at once")                                                     \
   X(int64_t, shutdown_grace_ms, 2000, "time given to streams to end at shutdown")                 \
   X(std::string, device, "cpu",                                                                  \
     "where the forward pass runs: cpu, cuda (= cuda:0) or cuda:N; reported at registration")      \

@@ -63,6 +63,8 @@ struct WorkerStatus {
   // field) when the last power window closed; < 0 where the meter has none.
   double power_instant_watts = -1;
   int step_token_cap = 0;  // the cap the ranks agreed on (0: none)
+  uint64_t group_epoch = 1;  // the expert-parallel group this rank serves in
+  uint64_t regroups = 0;     // groups re-formed since start (a peer died)
   // Expert-parallel exchange since start (ExpertParallelExecutor::Stats):
   // payload bytes sent to other ranks and seconds spent in dispatch / combine.
   uint64_t dispatch_bytes_total = 0;

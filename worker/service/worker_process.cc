@@ -1,5 +1,6 @@
 #include "worker/service/worker_process.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 
@@ -212,6 +213,7 @@ absl::Status WorkerProcess::Register() {
   if (reply->heartbeat_interval_ms() > 0) {
     heartbeat_interval_ = absl::Milliseconds(reply->heartbeat_interval_ms());
   }
+  elastic_ = reply->elastic();
   step_timeout_ = absl::Milliseconds(config_.step_timeout_ms);
   if (reply->step_timeout_ms() > 0) {
     // Every rank must give up on a lost peer alike: the cluster's value wins.
@@ -272,23 +274,27 @@ absl::Status WorkerProcess::LoadModel() {
 }
 
 absl::Status WorkerProcess::ConnectPeers() {
+  ASSIGN_OR_RETURN(transport_, JoinGroup(rank_, world_size_, /*group_epoch=*/0));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<ep::Transport>> WorkerProcess::JoinGroup(int transport_rank,
+                                                                        int world,
+                                                                        uint64_t group_epoch) {
   const ep::TransportOptions transport_options{.timeout = step_timeout_};
   v1::RendezvousRequest request;
   request.set_worker_id(worker_id_);
   request.set_rank(rank_);
-  ep::UcxTransport* ucx = nullptr;
-  if (config_.transport == "ucx") {
-    ASSIGN_OR_RETURN(std::unique_ptr<ep::UcxTransport> t,
-                     ep::UcxTransport::Create(
-                         rank_, world_size_, transport_options,
-                         {.spin_before_naps = absl::Microseconds(config_.ucx_spin_us)}));
-    ucx = t.get();
-    request.set_transport_address(t->address());
-    transport_ = std::move(t);
-  } else {
+  request.set_group_epoch(group_epoch);
+  if (config_.transport != "ucx") {
     return absl::UnimplementedError(
         "--transport nccl: this joule-worker has no NCCL transport (CPU build); use --transport ucx");
   }
+  ASSIGN_OR_RETURN(std::unique_ptr<ep::UcxTransport> ucx,
+                   ep::UcxTransport::Create(
+                       transport_rank, world, transport_options,
+                       {.spin_before_naps = absl::Microseconds(config_.ucx_spin_us)}));
+  request.set_transport_address(ucx->address());
 
   // Rendezvous blocks until every rank registered; retry in slices so a stop
   // request is noticed, and until every peer's address is known (a peer may
@@ -301,16 +307,18 @@ absl::Status WorkerProcess::ConnectPeers() {
     absl::StatusOr<v1::RendezvousReply> reply = coordinator_->Rendezvous(request, slice);
     std::string waiting_for;
     if (reply.ok()) {
-      addresses.assign(world_size_, "");
+      addresses.assign(world, "");
       for (const v1::PeerInfo& peer : reply->peers()) {
-        if (peer.rank() < 0 || peer.rank() >= world_size_) {
+        if (peer.rank() < 0 || peer.rank() >= world) {
           return absl::InvalidArgumentError(absl::StrCat("rendezvous: peer rank ", peer.rank(),
-                                                         " out of range [0, ", world_size_, ")"));
+                                                         " out of range [0, ", world, ")"));
         }
         addresses[peer.rank()] = peer.transport_address();
       }
-      for (int r = 0; r < world_size_; ++r) {
-        if (r != rank_ && addresses[r].empty()) absl::StrAppend(&waiting_for, waiting_for.empty() ? "" : ", ", r);
+      for (int r = 0; r < world; ++r) {
+        if (r != transport_rank && addresses[r].empty()) {
+          absl::StrAppend(&waiting_for, waiting_for.empty() ? "" : ", ", r);
+        }
       }
       if (waiting_for.empty()) break;
       waiting_for = absl::StrCat("no transport address yet for rank(s) ", waiting_for);
@@ -329,9 +337,10 @@ absl::Status WorkerProcess::ConnectPeers() {
     JOULE_LOG(Info) << "rank " << rank_ << ": waiting for the other ranks: " << waiting_for;
   }
   RETURN_IF_ERROR(ucx->Connect(addresses));
-  JOULE_LOG(Info) << "rank " << rank_ << ": " << transport_->name() << " transport connected to "
-                  << world_size_ - 1 << " peer(s)";
-  return absl::OkStatus();
+  JOULE_LOG(Info) << "rank " << rank_ << ": " << ucx->name() << " transport connected to "
+                  << world - 1 << " peer(s) as rank " << transport_rank << " of " << world
+                  << (group_epoch > 0 ? absl::StrCat(" (group epoch ", group_epoch, ")") : "");
+  return std::unique_ptr<ep::Transport>(std::move(ucx));
 }
 
 absl::Status WorkerProcess::StartServing() {
@@ -357,6 +366,9 @@ absl::Status WorkerProcess::StartServing() {
   runtime_options.idle_wait_max = absl::Microseconds(config_.idle_wait_max_us);
   runtime_options.control_interval = config_.control_interval;
   runtime_options.expert_parallel = ep_options;
+  // Waiting for a new group only helps when the coordinator forms one.
+  runtime_options.regroup_timeout =
+      elastic_ ? absl::Milliseconds(config_.regroup_timeout_ms) : absl::ZeroDuration();
   // On a GPU, NVML meters the GPU this worker computes on (its PCI bus id).
   ASSIGN_OR_RETURN(energy_meter_, telemetry::MakeEnergyMeter(telemetry::ForComputeDevice(
                                       telemetry::EnergyMeterOptionsFrom(config_),
@@ -380,8 +392,13 @@ absl::Status WorkerProcess::StartServing() {
         } else {
           Fail(why);
         }
+      },
+      [this](const v1::GroupUpdate& update) {
+        absl::MutexLock lock(&mu_);
+        if (!next_group_ || update.epoch() > next_group_->epoch()) next_group_ = update;
       });
   heartbeat_->Start();
+  regroup_thread_ = std::thread([this] { RegroupLoop(); });
   const WorkerStatus status = runtime_->Status();
   JOULE_LOG(Info) << "rank " << rank_ << " ready: serving on " << endpoint_ << ", KV cache "
                   << status.kv_total_blocks << " blocks of " << config_.block_size << " tokens";
@@ -404,6 +421,67 @@ absl::Status WorkerProcess::Wait() {
   return stop_status_;
 }
 
+void WorkerProcess::RegroupLoop() {
+  uint64_t tried = 0;  // the newest epoch tried (an overtaken one is not retried)
+  while (!stop_.HasBeenNotified()) {
+    std::optional<v1::GroupUpdate> update;
+    {
+      absl::MutexLock lock(&mu_);
+      auto ready = [this, tried]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return (next_group_.has_value() && next_group_->epoch() > std::max(group_epoch_, tried)) ||
+               stop_.HasBeenNotified();
+      };
+      mu_.AwaitWithTimeout(absl::Condition(&ready), absl::Milliseconds(200));
+      if (next_group_.has_value() && next_group_->epoch() > std::max(group_epoch_, tried)) {
+        update = next_group_;
+      }
+    }
+    if (!update) continue;
+    tried = update->epoch();
+    absl::Status s = Regroup(*update);
+    if (s.ok()) continue;
+    // A later epoch overtook this one: the next heartbeat brings it.
+    if (absl::IsAborted(s) || stop_.HasBeenNotified()) {
+      JOULE_LOG(Warning) << "rank " << rank_ << ": group epoch " << update->epoch() << ": " << s;
+      continue;
+    }
+    Fail(Annotate(s, absl::StrCat("regrouping into group epoch ", update->epoch())));
+    return;
+  }
+}
+
+absl::Status WorkerProcess::Regroup(const v1::GroupUpdate& update) {
+  const absl::Time start = absl::Now();
+  JOULE_LOG(Warning) << "rank " << rank_ << ": expert-parallel group epoch " << update.epoch()
+                     << " (" << update.reason() << "): regrouping as rank " << update.rank()
+                     << " of " << update.world_size();
+  if (update.rank() < 0 || update.rank() >= update.world_size()) {
+    return absl::InvalidArgumentError(absl::StrCat("group update: rank ", update.rank(),
+                                                   " outside a world of ", update.world_size()));
+  }
+  // Leave the old group: a step waiting on the dead peer fails at once.
+  transport_->Interrupt(absl::StrCat("group epoch ", update.epoch(), ": ", update.reason()));
+  const absl::Time noticed = absl::Now() + step_timeout_ + absl::Seconds(2);
+  while (!runtime_->AwaitingGroup() && !runtime_->WaitForExit(absl::ZeroDuration())) {
+    if (absl::Now() > noticed) {
+      return absl::DeadlineExceededError("the step loop did not leave the broken group");
+    }
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<ep::Transport> transport,
+                   JoinGroup(update.rank(), update.world_size(), update.epoch()));
+  loader_->Regroup(update.rank(), update.world_size());
+  ASSIGN_OR_RETURN(PreparedPlacement prepared, loader_->Prepare(update.placement()));
+  RETURN_IF_ERROR(runtime_->InstallGroup(
+      {.epoch = update.epoch(), .transport = transport.get(), .placement = std::move(prepared)},
+      step_timeout_ + absl::Seconds(2)));
+  transport_ = std::move(transport);  // the old one is no longer used
+  group_epoch_ = update.epoch();
+  JOULE_LOG(Warning) << "rank " << rank_ << ": regrouped into epoch " << update.epoch() << " in "
+                     << absl::FormatDuration(absl::Now() - start);
+  return absl::OkStatus();
+}
+
 void WorkerProcess::Shutdown() {
   std::string reason;
   bool failed;
@@ -413,6 +491,14 @@ void WorkerProcess::Shutdown() {
     failed = !stop_status_.ok();
   }
   const absl::Duration grace = absl::Milliseconds(config_.shutdown_grace_ms);
+  // No regroup may swap the transport from here on (a regroup is bounded by
+  // the step timeout).
+  if (regroup_thread_.joinable()) regroup_thread_.join();
+  if (failed && transport_) {
+    // The group is broken or went on without this rank: a step waiting on
+    // its peers fails now instead of at the step timeout.
+    transport_->Interrupt(reason);
+  }
   if (runtime_) {
     // Every rank stops at the same control round; a lost peer ends the loop
     // within the step timeout, so this wait is bounded.

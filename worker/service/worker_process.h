@@ -13,7 +13,9 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
+#include <thread>
 
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
@@ -61,7 +63,15 @@ class WorkerProcess {
   absl::Status Register();
   absl::Status LoadModel();
   absl::Status ConnectPeers();
+  // A transport to the group of `group_epoch` (0: the first), as
+  // `transport_rank` of `world`, connected to every peer after the rendezvous.
+  absl::StatusOr<std::unique_ptr<ep::Transport>> JoinGroup(int transport_rank, int world,
+                                                          uint64_t group_epoch);
   absl::Status StartServing();
+  // The regroup thread: takes each new group the heartbeat brings (Regroup).
+  void RegroupLoop();
+  // Leaves the broken group and serves in `update`'s, keeping every request.
+  absl::Status Regroup(const v1::GroupUpdate& update);
   void Shutdown();
 
   const WorkerConfig config_;
@@ -74,6 +84,7 @@ class WorkerProcess {
   uint64_t placement_epoch_ = 0;
   absl::Duration heartbeat_interval_ = absl::Seconds(1);
   absl::Duration step_timeout_;  // the coordinator's, else --step-timeout-ms
+  bool elastic_ = false;           // the coordinator re-forms groups (RegisterReply.elastic)
   ModelConfig model_config_;
   Placement placement_;
 
@@ -87,11 +98,14 @@ class WorkerProcess {
   std::unique_ptr<telemetry::EnergyMeter> energy_meter_;  // outlives runtime_
   std::unique_ptr<WorkerRuntime> runtime_;
   std::unique_ptr<HeartbeatLoop> heartbeat_;
+  std::thread regroup_thread_;
+  uint64_t group_epoch_ = 1;  // regroup thread only, after start-up
 
   absl::Notification stop_;
   mutable absl::Mutex mu_;
   std::string stop_reason_ ABSL_GUARDED_BY(mu_);
   absl::Status stop_status_ ABSL_GUARDED_BY(mu_);
+  std::optional<v1::GroupUpdate> next_group_ ABSL_GUARDED_BY(mu_);  // newest from heartbeats
 };
 
 }  // namespace joule::worker

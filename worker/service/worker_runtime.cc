@@ -143,6 +143,7 @@ void WorkerRuntime::Loop() {
     const absl::Time step_start = absl::Now();
     absl::StatusOr<ep::LockstepStepper::Result> r = stepper_.Step();
     const absl::Duration took = absl::Now() - step_start;
+    if (!r.ok() && WaitForGroup(r.status())) continue;  // the survivors regrouped
     if (!r.ok()) {
       // Names this rank: on a GPU worker the cause may be its own device
       // (a CUDA error), not a peer.
@@ -189,6 +190,7 @@ void WorkerRuntime::Loop() {
   JOULE_LOG(Info) << "rank " << transport_->rank() << ": step loop ended after " << rounds_
                   << " rounds";
   exited_.Notify();
+  absl::MutexLock wake(&mu_);  // InstallGroup waits on mu_ for the loop's end too
 }
 
 bool WorkerRuntime::ControlRound() {
@@ -262,17 +264,7 @@ bool WorkerRuntime::ApplyPlacement(uint64_t epoch) {
   const bool reloaded = p.weights != nullptr && executor_ != nullptr;
   if (reloaded) {
     // Experts this rank did not hold: a new executor over the reloaded weights.
-    auto executor = std::make_unique<ep::ExpertParallelExecutor>(
-        p.weights.get(), transport_, p.placement, model_->stream(), options_.expert_parallel);
-    model_->set_expert_executor(executor.get());
-    // Its stats start at zero; the metrics are counters since the worker started.
-    const ep::ExpertParallelExecutor::Stats old = executor_->stats();  // non-null: reloaded
-    retired_ep_stats_.dispatch_bytes += old.dispatch_bytes;
-    retired_ep_stats_.combine_bytes += old.combine_bytes;
-    retired_ep_stats_.dispatch_seconds += old.dispatch_seconds;
-    retired_ep_stats_.combine_seconds += old.combine_seconds;
-    executor_ = std::move(executor);
-    expert_weights_ = std::move(p.weights);
+    ReplaceExecutor(MakeExecutor(p, transport_));
   } else if (executor_ != nullptr) {
     s = executor_->SetPlacement(p.placement);
   }  // without an executor this one rank holds every expert: nothing moves
@@ -293,6 +285,90 @@ bool WorkerRuntime::ApplyPlacement(uint64_t epoch) {
   status_.placement_epoch = epoch;
   // A reloaded set holds attention/dense weights too (views of the same
   // mmapped files as the model's): its size is what this rank now serves.
+  status_.loaded_weight_bytes = static_cast<int64_t>(
+      expert_weights_ ? expert_weights_->LoadedBytes() : model_->weights().LoadedBytes());
+  return true;
+}
+
+std::unique_ptr<ep::ExpertParallelExecutor> WorkerRuntime::MakeExecutor(PreparedPlacement& p,
+                                                                        ep::Transport* transport) {
+  if (p.weights != nullptr) expert_weights_ = std::move(p.weights);
+  const ModelWeights* weights = expert_weights_ ? expert_weights_.get() : &model_->weights();
+  return std::make_unique<ep::ExpertParallelExecutor>(weights, transport, p.placement,
+                                                      model_->stream(), options_.expert_parallel);
+}
+
+void WorkerRuntime::ReplaceExecutor(std::unique_ptr<ep::ExpertParallelExecutor> executor) {
+  model_->set_expert_executor(executor.get());
+  // The new one's stats start at zero; the metrics are counters since the worker started.
+  const ep::ExpertParallelExecutor::Stats old = executor_->stats();
+  retired_ep_stats_.dispatch_bytes += old.dispatch_bytes;
+  retired_ep_stats_.combine_bytes += old.combine_bytes;
+  retired_ep_stats_.dispatch_seconds += old.dispatch_seconds;
+  retired_ep_stats_.combine_seconds += old.combine_seconds;
+  executor_ = std::move(executor);
+}
+
+bool WorkerRuntime::AwaitingGroup() const {
+  absl::MutexLock lock(&mu_);
+  return awaiting_group_;
+}
+
+absl::Status WorkerRuntime::InstallGroup(NewGroup group, absl::Duration timeout) {
+  const uint64_t epoch = group.epoch;
+  absl::MutexLock lock(&mu_);
+  if (exited_.HasBeenNotified()) return absl::FailedPreconditionError("the step loop has ended");
+  pending_group_ = std::move(group);
+  auto installed = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return installed_group_ >= epoch || exited_.HasBeenNotified();
+  };
+  if (!mu_.AwaitWithTimeout(absl::Condition(&installed), timeout)) {
+    return absl::DeadlineExceededError(absl::StrCat("group epoch ", epoch, " not installed within ",
+                                                    absl::FormatDuration(timeout)));
+  }
+  if (installed_group_ < epoch) return absl::FailedPreconditionError("the step loop has ended");
+  return absl::OkStatus();
+}
+
+bool WorkerRuntime::WaitForGroup(const absl::Status& failure) {
+  if (options_.regroup_timeout <= absl::ZeroDuration() || executor_ == nullptr) return false;
+  JOULE_LOG(Warning) << "rank " << transport_->rank() << ": step failed (" << failure.message()
+                     << "); keeping " << engine_->num_running() + engine_->num_waiting()
+                     << " sequence(s) while the group re-forms (up to "
+                     << absl::FormatDuration(options_.regroup_timeout) << ")";
+  NewGroup group;
+  {
+    absl::MutexLock lock(&mu_);
+    awaiting_group_ = true;
+    status_.ready = false;
+    status_.error = absl::StrCat("regrouping after: ", failure.message());
+    auto arrived = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return pending_group_.has_value() || stop_requested_.load();
+    };
+    mu_.AwaitWithTimeout(absl::Condition(&arrived), options_.regroup_timeout);
+    awaiting_group_ = false;
+    if (!pending_group_.has_value()) return false;
+    group = std::move(*pending_group_);
+    pending_group_.reset();
+  }
+  AccumulateExpertLoad();  // counts of the executor being replaced
+  ReplaceExecutor(MakeExecutor(group.placement, group.transport));
+  transport_ = group.transport;
+  stepper_ = ep::LockstepStepper(engine_.get(), transport_);
+  applied_epoch_ = group.placement.epoch;
+  candidate_.reset();
+  rounds_ = 0;  // every member starts the new group's control rounds together
+  JOULE_LOG(Info) << "rank " << transport_->rank() << " of " << transport_->world_size()
+                  << ": serving in group epoch " << group.epoch << " (placement epoch "
+                  << applied_epoch_ << ")";
+  absl::MutexLock lock(&mu_);
+  offered_.reset();
+  installed_group_ = group.epoch;
+  status_.ready = true;
+  status_.error.clear();
+  status_.group_epoch = group.epoch;
+  status_.placement_epoch = applied_epoch_;
+  ++status_.regroups;
   status_.loaded_weight_bytes = static_cast<int64_t>(
       expert_weights_ ? expert_weights_->LoadedBytes() : model_->weights().LoadedBytes());
   return true;

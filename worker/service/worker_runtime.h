@@ -53,6 +53,9 @@ struct RuntimeOptions {
   // Meters this rank's energy (not owned; outlives the runtime). Null: no
   // energy accounting.
   telemetry::EnergyMeter* energy_meter = nullptr;
+  // After a failed step (a peer died), wait this long for a new group
+  // (InstallGroup) before failing every request; zero: fail at once.
+  absl::Duration regroup_timeout = absl::ZeroDuration();
 };
 
 // A placement ready to run on this rank. `weights` holds the experts the
@@ -61,6 +64,14 @@ struct PreparedPlacement {
   uint64_t epoch = 0;
   Placement placement;
   std::unique_ptr<ModelWeights> weights;
+};
+
+// A new expert-parallel group for this rank (a peer died and the coordinator
+// regrouped the survivors): its transport and placement.
+struct NewGroup {
+  uint64_t epoch = 0;
+  ep::Transport* transport = nullptr;  // not owned; must outlive the runtime's use
+  PreparedPlacement placement;         // weights set when new experts were loaded
 };
 
 class WorkerRuntime : public WorkerHandler {
@@ -97,6 +108,14 @@ class WorkerRuntime : public WorkerHandler {
   // once every rank has the same epoch ready. A newer offer replaces an older
   // one not yet applied (keeping the older one's weights if the newer needs none).
   void OfferPlacement(PreparedPlacement placement);
+  // Installs `group` once the step loop waits for one (after a failed step),
+  // keeping every request and sequence: they continue in the new group. Blocks
+  // until installed; FailedPrecondition when the loop has ended, DeadlineExceeded
+  // when it did not get to it within `timeout`.
+  absl::Status InstallGroup(NewGroup group, absl::Duration timeout);
+  // Whether the loop waits for a new group (its last step failed).
+  bool AwaitingGroup() const;
+
   // Tokens this rank routed to each expert since the last call, [layer][expert].
   std::vector<std::vector<int64_t>> TakeExpertLoad();
   // The steps with local tokens measured since the last call, oldest first;
@@ -129,6 +148,16 @@ class WorkerRuntime : public WorkerHandler {
   void Loop();
   // Returns false when the loop must end (error or agreed stop).
   bool ControlRound();
+  // After a failed step: waits for InstallGroup (up to regroup_timeout) and
+  // switches to the new group; false when none came (the loop then fails
+  // every request).
+  bool WaitForGroup(const absl::Status& failure);
+  // A new executor for `placement` over `transport` (the runtime's current
+  // weights unless the placement brought its own).
+  std::unique_ptr<ep::ExpertParallelExecutor> MakeExecutor(PreparedPlacement& placement,
+                                                           ep::Transport* transport);
+  // Installs `executor` in place of the current (non-null) one, keeping its stats.
+  void ReplaceExecutor(std::unique_ptr<ep::ExpertParallelExecutor> executor);
   void Drain();
   void Deliver(const StepResult& step);
   // False (loop ends) when this rank cannot run the agreed placement.
@@ -145,7 +174,7 @@ class WorkerRuntime : public WorkerHandler {
   void Finish(uint64_t id, const RequestOutcome& outcome);
 
   Model* const model_;
-  ep::Transport* const transport_;
+  ep::Transport* transport_;  // replaced by a new group (loop thread only)
   const RuntimeOptions options_;
   // Step-loop state.
   std::unique_ptr<Engine> engine_;
@@ -171,6 +200,9 @@ class WorkerRuntime : public WorkerHandler {
   std::string stop_reason_ ABSL_GUARDED_BY(mu_);
   absl::Status exit_status_ ABSL_GUARDED_BY(mu_);
   std::optional<PreparedPlacement> offered_ ABSL_GUARDED_BY(mu_);
+  bool awaiting_group_ ABSL_GUARDED_BY(mu_) = false;
+  std::optional<NewGroup> pending_group_ ABSL_GUARDED_BY(mu_);
+  uint64_t installed_group_ ABSL_GUARDED_BY(mu_) = 0;
   WorkerStatus status_ ABSL_GUARDED_BY(mu_);
   std::vector<std::vector<int64_t>> expert_load_ ABSL_GUARDED_BY(mu_);
   std::deque<scheduler::StepSample> step_samples_ ABSL_GUARDED_BY(mu_);

@@ -103,6 +103,7 @@ TEST_F(MembershipTest, ReplyCarriesWorldSizeContiguousPlacementAndIntervals) {
   EXPECT_EQ(reply.world_size(), 2);
   EXPECT_EQ(reply.heartbeat_interval_ms(), 500);
   EXPECT_EQ(reply.step_timeout_ms(), 10000);
+  EXPECT_TRUE(reply.elastic()) << "survivors of a death wait for the re-formed group";
   const v1::Placement& p = reply.placement();
   EXPECT_EQ(p.epoch(), 1u);
   EXPECT_EQ(p.num_ranks(), 2);
@@ -628,6 +629,7 @@ TEST_F(MembershipTest, SurvivorsOfADeadMemberFormTheNextGroup) {
   EXPECT_EQ(replies[0].peers(0).transport_address(), "epoch2-address-of-0");
   EXPECT_EQ(replies[0].group_epoch(), 2u);
 
+  clock_.Advance(absl::Milliseconds(700));
   BeatIn(*membership_, 0, 2);
   EXPECT_FALSE(membership_->group().serving);  // rank 2 has not regrouped yet
   EXPECT_FALSE(BeatIn(*membership_, 2, 2).has_group());
@@ -635,6 +637,10 @@ TEST_F(MembershipTest, SurvivorsOfADeadMemberFormTheNextGroup) {
   const std::vector<RankInfo> ranks = membership_->Ranks();
   EXPECT_EQ(ranks[2].group_rank, 1);
   EXPECT_EQ(ranks[1].group_rank, -1);
+  const MembershipStats stats = membership_->stats();
+  EXPECT_EQ(stats.group_epoch, 2u);
+  EXPECT_EQ(stats.rank_failures, 1u);
+  EXPECT_EQ(stats.recovery_seconds, (std::vector<double>{0.7})) << "the death -> serving again";
 }
 
 TEST_F(MembershipTest, ARendezvousOvertakenByAnotherDeathIsAborted) {
@@ -679,6 +685,9 @@ TEST_F(MembershipTest, WithoutElasticGroupsADeathLeavesTheGroupAsItWas) {
   EXPECT_EQ(membership_->group().epoch, 1u);
   EXPECT_FALSE(BeatIn(*membership_, 0, 1).has_group());
   EXPECT_FALSE(membership_->group().serving);
+  v1::RegisterReply reply;
+  ASSERT_TRUE(membership_->Register(Worker("w-1", 1), &reply).ok());
+  EXPECT_FALSE(reply.elastic()) << "survivors of a death fail their requests at once";
 }
 
 }  // namespace joule::cluster

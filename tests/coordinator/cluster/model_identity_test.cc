@@ -94,5 +94,22 @@ TEST(ModelSummary, MissingFieldIsNamed) {
       << m.status();
 }
 
+TEST(ModelSummary, EosTokenIdIsOneIdOrAList) {
+  const std::string base = R"({"architectures":["X"],"vocab_size":10,"hidden_size":4,
+      "num_hidden_layers":1,"num_experts":2,"num_experts_per_tok":1,"max_position_embeddings":8)";
+  auto none = ParseModelSummary(base + "}", "c.json");
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_TRUE(none->eos_token_ids.empty());
+  auto one = ParseModelSummary(base + R"(,"eos_token_id":3})", "c.json");
+  ASSERT_TRUE(one.ok()) << one.status();
+  EXPECT_EQ(one->eos_token_ids, (std::vector<int64_t>{3}));
+  auto list = ParseModelSummary(base + R"(,"eos_token_id":[3,7]})", "c.json");
+  ASSERT_TRUE(list.ok()) << list.status();
+  EXPECT_EQ(list->eos_token_ids, (std::vector<int64_t>{3, 7}));
+  auto bad = ParseModelSummary(base + R"(,"eos_token_id":"x"})", "c.json");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("eos_token_id"), std::string::npos) << bad.status();
+}
+
 }  // namespace
 }  // namespace joule::cluster

@@ -73,13 +73,13 @@ v1::GenerateRequest Request(std::vector<int32_t> prompt = {1, 2, 3}, int max_tok
 class RouterTest : public ::testing::Test {
  protected:
   // `world_size` ranks, registered as w0..wN-1 at endpoints "wI:1".
-  void Make(int world_size, bool ready = true) {
+  void Make(int world_size, bool ready = true, RouterOptions options = {}) {
     MembershipOptions o{.world_size = world_size,
                         .model_dir = "/m",
                         .model_fingerprint = kFingerprint,
                         .heartbeat_interval = absl::Milliseconds(500)};
     membership_ = *Membership::Create(o, TinySummary(), &clock_);
-    router_ = std::make_unique<Router>(membership_.get(), &clients_, RouterOptions{});
+    router_ = std::make_unique<Router>(membership_.get(), &clients_, options);
     for (int r = 0; r < world_size; ++r) {
       v1::RegisterRequest req;
       req.set_protocol_version(v1::PROTOCOL_VERSION_1);
@@ -93,14 +93,31 @@ class RouterTest : public ::testing::Test {
       if (ready) Beat(r, 0, 0);
     }
   }
-  void Beat(int rank, int running, int waiting, bool ready = true) {
+  // The first expert-parallel group (epoch 1): every rank meets at the rendezvous.
+  void FormGroup(int world_size) {
+    std::vector<std::thread> threads;
+    for (int r = 0; r < world_size; ++r) {
+      threads.emplace_back([this, r] {
+        v1::RendezvousRequest req;
+        req.set_worker_id(absl::StrCat("w", r));
+        req.set_rank(r);
+        req.set_transport_address(absl::StrCat("ucx-address-", r));
+        v1::RendezvousReply reply;
+        absl::Status s = membership_->Rendezvous(req, absl::Now() + absl::Seconds(10), &reply);
+        EXPECT_TRUE(s.ok()) << s;
+      });
+    }
+    for (auto& t : threads) t.join();
+  }
+  void Beat(int rank, int running, int waiting, bool ready = true, uint64_t group_epoch = 0) {
     v1::HeartbeatRequest hb;
     hb.set_worker_id(absl::StrCat("w", rank));
     hb.set_rank(rank);
     hb.set_ready(ready);
     hb.set_running(running);
     hb.set_waiting(waiting);
-    hb.set_placement_epoch(1);
+    hb.set_group_epoch(group_epoch);
+    hb.set_placement_epoch(membership_->placement_epoch());
     v1::HeartbeatReply reply;
     ASSERT_TRUE(membership_->Heartbeat(hb, &reply).ok());
   }
@@ -599,6 +616,172 @@ TEST_F(RouterTest, AsyncHoldsThousandsOfRequestsOnOneThread) {
     ASSERT_EQ(sinks[i]->responses()[0].request_id(), absl::StrCat("cmpl-", i));
   }
   EXPECT_EQ(router_->InFlight(0) + router_->InFlight(1), 0);
+}
+
+// ---- Resuming a request after its rank died (elastic groups).
+
+class RouterResumeTest : public RouterTest {
+ protected:
+  // Three ranks in one group; rank 0 gets the first request.
+  void MakeGroup(RouterOptions options) {
+    Make(3, /*ready=*/true, options);
+    FormGroup(3);
+    Beat(1, 9, 0);
+    Beat(2, 9, 0);
+  }
+  // The worker at `rank` is gone: its stream breaks and it does not answer probes.
+  void KillWorker(int rank, const std::shared_ptr<FakeStream>& stream) {
+    Worker(rank)->SetStatusReply(absl::UnavailableError("connection refused"));
+    stream->Close(absl::UnavailableError("Socket closed"));
+  }
+  static v1::GenerateRequest Seeded() {
+    v1::GenerateRequest r = Request({1, 2, 3}, 6);
+    r.mutable_sampling()->set_temperature(0.8f);
+    r.mutable_sampling()->set_seed(42);
+    return r;
+  }
+};
+
+// Rank 0 dies after two tokens: the survivors re-form (epoch 2) while the
+// request waits, then it resumes on one of them with those two tokens as
+// context; the client's stream goes on with nothing repeated, and the usage
+// covers both attempts.
+TEST_F(RouterResumeTest, ADeadRanksRequestResumesOnASurvivorWithItsTokens) {
+  MakeGroup({.max_resumes = 2});
+  auto sink = std::make_shared<RecordingSink>();
+  AsyncResult result;
+  router_->GenerateAsync(Seeded(), absl::InfiniteFuture(), sink, result.Done(sink));
+  auto first = Worker(0)->WaitForStream();
+  first->Push(Tokens({5, 6}));
+  KillWorker(0, first);
+
+  EXPECT_EQ(result.calls(), 0) << "the request waits for the new group";
+  EXPECT_EQ(membership_->group().epoch, 2u);
+  EXPECT_FALSE(router_->PickRank().ok());
+  EXPECT_TRUE(router_->Ready().ok()) << "a re-forming group still takes requests";
+  EXPECT_EQ(router_->stats().parked, 1);
+  // A request that arrives meanwhile waits too.
+  auto sink2 = std::make_shared<RecordingSink>();
+  AsyncResult second;
+  router_->GenerateAsync(Request(), absl::InfiniteFuture(), sink2, second.Done(sink2));
+  router_->Poll();
+  EXPECT_EQ(Worker(1)->generate_calls() + Worker(2)->generate_calls(), 0u);
+
+  Beat(1, 0, 0, true, /*group_epoch=*/2);
+  Beat(2, 5, 0, true, /*group_epoch=*/2);
+  router_->Poll();
+  auto resumed = Worker(1)->WaitForStream(1);
+  ASSERT_NE(resumed, nullptr);
+  EXPECT_THAT(resumed->request().resumed_token_ids(), ::testing::ElementsAre(5, 6));
+  EXPECT_THAT(resumed->request().prompt_token_ids(), ::testing::ElementsAre(1, 2, 3));
+  EXPECT_EQ(resumed->request().sampling().seed(), 42u);
+  EXPECT_EQ(resumed->request().request_id(), sink->responses()[0].request_id());
+  v1::GenerateResponse last = Tokens({8, 9}, v1::FINISH_REASON_LENGTH);
+  last.set_completion_tokens(2);  // what rank 1 generated
+  last.set_resumed_tokens(2);
+  resumed->Push(Tokens({7}));
+  resumed->Push(last);
+  resumed->Close(absl::OkStatus());
+
+  EXPECT_EQ(result.calls(), 1);
+  EXPECT_TRUE(result.outcome().ok()) << result.outcome();
+  std::vector<int32_t> streamed;
+  for (const auto& r : sink->responses()) streamed.insert(streamed.end(), r.token_ids().begin(), r.token_ids().end());
+  EXPECT_THAT(streamed, ::testing::ElementsAre(5, 6, 7, 8, 9));
+  const v1::GenerateResponse& fin = sink->responses().back();
+  EXPECT_EQ(fin.completion_tokens(), 5) << "every token the client got";
+  EXPECT_EQ(fin.resumed_tokens(), 2);
+  EXPECT_EQ(fin.rank(), 1);
+  EXPECT_EQ(router_->stats().requests_resumed, 1u);
+  EXPECT_EQ(router_->stats().resumed_tokens, 2u);
+  // The waiting request started once the group served.
+  EXPECT_EQ(Worker(1)->generate_calls() + Worker(2)->generate_calls(), 2u);
+  EXPECT_EQ(second.calls(), 0);
+}
+
+TEST_F(RouterResumeTest, TheResumeLimitEndsItWithAClearError) {
+  MakeGroup({.max_resumes = 1});
+  auto sink = std::make_shared<RecordingSink>();
+  AsyncResult result;
+  router_->GenerateAsync(Request(), absl::InfiniteFuture(), sink, result.Done(sink));
+  // A live worker fails the request (its step failed): retried at once, the group serves.
+  auto first = Worker(0)->WaitForStream();
+  first->Push(Tokens({5}));
+  first->Close(absl::AbortedError("step 3: peer lost"));
+  EXPECT_EQ(result.calls(), 0);
+  auto again = Worker(0)->WaitForStream(2);
+  ASSERT_NE(again, nullptr);
+  EXPECT_THAT(again->request().resumed_token_ids(), ::testing::ElementsAre(5));
+  again->Close(absl::AbortedError("step 4: peer lost"));
+  EXPECT_EQ(result.calls(), 1);
+  EXPECT_EQ(result.outcome().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(result.outcome().message()), HasSubstr("step 4: peer lost"));
+  EXPECT_THAT(std::string(result.outcome().message()),
+              HasSubstr("reached its resume limit (1 resumes, --max-resumes)"));
+}
+
+TEST_F(RouterResumeTest, TokensThatAlreadyEndedItFinishWithoutAnotherAttempt) {
+  MakeGroup({.max_resumes = 2});
+  auto sink = std::make_shared<RecordingSink>();
+  AsyncResult result;
+  v1::GenerateRequest req = Request({1, 2}, 3);
+  req.mutable_sampling()->add_stop_token_ids(9);
+  router_->GenerateAsync(req, absl::InfiniteFuture(), sink, result.Done(sink));
+  auto first = Worker(0)->WaitForStream();
+  first->Push(Tokens({4, 9}));  // the stop token, then the rank dies before its final message
+  KillWorker(0, first);
+  EXPECT_EQ(result.calls(), 1);
+  EXPECT_TRUE(result.outcome().ok()) << result.outcome();
+  EXPECT_EQ(sink->responses().back().finish_reason(), v1::FINISH_REASON_STOP);
+  EXPECT_EQ(sink->responses().back().completion_tokens(), 2);
+  EXPECT_EQ(Worker(1)->generate_calls() + Worker(2)->generate_calls(), 0u);
+}
+
+TEST_F(RouterResumeTest, AWaitEndsWhenTheGroupDoesNotServeOrTheClientLeaves) {
+  MakeGroup({.max_resumes = 2, .resume_wait = absl::Milliseconds(100)});
+  auto sink = std::make_shared<RecordingSink>();
+  auto leaver = std::make_shared<RecordingSink>();
+  AsyncResult waited, left;
+  router_->GenerateAsync(Request(), absl::InfiniteFuture(), sink, waited.Done(sink));
+  KillWorker(0, Worker(0)->WaitForStream());
+  router_->GenerateAsync(Request(), absl::InfiniteFuture(), leaver, left.Done(leaver));
+  EXPECT_EQ(router_->stats().parked, 2);
+  leaver->set_gone();
+  router_->Poll();
+  EXPECT_EQ(left.calls(), 1);
+  EXPECT_TRUE(left.outcome().ok()) << "a client that left is not an error";
+  absl::SleepFor(absl::Milliseconds(150));
+  router_->Poll();  // ranks 1 and 2 never report epoch 2
+  EXPECT_EQ(waited.calls(), 1);
+  EXPECT_EQ(waited.outcome().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(waited.outcome().message()), HasSubstr("for a serving group and gave up"));
+  EXPECT_THAT(std::string(waited.outcome().message()), HasSubstr("rank 0 died"));
+  EXPECT_EQ(router_->stats().parked, 0);
+}
+
+TEST_F(RouterResumeTest, NoRankLeftFailsAtOnce) {
+  Make(1, /*ready=*/true, {.max_resumes = 3});
+  FormGroup(1);
+  auto sink = std::make_shared<RecordingSink>();
+  AsyncResult result;
+  router_->GenerateAsync(Request(), absl::InfiniteFuture(), sink, result.Done(sink));
+  KillWorker(0, Worker(0)->WaitForStream());
+  EXPECT_EQ(result.calls(), 1);
+  EXPECT_EQ(result.outcome().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(result.outcome().message()), HasSubstr("no rank is left"));
+  EXPECT_FALSE(router_->Ready().ok());
+}
+
+TEST_F(RouterResumeTest, ShutdownEndsWaitingRequests) {
+  MakeGroup({.max_resumes = 2});
+  auto sink = std::make_shared<RecordingSink>();
+  AsyncResult result;
+  router_->GenerateAsync(Request(), absl::InfiniteFuture(), sink, result.Done(sink));
+  KillWorker(0, Worker(0)->WaitForStream());
+  EXPECT_EQ(result.calls(), 0);
+  router_->Shutdown();
+  EXPECT_EQ(result.calls(), 1);
+  EXPECT_THAT(std::string(result.outcome().message()), HasSubstr("shutting down"));
 }
 
 }  // namespace

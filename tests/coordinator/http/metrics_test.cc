@@ -1,9 +1,12 @@
 // The coordinator's metrics that are not counted per HTTP exchange: tokens
-// per joule from finished requests' energy, and the scheduler's state (SLO
-// attainment and outcomes by tier, queues, the learned step cost model).
+// per joule from finished requests' energy, the scheduler's state (SLO
+// attainment and outcomes by tier, queues, the learned step cost model), and
+// the cluster's failures and recoveries.
+#include <limits>
 #include <map>
 #include <string>
 
+#include "coordinator/http/cluster_metrics.h"
 #include "coordinator/http/http_metrics.h"
 #include "coordinator/http/scheduler_metrics.h"
 #include "gtest/gtest.h"
@@ -99,6 +102,34 @@ TEST(SchedulerMetricsTest, AttainmentOutcomesQueuesAndTheLearnedCostModel) {
   EXPECT_NEAR(v["joule_step_cost_joules{rank=0,term=fixed}"], 2.0, 0.05);
   EXPECT_NEAR(v["joule_step_cost_joules{rank=0,term=per_batch_token}"], 0.01, 1e-3);
   EXPECT_EQ(v["joule_step_cost_samples{rank=0}"], 64);
+}
+
+TEST(ClusterMetricsTest, EpochFailuresResumesAndTheRecoveryHistogram) {
+  const cluster::MembershipStats membership{
+      .group_epoch = 3, .rank_failures = 2, .recovery_seconds = {0.3, 1.5}};
+  const cluster::RouterStats router{.requests_resumed = 7, .resumed_tokens = 120, .parked = 1};
+  const std::vector<prometheus::MetricFamily> families = ClusterMetricFamilies(membership, router);
+  std::map<std::string, double> v = Values(families);
+  EXPECT_EQ(v["joule_membership_epoch{}"], 3);
+  EXPECT_EQ(v["joule_rank_failures_total{}"], 2);
+  EXPECT_EQ(v["joule_requests_resumed_total{}"], 7);
+  EXPECT_EQ(v["joule_resumed_tokens_total{}"], 120);
+  EXPECT_EQ(v["joule_requests_waiting_to_resume{}"], 1);
+  const prometheus::MetricFamily* recovery = nullptr;
+  for (const auto& f : families) {
+    if (f.name == "joule_recovery_seconds") recovery = &f;
+  }
+  ASSERT_NE(recovery, nullptr);
+  const prometheus::ClientMetric::Histogram& h = recovery->metric.at(0).histogram;
+  EXPECT_EQ(h.sample_count, 2u);
+  EXPECT_DOUBLE_EQ(h.sample_sum, 1.8);
+  std::map<double, uint64_t> cumulative;
+  for (const auto& b : h.bucket) cumulative[b.upper_bound] = b.cumulative_count;
+  EXPECT_EQ(cumulative[0.25], 0u);
+  EXPECT_EQ(cumulative[0.5], 1u);
+  EXPECT_EQ(cumulative[1], 1u);
+  EXPECT_EQ(cumulative[2], 2u);
+  EXPECT_EQ(cumulative[std::numeric_limits<double>::infinity()], 2u);
 }
 
 }  // namespace

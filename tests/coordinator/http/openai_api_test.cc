@@ -231,6 +231,13 @@ TEST(OpenAiResponse, CompletionAndChatBodies) {
   EXPECT_EQ(chat["object"], "chat.completion");
   EXPECT_EQ(chat["choices"][0]["message"], (Json{{"role", "assistant"}, {"content", "hi"}}));
   EXPECT_EQ(chat["choices"][0]["finish_reason"], "stop");
+
+  // A request resumed after its rank died says how many tokens were recomputed.
+  const Json resumed = Json::parse(CompletionJson(Header(Endpoint::kCompletions), "abc", "length",
+                                                  {.prompt_tokens = 5, .completion_tokens = 3,
+                                                   .resumed_tokens = 2}));
+  EXPECT_EQ(resumed["usage"]["resumed_tokens"], 2);
+  EXPECT_EQ(resumed["usage"]["completion_tokens"], 3);
 }
 
 TEST(OpenAiResponse, StreamChunks) {

@@ -127,7 +127,8 @@ class RuntimeCluster {
   // `energy_meters`, when given, holds one meter per rank (not owned).
   RuntimeCluster(const std::string& model_dir, int world, absl::Duration step_timeout,
                  EngineOptions engine_options = SmallEngine(),
-                 std::vector<telemetry::EnergyMeter*> energy_meters = {})
+                 std::vector<telemetry::EnergyMeter*> energy_meters = {},
+                 absl::Duration regroup_timeout = absl::ZeroDuration())
       : model_dir_(model_dir), group_(world, ep::TransportOptions{.timeout = step_timeout}) {
     auto config = LoadModelConfig(model_dir);
     EXPECT_TRUE(config.ok()) << config.status();
@@ -140,6 +141,7 @@ class RuntimeCluster {
     placement_ = *placement;
     RuntimeOptions options;
     options.expert_parallel.payload = ep::PayloadType::kF32;  // exact match with the reference
+    options.regroup_timeout = regroup_timeout;
     for (int r = 0; r < world; ++r) {
       Rank rank;
       options.energy_meter = energy_meters.empty() ? nullptr : energy_meters[r];

@@ -392,5 +392,78 @@ TEST(WorkerRuntime, PlacementChangeAppliedBetweenStepsWithoutDroppingRequests) {
   EXPECT_EQ(after.tokens(), ReferenceTokens(dir, prompts[0], Greedy(8)));
 }
 
+// Rank 2 of 3 dies: the survivors keep their sequences while the group
+// re-forms, join the new two-rank group (loading the experts rank 2 held) and
+// finish every request with the single-process engine's tokens.
+TEST(WorkerRuntime, SurvivorsOfADeadPeerKeepTheirRequestsThroughANewGroup) {
+  const std::string dir = testing::TinyModelDir("qwen3_moe-tiny");
+  const absl::Duration timeout = absl::Seconds(10);
+  // Declared before the cluster: the runtimes use the new group's transports until they stop.
+  std::unique_ptr<ep::InProcessGroup> next;
+  std::vector<std::unique_ptr<ep::Transport>> next_transports;
+  RuntimeCluster cluster(dir, 3, timeout, testing_util::SmallEngine(), {},
+                         /*regroup_timeout=*/absl::Seconds(20));
+  auto config = LoadModelConfig(dir);
+  ASSERT_TRUE(config.ok());
+  std::vector<std::unique_ptr<PlacementLoader>> loaders;
+  for (int r = 0; r < 2; ++r) {
+    loaders.push_back(std::make_unique<PlacementLoader>(dir, *config, r, 3, cluster.placement()));
+  }
+  cluster.StartAll();
+  std::vector<std::unique_ptr<Collector>> cs;
+  std::vector<std::vector<int32_t>> prompts;
+  for (int i = 0; i < 2; ++i) {
+    prompts.push_back(Prompt(6 + i, 20 + i));
+    cs.push_back(std::make_unique<Collector>());
+    ASSERT_TRUE(cluster.runtime(i).Submit(absl::StrCat("s", i),
+                                          {.prompt = prompts[i], .sampling = Greedy(60)},
+                                          cs[i]->callbacks()).ok());
+  }
+  ASSERT_TRUE(cs[0]->WaitTokens(3));
+  ASSERT_TRUE(cs[1]->WaitTokens(3));
+  const absl::Time killed = absl::Now();
+  cluster.group().Kill(2);
+  // As the worker process does on the coordinator's group update.
+  for (int r = 0; r < 2; ++r) cluster.rank(r).transport->Interrupt("group epoch 2: rank 2 died");
+  for (int r = 0; r < 2; ++r) {
+    while (!cluster.runtime(r).AwaitingGroup() && absl::Now() - killed < absl::Seconds(5)) {
+      absl::SleepFor(absl::Milliseconds(1));
+    }
+    ASSERT_TRUE(cluster.runtime(r).AwaitingGroup()) << "rank " << r;
+  }
+  EXPECT_LT(absl::Now() - killed, timeout) << "the interrupt, not the step timeout, ended the step";
+  EXPECT_FALSE(cs[0]->done());
+  EXPECT_FALSE(cs[1]->done());
+
+  next = std::make_unique<ep::InProcessGroup>(2, ep::TransportOptions{.timeout = timeout});
+  auto two = ContiguousPlacement(2, config->num_layers, config->num_experts);
+  ASSERT_TRUE(two.ok());
+  for (int l = 0; l < config->num_layers; ++l) {
+    if (!config->IsMoeLayer(l)) two->replicas[l].clear();
+  }
+  for (int r = 0; r < 2; ++r) {
+    next_transports.push_back(next->Rank(r));
+    loaders[r]->Regroup(r, 2);
+    auto prepared = loaders[r]->Prepare(PlacementToProto(*two, 2));
+    ASSERT_TRUE(prepared.ok()) << prepared.status();
+    EXPECT_NE(prepared->weights, nullptr) << "rank " << r << " must load some of rank 2's experts";
+    ASSERT_TRUE(cluster.runtime(r)
+                    .InstallGroup({.epoch = 2,
+                                   .transport = next_transports[r].get(),
+                                   .placement = *std::move(prepared)},
+                                  absl::Seconds(10))
+                    .ok());
+  }
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_TRUE(cs[i]->WaitDone());
+    ASSERT_TRUE(cs[i]->outcome().status.ok()) << cs[i]->outcome().status;
+    EXPECT_EQ(cs[i]->tokens(), ReferenceTokens(dir, prompts[i], Greedy(60))) << "request " << i;
+  }
+  const WorkerStatus s = cluster.runtime(0).Status();
+  EXPECT_EQ(s.group_epoch, 2u);
+  EXPECT_EQ(s.regroups, 1u);
+  EXPECT_TRUE(s.ready);
+}
+
 }  // namespace
 }  // namespace joule::worker

@@ -1,0 +1,319 @@
+#!/usr/bin/python3
+"""Chaos end to end: a worker fails while streams run, and no request is lost.
+
+  chaos_e2e.py BUILD_DIR MODEL_DIR --workers 4 --fault kill|stop|link [--streams 32]
+               [--netns TAG --subnet A.B.C]
+
+Starts a real coordinator (HTTP API) and WORKERS joule-worker processes over UCX
+shared memory with F32 expert payloads, then runs the same STREAMS seeded,
+streamed completions twice: once without a fault (the reference), once with a
+random worker killed (kill -9), frozen (SIGSTOP) or cut off (its network link taken
+down: --fault link, with the workers in network namespaces made by netns_e2e.sh and this
+script running in the coordinator's) in mid-generation. Every
+request of the second run must finish with no error, its text equal to the
+reference's (no duplicated or missing text), and its usage must count the
+resumed tokens. Prints the recovery time (the fault to the first token after it,
+per stream that was interrupted). A frozen worker, thawed, must exit on its own
+(it left the group). Standard library only.
+"""
+import argparse
+import http.client
+import json
+import os
+import random
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+FAILURES = []
+
+
+def check(cond, what):
+    if not cond:
+        FAILURES.append(what)
+        print("MISMATCH: " + what, file=sys.stderr, flush=True)
+    return cond
+
+
+class Cluster:
+    """A coordinator and its workers as child processes, logs in a temp dir."""
+
+    def __init__(self, build, model, workers, coordinator_flags=(), netns=None, subnet=None):
+        self.build, self.model, self.n = build, model, workers
+        self.coordinator_flags = list(coordinator_flags)
+        # With netns: worker r runs in namespace TAGwR at SUBNET.(r+2); the coordinator
+        # (and this script) in the namespace at SUBNET.1.
+        self.netns, self.subnet = netns, subnet
+        self.tmp = tempfile.mkdtemp(prefix="joule-chaos.")
+        self.coordinator = None
+        self.workers = []
+        self.failed = False
+        self.env = dict(os.environ, UCX_TLS="shm,self", UCX_WARN_UNUSED_ENV_VARS="n")
+        if netns:
+            self.env.update(UCX_TLS="tcp,self", UCX_NET_DEVICES="eth0")
+
+    def _spawn(self, name, argv):
+        out = open(os.path.join(self.tmp, name + ".out"), "w")
+        err = open(os.path.join(self.tmp, name + ".err"), "w")
+        return subprocess.Popen(argv, stdout=out, stderr=err, env=self.env)
+
+    def _wait_file(self, path, what):
+        for _ in range(200):
+            if os.path.exists(path) and os.path.getsize(path) > 0:
+                return open(path).read().strip()
+            time.sleep(0.05)
+        self.fail(what + " did not start")
+
+    def start(self):
+        port_file = os.path.join(self.tmp, "port")
+        http_file = os.path.join(self.tmp, "http_port")
+        self.coordinator = self._spawn("coordinator", [
+            os.path.join(self.build, "coordinator/joule-coordinator"), "--model", self.model,
+            "--workers", str(self.n), "--port", "0", "--port-file", port_file,
+            "--http-port", "0", "--http-port-file", http_file, "--heartbeat-ms", "300",
+            "--step-timeout-ms", "5000",
+            "--tier-queue-cap", "fast=1024,priority=1024,standard=1024,batch=1024"] +
+            self.coordinator_flags)
+        self.addr = "127.0.0.1:" + self._wait_file(port_file, "coordinator")
+        self.http_port = int(self._wait_file(http_file, "coordinator HTTP"))
+        reach = self.addr if not self.netns else "%s.1:%s" % (self.subnet, self.addr.split(":")[1])
+        for r in range(self.n):
+            prefix, extra = [], []
+            if self.netns:
+                prefix = ["ip", "netns", "exec", "%sw%d" % (self.netns, r)]
+                extra = ["--advertise-host", "%s.%d" % (self.subnet, r + 2)]
+            self.workers.append(self._spawn("w%d" % r, prefix + [
+                os.path.join(self.build, "worker/service/joule-worker"), "--coordinator", reach,
+                "--model", self.model, "--threads", "1", "--kv-cache-mb", "32", "--payload", "f32"] +
+                extra))
+        for _ in range(240):
+            if self.status().count(": ready") == self.n:
+                return
+            time.sleep(0.25)
+        self.fail("the cluster did not become ready with %d ranks" % self.n)
+
+    def cut(self, r):
+        """Takes worker r's network link down (its namespace's only interface)."""
+        subprocess.run(["ip", "-n", "%sw%d" % (self.netns, r), "link", "set", "eth0", "down"], check=True)
+
+    def status(self):
+        r = subprocess.run([os.path.join(self.build, "coordinator/cli/joule-cli"), "status",
+                            "--coordinator", self.addr], capture_output=True, text=True, timeout=10)
+        return r.stdout
+
+    def metrics(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=10)
+        conn.request("GET", "/metrics")
+        return conn.getresponse().read().decode()
+
+    def fail(self, what):
+        self.failed = True
+        print("FAIL: " + what, file=sys.stderr)
+        for name in sorted(os.listdir(self.tmp)):
+            if name.endswith(".err"):
+                with open(os.path.join(self.tmp, name)) as f:
+                    tail = f.readlines()[-8:]
+                print("--- %s (tail)\n%s" % (name, "".join(tail)), file=sys.stderr)
+        self.stop()
+        sys.exit(1)
+
+    def stop(self):
+        procs = [p for p in [self.coordinator] + self.workers if p is not None]
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.terminate()
+        deadline = time.time() + 5
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        subprocess.run(["rm", "-rf", self.tmp])
+
+
+class Stream:
+    """One streamed, seeded completion: its text, token arrival times and usage."""
+
+    def __init__(self, port, model, index, max_tokens, on_token):
+        self.port, self.model, self.index, self.max_tokens, self.on_token = port, model, index, max_tokens, on_token
+        self.status, self.text, self.error, self.usage = None, "", None, None
+        self.finish, self.done, self.times = None, False, []
+
+    def run(self):
+        body = {"model": self.model, "prompt": "chaos %d: " % self.index, "max_tokens": self.max_tokens,
+                "temperature": 0.8, "seed": 1000 + self.index, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+            conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            self.status = resp.status
+            for raw in resp:
+                line = raw.decode().strip()
+                if not line.startswith("data: "):
+                    continue
+                data = line[len("data: "):]
+                if data == "[DONE]":
+                    self.done = True
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    self.error = event["error"]
+                    continue
+                if event.get("usage"):
+                    self.usage = event["usage"]
+                for choice in event.get("choices", []):
+                    self.text += choice.get("text", "")
+                    if choice.get("finish_reason"):
+                        self.finish = choice["finish_reason"]
+                    self.times.append(time.monotonic())
+                    self.on_token()
+        except Exception as e:  # a broken connection is a failure like any other
+            self.error = repr(e)
+
+
+def run_streams(port, model, count, max_tokens, fault=None, fault_after=0):
+    """Runs `count` streams at once; calls fault() once `fault_after` tokens arrived."""
+    lock = threading.Lock()
+    seen = [0]
+    fired = [None]
+
+    def on_token():
+        with lock:
+            seen[0] += 1
+            if fault is not None and fired[0] is None and seen[0] >= fault_after:
+                fired[0] = time.monotonic()
+                fault()
+
+    streams = [Stream(port, model, i, max_tokens, on_token) for i in range(count)]
+    threads = [threading.Thread(target=s.run) for s in streams]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    return streams, fired[0]
+
+
+def check_complete(streams, reference, phase):
+    for s in streams:
+        tag = "%s stream %d" % (phase, s.index)
+        check(s.status == 200, "%s: HTTP %s" % (tag, s.status))
+        check(s.error is None, "%s: error %s" % (tag, s.error))
+        check(s.done, "%s: no [DONE]" % tag)
+        check(s.finish == "length", "%s: finish_reason %s" % (tag, s.finish))
+        check(s.usage is not None and s.usage["completion_tokens"] == s.max_tokens,
+              "%s: usage %s" % (tag, s.usage))
+        if reference is not None:
+            check(s.text == reference[s.index].text,
+                  "%s: text differs from the fault-free run (%d vs %d chars)" %
+                  (tag, len(s.text), len(reference[s.index].text)))
+
+
+def recovery_times(time_lists, fault_at):
+    """Per stream (its token arrival times): the fault to the end of its longest
+    stall after it (the fault counts as a token), i.e. when it flowed again."""
+    out = []
+    for times in time_lists:
+        after = [t for t in times if t > fault_at]
+        if not after:
+            continue
+        points = [fault_at] + after
+        gaps = [(b - a, b) for a, b in zip(points, points[1:])]
+        out.append(max(gaps)[1] - fault_at)
+    return out
+
+
+def metric(text, name):
+    m = re.search(r"^%s(?:\{[^}]*\})? ([0-9.e+-]+)$" % re.escape(name), text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("build")
+    ap.add_argument("model")
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--fault", choices=["kill", "stop", "link"], default="kill")
+    ap.add_argument("--netns", help="namespace tag (netns_e2e.sh); needed by --fault link")
+    ap.add_argument("--subnet", help="the namespaces' /24, e.g. 10.231.40")
+    ap.add_argument("--streams", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=160)
+    ap.add_argument("--seed", type=int, default=None, help="picks the worker (default: random)")
+    args = ap.parse_args()
+    seed = args.seed if args.seed is not None else random.randrange(1 << 30)
+    victim = random.Random(seed).randrange(args.workers)
+
+    if args.fault == "link" and not (args.netns and args.subnet):
+        ap.error("--fault link needs --netns and --subnet (run it through netns_e2e.sh)")
+    cluster = Cluster(args.build, args.model, args.workers, netns=args.netns, subnet=args.subnet)
+    name = os.path.basename(os.path.normpath(args.model))
+    try:
+        cluster.start()
+        reference, _ = run_streams(cluster.http_port, name, args.streams, args.max_tokens)
+        check_complete(reference, None, "fault-free")
+        if FAILURES:
+            cluster.fail("the fault-free run failed")
+
+        proc = cluster.workers[victim]
+        faults = {"kill": lambda: proc.send_signal(signal.SIGKILL),
+                  "stop": lambda: proc.send_signal(signal.SIGSTOP),
+                  "link": lambda: cluster.cut(victim)}
+        total = args.streams * args.max_tokens
+        print("fault: %s of worker process %d (pid %d, seed %d) after %d of %d tokens" %
+              (args.fault, victim, proc.pid, seed, total // 3, total), flush=True)
+        streams, fault_at = run_streams(cluster.http_port, name, args.streams, args.max_tokens,
+                                        fault=faults[args.fault], fault_after=total // 3)
+        check(fault_at is not None, "the fault never fired")
+        check_complete(streams, reference, "faulted")
+        resumed = sum(s.usage.get("resumed_tokens", 0) for s in streams if s.usage)
+        check(resumed > 0, "no stream's usage reports resumed tokens")
+        times = recovery_times([s.times for s in streams], fault_at) if fault_at else []
+        check(len(times) > 0, "no stream was interrupted by the fault")
+        if times:
+            print("recovery (fault -> stream flowing again, %d streams): median %.3f s, max %.3f s" %
+                  (len(times), statistics.median(times), max(times)), flush=True)
+            check(max(times) < 20, "recovery took %.1f s" % max(times))
+        print("resumed tokens recomputed: %d" % resumed)
+
+        status = cluster.status()
+        check(re.search(r"rank \d+: dead", status) is not None, "joule-cli status shows no dead rank:\n" + status)
+        check(re.search(r"group_epoch: 2 \(serving\) after rank \d+ died", status) is not None,
+              "joule-cli status does not show group epoch 2 serving:\n" + status)
+        m = cluster.metrics()
+        check((metric(m, "joule_requests_resumed_total") or 0) > 0,
+              "joule_requests_resumed_total did not count")
+        check((metric(m, "joule_rank_failures_total") or 0) >= 1, "joule_rank_failures_total did not count")
+        check((metric(m, "joule_membership_epoch") or 0) >= 2, "joule_membership_epoch did not advance")
+        for i, w in enumerate(cluster.workers):
+            if i != victim:
+                check(w.poll() is None, "surviving worker %d exited (%s)" % (i, w.poll()))
+        if args.fault == "stop":
+            thawed = time.monotonic()
+            proc.send_signal(signal.SIGCONT)
+            try:
+                proc.wait(15)
+                print("the thawed worker left after %.2f s (exit %d)" % (time.monotonic() - thawed, proc.returncode))
+            except subprocess.TimeoutExpired:
+                check(False, "the thawed worker did not leave within 15 s")
+
+        # The smaller group serves new requests.
+        after, _ = run_streams(cluster.http_port, name, 8, 16)
+        check_complete(after, None, "after")
+    finally:
+        if FAILURES and not cluster.failed:
+            cluster.fail("%d check(s) failed" % len(FAILURES))
+        if not cluster.failed:
+            cluster.stop()
+    print("PASS: %s of 1 of %d workers under %d streams: every request completed, texts equal the "
+          "fault-free run's" % (args.fault, args.workers, args.streams))
+
+
+if __name__ == "__main__":
+    main()
