@@ -30,14 +30,8 @@ import tempfile
 import threading
 import time
 
-FAILURES = []
+from e2e_util import FAILURES, check, sse_data
 
-
-def check(cond, what):
-    if not cond:
-        FAILURES.append(what)
-        print("MISMATCH: " + what, file=sys.stderr, flush=True)
-    return cond
 
 
 class Cluster:
@@ -155,11 +149,7 @@ class Stream:
             conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
             resp = conn.getresponse()
             self.status = resp.status
-            for raw in resp:
-                line = raw.decode().strip()
-                if not line.startswith("data: "):
-                    continue
-                data = line[len("data: "):]
+            for data in sse_data(resp):
                 if data == "[DONE]":
                     self.done = True
                     break

@@ -17,15 +17,9 @@ import sys
 import threading
 import time
 
+from e2e_util import FAILURES, check
+
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-FAILURES = []
-
-
-def check(cond, what):
-    if not cond:
-        FAILURES.append(what)
-        print("MISMATCH: " + what, file=sys.stderr, flush=True)
-    return cond
 
 
 def count_tokens(text):

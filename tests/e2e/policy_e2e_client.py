@@ -14,6 +14,8 @@ import sys
 import threading
 import time
 
+from e2e_util import sse_data
+
 TIERS = {"fast": "fast", "priority": "priority", "default": "default", "flex": "flex"}
 
 
@@ -34,11 +36,7 @@ def stream(port, model, tier, i, results):
             results.append((tier, "status %d: %s" % (resp.status, resp.read()[:200]), None, 0))
             return
         done, usage, tokens, served = 0, None, 0, None
-        for raw in resp:
-            line = raw.decode().strip()
-            if not line.startswith("data: "):
-                continue
-            data = line[len("data: "):]
+        for data in sse_data(resp):
             if data == "[DONE]":
                 done += 1
                 continue
