@@ -659,9 +659,22 @@ TEST_F(MembershipTest, ARendezvousOvertakenByAnotherDeathIsAborted) {
     EXPECT_THAT(std::string(s.message()), HasSubstr("moved on to epoch 3"));
   });
   absl::SleepFor(absl::Milliseconds(100));
+  clock_.Advance(absl::Milliseconds(300));
   ASSERT_TRUE(membership_->MarkDead(1, "also gone"));
   waiter.join();
   EXPECT_EQ(membership_->group().members, (std::vector<int>{0}));
+  // The placement of epoch 3 still holds every expert, all on the one survivor.
+  const Placement p = membership_->placement();
+  EXPECT_EQ(p.num_ranks, 1);
+  for (int l : {0, 2, 3}) {
+    for (int e = 0; e < 8; ++e) EXPECT_EQ(p.replicas[l][e], (std::vector<int>{0})) << l << "/" << e;
+  }
+  // One recovery, from the first death until epoch 3 serves.
+  clock_.Advance(absl::Milliseconds(200));
+  BeatIn(*membership_, 0, 3);
+  EXPECT_TRUE(membership_->group().serving);
+  EXPECT_EQ(membership_->stats().rank_failures, 2u);
+  EXPECT_EQ(membership_->stats().recovery_seconds, (std::vector<double>{0.5}));
 }
 
 // A dead member stays out: its worker coming back is told to stop, and a new
