@@ -1,25 +1,25 @@
 #!/usr/bin/python3
-"""Recovery benchmark: kill -9 of one worker of an EP group under steady load.
+"""Recovery benchmark: kill -9 of one worker of an EP group under steady load, again and again.
 
   recovery_bench.py BUILD_DIR MODEL_DIR [--workers 4] [--kills 10] [--streams 16] [--out DIR]
 
-Each trial starts a fresh cluster (coordinator + WORKERS joule-worker processes over UCX
-shared memory, F32 payloads; tests/e2e/chaos_e2e.py's Cluster), keeps STREAMS closed-loop
-clients busy with streamed, seeded completions, kills a random worker at a random moment
-and keeps the load on for a few seconds more. Per trial it measures:
+One cluster (coordinator + WORKERS joule-worker processes over UCX shared memory, F32
+payloads; tests/e2e/chaos_e2e.py's Cluster) under a steady closed-loop load of STREAMS
+streamed, seeded completions. KILLS times: a random worker is killed with kill -9, the load
+runs on for a few seconds, then the worker is started again and joins the running group.
+Per kill it measures:
 
   first_token_s   the kill -> the first token any client received after it
   all_flowing_s   the kill -> every stream that was running flowing again (the end of its
                   longest stall after the kill)
-  lost            requests that ended with an error (aim: 0)
+  join_s          the restart -> the group serving with every rank again
   resumed_tokens  tokens recomputed by resumed attempts (joule_resumed_tokens_total)
   gap_p99_s       the 99th percentile gap between tokens before the kill (the same run's
                   baseline: how long a stream pauses without any fault)
 
-and, as the before-elastic baseline in the same run, one trial with --elastic=false
---max-resumes 0 (requests lost, whether the cluster serves again). Joining a running group
-is not supported yet, so every trial starts a new cluster (a killed worker is not restarted).
-Writes OUT/recovery.json and OUT/recovery.md.
+and over the run: requests lost (aim: 0). The before-elastic baseline, in the same run: one
+kill on a cluster with --elastic=false --max-resumes 0 (requests lost, whether it serves
+after). Writes OUT/recovery.json and OUT/recovery.md.
 """
 import argparse
 import json
@@ -78,41 +78,87 @@ def gaps_before(times, t0, t1):
     return sorted(out)
 
 
-def trial(args, name, rng, elastic=True):
-    flags = [] if elastic else ["--elastic=false", "--max-resumes", "0"]
-    cluster = chaos_e2e.Cluster(args.build, args.model, args.workers, flags)
+def percentile(sorted_values, q):
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * q))] if sorted_values else None
+
+
+def kill_once(cluster, load, rng, args, since):
+    """Kills a random worker; the measures of that kill over the next args.after seconds."""
+    victim = rng.randrange(args.workers)
+    resumed_before = chaos_e2e.metric(cluster.metrics(), "joule_resumed_tokens_total") or 0
+    killed = time.monotonic()
+    cluster.workers[victim].kill()
+    time.sleep(args.after)
+    until = killed + args.after
+    times = [[t for t in ts if t <= until] for ts in list(load.times.values())]
+    after = [t for ts in times for t in ts if t > killed]
+    running = [ts for ts in times if any(since <= t <= killed for t in ts)]
+    flowing = chaos_e2e.recovery_times(running, killed)
+    gaps = gaps_before(dict(enumerate(times)), since, killed)
+    resumed = (chaos_e2e.metric(cluster.metrics(), "joule_resumed_tokens_total") or 0) - resumed_before
+    return victim, {
+        "victim": victim,
+        "first_token_s": (min(after) - killed) if after else None,
+        "all_flowing_s": max(flowing) if flowing else None,
+        "resumed_tokens": resumed,
+        "gap_p50_s": percentile(gaps, 0.5),
+        "gap_p99_s": percentile(gaps, 0.99),
+    }
+
+
+def lost_requests(load):
+    return [s for s in load.done if s.error is not None or s.status != 200 or not s.done]
+
+
+def elastic_run(args, name, rng):
+    """KILLS kills on one cluster, each killed worker restarted and rejoined."""
+    cluster = chaos_e2e.Cluster(args.build, args.model, args.workers)
+    rows = []
     try:
         cluster.start()
         load = Load(cluster.http_port, name, args.streams, args.max_tokens)
-        started = time.monotonic()
         load.start()
-        time.sleep(args.warmup + rng.random())
-        victim = rng.randrange(args.workers)
-        killed = time.monotonic()
-        cluster.workers[victim].kill()
+        time.sleep(args.warmup)
+        since = time.monotonic()
+        for k in range(args.kills):
+            time.sleep(rng.random())
+            victim, row = kill_once(cluster, load, rng, args, since)
+            restarted = time.monotonic()
+            cluster.workers[victim] = cluster.spawn_worker(victim)
+            # Each kill and each join opens a group epoch.
+            cluster.wait_ready(args.workers, also=r"group_epoch: %d \(serving\)" % (1 + 2 * (k + 1)))
+            row["join_s"] = time.monotonic() - restarted
+            rows.append(row)
+            print("kill %d: worker %d, first token after %.3f s, all flowing after %s s, %d tokens "
+                  "recomputed, rejoined in %.2f s" % (
+                      k + 1, victim, row["first_token_s"] if row["first_token_s"] is not None else -1,
+                      "%.3f" % row["all_flowing_s"] if row["all_flowing_s"] is not None else "-",
+                      row["resumed_tokens"], row["join_s"]), flush=True)
+            time.sleep(1.0)
+            since = time.monotonic()
+        load.finish()
+        lost = lost_requests(load)
+        return rows, len(load.done), lost
+    finally:
+        cluster.stop()
+
+
+def baseline_run(args, name, rng):
+    """One kill with elastic groups and resumes off: the behaviour before them."""
+    cluster = chaos_e2e.Cluster(args.build, args.model, args.workers,
+                                ["--elastic=false", "--max-resumes", "0"])
+    try:
+        cluster.start()
+        load = Load(cluster.http_port, name, args.streams, args.max_tokens)
+        load.start()
+        time.sleep(args.warmup)
+        cluster.workers[rng.randrange(args.workers)].kill()
         time.sleep(args.after)
         load.finish()
-        after = [t for ts in load.times.values() for t in ts if t > killed]
-        flowing = chaos_e2e.recovery_times(
-            [ts for ts in load.times.values() if any(t <= killed for t in ts)], killed)
-        gaps = gaps_before(load.times, started + 0.5, killed)
-        lost = [s for s in load.done if s.error is not None or s.status != 200 or not s.done]
-        metrics = cluster.metrics()
         probe = chaos_e2e.Stream(cluster.http_port, name, 999999, 4, on_token=lambda: None)
         probe.run()
-        return {
-            "victim": victim,
-            "first_token_s": (min(after) - killed) if after else None,
-            "all_flowing_s": max(flowing) if flowing else None,
-            "requests": len(load.done),
-            "lost": len(lost),
-            "lost_errors": sorted({str(s.error)[:160] for s in lost})[:3],
-            "resumed_tokens": chaos_e2e.metric(metrics, "joule_resumed_tokens_total") or 0,
-            "requests_resumed": chaos_e2e.metric(metrics, "joule_requests_resumed_total") or 0,
-            "gap_p50_s": gaps[len(gaps) // 2] if gaps else None,
-            "gap_p99_s": gaps[int(len(gaps) * 0.99)] if gaps else None,
-            "serves_after": probe.status == 200 and probe.error is None and probe.done,
-        }
+        return {"requests": len(load.done), "lost": len(lost_requests(load)),
+                "serves_after": probe.status == 200 and probe.error is None and probe.done}
     finally:
         cluster.stop()
 
@@ -140,23 +186,16 @@ def main():
     ap.add_argument("--kills", type=int, default=10)
     ap.add_argument("--streams", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--warmup", type=float, default=1.5, help="seconds of load before the kill (+0..1 s)")
-    ap.add_argument("--after", type=float, default=3.0, help="seconds of load after the kill")
+    ap.add_argument("--warmup", type=float, default=1.5, help="seconds of load before the first kill")
+    ap.add_argument("--after", type=float, default=2.0, help="seconds of load after a kill, before the restart")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default="bench/results/recovery-ep4")
     args = ap.parse_args()
     name = os.path.basename(os.path.normpath(args.model))
     rng = random.Random(args.seed)
 
-    rows = []
-    for k in range(args.kills):
-        r = trial(args, name, rng)
-        rows.append(r)
-        print("kill %d: worker %d, first token after %.3f s, all flowing after %s s, %d/%d lost, "
-              "%d tokens recomputed" % (k + 1, r["victim"], r["first_token_s"] or -1,
-                                        "%.3f" % r["all_flowing_s"] if r["all_flowing_s"] else "-",
-                                        r["lost"], r["requests"], r["resumed_tokens"]), flush=True)
-    baseline = trial(args, name, rng, elastic=False)
+    rows, requests, lost = elastic_run(args, name, rng)
+    baseline = baseline_run(args, name, rng)
     print("baseline --elastic=false: %d/%d requests lost, serves after the kill: %s" %
           (baseline["lost"], baseline["requests"], baseline["serves_after"]), flush=True)
 
@@ -168,16 +207,19 @@ def main():
         "first_token_s": summary(rows, "first_token_s"),
         "all_flowing_s": summary(rows, "all_flowing_s"),
         "gap_p99_s": summary(rows, "gap_p99_s"),
-        "lost": sum(r["lost"] for r in rows),
-        "requests": sum(r["requests"] for r in rows),
+        "join_s": summary(rows, "join_s"),
+        "lost": len(lost),
+        "lost_errors": sorted({str(s.error)[:160] for s in lost})[:3],
+        "requests": requests,
         "resumed_tokens": sum(r["resumed_tokens"] for r in rows),
-        "trials": rows,
+        "kills": rows,
         "baseline_non_elastic": baseline,
     }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "recovery.json"), "w") as f:
         json.dump(result, f, indent=1)
-    ft, af, gp = result["first_token_s"], result["all_flowing_s"], result["gap_p99_s"]
+    ft, af, gp, js = (result["first_token_s"], result["all_flowing_s"], result["gap_p99_s"],
+                      result["join_s"])
     md = [
         "# Recovery from kill -9 of one of %d workers (%s, %d streams)" % (args.workers, name, args.streams),
         "",
@@ -190,8 +232,9 @@ def main():
         "| kill -> first token after it | %.3f s | %.3f s |" % (ft["median"], ft["max"]),
         "| kill -> every running stream flowing again | %.3f s | %.3f s |" % (af["median"], af["max"]),
         "| baseline: p99 gap between tokens before the kill | %.3f s | %.3f s |" % (gp["median"], gp["max"]),
+        "| restart of the killed worker -> serving with every rank | %.3f s | %.3f s |" % (js["median"], js["max"]),
         "",
-        "Requests lost: %d of %d over %d kills; tokens recomputed by resumed requests: %d." % (
+        "Requests lost: %d of %d over %d kills on one cluster; tokens recomputed by resumed requests: %d." % (
             result["lost"], result["requests"], len(rows), result["resumed_tokens"]),
         "Recovery / p99 token gap (medians): %.1fx." % (af["median"] / gp["median"]),
         "",

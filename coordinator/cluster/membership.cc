@@ -92,6 +92,7 @@ void Membership::FillRegisterReplyLocked(int rank, v1::RegisterReply* reply) con
   reply->set_heartbeat_interval_ms(absl::ToInt64Milliseconds(options_.heartbeat_interval));
   reply->set_step_timeout_ms(absl::ToInt64Milliseconds(options_.step_timeout));
   reply->set_elastic(options_.elastic);
+  reply->set_joining(slots_[rank].joining);
 }
 
 namespace {
@@ -183,12 +184,6 @@ absl::Status Membership::Register(const v1::RegisterRequest& request, v1::Regist
           "cluster is full: all ", n, " ranks are held by live workers (--workers ", n, ")"));
     }
   }
-  if (options_.elastic && group_epoch_ > 0 && GroupRankLocked(rank) < 0) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "rank ", rank, " left the expert-parallel group (now epoch ", group_epoch_, ": ",
-        group_reason_, "); joining a running group is not supported yet: restart the cluster to "
-        "bring it back"));
-  }
   Slot& s = slots_[rank];
   const bool replacing = s.info.state == RankState::kDead;
   s.info = RankInfo{.rank = rank,
@@ -200,13 +195,16 @@ absl::Status Membership::Register(const v1::RegisterRequest& request, v1::Regist
   s.transport_address = request.transport_address();
   s.last_seen = clock_->Now();
   s.heartbeated = false;
+  // The group runs without this rank (it left): the worker joins it once loaded.
+  s.joining = options_.elastic && group_epoch_ > 0 && GroupRankLocked(rank) < 0;
   if (rank == 0) {
     rank0_rendezvous_ = false;
     nccl_unique_id_.clear();
   }
   JOULE_LOG(Info) << "rank " << rank << (replacing ? " replaced by" : " registered to") << " worker "
                   << request.worker_id() << " at " << request.worker_endpoint() << " ("
-                  << request.device() << ")";
+                  << request.device() << ")"
+                  << (s.joining ? "; it joins the running group once loaded" : "");
   FillRegisterReplyLocked(rank, reply);
   return absl::OkStatus();
 }
@@ -365,17 +363,22 @@ void Membership::MemberDiedLocked(int rank, const std::string& reason) {
   for (int r : group_) {
     if (Live(slots_[r])) members.push_back(r);
   }
+  // A second death during a recovery extends it: it ends when a group serves.
+  if (!members.empty() && !recovering_since_.has_value()) recovering_since_ = clock_->Now();
+  OpenGroupLocked(std::move(members), absl::StrCat("rank ", rank, " died: ", reason));
+}
+
+void Membership::OpenGroupLocked(std::vector<int> members, std::string reason) {
+  std::sort(members.begin(), members.end());
   ++group_epoch_;
   group_ = members;
   group_addresses_.assign(members.size(), "");
-  group_reason_ = absl::StrCat("rank ", rank, " died: ", reason);
+  group_reason_ = std::move(reason);
   if (members.empty()) {
     JOULE_LOG(Error) << "expert-parallel group epoch " << group_epoch_ << ": no rank left ("
                      << group_reason_ << ")";
     return;
   }
-  // A second death during a recovery extends it: it ends when a group serves.
-  if (!recovering_since_.has_value()) recovering_since_ = clock_->Now();
   auto placement = InitialPlacement(static_cast<int>(members.size()), model_);
   if (placement.ok()) {
     base_ = *placement;
@@ -466,7 +469,16 @@ absl::Status Membership::HeartbeatLocked(const v1::HeartbeatRequest& request,
     return absl::NotFoundError(absl::StrCat("rank ", request.rank(), " is not held by worker ",
                                             request.worker_id(), "; register again"));
   }
-  if (options_.elastic && group_epoch_ > 0 && GroupRankLocked(request.rank()) < 0) {
+  if (options_.elastic && group_epoch_ > 0 && GroupRankLocked(request.rank()) < 0 && s.joining) {
+    s.last_seen = clock_->Now();
+    s.heartbeated = true;
+    if (!request.join()) return absl::OkStatus();  // still loading
+    std::vector<int> members = group_;
+    members.push_back(request.rank());
+    s.joining = false;
+    OpenGroupLocked(std::move(members), absl::StrCat("rank ", request.rank(), " joined"));
+    // Falls through: the reply carries the new group.
+  } else if (options_.elastic && group_epoch_ > 0 && GroupRankLocked(request.rank()) < 0) {
     // It left the group (marked dead while silent, e.g. stopped): the others
     // moved on without it, and it stays out.
     reply->set_shutdown(true);

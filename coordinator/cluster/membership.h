@@ -164,6 +164,7 @@ class Membership {
     std::string transport_address;
     absl::Time last_seen;       // last heartbeat (or registration / rendezvous call)
     bool heartbeated = false;  // since registering
+    bool joining = false;      // registered into a running group it is not in yet
   };
 
   Membership(MembershipOptions options, ModelSummary model, const Clock* clock, Placement initial);
@@ -177,6 +178,8 @@ class Membership {
                                      v1::RendezvousReply* reply) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // `rank` died: with elastic groups, a new group of the live members opens.
   void MemberDiedLocked(int rank, const std::string& reason) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The next group epoch: `members` (by rank), contiguous placement over them.
+  void OpenGroupLocked(std::vector<int> members, std::string reason) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   int GroupRankLocked(int rank) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool ServingLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 

@@ -9,7 +9,8 @@ shared memory with F32 expert payloads, then runs the same STREAMS seeded,
 streamed completions twice: once without a fault (the reference), once with a
 random worker killed (kill -9), frozen (SIGSTOP) or cut off (its network link taken
 down: --fault link, with the workers in network namespaces made by netns_e2e.sh and this
-script running in the coordinator's) in mid-generation. Every
+script running in the coordinator's) in mid-generation. After a kill the worker is
+restarted while streams run: it joins the running group and gets traffic. Every
 request of the second run must finish with no error, its text equal to the
 reference's (no duplicated or missing text), and its usage must count the
 resumed tokens. Prints the recovery time (the fault to the first token after it,
@@ -46,6 +47,7 @@ class Cluster:
         self.tmp = tempfile.mkdtemp(prefix="joule-chaos.")
         self.coordinator = None
         self.workers = []
+        self.spawned = 0  # worker processes started, for their log names
         self.failed = False
         self.env = dict(os.environ, UCX_TLS="shm,self", UCX_WARN_UNUSED_ENV_VARS="n")
         if netns:
@@ -75,21 +77,30 @@ class Cluster:
             self.coordinator_flags)
         self.addr = "127.0.0.1:" + self._wait_file(port_file, "coordinator")
         self.http_port = int(self._wait_file(http_file, "coordinator HTTP"))
-        reach = self.addr if not self.netns else "%s.1:%s" % (self.subnet, self.addr.split(":")[1])
         for r in range(self.n):
-            prefix, extra = [], []
-            if self.netns:
-                prefix = ["ip", "netns", "exec", "%sw%d" % (self.netns, r)]
-                extra = ["--advertise-host", "%s.%d" % (self.subnet, r + 2)]
-            self.workers.append(self._spawn("w%d" % r, prefix + [
-                os.path.join(self.build, "worker/service/joule-worker"), "--coordinator", reach,
-                "--model", self.model, "--threads", "1", "--kv-cache-mb", "32", "--payload", "f32"] +
-                extra))
+            self.workers.append(self.spawn_worker(r))
+        self.wait_ready(self.n)
+
+    def spawn_worker(self, r, extra=()):
+        """Worker process number r (in namespace TAGwR with --netns)."""
+        reach = self.addr if not self.netns else "%s.1:%s" % (self.subnet, self.addr.split(":")[1])
+        prefix, flags = [], list(extra)
+        if self.netns:
+            prefix = ["ip", "netns", "exec", "%sw%d" % (self.netns, r)]
+            flags += ["--advertise-host", "%s.%d" % (self.subnet, r + 2)]
+        self.spawned += 1
+        return self._spawn("w%d.%d" % (r, self.spawned), prefix + [
+            os.path.join(self.build, "worker/service/joule-worker"), "--coordinator", reach,
+            "--model", self.model, "--threads", "1", "--kv-cache-mb", "32", "--payload", "f32"] + flags)
+
+    def wait_ready(self, n, also=None):
+        """Until n ranks are ready (and `also` matches the status, when given)."""
         for _ in range(240):
-            if self.status().count(": ready") == self.n:
+            status = self.status()
+            if status.count(": ready") == n and (also is None or re.search(also, status)):
                 return
             time.sleep(0.25)
-        self.fail("the cluster did not become ready with %d ranks" % self.n)
+        self.fail("the cluster did not become ready with %d ranks:\n%s" % (n, self.status()))
 
     def cut(self, r):
         """Takes worker r's network link down (its namespace's only interface)."""
@@ -220,6 +231,32 @@ def recovery_times(time_lists, fault_at):
     return out
 
 
+def rejoin(cluster, name, victim, reference, args):
+    """The killed worker restarted: it joins the running group (epoch 3), which
+    serves with every rank again and sends it traffic."""
+    metrics_file = os.path.join(cluster.tmp, "rejoined.metrics_port")
+    # Streams run while it joins: the group pauses to take it in, nothing is lost.
+    during = {}
+    load = threading.Thread(target=lambda: during.update(
+        streams=run_streams(cluster.http_port, name, args.streams, args.max_tokens)[0]))
+    load.start()
+    joined_at = time.monotonic()
+    cluster.workers[victim] = cluster.spawn_worker(
+        victim, ["--metrics-port", "0", "--metrics-port-file", metrics_file])
+    cluster.wait_ready(args.workers, also=r"group_epoch: 3 \(serving\) after rank \d+ joined")
+    print("the restarted worker joined in %.2f s (start-up and weights included)" %
+          (time.monotonic() - joined_at), flush=True)
+    load.join(180)
+    check_complete(during.get("streams", []), reference, "during the join")
+    again, _ = run_streams(cluster.http_port, name, args.streams, args.max_tokens)
+    check_complete(again, reference, "rejoined")
+    conn = http.client.HTTPConnection("127.0.0.1", int(open(metrics_file).read()), timeout=10)
+    conn.request("GET", "/metrics")
+    page = conn.getresponse().read().decode()
+    check((metric(page, "joule_generation_tokens_total") or 0) > 0, "the rejoined worker got no traffic")
+    check(metric(page, "joule_group_epoch") == 3, "the rejoined worker is not in group epoch 3")
+
+
 def metric(text, name):
     m = re.search(r"^%s(?:\{[^}]*\})? ([0-9.e+-]+)$" % re.escape(name), text, re.M)
     return float(m.group(1)) if m else None
@@ -296,6 +333,9 @@ def main():
         # The smaller group serves new requests.
         after, _ = run_streams(cluster.http_port, name, 8, 16)
         check_complete(after, None, "after")
+
+        if args.fault == "kill":
+            rejoin(cluster, name, victim, reference, args)
     finally:
         if FAILURES and not cluster.failed:
             cluster.fail("%d check(s) failed" % len(FAILURES))

@@ -44,8 +44,10 @@ done
 in_ns() { echo "ip netns exec $1"; }
 
 if [ "$MODE" = linkdown ]; then
+  # Longer streams: taking a link down runs a process (ip), which a loaded
+  # machine may start late; the streams must still be running by then.
   ip netns exec "${hosts[0]}" /usr/bin/python3 "$(dirname "$0")/chaos_e2e.py" "$BUILD" "$MODEL" \
-    --workers "$WORKERS" --fault link --netns "$tag" --subnet "$subnet"
+    --workers "$WORKERS" --fault link --netns "$tag" --subnet "$subnet" --max-tokens 320
   exit $?
 fi
 

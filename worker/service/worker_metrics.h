@@ -35,6 +35,10 @@ namespace joule::worker {
   X(joule_generation_tokens_total, Counter, "Tokens sampled.", s.generation_tokens_total)       \
   X(joule_worker_ready, Gauge, "1 while the rank serves requests.", s.ready ? 1 : 0)            \
   X(joule_lockstep_rounds_total, Counter, "Expert-parallel lockstep rounds run.", s.steps)      \
+  X(joule_group_epoch, Gauge, "The expert-parallel group epoch this rank serves in.",           \
+    s.group_epoch)                                                                              \
+  X(joule_regroups_total, Counter, "Groups re-formed around this rank (a peer died or joined).", \
+    s.regroups)                                                                                 \
   X(joule_resident_memory_bytes, Gauge, "Resident set size of the worker process.",             \
     s.resident_bytes)                                                                           \
   X(joule_step_token_cap, Gauge,                                                                \

@@ -228,6 +228,13 @@ absl::Status WorkerProcess::Register() {
     return absl::InvalidArgumentError(absl::StrCat("coordinator assigned rank ", rank_,
                                                    " of world size ", world_size_));
   }
+  joining_ = reply->joining();
+  if (joining_) {
+    // Its experts come with the group it joins (JoinRunningGroup).
+    JOULE_LOG(Info) << "registered as rank " << rank_ << " (worker " << worker_id_
+                    << "): joins the running expert-parallel group once loaded";
+    return absl::OkStatus();
+  }
   absl::StatusOr<Placement> placement = PlacementFromProto(reply->placement(), model_config_);
   if (!placement.ok()) return Annotate(placement.status(), "placement from the coordinator");
   if (placement->num_ranks != world_size_) {
@@ -262,8 +269,9 @@ absl::Status WorkerProcess::LoadModel() {
                   << config_.workers_per_host << ")";
   const Placement placement = placement_;
   const int rank = rank_;
-  options.weights.owns_expert = [placement, rank](int layer, int expert) {
-    return placement.Holds(rank, layer, expert);
+  const bool joining = joining_;
+  options.weights.owns_expert = [placement, rank, joining](int layer, int expert) {
+    return !joining && placement.Holds(rank, layer, expert);
   };
   ASSIGN_OR_RETURN(model_, Model::Load(config_.model, options));
   JOULE_LOG(Info) << "rank " << rank_ << ": loaded "
@@ -274,7 +282,49 @@ absl::Status WorkerProcess::LoadModel() {
 }
 
 absl::Status WorkerProcess::ConnectPeers() {
+  if (joining_) return JoinRunningGroup();
   ASSIGN_OR_RETURN(transport_, JoinGroup(rank_, world_size_, /*group_epoch=*/0));
+  return absl::OkStatus();
+}
+
+absl::Status WorkerProcess::JoinRunningGroup() {
+  // Ask to join until the coordinator answers with the group that takes us in.
+  v1::HeartbeatRequest request;
+  request.set_worker_id(worker_id_);
+  request.set_rank(rank_);
+  request.set_join(true);
+  std::optional<v1::GroupUpdate> update;
+  const absl::Time deadline = absl::Now() + absl::Milliseconds(config_.rendezvous_timeout_ms);
+  while (!update.has_value()) {
+    absl::StatusOr<v1::HeartbeatReply> reply = coordinator_->Heartbeat(request);
+    if (reply.ok() && reply->shutdown()) {
+      return absl::FailedPreconditionError(absl::StrCat("joining the group: ",
+                                                        reply->shutdown_reason()));
+    }
+    if (reply.ok() && reply->has_group()) {
+      update = reply->group();
+      break;
+    }
+    if (absl::Now() >= deadline || stop_.HasBeenNotified()) {
+      return absl::DeadlineExceededError(absl::StrCat(
+          "joining the running group: no group update from the coordinator",
+          reply.ok() ? "" : absl::StrCat(" (", reply.status().message(), ")")));
+    }
+    absl::SleepFor(heartbeat_interval_);
+  }
+  JOULE_LOG(Warning) << "rank " << rank_ << ": joining expert-parallel group epoch "
+                     << update->epoch() << " as rank " << update->rank() << " of "
+                     << update->world_size();
+  ASSIGN_OR_RETURN(transport_, JoinGroup(update->rank(), update->world_size(), update->epoch()));
+  // Holds nothing yet: Prepare loads the experts the group's placement gives it.
+  Placement none;
+  loader_ = std::make_unique<PlacementLoader>(config_.model, model_config_, update->rank(),
+                                              update->world_size(), none);
+  ASSIGN_OR_RETURN(PreparedPlacement prepared, loader_->Prepare(update->placement()));
+  placement_ = prepared.placement;
+  placement_epoch_ = prepared.epoch;
+  joined_weights_ = std::move(prepared.weights);
+  group_epoch_ = update->epoch();
   return absl::OkStatus();
 }
 
@@ -350,8 +400,9 @@ absl::Status WorkerProcess::StartServing() {
   // device through the model's local executor.
   std::unique_ptr<ep::ExpertParallelExecutor> executor;
   if (!model_->backend().spec().is_cuda()) {
+    const ModelWeights* weights = joined_weights_ ? joined_weights_.get() : &model_->weights();
     executor = std::make_unique<ep::ExpertParallelExecutor>(
-        &model_->weights(), transport_.get(), placement_, model_->stream(), ep_options);
+        weights, transport_.get(), placement_, model_->stream(), ep_options);
   }
   EngineOptions engine_options;
   engine_options.block_size = config_.block_size;
@@ -374,10 +425,15 @@ absl::Status WorkerProcess::StartServing() {
                                       telemetry::EnergyMeterOptionsFrom(config_),
                                       model_->backend().pci_bus_id())));
   runtime_options.energy_meter = energy_meter_.get();
+  runtime_options.group_epoch = group_epoch_;
   runtime_ = std::make_unique<WorkerRuntime>(model_.get(), transport_.get(), std::move(engine),
                                              std::move(executor), placement_epoch_, runtime_options);
-  loader_ = std::make_unique<PlacementLoader>(config_.model, model_config_, rank_, world_size_,
-                                              placement_);
+  // A joiner's experts: the runtime keeps them as long as its executors use them.
+  if (joined_weights_) runtime_->AdoptExpertWeights(std::move(joined_weights_));
+  if (!loader_) {
+    loader_ = std::make_unique<PlacementLoader>(config_.model, model_config_, rank_, world_size_,
+                                                placement_);
+  }
   runtime_->Start();
   handler_.set_runtime(runtime_.get());
   heartbeat_ = std::make_unique<HeartbeatLoop>(

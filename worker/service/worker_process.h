@@ -63,6 +63,9 @@ class WorkerProcess {
   absl::Status Register();
   absl::Status LoadModel();
   absl::Status ConnectPeers();
+  // A joiner (RegisterReply.joining): asks the coordinator to take it into the
+  // running group, connects to that group and loads the experts it gets.
+  absl::Status JoinRunningGroup();
   // A transport to the group of `group_epoch` (0: the first), as
   // `transport_rank` of `world`, connected to every peer after the rendezvous.
   absl::StatusOr<std::unique_ptr<ep::Transport>> JoinGroup(int transport_rank, int world,
@@ -85,6 +88,7 @@ class WorkerProcess {
   absl::Duration heartbeat_interval_ = absl::Seconds(1);
   absl::Duration step_timeout_;  // the coordinator's, else --step-timeout-ms
   bool elastic_ = false;           // the coordinator re-forms groups (RegisterReply.elastic)
+  bool joining_ = false;           // registered into a running group (RegisterReply.joining)
   ModelConfig model_config_;
   Placement placement_;
 
@@ -95,6 +99,7 @@ class WorkerProcess {
   std::unique_ptr<Model> model_;
   std::unique_ptr<ep::Transport> transport_;
   std::unique_ptr<PlacementLoader> loader_;
+  std::unique_ptr<ModelWeights> joined_weights_;  // a joiner's experts, until the runtime has them
   std::unique_ptr<telemetry::EnergyMeter> energy_meter_;  // outlives runtime_
   std::unique_ptr<WorkerRuntime> runtime_;
   std::unique_ptr<HeartbeatLoop> heartbeat_;

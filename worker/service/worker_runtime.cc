@@ -26,6 +26,7 @@ WorkerRuntime::WorkerRuntime(Model* model, ep::Transport* transport, std::unique
   absl::MutexLock lock(&mu_);
   status_.rank = transport_->rank();
   status_.placement_epoch = applied_epoch_;
+  status_.group_epoch = options_.group_epoch;
   status_.loaded_weight_bytes = static_cast<int64_t>(model_->weights().LoadedBytes());
   status_.kv_total_blocks = engine_->kv_cache().allocator().num_blocks();
   status_.kv_free_blocks = engine_->kv_cache().allocator().num_free();
@@ -131,7 +132,9 @@ void WorkerRuntime::Loop() {
                   << applied_epoch_ << ")";
   while (true) {
     if (rounds_ % static_cast<uint64_t>(std::max(1, options_.control_interval)) == 0) {
-      if (!ControlRound()) break;
+      const Round round = ControlRound();
+      if (round == Round::kEnd) break;
+      if (round == Round::kRegrouped) continue;  // the new group starts with a control round
     }
     Drain();
     if (attributor_) {
@@ -193,7 +196,7 @@ void WorkerRuntime::Loop() {
   absl::MutexLock wake(&mu_);  // InstallGroup waits on mu_ for the loop's end too
 }
 
-bool WorkerRuntime::ControlRound() {
+WorkerRuntime::Round WorkerRuntime::ControlRound() {
   {
     absl::MutexLock lock(&mu_);
     if (offered_ && offered_->epoch <= applied_epoch_) offered_.reset();
@@ -211,6 +214,7 @@ bool WorkerRuntime::ControlRound() {
                .step_token_cap = engine_->LocalStepTokenCap()};
   std::vector<Control> all(world);
   if (absl::Status s = transport_->AllGather(&mine, sizeof(Control), all.data()); !s.ok()) {
+    if (WaitForGroup(s)) return Round::kRegrouped;
     const absl::Status failure =
         absl::UnavailableError(absl::StrCat("expert-parallel step failed: ", s.message()));
     JOULE_LOG(Error) << "rank " << transport_->rank() << ": " << failure.message() << "; failing "
@@ -218,7 +222,7 @@ bool WorkerRuntime::ControlRound() {
     FailAll(failure);
     absl::MutexLock lock(&mu_);
     exit_status_ = failure;
-    return false;
+    return Round::kEnd;
   }
   for (int r = 0; r < world; ++r) {
     if (all[r].stopping == 0) continue;
@@ -236,7 +240,7 @@ bool WorkerRuntime::ControlRound() {
     FailAll(absl::UnavailableError(absl::StrCat("worker shutting down: ", reason)));
     absl::MutexLock lock(&mu_);
     exit_status_ = exit;
-    return false;
+    return Round::kEnd;
   }
   // One step's time is every rank's (lockstep): the tightest cap anywhere
   // bounds every rank's steps, not only the rank holding the fast request.
@@ -252,8 +256,8 @@ bool WorkerRuntime::ControlRound() {
   const uint64_t epoch = all[0].ready_epoch;
   const bool agreed = std::all_of(all.begin(), all.end(),
                                   [&](const Control& c) { return c.ready_epoch == epoch; });
-  if (agreed && epoch > applied_epoch_) return ApplyPlacement(epoch);
-  return true;
+  if (agreed && epoch > applied_epoch_ && !ApplyPlacement(epoch)) return Round::kEnd;
+  return Round::kGo;
 }
 
 bool WorkerRuntime::ApplyPlacement(uint64_t epoch) {
@@ -307,6 +311,12 @@ void WorkerRuntime::ReplaceExecutor(std::unique_ptr<ep::ExpertParallelExecutor> 
   retired_ep_stats_.dispatch_seconds += old.dispatch_seconds;
   retired_ep_stats_.combine_seconds += old.combine_seconds;
   executor_ = std::move(executor);
+}
+
+void WorkerRuntime::AdoptExpertWeights(std::unique_ptr<ModelWeights> weights) {
+  expert_weights_ = std::move(weights);
+  absl::MutexLock lock(&mu_);
+  status_.loaded_weight_bytes = static_cast<int64_t>(expert_weights_->LoadedBytes());
 }
 
 bool WorkerRuntime::AwaitingGroup() const {

@@ -56,6 +56,8 @@ struct RuntimeOptions {
   // After a failed step (a peer died), wait this long for a new group
   // (InstallGroup) before failing every request; zero: fail at once.
   absl::Duration regroup_timeout = absl::ZeroDuration();
+  // The expert-parallel group epoch the runtime starts in (a joiner's is > 1).
+  uint64_t group_epoch = 1;
 };
 
 // A placement ready to run on this rank. `weights` holds the experts the
@@ -113,6 +115,10 @@ class WorkerRuntime : public WorkerHandler {
   // until installed; FailedPrecondition when the loop has ended, DeadlineExceeded
   // when it did not get to it within `timeout`.
   absl::Status InstallGroup(NewGroup group, absl::Duration timeout);
+  // Before Start: keeps `weights`, which the executor given to the
+  // constructor uses (a worker that joined a running group loaded its experts
+  // apart from the model's weights).
+  void AdoptExpertWeights(std::unique_ptr<ModelWeights> weights);
   // Whether the loop waits for a new group (its last step failed).
   bool AwaitingGroup() const;
 
@@ -146,8 +152,10 @@ class WorkerRuntime : public WorkerHandler {
   };
 
   void Loop();
-  // Returns false when the loop must end (error or agreed stop).
-  bool ControlRound();
+  enum class Round { kGo, kRegrouped, kEnd };
+  // kEnd when the loop must end (error or agreed stop); kRegrouped when it
+  // failed and the rank now serves in a new group (whose rounds start over).
+  Round ControlRound();
   // After a failed step: waits for InstallGroup (up to regroup_timeout) and
   // switches to the new group; false when none came (the loop then fails
   // every request).

@@ -677,18 +677,59 @@ TEST_F(MembershipTest, ARendezvousOvertakenByAnotherDeathIsAborted) {
   EXPECT_EQ(membership_->stats().recovery_seconds, (std::vector<double>{0.5}));
 }
 
-// A dead member stays out: its worker coming back is told to stop, and a new
-// worker for its rank is refused with the reason (joining is not supported).
-TEST_F(MembershipTest, ALeftRankStaysOutOfTheRunningGroup) {
+// A dead member stays out: its worker coming back is told to stop. A new
+// worker for its rank joins the running group: it registers (joining), loads,
+// asks to join, and the next group epoch takes it in with a placement over
+// every member; the others hear of it with their next heartbeat.
+TEST_F(MembershipTest, ALeftRankStaysOutAndANewWorkerJoinsTheRunningGroup) {
   Make(2);
   FormGroup(*membership_, 2, clock_);
   ASSERT_TRUE(membership_->MarkDead(1, "stopped"));
   const v1::HeartbeatReply back = BeatIn(*membership_, 1, 1);
   EXPECT_TRUE(back.shutdown());
   EXPECT_THAT(back.shutdown_reason(), HasSubstr("no longer in the expert-parallel group"));
-  absl::Status s = Register(Worker("w-new", 1)).status();
-  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_THAT(std::string(s.message()), HasSubstr("left the expert-parallel group"));
+  BeatIn(*membership_, 0, 2);
+  ASSERT_TRUE(membership_->group().serving);  // rank 0 alone, epoch 2
+
+  v1::RegisterReply reply;
+  ASSERT_TRUE(membership_->Register(Worker("w-new", 1), &reply).ok());
+  EXPECT_TRUE(reply.joining());
+  EXPECT_EQ(reply.rank(), 1);
+  v1::HeartbeatRequest hb;
+  hb.set_worker_id("w-new");
+  hb.set_rank(1);
+  v1::HeartbeatReply loading;
+  ASSERT_TRUE(membership_->Heartbeat(hb, &loading).ok());
+  EXPECT_FALSE(loading.shutdown());
+  EXPECT_FALSE(loading.has_group()) << "still loading: the group is not disturbed";
+  EXPECT_EQ(membership_->group().epoch, 2u);
+
+  hb.set_join(true);
+  v1::HeartbeatReply joined;
+  ASSERT_TRUE(membership_->Heartbeat(hb, &joined).ok());
+  ASSERT_TRUE(joined.has_group());
+  EXPECT_EQ(joined.group().epoch(), 3u);
+  EXPECT_EQ(joined.group().world_size(), 2);
+  EXPECT_EQ(joined.group().rank(), 1);
+  EXPECT_EQ(joined.group().placement().num_ranks(), 2);
+  EXPECT_THAT(joined.group().reason(), HasSubstr("rank 1 joined"));
+  const GroupInfo g = membership_->group();
+  EXPECT_EQ(g.members, (std::vector<int>{0, 1}));
+  EXPECT_FALSE(g.serving);
+  const v1::HeartbeatReply r0 = BeatIn(*membership_, 0, 2);
+  ASSERT_TRUE(r0.has_group());
+  EXPECT_EQ(r0.group().epoch(), 3u);
+  EXPECT_EQ(r0.group().rank(), 0);
+
+  BeatIn(*membership_, 0, 3);
+  v1::HeartbeatRequest ready = hb;
+  ready.set_join(false);
+  ready.set_ready(true);
+  ready.set_group_epoch(3);
+  v1::HeartbeatReply serving;
+  ASSERT_TRUE(membership_->Heartbeat(ready, &serving).ok());
+  EXPECT_TRUE(membership_->group().serving);
+  EXPECT_EQ(membership_->stats().recovery_seconds.size(), 1u) << "a join is not a recovery";
 }
 
 TEST_F(MembershipTest, WithoutElasticGroupsADeathLeavesTheGroupAsItWas) {

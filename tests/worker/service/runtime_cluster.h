@@ -128,7 +128,7 @@ class RuntimeCluster {
   RuntimeCluster(const std::string& model_dir, int world, absl::Duration step_timeout,
                  EngineOptions engine_options = SmallEngine(),
                  std::vector<telemetry::EnergyMeter*> energy_meters = {},
-                 absl::Duration regroup_timeout = absl::ZeroDuration())
+                 RuntimeOptions options = RuntimeOptions())
       : model_dir_(model_dir), group_(world, ep::TransportOptions{.timeout = step_timeout}) {
     auto config = LoadModelConfig(model_dir);
     EXPECT_TRUE(config.ok()) << config.status();
@@ -139,9 +139,7 @@ class RuntimeCluster {
       if (!config->IsMoeLayer(l)) placement->replicas[l].clear();
     }
     placement_ = *placement;
-    RuntimeOptions options;
     options.expert_parallel.payload = ep::PayloadType::kF32;  // exact match with the reference
-    options.regroup_timeout = regroup_timeout;
     for (int r = 0; r < world; ++r) {
       Rank rank;
       options.energy_meter = energy_meters.empty() ? nullptr : energy_meters[r];

@@ -392,23 +392,75 @@ TEST(WorkerRuntime, PlacementChangeAppliedBetweenStepsWithoutDroppingRequests) {
   EXPECT_EQ(after.tokens(), ReferenceTokens(dir, prompts[0], Greedy(8)));
 }
 
+// Ranks 0 and 1 of a 3-rank cluster, after rank 2 died, in a new two-rank
+// group: what the worker process does on the coordinator's group update.
+class Regrouped {
+ public:
+  explicit Regrouped(RuntimeCluster* cluster) : cluster_(cluster) {
+    auto config = LoadModelConfig(cluster->model_dir());
+    EXPECT_TRUE(config.ok());
+    config_ = *config;
+    for (int r = 0; r < 2; ++r) {
+      loaders_.push_back(std::make_unique<PlacementLoader>(cluster->model_dir(), config_, r, 3,
+                                                           cluster->placement()));
+    }
+  }
+
+  // Kills rank 2 and interrupts the survivors' transports; true once both wait for a group.
+  bool KillRankTwo(absl::Duration within) {
+    const absl::Time killed = absl::Now();
+    cluster_->group().Kill(2);
+    for (int r = 0; r < 2; ++r) cluster_->rank(r).transport->Interrupt("group epoch 2: rank 2 died");
+    for (int r = 0; r < 2; ++r) {
+      while (!cluster_->runtime(r).AwaitingGroup() && absl::Now() - killed < within) {
+        absl::SleepFor(absl::Milliseconds(1));
+      }
+      if (!cluster_->runtime(r).AwaitingGroup()) return false;
+    }
+    return true;
+  }
+
+  // Installs the two-rank group (epoch 2) on ranks 0 and 1, each loading rank 2's experts it gets.
+  void Install() {
+    next_ = std::make_unique<ep::InProcessGroup>(2, ep::TransportOptions{.timeout = absl::Seconds(10)});
+    auto two = ContiguousPlacement(2, config_.num_layers, config_.num_experts);
+    ASSERT_TRUE(two.ok());
+    for (int l = 0; l < config_.num_layers; ++l) {
+      if (!config_.IsMoeLayer(l)) two->replicas[l].clear();
+    }
+    for (int r = 0; r < 2; ++r) {
+      transports_.push_back(next_->Rank(r));
+      loaders_[r]->Regroup(r, 2);
+      auto prepared = loaders_[r]->Prepare(PlacementToProto(*two, 2));
+      ASSERT_TRUE(prepared.ok()) << prepared.status();
+      EXPECT_NE(prepared->weights, nullptr) << "rank " << r << " must load some of rank 2's experts";
+      ASSERT_TRUE(cluster_->runtime(r)
+                      .InstallGroup({.epoch = 2,
+                                     .transport = transports_[r].get(),
+                                     .placement = *std::move(prepared)},
+                                    absl::Seconds(10))
+                      .ok());
+    }
+  }
+
+ private:
+  RuntimeCluster* const cluster_;
+  ModelConfig config_;
+  std::vector<std::unique_ptr<PlacementLoader>> loaders_;
+  std::unique_ptr<ep::InProcessGroup> next_;
+  std::vector<std::unique_ptr<ep::Transport>> transports_;
+};
+
 // Rank 2 of 3 dies: the survivors keep their sequences while the group
 // re-forms, join the new two-rank group (loading the experts rank 2 held) and
 // finish every request with the single-process engine's tokens.
 TEST(WorkerRuntime, SurvivorsOfADeadPeerKeepTheirRequestsThroughANewGroup) {
   const std::string dir = testing::TinyModelDir("qwen3_moe-tiny");
   const absl::Duration timeout = absl::Seconds(10);
-  // Declared before the cluster: the runtimes use the new group's transports until they stop.
-  std::unique_ptr<ep::InProcessGroup> next;
-  std::vector<std::unique_ptr<ep::Transport>> next_transports;
+  std::unique_ptr<Regrouped> regrouped;  // before the cluster: its transports outlive the runtimes
   RuntimeCluster cluster(dir, 3, timeout, testing_util::SmallEngine(), {},
-                         /*regroup_timeout=*/absl::Seconds(20));
-  auto config = LoadModelConfig(dir);
-  ASSERT_TRUE(config.ok());
-  std::vector<std::unique_ptr<PlacementLoader>> loaders;
-  for (int r = 0; r < 2; ++r) {
-    loaders.push_back(std::make_unique<PlacementLoader>(dir, *config, r, 3, cluster.placement()));
-  }
+                         {.regroup_timeout = absl::Seconds(20)});
+  regrouped = std::make_unique<Regrouped>(&cluster);
   cluster.StartAll();
   std::vector<std::unique_ptr<Collector>> cs;
   std::vector<std::vector<int32_t>> prompts;
@@ -421,39 +473,11 @@ TEST(WorkerRuntime, SurvivorsOfADeadPeerKeepTheirRequestsThroughANewGroup) {
   }
   ASSERT_TRUE(cs[0]->WaitTokens(3));
   ASSERT_TRUE(cs[1]->WaitTokens(3));
-  const absl::Time killed = absl::Now();
-  cluster.group().Kill(2);
-  // As the worker process does on the coordinator's group update.
-  for (int r = 0; r < 2; ++r) cluster.rank(r).transport->Interrupt("group epoch 2: rank 2 died");
-  for (int r = 0; r < 2; ++r) {
-    while (!cluster.runtime(r).AwaitingGroup() && absl::Now() - killed < absl::Seconds(5)) {
-      absl::SleepFor(absl::Milliseconds(1));
-    }
-    ASSERT_TRUE(cluster.runtime(r).AwaitingGroup()) << "rank " << r;
-  }
-  EXPECT_LT(absl::Now() - killed, timeout) << "the interrupt, not the step timeout, ended the step";
+  ASSERT_TRUE(regrouped->KillRankTwo(absl::Seconds(5)))
+      << "the interrupt, not the step timeout, ends the step";
   EXPECT_FALSE(cs[0]->done());
   EXPECT_FALSE(cs[1]->done());
-
-  next = std::make_unique<ep::InProcessGroup>(2, ep::TransportOptions{.timeout = timeout});
-  auto two = ContiguousPlacement(2, config->num_layers, config->num_experts);
-  ASSERT_TRUE(two.ok());
-  for (int l = 0; l < config->num_layers; ++l) {
-    if (!config->IsMoeLayer(l)) two->replicas[l].clear();
-  }
-  for (int r = 0; r < 2; ++r) {
-    next_transports.push_back(next->Rank(r));
-    loaders[r]->Regroup(r, 2);
-    auto prepared = loaders[r]->Prepare(PlacementToProto(*two, 2));
-    ASSERT_TRUE(prepared.ok()) << prepared.status();
-    EXPECT_NE(prepared->weights, nullptr) << "rank " << r << " must load some of rank 2's experts";
-    ASSERT_TRUE(cluster.runtime(r)
-                    .InstallGroup({.epoch = 2,
-                                   .transport = next_transports[r].get(),
-                                   .placement = *std::move(prepared)},
-                                  absl::Seconds(10))
-                    .ok());
-  }
+  regrouped->Install();
   for (int i = 0; i < 2; ++i) {
     ASSERT_TRUE(cs[i]->WaitDone());
     ASSERT_TRUE(cs[i]->outcome().status.ok()) << cs[i]->outcome().status;
@@ -463,6 +487,29 @@ TEST(WorkerRuntime, SurvivorsOfADeadPeerKeepTheirRequestsThroughANewGroup) {
   EXPECT_EQ(s.group_epoch, 2u);
   EXPECT_EQ(s.regroups, 1u);
   EXPECT_TRUE(s.ready);
+}
+
+// The same when the failure hits the control all-gather (every round has one
+// here, and idle ranks wait in it): the ranks start the new group's rounds
+// together and serve a new request.
+TEST(WorkerRuntime, AFailedControlRoundAlsoWaitsForTheNewGroup) {
+  const std::string dir = testing::TinyModelDir("qwen3_moe-tiny");
+  std::unique_ptr<Regrouped> regrouped;
+  RuntimeCluster cluster(dir, 3, absl::Seconds(10), testing_util::SmallEngine(), {},
+                         {.control_interval = 1, .regroup_timeout = absl::Seconds(20)});
+  regrouped = std::make_unique<Regrouped>(&cluster);
+  cluster.StartAll();
+  absl::SleepFor(absl::Milliseconds(50));  // idle rounds
+  ASSERT_TRUE(regrouped->KillRankTwo(absl::Seconds(5)));
+  regrouped->Install();
+  Collector c;
+  const std::vector<int32_t> prompt = Prompt(5, 31);
+  ASSERT_TRUE(cluster.runtime(1).Submit("after", {.prompt = prompt, .sampling = Greedy(12)},
+                                        c.callbacks()).ok());
+  ASSERT_TRUE(c.WaitDone());
+  ASSERT_TRUE(c.outcome().status.ok()) << c.outcome().status;
+  EXPECT_EQ(c.tokens(), ReferenceTokens(dir, prompt, Greedy(12)));
+  EXPECT_FALSE(cluster.runtime(0).WaitForExit(absl::ZeroDuration())) << "rank 0 must still serve";
 }
 
 }  // namespace
