@@ -6,6 +6,7 @@
 //                       [--tier fast|priority|default|flex] [--timeout-s 600]
 //   joule-cli status    --coordinator HOST:PORT
 //   joule-cli rebalance --coordinator HOST:PORT [--redundant-experts N]
+//   joule-cli drain     --coordinator HOST:PORT RANK
 //
 // generate prints each streamed token id on its own line as it arrives, then
 // "finish_reason: stop|length|cancelled". Exit status: 0 on success, 1 when
@@ -37,7 +38,8 @@ constexpr char kUsage[] =
     "                      [--temperature 0] [--top-p 1] [--top-k 0] [--seed S]\n"
     "                      [--tier fast|priority|default|flex] [--timeout-s 600]\n"
     "  joule-cli status    --coordinator HOST:PORT\n"
-    "  joule-cli rebalance --coordinator HOST:PORT [--redundant-experts N]\n";
+    "  joule-cli rebalance --coordinator HOST:PORT [--redundant-experts N]\n"
+    "  joule-cli drain     --coordinator HOST:PORT RANK\n";
 
 int Usage(const std::string& why) {
   std::fprintf(stderr, "joule-cli: %s\n%s", why.c_str(), kUsage);
@@ -171,6 +173,23 @@ int Rebalance(Frontend::Stub* stub, const Flags& f) {
   return 0;
 }
 
+int Drain(Frontend::Stub* stub, const std::vector<std::string>& args) {
+  int rank = 0;
+  if (args.size() != 1 || !absl::SimpleAtoi(args[0], &rank)) {
+    return Usage("drain needs one RANK (an integer)");
+  }
+  joule::v1::DrainRequest request;
+  request.set_rank(rank);
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  joule::v1::DrainReply reply;
+  grpc::Status status = stub->Drain(&context, request, &reply);
+  if (!status.ok()) return RpcError(status);
+  std::printf("rank %d drained; group_epoch: %llu serves without it\n", rank,
+              static_cast<unsigned long long>(reply.group_epoch()));
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -181,9 +200,13 @@ int main(int argc, char** argv) {
     return 0;
   }
   Flags f;
+  std::vector<std::string> positional;
   for (int i = 2; i < argc; ++i) {
     std::string a = argv[i];
-    if (a.rfind("--", 0) != 0) return Usage(absl::StrCat("unexpected argument '", a, "'"));
+    if (a.rfind("--", 0) != 0) {
+      positional.push_back(a);
+      continue;
+    }
     a = a.substr(2);
     if (auto eq = a.find('='); eq != std::string::npos) {
       f.values[a.substr(0, eq)] = a.substr(eq + 1);
@@ -194,11 +217,15 @@ int main(int argc, char** argv) {
     }
   }
   if (!f.Has("coordinator")) return Usage("--coordinator HOST:PORT is required");
+  if (command != "drain" && !positional.empty()) {
+    return Usage(absl::StrCat("unexpected argument '", positional[0], "'"));
+  }
   auto channel = grpc::CreateCustomChannel(f.Get("coordinator"), grpc::InsecureChannelCredentials(),
                                            joule::cluster::ClientChannelArgs());
   auto stub = Frontend::NewStub(channel);
   if (command == "generate") return Generate(stub.get(), f);
   if (command == "status") return Status(stub.get());
   if (command == "rebalance") return Rebalance(stub.get(), f);
+  if (command == "drain") return Drain(stub.get(), positional);
   return Usage(absl::StrCat("unknown command '", command, "'"));
 }

@@ -93,4 +93,16 @@ grpc::Status FrontendServiceImpl::Rebalance(grpc::ServerContext* context,
   return grpc::Status::OK;
 }
 
+grpc::Status FrontendServiceImpl::Drain(grpc::ServerContext* context,
+                                        const v1::DrainRequest* request, v1::DrainReply* reply) {
+  absl::StatusOr<uint64_t> epoch = membership_->Drain(request->rank());
+  if (!epoch.ok()) return ToGrpcStatus(epoch.status());
+  // Its requests resume on the others (the router's resumes); none fails.
+  router_->FailRank(request->rank(), "drained (joule-cli drain)");
+  JOULE_LOG(Warning) << "rank " << request->rank() << " drained; group epoch " << *epoch
+                     << " serves without it";
+  reply->set_group_epoch(*epoch);
+  return grpc::Status::OK;
+}
+
 }  // namespace joule::cluster

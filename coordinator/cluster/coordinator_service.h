@@ -36,6 +36,8 @@ class FrontendServiceImpl final : public v1::Frontend::Service {
                              v1::ClusterStatusReply* reply) override;
   grpc::Status Rebalance(grpc::ServerContext* context, const v1::RebalanceRequest* request,
                          v1::RebalanceReply* reply) override;
+  grpc::Status Drain(grpc::ServerContext* context, const v1::DrainRequest* request,
+                     v1::DrainReply* reply) override;
 
  private:
   Membership* const membership_;

@@ -197,6 +197,7 @@ absl::Status Membership::Register(const v1::RegisterRequest& request, v1::Regist
   s.heartbeated = false;
   // The group runs without this rank (it left): the worker joins it once loaded.
   s.joining = options_.elastic && group_epoch_ > 0 && GroupRankLocked(rank) < 0;
+  s.drained = false;
   if (rank == 0) {
     rank0_rendezvous_ = false;
     nccl_unique_id_.clear();
@@ -391,6 +392,36 @@ void Membership::OpenGroupLocked(std::vector<int> members, std::string reason) {
                      << absl::StrJoin(members, ",") << "), placement epoch " << epoch_;
 }
 
+absl::StatusOr<uint64_t> Membership::Drain(int rank) {
+  absl::MutexLock lock(&mu_);
+  if (rank < 0 || rank >= options_.world_size) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rank: ", rank, " is out of range [0, ", options_.world_size, ")"));
+  }
+  if (!options_.elastic) {
+    return absl::FailedPreconditionError(
+        "draining needs elastic groups (the coordinator runs with --elastic=false)");
+  }
+  if (group_epoch_ == 0 || GroupRankLocked(rank) < 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "rank ", rank, " is not a member of the expert-parallel group (epoch ", group_epoch_, ")"));
+  }
+  if (group_.size() == 1) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("rank ", rank, " is the group's last member: nobody would serve"));
+  }
+  Slot& s = slots_[rank];
+  s.info.state = RankState::kDead;
+  s.info.dead_reason = "drained (joule-cli drain)";
+  s.drained = true;
+  std::vector<int> members;
+  for (int r : group_) {
+    if (r != rank) members.push_back(r);
+  }
+  OpenGroupLocked(std::move(members), absl::StrCat("rank ", rank, " drained"));
+  return group_epoch_;
+}
+
 MembershipStats Membership::stats() const {
   absl::MutexLock lock(&mu_);
   return {.group_epoch = group_epoch_,
@@ -469,7 +500,8 @@ absl::Status Membership::HeartbeatLocked(const v1::HeartbeatRequest& request,
     return absl::NotFoundError(absl::StrCat("rank ", request.rank(), " is not held by worker ",
                                             request.worker_id(), "; register again"));
   }
-  if (options_.elastic && group_epoch_ > 0 && GroupRankLocked(request.rank()) < 0 && s.joining) {
+  const bool outside = options_.elastic && group_epoch_ > 0 && GroupRankLocked(request.rank()) < 0;
+  if (outside && s.joining) {
     s.last_seen = clock_->Now();
     s.heartbeated = true;
     if (!request.join()) return absl::OkStatus();  // still loading
@@ -478,13 +510,15 @@ absl::Status Membership::HeartbeatLocked(const v1::HeartbeatRequest& request,
     s.joining = false;
     OpenGroupLocked(std::move(members), absl::StrCat("rank ", request.rank(), " joined"));
     // Falls through: the reply carries the new group.
-  } else if (options_.elastic && group_epoch_ > 0 && GroupRankLocked(request.rank()) < 0) {
-    // It left the group (marked dead while silent, e.g. stopped): the others
-    // moved on without it, and it stays out.
+  } else if (outside) {
+    // Drained (a clean stop), or it left the group (marked dead while silent,
+    // e.g. stopped): the others moved on without it, and it stays out.
     reply->set_shutdown(true);
-    reply->set_shutdown_reason(absl::StrCat("rank ", request.rank(), " is no longer in the ",
-                                            "expert-parallel group (epoch ", group_epoch_, ": ",
-                                            group_reason_, ")"));
+    if (!s.drained) {
+      reply->set_shutdown_reason(absl::StrCat("rank ", request.rank(), " is no longer in the ",
+                                              "expert-parallel group (epoch ", group_epoch_, ": ",
+                                              group_reason_, ")"));
+    }
     return absl::OkStatus();
   }
   if (s.info.state == RankState::kDead) {

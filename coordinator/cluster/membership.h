@@ -145,6 +145,13 @@ class Membership {
   // Absent: options.redundant_experts.
   absl::StatusOr<uint64_t> Rebalance(std::optional<int> redundant_experts);
 
+  // Takes `rank` out of the group gracefully (elastic groups only): the next
+  // epoch opens without it and its worker's heartbeats are answered with a
+  // clean shutdown. Returns that epoch. FAILED_PRECONDITION when groups are
+  // not elastic, the rank is not a member, or it is the last one;
+  // INVALID_ARGUMENT when out of range.
+  absl::StatusOr<uint64_t> Drain(int rank);
+
   // Wakes Rendezvous waiters and refuses new registrations.
   void Shutdown();
 
@@ -165,6 +172,7 @@ class Membership {
     absl::Time last_seen;       // last heartbeat (or registration / rendezvous call)
     bool heartbeated = false;  // since registering
     bool joining = false;      // registered into a running group it is not in yet
+    bool drained = false;      // taken out by Drain: its worker exits cleanly
   };
 
   Membership(MembershipOptions options, ModelSummary model, const Clock* clock, Placement initial);

@@ -1,13 +1,13 @@
 #!/usr/bin/python3
 """Chaos end to end: a worker fails while streams run, and no request is lost.
 
-  chaos_e2e.py BUILD_DIR MODEL_DIR --workers 4 --fault kill|stop|link [--streams 32]
+  chaos_e2e.py BUILD_DIR MODEL_DIR --workers 4 --fault kill|stop|link|drain [--streams 32]
                [--netns TAG --subnet A.B.C]
 
 Starts a real coordinator (HTTP API) and WORKERS joule-worker processes over UCX
 shared memory with F32 expert payloads, then runs the same STREAMS seeded,
 streamed completions twice: once without a fault (the reference), once with a
-random worker killed (kill -9), frozen (SIGSTOP) or cut off (its network link taken
+random worker killed (kill -9), drained (joule-cli drain), frozen (SIGSTOP) or cut off (its network link taken
 down: --fault link, with the workers in network namespaces made by netns_e2e.sh and this
 script running in the coordinator's) in mid-generation. After a kill the worker is
 restarted while streams run: it joins the running group and gets traffic. Every
@@ -106,10 +106,18 @@ class Cluster:
         """Takes worker r's network link down (its namespace's only interface)."""
         subprocess.run(["ip", "-n", "%sw%d" % (self.netns, r), "link", "set", "eth0", "down"], check=True)
 
-    def status(self):
-        r = subprocess.run([os.path.join(self.build, "coordinator/cli/joule-cli"), "status",
-                            "--coordinator", self.addr], capture_output=True, text=True, timeout=10)
+    def cli(self, *args, must=True):
+        """joule-cli COMMAND --coordinator ADDR ARGS...; its stdout (with `must`, a failure
+        fails the test)."""
+        r = subprocess.run([os.path.join(self.build, "coordinator/cli/joule-cli"), args[0],
+                            "--coordinator", self.addr] + list(args[1:]),
+                           capture_output=True, text=True, timeout=10)
+        if must:
+            check(r.returncode == 0, "joule-cli %s: %s" % (" ".join(args), r.stderr.strip()))
         return r.stdout
+
+    def status(self):
+        return self.cli("status", must=False)
 
     def metrics(self):
         conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=10)
@@ -231,6 +239,21 @@ def recovery_times(time_lists, fault_at):
     return out
 
 
+def drained_process(cluster):
+    """The worker process that exited (status 0) after its rank was drained."""
+    for _ in range(150):
+        exited = [i for i, w in enumerate(cluster.workers) if w.poll() is not None]
+        if exited:
+            i = exited[0]
+            check(len(exited) == 1, "%d worker processes exited after one drain" % len(exited))
+            check(cluster.workers[i].returncode == 0,
+                  "the drained worker exited with %d" % cluster.workers[i].returncode)
+            return i
+        time.sleep(0.1)
+    check(False, "no worker exited within 15 s of the drain")
+    return -1
+
+
 def rejoin(cluster, name, victim, reference, args):
     """The killed worker restarted: it joins the running group (epoch 3), which
     serves with every rank again and sends it traffic."""
@@ -267,7 +290,7 @@ def main():
     ap.add_argument("build")
     ap.add_argument("model")
     ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--fault", choices=["kill", "stop", "link"], default="kill")
+    ap.add_argument("--fault", choices=["kill", "stop", "link", "drain"], default="kill")
     ap.add_argument("--netns", help="namespace tag (netns_e2e.sh); needed by --fault link")
     ap.add_argument("--subnet", help="the namespaces' /24, e.g. 10.231.40")
     ap.add_argument("--streams", type=int, default=32)
@@ -289,12 +312,16 @@ def main():
             cluster.fail("the fault-free run failed")
 
         proc = cluster.workers[victim]
+        # drain: `victim` is the rank taken out (which process holds it does not matter).
         faults = {"kill": lambda: proc.send_signal(signal.SIGKILL),
                   "stop": lambda: proc.send_signal(signal.SIGSTOP),
-                  "link": lambda: cluster.cut(victim)}
+                  "link": lambda: cluster.cut(victim),
+                  "drain": lambda: cluster.cli("drain", str(victim))}
         total = args.streams * args.max_tokens
-        print("fault: %s of worker process %d (pid %d, seed %d) after %d of %d tokens" %
-              (args.fault, victim, proc.pid, seed, total // 3, total), flush=True)
+        what = ("rank %d" % victim if args.fault == "drain" else
+                "worker process %d (pid %d)" % (victim, proc.pid))
+        print("fault: %s of %s (seed %d) after %d of %d tokens" %
+              (args.fault, what, seed, total // 3, total), flush=True)
         streams, fault_at = run_streams(cluster.http_port, name, args.streams, args.max_tokens,
                                         fault=faults[args.fault], fault_after=total // 3)
         check(fault_at is not None, "the fault never fired")
@@ -311,12 +338,16 @@ def main():
 
         status = cluster.status()
         check(re.search(r"rank \d+: dead", status) is not None, "joule-cli status shows no dead rank:\n" + status)
-        check(re.search(r"group_epoch: 2 \(serving\) after rank \d+ died", status) is not None,
+        check(re.search(r"group_epoch: 2 \(serving\) after rank \d+ (died|drained)", status) is not None,
               "joule-cli status does not show group epoch 2 serving:\n" + status)
         m = cluster.metrics()
         check((metric(m, "joule_requests_resumed_total") or 0) > 0,
               "joule_requests_resumed_total did not count")
-        check((metric(m, "joule_rank_failures_total") or 0) >= 1, "joule_rank_failures_total did not count")
+        if args.fault == "drain":
+            check((metric(m, "joule_rank_failures_total") or 0) == 0, "a drain counted as a failure")
+            victim = drained_process(cluster)
+        else:
+            check((metric(m, "joule_rank_failures_total") or 0) >= 1, "joule_rank_failures_total did not count")
         check((metric(m, "joule_membership_epoch") or 0) >= 2, "joule_membership_epoch did not advance")
         for i, w in enumerate(cluster.workers):
             if i != victim:

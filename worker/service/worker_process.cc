@@ -443,6 +443,10 @@ absl::Status WorkerProcess::StartServing() {
                        .interval = heartbeat_interval_,
                        .max_missed = config_.heartbeat_max_missed},
       [this](absl::Status why) {
+        {
+          absl::MutexLock lock(&mu_);
+          stopped_by_coordinator_ = true;
+        }
         if (why.ok()) {
           Stop("the coordinator asked this worker to shut down");
         } else {
@@ -541,24 +545,26 @@ absl::Status WorkerProcess::Regroup(const v1::GroupUpdate& update) {
 void WorkerProcess::Shutdown() {
   std::string reason;
   bool failed;
+  bool left;
   {
     absl::MutexLock lock(&mu_);
     reason = stop_reason_;
     failed = !stop_status_.ok();
+    left = failed || stopped_by_coordinator_;
   }
   const absl::Duration grace = absl::Milliseconds(config_.shutdown_grace_ms);
   // No regroup may swap the transport from here on (a regroup is bounded by
   // the step timeout).
   if (regroup_thread_.joinable()) regroup_thread_.join();
-  if (failed && transport_) {
-    // The group is broken or went on without this rank: a step waiting on
-    // its peers fails now instead of at the step timeout.
-    transport_->Interrupt(reason);
-  }
   if (runtime_) {
     // Every rank stops at the same control round; a lost peer ends the loop
     // within the step timeout, so this wait is bounded.
     runtime_->Stop(reason);
+    if (left && transport_) {
+      // The group is broken or went on without this rank (it was drained, or
+      // left): a step waiting on its peers fails now, not at the step timeout.
+      transport_->Interrupt(reason);
+    }
     if (!runtime_->WaitForExit(step_timeout_ + grace)) {
       JOULE_LOG(Error) << "rank " << rank_ << ": step loop did not stop in time";
     }

@@ -111,6 +111,8 @@ class WorkerProcess {
   std::string stop_reason_ ABSL_GUARDED_BY(mu_);
   absl::Status stop_status_ ABSL_GUARDED_BY(mu_);
   std::optional<v1::GroupUpdate> next_group_ ABSL_GUARDED_BY(mu_);  // newest from heartbeats
+  // Its heartbeat was answered with shutdown, or went unanswered too long.
+  bool stopped_by_coordinator_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 }  // namespace joule::worker

@@ -732,6 +732,32 @@ TEST_F(MembershipTest, ALeftRankStaysOutAndANewWorkerJoinsTheRunningGroup) {
   EXPECT_EQ(membership_->stats().recovery_seconds.size(), 1u) << "a join is not a recovery";
 }
 
+// A drained rank leaves like a dead one, but its worker is told to stop
+// cleanly and no failure is counted; what cannot be drained says why.
+TEST_F(MembershipTest, DrainTakesARankOutOfTheGroup) {
+  Make(3);
+  FormGroup(*membership_, 3, clock_);
+  for (int r = 0; r < 3; ++r) BeatIn(*membership_, r, 1);
+  EXPECT_EQ(membership_->Drain(7).status().code(), absl::StatusCode::kInvalidArgument);
+  absl::StatusOr<uint64_t> epoch = membership_->Drain(1);
+  ASSERT_TRUE(epoch.ok()) << epoch.status();
+  EXPECT_EQ(*epoch, 2u);
+  EXPECT_EQ(membership_->group().members, (std::vector<int>{0, 2}));
+  EXPECT_THAT(membership_->group().reason, HasSubstr("rank 1 drained"));
+  EXPECT_EQ(membership_->Ranks()[1].state, RankState::kDead);
+  const v1::HeartbeatReply told = BeatIn(*membership_, 1, 1);
+  EXPECT_TRUE(told.shutdown());
+  EXPECT_TRUE(told.shutdown_reason().empty()) << "a clean stop: " << told.shutdown_reason();
+  EXPECT_EQ(membership_->stats().rank_failures, 0u);
+  absl::Status again = membership_->Drain(1).status();
+  EXPECT_EQ(again.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(again.message()), HasSubstr("not a member"));
+  ASSERT_TRUE(membership_->Drain(2).ok());
+  absl::Status last = membership_->Drain(0).status();
+  EXPECT_EQ(last.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(last.message()), HasSubstr("last member"));
+}
+
 TEST_F(MembershipTest, WithoutElasticGroupsADeathLeavesTheGroupAsItWas) {
   Make(2, /*elastic=*/false);
   FormGroup(*membership_, 2, clock_);
@@ -742,6 +768,7 @@ TEST_F(MembershipTest, WithoutElasticGroupsADeathLeavesTheGroupAsItWas) {
   v1::RegisterReply reply;
   ASSERT_TRUE(membership_->Register(Worker("w-1", 1), &reply).ok());
   EXPECT_FALSE(reply.elastic()) << "survivors of a death fail their requests at once";
+  EXPECT_EQ(membership_->Drain(0).status().code(), absl::StatusCode::kFailedPrecondition);
 }
 
 }  // namespace joule::cluster

@@ -688,7 +688,7 @@ TEST_F(RouterResumeTest, ADeadRanksRequestResumesOnASurvivorWithItsTokens) {
   std::vector<int32_t> streamed;
   for (const auto& r : sink->responses()) streamed.insert(streamed.end(), r.token_ids().begin(), r.token_ids().end());
   EXPECT_THAT(streamed, ::testing::ElementsAre(5, 6, 7, 8, 9));
-  const v1::GenerateResponse& fin = sink->responses().back();
+  const v1::GenerateResponse fin = sink->responses().back();  // responses() is a copy
   EXPECT_EQ(fin.completion_tokens(), 5) << "every token the client got";
   EXPECT_EQ(fin.resumed_tokens(), 2);
   EXPECT_EQ(fin.rank(), 1);
@@ -697,6 +697,7 @@ TEST_F(RouterResumeTest, ADeadRanksRequestResumesOnASurvivorWithItsTokens) {
   // The waiting request started once the group served.
   EXPECT_EQ(Worker(1)->generate_calls() + Worker(2)->generate_calls(), 2u);
   EXPECT_EQ(second.calls(), 0);
+  router_->Shutdown();  // ends `second` while it is alive, not in the fixture's teardown
 }
 
 TEST_F(RouterResumeTest, TheResumeLimitEndsItWithAClearError) {
