@@ -256,13 +256,21 @@ void Scheduler::OnRankLost(int rank) {
   absl::MutexLock lock(&mu_);
   auto it = ranks_.find(rank);
   if (it == ranks_.end()) return;
-  std::vector<uint64_t> ids;
-  for (const auto& [seq, r] : it->second) ids.push_back(r->info.id);
-  for (uint64_t id : ids) {
-    slo_.RecordCancelled(requests_.at(id)->tier());
-    Forget(id);
-  }
+  // Still tracked, on no rank: their outcome (or their new rank) comes later.
+  for (const auto& [seq, r] : it->second) r->rank = -1;
+  it->second.clear();
   last_step_at_.erase(rank);
+}
+
+void Scheduler::OnMoved(uint64_t id, int rank) {
+  absl::MutexLock lock(&mu_);
+  auto it = requests_.find(id);
+  if (it == requests_.end()) return;
+  Request* r = it->second.get();
+  if (r->state == Request::State::kQueued || r->rank == rank) return;
+  if (auto old = ranks_.find(r->rank); old != ranks_.end()) old->second.erase(r->seq);
+  r->rank = rank;
+  ranks_[rank][r->seq] = r;
 }
 
 SchedulerSnapshot Scheduler::Snapshot() const {

@@ -14,6 +14,7 @@
 //   each step of rank r        StepLimitsFor(r) -> the engine's plan; then
 //                              OnStep(r, sample) with the measured step
 //   response stream            OnTokens(id, n) as tokens arrive, OnPreempted(id),
+//                              OnMoved(id, rank) when it resumed on another rank,
 //                              then exactly one of OnFinished(id) / OnCancelled(id)
 #pragma once
 
@@ -138,9 +139,12 @@ class Scheduler {
   void OnFinished(uint64_t id);
   void OnCancelled(uint64_t id);  // also for failed requests: not an SLO outcome
   void OnStep(int rank, const StepSample& sample, const TierTokens& tier_tokens = {});
-  // The rank is gone: its in-flight requests are dropped (the router fails
-  // them) and it gets no more work until it is ready in a ClusterView again.
+  // The rank is gone: its in-flight requests leave it (the router resumes
+  // them on another rank, OnMoved, or fails them, OnCancelled) and it gets no
+  // more work until it is ready in a ClusterView again.
   void OnRankLost(int rank);
+  // The request now runs on `rank` (resumed there after its rank died).
+  void OnMoved(uint64_t id, int rank);
 
   SchedulerSnapshot Snapshot() const;
   const SchedulerConfig& config() const { return config_; }

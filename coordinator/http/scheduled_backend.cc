@@ -15,10 +15,15 @@ namespace joule::http {
 class ScheduledBackend::CountingSink final : public cluster::GenerateSink {
  public:
   CountingSink(std::shared_ptr<cluster::GenerateSink> inner, scheduler::Scheduler* scheduler,
-               uint64_t id)
-      : inner_(std::move(inner)), scheduler_(scheduler), id_(id) {}
+               uint64_t id, int rank)
+      : inner_(std::move(inner)), scheduler_(scheduler), id_(id), rank_(rank) {}
 
   bool Write(const v1::GenerateResponse& response) override {
+    if (response.rank() != rank_) {
+      // The router resumed it on another rank after its rank died.
+      rank_ = response.rank();
+      scheduler_->OnMoved(id_, rank_);
+    }
     if (response.token_ids_size() > 0) scheduler_->OnTokens(id_, response.token_ids_size());
     if (response.finish_reason() == v1::FINISH_REASON_STOP ||
         response.finish_reason() == v1::FINISH_REASON_LENGTH) {
@@ -33,6 +38,7 @@ class ScheduledBackend::CountingSink final : public cluster::GenerateSink {
   const std::shared_ptr<cluster::GenerateSink> inner_;
   scheduler::Scheduler* const scheduler_;
   const uint64_t id_;
+  int rank_;               // where its responses come from
   bool finished_ = false;  // written and read on the request's callback sequence
 };
 
@@ -221,7 +227,7 @@ void ScheduledBackend::Send(uint64_t id, int rank, Queued q) {
     forward.set_step_token_cap(static_cast<int32_t>(cap));
   }
   forward.set_token_interval_us(absl::ToInt64Microseconds(scheduler_->TokenIntervalFor(tier)));
-  auto sink = std::make_shared<CountingSink>(std::move(q.sink), scheduler_, id);
+  auto sink = std::make_shared<CountingSink>(std::move(q.sink), scheduler_, id, rank);
   const std::string request_id = forward.request_id();
   std::function<void(absl::Status)> done = std::move(q.done);
   router_->GenerateAsyncOnRank(

@@ -359,6 +359,42 @@ TEST_F(SchedulerTest, CountsSloHitsAndMissesPerTier) {
   EXPECT_EQ(standard.output_tokens, 1);
 }
 
+// A lost rank's requests leave it without an outcome; resumed on another rank
+// they count there, and their SLO outcome is their final one.
+TEST_F(SchedulerTest, ARequestResumedOnAnotherRankKeepsItsSloAccounting) {
+  auto s = Make(Config(PolicyKind::kFcfs));
+  ASSERT_TRUE(s->Submit({1, Tier::kFast, 10, 10}).ok());
+  ASSERT_TRUE(s->Submit({2, Tier::kFast, 10, 10}).ok());
+  const std::vector<Assignment> a = s->Dispatch(Ranks(2));
+  ASSERT_EQ(a.size(), 2u);
+  const int lost = a[0].rank;
+  const int other = a[1].rank;
+  ASSERT_NE(lost, other);
+  s->OnTokens(a[0].id, 1);
+  auto in_flight = [&](int rank) {
+    for (const RankSnapshot& r : s->Snapshot().ranks) {
+      if (r.rank == rank) return r.in_flight;
+    }
+    return int64_t{0};
+  };
+  EXPECT_EQ(in_flight(lost), 1);
+  s->OnRankLost(lost);
+  EXPECT_EQ(in_flight(lost), 0);
+  EXPECT_EQ(s->Snapshot().tiers[static_cast<int>(Tier::kFast)].stats.cancelled, 0)
+      << "not an outcome yet";
+  s->OnMoved(a[0].id, other);
+  EXPECT_EQ(in_flight(other), 2);
+  for (int i = 0; i < 9; ++i) {
+    clock_.Advance(absl::Milliseconds(10));
+    s->OnTokens(a[0].id, 1);
+  }
+  s->OnFinished(a[0].id);
+  const TierStats& fast = s->Snapshot().tiers[static_cast<int>(Tier::kFast)].stats;
+  EXPECT_EQ(fast.finished, 1);
+  EXPECT_EQ(fast.cancelled, 0);
+  EXPECT_EQ(in_flight(other), 1);
+}
+
 TEST_F(SchedulerTest, StepsFeedTheCostModelAndAttributeEnergyByTier) {
   auto s = Make(Config(PolicyKind::kIpw));
   ASSERT_TRUE(s->Submit({1, Tier::kFast, 10, 10}).ok());
