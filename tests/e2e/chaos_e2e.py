@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """Chaos end to end: a worker fails while streams run, and no request is lost.
 
-  chaos_e2e.py BUILD_DIR MODEL_DIR --workers 4 --fault kill|stop|link|drain [--streams 32]
+  chaos_e2e.py BUILD_DIR MODEL_DIR --workers 4 --fault kill|stop|link|drain|coordinator
+               [--streams 32]
                [--netns TAG --subnet A.B.C]
 
 Starts a real coordinator (HTTP API) and WORKERS joule-worker processes over UCX
@@ -10,7 +11,9 @@ streamed completions twice: once without a fault (the reference), once with a
 random worker killed (kill -9), drained (joule-cli drain), frozen (SIGSTOP) or cut off (its network link taken
 down: --fault link, with the workers in network namespaces made by netns_e2e.sh and this
 script running in the coordinator's) in mid-generation. After a kill the worker is
-restarted while streams run: it joins the running group and gets traffic. Every
+restarted while streams run: it joins the running group and gets traffic. With --fault
+coordinator the coordinator is killed and restarted instead: the workers must register
+again without restarting and serve the same texts. Every
 request of the second run must finish with no error, its text equal to the
 reference's (no duplicated or missing text), and its usage must count the
 resumed tokens. Prints the recovery time (the fault to the first token after it,
@@ -65,18 +68,30 @@ class Cluster:
             time.sleep(0.05)
         self.fail(what + " did not start")
 
-    def start(self):
+    def start_coordinator(self, port=0, http_port=0):
         port_file = os.path.join(self.tmp, "port")
         http_file = os.path.join(self.tmp, "http_port")
-        self.coordinator = self._spawn("coordinator", [
+        for f in (port_file, http_file):
+            if os.path.exists(f):
+                os.remove(f)
+        self.coordinator = self._spawn("coordinator.%d" % time.monotonic_ns(), [
             os.path.join(self.build, "coordinator/joule-coordinator"), "--model", self.model,
-            "--workers", str(self.n), "--port", "0", "--port-file", port_file,
-            "--http-port", "0", "--http-port-file", http_file, "--heartbeat-ms", "300",
+            "--workers", str(self.n), "--port", str(port), "--port-file", port_file,
+            "--http-port", str(http_port), "--http-port-file", http_file, "--heartbeat-ms", "300",
             "--step-timeout-ms", "5000",
             "--tier-queue-cap", "fast=1024,priority=1024,standard=1024,batch=1024"] +
             self.coordinator_flags)
         self.addr = "127.0.0.1:" + self._wait_file(port_file, "coordinator")
         self.http_port = int(self._wait_file(http_file, "coordinator HTTP"))
+
+    def restart_coordinator(self):
+        """kill -9 of the coordinator, and a new one on the same ports at once."""
+        self.coordinator.kill()
+        self.coordinator.wait()
+        self.start_coordinator(int(self.addr.split(":")[1]), self.http_port)
+
+    def start(self):
+        self.start_coordinator()
         for r in range(self.n):
             self.workers.append(self.spawn_worker(r))
         self.wait_ready(self.n)
@@ -239,6 +254,29 @@ def recovery_times(time_lists, fault_at):
     return out
 
 
+def coordinator_restart(cluster, name, reference, args):
+    """The coordinator is killed in mid-generation and started again on the same
+    ports: its streams are lost (their connections close, nothing hangs), the
+    workers register again without restarting, and the cluster serves again."""
+    pids = [w.pid for w in cluster.workers]
+    total = args.streams * args.max_tokens
+    print("fault: kill -9 of the coordinator after %d of %d tokens, restarted at once" %
+          (total // 3, total), flush=True)
+    streams, fault_at = run_streams(cluster.http_port, name, args.streams, args.max_tokens,
+                                    fault=cluster.restart_coordinator, fault_after=total // 3)
+    check(fault_at is not None, "the fault never fired")
+    lost = sum(1 for s in streams if not s.done)
+    print("%d of %d streams were open on the killed coordinator: their connections closed "
+          "(documented: they are lost to their clients)" % (lost, len(streams)), flush=True)
+    check(lost > 0, "the coordinator died after every stream had finished")
+    cluster.wait_ready(args.workers, also=r"group_epoch: 1 \(serving\)")
+    print("serving again %.2f s after the kill" % (time.monotonic() - fault_at), flush=True)
+    check([w.pid for w in cluster.workers] == pids and all(w.poll() is None for w in cluster.workers),
+          "a worker was restarted or exited")
+    again, _ = run_streams(cluster.http_port, name, args.streams, args.max_tokens)
+    check_complete(again, reference, "after the restart")
+
+
 def drained_process(cluster):
     """The worker process that exited (status 0) after its rank was drained."""
     for _ in range(150):
@@ -285,12 +323,72 @@ def metric(text, name):
     return float(m.group(1)) if m else None
 
 
+def worker_fault(cluster, name, reference, args, seed, victim):
+    """One worker killed, frozen, cut off or drained while streams run (see the top)."""
+    proc = cluster.workers[victim]
+    # drain: `victim` is the rank taken out (which process holds it does not matter).
+    faults = {"kill": lambda: proc.send_signal(signal.SIGKILL),
+              "stop": lambda: proc.send_signal(signal.SIGSTOP),
+              "link": lambda: cluster.cut(victim),
+              "drain": lambda: cluster.cli("drain", str(victim))}
+    total = args.streams * args.max_tokens
+    what = ("rank %d" % victim if args.fault == "drain" else
+            "worker process %d (pid %d)" % (victim, proc.pid))
+    print("fault: %s of %s (seed %d) after %d of %d tokens" %
+          (args.fault, what, seed, total // 3, total), flush=True)
+    streams, fault_at = run_streams(cluster.http_port, name, args.streams, args.max_tokens,
+                                    fault=faults[args.fault], fault_after=total // 3)
+    check(fault_at is not None, "the fault never fired")
+    check_complete(streams, reference, "faulted")
+    resumed = sum(s.usage.get("resumed_tokens", 0) for s in streams if s.usage)
+    check(resumed > 0, "no stream's usage reports resumed tokens")
+    times = recovery_times([s.times for s in streams], fault_at) if fault_at else []
+    check(len(times) > 0, "no stream was interrupted by the fault")
+    if times:
+        print("recovery (fault -> stream flowing again, %d streams): median %.3f s, max %.3f s" %
+              (len(times), statistics.median(times), max(times)), flush=True)
+        check(max(times) < 20, "recovery took %.1f s" % max(times))
+    print("resumed tokens recomputed: %d" % resumed)
+
+    status = cluster.status()
+    check(re.search(r"rank \d+: dead", status) is not None, "joule-cli status shows no dead rank:\n" + status)
+    check(re.search(r"group_epoch: 2 \(serving\) after rank \d+ (died|drained)", status) is not None,
+          "joule-cli status does not show group epoch 2 serving:\n" + status)
+    m = cluster.metrics()
+    check((metric(m, "joule_requests_resumed_total") or 0) > 0,
+          "joule_requests_resumed_total did not count")
+    if args.fault == "drain":
+        check((metric(m, "joule_rank_failures_total") or 0) == 0, "a drain counted as a failure")
+        victim = drained_process(cluster)
+    else:
+        check((metric(m, "joule_rank_failures_total") or 0) >= 1, "joule_rank_failures_total did not count")
+    check((metric(m, "joule_membership_epoch") or 0) >= 2, "joule_membership_epoch did not advance")
+    for i, w in enumerate(cluster.workers):
+        if i != victim:
+            check(w.poll() is None, "surviving worker %d exited (%s)" % (i, w.poll()))
+    if args.fault == "stop":
+        thawed = time.monotonic()
+        proc.send_signal(signal.SIGCONT)
+        try:
+            proc.wait(15)
+            print("the thawed worker left after %.2f s (exit %d)" % (time.monotonic() - thawed, proc.returncode))
+        except subprocess.TimeoutExpired:
+            check(False, "the thawed worker did not leave within 15 s")
+
+    # The smaller group serves new requests.
+    after, _ = run_streams(cluster.http_port, name, 8, 16)
+    check_complete(after, None, "after")
+
+    if args.fault == "kill":
+        rejoin(cluster, name, victim, reference, args)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("build")
     ap.add_argument("model")
     ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--fault", choices=["kill", "stop", "link", "drain"], default="kill")
+    ap.add_argument("--fault", choices=["kill", "stop", "link", "drain", "coordinator"], default="kill")
     ap.add_argument("--netns", help="namespace tag (netns_e2e.sh); needed by --fault link")
     ap.add_argument("--subnet", help="the namespaces' /24, e.g. 10.231.40")
     ap.add_argument("--streams", type=int, default=32)
@@ -311,69 +409,17 @@ def main():
         if FAILURES:
             cluster.fail("the fault-free run failed")
 
-        proc = cluster.workers[victim]
-        # drain: `victim` is the rank taken out (which process holds it does not matter).
-        faults = {"kill": lambda: proc.send_signal(signal.SIGKILL),
-                  "stop": lambda: proc.send_signal(signal.SIGSTOP),
-                  "link": lambda: cluster.cut(victim),
-                  "drain": lambda: cluster.cli("drain", str(victim))}
-        total = args.streams * args.max_tokens
-        what = ("rank %d" % victim if args.fault == "drain" else
-                "worker process %d (pid %d)" % (victim, proc.pid))
-        print("fault: %s of %s (seed %d) after %d of %d tokens" %
-              (args.fault, what, seed, total // 3, total), flush=True)
-        streams, fault_at = run_streams(cluster.http_port, name, args.streams, args.max_tokens,
-                                        fault=faults[args.fault], fault_after=total // 3)
-        check(fault_at is not None, "the fault never fired")
-        check_complete(streams, reference, "faulted")
-        resumed = sum(s.usage.get("resumed_tokens", 0) for s in streams if s.usage)
-        check(resumed > 0, "no stream's usage reports resumed tokens")
-        times = recovery_times([s.times for s in streams], fault_at) if fault_at else []
-        check(len(times) > 0, "no stream was interrupted by the fault")
-        if times:
-            print("recovery (fault -> stream flowing again, %d streams): median %.3f s, max %.3f s" %
-                  (len(times), statistics.median(times), max(times)), flush=True)
-            check(max(times) < 20, "recovery took %.1f s" % max(times))
-        print("resumed tokens recomputed: %d" % resumed)
-
-        status = cluster.status()
-        check(re.search(r"rank \d+: dead", status) is not None, "joule-cli status shows no dead rank:\n" + status)
-        check(re.search(r"group_epoch: 2 \(serving\) after rank \d+ (died|drained)", status) is not None,
-              "joule-cli status does not show group epoch 2 serving:\n" + status)
-        m = cluster.metrics()
-        check((metric(m, "joule_requests_resumed_total") or 0) > 0,
-              "joule_requests_resumed_total did not count")
-        if args.fault == "drain":
-            check((metric(m, "joule_rank_failures_total") or 0) == 0, "a drain counted as a failure")
-            victim = drained_process(cluster)
+        if args.fault == "coordinator":
+            coordinator_restart(cluster, name, reference, args)
         else:
-            check((metric(m, "joule_rank_failures_total") or 0) >= 1, "joule_rank_failures_total did not count")
-        check((metric(m, "joule_membership_epoch") or 0) >= 2, "joule_membership_epoch did not advance")
-        for i, w in enumerate(cluster.workers):
-            if i != victim:
-                check(w.poll() is None, "surviving worker %d exited (%s)" % (i, w.poll()))
-        if args.fault == "stop":
-            thawed = time.monotonic()
-            proc.send_signal(signal.SIGCONT)
-            try:
-                proc.wait(15)
-                print("the thawed worker left after %.2f s (exit %d)" % (time.monotonic() - thawed, proc.returncode))
-            except subprocess.TimeoutExpired:
-                check(False, "the thawed worker did not leave within 15 s")
-
-        # The smaller group serves new requests.
-        after, _ = run_streams(cluster.http_port, name, 8, 16)
-        check_complete(after, None, "after")
-
-        if args.fault == "kill":
-            rejoin(cluster, name, victim, reference, args)
+            worker_fault(cluster, name, reference, args, seed, victim)
     finally:
         if FAILURES and not cluster.failed:
             cluster.fail("%d check(s) failed" % len(FAILURES))
         if not cluster.failed:
             cluster.stop()
-    print("PASS: %s of 1 of %d workers under %d streams: every request completed, texts equal the "
-          "fault-free run's" % (args.fault, args.workers, args.streams))
+    print("PASS: %s fault with %d workers under %d streams: every request completed, texts equal "
+          "the fault-free run's" % (args.fault, args.workers, args.streams))
 
 
 if __name__ == "__main__":

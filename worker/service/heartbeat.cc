@@ -10,13 +10,20 @@ namespace joule::worker {
 HeartbeatLoop::HeartbeatLoop(CoordinatorClient* coordinator, WorkerRuntime* runtime,
                              PlacementLoader* loader, HeartbeatOptions options,
                              std::function<void(absl::Status)> on_stop,
-                             std::function<void(const v1::GroupUpdate&)> on_group)
+                             std::function<void(const v1::GroupUpdate&)> on_group,
+                             std::function<void(absl::Time)> on_unknown)
     : coordinator_(coordinator),
       runtime_(runtime),
       loader_(loader),
       options_(std::move(options)),
       on_stop_(std::move(on_stop)),
-      on_group_(std::move(on_group)) {}
+      on_group_(std::move(on_group)),
+      on_unknown_(std::move(on_unknown)) {}
+
+void HeartbeatLoop::ForgetPlacements() {
+  offered_epoch_ = 0;
+  rejected_epoch_ = 0;
+}
 
 HeartbeatLoop::~HeartbeatLoop() { Stop(); }
 
@@ -65,7 +72,13 @@ absl::Status HeartbeatLoop::Beat() {
     r->set_ended_unix_micros(absl::ToUnixMicros(step.ended_at));
   }
 
+  const absl::Time sent = absl::Now();
   absl::StatusOr<v1::HeartbeatReply> reply = coordinator_->Heartbeat(request);
+  if (!reply.ok() && absl::IsNotFound(reply.status()) && on_unknown_) {
+    missed_ = 0;  // it answers: a coordinator that does not know us (restarted)
+    on_unknown_(sent);
+    return reply.status();
+  }
   if (!reply.ok()) {
     ++missed_;
     JOULE_LOG(Warning) << "rank " << options_.rank << ": heartbeat " << missed_ << "/"

@@ -10,6 +10,7 @@
 // than `max_missed` intervals, on_stop runs once (from this thread).
 #pragma once
 
+#include <atomic>
 #include <functional>
 #include <string>
 #include <thread>
@@ -36,9 +37,13 @@ class HeartbeatLoop {
   // unreachable. Nothing is owned; all must outlive the loop.
   // on_group(update): the coordinator formed a new expert-parallel group (a
   // peer died); the worker regroups (it must not block this thread).
+  // on_unknown(sent): the coordinator did not know this worker when the
+  // heartbeat sent at `sent` arrived (NOT_FOUND: it restarted); the worker
+  // registers again (not on this thread). Such replies are not missed heartbeats.
   HeartbeatLoop(CoordinatorClient* coordinator, WorkerRuntime* runtime, PlacementLoader* loader,
                 HeartbeatOptions options, std::function<void(absl::Status)> on_stop,
-                std::function<void(const v1::GroupUpdate&)> on_group = nullptr);
+                std::function<void(const v1::GroupUpdate&)> on_group = nullptr,
+                std::function<void(absl::Time sent)> on_unknown = nullptr);
   ~HeartbeatLoop();  // Stop()
 
   void Start();
@@ -49,6 +54,10 @@ class HeartbeatLoop {
   // interval). Returns the RPC's status.
   absl::Status Beat();
 
+  // Forgets the placements offered so far (a new coordinator numbers its
+  // placements from 1 again). Safe from any thread.
+  void ForgetPlacements();
+
  private:
   void Loop();
 
@@ -58,8 +67,9 @@ class HeartbeatLoop {
   const HeartbeatOptions options_;
   const std::function<void(absl::Status)> on_stop_;
   const std::function<void(const v1::GroupUpdate&)> on_group_;
-  uint64_t offered_epoch_ = 0;   // newest placement handed to the runtime
-  uint64_t rejected_epoch_ = 0;  // a placement that could not be prepared (not retried)
+  const std::function<void(absl::Time)> on_unknown_;
+  std::atomic<uint64_t> offered_epoch_ = 0;   // newest placement handed to the runtime
+  std::atomic<uint64_t> rejected_epoch_ = 0;  // one that could not be prepared (not retried)
   int missed_ = 0;
   bool stopped_ = false;  // on_stop has run
   absl::Notification quit_;

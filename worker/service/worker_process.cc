@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <random>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -118,7 +119,7 @@ absl::Status WorkerProcess::Start() {
   JOULE_LOG(Info) << "joule-worker " << worker_id_ << " starting with\n" << config_.ToString();
   RETURN_IF_ERROR(Annotate(StartServer(), "starting the Worker gRPC server"));
   RETURN_IF_ERROR(Annotate(StartMetrics(), "starting the metrics server"));
-  RETURN_IF_ERROR(Register());
+  RETURN_IF_ERROR(Register(config_.rank));
   RETURN_IF_ERROR(Annotate(LoadModel(), absl::StrCat("loading model ", config_.model)));
   RETURN_IF_ERROR(Annotate(ConnectPeers(), "connecting to the other ranks"));
   RETURN_IF_ERROR(StartServing());
@@ -172,7 +173,7 @@ absl::Status WorkerProcess::StartMetrics() {
   return absl::OkStatus();
 }
 
-absl::Status WorkerProcess::Register() {
+absl::Status WorkerProcess::Register(int requested_rank) {
   ASSIGN_OR_RETURN(model_config_, LoadModelConfig(config_.model));
   absl::StatusOr<std::string> fingerprint = ModelFingerprint(config_.model);
   if (!fingerprint.ok()) return Annotate(fingerprint.status(), "model fingerprint");
@@ -184,7 +185,7 @@ absl::Status WorkerProcess::Register() {
   while (name.size() > 1 && name.back() == '/') name.pop_back();
   if (size_t slash = name.rfind('/'); slash != std::string::npos) name = name.substr(slash + 1);
   *request.mutable_model() = ToModelInfo(model_config_, name);
-  request.set_requested_rank(config_.rank);
+  request.set_requested_rank(requested_rank);
   request.set_worker_id(worker_id_);
   request.set_host(HostName());
   request.set_device(config_.device);
@@ -207,6 +208,10 @@ absl::Status WorkerProcess::Register() {
     absl::SleepFor(absl::Seconds(1));
   }
   if (!reply.ok()) return reply.status();  // already names the call and the coordinator
+  {
+    absl::MutexLock lock(&mu_);
+    registered_at_ = absl::Now();
+  }
   rank_ = reply->rank();
   world_size_ = reply->world_size();
   placement_epoch_ = reply->placement().epoch();
@@ -456,6 +461,11 @@ absl::Status WorkerProcess::StartServing() {
       [this](const v1::GroupUpdate& update) {
         absl::MutexLock lock(&mu_);
         if (!next_group_ || update.epoch() > next_group_->epoch()) next_group_ = update;
+      },
+      [this](absl::Time sent) {
+        absl::MutexLock lock(&mu_);
+        // A heartbeat sent before the last registration finished says nothing new.
+        if (sent > registered_at_) reregister_ = true;
       });
   heartbeat_->Start();
   regroup_thread_ = std::thread([this] { RegroupLoop(); });
@@ -485,16 +495,26 @@ void WorkerProcess::RegroupLoop() {
   uint64_t tried = 0;  // the newest epoch tried (an overtaken one is not retried)
   while (!stop_.HasBeenNotified()) {
     std::optional<v1::GroupUpdate> update;
+    bool reregister = false;
     {
       absl::MutexLock lock(&mu_);
       auto ready = [this, tried]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
         return (next_group_.has_value() && next_group_->epoch() > std::max(group_epoch_, tried)) ||
-               stop_.HasBeenNotified();
+               reregister_ || stop_.HasBeenNotified();
       };
       mu_.AwaitWithTimeout(absl::Condition(&ready), absl::Milliseconds(200));
       if (next_group_.has_value() && next_group_->epoch() > std::max(group_epoch_, tried)) {
         update = next_group_;
       }
+      reregister = std::exchange(reregister_, false);
+    }
+    if (reregister) {
+      if (absl::Status s = Reregister(); !s.ok()) {
+        Fail(s);
+        return;
+      }
+      tried = 0;
+      continue;
     }
     if (!update) continue;
     tried = update->epoch();
@@ -511,7 +531,6 @@ void WorkerProcess::RegroupLoop() {
 }
 
 absl::Status WorkerProcess::Regroup(const v1::GroupUpdate& update) {
-  const absl::Time start = absl::Now();
   JOULE_LOG(Warning) << "rank " << rank_ << ": expert-parallel group epoch " << update.epoch()
                      << " (" << update.reason() << "): regrouping as rank " << update.rank()
                      << " of " << update.world_size();
@@ -519,8 +538,17 @@ absl::Status WorkerProcess::Regroup(const v1::GroupUpdate& update) {
     return absl::InvalidArgumentError(absl::StrCat("group update: rank ", update.rank(),
                                                    " outside a world of ", update.world_size()));
   }
-  // Leave the old group: a step waiting on the dead peer fails at once.
-  transport_->Interrupt(absl::StrCat("group epoch ", update.epoch(), ": ", update.reason()));
+  return SwitchGroup(update.rank(), update.world_size(), update.epoch(), update.epoch(),
+                     update.placement(), absl::StrCat("group epoch ", update.epoch(), ": ",
+                                                      update.reason()));
+}
+
+absl::Status WorkerProcess::SwitchGroup(int transport_rank, int world, uint64_t rendezvous_epoch,
+                                        uint64_t epoch, const v1::Placement& placement,
+                                        const std::string& why) {
+  const absl::Time start = absl::Now();
+  // Leave the old group: a step waiting on a peer fails at once.
+  transport_->Interrupt(why);
   const absl::Time noticed = absl::Now() + step_timeout_ + absl::Seconds(2);
   while (!runtime_->AwaitingGroup() && !runtime_->WaitForExit(absl::ZeroDuration())) {
     if (absl::Now() > noticed) {
@@ -529,17 +557,39 @@ absl::Status WorkerProcess::Regroup(const v1::GroupUpdate& update) {
     absl::SleepFor(absl::Milliseconds(5));
   }
   ASSIGN_OR_RETURN(std::unique_ptr<ep::Transport> transport,
-                   JoinGroup(update.rank(), update.world_size(), update.epoch()));
-  loader_->Regroup(update.rank(), update.world_size());
-  ASSIGN_OR_RETURN(PreparedPlacement prepared, loader_->Prepare(update.placement()));
+                   JoinGroup(transport_rank, world, rendezvous_epoch));
+  loader_->Regroup(transport_rank, world);
+  ASSIGN_OR_RETURN(PreparedPlacement prepared, loader_->Prepare(placement));
   RETURN_IF_ERROR(runtime_->InstallGroup(
-      {.epoch = update.epoch(), .transport = transport.get(), .placement = std::move(prepared)},
+      {.epoch = epoch, .transport = transport.get(), .placement = std::move(prepared)},
       step_timeout_ + absl::Seconds(2)));
   transport_ = std::move(transport);  // the old one is no longer used
-  group_epoch_ = update.epoch();
-  JOULE_LOG(Warning) << "rank " << rank_ << ": regrouped into epoch " << update.epoch() << " in "
-                     << absl::FormatDuration(absl::Now() - start);
+  group_epoch_ = epoch;
+  JOULE_LOG(Warning) << "rank " << rank_ << ": serving in group epoch " << epoch << " after "
+                     << absl::FormatDuration(absl::Now() - start) << " (" << why << ")";
   return absl::OkStatus();
+}
+
+absl::Status WorkerProcess::Reregister() {
+  JOULE_LOG(Warning) << "rank " << rank_ << ": the coordinator does not know this worker (it "
+                     << "restarted?): registering again, keeping the loaded weights";
+  const int rank = rank_;
+  const int world = world_size_;
+  RETURN_IF_ERROR(Annotate(Register(rank), "registering with the restarted coordinator"));
+  if (rank_ != rank || world_size_ != world || joining_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the restarted coordinator gave rank ", rank_, " of ", world_size_,
+        joining_ ? " (joining a running group)" : "", " to this worker, which served rank ", rank,
+        " of ", world, "; restart the worker"));
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    next_group_.reset();  // the old coordinator's
+  }
+  heartbeat_->ForgetPlacements();
+  // The new coordinator's first group: every rank meets at its initial rendezvous.
+  return SwitchGroup(rank_, world_size_, /*rendezvous_epoch=*/0, /*epoch=*/1,
+                     PlacementToProto(placement_, placement_epoch_), "the coordinator restarted");
 }
 
 void WorkerProcess::Shutdown() {

@@ -60,7 +60,7 @@ class WorkerProcess {
  private:
   absl::Status StartServer();
   absl::Status StartMetrics();
-  absl::Status Register();
+  absl::Status Register(int requested_rank);
   absl::Status LoadModel();
   absl::Status ConnectPeers();
   // A joiner (RegisterReply.joining): asks the coordinator to take it into the
@@ -75,6 +75,15 @@ class WorkerProcess {
   void RegroupLoop();
   // Leaves the broken group and serves in `update`'s, keeping every request.
   absl::Status Regroup(const v1::GroupUpdate& update);
+  // Leaves the current group (interrupting its step) and serves in the one of
+  // `epoch` as `transport_rank` of `world`, met at `rendezvous_epoch`'s
+  // rendezvous, with `placement` (loading the experts it adds).
+  absl::Status SwitchGroup(int transport_rank, int world, uint64_t rendezvous_epoch,
+                           uint64_t epoch, const v1::Placement& placement, const std::string& why);
+  // The coordinator restarted (it does not know this worker): registers again
+  // for the same rank and forms the new coordinator's first group, keeping the
+  // loaded weights.
+  absl::Status Reregister();
   void Shutdown();
 
   const WorkerConfig config_;
@@ -113,6 +122,8 @@ class WorkerProcess {
   std::optional<v1::GroupUpdate> next_group_ ABSL_GUARDED_BY(mu_);  // newest from heartbeats
   // Its heartbeat was answered with shutdown, or went unanswered too long.
   bool stopped_by_coordinator_ ABSL_GUARDED_BY(mu_) = false;
+  bool reregister_ ABSL_GUARDED_BY(mu_) = false;  // a heartbeat got NOT_FOUND
+  absl::Time registered_at_ ABSL_GUARDED_BY(mu_);   // when the last Register answered
 };
 
 }  // namespace joule::worker

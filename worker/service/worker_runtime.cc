@@ -329,14 +329,17 @@ absl::Status WorkerRuntime::InstallGroup(NewGroup group, absl::Duration timeout)
   absl::MutexLock lock(&mu_);
   if (exited_.HasBeenNotified()) return absl::FailedPreconditionError("the step loop has ended");
   pending_group_ = std::move(group);
+  // Counted, not compared by epoch: a restarted coordinator numbers its groups from 1 again.
+  const uint64_t target = groups_installed_ + 1;
   auto installed = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return installed_group_ >= epoch || exited_.HasBeenNotified();
+    return groups_installed_ >= target || exited_.HasBeenNotified();
   };
   if (!mu_.AwaitWithTimeout(absl::Condition(&installed), timeout)) {
+    pending_group_.reset();
     return absl::DeadlineExceededError(absl::StrCat("group epoch ", epoch, " not installed within ",
                                                     absl::FormatDuration(timeout)));
   }
-  if (installed_group_ < epoch) return absl::FailedPreconditionError("the step loop has ended");
+  if (groups_installed_ < target) return absl::FailedPreconditionError("the step loop has ended");
   return absl::OkStatus();
 }
 
@@ -373,7 +376,7 @@ bool WorkerRuntime::WaitForGroup(const absl::Status& failure) {
                   << applied_epoch_ << ")";
   absl::MutexLock lock(&mu_);
   offered_.reset();
-  installed_group_ = group.epoch;
+  ++groups_installed_;
   status_.ready = true;
   status_.error.clear();
   status_.group_epoch = group.epoch;

@@ -210,7 +210,7 @@ class WorkerRuntime : public WorkerHandler {
   std::optional<PreparedPlacement> offered_ ABSL_GUARDED_BY(mu_);
   bool awaiting_group_ ABSL_GUARDED_BY(mu_) = false;
   std::optional<NewGroup> pending_group_ ABSL_GUARDED_BY(mu_);
-  uint64_t installed_group_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t groups_installed_ ABSL_GUARDED_BY(mu_) = 0;
   WorkerStatus status_ ABSL_GUARDED_BY(mu_);
   std::vector<std::vector<int64_t>> expert_load_ ABSL_GUARDED_BY(mu_);
   std::deque<scheduler::StepSample> step_samples_ ABSL_GUARDED_BY(mu_);
