@@ -163,5 +163,27 @@ TEST_F(HeartbeatTest, UnreachableCoordinatorStopsAfterMaxMissed) {
   EXPECT_THAT(std::string(stop_status_.message()), HasSubstr("coordinator unreachable for 3 heartbeats"));
 }
 
+// A coordinator that answers NOT_FOUND restarted: the worker is asked to
+// register again (with the time the heartbeat was sent), and such answers do
+// not count toward the unreachable limit.
+TEST_F(HeartbeatTest, AnUnknownWorkerIsAskedToRegisterAgain) {
+  coordinator_.set_heartbeat_status(
+      absl::NotFoundError("rank 0 is not held by worker host:1:abc; register again"));
+  std::vector<absl::Time> asked;
+  HeartbeatLoop loop(&coordinator_, &cluster_->runtime(0), loader_.get(),
+                     HeartbeatOptions{.worker_id = "host:1:abc", .rank = 0,
+                                      .interval = absl::Milliseconds(10), .max_missed = 1},
+                     [this](absl::Status why) {
+                       absl::MutexLock lock(&mu_);
+                       ++stops_;
+                     },
+                     nullptr, [&asked](absl::Time sent) { asked.push_back(sent); });
+  const absl::Time before = absl::Now();
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(loop.Beat().code(), absl::StatusCode::kNotFound);
+  ASSERT_EQ(asked.size(), 4u);
+  EXPECT_GE(asked[0], before);
+  EXPECT_EQ(stops(), 0) << "a coordinator that answers is not unreachable";
+}
+
 }  // namespace
 }  // namespace joule::worker
