@@ -13,7 +13,9 @@ down: --fault link, with the workers in network namespaces made by netns_e2e.sh 
 script running in the coordinator's) in mid-generation. After a kill the worker is
 restarted while streams run: it joins the running group and gets traffic. With --fault
 coordinator the coordinator is killed and restarted instead: the workers must register
-again without restarting and serve the same texts. Every
+again without restarting and serve the same texts; with --fault unloadable the checkpoint's
+files are gone when a worker dies, so nobody can load its experts: every request must end
+with the reason, not hang. Every
 request of the second run must finish with no error, its text equal to the
 reference's (no duplicated or missing text), and its usage must count the
 resumed tokens. Prints the recovery time (the fault to the first token after it,
@@ -26,6 +28,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -163,7 +166,7 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        subprocess.run(["rm", "-rf", self.tmp])
+        if not os.environ.get("JOULE_CHAOS_KEEP"): subprocess.run(["rm", "-rf", self.tmp])
 
 
 class Stream:
@@ -277,6 +280,45 @@ def coordinator_restart(cluster, name, reference, args):
     check_complete(again, reference, "after the restart")
 
 
+def unloadable_experts(cluster, name, victim, args):
+    """A worker dies when its experts cannot be loaded anywhere (the checkpoint's
+    files are gone): the survivors fail to load them and exit naming the cause,
+    and every request ends with an error instead of hanging."""
+    for f in os.listdir(cluster.model):
+        if f.endswith(".safetensors"):  # open mappings stay valid; new loads fail
+            os.rename(os.path.join(cluster.model, f), os.path.join(cluster.model, f + ".gone"))
+    proc = cluster.workers[victim]
+    total = args.streams * args.max_tokens
+    print("fault: kill -9 of worker process %d with the checkpoint's files gone" % victim, flush=True)
+    started = time.monotonic()
+    streams, fault_at = run_streams(cluster.http_port, name, args.streams, args.max_tokens,
+                                    fault=lambda: proc.send_signal(signal.SIGKILL),
+                                    fault_after=total // 3)
+    ended = time.monotonic() - started
+    print("every stream ended %.1f s after the start" % ended, flush=True)
+    check(ended < 60, "the streams took %.0f s to end" % ended)
+    failed = [s for s in streams if s.finish is None]
+    check(len(failed) > 0, "no stream failed although no rank could load the experts")
+    for s in failed:
+        check(s.error is not None and "died" in str(s.error),
+              "stream %d ended without the reason: %s" % (s.index, s.error))
+    left = [s for s in failed if "no rank is left" in str(s.error)]
+    check(len(left) > 0, "no error says that no rank is left")
+    for i, w in enumerate(cluster.workers):
+        if i == victim:
+            continue
+        try:
+            w.wait(30)
+        except subprocess.TimeoutExpired:
+            check(False, "survivor %d did not exit" % i)
+            continue
+        check(w.returncode == 1, "survivor %d exited with %s" % (i, w.returncode))
+        with open(os.path.join(cluster.tmp, "w%d.%d.err" % (i, i + 1))) as f:
+            log = f.read()
+        check("loading the experts of placement epoch" in log,
+              "survivor %d's log does not say which load failed" % i)
+
+
 def drained_process(cluster):
     """The worker process that exited (status 0) after its rank was drained."""
     for _ in range(150):
@@ -388,7 +430,8 @@ def main():
     ap.add_argument("build")
     ap.add_argument("model")
     ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--fault", choices=["kill", "stop", "link", "drain", "coordinator"], default="kill")
+    ap.add_argument("--fault", choices=["kill", "stop", "link", "drain", "coordinator", "unloadable"],
+                    default="kill")
     ap.add_argument("--netns", help="namespace tag (netns_e2e.sh); needed by --fault link")
     ap.add_argument("--subnet", help="the namespaces' /24, e.g. 10.231.40")
     ap.add_argument("--streams", type=int, default=32)
@@ -401,6 +444,9 @@ def main():
     if args.fault == "link" and not (args.netns and args.subnet):
         ap.error("--fault link needs --netns and --subnet (run it through netns_e2e.sh)")
     cluster = Cluster(args.build, args.model, args.workers, netns=args.netns, subnet=args.subnet)
+    if args.fault == "unloadable":  # its files will go: a private copy
+        cluster.model = os.path.join(cluster.tmp, os.path.basename(os.path.normpath(args.model)))
+        shutil.copytree(args.model, cluster.model)
     name = os.path.basename(os.path.normpath(args.model))
     try:
         cluster.start()
@@ -411,6 +457,8 @@ def main():
 
         if args.fault == "coordinator":
             coordinator_restart(cluster, name, reference, args)
+        elif args.fault == "unloadable":
+            unloadable_experts(cluster, name, victim, args)
         else:
             worker_fault(cluster, name, reference, args, seed, victim)
     finally:
@@ -418,8 +466,11 @@ def main():
             cluster.fail("%d check(s) failed" % len(FAILURES))
         if not cluster.failed:
             cluster.stop()
-    print("PASS: %s fault with %d workers under %d streams: every request completed, texts equal "
-          "the fault-free run's" % (args.fault, args.workers, args.streams))
+    outcome = ("no rank could load the dead one's experts and every request ended with the reason"
+               if args.fault == "unloadable" else
+               "every request completed, texts equal the fault-free run's")
+    print("PASS: %s fault with %d workers under %d streams: %s" %
+          (args.fault, args.workers, args.streams, outcome))
 
 
 if __name__ == "__main__":
