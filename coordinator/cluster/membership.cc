@@ -1,5 +1,6 @@
 #include "coordinator/cluster/membership.h"
 
+#include <algorithm>
 #include <cmath>
 #include <utility>
 
@@ -371,6 +372,7 @@ void Membership::MemberDiedLocked(int rank, const std::string& reason) {
 
 void Membership::OpenGroupLocked(std::vector<int> members, std::string reason) {
   std::sort(members.begin(), members.end());
+  const std::vector<int> before = group_;
   ++group_epoch_;
   group_ = members;
   group_addresses_.assign(members.size(), "");
@@ -380,12 +382,8 @@ void Membership::OpenGroupLocked(std::vector<int> members, std::string reason) {
                      << group_reason_ << ")";
     return;
   }
-  auto placement = InitialPlacement(static_cast<int>(members.size()), model_);
-  if (placement.ok()) {
-    base_ = *placement;
-    placement_ = *std::move(placement);
-    ++epoch_;
-    for (auto& layer : load_) std::fill(layer.begin(), layer.end(), 0);
+  if (absl::Status s = PlaceOverGroupLocked(before); !s.ok()) {
+    JOULE_LOG(Error) << "expert-parallel group epoch " << group_epoch_ << ": " << s;
   }
   JOULE_LOG(Warning) << "expert-parallel group epoch " << group_epoch_ << ": " << group_reason_
                      << "; " << members.size() << " rank(s) regroup (ranks "
@@ -420,6 +418,34 @@ absl::StatusOr<uint64_t> Membership::Drain(int rank) {
   }
   OpenGroupLocked(std::move(members), absl::StrCat("rank ", rank, " drained"));
   return group_epoch_;
+}
+
+absl::Status Membership::PlaceOverGroupLocked(const std::vector<int>& before) {
+  const bool only_left = std::all_of(group_.begin(), group_.end(), [&](int r) {
+    return std::find(before.begin(), before.end(), r) != before.end();
+  });
+  Placement placement, base;
+  if (only_left && static_cast<size_t>(placement_.num_ranks) == before.size()) {
+    // Members left: every replica on a member stays (nothing to load for it);
+    // only what the leavers alone held moves. Highest index first, so the
+    // lower ones still mean the same member.
+    placement = placement_;
+    base = base_;
+    for (int i = static_cast<int>(before.size()) - 1; i >= 0; --i) {
+      if (std::find(group_.begin(), group_.end(), before[i]) != group_.end()) continue;
+      ASSIGN_OR_RETURN(placement, RemoveRank(placement, i));
+      ASSIGN_OR_RETURN(base, RemoveRank(base, i));
+    }
+  } else {
+    // A member joined: contiguous sharding over everyone (it gets its share).
+    ASSIGN_OR_RETURN(placement, InitialPlacement(static_cast<int>(group_.size()), model_));
+    base = placement;
+  }
+  base_ = std::move(base);
+  placement_ = std::move(placement);
+  ++epoch_;
+  for (auto& layer : load_) std::fill(layer.begin(), layer.end(), 0);
+  return absl::OkStatus();
 }
 
 MembershipStats Membership::stats() const {

@@ -188,6 +188,8 @@ class Membership {
   void MemberDiedLocked(int rank, const std::string& reason) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The next group epoch: `members` (by rank), contiguous placement over them.
   void OpenGroupLocked(std::vector<int> members, std::string reason) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The placement for the group just opened, from the group `before` it.
+  absl::Status PlaceOverGroupLocked(const std::vector<int>& before) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   int GroupRankLocked(int rank) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool ServingLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 

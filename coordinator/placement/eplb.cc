@@ -72,4 +72,35 @@ absl::StatusOr<Placement> RebalancePlacement(const Placement& base,
   return out;
 }
 
+absl::StatusOr<Placement> RemoveRank(const Placement& placement, int rank) {
+  if (rank < 0 || rank >= placement.num_ranks) {
+    return absl::InvalidArgumentError(absl::StrCat("rank: ", rank, " is out of range [0, ",
+                                                   placement.num_ranks, ")"));
+  }
+  if (placement.num_ranks == 1) {
+    return absl::InvalidArgumentError("rank: the placement's only rank cannot be removed");
+  }
+  Placement out = placement;
+  out.num_ranks = placement.num_ranks - 1;
+  for (auto& layer : out.replicas) {
+    std::vector<int> held(out.num_ranks, 0);
+    std::vector<int32_t> orphans;
+    for (size_t e = 0; e < layer.size(); ++e) {
+      std::vector<int32_t> kept;
+      for (int32_t r : layer[e]) {
+        if (r != rank) kept.push_back(r > rank ? r - 1 : r);
+      }
+      for (int32_t r : kept) ++held[r];
+      if (kept.empty()) orphans.push_back(static_cast<int32_t>(e));
+      layer[e] = std::move(kept);
+    }
+    for (int32_t e : orphans) {
+      const int32_t to = static_cast<int32_t>(std::min_element(held.begin(), held.end()) - held.begin());
+      layer[e] = {to};
+      ++held[to];
+    }
+  }
+  return out;
+}
+
 }  // namespace joule

@@ -17,4 +17,12 @@ absl::StatusOr<Placement> RebalancePlacement(const Placement& base,
                                              const std::vector<std::vector<int64_t>>& load,
                                              int redundant_experts);
 
+// The placement without `rank` (it died or was drained), over the ranks left,
+// renumbered: ranks above it move down by one. Every replica on a live rank
+// stays where it is (nothing to load); an expert whose only holder was `rank`
+// goes to the live rank holding the fewest experts of that layer (ties: the
+// lower rank), which loads it. InvalidArgument when `rank` is out of range or
+// is the only rank.
+absl::StatusOr<Placement> RemoveRank(const Placement& placement, int rank);
+
 }  // namespace joule

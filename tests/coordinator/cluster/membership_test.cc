@@ -643,6 +643,32 @@ TEST_F(MembershipTest, SurvivorsOfADeadMemberFormTheNextGroup) {
   EXPECT_EQ(stats.recovery_seconds, (std::vector<double>{0.7})) << "the death -> serving again";
 }
 
+// The placement after a death keeps every replica the survivors hold: what a
+// redundant replica covers needs no loading, and only the dead rank's own
+// experts move.
+TEST_F(MembershipTest, ADeathKeepsTheSurvivorsReplicas) {
+  Make(3);
+  FormGroup(*membership_, 3, clock_);
+  ASSERT_TRUE(membership_->Rebalance(4).ok());
+  const Placement before = membership_->placement();
+  ASSERT_TRUE(membership_->MarkDead(1, "gone"));
+  const Placement after = membership_->placement();
+  ASSERT_EQ(after.num_ranks, 2);
+  ASSERT_TRUE(after.Validate().ok()) << after.Validate();
+  int covered = 0;
+  for (int l : {0, 2, 3}) {
+    for (int e = 0; e < 8; ++e) {
+      for (int r : before.replicas[l][e]) {
+        if (r == 1) continue;
+        EXPECT_TRUE(after.Holds(r == 0 ? 0 : 1, l, e)) << "layer " << l << " expert " << e;
+      }
+      const auto& was = before.replicas[l][e];
+      covered += was.size() > 1 && std::find(was.begin(), was.end(), 1) != was.end();
+    }
+  }
+  EXPECT_GT(covered, 0) << "some expert of rank 1 had a replica elsewhere";
+}
+
 TEST_F(MembershipTest, ARendezvousOvertakenByAnotherDeathIsAborted) {
   Make(3);
   FormGroup(*membership_, 3, clock_);

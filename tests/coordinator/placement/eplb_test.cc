@@ -1,5 +1,7 @@
 // EPLB: redundant replicas go to the hottest experts, on the least-loaded
 // ranks, never twice on one rank, and the same inputs give the same placement.
+// RemoveRank: a placement repaired after a rank left keeps every replica on the
+// others and spreads only what the leaver alone held.
 #include "coordinator/placement/eplb.h"
 
 #include <random>
@@ -113,6 +115,46 @@ TEST(EplbTest, BadInputsGetClearErrors) {
   Placement broken = *base;
   broken.replicas[0][1] = {7};
   EXPECT_THAT(message(RebalancePlacement(broken, load, 1)), HasSubstr("base placement"));
+}
+
+TEST(EplbTest, RemoveRankKeepsReplicasAndSpreadsTheOrphans) {
+  // 3 ranks, 6 experts: contiguous {0,1} {2,3} {4,5}, plus a replica of 2 on rank 0.
+  auto p = ContiguousPlacement(3, 1, 6);
+  ASSERT_TRUE(p.ok());
+  p->replicas[0][2] = {1, 0};
+  auto repaired = RemoveRank(*p, 1);
+  ASSERT_TRUE(repaired.ok()) << repaired.status();
+  EXPECT_EQ(repaired->num_ranks, 2);
+  ASSERT_TRUE(repaired->Validate().ok()) << repaired->Validate();
+  const auto& r = repaired->replicas[0];
+  EXPECT_THAT(r[0], ElementsAre(0));
+  EXPECT_THAT(r[1], ElementsAre(0));
+  EXPECT_THAT(r[2], ElementsAre(0)) << "its replica covers it: nothing to load";
+  EXPECT_THAT(r[3], ElementsAre(1)) << "orphan: to the rank with fewer experts (old rank 2)";
+  EXPECT_THAT(r[4], ElementsAre(1)) << "old rank 2 is rank 1 now";
+  EXPECT_THAT(r[5], ElementsAre(1));
+  // Every expert a survivor held, it still holds.
+  for (int e : {0, 1, 2}) EXPECT_TRUE(repaired->Holds(0, 0, e));
+  for (int e : {4, 5}) EXPECT_TRUE(repaired->Holds(1, 0, e));
+}
+
+TEST(EplbTest, RemoveRankBalancesOrphansAndRefusesBadRanks) {
+  auto p = ContiguousPlacement(4, 2, 8);  // two per rank
+  ASSERT_TRUE(p.ok());
+  p->replicas[1].clear();  // a dense layer stays empty
+  auto repaired = RemoveRank(*p, 0);
+  ASSERT_TRUE(repaired.ok());
+  std::vector<int> per_rank(3, 0);
+  for (const auto& ranks : repaired->replicas[0]) {
+    ASSERT_EQ(ranks.size(), 1u);
+    ++per_rank[ranks[0]];
+  }
+  EXPECT_THAT(per_rank, ElementsAre(3, 3, 2)) << "orphans go to the least loaded, lowest first";
+  EXPECT_TRUE(repaired->replicas[1].empty());
+  EXPECT_THAT(std::string(RemoveRank(*p, 4).status().message()), HasSubstr("out of range"));
+  auto one = ContiguousPlacement(1, 1, 2);
+  ASSERT_TRUE(one.ok());
+  EXPECT_THAT(std::string(RemoveRank(*one, 0).status().message()), HasSubstr("only rank"));
 }
 
 }  // namespace
