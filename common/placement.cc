@@ -100,4 +100,23 @@ int32_t ChooseReplica(const Placement& p, int layer, int expert, int64_t token_i
   return ranks[i];
 }
 
+double LoadImbalance(const Placement& p, const std::vector<std::vector<int64_t>>& load) {
+  if (p.num_ranks <= 0 || load.size() != p.replicas.size()) return 0;
+  std::vector<double> work(p.num_ranks, 0.0);
+  for (size_t l = 0; l < load.size(); ++l) {
+    if (load[l].empty()) continue;  // a dense layer
+    if (load[l].size() != p.replicas[l].size()) return 0;
+    for (size_t e = 0; e < load[l].size(); ++e) {
+      const std::vector<int32_t>& holders = p.replicas[l][e];
+      for (int32_t r : holders) work[r] += static_cast<double>(load[l][e]) / holders.size();
+    }
+  }
+  double total = 0, busiest = 0;
+  for (double w : work) {
+    total += w;
+    busiest = std::max(busiest, w);
+  }
+  return total > 0 ? busiest / (total / p.num_ranks) : 0;
+}
+
 }  // namespace joule

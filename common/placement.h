@@ -40,4 +40,10 @@ absl::StatusOr<Placement> ContiguousPlacement(int num_ranks, int num_layers, int
 // rank), which spreads one expert's tokens evenly and needs no coordination.
 int32_t ChooseReplica(const Placement& p, int layer, int expert, int64_t token_index, int source_rank);
 
+// The expert-parallel load imbalance, the figure EPLB lowers: the busiest rank's
+// expert work over the mean rank's, where `load[layer][expert]` tokens routed to
+// an expert are shared evenly by its replicas. 1: balanced; 0: no load (or a
+// load that does not match the placement's shape).
+double LoadImbalance(const Placement& p, const std::vector<std::vector<int64_t>>& load);
+
 }  // namespace joule

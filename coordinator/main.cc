@@ -6,10 +6,11 @@
 //                     [--transport ucx|nccl|inproc] [--redundant-experts N]
 //                     [--step-timeout-ms 10000] [--heartbeat-ms 500]
 //                     [--http-port P] [--http-port-file FILE] [--api-key KEY]
+//                     [--host 127.0.0.1] [--grpc-host 127.0.0.1]
 //
-// Logs go to stderr; "listening on HOST:PORT" (gRPC) and, with --http-port,
-// "http listening on HOST:PORT" (the OpenAI-compatible API) are printed to
-// stdout once serving.
+// Logs go to stderr; "grpc listening on HOST:PORT" (--grpc-host) and, with
+// --http-port, "http listening on HOST:PORT" (--host; the OpenAI-compatible
+// API) are printed to stdout once serving. Both hosts default to 127.0.0.1.
 // SIGTERM or SIGINT shut it down cleanly (exit status 0).
 #include <signal.h>
 
@@ -18,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "common/host_port.h"
 #include "common/logging.h"
 #include "coordinator/cluster/coordinator_options.h"
 #include "coordinator/cluster/coordinator_server.h"
@@ -56,7 +58,6 @@ int main(int argc, char** argv) {
     return 1;
   }
   const int port = (*server)->port();
-  const std::string host = options->host == "0.0.0.0" || options->host == "[::]" ? "127.0.0.1" : options->host;
   // The HTTP port file first: a script that sees the gRPC one may read both.
   const int http_port = (*server)->http_port();
   if (http_port >= 0 && !options->http_port_file.empty() &&
@@ -70,8 +71,9 @@ int main(int argc, char** argv) {
     (*server)->Stop();
     return 1;
   }
-  std::printf("listening on %s:%d\n", host.c_str(), port);
-  if (http_port >= 0) std::printf("http listening on %s:%d\n", host.c_str(), http_port);
+  // Exactly what listens where: 0.0.0.0 is every interface, 127.0.0.1 this host only.
+  std::printf("grpc listening on %s\n", joule::HostPort(options->grpc_host, port).c_str());
+  if (http_port >= 0) std::printf("http listening on %s\n", joule::HostPort(options->host, http_port).c_str());
   std::fflush(stdout);
   JOULE_LOG(Info) << "waiting for " << options->workers << " worker(s) on port " << port;
 

@@ -37,6 +37,7 @@
 #include "boost/beast/http.hpp"
 #include "nlohmann/json.hpp"
 #include "common/options.h"
+#include "common/grpc_security.h"
 #include "proto/joule/v1/generate.grpc.pb.h"
 
 namespace {
@@ -142,7 +143,14 @@ struct LatencyResult {
 LatencyResult MeasureLatency(const BenchConfig& o, const std::string& model) {
   LatencyResult r;
   HttpConnection conn(o.http);
-  auto channel = grpc::CreateChannel(o.grpc, grpc::InsecureChannelCredentials());
+  // The cluster's TLS and token from the environment (JOULE_TLS_*, JOULE_CLUSTER_TOKEN), as
+  // joule-cli reads them; none set: plain text.
+  absl::StatusOr<joule::GrpcSecurity> security = joule::LoadGrpcSecurity({});
+  if (!security.ok()) {
+    std::fprintf(stderr, "joule-http-bench: %s\n", std::string(security.status().message()).c_str());
+    std::exit(2);
+  }
+  auto channel = joule::MakeChannel(o.grpc, *security, grpc::ChannelArguments());
   auto stub = joule::v1::Frontend::NewStub(channel);
   const std::string body = json{{"model", model},
                                 {"prompt", json::parse(PromptJson())},

@@ -10,8 +10,8 @@
 //
 // generate prints each streamed token id on its own line as it arrives, then
 // "finish_reason: stop|length|cancelled". Exit status: 0 on success, 1 when
-// the coordinator returns an error (printed as "error: CODE: message"), 2 on
-// bad usage.
+// the coordinator returns an error (printed as "error: CODE: message") or the
+// request was cancelled before it finished, 2 on bad usage.
 #include <cstdio>
 #include <map>
 #include <memory>
@@ -25,6 +25,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "common/grpc_security.h"
 #include "coordinator/cluster/grpc_util.h"
 #include "proto/joule/v1/generate.grpc.pb.h"
 
@@ -39,7 +40,11 @@ constexpr char kUsage[] =
     "                      [--tier fast|priority|default|flex] [--timeout-s 600]\n"
     "  joule-cli status    --coordinator HOST:PORT\n"
     "  joule-cli rebalance --coordinator HOST:PORT [--redundant-experts N]\n"
-    "  joule-cli drain     --coordinator HOST:PORT RANK\n";
+    "  joule-cli drain     --coordinator HOST:PORT RANK\n"
+    "every command also takes [--tls-cert PEM --tls-key PEM --tls-ca PEM] (mutual TLS; env\n"
+    "JOULE_TLS_CERT, JOULE_TLS_KEY, JOULE_TLS_CA), [--tls-server-name NAME] (the name the\n"
+    "coordinator's certificate must hold, if not its host; env JOULE_TLS_SERVER_NAME) and\n"
+    "[--cluster-token-file FILE] (env JOULE_CLUSTER_TOKEN); flags win over the environment\n";
 
 int Usage(const std::string& why) {
   std::fprintf(stderr, "joule-cli: %s\n%s", why.c_str(), kUsage);
@@ -50,6 +55,12 @@ int RpcError(const grpc::Status& s) {
   std::fprintf(stderr, "error: %s: %s\n",
                std::string(absl::StatusCodeToString(static_cast<absl::StatusCode>(s.error_code()))).c_str(),
                s.error_message().c_str());
+  // A TLS handshake the coordinator refused looks like an unreachable one.
+  if (s.error_code() == grpc::StatusCode::UNAVAILABLE) {
+    std::fprintf(stderr,
+                 "hint: is the coordinator running at --coordinator, and does this client's "
+                 "certificate (--tls-cert/--tls-key/--tls-ca or JOULE_TLS_*) come from its CA?\n");
+  }
   return 1;
 }
 
@@ -132,6 +143,11 @@ int Generate(Frontend::Stub* stub, const Flags& f) {
   std::fprintf(stderr, "request %s served by rank %d: %d prompt tokens, %d completion tokens\n",
                last.request_id().c_str(), last.rank(), last.prompt_tokens(),
                last.completion_tokens() ? last.completion_tokens() : tokens);
+  // Ended early by someone else: the tokens above are not a complete answer.
+  if (last.finish_reason() == joule::v1::FINISH_REASON_CANCELLED) {
+    std::fprintf(stderr, "error: CANCELLED: the request was cancelled before it finished\n");
+    return 1;
+  }
   return 0;
 }
 
@@ -220,8 +236,21 @@ int main(int argc, char** argv) {
   if (command != "drain" && !positional.empty()) {
     return Usage(absl::StrCat("unexpected argument '", positional[0], "'"));
   }
-  auto channel = grpc::CreateCustomChannel(f.Get("coordinator"), grpc::InsecureChannelCredentials(),
-                                           joule::cluster::ClientChannelArgs());
+  // Flags win over JOULE_TLS_* and JOULE_CLUSTER_TOKEN (common/grpc_security.h).
+  absl::StatusOr<joule::GrpcSecurity> security = joule::LoadGrpcSecurity(
+      {.tls_cert = f.Get("tls-cert"),
+       .tls_key = f.Get("tls-key"),
+       .tls_ca = f.Get("tls-ca"),
+       .tls_server_name = f.Get("tls-server-name"),
+       .cluster_token_file = f.Get("cluster-token-file")});
+  if (!security.ok()) {
+    std::fprintf(stderr, "joule-cli: %s\n", std::string(security.status().message()).c_str());
+    return 2;
+  }
+  if (std::string warning = joule::GrpcSecurityWarning(*security); !warning.empty()) {
+    std::fprintf(stderr, "joule-cli: %s\n", warning.c_str());
+  }
+  auto channel = joule::MakeChannel(f.Get("coordinator"), *security, joule::cluster::ClientChannelArgs());
   auto stub = Frontend::NewStub(channel);
   if (command == "generate") return Generate(stub.get(), f);
   if (command == "status") return Status(stub.get());

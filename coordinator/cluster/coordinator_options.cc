@@ -24,6 +24,10 @@ absl::Status CoordinatorOptions::Validate() const {
   if (port < 0 || port > 65535) {
     return absl::InvalidArgumentError(absl::StrCat("--port: must be in [0, 65535], got ", port));
   }
+  if (host.empty()) return absl::InvalidArgumentError("--host: must name an address (e.g. 127.0.0.1, 0.0.0.0)");
+  if (grpc_host.empty()) {
+    return absl::InvalidArgumentError("--grpc-host: must name an address (e.g. 127.0.0.1, 0.0.0.0)");
+  }
   if (transport != "ucx" && transport != "nccl" && transport != "inproc") {
     return absl::InvalidArgumentError(
         absl::StrCat("--transport: must be ucx, nccl or inproc, got '", transport, "'"));
@@ -109,6 +113,10 @@ absl::StatusOr<CoordinatorOptions> ParseCoordinatorOptions(int argc, const char*
                                                  "JOULE_COORDINATOR_", argc, argv);
   if (options.ok() && options->api_key.empty()) {
     if (const char* key = std::getenv("JOULE_API_KEY"); key != nullptr) options->api_key = key;
+  }
+  // After JOULE_API_KEY, which may be the only key.
+  if (options.ok() && options->metrics_require_key && options->api_key.empty() && options->api_key_file.empty()) {
+    return absl::InvalidArgumentError("--metrics-require-key: needs --api-key, JOULE_API_KEY or --api-key-file");
   }
   return options;
 }

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/grpc_security.h"
 #include "common/options.h"
 #include "scheduler/tier.h"
 
@@ -19,8 +20,12 @@ namespace joule::cluster {
 #define JOULE_COORDINATOR_OPTIONS(X)                                                              \
   X(std::string, model, "", "checkpoint directory (config.json + *.safetensors)")                \
   X(int, workers, 1, "expert-parallel world size: the number of worker ranks")                    \
-  X(std::string, host, "0.0.0.0", "address to listen on")                                        \
-  X(int, port, 0, "port to listen on; 0 picks a free one (see --port-file)")                     \
+  X(std::string, host, "127.0.0.1",                                                               \
+    "address the HTTP API listens on; 0.0.0.0: every interface (clients on other hosts)")       \
+  X(std::string, grpc_host, "127.0.0.1",                                                          \
+    "address the gRPC port (workers, joule-cli) listens on; multi-host clusters: 0.0.0.0 or an " \
+    "interface address the workers reach")                                                        \
+  X(int, port, 0, "gRPC port to listen on; 0 picks a free one (see --port-file)")                \
   X(std::string, port_file, "", "write the bound port to this file once serving")                \
   X(std::string, transport, "ucx", "worker transport: ucx | nccl | inproc")                      \
   X(int, redundant_experts, 0, "extra expert replicas per MoE layer that Rebalance adds (EPLB)")  \
@@ -49,6 +54,11 @@ namespace joule::cluster {
   X(std::string, served_model_name, "", "model id of the HTTP API; default: the --model directory's base name") \
   X(std::string, api_key, "",                                                                     \
     "when set, /v1 routes require 'Authorization: Bearer KEY' (also from env JOULE_API_KEY)")    \
+  X(std::string, api_key_file, "",                                                                \
+    "file of accepted API keys, one per line (blank lines and # comments skipped); with --api-key " \
+    "both are accepted")                                                                          \
+  X(bool, metrics_require_key, false,                                                             \
+    "the HTTP /metrics route requires an API key too (Prometheus: authorization credentials)")  \
   X(int64_t, max_body_bytes, 1 << 20, "largest HTTP request body accepted (larger: 413)")        \
   X(std::string, tier_queue_cap, "fast=64,priority=256,standard=1024,batch=4096",                 \
     "per-tier cap on HTTP requests in flight at the coordinator, and on those waiting in the "   \
@@ -58,7 +68,8 @@ namespace joule::cluster {
     "scheduling policy of HTTP requests: fcfs (tiers ignored), priority (strict tier order), "   \
     "ipw (interactivity per watt), or none (no scheduler: least loaded rank at once)")          \
   X(std::string, scheduler_config, "",                                                            \
-    "JSON file of SLOs, caps and ipw knobs (scheduler/config.h); --policy overrides its policy")
+    "JSON file of SLOs, caps and ipw knobs (scheduler/config.h); --policy overrides its policy") \
+  JOULE_GRPC_SECURITY_FLAGS(X)
 
 struct CoordinatorOptions {
   JOULE_COORDINATOR_OPTIONS(JOULE_OPTION_FIELD)

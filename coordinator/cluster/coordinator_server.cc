@@ -4,8 +4,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/file.h"
+#include "common/host_port.h"
+#include "common/grpc_security.h"
 #include "common/logging.h"
 #include "common/model_fingerprint.h"
+#include "common/secrets.h"
 #include "common/status.h"
 #include "coordinator/cluster/grpc_util.h"
 #include "coordinator/cluster/grpc_worker_client.h"
@@ -56,6 +59,11 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
     const CoordinatorOptions& options, std::unique_ptr<WorkerClientFactory> clients) {
   std::unique_ptr<CoordinatorServer> s(new CoordinatorServer());
   s->options_ = options;
+  // Before the model: a bad TLS or token flag fails at once.
+  ASSIGN_OR_RETURN(GrpcSecurity security, LoadGrpcSecurity(GrpcSecurityFlagsFrom(options)));
+  if (std::string warning = GrpcSecurityWarning(security); !warning.empty()) {
+    JOULE_LOG(Warning) << warning;
+  }
   ASSIGN_OR_RETURN(ModelSummary model, ReadModelSummary(options.model));
   ASSIGN_OR_RETURN(s->fingerprint_, ModelFingerprint(options.model));
   JOULE_LOG(Info) << "model " << model.name << " (" << model.architecture << "): "
@@ -73,26 +81,30 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
                       .step_timeout = absl::Milliseconds(options.step_timeout_ms),
                       .elastic = options.elastic};
   ASSIGN_OR_RETURN(s->membership_, Membership::Create(std::move(m), std::move(model), &s->clock_));
-  s->clients_ = clients ? std::move(clients) : std::make_unique<GrpcWorkerClientFactory>();
+  s->clients_ = clients ? std::move(clients) : std::make_unique<GrpcWorkerClientFactory>(security);
   s->router_ = std::make_unique<Router>(
       s->membership_.get(), s->clients_.get(),
       RouterOptions{.request_timeout = absl::Seconds(options.request_timeout_s),
                     .max_resumes = options.max_resumes,
                     .resume_wait = absl::Seconds(options.resume_wait_s)});
-  s->coordinator_service_ = std::make_unique<CoordinatorServiceImpl>(s->membership_.get());
-  s->frontend_service_ = std::make_unique<FrontendServiceImpl>(s->membership_.get(), s->router_.get());
+  s->coordinator_service_ =
+      std::make_unique<CoordinatorServiceImpl>(s->membership_.get(), security.token);
+  s->frontend_service_ =
+      std::make_unique<FrontendServiceImpl>(s->membership_.get(), s->router_.get(), security.token);
 
   grpc::ServerBuilder builder;
   AddServerKeepalive(&builder);
-  builder.AddListeningPort(absl::StrCat(options.host, ":", options.port),
-                           grpc::InsecureServerCredentials(), &s->port_);
+  builder.AddListeningPort(HostPort(options.grpc_host, options.port),
+                           MakeServerCredentials(security), &s->port_);
   builder.RegisterService(s->coordinator_service_.get());
   builder.RegisterService(s->frontend_service_.get());
   s->server_ = builder.BuildAndStart();
   if (!s->server_ || s->port_ == 0) {
     return absl::UnavailableError(
-        absl::StrCat("cannot listen on ", options.host, ":", options.port, " (port in use?)"));
+        absl::StrCat("cannot listen on ", HostPort(options.grpc_host, options.port),
+                     " (--grpc-host, --port: port in use?)"));
   }
+  s->keep_awake_ = std::make_unique<GrpcKeepAwake>(s->server_->InProcessChannel(grpc::ChannelArguments()));
   if (options.http_port >= 0) RETURN_IF_ERROR(s->StartHttp());
   s->control_loop_ = std::thread([srv = s.get()] { srv->ControlLoop(); });
   return s;
@@ -121,11 +133,18 @@ absl::Status CoordinatorServer::StartHttp() {
     backend = scheduled_backend_.get();
     collectables.push_back(std::make_shared<http::SchedulerMetrics>(scheduler_.get()));
   }
+  std::vector<std::string> api_keys;
+  if (!options_.api_key.empty()) api_keys.push_back(options_.api_key);
+  if (!options_.api_key_file.empty()) {
+    ASSIGN_OR_RETURN(std::vector<std::string> more, ReadSecretsFile(options_.api_key_file, "--api-key-file"));
+    api_keys.insert(api_keys.end(), more.begin(), more.end());
+  }
   openai_service_ = std::make_unique<http::OpenAiService>(
       http::OpenAiServiceOptions{
           .model_name = options_.served_model_name.empty() ? model.name : options_.served_model_name,
           .max_context = model.max_context,
-          .api_key = options_.api_key,
+          .api_keys = std::move(api_keys),
+          .metrics_require_key = options_.metrics_require_key,
           .tier_caps = *caps,
           .collectables = std::move(collectables)},
       tokenizer_.get(), backend, metrics_registry_, &clock_);
@@ -176,6 +195,7 @@ void CoordinatorServer::Stop() {
   router_->Shutdown();
   if (http_server_) http_server_->Stop();
   membership_->Shutdown();
+  keep_awake_.reset();
   server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   stop_.Notify();
   if (control_loop_.joinable()) control_loop_.join();

@@ -13,6 +13,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/synchronization/notification.h"
+#include "common/grpc_keep_awake.h"
 #include "coordinator/cluster/clock.h"
 #include "coordinator/cluster/coordinator_options.h"
 #include "coordinator/cluster/coordinator_service.h"
@@ -72,6 +73,7 @@ class CoordinatorServer {
   std::unique_ptr<CoordinatorServiceImpl> coordinator_service_;
   std::unique_ptr<FrontendServiceImpl> frontend_service_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<GrpcKeepAwake> keep_awake_;  // the router's calls never wait for a napping poller
   int port_ = 0;
   absl::Notification stop_;
   std::thread control_loop_;

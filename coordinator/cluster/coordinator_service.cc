@@ -34,6 +34,7 @@ class WriterSink final : public GenerateSink {
 grpc::Status CoordinatorServiceImpl::Register(grpc::ServerContext* context,
                                               const v1::RegisterRequest* request,
                                               v1::RegisterReply* reply) {
+  if (grpc::Status auth = token_.Check(*context); !auth.ok()) return auth;
   absl::Status s = membership_->Register(*request, reply);
   if (!s.ok()) {
     JOULE_LOG(Warning) << "refused registration of worker " << request->worker_id() << " from "
@@ -45,18 +46,21 @@ grpc::Status CoordinatorServiceImpl::Register(grpc::ServerContext* context,
 grpc::Status CoordinatorServiceImpl::Rendezvous(grpc::ServerContext* context,
                                                 const v1::RendezvousRequest* request,
                                                 v1::RendezvousReply* reply) {
+  if (grpc::Status auth = token_.Check(*context); !auth.ok()) return auth;
   return ToGrpcStatus(membership_->Rendezvous(*request, LongPollDeadline(*context), reply));
 }
 
 grpc::Status CoordinatorServiceImpl::Heartbeat(grpc::ServerContext* context,
                                                const v1::HeartbeatRequest* request,
                                                v1::HeartbeatReply* reply) {
+  if (grpc::Status auth = token_.Check(*context); !auth.ok()) return auth;
   return ToGrpcStatus(membership_->Heartbeat(*request, reply));
 }
 
 grpc::Status FrontendServiceImpl::Generate(grpc::ServerContext* context,
                                            const v1::GenerateRequest* request,
                                            grpc::ServerWriter<v1::GenerateResponse>* writer) {
+  if (grpc::Status auth = token_.Check(*context); !auth.ok()) return auth;
   WriterSink sink(context, writer);
   return ToGrpcStatus(router_->Generate(*request, FromChrono(context->deadline()), &sink));
 }
@@ -64,6 +68,7 @@ grpc::Status FrontendServiceImpl::Generate(grpc::ServerContext* context,
 grpc::Status FrontendServiceImpl::ClusterStatus(grpc::ServerContext* context,
                                                 const v1::ClusterStatusRequest* request,
                                                 v1::ClusterStatusReply* reply) {
+  if (grpc::Status auth = token_.Check(*context); !auth.ok()) return auth;
   reply->set_world_size(membership_->world_size());
   reply->set_placement_epoch(membership_->placement_epoch());
   const GroupInfo group = membership_->group();
@@ -85,6 +90,7 @@ grpc::Status FrontendServiceImpl::ClusterStatus(grpc::ServerContext* context,
 grpc::Status FrontendServiceImpl::Rebalance(grpc::ServerContext* context,
                                             const v1::RebalanceRequest* request,
                                             v1::RebalanceReply* reply) {
+  if (grpc::Status auth = token_.Check(*context); !auth.ok()) return auth;
   std::optional<int> extra;
   if (request->has_redundant_experts()) extra = request->redundant_experts();
   absl::StatusOr<uint64_t> epoch = membership_->Rebalance(extra);
@@ -95,6 +101,7 @@ grpc::Status FrontendServiceImpl::Rebalance(grpc::ServerContext* context,
 
 grpc::Status FrontendServiceImpl::Drain(grpc::ServerContext* context,
                                         const v1::DrainRequest* request, v1::DrainReply* reply) {
+  if (grpc::Status auth = token_.Check(*context); !auth.ok()) return auth;
   absl::StatusOr<uint64_t> epoch = membership_->Drain(request->rank());
   if (!epoch.ok()) return ToGrpcStatus(epoch.status());
   // Its requests resume on the others (the router's resumes); none fails.

@@ -1,8 +1,10 @@
 // Thin gRPC adapters: Coordinator (workers register, rendezvous, heartbeat)
 // over Membership, Frontend (token-id clients) over Router. They convert
-// deadlines and statuses and nothing else.
+// deadlines and statuses and nothing else. Every method checks the cluster
+// token first (common/grpc_security.h).
 #pragma once
 
+#include "common/grpc_security.h"
 #include "coordinator/cluster/membership.h"
 #include "coordinator/cluster/router.h"
 #include "proto/joule/v1/cluster.grpc.pb.h"
@@ -12,7 +14,9 @@ namespace joule::cluster {
 
 class CoordinatorServiceImpl final : public v1::Coordinator::Service {
  public:
-  explicit CoordinatorServiceImpl(Membership* membership) : membership_(membership) {}
+  // An empty token: every call is accepted.
+  explicit CoordinatorServiceImpl(Membership* membership, ClusterToken token = {})
+      : membership_(membership), token_(std::move(token)) {}
 
   grpc::Status Register(grpc::ServerContext* context, const v1::RegisterRequest* request,
                         v1::RegisterReply* reply) override;
@@ -23,12 +27,13 @@ class CoordinatorServiceImpl final : public v1::Coordinator::Service {
 
  private:
   Membership* const membership_;
+  const ClusterToken token_;
 };
 
 class FrontendServiceImpl final : public v1::Frontend::Service {
  public:
-  FrontendServiceImpl(Membership* membership, Router* router)
-      : membership_(membership), router_(router) {}
+  FrontendServiceImpl(Membership* membership, Router* router, ClusterToken token = {})
+      : membership_(membership), router_(router), token_(std::move(token)) {}
 
   grpc::Status Generate(grpc::ServerContext* context, const v1::GenerateRequest* request,
                         grpc::ServerWriter<v1::GenerateResponse>* writer) override;
@@ -42,6 +47,7 @@ class FrontendServiceImpl final : public v1::Frontend::Service {
  private:
   Membership* const membership_;
   Router* const router_;
+  const ClusterToken token_;
 };
 
 }  // namespace joule::cluster

@@ -58,9 +58,8 @@ class GrpcGenerateCall final : public GenerateCall,
 
 class GrpcWorkerClient final : public WorkerClient {
  public:
-  explicit GrpcWorkerClient(const std::string& endpoint)
-      : stub_(v1::Worker::NewStub(grpc::CreateCustomChannel(
-            endpoint, grpc::InsecureChannelCredentials(), ClientChannelArgs()))) {}
+  GrpcWorkerClient(const std::string& endpoint, const GrpcSecurity& security)
+      : stub_(v1::Worker::NewStub(MakeChannel(endpoint, security, ClientChannelArgs()))) {}
 
   std::shared_ptr<GenerateCall> Generate(const v1::GenerateRequest& request, absl::Time deadline,
                                          std::shared_ptr<GenerateObserver> observer) override {
@@ -91,14 +90,15 @@ class GrpcWorkerClient final : public WorkerClient {
 
 }  // namespace
 
-std::shared_ptr<WorkerClient> MakeGrpcWorkerClient(const std::string& endpoint) {
-  return std::make_shared<GrpcWorkerClient>(endpoint);
+std::shared_ptr<WorkerClient> MakeGrpcWorkerClient(const std::string& endpoint,
+                                                   const GrpcSecurity& security) {
+  return std::make_shared<GrpcWorkerClient>(endpoint, security);
 }
 
 std::shared_ptr<WorkerClient> GrpcWorkerClientFactory::Connect(const std::string& endpoint) {
   absl::MutexLock lock(&mu_);
   auto& client = clients_[endpoint];
-  if (!client) client = MakeGrpcWorkerClient(endpoint);
+  if (!client) client = MakeGrpcWorkerClient(endpoint, security_);
   return client;
 }
 

@@ -8,11 +8,14 @@
 #include "absl/strings/str_join.h"
 #include "common/logging.h"
 #include "common/placement_proto.h"
+#include "common/secrets.h"
 #include "common/status.h"
 #include "coordinator/placement/eplb.h"
 
 namespace joule::cluster {
 namespace {
+
+constexpr int kWorkerSecretBytes = 16;  // 128 bits
 
 std::string VersionName(int v) {
   return absl::StrCat(v1::ProtocolVersion_IsValid(v)
@@ -94,6 +97,22 @@ void Membership::FillRegisterReplyLocked(int rank, v1::RegisterReply* reply) con
   reply->set_step_timeout_ms(absl::ToInt64Milliseconds(options_.step_timeout));
   reply->set_elastic(options_.elastic);
   reply->set_joining(slots_[rank].joining);
+  reply->set_worker_secret(slots_[rank].worker_secret);
+}
+
+absl::Status Membership::CheckHolderLocked(const Slot& s, const std::string& worker_id,
+                                           const std::string& secret,
+                                           absl::string_view next_step) const {
+  if (s.info.state == RankState::kFree || s.info.worker_id != worker_id) {
+    return absl::NotFoundError(absl::StrCat("rank ", s.info.rank, " is not held by worker ",
+                                            worker_id, "; ", next_step));
+  }
+  // A worker id shows in logs; the secret went only to the worker in its RegisterReply.
+  if (!SecretEquals(secret, s.worker_secret)) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "worker_secret: not the one issued to rank ", s.info.rank, "'s registration"));
+  }
+  return absl::OkStatus();
 }
 
 namespace {
@@ -114,11 +133,13 @@ absl::Status Membership::Register(const v1::RegisterRequest& request, v1::Regist
         "; run a joule-worker built from the same release"));
   }
   if (request.model_fingerprint() != options_.model_fingerprint) {
+    // The caller learns the reason; our fingerprint and path are for the log.
+    JOULE_LOG(Warning) << "worker " << request.worker_id() << " has model fingerprint "
+                       << (request.model_fingerprint().empty() ? "(empty)" : request.model_fingerprint())
+                       << ", this coordinator " << options_.model_fingerprint << " (model "
+                       << options_.model_dir << ")";
     return absl::FailedPreconditionError(
-        absl::StrCat("worker model fingerprint ",
-                     request.model_fingerprint().empty() ? "(empty)" : request.model_fingerprint(),
-                     " != coordinator's ", options_.model_fingerprint, " (model ",
-                     options_.model_dir, "): start the worker with the same checkpoint"));
+        "model fingerprint does not match the coordinator's model: start the worker with the same checkpoint");
   }
   if (request.transport() != options_.transport) {
     return absl::FailedPreconditionError(
@@ -147,10 +168,12 @@ absl::Status Membership::Register(const v1::RegisterRequest& request, v1::Regist
   for (const Slot& s : slots_) {
     if (Live(s) && s.info.worker_id != request.worker_id() &&
         DeviceKind(s.info.device) != DeviceKind(request.device())) {
+      JOULE_LOG(Warning) << "worker " << request.worker_id() << " computes on " << request.device()
+                         << " but rank " << s.info.rank << " (worker " << s.info.worker_id << ") on "
+                         << s.info.device;
       return absl::FailedPreconditionError(absl::StrCat(
-          "device: worker ", request.worker_id(), " computes on ", request.device(), " but rank ",
-          s.info.rank, " (worker ", s.info.worker_id, ") on ", s.info.device,
-          "; every rank of a group uses one kind of device (--device)"));
+          "device: this worker computes on ", DeviceKind(request.device()), " but rank ", s.info.rank, " on ",
+          DeviceKind(s.info.device), "; every rank of a group uses one kind of device (--device)"));
     }
   }
   // The same process again (its reply was lost, or it restarted its client).
@@ -161,6 +184,7 @@ absl::Status Membership::Register(const v1::RegisterRequest& request, v1::Regist
                                                      " already holds rank ", s.info.rank,
                                                      ", not the requested rank ", requested));
       }
+      slots_[s.info.rank].worker_secret = RandomHex(kWorkerSecretBytes);
       FillRegisterReplyLocked(s.info.rank, reply);
       return absl::OkStatus();
     }
@@ -169,9 +193,10 @@ absl::Status Membership::Register(const v1::RegisterRequest& request, v1::Regist
   if (rank >= 0) {
     const Slot& s = slots_[rank];
     if (Live(s)) {
-      return absl::AlreadyExistsError(absl::StrCat(
-          "duplicate rank: rank ", rank, " is already held by live worker ", s.info.worker_id,
-          " at ", s.info.worker_endpoint));
+      // The holder's id and address are for the log, not for whoever asks.
+      JOULE_LOG(Warning) << "worker " << request.worker_id() << " asked for rank " << rank
+                         << ", held by live worker " << s.info.worker_id << " at " << s.info.worker_endpoint;
+      return absl::AlreadyExistsError(absl::StrCat("rank ", rank, " is taken"));
     }
   } else {
     for (const Slot& s : slots_) {
@@ -187,18 +212,24 @@ absl::Status Membership::Register(const v1::RegisterRequest& request, v1::Regist
   }
   Slot& s = slots_[rank];
   const bool replacing = s.info.state == RankState::kDead;
+  // A new worker's meter starts from 0; the same worker (registering again)
+  // goes on from what it reported. The rank's total keeps growing either way.
+  if (request.worker_id() != s.info.worker_id) s.energy_reported = 0;
   s.info = RankInfo{.rank = rank,
                     .state = RankState::kRegistered,
                     .worker_id = request.worker_id(),
                     .worker_endpoint = request.worker_endpoint(),
                     .host = request.host(),
-                    .device = request.device()};
+                    .device = request.device(),
+                    .energy_joules = s.info.energy_joules,
+                    .energy_source = s.info.energy_source};
   s.transport_address = request.transport_address();
   s.last_seen = clock_->Now();
   s.heartbeated = false;
   // The group runs without this rank (it left): the worker joins it once loaded.
   s.joining = options_.elastic && group_epoch_ > 0 && GroupRankLocked(rank) < 0;
   s.drained = false;
+  s.worker_secret = RandomHex(kWorkerSecretBytes);
   if (rank == 0) {
     rank0_rendezvous_ = false;
     nccl_unique_id_.clear();
@@ -251,6 +282,8 @@ absl::Status Membership::Rendezvous(const v1::RendezvousRequest& request, absl::
     return absl::NotFoundError(absl::StrCat("rank ", request.rank(), " is not held by worker ",
                                             request.worker_id(), "; register first"));
   }
+  RETURN_IF_ERROR(
+      CheckHolderLocked(mine, request.worker_id(), request.worker_secret(), "register first"));
   if (request.group_epoch() > 0) return GroupRendezvousLocked(request, deadline, reply);
   if (!request.transport_address().empty()) mine.transport_address = request.transport_address();
   mine.last_seen = clock_->Now();
@@ -450,9 +483,25 @@ absl::Status Membership::PlaceOverGroupLocked(const std::vector<int>& before) {
 
 MembershipStats Membership::stats() const {
   absl::MutexLock lock(&mu_);
-  return {.group_epoch = group_epoch_,
-          .rank_failures = rank_failures_,
-          .recovery_seconds = recovery_seconds_};
+  MembershipStats stats{.group_epoch = group_epoch_,
+                        .rank_failures = rank_failures_,
+                        .recovery_seconds = recovery_seconds_,
+                        .ep_load_imbalance = LoadImbalance(placement_, load_)};
+  for (const Slot& s : slots_) {
+    if (!s.info.energy_source.empty()) stats.metered.push_back(s.info);
+  }
+  return stats;
+}
+
+void Membership::RecordEnergyLocked(const v1::HeartbeatRequest& request, Slot* s) {
+  if (request.energy_source().empty()) return;  // no meter on that worker
+  const double reported = request.energy_joules();
+  // A meter total below the last one: its worker restarted under the same id.
+  const double grew = reported >= s->energy_reported ? reported - s->energy_reported : reported;
+  s->energy_reported = reported;
+  s->info.energy_joules += grew;
+  s->info.power_watts = request.power_watts();
+  s->info.energy_source = request.energy_source();
 }
 
 GroupInfo Membership::group() const {
@@ -522,10 +571,8 @@ void Membership::SetStepObserver(StepObserver observer) {
 absl::Status Membership::HeartbeatLocked(const v1::HeartbeatRequest& request,
                                          v1::HeartbeatReply* reply) {
   Slot& s = slots_[request.rank()];
-  if (s.info.state == RankState::kFree || s.info.worker_id != request.worker_id()) {
-    return absl::NotFoundError(absl::StrCat("rank ", request.rank(), " is not held by worker ",
-                                            request.worker_id(), "; register again"));
-  }
+  RETURN_IF_ERROR(
+      CheckHolderLocked(s, request.worker_id(), request.worker_secret(), "register again"));
   const bool outside = options_.elastic && group_epoch_ > 0 && GroupRankLocked(request.rank()) < 0;
   if (outside && s.joining) {
     s.last_seen = clock_->Now();
@@ -560,6 +607,7 @@ absl::Status Membership::HeartbeatLocked(const v1::HeartbeatRequest& request,
   s.info.group_epoch = request.group_epoch();
   s.last_seen = clock_->Now();
   s.heartbeated = true;
+  RecordEnergyLocked(request, &s);
   for (const v1::ExpertLoad& el : request.expert_load()) {
     auto& layer = load_[el.layer()];
     for (int e = 0; e < el.tokens_size(); ++e) layer[e] += std::max<int64_t>(el.tokens(e), 0);

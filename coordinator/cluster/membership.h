@@ -68,6 +68,12 @@ struct RankInfo {
   std::string dead_reason;
   int group_rank = -1;           // its transport rank in the current group; -1: not a member
   uint64_t group_epoch = 0;      // the group the worker last said it serves in
+  // Its energy meter, from heartbeats: joules metered on this rank since the
+  // coordinator started (summed over the workers that held it, so it only
+  // grows), the last mean power, and the meter ("" before the first report).
+  double energy_joules = 0;
+  double power_watts = 0;
+  std::string energy_source;
 };
 
 // The expert-parallel group: the registered ranks that step together, in
@@ -85,6 +91,11 @@ struct MembershipStats {
   uint64_t group_epoch = 0;
   uint64_t rank_failures = 0;            // ranks marked dead
   std::vector<double> recovery_seconds;  // a member's death -> its group serving again
+  // Every rank that reported a meter: energy, power, source (RankInfo's fields).
+  std::vector<RankInfo> metered;
+  // LoadImbalance of the current placement over the expert load reported since
+  // the last rebalance; 0: no load yet.
+  double ep_load_imbalance = 0;
 };
 
 struct DeadRank {
@@ -102,7 +113,8 @@ class Membership {
   // protocol version or model fingerprint or transport (FAILED_PRECONDITION),
   // rank out of range or missing fields (INVALID_ARGUMENT), rank held by a live
   // worker (ALREADY_EXISTS), cluster full (RESOURCE_EXHAUSTED). A worker that
-  // registers again with the same worker_id gets its rank back.
+  // registers again with the same worker_id gets its rank back. Every
+  // registration gets a new random worker_secret in the reply.
   absl::Status Register(const v1::RegisterRequest& request, v1::RegisterReply* reply);
 
   // Records the caller's transport address (when set, it replaces the one
@@ -113,14 +125,16 @@ class Membership {
   // passes first. With request.group_epoch set, the same for that group: the
   // members' addresses for it, by transport rank; ABORTED when the group has
   // moved on to a later epoch, FAILED_PRECONDITION when the caller is not a
-  // member.
+  // member. PERMISSION_DENIED when the worker_secret is not the one issued
+  // to the rank's registration.
   absl::Status Rendezvous(const v1::RendezvousRequest& request, absl::Time deadline,
                           v1::RendezvousReply* reply);
 
   // Records liveness, load and per-expert token counts; the reply carries the
   // current placement when the worker runs an older one. NOT_FOUND when the
   // worker does not hold that rank (it should register again). A rank marked
-  // dead whose worker heartbeats again is alive again.
+  // dead whose worker heartbeats again is alive again. PERMISSION_DENIED,
+  // changing nothing, when the worker_secret is not the rank's.
   // Its measured steps go to the step observer, if one is set.
   absl::Status Heartbeat(const v1::HeartbeatRequest& request, v1::HeartbeatReply* reply);
 
@@ -173,6 +187,12 @@ class Membership {
     bool heartbeated = false;  // since registering
     bool joining = false;      // registered into a running group it is not in yet
     bool drained = false;      // taken out by Drain: its worker exits cleanly
+    // RegisterReply.worker_secret of the registration holding the rank: its
+    // Rendezvous and Heartbeat calls must carry it.
+    std::string worker_secret;
+    // The meter total its worker last reported (HeartbeatRequest.energy_joules):
+    // the next report adds only what grew since.
+    double energy_reported = 0;
   };
 
   Membership(MembershipOptions options, ModelSummary model, const Clock* clock, Placement initial);
@@ -181,6 +201,7 @@ class Membership {
   absl::Status HeartbeatLocked(const v1::HeartbeatRequest& request, v1::HeartbeatReply* reply)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::string MissingRanksLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RecordEnergyLocked(const v1::HeartbeatRequest& request, Slot* s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FillRegisterReplyLocked(int rank, v1::RegisterReply* reply) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status GroupRendezvousLocked(const v1::RendezvousRequest& request, absl::Time deadline,
                                      v1::RendezvousReply* reply) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -191,6 +212,11 @@ class Membership {
   // The placement for the group just opened, from the group `before` it.
   absl::Status PlaceOverGroupLocked(const std::vector<int>& before) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   int GroupRankLocked(int rank) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // OK when `worker_id` holds `s` and `secret` is its registration's;
+  // NOT_FOUND (register again) or PERMISSION_DENIED otherwise.
+  absl::Status CheckHolderLocked(const Slot& s, const std::string& worker_id,
+                                 const std::string& secret, absl::string_view next_step) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool ServingLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const MembershipOptions options_;

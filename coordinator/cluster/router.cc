@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
+#include "common/secrets.h"
 #include "common/status.h"
 #include "scheduler/tier.h"
 
@@ -15,7 +16,10 @@ namespace joule::cluster {
 // What the router keeps of one request until it has its outcome.
 struct Router::Call {
   uint64_t seq = 0;
-  std::string request_id;
+  std::string request_id;  // the client's (or ours, when it gave none)
+  // The id workers see: ours, 128 random bits, whatever the client chose, so
+  // that nobody can name another's request on a worker.
+  std::string worker_request_id;
   v1::GenerateRequest request;  // as sent to workers, without resumed tokens
   absl::Time deadline;          // the client's, capped by request_timeout
   std::shared_ptr<GenerateSink> sink;
@@ -242,6 +246,7 @@ std::shared_ptr<Router::Call> Router::Start(const v1::GenerateRequest& request,
   call->sink = std::move(sink);
   call->done = std::move(done);
   call->cancel_is_ok = cancel_is_ok;
+  call->worker_request_id = NewRequestId("req");
   absl::Status refused;
   {
     absl::MutexLock lock(&mu_);
@@ -252,7 +257,7 @@ std::shared_ptr<Router::Call> Router::Start(const v1::GenerateRequest& request,
           "request_id: '", request.request_id(), "' is already in flight; ids must be unique"));
     } else {
       call->seq = next_call_++;
-      if (request.request_id().empty()) call->request.set_request_id(absl::StrCat("req-", call->seq));
+      if (request.request_id().empty()) call->request.set_request_id(call->worker_request_id);
       call->request_id = call->request.request_id();
       calls_[call->seq] = call;
       by_id_[call->request_id] = call->seq;
@@ -286,6 +291,7 @@ void Router::Launch(const std::shared_ptr<Call>& call, int rank) {
   const std::vector<RankInfo> ranks = membership_->Ranks();
   const std::string endpoint = ranks[rank].worker_endpoint;
   v1::GenerateRequest forward = call->request;
+  forward.set_request_id(call->worker_request_id);
   forward.mutable_resumed_token_ids()->Assign(call->tokens.begin(), call->tokens.end());
   std::shared_ptr<WorkerClient> client = clients_->Connect(endpoint);
   absl::Status refused;
@@ -312,7 +318,7 @@ void Router::Launch(const std::shared_ptr<Call>& call, int rank) {
   }
   if (call->tokens.empty()) {
     JOULE_LOG(Debug) << "request " << call->request_id << " -> rank " << rank << " (" << endpoint
-                     << ")";
+                     << ") as " << call->worker_request_id;
   } else {
     JOULE_LOG(Info) << "request " << call->request_id << " resumes on rank " << rank << " ("
                     << endpoint << ") with " << call->tokens.size()

@@ -27,6 +27,40 @@ std::string Payload(const absl::Status& status, const char* url) {
 
 }  // namespace
 
+std::string ServerErrorReason(const absl::Status& status) {
+  const std::string_view msg(status.message().data(), status.message().size());
+  switch (status.code()) {
+    case absl::StatusCode::kCancelled:
+      return "the request was cancelled before it finished";
+    case absl::StatusCode::kDeadlineExceeded:
+      return "the request did not finish before its deadline";
+    case absl::StatusCode::kUnavailable:
+      break;
+    default:
+      return "internal error; the server log has the details";
+  }
+  // The Router's reasons that say something to a client, by their fixed
+  // phrases; whatever surrounds them (ranks' addresses, errors) is dropped.
+  struct Known {
+    std::string_view phrase;
+    std::string_view reason;
+  };
+  constexpr Known kKnown[] = {
+      {" died", "a worker serving the request died"},
+      {"no rank is left in the expert-parallel group", "no rank is left in the expert-parallel group"},
+      {"no rank of the expert-parallel group is ready", "no rank of the expert-parallel group is ready"},
+      {"the expert-parallel group is re-forming", "the expert-parallel group is re-forming"},
+      {"no worker is ready", "no worker is ready"},
+      {"coordinator is shutting down", "the coordinator is shutting down"},
+  };
+  std::string reason;
+  for (const Known& k : kKnown) {
+    if (msg.find(k.phrase) != std::string_view::npos) absl::StrAppend(&reason, AbslView(k.reason), "; ");
+  }
+  if (reason.empty()) reason = "the cluster cannot serve the request now; ";
+  return absl::StrCat(reason, "retry after a moment");
+}
+
 absl::Status InvalidField(std::string_view param, std::string_view detail) {
   return WithParam(absl::InvalidArgumentError(absl::StrCat(AbslView(param), ": ", AbslView(detail))),
                    param);
@@ -80,8 +114,11 @@ ApiError ToApiError(const absl::Status& status) {
   }
   const std::string explicit_status = Payload(status, kStatusUrl);
   if (!explicit_status.empty()) e.http_status = std::stoi(explicit_status);
+  if (e.http_status >= 500) e.message = ServerErrorReason(status);
   // OpenAI's types: what a client library branches on.
-  if (e.http_status == 429) {
+  if (status.code() == absl::StatusCode::kCancelled) {
+    e.type = "cancelled";
+  } else if (e.http_status == 429) {
     e.type = "rate_limit_error";
   } else if (e.http_status >= 500) {
     e.type = e.http_status == 503 ? "service_unavailable_error" : "server_error";

@@ -34,7 +34,15 @@ struct ApiError {
 // InvalidArgument/FailedPrecondition/OutOfRange -> 400, Unauthenticated -> 401,
 // NotFound -> 404, ResourceExhausted -> 429, Unavailable -> 503,
 // DeadlineExceeded -> 504, everything else 500; an attached HTTP status wins.
+// Cancelled (the request was ended before it finished) has type "cancelled".
+// A 5xx's message is the reason only (ServerErrorReason): the status's own
+// text names ranks' addresses, request ids and transport errors, which are
+// for the log.
 ApiError ToApiError(const absl::Status& status);
+
+// What a client is told about a server-side failure: a fixed reason per kind,
+// without addresses, hosts, ports, paths, ids or transport error text.
+std::string ServerErrorReason(const absl::Status& status);
 
 // {"error": {...}} as JSON text.
 std::string ErrorJson(const ApiError& error);

@@ -4,6 +4,35 @@
 
 namespace joule::http {
 
+namespace {
+
+// Every rank's meter, from its heartbeats: one scrape of the coordinator shows
+// the whole cluster's power and energy.
+void AddEnergy(const cluster::MembershipStats& membership, std::vector<prometheus::MetricFamily>* out) {
+  using prometheus::MetricType;
+  prometheus::MetricFamily power = NewFamily(
+      "joule_rank_power_watts", MetricType::Gauge,
+      "Mean power of each rank over its last window of at least 1 s (heartbeats)");
+  prometheus::MetricFamily energy = NewFamily(
+      "joule_rank_energy_joules_total", MetricType::Counter,
+      "Energy each rank's meter measured (or modelled: source) since the coordinator started");
+  double total = 0;
+  for (const cluster::RankInfo& r : membership.metered) {
+    const std::vector<prometheus::ClientMetric::Label> labels = {
+        {.name = "rank", .value = std::to_string(r.rank)}, {.name = "source", .value = r.energy_source}};
+    AddSample(&power, labels, r.power_watts);
+    AddSample(&energy, labels, r.energy_joules);
+    total += r.energy_joules;
+  }
+  out->push_back(std::move(power));
+  out->push_back(std::move(energy));
+  out->push_back(NewFamily("joule_cluster_energy_joules_total", MetricType::Counter,
+                           "Energy of every rank together since the coordinator started (heartbeats)"));
+  AddSample(&out->back(), {}, total);
+}
+
+}  // namespace
+
 std::vector<prometheus::MetricFamily> ClusterMetricFamilies(const cluster::MembershipStats& membership,
                                                             const cluster::RouterStats& router) {
   using prometheus::MetricType;
@@ -28,6 +57,12 @@ std::vector<prometheus::MetricFamily> ClusterMetricFamilies(const cluster::Membe
   out.push_back(NewFamily("joule_recovery_seconds", MetricType::Histogram,
                           "Time from a group member's death to the re-formed group serving"));
   AddHistogram(&out.back(), {0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60}, membership.recovery_seconds);
+  AddEnergy(membership, &out);
+  if (membership.ep_load_imbalance > 0) {
+    add("joule_ep_load_imbalance", MetricType::Gauge,
+        "Busiest rank's expert work over the mean rank's, since the last rebalance (1: balanced)",
+        membership.ep_load_imbalance);
+  }
   return out;
 }
 

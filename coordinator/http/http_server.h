@@ -74,7 +74,7 @@ class HttpHandler {
 };
 
 struct HttpServerOptions {
-  std::string host = "0.0.0.0";
+  std::string host = "127.0.0.1";
   int port = 0;  // 0: any free port (see HttpServer::port)
   int threads = 2;
   int64_t max_body_bytes = 1 << 20;

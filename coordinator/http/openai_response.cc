@@ -23,7 +23,8 @@ Json Base(const ResponseHeader& h, const char* object) {
 Json UsageJson(const Usage& u) {
   Json j{{"prompt_tokens", u.prompt_tokens},
          {"completion_tokens", u.completion_tokens},
-         {"total_tokens", u.prompt_tokens + u.completion_tokens}};
+         {"total_tokens", u.prompt_tokens + u.completion_tokens},
+         {"prompt_tokens_details", Json{{"cached_tokens", u.cached_tokens}}}};
   if (u.energy_joules.has_value()) {
     j["energy_joules"] = *u.energy_joules;
     j["energy_source"] = u.energy_source;

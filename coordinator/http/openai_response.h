@@ -35,6 +35,9 @@ struct Usage {
   // recompute after the rank serving the request died (they count once in
   // completion_tokens; this is the extra work).
   int64_t resumed_tokens = 0;
+  // prompt_tokens_details.cached_tokens, always present (OpenAI's field):
+  // prompt tokens the serving rank's prefix cache held.
+  int64_t cached_tokens = 0;
 };
 
 // A non-streamed response: object "text_completion" with choices[0].text, or

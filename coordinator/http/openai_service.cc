@@ -1,7 +1,6 @@
 #include "coordinator/http/openai_service.h"
 
 #include <iterator>
-#include <random>
 #include <sstream>
 #include <utility>
 
@@ -10,9 +9,9 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "common/logging.h"
+#include "common/secrets.h"
 #include "common/status.h"
 #include "coordinator/http/api_error.h"
 #include "coordinator/http/openai_response.h"
@@ -125,8 +124,16 @@ class Generation : public std::enable_shared_from_this<Generation> {
     }
     if (text_.stopped()) {
       FinishLocked("stop", "", &out);
+    } else if (response.finish_reason() == v1::FINISH_REASON_CANCELLED) {
+      // Someone ended it early (not this client, who would be gone): not a
+      // normal finish, whatever was streamed so far.
+      if (!out.empty()) exchange_->Send(std::move(out));
+      FailLocked(absl::CancelledError(absl::StrCat("request ", header_.id, " was cancelled on rank ",
+                                                   response.rank(), " before it finished")));
+      return false;
     } else if (response.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
       resumed_tokens_ = response.resumed_tokens();
+      cached_tokens_ = response.cached_tokens();
       if (!response.energy_source().empty()) {
         energy_joules_ = response.energy_joules();
         energy_source_ = response.energy_source();
@@ -190,7 +197,8 @@ class Generation : public std::enable_shared_from_this<Generation> {
                       .completion_tokens = completion_tokens_,
                       .energy_joules = energy_joules_,
                       .energy_source = energy_source_,
-                      .resumed_tokens = resumed_tokens_};
+                      .resumed_tokens = resumed_tokens_,
+                      .cached_tokens = cached_tokens_};
     HttpMetrics& m = service_->metrics_;
     m.e2e(header_.tier).Observe(absl::ToDoubleSeconds(service_->clock_->Now() - arrival_));
     m.CountFinished(reason, header_.tier);
@@ -210,13 +218,14 @@ class Generation : public std::enable_shared_from_this<Generation> {
     finished_ = true;
     const absl::Status api = ToApiFields(status, header_.endpoint);
     const ApiError e = ToApiError(api);
+    // The client gets the reason only; the details are for the log.
+    if (e.http_status >= 500) JOULE_LOG(Info) << "request " << header_.id << " failed: " << status;
     if (!stream_started_) {
       service_->metrics_.CountRequest(RouteLabel(header_.endpoint), e.http_status, TierLabel());
       exchange_->Respond(ApiErrorResponse(api));
       return;
     }
     // Mid-stream the status line is long gone: an error event, then the end.
-    JOULE_LOG(Info) << "request " << header_.id << " failed mid-stream: " << status;
     exchange_->Send(SseEvent(ErrorJson(e)).append(kSseDone));
     exchange_->EndStream();
   }
@@ -235,6 +244,7 @@ class Generation : public std::enable_shared_from_this<Generation> {
   int64_t completion_tokens_ ABSL_GUARDED_BY(mu_) = 0;
   std::optional<double> energy_joules_ ABSL_GUARDED_BY(mu_);
   int64_t resumed_tokens_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t cached_tokens_ ABSL_GUARDED_BY(mu_) = 0;
   std::string energy_source_ ABSL_GUARDED_BY(mu_);
   absl::Time last_token_ ABSL_GUARDED_BY(mu_);
   bool stream_started_ ABSL_GUARDED_BY(mu_) = false;
@@ -273,11 +283,6 @@ class GenerationSink final : public cluster::GenerateSink {
   std::shared_ptr<Generation> g_ ABSL_GUARDED_BY(mu_);
 };
 
-uint64_t RandomSalt() {
-  std::random_device rd;
-  return (static_cast<uint64_t>(rd()) << 32) ^ rd();
-}
-
 }  // namespace
 
 OpenAiService::OpenAiService(OpenAiServiceOptions options, const tokenizer::Tokenizer* tokenizer,
@@ -289,29 +294,25 @@ OpenAiService::OpenAiService(OpenAiServiceOptions options, const tokenizer::Toke
       registry_(std::move(registry)),
       clock_(clock),
       metrics_(*registry_),
-      started_(absl::ToUnixSeconds(clock->Now())),
-      id_salt_(RandomSalt()) {
+      started_(absl::ToUnixSeconds(clock->Now())) {
   for (const char* stop : {"<|im_end|>", "<|endoftext|>"}) {
     if (auto id = tokenizer_->TokenId(stop)) chat_stop_ids_.push_back(*id);
   }
 }
 
 std::string OpenAiService::NewId(Endpoint endpoint) {
-  return absl::StrFormat("%s-%016x%08x", endpoint == Endpoint::kChatCompletions ? "chatcmpl" : "cmpl", id_salt_,
-                         next_id_.fetch_add(1));
+  // 128 random bits: one client's id says nothing about another's.
+  return NewRequestId(endpoint == Endpoint::kChatCompletions ? "chatcmpl" : "cmpl");
 }
 
 bool OpenAiService::Authorized(const HttpRequest& request) const {
-  if (options_.api_key.empty()) return true;
+  if (options_.api_keys.empty()) return true;
   const std::string_view auth = StdView(request[bhttp::field::authorization]);
   constexpr std::string_view kBearer = "Bearer ";
-  if (auth.size() != kBearer.size() + options_.api_key.size() || auth.substr(0, kBearer.size()) != kBearer) {
-    return false;
-  }
-  // Constant time in the key's content.
-  unsigned diff = 0;
-  for (size_t i = 0; i < options_.api_key.size(); ++i) diff |= auth[kBearer.size() + i] ^ options_.api_key[i];
-  return diff == 0;
+  const bool bearer = auth.substr(0, kBearer.size()) == kBearer;
+  // Every key is compared, in time independent of the keys' contents and lengths.
+  const bool match = MatchesAnySecret(bearer ? auth.substr(kBearer.size()) : std::string_view(), options_.api_keys);
+  return bearer && match;
 }
 
 bool OpenAiService::TryAdmit(scheduler::Tier tier) {
@@ -332,6 +333,8 @@ void OpenAiService::Release(scheduler::Tier tier) {
 void OpenAiService::RespondError(Exchange& exchange, std::string_view route, const absl::Status& status,
                                  std::string_view tier) {
   HttpResponse r = ApiErrorResponse(status);
+  // The client gets the reason only; the details are for the log.
+  if (r.result_int() >= 500) JOULE_LOG(Info) << AbslView(route) << " answered " << r.result_int() << ": " << status;
   metrics_.CountRequest(route, r.result_int(), tier);
   exchange.Respond(std::move(r));
 }
@@ -370,7 +373,8 @@ void OpenAiService::Handle(HttpRequest request, std::shared_ptr<Exchange> exchan
   if (route != nullptr && !route->prefix) label = route->path;
   if (route != nullptr && route->prefix) label = kRouteModels;
 
-  if (path.substr(0, 4) == "/v1/" && !Authorized(request)) {
+  const bool guarded = path.substr(0, 4) == "/v1/" || (path == "/metrics" && options_.metrics_require_key);
+  if (guarded && !Authorized(request)) {
     return RespondError(*exchange, label,
                         WithErrorCode(absl::UnauthenticatedError(
                                           "missing or incorrect API key; send 'Authorization: Bearer KEY'"),

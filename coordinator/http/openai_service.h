@@ -35,7 +35,9 @@ namespace joule::http {
 struct OpenAiServiceOptions {
   std::string model_name;    // the served model id
   int64_t max_context = 0;   // prompt + completion tokens at most
-  std::string api_key;       // empty: no authentication
+  // Keys accepted as 'Authorization: Bearer KEY' on /v1 routes; empty: no authentication.
+  std::vector<std::string> api_keys;
+  bool metrics_require_key = false;  // /metrics needs a key too (when keys are set)
   cluster::TierCaps tier_caps = {64, 256, 1024, 4096};
   // max_tokens of a completion that sets none (OpenAI's legacy default);
   // chat completions default to the rest of the context.
@@ -90,8 +92,6 @@ class OpenAiService final : public HttpHandler {
   const int64_t started_;  // Unix seconds, the model's "created"
   std::vector<int32_t> chat_stop_ids_;  // <|im_end|> and end-of-text, where the tokenizer has them
   std::array<std::atomic<int>, std::size(scheduler::kAllTiers)> in_flight_{};
-  std::atomic<uint64_t> next_id_{0};
-  const uint64_t id_salt_;
 };
 
 }  // namespace joule::http

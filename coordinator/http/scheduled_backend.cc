@@ -69,14 +69,17 @@ ScheduledBackend::ScheduledBackend(cluster::Router* router, cluster::Membership*
 ScheduledBackend::~ScheduledBackend() { Shutdown(); }
 
 void ScheduledBackend::Shutdown() {
+  {
+    absl::MutexLock lock(&mu_);
+    // Once: the destructor's call comes after the coordinator's Stop() made
+    // the first, when the membership may already be destroyed.
+    if (stopping_) return;
+    stopping_ = true;
+  }
   // A heartbeat already holding the observer may still call it: the
   // backend outlives the coordinator's RPC server (see its Stop()).
   membership_->SetStepObserver(nullptr);
   absl::flat_hash_map<uint64_t, Queued> left;
-  {
-    absl::MutexLock lock(&mu_);
-    stopping_ = true;
-  }
   if (loop_.joinable()) loop_.join();
   {
     absl::MutexLock lock(&mu_);

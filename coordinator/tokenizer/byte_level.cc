@@ -2,6 +2,7 @@
 
 #include <array>
 #include <string>
+#include <string_view>
 
 #include "absl/container/flat_hash_map.h"
 #include "coordinator/tokenizer/tokenizer.h"
@@ -85,7 +86,9 @@ size_t FindInvalidUtf8(std::string_view text) {
   std::string scratch;
   scratch.reserve(text.size() - i);
   size_t held = AppendValidUtf8(text.substr(i), /*final=*/false, &scratch);
-  if (held == 0 && scratch.size() == text.size() - i) return text.size();
+  // Equal sizes are not enough: a 3-byte invalid sequence (a 4-byte character
+  // cut short) is replaced by the 3 bytes of U+FFFD.
+  if (held == 0 && std::string_view(scratch) == text.substr(i)) return text.size();
   // Find where the copy first differs (U+FFFD was written for an invalid byte).
   size_t j = 0;
   while (j < scratch.size() && j < text.size() - i && scratch[j] == text[i + j]) ++j;

@@ -30,6 +30,11 @@ using internal::BpeModel;
 using internal::Normalizer;
 using internal::PreTokenizer;
 
+// Ids index a table of vocab_size() entries: an id in the billions would have
+// the coordinator allocate gigabytes at start-up. Real vocabularies stay far
+// below this (Qwen3: 151,669; DeepSeek-V3: 129,280).
+constexpr int64_t kMaxTokenId = (1 << 22) - 1;
+
 struct AddedToken {
   int32_t id = 0;
   std::string content;
@@ -254,9 +259,9 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Parse(std::string_view text) {
   int64_t max_id = -1;
   for (auto it = vocab->begin(); it != vocab->end(); ++it) {
     if (!it.value().is_number_integer() || it.value().get<int64_t>() < 0 ||
-        it.value().get<int64_t>() > INT32_MAX - 1) {
+        it.value().get<int64_t>() > kMaxTokenId) {
       return bad(absl::StrCat("model.vocab[", Json(it.key()).dump(), "]"),
-                 "expected a non-negative integer id");
+                 absl::StrCat("expected an integer id in [0, ", kMaxTokenId, "]"));
     }
     int32_t id = it.value().get<int32_t>();
     max_id = std::max<int64_t>(max_id, id);
@@ -272,8 +277,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Parse(std::string_view text) {
       auto id = t.find("id");
       auto content = t.find("content");
       if (id == t.end() || !id->is_number_integer() || id->get<int64_t>() < 0 ||
-          id->get<int64_t>() > INT32_MAX - 1) {
-        return bad(field + ".id", "expected a non-negative integer");
+          id->get<int64_t>() > kMaxTokenId) {
+        return bad(field + ".id", absl::StrCat("expected an integer in [0, ", kMaxTokenId, "]"));
       }
       if (content == t.end() || !content->is_string() || content->get<std::string>().empty()) {
         return bad(field + ".content", "expected a non-empty string");

@@ -3,26 +3,45 @@
 
 JOULE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 
+# Debian 12 packages the binaries' build needs (also the container image's build stage).
+JOULE_BUILD_PACKAGES=(
+  build-essential cmake ninja-build pkg-config
+  libabsl-dev libprotobuf-dev protobuf-compiler libgrpc++-dev protobuf-compiler-grpc
+  prometheus-cpp-dev libucx-dev nlohmann-json3-dev libboost1.81-dev libssl-dev
+  libicu-dev  # NFC and Unicode regexes of Hugging Face tokenizers (coordinator/tokenizer)
+)
+
 # Debian 12 packages the build, the tests and the demo need.
 JOULE_PACKAGES=(
-  build-essential cmake ninja-build ccache pkg-config git
-  libabsl-dev libprotobuf-dev protobuf-compiler libgrpc++-dev protobuf-compiler-grpc
-  prometheus-cpp-dev libucx-dev ucx-utils nlohmann-json3-dev libboost1.81-dev
+  "${JOULE_BUILD_PACKAGES[@]}" ccache git ucx-utils
   libgtest-dev libgmock-dev libbenchmark-dev
-  libicu-dev  # NFC and Unicode regexes of Hugging Face tokenizers (coordinator/tokenizer)
   python3-torch python3-numpy curl iproute2
+  openssl  # deploy/local/make_secrets.sh: the local cluster's throwaway CA and token
   libopenmpi-dev openmpi-bin  # MPI_Alltoallv baseline of bench/dispatch_combine
 )
 
 # Only for bench/energy/plot.py (the sweep's plots); not needed to build or test.
 JOULE_BENCH_PACKAGES=(python3-matplotlib)
 
+# Only for the fuzzers (libFuzzer comes with clang's runtime); test.sh --sanitizers installs them.
+JOULE_FUZZ_PACKAGES=(clang libclang-rt-14-dev)
+
+# Only for the container image's test (tests/e2e/container_e2e.sh): podman builds, mmdebstrap
+# makes the Debian 12 base it builds on.
+JOULE_CONTAINER_PACKAGES=(podman mmdebstrap)
+
+# Only for the test with a real Prometheus (tests/e2e/prometheus_e2e.sh; promtool comes with it).
+JOULE_PROMETHEUS_PACKAGES=(prometheus)
+
+# Only for deploy/slurm's test against a real Slurm on this machine (tests/e2e/slurm_e2e.sh).
+JOULE_SLURM_PACKAGES=(slurm-wlm munge)
+
 joule_log() { printf '\033[1m[joule]\033[0m %s\n' "$*" >&2; }
 
-# Installs whatever of JOULE_PACKAGES is missing (apt), once.
+# Installs whatever of JOULE_PACKAGES (and the packages named) is missing (apt), once.
 joule_install_packages() {
   local missing=()
-  for p in "${JOULE_PACKAGES[@]}"; do
+  for p in "${JOULE_PACKAGES[@]}" "$@"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   if [ ${#missing[@]} -eq 0 ]; then

@@ -29,6 +29,9 @@ usage: deploy/local/up.sh [options]
   --max-tokens N     tokens per demo answer (default 16)
   --once             exit after the demo instead of serving
   --no-build         skip package installation and the build
+  --insecure         internal gRPC without TLS and without a cluster token (by default the
+                     cluster gets a throwaway CA, certificate and token in its run directory,
+                     deploy/local/make_secrets.sh)
   -h, --help         this help
 Environment: UCX_TLS selects UCX transports (e.g. shm,self or tcp,self).
 USAGE
@@ -36,7 +39,7 @@ USAGE
 
 model="" family=qwen3_moe preset=tiny workers="" device=cpu port=8000 grpc_port=50051
 policy=priority scheduler_config="" worker_metrics_port=0 worker_threads=""
-prompt="Joule serves mixture-of-experts models" max_tokens=16 once=0 build=1
+prompt="Joule serves mixture-of-experts models" max_tokens=16 once=0 build=1 secure=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --model) model="$2"; shift 2 ;;
@@ -54,6 +57,7 @@ while [ $# -gt 0 ]; do
     --max-tokens) max_tokens="$2"; shift 2 ;;
     --once) once=1; shift ;;
     --no-build) build=0; shift ;;
+    --insecure) secure=0; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "unknown option: $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -104,11 +108,19 @@ stop() {
 trap stop EXIT
 trap 'exit 0' INT TERM
 
+# Mutual TLS and a cluster token on every internal gRPC channel (docs/operations.md, Security).
+sec_flags=()
+if [ "$secure" = 1 ]; then
+  "$JOULE_ROOT/deploy/local/make_secrets.sh" "$run_dir/secrets"
+  sec_flags=(--tls-cert "$run_dir/secrets/node.pem" --tls-key "$run_dir/secrets/node.key"
+             --tls-ca "$run_dir/secrets/ca.pem" --cluster-token-file "$run_dir/secrets/cluster-token")
+fi
+
 joule_log "model: $model"
 "$bin/coordinator/joule-coordinator" --model "$model" --workers "$workers" \
   --port "$grpc_port" --port-file "$run_dir/port" \
   --http-port "$port" --http-port-file "$run_dir/http_port" --policy "$policy" \
-  ${scheduler_config:+--scheduler-config "$scheduler_config"} \
+  ${scheduler_config:+--scheduler-config "$scheduler_config"} "${sec_flags[@]}" \
   >"$run_dir/coordinator.out" 2>"$run_dir/coordinator.log" &
 pids+=($!)
 for _ in $(seq 1 100); do [ -s "$run_dir/port" ] && [ -s "$run_dir/http_port" ] && break; sleep 0.1; done
@@ -120,14 +132,15 @@ for r in $(seq 0 $((workers - 1))); do
   [ "$worker_metrics_port" = 0 ] || metrics_port=$((worker_metrics_port + r))
   "$bin/worker/service/joule-worker" --coordinator "$addr" --model "$model" \
     --metrics-port "$metrics_port" --metrics-port-file "$run_dir/metrics_port.$r" \
-    --device "$device" "${thread_flags[@]}" \
+    --device "$device" "${thread_flags[@]}" "${sec_flags[@]}" \
     >"$run_dir/worker$r.out" 2>"$run_dir/worker$r.log" &
   pids+=($!)
 done
 cli="$bin/coordinator/cli/joule-cli"
+cli_args=(--coordinator "$addr" "${sec_flags[@]}")
 joule_log "waiting for $workers workers to load and connect"
 for _ in $(seq 1 600); do
-  [ "$("$cli" status --coordinator "$addr" 2>/dev/null | grep -c ': ready')" = "$workers" ] && break
+  [ "$("$cli" status "${cli_args[@]}" 2>/dev/null | grep -c ': ready')" = "$workers" ] && break
   for r in $(seq 0 $((workers - 1))); do  # a worker that exits (no GPU, bad model) says why
     if ! kill -0 "${pids[$((r + 1))]}" 2>/dev/null; then
       tail -5 "$run_dir/worker$r.log" >&2
@@ -137,7 +150,7 @@ for _ in $(seq 1 600); do
   done
   sleep 0.2
 done
-"$cli" status --coordinator "$addr"
+"$cli" status "${cli_args[@]}"
 
 for _ in $(seq 1 100); do curl -sf "$url/ready" >/dev/null && break; sleep 0.1; done
 served="$(curl -sf "$url/v1/models" | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])')"
@@ -165,12 +178,14 @@ Joule is serving $model as "$served" with $workers expert-parallel worker(s) on 
   OpenAI-compatible API: $url/v1  (chat/completions, completions, models; /health /ready /metrics)
   try:   curl $url/v1/chat/completions -H 'Content-Type: application/json' \\
            -d '{"model": "$served", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8, "service_tier": "fast"}'
-         $cli status --coordinator $addr
+         $cli status ${cli_args[*]}
   scheduling policy: $policy; metrics: $url/metrics (coordinator), $(
     for r in $(seq 0 $((workers - 1))); do
       printf 'http://127.0.0.1:%s/metrics ' "$(cat "$run_dir/metrics_port.$r" 2>/dev/null)"
     done)(workers)
   logs:  $run_dir
+  internal gRPC: $([ "$secure" = 1 ] && echo "mutual TLS + cluster token (throwaway CA and token in $run_dir/secrets)" ||
+    echo "NOT encrypted, no cluster token (--insecure)")
 EOF
 if [ "$once" = 1 ]; then
   exit 0

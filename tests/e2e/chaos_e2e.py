@@ -83,6 +83,9 @@ class Cluster:
             "--http-port", str(http_port), "--http-port-file", http_file, "--heartbeat-ms", "300",
             "--step-timeout-ms", "5000",
             "--tier-queue-cap", "fast=1024,priority=1024,standard=1024,batch=1024"] +
+            # Across namespaces the workers dial the coordinator's interface (the
+            # default, 127.0.0.1, serves this namespace only).
+            (["--grpc-host", "0.0.0.0"] if self.netns else []) +
             self.coordinator_flags)
         self.addr = "127.0.0.1:" + self._wait_file(port_file, "coordinator")
         self.http_port = int(self._wait_file(http_file, "coordinator HTTP"))
@@ -105,7 +108,7 @@ class Cluster:
         prefix, flags = [], list(extra)
         if self.netns:
             prefix = ["ip", "netns", "exec", "%sw%d" % (self.netns, r)]
-            flags += ["--advertise-host", "%s.%d" % (self.subnet, r + 2)]
+            flags += ["--grpc-host", "0.0.0.0", "--advertise-host", "%s.%d" % (self.subnet, r + 2)]
         self.spawned += 1
         return self._spawn("w%d.%d" % (r, self.spawned), prefix + [
             os.path.join(self.build, "worker/service/joule-worker"), "--coordinator", reach,

@@ -32,4 +32,29 @@ for i in "${!prompts[@]}"; do
   [ -n "$want" ] || e2e_fail "single-process engine produced nothing for prompt $i"
   [ "$got" = "$want" ] || e2e_fail "prompt $i: cluster (EP=$WORKERS, UCX_TLS=$UCX_TLS) gave [$got], engine gave [$want]"
 done
-echo "PASS: EP=$WORKERS UCX_TLS=$UCX_TLS $(basename "$MODEL"): ${#prompts[@]} prompts match the single-process engine"
+
+# The cluster runs with mutual TLS and a cluster token (cluster_lib.sh): a
+# client without the token, without a certificate, or with one from another CA
+# is refused with a message saying so.
+refused() {  # refused WHAT PATTERN [env -u ... / flags...]: joule-cli generate must fail
+  local what="$1" pattern="$2"
+  shift 2
+  if "$@" "$BUILD/coordinator/cli/joule-cli" generate --coordinator "$addr" --prompt-ids 1,2,3 \
+      --max-tokens 2 --timeout-s 10 >"$E2E_TMP/refused.out" 2>"$E2E_TMP/refused.err"; then
+    e2e_fail "joule-cli generate $what was served"
+  fi
+  grep -q "$pattern" "$E2E_TMP/refused.err" ||
+    e2e_fail "joule-cli generate $what: expected '$pattern' in: $(cat "$E2E_TMP/refused.err")"
+}
+if [ "${E2E_INSECURE:-0}" != 1 ]; then
+  refused "without the cluster token" "UNAUTHENTICATED: missing or wrong cluster token" \
+    env -u JOULE_CLUSTER_TOKEN
+  refused "with a wrong cluster token" "UNAUTHENTICATED: missing or wrong cluster token" \
+    env JOULE_CLUSTER_TOKEN="${JOULE_CLUSTER_TOKEN}0"
+  refused "without a certificate" "UNAVAILABLE" env -u JOULE_TLS_CERT -u JOULE_TLS_KEY -u JOULE_TLS_CA
+  "$E2E_LIB_DIR/../../deploy/local/make_secrets.sh" "$E2E_TMP/other-ca"
+  refused "with a certificate from another CA" "UNAVAILABLE" \
+    env JOULE_TLS_CERT="$E2E_TMP/other-ca/node.pem" JOULE_TLS_KEY="$E2E_TMP/other-ca/node.key"
+fi
+echo "PASS: EP=$WORKERS UCX_TLS=$UCX_TLS $(basename "$MODEL"): ${#prompts[@]} prompts match the single-process engine$(
+  [ "${E2E_INSECURE:-0}" = 1 ] || echo "; clients without the token or a cluster certificate refused")"

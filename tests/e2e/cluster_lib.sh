@@ -13,6 +13,23 @@ e2e_cleanup() {
   rm -rf "$E2E_TMP"
 }
 trap e2e_cleanup EXIT
+E2E_LIB_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+# Internal gRPC with mutual TLS and a cluster token, as deploy/local/up.sh runs
+# it: joule-coordinator, joule-worker and joule-cli read JOULE_TLS_CERT,
+# JOULE_TLS_KEY, JOULE_TLS_CA and JOULE_CLUSTER_TOKEN. (Re)makes the throwaway
+# secrets in $E2E_TMP/secrets; the certificate also names each SAN given
+# (IP:10.0.0.2). On by default; E2E_INSECURE=1 leaves both off.
+e2e_secure() {
+  "$E2E_LIB_DIR/../../deploy/local/make_secrets.sh" "$E2E_TMP/secrets" "$@"
+  export JOULE_TLS_CERT="$E2E_TMP/secrets/node.pem" JOULE_TLS_KEY="$E2E_TMP/secrets/node.key"
+  export JOULE_TLS_CA="$E2E_TMP/secrets/ca.pem"
+  JOULE_CLUSTER_TOKEN="$(cat "$E2E_TMP/secrets/cluster-token")"
+  export JOULE_CLUSTER_TOKEN
+}
+if [ "${E2E_INSECURE:-0}" != 1 ]; then
+  e2e_secure
+fi
 
 e2e_fail() {
   echo "FAIL: $*" >&2

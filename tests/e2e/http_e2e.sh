@@ -2,8 +2,9 @@
 # End-to-end: the OpenAI-compatible HTTP API of a real coordinator in front of
 # two joule-worker processes exchanging tokens over UCX shared memory, driven by
 # http_e2e_client.py (completions and chat, streamed and not, every tier, usage
-# counts, stop strings, errors, 256 concurrent streams, and a client that
-# disconnects mid-stream freeing its KV blocks).
+# counts, stop strings, errors, a shared prompt found in the prefix cache, 256
+# concurrent streams, and a client that disconnects mid-stream freeing its KV
+# blocks).
 #   http_e2e.sh BUILD_DIR MODEL_DIR
 set -euo pipefail
 BUILD="$1"

@@ -12,6 +12,7 @@ is deterministic, which lets streamed and non-streamed answers be compared.
 import argparse
 import http.client
 import json
+import os
 import socket
 import sys
 import threading
@@ -114,6 +115,9 @@ def check_usage(usage, prompt_tokens, completion_tokens, where):
     check(usage["completion_tokens"] == completion_tokens,
           "%s: completion_tokens %d, counted %d" % (where, usage["completion_tokens"], completion_tokens))
     check(usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"], "%s: total_tokens" % where)
+    cached = usage.get("prompt_tokens_details", {}).get("cached_tokens")
+    check(isinstance(cached, int) and 0 <= cached < max(usage["prompt_tokens"], 1),
+          "%s: prompt_tokens_details.cached_tokens %r" % (where, cached))
 
 
 TIERS = [("fast", "fast"), ("priority", "priority"), ("default", "default"), ("auto", "default"), ("flex", "flex")]
@@ -304,6 +308,40 @@ def wait_kv_free(ports, timeout):
     return kv
 
 
+def test_prefix_cache(api, model, ports):
+    """Requests sharing a long prompt: the first computes it in full (as with prefix caching off),
+    a later one on the same rank finds its full KV blocks cached (cached_tokens > 0) and gives the
+    same greedy text; the workers count the hits."""
+    prompt = "Prefix cache check %s: " % os.urandom(8).hex() + " ".join("word%d" % i for i in range(40))
+    names = ("joule_prefix_cache_queries_total", "joule_prefix_cache_hits_total", "joule_prefix_cache_blocks")
+    before = worker_metric(ports, names)
+    base = {"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0}
+    runs = []
+    for i in range(4):  # two ranks: at least two of them land on the same one
+        where = "shared prompt %d" % i
+        status, r = api.post("/v1/completions", base)
+        if not check(status == 200, "%s: %d %r" % (where, status, r)):
+            return
+        check_usage(r["usage"], count_tokens(prompt), r["usage"]["completion_tokens"], where)
+        runs.append((r["choices"][0]["text"], r["usage"]["prompt_tokens_details"]["cached_tokens"]))
+    status, events = api.stream("/v1/completions", dict(base, stream=True, stream_options={"include_usage": True}))
+    if check(status == 200, "shared prompt streamed: %d %r" % (status, events)):
+        text, _, chunks, usage = parse_stream(events, False, "shared prompt streamed")
+        check_usage(usage, count_tokens(prompt), chunks, "shared prompt streamed")
+        if usage is not None:
+            runs.append((text, usage["prompt_tokens_details"]["cached_tokens"]))
+    cached = [c for _, c in runs]
+    check(cached[0] == 0, "shared prompt: the first request found %d tokens cached" % cached[0])
+    check(max(cached) > 0, "shared prompt: no request found the prompt cached: %r" % cached)
+    check(all(c % 16 == 0 for c in cached), "shared prompt: cached_tokens not whole 16-token blocks: %r" % cached)
+    check(len({t for t, _ in runs}) == 1, "shared prompt: greedy texts differ with cached prefixes: %r" % runs)
+    after = worker_metric(ports, names)
+    hits = sum(a.get(names[1], 0) - b.get(names[1], 0) for a, b in zip(after, before))
+    check(hits >= sum(cached), "shared prompt: workers counted %d hit tokens, responses %d" % (hits, sum(cached)))
+    check(sum(a.get(names[2], 0) for a in after) > 0, "shared prompt: no cached blocks reported %r" % after)
+    print("prefix cache: cached_tokens per request %r" % cached, flush=True)
+
+
 def test_disconnect_frees_kv(api, model, ports):
     kv = wait_kv_free(ports, 10)
     check(all(f is not None and f == t for f, t in kv), "KV not all free before the disconnect test: %r" % kv)
@@ -361,6 +399,7 @@ def main():
                      ("stop strings", lambda: test_stop_strings(api, a.model)),
                      ("errors", lambda: test_errors(api, a.model)),
                      ("concurrent streams", lambda: test_concurrent_streams(api, a.model, a.concurrency)),
+                     ("prefix cache", lambda: test_prefix_cache(api, a.model, ports)),
                      ("disconnect frees KV", lambda: test_disconnect_frees_kv(api, a.model, ports)),
                      ("no 5xx", lambda: test_no_5xx(api))]:
         before = len(FAILURES)

@@ -19,6 +19,8 @@ bridge_ns="${tag}br"
 hosts=("${tag}c")
 for r in $(seq 0 $((WORKERS - 1))); do hosts+=("${tag}w$r"); done
 subnet="10.231.$(( $$ % 200 + 20 ))"
+# The certificate must name every "host" address that peers dial over TLS.
+e2e_secure $(for i in "${!hosts[@]}"; do echo "IP:$subnet.$((i + 1))"; done)
 
 netns_cleanup() {
   e2e_cleanup
@@ -54,11 +56,13 @@ fi
 # UCX over TCP on the namespace's interface only: no shared memory between "hosts".
 export UCX_TLS=tcp,self UCX_NET_DEVICES=eth0 UCX_WARN_UNUSED_ENV_VARS=n
 coordinator_ip="$subnet.1"
-e2e_start_coordinator "$(in_ns "${hosts[0]}")" "$MODEL" "$WORKERS"
+# Each "host" listens on its namespace's interface, as multi-host deployments
+# must (the default, 127.0.0.1, is reachable from the same host only).
+e2e_start_coordinator "$(in_ns "${hosts[0]}")" "$MODEL" "$WORKERS" --grpc-host "$coordinator_ip"
 addr="$coordinator_ip:$E2E_PORT"
 for r in $(seq 0 $((WORKERS - 1))); do
   e2e_start_worker "$(in_ns "${hosts[$((r + 1))]}")" "w$r" "$addr" "$MODEL" \
-    --advertise-host "$subnet.$((r + 2))"
+    --grpc-host 0.0.0.0 --advertise-host "$subnet.$((r + 2))"
 done
 e2e_wait_ready "$(in_ns "${hosts[0]}")" "$addr" "$WORKERS"
 

@@ -11,9 +11,10 @@ WORKERS=2
 export UCX_TLS=shm,self
 source "$(dirname "$0")/cluster_lib.sh"
 
-# Short holds so that ipw's deferral of batch work fits a test's time.
+# Short holds so that ipw's deferral of batch work fits a test's time; one request in flight
+# per rank, so that requests queue at the coordinator and the policy picks who goes next.
 cat >"$E2E_TMP/scheduler.json" <<JSON
-{"batch_max_wait_ms": 3000, "ipw": {"valley_hold_ms": 1000}}
+{"batch_max_wait_ms": 3000, "max_inflight_per_rank": 1, "ipw": {"valley_hold_ms": 1000}}
 JSON
 e2e_start_coordinator "" "$MODEL" "$WORKERS" --http-port 0 --http-port-file "$E2E_TMP/http_port" \
   --policy "$POLICY" --scheduler-config "$E2E_TMP/scheduler.json"
@@ -29,6 +30,6 @@ for r in $(seq 0 $((WORKERS - 1))); do metrics+=("$(cat "$E2E_TMP/metrics.$r")")
 grep -q "policy=$POLICY" "$E2E_TMP/coordinator.err" || e2e_fail "coordinator did not log policy=$POLICY"
 /usr/bin/python3 "$(dirname "$0")/policy_e2e_client.py" --port "$(cat "$E2E_TMP/http_port")" \
   --model "$(basename "$MODEL")" --worker-metrics "$(IFS=,; echo "${metrics[*]}")" \
-  --dashboard "$(dirname "$0")/../../deploy/grafana/joule-dashboard.json" ||
+  --dashboard "$(dirname "$0")/../../deploy/grafana/joule-dashboard.json" --policy "$POLICY" ||
   e2e_fail "policy $POLICY checks failed"
 echo "PASS: policy $POLICY on $(basename "$MODEL"), EP=$WORKERS"

@@ -5,7 +5,10 @@ usage.energy_joules is positive and labelled, and that the requests' energy adds
 workers' meters charged to requests (worker /metrics), which in turn is the meters' total minus
 idle and unattributed energy. Then the other metrics: workers' power, exchange and per-expert
 load; the coordinator's SLO outcomes and tokens per joule per tier, and the step cost model
-learned from the workers' heartbeats. Standard library only; exits non-zero with the reason."""
+learned from the workers' heartbeats. Last, a workload on which the policies must differ: with
+one request in flight per rank (the test's scheduler config), six long batch requests arrive,
+then four fast ones; fcfs serves every batch request first, priority and ipw the fast ones as
+soon as a slot frees. Standard library only; exits non-zero with the reason."""
 import argparse
 import http.client
 import json
@@ -63,6 +66,59 @@ def stream(port, model, tier, i, results):
         conn.close()
 
 
+def first_token_at(port, model, tier, tokens, arrived, hold_until, out):
+    """Streams one completion until its first token; records (tier, arrival, first token time)
+    or the error."""
+    body = json.dumps({"model": model, "prompt": "order check %s %f" % (tier, arrived), "max_tokens": tokens,
+                       "temperature": 0, "stream": True, "ignore_eos": True, "service_tier": tier})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        first = None
+        for data in sse_data(resp):
+            if first is None and data != "[DONE]" and '"text"' in data:
+                first = time.time()
+            # Hold the slot until every request has arrived, then only the first token
+            # matters: closing cancels the rest (ipw paces batch decoding).
+            if first is not None and time.time() >= hold_until:
+                break
+        out.append((tier, arrived, first, None if first else "no token (status %d)" % resp.status))
+    except Exception as e:  # noqa: BLE001 - any failure is a test failure
+        out.append((tier, arrived, None, repr(e)))
+    finally:
+        conn.close()
+
+
+def order_check(port, model, policy):
+    """Six long batch requests, then four fast ones: which policy serves which first."""
+    out, threads = [], []
+    hold_until = time.time() + 0.5  # all ten arrive within 0.05 s
+    for tier, n, tokens in (("flex", 6, 400), ("fast", 4, 8)):
+        for _ in range(n):
+            t = threading.Thread(target=first_token_at,
+                                 args=(port, model, tier, tokens, time.time(), hold_until, out))
+            t.start()
+            threads.append(t)
+            time.sleep(0.005)  # a fixed arrival order
+    for t in threads:
+        t.join(180)
+    errors = ["%s: %s" % (tier, e) for tier, _, _, e in out if e]
+    if len(out) != len(threads) or errors:
+        fail("order check: %d of %d answered, errors %s" % (len(out), len(threads), errors[:3]))
+    last_fast = max(f for tier, _, f, _ in out if tier == "fast")
+    batch_before = sum(1 for tier, _, f, _ in out if tier == "flex" and f < last_fast)
+    t0 = min(a for _, a, _, _ in out)
+    print("order check (%s): %d of 6 batch requests got their first token before the last fast one; "
+          "first tokens at %s s" % (policy, batch_before, ", ".join(
+              "%s %.2f" % (tier, f - t0) for tier, _, f, _ in sorted(out, key=lambda r: r[2]))))
+    # Two ranks, one request each: two batch requests run when the fast ones arrive.
+    want = {"fcfs": (6, 6), "priority": (0, 2), "ipw": (0, 2)}[policy]
+    if not want[0] <= batch_before <= want[1]:
+        fail("order check: under %s %d batch requests went before the fast ones, expected %d..%d"
+             % (policy, batch_before, want[0], want[1]))
+
+
 def scrape(port):
     """Every joule_ sample of a /metrics page: {name: {labels: value}}."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -88,6 +144,7 @@ def main():
     ap.add_argument("--worker-metrics", required=True, help="comma-separated metrics ports")
     ap.add_argument("--per-tier", type=int, default=6)
     ap.add_argument("--dashboard", help="Grafana dashboard JSON whose joule_ metrics must all be served")
+    ap.add_argument("--policy", required=True, choices=["fcfs", "priority", "ipw"])
     args = ap.parse_args()
 
     results = []
@@ -116,11 +173,14 @@ def main():
     attributed = totals.get("joule_energy_attributed_joules_total", -1)
     if abs(attributed - energy) > 1e-6 * max(1.0, attributed):
         fail("requests were charged %.9f J but the workers attributed %.9f J" % (energy, attributed))
+    # The accounting (attributed + idle + unattributed, as of each worker's last step) against
+    # the meters' own readings at the scrape, a little later: nothing lost, nothing invented.
     parts = attributed + totals["joule_energy_idle_joules_total"] + \
         totals["joule_energy_unattributed_joules_total"]
-    if abs(parts - totals["joule_energy_joules_total"]) > 1e-6 * max(1.0, parts):
-        fail("meter total %.6f J != attributed + idle + unattributed %.6f J"
-             % (totals["joule_energy_joules_total"], parts))
+    meter = totals.get("joule_energy_meter_joules_total", -1)
+    if not parts - 1e-6 <= meter <= parts * 1.02 + 1.0:
+        fail("the meters read %.6f J, their accounting (attributed + idle + unattributed) %.6f J"
+             % (meter, parts))
     # Power is a mean over windows of at least a second: wait for the first.
     deadline = time.time() + 5
     while not all(total(w, "joule_power_watts") > 0 for w in workers) and time.time() < deadline:
@@ -166,6 +226,7 @@ def main():
         missing = sorted(wanted - served)
         if missing:
             fail("the dashboard plots metrics nobody serves: %s" % ", ".join(missing))
+    order_check(args.port, args.model, args.policy)
     print("ok: %d requests, %.3f J charged to requests, %.3f J metered in all, "
           "%d steps behind the cost model"
           % (len(results), energy, totals["joule_energy_joules_total"], sum(learned.values())))

@@ -42,7 +42,23 @@ check_threads() {  # WANT N: N worker logs say "compute threads: WANT"; WANT "sh
   rm -rf "$logs"
 }
 
+# Secure by default: mutual TLS and a cluster token; --insecure says so in the logs.
+check_security() {  # secure | insecure
+  local logs
+  logs="$(sed -n 's/.*logs were in \(.*\)$/\1/p' "$out" | tail -1)"
+  if [ "$1" = secure ]; then
+    grep -q "internal gRPC: mutual TLS + cluster token" "$out" || fail "up.sh did not secure internal gRPC"
+    if grep -q "warning: internal gRPC" "$logs/coordinator.log" "$logs"/worker*.log; then
+      fail "a process warned that internal gRPC is unprotected under up.sh's defaults"
+    fi
+  else
+    grep -q "warning: internal gRPC is not encrypted" "$logs/coordinator.log" ||
+      fail "up.sh --insecure: the coordinator did not warn"
+  fi
+}
+
 run_up --once --port 0 --grpc-port 0 || fail "up.sh --once exited $?"
+check_security secure
 for tier in fast priority default flex; do
   grep -Eq "^  $tier: +\[$tier, [0-9]+\+[0-9]+ tokens, " "$out" || fail "no answer for tier $tier"
 done
@@ -50,7 +66,9 @@ grep -q "OpenAI-compatible API: http://127.0.0.1:[0-9]*/v1" "$out" || fail "no A
 check_threads share 2
 
 # An explicit count wins (3 workers: the default would give each usable cores / 3).
-run_up --once --port 0 --grpc-port 0 --workers 3 --worker-threads 1 --max-tokens 4 ||
-  fail "up.sh --workers 3 --worker-threads 1 exited $?"
+run_up --once --port 0 --grpc-port 0 --workers 3 --worker-threads 1 --max-tokens 4 --insecure ||
+  fail "up.sh --workers 3 --worker-threads 1 --insecure exited $?"
+check_security insecure
 check_threads 1 3
-echo "PASS: up.sh served every tier; workers took their share of the usable cores by default"
+echo "PASS: up.sh served every tier over mutual TLS with a cluster token (and --insecure without);" \
+  "workers took their share of the usable cores by default"

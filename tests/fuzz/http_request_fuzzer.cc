@@ -75,7 +75,7 @@ struct FrontDoor {
     FUZZ_CHECK(t.ok(), "%s", t.status().ToString().c_str());
     tokenizer = std::move(*t);
     service = std::make_unique<http::OpenAiService>(
-        http::OpenAiServiceOptions{.model_name = "tiny", .max_context = kMaxContext, .api_key = "fuzz-key"},
+        http::OpenAiServiceOptions{.model_name = "tiny", .max_context = kMaxContext, .api_keys = {"fuzz-key"}},
         tokenizer.get(), &backend, std::make_shared<prometheus::Registry>(), &clock);
     // A small body limit, so that 413 is within reach of small inputs.
     auto s = http::HttpServer::Start(

@@ -389,7 +389,7 @@ TEST_F(SchedulerTest, ARequestResumedOnAnotherRankKeepsItsSloAccounting) {
     s->OnTokens(a[0].id, 1);
   }
   s->OnFinished(a[0].id);
-  const TierStats& fast = s->Snapshot().tiers[static_cast<int>(Tier::kFast)].stats;
+  const TierStats fast = s->Snapshot().tiers[static_cast<int>(Tier::kFast)].stats;  // a copy: Snapshot() is a value
   EXPECT_EQ(fast.finished, 1);
   EXPECT_EQ(fast.cancelled, 0);
   EXPECT_EQ(in_flight(other), 1);

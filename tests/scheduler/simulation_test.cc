@@ -99,10 +99,11 @@ TEST(Simulation, IpwHoldsFastTierAndBeatsPriorityOnTokensPerJoule) {
   for (Tier t : kAllTiers) {
     EXPECT_GE(ipw.tier(t).attainment(), prio.tier(t).attainment()) << TierName(t);
   }
-  // ...with more output tokens per joule over the same time...
-  EXPECT_GT(ipw.tokens_per_joule(horizon), prio.tokens_per_joule(horizon));
-  std::printf("ipw / priority tokens per joule: %.3f\n",
-              ipw.tokens_per_joule(horizon) / prio.tokens_per_joule(horizon));
+  // ...with at least the margin docs/architecture.md claims in output tokens per
+  // joule over the same time (the simulation is deterministic: 1.124)...
+  const double ratio = ipw.tokens_per_joule(horizon) / prio.tokens_per_joule(horizon);
+  std::printf("ipw / priority tokens per joule: %.3f\n", ratio);
+  EXPECT_GE(ratio, 1.10);
   // ...and batch work deferred into the valleys never waits past its bound
   // (plus one idle poll of the simulated coordinator).
   EXPECT_LE(ipw.tier(Tier::kBatch).max_queue_wait_s,

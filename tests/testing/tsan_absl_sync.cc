@@ -11,6 +11,9 @@
 //
 // Conditions (Await, LockWhen) run inside Abseil between the pre- and
 // post-annotations, where TSan ignores memory accesses, as in Abseil's build.
+// ~Mutex is not annotated: a mutex inside a gRPC object is destroyed on
+// whichever thread drops the last reference, ordered by gRPC's (invisible)
+// atomics, and TSan would take the destruction for a racing write.
 #include <dlfcn.h>
 #include <sanitizer/tsan_interface.h>
 
@@ -174,15 +177,18 @@ bool Mutex::ReaderLockWhenWithDeadline(const Condition& cond, absl::Time deadlin
 // Await and CondVar::Wait release the held lock, wait, and take it again: to
 // TSan an unlock before, a lock after (the pre-lock covers the wait, so the
 // condition runs where accesses are ignored).
-#define JOULE_RELEASE_AND_WAIT(mu) \
-  __tsan_mutex_pre_unlock(mu, 0);  \
-  __tsan_mutex_post_unlock(mu, 0); \
-  __tsan_mutex_pre_lock(mu, 0)
+namespace {
+void ReleaseAndWait(Mutex* mu) {
+  __tsan_mutex_pre_unlock(mu, 0);
+  __tsan_mutex_post_unlock(mu, 0);
+  __tsan_mutex_pre_lock(mu, 0);
+}
+}  // namespace
 
 void Mutex::Await(const Condition& cond) {
   JOULE_REAL(void (*)(Mutex*, const Condition&), false, "5Mutex5AwaitERKNS0_9ConditionE");
   Scope scope;
-  if (scope.outermost()) JOULE_RELEASE_AND_WAIT(this);
+  if (scope.outermost()) ReleaseAndWait(this);
   real(this, cond);
   if (scope.outermost()) __tsan_mutex_post_lock(this, 0, 0);
 }
@@ -191,7 +197,7 @@ bool Mutex::AwaitWithTimeout(const Condition& cond, absl::Duration timeout) {
   JOULE_REAL(bool (*)(Mutex*, const Condition&, absl::Duration), false,
              "5Mutex16AwaitWithTimeoutERKNS0_9ConditionENS0_8DurationE");
   Scope scope;
-  if (scope.outermost()) JOULE_RELEASE_AND_WAIT(this);
+  if (scope.outermost()) ReleaseAndWait(this);
   const bool result = real(this, cond, timeout);
   if (scope.outermost()) __tsan_mutex_post_lock(this, 0, 0);
   return result;
@@ -201,22 +207,16 @@ bool Mutex::AwaitWithDeadline(const Condition& cond, absl::Time deadline) {
   JOULE_REAL(bool (*)(Mutex*, const Condition&, absl::Time), false,
              "5Mutex17AwaitWithDeadlineERKNS0_9ConditionENS0_4TimeE");
   Scope scope;
-  if (scope.outermost()) JOULE_RELEASE_AND_WAIT(this);
+  if (scope.outermost()) ReleaseAndWait(this);
   const bool result = real(this, cond, deadline);
   if (scope.outermost()) __tsan_mutex_post_lock(this, 0, 0);
   return result;
 }
 
-Mutex::~Mutex() {
-  JOULE_REAL(void (*)(Mutex*), false, "5MutexD2Ev");
-  __tsan_mutex_destroy(this, 0);
-  real(this);
-}
-
 void CondVar::Wait(Mutex* mu) {
   JOULE_REAL(void (*)(CondVar*, Mutex*), false, "7CondVar4WaitEPNS0_5MutexE");
   Scope scope;
-  if (scope.outermost()) JOULE_RELEASE_AND_WAIT(mu);
+  if (scope.outermost()) ReleaseAndWait(mu);
   real(this, mu);
   if (scope.outermost()) __tsan_mutex_post_lock(mu, 0, 0);
 }
@@ -225,7 +225,7 @@ bool CondVar::WaitWithTimeout(Mutex* mu, absl::Duration timeout) {
   JOULE_REAL(bool (*)(CondVar*, Mutex*, absl::Duration), false,
              "7CondVar15WaitWithTimeoutEPNS0_5MutexENS0_8DurationE");
   Scope scope;
-  if (scope.outermost()) JOULE_RELEASE_AND_WAIT(mu);
+  if (scope.outermost()) ReleaseAndWait(mu);
   const bool result = real(this, mu, timeout);
   if (scope.outermost()) __tsan_mutex_post_lock(mu, 0, 0);
   return result;
@@ -235,7 +235,7 @@ bool CondVar::WaitWithDeadline(Mutex* mu, absl::Time deadline) {
   JOULE_REAL(bool (*)(CondVar*, Mutex*, absl::Time), false,
              "7CondVar16WaitWithDeadlineEPNS0_5MutexENS0_4TimeE");
   Scope scope;
-  if (scope.outermost()) JOULE_RELEASE_AND_WAIT(mu);
+  if (scope.outermost()) ReleaseAndWait(mu);
   const bool result = real(this, mu, deadline);
   if (scope.outermost()) __tsan_mutex_post_lock(mu, 0, 0);
   return result;

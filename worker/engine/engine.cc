@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <random>
+#include <span>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -39,13 +40,15 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(Model* model, const Engin
                                   .blocks_per_seq = width, .logit_rows = options.max_running,
                                   .max_context_len = width * options.block_size}));
   ASSIGN_OR_RETURN(const int64_t budget, KvBudget(*model, options));
-  ASSIGN_OR_RETURN(auto kv, PagedKvCache::Create(model->backend(), c, options.block_size, budget));
+  ASSIGN_OR_RETURN(auto kv, PagedKvCache::Create(model->backend(), c, options.block_size, budget,
+                                                 options.prefix_caching));
   const int64_t blocks = kv->allocator().num_blocks();
   JOULE_LOG(Info) << "KV cache on " << model->backend().spec().ToString() << ": " << blocks
                   << " blocks of " << options.block_size << " tokens = "
                   << blocks * options.block_size << " tokens ("
                   << absl::StrFormat("%.2f", blocks * kv->BytesPerBlock() / double(1 << 30))
-                  << " GiB " << kernels::DTypeName(kv->view().type) << ")";
+                  << " GiB " << kernels::DTypeName(kv->view().type) << "), prefix caching "
+                  << (options.prefix_caching ? "on" : "off");
   ASSIGN_OR_RETURN(const std::vector<int> graphs,
                    model->CaptureDecodeGraphs(kv->view(), options.max_running));
   if (!graphs.empty()) {
@@ -156,9 +159,92 @@ bool Engine::EnsureBlocks(Sequence* seq, int num_tokens) {
   return true;
 }
 
+int Engine::ChunkOf(const Sequence& seq, int budget) const {
+  const int remaining = static_cast<int>(seq.tokens.size()) - seq.num_computed;
+  return std::min({remaining, budget, options_.max_prefill_chunk});
+}
+
 void Engine::FreeBlocks(Sequence* seq) {
-  for (int32_t b : seq->blocks) kv_->allocator().Free(b);
+  // Last block first: a released prefix is then evicted from its tail, and
+  // the blocks other prompts are likeliest to share stay longest.
+  for (auto it = seq->blocks.rbegin(); it != seq->blocks.rend(); ++it) kv_->allocator().Free(*it);
   seq->blocks.clear();
+  seq->num_published = 0;
+}
+
+const BlockHash& Engine::BlockHashAt(Sequence* seq, int i) {
+  const int bs = kv_->block_size();
+  while (static_cast<int>(seq->block_hashes.size()) <= i) {
+    const size_t k = seq->block_hashes.size();
+    const BlockHash parent = k == 0 ? kRootBlockHash : seq->block_hashes[k - 1];
+    seq->block_hashes.push_back(HashBlock(parent, std::span(seq->tokens).subspan(k * bs, bs)));
+  }
+  return seq->block_hashes[i];
+}
+
+std::vector<int32_t> Engine::FindCachedPrefix(Sequence* seq) {
+  std::vector<int32_t> hits;
+  const BlockAllocator& blocks = kv_->allocator();
+  if (!blocks.prefix_caching()) return hits;
+  const int bs = kv_->block_size();
+  const int eligible = (static_cast<int>(seq->tokens.size()) - 1) / bs;
+  for (int i = 0; i < eligible; ++i) {
+    const int32_t b = blocks.Find(BlockHashAt(seq, i), std::span(seq->tokens).subspan(i * bs, bs));
+    if (b < 0) break;
+    hits.push_back(b);
+  }
+  return hits;
+}
+
+void Engine::NoteComputing(Sequence* seq, absl::flat_hash_set<BlockHash>& computing) {
+  const int bs = kv_->block_size();
+  const int full = static_cast<int>(seq->tokens.size()) / bs;
+  for (int i = seq->num_computed / bs; i < full; ++i) computing.insert(BlockHashAt(seq, i));
+}
+
+void Engine::PublishComputedBlocks(Sequence* seq) {
+  BlockAllocator& blocks = kv_->allocator();
+  if (!blocks.prefix_caching()) return;
+  const int bs = kv_->block_size();
+  for (; seq->num_published < seq->num_computed / bs; ++seq->num_published) {
+    const int i = seq->num_published;
+    blocks.Publish(seq->blocks[i], BlockHashAt(seq, i), std::span(seq->tokens).subspan(i * bs, bs));
+  }
+}
+
+Engine::Admission Engine::Admit(Sequence* seq, int budget,
+                                const absl::flat_hash_set<BlockHash>* computing, int* chunk) {
+  const int bs = kv_->block_size();
+  const int len = static_cast<int>(seq->tokens.size());
+  std::vector<int32_t> hits = FindCachedPrefix(seq);
+  const int cached = static_cast<int>(hits.size());
+  if (computing != nullptr && cached < (len - 1) / bs &&
+      computing->contains(BlockHashAt(seq, cached))) {
+    return Admission::kDeferred;
+  }
+  for (int32_t b : hits) kv_->allocator().Share(b);
+  seq->blocks = std::move(hits);
+  seq->num_computed = cached * bs;
+  seq->num_published = cached;
+  *chunk = ChunkOf(*seq, budget);
+  // Checked first so that a request that does not fit evicts no cached block.
+  const int64_t needed = (seq->num_computed + *chunk + bs - 1) / bs - cached;
+  if (needed > kv_->allocator().num_free() || !EnsureBlocks(seq, seq->num_computed + *chunk)) {
+    FreeBlocks(seq);
+    seq->num_computed = 0;
+    return Admission::kNoBlocks;
+  }
+  if (seq->cached_tokens < 0) {  // first admission: a preempted one would count its own blocks
+    seq->cached_tokens = std::min(seq->num_computed, len - seq->generated);
+    if (kv_->allocator().prefix_caching()) {
+      plan_result_.prefix_cache_queries += len;
+      plan_result_.prefix_cache_hits += seq->num_computed;
+    }
+  }
+  waiting_.erase(std::find(waiting_.begin(), waiting_.end(), seq));
+  running_.push_back(seq);
+  seq->running = true;
+  return Admission::kAdmitted;
 }
 
 void Engine::Preempt(Sequence* seq) {
@@ -300,12 +386,15 @@ int64_t Engine::PlanStep() {
   std::stable_partition(candidates.begin(), candidates.end(),
                         [&](const Sequence* s) { return !resting(s); });
 
+  // Prefix caching: the full blocks the plan's sequences are computing, so
+  // that requests sharing a prompt compute its blocks once (Admit).
+  absl::flat_hash_set<BlockHash> computing;
+  const bool dedupe = kv_->allocator().prefix_caching() && !waiting_.empty();
   bool admitting = true;  // stops at the first waiting sequence that does not fit
   for (Sequence* seq : candidates) {
     if (budget <= 0) break;
     if (seq->plan_mark == plan_epoch_) continue;
-    const int remaining = static_cast<int>(seq->tokens.size()) - seq->num_computed;
-    const int chunk = std::min({remaining, budget, options_.max_prefill_chunk});
+    int chunk = ChunkOf(*seq, budget);
     if (seq->running) {
       // Decodes and unfinished prefills. When the cache is full a lower-priority
       // (then newer) running sequence that is not in this plan yields its blocks.
@@ -327,19 +416,18 @@ int64_t Engine::PlanStep() {
       }
     } else {
       if (!admitting || static_cast<int>(running_.size()) >= max_running) continue;
-      if (!EnsureBlocks(seq, seq->num_computed + chunk)) {
-        FreeBlocks(seq);
+      const Admission admission = Admit(seq, budget, dedupe ? &computing : nullptr, &chunk);
+      if (admission == Admission::kDeferred) continue;
+      if (admission == Admission::kNoBlocks) {
         admitting = false;
         continue;
       }
-      waiting_.erase(std::find(waiting_.begin(), waiting_.end(), seq));
-      running_.push_back(seq);
-      seq->running = true;
     }
     seq->plan_mark = plan_epoch_;
     seq->last_step_at = now;
     scheduled.push_back({seq, chunk});
     budget -= chunk;
+    if (dedupe) NoteComputing(seq, computing);
   }
   return tokens();
 }
@@ -444,7 +532,10 @@ absl::StatusOr<StepResult> Engine::RunPlannedStep(bool run_empty) {
     for (size_t r = 0; r < sampled.size(); ++r) sampled[r]->rng = rngs[r];
     return s;
   }
-  for (const Scheduled& s : scheduled) s.seq->num_computed += s.chunk;
+  for (const Scheduled& s : scheduled) {
+    s.seq->num_computed += s.chunk;
+    PublishComputedBlocks(s.seq);
+  }
   // Plan to end of the forward pass (in lockstep that includes the token
   // count exchange and waiting for the slowest rank).
   const absl::Duration took = std::max(absl::ZeroDuration(), Now() - plan_at_);
@@ -461,7 +552,8 @@ absl::StatusOr<StepResult> Engine::RunPlannedStep(bool run_empty) {
     seq->tokens.push_back(token);
     ++seq->generated;
     const FinishReason finish = CheckFinished(*seq, token);
-    result.tokens.push_back({seq->id, token, finish});
+    result.tokens.push_back({.id = seq->id, .token = token, .finish = finish,
+                             .cached_tokens = std::max(0, seq->cached_tokens)});
     if (finish != FinishReason::kNone) Retire(seq);
   }
   return result;

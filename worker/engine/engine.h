@@ -4,7 +4,9 @@
 // sequences with prefill chunks of new ones under a token budget, runs the
 // model once, samples, and reports the new tokens. Sequences that cannot get
 // a KV block are preempted (blocks freed, recomputed later with the same
-// random stream, so their output is unchanged).
+// random stream, so their output is unchanged). With prefix caching a new
+// sequence's prefill starts after the longest prefix of full KV blocks the
+// cache holds (block_allocator.h), and only computed tokens use the budget.
 #pragma once
 
 #include <cstdint>
@@ -14,6 +16,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "worker/engine/kv_cache.h"
@@ -71,6 +74,9 @@ struct TokenOutput {
   uint64_t id = 0;
   int32_t token = -1;
   FinishReason finish = FinishReason::kNone;  // set on the sequence's last token
+  // Prompt tokens whose K/V the prefix cache gave the sequence when it was
+  // first scheduled (OpenAI's usage.prompt_tokens_details.cached_tokens).
+  int cached_tokens = 0;
 };
 
 struct StepResult {
@@ -83,6 +89,10 @@ struct StepResult {
   // for energy attribution.
   std::vector<std::pair<uint64_t, int>> scheduled;
   int64_t context_tokens = 0;  // KV positions the step's attention read
+  // Prefix cache lookups of the sequences first scheduled in this step: their
+  // tokens, and how many of them the cache held (not computed).
+  int64_t prefix_cache_queries = 0;
+  int64_t prefix_cache_hits = 0;
 };
 
 struct EngineOptions {
@@ -98,6 +108,9 @@ struct EngineOptions {
   int max_batch_tokens = 512;   // tokens per step (decode + prefill chunks)
   int max_running = 64;         // sequences in the running batch
   int max_prefill_chunk = 256;  // longest prefill slice of one sequence per step
+  // Automatic prefix caching (block_allocator.h): a request's prefill starts
+  // after the longest prefix of full KV blocks the cache holds.
+  bool prefix_caching = true;
   // Time for pacing (GenerationRequest::token_interval); null: absl::Now.
   std::function<absl::Time()> clock;
 };
@@ -164,6 +177,9 @@ class Engine {
     int generated = 0;
     int num_computed = 0;         // tokens whose K/V are in the cache
     std::vector<int32_t> blocks;
+    std::vector<BlockHash> block_hashes;  // of its full blocks, as far as computed yet
+    int num_published = 0;   // leading blocks offered to the prefix cache (or taken from it)
+    int cached_tokens = -1;  // prompt tokens the cache gave it when first scheduled
     SamplingParams sampling;
     SamplerRng rng{0};
     int priority = 0;
@@ -178,16 +194,34 @@ class Engine {
     Sequence* seq;
     int chunk;
   };
+  enum class Admission { kAdmitted, kDeferred, kNoBlocks };
 
   Engine(Model* model, std::unique_ptr<PagedKvCache> kv, const EngineOptions& options);
   // The KV budget: options.kv_cache_bytes, or on a GPU what the memory
   // utilization leaves once the model's buffers are allocated.
   static absl::StatusOr<int64_t> KvBudget(Model& model, const EngineOptions& options);
   bool EnsureBlocks(Sequence* seq, int num_tokens);
+  // The most tokens of `seq` the next step can compute within `budget`.
+  int ChunkOf(const Sequence& seq, int budget) const;
+  // Moves a waiting sequence to running with its cached prefix and the blocks
+  // of its first chunk (set in `chunk`). Deferred when the block after its
+  // cached prefix is in `computing` (a sequence in this plan computes it: a
+  // step later it is cached); kNoBlocks when the cache is full.
+  Admission Admit(Sequence* seq, int budget, const absl::flat_hash_set<BlockHash>* computing,
+                  int* chunk);
   // The running sequence to preempt so `seq` can grow: not yet in the plan,
   // lowest priority (highest number), newest; nullptr if there is none.
   Sequence* PickVictim(const Sequence* seq) const;
   void FreeBlocks(Sequence* seq);
+  // Prefix caching: the hash of the sequence's full block `i`.
+  const BlockHash& BlockHashAt(Sequence* seq, int i);
+  // The cached blocks holding the sequence's longest cached prefix, leaving at
+  // least its last token to compute (its logits give the next token).
+  std::vector<int32_t> FindCachedPrefix(Sequence* seq);
+  // Adds the hashes of the full blocks `seq` has yet to compute to `computing`.
+  void NoteComputing(Sequence* seq, absl::flat_hash_set<BlockHash>& computing);
+  // Publishes the sequence's newly computed full blocks to the prefix cache.
+  void PublishComputedBlocks(Sequence* seq);
   void Preempt(Sequence* seq);
   FinishReason CheckFinished(const Sequence& seq, int32_t token) const;
   void Retire(Sequence* seq);

@@ -5,26 +5,6 @@
 
 namespace joule {
 
-BlockAllocator::BlockAllocator(int64_t num_blocks)
-    : num_blocks_(num_blocks), in_use_(num_blocks, false) {
-  free_.reserve(num_blocks);
-  for (int64_t b = num_blocks - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));
-}
-
-int32_t BlockAllocator::Allocate() {
-  if (free_.empty()) return -1;
-  int32_t b = free_.back();
-  free_.pop_back();
-  in_use_[b] = true;
-  return b;
-}
-
-void BlockAllocator::Free(int32_t block) {
-  if (block < 0 || block >= num_blocks_ || !in_use_[block]) return;  // double free is a no-op
-  in_use_[block] = false;
-  free_.push_back(block);
-}
-
 int64_t PagedKvCache::BlockBytes(const ModelConfig& c, int block_size, kernels::DType type) {
   return int64_t{2} * c.num_layers * block_size * c.num_key_value_heads * c.head_dim *
          static_cast<int64_t>(kernels::ElementBytes(type));
@@ -33,7 +13,8 @@ int64_t PagedKvCache::BlockBytes(const ModelConfig& c, int block_size, kernels::
 absl::StatusOr<std::unique_ptr<PagedKvCache>> PagedKvCache::Create(device::Backend& backend,
                                                                    const ModelConfig& c,
                                                                    int block_size,
-                                                                   int64_t budget_bytes) {
+                                                                   int64_t budget_bytes,
+                                                                   bool prefix_caching) {
   if (block_size <= 0) return absl::InvalidArgumentError("kv cache: block_size must be positive");
   const kernels::DType type = backend.kv_cache_type();
   const int64_t per_block = BlockBytes(c, block_size, type);
@@ -52,14 +33,16 @@ absl::StatusOr<std::unique_ptr<PagedKvCache>> PagedKvCache::Create(device::Backe
     view.k.push_back(base + (2 * l) * per_layer);
     view.v.push_back(base + (2 * l + 1) * per_layer);
   }
-  return std::unique_ptr<PagedKvCache>(new PagedKvCache(std::move(storage), std::move(view), per_block));
+  return std::unique_ptr<PagedKvCache>(
+      new PagedKvCache(std::move(storage), std::move(view), per_block, prefix_caching));
 }
 
-PagedKvCache::PagedKvCache(device::Buffer storage, KvCacheView view, int64_t bytes_per_block)
+PagedKvCache::PagedKvCache(device::Buffer storage, KvCacheView view, int64_t bytes_per_block,
+                           bool prefix_caching)
     : bytes_per_block_(bytes_per_block),
       storage_(std::move(storage)),
       view_(std::move(view)),
-      allocator_(view_.num_blocks) {}
+      allocator_(view_.num_blocks, prefix_caching) {}
 
 double PagedKvCache::Usage() const {
   return 1.0 - static_cast<double>(allocator_.num_free()) / static_cast<double>(allocator_.num_blocks());

@@ -1,6 +1,7 @@
 // Paged KV cache: fixed-size blocks carved from a byte budget in the
 // backend's memory (F32 on the CPU, BF16 on a GPU), handed to sequences on
-// demand and returned when they finish or are cancelled.
+// demand and returned when they finish or are cancelled (block_allocator.h:
+// with prefix caching, full blocks stay cached for the next request).
 #pragma once
 
 #include <cstdint>
@@ -9,25 +10,11 @@
 
 #include "absl/status/statusor.h"
 #include "worker/device/backend.h"
+#include "worker/engine/block_allocator.h"
 #include "worker/model/config.h"
 #include "worker/model/model.h"
 
 namespace joule {
-
-class BlockAllocator {
- public:
-  explicit BlockAllocator(int64_t num_blocks);
-  int64_t num_blocks() const { return num_blocks_; }
-  int64_t num_free() const { return static_cast<int64_t>(free_.size()); }
-  // -1 when none is free.
-  int32_t Allocate();
-  void Free(int32_t block);
-
- private:
-  int64_t num_blocks_;
-  std::vector<int32_t> free_;    // LIFO: recently freed blocks are warm in cache
-  std::vector<bool> in_use_;
-};
 
 class PagedKvCache {
  public:
@@ -35,20 +22,23 @@ class PagedKvCache {
   static int64_t BlockBytes(const ModelConfig& config, int block_size, kernels::DType type);
   // Sizes the cache to as many blocks as fit in `budget_bytes` and allocates
   // them, zeroed (so resident up front: no page faults on the decode path).
+  // `prefix_caching`: the allocator keeps released full blocks for reuse.
   static absl::StatusOr<std::unique_ptr<PagedKvCache>> Create(device::Backend& backend,
                                                               const ModelConfig& config,
-                                                              int block_size, int64_t budget_bytes);
+                                                              int block_size, int64_t budget_bytes,
+                                                              bool prefix_caching = false);
 
   int block_size() const { return view_.block_size; }
   int64_t BytesPerBlock() const { return bytes_per_block_; }
   const KvCacheView& view() const { return view_; }
   BlockAllocator& allocator() { return allocator_; }
   const BlockAllocator& allocator() const { return allocator_; }
-  // Fraction of blocks in use, for metrics.
+  // Fraction of blocks held by sequences (cached, unheld ones count as free), for metrics.
   double Usage() const;
 
  private:
-  PagedKvCache(device::Buffer storage, KvCacheView view, int64_t bytes_per_block);
+  PagedKvCache(device::Buffer storage, KvCacheView view, int64_t bytes_per_block,
+               bool prefix_caching);
   int64_t bytes_per_block_;
   device::Buffer storage_;  // [layers][k|v][num_blocks * block_size * kv_heads * head_dim]
   KvCacheView view_;

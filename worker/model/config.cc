@@ -115,10 +115,15 @@ class Fields {
   absl::StatusOr<float> PositiveFloat(absl::string_view field, float fallback) const {
     const json* v = Find(field);
     if (v == nullptr) return fallback;
-    if (!v->is_number()) return TypeError(field, "a number", *v);
-    double d = v->get<double>();
-    if (!(d > 0) || d > std::numeric_limits<float>::max()) {
-      return Error(field, absl::StrCat("must be a positive number, got ", v->dump()));
+    return AsPositiveFloat(field, *v);
+  }
+  // A number that stays positive and finite as a float (the engine computes in
+  // float: 1e300 would become inf and 1e-50 zero).
+  absl::StatusOr<float> AsPositiveFloat(absl::string_view field, const json& v) const {
+    if (!v.is_number()) return TypeError(field, "a number", v);
+    const double d = v.get<double>();
+    if (!(d >= std::numeric_limits<float>::denorm_min()) || d > std::numeric_limits<float>::max()) {
+      return Error(field, absl::StrCat("must be a positive number within float range, got ", v.dump()));
     }
     return static_cast<float>(d);
   }
@@ -179,10 +184,7 @@ absl::Status CheckRope(const Fields& f, absl::string_view field, float* rope_the
   }
   auto theta = v->find("rope_theta");
   if (theta != v->end() && !theta->is_null()) {
-    if (!theta->is_number() || !(theta->get<double>() > 0)) {
-      return f.TypeError(absl::StrCat(field, ".rope_theta"), "a positive number", *theta);
-    }
-    *rope_theta = static_cast<float>(theta->get<double>());
+    ASSIGN_OR_RETURN(*rope_theta, f.AsPositiveFloat(absl::StrCat(field, ".rope_theta"), *theta));
   }
   for (const auto& [key, value] : v->items()) {
     if (key != "rope_type" && key != "type" && key != "rope_theta") {

@@ -13,7 +13,8 @@ namespace {
 
 class GrpcCoordinatorClient : public CoordinatorClient {
  public:
-  GrpcCoordinatorClient(const std::string& target, absl::Duration rpc_timeout)
+  GrpcCoordinatorClient(const std::string& target, absl::Duration rpc_timeout,
+                        const GrpcSecurity& security)
       : target_(target), rpc_timeout_(rpc_timeout) {
     grpc::ChannelArguments args;
     args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 10000);
@@ -21,7 +22,7 @@ class GrpcCoordinatorClient : public CoordinatorClient {
     args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
     // Reconnect quickly after the coordinator restarts.
     args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
-    channel_ = grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
+    channel_ = MakeChannel(target, security, args);
     stub_ = v1::Coordinator::NewStub(channel_);
   }
 
@@ -74,8 +75,9 @@ class GrpcCoordinatorClient : public CoordinatorClient {
 }  // namespace
 
 std::unique_ptr<CoordinatorClient> MakeGrpcCoordinatorClient(const std::string& target,
-                                                             absl::Duration rpc_timeout) {
-  return std::make_unique<GrpcCoordinatorClient>(target, rpc_timeout);
+                                                             absl::Duration rpc_timeout,
+                                                             const GrpcSecurity& security) {
+  return std::make_unique<GrpcCoordinatorClient>(target, rpc_timeout, security);
 }
 
 }  // namespace joule::worker

@@ -18,11 +18,17 @@ HeartbeatLoop::HeartbeatLoop(CoordinatorClient* coordinator, WorkerRuntime* runt
       options_(std::move(options)),
       on_stop_(std::move(on_stop)),
       on_group_(std::move(on_group)),
-      on_unknown_(std::move(on_unknown)) {}
+      on_unknown_(std::move(on_unknown)),
+      worker_secret_(options_.worker_secret) {}
 
 void HeartbeatLoop::ForgetPlacements() {
   offered_epoch_ = 0;
   rejected_epoch_ = 0;
+}
+
+void HeartbeatLoop::SetWorkerSecret(std::string secret) {
+  absl::MutexLock lock(&secret_mu_);
+  worker_secret_ = std::move(secret);
 }
 
 HeartbeatLoop::~HeartbeatLoop() { Stop(); }
@@ -46,6 +52,10 @@ absl::Status HeartbeatLoop::Beat() {
   const WorkerStatus status = runtime_->Status();
   v1::HeartbeatRequest request;
   request.set_worker_id(options_.worker_id);
+  {
+    absl::MutexLock lock(&secret_mu_);
+    request.set_worker_secret(worker_secret_);
+  }
   request.set_rank(options_.rank);
   request.set_ready(status.ready);
   request.set_running(status.running);
@@ -54,6 +64,9 @@ absl::Status HeartbeatLoop::Beat() {
   request.set_kv_free_blocks(status.kv_free_blocks);
   request.set_placement_epoch(status.placement_epoch);
   request.set_group_epoch(status.group_epoch);
+  request.set_energy_joules(status.energy_joules);
+  request.set_power_watts(status.power_watts);
+  request.set_energy_source(status.energy_source);
   const std::vector<std::vector<int64_t>> load = runtime_->TakeExpertLoad();
   for (size_t l = 0; l < load.size(); ++l) {
     // Dense layers (and MoE layers nobody routed to) have nothing to report.

@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "worker/service/coordinator_client.h"
@@ -26,6 +27,7 @@ namespace joule::worker {
 
 struct HeartbeatOptions {
   std::string worker_id;
+  std::string worker_secret;  // RegisterReply.worker_secret (SetWorkerSecret replaces it)
   int rank = 0;
   absl::Duration interval = absl::Seconds(1);
   int max_missed = 5;  // consecutive failed heartbeats tolerated
@@ -57,6 +59,8 @@ class HeartbeatLoop {
   // Forgets the placements offered so far (a new coordinator numbers its
   // placements from 1 again). Safe from any thread.
   void ForgetPlacements();
+  // The secret of a new registration (the coordinator restarted). Safe from any thread.
+  void SetWorkerSecret(std::string secret);
 
  private:
   void Loop();
@@ -68,6 +72,8 @@ class HeartbeatLoop {
   const std::function<void(absl::Status)> on_stop_;
   const std::function<void(const v1::GroupUpdate&)> on_group_;
   const std::function<void(absl::Time)> on_unknown_;
+  absl::Mutex secret_mu_;
+  std::string worker_secret_ ABSL_GUARDED_BY(secret_mu_);
   std::atomic<uint64_t> offered_epoch_ = 0;   // newest placement handed to the runtime
   std::atomic<uint64_t> rejected_epoch_ = 0;  // one that could not be prepared (not retried)
   int missed_ = 0;

@@ -1,6 +1,7 @@
 // joule-worker: one expert-parallel rank of a Joule cluster.
 //
 //   joule-worker --coordinator HOST:PORT --model DIR [--rank R] [--port 0] [--threads N]
+//                [--grpc-host 127.0.0.1] [--metrics-host 127.0.0.1]
 //                [--kv-cache-mb M] [--block-size 16] [--transport ucx|nccl]
 //                [--payload bf16|f32] [--step-timeout-ms 10000] ...   (--help lists all)
 //
@@ -13,6 +14,8 @@
 #include <cstdio>
 #include <thread>
 
+#include "common/host_port.h"
+#include "common/grpc_security.h"
 #include "common/logging.h"
 #include "worker/service/grpc_coordinator_client.h"
 #include "worker/service/worker_config.h"
@@ -30,9 +33,15 @@ int main(int argc, char** argv) {
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
+  absl::StatusOr<joule::GrpcSecurity> security =
+      joule::LoadGrpcSecurity(joule::GrpcSecurityFlagsFrom(*config));
+  if (!security.ok()) return joule::ReportOptionsError("joule-worker", security.status());
+  if (std::string warning = joule::GrpcSecurityWarning(*security); !warning.empty()) {
+    JOULE_LOG(Warning) << warning;
+  }
   auto coordinator = joule::worker::MakeGrpcCoordinatorClient(
-      config->coordinator, absl::Milliseconds(config->rpc_timeout_ms));
-  joule::worker::WorkerProcess process(*config, coordinator.get());
+      config->coordinator, absl::Milliseconds(config->rpc_timeout_ms), *security);
+  joule::worker::WorkerProcess process(*config, coordinator.get(), *security);
 
   std::atomic<bool> exiting{false};
   std::thread signal_thread([&] {
@@ -57,10 +66,12 @@ int main(int argc, char** argv) {
     (void)process.Wait();
     code = 1;
   } else {
-    // The rank and port are what scripts and tests wait for.
-    std::printf("joule-worker rank %d listening on port %d\n", process.rank(), process.port());
+    // Exactly what listens where (the real bound host and port); scripts wait for these.
+    std::printf("joule-worker rank %d grpc listening on %s\n", process.rank(),
+                joule::HostPort(config->GrpcHost(), process.port()).c_str());
     if (process.metrics_port() > 0) {
-      std::printf("joule-worker rank %d metrics on port %d\n", process.rank(), process.metrics_port());
+      std::printf("joule-worker rank %d metrics listening on %s\n", process.rank(),
+                  joule::HostPort(config->metrics_host, process.metrics_port()).c_str());
     }
     std::fflush(stdout);
     absl::Status s2 = process.Wait();

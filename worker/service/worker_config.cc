@@ -14,6 +14,14 @@ absl::Status WorkerConfig::Validate() const {
   if (port < 0 || port > 65535) {
     return absl::InvalidArgumentError(absl::StrCat("--port: must be in [0, 65535], got ", port));
   }
+  if (grpc_host.empty()) return absl::InvalidArgumentError("--grpc-host: must name an address (e.g. 127.0.0.1)");
+  if (!listen_host.empty() && grpc_host != listen_host && grpc_host != "127.0.0.1") {
+    return absl::InvalidArgumentError(absl::StrCat("--listen-host ", listen_host, " and --grpc-host ", grpc_host,
+                                                   " disagree: --listen-host is the older name, set one"));
+  }
+  if (metrics_host.empty()) {
+    return absl::InvalidArgumentError("--metrics-host: must name an address (e.g. 127.0.0.1)");
+  }
   if (metrics_port < -1 || metrics_port > 65535) {
     return absl::InvalidArgumentError(
         absl::StrCat("--metrics-port: must be in [0, 65535] or -1 (off), got ", metrics_port));

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/grpc_security.h"
 #include "common/options.h"
 #include "worker/telemetry/make_energy_meter.h"
 
@@ -19,7 +20,12 @@ namespace joule::worker {
   X(std::string, coordinator, "", "host:port of the coordinator (required)")                      \
   X(std::string, model, "", "Hugging Face checkpoint directory (required)")                       \
   X(int, rank, -1, "rank to ask for; -1: any free rank")                                         \
-  X(std::string, listen_host, "0.0.0.0", "address the Worker gRPC server binds")                  \
+  X(std::string, grpc_host, "127.0.0.1",                                                          \
+    "address the Worker gRPC server binds; multi-host clusters: 0.0.0.0 or the address the "     \
+    "coordinator reaches (see --advertise-host)")                                                 \
+  X(std::string, listen_host, "", "older name of --grpc-host; when set, it wins")                 \
+  X(std::string, metrics_host, "127.0.0.1",                                                       \
+    "address the Prometheus /metrics server binds; 0.0.0.0 for a scraper on another host")       \
   X(int, port, 0, "port of the Worker gRPC server; 0: an ephemeral port (printed)")               \
   X(int, metrics_port, 0, "port of the Prometheus /metrics server; 0: an ephemeral port (printed); -1: off") \
   X(std::string, metrics_port_file, "", "write the metrics port to this file once listening")   \
@@ -38,6 +44,9 @@ namespace joule::worker {
     "longest prompt + max_tokens a request may have; 0: the model's max_position_embeddings")     \
   X(bool, cuda_graphs, true, "GPU: replay decode steps from CUDA graphs captured at start-up")    \
   X(int, block_size, 16, "tokens per KV block")                                                   \
+  X(bool, prefix_caching, true,                                                                   \
+    "reuse the KV blocks of prompt prefixes seen before (full blocks, kept until evicted LRU); "  \
+    "false: every prompt is computed in full")                                                    \
   X(int, max_batch_tokens, 512, "tokens per engine step (decode + prefill chunks)")               \
   X(int, max_running, 64, "sequences in the running batch")                                       \
   X(std::string, transport, "ucx", "expert-parallel transport: ucx | nccl")                       \
@@ -58,7 +67,8 @@ namespace joule::worker {
   X(int64_t, shutdown_grace_ms, 2000, "time given to streams to end at shutdown")                 \
   X(std::string, device, "cpu",                                                                  \
     "where the forward pass runs: cpu, cuda (= cuda:0) or cuda:N; reported at registration")      \
-  JOULE_ENERGY_METER_FLAGS(X)
+  JOULE_ENERGY_METER_FLAGS(X)                                                                     \
+  JOULE_GRPC_SECURITY_FLAGS(X)
 
 struct WorkerConfig {
   JOULE_WORKER_FLAGS(JOULE_OPTION_FIELD)
@@ -68,6 +78,8 @@ struct WorkerConfig {
   absl::Status Validate() const;
   // One line per flag, "--name=value", for the start-up log.
   std::string ToString() const;
+  // The address the Worker gRPC server binds: --listen-host (the older name) or --grpc-host.
+  const std::string& GrpcHost() const { return listen_host.empty() ? grpc_host : listen_host; }
   // Compute threads: --threads, or for 0 this worker's share of `usable_cores`.
   int ComputeThreads(int usable_cores) const;
 };

@@ -19,12 +19,14 @@ namespace {
 class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateResponse>,
                               public std::enable_shared_from_this<GenerateReactor> {
  public:
-  GenerateReactor(WorkerHandler* handler, std::string request_id)
-      : handler_(handler), request_id_(std::move(request_id)) {}
+  GenerateReactor(WorkerHandler* handler, std::shared_ptr<RequestOwners> owners, std::string request_id)
+      : handler_(handler), owners_(std::move(owners)), request_id_(std::move(request_id)) {}
 
   // gRPC holds a raw pointer until OnDone: keep us alive until then.
   void Hold() { self_ = shared_from_this(); }
 
+  // The id is claimed for this caller (RequestOwners::Claim); it is released
+  // when the request ends.
   void Start(GenerationRequest request) {
     RequestCallbacks callbacks{
         .on_tokens =
@@ -37,6 +39,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
             },
         .on_done =
             [self = self_](const RequestOutcome& outcome) {
+              self->owners_->Release(self->request_id_);
               {
                 absl::MutexLock lock(&self->mu_);
                 self->outcome_ = outcome;
@@ -46,6 +49,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     };
     if (absl::Status s = handler_->Submit(request_id_, std::move(request), std::move(callbacks));
         !s.ok()) {
+      owners_->Release(request_id_);
       FinishWith(ToGrpc(s));
       return;
     }
@@ -128,6 +132,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
           response_.set_prompt_tokens(outcome_->prompt_tokens);
           response_.set_completion_tokens(outcome_->completion_tokens);
           response_.set_resumed_tokens(outcome_->resumed_tokens);
+          response_.set_cached_tokens(outcome_->cached_tokens);
           response_.set_energy_joules(outcome_->energy_joules);
           response_.set_energy_source(outcome_->energy_source);
           action = Action::kWriteAndFinish;
@@ -152,6 +157,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   }
 
   WorkerHandler* const handler_;
+  const std::shared_ptr<RequestOwners> owners_;
   const std::string request_id_;
   std::shared_ptr<GenerateReactor> self_;  // gRPC's reference, dropped in OnDone
 
@@ -166,15 +172,33 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   bool cancel_sent_ ABSL_GUARDED_BY(mu_) = false;
 };
 
+// Who is calling: the connection the call came on (its peer address and
+// port), which another client cannot share.
+std::string CallerOf(const grpc::CallbackServerContext& context) { return context.peer(); }
+
+// Ends a unary call at once with `status`.
+grpc::ServerUnaryReactor* Refuse(grpc::CallbackServerContext* context, const grpc::Status& status) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(status);
+  return reactor;
+}
+
 }  // namespace
 
 grpc::ServerWriteReactor<v1::GenerateResponse>* WorkerGrpcService::Generate(
     grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
-  auto reactor = std::make_shared<GenerateReactor>(handler_, request->request_id());
+  auto reactor = std::make_shared<GenerateReactor>(handler_, owners_, request->request_id());
   reactor->Hold();
+  if (grpc::Status auth = token_.Check(*context); !auth.ok()) {
+    reactor->FinishWith(auth);
+    return reactor.get();
+  }
   absl::StatusOr<GenerationRequest> converted = ToGenerationRequest(*request);
   if (!converted.ok()) {
     reactor->FinishWith(ToGrpc(converted.status()));
+  } else if (!owners_->Claim(request->request_id(), CallerOf(*context))) {
+    reactor->FinishWith(grpc::Status(grpc::StatusCode::ALREADY_EXISTS,
+                                     "request_id: a request with this id is already running"));
   } else {
     reactor->Start(*std::move(converted));
   }
@@ -184,6 +208,18 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* WorkerGrpcService::Generate(
 grpc::ServerUnaryReactor* WorkerGrpcService::Cancel(grpc::CallbackServerContext* context,
                                                     const v1::CancelRequest* request,
                                                     v1::CancelReply* reply) {
+  if (grpc::Status auth = token_.Check(*context); !auth.ok()) return Refuse(context, auth);
+  // Only the caller that submitted a request may cancel it: request ids travel
+  // in logs and responses, a connection's identity does not.
+  switch (owners_->Check(request->request_id(), CallerOf(*context))) {
+    case RequestOwners::Access::kUnknown:
+      return Refuse(context, grpc::Status(grpc::StatusCode::NOT_FOUND, "request_id: no such request is running"));
+    case RequestOwners::Access::kOther:
+      return Refuse(context, grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                                          "request_id: the request was submitted by another caller"));
+    case RequestOwners::Access::kOwner:
+      break;
+  }
   reply->set_found(handler_->Cancel(request->request_id()));
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
@@ -193,6 +229,7 @@ grpc::ServerUnaryReactor* WorkerGrpcService::Cancel(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* WorkerGrpcService::Status(grpc::CallbackServerContext* context,
                                                     const v1::WorkerStatusRequest* request,
                                                     v1::WorkerStatusReply* reply) {
+  if (grpc::Status auth = token_.Check(*context); !auth.ok()) return Refuse(context, auth);
   const WorkerStatus s = handler_->Status();
   reply->set_rank(s.rank);
   reply->set_ready(s.ready);

@@ -20,6 +20,7 @@ struct RequestOutcome {
   int prompt_tokens = 0;
   int completion_tokens = 0;  // generated here
   int resumed_tokens = 0;     // recomputed here for a resumed request
+  int cached_tokens = 0;      // prompt tokens the prefix cache held (TokenOutput::cached_tokens)
   // This rank's metered energy charged to the request by its share of each
   // step's tokens (worker/telemetry/energy_attributor.h); 0 without a meter.
   double energy_joules = 0;
@@ -47,6 +48,11 @@ struct WorkerStatus {
   uint64_t preemptions_total = 0;        // sequences preempted (KV freed, recomputed later)
   uint64_t prompt_tokens_total = 0;      // prefill tokens computed (recomputes count again)
   uint64_t generation_tokens_total = 0;  // tokens sampled
+  // Prefix caching: tokens of newly scheduled requests looked up, and those
+  // the cache held; blocks whose content is cached (held or evictable).
+  uint64_t prefix_cache_queries_total = 0;
+  uint64_t prefix_cache_hits_total = 0;
+  int64_t prefix_cache_blocks = 0;
   uint64_t placement_epoch = 0;
   // Energy since start from the worker's meter (see energy_attributor.h):
   // total = attributed (charged to requests) + idle (between steps) +
@@ -62,6 +68,9 @@ struct WorkerStatus {
   // The meter's own power reading (EnergyMeter::ReadPowerWatts: NVML's instant
   // field) when the last power window closed; < 0 where the meter has none.
   double power_instant_watts = -1;
+  // The meter's own reading since the worker started, taken by Status() (not
+  // by the step loop's accounting); < 0 without a meter or when a read failed.
+  double energy_meter_joules = -1;
   int step_token_cap = 0;  // the cap the ranks agreed on (0: none)
   uint64_t group_epoch = 1;  // the expert-parallel group this rank serves in
   uint64_t regroups = 0;     // groups re-formed since start (a peer died)

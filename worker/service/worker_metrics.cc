@@ -138,6 +138,9 @@ std::vector<prometheus::MetricFamily> WorkerMetricFamilies(const WorkerStatus& s
   if (s.power_instant_watts >= 0) {
     JOULE_WORKER_METER_POWER_METRICS(JOULE_ENERGY_FAMILY)
   }
+  if (s.energy_meter_joules >= 0) {
+    JOULE_WORKER_METER_READING_METRICS(JOULE_ENERGY_FAMILY)
+  }
 #undef JOULE_ENERGY_FAMILY
   return out;
 }

@@ -33,6 +33,15 @@ namespace joule::worker {
   X(joule_prompt_tokens_total, Counter, "Prefill tokens computed (a recompute counts again).",  \
     s.prompt_tokens_total)                                                                      \
   X(joule_generation_tokens_total, Counter, "Tokens sampled.", s.generation_tokens_total)       \
+  X(joule_prefix_cache_queries_total, Counter,                                                  \
+    "Prompt tokens of newly scheduled requests looked up in the prefix cache.",                 \
+    s.prefix_cache_queries_total)                                                               \
+  X(joule_prefix_cache_hits_total, Counter,                                                     \
+    "Of those, tokens whose KV blocks the prefix cache held (not computed).",                   \
+    s.prefix_cache_hits_total)                                                                  \
+  X(joule_prefix_cache_blocks, Gauge,                                                           \
+    "KV blocks holding cached prefixes (held by sequences or evictable).",                      \
+    s.prefix_cache_blocks)                                                                      \
   X(joule_worker_ready, Gauge, "1 while the rank serves requests.", s.ready ? 1 : 0)            \
   X(joule_lockstep_rounds_total, Counter, "Expert-parallel lockstep rounds run.", s.steps)      \
   X(joule_group_epoch, Gauge, "The expert-parallel group epoch this rank serves in.",           \
@@ -80,6 +89,13 @@ namespace joule::worker {
   X(joule_power_instant_watts, Gauge,                                                           \
     "Power the meter reported when the last power window closed (NVML's instant field).",       \
     s.power_instant_watts)
+
+// The meter read at the scrape, apart from the per-step accounting that sums to
+// joule_energy_joules_total: a check on that accounting (only with a meter).
+#define JOULE_WORKER_METER_READING_METRICS(X)                                                   \
+  X(joule_energy_meter_joules_total, Counter,                                                   \
+    "The energy meter's own reading since the worker started, read at this scrape.",            \
+    s.energy_meter_joules)
 
 // The metric families for one status snapshot, labelled rank="R" (-1 before
 // the worker has a rank), plus joule_expert_tokens_total{rank,layer,expert}:

@@ -12,8 +12,10 @@
 #include <random>
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/host_port.h"
 #include "common/logging.h"
 #include "common/model_fingerprint.h"
 #include "common/status.h"
@@ -31,6 +33,11 @@ std::string HostName() {
   char buf[256] = {};
   if (gethostname(buf, sizeof(buf) - 1) != 0) return "localhost";
   return buf;
+}
+
+// 127.0.0.0/8, ::1 and "localhost": reachable from this host only.
+bool IsLoopback(const std::string& host) {
+  return host == "localhost" || host == "::1" || host == "[::1]" || absl::StartsWith(host, "127.");
 }
 
 std::string MakeWorkerId() {
@@ -89,9 +96,11 @@ std::string AddressFacing(const std::string& coordinator) {
 
 }  // namespace
 
-WorkerProcess::WorkerProcess(WorkerConfig config, CoordinatorClient* coordinator)
+WorkerProcess::WorkerProcess(WorkerConfig config, CoordinatorClient* coordinator,
+                             GrpcSecurity security)
     : config_(std::move(config)),
       coordinator_(coordinator),
+      security_(std::move(security)),
       worker_id_(MakeWorkerId()),
       step_timeout_(absl::Milliseconds(config_.step_timeout_ms)) {}
 
@@ -127,10 +136,10 @@ absl::Status WorkerProcess::Start() {
 }
 
 absl::Status WorkerProcess::StartServer() {
-  service_ = std::make_unique<WorkerGrpcService>(&handler_);
+  service_ = std::make_unique<WorkerGrpcService>(&handler_, security_.token);
   grpc::ServerBuilder builder;
-  const std::string listen = absl::StrCat(config_.listen_host, ":", config_.port);
-  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port_);
+  const std::string listen = HostPort(config_.GrpcHost(), config_.port);
+  builder.AddListeningPort(listen, MakeServerCredentials(security_), &port_);
   builder.RegisterService(service_.get());
   // Let the coordinator's keepalive pings through, also between calls.
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 20000);
@@ -142,10 +151,17 @@ absl::Status WorkerProcess::StartServer() {
   if (server_ == nullptr || port_ == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", listen));
   }
+  keep_awake_ = std::make_unique<GrpcKeepAwake>(server_->InProcessChannel(grpc::ChannelArguments()));
   const std::string host =
       config_.advertise_host.empty() ? AddressFacing(config_.coordinator) : config_.advertise_host;
-  endpoint_ = absl::StrCat(host, ":", port_);
-  JOULE_LOG(Info) << "Worker gRPC server listening on " << config_.listen_host << ":" << port_
+  endpoint_ = HostPort(host, port_);
+  if (IsLoopback(config_.GrpcHost()) && !IsLoopback(host)) {
+    // The coordinator would be told an address where nothing listens.
+    return absl::FailedPreconditionError(absl::StrCat(
+        "--grpc-host ", config_.GrpcHost(), " listens on this host only, but the coordinator reaches this worker at ",
+        host, ": set --grpc-host 0.0.0.0 or ", host));
+  }
+  JOULE_LOG(Info) << "Worker gRPC server listening on " << HostPort(config_.GrpcHost(), port_)
                   << " (advertised as " << endpoint_ << ")";
   return absl::OkStatus();
 }
@@ -153,9 +169,8 @@ absl::Status WorkerProcess::StartServer() {
 absl::Status WorkerProcess::StartMetrics() {
   if (config_.metrics_port < 0) return absl::OkStatus();
   ASSIGN_OR_RETURN(metrics_,
-                   WorkerMetricsServer::Start(config_.listen_host, config_.metrics_port, &handler_));
-  JOULE_LOG(Info) << "metrics on http://" << config_.listen_host << ":" << metrics_->port()
-                  << "/metrics";
+                   WorkerMetricsServer::Start(config_.metrics_host, config_.metrics_port, &handler_));
+  JOULE_LOG(Info) << "metrics on http://" << HostPort(config_.metrics_host, metrics_->port()) << "/metrics";
   if (!config_.metrics_port_file.empty()) {
     // Written to a temporary name and renamed: a script polling for the file
     // never reads a partial port.
@@ -214,6 +229,8 @@ absl::Status WorkerProcess::Register(int requested_rank) {
   }
   rank_ = reply->rank();
   world_size_ = reply->world_size();
+  worker_secret_ = reply->worker_secret();
+  if (heartbeat_) heartbeat_->SetWorkerSecret(worker_secret_);
   placement_epoch_ = reply->placement().epoch();
   if (reply->heartbeat_interval_ms() > 0) {
     heartbeat_interval_ = absl::Milliseconds(reply->heartbeat_interval_ms());
@@ -296,6 +313,7 @@ absl::Status WorkerProcess::JoinRunningGroup() {
   // Ask to join until the coordinator answers with the group that takes us in.
   v1::HeartbeatRequest request;
   request.set_worker_id(worker_id_);
+  request.set_worker_secret(worker_secret_);
   request.set_rank(rank_);
   request.set_join(true);
   std::optional<v1::GroupUpdate> update;
@@ -339,6 +357,7 @@ absl::StatusOr<std::unique_ptr<ep::Transport>> WorkerProcess::JoinGroup(int tran
   const ep::TransportOptions transport_options{.timeout = step_timeout_};
   v1::RendezvousRequest request;
   request.set_worker_id(worker_id_);
+  request.set_worker_secret(worker_secret_);
   request.set_rank(rank_);
   request.set_group_epoch(group_epoch);
   if (config_.transport != "ucx") {
@@ -416,6 +435,7 @@ absl::Status WorkerProcess::StartServing() {
   engine_options.max_model_len = config_.max_model_len;
   engine_options.max_batch_tokens = config_.max_batch_tokens;
   engine_options.max_running = config_.max_running;
+  engine_options.prefix_caching = config_.prefix_caching;
   ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, Engine::Create(model_.get(), engine_options));
   RuntimeOptions runtime_options;
   runtime_options.idle_wait = absl::Microseconds(config_.idle_wait_us);
@@ -444,6 +464,7 @@ absl::Status WorkerProcess::StartServing() {
   heartbeat_ = std::make_unique<HeartbeatLoop>(
       coordinator_, runtime_.get(), loader_.get(),
       HeartbeatOptions{.worker_id = worker_id_,
+                       .worker_secret = worker_secret_,
                        .rank = rank_,
                        .interval = heartbeat_interval_,
                        .max_missed = config_.heartbeat_max_missed},
@@ -629,6 +650,7 @@ void WorkerProcess::Shutdown() {
     }
   }
   metrics_.reset();
+  keep_awake_.reset();
   if (server_) {
     server_->Shutdown(std::chrono::system_clock::now() +
                       std::chrono::milliseconds(absl::ToInt64Milliseconds(grace)));

@@ -21,6 +21,8 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "grpcpp/grpcpp.h"
+#include "common/grpc_keep_awake.h"
+#include "common/grpc_security.h"
 #include "worker/ep/transport.h"
 #include "worker/model/model.h"
 #include "worker/service/coordinator_client.h"
@@ -36,8 +38,9 @@ namespace joule::worker {
 
 class WorkerProcess {
  public:
-  // `coordinator` is not owned.
-  WorkerProcess(WorkerConfig config, CoordinatorClient* coordinator);
+  // `coordinator` is not owned. The Worker gRPC server uses `security`'s TLS
+  // material and requires its cluster token (none: insecure, open).
+  WorkerProcess(WorkerConfig config, CoordinatorClient* coordinator, GrpcSecurity security = {});
   ~WorkerProcess();
 
   // Steps 1-5; an error names the step that failed. Stop() makes a pending
@@ -88,7 +91,11 @@ class WorkerProcess {
 
   const WorkerConfig config_;
   CoordinatorClient* const coordinator_;
+  const GrpcSecurity security_;
   std::string worker_id_;
+  // RegisterReply.worker_secret of the last registration (Register's thread;
+  // the heartbeat gets its own copy).
+  std::string worker_secret_;
   std::string endpoint_;
   int port_ = 0;
   int rank_ = -1;
@@ -104,6 +111,7 @@ class WorkerProcess {
   StartingHandler handler_;
   std::unique_ptr<WorkerGrpcService> service_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<GrpcKeepAwake> keep_awake_;  // Generate's reactors never wait for a napping poller
   std::unique_ptr<WorkerMetricsServer> metrics_;
   std::unique_ptr<Model> model_;
   std::unique_ptr<ep::Transport> transport_;

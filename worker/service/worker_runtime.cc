@@ -106,6 +106,12 @@ WorkerStatus WorkerRuntime::Status() {
     s = status_;
   }
   s.resident_bytes = ResidentBytes();
+  // The meter now, from the same zero as the step loop's accounting.
+  if (const std::optional<double> zero = attributor_ ? attributor_->first_reading() : std::nullopt) {
+    if (absl::StatusOr<double> j = options_.energy_meter->ReadJoules(); j.ok()) {
+      s.energy_meter_joules = *j - *zero;
+    }
+  }
   return s;
 }
 
@@ -171,6 +177,8 @@ void WorkerRuntime::Loop() {
       status_.preemptions_total += r->step.preempted.size();
       status_.prompt_tokens_total += static_cast<uint64_t>(r->step.prefill_tokens);
       status_.generation_tokens_total += r->step.tokens.size();
+      status_.prefix_cache_queries_total += static_cast<uint64_t>(r->step.prefix_cache_queries);
+      status_.prefix_cache_hits_total += static_cast<uint64_t>(r->step.prefix_cache_hits);
       if (r->global_tokens > 0) ++status_.busy_steps;
     }
     PublishStatus();
@@ -416,7 +424,8 @@ void WorkerRuntime::Drain() {
       Finish(id, RequestOutcome{.finish = FinishReason::kCancelled,
                                 .prompt_tokens = it->second.prompt_tokens,
                                 .completion_tokens = it->second.completion_tokens,
-                                .resumed_tokens = it->second.resumed_tokens});
+                                .resumed_tokens = it->second.resumed_tokens,
+                                .cached_tokens = it->second.cached_tokens});
     }
   }
 }
@@ -428,13 +437,15 @@ void WorkerRuntime::Deliver(const StepResult& step) {
     if (it == live_.end()) continue;
     Live& live = it->second;
     ++live.completion_tokens;
+    live.cached_tokens = t.cached_tokens;
     one[0] = t.token;
     if (live.callbacks.on_tokens) live.callbacks.on_tokens(one);
     if (t.finish != FinishReason::kNone) {
       Finish(t.id, RequestOutcome{.finish = t.finish,
                                   .prompt_tokens = live.prompt_tokens,
                                   .completion_tokens = live.completion_tokens,
-                                  .resumed_tokens = live.resumed_tokens});
+                                  .resumed_tokens = live.resumed_tokens,
+                                  .cached_tokens = live.cached_tokens});
     }
   }
 }
@@ -541,7 +552,8 @@ void WorkerRuntime::FailAll(const absl::Status& status) {
       live.callbacks.on_done(RequestOutcome{.status = status,
                                             .prompt_tokens = live.prompt_tokens,
                                             .completion_tokens = live.completion_tokens,
-                                  .resumed_tokens = live.resumed_tokens});
+                                  .resumed_tokens = live.resumed_tokens,
+                                  .cached_tokens = live.cached_tokens});
     }
   }
   PublishStatus();
@@ -579,6 +591,7 @@ void WorkerRuntime::PublishStatus() {
   status_.kv_free_blocks = blocks.num_free();
   status_.kv_total_blocks = blocks.num_blocks();
   status_.kv_usage = engine_->kv_cache().Usage();
+  status_.prefix_cache_blocks = blocks.num_cached();
   status_.steps = rounds_;
   const ep::ExpertParallelExecutor::Stats ep =
       executor_ != nullptr ? executor_->stats() : ep::ExpertParallelExecutor::Stats{};

@@ -144,6 +144,7 @@ class WorkerRuntime : public WorkerHandler {
     int prompt_tokens = 0;
     int completion_tokens = 0;
     int resumed_tokens = 0;
+    int cached_tokens = 0;
   };
   struct Control {  // all-gathered every control_interval rounds
     uint64_t ready_epoch;

@@ -33,6 +33,7 @@ absl::Status EnergyAttributor::BeginStep() {
   double now = 0;
   if (absl::Status s = Read(&now); !s.ok()) return s;
   if (have_last_) totals_.idle_joules += now - last_;
+  if (!first_.has_value()) first_ = now;
   last_ = now;
   have_last_ = true;
   in_step_ = true;
@@ -92,6 +93,11 @@ double EnergyAttributor::PeekRequestJoules(uint64_t request_id) const {
 EnergyAttributor::Totals EnergyAttributor::totals() const {
   absl::MutexLock lock(&mu_);
   return totals_;
+}
+
+std::optional<double> EnergyAttributor::first_reading() const {
+  absl::MutexLock lock(&mu_);
+  return first_;
 }
 
 }  // namespace joule::telemetry

@@ -13,6 +13,7 @@
 // successful read starts a new one: no energy is ever guessed.
 #pragma once
 
+#include <optional>
 #include <cstdint>
 
 #include "absl/container/flat_hash_map.h"
@@ -65,6 +66,8 @@ class EnergyAttributor {
     double total_joules() const { return attributed_joules + idle_joules + unattributed_joules; }
   };
   Totals totals() const;
+  // The meter's first reading (the accounting's zero); nullopt before one.
+  std::optional<double> first_reading() const;
 
  private:
   absl::Status Read(double* joules) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -74,6 +77,7 @@ class EnergyAttributor {
   EnergyMeter* const meter_;
   mutable absl::Mutex mu_;
   bool have_last_ ABSL_GUARDED_BY(mu_) = false;  // last_ is a valid reading
+  std::optional<double> first_ ABSL_GUARDED_BY(mu_);
   bool in_step_ ABSL_GUARDED_BY(mu_) = false;
   double last_ ABSL_GUARDED_BY(mu_) = 0;
   absl::flat_hash_map<uint64_t, double> per_request_ ABSL_GUARDED_BY(mu_);

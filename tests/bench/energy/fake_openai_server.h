@@ -58,6 +58,16 @@ class FakeOpenAiServer {
     std::lock_guard<std::mutex> lock(mu_);
     return tiers_seen_;
   }
+  // What the server actually did for each streamed request (its timers run late on a busy
+  // machine): request read -> first chunk written, and the mean time between its chunks.
+  std::vector<double> served_ttft_ms() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return served_ttft_ms_;
+  }
+  std::vector<double> served_tpot_ms() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return served_tpot_ms_;
+  }
   double EnergyNow() const {
     const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
     return options_.idle_watts * t + options_.joules_per_token * tokens_sent_.load();
@@ -118,6 +128,8 @@ class FakeOpenAiServer {
                    "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
                    "Connection: close\r\n\r\n");
     boost::asio::steady_timer timer(ioc_);
+    const auto read_at = std::chrono::steady_clock::now();
+    std::chrono::steady_clock::time_point first_at, last_at;
     for (int i = 0; i < max_tokens; ++i) {
       timer.expires_after(i == 0 ? options_.ttft : options_.itl);
       co_await timer.async_wait(kTuple);
@@ -125,6 +137,14 @@ class FakeOpenAiServer {
       nlohmann::json chunk = {{"object", "text_completion"},
                               {"choices", {{{"index", 0}, {"text", "x"}, {"finish_reason", nullptr}}}}};
       co_await Write(socket, Chunk("data: " + chunk.dump() + "\n\n"));
+      last_at = std::chrono::steady_clock::now();
+      if (i == 0) first_at = last_at;
+    }
+    if (max_tokens > 1) {
+      using ms = std::chrono::duration<double, std::milli>;
+      std::lock_guard<std::mutex> lock(mu_);
+      served_ttft_ms_.push_back(ms(first_at - read_at).count());
+      served_tpot_ms_.push_back(ms(last_at - first_at).count() / (max_tokens - 1));
     }
     nlohmann::json usage = {{"prompt_tokens", prompt_tokens}, {"completion_tokens", max_tokens}};
     if (options_.report_energy) usage["energy_joules"] = options_.joules_per_token * max_tokens;
@@ -142,6 +162,8 @@ class FakeOpenAiServer {
   std::atomic<int64_t> tokens_sent_{0};
   std::mutex mu_;
   std::vector<std::string> tiers_seen_;
+  std::vector<double> served_ttft_ms_;
+  std::vector<double> served_tpot_ms_;
 };
 
 }  // namespace joule::bench::testing

@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cmath>
 #include <numeric>
 
@@ -257,6 +258,12 @@ TEST(ReportTest, LatenciesFromKnownChunkTimes) {
   EXPECT_NEAR(s.tiers[0].joules, 1500.0 * 22 / 43, 1e-9);
 }
 
+double Median(std::vector<double> v) {
+  if (v.empty()) return NAN;
+  std::sort(v.begin(), v.end());
+  return v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
+}
+
 TEST(LoadGeneratorTest, AgainstAFakeServer) {
   testing::FakeServerOptions options;
   options.ttft = std::chrono::milliseconds(60);
@@ -270,7 +277,7 @@ TEST(LoadGeneratorTest, AgainstAFakeServer) {
   LoadConfig c;
   c.target = *ParseUrl(server.url() + "/v1/completions", "url");
   c.metrics = {*ParseUrl(server.url() + "/metrics", "metrics_urls")};
-  c.idle_s = 0.6;
+  c.idle_s = 1.2;  // long enough that a late scrape moves the idle power by < 2%
   c.warmup_s = 0.5;
   c.duration_s = 2.5;
   c.drain_timeout_s = 10;
@@ -309,11 +316,18 @@ TEST(LoadGeneratorTest, AgainstAFakeServer) {
       EXPECT_EQ(r.output_tokens(), 6);
     }
   }
-  // Latencies from the server's known delays (upper bounds allow for a busy machine).
+  // Latencies: at least the server's configured delays, and what the server actually served
+  // (its timers run late on a busy machine; the client sees its chunks a little after they
+  // were written, never before). Only standard requests streamed: batch was refused.
   EXPECT_GE(standard.ttft_p50_ms, 59);
-  EXPECT_LT(standard.ttft_p50_ms, 60 + 40);
   EXPECT_GE(standard.tpot_p50_ms, 14);
-  EXPECT_LT(standard.tpot_p50_ms, 15 + 15);
+  const double served_ttft = Median(server.served_ttft_ms());
+  const double served_tpot = Median(server.served_tpot_ms());
+  std::printf("TTFT p50 %.1f ms (served %.1f), TPOT p50 %.2f ms (served %.2f)\n", standard.ttft_p50_ms,
+              served_ttft, standard.tpot_p50_ms, served_tpot);
+  EXPECT_GE(standard.ttft_p50_ms, served_ttft - 1);
+  EXPECT_LT(standard.ttft_p50_ms, served_ttft + 20);
+  EXPECT_NEAR(standard.tpot_p50_ms, served_tpot, 3);
   EXPECT_NEAR(standard.interactivity_tok_s_user, 1000.0 / standard.mean_tpot_ms, 1e-9);
   EXPECT_DOUBLE_EQ(standard.slo_attainment, 1.0);
 

@@ -15,8 +15,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "absl/strings/numbers.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/testing/listen_address.h"
 #include "tests/coordinator/cluster/test_model.h"
 
 extern char** environ;
@@ -78,7 +80,11 @@ TEST(CoordinatorBinary, ServesOnAnEphemeralPortAndExitsCleanlyOnSigterm) {
   ASSERT_FALSE(port.empty()) << "no port file; stderr:\n" << ReadFile(dir + "/err");
   while (!port.empty() && port.back() == '\n') port.pop_back();
   absl::SleepFor(absl::Milliseconds(50));
-  EXPECT_THAT(ReadFile(dir + "/out"), HasSubstr(absl::StrCat("listening on 127.0.0.1:", port)));
+  // Says exactly what listens where; by default that is this host only.
+  EXPECT_THAT(ReadFile(dir + "/out"), HasSubstr(absl::StrCat("grpc listening on 127.0.0.1:", port, "\n")));
+  int port_number = 0;
+  ASSERT_TRUE(absl::SimpleAtoi(port, &port_number));
+  EXPECT_TRUE(joule::testing::ListensOnLoopbackOnly(port_number));
 
   pid_t cli = Spawn({JOULE_CLI_BIN, "status", "--coordinator", absl::StrCat("127.0.0.1:", port)},
                     dir + "/cli-out", dir + "/cli-err");

@@ -1,10 +1,12 @@
 #include "coordinator/cluster/membership.h"
 
 #include <limits>
+#include <map>
 #include <thread>
 #include <utility>
 #include <vector>
 
+#include "absl/synchronization/mutex.h"
 #include "coordinator/cluster/fake_clock.h"
 #include "common/placement_proto.h"
 #include "gmock/gmock.h"
@@ -14,6 +16,7 @@ namespace joule::cluster {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 constexpr char kFingerprint[] = "fnv1a64:0123456789abcdef";
 
@@ -53,6 +56,47 @@ v1::RegisterRequest Worker(const std::string& id, int requested_rank = -1) {
   return r;
 }
 
+// The worker_secret of each worker id's last registration: what a worker
+// sends back with its Rendezvous and Heartbeat calls.
+class WorkerSecrets {
+ public:
+  void Set(const std::string& worker_id, const std::string& secret) {
+    absl::MutexLock lock(&mu_);
+    secrets_[worker_id] = secret;
+  }
+  std::string Get(const std::string& worker_id) const {
+    absl::MutexLock lock(&mu_);
+    auto it = secrets_.find(worker_id);
+    return it == secrets_.end() ? "" : it->second;
+  }
+
+ private:
+  mutable absl::Mutex mu_;
+  std::map<std::string, std::string> secrets_ ABSL_GUARDED_BY(mu_);
+};
+
+WorkerSecrets& Secrets() {
+  static WorkerSecrets* secrets = new WorkerSecrets();
+  return *secrets;
+}
+
+// Membership calls as a worker makes them: the secret its registration got
+// goes with its Rendezvous and Heartbeat calls (unless the request sets one).
+absl::Status RegisterWorker(Membership& m, const v1::RegisterRequest& r, v1::RegisterReply* reply) {
+  absl::Status s = m.Register(r, reply);
+  if (s.ok()) Secrets().Set(r.worker_id(), reply->worker_secret());
+  return s;
+}
+absl::Status SendHeartbeat(Membership& m, v1::HeartbeatRequest hb, v1::HeartbeatReply* reply) {
+  if (hb.worker_secret().empty()) hb.set_worker_secret(Secrets().Get(hb.worker_id()));
+  return m.Heartbeat(hb, reply);
+}
+absl::Status SendRendezvous(Membership& m, v1::RendezvousRequest req, absl::Time deadline,
+                            v1::RendezvousReply* reply) {
+  if (req.worker_secret().empty()) req.set_worker_secret(Secrets().Get(req.worker_id()));
+  return m.Rendezvous(req, deadline, reply);
+}
+
 class MembershipTest : public ::testing::Test {
  protected:
   void Make(int world_size, bool elastic = true) {
@@ -64,7 +108,7 @@ class MembershipTest : public ::testing::Test {
   }
   absl::StatusOr<int> Register(const v1::RegisterRequest& r) {
     v1::RegisterReply reply;
-    absl::Status s = membership_->Register(r, &reply);
+    absl::Status s = RegisterWorker(*membership_, r, &reply);
     if (!s.ok()) return s;
     return reply.rank();
   }
@@ -76,7 +120,7 @@ class MembershipTest : public ::testing::Test {
     hb.set_running(running);
     hb.set_placement_epoch(membership_->placement_epoch());
     v1::HeartbeatReply reply;
-    return membership_->Heartbeat(hb, &reply);
+    return SendHeartbeat(*membership_, hb, &reply);
   }
 
   FakeClock clock_;
@@ -99,7 +143,7 @@ TEST_F(MembershipTest, AssignsLowestFreeRankOrTheRequestedOne) {
 TEST_F(MembershipTest, ReplyCarriesWorldSizeContiguousPlacementAndIntervals) {
   Make(2);
   v1::RegisterReply reply;
-  ASSERT_TRUE(membership_->Register(Worker("w-a"), &reply).ok());
+  ASSERT_TRUE(RegisterWorker(*membership_, Worker("w-a"), &reply).ok());
   EXPECT_EQ(reply.world_size(), 2);
   EXPECT_EQ(reply.heartbeat_interval_ms(), 500);
   EXPECT_EQ(reply.step_timeout_ms(), 10000);
@@ -143,9 +187,10 @@ TEST_F(MembershipTest, RefusesAnotherModel) {
   r.set_model_fingerprint("fnv1a64:ffffffffffffffff");
   absl::Status s = Register(r).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_THAT(std::string(s.message()),
-              HasSubstr("worker model fingerprint fnv1a64:ffffffffffffffff != coordinator's "
-                        "fnv1a64:0123456789abcdef (model /models/tiny)"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("model fingerprint does not match the coordinator's model"));
+  // The coordinator's fingerprint and model path are for its log, not for the caller.
+  EXPECT_THAT(std::string(s.message()), Not(HasSubstr("0123456789abcdef")));
+  EXPECT_THAT(std::string(s.message()), Not(HasSubstr("/models/tiny")));
 }
 
 TEST_F(MembershipTest, RefusesAnotherTransport) {
@@ -168,8 +213,8 @@ TEST_F(MembershipTest, RefusesAnotherKindOfDeviceInOneGroup) {
   ASSERT_EQ(*Register(other_gpu), 1);
   absl::Status s = Register(Worker("w-c")).status();  // a CPU worker
   EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_THAT(std::string(s.message()),
-              HasSubstr("worker w-c computes on cpu but rank 0 (worker w-a) on cuda:0"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("this worker computes on cpu but rank 0 on cuda"));
+  EXPECT_THAT(std::string(s.message()), Not(HasSubstr("w-a")));  // another worker's id
   // The same worker registering again is not a conflict with itself.
   EXPECT_EQ(*Register(gpu), 0);
 }
@@ -179,8 +224,7 @@ TEST_F(MembershipTest, RefusesDuplicateRankHeldByLiveWorker) {
   ASSERT_EQ(*Register(Worker("w-a", 1)), 1);
   absl::Status s = Register(Worker("w-b", 1)).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kAlreadyExists);
-  EXPECT_THAT(std::string(s.message()),
-              HasSubstr("duplicate rank: rank 1 is already held by live worker w-a at w-a:5000"));
+  EXPECT_EQ(s.message(), "rank 1 is taken");  // not the holder's id or address
   EXPECT_EQ(membership_->Ranks()[1].worker_id, "w-a");
 }
 
@@ -262,7 +306,7 @@ TEST_F(MembershipTest, LoadingRankGetsTheStartupTimeoutBeforeItsFirstHeartbeat) 
   req.set_worker_id("w-b");
   req.set_rank(1);
   v1::RendezvousReply reply;
-  ASSERT_TRUE(membership_->Rendezvous(req, absl::Now(), &reply).ok());
+  ASSERT_TRUE(SendRendezvous(*membership_, req, absl::Now(), &reply).ok());
   clock_.Advance(absl::Minutes(9));
   ASSERT_TRUE(Beat("w-a", 0).ok());
   EXPECT_TRUE(membership_->ExpireHeartbeats().empty());
@@ -292,14 +336,14 @@ TEST_F(MembershipTest, UcxAddressesMayArriveWithTheRendezvous) {
   ra.set_rank(0);
   ra.set_transport_address("ucx-a");
   v1::RendezvousReply reply;
-  absl::Status s = membership_->Rendezvous(ra, absl::Now() + absl::Milliseconds(30), &reply);
+  absl::Status s = SendRendezvous(*membership_, ra, absl::Now() + absl::Milliseconds(30), &reply);
   EXPECT_EQ(s.code(), absl::StatusCode::kDeadlineExceeded);
   EXPECT_THAT(std::string(s.message()), HasSubstr("1 (registered, no transport address yet)"));
   v1::RendezvousRequest rb;
   rb.set_worker_id("w-b");
   rb.set_rank(1);
   rb.set_transport_address("ucx-b");
-  ASSERT_TRUE(membership_->Rendezvous(rb, absl::Now() + absl::Seconds(1), &reply).ok());
+  ASSERT_TRUE(SendRendezvous(*membership_, rb, absl::Now() + absl::Seconds(1), &reply).ok());
   EXPECT_EQ(reply.peers(0).transport_address(), "ucx-a");
   EXPECT_EQ(reply.peers(1).transport_address(), "ucx-b");
 }
@@ -330,13 +374,13 @@ TEST_F(MembershipTest, RendezvousWaitsForEveryRankThenListsAddresses) {
   req.set_worker_id("w-a");
   req.set_rank(0);
   v1::RendezvousReply early;
-  absl::Status s = membership_->Rendezvous(req, absl::Now() + absl::Milliseconds(50), &early);
+  absl::Status s = SendRendezvous(*membership_, req, absl::Now() + absl::Milliseconds(50), &early);
   EXPECT_EQ(s.code(), absl::StatusCode::kDeadlineExceeded);
   EXPECT_THAT(std::string(s.message()), HasSubstr("still waiting for rank(s) 1 (free) of 2"));
 
   v1::RendezvousReply reply;
   absl::Status waited;
-  std::thread waiter([&] { waited = membership_->Rendezvous(req, absl::Now() + absl::Seconds(10), &reply); });
+  std::thread waiter([&] { waited = SendRendezvous(*membership_, req, absl::Now() + absl::Seconds(10), &reply); });
   absl::SleepFor(absl::Milliseconds(20));
   ASSERT_EQ(*Register(Worker("w-b")), 1);
   waiter.join();
@@ -348,7 +392,7 @@ TEST_F(MembershipTest, RendezvousWaitsForEveryRankThenListsAddresses) {
   EXPECT_EQ(reply.peers(1).worker_endpoint(), "w-b:5000");
 
   req.set_worker_id("w-b");  // rank 0 belongs to w-a
-  EXPECT_EQ(membership_->Rendezvous(req, absl::Now(), &reply).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(SendRendezvous(*membership_, req, absl::Now(), &reply).code(), absl::StatusCode::kNotFound);
 }
 
 TEST_F(MembershipTest, NcclRendezvousCarriesRankZerosUniqueId) {
@@ -365,15 +409,15 @@ TEST_F(MembershipTest, NcclRendezvousCarriesRankZerosUniqueId) {
   rb.set_rank(1);
   v1::RendezvousReply reply;
   // Everyone registered, but rank 1 must wait for rank 0's id.
-  EXPECT_EQ(membership_->Rendezvous(rb, absl::Now() + absl::Milliseconds(30), &reply).code(),
+  EXPECT_EQ(SendRendezvous(*membership_, rb, absl::Now() + absl::Milliseconds(30), &reply).code(),
             absl::StatusCode::kDeadlineExceeded);
   v1::RendezvousRequest ra;
   ra.set_worker_id("w-a");
   ra.set_rank(0);
   ra.set_nccl_unique_id("nccl-id-bytes");
-  ASSERT_TRUE(membership_->Rendezvous(ra, absl::Now() + absl::Seconds(1), &reply).ok());
+  ASSERT_TRUE(SendRendezvous(*membership_, ra, absl::Now() + absl::Seconds(1), &reply).ok());
   v1::RendezvousReply reply_b;
-  ASSERT_TRUE(membership_->Rendezvous(rb, absl::Now() + absl::Seconds(1), &reply_b).ok());
+  ASSERT_TRUE(SendRendezvous(*membership_, rb, absl::Now() + absl::Seconds(1), &reply_b).ok());
   EXPECT_EQ(reply_b.nccl_unique_id(), "nccl-id-bytes");
 }
 
@@ -386,7 +430,7 @@ TEST_F(MembershipTest, ShutdownEndsRendezvousWaits) {
   absl::Status waited;
   std::thread waiter([&] {
     v1::RendezvousReply reply;
-    waited = membership_->Rendezvous(req, absl::Now() + absl::Seconds(30), &reply);
+    waited = SendRendezvous(*membership_, req, absl::Now() + absl::Seconds(30), &reply);
   });
   absl::SleepFor(absl::Milliseconds(20));
   membership_->Shutdown();
@@ -411,7 +455,7 @@ TEST_F(MembershipTest, RebalanceReplicatesHotExpertsAndPushesNewEpoch) {
     for (int e = 0; e < 8; ++e) el->add_tokens(e == 5 ? 1000 : 10);
   }
   v1::HeartbeatReply reply;
-  ASSERT_TRUE(membership_->Heartbeat(hb, &reply).ok());
+  ASSERT_TRUE(SendHeartbeat(*membership_, hb, &reply).ok());
   EXPECT_FALSE(reply.has_placement()) << "worker already runs the current epoch";
   EXPECT_EQ(membership_->expert_load()[2][5], 1000);
 
@@ -425,13 +469,13 @@ TEST_F(MembershipTest, RebalanceReplicatesHotExpertsAndPushesNewEpoch) {
 
   // The next heartbeat of a worker on epoch 1 carries epoch 2; then nothing.
   hb.clear_expert_load();
-  ASSERT_TRUE(membership_->Heartbeat(hb, &reply).ok());
+  ASSERT_TRUE(SendHeartbeat(*membership_, hb, &reply).ok());
   ASSERT_TRUE(reply.has_placement());
   EXPECT_EQ(reply.placement().epoch(), 2u);
   EXPECT_THAT(reply.placement().layers(0).experts(5).ranks(), ::testing::ElementsAre(1, 0));
   hb.set_placement_epoch(2);
   v1::HeartbeatReply after;
-  ASSERT_TRUE(membership_->Heartbeat(hb, &after).ok());
+  ASSERT_TRUE(SendHeartbeat(*membership_, hb, &after).ok());
   EXPECT_FALSE(after.has_placement());
   EXPECT_EQ(membership_->Ranks()[0].placement_epoch, 2u);
 
@@ -463,12 +507,12 @@ TEST_F(MembershipTest, BadExpertLoadIsRefusedNamingTheField) {
   hb.set_rank(0);
   hb.add_expert_load()->set_layer(1);  // dense
   v1::HeartbeatReply reply;
-  absl::Status s = membership_->Heartbeat(hb, &reply);
+  absl::Status s = SendHeartbeat(*membership_, hb, &reply);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(s.message()), HasSubstr("expert_load[0].layer: 1 is not a MoE layer"));
   hb.mutable_expert_load(0)->set_layer(0);
   hb.mutable_expert_load(0)->add_tokens(1);
-  EXPECT_THAT(std::string(membership_->Heartbeat(hb, &reply).message()),
+  EXPECT_THAT(std::string(SendHeartbeat(*membership_, hb, &reply).message()),
               HasSubstr("expert_load[0].tokens: has 1 entries, expected one per expert (8)"));
 }
 
@@ -493,7 +537,7 @@ TEST_F(MembershipTest, MeasuredStepsReachTheStepObserverInOrder) {
     r->set_ended_unix_micros(1'700'000'000'000'000 + i);
   }
   v1::HeartbeatReply reply;
-  ASSERT_TRUE(membership_->Heartbeat(hb, &reply).ok());
+  ASSERT_TRUE(SendHeartbeat(*membership_, hb, &reply).ok());
   ASSERT_EQ(seen.size(), 3u);
   for (int i = 1; i <= 3; ++i) {
     const auto& [rank, s] = seen[i - 1];
@@ -509,7 +553,7 @@ TEST_F(MembershipTest, MeasuredStepsReachTheStepObserverInOrder) {
   ASSERT_TRUE(Beat("w-a", 0).ok());
   EXPECT_EQ(seen.size(), 3u);
   membership_->SetStepObserver(nullptr);
-  ASSERT_TRUE(membership_->Heartbeat(hb, &reply).ok());
+  ASSERT_TRUE(SendHeartbeat(*membership_, hb, &reply).ok());
   EXPECT_EQ(seen.size(), 3u);
 }
 
@@ -528,18 +572,127 @@ TEST_F(MembershipTest, BadStepRecordIsRefusedNamingTheField) {
   bad->set_batch_tokens(4);
   bad->set_seconds(-1);
   v1::HeartbeatReply reply;
-  absl::Status s = membership_->Heartbeat(hb, &reply);
+  absl::Status s = SendHeartbeat(*membership_, hb, &reply);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(s.message()), HasSubstr("steps[1].seconds"));
   bad->set_seconds(0.01);
   bad->set_energy_joules(std::numeric_limits<double>::quiet_NaN());
-  EXPECT_THAT(std::string(membership_->Heartbeat(hb, &reply).message()),
+  EXPECT_THAT(std::string(SendHeartbeat(*membership_, hb, &reply).message()),
               HasSubstr("steps[1].energy_joules"));
   bad->set_energy_joules(1);
   bad->set_batch_tokens(0);
-  EXPECT_THAT(std::string(membership_->Heartbeat(hb, &reply).message()),
+  EXPECT_THAT(std::string(SendHeartbeat(*membership_, hb, &reply).message()),
               HasSubstr("steps[1].batch_tokens"));
   EXPECT_EQ(calls, 0) << "nothing of a refused heartbeat is delivered";
+}
+
+// A worker id shows in logs and status; only the worker holds its secret.
+TEST_F(MembershipTest, EveryRegistrationGetsItsOwnRandomSecret) {
+  Make(2);
+  v1::RegisterReply a, b, again;
+  ASSERT_TRUE(membership_->Register(Worker("w-a"), &a).ok());
+  ASSERT_TRUE(membership_->Register(Worker("w-b"), &b).ok());
+  EXPECT_EQ(a.worker_secret().size(), 32u) << "128 bits, hex";
+  EXPECT_NE(a.worker_secret(), b.worker_secret());
+  // Registering again (a restarted client) gets a new secret; the old one stops working.
+  ASSERT_TRUE(membership_->Register(Worker("w-a"), &again).ok());
+  EXPECT_EQ(again.rank(), a.rank());
+  EXPECT_NE(again.worker_secret(), a.worker_secret());
+  v1::HeartbeatRequest hb;
+  hb.set_worker_id("w-a");
+  hb.set_rank(a.rank());
+  hb.set_worker_secret(a.worker_secret());
+  v1::HeartbeatReply reply;
+  EXPECT_EQ(membership_->Heartbeat(hb, &reply).code(), absl::StatusCode::kPermissionDenied);
+  hb.set_worker_secret(again.worker_secret());
+  EXPECT_TRUE(membership_->Heartbeat(hb, &reply).ok());
+}
+
+TEST_F(MembershipTest, ForgedHeartbeatWithTheRightWorkerIdChangesNothing) {
+  Make(1);
+  v1::RegisterReply registered;
+  ASSERT_TRUE(RegisterWorker(*membership_, Worker("w-a"), &registered).ok());
+  ASSERT_TRUE(Beat("w-a", 0, /*ready=*/true, /*running=*/1).ok());
+  const int running = membership_->Ranks()[0].running;
+  const auto load = membership_->expert_load();
+  for (const std::string& secret : {std::string(), std::string("0123456789abcdef0123456789abcdef"),
+                                    registered.worker_secret() + "0"}) {
+    v1::HeartbeatRequest forged;
+    forged.set_worker_id("w-a");
+    forged.set_rank(0);
+    forged.set_worker_secret(secret);
+    forged.set_ready(false);
+    forged.set_running(50);
+    v1::ExpertLoad* el = forged.add_expert_load();
+    el->set_layer(2);
+    el->mutable_tokens()->Resize(8, 1000);
+    v1::HeartbeatReply reply;
+    absl::Status s = membership_->Heartbeat(forged, &reply);
+    EXPECT_EQ(s.code(), absl::StatusCode::kPermissionDenied) << "secret '" << secret << "': " << s;
+    EXPECT_THAT(std::string(s.message()), Not(HasSubstr(registered.worker_secret())));
+  }
+  EXPECT_EQ(membership_->Ranks()[0].running, running);
+  EXPECT_EQ(membership_->Ranks()[0].state, RankState::kReady);
+  EXPECT_EQ(membership_->expert_load(), load) << "rank 0's load is what its own worker reported";
+}
+
+// Heartbeats relay each rank's meter; the coordinator's per-rank total only
+// grows, whoever holds the rank and however often its worker restarts.
+TEST_F(MembershipTest, RankEnergyAccumulatesAcrossWorkersAndRestarts) {
+  Make(2);
+  ASSERT_TRUE(Register(Worker("w-a")).ok());
+  ASSERT_TRUE(Register(Worker("w-b")).ok());
+  auto meter = [&](const std::string& id, int rank, double joules, double watts, const std::string& source) {
+    v1::HeartbeatRequest hb;
+    hb.set_worker_id(id);
+    hb.set_rank(rank);
+    hb.set_ready(true);
+    hb.set_placement_epoch(membership_->placement_epoch());
+    hb.set_energy_joules(joules);
+    hb.set_power_watts(watts);
+    hb.set_energy_source(source);
+    v1::HeartbeatReply reply;
+    return SendHeartbeat(*membership_, hb, &reply);
+  };
+  auto metered = [&]() {
+    std::map<int, double> joules;
+    for (const RankInfo& r : membership_->stats().metered) joules[r.rank] = r.energy_joules;
+    return joules;
+  };
+  ASSERT_TRUE(meter("w-a", 0, 10, 20, "model").ok());
+  ASSERT_TRUE(meter("w-b", 1, 0, 0, "").ok());  // no meter: not listed
+  EXPECT_EQ(metered(), (std::map<int, double>{{0, 10}}));
+  ASSERT_TRUE(meter("w-a", 0, 25, 21, "model").ok());
+  EXPECT_EQ(metered(), (std::map<int, double>{{0, 25}}));
+  // The same worker id reports less: its meter restarted; what it reports now is new.
+  ASSERT_TRUE(meter("w-a", 0, 4, 19, "model").ok());
+  EXPECT_EQ(metered(), (std::map<int, double>{{0, 29}}));
+  // Registering again (e.g. to a restarted coordinator) keeps the worker's meter going.
+  ASSERT_TRUE(Register(Worker("w-a", 0)).ok());
+  ASSERT_TRUE(meter("w-a", 0, 6, 19, "model").ok());
+  EXPECT_EQ(metered(), (std::map<int, double>{{0, 31}}));
+  const MembershipStats stats = membership_->stats();
+  ASSERT_EQ(stats.metered.size(), 1u);
+  EXPECT_EQ(stats.metered[0].power_watts, 19);
+  EXPECT_EQ(stats.metered[0].energy_source, "model");
+}
+
+TEST_F(MembershipTest, RendezvousWithoutTheSecretIsRefused) {
+  Make(1);
+  v1::RegisterReply registered;
+  ASSERT_TRUE(membership_->Register(Worker("w-a"), &registered).ok());
+  v1::RendezvousRequest req;
+  req.set_worker_id("w-a");
+  req.set_rank(0);
+  req.set_transport_address("forged-address");
+  v1::RendezvousReply reply;
+  EXPECT_EQ(membership_->Rendezvous(req, absl::Now(), &reply).code(),
+            absl::StatusCode::kPermissionDenied);
+  req.set_transport_address("");
+  req.set_worker_secret(registered.worker_secret());
+  ASSERT_TRUE(membership_->Rendezvous(req, absl::Now() + absl::Seconds(1), &reply).ok());
+  EXPECT_EQ(reply.peers(0).transport_address(), "ucx-address-of-w-a")
+      << "the refused call did not replace the address";
 }
 
 }  // namespace
@@ -549,7 +702,7 @@ void FormGroup(Membership& m, int n, FakeClock& clock) {
   std::vector<std::thread> threads;
   for (int r = 0; r < n; ++r) {
     v1::RegisterReply reply;
-    ASSERT_TRUE(m.Register(Worker(absl::StrCat("w-", r), r), &reply).ok());
+    ASSERT_TRUE(RegisterWorker(m, Worker(absl::StrCat("w-", r), r), &reply).ok());
   }
   for (int r = 0; r < n; ++r) {
     threads.emplace_back([&m, r] {
@@ -557,7 +710,7 @@ void FormGroup(Membership& m, int n, FakeClock& clock) {
       req.set_worker_id(absl::StrCat("w-", r));
       req.set_rank(r);
       v1::RendezvousReply reply;
-      EXPECT_TRUE(m.Rendezvous(req, absl::Now() + absl::Seconds(10), &reply).ok());
+      EXPECT_TRUE(SendRendezvous(m, req, absl::Now() + absl::Seconds(10), &reply).ok());
       EXPECT_EQ(reply.group_epoch(), 1u);
     });
   }
@@ -572,7 +725,7 @@ v1::HeartbeatReply BeatIn(Membership& m, int rank, uint64_t group_epoch) {
   hb.set_group_epoch(group_epoch);
   hb.set_placement_epoch(m.placement_epoch());
   v1::HeartbeatReply reply;
-  EXPECT_TRUE(m.Heartbeat(hb, &reply).ok());
+  EXPECT_TRUE(SendHeartbeat(m, hb, &reply).ok());
   return reply;
 }
 
@@ -620,7 +773,7 @@ TEST_F(MembershipTest, SurvivorsOfADeadMemberFormTheNextGroup) {
       req.set_rank(rank);
       req.set_group_epoch(2);
       req.set_transport_address(absl::StrCat("epoch2-address-of-", rank));
-      EXPECT_TRUE(membership_->Rendezvous(req, absl::Now() + absl::Seconds(10), &replies[i]).ok());
+      EXPECT_TRUE(SendRendezvous(*membership_, req, absl::Now() + absl::Seconds(10), &replies[i]).ok());
     });
   }
   for (auto& t : threads) t.join();
@@ -680,7 +833,7 @@ TEST_F(MembershipTest, ARendezvousOvertakenByAnotherDeathIsAborted) {
     req.set_group_epoch(2);
     req.set_transport_address("a0");
     v1::RendezvousReply reply;
-    absl::Status s = membership_->Rendezvous(req, absl::Now() + absl::Seconds(10), &reply);
+    absl::Status s = SendRendezvous(*membership_, req, absl::Now() + absl::Seconds(10), &reply);
     EXPECT_EQ(s.code(), absl::StatusCode::kAborted) << s;
     EXPECT_THAT(std::string(s.message()), HasSubstr("moved on to epoch 3"));
   });
@@ -718,21 +871,21 @@ TEST_F(MembershipTest, ALeftRankStaysOutAndANewWorkerJoinsTheRunningGroup) {
   ASSERT_TRUE(membership_->group().serving);  // rank 0 alone, epoch 2
 
   v1::RegisterReply reply;
-  ASSERT_TRUE(membership_->Register(Worker("w-new", 1), &reply).ok());
+  ASSERT_TRUE(RegisterWorker(*membership_, Worker("w-new", 1), &reply).ok());
   EXPECT_TRUE(reply.joining());
   EXPECT_EQ(reply.rank(), 1);
   v1::HeartbeatRequest hb;
   hb.set_worker_id("w-new");
   hb.set_rank(1);
   v1::HeartbeatReply loading;
-  ASSERT_TRUE(membership_->Heartbeat(hb, &loading).ok());
+  ASSERT_TRUE(SendHeartbeat(*membership_, hb, &loading).ok());
   EXPECT_FALSE(loading.shutdown());
   EXPECT_FALSE(loading.has_group()) << "still loading: the group is not disturbed";
   EXPECT_EQ(membership_->group().epoch, 2u);
 
   hb.set_join(true);
   v1::HeartbeatReply joined;
-  ASSERT_TRUE(membership_->Heartbeat(hb, &joined).ok());
+  ASSERT_TRUE(SendHeartbeat(*membership_, hb, &joined).ok());
   ASSERT_TRUE(joined.has_group());
   EXPECT_EQ(joined.group().epoch(), 3u);
   EXPECT_EQ(joined.group().world_size(), 2);
@@ -753,7 +906,7 @@ TEST_F(MembershipTest, ALeftRankStaysOutAndANewWorkerJoinsTheRunningGroup) {
   ready.set_ready(true);
   ready.set_group_epoch(3);
   v1::HeartbeatReply serving;
-  ASSERT_TRUE(membership_->Heartbeat(ready, &serving).ok());
+  ASSERT_TRUE(SendHeartbeat(*membership_, ready, &serving).ok());
   EXPECT_TRUE(membership_->group().serving);
   EXPECT_EQ(membership_->stats().recovery_seconds.size(), 1u) << "a join is not a recovery";
 }
@@ -792,7 +945,7 @@ TEST_F(MembershipTest, WithoutElasticGroupsADeathLeavesTheGroupAsItWas) {
   EXPECT_FALSE(BeatIn(*membership_, 0, 1).has_group());
   EXPECT_FALSE(membership_->group().serving);
   v1::RegisterReply reply;
-  ASSERT_TRUE(membership_->Register(Worker("w-1", 1), &reply).ok());
+  ASSERT_TRUE(RegisterWorker(*membership_, Worker("w-1", 1), &reply).ok());
   EXPECT_FALSE(reply.elastic()) << "survivors of a death fail their requests at once";
   EXPECT_EQ(membership_->Drain(0).status().code(), absl::StatusCode::kFailedPrecondition);
 }

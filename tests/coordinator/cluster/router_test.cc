@@ -1,6 +1,7 @@
 #include "coordinator/cluster/router.h"
 
 #include <atomic>
+#include <map>
 #include <thread>
 
 #include "coordinator/cluster/fake_clock.h"
@@ -90,6 +91,7 @@ class RouterTest : public ::testing::Test {
       req.set_worker_endpoint(absl::StrCat("w", r, ":1"));
       v1::RegisterReply reply;
       ASSERT_TRUE(membership_->Register(req, &reply).ok());
+      secrets_[r] = reply.worker_secret();
       if (ready) Beat(r, 0, 0);
     }
   }
@@ -102,6 +104,7 @@ class RouterTest : public ::testing::Test {
         req.set_worker_id(absl::StrCat("w", r));
         req.set_rank(r);
         req.set_transport_address(absl::StrCat("ucx-address-", r));
+        req.set_worker_secret(secrets_.at(r));
         v1::RendezvousReply reply;
         absl::Status s = membership_->Rendezvous(req, absl::Now() + absl::Seconds(10), &reply);
         EXPECT_TRUE(s.ok()) << s;
@@ -112,6 +115,7 @@ class RouterTest : public ::testing::Test {
   void Beat(int rank, int running, int waiting, bool ready = true, uint64_t group_epoch = 0) {
     v1::HeartbeatRequest hb;
     hb.set_worker_id(absl::StrCat("w", rank));
+    hb.set_worker_secret(secrets_.at(rank));
     hb.set_rank(rank);
     hb.set_ready(ready);
     hb.set_running(running);
@@ -126,6 +130,7 @@ class RouterTest : public ::testing::Test {
   FakeClock clock_;
   FakeWorkerClientFactory clients_;
   std::unique_ptr<Membership> membership_;
+  std::map<int, std::string> secrets_;  // RegisterReply.worker_secret by rank
   std::unique_ptr<Router> router_;
 };
 
@@ -240,6 +245,8 @@ TEST_F(RouterTest, RelaysTheWorkerStream) {
   EXPECT_EQ(stream->request().service_tier(), "batch");
   EXPECT_EQ(stream->request().sampling().top_p(), 1.0f) << "unset top_p means 1";
   EXPECT_EQ(stream->deadline(), before + absl::Seconds(30));
+  // Not the client's id: workers see one nobody can guess.
+  EXPECT_THAT(stream->request().request_id(), ::testing::MatchesRegex("req-[0-9a-f]{32}"));
 }
 
 TEST_F(RouterTest, AssignsRequestIdsAndRefusesDuplicatesInFlight) {
@@ -258,10 +265,16 @@ TEST_F(RouterTest, AssignsRequestIdsAndRefusesDuplicatesInFlight) {
   t.join();
   EXPECT_TRUE(st1.ok());
 
-  Worker(0)->SetScript({Tokens({1}, v1::FINISH_REASON_STOP)});
-  RecordingSink s3;
-  ASSERT_TRUE(router_->Generate(Request(), absl::InfiniteFuture(), &s3).ok());
-  EXPECT_THAT(s3.responses()[0].request_id(), HasSubstr("req-"));
+  // Ids the router makes are 128 random bits, the same on the worker.
+  for (int i = 0; i < 2; ++i) {
+    Worker(0)->SetScript({Tokens({1}, v1::FINISH_REASON_STOP)});
+    RecordingSink s3;
+    ASSERT_TRUE(router_->Generate(Request(), absl::InfiniteFuture(), &s3).ok());
+    const std::string id = s3.responses()[0].request_id();
+    EXPECT_THAT(id, ::testing::MatchesRegex("req-[0-9a-f]{32}"));
+    EXPECT_EQ(Worker(0)->WaitForStream(i + 2)->request().request_id(), id);
+  }
+  EXPECT_NE(Worker(0)->WaitForStream(2)->request().request_id(), Worker(0)->WaitForStream(3)->request().request_id());
 }
 
 TEST_F(RouterTest, ClientCancellationCancelsTheWorkerCall) {
@@ -675,7 +688,8 @@ TEST_F(RouterResumeTest, ADeadRanksRequestResumesOnASurvivorWithItsTokens) {
   EXPECT_THAT(resumed->request().resumed_token_ids(), ::testing::ElementsAre(5, 6));
   EXPECT_THAT(resumed->request().prompt_token_ids(), ::testing::ElementsAre(1, 2, 3));
   EXPECT_EQ(resumed->request().sampling().seed(), 42u);
-  EXPECT_EQ(resumed->request().request_id(), sink->responses()[0].request_id());
+  // The resumed attempt is the same request to the workers.
+  EXPECT_EQ(resumed->request().request_id(), first->request().request_id());
   v1::GenerateResponse last = Tokens({8, 9}, v1::FINISH_REASON_LENGTH);
   last.set_completion_tokens(2);  // what rank 1 generated
   last.set_resumed_tokens(2);

@@ -12,6 +12,7 @@
 #include "nlohmann/json.hpp"
 #include "tests/coordinator/cluster/test_model.h"
 #include "tests/coordinator/http/http_test_client.h"
+#include "tests/testing/listen_address.h"
 
 namespace joule::cluster {
 namespace {
@@ -31,6 +32,64 @@ TEST(CoordinatorHttpOptions, DefaultsLeaveHttpOff) {
   ASSERT_TRUE(o.ok()) << o.status();
   EXPECT_EQ(o->http_port, -1);
   EXPECT_EQ(o->max_body_bytes, 1 << 20);
+  // Secure by default: nothing listens beyond this host unless asked.
+  EXPECT_EQ(o->host, "127.0.0.1");
+  EXPECT_EQ(o->grpc_host, "127.0.0.1");
+  EXPECT_FALSE(o->metrics_require_key);
+}
+
+TEST(CoordinatorHttpOptions, MetricsRequireKeyNeedsAKey) {
+  auto none = Parse({"--model", "/m", "--metrics-require-key"});
+  ASSERT_FALSE(none.ok());
+  EXPECT_THAT(std::string(none.status().message()), HasSubstr("--metrics-require-key"));
+  EXPECT_TRUE(Parse({"--model", "/m", "--metrics-require-key", "--api-key", "k"}).ok());
+  EXPECT_TRUE(Parse({"--model", "/m", "--metrics-require-key", "--api-key-file", "/keys"}).ok());
+}
+
+// With no --host/--grpc-host, the HTTP and gRPC ports are reachable from this
+// host only (before, both listened on every interface).
+TEST(CoordinatorServerHttp, ListensOnLoopbackByDefault) {
+  testing::TinyModelDir model;
+  std::ofstream(model.path() + "/tokenizer.json") << tokenizer::MakeByteLevelTokenizerJson();
+  auto o = Parse({"--model", model.path().c_str(), "--workers", "1", "--http-port", "0"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  auto server = CoordinatorServer::Start(*o);
+  ASSERT_TRUE(server.ok()) << server.status();
+  EXPECT_TRUE(joule::testing::ListensOnLoopbackOnly((*server)->port()));
+  EXPECT_TRUE(joule::testing::ListensOnLoopbackOnly((*server)->http_port()));
+  (*server)->Stop();
+}
+
+// Keys from --api-key-file (several, comments skipped) and --api-key are all
+// accepted; --metrics-require-key closes /metrics to scrapers without one.
+TEST(CoordinatorServerHttp, ApiKeyFileAndMetricsKey) {
+  testing::TinyModelDir model;
+  std::ofstream(model.path() + "/tokenizer.json") << tokenizer::MakeByteLevelTokenizerJson();
+  const std::string keys = model.path() + "/keys";
+  std::ofstream(keys) << "# clients\nclient-key\n\nprometheus-key\n";
+  auto o = Parse({"--model", model.path().c_str(), "--workers", "1", "--http-port", "0", "--api-key", "flag-key",
+                  "--api-key-file", keys.c_str(), "--metrics-require-key"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  auto server = CoordinatorServer::Start(*o);
+  ASSERT_TRUE(server.ok()) << server.status();
+  http::testing::TestClient c((*server)->http_port());
+  for (const char* key : {"flag-key", "client-key", "prometheus-key"}) {
+    EXPECT_EQ(c.Request(bhttp::verb::get, "/v1/models", "", {{"Authorization", absl::StrCat("Bearer ", key)}})
+                  .result_int(),
+              200)
+        << key;
+  }
+  EXPECT_EQ(c.Request(bhttp::verb::get, "/v1/models", "", {{"Authorization", "Bearer # clients"}}).result_int(),
+            401);
+  EXPECT_EQ(c.Request(bhttp::verb::get, "/metrics").result_int(), 401);
+  EXPECT_EQ(c.Request(bhttp::verb::get, "/metrics", "", {{"Authorization", "Bearer prometheus-key"}}).result_int(),
+            200);
+  (*server)->Stop();
+
+  o->api_key_file = model.path() + "/missing";
+  auto bad = CoordinatorServer::Start(*o);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_THAT(std::string(bad.status().message()), HasSubstr("--api-key-file"));
 }
 
 TEST(CoordinatorHttpOptions, TierQueueCaps) {

@@ -132,5 +132,20 @@ TEST(ClusterMetricsTest, EpochFailuresResumesAndTheRecoveryHistogram) {
   EXPECT_EQ(cumulative[std::numeric_limits<double>::infinity()], 2u);
 }
 
+TEST(ClusterMetricsTest, EveryRanksMeterAndTheLoadImbalance) {
+  cluster::MembershipStats membership;
+  membership.metered = {{.rank = 0, .energy_joules = 100, .power_watts = 20, .energy_source = "nvml"},
+                        {.rank = 2, .energy_joules = 50, .power_watts = 10, .energy_source = "model"}};
+  std::map<std::string, double> v = Values(ClusterMetricFamilies(membership, {}));
+  EXPECT_EQ(v["joule_rank_power_watts{rank=0,source=nvml}"], 20);
+  EXPECT_EQ(v["joule_rank_power_watts{rank=2,source=model}"], 10);
+  EXPECT_EQ(v["joule_rank_energy_joules_total{rank=0,source=nvml}"], 100);
+  EXPECT_EQ(v["joule_cluster_energy_joules_total{}"], 150);
+  EXPECT_EQ(v.count("joule_ep_load_imbalance{}"), 0u) << "no load yet: no sample";
+  membership.ep_load_imbalance = 1.5;
+  v = Values(ClusterMetricFamilies(membership, {}));
+  EXPECT_EQ(v["joule_ep_load_imbalance{}"], 1.5);
+}
+
 }  // namespace
 }  // namespace joule::http

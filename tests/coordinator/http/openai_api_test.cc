@@ -212,6 +212,33 @@ TEST(ApiErrorTest, StatusCodesAndShape) {
   EXPECT_TRUE(bare["error"]["code"].is_null());
 }
 
+// A 5xx tells the client the reason in fixed words; the Router's text around
+// it (addresses, ids, transport errors) is for the log only.
+TEST(ApiErrorTest, ServerErrorsSayTheReasonOnly) {
+  const ApiError lost = ToApiError(absl::UnavailableError(
+      "rank 2 died: worker unreachable: ipv4:10.0.0.3:5000: Connection refused (its Generate stream ended with "
+      "UNAVAILABLE: UCX ERR_UNREACHABLE); no rank is left in the expert-parallel group (rank 2 died: request "
+      "req-0123 failed)"));
+  EXPECT_EQ(lost.http_status, 503);
+  EXPECT_EQ(lost.message,
+            "a worker serving the request died; no rank is left in the expert-parallel group; retry after a moment");
+  EXPECT_EQ(ToApiError(absl::UnavailableError("no worker is ready (1 of 2 ranks registered, 0 ready)")).message,
+            "no worker is ready; retry after a moment");
+  EXPECT_EQ(ToApiError(absl::UnavailableError("rank 1 failed request cmpl-9 (10.1.1.1:7): INTERNAL: x")).message,
+            "the cluster cannot serve the request now; retry after a moment");
+  EXPECT_EQ(ToApiError(absl::DeadlineExceededError("request cmpl-9 did not finish on rank 0")).message,
+            "the request did not finish before its deadline");
+  const ApiError internal = ToApiError(absl::InternalError("/models/m/config.json: parse error at 10.0.0.1"));
+  EXPECT_EQ(internal.http_status, 500);
+  EXPECT_EQ(internal.type, "server_error");
+  EXPECT_THAT(internal.message, ::testing::Not(::testing::HasSubstr("/models")));
+  const ApiError cancelled = ToApiError(absl::CancelledError("request cmpl-9 was cancelled on rank 1"));
+  EXPECT_EQ(cancelled.type, "cancelled");
+  EXPECT_EQ(cancelled.message, "the request was cancelled before it finished");
+  // 4xx keep their text: it describes the client's own request.
+  EXPECT_EQ(ToApiError(absl::InvalidArgumentError("top_p: must be in (0, 1]")).message, "top_p: must be in (0, 1]");
+}
+
 ResponseHeader Header(Endpoint e) {
   return {.endpoint = e, .id = "id-1", .created = 1700000000, .model = "tiny", .tier = scheduler::Tier::kBatch};
 }
@@ -225,7 +252,8 @@ TEST(OpenAiResponse, CompletionAndChatBodies) {
   EXPECT_EQ(c["service_tier"], "flex");
   EXPECT_EQ(c["choices"][0]["text"], "abc");
   EXPECT_EQ(c["choices"][0]["finish_reason"], "length");
-  EXPECT_EQ(c["usage"], (Json{{"prompt_tokens", 5}, {"completion_tokens", 3}, {"total_tokens", 8}}));
+  EXPECT_EQ(c["usage"], (Json{{"prompt_tokens", 5}, {"completion_tokens", 3}, {"total_tokens", 8},
+                              {"prompt_tokens_details", {{"cached_tokens", 0}}}}));
 
   const Json chat = Json::parse(CompletionJson(Header(Endpoint::kChatCompletions), "hi", "stop", {2, 1}));
   EXPECT_EQ(chat["object"], "chat.completion");
@@ -238,6 +266,12 @@ TEST(OpenAiResponse, CompletionAndChatBodies) {
                                                    .resumed_tokens = 2}));
   EXPECT_EQ(resumed["usage"]["resumed_tokens"], 2);
   EXPECT_EQ(resumed["usage"]["completion_tokens"], 3);
+
+  // Prompt tokens the serving rank's prefix cache held.
+  const Json cached = Json::parse(CompletionJson(Header(Endpoint::kChatCompletions), "hi", "stop",
+                                                 {.prompt_tokens = 40, .completion_tokens = 1,
+                                                  .cached_tokens = 32}));
+  EXPECT_EQ(cached["usage"]["prompt_tokens_details"], (Json{{"cached_tokens", 32}}));
 }
 
 TEST(OpenAiResponse, StreamChunks) {
@@ -263,6 +297,7 @@ TEST(OpenAiResponse, StreamChunks) {
   const Json usage = Json::parse(UsageChunkJson(chat, {4, 2}));
   EXPECT_TRUE(usage["choices"].is_array() && usage["choices"].empty());
   EXPECT_EQ(usage["usage"]["total_tokens"], 6);
+  EXPECT_EQ(usage["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
 
   EXPECT_EQ(SseEvent("{}"), "data: {}\n\n");
   EXPECT_EQ(kSseDone, "data: [DONE]\n\n");

@@ -2,6 +2,7 @@
 // with the OpenAI service in front of a fake generation backend, and a Beast
 // client. Every error case asserts status, error.type and error.param.
 #include <memory>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -25,6 +26,7 @@ using ::joule::http::testing::TestClient;
 using ::testing::Contains;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
+using ::testing::Not;
 using Json = nlohmann::json;
 namespace bhttp = boost::beast::http;
 
@@ -110,13 +112,14 @@ TEST_F(OpenAiServerTest, CompletionWithTextPrompt) {
   ASSERT_EQ(r.result_int(), 200) << r.body();
   const Json j = Json::parse(r.body());
   EXPECT_EQ(j["object"], "text_completion");
-  EXPECT_THAT(j["id"].get<std::string>(), ::testing::StartsWith("cmpl-"));
+  EXPECT_THAT(j["id"].get<std::string>(), ::testing::MatchesRegex("cmpl-[0-9a-f]{32}"));
   EXPECT_EQ(j["created"], 1700000000);
   EXPECT_EQ(j["model"], "tiny");
   EXPECT_EQ(j["service_tier"], "default");
   EXPECT_EQ(j["choices"][0]["text"], "Hi!");
   EXPECT_EQ(j["choices"][0]["finish_reason"], "length");
-  EXPECT_EQ(j["usage"], (Json{{"prompt_tokens", 3}, {"completion_tokens", 3}, {"total_tokens", 6}}));
+  EXPECT_EQ(j["usage"], (Json{{"prompt_tokens", 3}, {"completion_tokens", 3}, {"total_tokens", 6},
+                              {"prompt_tokens_details", {{"cached_tokens", 0}}}}));
 
   // What reached the backend: the tokenizer's ids and the sampling fields.
   auto call = backend_.WaitForCall(1);
@@ -391,7 +394,7 @@ TEST_F(OpenAiServerTest, KeepAliveServesSeveralRequestsOnOneConnection) {
 }
 
 TEST_F(OpenAiServerTest, ApiKeyGuardsV1RoutesOnly) {
-  Start({.api_key = "sekret"});
+  Start({.api_keys = {"sekret"}});
   backend_.SetScript({'a'}, v1::FINISH_REASON_LENGTH);
   Json e = ExpectError(Get("/v1/models"), 401, "invalid_request_error");
   EXPECT_EQ(e["code"], "invalid_api_key");
@@ -477,7 +480,7 @@ TEST_F(OpenAiServerTest, ErrorMidStreamEndsWithAnErrorEventAndOneDone) {
   EXPECT_EQ(Json::parse(events[0])["choices"][0]["text"], "a");
   const Json err = Json::parse(events[1]);
   EXPECT_EQ(err["error"]["type"], "service_unavailable_error");
-  EXPECT_THAT(err["error"]["message"].get<std::string>(), HasSubstr("rank 1 died"));
+  EXPECT_THAT(err["error"]["message"].get<std::string>(), HasSubstr("a worker serving the request died"));
   EXPECT_EQ(events[2], "[DONE]");
 }
 
@@ -529,6 +532,116 @@ TEST_F(OpenAiServerTest, MetricsCountRequestsTokensAndLatencies) {
   EXPECT_THAT(m, HasSubstr(R"(joule_inter_token_latency_seconds_count{tier="batch"} 2)"));
   EXPECT_THAT(m, HasSubstr(R"(joule_request_success_total{finished_reason="length",tier="batch"} 1)"));
   EXPECT_THAT(m, HasSubstr(R"(joule_num_requests_running{tier="batch"} 0)"));
+}
+
+}  // namespace
+}  // namespace joule::http
+
+namespace joule::http {
+namespace {
+
+// Ids are 128 random bits, distinct and unrelated to each other: a client
+// cannot work out another's id (and cancel it) from its own.
+TEST_F(OpenAiServerTest, RequestIdsAreRandom128BitHex) {
+  Start();
+  backend_.SetScript({'a'}, v1::FINISH_REASON_LENGTH);
+  std::set<std::string> ids;
+  for (int i = 0; i < 20; ++i) {
+    auto r = Post("/v1/chat/completions",
+                  R"({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1})");
+    ASSERT_EQ(r.result_int(), 200) << r.body();
+    const std::string id = Json::parse(r.body())["id"];
+    EXPECT_THAT(id, ::testing::MatchesRegex("chatcmpl-[0-9a-f]{32}"));
+    ids.insert(id);
+  }
+  EXPECT_EQ(ids.size(), 20u);
+  // Not a counter: consecutive ids differ in their first hex digits too.
+  std::string prev;
+  int same_prefix = 0;
+  for (const std::string& id : ids) {
+    if (!prev.empty() && id.substr(9, 16) == prev.substr(9, 16)) ++same_prefix;
+    prev = id;
+  }
+  EXPECT_EQ(same_prefix, 0);
+}
+
+// A worker that ended the request early (a Cancel, not this client) must not
+// look like a normal finish: before, this came out as finish_reason "length".
+TEST_F(OpenAiServerTest, RequestCancelledElsewhereIsReportedAsCancelled) {
+  Start();
+  backend_.SetScript({'a', 'b'}, v1::FINISH_REASON_CANCELLED);
+  auto r = Post("/v1/completions", R"({"model": "tiny", "prompt": "x", "max_tokens": 10})");
+  Json e = ExpectError(r, 500, "cancelled");
+  EXPECT_THAT(e["message"].get<std::string>(), HasSubstr("cancelled before it finished"));
+  EXPECT_THAT(r.body(), Not(HasSubstr("length")));
+
+  auto s = Post("/v1/completions", R"({"model": "tiny", "prompt": "x", "max_tokens": 10, "stream": true})");
+  ASSERT_EQ(s.result_int(), 200);
+  const std::vector<std::string> events = SseData(s.body());
+  ASSERT_GE(events.size(), 2u) << s.body();
+  EXPECT_EQ(events.back(), "[DONE]");
+  const Json err = Json::parse(events[events.size() - 2]);
+  EXPECT_EQ(err["error"]["type"], "cancelled") << s.body();
+  for (const std::string& ev : events) {
+    if (ev == "[DONE]") continue;
+    const Json j = Json::parse(ev);
+    if (j.contains("choices")) {
+      EXPECT_NE(j["choices"][0]["finish_reason"], "length") << ev;
+    }
+  }
+  EXPECT_EQ(service_->InFlight(scheduler::Tier::kStandard), 0);
+}
+
+// 5xx bodies carry the reason; addresses, ports, ids and transport errors
+// stay in the log.
+TEST_F(OpenAiServerTest, ServerErrorsDoNotLeakInternals) {
+  Start();
+  const absl::Status down = absl::UnavailableError(
+      "rank 1 failed request cmpl-00aa (rank 0 dead: worker unreachable: 10.9.8.7:4567): UNAVAILABLE: "
+      "UCX error Connection reset by remote peer on /dev/shm/ucx-1");
+  backend_.SetReady(down);
+  backend_.SetStartError(down);
+  for (auto r : {Get("/ready"), Post("/v1/completions", R"({"model": "tiny", "prompt": "x"})")}) {
+    Json e = ExpectError(r, 503, "service_unavailable_error");
+    const std::string message = e["message"];
+    EXPECT_THAT(message, HasSubstr("retry"));
+    for (const char* leak : {"10.9.8.7", "4567", "cmpl-00aa", "UCX", "/dev/shm", "rank 0"}) {
+      EXPECT_THAT(r.body(), Not(HasSubstr(leak))) << r.body();
+    }
+  }
+  // Mid-stream errors too.
+  backend_.SetStartError(absl::OkStatus());
+  TestClient c(server_->port());
+  c.Send(bhttp::verb::post, "/v1/completions", R"({"model": "tiny", "prompt": "x", "max_tokens": 5, "stream": true})");
+  auto call = backend_.WaitForCall(2);
+  ASSERT_NE(call, nullptr);
+  ASSERT_TRUE(call->Push({'a'}));
+  call->Finish(absl::InternalError("worker 10.9.8.7:4567 said: UCX error bad address"));
+  auto r = c.Read();
+  EXPECT_THAT(r.body(), HasSubstr("server_error"));
+  for (const char* leak : {"10.9.8.7", "UCX"}) EXPECT_THAT(r.body(), Not(HasSubstr(leak))) << r.body();
+}
+
+TEST_F(OpenAiServerTest, SeveralApiKeysAreAccepted) {
+  Start({.api_keys = {"key-one", "a-much-longer-second-key"}});
+  EXPECT_EQ(Get("/v1/models", {{"Authorization", "Bearer key-one"}}).result_int(), 200);
+  EXPECT_EQ(Get("/v1/models", {{"Authorization", "Bearer a-much-longer-second-key"}}).result_int(), 200);
+  ExpectError(Get("/v1/models", {{"Authorization", "Bearer key-on"}}), 401, "invalid_request_error");
+  ExpectError(Get("/v1/models", {{"Authorization", "Bearer key-one2"}}), 401, "invalid_request_error");
+  ExpectError(Get("/v1/models", {{"Authorization", "Bearer "}}), 401, "invalid_request_error");
+  ExpectError(Get("/v1/models", {{"Authorization", "key-one"}}), 401, "invalid_request_error");
+}
+
+TEST_F(OpenAiServerTest, MetricsCanRequireAKey) {
+  Start({.api_keys = {"scrape-key"}, .metrics_require_key = true});
+  Json e = ExpectError(Get("/metrics"), 401, "invalid_request_error");
+  EXPECT_EQ(e["code"], "invalid_api_key");
+  ExpectError(Get("/metrics", {{"Authorization", "Bearer wrong"}}), 401, "invalid_request_error");
+  auto ok = Get("/metrics", {{"Authorization", "Bearer scrape-key"}});
+  EXPECT_EQ(ok.result_int(), 200);
+  EXPECT_THAT(ok.body(), HasSubstr("# TYPE"));
+  // Health checks stay open for load balancers.
+  EXPECT_EQ(Get("/health").result_int(), 200);
 }
 
 }  // namespace

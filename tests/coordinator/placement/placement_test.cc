@@ -94,6 +94,22 @@ TEST(PlacementTest, ValidateNamesWhatIsWrong) {
   EXPECT_EQ(ContiguousPlacement(2, 2, 0).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+TEST(PlacementTest, LoadImbalanceIsTheBusiestRankOverTheMean) {
+  // 2 ranks, 3 layers (layer 1 dense), 4 experts: experts 0-1 on rank 0, 2-3 on rank 1.
+  absl::StatusOr<Placement> p = ContiguousPlacement(2, 3, 4);
+  ASSERT_TRUE(p.ok());
+  p->replicas[1].clear();
+  std::vector<std::vector<int64_t>> load = {{5, 5, 5, 5}, {}, {1, 1, 1, 1}};
+  EXPECT_DOUBLE_EQ(LoadImbalance(*p, load), 1.0);
+  load = {{10, 0, 0, 0}, {}, {0, 0, 0, 0}};
+  EXPECT_DOUBLE_EQ(LoadImbalance(*p, load), 2.0);  // all on rank 0: max / mean = 10 / 5
+  // A replica of expert 0 on rank 1 halves rank 0's share of it.
+  p->replicas[0][0] = {0, 1};
+  EXPECT_DOUBLE_EQ(LoadImbalance(*p, load), 1.0);
+  EXPECT_EQ(LoadImbalance(*p, {{0, 0, 0, 0}, {}, {0, 0, 0, 0}}), 0) << "no load";
+  EXPECT_EQ(LoadImbalance(*p, {{1, 2, 3}, {}, {1, 1, 1, 1}}), 0) << "a load of another shape";
+}
+
 TEST(PlacementTest, ChooseReplicaPrefersLocalThenSpreadsEvenly) {
   auto p = ContiguousPlacement(4, 1, 4);
   ASSERT_TRUE(p.ok());

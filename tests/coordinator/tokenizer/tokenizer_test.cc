@@ -328,6 +328,14 @@ TEST(BpeTokenizer, RejectsTextThatIsNotUtf8) {
   ASSERT_FALSE(ids.ok());
   EXPECT_EQ(ids.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(ids.status().message(), HasSubstr("not valid UTF-8 (byte offset 2)"));
+  // A 4-byte character cut after 3 bytes is as long as the U+FFFD replacing it;
+  // it used to pass the check and the pre-tokenizer read past the text's end
+  // (tests/fuzz/corpus/tokenizer_text/regress-truncated_4_byte_char).
+  for (const char* text : {"he\xF0\x9F\x92!", "he\xF0\x9F\x92\xF0\x9F\x92\xBB", "he\xF0\x9F\x92"}) {
+    auto cut = tok->Encode(text);
+    ASSERT_FALSE(cut.ok()) << text;
+    EXPECT_THAT(cut.status().message(), HasSubstr("not valid UTF-8 (byte offset 2)"));
+  }
 }
 
 TEST(BpeTokenizer, MalformedFilesGetErrorsNamingTheField) {
@@ -397,6 +405,15 @@ TEST(BpeTokenizer, MalformedFilesGetErrorsNamingTheField) {
   j = base;
   j["decoder"] = {{"type", "Metaspace"}};
   EXPECT_THAT(err(j), HasSubstr("decoder: expected ByteLevel, got Metaspace"));
+
+  // One huge id made the id table gigabytes long
+  // (tests/fuzz/corpus/tokenizer_json/regress-huge_added_token_id).
+  j = base;
+  j["added_tokens"][2]["id"] = 179999812;
+  EXPECT_THAT(err(j), HasSubstr("added_tokens[2].id: expected an integer in [0, 4194303]"));
+  j = base;
+  j["model"]["vocab"]["he"] = 4194304;
+  EXPECT_THAT(err(j), HasSubstr("model.vocab[\"he\"]: expected an integer id in [0, 4194303]"));
 }
 
 TEST(BpeTokenizer, SharedAcrossThreads) {

@@ -1,28 +1,10 @@
 #include "worker/engine/kv_cache.h"
 
-#include <set>
-
 #include "gtest/gtest.h"
 #include "worker/device/cpu_backend.h"
 
 namespace joule {
 namespace {
-
-TEST(BlockAllocatorTest, HandsOutEachBlockOnceAndTakesThemBack) {
-  BlockAllocator a(5);
-  std::set<int32_t> got;
-  for (int i = 0; i < 5; ++i) got.insert(a.Allocate());
-  EXPECT_EQ(got.size(), 5u);
-  EXPECT_EQ(*got.begin(), 0);
-  EXPECT_EQ(*got.rbegin(), 4);
-  EXPECT_EQ(a.Allocate(), -1);
-  EXPECT_EQ(a.num_free(), 0);
-  a.Free(3);
-  a.Free(3);  // double free is ignored
-  a.Free(99); // unknown block is ignored
-  EXPECT_EQ(a.num_free(), 1);
-  EXPECT_EQ(a.Allocate(), 3);
-}
 
 TEST(PagedKvCacheTest, SizesFromByteBudget) {
   device::CpuBackend cpu(1);

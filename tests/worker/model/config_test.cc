@@ -381,6 +381,13 @@ TEST(ModelConfigTest, RejectsBadValuesNamingTheField) {
                  {"'hidden_size'", "divisible"});
   ExpectRejected(Plus(kQwen2Moe, "layer_types", R"(["sliding_attention", "full_attention"])"),
                  {"'layer_types'"});
+  // Positive numbers a float cannot hold: they became inf or 0 (tests/fuzz/model_config_fuzzer).
+  ExpectRejected(With(kQwen3Moe, "rope_theta", "1e39"), {"'rope_theta'", "float range"});
+  ExpectRejected(With(kQwen3Moe, "rms_norm_eps", "1e-50"), {"'rms_norm_eps'", "float range"});
+  ExpectRejected(With(kQwen3Moe, "rope_scaling", R"({"rope_type": "default", "rope_theta": 1e300})"),
+                 {"'rope_scaling.rope_theta'", "float range"});
+  ExpectRejected(Plus(kQwen3Moe, "rope_parameters", R"({"rope_theta": 1e-300})"),
+                 {"'rope_parameters.rope_theta'", "float range"});
 }
 
 TEST(ModelConfigTest, PlainRopeParametersAccepted) {

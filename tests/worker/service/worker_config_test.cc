@@ -30,6 +30,8 @@ TEST(WorkerConfigTest, DefaultsAndFlags) {
   EXPECT_EQ(c->port, 0);
   EXPECT_EQ(c->block_size, 16);
   EXPECT_EQ(c->transport, "ucx");
+  EXPECT_TRUE(c->prefix_caching);
+  EXPECT_THAT(c->ToString(), HasSubstr("--prefix-caching=true"));
   EXPECT_THAT(c->ToString(), HasSubstr("--kv-cache-mb=64"));
   EXPECT_THAT(c->ToString(), HasSubstr("--transport=ucx"));
 }
@@ -37,12 +39,18 @@ TEST(WorkerConfigTest, DefaultsAndFlags) {
 TEST(WorkerConfigTest, EnvironmentThenFlags) {
   setenv("JOULE_WORKER_BLOCK_SIZE", "32", 1);
   setenv("JOULE_WORKER_THREADS", "3", 1);
+  setenv("JOULE_WORKER_PREFIX_CACHING", "false", 1);
   auto c = Parse({"--coordinator", "c:1", "--model", "/m", "--threads", "2"});
   unsetenv("JOULE_WORKER_BLOCK_SIZE");
   unsetenv("JOULE_WORKER_THREADS");
+  unsetenv("JOULE_WORKER_PREFIX_CACHING");
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->block_size, 32);
   EXPECT_EQ(c->threads, 2);
+  EXPECT_FALSE(c->prefix_caching);
+  auto off = Parse({"--coordinator", "c:1", "--model", "/m", "--prefix-caching=false"});
+  ASSERT_TRUE(off.ok()) << off.status();
+  EXPECT_FALSE(off->prefix_caching);
 }
 
 TEST(WorkerConfigTest, ErrorsNameTheFlag) {
@@ -64,6 +72,27 @@ TEST(WorkerConfigTest, ErrorsNameTheFlag) {
                               .status().message()),
               HasSubstr("--workers-per-host: must be at least 1"));
   EXPECT_EQ(Parse({"--help"}).status().code(), absl::StatusCode::kCancelled);
+}
+
+// Secure by default: the Worker gRPC and /metrics servers listen on this host
+// only; --listen-host, the older name of --grpc-host, still works.
+TEST(WorkerConfigTest, BindAddressesDefaultToLoopback) {
+  auto c = Parse({"--coordinator", "c:1", "--model", "/m"});
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->GrpcHost(), "127.0.0.1");
+  EXPECT_EQ(c->metrics_host, "127.0.0.1");
+  auto wide = Parse({"--coordinator", "c:1", "--model", "/m", "--grpc-host", "0.0.0.0", "--metrics-host", "0.0.0.0"});
+  ASSERT_TRUE(wide.ok()) << wide.status();
+  EXPECT_EQ(wide->GrpcHost(), "0.0.0.0");
+  EXPECT_EQ(wide->metrics_host, "0.0.0.0");
+  auto old = Parse({"--coordinator", "c:1", "--model", "/m", "--listen-host", "10.1.2.3"});
+  ASSERT_TRUE(old.ok()) << old.status();
+  EXPECT_EQ(old->GrpcHost(), "10.1.2.3");
+  auto both = Parse({"--coordinator", "c:1", "--model", "/m", "--listen-host", "10.1.2.3", "--grpc-host", "0.0.0.0"});
+  ASSERT_FALSE(both.ok());
+  EXPECT_THAT(std::string(both.status().message()), HasSubstr("--listen-host"));
+  EXPECT_THAT(std::string(Parse({"--coordinator", "c:1", "--model", "/m", "--grpc-host", ""}).status().message()),
+              HasSubstr("--grpc-host"));
 }
 
 TEST(WorkerConfigTest, ThreadsZeroTakesThisWorkersShareOfTheUsableCores) {

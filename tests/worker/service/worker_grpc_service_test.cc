@@ -170,9 +170,52 @@ TEST_F(WorkerGrpcServiceTest, CancelRpcEndsTheStreamWithCancelledReason) {
   ASSERT_TRUE(reader->Finish().ok());
   EXPECT_EQ(last.finish_reason(), v1::FINISH_REASON_CANCELLED);
   EXPECT_LT(last.completion_tokens(), 450);
+  // It is over: the id names nothing any more.
   grpc::ClientContext cctx2;
-  ASSERT_TRUE(stub_->Cancel(&cctx2, cancel, &reply).ok());
-  EXPECT_FALSE(reply.found());
+  EXPECT_EQ(stub_->Cancel(&cctx2, cancel, &reply).error_code(), grpc::StatusCode::NOT_FOUND);
+}
+
+// Another client (its own connection) that learns or guesses a request id
+// cannot end that request: PERMISSION_DENIED, NOT_FOUND for ids that do not
+// run, and the victim's stream finishes normally with every token.
+TEST_F(WorkerGrpcServiceTest, CancelOfAnotherCallersRequestIsRefused) {
+  StartRuntime();
+  const std::vector<int32_t> prompt = Prompt(9, 5);
+  constexpr int kTokens = 400;  // long enough to run through the checks below
+  grpc::ClientContext ctx;
+  auto reader = stub_->Generate(&ctx, Request("victim", prompt, kTokens));
+  std::vector<int32_t> tokens;
+  v1::GenerateResponse msg, last;
+  ASSERT_TRUE(reader->Read(&msg));
+  tokens.insert(tokens.end(), msg.token_ids().begin(), msg.token_ids().end());
+
+  grpc::ChannelArguments own_connection;
+  own_connection.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  auto attacker = v1::Worker::NewStub(grpc::CreateCustomChannel(
+      "127.0.0.1:" + std::to_string(port_), grpc::InsecureChannelCredentials(), own_connection));
+  v1::CancelRequest cancel;
+  v1::CancelReply reply;
+  cancel.set_request_id("victim");
+  grpc::ClientContext c1;
+  const grpc::Status foreign = attacker->Cancel(&c1, cancel, &reply);
+  EXPECT_EQ(foreign.error_code(), grpc::StatusCode::PERMISSION_DENIED) << foreign.error_message();
+  cancel.set_request_id("victim-guess-2");
+  grpc::ClientContext c2;
+  EXPECT_EQ(attacker->Cancel(&c2, cancel, &reply).error_code(), grpc::StatusCode::NOT_FOUND);
+  // Nor can it take the id over while it runs.
+  grpc::ClientContext c3;
+  auto twin = attacker->Generate(&c3, Request("victim", prompt, 2));
+  EXPECT_FALSE(twin->Read(&msg));
+  EXPECT_EQ(twin->Finish().error_code(), grpc::StatusCode::ALREADY_EXISTS);
+
+  last = msg;
+  while (reader->Read(&msg)) {
+    tokens.insert(tokens.end(), msg.token_ids().begin(), msg.token_ids().end());
+    last = msg;
+  }
+  ASSERT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(last.finish_reason(), v1::FINISH_REASON_LENGTH);
+  EXPECT_EQ(tokens, ReferenceTokens(dir_, prompt, Greedy(kTokens)));
 }
 
 TEST_F(WorkerGrpcServiceTest, HoldsManyStreamsOnFewThreads) {
@@ -199,6 +242,21 @@ TEST_F(WorkerGrpcServiceTest, HoldsManyStreamsOnFewThreads) {
     const grpc::Status s = readers[i]->Finish();
     EXPECT_TRUE(s.ok()) << "stream " << i << ": " << s.error_message();
     EXPECT_EQ(received[i], kTokens) << "stream " << i;
+  }
+}
+
+// The final message says how many prompt tokens the rank's prefix cache held.
+TEST_F(WorkerGrpcServiceTest, TheFinalMessageCarriesCachedTokens) {
+  StartRuntime();
+  const std::vector<int32_t> prompt = Prompt(40, 7);  // 2 full blocks of 16, and 8 tokens
+  for (int cached : {0, 32}) {
+    grpc::ClientContext ctx;
+    auto reader = stub_->Generate(&ctx, Request(absl::StrCat("c", cached), prompt, 3));
+    v1::GenerateResponse msg, last;
+    while (reader->Read(&msg)) last = msg;
+    ASSERT_TRUE(reader->Finish().ok());
+    EXPECT_EQ(last.finish_reason(), v1::FINISH_REASON_LENGTH);
+    EXPECT_EQ(last.cached_tokens(), cached);
   }
 }
 

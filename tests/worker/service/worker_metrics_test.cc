@@ -15,6 +15,7 @@
 #include "absl/synchronization/mutex.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/testing/listen_address.h"
 #include "tests/worker/service/runtime_cluster.h"
 
 namespace joule::worker {
@@ -189,12 +190,32 @@ TEST(WorkerMetricsTest, OversizedHeaderGets431AndGarbageGets400) {
   const std::string response = HttpExchange(port, huge);
   EXPECT_THAT(response, ::testing::StartsWith("HTTP/1.0 431 Request Header Fields Too Large\r\n"));
   EXPECT_THAT(response, HasSubstr("header fields exceed the server's limit of 8 KiB"));
+  // The limit is 8 KiB, not some larger buffer: just over it is refused, just under served.
+  auto with_padding = [](size_t n) {
+    return absl::StrCat("GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: ", std::string(n, 'a'),
+                        "\r\n\r\n");
+  };
+  EXPECT_THAT(HttpExchange(port, with_padding(8 * 1024 + 16)),
+              ::testing::StartsWith("HTTP/1.0 431 Request Header Fields Too Large\r\n"));
+  EXPECT_THAT(HttpExchange(port, with_padding(7 * 1024)), ::testing::StartsWith("HTTP/1.0 200 OK\r\n"));
 
   EXPECT_THAT(HttpExchange(port, "GET /metrics HTTP/1.1\r\nBad Header\r\n\r\n"),
               ::testing::StartsWith("HTTP/1.0 400 Bad Request\r\n"));
   EXPECT_THAT(HttpExchange(port, "POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
               ::testing::StartsWith("HTTP/1.0 405 Method Not Allowed\r\n"));
   EXPECT_THAT(HttpGet(port, "/metrics"), ::testing::StartsWith("HTTP/1.0 200 OK\r\n"));
+}
+
+// Bound to 127.0.0.1 (the --metrics-host default), the port is not reachable
+// through this machine's other addresses.
+TEST(WorkerMetricsTest, LoopbackBindIsNotReachableFromOtherInterfaces) {
+  StatusOnlyHandler handler;
+  auto server = WorkerMetricsServer::Start("127.0.0.1", 0, &handler);
+  ASSERT_TRUE(server.ok()) << server.status();
+  EXPECT_TRUE(joule::testing::ListensOnLoopbackOnly((*server)->port()));
+  auto wide = WorkerMetricsServer::Start("0.0.0.0", 0, &handler);
+  ASSERT_TRUE(wide.ok()) << wide.status();
+  EXPECT_EQ(joule::testing::ListeningAddress((*wide)->port()), "0.0.0.0");  // the check can fail
 }
 
 TEST(WorkerMetricsTest, PortInUseIsAClearError) {

@@ -66,11 +66,16 @@ class TestCoordinator final : public v1::Coordinator::Service {
     reply->set_world_size(world_);
     *reply->mutable_placement() = placement_;
     reply->set_heartbeat_interval_ms(100);
+    reply->set_worker_secret(Secret(rank));
     return grpc::Status::OK;
   }
 
   grpc::Status Rendezvous(grpc::ServerContext* ctx, const v1::RendezvousRequest* req,
                           v1::RendezvousReply* reply) override {
+    // The worker must send back what its registration got.
+    if (req->worker_secret() != Secret(req->rank())) {
+      return grpc::Status(grpc::StatusCode::PERMISSION_DENIED, "wrong worker_secret");
+    }
     absl::MutexLock lock(&mu_);
     slots_[req->rank()].address = req->transport_address();
     auto all = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -91,6 +96,9 @@ class TestCoordinator final : public v1::Coordinator::Service {
 
   grpc::Status Heartbeat(grpc::ServerContext*, const v1::HeartbeatRequest* req,
                          v1::HeartbeatReply* reply) override {
+    if (req->worker_secret() != Secret(req->rank())) {
+      return grpc::Status(grpc::StatusCode::PERMISSION_DENIED, "wrong worker_secret");
+    }
     absl::MutexLock lock(&mu_);
     Slot& s = slots_[req->rank()];
     s.ready = req->ready();
@@ -117,6 +125,7 @@ class TestCoordinator final : public v1::Coordinator::Service {
   }
 
  private:
+  static std::string Secret(int rank) { return absl::StrCat("secret-of-rank-", rank); }
   struct Slot {
     std::string worker_id, endpoint, address;
     bool ready = false;
@@ -312,6 +321,18 @@ TEST_F(WorkerProcessTest, SigtermStopsEveryRankCleanly) {
   EXPECT_EQ(WaitExit(0, absl::Seconds(10)), 0) << Logs();
   // Rank 1 stopped because a peer did: it cannot serve alone, and says so.
   EXPECT_EQ(WaitExit(1, absl::Seconds(10)), 1) << Logs();
+}
+
+// The default --grpc-host (127.0.0.1) with an address the coordinator would
+// dial elsewhere: nothing would listen there, so the worker says which flag to
+// set instead of registering an unreachable endpoint.
+TEST_F(WorkerProcessTest, LoopbackBindWithAnotherAdvertisedAddressRefusesToStart) {
+  pids_.push_back(Spawn({JOULE_WORKER_BIN, "--coordinator", "127.0.0.1:1", "--model",
+                         testing::TinyModelDir("mixtral-tiny"), "--advertise-host", "10.9.9.9", "--threads", "1"},
+                        {}, absl::StrCat(::testing::TempDir(), "/refused.log")));
+  EXPECT_EQ(WaitExit(0, absl::Seconds(20)), 1) << Logs();
+  EXPECT_THAT(Logs(), HasSubstr("--grpc-host 127.0.0.1 listens on this host only"));
+  EXPECT_THAT(Logs(), HasSubstr("set --grpc-host 0.0.0.0 or 10.9.9.9"));
 }
 
 // Resident bytes of `pid`'s mappings of files whose path contains `needle`

@@ -4,6 +4,7 @@
 // and placement changes take effect on every rank at the same step.
 #include "worker/service/worker_runtime.h"
 
+#include <map>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -13,6 +14,7 @@
 #include "tests/worker/service/runtime_cluster.h"
 #include "worker/service/convert.h"
 #include "worker/service/placement_loader.h"
+#include "worker/service/worker_metrics.h"
 
 namespace joule::worker {
 namespace {
@@ -510,6 +512,55 @@ TEST(WorkerRuntime, AFailedControlRoundAlsoWaitsForTheNewGroup) {
   ASSERT_TRUE(c.outcome().status.ok()) << c.outcome().status;
   EXPECT_EQ(c.tokens(), ReferenceTokens(dir, prompt, Greedy(12)));
   EXPECT_FALSE(cluster.runtime(0).WaitForExit(absl::ZeroDuration())) << "rank 0 must still serve";
+}
+
+// Two requests with one long prompt on a rank of a 2-rank cluster: the
+// second reports the prompt's cached full blocks, the counters and the
+// metrics say so, and both get the tokens a rank without prefix caching gives.
+TEST(WorkerRuntime, ASecondRequestWithTheSamePromptReportsItsCachedTokens) {
+  const std::string dir = testing::TinyModelDir("qwen3_moe-tiny");
+  const std::vector<int32_t> prompt = Prompt(70, 3);  // 4 full blocks of 16, and 6 tokens
+  std::map<bool, std::vector<RequestOutcome>> outcomes;
+  std::map<bool, std::vector<std::vector<int32_t>>> tokens;
+  std::map<bool, WorkerStatus> status;
+  for (bool on : {false, true}) {
+    EngineOptions engine = testing_util::SmallEngine();
+    engine.prefix_caching = on;
+    RuntimeCluster cluster(dir, 2, absl::Seconds(20), engine);
+    cluster.StartAll();
+    for (int i = 0; i < 2; ++i) {
+      Collector c;
+      ASSERT_TRUE(cluster.runtime(0)
+                      .Submit(absl::StrCat("shared-", i), {.prompt = prompt, .sampling = Greedy(8)},
+                              c.callbacks())
+                      .ok());
+      ASSERT_TRUE(c.WaitDone());
+      ASSERT_TRUE(c.outcome().status.ok()) << c.outcome().status;
+      outcomes[on].push_back(c.outcome());
+      tokens[on].push_back(c.tokens());
+    }
+    status[on] = cluster.runtime(0).Status();
+  }
+  EXPECT_EQ(tokens[true], tokens[false]);
+  EXPECT_EQ(tokens[true][0], tokens[true][1]);
+  EXPECT_EQ(outcomes[true][0].cached_tokens, 0);
+  EXPECT_EQ(outcomes[true][1].cached_tokens, 64);
+  EXPECT_EQ(outcomes[false][1].cached_tokens, 0);
+  EXPECT_EQ(status[true].prefix_cache_queries_total, 2u * 70);
+  EXPECT_EQ(status[true].prefix_cache_hits_total, 64u);
+  EXPECT_EQ(status[true].prompt_tokens_total, 70u + 6);
+  EXPECT_GE(status[true].prefix_cache_blocks, 4);
+  EXPECT_EQ(status[false].prefix_cache_hits_total, 0u);
+  EXPECT_EQ(status[false].prefix_cache_blocks, 0);
+  EXPECT_EQ(status[false].prompt_tokens_total, 2u * 70);
+  std::map<std::string, double> m;
+  for (const prometheus::MetricFamily& f : WorkerMetricFamilies(status[true])) {
+    m[f.name] = f.type == prometheus::MetricType::Counter ? f.metric[0].counter.value
+                                                           : f.metric[0].gauge.value;
+  }
+  EXPECT_EQ(m["joule_prefix_cache_queries_total"], 140);
+  EXPECT_EQ(m["joule_prefix_cache_hits_total"], 64);
+  EXPECT_EQ(m["joule_prefix_cache_blocks"], status[true].prefix_cache_blocks);
 }
 
 }  // namespace
