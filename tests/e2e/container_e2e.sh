@@ -37,12 +37,15 @@ fail() {
 }
 
 base_tar="$BUILD/container-base/debian12-minbase.tar"
-if [ ! -s "$base_tar" ]; then
+if [ ! -f "$base_tar" ]; then
+  rm -rf "$base_tar"
   mkdir -p "$(dirname "$base_tar")"
+  # mmdebstrap picks the output format from the name: it must end in .tar.
+  partial="$(dirname "$base_tar")/partial-debian12-minbase.tar"
   echo "making a Debian 12 base with mmdebstrap"
-  mmdebstrap --variant=minbase --mode=root --quiet bookworm "$base_tar.tmp" >"$T/mmdebstrap.log" 2>&1 ||
+  mmdebstrap --variant=minbase --mode=root --quiet bookworm "$partial" >"$T/mmdebstrap.log" 2>&1 ||
     fail "mmdebstrap"
-  mv "$base_tar.tmp" "$base_tar"
+  mv "$partial" "$base_tar"
 fi
 podman image exists localhost/joule-base:12 || podman import --quiet "$base_tar" localhost/joule-base:12 >/dev/null
 
