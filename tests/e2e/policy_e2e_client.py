@@ -1,14 +1,15 @@
 #!/usr/bin/python3
 """Drives one policy's cluster: a burst of streamed completions of every tier at once, then
 checks that each got exactly one terminal event with its tier and usage, that every request's
-usage.energy_joules is positive and labelled, and that the requests' energy adds up to what the
-workers' meters charged to requests (worker /metrics), which in turn is the meters' total minus
-idle and unattributed energy. Then the other metrics: workers' power, exchange and per-expert
+usage.energy_joules is positive and labelled, that the requests' energy adds up to what the
+workers charged to requests (worker /metrics), and that the meters' own readings match their
+accounting (attributed + idle + unattributed). Then the other metrics: workers' power, exchange and per-expert
 load; the coordinator's SLO outcomes and tokens per joule per tier, and the step cost model
 learned from the workers' heartbeats. Last, a workload on which the policies must differ: with
 one request in flight per rank (the test's scheduler config), six long batch requests arrive,
 then four fast ones; fcfs serves every batch request first, priority and ipw the fast ones as
-soon as a slot frees. Standard library only; exits non-zero with the reason."""
+soon as a slot frees (at most one batch request ties with them). Standard library only; exits
+non-zero with the reason."""
 import argparse
 import http.client
 import json
@@ -112,8 +113,10 @@ def order_check(port, model, policy):
     print("order check (%s): %d of 6 batch requests got their first token before the last fast one; "
           "first tokens at %s s" % (policy, batch_before, ", ".join(
               "%s %.2f" % (tier, f - t0) for tier, _, f, _ in sorted(out, key=lambda r: r[2]))))
-    # Two ranks, one request each: two batch requests run when the fast ones arrive.
-    want = {"fcfs": (6, 6), "priority": (0, 2), "ipw": (0, 2)}[policy]
+    # Two ranks, one request each: two batch requests run when the fast ones arrive; under
+    # priority and ipw the fast ones take the freed slots (allow one batch request to tie with
+    # the last fast one: a slot may free while the fast ones' streams are being answered).
+    want = {"fcfs": (6, 6), "priority": (0, 3), "ipw": (0, 3)}[policy]
     if not want[0] <= batch_before <= want[1]:
         fail("order check: under %s %d batch requests went before the fast ones, expected %d..%d"
              % (policy, batch_before, want[0], want[1]))
