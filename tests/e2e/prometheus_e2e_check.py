@@ -11,6 +11,7 @@ import re
 import signal
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -37,6 +38,8 @@ def query(prom, expr):
             reply = json.load(r)
     except urllib.error.HTTPError as e:
         return None, "%s: %s" % (e.code, e.read().decode(errors="replace")[:300])
+    except (urllib.error.URLError, ConnectionError) as e:  # not listening yet
+        return None, str(e)
     if reply.get("status") != "success":
         return None, str(reply)
     return reply["data"]["result"], None
