@@ -51,14 +51,16 @@ class KeepAwakeTest : public ::testing::Test {
     return absl::Now() - start;
   }
 
-  // The slowest call after each idle gap (calls in the nap window waited for it).
-  absl::Duration SlowestAfterGaps(const std::vector<double>& gaps_s) {
-    absl::Duration slowest;
+  // The median call after each idle gap (calls in the nap window wait for it);
+  // the median keeps a busy machine's odd slow call from deciding.
+  absl::Duration MedianAfterGaps(const std::vector<double>& gaps_s) {
+    std::vector<absl::Duration> took;
     for (double gap : gaps_s) {
       absl::SleepFor(absl::Seconds(gap));
-      slowest = std::max(slowest, Call());
+      took.push_back(Call());
     }
-    return slowest;
+    std::sort(took.begin(), took.end());
+    return took[took.size() / 2];
   }
 
   InstantWorker service_;
@@ -71,20 +73,19 @@ const std::vector<double> kGaps = {1.01, 1.04, 1.07, 1.02, 1.05};
 
 TEST_F(KeepAwakeTest, CallsAfterAnIdleSecondAreAnsweredAtOnce) {
   GrpcKeepAwake keep_awake(server_->InProcessChannel(grpc::ChannelArguments()));
-  const absl::Duration slowest = SlowestAfterGaps(kGaps);
-  std::printf("slowest call after 1.0-1.1 s idle, kept awake: %.1f ms\n", absl::ToDoubleMilliseconds(slowest));
-  // Without the ticks these take 40-100 ms (see the test below); a busy CI
-  // machine adds a few.
-  EXPECT_LT(slowest, absl::Milliseconds(35));
+  const absl::Duration median = MedianAfterGaps(kGaps);
+  std::printf("median call after 1.0-1.1 s idle, kept awake: %.1f ms\n", absl::ToDoubleMilliseconds(median));
+  // Without the ticks these take 30-90 ms (the test below); awake, about 1 ms.
+  EXPECT_LT(median, absl::Milliseconds(20));
 }
 
 // What the keep-awake is for: this gRPC's pollers nap after an idle second.
 // Should a gRPC update drop the nap, this fails, and GrpcKeepAwake can go.
 TEST_F(KeepAwakeTest, WithoutItCallsAfterAnIdleSecondWaitForThePollers) {
-  const absl::Duration slowest = SlowestAfterGaps(kGaps);
-  std::printf("slowest call after 1.0-1.1 s idle, not kept awake: %.1f ms\n",
-              absl::ToDoubleMilliseconds(slowest));
-  EXPECT_GT(slowest, absl::Milliseconds(30));
+  const absl::Duration median = MedianAfterGaps(kGaps);
+  std::printf("median call after 1.0-1.1 s idle, not kept awake: %.1f ms\n",
+              absl::ToDoubleMilliseconds(median));
+  EXPECT_GT(median, absl::Milliseconds(25));
 }
 
 }  // namespace
