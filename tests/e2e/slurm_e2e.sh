@@ -91,7 +91,9 @@ stream_rc=0
 wait "$stream_pid" || stream_rc=$?
 [ "$stream_rc" != 28 ] || fail "the stream running at scancel hung until curl's 60 s limit"
 chunks="$(grep -c '"text"' "$T/stream.txt" || true)"
-ending="$(grep -o '"finish_reason":"[a-z_]*"\|"error":{[^}]*}' "$T/stream.txt" | tail -n1)"
+# An error event, or a connection closed without a terminal event: never a normal finish.
+ending="$(grep -o '"finish_reason":"[a-z_]*"\|"error":{[^}]*}' "$T/stream.txt" | tail -n1 || true)"
+[ -n "$ending" ] || ending="(the connection closed without a terminal event)"
 echo "the stream running at scancel ended (curl status $stream_rc) after $chunks chunks with: $ending"
 if [ "$chunks" -lt 480 ] && [[ "$ending" == *finish_reason* ]]; then
   fail "a stream cut off by scancel after $chunks of 480 tokens ended as a normal finish: $ending"
