@@ -543,12 +543,16 @@ absl::Status Router::Generate(const v1::GenerateRequest& request, absl::Time cli
       queue_.push_back(response);
       return true;
     }
+    // The call may outlive Generate() (a resume, a late outcome): once it
+    // returned, the client's sink is gone, and asking it would touch freed
+    // memory. Under mu_, so that Detach() waits for a question in progress.
     bool ClientGone() const override {
-      {
-        absl::MutexLock lock(&mu_);
-        if (gone_) return true;
-      }
-      return client_->ClientGone();
+      absl::MutexLock lock(&mu_);
+      return gone_ || detached_ || client_->ClientGone();
+    }
+    void Detach() {
+      absl::MutexLock lock(&mu_);
+      detached_ = true;
     }
     void SetGone() {
       absl::MutexLock lock(&mu_);
@@ -581,6 +585,7 @@ absl::Status Router::Generate(const v1::GenerateRequest& request, absl::Time cli
     std::deque<v1::GenerateResponse> queue_ ABSL_GUARDED_BY(mu_);
     std::optional<absl::Status> outcome_ ABSL_GUARDED_BY(mu_);
     bool gone_ ABSL_GUARDED_BY(mu_) = false;
+    bool detached_ ABSL_GUARDED_BY(mu_) = false;
   };
 
   auto mailbox = std::make_shared<Mailbox>(sink);
@@ -595,6 +600,7 @@ absl::Status Router::Generate(const v1::GenerateRequest& request, absl::Time cli
     mailbox->SetGone();
     if (call != nullptr) CancelByClient(call);
   }
+  mailbox->Detach();
   return outcome;
 }
 
