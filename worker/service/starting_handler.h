@@ -34,6 +34,10 @@ class StartingHandler : public WorkerHandler {
     s.resident_bytes = ResidentBytes();
     return s;
   }
+  std::optional<double> ReadEnergyMeter() override {
+    WorkerHandler* r = runtime_.load();
+    return r != nullptr ? r->ReadEnergyMeter() : std::nullopt;
+  }
 
  private:
   std::atomic<WorkerHandler*> runtime_{nullptr};

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -68,8 +69,8 @@ struct WorkerStatus {
   // The meter's own power reading (EnergyMeter::ReadPowerWatts: NVML's instant
   // field) when the last power window closed; < 0 where the meter has none.
   double power_instant_watts = -1;
-  // The meter's own reading since the worker started, taken by Status() (not
-  // by the step loop's accounting); < 0 without a meter or when a read failed.
+  // The meter's own reading since the worker started (ReadEnergyMeter, filled
+  // for /metrics only); < 0 without a meter or when a read failed.
   double energy_meter_joules = -1;
   int step_token_cap = 0;  // the cap the ranks agreed on (0: none)
   uint64_t group_epoch = 1;  // the expert-parallel group this rank serves in
@@ -99,6 +100,10 @@ class WorkerHandler {
   // reports kCancelled). False if no such request is live.
   virtual bool Cancel(const std::string& request_id) = 0;
   virtual WorkerStatus Status() = 0;
+  // The energy meter read now, from the zero of the step loop's accounting;
+  // nullopt without a meter. Apart from Status(), which every request and
+  // heartbeat asks: only /metrics needs this read.
+  virtual std::optional<double> ReadEnergyMeter() { return std::nullopt; }
 };
 
 }  // namespace joule::worker

@@ -147,7 +147,12 @@ std::vector<prometheus::MetricFamily> WorkerMetricFamilies(const WorkerStatus& s
 
 struct WorkerMetricsServer::Impl {
   explicit Impl(WorkerHandler* handler)
-      : metrics([handler] { return handler->Status(); }), acceptor(io) {}
+      : metrics([handler] {
+          WorkerStatus s = handler->Status();
+          if (const std::optional<double> j = handler->ReadEnergyMeter()) s.energy_meter_joules = *j;
+          return s;
+        }),
+        acceptor(io) {}
 
   void Accept() {
     acceptor.async_accept([this](boost::system::error_code ec, tcp::socket socket) {

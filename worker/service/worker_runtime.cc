@@ -106,13 +106,15 @@ WorkerStatus WorkerRuntime::Status() {
     s = status_;
   }
   s.resident_bytes = ResidentBytes();
-  // The meter now, from the same zero as the step loop's accounting.
-  if (const std::optional<double> zero = attributor_ ? attributor_->first_reading() : std::nullopt) {
-    if (absl::StatusOr<double> j = options_.energy_meter->ReadJoules(); j.ok()) {
-      s.energy_meter_joules = *j - *zero;
-    }
-  }
   return s;
+}
+
+std::optional<double> WorkerRuntime::ReadEnergyMeter() {
+  const std::optional<double> zero = attributor_ ? attributor_->first_reading() : std::nullopt;
+  if (!zero) return std::nullopt;
+  absl::StatusOr<double> j = options_.energy_meter->ReadJoules();
+  if (!j.ok()) return std::nullopt;
+  return *j - *zero;
 }
 
 void WorkerRuntime::OfferPlacement(PreparedPlacement placement) {

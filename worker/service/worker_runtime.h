@@ -105,6 +105,7 @@ class WorkerRuntime : public WorkerHandler {
                       RequestCallbacks callbacks) override;
   bool Cancel(const std::string& request_id) override;
   WorkerStatus Status() override;
+  std::optional<double> ReadEnergyMeter() override;
 
   // Hands over a placement (from the heartbeat); it is applied between steps
   // once every rank has the same epoch ready. A newer offer replaces an older
