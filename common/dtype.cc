@@ -1,5 +1,7 @@
 #include "common/dtype.h"
 
+#include <cmath>
+
 namespace joule {
 
 std::string_view DTypeName(DType t) {
@@ -7,6 +9,7 @@ std::string_view DTypeName(DType t) {
     case DType::kF32: return "F32";
     case DType::kF16: return "F16";
     case DType::kBF16: return "BF16";
+    case DType::kF8E4M3: return "F8_E4M3";
   }
   return "?";
 }
@@ -59,6 +62,44 @@ uint16_t F32ToF16(float f) {
   uint32_t rem = mant & 0x1fffu;
   if (rem > 0x1000u || (rem == 0x1000u && (half & 1u))) ++half;
   return static_cast<uint16_t>(half);
+}
+
+float E4M3ToF32(uint8_t v) {
+  const int exponent = (v >> 3) & 0xf;
+  const int mantissa = v & 0x7;
+  float magnitude;
+  if (exponent == 0xf && mantissa == 0x7) {
+    magnitude = std::nanf("");
+  } else if (exponent == 0) {  // subnormal: mantissa * 2^-9
+    magnitude = std::ldexp(static_cast<float>(mantissa), -9);
+  } else {
+    magnitude = std::ldexp(static_cast<float>(8 + mantissa), exponent - 10);
+  }
+  return (v & 0x80) ? -magnitude : magnitude;
+}
+
+uint8_t F32ToE4M3(float f) {
+  if (std::isnan(f)) return 0x7f;
+  const uint8_t sign = std::signbit(f) ? 0x80 : 0x00;
+  const float a = std::fabs(f);
+  // 464 is halfway between 448 (the largest finite) and 480 (what one more mantissa step would
+  // be); everything from there up saturates, as does everything below it that rounds past 448.
+  if (a >= 464.0f) return sign | 0x7e;
+  if (a < std::ldexp(1.0f, -6)) {
+    // Subnormal: steps of 2^-9; rounding up to 8 steps gives the smallest normal, code 0x08.
+    return sign | static_cast<uint8_t>(std::nearbyint(a * 512.0f));
+  }
+  int exponent;
+  std::frexp(a, &exponent);  // a = m * 2^exponent, m in [0.5, 1)
+  int unbiased = exponent - 1;
+  // Mantissa with the implicit bit, in [8, 16) before rounding; nearbyint rounds half to even
+  // in the default rounding mode.
+  int mantissa = static_cast<int>(std::nearbyint(std::ldexp(a, 3 - unbiased)));
+  if (mantissa == 16) {
+    mantissa = 8;
+    ++unbiased;
+  }
+  return sign | static_cast<uint8_t>(((unbiased + 7) << 3) | (mantissa - 8));
 }
 
 }  // namespace joule

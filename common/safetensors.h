@@ -89,8 +89,9 @@ struct TensorToWrite {
 
 // Writes a safetensors file atomically (PATH.tmp, then rename). The header is
 // padded so data starts 8-byte aligned; tensors are laid out in the given order
-// except that 4-byte dtypes precede 2-byte ones, which keeps every tensor aligned
-// to its element size without gaps (the reference readers reject gaps).
+// except that wider dtypes precede narrower ones (F32, then F16/BF16, then
+// F8_E4M3), which keeps every tensor aligned to its element size without gaps
+// (the reference readers reject gaps).
 absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
                               const std::map<std::string, std::string>& metadata = {});
 

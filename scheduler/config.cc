@@ -177,7 +177,7 @@ absl::StatusOr<SchedulerConfig> ParseSchedulerConfig(std::string_view json_text)
   Object top(root, "");
   RETURN_IF_ERROR(top.Check({"policy", "lockstep", "max_batch_tokens", "max_running",
                              "max_inflight_per_rank", "batch_max_wait_ms", "retry_after_ms",
-                             "tiers", "ipw", "calibration"}));
+                             "tiers", "ipw", "prefix_affinity", "calibration"}));
   if (const json* p = top.Find("policy")) {
     if (!p->is_string()) return FieldError("policy", absl::StrCat("must be a string, got ", Describe(*p)));
     ASSIGN_OR_RETURN(c.policy, ParsePolicyKind(p->get<std::string>(), "policy"));
@@ -215,6 +215,17 @@ absl::StatusOr<SchedulerConfig> ParseSchedulerConfig(std::string_view json_text)
     RETURN_IF_ERROR(o.Number("pace", 0, 1, &c.ipw.pace));
     RETURN_IF_ERROR(o.Millis("batch_token_interval_ms", &c.ipw.batch_token_interval));
     RETURN_IF_ERROR(o.Int("min_step_tokens", 1, kIntMax, &c.ipw.min_step_tokens));
+  }
+  if (const json* pa = top.Find("prefix_affinity")) {
+    Object o(*pa, "prefix_affinity");
+    RETURN_IF_ERROR(o.Check({"enabled", "block_tokens", "min_match_tokens", "max_load_gap",
+                             "index_blocks"}));
+    PrefixAffinityOptions& p = c.prefix_affinity;
+    RETURN_IF_ERROR(o.Bool("enabled", &p.enabled));
+    RETURN_IF_ERROR(o.Int("block_tokens", 1, 1 << 16, &p.block_tokens));
+    RETURN_IF_ERROR(o.Int("min_match_tokens", 1, kIntMax, &p.min_match_tokens));
+    RETURN_IF_ERROR(o.Int("max_load_gap", 0, kIntMax, &p.max_load_gap));
+    RETURN_IF_ERROR(o.Int("index_blocks", 1, 1 << 26, &p.index_blocks));
   }
   if (const json* cal = top.Find("calibration")) {
     if (!cal->is_array()) {
@@ -265,6 +276,11 @@ std::string DescribeSchedulerConfig(const SchedulerConfig& c) {
                   " valley_hold_ms=", absl::ToDoubleMilliseconds(c.ipw.valley_hold),
                   " pace=", c.ipw.pace, " min_step_tokens=", c.ipw.min_step_tokens,
                   " batch_token_interval_ms=", absl::ToDoubleMilliseconds(c.ipw.batch_token_interval),
+                  "\nprefix_affinity: enabled=", c.prefix_affinity.enabled ? "true" : "false",
+                  " block_tokens=", c.prefix_affinity.block_tokens,
+                  " min_match_tokens=", c.prefix_affinity.min_match_tokens,
+                  " max_load_gap=", c.prefix_affinity.max_load_gap,
+                  " index_blocks=", c.prefix_affinity.index_blocks,
                   "\ncalibration_samples=", c.calibration.size(), "\n");
   return out;
 }

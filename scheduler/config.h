@@ -20,6 +20,8 @@
 //     "ipw": {"safety": 0.9, "min_headroom": 0.05, "efficiency_slack": 0.25,
 //             "valley_hold_ms": 15000, "pace": 0.8, "batch_token_interval_ms": 200,
 //             "min_step_tokens": 16},
+//     "prefix_affinity": {"enabled": true, "block_tokens": 16, "min_match_tokens": 32,
+//                         "max_load_gap": 8, "index_blocks": 65536},
 //     "calibration": [{"rank": 0, "batch_tokens": 64, "context_tokens": 2048,
 //                      "duration_ms": 14.2, "energy_joules": 5.1}, ...]
 //   }
@@ -81,6 +83,19 @@ struct IpwOptions {
   absl::Duration batch_token_interval = absl::Milliseconds(200);
 };
 
+// Routing for prefix-cache hits: a request goes to the rank believed to hold
+// the longest prefix of its prompt (scheduler/prefix_index.h) instead of the
+// policy's load-balanced choice, unless that rank is busier by more than
+// max_load_gap requests in flight; then load wins (SGLang's router balances
+// the same way).
+struct PrefixAffinityOptions {
+  bool enabled = true;
+  int block_tokens = 16;      // the prefix granularity (the workers' --block-size)
+  int min_match_tokens = 32;  // a shorter shared prefix does not move a request
+  int max_load_gap = 8;
+  int index_blocks = 65536;   // blocks the coordinator remembers (LRU)
+};
+
 struct CalibrationSample {
   int rank = 0;
   StepSample sample;
@@ -98,6 +113,7 @@ struct SchedulerConfig {
   absl::Duration retry_after = absl::Seconds(1);
   std::array<TierSlo, 4> tiers = DefaultTierSlos();
   IpwOptions ipw;
+  PrefixAffinityOptions prefix_affinity;
   std::vector<CalibrationSample> calibration;
 
   const TierSlo& slo(Tier t) const { return tiers[static_cast<int>(t)]; }

@@ -33,7 +33,9 @@ namespace joule::scheduler {
 namespace {
 
 using policy_internal::InFlight;
+using policy_internal::CachedOn;
 using policy_internal::LeastLoaded;
+using policy_internal::PreferCached;
 using policy_internal::Starved;
 
 bool HasTpotTarget(const PolicyState& s, const Request& r) {
@@ -79,7 +81,7 @@ class IpwPolicy final : public Policy {
     bool burst = false;  // steps for batch start now anyway
     for (const auto& [seq, r] : batch) {
       if (Starved(s, *r)) {
-        std::optional<int> rank = LeastLoaded(s, ready, added);
+        std::optional<int> rank = PreferCached(s, *r, ready, added, LeastLoaded(s, ready, added));
         if (!rank) return out;
         send(r, *rank);
         burst = true;
@@ -92,9 +94,10 @@ class IpwPolicy final : public Policy {
     std::map<int, int64_t> added_load;
     for (Tier t : {Tier::kFast, Tier::kPriority, Tier::kStandard}) {
       for (const auto& [seq, r] : (*s.queues)[static_cast<int>(t)]) {
-        std::optional<int> rank = ChooseInteractiveRank(s, ready, added, added_load);
+        std::optional<int> rank =
+            PreferCached(s, *r, ready, added, ChooseInteractiveRank(s, ready, added, added_load));
         if (!rank) return out;
-        added_load[*rank] += 1 + r->info.prompt_tokens;
+        added_load[*rank] += 1 + r->info.prompt_tokens - CachedOn(s, *r, *rank);
         send(r, *rank);
       }
     }
@@ -292,7 +295,7 @@ class IpwPolicy final : public Policy {
     int64_t load = 0;
     for (const auto& [seq, r] : it->second) {
       if (r->tier() == Tier::kBatch && !r->starved) continue;
-      load += 1 + (r->first_token ? 0 : r->info.prompt_tokens);
+      load += 1 + (r->first_token ? 0 : r->info.prompt_tokens - r->cached_tokens);
     }
     return load;
   }

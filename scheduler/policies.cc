@@ -32,11 +32,46 @@ std::optional<int> LeastLoaded(const PolicyState& s, const std::vector<int>& rea
   return best;
 }
 
+int64_t CachedOn(const PolicyState& s, const Request& r, int rank) {
+  if (s.prefix == nullptr || r.info.prefix_blocks.empty()) return 0;
+  const absl::flat_hash_map<int, int64_t> held = s.prefix->LeadingBlocks(r.info.prefix_blocks);
+  auto it = held.find(rank);
+  if (it == held.end()) return 0;
+  // The last prompt token is always computed: its logits give the first token.
+  return std::min(it->second * s.config->prefix_affinity.block_tokens, r.info.prompt_tokens - 1);
+}
+
+std::optional<int> PreferCached(const PolicyState& s, const Request& r,
+                                const std::vector<int>& ready,
+                                const std::map<int, int64_t>& added, std::optional<int> chosen) {
+  const PrefixAffinityOptions& o = s.config->prefix_affinity;
+  if (!o.enabled || !chosen || s.prefix == nullptr || r.info.prefix_blocks.empty()) return chosen;
+  const absl::flat_hash_map<int, int64_t> held = s.prefix->LeadingBlocks(r.info.prefix_blocks);
+  auto load = [&](int rank) {
+    auto a = added.find(rank);
+    return InFlight(s, rank) + (a == added.end() ? 0 : a->second);
+  };
+  auto blocks_on = [&](int rank) {
+    auto it = held.find(rank);
+    return it == held.end() ? int64_t{0} : it->second;
+  };
+  std::optional<int> best = chosen;
+  for (int rank : ready) {
+    const int64_t blocks = blocks_on(rank);
+    if (blocks * o.block_tokens < o.min_match_tokens || blocks <= blocks_on(*best)) continue;
+    if (load(rank) >= s.config->max_inflight_per_rank) continue;
+    if (load(rank) > load(*chosen) + o.max_load_gap) continue;
+    best = rank;
+  }
+  return best;
+}
+
 }  // namespace policy_internal
 
 namespace {
 
 using policy_internal::LeastLoaded;
+using policy_internal::PreferCached;
 using policy_internal::Starved;
 
 // Sends `candidates` in order to the least loaded ranks until all are full.
@@ -45,7 +80,7 @@ std::vector<Assignment> SpreadInOrder(const PolicyState& s, const std::vector<in
   std::vector<Assignment> out;
   std::map<int, int64_t> added;
   for (const Request* r : candidates) {
-    std::optional<int> rank = LeastLoaded(s, ready, added);
+    std::optional<int> rank = PreferCached(s, *r, ready, added, LeastLoaded(s, ready, added));
     if (!rank) break;
     added[*rank]++;
     out.push_back({r->info.id, *rank, r->tier()});

@@ -15,6 +15,7 @@
 #include "absl/time/time.h"
 #include "scheduler/config.h"
 #include "scheduler/cost_model.h"
+#include "scheduler/prefix_index.h"
 #include "scheduler/scheduler.h"
 #include "scheduler/slo.h"
 #include "scheduler/step_limits.h"
@@ -36,6 +37,9 @@ struct Request {
   int preemptions = 0;
   // Dispatched because it waited the batch maximum: goes first, never preempted.
   bool starved = false;
+  // Prompt tokens its rank is believed to hold in its prefix cache (set at
+  // dispatch): prefill it need not compute.
+  int64_t cached_tokens = 0;
 
   Tier tier() const { return info.tier; }
   // Context the sequence attends over now.
@@ -53,6 +57,7 @@ struct PolicyState {
   const Queues* queues = nullptr;
   const RankRequests* ranks = nullptr;  // in flight, every rank that ever had work
   const std::map<int, double>* step_gap_s = nullptr;
+  const PrefixIndex* prefix = nullptr;
 };
 
 class Policy {
@@ -88,6 +93,14 @@ bool Starved(const PolicyState& s, const Request& r);
 std::optional<int> LeastLoaded(const PolicyState& s, const std::vector<int>& ready,
                                const std::map<int, int64_t>& added);
 int64_t InFlight(const PolicyState& s, int rank);
+// Prompt tokens of `r` that `rank` is believed to hold in its prefix cache.
+int64_t CachedOn(const PolicyState& s, const Request& r, int rank);
+// Routing for prefix-cache hits (config.prefix_affinity): the ready rank
+// holding the longest prefix of r's prompt instead of the policy's `chosen`,
+// while it has room and is at most max_load_gap requests busier; else `chosen`.
+std::optional<int> PreferCached(const PolicyState& s, const Request& r,
+                                const std::vector<int>& ready,
+                                const std::map<int, int64_t>& added, std::optional<int> chosen);
 
 }  // namespace policy_internal
 }  // namespace joule::scheduler

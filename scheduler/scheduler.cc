@@ -40,7 +40,8 @@ Scheduler::Scheduler(SchedulerConfig config, const Clock* clock, std::unique_ptr
     : config_(std::move(config)),
       clock_(clock),
       policy_(std::move(policy)),
-      slo_(config_.tiers) {
+      slo_(config_.tiers),
+      prefix_(static_cast<size_t>(config_.prefix_affinity.index_blocks)) {
   for (const CalibrationSample& c : config_.calibration) cost_.Observe(c.rank, c.sample);
 }
 
@@ -110,10 +111,12 @@ std::vector<Assignment> Scheduler::Dispatch(const ClusterView& cluster) {
   ready.erase(std::unique(ready.begin(), ready.end()), ready.end());
   if (ready.empty()) return {};
   const absl::Time now = clock_->Now();
-  PolicyState state{now, &config_, &cost_, &slo_, &queues_, &ranks_, &step_gap_s_};
+  PolicyState state{now, &config_, &cost_, &slo_, &queues_, &ranks_, &step_gap_s_, &prefix_};
   std::vector<Assignment> out = policy_->Dispatch(state, ready);
   for (const Assignment& a : out) {
     Request* r = requests_.at(a.id).get();
+    r->cached_tokens = policy_internal::CachedOn(state, *r, a.rank);
+    if (config_.prefix_affinity.enabled) prefix_.Insert(a.rank, r->info.prefix_blocks);
     const int t = static_cast<int>(r->tier());
     queues_[t].erase(r->seq);
     r->starved = policy_internal::Starved(state, *r);
@@ -142,7 +145,8 @@ std::optional<absl::Time> Scheduler::NextWakeup() const {
 
 StepLimits Scheduler::StepLimitsFor(int rank) {
   absl::MutexLock lock(&mu_);
-  PolicyState state{clock_->Now(), &config_, &cost_, &slo_, &queues_, &ranks_, &step_gap_s_};
+  PolicyState state{clock_->Now(), &config_,     &cost_,      &slo_,
+                    &queues_,      &ranks_,      &step_gap_s_, &prefix_};
   StepLimits limits = policy_->Limits(state, rank);
   last_limits_[rank] = limits;
   return limits;
@@ -150,7 +154,8 @@ StepLimits Scheduler::StepLimitsFor(int rank) {
 
 int64_t Scheduler::StepTokenCapFor(int rank, Tier tier) {
   absl::MutexLock lock(&mu_);
-  PolicyState state{clock_->Now(), &config_, &cost_, &slo_, &queues_, &ranks_, &step_gap_s_};
+  PolicyState state{clock_->Now(), &config_,     &cost_,      &slo_,
+                    &queues_,      &ranks_,      &step_gap_s_, &prefix_};
   return policy_->StepTokenCap(state, rank, tier);
 }
 
@@ -260,6 +265,7 @@ void Scheduler::OnRankLost(int rank) {
   for (const auto& [seq, r] : it->second) r->rank = -1;
   it->second.clear();
   last_step_at_.erase(rank);
+  prefix_.ForgetRank(rank);
 }
 
 void Scheduler::OnMoved(uint64_t id, int rank) {
@@ -288,11 +294,16 @@ SchedulerSnapshot Scheduler::Snapshot() const {
     ts.stats = slo_.stats(t);
     ts.recent_attainment = slo_.RecentAttainment(t);
   }
+  PolicyState state{clock_->Now(), &config_,     &cost_,      &slo_,
+                    &queues_,      &ranks_,      &step_gap_s_, &prefix_};
   for (const auto& [rank, reqs] : ranks_) {
     RankSnapshot rs;
     rs.rank = rank;
     rs.in_flight = static_cast<int64_t>(reqs.size());
     rs.cost = cost_.Coefficients(rank);
+    for (Tier t : kAllTiers) {
+      rs.step_token_cap[static_cast<int>(t)] = policy_->StepTokenCap(state, rank, t);
+    }
     if (auto l = last_limits_.find(rank); l != last_limits_.end()) rs.last_limits = l->second;
     for (const auto& [seq, r] : reqs) {
       TierSnapshot& ts = s.tiers[static_cast<int>(r->tier())];

@@ -33,6 +33,7 @@
 #include "scheduler/clock.h"
 #include "scheduler/config.h"
 #include "scheduler/cost_model.h"
+#include "scheduler/prefix_index.h"
 #include "scheduler/slo.h"
 #include "scheduler/step_limits.h"
 #include "scheduler/tier.h"
@@ -47,6 +48,9 @@ struct RequestInfo {
   Tier tier = Tier::kStandard;
   int64_t prompt_tokens = 0;
   int64_t max_tokens = 0;
+  // PrefixIndex::BlockHashes of the prompt (config.prefix_affinity.block_tokens),
+  // for routing to a rank that holds its prefix; empty: no preference.
+  std::vector<uint64_t> prefix_blocks;
 };
 
 struct RankInfo {
@@ -83,6 +87,8 @@ struct RankSnapshot {
   int64_t in_flight = 0;
   StepCostCoefficients cost;
   StepLimits last_limits;
+  // StepTokenCapFor(rank, tier) now, by tier (0: uncapped).
+  std::array<int64_t, 4> step_token_cap{};
 };
 
 struct SchedulerSnapshot {
@@ -168,6 +174,7 @@ class Scheduler {
   // In-flight requests per rank, in submission order.
   std::map<int, std::map<uint64_t, Request*>> ranks_ ABSL_GUARDED_BY(mu_);
   std::map<int, StepLimits> last_limits_ ABSL_GUARDED_BY(mu_);
+  PrefixIndex prefix_ ABSL_GUARDED_BY(mu_);
   // Per rank: when the last step was reported, and the mean time between
   // steps that was not step (lockstep agreement, streaming): TPOT pays it too.
   std::map<int, absl::Time> last_step_at_ ABSL_GUARDED_BY(mu_);

@@ -115,10 +115,10 @@ class Run {
     // The window is the nominal [warmup, duration], or the energy scrapes' times.
     co_await SleepUntil(config_.warmup_s);
     result_->window_start_s = config_.warmup_s;
-    if (energy) result_->window_start = co_await Scrape("window start");
+    if (energy) result_->window_start = co_await Scrape("window start", /*with_counters=*/true);
     co_await SleepUntil(config_.duration_s);
     result_->window_end_s = config_.duration_s;
-    if (energy) result_->window_end = co_await Scrape("window end");
+    if (energy) result_->window_end = co_await Scrape("window end", /*with_counters=*/true);
     if (result_->window_start) result_->window_start_s = result_->window_start->t_s;
     if (result_->window_end) result_->window_end_s = result_->window_end->t_s;
 
@@ -250,10 +250,12 @@ class Run {
     }
   }
 
-  // GET every metrics URL and sum the energy counter. nullopt (and a warning) on failure.
-  asio::awaitable<std::optional<EnergySample>> Scrape(std::string_view when) {
+  // GET every metrics URL and sum the energy counter (and, `with_counters`, the
+  // window counters). nullopt (and a warning) on failure.
+  asio::awaitable<std::optional<EnergySample>> Scrape(std::string_view when, bool with_counters = false) {
     const double t0 = Now();
     EnergySample sample;
+    std::set<std::string> missing;
     for (size_t i = 0; i < metrics_.size(); ++i) {
       const Url& url = config_.metrics[i];
       std::string where = absl::StrCat("http://", url.host, ":", url.port, url.target);
@@ -289,7 +291,17 @@ class Run {
       }
       sample.joules += sum->value;
       sample.sources.insert(sum->sources.begin(), sum->sources.end());
+      for (const std::string& name : config_.window_counters) {
+        if (!with_counters) break;
+        absl::StatusOr<CounterSum> counter = SumCounter(res.body(), name);
+        if (counter.ok()) {
+          sample.counters[name] += counter->value;
+        } else if (missing.insert(name).second) {
+          warn(std::string(counter.status().message()));
+        }
+      }
     }
+    for (const std::string& name : missing) sample.counters.erase(name);
     sample.t_s = (t0 + Now()) / 2;
     co_return sample;
   }

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <optional>
 #include <set>
 #include <string>
@@ -53,6 +54,9 @@ struct EnergySample {
   double t_s = 0;  // midpoint of the scrape, seconds since the load started (< 0: before)
   double joules = 0;
   std::set<std::string> sources;
+  // LoadConfig::window_counters, summed over every URL (window scrapes only;
+  // one that some URL lacks is left out).
+  std::map<std::string, double> counters;
 };
 
 struct Progress {
@@ -68,6 +72,9 @@ struct LoadConfig {
   bool ignore_eos = false;        // send "ignore_eos": true (a vLLM extension)
   std::vector<Url> metrics;       // empty: no energy
   std::string energy_metric = "joule_energy_joules_total";
+  // More counters read from `metrics` at the window's edges, e.g.
+  // joule_prefix_cache_hits_total (the report gives their increase).
+  std::vector<std::string> window_counters;
   double idle_s = 5;              // idle-power measurement before the load; 0: skip
   double warmup_s = 5;            // the window starts here...
   double duration_s = 30;         // ...and ends here; no arrivals after it

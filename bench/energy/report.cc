@@ -192,6 +192,11 @@ RunSummary Summarize(const RunResult& run, const SloTargets& slo, double min_ene
       if (s.output_tokens > 0 || s.requests > 0) SetEnergy(active * active_share + idle * token_share, active * active_share, &s);
     }
     SetEnergy(e, active, &out.all);
+    for (const auto& [name, end] : run.window_end->counters) {
+      if (auto start = run.window_start->counters.find(name); start != run.window_start->counters.end()) {
+        out.window_counters[name] = end - start->second;
+      }
+    }
   }
   return out;
 }
@@ -236,8 +241,11 @@ nlohmann::json SummaryJson(const RunSummary& s, const nlohmann::json& meta) {
       {"idle_watts", s.idle_watts ? nlohmann::json(*s.idle_watts) : nlohmann::json()},
       {"split", s.energy_split},
   };
+  nlohmann::json counters = nlohmann::json::object();
+  for (const auto& [name, increase] : s.window_counters) counters[name] = increase;
   nlohmann::json doc{{"meta", meta},      {"window_s", s.window_s}, {"energy", energy},
-                     {"all", tier_json(s.all)}, {"tiers", tiers},   {"warnings", s.warnings}};
+                     {"all", tier_json(s.all)}, {"tiers", tiers},   {"warnings", s.warnings},
+                     {"window_counters", counters}};
   NullNans(&doc);
   return doc;
 }

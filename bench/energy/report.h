@@ -52,6 +52,9 @@ struct RunSummary {
   std::optional<double> window_joules;  // counter delta over the window
   std::string energy_source;            // "nvml", "rapl", "model (estimate)", "nvml+model (...)", ""
   std::string energy_split;             // "reported" (usage.energy_joules) or "tokens"
+  // Increase over the window of each LoadConfig::window_counters counter that
+  // both window scrapes found.
+  std::map<std::string, double> window_counters;
   std::array<TierSummary, kNumTiers> tiers;
   TierSummary all;
   std::vector<std::string> warnings;

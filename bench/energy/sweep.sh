@@ -36,7 +36,7 @@
 #   EXTRA_ARGS      more joule-bench flags (--ignore-eos: outputs run to max_tokens)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-BUILD="${BUILD:-$root/build/default}"
+source "$root/bench/energy/cluster.sh"  # BUILD PORT METRICS_* CLUSTER_START READY_* MODEL; cluster_start/stop
 POLICIES="${POLICIES:-fcfs priority ipw}"
 RATES="${RATES:-2 4 8 12}"
 DURATION="${DURATION:-60}"
@@ -46,18 +46,8 @@ TIER_MIX="${TIER_MIX:-fast=0.1,priority=0.2,standard=0.4,batch=0.3}"
 PROMPT_LEN="${PROMPT_LEN:-lognormal:64:0.5:512}"
 OUTPUT_LEN="${OUTPUT_LEN:-uniform:16:64}"
 SEED="${SEED:-1}"
-PORT="${PORT:-8000}"
-METRICS_PORT="${METRICS_PORT:-9100}"
-METRICS_URLS="${METRICS_URLS-http://127.0.0.1:$METRICS_PORT/metrics,http://127.0.0.1:$((METRICS_PORT + 1))/metrics}"
 SCHEDULER_CONFIG="${SCHEDULER_CONFIG:-$root/bench/energy/mini-slo.json}"
-default_start="JOULE_BUILD_DIR=$BUILD ROOT/deploy/local/up.sh --no-build --preset mini --workers 2"
-default_start+=" --port {port} --grpc-port 0 --policy {policy} --scheduler-config {scheduler_config}"
-default_start+=" --worker-metrics-port {metrics_port}"
-CLUSTER_START="${CLUSTER_START:-${default_start//ROOT/$root}}"
-READY_PATH="${READY_PATH:-/ready}"
-READY_LOG="${READY_LOG-serving until Ctrl-C}"
 OUT="${OUT:-$root/bench/results/energy-$(date +%Y%m%d-%H%M%S)}"
-MODEL="${MODEL:-qwen3_moe-mini}"
 EXTRA_ARGS="${EXTRA_ARGS---ignore-eos}"
 SLO_SCALE="${SLO_SCALE:-1}"
 SLO_REFERENCE_TOK_S="${SLO_REFERENCE_TOK_S:-710}"
@@ -102,44 +92,9 @@ if tiers:
 PY
 )"
 
-bench="$BUILD/bench/energy/joule-bench"
-[ -x "$bench" ] || { echo "no $bench: build the joule-bench target first" >&2; exit 1; }
-url="http://127.0.0.1:$PORT"
-cluster_pid=""
-
-stop_cluster() {
-  if [ -n "$cluster_pid" ]; then
-    # The cluster runs in its own session (setsid): signal that process group only.
-    kill -TERM -- "-$cluster_pid" 2>/dev/null || true
-    wait "$cluster_pid" 2>/dev/null || true
-    cluster_pid=""
-  fi
-}
-trap stop_cluster EXIT
-
 for policy in $POLICIES; do
-  cmd="${CLUSTER_START//\{policy\}/$policy}"
-  cmd="${cmd//\{port\}/$PORT}"
-  cmd="${cmd//\{metrics_port\}/$METRICS_PORT}"
-  cmd="${cmd//\{scheduler_config\}/$SCHEDULER_CONFIG}"
-  echo "[sweep] policy $policy: $cmd" >&2
-  setsid bash -c "$cmd" >"$OUT/cluster-$policy.log" 2>&1 &
-  cluster_pid=$!
-  ready=0
-  for _ in $(seq 1 300); do
-    if curl -sf -o /dev/null "$url$READY_PATH" &&
-       { [ -z "$READY_LOG" ] || grep -q "$READY_LOG" "$OUT/cluster-$policy.log"; }; then
-      ready=1
-      break
-    fi
-    kill -0 "$cluster_pid" 2>/dev/null || break
-    sleep 0.5
-  done
-  if [ "$ready" != 1 ]; then
-    echo "[sweep] cluster for $policy did not become ready at $url$READY_PATH; log:" >&2
-    tail -20 "$OUT/cluster-$policy.log" >&2
-    exit 1
-  fi
+  echo "[sweep] policy $policy" >&2
+  cluster_start "$policy" "$SCHEDULER_CONFIG" "$OUT/cluster-$policy.log"
   for rate in $RATES; do
     echo "[sweep] policy $policy, rate $rate req/s" >&2
     # shellcheck disable=SC2086  # EXTRA_ARGS is a list of flags
@@ -148,7 +103,7 @@ for policy in $POLICIES; do
       --seed "$SEED" --metrics-urls "$METRICS_URLS" --label "$policy" \
       --out "$OUT/$policy-rate$rate" $slo_flags $EXTRA_ARGS >/dev/null
   done
-  stop_cluster
+  cluster_stop
 done
 
 # One CSV with every run (the per-run header once).

@@ -96,6 +96,15 @@ int LengthDistribution::Sample(std::mt19937_64& rng) const {
   return 1;
 }
 
+int LengthDistribution::Max() const {
+  switch (kind_) {
+    case Kind::kFixed: return static_cast<int>(a_);
+    case Kind::kUniform: return static_cast<int>(b_);
+    case Kind::kLognormal: return max_;
+  }
+  return 1;
+}
+
 absl::StatusOr<TieredLength> TieredLength::Parse(std::string_view spec, std::string_view field) {
   std::optional<LengthDistribution> fallback;
   std::array<std::optional<LengthDistribution>, kNumTiers> named;
@@ -188,7 +197,112 @@ absl::StatusOr<std::array<double, kNumTiers>> ParseTierValues(std::string_view s
   return out;
 }
 
+int LongestRequest(const WorkloadSpec& spec) {
+  int longest = 0;
+  for (Tier tier : kAllTiers) {
+    if (spec.mix.fraction(tier) <= 0) continue;
+    const int output = spec.output_len.Max(tier);
+    const ConversationSpec& conv = spec.conversations;
+    // A conversation's last turn carries every earlier turn and answer.
+    const int request = conv.shared_prefixes > 0
+                            ? conv.system_len.Max() + conv.turns * (conv.turn_len.Max() + output)
+                            : spec.prompt_len.Max(tier) + output;
+    longest = std::max(longest, request);
+  }
+  return longest;
+}
+
+absl::Status ValidateWorkload(const WorkloadSpec& spec) {
+  const ConversationSpec& conv = spec.conversations;
+  if (conv.shared_prefixes < 0) return absl::InvalidArgumentError("--shared-prefixes: must be >= 0 (0: independent prompts)");
+  if (conv.turns < 1) return absl::InvalidArgumentError("--turns: must be >= 1");
+  if (conv.shared_prefixes == 0 && conv.turns != 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--turns: ", conv.turns, " turns need conversations (--shared-prefixes > 0)"));
+  }
+  if (!(conv.turn_gap_s >= 0) || !std::isfinite(conv.turn_gap_s)) {
+    return absl::InvalidArgumentError("--turn-gap-s: must be a finite number >= 0");
+  }
+  if (conv.shared_prefixes > 0 && spec.text_prompts) {
+    return absl::InvalidArgumentError(
+        "--text-prompts: conversations (--shared-prefixes > 0) send token ids, so that a turn's prompt "
+        "starts with exactly the previous turn's tokens (a tokenizer may split a text prefix differently)");
+  }
+  if (spec.max_model_len < 0) return absl::InvalidArgumentError("--max-model-len: must be >= 0 (0: no limit)");
+  const int longest = LongestRequest(spec);
+  if (spec.max_model_len > 0 && longest > spec.max_model_len) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--max-model-len: the longest request can have ", longest, " prompt + output tokens (",
+        conv.shared_prefixes > 0 ? "--system-len max + --turns x (--turn-len max + --output-len max)"
+                                 : "--prompt-len max + --output-len max",
+        "), more than ", spec.max_model_len, "; shorten the lengths",
+        conv.shared_prefixes > 0 ? " or the turns" : ""));
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+// A random stream per property of a conversation workload, apart from each
+// other and from the independent-prompt streams (seed * 4 + k).
+std::mt19937_64 ConversationStream(uint64_t seed, uint32_t property) {
+  std::seed_seq seq{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), 0x636f6e76u, property};
+  return std::mt19937_64(seq);
+}
+
+std::vector<PlannedRequest> PlanConversations(const WorkloadSpec& spec) {
+  const ConversationSpec& conv = spec.conversations;
+  std::mt19937_64 starts = ConversationStream(spec.seed, 0), tiers = ConversationStream(spec.seed, 1),
+                  picks = ConversationStream(spec.seed, 2), lengths = ConversationStream(spec.seed, 3),
+                  content = ConversationStream(spec.seed, 4), system_content = ConversationStream(spec.seed, 5);
+  std::uniform_int_distribution<int32_t> token(spec.token_min, spec.token_max);
+  auto append_tokens = [&](std::mt19937_64& rng, int n, std::vector<int32_t>* out) {
+    for (int i = 0; i < n; ++i) out->push_back(token(rng));
+  };
+  std::vector<std::vector<int32_t>> system_prompts(conv.shared_prefixes);
+  for (std::vector<int32_t>& system : system_prompts) {
+    append_tokens(system_content, conv.system_len.Sample(system_content), &system);
+  }
+  // Requests arrive at `rate` on average: conversations start at rate / turns.
+  std::exponential_distribution<double> gap(spec.rate / conv.turns);
+  std::uniform_int_distribution<int> pick(0, conv.shared_prefixes - 1);
+  std::vector<PlannedRequest> out;
+  int conversation = 0;
+  for (double start = gap(starts); start < spec.duration_s; start += gap(starts), ++conversation) {
+    const Tier tier = spec.mix.Sample(tiers);
+    const int system = pick(picks);
+    std::vector<int32_t> history = system_prompts[system];
+    // Every turn is drawn, also those past the end, so the duration changes no
+    // conversation's content.
+    for (int k = 0; k < conv.turns; ++k) {
+      const int user_tokens = conv.turn_len.Sample(lengths);
+      const int max_tokens = spec.output_len.Sample(tier, lengths);
+      append_tokens(content, user_tokens, &history);
+      const double at = start + k * conv.turn_gap_s;
+      if (at < spec.duration_s) {
+        PlannedRequest r;
+        r.at_s = at;
+        r.tier = tier;
+        r.prompt = history;
+        r.prompt_tokens = static_cast<int>(history.size());
+        r.max_tokens = max_tokens;
+        r.conversation = conversation;
+        r.turn = k;
+        r.system_prompt = system;
+        out.push_back(std::move(r));
+      }
+      append_tokens(content, max_tokens, &history);  // the synthetic answer the next turn carries
+    }
+  }
+  std::stable_sort(out.begin(), out.end(),
+                   [](const PlannedRequest& a, const PlannedRequest& b) { return a.at_s < b.at_s; });
+  return out;
+}
+
+}  // namespace
+
 std::vector<PlannedRequest> PlanWorkload(const WorkloadSpec& spec) {
+  if (spec.conversations.shared_prefixes > 0) return PlanConversations(spec);
   // One stream per property (seeded apart) keeps them independent.
   std::mt19937_64 arrivals(spec.seed * 4 + 0), tiers(spec.seed * 4 + 1), lengths(spec.seed * 4 + 2),
       content(spec.seed * 4 + 3);

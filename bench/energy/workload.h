@@ -32,6 +32,7 @@ class LengthDistribution {
   // InvalidArgument naming `field` for a malformed spec.
   static absl::StatusOr<LengthDistribution> Parse(std::string_view spec, std::string_view field);
   int Sample(std::mt19937_64& rng) const;
+  int Max() const;  // the longest length Sample can return
   std::string spec() const { return spec_; }
 
  private:
@@ -53,6 +54,7 @@ class TieredLength {
   int Sample(Tier tier, std::mt19937_64& rng) const {
     return by_tier_[static_cast<int>(tier)].Sample(rng);
   }
+  int Max(Tier tier) const { return by_tier_[static_cast<int>(tier)].Max(); }
   std::string spec() const { return spec_; }
 
  private:
@@ -83,6 +85,28 @@ struct PlannedRequest {
   int max_tokens = 0;
   std::vector<int32_t> prompt;  // token ids, or empty with prompt_text set
   std::string prompt_text;
+  // Conversations only (ConversationSpec::shared_prefixes > 0), else -1.
+  int conversation = -1;   // index in order of the conversations' starts
+  int turn = -1;           // 0 for the first
+  int system_prompt = -1;  // which of the shared system prompts it starts with
+};
+
+// Multi-turn conversations over a few shared system prompts, the workload a
+// prefix cache is for. Conversations start Poisson at rate / turns (so requests
+// still arrive at `rate`), each picks one of `shared_prefixes` system prompts
+// and one tier, and sends `turns` requests `turn_gap_s` apart (open loop: a
+// turn does not wait for the previous answer). Turn k's prompt is the system
+// prompt, then for every earlier turn its user tokens and `max_tokens`
+// synthetic assistant tokens, then turn k's user tokens; so turn k's prompt
+// starts with turn k-1's. The assistant tokens stand in for the answer a chat
+// client would send back: they are drawn from the seed, not taken from the
+// server's output, so two runs (cache on and off) send the same requests.
+struct ConversationSpec {
+  int shared_prefixes = 0;  // system prompts; 0: independent prompts (WorkloadSpec::prompt_len)
+  LengthDistribution system_len;  // tokens of each system prompt
+  int turns = 1;
+  LengthDistribution turn_len;  // user tokens per turn
+  double turn_gap_s = 0;
 };
 
 struct WorkloadSpec {
@@ -94,10 +118,21 @@ struct WorkloadSpec {
   TieredLength output_len;
   bool text_prompts = false;          // else token ids
   int32_t token_min = 32, token_max = 126;  // prompt token ids are drawn from [min, max]
+  ConversationSpec conversations;     // shared_prefixes > 0: prompt_len is not used
+  int max_model_len = 0;  // > 0: every request's longest prompt + max_tokens must fit
 };
+
+// InvalidArgument naming the flag (shared_prefixes, turns, turn_gap_s,
+// text_prompts, max_model_len) for a workload that cannot be planned or whose
+// longest request would not fit max_model_len.
+absl::Status ValidateWorkload(const WorkloadSpec& spec);
+
+// The longest prompt + max_tokens the workload can draw (over every tier).
+int LongestRequest(const WorkloadSpec& spec);
 
 // Every request of a run, in arrival order. Each property has its own random
 // stream, so changing the mix does not move arrival times and vice versa.
+// Call ValidateWorkload first.
 std::vector<PlannedRequest> PlanWorkload(const WorkloadSpec& spec);
 
 }  // namespace joule::bench

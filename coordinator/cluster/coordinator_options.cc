@@ -1,6 +1,7 @@
 #include "coordinator/cluster/coordinator_options.h"
 
 #include <cstdlib>
+#include <utility>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -70,6 +71,22 @@ absl::Status CoordinatorOptions::Validate() const {
   if (max_body_bytes < 1024) {
     return absl::InvalidArgumentError(
         absl::StrCat("--max-body-bytes: must be at least 1024, got ", max_body_bytes));
+  }
+  const std::pair<const char*, int> request_limits[] = {
+      {"--max-n", max_n},
+      {"--max-best-of", max_best_of},
+      {"--max-prompts-per-request", max_prompts_per_request},
+      {"--max-generations-per-request", max_generations_per_request}};
+  for (const auto& [flag, value] : request_limits) {
+    if (value < 1) return absl::InvalidArgumentError(absl::StrCat(flag, ": must be at least 1, got ", value));
+  }
+  // Workers return at most 20 alternatives per token (worker/engine/sampler.h, as OpenAI).
+  if (max_logprobs < 0 || max_logprobs > 20) {
+    return absl::InvalidArgumentError(absl::StrCat("--max-logprobs: must be in [0, 20], got ", max_logprobs));
+  }
+  if (max_logit_bias_entries < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max-logit-bias-entries: must not be negative, got ", max_logit_bias_entries));
   }
   auto caps = ParseTierQueueCaps(tier_queue_cap);
   if (!caps.ok()) return caps.status();

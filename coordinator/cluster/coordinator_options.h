@@ -60,6 +60,14 @@ namespace joule::cluster {
   X(bool, metrics_require_key, false,                                                             \
     "the HTTP /metrics route requires an API key too (Prometheus: authorization credentials)")  \
   X(int64_t, max_body_bytes, 1 << 20, "largest HTTP request body accepted (larger: 413)")        \
+  X(int, max_n, 16, "HTTP API: most choices (n) one request may ask for (more: 400)")             \
+  X(int, max_best_of, 16, "HTTP API: largest best_of of a completions request (more: 400)")       \
+  X(int, max_logprobs, 20,                                                                        \
+    "HTTP API: most top_logprobs (chat) or logprobs (completions) alternatives per token")       \
+  X(int, max_prompts_per_request, 16, "HTTP API: most prompts in one completions request")        \
+  X(int, max_logit_bias_entries, 300, "HTTP API: most logit_bias entries in one request")         \
+  X(int, max_generations_per_request, 64,                                                         \
+    "HTTP API: most generations one request fans out to (prompts x best_of, or x n)")           \
   X(std::string, tier_queue_cap, "fast=64,priority=256,standard=1024,batch=4096",                 \
     "per-tier cap on HTTP requests in flight at the coordinator, and on those waiting in the "   \
     "scheduler's queue (beyond it: 429); TIER=N pairs, tiers fast|priority|standard|batch, "     \

@@ -146,6 +146,13 @@ absl::Status CoordinatorServer::StartHttp() {
           .api_keys = std::move(api_keys),
           .metrics_require_key = options_.metrics_require_key,
           .tier_caps = *caps,
+          .limits = {.max_n = options_.max_n,
+                     .max_best_of = options_.max_best_of,
+                     .max_logprobs = options_.max_logprobs,
+                     .max_prompts = options_.max_prompts_per_request,
+                     .max_logit_bias = options_.max_logit_bias_entries,
+                     .max_generations = options_.max_generations_per_request},
+          .vocab_size = model.vocab_size,
           .collectables = std::move(collectables)},
       tokenizer_.get(), backend, metrics_registry_, &clock_);
   auto server = http::HttpServer::Start(http::HttpServerOptions{.host = options_.host,

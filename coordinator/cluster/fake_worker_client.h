@@ -1,6 +1,7 @@
 // In-memory WorkerClient for tests: every Generate call opens a FakeStream that
 // the test feeds (Push/Close) or that replays a script, and that records
-// whether the coordinator cancelled it.
+// whether the coordinator cancelled it; the client also keeps the step plans
+// it was sent (SetStepPlan).
 //
 // Events reach the observer on the thread that caused them (the test's Push or
 // Close, the coordinator's Cancel), one at a time: an event raised while
@@ -9,6 +10,7 @@
 #pragma once
 
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -173,6 +175,51 @@ class FakeWorkerClient final : public WorkerClient {
     done(std::move(reply));
   }
 
+  void SetStepPlan(const v1::StepPlanRequest& plan, absl::Time /*deadline*/,
+                   StepPlanCallback done) override {
+    absl::StatusOr<v1::StepPlanReply> reply;
+    {
+      absl::MutexLock lock(&mu_);
+      plans_.push_back(plan);
+      plan_times_.push_back(absl::Now());
+      reply = plan_reply_;
+    }
+    done(std::move(reply));
+  }
+  // What SetStepPlan answers (default: nothing preempted).
+  void SetStepPlanReply(absl::StatusOr<v1::StepPlanReply> reply) {
+    absl::MutexLock lock(&mu_);
+    plan_reply_ = std::move(reply);
+  }
+  // The step plans received so far, oldest first.
+  std::vector<v1::StepPlanRequest> plans() const {
+    absl::MutexLock lock(&mu_);
+    return plans_;
+  }
+  // When each of plans() arrived.
+  std::vector<absl::Time> plan_times() const {
+    absl::MutexLock lock(&mu_);
+    return plan_times_;
+  }
+  // Waits until a received plan satisfies `pred`; the first such, or nullopt on timeout.
+  std::optional<v1::StepPlanRequest> WaitForPlan(
+      const std::function<bool(const v1::StepPlanRequest&)>& pred,
+      absl::Duration timeout = absl::Seconds(10)) {
+    absl::MutexLock lock(&mu_);
+    std::optional<v1::StepPlanRequest> found;
+    auto seen = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      for (const v1::StepPlanRequest& p : plans_) {
+        if (pred(p)) {
+          found = p;
+          return true;
+        }
+      }
+      return false;
+    };
+    mu_.AwaitWithTimeout(absl::Condition(&seen), timeout);
+    return found;
+  }
+
   // Waits until at least `n` Generate calls arrived; nullptr on timeout.
   std::shared_ptr<FakeStream> WaitForStream(size_t n = 1, absl::Duration timeout = absl::Seconds(10)) {
     absl::MutexLock lock(&mu_);
@@ -199,6 +246,9 @@ class FakeWorkerClient final : public WorkerClient {
   int status_calls_ ABSL_GUARDED_BY(mu_) = 0;
   bool hold_status_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<StatusCallback> held_status_ ABSL_GUARDED_BY(mu_);
+  std::vector<v1::StepPlanRequest> plans_ ABSL_GUARDED_BY(mu_);
+  std::vector<absl::Time> plan_times_ ABSL_GUARDED_BY(mu_);
+  absl::StatusOr<v1::StepPlanReply> plan_reply_ ABSL_GUARDED_BY(mu_) = v1::StepPlanReply();
 };
 
 class FakeWorkerClientFactory final : public WorkerClientFactory {

@@ -84,6 +84,26 @@ class GrpcWorkerClient final : public WorkerClient {
                            });
   }
 
+  void SetStepPlan(const v1::StepPlanRequest& plan, absl::Time deadline,
+                   StepPlanCallback done) override {
+    struct Call {
+      grpc::ClientContext context;
+      v1::StepPlanRequest request;
+      v1::StepPlanReply reply;
+    };
+    auto call = std::make_shared<Call>();
+    call->context.set_deadline(ToChrono(deadline));
+    call->request = plan;
+    stub_->async()->SetStepPlan(&call->context, &call->request, &call->reply,
+                                [call, done = std::move(done)](grpc::Status s) {
+                                  if (!s.ok()) {
+                                    done(FromGrpcStatus(s));
+                                  } else {
+                                    done(std::move(call->reply));
+                                  }
+                                });
+  }
+
  private:
   std::unique_ptr<v1::Worker::Stub> stub_;
 };

@@ -703,6 +703,77 @@ void Router::FailRank(int rank, const std::string& reason) {
   for (const auto& c : to_cancel) c->Cancel();
 }
 
+void Router::SendStepPlan(int rank, const RankStepPlan& plan,
+                          std::function<void(absl::StatusOr<int>)> done) {
+  auto fail = [&](absl::Status s) {
+    if (done) done(std::move(s));
+  };
+  const std::vector<RankInfo> ranks = membership_->Ranks();
+  if (rank < 0 || rank >= static_cast<int>(ranks.size()) ||
+      ranks[rank].state != RankState::kReady) {
+    fail(absl::UnavailableError(absl::StrCat("rank ", rank, " is not ready")));
+    return;
+  }
+  v1::StepPlanRequest request;
+  request.set_max_running(plan.max_running);
+  absl::Status refused;
+  {
+    absl::MutexLock lock(&mu_);
+    if (shutdown_) {
+      refused = absl::UnavailableError("coordinator is shutting down");
+    } else {
+      auto worker_id = [&](const std::string& request_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_)
+          -> const std::string* {
+        auto id = by_id_.find(request_id);
+        if (id == by_id_.end()) return nullptr;
+        const Call& call = *calls_.at(id->second);
+        return !call.parked && call.rank == rank ? &call.worker_request_id : nullptr;
+      };
+      for (const std::string& id : plan.order) {
+        if (const std::string* w = worker_id(id)) request.add_order(*w);
+      }
+      for (const std::string& id : plan.preempt) {
+        if (const std::string* w = worker_id(id)) request.add_preempt(*w);
+      }
+      // Microseconds since the epoch, or one more than the last: increasing
+      // across coordinator restarts too (a worker keeps the highest it saw).
+      uint64_t& sequence = plan_sequence_[rank];
+      sequence = std::max(sequence + 1, static_cast<uint64_t>(absl::ToUnixMicros(absl::Now())));
+      request.set_sequence(sequence);
+      ++outstanding_;
+    }
+  }
+  if (!refused.ok()) {
+    fail(std::move(refused));
+    return;
+  }
+  std::shared_ptr<WorkerClient> client = clients_->Connect(ranks[rank].worker_endpoint);
+  client->SetStepPlan(
+      request, absl::Now() + options_.step_plan_timeout,
+      [this, rank, done = std::move(done)](absl::StatusOr<v1::StepPlanReply> reply) {
+        if (!reply.ok()) {
+          bool log = false;
+          {
+            absl::MutexLock lock(&mu_);
+            auto [last, first] = plan_error_logged_.try_emplace(rank, absl::Now());
+            if (first || absl::Now() - last->second >= absl::Minutes(1)) {
+              last->second = absl::Now();
+              log = true;
+            }
+          }
+          if (log) {
+            JOULE_LOG(Warning) << "step plan to rank " << rank << " failed (logged at most once "
+                               << "a minute per rank): " << reply.status();
+          }
+        }
+        if (done) {
+          done(reply.ok() ? absl::StatusOr<int>(reply->preempted())
+                          : absl::StatusOr<int>(reply.status()));
+        }
+        Released();
+      });
+}
+
 void Router::Shutdown() {
   std::vector<std::shared_ptr<GenerateCall>> to_cancel;
   std::vector<std::shared_ptr<Call>> parked;

@@ -58,6 +58,16 @@ struct RouterOptions {
   // How long a request waits for a group that serves (to resume, or to start
   // while the group re-forms) before it fails with UNAVAILABLE.
   absl::Duration resume_wait = absl::Seconds(60);
+  // Deadline of a step plan (SendStepPlan); the worker answers after its next step.
+  absl::Duration step_plan_timeout = absl::Seconds(2);
+};
+
+// The scheduler's plan for one rank's next steps (scheduler/step_limits.h),
+// naming requests by the ids they were started with.
+struct RankStepPlan {
+  std::vector<std::string> order;    // who gets the step's token budget first
+  std::vector<std::string> preempt;  // running requests to preempt once
+  int max_running = 0;               // 0: the worker's own limit
 };
 
 // What the router did, for /metrics.
@@ -120,6 +130,17 @@ class Router {
   // cancels worker calls whose client has gone away and resumes waiting
   // requests once a group serves.
   void Poll(bool expire_heartbeats = true);
+
+  // Sends `plan` to `rank` and returns at once. Requests not in flight there
+  // (finished, parked, resumed elsewhere) are left out; the worker sees its
+  // own ids for the rest. Plans to a rank are numbered so that the worker
+  // ignores one overtaken by a newer (time-based numbers, so a restarted
+  // coordinator's plans count as newer). `done` (may be null) runs once, on
+  // the client's threads or before SendStepPlan returns, with how many of
+  // `preempt` the worker preempted, or the error; errors are also logged, at
+  // most once a minute per rank. Must not block.
+  void SendStepPlan(int rank, const RankStepPlan& plan,
+                    std::function<void(absl::StatusOr<int>)> done = nullptr);
 
   // Ends every attempt in flight on `rank` with UNAVAILABLE "rank R died:
   // REASON"; those requests resume elsewhere when resumes are on.
@@ -187,8 +208,11 @@ class Router {
   std::vector<int> in_flight_ ABSL_GUARDED_BY(mu_);  // per rank
   uint64_t next_call_ ABSL_GUARDED_BY(mu_) = 0;
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
-  // Requests whose `done` has not run yet (a Status probe may outlive calls_).
+  // Requests whose `done` has not run yet (a Status probe may outlive calls_),
+  // and step plans not answered yet.
   int outstanding_ ABSL_GUARDED_BY(mu_) = 0;
+  std::map<int, uint64_t> plan_sequence_ ABSL_GUARDED_BY(mu_);        // the last sent, per rank
+  std::map<int, absl::Time> plan_error_logged_ ABSL_GUARDED_BY(mu_);  // per rank
   RouterStats stats_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -41,6 +41,7 @@ class GenerateCall {
 };
 
 using StatusCallback = std::function<void(absl::StatusOr<v1::WorkerStatusReply>)>;
+using StepPlanCallback = std::function<void(absl::StatusOr<v1::StepPlanReply>)>;
 
 class WorkerClient {
  public:
@@ -54,6 +55,11 @@ class WorkerClient {
   // Asks the worker for its status; `done` runs exactly once, on the client's
   // threads (possibly before Status returns), and must not block.
   virtual void Status(absl::Time deadline, StatusCallback done) = 0;
+  // Sends the worker the scheduler's plan for its next steps (SetStepPlan);
+  // `done` runs exactly once, like Status's. The worker answers once a step
+  // has applied the plan.
+  virtual void SetStepPlan(const v1::StepPlanRequest& plan, absl::Time deadline,
+                           StepPlanCallback done) = 0;
 };
 
 // Hands out one client per worker endpoint ("host:port"), reused across calls.

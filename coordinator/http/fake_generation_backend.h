@@ -1,11 +1,12 @@
 // In-memory GenerationBackend for tests. Each GenerateAsync call becomes a
 // FakeGeneration that the test drives from its own thread (Push, Finish), as
-// the Router drives a sink from gRPC's threads; or, with SetScript, every call
-// is answered at once. Records cancellations and lets tests set readiness and
+// the Router drives a sink from gRPC's threads; or, with SetScript or
+// SetResponder, every call is answered at once. Records cancellations and lets tests set readiness and
 // validation results.
 #pragma once
 
 #include <deque>
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -34,6 +35,14 @@ class FakeGeneration {
     for (int32_t id : token_ids) r.add_token_ids(id);
     r.set_finish_reason(finish);
     return sink_->Write(r);
+  }
+
+  // Writes `response` (its request id set to the call's); as Push otherwise.
+  bool PushResponse(v1::GenerateResponse response) {
+    absl::MutexLock lock(&mu_);
+    if (finished_) return false;
+    response.set_request_id(request_.request_id());
+    return sink_->Write(response);
   }
 
   // Ends the call with `status` (runs `done`); only the first call counts.
@@ -77,6 +86,13 @@ class FakeGenerationBackend final : public GenerationBackend {
     script_finish_ = finish;
     scripted_ = true;
   }
+  // Every later call is answered inside GenerateAsync with what `responder`
+  // makes of its request (e.g. tokens with log probabilities), then done(OK).
+  using Responder = std::function<std::vector<v1::GenerateResponse>(const v1::GenerateRequest&)>;
+  void SetResponder(Responder responder) {
+    absl::MutexLock lock(&mu_);
+    responder_ = std::move(responder);
+  }
   void SetReady(absl::Status ready) {
     absl::MutexLock lock(&mu_);
     ready_ = std::move(ready);
@@ -109,6 +125,7 @@ class FakeGenerationBackend final : public GenerationBackend {
     bool scripted;
     std::vector<int32_t> script;
     v1::FinishReason finish;
+    Responder responder;
     {
       absl::MutexLock lock(&mu_);
       calls_.push_back(call);
@@ -116,9 +133,17 @@ class FakeGenerationBackend final : public GenerationBackend {
       scripted = scripted_;
       script = script_;
       finish = script_finish_;
+      responder = responder_;
     }
     if (!start_error.ok()) {
       call->Finish(start_error);
+      return;
+    }
+    if (responder) {
+      for (v1::GenerateResponse& r : responder(request)) {
+        if (!call->PushResponse(std::move(r))) break;
+      }
+      call->Finish();
       return;
     }
     if (!scripted) return;
@@ -165,6 +190,10 @@ class FakeGenerationBackend final : public GenerationBackend {
     absl::MutexLock lock(&mu_);
     return calls_.size();
   }
+  std::vector<std::string> cancelled() const {
+    absl::MutexLock lock(&mu_);
+    return cancelled_;
+  }
 
  private:
   mutable absl::Mutex mu_;
@@ -176,6 +205,7 @@ class FakeGenerationBackend final : public GenerationBackend {
   bool scripted_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<int32_t> script_ ABSL_GUARDED_BY(mu_);
   v1::FinishReason script_finish_ ABSL_GUARDED_BY(mu_) = v1::FINISH_REASON_LENGTH;
+  Responder responder_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace joule::http

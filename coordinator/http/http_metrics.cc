@@ -42,6 +42,7 @@ HttpMetrics::HttpMetrics(prometheus::Registry& registry) {
   for (scheduler::Tier t : scheduler::kAllTiers) {
     const size_t i = Index(t);
     prompt_tokens_[i] = &prompt_tokens_family_->Add(TierLabel(t));
+    cached_prompt_tokens_[i] = &cached_prompt_tokens_family_->Add(TierLabel(t));
     generation_tokens_[i] = &generation_tokens_family_->Add(TierLabel(t));
     request_energy_[i] = &request_energy_family_->Add(TierLabel(t));
     tokens_per_joule_[i] = &tokens_per_joule_family_->Add(TierLabel(t));

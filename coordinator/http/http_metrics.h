@@ -27,6 +27,9 @@ namespace joule::http {
   X(Counter, request_success, "joule_request_success_total",                                          \
     "Generations that finished, by finished_reason (stop, length) and tier", "finished_reason,tier") \
   X(Counter, prompt_tokens, "joule_prompt_tokens_total", "Prompt tokens of admitted requests", "tier") \
+  X(Counter, cached_prompt_tokens, "joule_prompt_tokens_cached_total",                                \
+    "Prompt tokens of finished requests that their rank's prefix cache held "                        \
+    "(usage.prompt_tokens_details.cached_tokens)", "tier")                                            \
   X(Counter, generation_tokens, "joule_generation_tokens_total",                                      \
     "Generated tokens delivered to clients", "tier")                                                 \
   X(Counter, request_energy, "joule_request_energy_joules_total",                                     \
@@ -55,6 +58,9 @@ class HttpMetrics {
   void CountRequest(std::string_view route, int http_status, std::string_view tier);
   void CountFinished(std::string_view finished_reason, scheduler::Tier tier);
   prometheus::Counter& prompt_tokens(scheduler::Tier t) { return *prompt_tokens_[Index(t)]; }
+  prometheus::Counter& cached_prompt_tokens(scheduler::Tier t) {
+    return *cached_prompt_tokens_[Index(t)];
+  }
   prometheus::Counter& generation_tokens(scheduler::Tier t) { return *generation_tokens_[Index(t)]; }
   prometheus::Gauge& running(scheduler::Tier t) { return *running_[Index(t)]; }
   // A finished request's energy (usage.energy_joules) and completion tokens:
@@ -79,6 +85,7 @@ class HttpMetrics {
 #undef JOULE_HTTP_METRIC_MEMBER
 
   PerTier<prometheus::Counter> prompt_tokens_{};
+  PerTier<prometheus::Counter> cached_prompt_tokens_{};
   PerTier<prometheus::Counter> generation_tokens_{};
   PerTier<prometheus::Gauge> running_{};
   PerTier<prometheus::Counter> request_energy_{};

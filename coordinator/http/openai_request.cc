@@ -1,8 +1,10 @@
 #include "coordinator/http/openai_request.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "coordinator/http/api_error.h"
@@ -77,33 +79,43 @@ absl::StatusOr<std::vector<int32_t>> GetTokenIds(const Json& array, const std::s
   return ids;
 }
 
-// "prompt": "text" | ["text"] | [1, 2, 3] | [[1, 2, 3]]. Batches (several
-// prompts in one request) are OpenAI's legacy form; one prompt per request here.
-absl::Status ParsePrompt(const Json& body, CompletionRequest* out) {
+// "prompt": "text" | ["text", ...] | [1, 2, 3] | [[1, 2, 3], ...]: one prompt,
+// or several (OpenAI's batch form), each answered with its own choices.
+absl::Status ParsePrompt(const Json& body, const RequestLimits& limits, CompletionRequest* out) {
   const Json* p = Field(body, "prompt");
   if (p == nullptr) return InvalidField("prompt", "required");
   if (p->is_string()) {
-    out->prompt_text = p->get<std::string>();
+    out->prompts.push_back({.text = p->get<std::string>()});
     return absl::OkStatus();
   }
-  if (!p->is_array()) return WrongType("prompt", "a string or an array of token ids", *p);
+  if (!p->is_array()) {
+    return WrongType("prompt", "a string, an array of strings, an array of token ids or an array of those", *p);
+  }
   if (p->empty()) return InvalidField("prompt", "must not be empty");
   const Json& first = (*p)[0];
-  if (first.is_string() || first.is_array()) {
-    if (p->size() != 1) {
-      return InvalidField("prompt", absl::StrCat("batches of prompts are not supported (got ", p->size(),
-                                                 "); send one prompt per request"));
-    }
-    if (first.is_string()) {
-      out->prompt_text = first.get<std::string>();
-      return absl::OkStatus();
-    }
-    ASSIGN_OR_RETURN(out->prompt_token_ids, GetTokenIds(first, "prompt[0]"));
-    out->prompt_is_tokens = true;
+  if (!first.is_string() && !first.is_array()) {
+    Prompt one{.is_tokens = true};
+    ASSIGN_OR_RETURN(one.token_ids, GetTokenIds(*p, "prompt"));
+    out->prompts.push_back(std::move(one));
     return absl::OkStatus();
   }
-  ASSIGN_OR_RETURN(out->prompt_token_ids, GetTokenIds(*p, "prompt"));
-  out->prompt_is_tokens = true;
+  if (p->size() > static_cast<size_t>(limits.max_prompts)) {
+    return InvalidField("prompt", absl::StrCat("at most ", limits.max_prompts, " prompts in one request, got ",
+                                               p->size()));
+  }
+  for (size_t i = 0; i < p->size(); ++i) {
+    const Json& item = (*p)[i];
+    const std::string param = absl::StrCat("prompt[", i, "]");
+    if (first.is_string()) {
+      if (!item.is_string()) return WrongType(param, "a string (as prompt[0])", item);
+      out->prompts.push_back({.text = item.get<std::string>()});
+      continue;
+    }
+    if (!item.is_array()) return WrongType(param, "an array of token ids (as prompt[0])", item);
+    Prompt one{.is_tokens = true};
+    ASSIGN_OR_RETURN(one.token_ids, GetTokenIds(item, param));
+    out->prompts.push_back(std::move(one));
+  }
   return absl::OkStatus();
 }
 
@@ -186,6 +198,107 @@ absl::Status ParseStop(const Json& body, CompletionRequest* out) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<double> GetNumberIn(const Json& v, const std::string& param, double lo, double hi) {
+  ASSIGN_OR_RETURN(double d, GetNumber(v, param));
+  if (!(d >= lo && d <= hi)) return InvalidField(param, absl::StrCat("must be in [", lo, ", ", hi, "], got ", d));
+  return d;
+}
+
+// n, best_of (completions), and the log probabilities asked for.
+absl::Status ParseChoices(const Json& body, const RequestLimits& limits, CompletionRequest* out) {
+  const bool chat = out->endpoint == Endpoint::kChatCompletions;
+  if (const Json* v = Field(body, "n")) {
+    ASSIGN_OR_RETURN(int64_t n, GetInteger(*v, "n"));
+    if (n < 1 || n > limits.max_n) {
+      return InvalidField("n", absl::StrCat("must be in [1, ", limits.max_n, "], got ", n));
+    }
+    out->n = static_cast<int>(n);
+  }
+  out->best_of = out->n;
+  if (const Json* v = chat ? nullptr : Field(body, "best_of")) {
+    ASSIGN_OR_RETURN(int64_t best_of, GetInteger(*v, "best_of"));
+    if (best_of < out->n) {
+      return InvalidField("best_of", absl::StrCat("must be at least n (", out->n, "), got ", best_of));
+    }
+    if (best_of > limits.max_best_of) {
+      return InvalidField("best_of", absl::StrCat("must be at most ", limits.max_best_of, ", got ", best_of));
+    }
+    out->best_of = static_cast<int>(best_of);
+  }
+  if (chat) {
+    if (const Json* v = Field(body, "logprobs")) {
+      ASSIGN_OR_RETURN(out->logprobs, GetBool(*v, "logprobs"));
+    }
+    if (const Json* v = Field(body, "top_logprobs")) {
+      ASSIGN_OR_RETURN(int64_t top, GetInteger(*v, "top_logprobs"));
+      if (top < 0 || top > limits.max_logprobs) {
+        return InvalidField("top_logprobs", absl::StrCat("must be in [0, ", limits.max_logprobs, "], got ", top));
+      }
+      if (!out->logprobs) return InvalidField("top_logprobs", "requires logprobs: true");
+      out->top_logprobs = static_cast<int>(top);
+    }
+    return absl::OkStatus();
+  }
+  // Completions: "logprobs": N asks for the tokens' log probabilities and N alternatives.
+  if (const Json* v = Field(body, "logprobs")) {
+    ASSIGN_OR_RETURN(int64_t top, GetInteger(*v, "logprobs"));
+    if (top < 0 || top > limits.max_logprobs) {
+      return InvalidField("logprobs", absl::StrCat("must be in [0, ", limits.max_logprobs, "], got ", top));
+    }
+    out->logprobs = true;
+    out->top_logprobs = static_cast<int>(top);
+  }
+  if (const Json* v = Field(body, "echo")) {
+    ASSIGN_OR_RETURN(out->echo, GetBool(*v, "echo"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ParseLogitBias(const Json& body, const RequestLimits& limits, CompletionRequest* out) {
+  const Json* v = Field(body, "logit_bias");
+  if (v == nullptr) return absl::OkStatus();
+  if (!v->is_object()) return WrongType("logit_bias", "an object of token id -> bias", *v);
+  if (v->size() > static_cast<size_t>(limits.max_logit_bias)) {
+    return InvalidField("logit_bias", absl::StrCat("at most ", limits.max_logit_bias, " entries, got ", v->size()));
+  }
+  for (const auto& [key, value] : v->items()) {
+    int64_t id = -1;
+    const bool digits = !key.empty() && key.size() <= 10 &&
+                        std::all_of(key.begin(), key.end(), [](char c) { return c >= '0' && c <= '9'; });
+    if (!digits || !absl::SimpleAtoi(key, &id) || id > std::numeric_limits<int32_t>::max()) {
+      return InvalidField("logit_bias", absl::StrCat("key '", key, "' is not a token id"));
+    }
+    if (!value.is_number()) {
+      return InvalidField("logit_bias",
+                          absl::StrCat("bias of token ", key, ": expected a number, got ", TypeName(value)));
+    }
+    const double bias = value.get<double>();
+    if (!(bias >= -100 && bias <= 100)) {
+      return InvalidField("logit_bias", absl::StrCat("bias of token ", key, ": must be in [-100, 100], got ", bias));
+    }
+    out->logit_bias.emplace_back(static_cast<int32_t>(id), bias);
+  }
+  std::sort(out->logit_bias.begin(), out->logit_bias.end());
+  return absl::OkStatus();
+}
+
+absl::Status ParsePenalties(const Json& body, CompletionRequest* out) {
+  if (const Json* v = Field(body, "presence_penalty")) {
+    ASSIGN_OR_RETURN(out->presence_penalty, GetNumberIn(*v, "presence_penalty", -2, 2));
+  }
+  if (const Json* v = Field(body, "frequency_penalty")) {
+    ASSIGN_OR_RETURN(out->frequency_penalty, GetNumberIn(*v, "frequency_penalty", -2, 2));
+  }
+  if (const Json* v = Field(body, "repetition_penalty")) {
+    ASSIGN_OR_RETURN(out->repetition_penalty, GetNumber(*v, "repetition_penalty"));
+    if (!(out->repetition_penalty > 0 && out->repetition_penalty <= std::numeric_limits<float>::max())) {
+      return InvalidField("repetition_penalty",
+                          absl::StrCat("must be > 0 (1: off), got ", out->repetition_penalty));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ParseSampling(const Json& body, CompletionRequest* out) {
   // Chat: max_completion_tokens replaced max_tokens; when both are given it wins.
   for (const char* name : {"max_tokens", "max_completion_tokens"}) {
@@ -222,19 +335,13 @@ absl::Status ParseSampling(const Json& body, CompletionRequest* out) {
     ASSIGN_OR_RETURN(int64_t seed, GetInteger(*v, "seed"));
     out->seed = static_cast<uint64_t>(seed);
   }
-  if (const Json* v = Field(body, "n")) {
-    ASSIGN_OR_RETURN(int64_t n, GetInteger(*v, "n"));
-    if (n != 1) {
-      return InvalidField("n", absl::StrCat("only n=1 is supported, got ", n,
-                                            "; send several requests for several choices"));
-    }
-  }
   return ParseStop(body, out);
 }
 
 }  // namespace
 
-absl::StatusOr<CompletionRequest> ParseCompletionRequest(std::string_view body, Endpoint endpoint) {
+absl::StatusOr<CompletionRequest> ParseCompletionRequest(std::string_view body, Endpoint endpoint,
+                                                         const RequestLimits& limits) {
   const Json j = Json::parse(body.begin(), body.end(), /*cb=*/nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) {
     return absl::InvalidArgumentError(
@@ -251,11 +358,14 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(std::string_view body, 
   ASSIGN_OR_RETURN(out.model, GetString(*model, "model"));
 
   if (endpoint == Endpoint::kCompletions) {
-    RETURN_IF_ERROR(ParsePrompt(j, &out));
+    RETURN_IF_ERROR(ParsePrompt(j, limits, &out));
   } else {
     RETURN_IF_ERROR(ParseMessages(j, &out));
   }
   RETURN_IF_ERROR(ParseSampling(j, &out));
+  RETURN_IF_ERROR(ParseChoices(j, limits, &out));
+  RETURN_IF_ERROR(ParsePenalties(j, &out));
+  RETURN_IF_ERROR(ParseLogitBias(j, limits, &out));
 
   if (const Json* v = Field(j, "stream")) {
     ASSIGN_OR_RETURN(out.stream, GetBool(*v, "stream"));
@@ -266,6 +376,18 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(std::string_view body, 
     if (const Json* u = Field(*v, "include_usage")) {
       ASSIGN_OR_RETURN(out.include_usage, GetBool(*u, "stream_options.include_usage"));
     }
+  }
+  // best_of picks its choices once all are done: nothing to stream before that
+  // (OpenAI refuses the combination too).
+  if (out.stream && out.best_of > 1 && Field(j, "best_of") != nullptr) {
+    return InvalidField("best_of", "cannot be used with stream: the best choices are known only at the end");
+  }
+  const int64_t prompts = endpoint == Endpoint::kCompletions ? static_cast<int64_t>(out.prompts.size()) : 1;
+  if (prompts * out.best_of > limits.max_generations) {
+    const char* param = out.best_of > out.n ? "best_of" : "n";
+    return InvalidField(param, absl::StrCat("this request asks for ", prompts * out.best_of, " generations (",
+                                            prompts, " prompts x ", out.best_of, "); at most ",
+                                            limits.max_generations, " per request"));
   }
   if (const Json* v = Field(j, "ignore_eos")) {
     ASSIGN_OR_RETURN(out.ignore_eos, GetBool(*v, "ignore_eos"));

@@ -7,6 +7,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "coordinator/http/openai_request.h"
 #include "scheduler/tier.h"
@@ -40,21 +41,53 @@ struct Usage {
   int64_t cached_tokens = 0;
 };
 
-// A non-streamed response: object "text_completion" with choices[0].text, or
-// "chat.completion" with choices[0].message {role: assistant, content}.
-std::string CompletionJson(const ResponseHeader& header, std::string_view text,
-                           std::string_view finish_reason, const Usage& usage);
+// A likely alternative at one position (top_logprobs).
+struct TopLogprob {
+  std::string token;  // as shown (TokenDisplayText)
+  std::string bytes;  // the token's raw bytes
+  double logprob = 0;
+};
+
+// One token's log probability as the API shows it.
+struct TokenLogprobEntry {
+  std::string token;  // as shown (TokenDisplayText)
+  std::string bytes;  // the token's raw bytes
+  // Absent for the first token of an echoed prompt (nothing predicts it):
+  // null in token_logprobs and top_logprobs.
+  std::optional<double> logprob;
+  std::vector<TopLogprob> top;  // most likely first
+  int64_t text_offset = 0;      // completions: code points of the choice's text before the token
+};
+
+// One choice of a non-streamed response.
+struct ChoiceResult {
+  int index = 0;
+  std::string text;
+  std::string finish_reason;
+  // With logprobs asked for: an object (chat: {content, refusal}; completions:
+  // {tokens, token_logprobs, top_logprobs, text_offset}) of these; else null.
+  bool has_logprobs = false;
+  std::vector<TokenLogprobEntry> logprobs;
+};
+
+// A non-streamed response: object "text_completion" with choices[i].text, or
+// "chat.completion" with choices[i].message {role: assistant, content}.
+std::string CompletionJson(const ResponseHeader& header, const std::vector<ChoiceResult>& choices,
+                           const Usage& usage);
 
 // One streamed chunk ("text_completion" / "chat.completion.chunk") with one
-// choice. Chat: `role_only` makes the opening delta {"role":"assistant","content":""};
+// choice, `index`. Chat: `role_only` makes the opening delta {"role":"assistant","content":""};
 // a chunk with a finish reason carries delta {} plus any remaining text.
 // `usage_null` adds "usage": null (stream_options.include_usage asks for it on
-// every chunk but the last).
+// every chunk but the last). `logprobs` non-null: the log probabilities of the
+// chunk's tokens (possibly none, e.g. for a special token).
 struct ChunkFields {
+  int index = 0;
   std::string_view text;
   std::string_view finish_reason;  // empty: null
   bool role_only = false;
   bool usage_null = false;
+  const std::vector<TokenLogprobEntry>* logprobs = nullptr;
 };
 std::string ChunkJson(const ResponseHeader& header, const ChunkFields& fields);
 

@@ -1,5 +1,6 @@
 #include "coordinator/http/openai_service.h"
 
+#include <algorithm>
 #include <iterator>
 #include <sstream>
 #include <utility>
@@ -14,6 +15,7 @@
 #include "common/secrets.h"
 #include "common/status.h"
 #include "coordinator/http/api_error.h"
+#include "coordinator/http/choice_stream.h"
 #include "coordinator/http/openai_response.h"
 #include "coordinator/http/text_stream.h"
 #include "coordinator/tokenizer/chat_template.h"
@@ -51,10 +53,10 @@ std::string_view RouteLabel(Endpoint e) { return e == Endpoint::kChatCompletions
 
 // Router::Validate names proto fields ("sampling.top_p: ..."); clients know
 // the API's names.
-absl::Status ToApiFields(const absl::Status& status, Endpoint endpoint) {
+absl::Status ToApiFields(const absl::Status& status, Endpoint endpoint, std::string_view prompt) {
   if (status.code() != absl::StatusCode::kInvalidArgument) return status;
   const std::string_view msg(status.message().data(), status.message().size());
-  const std::string_view prompt = endpoint == Endpoint::kChatCompletions ? "messages" : "prompt";
+  const bool chat = endpoint == Endpoint::kChatCompletions;
   struct Mapping {
     std::string_view proto_field;
     std::string_view param;
@@ -62,6 +64,11 @@ absl::Status ToApiFields(const absl::Status& status, Endpoint endpoint) {
   const Mapping mappings[] = {{"prompt_token_ids", prompt},       {"sampling.max_tokens", "max_tokens"},
                               {"sampling.temperature", "temperature"}, {"sampling.top_p", "top_p"},
                               {"sampling.top_k", "top_k"},         {"sampling.stop_token_ids", "stop"},
+                              {"sampling.presence_penalty", "presence_penalty"},
+                              {"sampling.frequency_penalty", "frequency_penalty"},
+                              {"sampling.repetition_penalty", "repetition_penalty"},
+                              {"sampling.logit_bias", "logit_bias"},
+                              {"sampling.top_logprobs", chat ? "top_logprobs" : "logprobs"},
                               {"service_tier", "service_tier"}};
   for (const Mapping& m : mappings) {
     if (!absl::StartsWith(AbslView(msg), AbslView(m.proto_field))) continue;
@@ -79,101 +86,206 @@ absl::Status ToApiFields(const absl::Status& status, Endpoint endpoint) {
 }  // namespace
 
 // One admitted completion request, from GenerateAsync to its one terminal
-// answer. Responses arrive on gRPC's threads (one at a time), the client's
-// departure on the connection's strand; mu_ orders them.
+// answer. It fans out to one worker generation per prompt and choice (n, or
+// best_of); each becomes a ChoiceStream. Responses arrive on gRPC's threads
+// (one at a time per generation, generations concurrently), the client's
+// departure on the connection's strand; mu_ orders them. The answer goes out
+// once every generation has finished; the first that fails fails the whole
+// request and cancels the others.
 class Generation : public std::enable_shared_from_this<Generation> {
  public:
-  Generation(OpenAiService* service, OpenAiService::Prepared prepared, ResponseHeader header,
+  // `generates`: the worker requests, one per generation (prompt-major), ids set.
+  Generation(OpenAiService* service, OpenAiService::Prepared prepared,
+             const std::vector<v1::GenerateRequest>& generates, ResponseHeader header,
              std::shared_ptr<Exchange> exchange, absl::Time arrival)
       : service_(service),
         request_(std::move(prepared.request)),
+        prompts_(std::move(prepared.prompts)),
         prompt_tokens_(prepared.prompt_tokens),
         header_(std::move(header)),
         exchange_(std::move(exchange)),
         arrival_(arrival),
-        text_(*service->tokenizer_, request_.stop) {}
-
-  const std::string& id() const { return header_.id; }
-  bool client_gone() const { return gone_.load(); }
-
-  // A worker response. False once the client is gone or a stop string ended
-  // the text: the Router then cancels the worker call.
-  bool OnResponse(const v1::GenerateResponse& response) {
-    absl::MutexLock lock(&mu_);
-    if (finished_ || gone_) return false;
-    const absl::Time now = service_->clock_->Now();
-    HttpMetrics& m = service_->metrics_;
-    std::string out;
-    for (int32_t id : response.token_ids()) {
-      ++completion_tokens_;
-      m.generation_tokens(header_.tier).Increment();
-      if (completion_tokens_ == 1) {
-        m.ttft(header_.tier).Observe(absl::ToDoubleSeconds(now - arrival_));
-      } else {
-        m.itl(header_.tier).Observe(absl::ToDoubleSeconds(now - last_token_));
-      }
-      last_token_ = now;
-      std::string delta = text_.Push(id);
-      if (request_.stream) {
-        StartStreamLocked(&out);
-        out += SseEvent(ChunkJson(header_, {.text = delta, .usage_null = request_.include_usage}));
-      } else {
-        text_so_far_ += delta;
-      }
-      if (text_.stopped()) break;
+        worker_logprobs_(!generates.empty() && generates[0].sampling().logprobs()) {
+    subs_.reserve(generates.size());
+    for (size_t k = 0; k < generates.size(); ++k) {
+      const int prompt = static_cast<int>(k) / request_.best_of;
+      const int choice = static_cast<int>(k) % request_.best_of;
+      subs_.emplace_back(generates[k].request_id(), prompt, choice,
+                         ChoiceStream(*service->tokenizer_,
+                                      {.stop = request_.stop,
+                                       .logprobs = request_.logprobs,
+                                       .legacy = header_.endpoint == Endpoint::kCompletions}));
     }
-    if (text_.stopped()) {
-      FinishLocked("stop", "", &out);
-    } else if (response.finish_reason() == v1::FINISH_REASON_CANCELLED) {
-      // Someone ended it early (not this client, who would be gone): not a
-      // normal finish, whatever was streamed so far.
-      if (!out.empty()) exchange_->Send(std::move(out));
-      FailLocked(absl::CancelledError(absl::StrCat("request ", header_.id, " was cancelled on rank ",
-                                                   response.rank(), " before it finished")));
-      return false;
-    } else if (response.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
-      resumed_tokens_ = response.resumed_tokens();
-      cached_tokens_ = response.cached_tokens();
-      if (!response.energy_source().empty()) {
-        energy_joules_ = response.energy_joules();
-        energy_source_ = response.energy_source();
-        m.AddRequestEnergy(header_.tier, response.energy_joules(), completion_tokens_);
-      }
-      std::string tail = text_.Flush();
-      const bool stop = text_.stopped() || response.finish_reason() == v1::FINISH_REASON_STOP;
-      FinishLocked(stop ? "stop" : "length", tail, &out);
-    }
-    if (!out.empty()) exchange_->Send(std::move(out));
-    if (finished_ && request_.stream) exchange_->EndStream();
-    // After a stop string the worker would go on generating: have it stop.
-    return !text_.stopped();
   }
 
-  // The backend's outcome; runs once, after the last OnResponse.
-  void OnDone(const absl::Status& status) {
+  // The client is gone or the request failed: a generation still queued or
+  // running should stop.
+  bool client_gone() const { return gone_.load() || failed_.load(); }
+
+  // A worker response of generation `k`. False once the client is gone, the
+  // request failed or a stop string ended the text: the Router then cancels
+  // that worker call.
+  bool OnResponse(size_t k, const v1::GenerateResponse& response) {
+    std::vector<std::string> cancel;
+    bool more;
     {
       absl::MutexLock lock(&mu_);
-      if (!finished_ && !gone_) FailLocked(status.ok() ? absl::InternalError(
-                                                             "the worker ended the request without a finish reason")
-                                                       : status);
-      if (gone_ && !finished_) service_->metrics_.CountRequest(RouteLabel(header_.endpoint), 499, TierLabel());
+      more = OnResponseLocked(k, response, &cancel);
     }
-    service_->Release(header_.tier);
+    CancelAll(cancel);
+    return more;
+  }
+
+  // The backend's outcome of generation `k`; runs once per generation, after
+  // its last OnResponse (or instead of a launch that no longer makes sense).
+  void OnDone(size_t k, const absl::Status& status) {
+    std::vector<std::string> cancel;
+    bool all_done;
+    {
+      absl::MutexLock lock(&mu_);
+      Sub& sub = subs_[k];
+      sub.done = true;
+      ++done_;
+      if (!finished_ && !gone_ && sub.finish_reason.empty()) {
+        FailLocked(status.ok() ? absl::InternalError("the worker ended the request without a finish reason")
+                               : status,
+                   sub, &cancel);
+      }
+      all_done = done_ == subs_.size();
+      if (all_done && gone_ && !finished_) {
+        service_->metrics_.CountRequest(RouteLabel(header_.endpoint), 499, TierLabel());
+      }
+    }
+    CancelAll(cancel);
+    if (all_done) service_->Release(header_.tier);
   }
 
   // The connection closed before the answer was complete.
   void OnClientGone() {
+    std::vector<std::string> cancel;
     {
       absl::MutexLock lock(&mu_);
       if (finished_ || gone_) return;
       gone_ = true;
+      for (const Sub& sub : subs_) {
+        if (!sub.done) cancel.push_back(sub.request_id);
+      }
     }
-    // Outside mu_: the backend may finish the call (and run OnDone) right here.
-    service_->backend_->Cancel(header_.id);
+    // Outside mu_: the backend may finish the calls (and run OnDone) right here.
+    CancelAll(cancel);
   }
 
  private:
+  // One worker generation: choice `choice` (of best_of) of prompt `prompt`.
+  struct Sub {
+    Sub(std::string id, int prompt_index, int choice_index, ChoiceStream choice_stream)
+        : request_id(std::move(id)), prompt(prompt_index), choice(choice_index), stream(std::move(choice_stream)) {}
+    std::string request_id;
+    int prompt = 0;
+    int choice = 0;
+    ChoiceStream stream;
+    bool echoed = false;
+    ChoiceResult result;  // non-streamed: the text and entries so far
+    int64_t completion_tokens = 0;
+    int64_t cached_tokens = 0;
+    int64_t resumed_tokens = 0;
+    std::optional<double> energy_joules;
+    std::string energy_source;
+    absl::Time last_token;
+    std::string finish_reason;  // set once it finished
+    bool done = false;          // the backend reported its outcome
+  };
+
   std::string_view TierLabel() const { return scheduler::TierName(header_.tier); }
+  // The choice index a generation streams under (streams have best_of == n).
+  int StreamIndex(const Sub& sub) const { return sub.prompt * request_.n + sub.choice; }
+  std::string_view PromptParam(const Sub& sub) const {
+    if (header_.endpoint == Endpoint::kChatCompletions) return "messages";
+    return prompts_.size() > 1 ? prompt_params_[sub.prompt] : std::string_view("prompt");
+  }
+
+  void CancelAll(const std::vector<std::string>& ids) {
+    for (const std::string& id : ids) service_->backend_->Cancel(id);
+  }
+
+  bool OnResponseLocked(size_t k, const v1::GenerateResponse& response, std::vector<std::string>* cancel)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    Sub& sub = subs_[k];
+    if (finished_ || gone_ || !sub.finish_reason.empty()) return false;
+    if (worker_logprobs_ && response.logprobs_size() != response.token_ids_size()) {
+      FailLocked(absl::InternalError(absl::StrCat("rank ", response.rank(), " sent ", response.logprobs_size(),
+                                                  " log probabilities for ", response.token_ids_size(),
+                                                  " tokens of ", sub.request_id)),
+                 sub, cancel);
+      return false;
+    }
+    const absl::Time now = service_->clock_->Now();
+    HttpMetrics& m = service_->metrics_;
+    std::string out;
+    ChoiceStream::Delta pending;  // the echoed prompt goes out with the first token
+    if (request_.echo && !sub.echoed &&
+        (response.token_ids_size() > 0 || response.finish_reason() != v1::FINISH_REASON_UNSPECIFIED)) {
+      sub.echoed = true;
+      const OpenAiService::Prepared::PromptInput& prompt = prompts_[sub.prompt];
+      sub.stream.Echo(prompt.echo_text, prompt.ids, response.prompt_logprobs(), &pending);
+    }
+    for (int i = 0; i < response.token_ids_size(); ++i) {
+      ++sub.completion_tokens;
+      m.generation_tokens(header_.tier).Increment();
+      if (!first_token_seen_) {
+        first_token_seen_ = true;
+        m.ttft(header_.tier).Observe(absl::ToDoubleSeconds(now - arrival_));
+      } else if (sub.completion_tokens > 1) {
+        m.itl(header_.tier).Observe(absl::ToDoubleSeconds(now - sub.last_token));
+      }
+      sub.last_token = now;
+      ChoiceStream::Delta delta = std::exchange(pending, {});
+      sub.stream.Push(response.token_ids(i), worker_logprobs_ ? &response.logprobs(i) : nullptr, &delta);
+      if (request_.stream) {
+        StartStreamLocked(&out);
+        out += SseEvent(ChunkJson(header_, {.index = StreamIndex(sub),
+                                            .text = delta.text,
+                                            .usage_null = request_.include_usage,
+                                            .logprobs = request_.logprobs ? &delta.logprobs : nullptr}));
+      } else {
+        Append(std::move(delta), &sub.result);
+      }
+      if (sub.stream.stopped()) break;
+    }
+    if (sub.stream.stopped()) {
+      FinishSubLocked(sub, "stop", std::move(pending), &out);
+    } else if (response.finish_reason() == v1::FINISH_REASON_CANCELLED) {
+      // Someone ended it early (not this client, who would be gone): not a
+      // normal finish, whatever was streamed so far.
+      if (!out.empty()) exchange_->Send(std::move(out));
+      FailLocked(absl::CancelledError(absl::StrCat("request ", sub.request_id, " was cancelled on rank ",
+                                                   response.rank(), " before it finished")),
+                 sub, cancel);
+      return false;
+    } else if (response.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
+      sub.resumed_tokens = response.resumed_tokens();
+      sub.cached_tokens = response.cached_tokens();
+      m.cached_prompt_tokens(header_.tier).Increment(static_cast<double>(response.cached_tokens()));
+      if (!response.energy_source().empty()) {
+        sub.energy_joules = response.energy_joules();
+        sub.energy_source = response.energy_source();
+        m.AddRequestEnergy(header_.tier, response.energy_joules(), sub.completion_tokens);
+      }
+      pending.text += sub.stream.Flush();
+      const bool stop = sub.stream.stopped() || response.finish_reason() == v1::FINISH_REASON_STOP;
+      FinishSubLocked(sub, stop ? "stop" : "length", std::move(pending), &out);
+    }
+    if (finished_subs_ == subs_.size()) FinishLocked(&out);
+    if (!out.empty()) exchange_->Send(std::move(out));
+    if (finished_ && request_.stream) exchange_->EndStream();
+    // After a stop string the worker would go on generating: have it stop.
+    return !sub.stream.stopped();
+  }
+
+  static void Append(ChoiceStream::Delta delta, ChoiceResult* result) {
+    result->text += delta.text;
+    for (TokenLogprobEntry& e : delta.logprobs) result->logprobs.push_back(std::move(e));
+  }
 
   // The status line goes out with the first token, so that errors before it
   // (no worker ready, validation) still get their own HTTP status.
@@ -186,40 +298,113 @@ class Generation : public std::enable_shared_from_this<Generation> {
     exchange_->StartStream(std::move(h));
     service_->metrics_.CountRequest(RouteLabel(header_.endpoint), 200, TierLabel());
     if (header_.endpoint == Endpoint::kChatCompletions) {
-      *out += SseEvent(ChunkJson(header_, {.role_only = true, .usage_null = request_.include_usage}));
+      for (const Sub& sub : subs_) {
+        *out += SseEvent(ChunkJson(
+            header_, {.index = StreamIndex(sub), .role_only = true, .usage_null = request_.include_usage}));
+      }
     }
   }
 
-  void FinishLocked(std::string_view reason, const std::string& tail, std::string* out)
+  // Generation `sub` ended with `reason`; `tail` is its text still held back.
+  void FinishSubLocked(Sub& sub, std::string_view reason, ChoiceStream::Delta tail, std::string* out)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    sub.finish_reason = std::string(reason);
+    ++finished_subs_;
+    if (!request_.stream) {
+      Append(std::move(tail), &sub.result);
+      return;
+    }
+    StartStreamLocked(out);
+    *out += SseEvent(ChunkJson(
+        header_, {.index = StreamIndex(sub),
+                  .text = tail.text,
+                  .finish_reason = reason,
+                  .usage_null = request_.include_usage,
+                  .logprobs = request_.logprobs && !tail.logprobs.empty() ? &tail.logprobs : nullptr}));
+  }
+
+  // Usage over every generation; each prompt counts once. A prompt's cached
+  // tokens are those every one of its generations found cached.
+  Usage UsageLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    Usage u{.prompt_tokens = prompt_tokens_};
+    std::vector<int64_t> cached(prompts_.size(), -1);
+    bool all_energy = true;
+    double energy = 0;
+    for (const Sub& sub : subs_) {
+      u.completion_tokens += sub.completion_tokens;
+      u.resumed_tokens += sub.resumed_tokens;
+      int64_t& c = cached[sub.prompt];
+      c = c < 0 ? sub.cached_tokens : std::min(c, sub.cached_tokens);
+      all_energy = all_energy && sub.energy_joules.has_value();
+      if (sub.energy_joules) energy += *sub.energy_joules;
+      if (u.energy_source.empty()) u.energy_source = sub.energy_source;
+    }
+    for (int64_t c : cached) u.cached_tokens += std::max<int64_t>(c, 0);
+    if (all_energy) {
+      u.energy_joules = energy;
+    } else {
+      u.energy_source.clear();
+    }
+    return u;
+  }
+
+  // The returned choices: per prompt, its n generations, or with best_of the
+  // n with the highest cumulative log probability, best first.
+  std::vector<ChoiceResult> ChoicesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    std::vector<ChoiceResult> choices;
+    for (size_t p = 0; p < prompts_.size(); ++p) {
+      std::vector<Sub*> ranked;
+      for (Sub& sub : subs_) {
+        if (sub.prompt == static_cast<int>(p)) ranked.push_back(&sub);
+      }
+      if (request_.best_of > request_.n) {
+        std::stable_sort(ranked.begin(), ranked.end(), [](const Sub* a, const Sub* b) {
+          return a->stream.cumulative_logprob() > b->stream.cumulative_logprob();
+        });
+      }
+      for (int i = 0; i < request_.n && i < static_cast<int>(ranked.size()); ++i) {
+        ChoiceResult c = std::move(ranked[i]->result);
+        c.index = static_cast<int>(p) * request_.n + i;
+        c.finish_reason = ranked[i]->finish_reason;
+        c.has_logprobs = request_.logprobs;
+        choices.push_back(std::move(c));
+      }
+    }
+    return choices;
+  }
+
+  // Every generation finished: the usage chunk and [DONE], or the response.
+  void FinishLocked(std::string* out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     finished_ = true;
-    const Usage usage{.prompt_tokens = prompt_tokens_,
-                      .completion_tokens = completion_tokens_,
-                      .energy_joules = energy_joules_,
-                      .energy_source = energy_source_,
-                      .resumed_tokens = resumed_tokens_,
-                      .cached_tokens = cached_tokens_};
+    const Usage usage = UsageLocked();
     HttpMetrics& m = service_->metrics_;
     m.e2e(header_.tier).Observe(absl::ToDoubleSeconds(service_->clock_->Now() - arrival_));
-    m.CountFinished(reason, header_.tier);
+    m.CountFinished(subs_[0].finish_reason, header_.tier);
     if (request_.stream) {
-      StartStreamLocked(out);
-      *out += SseEvent(ChunkJson(header_, {.text = tail, .finish_reason = reason, .usage_null = request_.include_usage}));
       if (request_.include_usage) *out += SseEvent(UsageChunkJson(header_, usage));
       *out += kSseDone;
-    } else {
-      text_so_far_ += tail;
-      m.CountRequest(RouteLabel(header_.endpoint), 200, TierLabel());
-      exchange_->Respond(JsonResponse(200, CompletionJson(header_, text_so_far_, reason, usage)));
+      return;
     }
+    m.CountRequest(RouteLabel(header_.endpoint), 200, TierLabel());
+    exchange_->Respond(JsonResponse(200, CompletionJson(header_, ChoicesLocked(), usage)));
   }
 
-  void FailLocked(const absl::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  // The request failed (generation `failed`): the error answer, and the other
+  // generations still running go into `cancel`.
+  void FailLocked(const absl::Status& status, const Sub& failed, std::vector<std::string>* cancel)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     finished_ = true;
-    const absl::Status api = ToApiFields(status, header_.endpoint);
+    failed_ = true;
+    for (const Sub& sub : subs_) {
+      // The failed one ends by itself (its call is over, or the Router cancels it).
+      if (&sub != &failed && !sub.done) cancel->push_back(sub.request_id);
+    }
+    const absl::Status api = ToApiFields(status, header_.endpoint, PromptParam(failed));
     const ApiError e = ToApiError(api);
     // The client gets the reason only; the details are for the log.
-    if (e.http_status >= 500) JOULE_LOG(Info) << "request " << header_.id << " failed: " << status;
+    if (e.http_status >= 500) {
+      JOULE_LOG(Info) << "request " << header_.id << " failed: " << status;
+    }
     if (!stream_started_) {
       service_->metrics_.CountRequest(RouteLabel(header_.endpoint), e.http_status, TierLabel());
       exchange_->Respond(ApiErrorResponse(api));
@@ -232,34 +417,39 @@ class Generation : public std::enable_shared_from_this<Generation> {
 
   OpenAiService* const service_;
   const CompletionRequest request_;
+  const std::vector<OpenAiService::Prepared::PromptInput> prompts_;
   const int64_t prompt_tokens_;
   const ResponseHeader header_;
   const std::shared_ptr<Exchange> exchange_;
   const absl::Time arrival_;
+  const bool worker_logprobs_;  // the workers send a log probability per token
+  const std::vector<std::string> prompt_params_ = [this] {
+    std::vector<std::string> params;
+    for (size_t p = 0; p < prompts_.size(); ++p) params.push_back(absl::StrCat("prompt[", p, "]"));
+    return params;
+  }();
   std::atomic<bool> gone_{false};
+  std::atomic<bool> failed_{false};
 
   absl::Mutex mu_;
-  TextStream text_ ABSL_GUARDED_BY(mu_);
-  std::string text_so_far_ ABSL_GUARDED_BY(mu_);  // non-streamed responses
-  int64_t completion_tokens_ ABSL_GUARDED_BY(mu_) = 0;
-  std::optional<double> energy_joules_ ABSL_GUARDED_BY(mu_);
-  int64_t resumed_tokens_ ABSL_GUARDED_BY(mu_) = 0;
-  int64_t cached_tokens_ ABSL_GUARDED_BY(mu_) = 0;
-  std::string energy_source_ ABSL_GUARDED_BY(mu_);
-  absl::Time last_token_ ABSL_GUARDED_BY(mu_);
+  std::vector<Sub> subs_ ABSL_GUARDED_BY(mu_);
+  size_t finished_subs_ ABSL_GUARDED_BY(mu_) = 0;
+  size_t done_ ABSL_GUARDED_BY(mu_) = 0;
+  bool first_token_seen_ ABSL_GUARDED_BY(mu_) = false;
   bool stream_started_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 namespace {
 
-// What the Router writes to; holds the generation until `done` detaches it.
+// What the Router writes generation `k`'s responses to; holds the generation
+// until `done` detaches it.
 class GenerationSink final : public cluster::GenerateSink {
  public:
-  explicit GenerationSink(std::shared_ptr<Generation> g) : g_(std::move(g)) {}
+  GenerationSink(std::shared_ptr<Generation> g, size_t k) : g_(std::move(g)), k_(k) {}
   bool Write(const v1::GenerateResponse& response) override {
     std::shared_ptr<Generation> g = Get();
-    return g != nullptr && g->OnResponse(response);
+    return g != nullptr && g->OnResponse(k_, response);
   }
   bool ClientGone() const override {
     std::shared_ptr<Generation> g = Get();
@@ -271,7 +461,7 @@ class GenerationSink final : public cluster::GenerateSink {
       absl::MutexLock lock(&mu_);
       g = std::move(g_);
     }
-    if (g) g->OnDone(status);
+    if (g) g->OnDone(k_, status);
   }
 
  private:
@@ -281,6 +471,7 @@ class GenerationSink final : public cluster::GenerateSink {
   }
   mutable absl::Mutex mu_;
   std::shared_ptr<Generation> g_ ABSL_GUARDED_BY(mu_);
+  const size_t k_;
 };
 
 }  // namespace
@@ -334,7 +525,9 @@ void OpenAiService::RespondError(Exchange& exchange, std::string_view route, con
                                  std::string_view tier) {
   HttpResponse r = ApiErrorResponse(status);
   // The client gets the reason only; the details are for the log.
-  if (r.result_int() >= 500) JOULE_LOG(Info) << AbslView(route) << " answered " << r.result_int() << ": " << status;
+  if (r.result_int() >= 500) {
+    JOULE_LOG(Info) << AbslView(route) << " answered " << r.result_int() << ": " << status;
+  }
   metrics_.CountRequest(route, r.result_int(), tier);
   exchange.Respond(std::move(r));
 }
@@ -441,19 +634,64 @@ void OpenAiService::Handle(HttpRequest request, std::shared_ptr<Exchange> exchan
                    std::move(exchange), arrival);
 }
 
-absl::StatusOr<std::vector<int32_t>> OpenAiService::PromptTokens(const CompletionRequest& request) const {
+absl::StatusOr<std::vector<int32_t>> OpenAiService::PromptTokens(const CompletionRequest& request,
+                                                                 size_t prompt) const {
   if (request.endpoint == Endpoint::kChatCompletions) {
     auto text = tokenizer::RenderChatMl(request.messages, /*add_generation_prompt=*/true);
     if (!text.ok()) return WithParam(text.status(), "messages");
     return tokenizer_->Encode(*text);
   }
-  if (request.prompt_is_tokens) return request.prompt_token_ids;
-  return tokenizer_->Encode(request.prompt_text);
+  const Prompt& p = request.prompts[prompt];
+  if (p.is_tokens) return p.token_ids;
+  return tokenizer_->Encode(p.text);
+}
+
+namespace {
+
+// The sampling every generation of a request shares; seeds differ per generation.
+v1::SamplingParams SharedSampling(const CompletionRequest& r, const std::vector<int32_t>& stop_ids) {
+  v1::SamplingParams sampling;
+  sampling.set_temperature(static_cast<float>(r.temperature));
+  sampling.set_top_p(static_cast<float>(r.top_p));
+  sampling.set_top_k(r.top_k);
+  sampling.set_ignore_eos(r.ignore_eos);
+  sampling.set_presence_penalty(static_cast<float>(r.presence_penalty));
+  sampling.set_frequency_penalty(static_cast<float>(r.frequency_penalty));
+  sampling.set_repetition_penalty(static_cast<float>(r.repetition_penalty));
+  for (const auto& [id, bias] : r.logit_bias) (*sampling.mutable_logit_bias())[id] = static_cast<float>(bias);
+  // best_of ranks the generations by their cumulative log probability.
+  sampling.set_logprobs(r.logprobs || r.best_of > r.n);
+  sampling.set_top_logprobs(r.logprobs ? r.top_logprobs : 0);
+  sampling.set_prompt_logprobs(r.echo && r.logprobs);
+  for (int32_t id : stop_ids) sampling.add_stop_token_ids(id);
+  return sampling;
+}
+
+}  // namespace
+
+absl::StatusOr<int64_t> OpenAiService::MaxTokens(const CompletionRequest& r, Endpoint endpoint,
+                                                 int64_t prompt_tokens, const std::string& prompt_param) const {
+  const int64_t room = options_.max_context - prompt_tokens;
+  int64_t max_tokens = 0;
+  if (r.max_tokens.has_value()) {
+    max_tokens = *r.max_tokens;
+  } else {
+    max_tokens = endpoint == Endpoint::kChatCompletions ? room
+                                                        : std::min(options_.default_completion_tokens, room);
+  }
+  if (room >= 1 && max_tokens <= room) return max_tokens;
+  return WithErrorCode(
+      InvalidField(prompt_param,
+                   absl::StrCat("this model's maximum context length is ", options_.max_context,
+                                " tokens; this request asks for ", prompt_tokens + std::max<int64_t>(max_tokens, 1),
+                                " (", prompt_tokens, " in the ", prompt_param, ", ", std::max<int64_t>(max_tokens, 1),
+                                " for the completion); shorten the prompt or lower max_tokens")),
+      "context_length_exceeded");
 }
 
 absl::StatusOr<OpenAiService::Prepared> OpenAiService::Prepare(std::string_view body, Endpoint endpoint) const {
   Prepared p;
-  ASSIGN_OR_RETURN(p.request, ParseCompletionRequest(body, endpoint));
+  ASSIGN_OR_RETURN(p.request, ParseCompletionRequest(body, endpoint, options_.limits));
   const CompletionRequest& r = p.request;
   if (r.model != options_.model_name) {
     return WithErrorCode(
@@ -462,43 +700,47 @@ absl::StatusOr<OpenAiService::Prepared> OpenAiService::Prepare(std::string_view 
                   "model"),
         "model_not_found");
   }
-  const std::string_view prompt_param = endpoint == Endpoint::kChatCompletions ? "messages" : "prompt";
-  ASSIGN_OR_RETURN(std::vector<int32_t> ids, PromptTokens(r));
-  p.prompt_tokens = static_cast<int64_t>(ids.size());
-  if (ids.empty()) return InvalidField(prompt_param, "must not be empty");
-
-  const int64_t room = options_.max_context - p.prompt_tokens;
-  int64_t max_tokens = 0;
-  if (r.max_tokens.has_value()) {
-    max_tokens = *r.max_tokens;
-  } else {
-    max_tokens = endpoint == Endpoint::kChatCompletions ? room
-                                                        : std::min(options_.default_completion_tokens, room);
-  }
-  if (room < 1 || max_tokens > room) {
-    return WithErrorCode(
-        InvalidField(prompt_param,
-                     absl::StrCat("this model's maximum context length is ", options_.max_context,
-                                  " tokens; this request asks for ", p.prompt_tokens + std::max<int64_t>(max_tokens, 1),
-                                  " (", p.prompt_tokens, " in the ", AbslView(prompt_param), ", ",
-                                  std::max<int64_t>(max_tokens, 1),
-                                  " for the completion); shorten the prompt or lower max_tokens")),
-        "context_length_exceeded");
+  const int64_t vocab = options_.vocab_size > 0 ? options_.vocab_size : tokenizer_->vocab_size();
+  for (const auto& [id, bias] : r.logit_bias) {
+    if (id >= vocab) {
+      return InvalidField("logit_bias", absl::StrCat("token id ", id, " is outside the vocabulary [0, ", vocab, ")"));
+    }
   }
 
-  v1::GenerateRequest& g = p.generate;
-  g.mutable_prompt_token_ids()->Add(ids.begin(), ids.end());
-  v1::SamplingParams* s = g.mutable_sampling();
-  s->set_max_tokens(static_cast<int32_t>(max_tokens));
-  s->set_temperature(static_cast<float>(r.temperature));
-  s->set_top_p(static_cast<float>(r.top_p));
-  s->set_top_k(r.top_k);
-  if (r.seed) s->set_seed(*r.seed);
-  s->set_ignore_eos(r.ignore_eos);
-  if (endpoint == Endpoint::kChatCompletions) {
-    for (int32_t id : chat_stop_ids_) s->add_stop_token_ids(id);
+  const v1::SamplingParams sampling =
+      SharedSampling(r, endpoint == Endpoint::kChatCompletions ? chat_stop_ids_ : std::vector<int32_t>{});
+
+  const size_t prompts = endpoint == Endpoint::kChatCompletions ? 1 : r.prompts.size();
+  for (size_t i = 0; i < prompts; ++i) {
+    const std::string prompt_param = endpoint == Endpoint::kChatCompletions ? "messages"
+                                     : prompts > 1                         ? absl::StrCat("prompt[", i, "]")
+                                                                           : "prompt";
+    absl::StatusOr<std::vector<int32_t>> tokens = PromptTokens(r, i);
+    if (!tokens.ok()) return WithParam(tokens.status(), prompt_param);
+    std::vector<int32_t> ids = *std::move(tokens);
+    const int64_t prompt_tokens = static_cast<int64_t>(ids.size());
+    if (ids.empty()) return InvalidField(prompt_param, "must not be empty");
+
+    ASSIGN_OR_RETURN(const int64_t max_tokens, MaxTokens(r, endpoint, prompt_tokens, prompt_param));
+    for (int j = 0; j < r.best_of; ++j) {
+      v1::GenerateRequest& g = p.generates.emplace_back();
+      g.mutable_prompt_token_ids()->Add(ids.begin(), ids.end());
+      v1::SamplingParams* s = g.mutable_sampling();
+      *s = sampling;
+      s->set_max_tokens(static_cast<int32_t>(max_tokens));
+      // Choice j of a seeded request: seed + j, so that each choice differs
+      // and the whole answer repeats.
+      if (r.seed) s->set_seed(*r.seed + static_cast<uint64_t>(j));
+      g.set_service_tier(std::string(scheduler::OpenAiServiceTier(r.tier)));
+    }
+    Prepared::PromptInput input;
+    if (r.echo) {
+      input.echo_text = r.prompts[i].is_tokens ? tokenizer_->Decode(ids) : r.prompts[i].text;
+    }
+    input.ids = std::move(ids);
+    p.prompts.push_back(std::move(input));
+    p.prompt_tokens += prompt_tokens;
   }
-  g.set_service_tier(std::string(scheduler::OpenAiServiceTier(r.tier)));
   return p;
 }
 
@@ -515,9 +757,17 @@ void OpenAiService::HandleCompletion(const HttpRequest& request, Endpoint endpoi
                         .created = absl::ToUnixSeconds(arrival),
                         .model = options_.model_name,
                         .tier = tier};
-  prepared->generate.set_request_id(header.id);
-  if (absl::Status valid = backend_->Validate(prepared->generate); !valid.ok()) {
-    return RespondError(*exchange, route, ToApiFields(valid, endpoint), tier_name);
+  // One generation keeps the response's id; several are ID-0, ID-1, ...
+  std::vector<v1::GenerateRequest>& generates = prepared->generates;
+  for (size_t k = 0; k < generates.size(); ++k) {
+    generates[k].set_request_id(generates.size() == 1 ? header.id : absl::StrCat(header.id, "-", k));
+    if (absl::Status valid = backend_->Validate(generates[k]); !valid.ok()) {
+      const size_t prompt = k / static_cast<size_t>(prepared->request.best_of);
+      const std::string prompt_param = endpoint == Endpoint::kChatCompletions ? "messages"
+                                       : prepared->prompts.size() > 1 ? absl::StrCat("prompt[", prompt, "]")
+                                                                      : "prompt";
+      return RespondError(*exchange, route, ToApiFields(valid, endpoint, prompt_param), tier_name);
+    }
   }
   if (!TryAdmit(tier)) {
     return RespondError(
@@ -531,14 +781,23 @@ void OpenAiService::HandleCompletion(const HttpRequest& request, Endpoint endpoi
   }
   metrics_.prompt_tokens(tier).Increment(static_cast<double>(prepared->prompt_tokens));
 
-  v1::GenerateRequest generate = std::move(prepared->generate);
-  auto generation = std::make_shared<Generation>(this, std::move(*prepared), std::move(header), exchange, arrival);
-  auto sink = std::make_shared<GenerationSink>(generation);
+  const std::vector<v1::GenerateRequest> to_launch = std::move(generates);
+  auto generation =
+      std::make_shared<Generation>(this, std::move(*prepared), to_launch, std::move(header), exchange, arrival);
   exchange->OnClientGone([g = std::weak_ptr<Generation>(generation)] {
     if (auto locked = g.lock()) locked->OnClientGone();
   });
-  backend_->GenerateAsync(generate, absl::InfiniteFuture(), sink,
-                          [sink](absl::Status status) { sink->Done(status); });
+  for (size_t k = 0; k < to_launch.size(); ++k) {
+    // A generation that failed to start (or a client gone) ends the request:
+    // the rest need not start.
+    if (generation->client_gone()) {
+      generation->OnDone(k, absl::CancelledError("not started: the request already ended"));
+      continue;
+    }
+    auto sink = std::make_shared<GenerationSink>(generation, k);
+    backend_->GenerateAsync(to_launch[k], absl::InfiniteFuture(), sink,
+                            [sink](absl::Status status) { sink->Done(status); });
+  }
 }
 
 }  // namespace joule::http

@@ -42,6 +42,11 @@ struct OpenAiServiceOptions {
   // max_tokens of a completion that sets none (OpenAI's legacy default);
   // chat completions default to the rest of the context.
   int64_t default_completion_tokens = 16;
+  // What one request may ask for (n, best_of, logprobs, prompts, logit_bias).
+  RequestLimits limits;
+  // Token ids a request may name (logit_bias): the model's embedding rows;
+  // 0: the tokenizer's vocabulary.
+  int64_t vocab_size = 0;
   // More metric sources /metrics serves after the registry (the scheduler's).
   std::vector<std::shared_ptr<prometheus::Collectable>> collectables;
 };
@@ -63,17 +68,28 @@ class OpenAiService final : public HttpHandler {
  private:
   friend class Generation;
 
-  // A generation request turned into what the backend takes.
+  // A generation request turned into what the backend takes: one
+  // GenerateRequest per prompt and generation (prompt-major: prompt p's
+  // best_of generations are p * best_of ...), request ids still unset.
   struct Prepared {
+    struct PromptInput {
+      std::vector<int32_t> ids;
+      std::string echo_text;  // what echo puts first: the prompt as the client wrote it
+    };
     CompletionRequest request;
-    v1::GenerateRequest generate;
-    int64_t prompt_tokens = 0;
+    std::vector<PromptInput> prompts;
+    std::vector<v1::GenerateRequest> generates;
+    int64_t prompt_tokens = 0;  // over the prompts, each once
   };
 
   void HandleCompletion(const HttpRequest& request, Endpoint endpoint, std::shared_ptr<Exchange> exchange,
                         absl::Time arrival);
   absl::StatusOr<Prepared> Prepare(std::string_view body, Endpoint endpoint) const;
-  absl::StatusOr<std::vector<int32_t>> PromptTokens(const CompletionRequest& request) const;
+  // max_tokens of one prompt's generations: the request's, or the default
+  // within the context; 400 context_length_exceeded naming `prompt_param`.
+  absl::StatusOr<int64_t> MaxTokens(const CompletionRequest& r, Endpoint endpoint, int64_t prompt_tokens,
+                                    const std::string& prompt_param) const;
+  absl::StatusOr<std::vector<int32_t>> PromptTokens(const CompletionRequest& request, size_t prompt) const;
   bool Authorized(const HttpRequest& request) const;
   bool TryAdmit(scheduler::Tier tier);
   void Release(scheduler::Tier tier);

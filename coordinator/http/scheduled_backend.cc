@@ -14,9 +14,9 @@ namespace joule::http {
 // whether the request reached a finish reason (finished vs cancelled).
 class ScheduledBackend::CountingSink final : public cluster::GenerateSink {
  public:
-  CountingSink(std::shared_ptr<cluster::GenerateSink> inner, scheduler::Scheduler* scheduler,
-               uint64_t id, int rank)
-      : inner_(std::move(inner)), scheduler_(scheduler), id_(id), rank_(rank) {}
+  CountingSink(ScheduledBackend* backend, std::shared_ptr<cluster::GenerateSink> inner,
+               scheduler::Scheduler* scheduler, uint64_t id, int rank)
+      : backend_(backend), inner_(std::move(inner)), scheduler_(scheduler), id_(id), rank_(rank) {}
 
   bool Write(const v1::GenerateResponse& response) override {
     if (response.rank() != rank_) {
@@ -24,7 +24,12 @@ class ScheduledBackend::CountingSink final : public cluster::GenerateSink {
       rank_ = response.rank();
       scheduler_->OnMoved(id_, rank_);
     }
-    if (response.token_ids_size() > 0) scheduler_->OnTokens(id_, response.token_ids_size());
+    if (response.token_ids_size() > 0) {
+      scheduler_->OnTokens(id_, response.token_ids_size());
+      // Running now: the rank's step plan may change (order, preemptions).
+      if (!started_) backend_->Wake();
+      started_ = true;
+    }
     if (response.finish_reason() == v1::FINISH_REASON_STOP ||
         response.finish_reason() == v1::FINISH_REASON_LENGTH) {
       finished_ = true;
@@ -35,11 +40,14 @@ class ScheduledBackend::CountingSink final : public cluster::GenerateSink {
   bool finished() const { return finished_; }
 
  private:
+  ScheduledBackend* const backend_;
   const std::shared_ptr<cluster::GenerateSink> inner_;
   scheduler::Scheduler* const scheduler_;
   const uint64_t id_;
   int rank_;               // where its responses come from
-  bool finished_ = false;  // written and read on the request's callback sequence
+  // Written and read on the request's callback sequence:
+  bool started_ = false;   // a token arrived
+  bool finished_ = false;
 };
 
 ScheduledBackend::ScheduledBackend(cluster::Router* router, cluster::Membership* membership,
@@ -125,7 +133,10 @@ void ScheduledBackend::GenerateAsync(const v1::GenerateRequest& request, absl::T
       refused = scheduler_->Submit({.id = id,
                                     .tier = tier,
                                     .prompt_tokens = request.prompt_token_ids_size(),
-                                    .max_tokens = request.sampling().max_tokens()});
+                                    .max_tokens = request.sampling().max_tokens(),
+                                    .prefix_blocks = scheduler::PrefixIndex::BlockHashes(
+                                        request.prompt_token_ids(),
+                                        scheduler_->config().prefix_affinity.block_tokens)});
       if (refused.ok()) {
         queued_[id] = Queued{tier, request, deadline, std::move(sink), std::move(done), absl::Now()};
         ids_[request.request_id()] = id;
@@ -183,8 +194,8 @@ void ScheduledBackend::Loop() {
       absl::MutexLock lock(&mu_);
       // Membership changes have no event here: look at least every 50 ms.
       absl::Duration wait = absl::Milliseconds(50);
-      if (std::optional<absl::Time> at = scheduler_->NextWakeup()) {
-        wait = std::min(wait, std::max(absl::ZeroDuration(), *at - absl::Now()));
+      for (std::optional<absl::Time> at : {scheduler_->NextWakeup(), plan_due_}) {
+        if (at) wait = std::min(wait, std::max(absl::ZeroDuration(), *at - absl::Now()));
       }
       auto wake = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return woken_ || stopping_; };
       mu_.AwaitWithTimeout(absl::Condition(&wake), wait);
@@ -212,6 +223,69 @@ void ScheduledBackend::Loop() {
       }
       Send(a.id, a.rank, std::move(q));
     }
+    SendStepPlans(view);
+  }
+}
+
+void ScheduledBackend::SendStepPlans(const scheduler::ClusterView& view) {
+  plan_due_.reset();
+  // fcfs: the engine's own order, nothing preempted.
+  if (scheduler_->config().policy == scheduler::PolicyKind::kFcfs) return;
+  const absl::Time now = absl::Now();
+  for (const scheduler::RankInfo& r : view.ranks) {
+    if (!r.ready) {
+      plans_.erase(r.rank);  // a worker that comes back holds no plan
+      continue;
+    }
+    const scheduler::StepLimits limits = scheduler_->StepLimitsFor(r.rank);
+    RankPlan& last = plans_[r.rank];
+    // A decision the scheduler no longer makes is forgotten: the same
+    // preemption decided again later is a new decision.
+    const absl::flat_hash_set<uint64_t> decided(limits.preempt.begin(), limits.preempt.end());
+    absl::erase_if(last.preempt_asked, [&](uint64_t id) { return !decided.contains(id); });
+    std::vector<uint64_t> preempt;
+    for (uint64_t id : limits.preempt) {
+      if (!last.preempt_asked.contains(id)) preempt.push_back(id);
+    }
+    // Unchanged when the order is the last one less the requests that ended.
+    const absl::flat_hash_set<uint64_t> listed(limits.order.begin(), limits.order.end());
+    std::vector<uint64_t> kept;
+    for (uint64_t id : last.order) {
+      if (listed.contains(id)) kept.push_back(id);
+    }
+    if (kept == limits.order && preempt.empty()) {
+      last.order = limits.order;
+      continue;
+    }
+    if (const absl::Time due = last.sent_at + kMinPlanInterval; now < due) {
+      if (!plan_due_ || due < *plan_due_) plan_due_ = due;
+      continue;
+    }
+    cluster::RankStepPlan plan{.max_running = limits.max_running};
+    {
+      absl::MutexLock lock(&mu_);
+      auto name = [&](const std::vector<uint64_t>& ids, std::vector<std::string>* out)
+                      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+                        for (uint64_t id : ids) {
+                          auto it = sent_.find(id);
+                          if (it != sent_.end()) out->push_back(it->second);
+                        }
+                      };
+      name(limits.order, &plan.order);
+      name(preempt, &plan.preempt);
+    }
+    last.order = limits.order;
+    last.sent_at = now;
+    last.preempt_asked.insert(preempt.begin(), preempt.end());
+    router_->SendStepPlan(r.rank, plan, [this, preempt](absl::StatusOr<int> preempted) {
+      // The worker preempted (some of) them: back to waiting, as far as the
+      // scheduler knows (one that was not running there is unaffected:
+      // OnPreempted ignores requests without a token yet, and a finished one
+      // is gone).
+      if (!preempted.ok() || *preempted == 0) return;
+      for (uint64_t id : preempt) scheduler_->OnPreempted(id);
+      Wake();
+    });
   }
 }
 
@@ -230,9 +304,13 @@ void ScheduledBackend::Send(uint64_t id, int rank, Queued q) {
     forward.set_step_token_cap(static_cast<int32_t>(cap));
   }
   forward.set_token_interval_us(absl::ToInt64Microseconds(scheduler_->TokenIntervalFor(tier)));
-  auto sink = std::make_shared<CountingSink>(std::move(q.sink), scheduler_, id, rank);
+  auto sink = std::make_shared<CountingSink>(this, std::move(q.sink), scheduler_, id, rank);
   const std::string request_id = forward.request_id();
   std::function<void(absl::Status)> done = std::move(q.done);
+  {
+    absl::MutexLock lock(&mu_);
+    sent_[id] = request_id;
+  }
   router_->GenerateAsyncOnRank(
       rank, forward, q.deadline, sink,
       [this, id, sink, request_id, done = std::move(done)](absl::Status outcome) {
@@ -245,6 +323,7 @@ void ScheduledBackend::Send(uint64_t id, int rank, Queued q) {
           absl::MutexLock lock(&mu_);
           auto it = ids_.find(request_id);
           if (it != ids_.end() && it->second == id) ids_.erase(it);
+          sent_.erase(id);
           woken_ = true;  // room on the rank: dispatch again
         }
         done(std::move(outcome));

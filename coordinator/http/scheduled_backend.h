@@ -8,6 +8,14 @@
 // The steps workers report with their heartbeats go to Scheduler::OnStep, so
 // the step cost model learns from the cluster's own telemetry.
 //
+// How each rank composes its steps travels as step plans: after dispatching,
+// the loop asks the scheduler for every ready rank's StepLimits and sends the
+// rank its order, preemptions and running limit (Router::SendStepPlan) when
+// they changed: the order not just by requests ending, or a new preemption
+// decision (each sent once). At most one plan per rank per kMinPlanInterval;
+// none under fcfs, whose order is the engine's own. Preemptions the worker
+// made go back to the scheduler (OnPreempted).
+//
 // One owned thread, the dispatch loop, runs Dispatch() after every event
 // (admission, first token, outcome, step reports) and at the scheduler's
 // NextWakeup().
@@ -15,11 +23,14 @@
 
 #include <array>
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/synchronization/mutex.h"
 #include "coordinator/cluster/membership.h"
 #include "coordinator/cluster/router.h"
@@ -51,6 +62,10 @@ class ScheduledBackend final : public GenerationBackend {
                      std::function<void(absl::Status)> done) override;
   void Cancel(const std::string& request_id) override;
 
+  // Plans to one rank go at most this often (a busy cluster changes its
+  // order with every arrival and first token).
+  static constexpr absl::Duration kMinPlanInterval = absl::Milliseconds(5);
+
  private:
   struct Queued {
     scheduler::Tier tier;
@@ -66,6 +81,15 @@ class ScheduledBackend final : public GenerationBackend {
   void Wake();
   void Send(uint64_t id, int rank, Queued queued);
   scheduler::ClusterView View() const;
+  // Sends each ready rank its step plan when it changed (dispatch loop only).
+  void SendStepPlans(const scheduler::ClusterView& view);
+
+  // What the dispatch loop last sent a rank.
+  struct RankPlan {
+    std::vector<uint64_t> order;                  // scheduler ids
+    absl::flat_hash_set<uint64_t> preempt_asked;  // decisions sent, until the scheduler drops them
+    absl::Time sent_at = absl::InfinitePast();
+  };
 
   cluster::Router* const router_;
   cluster::Membership* const membership_;
@@ -78,6 +102,11 @@ class ScheduledBackend final : public GenerationBackend {
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
   absl::flat_hash_map<uint64_t, Queued> queued_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::string, uint64_t> ids_ ABSL_GUARDED_BY(mu_);  // request_id -> id
+  // Sent to a rank until their outcome: id -> request_id (plans name them so).
+  absl::flat_hash_map<uint64_t, std::string> sent_ ABSL_GUARDED_BY(mu_);
+  // Dispatch loop only.
+  std::map<int, RankPlan> plans_;
+  std::optional<absl::Time> plan_due_;  // when a plan held back by the interval may go
   std::thread loop_;
 };
 

@@ -53,6 +53,10 @@ std::vector<MetricFamily> SchedulerMetricFamilies(const scheduler::SchedulerSnap
   MetricFamily samples =
       NewFamily("joule_step_cost_samples", MetricType::Gauge,
                 "Measured steps behind the rank's cost model in use (its own or all ranks pooled)");
+  MetricFamily caps = NewFamily(
+      "joule_scheduler_step_token_cap", MetricType::Gauge,
+      "Tokens per step the policy allows a rank now for a tier's TPOT target, by its learned "
+      "step-time model (ipw; 0: uncapped)");
   static constexpr const char* kTerms[] = {"fixed", "per_batch_token", "per_context_token"};
   for (const scheduler::RankSnapshot& r : snapshot.ranks) {
     const std::string rank = absl::StrCat(r.rank);
@@ -61,10 +65,14 @@ std::vector<MetricFamily> SchedulerMetricFamilies(const scheduler::SchedulerSnap
       AddSample(&joules, {{"rank", rank}, {"term", kTerms[i]}}, r.cost.energy[i]);
     }
     AddSample(&samples, {{"rank", rank}}, static_cast<double>(r.cost.samples));
+    for (scheduler::Tier t : scheduler::kAllTiers) {
+      AddSample(&caps, {{"rank", rank}, {"tier", std::string(scheduler::TierName(t))}},
+                static_cast<double>(r.step_token_cap[static_cast<int>(t)]));
+    }
   }
   std::vector<MetricFamily> out;
   for (MetricFamily* f : {&attainment, &recent, &target, &outcomes, &queued, &dispatched, &seconds,
-                          &joules, &samples}) {
+                          &joules, &samples, &caps}) {
     out.push_back(std::move(*f));
   }
   return out;

@@ -1,6 +1,7 @@
 #include "coordinator/http/text_stream.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <string_view>
 
 namespace joule::http {
@@ -11,7 +12,9 @@ TextStream::TextStream(const tokenizer::Tokenizer& tokenizer, std::vector<std::s
 
 std::string TextStream::Push(int32_t id) {
   if (stopped_) return {};
-  held_ += decoder_.Push(id);
+  const std::string decoded = decoder_.Push(id);
+  code_points_ += CodePoints(decoded);
+  held_ += decoded;
   if (stop_.empty()) return std::exchange(held_, {});
 
   // Everything released so far is free of stop strings and of any suffix that
@@ -41,7 +44,9 @@ std::string TextStream::Push(int32_t id) {
 
 std::string TextStream::Flush() {
   if (stopped_) return {};
-  std::string rest = held_ + decoder_.Flush();
+  const std::string decoded = decoder_.Flush();
+  code_points_ += CodePoints(decoded);
+  std::string rest = held_ + decoded;
   held_.clear();
   // The final bytes (an incomplete character turned U+FFFD) may complete a stop string.
   for (const std::string& s : stop_) {
@@ -52,6 +57,63 @@ std::string TextStream::Flush() {
     }
   }
   return rest;
+}
+
+namespace {
+
+// Length of the whole UTF-8 character at the start of `s`, 0 if none starts
+// there (Unicode table 3-7: no overlongs, surrogates or values past U+10FFFF).
+size_t WholeCharacter(std::string_view s) {
+  const auto byte = [&](size_t i) { return static_cast<uint8_t>(s[i]); };
+  const uint8_t c = byte(0);
+  if (c < 0x80) return 1;
+  size_t len = 0;
+  uint8_t lo = 0x80, hi = 0xBF;
+  if (c >= 0xC2 && c <= 0xDF) {
+    len = 2;
+  } else if (c >= 0xE0 && c <= 0xEF) {
+    len = 3;
+    if (c == 0xE0) lo = 0xA0;
+    if (c == 0xED) hi = 0x9F;
+  } else if (c >= 0xF0 && c <= 0xF4) {
+    len = 4;
+    if (c == 0xF0) lo = 0x90;
+    if (c == 0xF4) hi = 0x8F;
+  } else {
+    return 0;
+  }
+  if (s.size() < len || byte(1) < lo || byte(1) > hi) return 0;
+  for (size_t i = 2; i < len; ++i) {
+    if ((byte(i) & 0xC0) != 0x80) return 0;
+  }
+  return len;
+}
+
+}  // namespace
+
+std::string TokenDisplayText(std::string_view bytes, bool legacy) {
+  std::string out;
+  bool escaped = false;
+  for (size_t i = 0; i < bytes.size();) {
+    const size_t len = WholeCharacter(bytes.substr(i));
+    if (len > 0) {
+      out.append(bytes.substr(i, len));
+      i += len;
+      continue;
+    }
+    char hex[5];
+    std::snprintf(hex, sizeof(hex), "\\x%02x", static_cast<uint8_t>(bytes[i]));
+    out += hex;
+    escaped = true;
+    ++i;
+  }
+  return legacy && escaped ? "bytes:" + out : out;
+}
+
+int64_t CodePoints(std::string_view utf8) {
+  int64_t n = 0;
+  for (char c : utf8) n += (static_cast<uint8_t>(c) & 0xC0) != 0x80;
+  return n;
 }
 
 }  // namespace joule::http

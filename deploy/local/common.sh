@@ -36,6 +36,10 @@ JOULE_PROMETHEUS_PACKAGES=(prometheus)
 # Only for deploy/slurm's test against a real Slurm on this machine (tests/e2e/slurm_e2e.sh).
 JOULE_SLURM_PACKAGES=(slurm-wlm munge)
 
+# Only for the tests that run npm packages (tests/k8s: the API schemas; tests/openai_sdk: the
+# official OpenAI SDK). Skipped where node and npm already exist (e.g. NodeSource's nodejs).
+JOULE_NODE_PACKAGES=(nodejs npm)
+
 joule_log() { printf '\033[1m[joule]\033[0m %s\n' "$*" >&2; }
 
 # Installs whatever of JOULE_PACKAGES (and the packages named) is missing (apt), once.
@@ -77,4 +81,18 @@ joule_carry_libs() {
   for f in "$@"; do ldd "$f" 2>/dev/null || true; done | awk '$3 ~ /^\// {print $3}' | sort -u |
     grep -Ev '/usr/local/cuda|/(libc|libm|libdl|libpthread|librt|libgcc_s|libstdc\+\+)\.so' |
     xargs -r -I{} cp -L {} "$dest/"
+}
+
+# For a test that needs optional packages: installs them when one of the commands is missing
+# (as root); exits 77 (ctest: skipped) when one is missing and this is not root.
+#   joule_require "prometheus promtool" "${JOULE_PROMETHEUS_PACKAGES[@]}"
+joule_require() {
+  local commands="$1" c
+  shift
+  for c in $commands; do
+    command -v "$c" >/dev/null && continue
+    [ "$(id -u)" = 0 ] || { echo "SKIP: $c is not installed and this is not root"; exit 77; }
+    joule_install_packages "$@"
+    return 0
+  done
 }

@@ -31,14 +31,26 @@ GemmBlockFn SelectBlockFn() {
 // (dynamic balance) and that an item's weight rows (<= ~256 KiB) stay in L2
 // while every row tile of x goes past them, and a multiple of the tile widths
 // (8 and 4 for 1-2 rows; 2, 3, 4, 6 and 8 for 3-4 rows) so tiles stay full.
-int64_t ColumnsPerItem(int64_t m, int64_t k, int64_t n, bool bf16, CpuStream stream) {
+int64_t ColumnsPerItem(int64_t m, int64_t k, int64_t n, WeightType type, CpuStream stream) {
   constexpr int64_t kL2Bytes = 256 * 1024;
   constexpr int64_t kItemsPerThread = 4;
   const int64_t align = m <= 2 ? 8 : 24;
   const int64_t items = kItemsPerThread * (stream.pool != nullptr ? stream.pool->num_threads() : 1);
-  const int64_t row_bytes = std::max<int64_t>(1, k * (bf16 ? 2 : 4));
+  const int64_t row_bytes = std::max<int64_t>(1, k * static_cast<int64_t>(ElementBytes(type)));
   const int64_t cols = std::min(kL2Bytes / row_bytes, (n + items - 1) / items);
   return std::max<int64_t>(align, (cols + align - 1) / align * align);
+}
+
+// The FP8 fields of a block over weights of `type` with scale grid geometry
+// `blocks` (k inputs per row).
+void SetWeightBlocks(GemmBlock& b, WeightType type, const WeightBlocks& blocks, int64_t k) {
+  b.w_bf16 = type == WeightType::kBF16;
+  b.w_fp8 = type == WeightType::kF8E4M3;
+  if (!b.w_fp8) return;
+  b.block_rows = blocks.rows;
+  b.block_cols = blocks.cols;
+  b.scale_row0 = blocks.first_row;
+  b.scale_ld = (k + blocks.cols - 1) / blocks.cols;
 }
 
 }  // namespace
@@ -51,7 +63,8 @@ void LaunchGemm(const GemmParams& p, CpuStream stream) {
   b.x = p.x;
   b.ldx = p.ldx != 0 ? p.ldx : p.k;
   b.w = p.w;
-  b.w_bf16 = p.w_type == WeightType::kBF16;
+  SetWeightBlocks(b, p.w_type, p.w_blocks, p.k);
+  b.w_scale_inv = p.w_scale_inv;
   b.k = p.k;
   b.bias = p.bias;
   b.y = p.y;
@@ -60,7 +73,7 @@ void LaunchGemm(const GemmParams& p, CpuStream stream) {
   b.m0 = 0;
   b.m1 = p.m;
   const GemmBlockFn fn = SelectBlockFn();
-  const int64_t cols = ColumnsPerItem(p.m, p.k, p.n, b.w_bf16, stream);
+  const int64_t cols = ColumnsPerItem(p.m, p.k, p.n, p.w_type, stream);
   const int64_t items = (p.n + cols - 1) / cols;
   ParallelFor(stream, items, 1, [&](int64_t begin, int64_t end) {
     GemmBlock blk = b;
@@ -74,10 +87,9 @@ void LaunchGemm(const GemmParams& p, CpuStream stream) {
 
 void LaunchGroupedGemm(const GroupedGemmParams& p, CpuStream stream) {
   if (p.num_groups <= 0 || p.n <= 0) return;
-  const bool bf16 = p.w_type == WeightType::kBF16;
   // Rows per group vary; size items for a typical group (tokens * top_k / groups).
   const int64_t avg_rows = p.row_offsets[p.num_groups] / p.num_groups;
-  const int64_t cols = ColumnsPerItem(avg_rows, p.k, p.n, bf16, stream);
+  const int64_t cols = ColumnsPerItem(avg_rows, p.k, p.n, p.w_type, stream);
   const int64_t col_items = (p.n + cols - 1) / cols;
   // One work item per (non-empty group, column block): an expert with many
   // tokens becomes many items, an idle expert none.
@@ -93,12 +105,13 @@ void LaunchGroupedGemm(const GroupedGemmParams& p, CpuStream stream) {
   proto.x_bf16 = p.x_type == RowType::kBF16;
   proto.ldx = p.ldx != 0 ? p.ldx : p.k;
   proto.x_rows = p.x_rows;
-  proto.w_bf16 = bf16;
+  SetWeightBlocks(proto, p.w_type, p.w_blocks, p.k);
   proto.k = p.k;
   proto.y = p.y;
   proto.ldy = p.n;
   const auto run = [&](GemmBlock& b, int g, int64_t col_item) {
     b.w = p.w[g];
+    if (b.w_fp8) b.w_scale_inv = static_cast<const float*>(p.w_scale_inv[g]);
     b.m0 = p.row_offsets[g];
     b.m1 = p.row_offsets[g + 1];
     b.n0 = col_item * cols;

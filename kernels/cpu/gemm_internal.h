@@ -18,6 +18,11 @@ struct GemmBlock {
   const int32_t* x_rows = nullptr;
   const void* w = nullptr;   // [n, k] dense rows
   bool w_bf16 = true;
+  // FP8 E4M3 codes instead (w_bf16 false): W[r, c] = e4m3(w[r, c]) *
+  // w_scale_inv[(scale_row0 + r) / block_rows * scale_ld + c / block_cols].
+  bool w_fp8 = false;
+  const float* w_scale_inv = nullptr;
+  int64_t block_rows = 0, block_cols = 0, scale_row0 = 0, scale_ld = 0;
   int64_t k = 0;
   const float* bias = nullptr;
   float* y = nullptr;        // row r at y + r * ldy

@@ -11,8 +11,10 @@
 
 #include <bit>
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/cpu/gemm_internal.h"
+#include "kernels/cpu/simd_scalar.h"
 
 namespace joule::kernels::cpu {
 namespace {  // internal linkage: one copy per ISA translation unit
@@ -33,8 +35,14 @@ inline float* GemmRowY(const GemmBlock& b, int64_t m) {
   return b.y + row * b.ldy;
 }
 
+template <class V, class X, int MR, int NR, bool kPrefetch>
+inline void GemmTileFp8(const GemmBlock& b, int64_t m, int64_t n);
+
 template <class V, class X, class W, int MR, int NR, bool kPrefetch>
 inline void GemmTile(const GemmBlock& b, int64_t m, int64_t n) {
+  if constexpr (std::is_same_v<W, uint8_t>) {
+    return GemmTileFp8<V, X, MR, NR, kPrefetch>(b, m, n);
+  }
   constexpr int L = V::kLanes;
   const int64_t k = b.k;
   const X* x[MR];
@@ -97,6 +105,86 @@ inline void GemmTile(const GemmBlock& b, int64_t m, int64_t n) {
   }
 }
 
+// GemmTile over FP8 E4M3 weights with block scales. The k loop runs block by
+// block of the scale grid: each column's scale is set once per block, and each
+// widened weight vector (the code's value times 2^-8, see simd_avx2.h) is
+// multiplied by it before its MR FMAs, so the products are those of the
+// dequantized weights scaled by 2^-8 (which commutes with every rounding outside
+// the subnormal range) and the dot product is multiplied by 2^8 once at the
+// end: the F32 GEMM over dequantized weights in the same summation order. A block width that is not a
+// multiple of the vector length costs a masked tail per block, nothing more.
+template <class V, class X, int MR, int NR, bool kPrefetch>
+inline void GemmTileFp8(const GemmBlock& b, int64_t m, int64_t n) {
+  constexpr int L = V::kLanes;
+  const int64_t k = b.k;
+  const X* x[MR];
+  const uint8_t* w[NR];
+  const uint8_t* next[NR];
+  const float* scale_row[NR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) x[i] = GemmRowX<X>(b, m + i);
+#pragma GCC unroll 8
+  for (int j = 0; j < NR; ++j) {
+    w[j] = static_cast<const uint8_t*>(b.w) + (n + j) * k;
+    next[j] = n + NR + j < b.n1 ? w[j] + NR * k : w[j];
+    scale_row[j] = b.w_scale_inv + (b.scale_row0 + n + j) / b.block_rows * b.scale_ld;
+  }
+
+  typename V::Reg acc[MR][NR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) acc[i][j] = V::Zero();
+
+  for (int64_t k0 = 0, block = 0; k0 < k; k0 += b.block_cols, ++block) {
+    const int64_t k1 = k - k0 < b.block_cols ? k : k0 + b.block_cols;
+    typename V::Reg scale[NR];
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) scale[j] = V::Set1(scale_row[j][block]);
+    int64_t kk = k0;
+    for (; kk + L <= k1; kk += L) {
+      typename V::Reg xv[MR];
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) {
+        xv[i] = V::LoadW(x[i] + kk);
+        V::Pin(xv[i]);
+      }
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; ++j) {
+        if constexpr (kPrefetch) V::Prefetch(next[j] + kk);
+        const typename V::Reg wv = V::Mul(V::LoadW(w[j] + kk), scale[j]);
+#pragma GCC unroll 8
+        for (int i = 0; i < MR; ++i) acc[i][j] = V::Fma(xv[i], wv, acc[i][j]);
+      }
+    }
+    if (kk < k1) {  // the block's tail: masked loads read zeros past it
+      const int rem = static_cast<int>(k1 - kk);
+      typename V::Reg xv[MR];
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) xv[i] = V::LoadWTail(x[i] + kk, rem);
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; ++j) {
+        const typename V::Reg wv = V::Mul(V::LoadWTail(w[j] + kk, rem), scale[j]);
+#pragma GCC unroll 8
+        for (int i = 0; i < MR; ++i) acc[i][j] = V::Fma(xv[i], wv, acc[i][j]);
+      }
+    }
+  }
+
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    const float row_scale = b.row_scale != nullptr ? b.row_scale[m + i] : 1.0f;
+    float* y = GemmRowY(b, m + i) + n;
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) {
+      float r = V::ReduceAdd(acc[i][j]) * 256.0f;
+      if (b.bias != nullptr) r += b.bias[n + j];
+      if (b.row_scale != nullptr) r *= row_scale;
+      y[j] = b.accumulate ? y[j] + r : r;
+    }
+  }
+}
+
 // The last `rem` (< NR) columns as one narrower tile: a column at a time would
 // load the MR x vectors once per column (the gate/up projection of a tiny
 // model has n = 16 = 6 + 6 + 4 on AVX-512).
@@ -129,6 +217,20 @@ inline void GemmRowTile(const GemmBlock& b, int64_t m) {
 inline float Widen(float w) { return w; }
 inline float Widen(uint16_t w) {  // BF16 is the high half of an F32
   return std::bit_cast<float>(static_cast<uint32_t>(w) << 16);
+}
+
+// Weight (row, kk) of the block as F32: FP8 codes times their block's scale
+// (exactly the dequantized weight), other types widened.
+template <class W>
+inline float WeightAt(const GemmBlock& b, const W* row, int64_t row_index, int64_t kk) {
+  if constexpr (std::is_same_v<W, uint8_t>) {
+    // Scalar's widening is exact: the code's value times 2^-8.
+    const float value = Scalar::LoadW(row + kk) * 256.0f;
+    return value * b.w_scale_inv[(b.scale_row0 + row_index) / b.block_rows * b.scale_ld +
+                                 kk / b.block_cols];
+  } else {
+    return Widen(row[kk]);
+  }
 }
 
 // Rows shorter than two vectors (the down projection of a tiny test model has
@@ -187,7 +289,7 @@ inline void GemmBlockShortK(const GemmBlock& b) {
     const int64_t nc = b.n1 - c0 < kPanel ? b.n1 - c0 : kPanel;
     for (int64_t j = 0; j < nc; ++j) {
       const W* row = static_cast<const W*>(b.w) + (c0 + j) * k;
-      for (int64_t kk = 0; kk < k; ++kk) wt[kk * kPanel + j] = Widen(row[kk]);
+      for (int64_t kk = 0; kk < k; ++kk) wt[kk * kPanel + j] = WeightAt(b, row, c0 + j, kk);
     }
     for (int64_t m = b.m0; m < b.m1; ++m) {
       const X* x = GemmRowX<X>(b, m);
@@ -229,6 +331,10 @@ inline void GemmBlockImpl(const GemmBlock& b) {
 
 template <class V, class Tiles>
 inline void GemmBlockDispatch(const GemmBlock& b) {
+  if (b.w_fp8) {
+    if (b.x_bf16) return GemmBlockImpl<V, uint16_t, uint8_t, Tiles>(b);
+    return GemmBlockImpl<V, float, uint8_t, Tiles>(b);
+  }
   if (b.x_bf16) {
     if (b.w_bf16) return GemmBlockImpl<V, uint16_t, uint16_t, Tiles>(b);
     return GemmBlockImpl<V, uint16_t, float, Tiles>(b);

@@ -64,7 +64,80 @@ void AxpyF32RowScalar(float w, const float* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] += w * src[i];
 }
 
+namespace {
+
+// Inserts (value, id) into ids/values, kept sorted by decreasing value with
+// `*filled` of `k` entries used. Called with ids in increasing order, it keeps
+// the lower id first among equal values.
+inline void InsertTopK(float value, int32_t id, int k, int* filled, int32_t* ids, float* values) {
+  if (*filled == k && !(value > values[k - 1])) return;
+  int i = *filled < k ? (*filled)++ : k - 1;
+  for (; i > 0 && value > values[i - 1]; --i) {
+    values[i] = values[i - 1];
+    ids[i] = ids[i - 1];
+  }
+  values[i] = value;
+  ids[i] = id;
+}
+
+// noaux_tc for one token (RouterMethod::kNoauxTc in kernels/params/moe.h).
+// `score`, `choice` and `group_ids`/`group_score` are the caller's scratch.
+void NoauxTcToken(const RouterTopKParams& p, const float* logits, float* score, float* choice,
+                  int32_t* group_ids, float* group_score, int32_t* ids, float* w) {
+  const int ne = p.num_experts;
+  const int per_group = ne / p.num_groups;
+  for (int e = 0; e < ne; ++e) {
+    score[e] = 1.0f / (1.0f + std::exp(-logits[e]));
+    choice[e] = score[e] + p.selection_bias[e];
+  }
+  // Each group's score: its two largest biased scores, summed (top1 + top2).
+  int kept = 0;
+  for (int g = 0; g < p.num_groups; ++g) {
+    const float* c = choice + g * per_group;
+    float top1 = c[0], top2 = c[1];
+    if (top2 > top1) std::swap(top1, top2);
+    for (int i = 2; i < per_group; ++i) {
+      if (c[i] > top1) {
+        top2 = top1;
+        top1 = c[i];
+      } else if (c[i] > top2) {
+        top2 = c[i];
+      }
+    }
+    InsertTopK(top1 + top2, g, p.topk_groups, &kept, group_ids, group_score);
+  }
+  // The top_k biased scores among the kept groups' experts, in id order so
+  // the lower id wins a tie.
+  std::sort(group_ids, group_ids + kept);
+  int filled = 0;
+  for (int i = 0; i < kept; ++i) {
+    const int first = group_ids[i] * per_group;
+    for (int e = first; e < first + per_group; ++e) InsertTopK(choice[e], e, p.top_k, &filled, ids, w);
+  }
+  // Weights: the unbiased scores.
+  float total = 0.0f;
+  for (int j = 0; j < p.top_k; ++j) {
+    w[j] = score[ids[j]];
+    total += w[j];
+  }
+  const float denominator = total + 1e-20f;
+  for (int j = 0; j < p.top_k; ++j) w[j] = (p.renormalize ? w[j] / denominator : w[j]) * p.scaling;
+}
+
+}  // namespace
+
 void LaunchRouterTopK(const RouterTopKParams& p, CpuStream stream) {
+  if (p.method == RouterMethod::kNoauxTc) {
+    ParallelFor(stream, p.tokens, 64, [&](int64_t begin, int64_t end) {
+      std::vector<float> score(p.num_experts), choice(p.num_experts), group_score(p.topk_groups);
+      std::vector<int32_t> group_ids(p.topk_groups);
+      for (int64_t t = begin; t < end; ++t) {
+        NoauxTcToken(p, p.logits + t * p.num_experts, score.data(), choice.data(), group_ids.data(),
+                     group_score.data(), p.expert_ids + t * p.top_k, p.weights + t * p.top_k);
+      }
+    });
+    return;
+  }
   const int ne = p.num_experts;
   const int k = p.top_k;
   ParallelFor(stream, p.tokens, 64, [&](int64_t begin, int64_t end) {
@@ -86,16 +159,7 @@ void LaunchRouterTopK(const RouterTopKParams& p, CpuStream stream) {
       int32_t* ids = p.expert_ids + t * k;
       float* w = p.weights + t * k;
       int filled = 0;
-      for (int e = 0; e < ne; ++e) {
-        if (filled == k && !(prob[e] > w[k - 1])) continue;
-        int i = filled < k ? filled++ : k - 1;
-        for (; i > 0 && prob[e] > w[i - 1]; --i) {
-          w[i] = w[i - 1];
-          ids[i] = ids[i - 1];
-        }
-        w[i] = prob[e];
-        ids[i] = e;
-      }
+      for (int e = 0; e < ne; ++e) InsertTopK(prob[e], e, k, &filled, ids, w);
       if (p.renormalize) {
         float total = 0.0f;
         for (int j = 0; j < k; ++j) total += w[j];

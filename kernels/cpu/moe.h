@@ -15,10 +15,12 @@ using ::joule::kernels::GatherRowsParams;
 using ::joule::kernels::MoeLayoutParams;
 using ::joule::kernels::PermuteParams;
 using ::joule::kernels::ReduceRowsParams;
+using ::joule::kernels::RouterMethod;
 using ::joule::kernels::RouterTopKParams;
 using ::joule::kernels::RowType;
 using ::joule::kernels::UnpermuteParams;
 
+// Both RouterMethods.
 void LaunchRouterTopK(const RouterTopKParams& p, CpuStream stream);
 
 // Runs synchronously on the calling thread. Expert ids outside

@@ -38,6 +38,7 @@ struct Avx512 {
   static void Prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
   static Reg Fma(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
   static Reg Add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
+  static Reg Mul(Reg a, Reg b) { return _mm512_mul_ps(a, b); }
   static float ReduceAdd(Reg v) {
     // Fold 512 -> 128 bits with in-register lane shuffles, then finish in SSE.
     v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(1, 0, 3, 2)));
@@ -73,6 +74,22 @@ struct Avx512 {
   }
   static Reg LoadW(const float* p) { return Load(p); }
   static Reg LoadWTail(const float* p, int count) { return LoadTail(p, count); }
+
+  // FP8 E4M3 codes, widened to their value times 2^-8 (see simd_avx2.h).
+  static Reg LoadW(const uint8_t* p) {
+    return DecodeE4M3(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static Reg LoadWTail(const uint8_t* p, int count) {
+    return DecodeE4M3(_mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << count) - 1), p));
+  }
+  static Reg DecodeE4M3(__m128i codes) {
+    const __m256i h = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(codes), 7),
+                                       _mm256_set1_epi16(static_cast<short>(0xbf80)));
+    // S.1111.111 (NaN) lanes keep NaN; the others are converted.
+    const __mmask16 nan = _mm_cmpeq_epi8_mask(_mm_or_si128(codes, _mm_set1_epi8(static_cast<char>(0x80))),
+                                              _mm_set1_epi8(-1));
+    return _mm512_mask_cvtph_ps(_mm512_set1_ps(__builtin_nanf("")), static_cast<__mmask16>(~nan), h);
+  }
 };
 
 }  // namespace

@@ -88,6 +88,10 @@ __global__ void __launch_bounds__(kThreads) GemmKernel(GemmParams p, int64_t ldx
 }  // namespace
 
 absl::Status LaunchGemm(const GemmParams& p, cudaStream_t stream) {
+  if (p.w_type == WeightType::kF8E4M3) {
+    return absl::UnimplementedError(
+        "Gemm: block-scaled FP8 weights are not implemented on CUDA yet (CPU only)");
+  }
   if (p.m < 0 || p.n < 0 || p.k < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("Gemm: negative shape m=", p.m, " n=", p.n, " k=", p.k));

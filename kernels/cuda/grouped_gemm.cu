@@ -335,6 +335,10 @@ __global__ void __launch_bounds__(kThreads) GroupedGemmKernel(GroupedGemmParams 
 }
 
 absl::Status ValidateGroupedGemm(const GroupedGemmParams& p) {
+  if (p.w_type == WeightType::kF8E4M3) {
+    return absl::UnimplementedError(
+        "GroupedGemm: block-scaled FP8 weights are not implemented on CUDA yet (CPU only)");
+  }
   if (p.w_type != WeightType::kBF16) {
     return absl::InvalidArgumentError(
         absl::StrCat("GroupedGemm: w_type must be bf16 on CUDA (got ", DTypeName(p.w_type), ")"));

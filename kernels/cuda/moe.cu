@@ -257,6 +257,10 @@ void LaunchGatherRowsFrom(const GatherRowsParams& p, cudaStream_t stream) {
 }  // namespace
 
 absl::Status LaunchRouterTopK(const RouterTopKParams& p, cudaStream_t stream) {
+  if (p.method != RouterMethod::kSoftmaxTopK) {
+    return absl::UnimplementedError(
+        "RouterTopK: noaux_tc routing (DeepSeek-V3) is not implemented on CUDA yet (CPU only)");
+  }
   if (p.tokens < 0) return absl::InvalidArgumentError("RouterTopK: negative tokens");
   if (p.num_experts <= 0 || p.num_experts > kMaxRouterExperts) {
     return absl::InvalidArgumentError(absl::StrCat("RouterTopK: num_experts must be in [1, ",

@@ -17,6 +17,7 @@ using ::joule::kernels::ExpertLoadParams;
 using ::joule::kernels::GatherRowsParams;
 using ::joule::kernels::MoeLayoutParams;
 using ::joule::kernels::PermuteParams;
+using ::joule::kernels::RouterMethod;
 using ::joule::kernels::RouterTopKParams;
 using ::joule::kernels::RowType;
 using ::joule::kernels::UnpermuteParams;

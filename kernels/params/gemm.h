@@ -1,10 +1,17 @@
-// Parameters of the dense GEMM with BF16 or F32 weights and F32 activations,
-// shared by kernels::cpu::LaunchGemm and kernels::cuda::LaunchGemm.
+// Parameters of the dense GEMM with BF16, F32 or block-scaled FP8 weights and
+// F32 activations, shared by kernels::cpu::LaunchGemm and kernels::cuda::LaunchGemm.
 //
 // Weights use PyTorch's nn.Linear layout: W is [n, k] row-major and
 // y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]). BF16 weights are read as stored
 // (on the CPU straight from the mmapped checkpoint) and widened in registers;
 // accumulation is F32, so the two backends agree up to summation order.
+//
+// FP8 (w_type kF8E4M3, DeepSeek-V3's checkpoints): W[n, k] is
+// e4m3(codes[n, k]) * w_scale_inv[(first_row + n) / rows][k / cols], the F32
+// scale of its block (checkpoints name it `weight_scale_inv`: it multiplies).
+// The CPU widens the codes and applies the scale in registers, so the result is
+// the F32 GEMM over the dequantized weights up to summation order; the codes
+// stay in memory as stored. CUDA: Unimplemented.
 //
 // Pointers are host memory for kernels::cpu launches and device memory for
 // kernels::cuda launches. Device-neutral: no CUDA or thread-pool types here.
@@ -15,6 +22,14 @@
 #include "kernels/params/types.h"
 
 namespace joule::kernels {
+
+// How an FP8 weight's rows and columns map onto its scale grid, which is
+// [ceil(rows of the whole matrix / rows), ceil(k / cols)] F32, row-major.
+struct WeightBlocks {
+  int64_t rows = 128;     // output features per block
+  int64_t cols = 128;     // input features per block
+  int64_t first_row = 0;  // the matrix row that w's row 0 is (w a column chunk of it)
+};
 
 struct GemmParams {
   const float* x = nullptr;  // [m, ldx]
@@ -31,6 +46,9 @@ struct GemmParams {
   // CUDA: tensor cores take BF16 inputs, so F32 x is rounded to BF16 into
   // this caller-owned scratch first (Backend::GemmWorkspaceBytes; CPU: none).
   void* workspace = nullptr;
+  // kF8E4M3 only: the F32 block scales and their geometry.
+  const float* w_scale_inv = nullptr;
+  WeightBlocks w_blocks;
 };
 
 // One GEMM per group over contiguous row ranges of x (tokens permuted by
@@ -64,6 +82,10 @@ struct GroupedGemmParams {
   // bound on row_offsets[num_groups] (e.g. tokens * top_k); the CPU reads the
   // offsets themselves and ignores it.
   int64_t max_rows = 0;
+  // kF8E4M3 only: [num_groups] pointers to each w[g]'s F32 block scales (as
+  // GemmParams::w_scale_inv), one geometry for all groups.
+  const void* const* w_scale_inv = nullptr;
+  WeightBlocks w_blocks;
 };
 
 }  // namespace joule::kernels

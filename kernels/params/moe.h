@@ -15,9 +15,25 @@
 
 namespace joule::kernels {
 
-// Softmax over all experts (F32), then the top_k largest (ties: lower expert id
-// first), optionally renormalized to sum to 1 (Qwen's norm_topk_prob, Mixtral
-// always). Outputs are ordered by decreasing weight.
+// How a router turns its logits into top_k experts and weights.
+enum class RouterMethod : uint8_t {
+  // Softmax over all experts (F32), then the top_k largest (ties: lower
+  // expert id first), optionally renormalized to sum to 1 (Qwen's
+  // norm_topk_prob, Mixtral always). Ordered by decreasing weight.
+  kSoftmaxTopK,
+  // DeepSeek-V3's noaux_tc: scores = sigmoid(logits) (F32); the choice uses
+  // scores + selection_bias: each of num_groups contiguous groups of experts
+  // scores the sum of its 2 largest biased scores, the topk_groups best groups
+  // are kept, and the top_k largest biased scores within them are chosen
+  // (ties: lower group / expert id first). The weights are the chosen
+  // experts' unbiased scores, divided by their sum (+1e-20) when renormalize,
+  // times scaling (routed_scaling_factor). Ordered by decreasing biased score.
+  // Experts outside the kept groups are never chosen (DeepSeek's and vLLM's
+  // -inf mask; transformers fills them with 0.0, which chooses the same
+  // while the biased scores are positive).
+  kNoauxTc,
+};
+
 struct RouterTopKParams {
   const float* logits = nullptr;  // [tokens, num_experts]
   int64_t tokens = 0;
@@ -30,6 +46,12 @@ struct RouterTopKParams {
   // tokens at or past *valid_tokens are padding and get expert id -1 and
   // weight 0, so the layout leaves them out. Null: every token is real.
   const int64_t* valid_tokens = nullptr;
+  RouterMethod method = RouterMethod::kSoftmaxTopK;
+  // kNoauxTc only (CPU launch only so far):
+  const float* selection_bias = nullptr;  // [num_experts] e_score_correction_bias
+  int num_groups = 1;                     // n_group; divides num_experts, >= 2 experts each
+  int topk_groups = 1;                    // topk_group
+  float scaling = 1.0f;                   // routed_scaling_factor
 };
 
 // Groups the tokens*top_k (token, choice) slots by expert, stable in slot order.

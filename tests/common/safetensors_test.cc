@@ -82,6 +82,7 @@ TEST_F(SafetensorsTest, RoundTripPreservesBytesShapesDtypesAndAlignment) {
   std::vector<uint16_t> bf16 = {F32ToBf16(1.f), F32ToBf16(2.f), F32ToBf16(-3.f), F32ToBf16(4.f)};
   std::vector<float> f32_after = {7.f, 8.f, 9.f};  // would be misaligned if laid out after f16
   float scalar = 3.25f;
+  std::vector<uint8_t> f8 = {0x38, 0xfe, 0x01};  // 1, -448, 2^-9: 3 bytes, laid out last
 
   std::vector<TensorToWrite> tensors = {
       {"model.embed_tokens.weight", DType::kF32, {2, 3}, f32.data()},
@@ -90,6 +91,7 @@ TEST_F(SafetensorsTest, RoundTripPreservesBytesShapesDtypesAndAlignment) {
       {"layers.0.after_f16", DType::kF32, {3}, f32_after.data()},
       {"scalar", DType::kF32, {}, &scalar},
       {"empty", DType::kF16, {0, 5}, nullptr},
+      {"layers.0.mlp.down_proj.weight", DType::kF8E4M3, {1, 3}, f8.data()},
   };
   std::map<std::string, std::string> metadata = {{"format", "pt"}, {"joule", "test"}};
   const std::string path = Path("model.safetensors");
@@ -219,7 +221,7 @@ TEST_F(SafetensorsTest, MissingShapeAndOffsets) {
 }
 
 TEST_F(SafetensorsTest, UnsupportedDtypes) {
-  for (const char* dtype : {"I64", "F8_E4M3", "BOOL", "F64", "bf16"}) {
+  for (const char* dtype : {"I64", "F8_E5M2", "BOOL", "F64", "bf16", "f8_e4m3"}) {
     SCOPED_TRACE(dtype);
     std::string header =
         std::string(R"({"layers.3.w": {"dtype": ")") + dtype + R"(", "shape": [1], "data_offsets": [0, 8]}})";

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 
-from e2e_util import FAILURES, check
+from e2e_util import FAILURES, check, scrape
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -224,7 +224,7 @@ def test_stop_strings(api, model):
 def test_errors(api, model):
     cases = [
         ({"model": model, "prompt": "x", "temperature": "hot"}, 400, "temperature", None),
-        ({"model": model, "prompt": "x", "n": 2}, 400, "n", None),
+        ({"model": model, "prompt": "x", "n": 17}, 400, "n", None),
         ({"model": model, "prompt": "x" * 600}, 400, "prompt", "context_length_exceeded"),
         ({"model": model, "prompt": [100000]}, 400, "prompt", None),
     ]
@@ -273,19 +273,11 @@ def test_concurrent_streams(api, model, n):
 
 
 def worker_metric(ports, names):
-    """[{name: value}] per worker from its /metrics."""
+    """[{name: value}] per worker from its /metrics (a metric's series summed)."""
     out = []
     for port in ports:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
-        conn.close()
-        vals = {}
-        for line in text.splitlines():
-            for name in names:
-                if line.startswith(name + "{") or line.startswith(name + " "):
-                    vals[name] = float(line.rsplit(" ", 1)[1])
-        out.append(vals)
+        samples = scrape(port)
+        out.append({name: sum(samples[name].values()) for name in names if name in samples})
     return out
 
 
@@ -340,6 +332,37 @@ def test_prefix_cache(api, model, ports):
     check(hits >= sum(cached), "shared prompt: workers counted %d hit tokens, responses %d" % (hits, sum(cached)))
     check(sum(a.get(names[2], 0) for a in after) > 0, "shared prompt: no cached blocks reported %r" % after)
     print("prefix cache: cached_tokens per request %r" % cached, flush=True)
+
+
+def test_prefix_routing(api, model):
+    """Requests that share a system prompt go to the rank that holds it (the coordinator routes
+    for prefix-cache hits): after one request computed it, six sent at once all find it cached,
+    where least-loaded routing would send half of them to the other rank, whose first computes
+    it again. The coordinator counts the hits by tier."""
+    system = "Routing check %s: " % os.urandom(8).hex() + " ".join("rule%d" % i for i in range(40))
+    full_blocks = count_tokens(system) // 16 * 16
+
+    def send(suffix):
+        status, r = api.post("/v1/completions", {"model": model, "prompt": system + suffix, "max_tokens": 2,
+                                                  "temperature": 0})
+        return r["usage"]["prompt_tokens_details"]["cached_tokens"] if status == 200 else -1
+
+    before = scrape(api.port).get("joule_prompt_tokens_cached_total", {}).get('{tier="standard"}', 0)
+    first = send(" first")
+    cached = [None] * 6
+    threads = [threading.Thread(target=lambda i=i: cached.__setitem__(i, send(" user %d" % i))) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    check(first == 0, "prefix routing: the first request found %d tokens cached" % first)
+    check(all(c >= full_blocks - 16 for c in cached),
+          "prefix routing: not every request found the %d-token system prompt cached: %r" % (full_blocks, cached))
+    after = scrape(api.port).get("joule_prompt_tokens_cached_total", {}).get('{tier="standard"}', 0)
+    check(after - before == sum(cached),
+          "prefix routing: joule_prompt_tokens_cached_total{tier=standard} rose by %r, responses say %d" % (
+              after - before, sum(cached)))
+    print("prefix routing: cached_tokens %r of a %d-token system prompt" % (cached, count_tokens(system)), flush=True)
 
 
 def test_disconnect_frees_kv(api, model, ports):
@@ -400,6 +423,7 @@ def main():
                      ("errors", lambda: test_errors(api, a.model)),
                      ("concurrent streams", lambda: test_concurrent_streams(api, a.model, a.concurrency)),
                      ("prefix cache", lambda: test_prefix_cache(api, a.model, ports)),
+                     ("prefix routing", lambda: test_prefix_routing(api, a.model)),
                      ("disconnect frees KV", lambda: test_disconnect_frees_kv(api, a.model, ports)),
                      ("no 5xx", lambda: test_no_5xx(api))]:
         before = len(FAILURES)

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 
-from e2e_util import sse_data
+from e2e_util import scrape, sse_data
 
 TIERS = {"fast": "fast", "priority": "priority", "default": "default", "flex": "flex"}
 
@@ -120,20 +120,6 @@ def order_check(port, model, policy):
     if not want[0] <= batch_before <= want[1]:
         fail("order check: under %s %d batch requests went before the fast ones, expected %d..%d"
              % (policy, batch_before, want[0], want[1]))
-
-
-def scrape(port):
-    """Every joule_ sample of a /metrics page: {name: {labels: value}}."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
-    conn.close()
-    out = {}
-    for line in text.splitlines():
-        m = re.match(r"^(joule_\w+)(\{[^}]*\})? (\S+)$", line)
-        if m:
-            out.setdefault(m.group(1), {})[m.group(2) or ""] = float(m.group(3))
-    return out
 
 
 def total(samples, name):

@@ -11,10 +11,7 @@ BUILD="$1"
 MODEL="$2"
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 source "$ROOT/deploy/local/common.sh"
-if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
-  [ "$(id -u)" = 0 ] || { echo "SKIP: prometheus is not installed and this is not root"; exit 77; }
-  joule_install_packages "${JOULE_PROMETHEUS_PACKAGES[@]}"
-fi
+joule_require "prometheus promtool" "${JOULE_PROMETHEUS_PACKAGES[@]}"
 export UCX_TLS=shm,self
 source "$(dirname "$0")/cluster_lib.sh"
 

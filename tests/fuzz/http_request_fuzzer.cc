@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -41,7 +42,8 @@ constexpr auto kAnswerDeadline = std::chrono::seconds(20);
 constexpr int64_t kMaxContext = 256;
 
 // Answers every request at once: up to 8 of its prompt tokens back, the last
-// with finish_reason length. Keeps nothing, so a long run does not grow.
+// with finish_reason length, with the log probabilities asked for. Keeps
+// nothing, so a long run does not grow.
 class EchoBackend final : public http::GenerationBackend {
  public:
   absl::Status Validate(const v1::GenerateRequest& request) const override {
@@ -61,12 +63,29 @@ class EchoBackend final : public http::GenerationBackend {
       v1::GenerateResponse r;
       r.set_request_id(request.request_id());
       r.add_token_ids(request.prompt_token_ids(i));
+      if (request.sampling().logprobs()) AddLogprob(request, request.prompt_token_ids(i), -1.0f, r.add_logprobs());
+      if (i == 0 && request.sampling().prompt_logprobs()) {
+        for (int32_t id : request.prompt_token_ids()) {
+          AddLogprob(request, id, r.prompt_logprobs_size() == 0 ? NAN : -2.0f, r.add_prompt_logprobs());
+        }
+      }
       if (i + 1 == n) r.set_finish_reason(v1::FINISH_REASON_LENGTH);
       if (!sink->Write(r)) break;
     }
     done(absl::OkStatus());
   }
   void Cancel(const std::string&) override {}
+
+ private:
+  static void AddLogprob(const v1::GenerateRequest& request, int32_t id, float logprob, v1::TokenLogprob* out) {
+    out->set_token_id(id);
+    out->set_logprob(logprob);
+    for (int t = 0; t < request.sampling().top_logprobs(); ++t) {
+      v1::TopLogprob* top = out->add_top();
+      top->set_token_id(t);
+      top->set_logprob(logprob - static_cast<float>(t));
+    }
+  }
 };
 
 struct FrontDoor {

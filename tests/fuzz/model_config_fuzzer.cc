@@ -35,6 +35,21 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   for (int l = 0; l < c.num_layers && l < 4096; ++l) has_dense = has_dense || !c.IsMoeLayer(l);
   if (has_dense) FUZZ_CHECK(c.intermediate_size > 0, "dense layers without intermediate_size");
   if (c.family == joule::ModelFamily::kQwen2Moe) FUZZ_CHECK(c.shared_expert_intermediate_size > 0, "no shared expert");
+  if (c.family == joule::ModelFamily::kDeepseekV3) {
+    const joule::MlaConfig& m = c.mla;
+    FUZZ_CHECK(m.q_lora_rank >= 0 && m.kv_lora_rank > 0 && m.qk_nope_head_dim > 0 &&
+                   m.qk_rope_head_dim > 0 && m.qk_rope_head_dim % 2 == 0 && m.v_head_dim > 0,
+               "MLA sizes");
+    FUZZ_CHECK(c.num_key_value_heads == c.num_attention_heads, "MLA heads");
+    FUZZ_CHECK(c.n_group > 0 && c.num_experts % c.n_group == 0 && c.num_experts / c.n_group >= 2 &&
+                   c.topk_group > 0 && c.topk_group <= c.n_group &&
+                   c.num_experts_per_tok <= c.topk_group * (c.num_experts / c.n_group),
+               "noaux_tc groups");
+    FUZZ_CHECK(std::isfinite(c.routed_scaling_factor) && c.routed_scaling_factor > 0, "routed_scaling_factor");
+    FUZZ_CHECK(std::isfinite(m.softmax_scale) && m.softmax_scale > 0, "softmax_scale %g", m.softmax_scale);
+    FUZZ_CHECK(std::isfinite(c.yarn.attention_factor) && c.yarn.attention_factor > 0, "yarn attention factor");
+    FUZZ_CHECK(!c.fp8.enabled || (c.fp8.block_rows > 0 && c.fp8.block_cols > 0), "fp8 blocks");
+  }
   FUZZ_CHECK(c.bos_token_id >= -1, "bos_token_id %lld", static_cast<long long>(c.bos_token_id));
   for (int64_t id : c.eos_token_ids) FUZZ_CHECK(id >= 0, "eos_token_id %lld", static_cast<long long>(id));
   return 0;

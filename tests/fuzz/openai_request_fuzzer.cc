@@ -2,6 +2,7 @@
 // as both endpoints. A request it accepts must keep the bounds the decoder
 // promises (the rest of the front door relies on them), and its chat messages
 // must render as the front door renders them (ChatML).
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -31,11 +32,29 @@ void CheckAccepted(const http::CompletionRequest& r, http::Endpoint endpoint) {
     FUZZ_CHECK(prompt.ok(), "accepted messages do not render: %s", prompt.status().ToString().c_str());
   } else {
     FUZZ_CHECK(r.messages.empty(), "completion request with messages");
-    if (r.prompt_is_tokens) {
-      for (int32_t id : r.prompt_token_ids) FUZZ_CHECK(id >= 0, "token id %d", id);
-    } else {
-      FUZZ_CHECK(r.prompt_token_ids.empty(), "text prompt with token ids");
+    FUZZ_CHECK(!r.prompts.empty(), "completion request without a prompt");
+    for (const http::Prompt& p : r.prompts) {
+      if (p.is_tokens) {
+        for (int32_t id : p.token_ids) FUZZ_CHECK(id >= 0, "token id %d", id);
+      } else {
+        FUZZ_CHECK(p.token_ids.empty(), "text prompt with token ids");
+      }
     }
+  }
+  const http::RequestLimits limits;
+  FUZZ_CHECK(r.n >= 1 && r.n <= limits.max_n, "n %d", r.n);
+  FUZZ_CHECK(r.best_of >= r.n && r.best_of <= limits.max_best_of, "best_of %d (n %d)", r.best_of, r.n);
+  FUZZ_CHECK(static_cast<int>(r.prompts.size()) <= limits.max_prompts, "%zu prompts", r.prompts.size());
+  FUZZ_CHECK(std::max<int64_t>(1, r.prompts.size()) * r.best_of <= limits.max_generations, "too many generations");
+  FUZZ_CHECK(r.top_logprobs >= 0 && r.top_logprobs <= limits.max_logprobs, "top_logprobs %d", r.top_logprobs);
+  FUZZ_CHECK(r.logprobs || r.top_logprobs == 0, "top_logprobs without logprobs");
+  FUZZ_CHECK(r.presence_penalty >= -2 && r.presence_penalty <= 2, "presence_penalty %g", r.presence_penalty);
+  FUZZ_CHECK(r.frequency_penalty >= -2 && r.frequency_penalty <= 2, "frequency_penalty %g", r.frequency_penalty);
+  FUZZ_CHECK(r.repetition_penalty > 0, "repetition_penalty %g", r.repetition_penalty);
+  FUZZ_CHECK(static_cast<int>(r.logit_bias.size()) <= limits.max_logit_bias, "%zu logit_bias entries",
+             r.logit_bias.size());
+  for (const auto& [id, bias] : r.logit_bias) {
+    FUZZ_CHECK(id >= 0 && bias >= -100 && bias <= 100, "logit_bias %d: %g", id, bias);
   }
 }
 

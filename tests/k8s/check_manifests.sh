@@ -8,6 +8,8 @@ set -euo pipefail
 BUILD="$(cd "$1" && pwd)"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
+source "$ROOT/deploy/local/common.sh"
+joule_require "node npm" "${JOULE_NODE_PACKAGES[@]}"
 work="$BUILD/k8s-check"
 mkdir -p "$work"
 if ! cmp -s "$HERE/package-lock.json" "$work/package-lock.json" || [ ! -d "$work/node_modules" ]; then

@@ -8,6 +8,7 @@
 #include <iterator>
 #include <numeric>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "tests/kernels/kernel_test_util.h"
@@ -80,6 +81,137 @@ TEST_P(MoeTest, RouterTiesPickLowerExpertIdAndOrderByWeight) {
   Routing flat = Route(std::vector<float>(8, 0.25f), 1, 8, 3, false, stream());
   EXPECT_EQ(flat.ids, (std::vector<int32_t>{0, 1, 2}));
   EXPECT_NEAR(flat.weights[0], 1.0f / 8, 1e-7f);
+}
+
+// DeepSeek-V3's noaux_tc routing (RouterMethod::kNoauxTc).
+struct NoauxTcCase {
+  const char* name;
+  int experts, n_group, topk_group, top_k;
+  bool renormalize;
+  float scaling;
+  std::vector<float> logits, bias;
+  std::vector<int32_t> ids;   // per token, sorted by id
+  std::vector<float> weights;  // in the order of ids
+};
+
+Routing RouteNoauxTc(const NoauxTcCase& c, int64_t tokens, CpuStream stream) {
+  Routing r{std::vector<int32_t>(tokens * c.top_k, -1), std::vector<float>(tokens * c.top_k, -1.0f)};
+  RouterTopKParams p;
+  p.method = RouterMethod::kNoauxTc;
+  p.logits = c.logits.data();
+  p.tokens = tokens;
+  p.num_experts = c.experts;
+  p.top_k = c.top_k;
+  p.renormalize = c.renormalize;
+  p.selection_bias = c.bias.data();
+  p.num_groups = c.n_group;
+  p.topk_groups = c.topk_group;
+  p.scaling = c.scaling;
+  p.expert_ids = r.ids.data();
+  p.weights = r.weights.data();
+  LaunchRouterTopK(p, stream);
+  return r;
+}
+
+// Fixture: tests/reference/deepseek_v3_ffn.py routing (reference.py's
+// NoauxTcMoe: HF's DeepseekV3TopkRouter and DeepseekV3MoE weighting).
+const std::vector<NoauxTcCase>& NoauxTcFixtures() {
+  static const std::vector<NoauxTcCase> cases = {
+      // 16 experts, n_group 4, topk_group 2, top_k 3, norm_topk_prob, routed_scaling_factor 2.5;
+      // smallest selection margin 0.00125.
+      {"GroupsOfFour", 16, 4, 2, 3, true, 2.5f,
+       {5.248f, -0.858f, -1.454f, -7.96f, -0.025f, -0.959f, -1.61f, 0.946f, 1.263f, -3.197f, -2.659f,
+        -1.427f, 2.069f, 1.684f, -3.917f, -3.358f, 2.211f, 4.724f, -0.093f, -2.05f, 3.287f, -0.929f,
+        2.177f, 4.647f, 1.89f, 0.22f, 2.197f, -1.928f, -0.534f, -1.722f, -0.613f, -1.459f, -0.557f,
+        -1.142f, 0.267f, 0.191f, 0.889f, 4.208f, -4.641f, 3.887f, -0.712f, -3.697f, -0.517f, 0.276f,
+        3.203f, -3.185f, 0.652f, 0.353f, -5.052f, -3.557f, 1.8f, 2.087f, 3.263f, 1.601f, 1.186f,
+        0.369f, 3.627f, -2.529f, -0.426f, 1.156f, -4.732f, 3.933f, -2.379f, -0.215f, 6.47f, -2.488f,
+        -1.588f, 4.685f, -3.241f, -1.296f, 1.548f, 1.366f, 1.781f, 1.112f, 4.036f, 3.048f, 1.786f,
+        -2.048f, -2.141f, -5.725f, 2.062f, -5.469f, 2.637f, 5.539f, -3.185f, -2.053f, -1.429f,
+        2.491f, -2.59f, -0.392f, -1.569f, -0.754f, 3.874f, -2.893f, 0.215f, 0.815f, 2.576f, -3.792f,
+        3.345f, 1.304f, 2.623f, 0.215f, -4.917f, -1.942f, 2.453f, 0.11f, -0.146f, 5.375f, 6.606f,
+        -0.111f, 5.799f, -5.981f, -6.147f, 2.601f, -0.786f, 1.737f, 1.55f, -0.268f, 2.046f, 0.452f,
+        -4.596f, 0.657f, 0.557f, 5.498f, -3.387f, 0.051f, -1.273f, -0.399f},
+       {0.111f, 0.147f, 0.13f, 0.011f, 0.047f, 0.141f, 0.011f, 0.169f, 0.198f, 0.05f, 0.011f, 0.196f,
+        0.153f, 0.091f, 0.096f, 0.183f},
+       {0, 12, 13, 0, 1, 7, 5, 7, 12, 4, 5, 8, 0, 8, 11, 2, 3, 12, 8, 11, 12, 1, 3, 11},
+       {0.912278891f, 0.814228714f, 0.773492336f, 0.781524539f, 0.859540343f, 0.858935118f,
+        0.841828883f, 0.837184131f, 0.820986986f, 0.869449437f, 0.751210988f, 0.879339576f,
+        0.888629436f, 0.761685371f, 0.849685311f, 0.802015424f, 0.856055498f, 0.841929078f,
+        0.789740324f, 0.853732169f, 0.856527567f, 0.838021696f, 0.76544708f, 0.896531105f}},
+      // 8 experts, n_group 2, topk_group 1, top_k 2, no renormalization, routed_scaling_factor 1.5;
+      // smallest selection margin 0.0732.
+      {"Unnormalized", 8, 2, 1, 2, false, 1.5f,
+       {1.419f, -2.044f, 0.727f, -5.102f, 2.259f, -4.604f, 0.015f, -0.361f, -2.421f, 8.615f, -1.793f,
+        1.417f, 3.288f, -3.646f, 4.027f, -0.366f, 3.038f, -2.742f, -3.089f, 3.629f, 1.506f, 0.417f,
+        1.922f, 1.582f, -3.463f, -6.64f, -5.045f, -5.364f, -6.656f, -1.942f, -1.585f, -0.118f,
+        0.645f, -1.153f, -0.762f, 0.22f, -2.992f, -2.142f, 0.106f, -2.034f, -1.716f, -0.318f, 4.007f,
+        0.956f, -1.013f, -1.756f, -0.345f, 6.725f, -9.442f, 1.605f, 0.697f, 2.603f, -3.445f, 6.343f,
+        3.003f, -0.154f, 0.479f, -2.149f, 0.152f, -0.43f, 2.831f, 1.073f, -0.25f, 2.033f},
+       {0.134f, 0.185f, 0.124f, 0.065f, 0.064f, 0.058f, 0.191f, 0.081f},
+       {0, 2, 4, 6, 0, 3, 6, 7, 0, 3, 2, 3, 5, 6, 4, 7},
+       {1.20777237f, 1.01121986f, 1.44602215f, 1.47372675f, 1.43139243f, 1.4612155f, 0.255132765f,
+        0.705801249f, 0.983824253f, 0.832168818f, 1.47320557f, 1.08348036f, 1.49736607f,
+        1.42906427f, 1.41649222f, 1.3263278f}},
+  };
+  return cases;
+}
+
+TEST_P(MoeTest, NoauxTcMatchesReferenceFixture) {
+  for (const NoauxTcCase& c : NoauxTcFixtures()) {
+    SCOPED_TRACE(c.name);
+    const int64_t tokens = static_cast<int64_t>(c.logits.size()) / c.experts;
+    const int k = c.top_k;
+    Routing r = RouteNoauxTc(c, tokens, stream());
+    for (int64_t t = 0; t < tokens; ++t) {
+      // Ordered by decreasing biased score (sigmoid(logit) + bias).
+      for (int j = 1; j < k; ++j) {
+        const auto biased = [&](int32_t e) {
+          return 1.0 / (1.0 + std::exp(-c.logits[t * c.experts + e])) + c.bias[e];
+        };
+        ASSERT_GE(biased(r.ids[t * k + j - 1]), biased(r.ids[t * k + j])) << "token " << t;
+      }
+      std::vector<std::pair<int32_t, float>> got;
+      for (int j = 0; j < k; ++j) got.emplace_back(r.ids[t * k + j], r.weights[t * k + j]);
+      std::sort(got.begin(), got.end());
+      for (int j = 0; j < k; ++j) {
+        ASSERT_EQ(got[j].first, c.ids[t * k + j]) << "token " << t << " choice " << j;
+        // F32 sigmoid and a sum of k terms: a few ulp of O(1) weights.
+        ASSERT_NEAR(got[j].second, c.weights[t * k + j], 2e-6f) << "token " << t << " expert "
+                                                                << got[j].first;
+      }
+    }
+  }
+}
+
+// The group limit and the selection bias each decide: without them the
+// fixture's tokens would route elsewhere (the test above can fail on either).
+TEST_P(MoeTest, NoauxTcGroupLimitAndBiasChangeTheChoice) {
+  NoauxTcCase c = NoauxTcFixtures()[0];
+  const int64_t tokens = static_cast<int64_t>(c.logits.size()) / c.experts;
+  const Routing with = RouteNoauxTc(c, tokens, stream());
+  NoauxTcCase all_groups = c;
+  all_groups.topk_group = all_groups.n_group;
+  NoauxTcCase no_bias = c;
+  std::fill(no_bias.bias.begin(), no_bias.bias.end(), 0.0f);
+  EXPECT_NE(RouteNoauxTc(all_groups, tokens, stream()).ids, with.ids);
+  EXPECT_NE(RouteNoauxTc(no_bias, tokens, stream()).ids, with.ids);
+}
+
+// Experts outside the kept groups are never chosen, also when every biased
+// score is negative (DeepSeek's -inf mask; transformers' 0.0 fill would pick
+// the excluded experts instead), and ties go to the lower id.
+TEST_P(MoeTest, NoauxTcChoosesWithinKeptGroupsOnly) {
+  // Two groups of 4. Scores are sigmoid(logit) in (0, 1); a bias of -2 makes
+  // every biased score negative. Group 1 (experts 4-7) has the two best.
+  NoauxTcCase c{"Negative", 8, 2, 1, 3, true, 1.0f,
+                {0.0f, -1.0f, -2.0f, -3.0f, 3.0f, 2.0f, -4.0f, -4.0f},
+                std::vector<float>(8, -2.0f), {}, {}};
+  const Routing r = RouteNoauxTc(c, 1, stream());
+  EXPECT_EQ(r.ids, (std::vector<int32_t>{4, 5, 6}));  // 6 and 7 tie: the lower id
+  const double s4 = 1 / (1 + std::exp(-3.0)), s5 = 1 / (1 + std::exp(-2.0)), s6 = 1 / (1 + std::exp(4.0));
+  EXPECT_NEAR(r.weights[0], s4 / (s4 + s5 + s6), 1e-6);
+  EXPECT_NEAR(r.weights[2], s6 / (s4 + s5 + s6), 1e-6);
 }
 
 TEST(MoeLayoutTest, StableCountingSortWithEmptyExperts) {

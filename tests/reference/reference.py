@@ -5,8 +5,10 @@ Follows the math of Hugging Face transformers' modeling code for
   * Qwen3MoeForCausalLM  (modeling_qwen3_moe.py)
   * Qwen2MoeForCausalLM  (modeling_qwen2_moe.py)
   * MixtralForCausalLM   (modeling_mixtral.py)
+  * DeepseekV3ForCausalLM (modeling_deepseek_v3.py; BF16 or FP8 block-scaled weights)
 without depending on transformers or safetensors: weights are read with json +
-numpy and upcast once to float32; every computation runs in float32.
+numpy and upcast once to float32 (FP8 ones dequantized with their block scales);
+every computation runs in float32.
 
 Module use:
     model = load_model("/path/to/checkpoint")
@@ -17,6 +19,7 @@ CLI (see tests/reference/README.md):
     reference.py logits    --model DIR --ids 1,2,3
     reference.py generate  --model DIR --ids 1,2,3 [--steps 12]
     reference.py selfcheck --model DIR
+    reference.py fp8check  --model FP8_DIR --like BF16_DIR
     reference.py golden    --model DIR --name NAME --out FILE [--source TEXT]
     reference.py check     --models-dir DIR --fixtures FILE... [--atol 1e-4]
     reference.py bench     --model DIR --batch 1 --batch 64 --prompt-len 32
@@ -29,6 +32,7 @@ import argparse
 import glob
 import hashlib
 import json
+import math
 import os
 import platform
 import struct
@@ -67,8 +71,9 @@ def _bf16_to_f32(raw_u16):
     return (raw_u16.astype(np.uint32) << 16).view(np.float32)
 
 
-def read_safetensors(path):
-    """Returns {name: float32 numpy array} for one .safetensors file."""
+def read_safetensors(path, dtypes=None):
+    """Returns {name: float32 numpy array} for one .safetensors file; F8_E4M3 values are decoded
+    but not scaled (DeepseekV3Model applies the block scales). Fills `dtypes` {name: dtype}."""
     file_size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -89,15 +94,19 @@ def read_safetensors(path):
         shape = [int(s) for s in info["shape"]]
         begin, end = (int(x) for x in info["data_offsets"])
         count = int(np.prod(shape)) if shape else 1
-        itemsize = {"BF16": 2, "F16": 2, "F32": 4}.get(dtype)
+        itemsize = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1}.get(dtype)
         if itemsize is None:
             raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype} "
-                                  "(reference reads BF16, F16, F32)")
+                                  "(reference reads BF16, F16, F32, F8_E4M3)")
         if end < begin or end > data.shape[0] or end - begin != count * itemsize:
             raise CheckpointError(f"{path}: tensor {name} has bad data_offsets [{begin}, {end}) "
                                   f"for shape {shape} {dtype}")
         raw = np.asarray(data[begin:end])
-        if dtype == "BF16":
+        if dtypes is not None:
+            dtypes[name] = dtype
+        if dtype == "F8_E4M3":
+            arr = e4m3_to_f32(raw)
+        elif dtype == "BF16":
             arr = _bf16_to_f32(raw.view("<u2"))
         elif dtype == "F16":
             arr = raw.view("<f2").astype(np.float32)
@@ -107,7 +116,7 @@ def read_safetensors(path):
     return tensors
 
 
-def read_checkpoint_tensors(model_dir):
+def read_checkpoint_tensors(model_dir, dtypes=None):
     """Reads model.safetensors, or the shards named by model.safetensors.index.json."""
     index_path = os.path.join(model_dir, "model.safetensors.index.json")
     tensors = {}
@@ -118,7 +127,7 @@ def read_checkpoint_tensors(model_dir):
         for name, fname in weight_map.items():
             by_file.setdefault(fname, set()).add(name)
         for fname, names in sorted(by_file.items()):
-            shard = read_safetensors(os.path.join(model_dir, fname))
+            shard = read_safetensors(os.path.join(model_dir, fname), dtypes)
             missing = names - set(shard)
             if missing:
                 raise CheckpointError(f"{fname}: index names tensors the shard lacks: {sorted(missing)[:5]}")
@@ -132,7 +141,7 @@ def read_checkpoint_tensors(model_dir):
     if not files:
         raise CheckpointError(f"{model_dir}: no *.safetensors files")
     for path in files:
-        for name, arr in read_safetensors(path).items():
+        for name, arr in read_safetensors(path, dtypes).items():
             if name in tensors:
                 raise CheckpointError(f"{path}: duplicate tensor {name}")
             tensors[name] = arr
@@ -181,7 +190,7 @@ class Config:
         self.architecture = archs[0]
         if self.architecture not in FAMILIES:
             raise CheckpointError(f"config.json: architectures[0]={self.architecture!r} is not one of "
-                                  f"{sorted(FAMILIES)}")
+                                  f"{sorted(FAMILIES) + [DEEPSEEK_V3_ARCHITECTURE]}")
         fam = self.family = FAMILIES[self.architecture]
         d = _DEFAULTS[fam]
 
@@ -566,9 +575,658 @@ class Model:
 
 def load_model(model_dir, device="cpu", strict=True, bf16_activations=False):
     with open(os.path.join(model_dir, "config.json")) as f:
-        config = Config(json.load(f))
-    return Model(config, read_checkpoint_tensors(model_dir), device=device, strict=strict,
-                 bf16_activations=bf16_activations)
+        raw = json.load(f)
+    dtypes = {}
+    if (raw.get("architectures") or [None])[0] == DEEPSEEK_V3_ARCHITECTURE:
+        if bf16_activations:
+            raise CheckpointError("--bf16-activations: the GPU path's rounding points are not defined "
+                                  "for DeepseekV3ForCausalLM yet")
+        config = DeepseekV3Config(raw)
+        return DeepseekV3Model(config, read_checkpoint_tensors(model_dir, dtypes), dtypes,
+                               device=device, strict=strict)
+    config = Config(raw)
+    tensors = read_checkpoint_tensors(model_dir, dtypes)
+    fp8 = sorted(n for n, d in dtypes.items() if d == "F8_E4M3")
+    if fp8:
+        raise CheckpointError(f"checkpoint: tensor {fp8[0]} is F8_E4M3; FP8 weights are read for "
+                              f"{DEEPSEEK_V3_ARCHITECTURE} only")
+    return Model(config, tensors, device=device, strict=strict, bf16_activations=bf16_activations)
+
+
+# --------------------------------------------------------------------------
+# DeepSeek-V3 (DeepseekV3ForCausalLM: transformers' modeling_deepseek_v3.py)
+# --------------------------------------------------------------------------
+
+DEEPSEEK_V3_ARCHITECTURE = "DeepseekV3ForCausalLM"
+# q_a_layernorm and kv_a_layernorm are DeepseekV3RMSNorm(rank): the class default eps, not
+# config.rms_norm_eps (DeepSeek's own inference code uses 1e-6 too).
+MLA_LATENT_NORM_EPS = 1e-6
+E4M3_MAX = 448.0
+_E4M3_TABLE = None
+
+
+def _e4m3_table():
+    """float32 value of every FP8 E4M3 byte (OCP e4m3fn: bias 7, no infinities, 0x7f/0xff NaN)."""
+    global _E4M3_TABLE
+    if _E4M3_TABLE is None:
+        codes = np.arange(256)
+        exponent, mantissa = (codes >> 3) & 0xF, codes & 0x7
+        magnitude = np.where(exponent == 0, mantissa * 2.0 ** -9, (8 + mantissa) * np.exp2(exponent - 10.0))
+        magnitude = np.where((exponent == 0xF) & (mantissa == 0x7), np.nan, magnitude)
+        _E4M3_TABLE = np.where(codes & 0x80, -magnitude, magnitude).astype(np.float32)
+    return _E4M3_TABLE
+
+
+def e4m3_to_f32(raw_u8):
+    return _e4m3_table()[np.asarray(raw_u8, dtype=np.uint8)]
+
+
+def f32_to_e4m3(x):
+    """Nearest E4M3 code (ties to the even code, magnitudes past 448 saturate), as torch's
+    float8_e4m3fn cast of in-range values: the encoder the FP8 checkpoints are checked against."""
+    table = _e4m3_table()
+    positive = table[:0x7F].astype(np.float64)          # codes 0..126, increasing, 0 .. 448
+    a = np.minimum(np.abs(np.asarray(x, dtype=np.float64)), E4M3_MAX)
+    hi = np.clip(np.searchsorted(positive, a), 1, 0x7E)
+    lo = hi - 1
+    d_lo, d_hi = a - positive[lo], positive[hi] - a
+    code = np.where(d_lo < d_hi, lo, np.where(d_hi < d_lo, hi, np.where(lo % 2 == 0, lo, hi)))
+    return (code | np.where(np.signbit(x), 0x80, 0)).astype(np.uint8)
+
+
+def dequantize_block_fp8(values, scale_inv, block):
+    """values: [out, in] decoded E4M3; scale_inv: [ceil(out/bo), ceil(in/bi)] float32. Returns
+    values * scale_inv of each element's block, in float32 (DeepSeek's weight_dequant)."""
+    bo, bi = block
+    out_features, in_features = values.shape
+    scale = np.repeat(np.repeat(scale_inv.astype(np.float32), bo, axis=0), bi, axis=1)
+    return values * scale[:out_features, :in_features]
+
+
+def _yarn_get_mscale(scale, mscale=1.0):
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+class DeepseekV3Config:
+    """config.json of DeepseekV3ForCausalLM, validated. The MLA and routing sizes are required:
+    DeepseekV3Config's defaults are DeepSeek-V3's own (kv_lora_rank 512, 256 experts, ...), which a
+    config that omits them is unlikely to mean. Errors name the field."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.architecture = DEEPSEEK_V3_ARCHITECTURE
+        self.family = "deepseek_v3"
+
+        def err(msg):
+            return CheckpointError(f"config.json: {msg}")
+
+        def req_int(key, minimum=1):
+            v = raw.get(key)
+            if v is None:
+                raise err(f"{key!r} is required for {DEEPSEEK_V3_ARCHITECTURE}")
+            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+                raise err(f"{key!r} must be an integer >= {minimum}, got {v!r}")
+            return v
+
+        def opt(key, default):
+            v = raw.get(key)
+            return default if v is None else v
+
+        self.vocab_size = req_int("vocab_size")
+        self.hidden_size = req_int("hidden_size")
+        self.num_layers = req_int("num_hidden_layers")
+        self.num_heads = req_int("num_attention_heads")
+        kv_heads = opt("num_key_value_heads", self.num_heads)
+        if kv_heads != self.num_heads:
+            raise err(f"num_key_value_heads={kv_heads!r} must equal num_attention_heads={self.num_heads} "
+                      "(MLA expands a key and value per head; HF's repeat_kv would multiply the heads)")
+        if "q_lora_rank" not in raw:
+            raise err("'q_lora_rank' is required (an integer, or null for the q_proj form without LoRA)")
+        q_lora_rank = raw["q_lora_rank"]
+        if q_lora_rank is not None and (isinstance(q_lora_rank, bool) or not isinstance(q_lora_rank, int)
+                                        or q_lora_rank < 1):
+            raise err(f"q_lora_rank must be a positive integer or null (no LoRA), got {q_lora_rank!r}"
+                      + (" (HF builds a rank-0 q_a_proj for 0; write null)" if q_lora_rank == 0 else ""))
+        self.q_lora_rank = q_lora_rank
+        self.kv_lora_rank = req_int("kv_lora_rank")
+        self.qk_nope_head_dim = req_int("qk_nope_head_dim")
+        self.qk_rope_head_dim = req_int("qk_rope_head_dim")
+        self.v_head_dim = req_int("v_head_dim")
+        if self.qk_rope_head_dim % 2:
+            raise err(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even for RoPE")
+        self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
+        self.rms_norm_eps = float(opt("rms_norm_eps", 1e-6))
+        act = opt("hidden_act", "silu")
+        if act != "silu":
+            raise err(f"hidden_act={act!r} unsupported (only 'silu')")
+        if opt("attention_bias", False):
+            raise err("attention_bias=true is unsupported (DeepSeek-V3 has no projection biases)")
+        if float(opt("partial_rotary_factor", 1.0)) != 1.0:
+            raise err("partial_rotary_factor != 1 is unsupported")
+        self.tie_word_embeddings = bool(opt("tie_word_embeddings", False))
+        self.rope_interleave = bool(opt("rope_interleave", True))
+        # Multi-token-prediction layers (model.layers.<num_hidden_layers + i>): HF ignores them.
+        self.num_nextn_predict_layers = req_int("num_nextn_predict_layers", 0) \
+            if raw.get("num_nextn_predict_layers") is not None else 0
+
+        # Mixture of experts: noaux_tc routing.
+        self.num_experts = req_int("n_routed_experts")
+        self.top_k = req_int("num_experts_per_tok")
+        self.n_group = req_int("n_group")
+        self.topk_group = req_int("topk_group")
+        self.n_shared_experts = req_int("n_shared_experts", 0)
+        self.moe_intermediate_size = req_int("moe_intermediate_size")
+        self.first_k_dense_replace = req_int("first_k_dense_replace", 0)
+        factor = raw.get("routed_scaling_factor")
+        if factor is None or isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0:
+            raise err(f"'routed_scaling_factor' must be a positive number, got {factor!r}")
+        self.routed_scaling_factor = float(factor)
+        self.norm_topk_prob = bool(opt("norm_topk_prob", True))
+        if opt("scoring_func", "sigmoid") != "sigmoid":
+            raise err(f"scoring_func={raw['scoring_func']!r} unsupported (DeepseekV3 routes with 'sigmoid')")
+        if opt("topk_method", "noaux_tc") != "noaux_tc":
+            raise err(f"topk_method={raw['topk_method']!r} unsupported (DeepseekV3 routes with 'noaux_tc')")
+        if self.num_experts % self.n_group:
+            raise err(f"n_group={self.n_group} does not divide n_routed_experts={self.num_experts}")
+        self.experts_per_group = self.num_experts // self.n_group
+        if self.experts_per_group < 2:
+            raise err(f"n_group={self.n_group} leaves {self.experts_per_group} expert per group; a group's "
+                      "score is the sum of its top 2")
+        if self.topk_group > self.n_group:
+            raise err(f"topk_group={self.topk_group} exceeds n_group={self.n_group}")
+        if self.top_k > self.topk_group * self.experts_per_group:
+            raise err(f"num_experts_per_tok={self.top_k} exceeds the {self.topk_group * self.experts_per_group} "
+                      "experts of the topk_group chosen groups")
+        freq = opt("moe_layer_freq", 1)
+        if freq != 1:
+            # DeepSeek's remote code makes layer i MoE iff i >= first_k_dense_replace and
+            # i % moe_layer_freq == 0; transformers ignores the key. Only 1 means the same in both.
+            raise err(f"moe_layer_freq={freq!r} unsupported (only 1; transformers ignores the key)")
+        self.moe_layers = [i >= self.first_k_dense_replace for i in range(self.num_layers)]
+        self.intermediate_size = int(opt("intermediate_size", 0))
+        if not all(self.moe_layers) and self.intermediate_size <= 0:
+            raise err("intermediate_size is required for the first_k_dense_replace dense layers")
+
+        # RoPE over qk_rope_head_dim (DeepseekV3Config.head_dim), optionally YaRN-scaled.
+        self.max_position_embeddings = req_int("max_position_embeddings") \
+            if raw.get("max_position_embeddings") is not None else 4096
+        self._parse_rope(raw, err)
+        self._parse_quantization(raw.get("quantization_config"), err)
+
+    def _parse_rope(self, raw, err):
+        theta = raw.get("rope_theta")
+        rs = raw.get("rope_scaling")
+        field = "rope_scaling"
+        if rs is None and raw.get("rope_parameters") is not None:  # transformers 5 spelling
+            rs, field = raw["rope_parameters"], "rope_parameters"
+        self.yarn = None
+        self.rope_attention_factor = 1.0
+        self.softmax_scale = self.qk_head_dim ** -0.5
+        if rs is not None:
+            if not isinstance(rs, dict):
+                raise err(f"{field} must be an object or null")
+            if rs.get("rope_theta") is not None:
+                theta = rs["rope_theta"]
+            rtype = rs.get("rope_type", rs.get("type", "default"))
+            if rtype == "yarn":
+                self.yarn = self._parse_yarn(rs, field, err)
+            elif rtype != "default":
+                raise err(f"{field}.rope_type={rtype!r} unsupported (default or yarn)")
+        self.rope_theta = float(theta if theta is not None else 10000.0)
+
+    def _parse_yarn(self, rs, field, err):
+        original = rs.get("original_max_position_embeddings")
+        if isinstance(original, bool) or not isinstance(original, int) or original < 1:
+            raise err(f"{field}.original_max_position_embeddings must be a positive integer for yarn, "
+                      f"got {original!r}")
+        ratio = self.max_position_embeddings / original
+        factor = rs.get("factor")
+        if factor is None:
+            factor = ratio
+        elif isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0:
+            raise err(f"{field}.factor must be a positive number, got {factor!r}")
+        elif abs(float(factor) - ratio) > 1e-9 * ratio:
+            # transformers 4.5x replaced the factor by this ratio whenever original_max_position_embeddings
+            # is set; 5.x reads the factor. They agree only when the two match.
+            raise err(f"{field}.factor={factor} differs from max_position_embeddings / "
+                      f"original_max_position_embeddings = {self.max_position_embeddings}/{original}; "
+                      "transformers releases disagree about which one applies")
+        factor = float(factor)
+        for key in ("mscale", "mscale_all_dim", "attention_factor", "beta_fast", "beta_slow"):
+            v = rs.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise err(f"{field}.{key} must be a number, got {v!r}")
+        mscale, mscale_all_dim = rs.get("mscale"), rs.get("mscale_all_dim")
+        # _compute_yarn_parameters: cos and sin are multiplied by the attention factor.
+        attention_factor = rs.get("attention_factor")
+        if attention_factor is None:
+            if mscale and mscale_all_dim:
+                attention_factor = _yarn_get_mscale(factor, mscale) / _yarn_get_mscale(factor, mscale_all_dim)
+            else:
+                attention_factor = _yarn_get_mscale(factor)
+        self.rope_attention_factor = float(attention_factor)
+        # DeepseekV3Attention: softmax scale qk_head_dim^-0.5 * mscale^2, mscale from mscale_all_dim.
+        if mscale_all_dim:
+            m = _yarn_get_mscale(factor, mscale_all_dim)
+            self.softmax_scale = self.softmax_scale * m * m
+        return dict(factor=factor, original_max_position_embeddings=original,
+                    beta_fast=float(rs.get("beta_fast") or 32), beta_slow=float(rs.get("beta_slow") or 1),
+                    truncate=bool(rs.get("truncate", True)))
+
+    def _parse_quantization(self, q, err):
+        self.fp8_block = None
+        if q is None:
+            return
+        if not isinstance(q, dict):
+            raise err("quantization_config must be an object or null")
+        if q.get("quant_method") != "fp8":
+            raise err(f"quantization_config.quant_method={q.get('quant_method')!r} unsupported (only 'fp8')")
+        if q.get("fmt", "e4m3") != "e4m3":
+            raise err(f"quantization_config.fmt={q.get('fmt')!r} unsupported (only 'e4m3')")
+        if q.get("activation_scheme", "dynamic") != "dynamic":
+            raise err(f"quantization_config.activation_scheme={q.get('activation_scheme')!r} unsupported "
+                      "(only 'dynamic': no activation scales are stored)")
+        if q.get("modules_to_not_convert"):
+            raise err("quantization_config.modules_to_not_convert is unsupported (the FP8 tensors are "
+                      "DeepSeek-V3's projections)")
+        block = q.get("weight_block_size")
+        if (not isinstance(block, list) or len(block) != 2
+                or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in block)):
+            raise err(f"quantization_config.weight_block_size must be two positive integers "
+                      f"[rows, cols], got {block!r}")
+        self.fp8_block = tuple(block)
+
+
+class MlaCache:
+    """What multi-head latent attention caches per token: the normalized latent
+    [B, S, kv_lora_rank] and the rotated RoPE key [B, S, qk_rope_head_dim] shared by the heads."""
+
+    def __init__(self, num_layers):
+        self.latent = [None] * num_layers
+        self.k_rope = [None] * num_layers
+        self.length = 0
+
+    def update(self, layer, latent, k_rope):
+        if self.latent[layer] is None:
+            self.latent[layer], self.k_rope[layer] = latent, k_rope
+        else:
+            self.latent[layer] = torch.cat([self.latent[layer], latent], dim=1)
+            self.k_rope[layer] = torch.cat([self.k_rope[layer], k_rope], dim=1)
+        return self.latent[layer], self.k_rope[layer]
+
+
+class NoauxTcMoe:
+    """DeepseekV3MoE: DeepseekV3TopkRouter's noaux_tc routing, routed experts, shared experts."""
+
+    def __init__(self, router, bias, experts, shared, config):
+        c = config
+        self.router = router          # [E, H]
+        self.bias = bias              # [E] e_score_correction_bias: selection only
+        self.experts = experts        # list of Mlp
+        self.shared = shared          # Mlp over n_shared_experts * moe_intermediate_size, or None
+        self.n_group, self.topk_group, self.top_k = c.n_group, c.topk_group, c.top_k
+        self.norm_topk_prob, self.routed_scaling_factor = c.norm_topk_prob, c.routed_scaling_factor
+        self.router_gaps = None       # list to collect the smallest selection margin, if set
+        self.probe = None             # list to collect (changed without bias, without groups, tokens)
+
+    def select(self, scores, use_bias=True, group_limit=True):
+        """Expert ids [N, top_k] from the sigmoid scores, as get_topk_indices."""
+        E, G = scores.shape[1], self.n_group
+        choice = scores + self.bias[None] if use_bias else scores
+        group_scores = choice.view(-1, G, E // G).topk(2, dim=-1).values.sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False).indices
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        allowed = group_mask[:, :, None].expand(-1, G, E // G).reshape(-1, E).bool()
+        if group_limit:
+            # HF fills the other groups with 0.0 (DeepSeek's code: -inf): the same choice while the
+            # biased scores are positive, as in joule-make-model's checkpoints.
+            choice_masked = choice.masked_fill(~allowed, 0.0)
+        else:
+            choice_masked = choice
+        selected = torch.topk(choice_masked, k=self.top_k, dim=-1, sorted=False).indices
+        if self.router_gaps is not None and use_bias and group_limit:
+            gaps = []
+            if self.topk_group < G:
+                top = torch.topk(group_scores, self.topk_group + 1, dim=-1).values
+                gaps.append(float((top[:, -2] - top[:, -1]).min()))
+            if self.top_k < self.topk_group * (E // G):
+                top = torch.topk(choice.masked_fill(~allowed, float("-inf")), self.top_k + 1, dim=-1).values
+                gaps.append(float((top[:, -2] - top[:, -1]).min()))
+            if gaps:
+                self.router_gaps.append(min(gaps))
+        return selected
+
+    def __call__(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        scores = F.linear(x, self.router).sigmoid()   # float32 router, as HF
+        selected = self.select(scores)
+        if self.probe is not None:
+            chosen = selected.sort(dim=-1).values
+            no_bias = self.select(scores, use_bias=False).sort(dim=-1).values
+            no_groups = self.select(scores, group_limit=False).sort(dim=-1).values
+            self.probe.append((int((chosen != no_bias).any(-1).sum()), int((chosen != no_groups).any(-1).sum()),
+                               chosen.shape[0]))
+        weights = scores.gather(1, selected)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights * self.routed_scaling_factor
+        out = torch.zeros_like(x)
+        expert_mask = F.one_hot(selected, num_classes=len(self.experts)).permute(2, 0, 1)  # [E, N, k]
+        for e in (expert_mask.sum(dim=(-1, -2)) > 0).nonzero(as_tuple=True)[0].tolist():
+            token, slot = torch.where(expert_mask[e])
+            out.index_add_(0, token, self.experts[e](x[token]) * weights[token, slot, None])
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return out.reshape(shape)
+
+
+class DeepseekV3Model(Model):
+    """DeepseekV3ForCausalLM in float32. Attention is multi-head latent attention; the cache holds
+    the latent and the RoPE key of each token (MlaCache). Two implementations of it:
+      expanded (the reference, as HF): K_nope and V = kv_b_proj(latent) for every cached token;
+      absorbed (as DeepSeek's and vLLM's decode): kv_b_proj's key half folded into the query and its
+      value half applied after attending over the latents.
+    attention_form picks "expanded", "absorbed", or "absorbed_decode" (absorbed for single-token
+    steps through a cache, expanded otherwise); self_check compares them."""
+
+    def __init__(self, config, tensors, dtypes, device="cpu", strict=True):
+        self.config = c = config
+        self.device = torch.device(device)
+        self.act = _same
+        self.attention_form = "expanded"
+        used = set()
+        block = c.fp8_block
+
+        def tensor(name, shape):
+            if name not in tensors:
+                raise CheckpointError(f"checkpoint: tensor {name} is missing")
+            arr = tensors[name]
+            if list(arr.shape) != list(shape):
+                raise CheckpointError(f"checkpoint: tensor {name} has shape {list(arr.shape)}, "
+                                      f"expected {list(shape)}")
+            used.add(name)
+            return arr
+
+        def to_torch(arr):
+            return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(self.device)
+
+        def get(name, shape):  # a tensor DeepSeek-V3 keeps unquantized
+            if dtypes.get(name) == "F8_E4M3":
+                raise CheckpointError(f"checkpoint: tensor {name} is F8_E4M3, but only the projections of "
+                                      f"{c.architecture} are FP8")
+            return to_torch(tensor(name, shape))
+
+        def linear(prefix, out_features, in_features):
+            name = f"{prefix}.weight"
+            w = tensor(name, [out_features, in_features])
+            fp8 = dtypes.get(name) == "F8_E4M3"
+            if block is None:
+                if fp8:
+                    raise CheckpointError(f"checkpoint: tensor {name} is F8_E4M3 but config.json has no "
+                                          "quantization_config")
+                return to_torch(w)
+            if not fp8:
+                raise CheckpointError(f"checkpoint: tensor {name} is {dtypes.get(name)}, but config.json's "
+                                      "quantization_config (fp8) makes it F8_E4M3 with block scales")
+            scale_name = f"{name}_scale_inv"
+            if scale_name not in tensors:
+                raise CheckpointError(f"checkpoint: tensor {scale_name} is missing (the block scales of "
+                                      f"FP8 tensor {name})")
+            grid = [-(-out_features // block[0]), -(-in_features // block[1])]
+            scale = tensors[scale_name]
+            if list(scale.shape) != grid:
+                raise CheckpointError(f"checkpoint: tensor {scale_name} has shape {list(scale.shape)}, "
+                                      f"expected {grid} (one scale per {block[0]}x{block[1]} block of "
+                                      f"{name} {[out_features, in_features]})")
+            if not np.all(np.isfinite(scale)) or not np.all(np.isfinite(w)):
+                raise CheckpointError(f"checkpoint: {name} or its scales hold NaN or infinity")
+            used.add(scale_name)
+            return to_torch(dequantize_block_fp8(w, scale, block))
+
+        def mlp(prefix, inter):
+            return Mlp(linear(f"{prefix}.gate_proj", inter, H), linear(f"{prefix}.up_proj", inter, H),
+                       linear(f"{prefix}.down_proj", H, inter))
+
+        H, nh = c.hidden_size, c.num_heads
+        self.embed = get("model.embed_tokens.weight", [c.vocab_size, H])
+        self.norm = get("model.norm.weight", [H])
+        self.lm_head = self.embed if c.tie_word_embeddings else get("lm_head.weight", [c.vocab_size, H])
+        self.layers = []
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}"
+            L = Layer()
+            L.input_norm = get(f"{p}.input_layernorm.weight", [H])
+            L.post_norm = get(f"{p}.post_attention_layernorm.weight", [H])
+            a = f"{p}.self_attn"
+            if c.q_lora_rank is None:
+                L.wq = linear(f"{a}.q_proj", nh * c.qk_head_dim, H)
+                L.wq_a = L.q_a_norm = L.wq_b = None
+            else:
+                L.wq = None
+                L.wq_a = linear(f"{a}.q_a_proj", c.q_lora_rank, H)
+                L.q_a_norm = get(f"{a}.q_a_layernorm.weight", [c.q_lora_rank])
+                L.wq_b = linear(f"{a}.q_b_proj", nh * c.qk_head_dim, c.q_lora_rank)
+            L.wkv_a = linear(f"{a}.kv_a_proj_with_mqa", c.kv_lora_rank + c.qk_rope_head_dim, H)
+            L.kv_a_norm = get(f"{a}.kv_a_layernorm.weight", [c.kv_lora_rank])
+            L.wkv_b = linear(f"{a}.kv_b_proj", nh * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank)
+            L.wo = linear(f"{a}.o_proj", H, nh * c.v_head_dim)
+            if c.moe_layers[i]:
+                m = f"{p}.mlp"
+                experts = [mlp(f"{m}.experts.{e}", c.moe_intermediate_size) for e in range(c.num_experts)]
+                shared = (mlp(f"{m}.shared_experts", c.moe_intermediate_size * c.n_shared_experts)
+                          if c.n_shared_experts > 0 else None)
+                L.mlp = NoauxTcMoe(get(f"{m}.gate.weight", [c.num_experts, H]),
+                                   get(f"{m}.gate.e_score_correction_bias", [c.num_experts]),
+                                   experts, shared, c)
+            else:
+                L.mlp = mlp(f"{p}.mlp", c.intermediate_size)
+            self.layers.append(L)
+
+        mtp = tuple(f"model.layers.{c.num_layers + k}." for k in range(c.num_nextn_predict_layers))
+        ignorable = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if c.tie_word_embeddings else ())
+        unused = sorted(n for n in tensors if n not in used and not n.endswith(ignorable) and not n.startswith(mtp))
+        if unused and strict:
+            raise CheckpointError(f"checkpoint: {len(unused)} tensors the {c.architecture} layout does not "
+                                  f"use, e.g. {unused[:5]}")
+        self.inv_freq = self._inv_freq().to(self.device)
+        self.scaling = c.softmax_scale
+
+    def _inv_freq(self):
+        """_compute_default_rope_parameters / _compute_yarn_parameters over qk_rope_head_dim."""
+        c = self.config
+        dim, base = c.qk_rope_head_dim, c.rope_theta
+        if c.yarn is None:
+            return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        y = c.yarn
+
+        def correction_dim(rotations):
+            return (dim * math.log(y["original_max_position_embeddings"] / (rotations * 2 * math.pi))) / \
+                (2 * math.log(base))
+
+        low, high = correction_dim(y["beta_fast"]), correction_dim(y["beta_slow"])
+        if y["truncate"]:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001  # as HF: no division by zero
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+        extrapolation_factor = 1 - ramp
+        pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+        extrapolation = 1.0 / pos_freqs
+        interpolation = 1.0 / (y["factor"] * pos_freqs)
+        return interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor
+
+    def rope(self, positions):
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        factor = self.config.rope_attention_factor
+        return emb.cos() * factor, emb.sin() * factor
+
+    def _rotate(self, x, cos, sin):
+        if self.config.rope_interleave:
+            # apply_rotary_pos_emb_interleave: pairs (x0, x1), (x2, x3), ... become halves
+            # (x0, x2, ...), (x1, x3, ...) before the half-split rotation.
+            d = x.shape[-1]
+            x = x.reshape(*x.shape[:-1], d // 2, 2).transpose(-1, -2).reshape(x.shape)
+        return x * cos + rotate_half(x) * sin
+
+    def attention(self, L, li, x, cos, sin, cache, q_pos):
+        c = self.config
+        B, T, _ = x.shape
+        nh, dn, dr, dv, R = c.num_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
+        if L.wq is not None:
+            q = F.linear(x, L.wq)
+        else:
+            q = F.linear(rms_norm(F.linear(x, L.wq_a), L.q_a_norm, MLA_LATENT_NORM_EPS), L.wq_b)
+        q_nope, q_rot = q.view(B, T, nh, dn + dr).transpose(1, 2).split([dn, dr], dim=-1)
+        latent, k_rot = F.linear(x, L.wkv_a).split([R, dr], dim=-1)
+        latent = rms_norm(latent, L.kv_a_norm, MLA_LATENT_NORM_EPS)    # [B, T, R]
+        q_rot = self._rotate(q_rot, cos, sin)                           # [B, nh, T, dr]
+        k_rot = self._rotate(k_rot, cos, sin)                           # [B, T, dr]
+        if cache is not None:
+            latent, k_rot = cache.update(li, latent, k_rot)
+        S = latent.shape[1]
+        allowed = torch.arange(S, device=x.device)[None, :] <= q_pos[:, None]
+        absorbed = self.attention_form == "absorbed" or (
+            self.attention_form == "absorbed_decode" and T == 1 and cache is not None)
+        if absorbed:
+            w_kv_b = L.wkv_b.view(nh, dn + dv, R)
+            q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_kv_b[:, :dn])
+            scores = (torch.einsum("bhtr,bsr->bhts", q_latent, latent) +
+                      torch.einsum("bhtd,bsd->bhts", q_rot, k_rot)) * self.scaling
+        else:
+            k_nope, v = F.linear(latent, L.wkv_b).view(B, S, nh, dn + dv).transpose(1, 2).split([dn, dv], dim=-1)
+            k = torch.cat([k_nope, k_rot[:, None].expand(B, nh, S, dr)], dim=-1)
+            scores = torch.matmul(torch.cat([q_nope, q_rot], dim=-1), k.transpose(2, 3)) * self.scaling
+        if not bool(allowed.all()):
+            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32)
+        if absorbed:
+            out = torch.einsum("bhtr,hvr->bhtv", torch.einsum("bhts,bsr->bhtr", probs, latent), w_kv_b[:, dn:])
+        else:
+            out = torch.matmul(probs, v)
+        return F.linear(out.transpose(1, 2).reshape(B, T, nh * dv), L.wo)
+
+    def new_cache(self):
+        return MlaCache(self.config.num_layers)
+
+    def _moe_blocks(self):
+        return [L.mlp for L in self.layers if isinstance(L.mlp, NoauxTcMoe)]
+
+    def min_router_gap(self, ids):
+        """Smallest selection margin over all tokens and MoE layers: group scores (topk_group-th
+        minus next) and biased expert scores within the chosen groups (k-th minus next)."""
+        gaps = []
+        for b in self._moe_blocks():
+            b.router_gaps = gaps
+        try:
+            self.logits(ids)
+        finally:
+            for b in self._moe_blocks():
+                b.router_gaps = None
+        return min(gaps) if gaps else None
+
+    def routing_sensitivity(self, prompts):
+        """(token-layers whose experts change without e_score_correction_bias, ... without the group
+        limit, token-layers): shows the checkpoint exercises both."""
+        probe = []
+        for b in self._moe_blocks():
+            b.probe = probe
+        try:
+            for ids in prompts:
+                self.logits(ids)
+        finally:
+            for b in self._moe_blocks():
+                b.probe = None
+        return tuple(sum(p[i] for p in probe) for i in range(3))
+
+    def extra_self_check(self, prompts, steps, atol, log):
+        """The absorbed MLA against the expanded one: full recompute, absorbed single-token decode
+        after an expanded prefill, and batched absorbed decode. Returns the largest difference."""
+        worst = {"absorbed": 0.0, "absorbed_decode": 0.0}
+
+        def cmp(form, what, a, b):
+            diff = float((a - b).abs().max())
+            bound = atol * max(1.0, float(b.abs().max()))
+            worst[form] = max(worst[form], diff)
+            if not diff <= bound:
+                raise AssertionError(f"self-check {what}: max |absorbed - expanded| {diff:.3g} > {bound:.3g}")
+
+        try:
+            with torch.no_grad():
+                for ids in prompts:
+                    self.attention_form = "absorbed_decode"
+                    gen, _, step_logits = self.greedy(ids, steps, return_logits=True)
+                    seq = list(ids) + gen[:-1]
+                    self.attention_form = "expanded"
+                    full = self.logits(seq)
+                    for s, lg in enumerate(step_logits):
+                        cmp("absorbed_decode", f"absorbed decode step {s} (prompt len {len(ids)})", lg,
+                            full[len(ids) - 1 + s])
+                    self.attention_form = "absorbed"
+                    cmp("absorbed", f"absorbed full recompute (len {len(seq)})", self.logits(seq), full)
+                # Batched: expanded prefill of equal-length prompts, then absorbed decode steps.
+                n = max(len(p) for p in prompts)
+                batch = [list(p) + [0] * (n - len(p)) for p in prompts]
+                self.attention_form = "absorbed_decode"
+                cache = self.new_cache()
+                out = [self.forward(torch.tensor(batch), cache)]
+                for _ in range(3):
+                    out.append(self.forward(torch.argmax(out[-1][:, -1], dim=-1)[:, None], cache))
+                batched = torch.cat(out, dim=1)
+                self.attention_form = "expanded"
+                for bi, seq in enumerate(batch):
+                    toks = seq + [int(torch.argmax(batched[bi, n - 1 + j])) for j in range(3)]
+                    cmp("absorbed_decode", f"batched absorbed decode row {bi}", batched[bi], self.logits(toks))
+        finally:
+            self.attention_form = "expanded"
+        no_bias, no_groups, total = self.routing_sensitivity(prompts)
+        print(f"self-check ok: absorbed MLA matches expanded (max |diff| full recompute "
+              f"{worst['absorbed']:.2e}, cached decode {worst['absorbed_decode']:.2e}); without "
+              f"e_score_correction_bias {no_bias}/{total} token-layers would route differently, without the "
+              f"group limit {no_groups}/{total}", file=log)
+        return max(worst.values())
+
+
+def check_fp8_checkpoint(fp8_dir, bf16_dir, log=sys.stdout):
+    """The FP8 checkpoint is the block quantization of the BF16 one written with the same seed:
+    every scale_inv is max|w| / 448 of its block and every code the nearest E4M3 value of
+    w / scale_inv (ties to even). Checks joule-make-model's encoder against this reader's decoder."""
+    with open(os.path.join(fp8_dir, "config.json")) as f:
+        config = DeepseekV3Config(json.load(f))
+    if config.fp8_block is None:
+        raise CheckpointError(f"{fp8_dir}: config.json has no quantization_config")
+    dtypes = {}
+    fp8 = read_checkpoint_tensors(fp8_dir, dtypes)
+    ref = read_checkpoint_tensors(bf16_dir)
+    bo, bi = config.fp8_block
+    checked = 0
+    for name in sorted(n for n, d in dtypes.items() if d == "F8_E4M3"):
+        w = ref.get(name)
+        if w is None:
+            raise CheckpointError(f"{bf16_dir}: no tensor {name}")
+        scale = fp8[f"{name}_scale_inv"]
+        rows, cols = w.shape
+        grid = np.abs(np.pad(w, ((0, -rows % bo), (0, -cols % bi)))).reshape(
+            scale.shape[0], bo, scale.shape[1], bi).max(axis=(1, 3))
+        want_scale = np.where(grid > 0, grid / np.float32(E4M3_MAX), np.float32(1)).astype(np.float32)
+        if not np.array_equal(scale, want_scale):
+            raise CheckpointError(f"{name}_scale_inv: {scale.ravel()[:4]} != max|w|/448 {want_scale.ravel()[:4]}")
+        per_elem = np.repeat(np.repeat(scale, bo, axis=0), bi, axis=1)[:rows, :cols]
+        want = f32_to_e4m3((w / per_elem).astype(np.float32))
+        got = f32_to_e4m3(fp8[name])  # the stored codes, re-encoded from their exact values
+        bad = np.argwhere(got != want)
+        if len(bad):
+            r, col = bad[0]
+            raise CheckpointError(f"{name}[{r},{col}]: stored {fp8[name][r, col]!r}, nearest E4M3 of "
+                                  f"{w[r, col] / per_elem[r, col]!r} is {e4m3_to_f32(want[r, col])!r}")
+        checked += 1
+    if not checked:
+        raise CheckpointError(f"{fp8_dir}: no F8_E4M3 tensors")
+    print(f"fp8 check ok: {checked} F8_E4M3 tensors of {os.path.basename(os.path.normpath(fp8_dir))} are "
+          f"the {bo}x{bi}-block E4M3 quantization of {os.path.basename(os.path.normpath(bf16_dir))}", file=log)
+    return checked
 
 
 # --------------------------------------------------------------------------
@@ -622,6 +1280,10 @@ def self_check(model, prompts, steps=GOLDEN_GREEDY_STEPS, atol=SELF_CHECK_ATOL, 
         for bi, seq in enumerate(batch):
             toks = seq + [int(torch.argmax(batched[bi, n - 1 + j])) for j in range(3)]
             cmp(f"batched row {bi}", batched[bi], model.logits(toks))
+    # A second implementation of the same model (DeepSeek-V3's absorbed MLA) against the first.
+    extra = getattr(model, "extra_self_check", None)
+    if extra is not None:
+        worst = max(worst, extra(prompts, steps, atol, log))
     print(f"self-check ok: cached/chunked/batched logits match full recompute (max |diff| {worst:.2e})",
           file=log)
     return worst
@@ -860,6 +1522,10 @@ def main(argv=None):
     p = sub.add_parser("selfcheck", help="verify cached/chunked/batched paths against full recompute")
     p.add_argument("--model", required=True)
 
+    p = sub.add_parser("fp8check", help="check that an FP8 checkpoint is the block quantization of a BF16 one")
+    p.add_argument("--model", required=True, help="FP8 checkpoint (joule-make-model --dtype fp8)")
+    p.add_argument("--like", required=True, help="the BF16 checkpoint of the same family, preset and seed")
+
     p = sub.add_parser("golden", help="write a golden fixture JSON")
     p.add_argument("--model", required=True)
     p.add_argument("--name", required=True)
@@ -904,6 +1570,8 @@ def main(argv=None):
         elif args.cmd == "selfcheck":
             m = load_model(args.model)
             self_check(m, golden_prompts(m.config.vocab_size), log=sys.stdout)
+        elif args.cmd == "fp8check":
+            check_fp8_checkpoint(args.model, args.like)
         elif args.cmd == "golden":
             make_golden(args.model, args.name, args.out, args.source or
                         f"tests/reference/reference.py golden --model <{args.name}> --name {args.name}",

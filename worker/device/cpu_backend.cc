@@ -30,6 +30,18 @@ absl::Status F32Only(const char* op, const char* field, DType type) {
                                                " in f32, got ", kernels::DTypeName(type)));
 }
 
+// FP8 weights need their block scales and a block geometry.
+absl::Status CheckFp8(const char* op, kernels::DType w_type, bool has_scales,
+                      const kernels::WeightBlocks& blocks) {
+  if (w_type != DType::kF8E4M3) return absl::OkStatus();
+  if (!has_scales || blocks.rows <= 0 || blocks.cols <= 0 || blocks.first_row < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        op, ": f8_e4m3 weights need w_scale_inv and positive block sizes, got ", blocks.rows, "x",
+        blocks.cols, has_scales ? "" : " without scales"));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 CpuBackend::CpuBackend(int num_threads)
@@ -71,11 +83,16 @@ absl::StatusOr<MemoryInfo> CpuBackend::DeviceMemory() {
 }
 
 absl::Status CpuBackend::Gemm(const kernels::GemmParams& p) {
+  if (absl::Status s = CheckFp8("Gemm", p.w_type, p.w_scale_inv != nullptr, p.w_blocks); !s.ok()) return s;
   kc::LaunchGemm(p, stream());
   return absl::OkStatus();
 }
 
 absl::Status CpuBackend::GroupedGemm(const kernels::GroupedGemmParams& p) {
+  if (absl::Status s = CheckFp8("GroupedGemm", p.w_type, p.w_scale_inv != nullptr, p.w_blocks);
+      !s.ok()) {
+    return s;
+  }
   kc::LaunchGroupedGemm(p, stream());
   return absl::OkStatus();
 }
@@ -125,6 +142,15 @@ absl::Status CpuBackend::PagedAttention(const kernels::PagedAttentionParams& p) 
 absl::Status CpuBackend::RouterTopK(const kernels::RouterTopKParams& p) {
   if (p.valid_tokens != nullptr) {
     return absl::UnimplementedError("RouterTopK: the CPU backend runs no padded batches (valid_tokens)");
+  }
+  if (p.method == kernels::RouterMethod::kNoauxTc &&
+      (p.selection_bias == nullptr || p.num_groups < 1 || p.num_experts % p.num_groups != 0 ||
+       p.num_experts / p.num_groups < 2 || p.topk_groups < 1 || p.topk_groups > p.num_groups ||
+       p.top_k > p.topk_groups * (p.num_experts / p.num_groups))) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "RouterTopK: noaux_tc needs a selection bias and groups of >= 2 experts holding top_k, got ",
+        p.num_experts, " experts in ", p.num_groups, " groups, ", p.topk_groups, " kept, top_k ",
+        p.top_k, p.selection_bias == nullptr ? ", no bias" : ""));
   }
   kc::LaunchRouterTopK(p, stream());
   return absl::OkStatus();

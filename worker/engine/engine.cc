@@ -1,8 +1,10 @@
 #include "worker/engine/engine.h"
 
 #include <algorithm>
+#include <limits>
 #include <random>
 #include <span>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -23,9 +25,11 @@ std::string_view FinishReasonName(FinishReason r) {
 }
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(Model* model, const EngineOptions& options) {
-  if (options.max_batch_tokens < 1 || options.max_running < 1 || options.max_prefill_chunk < 1) {
+  if (options.max_batch_tokens < 1 || options.max_running < 1 || options.max_prefill_chunk < 1 ||
+      options.prompt_logprob_rows < 1) {
     return absl::InvalidArgumentError(
-        "engine: max_batch_tokens, max_running and max_prefill_chunk must be positive");
+        "engine: max_batch_tokens, max_running, max_prefill_chunk and prompt_logprob_rows must be "
+        "positive");
   }
   const ModelConfig& c = model->config();
   if (options.block_size <= 0) return absl::InvalidArgumentError("engine: block_size must be positive");
@@ -37,7 +41,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(Model* model, const Engin
   const int64_t max_len = options.max_model_len > 0 ? options.max_model_len : c.max_position_embeddings;
   const int64_t width = (max_len + options.block_size - 1) / options.block_size;
   RETURN_IF_ERROR(model->Reserve({.tokens = options.max_batch_tokens, .seqs = options.max_running,
-                                  .blocks_per_seq = width, .logit_rows = options.max_running,
+                                  .blocks_per_seq = width,
+                                  .logit_rows = options.max_running + options.prompt_logprob_rows,
                                   .max_context_len = width * options.block_size}));
   ASSIGN_OR_RETURN(const int64_t budget, KvBudget(*model, options));
   ASSIGN_OR_RETURN(auto kv, PagedKvCache::Create(model->backend(), c, options.block_size, budget,
@@ -92,7 +97,9 @@ Engine::Engine(Model* model, std::unique_ptr<PagedKvCache> kv, const EngineOptio
 
 absl::Status Engine::Add(GenerationRequest r) {
   const ModelConfig& c = model_->config();
-  RETURN_IF_ERROR(r.sampling.Validate());
+  if (absl::Status s = r.sampling.Validate(c.vocab_size); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("sampling.", s.message()));
+  }
   if (r.prompt.empty()) return absl::InvalidArgumentError("prompt must contain at least one token");
   for (int32_t t : r.prompt) {
     if (t < 0 || t >= c.vocab_size) {
@@ -131,7 +138,19 @@ absl::Status Engine::Add(GenerationRequest r) {
   seq->tokens = std::move(r.prompt);
   seq->tokens.insert(seq->tokens.end(), r.resumed.begin(), r.resumed.end());
   seq->generated = static_cast<int>(r.resumed.size());
+  seq->prompt_len = static_cast<int>(seq->tokens.size()) - seq->generated;
   seq->sampling = std::move(r.sampling);
+  if (seq->sampling.ProcessesLogits()) {
+    // Resumed tokens were generated (on the rank that died).
+    seq->history.AddPrompt(std::span(seq->tokens).first(seq->prompt_len));
+    for (int32_t t : r.resumed) seq->history.AddGenerated(t);
+  }
+  // A resumed request reported its prompt logprobs with its first token.
+  if (seq->sampling.prompt_logprobs && r.resumed.empty()) {
+    seq->prompt_logprobs_due = true;
+    seq->prompt_logprobs.push_back(
+        {.token = seq->tokens[0], .logprob = std::numeric_limits<float>::quiet_NaN()});
+  }
   seq->priority = r.priority;
   seq->token_interval = std::max(absl::ZeroDuration(), r.token_interval);
   seq->step_token_cap = std::max(0, r.step_token_cap);
@@ -182,10 +201,14 @@ const BlockHash& Engine::BlockHashAt(Sequence* seq, int i) {
   return seq->block_hashes[i];
 }
 
+bool Engine::LooksUpPrefix(const Sequence& seq) const {
+  return kv_->allocator().prefix_caching() && !seq.prompt_logprobs_due;
+}
+
 std::vector<int32_t> Engine::FindCachedPrefix(Sequence* seq) {
   std::vector<int32_t> hits;
   const BlockAllocator& blocks = kv_->allocator();
-  if (!blocks.prefix_caching()) return hits;
+  if (!LooksUpPrefix(*seq)) return hits;
   const int bs = kv_->block_size();
   const int eligible = (static_cast<int>(seq->tokens.size()) - 1) / bs;
   for (int i = 0; i < eligible; ++i) {
@@ -218,7 +241,7 @@ Engine::Admission Engine::Admit(Sequence* seq, int budget,
   const int len = static_cast<int>(seq->tokens.size());
   std::vector<int32_t> hits = FindCachedPrefix(seq);
   const int cached = static_cast<int>(hits.size());
-  if (computing != nullptr && cached < (len - 1) / bs &&
+  if (computing != nullptr && LooksUpPrefix(*seq) && cached < (len - 1) / bs &&
       computing->contains(BlockHashAt(seq, cached))) {
     return Admission::kDeferred;
   }
@@ -236,7 +259,7 @@ Engine::Admission Engine::Admit(Sequence* seq, int budget,
   }
   if (seq->cached_tokens < 0) {  // first admission: a preempted one would count its own blocks
     seq->cached_tokens = std::min(seq->num_computed, len - seq->generated);
-    if (kv_->allocator().prefix_caching()) {
+    if (LooksUpPrefix(*seq)) {
       plan_result_.prefix_cache_queries += len;
       plan_result_.prefix_cache_hits += seq->num_computed;
     }
@@ -391,10 +414,14 @@ int64_t Engine::PlanStep() {
   absl::flat_hash_set<BlockHash> computing;
   const bool dedupe = kv_->allocator().prefix_caching() && !waiting_.empty();
   bool admitting = true;  // stops at the first waiting sequence that does not fit
+  int prompt_rows = options_.prompt_logprob_rows;  // logit rows left for prompt logprobs
   for (Sequence* seq : candidates) {
     if (budget <= 0) break;
     if (seq->plan_mark == plan_epoch_) continue;
-    int chunk = ChunkOf(*seq, budget);
+    // A prompt whose logprobs are due spends a logit row per token.
+    const int seq_budget = seq->prompt_logprobs_due ? std::min(budget, prompt_rows) : budget;
+    if (seq_budget <= 0) continue;
+    int chunk = ChunkOf(*seq, seq_budget);
     if (seq->running) {
       // Decodes and unfinished prefills. When the cache is full a lower-priority
       // (then newer) running sequence that is not in this plan yields its blocks.
@@ -416,7 +443,7 @@ int64_t Engine::PlanStep() {
       }
     } else {
       if (!admitting || static_cast<int>(running_.size()) >= max_running) continue;
-      const Admission admission = Admit(seq, budget, dedupe ? &computing : nullptr, &chunk);
+      const Admission admission = Admit(seq, seq_budget, dedupe ? &computing : nullptr, &chunk);
       if (admission == Admission::kDeferred) continue;
       if (admission == Admission::kNoBlocks) {
         admitting = false;
@@ -427,6 +454,7 @@ int64_t Engine::PlanStep() {
     seq->last_step_at = now;
     scheduled.push_back({seq, chunk});
     budget -= chunk;
+    if (seq->prompt_logprobs_due) prompt_rows -= chunk;
     if (dedupe) NoteComputing(seq, computing);
   }
   return tokens();
@@ -462,74 +490,14 @@ absl::StatusOr<StepResult> Engine::RunPlannedStep(bool run_empty) {
   if (scheduled.empty() && !run_empty) return result;
 
   // 3. One forward batch.
-  ForwardBatch& b = batch_;
-  b.tokens.clear();
-  b.positions.clear();
-  b.slots.clear();
-  b.query_start.assign(1, 0);
-  b.context_lens.clear();
-  b.logit_rows.clear();
-  int max_blocks = 0;
-  for (const Scheduled& s : scheduled) max_blocks = std::max<int>(max_blocks, s.seq->blocks.size());
-  b.max_blocks_per_seq = max_blocks;
-  b.block_tables.assign(scheduled.size() * max_blocks, 0);
-  std::vector<Sequence*> sampled;
-  const int bs = kv_->block_size();
-  for (size_t si = 0; si < scheduled.size(); ++si) {
-    const Scheduled& s = scheduled[si];
-    Sequence* seq = s.seq;
-    for (int j = 0; j < s.chunk; ++j) {
-      const int pos = seq->num_computed + j;
-      b.tokens.push_back(seq->tokens[pos]);
-      b.positions.push_back(pos);
-      b.slots.push_back(static_cast<int64_t>(seq->blocks[pos / bs]) * bs + pos % bs);
-    }
-    b.query_start.push_back(static_cast<int32_t>(b.tokens.size()));
-    b.context_lens.push_back(seq->num_computed + s.chunk);
-    std::copy(seq->blocks.begin(), seq->blocks.end(), b.block_tables.begin() + si * max_blocks);
-    if (seq->num_computed + s.chunk == static_cast<int>(seq->tokens.size())) {
-      b.logit_rows.push_back(static_cast<int32_t>(b.tokens.size()) - 1);
-      sampled.push_back(seq);
-    }
-    if (s.chunk == 1 && seq->generated > 0 && seq->num_computed + 1 == static_cast<int>(seq->tokens.size())) {
-      result.decode_tokens += 1;
-    } else {
-      result.prefill_tokens += s.chunk;
-    }
-  }
-  result.num_seqs = static_cast<int>(scheduled.size());
-  result.scheduled.clear();
-  for (const Scheduled& s : scheduled) {
-    result.scheduled.emplace_back(s.seq->id, s.chunk);
-    result.context_tokens += s.seq->num_computed + s.chunk;
-  }
-  const int64_t vocab = model_->config().vocab_size;
-  // Pinned memory: a GPU copies the sampled rows' logits straight into it.
-  const size_t logit_bytes = b.logit_rows.size() * vocab * sizeof(float);
-  if (logits_.bytes() < logit_bytes) {
-    ASSIGN_OR_RETURN(logits_, model_->backend().Allocate(device::MemoryKind::kPinned,
-                                                         std::max(logit_bytes, 2 * logits_.bytes())));
-  }
-  // Greedy and plain temperature sampling happen where the logits are (on a
-  // GPU only the tokens come back); top-k, top-p and a logits observer need
-  // the logits here. The uniform is drawn now, from the sequence's stream, as
-  // the host sampler would.
-  std::vector<SamplerRng>& rngs = rng_before_step_;  // undone if the step fails
-  rngs.clear();
-  for (Sequence* seq : sampled) rngs.push_back(seq->rng);
-  StepSampling& sampling = sampling_;
-  sampling.temperature.assign(sampled.size(), -1.0f);
-  sampling.uniform.assign(sampled.size(), 0.0);
-  for (size_t r = 0; r < sampled.size() && !observer_; ++r) {
-    const SamplingParams& p = sampled[r]->sampling;
-    if (!SamplesOnDevice(p, vocab)) continue;
-    sampling.temperature[r] = DeviceTemperature(p);
-    if (sampling.temperature[r] > 0.0f) sampling.uniform[r] = sampled[r]->rng.Uniform();
-  }
-  if (absl::Status s = model_->Forward(b, kv_->view(), logits_.as<float>(), &sampling); !s.ok()) {
+  BuildBatch(scheduled, &result);
+  RETURN_IF_ERROR(ReserveLogits());
+  PrepareSampling();
+  if (absl::Status s = model_->Forward(batch_, kv_->view(), logits_.as<float>(), &sampling_);
+      !s.ok()) {
     // The step did not happen: the next one draws the same uniforms again,
     // so its tokens are what this step's would have been.
-    for (size_t r = 0; r < sampled.size(); ++r) sampled[r]->rng = rngs[r];
+    UndoSampling();
     return s;
   }
   for (const Scheduled& s : scheduled) {
@@ -542,21 +510,134 @@ absl::StatusOr<StepResult> Engine::RunPlannedStep(bool run_empty) {
   step_estimate_ = step_estimate_ == absl::ZeroDuration() ? took : (3 * step_estimate_ + took) / 4;
 
   // 4. Sample and retire finished sequences.
-  for (size_t r = 0; r < sampled.size(); ++r) {
-    Sequence* seq = sampled[r];
-    const float* row = logits_.as<float>() + r * vocab;
-    if (observer_) observer_(seq->id, row, vocab);
-    const int32_t token = sampling.tokens[r] >= 0
-                              ? sampling.tokens[r]
-                              : SampleToken(row, vocab, seq->sampling, &seq->rng, &sample_scratch_);
-    seq->tokens.push_back(token);
-    ++seq->generated;
-    const FinishReason finish = CheckFinished(*seq, token);
-    result.tokens.push_back({.id = seq->id, .token = token, .finish = finish,
-                             .cached_tokens = std::max(0, seq->cached_tokens)});
-    if (finish != FinishReason::kNone) Retire(seq);
-  }
+  TakeLogits(&result);
   return result;
+}
+
+void Engine::BuildBatch(const std::vector<Scheduled>& scheduled, StepResult* result) {
+  ForwardBatch& b = batch_;
+  b.tokens.clear();
+  b.positions.clear();
+  b.slots.clear();
+  b.query_start.assign(1, 0);
+  b.context_lens.clear();
+  b.logit_rows.clear();
+  rows_.clear();
+  int max_blocks = 0;
+  for (const Scheduled& s : scheduled) max_blocks = std::max<int>(max_blocks, s.seq->blocks.size());
+  b.max_blocks_per_seq = max_blocks;
+  b.block_tables.assign(scheduled.size() * max_blocks, 0);
+  const int bs = kv_->block_size();
+  for (size_t si = 0; si < scheduled.size(); ++si) {
+    const Scheduled& s = scheduled[si];
+    Sequence* seq = s.seq;
+    for (int j = 0; j < s.chunk; ++j) {
+      const int pos = seq->num_computed + j;
+      b.tokens.push_back(seq->tokens[pos]);
+      b.positions.push_back(pos);
+      b.slots.push_back(static_cast<int64_t>(seq->blocks[pos / bs]) * bs + pos % bs);
+      // The logits after `pos` give prompt token pos + 1's logprob, once.
+      const int next = pos + 1;
+      if (seq->prompt_logprobs_due && next < seq->prompt_len &&
+          next >= static_cast<int>(seq->prompt_logprobs.size())) {
+        b.logit_rows.push_back(static_cast<int32_t>(b.tokens.size()) - 1);
+        rows_.push_back({seq, next});
+      }
+    }
+    b.query_start.push_back(static_cast<int32_t>(b.tokens.size()));
+    b.context_lens.push_back(seq->num_computed + s.chunk);
+    std::copy(seq->blocks.begin(), seq->blocks.end(), b.block_tables.begin() + si * max_blocks);
+    if (seq->num_computed + s.chunk == static_cast<int>(seq->tokens.size())) {
+      b.logit_rows.push_back(static_cast<int32_t>(b.tokens.size()) - 1);
+      rows_.push_back({seq, -1});
+    }
+    if (s.chunk == 1 && seq->generated > 0 && seq->num_computed + 1 == static_cast<int>(seq->tokens.size())) {
+      result->decode_tokens += 1;
+    } else {
+      result->prefill_tokens += s.chunk;
+    }
+  }
+  result->num_seqs = static_cast<int>(scheduled.size());
+  result->scheduled.clear();
+  for (const Scheduled& s : scheduled) {
+    result->scheduled.emplace_back(s.seq->id, s.chunk);
+    result->context_tokens += s.seq->num_computed + s.chunk;
+  }
+}
+
+absl::Status Engine::ReserveLogits() {
+  // Pinned memory: a GPU copies the host's rows' logits straight into it.
+  const size_t logit_bytes = batch_.logit_rows.size() * model_->config().vocab_size * sizeof(float);
+  if (logits_.bytes() < logit_bytes) {
+    ASSIGN_OR_RETURN(logits_, model_->backend().Allocate(device::MemoryKind::kPinned,
+                                                         std::max(logit_bytes, 2 * logits_.bytes())));
+  }
+  return absl::OkStatus();
+}
+
+void Engine::PrepareSampling() {
+  // Greedy and plain temperature sampling happen where the logits are (on a
+  // GPU only the tokens come back); prompt rows, top-k, top-p, penalties,
+  // logprobs and a logits observer need the logits here. The uniform is drawn
+  // now, from the sequence's stream, as the host sampler would.
+  const int64_t vocab = model_->config().vocab_size;
+  rng_before_step_.clear();
+  for (const LogitRow& row : rows_) rng_before_step_.push_back(row.seq->rng);
+  StepSampling& sampling = sampling_;
+  sampling.temperature.assign(rows_.size(), -1.0f);
+  sampling.uniform.assign(rows_.size(), 0.0);
+  if (observer_) return;
+  for (size_t r = 0; r < rows_.size(); ++r) {
+    const SamplingParams& p = rows_[r].seq->sampling;
+    if (rows_[r].prompt_token >= 0 || !SamplesOnDevice(p, vocab)) continue;
+    sampling.temperature[r] = DeviceTemperature(p);
+    if (sampling.temperature[r] > 0.0f) sampling.uniform[r] = rows_[r].seq->rng.Uniform();
+  }
+}
+
+void Engine::UndoSampling() {
+  for (size_t r = 0; r < rows_.size(); ++r) rows_[r].seq->rng = rng_before_step_[r];
+}
+
+void Engine::TakeLogits(StepResult* result) {
+  const int64_t vocab = model_->config().vocab_size;
+  for (size_t r = 0; r < rows_.size(); ++r) {
+    Sequence* seq = rows_[r].seq;
+    float* row = logits_.as<float>() + r * vocab;
+    if (const int prompt_token = rows_[r].prompt_token; prompt_token >= 0) {
+      seq->prompt_logprobs.push_back(ComputeLogprob(row, vocab, /*temperature=*/0.0f,
+                                                    seq->tokens[prompt_token],
+                                                    seq->sampling.top_logprobs, &sample_scratch_));
+      continue;
+    }
+    // A sequence's sampling row is its last in the step: retiring it is safe.
+    result->tokens.push_back(SampleNext(seq, row, sampling_.tokens[r]));
+    if (result->tokens.back().finish != FinishReason::kNone) Retire(seq);
+  }
+}
+
+TokenOutput Engine::SampleNext(Sequence* seq, float* row, int32_t device_token) {
+  const int64_t vocab = model_->config().vocab_size;
+  const SamplingParams& p = seq->sampling;
+  if (observer_) observer_(seq->id, row, vocab);
+  int32_t token = device_token;  // a device-sampled row's logits never came back
+  if (token < 0) {
+    if (p.ProcessesLogits()) ProcessLogits(row, vocab, p, seq->history);
+    token = SampleToken(row, vocab, p, &seq->rng, &sample_scratch_);
+  }
+  TokenOutput out{.id = seq->id, .token = token, .cached_tokens = std::max(0, seq->cached_tokens)};
+  if (p.logprobs) {
+    out.logprob = ComputeLogprob(row, vocab, p.temperature, token, p.top_logprobs, &sample_scratch_);
+  }
+  if (seq->prompt_logprobs_due) {
+    out.prompt_logprobs = std::exchange(seq->prompt_logprobs, {});
+    seq->prompt_logprobs_due = false;
+  }
+  seq->tokens.push_back(token);
+  ++seq->generated;
+  if (p.ProcessesLogits()) seq->history.AddGenerated(token);
+  out.finish = CheckFinished(*seq, token);
+  return out;
 }
 
 }  // namespace joule

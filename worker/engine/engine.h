@@ -7,12 +7,16 @@
 // random stream, so their output is unchanged). With prefix caching a new
 // sequence's prefill starts after the longest prefix of full KV blocks the
 // cache holds (block_allocator.h), and only computed tokens use the budget.
+// Penalties, logit_bias and logprobs are applied on the host to the logits
+// of the sequences that ask for them (sampler.h); a prompt whose logprobs are
+// wanted is computed in full, every prefill row giving logits.
 #pragma once
 
 #include <cstdint>
 #include <deque>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
@@ -77,6 +81,13 @@ struct TokenOutput {
   // Prompt tokens whose K/V the prefix cache gave the sequence when it was
   // first scheduled (OpenAI's usage.prompt_tokens_details.cached_tokens).
   int cached_tokens = 0;
+  // With SamplingParams::logprobs: the token's log probability and its most
+  // likely alternatives (sampler.h, ComputeLogprob).
+  std::optional<TokenLogprob> logprob;
+  // With SamplingParams::prompt_logprobs, on the sequence's first token only:
+  // one entry per prompt token (the first has logprob NaN), from the model's
+  // logits as they are (no temperature, penalty or bias).
+  std::vector<TokenLogprob> prompt_logprobs;
 };
 
 struct StepResult {
@@ -111,6 +122,10 @@ struct EngineOptions {
   // Automatic prefix caching (block_allocator.h): a request's prefill starts
   // after the longest prefix of full KV blocks the cache holds.
   bool prefix_caching = true;
+  // Logit rows a step may spend on prompt_logprobs, beyond one per running
+  // sequence: such a prompt is prefilled at most this many tokens per step.
+  // Reserved with the step workspace (vocab_size floats each).
+  int prompt_logprob_rows = 64;
   // Time for pacing (GenerationRequest::token_interval); null: absl::Now.
   std::function<absl::Time()> clock;
 };
@@ -166,7 +181,8 @@ class Engine {
   int64_t max_model_len() const { return max_model_len_; }
   Model& model() { return *model_; }
 
-  // Test and benchmark hook: sees the logits each sampled token was drawn from.
+  // Test and benchmark hook: sees the model's logits for each sampled token
+  // (before penalties and logit_bias).
   using LogitsObserver = std::function<void(uint64_t id, const float* logits, int64_t vocab)>;
   void set_logits_observer(LogitsObserver observer) { observer_ = std::move(observer); }
 
@@ -182,6 +198,13 @@ class Engine {
     int cached_tokens = -1;  // prompt tokens the cache gave it when first scheduled
     SamplingParams sampling;
     SamplerRng rng{0};
+    TokenHistory history;  // for penalties (SamplingParams::ProcessesLogits)
+    int prompt_len = 0;
+    // prompt_logprobs asked and not reported yet: the prompt is computed in
+    // full (no prefix cache), every prompt row gives logits, and the entries
+    // collected so far (first NaN) go out with the first token.
+    bool prompt_logprobs_due = false;
+    std::vector<TokenLogprob> prompt_logprobs;
     int priority = 0;
     int step_token_cap = 0;
     absl::Duration token_interval = absl::ZeroDuration();
@@ -195,6 +218,13 @@ class Engine {
     int chunk;
   };
   enum class Admission { kAdmitted, kDeferred, kNoBlocks };
+  // A logit row of the step: the next-token distribution of `seq` after one
+  // of its positions; prompt_token >= 0: it gives that prompt token's
+  // logprob, else the sequence samples from it.
+  struct LogitRow {
+    Sequence* seq;
+    int prompt_token;
+  };
 
   Engine(Model* model, std::unique_ptr<PagedKvCache> kv, const EngineOptions& options);
   // The KV budget: options.kv_cache_bytes, or on a GPU what the memory
@@ -213,6 +243,9 @@ class Engine {
   // lowest priority (highest number), newest; nullptr if there is none.
   Sequence* PickVictim(const Sequence* seq) const;
   void FreeBlocks(Sequence* seq);
+  // Whether admitting `seq` looks up its prefix in the cache (not while its
+  // prompt logprobs are due: every prompt position's logits are needed).
+  bool LooksUpPrefix(const Sequence& seq) const;
   // Prefix caching: the hash of the sequence's full block `i`.
   const BlockHash& BlockHashAt(Sequence* seq, int i);
   // The cached blocks holding the sequence's longest cached prefix, leaving at
@@ -224,6 +257,19 @@ class Engine {
   void PublishComputedBlocks(Sequence* seq);
   void Preempt(Sequence* seq);
   FinishReason CheckFinished(const Sequence& seq, int32_t token) const;
+  // The forward batch of `scheduled` and its logit rows (rows_).
+  void BuildBatch(const std::vector<Scheduled>& scheduled, StepResult* result);
+  // Room in logits_ for the batch's logit rows.
+  absl::Status ReserveLogits();
+  // Which rows the device samples, drawing their uniforms (undone by
+  // UndoSampling if the step fails).
+  void PrepareSampling();
+  void UndoSampling();
+  // After the forward pass: prompt logprobs, the sampled tokens, retirements.
+  void TakeLogits(StepResult* result);
+  // Appends the token the row gives `seq` (the device's pick, or the host's
+  // from the processed logits in `row`) and reports it.
+  TokenOutput SampleNext(Sequence* seq, float* row, int32_t device_token);
   void Retire(Sequence* seq);
   absl::Time Now() const { return options_.clock ? options_.clock() : absl::Now(); }
 
@@ -243,7 +289,8 @@ class Engine {
   ForwardBatch batch_;
   device::Buffer logits_;  // [logit rows, vocab], pinned host memory
   StepSampling sampling_;  // where each sampled row's token is picked
-  std::vector<SamplerRng> rng_before_step_;
+  std::vector<LogitRow> rows_;             // of batch_.logit_rows
+  std::vector<SamplerRng> rng_before_step_;  // per logit row
   std::vector<std::pair<float, int32_t>> sample_scratch_;
   uint64_t unseeded_counter_ = 0;
   uint64_t arrivals_ = 0;

@@ -15,14 +15,16 @@
 #include "common/file.h"
 #include "common/status.h"
 #include "nlohmann/json.hpp"
+#include "worker/model/config_fields.h"
 
 namespace joule {
 namespace {
 
-using json = nlohmann::json;
+using config_internal::Fields;
+using config_internal::json;
 
 constexpr char kSupportedArchitectures[] =
-    "Qwen3MoeForCausalLM, Qwen2MoeForCausalLM, MixtralForCausalLM";
+    "Qwen3MoeForCausalLM, Qwen2MoeForCausalLM, MixtralForCausalLM, DeepseekV3ForCausalLM";
 
 struct FamilyInfo {
   ModelFamily family;
@@ -38,6 +40,7 @@ constexpr FamilyInfo kFamilies[] = {
     {ModelFamily::kQwen3Moe, "Qwen3MoeForCausalLM", "qwen3_moe", 1e-6f, 10000.0f, 32768},
     {ModelFamily::kQwen2Moe, "Qwen2MoeForCausalLM", "qwen2_moe", 1e-6f, 10000.0f, 32768},
     {ModelFamily::kMixtral, "MixtralForCausalLM", "mixtral", 1e-5f, 1e6f, 4096 * 32},
+    {ModelFamily::kDeepseekV3, "DeepseekV3ForCausalLM", "deepseek_v3", 1e-6f, 10000.0f, 4096},
 };
 
 const FamilyInfo* FamilyByArchitecture(const std::string& arch) {
@@ -53,115 +56,6 @@ const FamilyInfo* FamilyByModelType(const std::string& type) {
   }
   return nullptr;
 }
-
-std::string Describe(const json& v) {
-  if (v.is_number() || v.is_boolean()) return absl::StrCat(v.type_name(), " ", v.dump());
-  return v.type_name();
-}
-
-// Typed, exception-free access to config.json fields. A JSON null counts as
-// absent (Hugging Face writes null for unset optional fields).
-class Fields {
- public:
-  Fields(const json& root, const std::string& source) : root_(root), source_(source) {}
-
-  absl::Status Error(absl::string_view field, absl::string_view msg) const {
-    return absl::InvalidArgumentError(absl::StrCat(source_, ": field '", field, "' ", msg));
-  }
-  absl::Status TypeError(absl::string_view field, absl::string_view want, const json& got) const {
-    return Error(field, absl::StrCat("must be ", want, ", got ", Describe(got)));
-  }
-
-  const json* Find(absl::string_view field) const {
-    auto it = root_.find(std::string(field));
-    if (it == root_.end() || it->is_null()) return nullptr;
-    return &*it;
-  }
-  bool Has(absl::string_view field) const { return Find(field) != nullptr; }
-
-  absl::StatusOr<std::optional<int64_t>> OptInt(absl::string_view field) const {
-    const json* v = Find(field);
-    if (v == nullptr) return std::optional<int64_t>();
-    return AsInt(field, *v);
-  }
-  absl::StatusOr<int64_t> AsInt(absl::string_view field, const json& v) const {
-    if (v.is_number_unsigned()) {
-      uint64_t u = v.get<uint64_t>();
-      if (u > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
-        return Error(field, absl::StrCat("is out of range: ", v.dump()));
-      }
-      return static_cast<int64_t>(u);
-    }
-    if (v.is_number_integer()) return v.get<int64_t>();
-    return TypeError(field, "an integer", v);
-  }
-  absl::StatusOr<int64_t> RequiredInt(absl::string_view field) const {
-    ASSIGN_OR_RETURN(std::optional<int64_t> v, OptInt(field));
-    if (!v) return Error(field, "is required");
-    return *v;
-  }
-  // A strictly positive integer that fits `int`, from the field or `fallback`.
-  absl::StatusOr<int64_t> Positive(absl::string_view field, std::optional<int64_t> fallback,
-                                   bool fits_int = false) const {
-    ASSIGN_OR_RETURN(std::optional<int64_t> v, OptInt(field));
-    if (!v) v = fallback;
-    if (!v) return Error(field, "is required");
-    if (*v <= 0) return Error(field, absl::StrCat("must be positive, got ", *v));
-    if (fits_int && *v > std::numeric_limits<int>::max()) {
-      return Error(field, absl::StrCat("is too large: ", *v));
-    }
-    return *v;
-  }
-  absl::StatusOr<float> PositiveFloat(absl::string_view field, float fallback) const {
-    const json* v = Find(field);
-    if (v == nullptr) return fallback;
-    return AsPositiveFloat(field, *v);
-  }
-  // A number that stays positive and finite as a float (the engine computes in
-  // float: 1e300 would become inf and 1e-50 zero).
-  absl::StatusOr<float> AsPositiveFloat(absl::string_view field, const json& v) const {
-    if (!v.is_number()) return TypeError(field, "a number", v);
-    const double d = v.get<double>();
-    if (!(d >= std::numeric_limits<float>::denorm_min()) || d > std::numeric_limits<float>::max()) {
-      return Error(field, absl::StrCat("must be a positive number within float range, got ", v.dump()));
-    }
-    return static_cast<float>(d);
-  }
-  absl::StatusOr<bool> Bool(absl::string_view field, bool fallback) const {
-    const json* v = Find(field);
-    if (v == nullptr) return fallback;
-    if (!v->is_boolean()) return TypeError(field, "a boolean", *v);
-    return v->get<bool>();
-  }
-  absl::StatusOr<std::optional<std::string>> OptString(absl::string_view field) const {
-    const json* v = Find(field);
-    if (v == nullptr) return std::optional<std::string>();
-    if (!v->is_string()) return TypeError(field, "a string", *v);
-    return std::optional<std::string>(v->get<std::string>());
-  }
-  // An integer, a list of integers, or null/absent (empty list).
-  absl::StatusOr<std::vector<int64_t>> IntOrList(absl::string_view field) const {
-    std::vector<int64_t> out;
-    const json* v = Find(field);
-    if (v == nullptr) return out;
-    if (v->is_array()) {
-      for (const json& e : *v) {
-        if (!e.is_number_integer()) return TypeError(field, "an integer or a list of integers", e);
-        ASSIGN_OR_RETURN(int64_t i, AsInt(field, e));
-        out.push_back(i);
-      }
-      return out;
-    }
-    if (!v->is_number_integer()) return TypeError(field, "an integer or a list of integers", *v);
-    ASSIGN_OR_RETURN(int64_t i, AsInt(field, *v));
-    out.push_back(i);
-    return out;
-  }
-
- private:
-  const json& root_;
-  const std::string& source_;
-};
 
 // rope_scaling (older configs) / rope_parameters (newer ones): only plain RoPE
 // is implemented. A "default" entry may carry rope_theta.
@@ -240,9 +134,25 @@ absl::StatusOr<const FamilyInfo*> ResolveFamily(const Fields& f,
   return family;
 }
 
+// bos_token_id and eos_token_id (an id or a list).
+absl::Status ParseSpecialTokens(const Fields& f, ModelConfig* c) {
+  ASSIGN_OR_RETURN(std::vector<int64_t> bos, f.IntOrList("bos_token_id"));
+  c->bos_token_id = bos.empty() ? -1 : bos[0];
+  ASSIGN_OR_RETURN(c->eos_token_ids, f.IntOrList("eos_token_id"));
+  // Ids past vocab_size occur in the wild (added tokens), so only the sign is checked.
+  for (int64_t id : bos) {
+    if (id < 0) return f.Error("bos_token_id", absl::StrCat("must be non-negative, got ", id));
+  }
+  for (int64_t id : c->eos_token_ids) {
+    if (id < 0) return f.Error("eos_token_id", absl::StrCat("must be non-negative, got ", id));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 bool ModelConfig::IsMoeLayer(int layer) const {
+  if (family == ModelFamily::kDeepseekV3) return num_experts > 0 && layer >= first_k_dense_replace;
   if (num_experts <= 0 || decoder_sparse_step <= 0) return false;
   if (std::find(mlp_only_layers.begin(), mlp_only_layers.end(), layer) != mlp_only_layers.end()) {
     return false;
@@ -263,11 +173,23 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text,
   ASSIGN_OR_RETURN(const FamilyInfo* family,
                    ResolveFamily(f, &c.architecture, &c.model_type));
   c.family = family->family;
+  if (c.family == ModelFamily::kDeepseekV3) {
+    RETURN_IF_ERROR(config_internal::ParseDeepseekV3(f, &c));
+    RETURN_IF_ERROR(ParseSpecialTokens(f, &c));
+    return c;
+  }
   const bool is_mixtral = c.family == ModelFamily::kMixtral;
 
   // Fields whose presence alone means the engine would compute something else.
-  if (f.Has("quantization_config")) {
-    return f.Error("quantization_config", "is set: quantized checkpoints are not supported");
+  if (const json* q = f.Find("quantization_config")) {
+    std::string method = "?";
+    if (q->is_object() && q->contains("quant_method") && (*q)["quant_method"].is_string()) {
+      method = (*q)["quant_method"].get<std::string>();
+    }
+    return f.Error("quantization_config",
+                   absl::StrCat("is set (quant_method '", method, "'): quantized ", c.architecture,
+                                " checkpoints are not supported (block FP8 is read for "
+                                "DeepseekV3ForCausalLM only)"));
   }
   ASSIGN_OR_RETURN(std::optional<std::string> act, f.OptString("hidden_act"));
   if (act && *act != "silu") {
@@ -331,6 +253,7 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text,
       break;
     }
     case ModelFamily::kMixtral:
+    case ModelFamily::kDeepseekV3:  // parsed by ParseDeepseekV3 instead
       c.attention_bias = false;
       break;
   }
@@ -413,17 +336,7 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text,
   }
   c.num_experts_per_tok = static_cast<int>(top_k);
 
-  // Special tokens.
-  ASSIGN_OR_RETURN(std::vector<int64_t> bos, f.IntOrList("bos_token_id"));
-  c.bos_token_id = bos.empty() ? -1 : bos[0];
-  ASSIGN_OR_RETURN(c.eos_token_ids, f.IntOrList("eos_token_id"));
-  // Ids past vocab_size occur in the wild (added tokens), so only the sign is checked.
-  for (int64_t id : bos) {
-    if (id < 0) return f.Error("bos_token_id", absl::StrCat("must be non-negative, got ", id));
-  }
-  for (int64_t id : c.eos_token_ids) {
-    if (id < 0) return f.Error("eos_token_id", absl::StrCat("must be non-negative, got ", id));
-  }
+  RETURN_IF_ERROR(ParseSpecialTokens(f, &c));
   return c;
 }
 

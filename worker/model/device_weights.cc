@@ -1,6 +1,7 @@
 #include "worker/model/device_weights.h"
 
 #include <cstring>
+#include <utility>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
@@ -10,7 +11,12 @@
 
 namespace joule {
 
-
+kernels::GemmParams LinearGemm(const LinearView& w, const float* x, int64_t m, float* y,
+                               void* workspace) {
+  return {.x = x, .m = m, .k = w.in_features, .w = w.w, .w_type = w.type, .n = w.out_features,
+          .bias = w.bias, .y = y, .workspace = workspace, .w_scale_inv = w.scale_inv,
+          .w_blocks = w.blocks};
+}
 
 // Walks the weights once per mode, in the same order every time: kView hands
 // out host pointers; kPlan only reserves each tensor's slice of the arena;
@@ -25,6 +31,10 @@ class DeviceWeights::Placer {
     LinearView v{.w = Matrix(l), .type = backend_.weight_type(l.type),
                  .out_features = l.out_features, .in_features = l.in_features};
     if (!l.bias.empty()) v.bias = Vector(l.bias);
+    if (mode_ == Mode::kView) {  // FP8 is read on the host only (Create refuses it elsewhere)
+      v.scale_inv = l.scale_inv;
+      v.blocks = l.blocks;
+    }
     return v;
   }
 
@@ -115,16 +125,21 @@ class DeviceWeights::Placer {
 
 ExpertsView ViewExperts(const LayerWeights& L, std::vector<const void*>* table) {
   const int E = static_cast<int>(L.experts.size());
-  table->assign(3 * static_cast<size_t>(E), nullptr);
-  ExpertsView v{.gate = table->data(), .up = table->data() + E, .down = table->data() + 2 * E,
-                .num_experts = E};
+  table->assign(6 * static_cast<size_t>(E), nullptr);
+  const void* const* t = table->data();
+  ExpertsView v{.gate = t, .up = t + E, .down = t + 2 * E, .gate_scale_inv = t + 3 * E,
+                .up_scale_inv = t + 4 * E, .down_scale_inv = t + 5 * E, .num_experts = E};
   for (int e = 0; e < E; ++e) {
     const MlpWeights& m = L.experts[e];
     if (!m.loaded) continue;
     (*table)[e] = m.gate.w;
     (*table)[E + e] = m.up.w;
     (*table)[2 * E + e] = m.down.w;
+    (*table)[3 * E + e] = m.gate.scale_inv;
+    (*table)[4 * E + e] = m.up.scale_inv;
+    (*table)[5 * E + e] = m.down.scale_inv;
     v.type = m.gate.type;
+    v.blocks = m.gate.blocks;
     v.hidden = m.gate.in_features;
     v.intermediate = m.gate.out_features;
     ++v.held;
@@ -132,10 +147,36 @@ ExpertsView ViewExperts(const LayerWeights& L, std::vector<const void*>* table) 
   return v;
 }
 
+namespace {
+
+// True when any matrix the model uses is FP8 (embeddings and lm_head never are).
+bool HasFp8(const ModelWeights& weights) {
+  auto fp8 = [](const Linear& l) { return l.type == kernels::DType::kF8E4M3; };
+  auto mlp = [&](const MlpWeights& m) { return m.loaded && (fp8(m.gate) || fp8(m.up) || fp8(m.down)); };
+  for (const LayerWeights& L : weights.layers()) {
+    for (const Linear* l : {&L.q_proj, &L.k_proj, &L.v_proj, &L.o_proj, &L.q_a_proj, &L.q_b_proj,
+                            &L.kv_a_proj, &L.kv_b_proj, &L.router}) {
+      if (fp8(*l)) return true;
+    }
+    if (mlp(L.dense) || mlp(L.shared_expert)) return true;
+    for (const MlpWeights& e : L.experts) {
+      if (mlp(e)) return true;
+    }
+  }
+  return false;
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<DeviceWeights>> DeviceWeights::Create(const ModelWeights& weights,
                                                                      device::Backend& backend) {
   auto dw = std::unique_ptr<DeviceWeights>(new DeviceWeights());
   const bool view = backend.device_memory_is_host();
+  if (!view && HasFp8(weights)) {
+    return absl::UnimplementedError(absl::StrCat(
+        "block-scaled FP8 weights on ", backend.spec().ToString(),
+        " are not implemented yet (the CPU runs them; --device cpu)"));
+  }
   auto traverse = [&](Placer& placer) {
     dw->tables_.assign(weights.layers().size(), {});
     dw->embed_ = placer.Linear(weights.embed_tokens());
@@ -153,17 +194,25 @@ absl::StatusOr<std::unique_ptr<DeviceWeights>> DeviceWeights::Create(const Model
       v.k_proj = placer.Linear(L.k_proj);
       v.v_proj = placer.Linear(L.v_proj);
       v.o_proj = placer.Linear(L.o_proj);
+      // MLA's matrices, where the layer has them (an absent one places nothing).
+      for (auto [from, to] : {std::pair{&L.q_a_proj, &v.q_a_proj}, std::pair{&L.q_b_proj, &v.q_b_proj},
+                              std::pair{&L.kv_a_proj, &v.kv_a_proj}, std::pair{&L.kv_b_proj, &v.kv_b_proj}}) {
+        if (from->w != nullptr) *to = placer.Linear(*from);
+      }
+      v.q_a_norm = placer.Vector(L.q_a_norm);
+      v.kv_a_norm = placer.Vector(L.kv_a_norm);
       v.is_moe = L.is_moe;
       if (!L.is_moe) {
         v.dense = placer.Mlp(L.dense);
         continue;
       }
       v.router = placer.Linear(L.router);
+      v.router_bias = placer.Vector(L.router_bias);
       v.experts = placer.Experts(L, &dw->tables_[i]);
       v.has_shared_expert = L.shared_expert.loaded;
       if (v.has_shared_expert) {
         v.shared_expert = placer.Mlp(L.shared_expert);
-        v.shared_expert_gate = placer.Linear(L.shared_expert_gate);
+        if (L.shared_expert_gate.w != nullptr) v.shared_expert_gate = placer.Linear(L.shared_expert_gate);
       }
     }
   };

@@ -1,7 +1,8 @@
 // The model's weights where the backend computes: views of the host weights
-// on the CPU (zero copy, as loaded), or one upload to GPU memory (every
-// matrix in BF16, F32/F16 checkpoints converted; a rank uploads only the
-// experts it holds, plus attention, dense and shared weights).
+// on the CPU (zero copy, as loaded, FP8 included), or one upload to GPU memory
+// (every matrix in BF16, F32/F16 checkpoints converted; a rank uploads only the
+// experts it holds, plus attention, dense and shared weights; FP8 checkpoints
+// are Unimplemented there).
 //
 // The forward pass reads weights only through these views, so it is written
 // once for both devices.
@@ -25,7 +26,14 @@ struct LinearView {
   int64_t out_features = 0;
   int64_t in_features = 0;
   const float* bias = nullptr;
+  const float* scale_inv = nullptr;  // kF8E4M3: the block scales
+  kernels::WeightBlocks blocks;
 };
+
+// y [m, out_features] = x [m, in_features] . W^T (+ bias), with W's FP8
+// scales if it has them; the rest of the struct is the caller's.
+kernels::GemmParams LinearGemm(const LinearView& w, const float* x, int64_t m, float* y,
+                               void* workspace);
 
 struct MlpView {
   LinearView gate, up, down;
@@ -39,6 +47,11 @@ struct ExpertsView {
   const void* const* up = nullptr;
   const void* const* down = nullptr;
   kernels::DType type = kernels::DType::kBF16;
+  // kF8E4M3: each expert's F32 block scales (GroupedGemmParams::w_scale_inv).
+  const void* const* gate_scale_inv = nullptr;
+  const void* const* up_scale_inv = nullptr;
+  const void* const* down_scale_inv = nullptr;
+  kernels::WeightBlocks blocks;
   int num_experts = 0;
   int64_t hidden = 0;
   int64_t intermediate = 0;
@@ -51,17 +64,23 @@ struct LayerView {
   const float* q_norm = nullptr;  // Qwen3 only
   const float* k_norm = nullptr;
   LinearView q_proj, k_proj, v_proj, o_proj;
+  // DeepSeek-V3's multi-head latent attention (LayerWeights).
+  LinearView q_a_proj, q_b_proj, kv_a_proj, kv_b_proj;
+  const float* q_a_norm = nullptr;
+  const float* kv_a_norm = nullptr;
   bool is_moe = false;
   MlpView dense;  // when !is_moe
   LinearView router;
+  const float* router_bias = nullptr;  // DeepSeek-V3's e_score_correction_bias
   ExpertsView experts;
-  bool has_shared_expert = false;  // Qwen2-MoE
+  bool has_shared_expert = false;  // Qwen2-MoE (gated), DeepSeek-V3 (not)
   MlpView shared_expert;
-  LinearView shared_expert_gate;
+  LinearView shared_expert_gate;   // w null when the shared expert has no gate
 };
 
 // A view of one layer's routed experts in host memory (as loaded), with its
-// pointer arrays in `table` ([gate x E, up x E, down x E]; kept by the caller).
+// pointer arrays in `table` ([gate x E, up x E, down x E], then for FP8 the
+// scales of each in the same order; kept by the caller).
 ExpertsView ViewExperts(const LayerWeights& layer, std::vector<const void*>* table);
 
 class DeviceWeights {

@@ -12,20 +12,13 @@ namespace joule {
 
 absl::Status RunMlp(device::Backend& backend, const MlpView& mlp, const float* x, int64_t rows,
                     float* out, float* scratch, void* gemm_workspace) {
-  const int64_t H = mlp.gate.in_features;
   const int64_t I = mlp.gate.out_features;
   float* gate = scratch;
   float* up = gate + rows * I;
-  kernels::GemmParams g{.x = x, .m = rows, .k = H, .w = mlp.gate.w, .w_type = mlp.gate.type,
-                        .n = I, .y = gate, .workspace = gemm_workspace};
-  RETURN_IF_ERROR(backend.Gemm(g));
-  g.w = mlp.up.w;
-  g.w_type = mlp.up.type;
-  g.y = up;
-  RETURN_IF_ERROR(backend.Gemm(g));
+  RETURN_IF_ERROR(backend.Gemm(LinearGemm(mlp.gate, x, rows, gate, gemm_workspace)));
+  RETURN_IF_ERROR(backend.Gemm(LinearGemm(mlp.up, x, rows, up, gemm_workspace)));
   RETURN_IF_ERROR(backend.SiluMul({.gate = gate, .up = up, .out = gate, .n = rows * I}));
-  return backend.Gemm({.x = gate, .m = rows, .k = I, .w = mlp.down.w, .w_type = mlp.down.type,
-                       .n = H, .y = out, .workspace = gemm_workspace});
+  return backend.Gemm(LinearGemm(mlp.down, gate, rows, out, gemm_workspace));
 }
 
 size_t GroupedExpertBytes(const ExpertsView& experts, int64_t rows) {
@@ -91,10 +84,14 @@ absl::Status RunDownInChunks(device::Backend& backend, const FusedCombine& combi
                                 : static_cast<const std::byte*>(experts.down[e]) + c0 * I * elem;
     }
     std::fill(y, y + combine.out_rows * cols, 0.0f);
+    kernels::WeightBlocks blocks = experts.blocks;
+    blocks.first_row = c0;  // FP8: the chunk's rows keep their blocks' scales
     RETURN_IF_ERROR(backend.GroupedGemm({.num_groups = E, .x = gate, .row_offsets = offsets,
                                          .k = I, .n = cols, .w = buffers->chunk_w.data(),
                                          .w_type = experts.type, .y = y, .y_rows = combine.rows,
-                                         .row_scale = combine.weights, .max_rows = rows}));
+                                         .row_scale = combine.weights, .max_rows = rows,
+                                         .w_scale_inv = experts.down_scale_inv,
+                                         .w_blocks = blocks}));
     combine.sink(c0, cols, y);
   }
   return absl::OkStatus();
@@ -122,9 +119,11 @@ absl::Status RunGroupedExperts(device::Backend& backend, const ExpertsView& expe
   kernels::GroupedGemmParams gg{.num_groups = E, .x = x.x, .row_offsets = offsets, .k = H, .n = I,
                                 .w = experts.gate, .w_type = experts.type, .y = gate,
                                 .x_type = x.type, .ldx = x.stride, .x_rows = x.rows,
-                                .max_rows = rows};
+                                .max_rows = rows, .w_scale_inv = experts.gate_scale_inv,
+                                .w_blocks = experts.blocks};
   RETURN_IF_ERROR(backend.GroupedGemm(gg));
   gg.w = experts.up;
+  gg.w_scale_inv = experts.up_scale_inv;
   gg.y = up;
   RETURN_IF_ERROR(backend.GroupedGemm(gg));
   RETURN_IF_ERROR(backend.SiluMul({.gate = gate, .up = up, .out = gate, .n = rows * I}));
@@ -136,7 +135,8 @@ absl::Status RunGroupedExperts(device::Backend& backend, const ExpertsView& expe
                               .w = experts.down, .w_type = experts.type, .y = out,
                               .y_rows = combine != nullptr ? combine->rows : nullptr,
                               .row_scale = combine != nullptr ? combine->weights : nullptr,
-                              .max_rows = rows});
+                              .max_rows = rows, .w_scale_inv = experts.down_scale_inv,
+                              .w_blocks = experts.blocks});
 }
 
 LocalExpertExecutor::LocalExpertExecutor(device::Backend* backend, const DeviceWeights* weights,

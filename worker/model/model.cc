@@ -10,6 +10,7 @@
 #include "common/status.h"
 #include "kernels/cpu/elementwise.h"
 #include "worker/device/cpu_backend.h"
+#include "worker/model/feed_forward.h"
 
 namespace joule {
 
@@ -21,9 +22,24 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& model_dir,
   return Create(std::move(weights), std::move(backend), options.cuda_graphs);
 }
 
+namespace {
+
+// What the forward pass cannot run yet, although config and weights loaded.
+absl::Status CheckForwardSupports(const ModelConfig& c) {
+  if (c.UsesMla()) {
+    return absl::UnimplementedError(absl::StrCat(
+        c.architecture, ": multi-head latent attention is not implemented yet"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<Model>> Model::Create(std::unique_ptr<ModelWeights> weights,
                                                      std::unique_ptr<device::Backend> backend,
                                                      bool cuda_graphs) {
+  // After ModelWeights::Load, so a checkpoint's own errors come first.
+  RETURN_IF_ERROR(CheckForwardSupports(weights->config()));
   ASSIGN_OR_RETURN(auto device_weights, DeviceWeights::Create(*weights, *backend));
   auto model = std::unique_ptr<Model>(new Model(std::move(weights), std::move(backend),
                                                 std::move(device_weights), cuda_graphs));
@@ -85,6 +101,7 @@ absl::Status Model::Reserve(const StepShape& shape) {
 
 absl::Status Model::Validate(const ForwardBatch& b, const KvCacheView& kv) const {
   const ModelConfig& c = config();
+  RETURN_IF_ERROR(CheckForwardSupports(c));  // a Model built by the CPU constructor
   const int64_t T = b.num_tokens();
   const int S = b.num_seqs();
   if (b.positions.size() != b.tokens.size() || b.slots.size() != b.tokens.size()) {
@@ -307,8 +324,7 @@ absl::Status Model::Layer(int layer, const StepShape& step, bool padded, const K
   RETURN_IF_ERROR(dev.RmsNorm({.x = a.x, .weight = L.input_norm, .out = a.h, .rows = T, .cols = H,
                                .eps = c.rms_norm_eps}));
   auto project = [&](const LinearView& l, float* out) {
-    return dev.Gemm({.x = a.h, .m = T, .k = H, .w = l.w, .w_type = l.type, .n = l.out_features,
-                     .bias = l.bias, .y = out, .workspace = a.gemm_workspace});
+    return dev.Gemm(LinearGemm(l, a.h, T, out, a.gemm_workspace));
   };
   RETURN_IF_ERROR(project(L.q_proj, a.q));
   RETURN_IF_ERROR(project(L.k_proj, a.k));
@@ -342,44 +358,14 @@ absl::Status Model::Layer(int layer, const StepShape& step, bool padded, const K
   // --- MLP / MoE ---
   RETURN_IF_ERROR(dev.RmsNorm({.x = a.x, .weight = L.post_attention_norm, .out = a.h, .rows = T,
                                .cols = H, .eps = c.rms_norm_eps}));
-  if (!L.is_moe) {
-    RETURN_IF_ERROR(RunMlp(dev, L.dense, a.h, T, a.mlp_out, a.mlp_scratch, a.gemm_workspace));
-  } else {
-    RETURN_IF_ERROR(Moe(L, layer, step, padded));
-  }
+  ExpertExecutor& experts = experts_ != nullptr ? *experts_ : *local_experts_;
+  const FeedForwardBuffers buffers{.mlp_scratch = a.mlp_scratch, .shared = a.shared,
+                                   .router_logits = a.router_logits, .topk_ids = a.topk_ids,
+                                   .topk_weights = a.topk_weights, .gate_logit = a.gate_logit,
+                                   .gemm_workspace = a.gemm_workspace,
+                                   .valid_tokens = padded ? m.valid_tokens : nullptr};
+  RETURN_IF_ERROR(RunFeedForward(dev, c, L, layer, experts, a.h, T, buffers, a.mlp_out));
   return dev.Add({.y = a.x, .x = a.mlp_out, .n = T * H});
-}
-
-// mlp_out = the routed experts' weighted sum (+ the gated shared expert).
-absl::Status Model::Moe(const LayerView& L, int layer, const StepShape& step, bool padded) {
-  const ModelConfig& c = config();
-  const StepActivations& a = workspace_.activations();
-  device::Backend& dev = *backend_;
-  const int64_t T = step.tokens;
-  const int64_t H = c.hidden_size;
-  if (T > 0) {
-    RETURN_IF_ERROR(dev.Gemm({.x = a.h, .m = T, .k = H, .w = L.router.w, .w_type = L.router.type,
-                              .n = c.num_experts, .y = a.router_logits,
-                              .workspace = a.gemm_workspace}));
-    RETURN_IF_ERROR(dev.RouterTopK(
-        {.logits = a.router_logits, .tokens = T, .num_experts = c.num_experts,
-         .top_k = c.num_experts_per_tok, .renormalize = c.norm_topk_prob,
-         .expert_ids = a.topk_ids, .weights = a.topk_weights,
-         .valid_tokens = padded ? workspace_.metadata().valid_tokens : nullptr}));
-  }
-  // The executor adds into mlp_out, which starts at zero.
-  RETURN_IF_ERROR(dev.Zero(a.mlp_out, static_cast<size_t>(T * H) * sizeof(float)));
-  ExpertExecutor* experts = experts_ != nullptr ? experts_ : local_experts_.get();
-  RETURN_IF_ERROR(Annotate(experts->Run(layer, a.h, T, a.topk_ids, a.topk_weights, a.mlp_out),
-                           "experts"));
-  if (!L.has_shared_expert) return absl::OkStatus();
-  // Qwen2-MoE: out += sigmoid(x . w_gate) * shared_expert(x).
-  RETURN_IF_ERROR(RunMlp(dev, L.shared_expert, a.h, T, a.shared, a.mlp_scratch, a.gemm_workspace));
-  RETURN_IF_ERROR(dev.Gemm({.x = a.h, .m = T, .k = H, .w = L.shared_expert_gate.w,
-                            .w_type = L.shared_expert_gate.type, .n = 1, .y = a.gate_logit,
-                            .workspace = a.gemm_workspace}));
-  return dev.GatedAdd({.y = a.mlp_out, .x = a.shared, .gate_logit = a.gate_logit, .rows = T,
-                       .cols = H});
 }
 
 }  // namespace joule

@@ -96,7 +96,6 @@ class Model {
   // metadata, logits into `logits` (backend memory).
   absl::Status Run(const StepShape& shape, bool padded, const KvCacheView& kv, float* logits);
   absl::Status Layer(int layer, const StepShape& shape, bool padded, const KvCacheView& kv);
-  absl::Status Moe(const LayerView& L, int layer, const StepShape& shape, bool padded);
   // Copies back the tokens the device picked and the logits of the rows it
   // did not (of `rows` rows), and waits.
   absl::Status ReturnResults(int64_t rows, float* logits, StepSampling* sampling);

@@ -5,6 +5,39 @@
 
 namespace joule::worker {
 
+namespace {
+
+// Fields proto3 leaves at 0 mean "unset" where 0 is not a value (see convert.h).
+absl::StatusOr<SamplingParams> SamplingFromProto(const v1::SamplingParams& s) {
+  SamplingParams out;
+  out.temperature = s.temperature();
+  out.top_p = s.top_p() == 0.0f ? 1.0f : s.top_p();
+  out.top_k = s.top_k();
+  if (s.has_seed()) out.seed = s.seed();
+  if (s.max_tokens() < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("sampling.max_tokens: must be positive, got ", s.max_tokens()));
+  }
+  out.max_tokens = s.max_tokens() == 0 ? kDefaultMaxTokens : s.max_tokens();
+  out.stop_token_ids.assign(s.stop_token_ids().begin(), s.stop_token_ids().end());
+  out.ignore_eos = s.ignore_eos();
+  out.presence_penalty = s.presence_penalty();
+  out.frequency_penalty = s.frequency_penalty();
+  out.repetition_penalty = s.repetition_penalty() == 0.0f ? 1.0f : s.repetition_penalty();
+  out.logit_bias.insert(s.logit_bias().begin(), s.logit_bias().end());
+  out.logprobs = s.logprobs();
+  out.top_logprobs = s.top_logprobs();
+  out.prompt_logprobs = s.prompt_logprobs();
+  // The vocabulary is the engine's to check (Engine::Add).
+  if (absl::Status st = out.Validate(); !st.ok()) {
+    // SamplingParams names the bare field; say where it sits in the request.
+    return absl::InvalidArgumentError(absl::StrCat("sampling.", st.message()));
+  }
+  return out;
+}
+
+}  // namespace
+
 absl::StatusOr<GenerationRequest> ToGenerationRequest(const v1::GenerateRequest& request) {
   if (request.request_id().empty()) {
     return absl::InvalidArgumentError("request_id: must not be empty");
@@ -15,18 +48,7 @@ absl::StatusOr<GenerationRequest> ToGenerationRequest(const v1::GenerateRequest&
   GenerationRequest out;
   out.prompt.assign(request.prompt_token_ids().begin(), request.prompt_token_ids().end());
   out.resumed.assign(request.resumed_token_ids().begin(), request.resumed_token_ids().end());
-  const v1::SamplingParams& s = request.sampling();
-  out.sampling.temperature = s.temperature();
-  out.sampling.top_p = s.top_p() == 0.0f ? 1.0f : s.top_p();
-  out.sampling.top_k = s.top_k();
-  if (s.has_seed()) out.sampling.seed = s.seed();
-  if (s.max_tokens() < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("sampling.max_tokens: must be positive, got ", s.max_tokens()));
-  }
-  out.sampling.max_tokens = s.max_tokens() == 0 ? kDefaultMaxTokens : s.max_tokens();
-  out.sampling.stop_token_ids.assign(s.stop_token_ids().begin(), s.stop_token_ids().end());
-  out.sampling.ignore_eos = s.ignore_eos();
+  ASSIGN_OR_RETURN(out.sampling, SamplingFromProto(request.sampling()));
   if (request.priority() < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("priority: must be >= 0 (0 is most urgent), got ", request.priority()));
@@ -42,10 +64,6 @@ absl::StatusOr<GenerationRequest> ToGenerationRequest(const v1::GenerateRequest&
   out.token_interval = absl::Microseconds(request.token_interval_us());
   out.priority = request.priority();
   out.step_token_cap = request.step_token_cap();
-  if (absl::Status st = out.sampling.Validate(); !st.ok()) {
-    // SamplingParams names the bare field; say where it sits in the request.
-    return absl::InvalidArgumentError(absl::StrCat("sampling.", st.message()));
-  }
   return out;
 }
 
@@ -57,6 +75,16 @@ v1::FinishReason ToProto(FinishReason reason) {
     case FinishReason::kNone: break;
   }
   return v1::FINISH_REASON_UNSPECIFIED;
+}
+
+void ToProto(const TokenLogprob& logprob, v1::TokenLogprob* out) {
+  out->set_token_id(logprob.token);
+  out->set_logprob(logprob.logprob);
+  for (const TopLogprob& alt : logprob.top) {
+    v1::TopLogprob* top = out->add_top();
+    top->set_token_id(alt.token);
+    top->set_logprob(alt.logprob);
+  }
 }
 
 absl::StatusOr<Placement> PlacementFromProto(const v1::Placement& placement, const ModelConfig& config) {

@@ -25,6 +25,7 @@ inline constexpr int kDefaultMaxTokens = 16;
 absl::StatusOr<GenerationRequest> ToGenerationRequest(const v1::GenerateRequest& request);
 
 v1::FinishReason ToProto(FinishReason reason);
+void ToProto(const TokenLogprob& logprob, v1::TokenLogprob* out);
 
 // common/placement_proto.h's PlacementFromProto, checked against this model's
 // experts and MoE layers.

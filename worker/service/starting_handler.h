@@ -34,6 +34,15 @@ class StartingHandler : public WorkerHandler {
     s.resident_bytes = ResidentBytes();
     return s;
   }
+  void SetStepPlan(StepPlan plan, StepPlanDone done) override {
+    WorkerHandler* r = runtime_.load();
+    if (r == nullptr) {
+      done(absl::UnavailableError(
+          "worker is starting (registering, loading weights, connecting peers)"));
+      return;
+    }
+    r->SetStepPlan(std::move(plan), std::move(done));
+  }
   std::optional<double> ReadEnergyMeter() override {
     WorkerHandler* r = runtime_.load();
     return r != nullptr ? r->ReadEnergyMeter() : std::nullopt;

@@ -67,6 +67,9 @@ absl::Status WorkerConfig::Validate() const {
   if (heartbeat_max_missed < 0) return absl::InvalidArgumentError("--heartbeat-max-missed: must be >= 0");
   if (idle_wait_us < 0) return absl::InvalidArgumentError("--idle-wait-us: must be >= 0");
   if (idle_wait_max_us < 0) return absl::InvalidArgumentError("--idle-wait-max-us: must be >= 0");
+  if (inject_step_delay_us < 0 || inject_delay_per_token_us < 0) {
+    return absl::InvalidArgumentError("--inject-step-delay-us, --inject-delay-per-token-us: must be >= 0");
+  }
   if (control_interval <= 0) return absl::InvalidArgumentError("--control-interval: must be positive");
   if (shutdown_grace_ms < 0) return absl::InvalidArgumentError("--shutdown-grace-ms: must be >= 0");
   return telemetry::EnergyMeterOptionsFrom(*this).Validate();

@@ -65,6 +65,10 @@ namespace joule::worker {
     "after a failed step (a peer died), how long to wait for the coordinator's new group before " \
     "failing every request; 0: fail at once")                                                     \
   X(int64_t, shutdown_grace_ms, 2000, "time given to streams to end at shutdown")                 \
+  X(int64_t, inject_step_delay_us, 0,                                                              \
+    "fault injection for tests: each step with tokens of this rank takes this much longer")       \
+  X(double, inject_delay_per_token_us, 0,                                                          \
+    "fault injection for tests: and this much longer per token of the step")                      \
   X(std::string, device, "cpu",                                                                  \
     "where the forward pass runs: cpu, cuda (= cuda:0) or cuda:N; reported at registration")      \
   JOULE_ENERGY_METER_FLAGS(X)                                                                     \

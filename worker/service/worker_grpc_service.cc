@@ -30,10 +30,15 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   void Start(GenerationRequest request) {
     RequestCallbacks callbacks{
         .on_tokens =
-            [self = self_](const std::vector<int32_t>& tokens) {
+            [self = self_](const TokenUpdate& update) {
               {
                 absl::MutexLock lock(&self->mu_);
-                self->tokens_.insert(self->tokens_.end(), tokens.begin(), tokens.end());
+                self->tokens_.insert(self->tokens_.end(), update.tokens.begin(), update.tokens.end());
+                self->logprobs_.insert(self->logprobs_.end(), update.logprobs.begin(),
+                                       update.logprobs.end());
+                self->prompt_logprobs_.insert(self->prompt_logprobs_.end(),
+                                              update.prompt_logprobs.begin(),
+                                              update.prompt_logprobs.end());
               }
               self->Pump();
             },
@@ -121,6 +126,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
         response_.set_rank(rank_);
         response_.mutable_token_ids()->Add(tokens_.begin(), tokens_.end());
         tokens_.clear();
+        TakeLogprobs();
         if (!outcome_.has_value()) {
           action = Action::kWrite;
         } else if (!outcome_->status.ok()) {
@@ -156,6 +162,14 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     }
   }
 
+  // Moves the pending logprob entries into response_.
+  void TakeLogprobs() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    for (const TokenLogprob& l : logprobs_) ToProto(l, response_.add_logprobs());
+    for (const TokenLogprob& l : prompt_logprobs_) ToProto(l, response_.add_prompt_logprobs());
+    logprobs_.clear();
+    prompt_logprobs_.clear();
+  }
+
   WorkerHandler* const handler_;
   const std::shared_ptr<RequestOwners> owners_;
   const std::string request_id_;
@@ -164,6 +178,8 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   absl::Mutex mu_;
   int rank_ ABSL_GUARDED_BY(mu_) = -1;  // set once submitted; no write before
   std::vector<int32_t> tokens_ ABSL_GUARDED_BY(mu_);
+  std::vector<TokenLogprob> logprobs_ ABSL_GUARDED_BY(mu_);         // one per token in tokens_
+  std::vector<TokenLogprob> prompt_logprobs_ ABSL_GUARDED_BY(mu_);  // until the first write
   std::optional<RequestOutcome> outcome_ ABSL_GUARDED_BY(mu_);
   v1::GenerateResponse response_;  // the message in flight; written under mu_ only when none is
   bool write_in_flight_ ABSL_GUARDED_BY(mu_) = false;
@@ -242,6 +258,35 @@ grpc::ServerUnaryReactor* WorkerGrpcService::Status(grpc::CallbackServerContext*
   reply->set_steps(s.steps);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* WorkerGrpcService::SetStepPlan(grpc::CallbackServerContext* context,
+                                                         const v1::StepPlanRequest* request,
+                                                         v1::StepPlanReply* reply) {
+  if (grpc::Status auth = token_.Check(*context); !auth.ok()) return Refuse(context, auth);
+  if (request->sequence() == 0) {
+    return Refuse(context, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                        "sequence: must be positive (plans are numbered from 1)"));
+  }
+  if (request->max_running() < 0) {
+    return Refuse(context, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                        "max_running: must be >= 0 (0: the worker's own limit)"));
+  }
+  StepPlan plan{.sequence = request->sequence(),
+                .order = {request->order().begin(), request->order().end()},
+                .preempt = {request->preempt().begin(), request->preempt().end()},
+                .max_running = request->max_running()};
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  // `reply` lives until Finish; `done` may run on the step loop's thread.
+  handler_->SetStepPlan(std::move(plan), [reactor, reply](absl::StatusOr<int> preempted) {
+    if (!preempted.ok()) {
+      reactor->Finish(ToGrpc(preempted.status()));
+      return;
+    }
+    reply->set_preempted(*preempted);
+    reactor->Finish(grpc::Status::OK);
+  });
   return reactor;
 }
 

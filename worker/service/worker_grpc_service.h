@@ -7,7 +7,9 @@
 // client that goes away (cancelled call, failed write, passed deadline:
 // OnCancel) cancels the request, freeing its KV blocks. Cancel is answered
 // only for the connection that submitted the request: NOT_FOUND for an id
-// that is not running, PERMISSION_DENIED for another caller's.
+// that is not running, PERMISSION_DENIED for another caller's. SetStepPlan
+// (the coordinator's scheduler) needs only the cluster token: preempting or
+// reordering someone's request changes when its tokens come, not what they are.
 #pragma once
 
 #include <memory>
@@ -35,6 +37,10 @@ class WorkerGrpcService final : public v1::Worker::CallbackService {
   grpc::ServerUnaryReactor* Status(grpc::CallbackServerContext* context,
                                    const v1::WorkerStatusRequest* request,
                                    v1::WorkerStatusReply* reply) override;
+  // Answered once the step loop has applied the plan (or at once when stale).
+  grpc::ServerUnaryReactor* SetStepPlan(grpc::CallbackServerContext* context,
+                                        const v1::StepPlanRequest* request,
+                                        v1::StepPlanReply* reply) override;
 
  private:
   WorkerHandler* const handler_;

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "worker/engine/engine.h"
 
 namespace joule::worker {
@@ -28,11 +29,32 @@ struct RequestOutcome {
   std::string energy_source;  // the meter's source(); empty without one
 };
 
+// New tokens of a request, in order. With SamplingParams::logprobs one entry
+// per token; with prompt_logprobs the prompt's entries, once, with the first.
+struct TokenUpdate {
+  std::vector<int32_t> tokens;
+  std::vector<TokenLogprob> logprobs;
+  std::vector<TokenLogprob> prompt_logprobs;
+};
+
 // Called from the worker's step loop: implementations must not block.
 struct RequestCallbacks {
-  std::function<void(const std::vector<int32_t>& tokens)> on_tokens;  // new tokens, in order
-  std::function<void(const RequestOutcome& outcome)> on_done;         // last call
+  std::function<void(const TokenUpdate& update)> on_tokens;
+  std::function<void(const RequestOutcome& outcome)> on_done;  // last call
 };
+
+// The coordinator's plan for this rank's next steps (scheduler/step_limits.h),
+// by request id: who gets the step's token budget first, which running
+// requests to preempt once, and how many sequences may run at once.
+struct StepPlan {
+  uint64_t sequence = 0;  // > 0; a plan not newer than the one held is ignored
+  std::vector<std::string> order;
+  std::vector<std::string> preempt;
+  int max_running = 0;  // 0: the engine's own limit
+};
+// How many of the plan's `preempt` were running here and were preempted
+// (0 for a plan that was ignored as stale); an error when not serving.
+using StepPlanDone = std::function<void(absl::StatusOr<int> preempted)>;
 
 struct WorkerStatus {
   int rank = -1;
@@ -47,6 +69,7 @@ struct WorkerStatus {
   uint64_t steps = 0;               // lockstep rounds run
   // Since start, for the metrics (worker_metrics.h).
   uint64_t preemptions_total = 0;        // sequences preempted (KV freed, recomputed later)
+  uint64_t scheduler_preemptions_total = 0;  // of those, asked for by a step plan
   uint64_t prompt_tokens_total = 0;      // prefill tokens computed (recomputes count again)
   uint64_t generation_tokens_total = 0;  // tokens sampled
   // Prefix caching: tokens of newly scheduled requests looked up, and those
@@ -100,6 +123,14 @@ class WorkerHandler {
   // reports kCancelled). False if no such request is live.
   virtual bool Cancel(const std::string& request_id) = 0;
   virtual WorkerStatus Status() = 0;
+  // Holds `plan` for the steps to come (replacing an older one); `done` runs
+  // once, after the step that applied it (from the step loop: it must not
+  // block) or at once for a stale plan or an error. Request ids the worker
+  // does not know are ignored (an order naming a request that arrives later
+  // applies to it then).
+  virtual void SetStepPlan(StepPlan /*plan*/, StepPlanDone done) {
+    done(absl::UnimplementedError("this worker takes no step plans"));
+  }
   // The energy meter read now, from the zero of the step loop's accounting;
   // nullopt without a meter. Apart from Status(), which every request and
   // heartbeat asks: only /metrics needs this read.

@@ -30,6 +30,9 @@ namespace joule::worker {
   X(joule_num_requests_waiting, Gauge, "Sequences queued for admission.", s.waiting)            \
   X(joule_num_preemptions_total, Counter,                                                       \
     "Sequences preempted (KV blocks freed, recomputed later).", s.preemptions_total)            \
+  X(joule_num_scheduler_preemptions_total, Counter,                                             \
+    "Of those, preempted because the coordinator's scheduler asked (step plans).",              \
+    s.scheduler_preemptions_total)                                                              \
   X(joule_prompt_tokens_total, Counter, "Prefill tokens computed (a recompute counts again).",  \
     s.prompt_tokens_total)                                                                      \
   X(joule_generation_tokens_total, Counter, "Tokens sampled.", s.generation_tokens_total)       \

@@ -442,6 +442,8 @@ absl::Status WorkerProcess::StartServing() {
   runtime_options.idle_wait_max = absl::Microseconds(config_.idle_wait_max_us);
   runtime_options.control_interval = config_.control_interval;
   runtime_options.expert_parallel = ep_options;
+  runtime_options.injected_step_delay = absl::Microseconds(config_.inject_step_delay_us);
+  runtime_options.injected_delay_per_token = absl::Microseconds(config_.inject_delay_per_token_us);
   // Waiting for a new group only helps when the coordinator forms one.
   runtime_options.regroup_timeout =
       elastic_ ? absl::Milliseconds(config_.regroup_timeout_ms) : absl::ZeroDuration();

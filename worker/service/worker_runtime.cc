@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <utility>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
 #include "worker/service/process_stats.h"
@@ -109,6 +110,26 @@ WorkerStatus WorkerRuntime::Status() {
   return s;
 }
 
+void WorkerRuntime::SetStepPlan(StepPlan plan, StepPlanDone done) {
+  absl::Status refused;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!serving_) {
+      refused = absl::UnavailableError("worker is not serving");
+    } else if (plan.sequence > plan_sequence_) {
+      plan_sequence_ = plan.sequence;
+      offered_plans_.push_back(OfferedPlan{std::move(plan), std::move(done)});
+      return;
+    }
+  }
+  // A plan not newer than one held was overtaken by it: ignored.
+  if (refused.ok()) {
+    done(0);
+  } else {
+    done(refused);
+  }
+}
+
 std::optional<double> WorkerRuntime::ReadEnergyMeter() {
   const std::optional<double> zero = attributor_ ? attributor_->first_reading() : std::nullopt;
   if (!zero) return std::nullopt;
@@ -153,6 +174,7 @@ void WorkerRuntime::Loop() {
     }
     const absl::Time step_start = absl::Now();
     absl::StatusOr<ep::LockstepStepper::Result> r = stepper_.Step();
+    if (r.ok()) InjectDelay(r->step);
     const absl::Duration took = absl::Now() - step_start;
     if (!r.ok() && WaitForGroup(r.status())) continue;  // the survivors regrouped
     if (!r.ok()) {
@@ -184,6 +206,7 @@ void WorkerRuntime::Loop() {
       if (r->global_tokens > 0) ++status_.busy_steps;
     }
     PublishStatus();
+    AnswerStepPlans(r->step);
     Deliver(r->step);
     if (r->global_tokens == 0) {
       // Nobody had work: pause briefly (or until something arrives) before
@@ -195,7 +218,7 @@ void WorkerRuntime::Loop() {
           std::max(options_.idle_wait, std::min(r->rest, options_.idle_wait_max));
       absl::MutexLock lock(&mu_);
       auto wake = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-        return !inbox_.empty() || stop_requested_.load();
+        return !inbox_.empty() || !offered_plans_.empty() || stop_requested_.load();
       };
       mu_.AwaitWithTimeout(absl::Condition(&wake), pause);
     }
@@ -258,10 +281,11 @@ WorkerRuntime::Round WorkerRuntime::ControlRound() {
   for (const Control& c : all) {
     if (c.step_token_cap > 0 && (cap == 0 || c.step_token_cap < cap)) cap = c.step_token_cap;
   }
-  engine_->SetStepDirectives({.max_batch_tokens = static_cast<int>(cap)});
-  {
+  if (static_cast<int>(cap) != step_cap_) {
+    step_cap_ = static_cast<int>(cap);
+    ApplyStepDirectives({});
     absl::MutexLock lock(&mu_);
-    status_.step_token_cap = static_cast<int>(cap);
+    status_.step_token_cap = step_cap_;
   }
   const uint64_t epoch = all[0].ready_epoch;
   const bool agreed = std::all_of(all.begin(), all.end(),
@@ -397,6 +421,73 @@ bool WorkerRuntime::WaitForGroup(const absl::Status& failure) {
   return true;
 }
 
+void WorkerRuntime::TakeStepPlans(bool added) {
+  std::vector<OfferedPlan> plans;
+  {
+    absl::MutexLock lock(&mu_);
+    plans.swap(offered_plans_);
+  }
+  if (plans.empty() && !(added && !plan_order_.empty())) return;
+  std::vector<uint64_t> preempt;
+  if (!plans.empty()) {
+    plan_order_ = std::move(plans.back().plan.order);
+    plan_max_running_ = plans.back().plan.max_running;
+    absl::MutexLock lock(&mu_);
+    // An older plan overtaken before it was applied keeps its preemptions:
+    // each was one decision, and it is not sent again.
+    for (OfferedPlan& p : plans) {
+      AppliedPlan& applied = applied_plans_.emplace_back();
+      applied.done = std::move(p.done);
+      for (const std::string& request_id : p.plan.preempt) {
+        auto it = ids_.find(request_id);
+        if (it == ids_.end()) continue;  // unknown here (finished, or never was)
+        applied.preempt.push_back(it->second);
+        preempt.push_back(it->second);
+      }
+    }
+  }
+  ApplyStepDirectives(std::move(preempt));
+}
+
+void WorkerRuntime::ApplyStepDirectives(std::vector<uint64_t> preempt) {
+  StepDirectives d{.max_batch_tokens = step_cap_,
+                   .max_running = plan_max_running_,
+                   .preempt = std::move(preempt)};
+  if (!plan_order_.empty()) {
+    d.order.reserve(plan_order_.size());
+    absl::MutexLock lock(&mu_);
+    for (const std::string& request_id : plan_order_) {
+      // Not here (yet): the order is resolved again when requests arrive.
+      if (auto it = ids_.find(request_id); it != ids_.end()) d.order.push_back(it->second);
+    }
+  }
+  engine_->SetStepDirectives(std::move(d));
+}
+
+void WorkerRuntime::AnswerStepPlans(const StepResult& step) {
+  if (applied_plans_.empty()) return;
+  std::vector<AppliedPlan> plans = std::move(applied_plans_);
+  applied_plans_.clear();
+  const absl::flat_hash_set<uint64_t> preempted(step.preempted.begin(), step.preempted.end());
+  absl::flat_hash_set<uint64_t> asked;
+  std::vector<int> counts;
+  counts.reserve(plans.size());
+  for (const AppliedPlan& p : plans) {
+    int n = 0;
+    for (uint64_t id : p.preempt) {
+      if (!preempted.contains(id)) continue;
+      ++n;
+      asked.insert(id);
+    }
+    counts.push_back(n);
+  }
+  if (!asked.empty()) {
+    absl::MutexLock lock(&mu_);
+    status_.scheduler_preemptions_total += asked.size();
+  }
+  for (size_t i = 0; i < plans.size(); ++i) plans[i].done(counts[i]);
+}
+
 void WorkerRuntime::Drain() {
   std::deque<Op> ops;
   std::vector<std::pair<uint64_t, Live>> added;
@@ -430,17 +521,22 @@ void WorkerRuntime::Drain() {
                                 .cached_tokens = it->second.cached_tokens});
     }
   }
+  // After the adds: a plan may name requests that arrived with it.
+  TakeStepPlans(/*added=*/!added.empty());
 }
 
 void WorkerRuntime::Deliver(const StepResult& step) {
-  std::vector<int32_t> one(1);
+  TokenUpdate one{.tokens = std::vector<int32_t>(1)};
   for (const TokenOutput& t : step.tokens) {
     auto it = live_.find(t.id);
     if (it == live_.end()) continue;
     Live& live = it->second;
     ++live.completion_tokens;
     live.cached_tokens = t.cached_tokens;
-    one[0] = t.token;
+    one.tokens[0] = t.token;
+    one.logprobs.clear();
+    if (t.logprob.has_value()) one.logprobs.push_back(*t.logprob);
+    one.prompt_logprobs = t.prompt_logprobs;
     if (live.callbacks.on_tokens) live.callbacks.on_tokens(one);
     if (t.finish != FinishReason::kNone) {
       Finish(t.id, RequestOutcome{.finish = t.finish,
@@ -495,6 +591,18 @@ void WorkerRuntime::AttributeEnergy(const ep::LockstepStepper::Result& round,
   }
 }
 
+void WorkerRuntime::InjectDelay(const StepResult& step) const {
+  if (options_.injected_step_delay <= absl::ZeroDuration() &&
+      options_.injected_delay_per_token <= absl::ZeroDuration()) {
+    return;
+  }
+  int64_t tokens = 0;
+  for (const auto& [id, n] : step.scheduled) tokens += n;
+  if (tokens > 0) {
+    absl::SleepFor(options_.injected_step_delay + options_.injected_delay_per_token * tokens);
+  }
+}
+
 void WorkerRuntime::RecordStep(const StepResult& step, absl::Duration took, double joules) {
   int64_t tokens = 0;
   for (const auto& [id, n] : step.scheduled) tokens += n;
@@ -534,8 +642,13 @@ void WorkerRuntime::Finish(uint64_t id, const RequestOutcome& outcome_in) {
 
 void WorkerRuntime::FailAll(const absl::Status& status) {
   std::vector<Live> failed;
+  std::vector<StepPlanDone> plans;
+  for (AppliedPlan& p : applied_plans_) plans.push_back(std::move(p.done));
+  applied_plans_.clear();
   {
     absl::MutexLock lock(&mu_);
+    for (OfferedPlan& p : offered_plans_) plans.push_back(std::move(p.done));
+    offered_plans_.clear();
     serving_ = false;
     status_.ready = false;
     status_.error = std::string(status.message());
@@ -558,6 +671,7 @@ void WorkerRuntime::FailAll(const absl::Status& status) {
                                   .cached_tokens = live.cached_tokens});
     }
   }
+  for (StepPlanDone& done : plans) done(status);
   PublishStatus();
 }
 

@@ -3,7 +3,9 @@
 // One owned thread (the step loop) is the only user of the Engine, the
 // Transport and the expert-parallel executor. Other threads talk to it through
 // a queue that the loop drains between steps: new requests, cancellations,
-// placements. The loop calls LockstepStepper::Step() continuously — every rank
+// placements, and the coordinator's step plans (order, preemptions and running
+// limit for the engine's StepDirectives, alongside the step cap the ranks
+// agree on). The loop calls LockstepStepper::Step() continuously — every rank
 // runs the same number of rounds, idle or not — and hands the new tokens to
 // each request's callbacks.
 //
@@ -58,6 +60,10 @@ struct RuntimeOptions {
   absl::Duration regroup_timeout = absl::ZeroDuration();
   // The expert-parallel group epoch the runtime starts in (a joiner's is > 1).
   uint64_t group_epoch = 1;
+  // Fault injection (tests): every step in which this rank computes tokens
+  // takes this much longer, plus per_token per token, as a slower device would.
+  absl::Duration injected_step_delay = absl::ZeroDuration();
+  absl::Duration injected_delay_per_token = absl::ZeroDuration();
 };
 
 // A placement ready to run on this rank. `weights` holds the experts the
@@ -105,6 +111,8 @@ class WorkerRuntime : public WorkerHandler {
                       RequestCallbacks callbacks) override;
   bool Cancel(const std::string& request_id) override;
   WorkerStatus Status() override;
+  // The plan applies from the next step on; `done` runs after that step.
+  void SetStepPlan(StepPlan plan, StepPlanDone done) override;
   std::optional<double> ReadEnergyMeter() override;
 
   // Hands over a placement (from the heartbeat); it is applied between steps
@@ -147,6 +155,15 @@ class WorkerRuntime : public WorkerHandler {
     int resumed_tokens = 0;
     int cached_tokens = 0;
   };
+  struct OfferedPlan {
+    StepPlan plan;
+    StepPlanDone done;
+  };
+  // A plan handed to the engine, waiting for the step that applies it.
+  struct AppliedPlan {
+    std::vector<uint64_t> preempt;  // engine ids
+    StepPlanDone done;
+  };
   struct Control {  // all-gathered every control_interval rounds
     uint64_t ready_epoch;
     uint64_t stopping;
@@ -169,6 +186,14 @@ class WorkerRuntime : public WorkerHandler {
   // Installs `executor` in place of the current (non-null) one, keeping its stats.
   void ReplaceExecutor(std::unique_ptr<ep::ExpertParallelExecutor> executor);
   void Drain();
+  // Takes the plans that arrived (and, when requests were added, resolves
+  // the held plan's order again: it may name them) into the engine's directives.
+  void TakeStepPlans(bool added);
+  // Hands the engine the agreed step cap, the held plan and `preempt`.
+  void ApplyStepDirectives(std::vector<uint64_t> preempt);
+  // After a step: answers the plans it applied (how many of their
+  // preemptions it made).
+  void AnswerStepPlans(const StepResult& step);
   void Deliver(const StepResult& step);
   // False (loop ends) when this rank cannot run the agreed placement.
   bool ApplyPlacement(uint64_t epoch);
@@ -178,6 +203,8 @@ class WorkerRuntime : public WorkerHandler {
   void AttributeEnergy(const ep::LockstepStepper::Result& round, absl::Duration took);
   // The step for the cost model when energy is not metered.
   void RecordStep(const StepResult& step, absl::Duration took, double joules);
+  // Sleeps RuntimeOptions' injected delay after a step with tokens of this rank.
+  void InjectDelay(const StepResult& step) const;
   void PublishStatus();
   // Ends every live and queued request with `status` and stops serving.
   void FailAll(const absl::Status& status);
@@ -194,6 +221,12 @@ class WorkerRuntime : public WorkerHandler {
   ep::LockstepStepper stepper_;
   std::unique_ptr<telemetry::EnergyAttributor> attributor_;  // null without a meter
   absl::flat_hash_map<uint64_t, Live> live_;
+  // The step plan held (the newest applied): order by request id, resolved to
+  // engine ids whenever it or the requests change.
+  std::vector<std::string> plan_order_;
+  int plan_max_running_ = 0;
+  int step_cap_ = 0;  // the cap the ranks agreed on in the last control round
+  std::vector<AppliedPlan> applied_plans_;  // answered after the next step
   std::optional<PreparedPlacement> candidate_;  // the placement this rank reports ready
   uint64_t rounds_ = 0;
   uint64_t applied_epoch_;
@@ -205,6 +238,8 @@ class WorkerRuntime : public WorkerHandler {
   std::deque<Op> inbox_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<uint64_t, Live> accepted_ ABSL_GUARDED_BY(mu_);  // not yet taken by the loop
   absl::flat_hash_map<std::string, uint64_t> ids_ ABSL_GUARDED_BY(mu_);  // live request_id -> id
+  uint64_t plan_sequence_ ABSL_GUARDED_BY(mu_) = 0;  // of the newest plan accepted
+  std::vector<OfferedPlan> offered_plans_ ABSL_GUARDED_BY(mu_);  // oldest first; not yet taken
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
   bool serving_ ABSL_GUARDED_BY(mu_) = false;
   std::string stop_reason_ ABSL_GUARDED_BY(mu_);

@@ -3,8 +3,9 @@
 // benchmarks need no download. The engine loads it through the same code that
 // loads real checkpoints.
 //
-//   joule-make-model --family qwen3_moe|qwen2_moe|mixtral --preset tiny|mini
+//   joule-make-model --family qwen3_moe|qwen2_moe|mixtral|deepseek_v3 --preset tiny|mini
 //                    --out DIR [--shards N] [--dtype bf16|f16|f32] [--seed S] [--layers N]
+//   joule-make-model --family deepseek_v3 --preset tiny|mini --dtype fp8 --out DIR
 //   joule-make-model --preset qwen3-30b-a3b-shape --out DIR [--layers 4]
 //
 // Every value is a pure function of (seed, tensor name, element index), so the
@@ -32,13 +33,16 @@
 #include "common/status.h"
 #include "coordinator/tokenizer/tokenizer.h"
 #include "nlohmann/json.hpp"
+#include "worker/tools/fp8_checkpoint.h"
 
 namespace joule {
 namespace {
 
+constexpr char kDeepseekV3[] = "deepseek_v3";
+
 // X(type, field, default, help); the flag is --field with '_' written '-'.
 #define JOULE_MAKE_MODEL_FLAGS(X)                                                                 \
-  X(std::string, family, "qwen3_moe", "model family: qwen3_moe, qwen2_moe or mixtral")            \
+  X(std::string, family, "qwen3_moe", "model family: qwen3_moe, qwen2_moe, mixtral or deepseek_v3") \
   X(std::string, preset, "tiny",                                                                  \
     "size: tiny (tests), mini (benchmarks, ~215 MB) or qwen3-30b-a3b-shape (Qwen3-30B-A3B's layer " \
     "shapes with 4 layers, ~6.2 GB; qwen3_moe only)")                                             \
@@ -47,7 +51,9 @@ namespace {
   X(bool, config_only, false, "write config.json and the tokenizer files but no weights")        \
   X(std::string, out, "", "output directory (created if absent; required)")                       \
   X(int, shards, 1, "number of safetensors files (> 1 writes model.safetensors.index.json)")      \
-  X(std::string, dtype, "bf16", "stored dtype: bf16, f16 or f32 (same numbers)")                  \
+  X(std::string, dtype, "bf16",                                                                   \
+    "stored dtype: bf16, f16 or f32 (same numbers); fp8 (deepseek_v3 only): E4M3 projections with " \
+    "128x128 block scales, the rest BF16")                                                        \
   X(uint64_t, seed, 1234, "random seed")
 
 struct MakeModelFlags {
@@ -59,13 +65,21 @@ struct MakeModelFlags {
     if (layers < 0) return absl::InvalidArgumentError(absl::StrCat("--layers: must be >= 0, got ", layers));
     if (threads < 0) return absl::InvalidArgumentError(absl::StrCat("--threads: must be >= 0, got ", threads));
     if (shards < 1) return absl::InvalidArgumentError(absl::StrCat("--shards: must be >= 1, got ", shards));
+    if (fp8() && family != kDeepseekV3) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--dtype: fp8 is the block-scaled E4M3 layout of DeepSeek-V3 checkpoints; it needs "
+          "--family deepseek_v3, got --family '", family, "'"));
+    }
     return ParseDType().status();
   }
+  bool fp8() const { return dtype == "fp8"; }
+  // The dtype of the tensors that are not FP8 (with --dtype fp8: BF16, as DeepSeek's are).
   absl::StatusOr<DType> ParseDType() const {
-    if (dtype == "bf16") return DType::kBF16;
+    if (dtype == "bf16" || dtype == "fp8") return DType::kBF16;
     if (dtype == "f16") return DType::kF16;
     if (dtype == "f32") return DType::kF32;
-    return absl::InvalidArgumentError(absl::StrCat("--dtype: must be bf16, f16 or f32, got '", dtype, "'"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--dtype: must be bf16, f16, f32 or fp8, got '", dtype, "'"));
   }
 };
 
@@ -115,7 +129,7 @@ absl::StatusOr<Preset> GetPreset(const std::string& family, const std::string& p
     if (family == "mixtral") return Preset{512, 8, 8, 4, 64, 8, 2, 1024, 1024, 0, 4096, 1, {}, false, true, 0};
   }
   return absl::InvalidArgumentError(absl::StrCat("unknown --family '", family, "' or --preset '",
-                                                 preset, "' (families: qwen3_moe, qwen2_moe, mixtral; presets: tiny, mini, ",
+                                                 preset, "' (families: qwen3_moe, qwen2_moe, mixtral, deepseek_v3; presets: tiny, mini, ",
                                                  kQwen3_30B_A3B_Shape, ")"));
 }
 
@@ -169,6 +183,97 @@ nlohmann::json MakeConfig(const std::string& family, const Preset& p) {
   return c;
 }
 
+// DeepSeek-V3 (DeepseekV3ForCausalLM in transformers' modeling_deepseek_v3.py): multi-head latent
+// attention, sigmoid routing with a selection-only bias over expert groups (noaux_tc), shared
+// experts, the first layers dense, YaRN RoPE.
+// DeepSeek-V3's quantization_config.weight_block_size.
+constexpr int64_t kFp8Block = 128;
+
+struct DeepseekV3Preset {
+  int64_t hidden, layers, heads;
+  int64_t q_lora_rank;  // 0: no query LoRA (q_proj), written as null as DeepSeek-V2-Lite does
+  int64_t kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim;
+  int64_t experts, n_group, topk_group, top_k, n_shared_experts, moe_inter, inter;
+  int64_t first_k_dense_replace;
+  double routed_scaling_factor;
+  // YaRN: max_position_embeddings = factor * original_max_position_embeddings, which keeps the
+  // transformers releases that derive the factor from that ratio and those that read it agreeing.
+  int64_t rope_factor, original_max_pos;
+  double mscale, mscale_all_dim;
+  int64_t vocab = kVocab;
+  int64_t max_pos() const { return rope_factor * original_max_pos; }
+};
+
+absl::StatusOr<DeepseekV3Preset> GetDeepseekV3Preset(const std::string& preset) {
+  // tiny: the golden model. The query LoRA as in DeepSeek-V3, v_head_dim != qk_nope_head_dim,
+  // kv_b_proj/q_b_proj/dense MLP wider than one 128-row FP8 block (partial blocks too), 4 groups
+  // of 4 experts of which 2 groups and 3 experts are chosen, one dense layer first.
+  if (preset == "tiny") return DeepseekV3Preset{64, 3, 4, 48, 32, 32, 16, 24, 16, 4, 2, 3, 1, 32, 192,
+                                                1, 2.5, 4, 128, 1.0, 1.0};
+  // mini: the benchmark model (~205 MB BF16), without the query LoRA (DeepSeek-V2-Lite's form),
+  // two shared experts and DeepSeek-V3's YaRN parameters.
+  if (preset == "mini") return DeepseekV3Preset{512, 8, 8, 0, 128, 64, 32, 64, 32, 8, 3, 4, 2, 256, 1024,
+                                                1, 2.5, 40, 4096, 1.0, 1.0};
+  return absl::InvalidArgumentError(
+      absl::StrCat("--preset: '", preset, "' is not a deepseek_v3 preset (tiny, mini)"));
+}
+
+// The keys of DeepSeek-V3's config.json (the Hugging Face release), with our sizes.
+nlohmann::json MakeDeepseekV3Config(const DeepseekV3Preset& p, bool fp8) {
+  nlohmann::json c;
+  c["architectures"] = {"DeepseekV3ForCausalLM"};
+  c["model_type"] = kDeepseekV3;
+  c["vocab_size"] = p.vocab;
+  c["hidden_size"] = p.hidden;
+  c["intermediate_size"] = p.inter;
+  c["moe_intermediate_size"] = p.moe_inter;
+  c["num_hidden_layers"] = p.layers;
+  c["num_attention_heads"] = p.heads;
+  c["num_key_value_heads"] = p.heads;
+  c["q_lora_rank"] = p.q_lora_rank > 0 ? nlohmann::json(p.q_lora_rank) : nlohmann::json();
+  c["kv_lora_rank"] = p.kv_lora_rank;
+  c["qk_nope_head_dim"] = p.qk_nope_head_dim;
+  c["qk_rope_head_dim"] = p.qk_rope_head_dim;
+  c["v_head_dim"] = p.v_head_dim;
+  c["n_routed_experts"] = p.experts;
+  c["n_shared_experts"] = p.n_shared_experts;
+  c["num_experts_per_tok"] = p.top_k;
+  c["n_group"] = p.n_group;
+  c["topk_group"] = p.topk_group;
+  c["topk_method"] = "noaux_tc";
+  c["scoring_func"] = "sigmoid";
+  c["norm_topk_prob"] = true;
+  c["routed_scaling_factor"] = p.routed_scaling_factor;
+  c["first_k_dense_replace"] = p.first_k_dense_replace;
+  c["moe_layer_freq"] = 1;
+  c["num_nextn_predict_layers"] = 0;
+  c["hidden_act"] = "silu";
+  c["max_position_embeddings"] = p.max_pos();
+  c["rope_theta"] = 10000;
+  c["rope_scaling"] = {{"type", "yarn"},
+                       {"factor", p.rope_factor},
+                       {"original_max_position_embeddings", p.original_max_pos},
+                       {"beta_fast", 32},
+                       {"beta_slow", 1},
+                       {"mscale", p.mscale},
+                       {"mscale_all_dim", p.mscale_all_dim}};
+  c["rms_norm_eps"] = 1e-6;
+  c["attention_bias"] = false;
+  c["attention_dropout"] = 0.0;
+  c["initializer_range"] = 0.02;
+  c["tie_word_embeddings"] = false;
+  c["use_cache"] = true;
+  c["bos_token_id"] = kEndOfText;
+  c["eos_token_id"] = kImEnd;
+  if (fp8) {
+    c["quantization_config"] = {{"quant_method", "fp8"},
+                                {"fmt", "e4m3"},
+                                {"activation_scheme", "dynamic"},
+                                {"weight_block_size", {kFp8Block, kFp8Block}}};
+  }
+  return c;
+}
+
 uint64_t SplitMix(uint64_t& state) {
   uint64_t z = (state += 0x9e3779b97f4a7c15ull);
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -191,6 +296,10 @@ struct TensorSpec {
   std::string name;
   std::vector<int64_t> shape;
   float center, scale;
+  // Stored F32 whatever --dtype says (DeepSeek-V3's e_score_correction_bias).
+  bool f32 = false;
+  // A projection DeepSeek-V3's FP8 checkpoints store as E4M3 with block scales (--dtype fp8).
+  bool fp8 = false;
   int64_t numel() const {
     int64_t n = 1;
     for (int64_t d : shape) n *= d;
@@ -204,10 +313,12 @@ struct GenTensor {
   const TensorSpec* spec;
   std::unique_ptr<uint16_t[]> u16;  // BF16 / F16
   std::unique_ptr<float[]> f32;     // F32
+  DType dtype;
 };
 
 // Elements [begin, end) of `t`.
-void FillChunk(GenTensor& t, int64_t begin, int64_t end, uint64_t seed, DType dtype) {
+void FillChunk(GenTensor& t, int64_t begin, int64_t end, uint64_t seed) {
+  const DType dtype = t.dtype;
   constexpr uint64_t kGamma = 0x9e3779b97f4a7c15ull;  // SplitMix's increment
   uint64_t state = (seed ^ Fnv1a(t.spec->name)) + static_cast<uint64_t>(begin) * kGamma;
   const float center = t.spec->center, scale = t.spec->scale;
@@ -219,13 +330,16 @@ void FillChunk(GenTensor& t, int64_t begin, int64_t end, uint64_t seed, DType dt
       case DType::kBF16: t.u16[i] = bf; break;
       case DType::kF16: t.u16[i] = F32ToF16(Bf16ToF32(bf)); break;
       case DType::kF32: t.f32[i] = Bf16ToF32(bf); break;
+      case DType::kF8E4M3: break;  // never generated directly: quantized from F32 afterwards
     }
   }
 }
 
 // Allocates and fills the tensors of `specs` with `threads` threads, in chunks of 64K elements.
+// Each is stored as `dtype`, except F32 for specs marked f32 and, with `fp8`, for the FP8
+// projections (quantized afterwards from the same numbers).
 std::vector<GenTensor> Generate(const std::vector<const TensorSpec*>& specs, uint64_t seed,
-                                DType dtype, int threads) {
+                                DType dtype, bool fp8, int threads) {
   constexpr int64_t kChunk = int64_t{1} << 16;
   struct Chunk {
     size_t tensor;
@@ -234,9 +348,9 @@ std::vector<GenTensor> Generate(const std::vector<const TensorSpec*>& specs, uin
   std::vector<GenTensor> tensors;
   std::vector<Chunk> chunks;
   for (const TensorSpec* spec : specs) {
-    GenTensor t{spec, nullptr, nullptr};
+    GenTensor t{spec, nullptr, nullptr, spec->f32 || (fp8 && spec->fp8) ? DType::kF32 : dtype};
     const int64_t n = spec->numel();
-    if (dtype == DType::kF32) {
+    if (t.dtype == DType::kF32) {
       t.f32 = std::make_unique_for_overwrite<float[]>(n);
     } else {
       t.u16 = std::make_unique_for_overwrite<uint16_t[]>(n);
@@ -247,7 +361,7 @@ std::vector<GenTensor> Generate(const std::vector<const TensorSpec*>& specs, uin
   std::atomic<size_t> next{0};
   auto work = [&] {
     for (size_t c; (c = next.fetch_add(1)) < chunks.size();) {
-      FillChunk(tensors[chunks[c].tensor], chunks[c].begin, chunks[c].end, seed, dtype);
+      FillChunk(tensors[chunks[c].tensor], chunks[c].begin, chunks[c].end, seed);
     }
   };
   const size_t helpers = std::min<size_t>(static_cast<size_t>(std::max(threads, 1)), chunks.size());
@@ -323,6 +437,64 @@ std::vector<TensorSpec> MakeTensorSpecs(const std::string& family, const Preset&
   return ts;
 }
 
+// Hugging Face names and shapes of DeepseekV3ForCausalLM (weights [out, in]).
+std::vector<TensorSpec> MakeDeepseekV3TensorSpecs(const DeepseekV3Preset& p) {
+  std::vector<TensorSpec> ts;
+  auto scale_for = [](int64_t in) { return 1.0f / std::sqrt(static_cast<float>(in)); };
+  auto linear = [&](const std::string& name, int64_t out, int64_t in) {
+    TensorSpec t{name + ".weight", {out, in}, 0.0f, scale_for(in)};
+    t.fp8 = true;
+    ts.push_back(t);
+  };
+  auto vec = [&](const std::string& name, int64_t n, float center, float scale) {
+    ts.push_back({name, {n}, center, scale});
+  };
+  auto mlp = [&](const std::string& pre, int64_t inter) {
+    linear(pre + ".gate_proj", inter, p.hidden);
+    linear(pre + ".up_proj", inter, p.hidden);
+    linear(pre + ".down_proj", p.hidden, inter);
+  };
+  const int64_t qk_head_dim = p.qk_nope_head_dim + p.qk_rope_head_dim;
+  ts.push_back({"model.embed_tokens.weight", {p.vocab, p.hidden}, 0.0f, 0.125f});
+  for (int64_t i = 0; i < p.layers; ++i) {
+    const std::string l = absl::StrCat("model.layers.", i);
+    vec(l + ".input_layernorm.weight", p.hidden, 1.0f, 0.1f);
+    vec(l + ".post_attention_layernorm.weight", p.hidden, 1.0f, 0.1f);
+    const std::string a = l + ".self_attn";
+    if (p.q_lora_rank > 0) {
+      linear(a + ".q_a_proj", p.q_lora_rank, p.hidden);
+      vec(a + ".q_a_layernorm.weight", p.q_lora_rank, 1.0f, 0.1f);
+      linear(a + ".q_b_proj", p.heads * qk_head_dim, p.q_lora_rank);
+    } else {
+      linear(a + ".q_proj", p.heads * qk_head_dim, p.hidden);
+    }
+    // The compressed latent and the shared RoPE key of each token.
+    linear(a + ".kv_a_proj_with_mqa", p.kv_lora_rank + p.qk_rope_head_dim, p.hidden);
+    vec(a + ".kv_a_layernorm.weight", p.kv_lora_rank, 1.0f, 0.1f);
+    linear(a + ".kv_b_proj", p.heads * (p.qk_nope_head_dim + p.v_head_dim), p.kv_lora_rank);
+    linear(a + ".o_proj", p.hidden, p.heads * p.v_head_dim);
+    if (i < p.first_k_dense_replace) {
+      mlp(l + ".mlp", p.inter);
+      continue;
+    }
+    const std::string m = l + ".mlp";
+    // A sharp router as for the other families. The selection bias is non-negative (sigmoid
+    // scores plus bias stay positive, so implementations that mask the unchosen groups with 0
+    // and with -inf agree) and in [0, 0.2): on the tiny model it changes the experts of about
+    // half the tokens, as does the group limit, while the scores still decide the rest.
+    ts.push_back({m + ".gate.weight", {p.experts, p.hidden}, 0.0f,
+                  4.0f / std::sqrt(static_cast<float>(p.hidden))});
+    TensorSpec bias{m + ".gate.e_score_correction_bias", {p.experts}, 0.1f, 0.1f};
+    bias.f32 = true;
+    ts.push_back(bias);
+    for (int64_t e = 0; e < p.experts; ++e) mlp(absl::StrCat(m, ".experts.", e), p.moe_inter);
+    mlp(m + ".shared_experts", p.moe_inter * p.n_shared_experts);
+  }
+  vec("model.norm.weight", p.hidden, 1.0f, 0.1f);
+  ts.push_back({"lm_head.weight", {p.vocab, p.hidden}, 0.0f, scale_for(p.hidden)});
+  return ts;
+}
+
 absl::Status WriteText(const std::filesystem::path& path, const std::string& text) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   out << text;
@@ -331,23 +503,70 @@ absl::Status WriteText(const std::filesystem::path& path, const std::string& tex
   return absl::OkStatus();
 }
 
+// One shard of a --dtype fp8 checkpoint, as DeepSeek-V3's: each FP8 projection as F8_E4M3 plus
+// its F32 `<name>_scale_inv` ([ceil(out/128), ceil(in/128)]), the other tensors as generated.
+// Adds the names to `weight_map` and the tensor count to `count`; returns the bytes written.
+absl::StatusOr<size_t> WriteFp8Shard(const std::string& path, const std::string& file,
+                                     const std::vector<GenTensor>& tensors,
+                                     const std::map<std::string, std::string>& meta,
+                                     nlohmann::json& weight_map, size_t* count) {
+  std::vector<BlockFp8Weight> quantized;
+  quantized.reserve(tensors.size());
+  std::vector<TensorToWrite> out;
+  size_t bytes = 0;
+  for (const GenTensor& t : tensors) {
+    const TensorSpec& spec = *t.spec;
+    if (spec.fp8) {
+      const BlockFp8Weight& q = quantized.emplace_back(
+          QuantizeBlockFp8(t.f32.get(), spec.shape[0], spec.shape[1], kFp8Block, kFp8Block));
+      out.push_back({spec.name, DType::kF8E4M3, spec.shape, q.e4m3.data()});
+      out.push_back({spec.name + "_scale_inv", DType::kF32, {q.scale_rows, q.scale_cols}, q.scale_inv.data()});
+      bytes += q.e4m3.size() + q.scale_inv.size() * sizeof(float);
+    } else {
+      const void* data = t.dtype == DType::kF32 ? static_cast<const void*>(t.f32.get()) : t.u16.get();
+      out.push_back({spec.name, t.dtype, spec.shape, data});
+      bytes += static_cast<size_t>(spec.numel()) * DTypeSize(t.dtype);
+    }
+  }
+  for (const TensorToWrite& t : out) weight_map[t.name] = file;
+  *count += out.size();
+  RETURN_IF_ERROR(WriteSafetensors(path, out, meta));
+  return bytes;
+}
+
 absl::Status Run(const MakeModelFlags& flags) {
   const std::string& family = flags.family;
   const std::string& preset = flags.preset;
   const int shards = flags.shards;
   const uint64_t seed = flags.seed;
   ASSIGN_OR_RETURN(const DType dtype, flags.ParseDType());
-  ASSIGN_OR_RETURN(Preset p, GetPreset(family, preset));
-  if (flags.layers > 0) {
-    p.layers = flags.layers;
-    std::erase_if(p.mlp_only_layers, [&](int l) { return l >= p.layers; });
+  const bool fp8 = flags.fp8();
+  nlohmann::json config;
+  std::vector<TensorSpec> specs;
+  int64_t layers = 0, max_pos = 0;
+  if (family == kDeepseekV3) {
+    ASSIGN_OR_RETURN(DeepseekV3Preset p, GetDeepseekV3Preset(preset));
+    if (flags.layers > 0) p.layers = flags.layers;
+    config = MakeDeepseekV3Config(p, fp8);
+    specs = MakeDeepseekV3TensorSpecs(p);
+    layers = p.layers;
+    max_pos = p.max_pos();
+  } else {
+    ASSIGN_OR_RETURN(Preset p, GetPreset(family, preset));
+    if (flags.layers > 0) {
+      p.layers = flags.layers;
+      std::erase_if(p.mlp_only_layers, [&](int l) { return l >= p.layers; });
+    }
+    config = MakeConfig(family, p);
+    specs = MakeTensorSpecs(family, p);
+    layers = p.layers;
+    max_pos = p.max_pos;
   }
   std::error_code ec;
   std::filesystem::create_directories(flags.out, ec);
   if (ec) return absl::InternalError(absl::StrCat("cannot create ", flags.out, ": ", ec.message()));
   const std::filesystem::path dir(flags.out);
 
-  nlohmann::json config = MakeConfig(family, p);
   config["torch_dtype"] = dtype == DType::kBF16 ? "bfloat16" : dtype == DType::kF16 ? "float16" : "float32";
   RETURN_IF_ERROR(WriteText(dir / "config.json", config.dump(2) + "\n"));
   nlohmann::json gen = {{"bos_token_id", kEndOfText}, {"eos_token_id", config["eos_token_id"]},
@@ -358,15 +577,14 @@ absl::Status Run(const MakeModelFlags& flags) {
       {"tokenizer_class", "PreTrainedTokenizerFast"},
       {"eos_token", family == "mixtral" ? "<|endoftext|>" : "<|im_end|>"},
       {"pad_token", "<|endoftext|>"},
-      {"model_max_length", p.max_pos},
+      {"model_max_length", max_pos},
       {"chat_template",
        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
        "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"}};
   RETURN_IF_ERROR(WriteText(dir / "tokenizer_config.json", tok_cfg.dump(2) + "\n"));
-  const std::vector<TensorSpec> specs = MakeTensorSpecs(family, p);
   if (flags.config_only) {
     std::printf("wrote the %s %s config (%lld layers) to %s, no weights\n", family.c_str(), preset.c_str(),
-                static_cast<long long>(p.layers), flags.out.c_str());
+                static_cast<long long>(layers), flags.out.c_str());
     return absl::OkStatus();
   }
 
@@ -375,13 +593,14 @@ absl::Status Run(const MakeModelFlags& flags) {
   std::map<std::string, std::string> meta = {{"format", "pt"}, {"joule_family", family},
                                              {"joule_preset", preset},
                                              {"joule_seed", std::to_string(seed)}};
-  if (flags.layers > 0) meta["joule_layers"] = std::to_string(p.layers);
+  if (flags.layers > 0) meta["joule_layers"] = std::to_string(layers);
+  if (fp8) meta["joule_dtype"] = "fp8";
   // Contiguous runs of tensors per shard, as Hugging Face's sharding does; one shard
   // is generated, written and freed at a time.
   using Clock = std::chrono::steady_clock;
   double generate_s = 0, write_s = 0;
   nlohmann::json weight_map = nlohmann::json::object();
-  size_t total_bytes = 0;
+  size_t total_bytes = 0, tensor_count = 0;
   const size_t per_shard = (specs.size() + shards - 1) / shards;
   for (int s = 0; s < shards; ++s) {
     const std::string file = shards == 1 ? "model.safetensors"
@@ -391,16 +610,23 @@ absl::Status Run(const MakeModelFlags& flags) {
       shard_specs.push_back(&specs[i]);
     }
     const Clock::time_point t0 = Clock::now();
-    const std::vector<GenTensor> tensors = Generate(shard_specs, seed, dtype, threads);
+    const std::vector<GenTensor> tensors = Generate(shard_specs, seed, dtype, fp8, threads);
     const Clock::time_point t1 = Clock::now();
-    std::vector<TensorToWrite> w;
-    for (const GenTensor& t : tensors) {
-      w.push_back({t.spec->name, dtype, t.spec->shape,
-                   dtype == DType::kF32 ? static_cast<const void*>(t.f32.get()) : t.u16.get()});
-      weight_map[t.spec->name] = file;
-      total_bytes += static_cast<size_t>(t.spec->numel()) * DTypeSize(dtype);
+    if (fp8) {
+      ASSIGN_OR_RETURN(const size_t bytes,
+                       WriteFp8Shard((dir / file).string(), file, tensors, meta, weight_map, &tensor_count));
+      total_bytes += bytes;
+    } else {
+      std::vector<TensorToWrite> w;
+      for (const GenTensor& t : tensors) {
+        w.push_back({t.spec->name, t.dtype, t.spec->shape,
+                     t.dtype == DType::kF32 ? static_cast<const void*>(t.f32.get()) : t.u16.get()});
+        weight_map[t.spec->name] = file;
+        total_bytes += static_cast<size_t>(t.spec->numel()) * DTypeSize(t.dtype);
+      }
+      tensor_count += w.size();
+      RETURN_IF_ERROR(WriteSafetensors((dir / file).string(), w, meta));
     }
-    RETURN_IF_ERROR(WriteSafetensors((dir / file).string(), w, meta));
     generate_s += std::chrono::duration<double>(t1 - t0).count();
     write_s += std::chrono::duration<double>(Clock::now() - t1).count();
   }
@@ -411,8 +637,10 @@ absl::Status Run(const MakeModelFlags& flags) {
     std::filesystem::remove(dir / "model.safetensors.index.json", ec);
   }
   std::printf("wrote %s %s model to %s: %zu tensors, %.1f MB in %d file(s)", family.c_str(),
-              preset.c_str(), flags.out.c_str(), specs.size(), total_bytes / 1e6, shards);
-  if (flags.layers > 0) std::printf(", %lld layers", static_cast<long long>(p.layers));
+              preset.c_str(), flags.out.c_str(), tensor_count, total_bytes / 1e6, shards);
+  if (flags.layers > 0) std::printf(", %lld layers", static_cast<long long>(layers));
+  if (fp8) std::printf(", FP8 E4M3 projections with %lldx%lld block scales", static_cast<long long>(kFp8Block),
+                       static_cast<long long>(kFp8Block));
   // Only for large checkpoints, so the small ones' output stays as scripts expect it.
   if (total_bytes >= (size_t{1} << 30)) {
     std::printf("; generated at %.0f MB/s (%d threads), written at %.0f MB/s",
@@ -429,7 +657,8 @@ absl::Status Run(const MakeModelFlags& flags) {
 int main(int argc, char** argv) {
   auto flags = joule::ParseConfig<joule::MakeModelFlags>(
       "writes a deterministic random checkpoint in Hugging Face layout.\n"
-      "usage: joule-make-model --family qwen3_moe|qwen2_moe|mixtral --preset tiny|mini --out DIR\n"
+      "usage: joule-make-model --family qwen3_moe|qwen2_moe|mixtral|deepseek_v3 --preset tiny|mini --out DIR\n"
+      "       joule-make-model --family deepseek_v3 --preset tiny|mini --dtype fp8 --out DIR\n"
       "       joule-make-model --preset qwen3-30b-a3b-shape --out DIR [--layers N]",
       "JOULE_MAKE_MODEL_", argc, argv);
   if (!flags.ok()) return joule::ReportOptionsError("joule-make-model", flags.status());

@@ -58,6 +58,11 @@ class FakeOpenAiServer {
     std::lock_guard<std::mutex> lock(mu_);
     return tiers_seen_;
   }
+  // Token-id prompts, in the order the requests were read.
+  std::vector<std::vector<int32_t>> prompts_seen() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return prompts_seen_;
+  }
   // What the server actually did for each streamed request (its timers run late on a busy
   // machine): request read -> first chunk written, and the mean time between its chunks.
   std::vector<double> served_ttft_ms() {
@@ -104,8 +109,10 @@ class FakeOpenAiServer {
       const std::string body = absl::StrFormat(
           "# TYPE joule_energy_joules_total counter\n"
           "joule_energy_joules_total{source=\"model\",rank=\"0\"} %.6f\n"
-          "joule_energy_joules_total_created{source=\"model\"} 1e9\n",
-          EnergyNow());
+          "joule_energy_joules_total_created{source=\"model\"} 1e9\n"
+          "# TYPE fake_prompt_tokens_total counter\n"
+          "fake_prompt_tokens_total %d\n",
+          EnergyNow(), prompt_tokens_read_.load());
       co_await Write(socket, absl::StrCat("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: ",
                                           body.size(), "\r\nConnection: close\r\n\r\n", body));
       co_return;
@@ -117,6 +124,10 @@ class FakeOpenAiServer {
     {
       std::lock_guard<std::mutex> lock(mu_);
       tiers_seen_.push_back(tier);
+      if (prompt_tokens >= 0) {
+        prompts_seen_.push_back(j["prompt"].get<std::vector<int32_t>>());
+        prompt_tokens_read_ += prompt_tokens;
+      }
     }
     if (auto it = options_.reject.find(tier); it != options_.reject.end()) {
       const std::string body = R"({"error":{"message":"tier queue full","type":"rate_limit"}})";
@@ -160,8 +171,10 @@ class FakeOpenAiServer {
   std::chrono::steady_clock::time_point start_;
   std::atomic<int> completions_{0};
   std::atomic<int64_t> tokens_sent_{0};
+  std::atomic<int> prompt_tokens_read_{0};  // served as fake_prompt_tokens_total
   std::mutex mu_;
   std::vector<std::string> tiers_seen_;
+  std::vector<std::vector<int32_t>> prompts_seen_;
   std::vector<double> served_ttft_ms_;
   std::vector<double> served_tpot_ms_;
 };

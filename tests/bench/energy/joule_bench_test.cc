@@ -1,11 +1,15 @@
 #include <algorithm>
 #include <cmath>
+#include <functional>
+#include <map>
 #include <numeric>
+#include <set>
 
 #include "bench/energy/load_generator.h"
 #include "bench/energy/protocol.h"
 #include "bench/energy/report.h"
 #include "bench/energy/workload.h"
+#include "absl/strings/str_join.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/bench/energy/fake_openai_server.h"
@@ -154,6 +158,174 @@ TEST(WorkloadTest, PerTierLengthsOverrideOnlyTheirTier) {
   }
 }
 
+// Conversations over `prefixes` system prompts: 100-200 token system prompts,
+// 5-20 user tokens a turn, 3-9 answer tokens, turns 1 s apart.
+WorkloadSpec ConversationSpecFor(double rate, double duration, int prefixes, int turns, uint64_t seed = 7) {
+  WorkloadSpec w = Spec(rate, duration, "fast=0.5,batch=0.5", "uniform:3:9", seed);
+  w.conversations.shared_prefixes = prefixes;
+  w.conversations.system_len = *LengthDistribution::Parse("uniform:100:200", "--system-len");
+  w.conversations.turns = turns;
+  w.conversations.turn_len = *LengthDistribution::Parse("uniform:5:20", "--turn-len");
+  w.conversations.turn_gap_s = 1.0;
+  return w;
+}
+
+size_t CommonPrefix(const std::vector<int32_t>& a, const std::vector<int32_t>& b) {
+  return std::mismatch(a.begin(), a.begin() + std::min(a.size(), b.size()), b.begin()).first - a.begin();
+}
+
+bool StartsWith(const std::vector<int32_t>& whole, const std::vector<int32_t>& prefix) {
+  return whole.size() >= prefix.size() && std::equal(prefix.begin(), prefix.end(), whole.begin());
+}
+
+TEST(ConversationWorkloadTest, EachTurnExtendsThePreviousTurnsPrompt) {
+  const WorkloadSpec w = ConversationSpecFor(20, 200, 3, 4);
+  ASSERT_TRUE(ValidateWorkload(w).ok());
+  const std::vector<PlannedRequest> plan = PlanWorkload(w);
+  // Requests still arrive at `rate`: conversations start at rate / turns (about
+  // 1000 of them, +-32), less the turns that fall past the end (~30).
+  EXPECT_NEAR(static_cast<double>(plan.size()), 20 * 200 - 30, 400);
+  std::map<int, std::vector<const PlannedRequest*>> by_conversation;
+  for (size_t i = 0; i < plan.size(); ++i) {
+    if (i > 0) {
+      ASSERT_GE(plan[i].at_s, plan[i - 1].at_s);  // arrival order
+    }
+    ASSERT_GE(plan[i].conversation, 0);
+    by_conversation[plan[i].conversation].push_back(&plan[i]);
+  }
+  int full = 0;
+  for (const auto& [id, turns] : by_conversation) {
+    ASSERT_EQ(turns.front()->turn, 0) << id;
+    full += turns.size() == 4 ? 1 : 0;
+    for (size_t k = 1; k < turns.size(); ++k) {
+      const PlannedRequest& prev = *turns[k - 1];
+      const PlannedRequest& cur = *turns[k];
+      ASSERT_EQ(cur.turn, static_cast<int>(k));
+      ASSERT_NEAR(cur.at_s - prev.at_s, 1.0, 1e-9);
+      ASSERT_EQ(cur.tier, prev.tier);
+      ASSERT_EQ(cur.system_prompt, prev.system_prompt);
+      // The previous prompt, its (synthetic) answer of max_tokens, then 5-20 user tokens.
+      ASSERT_TRUE(StartsWith(cur.prompt, prev.prompt)) << id << " turn " << k;
+      const int added = cur.prompt_tokens - prev.prompt_tokens - prev.max_tokens;
+      ASSERT_GE(added, 5);
+      ASSERT_LE(added, 20);
+    }
+    for (const PlannedRequest* r : turns) {
+      ASSERT_EQ(r->prompt.size(), static_cast<size_t>(r->prompt_tokens));
+      ASSERT_GE(r->max_tokens, 3);
+      ASSERT_LE(r->max_tokens, 9);
+      ASSERT_TRUE(std::all_of(r->prompt.begin(), r->prompt.end(), [](int32_t id) { return id >= 32 && id <= 126; }));
+    }
+  }
+  EXPECT_GT(full, 900);
+  // The longest request the flags allow bounds every planned one.
+  for (const PlannedRequest& r : plan) ASSERT_LE(r.prompt_tokens + r.max_tokens, LongestRequest(w));
+  EXPECT_EQ(LongestRequest(w), 200 + 4 * (20 + 9));
+}
+
+TEST(ConversationWorkloadTest, ConversationsShareTheirSystemPromptAndOnlyThat) {
+  const std::vector<PlannedRequest> plan = PlanWorkload(ConversationSpecFor(10, 60, 3, 2));
+  std::map<int, std::vector<const PlannedRequest*>> first_turns;  // by system prompt
+  for (const PlannedRequest& r : plan) {
+    if (r.turn == 0) first_turns[r.system_prompt].push_back(&r);
+  }
+  ASSERT_EQ(first_turns.size(), 3u);  // every system prompt is picked
+  std::vector<size_t> system_len;
+  for (const auto& [system, turns] : first_turns) {
+    ASSERT_GE(turns.size(), 10u) << system;
+    // Two conversations on one system prompt share exactly it (their user
+    // tokens are independent), so the shortest common prefix is its length.
+    size_t shortest = SIZE_MAX;
+    for (size_t i = 1; i < turns.size(); ++i) {
+      shortest = std::min(shortest, CommonPrefix(turns[0]->prompt, turns[i]->prompt));
+    }
+    EXPECT_GE(shortest, 100u) << system;
+    EXPECT_LE(shortest, 200u) << system;
+    system_len.push_back(shortest);
+  }
+  EXPECT_FALSE(system_len[0] == system_len[1] && system_len[1] == system_len[2]);  // drawn, not fixed
+  // Distinct system prompts differ from their first tokens: not one KV block in common.
+  for (const auto& [a, turns_a] : first_turns) {
+    for (const auto& [b, turns_b] : first_turns) {
+      if (a != b) {
+        EXPECT_LT(CommonPrefix(turns_a[0]->prompt, turns_b[0]->prompt), 4u) << a << " " << b;
+      }
+    }
+  }
+  // Without --shared-prefixes, no two prompts share a first block.
+  const std::vector<PlannedRequest> independent = PlanWorkload(Spec(50, 20));
+  ASSERT_GT(independent.size(), 500u);
+  std::set<std::vector<int32_t>> first_blocks;
+  for (const PlannedRequest& r : independent) {
+    ASSERT_EQ(r.conversation, -1);
+    first_blocks.insert(std::vector<int32_t>(r.prompt.begin(), r.prompt.begin() + 8));
+  }
+  EXPECT_EQ(first_blocks.size(), independent.size());
+}
+
+TEST(ConversationWorkloadTest, SameSeedSamePlan) {
+  auto same = [](const std::vector<PlannedRequest>& a, const std::vector<PlannedRequest>& b) {
+    if (a.size() != b.size()) return false;
+    for (size_t i = 0; i < a.size(); ++i) {
+      if (a[i].at_s != b[i].at_s || a[i].prompt != b[i].prompt || a[i].max_tokens != b[i].max_tokens ||
+          a[i].tier != b[i].tier || a[i].conversation != b[i].conversation || a[i].turn != b[i].turn) {
+        return false;
+      }
+    }
+    return true;
+  };
+  const auto a = PlanWorkload(ConversationSpecFor(10, 30, 4, 3, 5));
+  ASSERT_GT(a.size(), 100u);
+  EXPECT_TRUE(same(a, PlanWorkload(ConversationSpecFor(10, 30, 4, 3, 5))));
+  EXPECT_FALSE(same(a, PlanWorkload(ConversationSpecFor(10, 30, 4, 3, 6))));
+  // A longer run sends the same conversations first: the duration moves nothing.
+  const auto longer = PlanWorkload(ConversationSpecFor(10, 40, 4, 3, 5));
+  std::vector<PlannedRequest> head;
+  for (const PlannedRequest& r : longer) {
+    if (r.at_s < 30) head.push_back(r);
+  }
+  EXPECT_TRUE(same(a, head));
+}
+
+TEST(ConversationWorkloadTest, BadFlagsAreRefusedByName) {
+  struct Case {
+    std::function<void(WorkloadSpec*)> change;
+    const char* flag;
+    const char* why;
+  };
+  const std::vector<Case> cases = {
+      {[](WorkloadSpec* w) { w->conversations.shared_prefixes = -1; }, "--shared-prefixes", ">= 0"},
+      {[](WorkloadSpec* w) { w->conversations.turns = 0; }, "--turns", ">= 1"},
+      {[](WorkloadSpec* w) { w->conversations.shared_prefixes = 0; }, "--turns", "--shared-prefixes > 0"},
+      {[](WorkloadSpec* w) { w->conversations.turn_gap_s = -1; }, "--turn-gap-s", ">= 0"},
+      {[](WorkloadSpec* w) { w->conversations.turn_gap_s = NAN; }, "--turn-gap-s", ">= 0"},
+      {[](WorkloadSpec* w) { w->text_prompts = true; }, "--text-prompts", "token ids"},
+      {[](WorkloadSpec* w) { w->max_model_len = -5; }, "--max-model-len", ">= 0"},
+      // 200 + 4 x (20 + 9) = 316 tokens at most.
+      {[](WorkloadSpec* w) { w->max_model_len = 315; }, "--max-model-len", "316"},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    WorkloadSpec w = ConversationSpecFor(10, 30, 4, 4);
+    cases[i].change(&w);
+    const absl::Status s = ValidateWorkload(w);
+    ASSERT_FALSE(s.ok()) << i;
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << i;
+    EXPECT_THAT(s.message(), HasSubstr(cases[i].flag)) << i;
+    EXPECT_THAT(s.message(), HasSubstr(cases[i].why)) << i;
+  }
+  WorkloadSpec fits = ConversationSpecFor(10, 30, 4, 4);
+  fits.max_model_len = 316;
+  EXPECT_TRUE(ValidateWorkload(fits).ok());
+  // Independent prompts: --prompt-len max + --output-len max.
+  WorkloadSpec plain = Spec(10, 30, "standard=1", "uniform:1:50");
+  plain.max_model_len = 58;  // fixed:8 + uniform:1:50
+  EXPECT_TRUE(ValidateWorkload(plain).ok());
+  plain.max_model_len = 58 - 1;
+  EXPECT_THAT(ValidateWorkload(plain).message(), HasSubstr("--prompt-len max + --output-len max"));
+  EXPECT_THAT(LengthDistribution::Parse("uniform:2048:1024", "--system-len").status().message(),
+              HasSubstr("--system-len"));
+}
+
 TEST(SseParserTest, EventsSurviveAnySplitOfTheBytes) {
   const std::string stream =
       ": keep-alive\r\n\r\ndata: {\"a\":1}\r\n\r\ndata: line1\ndata: line2\n\nevent: x\ndata: [DONE]\n\n";
@@ -256,6 +428,13 @@ TEST(ReportTest, LatenciesFromKnownChunkTimes) {
   EXPECT_NEAR(s.all.tokens_per_joule, 43 / 1500.0, 1e-12);
   EXPECT_EQ(s.energy_split, "tokens");
   EXPECT_NEAR(s.tiers[0].joules, 1500.0 * 22 / 43, 1e-9);
+
+  // Window counters: the increase of those both window scrapes found.
+  run.window_start->counters = {{"hits_total", 10}, {"queries_total", 100}};
+  run.window_end->counters = {{"hits_total", 70}, {"queries_total", 180}, {"late_total", 3}};
+  s = Summarize(run, slo);
+  EXPECT_EQ(s.window_counters, (std::map<std::string, double>{{"hits_total", 60}, {"queries_total", 80}}));
+  EXPECT_EQ(SummaryJson(s, {})["window_counters"]["hits_total"], 60);
 }
 
 double Median(std::vector<double> v) {
@@ -353,6 +532,42 @@ TEST(LoadGeneratorTest, AgainstAFakeServer) {
   EXPECT_TRUE(doc["tiers"][1]["ttft_ms"]["p50"].is_null());
   EXPECT_EQ(doc["energy"]["source"], "model (estimate)");
   EXPECT_EQ(nlohmann::json::parse(doc.dump())["all"]["requests"], s.all.requests);
+}
+
+TEST(LoadGeneratorTest, SendsConversationsAndReadsWindowCounters) {
+  testing::FakeOpenAiServer server({.ttft = std::chrono::milliseconds(5), .itl = std::chrono::milliseconds(2)});
+  const std::vector<PlannedRequest> plan = PlanWorkload(ConversationSpecFor(40, 2.5, 2, 3));
+  ASSERT_GT(plan.size(), 30u);
+  LoadConfig c;
+  c.target = *ParseUrl(server.url() + "/v1/completions", "url");
+  c.metrics = {*ParseUrl(server.url() + "/metrics", "metrics_urls")};
+  c.window_counters = {"fake_prompt_tokens_total", "absent_total"};
+  c.idle_s = 0;
+  c.warmup_s = 0.5;
+  c.duration_s = 2.5;
+  c.drain_timeout_s = 10;
+  absl::StatusOr<RunResult> run = RunLoad(c, plan);
+  ASSERT_TRUE(run.ok()) << run.status();
+  // Every turn went out as token ids, exactly as planned.
+  std::multiset<std::vector<int32_t>> planned, seen;
+  for (const PlannedRequest& r : plan) planned.insert(r.prompt);
+  for (const std::vector<int32_t>& p : server.prompts_seen()) seen.insert(p);
+  EXPECT_TRUE(planned == seen);
+  // A counter the server serves is read at both window edges; one it lacks is
+  // left out, with a warning naming it.
+  SloTargets slo;
+  slo.ttft_ms.fill(INFINITY);
+  slo.tpot_ms.fill(INFINITY);
+  const RunSummary s = Summarize(*run, slo, /*min_energy_window_s=*/1);
+  ASSERT_EQ(s.window_counters.count("fake_prompt_tokens_total"), 1u);
+  EXPECT_EQ(s.window_counters.count("absent_total"), 0u);
+  const double increase = s.window_counters.at("fake_prompt_tokens_total");
+  double total = 0;
+  for (const PlannedRequest& r : plan) total += r.prompt_tokens;
+  EXPECT_GT(increase, 0);
+  EXPECT_LE(increase, total);
+  EXPECT_LE(run->window_end->counters.at("fake_prompt_tokens_total"), total);
+  EXPECT_THAT(absl::StrJoin(run->warnings, "\n"), HasSubstr("absent_total"));
 }
 
 TEST(LoadGeneratorTest, ConnectionRefusedIsCountedNotFatal) {

@@ -7,6 +7,8 @@
 #include <grpcpp/grpcpp.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "common/model_fingerprint.h"
 #include "coordinator/cluster/coordinator_server.h"
 #include "gmock/gmock.h"
@@ -33,6 +35,10 @@ class TestWorker final : public v1::Worker::Service {
   grpc::Status Generate(grpc::ServerContext* context, const v1::GenerateRequest* request,
                         grpc::ServerWriter<v1::GenerateResponse>* writer) override {
     ++calls_;
+    {
+      absl::MutexLock lock(&mu_);
+      request_ids_.push_back(request->request_id());
+    }
     const int n = request->sampling().max_tokens();
     for (int i = 0; i < n; ++i) {
       v1::GenerateResponse r;
@@ -59,9 +65,30 @@ class TestWorker final : public v1::Worker::Service {
     return grpc::Status::OK;
   }
 
+  grpc::Status SetStepPlan(grpc::ServerContext*, const v1::StepPlanRequest* request,
+                           v1::StepPlanReply* reply) override {
+    absl::MutexLock lock(&mu_);
+    plans_.push_back(*request);
+    reply->set_preempted(request->preempt_size());
+    return grpc::Status::OK;
+  }
+  std::vector<std::string> request_ids() {
+    absl::MutexLock lock(&mu_);
+    return request_ids_;
+  }
+  std::vector<v1::StepPlanRequest> plans() {
+    absl::MutexLock lock(&mu_);
+    return plans_;
+  }
+
   std::atomic<bool> hold_{false};
   std::atomic<bool> saw_cancel_{false};
   std::atomic<int> calls_{0};
+
+ private:
+  absl::Mutex mu_;
+  std::vector<std::string> request_ids_ ABSL_GUARDED_BY(mu_);  // as Generate saw them
+  std::vector<v1::StepPlanRequest> plans_ ABSL_GUARDED_BY(mu_);
 };
 
 class TestWorkerServer {
@@ -299,6 +326,59 @@ TEST_F(CoordinatorGrpcTest, ClientCancellationReachesTheWorker) {
   while (!w.service_.saw_cancel_ && absl::Now() < give_up) absl::SleepFor(absl::Milliseconds(5));
   EXPECT_TRUE(w.service_.saw_cancel_) << "the worker's call was never cancelled";
   EXPECT_LT(absl::Now() - cancelled_at, absl::Seconds(5));
+}
+
+// Router::SendStepPlan over the rank's gRPC channel: the worker hears the
+// requests by the ids it knows them by (the coordinator's, not the client's),
+// without those not in flight there, and its answer comes back; a worker that
+// is gone gives an error, not a hang.
+TEST_F(CoordinatorGrpcTest, StepPlansReachTheRankByTheIdsItKnows) {
+  Start(1);
+  TestWorkerServer w;
+  w.service_.hold_ = true;
+  JoinAndBeat("w0", w.endpoint());
+  WaitForState(0, "ready");
+  grpc::ClientContext ctx;
+  ctx.set_deadline(In(absl::Seconds(30)));
+  v1::GenerateRequest request = Request(5);
+  request.set_request_id("client-chose-this");
+  auto reader = frontend_->Generate(&ctx, request);
+  v1::GenerateResponse r;
+  ASSERT_TRUE(reader->Read(&r));  // in flight on rank 0
+  ASSERT_EQ(w.service_.request_ids().size(), 1u);
+  const std::string worker_id = w.service_.request_ids()[0];
+  EXPECT_NE(worker_id, "client-chose-this");
+
+  auto send = [&](const RankStepPlan& plan) {
+    absl::Notification answered;
+    absl::StatusOr<int> preempted;
+    server_->router()->SendStepPlan(0, plan, [&](absl::StatusOr<int> n) {
+      preempted = std::move(n);
+      answered.Notify();
+    });
+    EXPECT_TRUE(answered.WaitForNotificationWithTimeout(absl::Seconds(10)));
+    return preempted;
+  };
+  absl::StatusOr<int> preempted = send({.order = {"not-in-flight", "client-chose-this"},
+                                        .preempt = {"client-chose-this"},
+                                        .max_running = 2});
+  ASSERT_TRUE(preempted.ok()) << preempted.status();
+  EXPECT_EQ(*preempted, 1);
+  const std::vector<v1::StepPlanRequest> plans = w.service_.plans();
+  ASSERT_EQ(plans.size(), 1u);
+  EXPECT_THAT(plans[0].order(), ::testing::ElementsAre(worker_id));
+  EXPECT_THAT(plans[0].preempt(), ::testing::ElementsAre(worker_id));
+  EXPECT_EQ(plans[0].max_running(), 2);
+  EXPECT_GT(plans[0].sequence(), 0u);
+  ASSERT_TRUE(send({.order = {"client-chose-this"}}).ok());
+  EXPECT_GT(w.service_.plans().at(1).sequence(), plans[0].sequence());
+
+  ctx.TryCancel();
+  while (reader->Read(&r)) {
+  }
+  reader->Finish();
+  w.Kill();
+  EXPECT_FALSE(send({}).ok());
 }
 
 TEST_F(CoordinatorGrpcTest, KilledWorkerFailsItsRequestAndIsMarkedDead) {

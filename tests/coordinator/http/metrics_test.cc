@@ -104,6 +104,29 @@ TEST(SchedulerMetricsTest, AttainmentOutcomesQueuesAndTheLearnedCostModel) {
   EXPECT_EQ(v["joule_step_cost_samples{rank=0}"], 64);
 }
 
+TEST(SchedulerMetricsTest, IpwStepCapsFollowTheLearnedModel) {
+  scheduler::FakeClock clock;
+  scheduler::SchedulerConfig config;  // ipw; fast TPOT 25 ms, standard 100 ms, safety 0.9
+  auto s = scheduler::Scheduler::Create(config, &clock);
+  ASSERT_TRUE(s.ok()) << s.status();
+  scheduler::Scheduler& sched = **s;
+  ASSERT_TRUE(sched.Submit({.id = 1, .tier = Tier::kBatch, .prompt_tokens = 4, .max_tokens = 3}).ok());
+  clock.Advance(config.batch_max_wait);  // starved: dispatched now, so rank 0 is known
+  ASSERT_EQ(sched.Dispatch({{{0, true}}}).size(), 1u);
+  auto caps = [&] { return Values(SchedulerMetricFamilies(sched.Snapshot())); };
+  // The prior (10 ms + 20 us per token): fast's 22.5 ms budget holds 625 tokens, over the cap.
+  EXPECT_EQ(caps()["joule_scheduler_step_token_cap{rank=0,tier=fast}"], 512);
+  // Learned: 5 ms + 0.1 ms per token. Fast: (22.5 - 5) / 0.1 = 175; standard: 850 -> 512.
+  for (int i = 0; i < 64; ++i) {
+    const int64_t tokens = 1 + (i % 8) * 16;
+    sched.OnStep(0, {.batch_tokens = tokens, .duration = absl::Seconds(5e-3 + 1e-4 * tokens)});
+  }
+  auto v = caps();
+  EXPECT_NEAR(v["joule_scheduler_step_token_cap{rank=0,tier=fast}"], 175, 1);
+  EXPECT_EQ(v["joule_scheduler_step_token_cap{rank=0,tier=standard}"], 512);
+  EXPECT_EQ(v["joule_scheduler_step_token_cap{rank=0,tier=batch}"], 0) << "no TPOT target";
+}
+
 TEST(ClusterMetricsTest, EpochFailuresResumesAndTheRecoveryHistogram) {
   const cluster::MembershipStats membership{
       .group_epoch = 3, .rank_failures = 2, .recovery_seconds = {0.3, 1.5}};

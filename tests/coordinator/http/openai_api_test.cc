@@ -27,8 +27,8 @@ CompletionRequest ParseOk(const std::string& body, Endpoint e = Endpoint::kCompl
 }
 
 // The API error a body gives: status, param, and that the message names the param.
-ApiError ParseError(const std::string& body, Endpoint e = Endpoint::kCompletions) {
-  auto r = ParseCompletionRequest(body, e);
+ApiError ParseError(const std::string& body, Endpoint e = Endpoint::kCompletions, const RequestLimits& limits = {}) {
+  auto r = ParseCompletionRequest(body, e, limits);
   EXPECT_FALSE(r.ok()) << "accepted " << body;
   return r.ok() ? ApiError{} : ToApiError(r.status());
 }
@@ -36,8 +36,17 @@ ApiError ParseError(const std::string& body, Endpoint e = Endpoint::kCompletions
 TEST(ParseCompletionRequest, TextPromptAndDefaults) {
   CompletionRequest r = ParseOk(R"({"model": "m", "prompt": "hello"})");
   EXPECT_EQ(r.model, "m");
-  EXPECT_EQ(r.prompt_text, "hello");
-  EXPECT_FALSE(r.prompt_is_tokens);
+  ASSERT_EQ(r.prompts.size(), 1u);
+  EXPECT_EQ(r.prompts[0].text, "hello");
+  EXPECT_FALSE(r.prompts[0].is_tokens);
+  EXPECT_EQ(r.n, 1);
+  EXPECT_EQ(r.best_of, 1);
+  EXPECT_FALSE(r.logprobs);
+  EXPECT_FALSE(r.echo);
+  EXPECT_EQ(r.presence_penalty, 0.0);
+  EXPECT_EQ(r.frequency_penalty, 0.0);
+  EXPECT_EQ(r.repetition_penalty, 1.0);
+  EXPECT_TRUE(r.logit_bias.empty());
   EXPECT_FALSE(r.max_tokens.has_value());
   EXPECT_EQ(r.temperature, 1.0);
   EXPECT_EQ(r.top_p, 1.0);
@@ -46,19 +55,32 @@ TEST(ParseCompletionRequest, TextPromptAndDefaults) {
 }
 
 TEST(ParseCompletionRequest, PromptForms) {
-  EXPECT_EQ(ParseOk(R"({"model": "m", "prompt": ["one string"]})").prompt_text, "one string");
+  EXPECT_EQ(ParseOk(R"({"model": "m", "prompt": ["one string"]})").prompts.at(0).text, "one string");
   CompletionRequest ids = ParseOk(R"({"model": "m", "prompt": [1, 2, 3]})");
-  EXPECT_TRUE(ids.prompt_is_tokens);
-  EXPECT_THAT(ids.prompt_token_ids, ElementsAre(1, 2, 3));
-  EXPECT_THAT(ParseOk(R"({"model": "m", "prompt": [[4, 5]]})").prompt_token_ids, ElementsAre(4, 5));
+  ASSERT_EQ(ids.prompts.size(), 1u);
+  EXPECT_TRUE(ids.prompts[0].is_tokens);
+  EXPECT_THAT(ids.prompts[0].token_ids, ElementsAre(1, 2, 3));
+  EXPECT_THAT(ParseOk(R"({"model": "m", "prompt": [[4, 5]]})").prompts.at(0).token_ids, ElementsAre(4, 5));
 
-  ApiError batch = ParseError(R"({"model": "m", "prompt": ["a", "b"]})");
-  EXPECT_EQ(batch.param, "prompt");
-  EXPECT_THAT(batch.message, HasSubstr("one prompt per request"));
+  // Several prompts: strings, or arrays of token ids.
+  CompletionRequest texts = ParseOk(R"({"model": "m", "prompt": ["a", "b", "c"]})");
+  ASSERT_EQ(texts.prompts.size(), 3u);
+  EXPECT_EQ(texts.prompts[2].text, "c");
+  CompletionRequest batches = ParseOk(R"({"model": "m", "prompt": [[1], [2, 3]]})");
+  ASSERT_EQ(batches.prompts.size(), 2u);
+  EXPECT_THAT(batches.prompts[1].token_ids, ElementsAre(2, 3));
+
   EXPECT_EQ(ParseError(R"({"model": "m", "prompt": [1, "x"]})").param, "prompt[1]");
   EXPECT_EQ(ParseError(R"({"model": "m", "prompt": [-1]})").param, "prompt[0]");
   EXPECT_EQ(ParseError(R"({"model": "m", "prompt": 5})").param, "prompt");
   EXPECT_EQ(ParseError(R"({"model": "m"})").param, "prompt");
+  EXPECT_EQ(ParseError(R"({"model": "m", "prompt": ["a", [1]]})").param, "prompt[1]");
+  EXPECT_EQ(ParseError(R"({"model": "m", "prompt": [[1], "a"]})").param, "prompt[1]");
+  EXPECT_EQ(ParseError(R"({"model": "m", "prompt": [[1], [2, -3]]})").param, "prompt[1][1]");
+  ApiError many = ParseError(R"({"model": "m", "prompt": ["a", "b", "c"]})", Endpoint::kCompletions,
+                             {.max_prompts = 2});
+  EXPECT_EQ(many.param, "prompt");
+  EXPECT_THAT(many.message, HasSubstr("at most 2 prompts"));
 }
 
 TEST(ParseCompletionRequest, SamplingFields) {
@@ -117,7 +139,30 @@ TEST(ParseCompletionRequest, WrongTypesAndRangesNameTheField) {
       {R"({"model": "m", "prompt": "x", "top_p": 1.5})", "top_p"},
       {R"({"model": "m", "prompt": "x", "top_k": -2})", "top_k"},
       {R"({"model": "m", "prompt": "x", "seed": "s"})", "seed"},
-      {R"({"model": "m", "prompt": "x", "n": 2})", "n"},
+      {R"({"model": "m", "prompt": "x", "n": 0})", "n"},
+      {R"({"model": "m", "prompt": "x", "n": 17})", "n"},
+      {R"({"model": "m", "prompt": "x", "n": "2"})", "n"},
+      {R"({"model": "m", "prompt": "x", "n": 3, "best_of": 2})", "best_of"},
+      {R"({"model": "m", "prompt": "x", "best_of": 17})", "best_of"},
+      {R"({"model": "m", "prompt": "x", "best_of": 2, "stream": true})", "best_of"},
+      {R"({"model": "m", "prompt": ["a", "b", "c", "d", "e"], "n": 16})", "n"},
+      {R"({"model": "m", "prompt": ["a", "b", "c", "d", "e"], "best_of": 16})", "best_of"},
+      {R"({"model": "m", "prompt": "x", "logprobs": 21})", "logprobs"},
+      {R"({"model": "m", "prompt": "x", "logprobs": -1})", "logprobs"},
+      {R"({"model": "m", "prompt": "x", "logprobs": true})", "logprobs"},
+      {R"({"model": "m", "prompt": "x", "echo": 1})", "echo"},
+      {R"({"model": "m", "prompt": "x", "presence_penalty": 2.5})", "presence_penalty"},
+      {R"({"model": "m", "prompt": "x", "presence_penalty": "a"})", "presence_penalty"},
+      {R"({"model": "m", "prompt": "x", "frequency_penalty": -2.01})", "frequency_penalty"},
+      {R"({"model": "m", "prompt": "x", "repetition_penalty": 0})", "repetition_penalty"},
+      {R"({"model": "m", "prompt": "x", "repetition_penalty": -1})", "repetition_penalty"},
+      {R"({"model": "m", "prompt": "x", "repetition_penalty": 1e300})", "repetition_penalty"},
+      {R"({"model": "m", "prompt": "x", "logit_bias": [1]})", "logit_bias"},
+      {R"({"model": "m", "prompt": "x", "logit_bias": {"abc": 1}})", "logit_bias"},
+      {R"({"model": "m", "prompt": "x", "logit_bias": {"-5": 1}})", "logit_bias"},
+      {R"({"model": "m", "prompt": "x", "logit_bias": {"99999999999": 1}})", "logit_bias"},
+      {R"({"model": "m", "prompt": "x", "logit_bias": {"5": 101}})", "logit_bias"},
+      {R"({"model": "m", "prompt": "x", "logit_bias": {"5": "1"}})", "logit_bias"},
       {R"({"model": "m", "prompt": "x", "stop": 1})", "stop"},
       {R"({"model": "m", "prompt": "x", "stop": ["a", 2]})", "stop[1]"},
       {R"({"model": "m", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]})", "stop"},
@@ -243,8 +288,12 @@ ResponseHeader Header(Endpoint e) {
   return {.endpoint = e, .id = "id-1", .created = 1700000000, .model = "tiny", .tier = scheduler::Tier::kBatch};
 }
 
+ChoiceResult One(const std::string& text, const std::string& finish) {
+  return {.index = 0, .text = text, .finish_reason = finish};
+}
+
 TEST(OpenAiResponse, CompletionAndChatBodies) {
-  const Json c = Json::parse(CompletionJson(Header(Endpoint::kCompletions), "abc", "length", {5, 3}));
+  const Json c = Json::parse(CompletionJson(Header(Endpoint::kCompletions), {One("abc", "length")}, {5, 3}));
   EXPECT_EQ(c["object"], "text_completion");
   EXPECT_EQ(c["id"], "id-1");
   EXPECT_EQ(c["created"], 1700000000);
@@ -255,20 +304,20 @@ TEST(OpenAiResponse, CompletionAndChatBodies) {
   EXPECT_EQ(c["usage"], (Json{{"prompt_tokens", 5}, {"completion_tokens", 3}, {"total_tokens", 8},
                               {"prompt_tokens_details", {{"cached_tokens", 0}}}}));
 
-  const Json chat = Json::parse(CompletionJson(Header(Endpoint::kChatCompletions), "hi", "stop", {2, 1}));
+  const Json chat = Json::parse(CompletionJson(Header(Endpoint::kChatCompletions), {One("hi", "stop")}, {2, 1}));
   EXPECT_EQ(chat["object"], "chat.completion");
   EXPECT_EQ(chat["choices"][0]["message"], (Json{{"role", "assistant"}, {"content", "hi"}}));
   EXPECT_EQ(chat["choices"][0]["finish_reason"], "stop");
 
   // A request resumed after its rank died says how many tokens were recomputed.
-  const Json resumed = Json::parse(CompletionJson(Header(Endpoint::kCompletions), "abc", "length",
+  const Json resumed = Json::parse(CompletionJson(Header(Endpoint::kCompletions), {One("abc", "length")},
                                                   {.prompt_tokens = 5, .completion_tokens = 3,
                                                    .resumed_tokens = 2}));
   EXPECT_EQ(resumed["usage"]["resumed_tokens"], 2);
   EXPECT_EQ(resumed["usage"]["completion_tokens"], 3);
 
   // Prompt tokens the serving rank's prefix cache held.
-  const Json cached = Json::parse(CompletionJson(Header(Endpoint::kChatCompletions), "hi", "stop",
+  const Json cached = Json::parse(CompletionJson(Header(Endpoint::kChatCompletions), {One("hi", "stop")},
                                                  {.prompt_tokens = 40, .completion_tokens = 1,
                                                   .cached_tokens = 32}));
   EXPECT_EQ(cached["usage"]["prompt_tokens_details"], (Json{{"cached_tokens", 32}}));

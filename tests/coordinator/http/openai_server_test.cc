@@ -280,7 +280,7 @@ TEST_F(OpenAiServerTest, InvalidRequestsGet400NamingTheField) {
       {"/v1/completions", R"({"prompt": "x"})", "model"},
       {"/v1/completions", R"({"model": "tiny", "prompt": "x", "temperature": "hot"})", "temperature"},
       {"/v1/completions", R"({"model": "tiny", "prompt": "x", "max_tokens": -1})", "max_tokens"},
-      {"/v1/completions", R"({"model": "tiny", "prompt": "x", "n": 3})", "n"},
+      {"/v1/completions", R"({"model": "tiny", "prompt": "x", "n": 17})", "n"},
       {"/v1/completions", R"({"model": "tiny", "prompt": "x", "service_tier": "gold"})", "service_tier"},
       {"/v1/completions", R"({"model": "tiny", "prompt": "x", "stop": [1]})", "stop[0]"},
       {"/v1/completions", R"({"model": "tiny", "prompt": ""})", "prompt"},

@@ -2,6 +2,7 @@
 
 #include <stdlib.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -120,6 +121,55 @@ constexpr char kMixtral[] = R"({
   "transformers_version": "4.36.0.dev0",
   "use_cache": true,
   "vocab_size": 32000
+})";
+
+// deepseek-ai/DeepSeek-V3's config.json, as published (auto_map left out).
+constexpr char kDeepseekV3[] = R"({
+  "architectures": ["DeepseekV3ForCausalLM"],
+  "attention_bias": false,
+  "attention_dropout": 0.0,
+  "aux_loss_alpha": 0.001,
+  "bos_token_id": 0,
+  "eos_token_id": 1,
+  "ep_size": 1,
+  "first_k_dense_replace": 3,
+  "hidden_act": "silu",
+  "hidden_size": 7168,
+  "initializer_range": 0.02,
+  "intermediate_size": 18432,
+  "kv_lora_rank": 512,
+  "max_position_embeddings": 163840,
+  "model_type": "deepseek_v3",
+  "moe_intermediate_size": 2048,
+  "moe_layer_freq": 1,
+  "n_group": 8,
+  "n_routed_experts": 256,
+  "n_shared_experts": 1,
+  "norm_topk_prob": true,
+  "num_attention_heads": 128,
+  "num_experts_per_tok": 8,
+  "num_hidden_layers": 61,
+  "num_key_value_heads": 128,
+  "num_nextn_predict_layers": 1,
+  "pretraining_tp": 1,
+  "q_lora_rank": 1536,
+  "qk_nope_head_dim": 128,
+  "qk_rope_head_dim": 64,
+  "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]},
+  "rms_norm_eps": 1e-06,
+  "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, "type": "yarn"},
+  "rope_theta": 10000,
+  "routed_scaling_factor": 2.5,
+  "scoring_func": "sigmoid",
+  "seq_aux": true,
+  "tie_word_embeddings": false,
+  "topk_group": 4,
+  "topk_method": "noaux_tc",
+  "torch_dtype": "bfloat16",
+  "transformers_version": "4.33.1",
+  "use_cache": true,
+  "v_head_dim": 128,
+  "vocab_size": 129280
 })";
 
 // Replaces the line of `field` (which must be present) in `json` with `value`,
@@ -372,7 +422,10 @@ TEST(ModelConfigTest, RejectsBadValuesNamingTheField) {
                  {"'mlp_only_layers'", "48", "out of range"});
   ExpectRejected(With(kQwen3Moe, "mlp_only_layers", "[-1]"), {"'mlp_only_layers'"});
   ExpectRejected(Plus(kQwen3Moe, "quantization_config", R"({"quant_method": "fp8"})"),
-                 {"'quantization_config'", "quantized checkpoints are not supported"});
+                 {"'quantization_config'", "quant_method 'fp8'", "Qwen3MoeForCausalLM",
+                  "not supported"});
+  ExpectRejected(Plus(kMixtral, "quantization_config", R"({"quant_method": "awq", "bits": 4})"),
+                 {"'quantization_config'", "'awq'", "not supported"});
   ExpectRejected(With(kQwen2Moe, "use_sliding_window", "true"),
                  {"'use_sliding_window'", "not supported"});
   ExpectRejected(With(kQwen3Moe, "attention_bias", "true"), {"'attention_bias'"});
@@ -398,6 +451,172 @@ TEST(ModelConfigTest, PlainRopeParametersAccepted) {
   EXPECT_FLOAT_EQ(c->rope_theta, 5e6f);
   ExpectRejected(Plus(kQwen3Moe, "rope_parameters", R"({"rope_type": "yarn", "factor": 4})"),
                  {"'rope_parameters'"});
+}
+
+TEST(ModelConfigTest, ParsesDeepseekV3) {
+  auto c = ParseModelConfig(kDeepseekV3);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->family, ModelFamily::kDeepseekV3);
+  EXPECT_EQ(c->architecture, "DeepseekV3ForCausalLM");
+  EXPECT_EQ(c->model_type, "deepseek_v3");
+  EXPECT_TRUE(c->UsesMla());
+  EXPECT_EQ(c->vocab_size, 129280);
+  EXPECT_EQ(c->hidden_size, 7168);
+  EXPECT_EQ(c->num_layers, 61);
+  EXPECT_EQ(c->num_attention_heads, 128);
+  EXPECT_EQ(c->num_key_value_heads, 128);
+  EXPECT_EQ(c->head_dim, 64);  // transformers' DeepseekV3Config.head_dim: the rope part
+  EXPECT_EQ(c->mla.q_lora_rank, 1536);
+  EXPECT_EQ(c->mla.kv_lora_rank, 512);
+  EXPECT_EQ(c->mla.qk_nope_head_dim, 128);
+  EXPECT_EQ(c->mla.qk_rope_head_dim, 64);
+  EXPECT_EQ(c->mla.qk_head_dim(), 192);
+  EXPECT_EQ(c->mla.v_head_dim, 128);
+  EXPECT_TRUE(c->mla.rope_interleave);
+  EXPECT_FLOAT_EQ(c->mla.latent_norm_eps, 1e-6f);
+  EXPECT_EQ(c->router, RouterKind::kNoauxTc);
+  EXPECT_EQ(c->num_experts, 256);
+  EXPECT_EQ(c->num_experts_per_tok, 8);
+  EXPECT_EQ(c->n_group, 8);
+  EXPECT_EQ(c->topk_group, 4);
+  EXPECT_TRUE(c->norm_topk_prob);
+  EXPECT_FLOAT_EQ(c->routed_scaling_factor, 2.5f);
+  EXPECT_EQ(c->moe_intermediate_size, 2048);
+  EXPECT_EQ(c->intermediate_size, 18432);
+  EXPECT_EQ(c->shared_expert_intermediate_size, 2048);  // one shared expert
+  EXPECT_FALSE(c->shared_expert_gated);
+  EXPECT_EQ(c->first_k_dense_replace, 3);
+  EXPECT_EQ(c->num_nextn_predict_layers, 1);
+  for (int l = 0; l < 61; ++l) EXPECT_EQ(c->IsMoeLayer(l), l >= 3) << l;
+  EXPECT_EQ(c->max_position_embeddings, 163840);
+  EXPECT_FLOAT_EQ(c->rope_theta, 10000.0f);
+  EXPECT_TRUE(c->yarn.enabled);
+  EXPECT_FLOAT_EQ(c->yarn.factor, 40.0f);
+  EXPECT_EQ(c->yarn.original_max_position_embeddings, 4096);
+  EXPECT_FLOAT_EQ(c->yarn.beta_fast, 32.0f);
+  EXPECT_FLOAT_EQ(c->yarn.beta_slow, 1.0f);
+  EXPECT_TRUE(c->yarn.truncate);
+  EXPECT_FLOAT_EQ(c->yarn.attention_factor, 1.0f);  // mscale == mscale_all_dim
+  // 192^-0.5 * (0.1 ln 40 + 1)^2, as DeepseekV3Attention scales its scores.
+  const double mscale = 0.1 * std::log(40.0) + 1.0;
+  EXPECT_NEAR(c->mla.softmax_scale, mscale * mscale / std::sqrt(192.0), 1e-7);
+  EXPECT_TRUE(c->fp8.enabled);
+  EXPECT_EQ(c->fp8.block_rows, 128);
+  EXPECT_EQ(c->fp8.block_cols, 128);
+  EXPECT_EQ(c->bos_token_id, 0);
+  EXPECT_THAT(c->eos_token_ids, ElementsAre(1));
+}
+
+TEST(ModelConfigTest, DeepseekV3Variants) {
+  // No query LoRA (DeepSeek-V2-Lite's form): null, not absent and not 0.
+  auto no_lora = ParseModelConfig(With(kDeepseekV3, "q_lora_rank", "null"));
+  ASSERT_TRUE(no_lora.ok()) << no_lora.status();
+  EXPECT_EQ(no_lora->mla.q_lora_rank, 0);
+  // BF16 weights, plain RoPE: the softmax scale is qk_head_dim^-0.5.
+  auto plain = ParseModelConfig(With(With(kDeepseekV3, "quantization_config", ""), "rope_scaling", "null"));
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  EXPECT_FALSE(plain->fp8.enabled);
+  EXPECT_FALSE(plain->yarn.enabled);
+  EXPECT_NEAR(plain->mla.softmax_scale, 1.0 / std::sqrt(192.0), 1e-8);
+  // transformers 5 spells it rope_parameters, rope_theta inside.
+  auto v5 = ParseModelConfig(Plus(With(With(kDeepseekV3, "rope_scaling", ""), "rope_theta", ""),
+                                  "rope_parameters",
+                                  R"({"rope_type": "yarn", "rope_theta": 50000, "factor": 40,
+                                      "original_max_position_embeddings": 4096, "mscale": 1.0,
+                                      "mscale_all_dim": 1.0, "beta_fast": 16, "beta_slow": 2})"));
+  ASSERT_TRUE(v5.ok()) << v5.status();
+  EXPECT_FLOAT_EQ(v5->rope_theta, 50000.0f);
+  EXPECT_FLOAT_EQ(v5->yarn.beta_fast, 16.0f);
+  EXPECT_FLOAT_EQ(v5->yarn.beta_slow, 2.0f);
+  // Without mscale_all_dim the scores keep qk_head_dim^-0.5, and cos/sin get get_mscale(factor).
+  auto no_all_dim = ParseModelConfig(With(kDeepseekV3, "rope_scaling",
+      R"({"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "mscale": 1.0})"));
+  ASSERT_TRUE(no_all_dim.ok()) << no_all_dim.status();
+  EXPECT_NEAR(no_all_dim->yarn.attention_factor, 0.1 * std::log(40.0) + 1.0, 1e-6);
+  EXPECT_NEAR(no_all_dim->mla.softmax_scale, 1.0 / std::sqrt(192.0), 1e-8);
+  // Optional fields default as transformers' DeepseekV3Config does.
+  auto defaults = ParseModelConfig(With(With(With(With(kDeepseekV3, "scoring_func", ""), "topk_method", ""),
+                                             "norm_topk_prob", ""), "moe_layer_freq", ""));
+  ASSERT_TRUE(defaults.ok()) << defaults.status();
+  EXPECT_TRUE(defaults->norm_topk_prob);
+  EXPECT_EQ(defaults->router, RouterKind::kNoauxTc);
+  // Every layer MoE: intermediate_size is then optional.
+  auto all_moe = ParseModelConfig(With(With(kDeepseekV3, "first_k_dense_replace", "0"),
+                                       "intermediate_size", ""));
+  ASSERT_TRUE(all_moe.ok()) << all_moe.status();
+  EXPECT_TRUE(all_moe->IsMoeLayer(0));
+  // No shared experts.
+  auto unshared = ParseModelConfig(With(kDeepseekV3, "n_shared_experts", "0"));
+  ASSERT_TRUE(unshared.ok()) << unshared.status();
+  EXPECT_EQ(unshared->shared_expert_intermediate_size, 0);
+}
+
+TEST(ModelConfigTest, DeepseekV3RefusalsNameTheField) {
+  for (const char* f : {"kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                        "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group",
+                        "n_shared_experts", "first_k_dense_replace", "moe_intermediate_size",
+                        "routed_scaling_factor", "q_lora_rank"}) {
+    SCOPED_TRACE(f);
+    ExpectRejected(With(kDeepseekV3, f, ""), {std::string("field '") + f + "' is required"});
+  }
+  ExpectRejected(With(kDeepseekV3, "q_lora_rank", "0"), {"'q_lora_rank'", "null"});
+  ExpectRejected(With(kDeepseekV3, "q_lora_rank", "-1"), {"'q_lora_rank'"});
+  ExpectRejected(With(kDeepseekV3, "kv_lora_rank", "\"512\""), {"'kv_lora_rank'", "integer"});
+  ExpectRejected(With(kDeepseekV3, "num_key_value_heads", "64"),
+                 {"'num_key_value_heads'", "must equal num_attention_heads"});
+  ExpectRejected(With(kDeepseekV3, "qk_rope_head_dim", "63"), {"'qk_rope_head_dim'", "even"});
+  ExpectRejected(With(kDeepseekV3, "hidden_act", "\"gelu\""), {"'hidden_act'", "gelu"});
+  ExpectRejected(With(kDeepseekV3, "attention_bias", "true"), {"'attention_bias'"});
+  ExpectRejected(Plus(kDeepseekV3, "partial_rotary_factor", "0.5"), {"'partial_rotary_factor'"});
+  ExpectRejected(With(kDeepseekV3, "scoring_func", "\"softmax\""), {"'scoring_func'", "softmax", "sigmoid"});
+  ExpectRejected(With(kDeepseekV3, "topk_method", "\"greedy\""), {"'topk_method'", "greedy", "noaux_tc"});
+  ExpectRejected(With(kDeepseekV3, "n_group", "7"), {"'n_group'", "must divide n_routed_experts"});
+  ExpectRejected(With(kDeepseekV3, "n_group", "256"), {"'n_group'", "top 2"});
+  ExpectRejected(With(kDeepseekV3, "topk_group", "9"), {"'topk_group'", "exceeds n_group"});
+  ExpectRejected(With(kDeepseekV3, "num_experts_per_tok", "129"),
+                 {"'num_experts_per_tok'", "128 experts of the topk_group chosen groups"});
+  ExpectRejected(With(kDeepseekV3, "moe_layer_freq", "2"), {"'moe_layer_freq'", "only 1"});
+  ExpectRejected(With(kDeepseekV3, "routed_scaling_factor", "0"), {"'routed_scaling_factor'"});
+  ExpectRejected(With(kDeepseekV3, "intermediate_size", ""), {"'intermediate_size'", "required"});
+  ExpectRejected(With(kDeepseekV3, "num_nextn_predict_layers", "-1"), {"'num_nextn_predict_layers'"});
+  // RoPE: default or YaRN, YaRN as transformers computes it.
+  ExpectRejected(With(kDeepseekV3, "rope_scaling", R"({"type": "linear", "factor": 2.0})"),
+                 {"'rope_scaling.rope_type'", "linear", "yarn"});
+  ExpectRejected(With(kDeepseekV3, "rope_scaling",
+                      R"({"type": "yarn", "factor": 20, "original_max_position_embeddings": 4096})"),
+                 {"'rope_scaling.factor'", "163840/4096"});
+  ExpectRejected(With(kDeepseekV3, "rope_scaling", R"({"type": "yarn", "factor": 40})"),
+                 {"'rope_scaling.original_max_position_embeddings'", "required"});
+  ExpectRejected(With(kDeepseekV3, "rope_scaling",
+                      R"({"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "low_freq_factor": 1})"),
+                 {"'rope_scaling.low_freq_factor'", "not supported"});
+  ExpectRejected(With(kDeepseekV3, "rope_scaling",
+                      R"({"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "mscale": "1"})"),
+                 {"'rope_scaling.mscale'", "number"});
+  ExpectRejected(With(kDeepseekV3, "rope_scaling", R"({"type": "default", "factor": 2})"),
+                 {"'rope_scaling.factor'"});
+  // Quantization: DeepSeek-V3's block FP8 only, the method named.
+  ExpectRejected(With(kDeepseekV3, "quantization_config", R"({"quant_method": "awq", "bits": 4})"),
+                 {"'quantization_config.quant_method'", "'awq'", "only 'fp8'"});
+  ExpectRejected(With(kDeepseekV3, "quantization_config", R"({"fmt": "e4m3"})"),
+                 {"'quantization_config.quant_method'", "required"});
+  ExpectRejected(With(kDeepseekV3, "quantization_config",
+                      R"({"quant_method": "fp8", "fmt": "e5m2", "weight_block_size": [128, 128]})"),
+                 {"'quantization_config.fmt'", "e5m2"});
+  ExpectRejected(With(kDeepseekV3, "quantization_config",
+                      R"({"quant_method": "fp8", "activation_scheme": "static", "weight_block_size": [128, 128]})"),
+                 {"'quantization_config.activation_scheme'", "static"});
+  ExpectRejected(With(kDeepseekV3, "quantization_config", R"({"quant_method": "fp8", "weight_block_size": [128]})"),
+                 {"'quantization_config.weight_block_size'", "two positive integers"});
+  ExpectRejected(With(kDeepseekV3, "quantization_config", R"({"quant_method": "fp8", "weight_block_size": [128, 0]})"),
+                 {"'quantization_config.weight_block_size'"});
+  ExpectRejected(With(kDeepseekV3, "quantization_config", R"({"quant_method": "fp8"})"),
+                 {"'quantization_config.weight_block_size'"});
+  ExpectRejected(With(kDeepseekV3, "quantization_config",
+                      R"({"quant_method": "fp8", "weight_block_size": [128, 128], "modules_to_not_convert": ["lm_head"]})"),
+                 {"'quantization_config.modules_to_not_convert'"});
+  ExpectRejected(With(kDeepseekV3, "quantization_config", "\"fp8\""),
+                 {"'quantization_config'", "object"});
 }
 
 TEST(ModelConfigTest, NotJsonOrNotObject) {

@@ -9,6 +9,7 @@
 // the CPU one, and a replayed decode graph must give exactly the logits of
 // eager launches: padding a batch to its bucket changes no real row (each
 // row's GEMM result does not depend on its batch; GemmTest checks that).
+#include <cmath>
 #include <cstring>
 #include <map>
 
@@ -79,6 +80,14 @@ TEST_P(DevicePathGoldenTest, GreedyThroughDecodeGraphsMatchesReference) {
   EXPECT_GT(model_->graph_replays(), 0) << "no decode step replayed a graph";
 }
 
+TEST_P(DevicePathGoldenTest, LogprobsMatchReference) {
+  const auto got = testing::RunLogprobs(*model_, prompts_,
+                                        {.block_size = 4, .max_batch_tokens = 24, .max_running = 8,
+                                         .prompt_logprob_rows = 16},
+                                        5);
+  testing::ExpectLogprobsNear(prompts_, got, 1e-4f);
+}
+
 INSTANTIATE_TEST_SUITE_P(Families, DevicePathGoldenTest,
                          ::testing::Values("qwen3_moe-tiny", "qwen2_moe-tiny", "mixtral-tiny"),
                          [](const auto& info) {
@@ -91,14 +100,17 @@ struct LoadRun {
   std::map<std::pair<uint64_t, int>, std::vector<float>> logits;  // (request, step) -> row
   std::map<uint64_t, std::vector<int32_t>> tokens;                 // request -> its tokens
   std::vector<std::vector<int64_t>> expert_load;
+  std::map<uint64_t, std::vector<float>> logprobs;  // request -> its tokens' and prompt's
 };
 
 // Requests of different lengths and arrival steps, sampled (every third one
 // greedy), so decode steps run at several batch sizes (buckets 1 to 8,
 // padded) and sequences retire mid-run. With `observe` the engine hands over
 // every row's logits, so every token is picked on the host; without, the
-// device picks them and no logits come back.
-LoadRun RunMixedLoad(Model& model, bool observe = true) {
+// device picks them and no logits come back. With `logprobs` every other
+// request asks for logprobs and one for prompt logprobs: their rows come back
+// among the device-sampled ones.
+LoadRun RunMixedLoad(Model& model, bool observe = true, bool logprobs = false) {
   LoadRun run;
   std::map<uint64_t, int> steps;
   auto engine = Engine::Create(&model, {.block_size = 4, .max_batch_tokens = 64, .max_running = 8});
@@ -117,6 +129,9 @@ LoadRun RunMixedLoad(Model& model, bool observe = true) {
       sp.seed = 100 + next;
       sp.max_tokens = 5 + 3 * static_cast<int>(next);
       sp.ignore_eos = true;
+      sp.logprobs = logprobs && next % 2 == 1;
+      sp.top_logprobs = sp.logprobs ? 3 : 0;
+      sp.prompt_logprobs = logprobs && next == 3;
       std::vector<int32_t> prompt;
       for (uint64_t i = 0; i < 3 + 2 * next; ++i) prompt.push_back(static_cast<int32_t>((7 * i + next) % 200));
       EXPECT_TRUE((*engine)->Add({.id = next++, .prompt = prompt, .sampling = sp}).ok());
@@ -124,7 +139,16 @@ LoadRun RunMixedLoad(Model& model, bool observe = true) {
     auto r = (*engine)->Step();
     EXPECT_TRUE(r.ok()) << r.status();
     if (!r.ok()) break;
-    for (const TokenOutput& t : r->tokens) run.tokens[t.id].push_back(t.token);
+    for (const TokenOutput& t : r->tokens) {
+      run.tokens[t.id].push_back(t.token);
+      std::vector<float>& lp = run.logprobs[t.id];
+      std::vector<TokenLogprob> entries = t.prompt_logprobs;
+      if (t.logprob.has_value()) entries.push_back(*t.logprob);
+      for (const TokenLogprob& p : entries) {
+        lp.push_back(p.logprob);
+        for (const TopLogprob& alt : p.top) lp.push_back(alt.logprob);
+      }
+    }
   }
   auto load = model.local_experts().ExpertLoad();
   EXPECT_TRUE(load.ok());
@@ -188,6 +212,35 @@ TEST(DevicePathTest, TokensPickedOnTheDeviceAreTheHostSamplersTokens) {
   ASSERT_EQ(on_device.tokens.size(), 7u);
   EXPECT_EQ(on_device.tokens, on_host.tokens);
   EXPECT_EQ(on_device.tokens, cpu_device.tokens);
+}
+
+// Requests that want logprobs are sampled on the host among requests the
+// device samples: nobody's tokens change, and the logprobs are the CPU
+// backend's bits.
+TEST(DevicePathTest, LogprobRequestsAmongDevicePickedOnesChangeNoToken) {
+  auto device = OnFakeDevice("qwen3_moe-tiny", /*graphs=*/true);
+  ASSERT_NE(device, nullptr);
+  const LoadRun plain = RunMixedLoad(*device, /*observe=*/false);
+  const LoadRun with = RunMixedLoad(*device, /*observe=*/false, /*logprobs=*/true);
+  auto cpu = Model::Load(testing::TinyModelDir("qwen3_moe-tiny"), {.num_threads = 2});
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  const LoadRun cpu_with = RunMixedLoad(**cpu, /*observe=*/false, /*logprobs=*/true);
+  EXPECT_EQ(with.tokens, plain.tokens);
+  EXPECT_EQ(with.tokens, cpu_with.tokens);
+  // Request 3: its 9 prompt tokens (the first NaN, no alternatives) and 14
+  // generated ones, each with 3 alternatives.
+  ASSERT_EQ(with.logprobs.at(3).size(), 1u + 8u * 4u + 14u * 4u);
+  EXPECT_TRUE(std::isnan(with.logprobs.at(3)[0]));
+  EXPECT_EQ(with.logprobs.at(1).size(), 8u * 4u);
+  EXPECT_TRUE(with.logprobs.at(0).empty());
+  for (const auto& [id, lp] : with.logprobs) {
+    const std::vector<float>& other = cpu_with.logprobs.at(id);
+    ASSERT_EQ(lp.size(), other.size()) << "request " << id;
+    for (size_t i = 0; i < lp.size(); ++i) {
+      if (std::isnan(lp[i]) && std::isnan(other[i])) continue;
+      EXPECT_EQ(lp[i], other[i]) << "request " << id << " entry " << i;
+    }
+  }
 }
 
 }  // namespace

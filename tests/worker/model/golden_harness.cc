@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <functional>
 #include <random>
 
 #include "gtest/gtest.h"
@@ -166,6 +167,89 @@ void ExpectGreedyMatches(const std::vector<Prompt>& prompts,
       break;
     }
   }
+}
+
+std::vector<ReportedLogprobs> RunLogprobs(Model& model, const std::vector<Prompt>& prompts,
+                                          EngineOptions options, int top) {
+  std::vector<ReportedLogprobs> got(prompts.size());
+  auto engine = Engine::Create(&model, options);
+  EXPECT_TRUE(engine.ok()) << engine.status();
+  if (!engine.ok()) return got;
+  for (size_t s = 0; s < prompts.size(); ++s) {
+    SamplingParams sp;
+    sp.temperature = 0.0f;
+    sp.max_tokens = 1;
+    sp.ignore_eos = true;
+    sp.logprobs = true;
+    sp.prompt_logprobs = true;
+    sp.top_logprobs = top;
+    EXPECT_TRUE((*engine)->Add({.id = s, .prompt = prompts[s].ids, .sampling = sp}).ok());
+  }
+  int steps = 0;
+  while ((*engine)->HasWork() && steps++ < 1000) {
+    auto r = (*engine)->Step();
+    EXPECT_TRUE(r.ok()) << r.status();
+    if (!r.ok()) break;
+    for (const TokenOutput& t : r->tokens) {
+      EXPECT_TRUE(t.logprob.has_value());
+      if (t.logprob.has_value()) got[t.id].first = *t.logprob;
+      got[t.id].prompt = t.prompt_logprobs;
+    }
+  }
+  return got;
+}
+
+namespace {
+
+std::vector<double> LogSoftmax(const std::vector<float>& logits) {
+  double max = -1e300, total = 0;
+  for (float x : logits) max = std::max<double>(max, x);
+  for (float x : logits) total += std::exp(x - max);
+  std::vector<double> out;
+  for (float x : logits) out.push_back(x - max - std::log(total));
+  return out;
+}
+
+// One reported entry against the reference's log_softmax at the position before.
+void ExpectEntryNear(const TokenLogprob& got, int32_t want_token, const std::vector<double>& want,
+                     float tolerance, const std::string& where, float* worst) {
+  ASSERT_EQ(got.token, want_token) << where;
+  *worst = std::max(*worst, static_cast<float>(std::abs(got.logprob - want[want_token])));
+  EXPECT_NEAR(got.logprob, want[want_token], tolerance) << where;
+  std::vector<double> sorted = want;
+  std::sort(sorted.begin(), sorted.end(), std::greater<>());
+  for (size_t k = 0; k < got.top.size(); ++k) {
+    const TopLogprob& alt = got.top[k];
+    EXPECT_NEAR(alt.logprob, want[alt.token], tolerance) << where << " alternative " << k;
+    // The k-th most likely token, unless another is within the tolerance of it.
+    EXPECT_GE(want[alt.token], sorted[k] - 2 * tolerance) << where << " alternative " << k;
+    if (k > 0) EXPECT_GE(got.top[k - 1].logprob, alt.logprob) << where << " alternative " << k;
+  }
+}
+
+}  // namespace
+
+void ExpectLogprobsNear(const std::vector<Prompt>& prompts, const std::vector<ReportedLogprobs>& got,
+                        float tolerance) {
+  float worst = 0.0f;
+  for (size_t s = 0; s < prompts.size(); ++s) {
+    const std::vector<int32_t>& ids = prompts[s].ids;
+    ASSERT_EQ(got[s].prompt.size(), ids.size()) << "prompt " << s << ": one entry per prompt token";
+    EXPECT_EQ(got[s].prompt[0].token, ids[0]);
+    EXPECT_TRUE(std::isnan(got[s].prompt[0].logprob)) << "the first prompt token has no logprob";
+    for (size_t i = 0; i < prompts[s].logit_positions.size(); ++i) {
+      const int pos = prompts[s].logit_positions[i];
+      const std::vector<double> want = LogSoftmax(prompts[s].logits[i]);
+      const std::string where = "prompt " + std::to_string(s) + " position " + std::to_string(pos);
+      if (pos + 1 < static_cast<int>(ids.size())) {
+        ExpectEntryNear(got[s].prompt[pos + 1], ids[pos + 1], want, tolerance, where, &worst);
+      } else {  // the last position: the first generated (greedy) token
+        ExpectEntryNear(got[s].first, got[s].first.top.empty() ? got[s].first.token : got[s].first.top[0].token,
+                        want, tolerance, where + " (first token)", &worst);
+      }
+    }
+  }
+  std::printf("logprobs: max |engine - reference| = %.3g\n", worst);
 }
 
 }  // namespace joule::testing

@@ -52,4 +52,19 @@ std::vector<std::vector<int32_t>> RunGreedy(Model& model, const std::vector<Prom
 void ExpectGreedyMatches(const std::vector<Prompt>& prompts,
                          const std::vector<std::vector<int32_t>>& got, float tie_margin);
 
+// Through the engine with prompt_logprobs and logprobs (`top` alternatives):
+// each prompt's entries and its first greedy token's.
+struct ReportedLogprobs {
+  std::vector<TokenLogprob> prompt;
+  TokenLogprob first;
+};
+std::vector<ReportedLogprobs> RunLogprobs(Model& model, const std::vector<Prompt>& prompts,
+                                          EngineOptions options, int top);
+
+// Every reported logprob against log_softmax of the reference's logits at the
+// position before it (absolute `tolerance`); the alternatives must be the
+// reference's most likely tokens, in order, up to near ties.
+void ExpectLogprobsNear(const std::vector<Prompt>& prompts, const std::vector<ReportedLogprobs>& got,
+                        float tolerance);
+
 }  // namespace joule::testing

@@ -71,6 +71,18 @@ TEST_P(GoldenTest, SingleSequenceEqualsBatched) {
   }
 }
 
+// Prompt logprobs and the first token's through the engine (prefill in
+// chunks of 16 rows, interleaved across prompts): log_softmax of the
+// reference's logits. Measured within 1e-6; 1e-4 leaves headroom and still
+// catches a row off by one position or a stray temperature (> 1e-2).
+TEST_P(GoldenTest, LogprobsMatchReference) {
+  const auto got = testing::RunLogprobs(*model_, prompts_,
+                                        {.block_size = 4, .max_batch_tokens = 24,
+                                         .prompt_logprob_rows = 16},
+                                        5);
+  testing::ExpectLogprobsNear(prompts_, got, 1e-4f);
+}
+
 TEST_P(GoldenTest, GreedyContinuationMatchesReference) {
   // max_batch_tokens 16 forces chunked prefill interleaved with decodes.
   const auto got = RunGreedy(*model_, prompts_, {.block_size = 4, .max_batch_tokens = 16});

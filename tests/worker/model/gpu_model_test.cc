@@ -94,6 +94,17 @@ TEST_P(GpuGoldenTest, GreedyContinuationMatchesReference) {
   EXPECT_GT(model_->graph_replays(), 0) << "no decode step replayed a graph";
 }
 
+// Prompt logprobs (prompt rows' logits copied back among device-sampled
+// ones) and the first token's: a log-softmax moves by at most twice its
+// logits' error.
+TEST_P(GpuGoldenTest, LogprobsMatchReference) {
+  const auto got = testing::RunLogprobs(*model_, prompts_,
+                                        {.block_size = 4, .max_batch_tokens = 24, .max_running = 8,
+                                         .prompt_logprob_rows = 16},
+                                        5);
+  testing::ExpectLogprobsNear(prompts_, got, 2 * kGpuTolerance * 4);
+}
+
 INSTANTIATE_TEST_SUITE_P(Families, GpuGoldenTest,
                          ::testing::Values("qwen3_moe-tiny", "qwen2_moe-tiny", "mixtral-tiny"),
                          [](const auto& info) {

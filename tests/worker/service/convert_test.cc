@@ -2,6 +2,9 @@
 // survive the wire both ways.
 #include "worker/service/convert.h"
 
+#include <functional>
+#include <map>
+
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/testing/paths.h"
@@ -27,6 +30,9 @@ TEST(ConvertTest, UnsetSamplingFieldsTakeDefaults) {
   EXPECT_EQ(g->sampling.top_p, 1.0f);
   EXPECT_EQ(g->sampling.max_tokens, kDefaultMaxTokens);
   EXPECT_FALSE(g->sampling.seed.has_value());
+  EXPECT_EQ(g->sampling.repetition_penalty, 1.0f);  // 0: off
+  EXPECT_FALSE(g->sampling.ProcessesLogits());
+  EXPECT_FALSE(g->sampling.NeedsHostLogits());
 }
 
 TEST(ConvertTest, CopiesSampling) {
@@ -47,6 +53,63 @@ TEST(ConvertTest, CopiesSampling) {
   EXPECT_EQ(g->sampling.max_tokens, 33);
   EXPECT_EQ(g->sampling.stop_token_ids, (std::vector<int32_t>{7}));
   EXPECT_TRUE(g->sampling.ignore_eos);
+}
+
+TEST(ConvertTest, CopiesPenaltiesBiasAndLogprobs) {
+  v1::GenerateRequest r = Valid();
+  v1::SamplingParams* s = r.mutable_sampling();
+  s->set_presence_penalty(0.5f);
+  s->set_frequency_penalty(-1.25f);
+  s->set_repetition_penalty(1.1f);
+  (*s->mutable_logit_bias())[5] = -100.0f;
+  (*s->mutable_logit_bias())[9] = 2.5f;
+  s->set_logprobs(true);
+  s->set_top_logprobs(20);
+  s->set_prompt_logprobs(true);
+  auto g = ToGenerationRequest(r);
+  ASSERT_TRUE(g.ok()) << g.status();
+  EXPECT_EQ(g->sampling.presence_penalty, 0.5f);
+  EXPECT_EQ(g->sampling.frequency_penalty, -1.25f);
+  EXPECT_EQ(g->sampling.repetition_penalty, 1.1f);
+  EXPECT_EQ(g->sampling.logit_bias, (std::map<int32_t, float>{{5, -100.0f}, {9, 2.5f}}));
+  EXPECT_TRUE(g->sampling.logprobs);
+  EXPECT_EQ(g->sampling.top_logprobs, 20);
+  EXPECT_TRUE(g->sampling.prompt_logprobs);
+}
+
+TEST(ConvertTest, BadPenaltiesBiasOrLogprobsNameTheField) {
+  auto message = [](const std::function<void(v1::SamplingParams*)>& set) {
+    v1::GenerateRequest r = Valid();
+    set(r.mutable_sampling());
+    const absl::Status s = ToGenerationRequest(r).status();
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+    return std::string(s.message());
+  };
+  EXPECT_EQ(message([](auto* s) { s->set_presence_penalty(2.5f); }),
+            "sampling.presence_penalty: must be in [-2, 2], got 2.5");
+  EXPECT_THAT(message([](auto* s) { s->set_frequency_penalty(-3); }), HasSubstr("sampling.frequency_penalty"));
+  EXPECT_THAT(message([](auto* s) { s->set_repetition_penalty(-1); }), HasSubstr("sampling.repetition_penalty"));
+  EXPECT_EQ(message([](auto* s) { (*s->mutable_logit_bias())[-4] = 1; }),
+            "sampling.logit_bias: token id -4 must be >= 0");
+  EXPECT_EQ(message([](auto* s) { (*s->mutable_logit_bias())[4] = 101; }),
+            "sampling.logit_bias: bias 101 for token id 4 must be in [-100, 100]");
+  EXPECT_EQ(message([](auto* s) {
+              s->set_logprobs(true);
+              s->set_top_logprobs(21);
+            }),
+            "sampling.top_logprobs: must be in [0, 20], got 21");
+  EXPECT_THAT(message([](auto* s) { s->set_top_logprobs(2); }), HasSubstr("sampling.top_logprobs: needs logprobs"));
+}
+
+TEST(ConvertTest, LogprobsGoOnTheWireMostLikelyFirst) {
+  v1::TokenLogprob out;
+  ToProto(TokenLogprob{.token = 7, .logprob = -0.25f, .top = {{3, -0.1f}, {7, -0.25f}}}, &out);
+  EXPECT_EQ(out.token_id(), 7);
+  EXPECT_EQ(out.logprob(), -0.25f);
+  ASSERT_EQ(out.top_size(), 2);
+  EXPECT_EQ(out.top(0).token_id(), 3);
+  EXPECT_EQ(out.top(0).logprob(), -0.1f);
+  EXPECT_EQ(out.top(1).token_id(), 7);
 }
 
 TEST(ConvertTest, BadRequestsNameTheField) {

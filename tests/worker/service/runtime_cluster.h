@@ -28,10 +28,10 @@ class Collector {
   RequestCallbacks callbacks() {
     return RequestCallbacks{
         .on_tokens =
-            [this](const std::vector<int32_t>& tokens) {
+            [this](const TokenUpdate& update) {
               absl::MutexLock lock(&mu_);
               EXPECT_FALSE(done_.HasBeenNotified()) << "tokens after on_done";
-              tokens_.insert(tokens_.end(), tokens.begin(), tokens.end());
+              tokens_.insert(tokens_.end(), update.tokens.begin(), update.tokens.end());
             },
         .on_done =
             [this](const RequestOutcome& outcome) {

@@ -4,6 +4,8 @@
 // client that goes away frees its KV blocks, Status reports the rank.
 #include "worker/service/worker_grpc_service.h"
 
+#include <cmath>
+
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "grpcpp/grpcpp.h"
@@ -243,6 +245,78 @@ TEST_F(WorkerGrpcServiceTest, HoldsManyStreamsOnFewThreads) {
     EXPECT_TRUE(s.ok()) << "stream " << i << ": " << s.error_message();
     EXPECT_EQ(received[i], kTokens) << "stream " << i;
   }
+}
+
+// With logprobs every message carries one entry per token (the engine's
+// numbers), and the prompt's entries come once, on the first message with
+// tokens; a logit_bias outside the vocabulary is INVALID_ARGUMENT naming it.
+TEST_F(WorkerGrpcServiceTest, LogprobsComeOnePerTokenAndThePromptsOnceWithTheFirstTokens) {
+  StartRuntime();
+  const std::vector<int32_t> prompt = Prompt(9, 3);
+  v1::GenerateRequest r = Request("lp", prompt, 6);
+  r.mutable_sampling()->set_logprobs(true);
+  r.mutable_sampling()->set_top_logprobs(2);
+  r.mutable_sampling()->set_prompt_logprobs(true);
+  r.mutable_sampling()->set_frequency_penalty(0.5f);
+  grpc::ClientContext ctx;
+  auto reader = stub_->Generate(&ctx, r);
+  std::vector<int32_t> tokens;
+  std::vector<v1::TokenLogprob> logprobs, prompt_logprobs;
+  int messages_with_prompt = 0;
+  v1::GenerateResponse msg;
+  while (reader->Read(&msg)) {
+    EXPECT_EQ(msg.logprobs_size(), msg.token_ids_size());
+    if (msg.prompt_logprobs_size() > 0) {
+      ++messages_with_prompt;
+      EXPECT_TRUE(tokens.empty()) << "the prompt's logprobs come with the first tokens";
+      EXPECT_GT(msg.token_ids_size(), 0);
+    }
+    tokens.insert(tokens.end(), msg.token_ids().begin(), msg.token_ids().end());
+    logprobs.insert(logprobs.end(), msg.logprobs().begin(), msg.logprobs().end());
+    prompt_logprobs.insert(prompt_logprobs.end(), msg.prompt_logprobs().begin(), msg.prompt_logprobs().end());
+  }
+  ASSERT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(messages_with_prompt, 1);
+  ASSERT_EQ(prompt_logprobs.size(), prompt.size());
+  EXPECT_TRUE(std::isnan(prompt_logprobs[0].logprob()));
+  for (size_t i = 0; i < prompt.size(); ++i) EXPECT_EQ(prompt_logprobs[i].token_id(), prompt[i]);
+
+  // The single-process engine's numbers for the same request.
+  SamplingParams sp = Greedy(6);
+  sp.logprobs = true;
+  sp.top_logprobs = 2;
+  sp.prompt_logprobs = true;
+  sp.frequency_penalty = 0.5f;
+  auto model = Model::Load(dir_, {.num_threads = 1});
+  ASSERT_TRUE(model.ok()) << model.status();
+  auto engine = Engine::Create(model->get(), testing_util::SmallEngine());
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  ASSERT_TRUE((*engine)->Add({.id = 1, .prompt = prompt, .sampling = sp}).ok());
+  std::vector<TokenLogprob> want;
+  while ((*engine)->HasWork()) {
+    auto step = (*engine)->Step();
+    ASSERT_TRUE(step.ok()) << step.status();
+    for (const TokenOutput& t : step->tokens) want.push_back(*t.logprob);
+  }
+  ASSERT_EQ(tokens.size(), want.size());
+  ASSERT_EQ(logprobs.size(), want.size());
+  for (size_t i = 0; i < want.size(); ++i) {
+    EXPECT_EQ(tokens[i], want[i].token);
+    EXPECT_EQ(logprobs[i].token_id(), want[i].token);
+    EXPECT_NEAR(logprobs[i].logprob(), want[i].logprob, 1e-5) << "token " << i;
+    ASSERT_EQ(logprobs[i].top_size(), 2);
+    EXPECT_EQ(logprobs[i].top(0).token_id(), want[i].top[0].token);
+    EXPECT_EQ(logprobs[i].top(1).token_id(), want[i].top[1].token);
+  }
+
+  v1::GenerateRequest bad = Request("bias", prompt, 2);
+  (*bad.mutable_sampling()->mutable_logit_bias())[272] = 1.0f;
+  grpc::ClientContext bad_ctx;
+  auto bad_reader = stub_->Generate(&bad_ctx, bad);
+  EXPECT_FALSE(bad_reader->Read(&msg));
+  const grpc::Status s = bad_reader->Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(s.error_message(), "sampling.logit_bias: token id 272 is out of range [0, 272)");
 }
 
 // The final message says how many prompt tokens the rank's prefix cache held.
