@@ -20,6 +20,8 @@ JOULE_ASAN_TARGETS=(
   worker_service_test worker_process_test make_model_test device_test
   coordinator_binary_test kernels_cuda_math_test
   secrets_test grpc_security_test worker_security_test block_allocator_test prefix_cache_test
+  joule-generate  # generate_deepseek_v3*_unimplemented: FP8 weights load, then a clear refusal
+  dtype_test logprobs_test prefix_routing_test scheduled_backend_test openai_fanout_test
 )
 # LongRunsStayFast times the tokenizer against a wall-clock bound ASan cannot meet;
 # ReceiveThreadTakesTheReceives compares two threads' CPU time, which the slowdown upsets.
