@@ -71,7 +71,7 @@ joule_tsan_phase() {
   # tests/testing/tsan_absl_sync.cc makes Abseil's locks visible, and the memory
   # functions those libraries call themselves are not checked.
   UCX_MEM_EVENTS=no UCX_MEM_MALLOC_HOOKS=no UCX_MEM_MMAP_HOOK_MODE=none \
-  TSAN_OPTIONS="${TSAN_OPTIONS:-halt_on_error=1:second_deadlock_stack=1:ignore_noninstrumented_modules=1}" \
+  TSAN_OPTIONS="${TSAN_OPTIONS:-halt_on_error=1:second_deadlock_stack=1:ignore_noninstrumented_modules=1:suppressions=$JOULE_ROOT/tests/tsan.supp}" \
     ctest --preset tsan -j "$(nproc)" -L unit -E "$JOULE_TSAN_EXCLUDE" --timeout 900
   joule_phase_time tsan "$start"
 }
