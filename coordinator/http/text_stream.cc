@@ -59,43 +59,11 @@ std::string TextStream::Flush() {
   return rest;
 }
 
-namespace {
-
-// Length of the whole UTF-8 character at the start of `s`, 0 if none starts
-// there (Unicode table 3-7: no overlongs, surrogates or values past U+10FFFF).
-size_t WholeCharacter(std::string_view s) {
-  const auto byte = [&](size_t i) { return static_cast<uint8_t>(s[i]); };
-  const uint8_t c = byte(0);
-  if (c < 0x80) return 1;
-  size_t len = 0;
-  uint8_t lo = 0x80, hi = 0xBF;
-  if (c >= 0xC2 && c <= 0xDF) {
-    len = 2;
-  } else if (c >= 0xE0 && c <= 0xEF) {
-    len = 3;
-    if (c == 0xE0) lo = 0xA0;
-    if (c == 0xED) hi = 0x9F;
-  } else if (c >= 0xF0 && c <= 0xF4) {
-    len = 4;
-    if (c == 0xF0) lo = 0x90;
-    if (c == 0xF4) hi = 0x8F;
-  } else {
-    return 0;
-  }
-  if (s.size() < len || byte(1) < lo || byte(1) > hi) return 0;
-  for (size_t i = 2; i < len; ++i) {
-    if ((byte(i) & 0xC0) != 0x80) return 0;
-  }
-  return len;
-}
-
-}  // namespace
-
 std::string TokenDisplayText(std::string_view bytes, bool legacy) {
   std::string out;
   bool escaped = false;
   for (size_t i = 0; i < bytes.size();) {
-    const size_t len = WholeCharacter(bytes.substr(i));
+    const size_t len = tokenizer::WholeUtf8Character(bytes.substr(i));
     if (len > 0) {
       out.append(bytes.substr(i, len));
       i += len;

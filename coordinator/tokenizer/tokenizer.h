@@ -100,5 +100,8 @@ class IncrementalDecoder {
 // valid) character; those are not consumed. With `final` they become U+FFFD
 // and 0 is returned.
 size_t AppendValidUtf8(std::string_view bytes, bool final, std::string* out);
+// Length of the whole, valid UTF-8 character at the start of `s`; 0 when none
+// starts there (an invalid or incomplete sequence, or `s` empty).
+size_t WholeUtf8Character(std::string_view s);
 
 }  // namespace joule::tokenizer

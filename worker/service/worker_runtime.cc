@@ -591,21 +591,29 @@ void WorkerRuntime::AttributeEnergy(const ep::LockstepStepper::Result& round,
   }
 }
 
+namespace {
+
+// Tokens this rank computed in the step.
+int64_t ScheduledTokens(const StepResult& step) {
+  int64_t tokens = 0;
+  for (const auto& [id, n] : step.scheduled) tokens += n;
+  return tokens;
+}
+
+}  // namespace
+
 void WorkerRuntime::InjectDelay(const StepResult& step) const {
   if (options_.injected_step_delay <= absl::ZeroDuration() &&
       options_.injected_delay_per_token <= absl::ZeroDuration()) {
     return;
   }
-  int64_t tokens = 0;
-  for (const auto& [id, n] : step.scheduled) tokens += n;
-  if (tokens > 0) {
+  if (const int64_t tokens = ScheduledTokens(step); tokens > 0) {
     absl::SleepFor(options_.injected_step_delay + options_.injected_delay_per_token * tokens);
   }
 }
 
 void WorkerRuntime::RecordStep(const StepResult& step, absl::Duration took, double joules) {
-  int64_t tokens = 0;
-  for (const auto& [id, n] : step.scheduled) tokens += n;
+  const int64_t tokens = ScheduledTokens(step);
   if (tokens <= 0) return;  // only joined the others' step: not this rank's cost
   absl::MutexLock lock(&mu_);
   if (step_samples_.size() >= kMaxStepSamples) step_samples_.pop_front();
