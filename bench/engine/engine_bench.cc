@@ -26,6 +26,7 @@
 #include "nlohmann/json.hpp"
 #include "worker/device/backend.h"
 #include "worker/engine/engine.h"
+#include "worker/engine/kv_cache.h"
 #include "worker/telemetry/make_energy_meter.h"
 
 namespace joule {
@@ -253,6 +254,16 @@ struct EngineBenchFlags {
   }
 };
 
+// KV cache bytes per token, as this engine stores them and as per-head keys
+// and values would take (what MLA's latent rows save; the same for GQA).
+std::pair<int64_t, int64_t> KvBytesPerToken(const ModelConfig& c, kernels::DType type) {
+  const int64_t stored = PagedKvCache::BlockBytes(c, 1, type);
+  if (!c.UsesMla()) return {stored, stored};
+  const int64_t per_head = c.mla.qk_head_dim() + c.mla.v_head_dim;
+  return {stored, int64_t{c.num_layers} * c.num_attention_heads * per_head *
+                      static_cast<int64_t>(kernels::ElementBytes(type))};
+}
+
 // tokens / joules, or null when nothing was metered.
 nlohmann::json TokensPerJoule(int64_t tokens, double joules) {
   return joules > 0 ? nlohmann::json(tokens / joules) : nlohmann::json(nullptr);
@@ -285,12 +296,19 @@ absl::Status Run(const EngineBenchFlags& flags) {
               model->weights().LoadedBytes() / 1e6, active / 1e6, threads);
   std::printf("memory %s bandwidth %.1f GB/s -> batch-1 decode roofline %.1f tokens/s\n", bw_kind,
               bw, roofline);
+  const auto [kv_bytes, kv_expanded] = KvBytesPerToken(model->config(), backend.kv_cache_type());
+  std::printf("KV cache %lld bytes per token (%s); per-head K/V would take %lld (%.1fx)\n",
+              static_cast<long long>(kv_bytes), kernels::DTypeName(backend.kv_cache_type()),
+              static_cast<long long>(kv_expanded), static_cast<double>(kv_expanded) / kv_bytes);
 
   nlohmann::json out = {{"model", model_dir}, {"device", backend.Describe()},
                         {"threads", threads}, {"bandwidth_kind", bw_kind},
                         {"read_bandwidth_gbs", bw}, {"active_bytes_per_token", active},
                         {"loaded_bytes", model->weights().LoadedBytes()},
                         {"roofline_tokens_per_s_batch1", roofline}, {"prompt_len", prompt_len},
+                        {"kv_cache_type", std::string(kernels::DTypeName(backend.kv_cache_type()))},
+                        {"kv_cache_bytes_per_token", kv_bytes},
+                        {"kv_cache_bytes_per_token_per_head_kv", kv_expanded},
                         {"decode_steps", steps}, {"energy_source", std::string(meter->source())},
                         {"energy_meter", meter->Describe()}};
   // Written after every measurement, so a run cut short keeps what it measured.

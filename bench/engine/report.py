@@ -5,6 +5,9 @@ against a baseline measured in the same run, with the ratios and the memory roof
     report.py cpu --joule J.json --torch-decode D.json --torch-prefill P.json --family F --out DIR
         bench/engine/run.sh: Joule's engine vs tests/reference/reference.py on the CPU;
         writes DIR/engine-F-mini.{json,md}.
+    report.py fp8 --bf16 B.json --fp8 F.json --out DIR
+        bench/engine/deepseek_v3_run.sh: the two `cpu` results of the DeepSeek-V3 mini (BF16 and
+        FP8 weights) side by side; writes DIR/engine-deepseek_v3-mini-fp8-vs-bf16.{json,md}.
     report.py gpu --joule J.json --hf H.json --name NAME --out DIR [--gpu-info G.json]
                   [--joule-error TEXT] [--hf-error TEXT]
         bench/engine/gpu_run.sh: joule-engine-bench --device cuda:N vs transformers
@@ -102,7 +105,55 @@ def cpu_report(j, t, family, out_dir, command):
     lines += table(["measurement", "Joule tokens/s", "PyTorch reference tokens/s", "speed-up"], rows)
     res["ratios"]["roofline_fraction_batch1"] = j["roofline_fraction_batch1"]
     lines += ["", f"Decode at batch 1 = {100*j['roofline_fraction_batch1']:.0f}% of the memory-bandwidth roofline.", ""]
+    lines += kv_lines(j, res)
     write(out_dir, f"engine-{family}-mini", res, lines)
+
+
+def kv_lines(j, res):
+    """The KV cache's bytes per token against per-head keys and values (MLA's saving)."""
+    stored, per_head = j.get("kv_cache_bytes_per_token"), j.get("kv_cache_bytes_per_token_per_head_kv")
+    if not stored or not per_head:
+        return []
+    res["ratios"]["kv_bytes_per_head_kv_over_stored"] = per_head / stored
+    return [f"KV cache: {stored} bytes per token ({j['kv_cache_type']}, every layer); per-head keys "
+            f"and values would take {per_head} bytes: {per_head / stored:.1f}x more.", ""]
+
+
+def fp8_report(bf16, fp8, out_dir, command):
+    """FP8 against BF16 weights, each measured with its own PyTorch-reference baseline
+    (engine-deepseek_v3-mini.json and engine-deepseek_v3_fp8-mini.json of report.py cpu)."""
+    jb, jf = bf16["joule"], fp8["joule"]
+    res = {"date": datetime.date.today().isoformat(), "machine": bf16["machine"], "command": command,
+           "ratios": {}}
+    lines = ["# Engine benchmark: deepseek_v3 mini, FP8 weights against BF16", "",
+             f"Machine: {bf16['machine']}; threads {jb['threads']}; date {res['date']}.",
+             f"Command: `{command}`", "",
+             f"Weights: {jb['loaded_bytes']/1e6:.1f} MB BF16, {jf['loaded_bytes']/1e6:.1f} MB FP8; "
+             f"active per token {jb['active_bytes_per_token']/1e6:.2f} MB BF16, "
+             f"{jf['active_bytes_per_token']/1e6:.2f} MB FP8 "
+             f"({jb['active_bytes_per_token']/jf['active_bytes_per_token']:.2f}x fewer bytes).", ""]
+    rows = []
+    for b in sorted(jb["decode"], key=lambda x: int(x)):
+        tb, tf = jb["decode"][b]["tokens_per_s"], row_value(jf, b, "tokens_per_s")
+        rb = row_value(bf16["pytorch_reference"], b, "tokens_per_s")
+        rf = row_value(fp8["pytorch_reference"], b, "tokens_per_s")
+        res["ratios"][f"fp8_over_bf16_decode_batch{b}"] = ratio(tf, tb)
+        rows.append([f"decode batch {b}", f"{tb:.1f}", fmt(tf), fmt(ratio(tf, tb), ".2f", "x"),
+                     fmt(rb), fmt(rf)])
+    pb, pf = jb["prefill"]["tokens_per_s"], jf["prefill"]["tokens_per_s"]
+    res["ratios"]["fp8_over_bf16_prefill"] = ratio(pf, pb)
+    rows.append([f"prefill {jb['prefill']['len']} tokens", f"{pb:.1f}", f"{pf:.1f}",
+                 fmt(ratio(pf, pb), ".2f", "x"), fmt(row_value(bf16["pytorch_reference"], None, "tokens_per_s")),
+                 fmt(row_value(fp8["pytorch_reference"], None, "tokens_per_s"))])
+    lines += table(["measurement", "Joule BF16 tokens/s", "Joule FP8 tokens/s", "FP8 / BF16",
+                    "reference BF16", "reference FP8 (dequantized)"], rows)
+    for name, j in (("BF16", jb), ("FP8", jf)):
+        res["ratios"][f"roofline_fraction_batch1_{name.lower()}"] = j["roofline_fraction_batch1"]
+        lines += ["", f"{name}: batch-1 roofline {j['roofline_tokens_per_s_batch1']:.1f} tokens/s "
+                      f"({j['read_bandwidth_gbs']:.1f} GB/s); decode at batch 1 = "
+                      f"{100*j['roofline_fraction_batch1']:.0f}% of it."]
+    lines += [""] + kv_lines(jb, res)
+    write(out_dir, "engine-deepseek_v3-mini-fp8-vs-bf16", res, lines)
 
 
 # ------------------------------------------------------------------------------------------
@@ -245,6 +296,10 @@ def main(argv=None):
     p.add_argument("--torch-prefill", required=True)
     p.add_argument("--family", required=True)
     p.add_argument("--out", required=True)
+    p = sub.add_parser("fp8")
+    p.add_argument("--bf16", required=True, help="engine-deepseek_v3-mini.json of report.py cpu")
+    p.add_argument("--fp8", required=True, help="engine-deepseek_v3_fp8-mini.json of report.py cpu")
+    p.add_argument("--out", required=True)
     p = sub.add_parser("gpu")
     p.add_argument("--joule", default="")
     p.add_argument("--hf", default="")
@@ -260,6 +315,9 @@ def main(argv=None):
     if args.cmd == "cpu":
         cpu_report(load(args.joule), torch_reference(load(args.torch_decode), load(args.torch_prefill)),
                    args.family, args.out, command)
+        return 0
+    if args.cmd == "fp8":
+        fp8_report(load(args.bf16), load(args.fp8), args.out, command)
         return 0
     j, h = load(args.joule), load(args.hf)
     if j is None and h is None:

@@ -15,6 +15,7 @@
 #include "coordinator/cluster/model_summary.h"
 #include "coordinator/http/cluster_metrics.h"
 #include "coordinator/http/scheduler_metrics.h"
+#include "coordinator/tokenizer/chat_template.h"
 
 namespace joule::cluster {
 namespace {
@@ -116,6 +117,11 @@ absl::Status CoordinatorServer::StartHttp() {
   tokenizer_ = std::move(*tokenizer);
   metrics_registry_ = std::make_shared<prometheus::Registry>();
   const ModelSummary& model = membership_->model();
+  const tokenizer::ChatFormat chat_format =
+      model.is_deepseek_v3 ? tokenizer::ChatFormat::kDeepseekV3 : tokenizer::ChatFormat::kChatMl;
+  if (absl::Status s = tokenizer::CheckChatTokens(chat_format, *tokenizer_); !s.ok()) {
+    return Annotate(s, absl::StrCat(options_.model, "/tokenizer.json"));
+  }
   auto caps = ParseTierQueueCaps(options_.tier_queue_cap);
   if (!caps.ok()) return caps.status();
   http::GenerationBackend* backend = nullptr;
@@ -153,6 +159,7 @@ absl::Status CoordinatorServer::StartHttp() {
                      .max_logit_bias = options_.max_logit_bias_entries,
                      .max_generations = options_.max_generations_per_request},
           .vocab_size = model.vocab_size,
+          .chat_format = chat_format,
           .collectables = std::move(collectables)},
       tokenizer_.get(), backend, metrics_registry_, &clock_);
   auto server = http::HttpServer::Start(http::HttpServerOptions{.host = options_.host,

@@ -16,10 +16,13 @@ namespace joule::cluster {
 struct ModelSummary {
   std::string name;          // served model name: the checkpoint directory's base name
   std::string architecture;  // architectures[0], e.g. "Qwen3MoeForCausalLM"
+  // DeepseekV3ForCausalLM (architectures[0], or model_type "deepseek_v3"): experts are
+  // n_routed_experts, the first first_k_dense_replace layers dense; it has its own chat template.
+  bool is_deepseek_v3 = false;
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;
   int num_layers = 0;
-  int num_experts = 0;  // routed experts per MoE layer
+  int num_experts = 0;  // routed experts per MoE layer (num_experts, num_local_experts, n_routed_experts)
   int top_k = 0;
   int64_t max_context = 0;  // max_position_embeddings
   std::vector<bool> moe_layer;  // per decoder layer

@@ -32,16 +32,23 @@ void ChoiceStream::Echo(std::string_view text, const std::vector<int32_t>& ids,
   out->text.append(text);
   echo_code_points_ = CodePoints(text);
   if (!options_.logprobs) return;
-  // The prompt's text as written (special tokens included), for the offsets.
+  // Offsets into the prompt's text as written (special tokens included). A
+  // token the tokenizer added (DeepSeek-V3's BOS) is not in that text: it sits
+  // where the text goes on, with no width, so offsets stay within the text.
   tokenizer::IncrementalDecoder decoder(tokenizer_);
   int64_t offset = 0;
+  size_t at = 0;  // bytes of `text` accounted for
   for (size_t i = 0; i < ids.size(); ++i) {
     const v1::TokenLogprob* lp = nullptr;
     if (i < static_cast<size_t>(prompt_logprobs.size()) && prompt_logprobs[i].token_id() == ids[i]) {
       lp = &prompt_logprobs[i];
     }
     out->logprobs.push_back(Entry(ids[i], lp, offset));
-    offset += CodePoints(decoder.Push(ids[i]));
+    const std::string piece = decoder.Push(ids[i]);
+    if (text.substr(at).starts_with(piece)) {
+      at += piece.size();
+      offset += CodePoints(piece);
+    }
   }
 }
 

@@ -486,9 +486,7 @@ OpenAiService::OpenAiService(OpenAiServiceOptions options, const tokenizer::Toke
       clock_(clock),
       metrics_(*registry_),
       started_(absl::ToUnixSeconds(clock->Now())) {
-  for (const char* stop : {"<|im_end|>", "<|endoftext|>"}) {
-    if (auto id = tokenizer_->TokenId(stop)) chat_stop_ids_.push_back(*id);
-  }
+  chat_stop_ids_ = tokenizer::ChatStopTokenIds(options_.chat_format, *tokenizer_);
 }
 
 std::string OpenAiService::NewId(Endpoint endpoint) {
@@ -637,13 +635,13 @@ void OpenAiService::Handle(HttpRequest request, std::shared_ptr<Exchange> exchan
 absl::StatusOr<std::vector<int32_t>> OpenAiService::PromptTokens(const CompletionRequest& request,
                                                                  size_t prompt) const {
   if (request.endpoint == Endpoint::kChatCompletions) {
-    auto text = tokenizer::RenderChatMl(request.messages, /*add_generation_prompt=*/true);
+    auto text = tokenizer::RenderChat(options_.chat_format, request.messages, /*add_generation_prompt=*/true);
     if (!text.ok()) return WithParam(text.status(), "messages");
-    return tokenizer_->Encode(*text);
+    return tokenizer_->Encode(*text);  // the template wrote the BOS, if the model has one
   }
   const Prompt& p = request.prompts[prompt];
   if (p.is_tokens) return p.token_ids;
-  return tokenizer_->Encode(p.text);
+  return tokenizer_->EncodeWithSpecialTokens(p.text);  // as Hugging Face's tokenizer(prompt)
 }
 
 namespace {

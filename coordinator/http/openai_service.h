@@ -26,6 +26,7 @@
 #include "coordinator/http/http_metrics.h"
 #include "coordinator/http/http_server.h"
 #include "coordinator/http/openai_request.h"
+#include "coordinator/tokenizer/chat_template.h"
 #include "coordinator/tokenizer/tokenizer.h"
 #include "prometheus/collectable.h"
 #include "prometheus/registry.h"
@@ -47,6 +48,9 @@ struct OpenAiServiceOptions {
   // Token ids a request may name (logit_bias): the model's embedding rows;
   // 0: the tokenizer's vocabulary.
   int64_t vocab_size = 0;
+  // How chat messages become the prompt (the model family's template); the
+  // coordinator checks at start-up that the tokenizer has its markers.
+  tokenizer::ChatFormat chat_format = tokenizer::ChatFormat::kChatMl;
   // More metric sources /metrics serves after the registry (the scheduler's).
   std::vector<std::shared_ptr<prometheus::Collectable>> collectables;
 };
@@ -106,7 +110,7 @@ class OpenAiService final : public HttpHandler {
   const cluster::Clock* const clock_;
   HttpMetrics metrics_;
   const int64_t started_;  // Unix seconds, the model's "created"
-  std::vector<int32_t> chat_stop_ids_;  // <|im_end|> and end-of-text, where the tokenizer has them
+  std::vector<int32_t> chat_stop_ids_;  // the chat format's end of turn (tokenizer::ChatStopTokenIds)
   std::array<std::atomic<int>, std::size(scheduler::kAllTiers)> in_flight_{};
 };
 

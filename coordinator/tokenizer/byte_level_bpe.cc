@@ -1,13 +1,14 @@
 // Hugging Face tokenizer.json reader for byte-level BPE (Qwen2/Qwen3,
-// DeepSeek-V3, the built-in models), and the writer of the built-in models'
-// tokenizer.json.
+// DeepSeek-V3, the built-in models).
 //
 // Encode follows Hugging Face's order: added tokens that are not "normalized"
 // are cut out of the raw text first; the rest is normalized (NFC for Qwen),
 // "normalized" added tokens are cut out of that, and what remains goes through
 // the pre-tokenizer (regex splits) and BPE word by word.
 #include <array>
+#include <filesystem>
 #include <fstream>
+#include <optional>
 #include <sstream>
 #include <utility>
 
@@ -18,6 +19,7 @@
 #include "common/status.h"
 #include "coordinator/tokenizer/bpe.h"
 #include "coordinator/tokenizer/byte_level.h"
+#include "coordinator/tokenizer/post_processor.h"
 #include "coordinator/tokenizer/pre_tokenizer.h"
 #include "coordinator/tokenizer/tokenizer.h"
 #include "nlohmann/json.hpp"
@@ -29,6 +31,7 @@ using Json = nlohmann::json;
 using internal::BpeModel;
 using internal::Normalizer;
 using internal::PreTokenizer;
+using internal::SpecialTokenTemplate;
 
 // Ids index a table of vocab_size() entries: an id in the billions would have
 // the coordinator allocate gigabytes at start-up. Real vocabularies stay far
@@ -162,6 +165,15 @@ class ByteLevelBpeTokenizer final : public Tokenizer {
     return ids;
   }
 
+  absl::StatusOr<std::vector<int32_t>> EncodeWithSpecialTokens(std::string_view text) const override {
+    ASSIGN_OR_RETURN(std::vector<int32_t> ids, Encode(text));
+    ids.insert(ids.begin(), special_template_.prefix.begin(), special_template_.prefix.end());
+    ids.insert(ids.end(), special_template_.suffix.begin(), special_template_.suffix.end());
+    return ids;
+  }
+
+  void set_special_template(SpecialTokenTemplate special) { special_template_ = std::move(special); }
+
   std::string TokenBytes(int32_t id) const override {
     if (id < 0 || id >= vocab_size() || !known_[id]) return std::string();
     return id_to_bytes_[id];
@@ -191,6 +203,7 @@ class ByteLevelBpeTokenizer final : public Tokenizer {
   std::vector<std::string> id_to_bytes_;
   std::vector<bool> known_;
   std::vector<bool> special_;
+  SpecialTokenTemplate special_template_;  // what EncodeWithSpecialTokens adds
   absl::flat_hash_map<std::string, int32_t> added_by_content_;
   AddedTokenMatcher raw_added_;         // normalized: false
   AddedTokenMatcher normalized_added_;  // normalized: true
@@ -223,7 +236,7 @@ bool IsByteLevelDecoder(const Json& node) {
   return true;
 }
 
-absl::StatusOr<std::unique_ptr<Tokenizer>> Parse(std::string_view text) {
+absl::StatusOr<std::unique_ptr<ByteLevelBpeTokenizer>> Parse(std::string_view text) {
   auto bad = [](const std::string& field, const std::string& what) {
     return absl::InvalidArgumentError(absl::StrCat(field, ": ", what));
   };
@@ -335,9 +348,26 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Parse(std::string_view text) {
     byte_to_id[b] = it->second;
   }
   ASSIGN_OR_RETURN(std::unique_ptr<BpeModel> bpe, BpeModel::Parse(*model, key_to_id, byte_to_id));
-  return std::make_unique<ByteLevelBpeTokenizer>(std::move(id_to_bytes), std::move(known), added,
-                                                 normalizer, std::move(pre_tokenizer),
-                                                 std::move(bpe));
+  auto tokenizer = std::make_unique<ByteLevelBpeTokenizer>(
+      std::move(id_to_bytes), std::move(known), added, normalizer, std::move(pre_tokenizer),
+      std::move(bpe));
+  auto post_node = root.find("post_processor");
+  ASSIGN_OR_RETURN(SpecialTokenTemplate special,
+                   internal::ParsePostProcessor(post_node == root.end() ? Json() : *post_node,
+                                                tokenizer->vocab_size()));
+  tokenizer->set_special_template(std::move(special));
+  return tokenizer;
+}
+
+// tokenizer_config.json may replace the post-processor (LlamaTokenizerFast).
+absl::Status ApplyTokenizerConfig(std::string_view text, ByteLevelBpeTokenizer* tokenizer) {
+  Json config = Json::parse(text.begin(), text.end(), /*cb=*/nullptr, /*allow_exceptions=*/false);
+  if (config.is_discarded()) return absl::InvalidArgumentError("(document): not valid JSON");
+  ASSIGN_OR_RETURN(std::optional<SpecialTokenTemplate> special,
+                   internal::ParseLlamaSpecialTokens(
+                       config, [&](std::string_view content) { return tokenizer->TokenId(content); }));
+  if (special) tokenizer->set_special_template(*std::move(special));
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -346,53 +376,28 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> ParseTokenizerJson(std::string_view t
                                                               std::string_view origin) {
   auto tokenizer = Parse(text);
   if (!tokenizer.ok()) return Annotate(tokenizer.status(), origin);
-  return tokenizer;
+  return std::unique_ptr<Tokenizer>(*std::move(tokenizer));
+}
+
+absl::StatusOr<std::unique_ptr<Tokenizer>> ParseTokenizerJson(std::string_view text,
+                                                              std::string_view origin,
+                                                              std::string_view config_json,
+                                                              std::string_view config_origin) {
+  auto tokenizer = Parse(text);
+  if (!tokenizer.ok()) return Annotate(tokenizer.status(), origin);
+  if (absl::Status s = ApplyTokenizerConfig(config_json, tokenizer->get()); !s.ok()) {
+    return Annotate(s, config_origin);
+  }
+  return std::unique_ptr<Tokenizer>(*std::move(tokenizer));
 }
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& model_dir) {
-  std::string path = model_dir + "/tokenizer.json";
+  const std::string path = model_dir + "/tokenizer.json";
   ASSIGN_OR_RETURN(const std::string text, ReadFile(path));
-  return ParseTokenizerJson(text, path);
-}
-
-std::string MakeByteLevelTokenizerJson() {
-  using OrderedJson = nlohmann::ordered_json;
-  OrderedJson byte_level = {{"type", "ByteLevel"},
-                            {"add_prefix_space", false},
-                            {"trim_offsets", true},
-                            {"use_regex", true}};
-  OrderedJson added = OrderedJson::array();
-  int32_t id = 256;
-  for (const char* content : {"<|endoftext|>", "<|im_start|>", "<|im_end|>"}) {
-    added.push_back({{"id", id++},
-                     {"content", content},
-                     {"single_word", false},
-                     {"lstrip", false},
-                     {"rstrip", false},
-                     {"normalized", false},
-                     {"special", true}});
-  }
-  OrderedJson vocab = OrderedJson::object();
-  for (int b = 0; b < 256; ++b) vocab[internal::ByteToVocabKey(static_cast<uint8_t>(b))] = b;
-  OrderedJson model = {{"type", "BPE"},
-                       {"dropout", nullptr},
-                       {"unk_token", nullptr},
-                       {"continuing_subword_prefix", nullptr},
-                       {"end_of_word_suffix", nullptr},
-                       {"fuse_unk", false},
-                       {"byte_fallback", false},
-                       {"vocab", std::move(vocab)},
-                       {"merges", OrderedJson::array()}};
-  OrderedJson root = {{"version", "1.0"},
-                      {"truncation", nullptr},
-                      {"padding", nullptr},
-                      {"added_tokens", std::move(added)},
-                      {"normalizer", nullptr},
-                      {"pre_tokenizer", byte_level},
-                      {"post_processor", byte_level},
-                      {"decoder", byte_level},
-                      {"model", std::move(model)}};
-  return root.dump(2) + "\n";
+  const std::string config_path = model_dir + "/tokenizer_config.json";
+  if (!std::filesystem::exists(config_path)) return ParseTokenizerJson(text, path);
+  ASSIGN_OR_RETURN(const std::string config, ReadFile(config_path));
+  return ParseTokenizerJson(text, path, config, config_path);
 }
 
 }  // namespace joule::tokenizer

@@ -26,6 +26,13 @@ class Tokenizer {
   // merges or normalizer, like the built-in one, which take any bytes).
   virtual absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text) const = 0;
 
+  // Token ids for `text` as Hugging Face's tokenizer(text) gives them by default
+  // (add_special_tokens=True): Encode's ids between the special tokens the
+  // post-processor adds, once each. DeepSeek-V3: its BOS first (tokenizer_config.json
+  // has LlamaTokenizerFast add it); Qwen and the built-in ChatML models: none.
+  // The prompt of /v1/completions; a rendered chat writes its BOS itself and uses Encode.
+  virtual absl::StatusOr<std::vector<int32_t>> EncodeWithSpecialTokens(std::string_view text) const = 0;
+
   // The raw bytes one token stands for (an added token's content for added
   // tokens); empty for ids the tokenizer does not know. Bytes of consecutive
   // tokens concatenate; a multi-byte character may span several tokens.
@@ -51,21 +58,41 @@ class Tokenizer {
 // what Qwen2/Qwen3 and DeepSeek-V3 use — model.type "BPE" with a byte-level
 // vocabulary and merges (either spelling; ignore_merges), normalizer null/NFC/
 // Sequence, pre_tokenizer ByteLevel/Split (regex, Isolated or Removed)/Sequence,
-// decoder ByteLevel, added tokens (special or not, normalized or not). The
-// post_processor is not applied (see Encode). Anything else is refused; errors
-// name the file and the offending field.
+// decoder ByteLevel, added tokens (special or not, normalized or not),
+// post_processor null/ByteLevel/TemplateProcessing/Sequence (see
+// EncodeWithSpecialTokens). Anything else is refused; errors name the file and
+// the offending field. MODEL_DIR/tokenizer_config.json, when present, can
+// replace the post-processor as transformers does: for tokenizer_class
+// LlamaTokenizerFast, add_bos_token (default true) and add_eos_token (default
+// false) decide which of bos_token and eos_token are added.
 absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& model_dir);
 
 // Same as LoadTokenizer, from the text of a tokenizer.json; `origin` names the
 // source in error messages.
 absl::StatusOr<std::unique_ptr<Tokenizer>> ParseTokenizerJson(std::string_view json,
                                                               std::string_view origin);
+// With the text of the tokenizer_config.json beside it, named `config_origin`.
+absl::StatusOr<std::unique_ptr<Tokenizer>> ParseTokenizerJson(std::string_view json,
+                                                              std::string_view origin,
+                                                              std::string_view config_json,
+                                                              std::string_view config_origin);
 
 // The tokenizer.json of the project's built-in models: ids 0..255 are the 256
 // bytes (key = the GPT-2 bytes_to_unicode character of the byte, id = byte
 // value), no merges, and the special added tokens 256 "<|endoftext|>",
 // 257 "<|im_start|>", 258 "<|im_end|>". vocab_size() of it is 259.
 std::string MakeByteLevelTokenizerJson();
+
+// The tokenizer.json of the built-in DeepSeek-V3 models: the same 256 byte
+// tokens, then DeepSeek-V3's special tokens 256 <｜begin▁of▁sentence｜>,
+// 257 <｜▁pad▁｜>, 258 <｜end▁of▁sentence｜>, 259 <｜User｜>, 260 <｜Assistant｜>
+// (256 and 258 are the bos_token_id and eos_token_id of joule-make-model's
+// config.json). Like DeepSeek-V3's own, its post_processor adds nothing: the BOS
+// comes from the tokenizer_config.json below.
+std::string MakeDeepseekV3ByteLevelTokenizerJson();
+// The tokenizer_config.json beside it, as DeepSeek-V3's: LlamaTokenizerFast with
+// add_bos_token, and a chat_template that renders what RenderDeepseekV3Chat does.
+std::string MakeDeepseekV3TokenizerConfigJson(int64_t model_max_length);
 
 // Decodes a stream of ids one at a time and returns only complete UTF-8: the
 // bytes of a character split over several tokens are held back until the

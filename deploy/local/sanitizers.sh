@@ -20,8 +20,10 @@ JOULE_ASAN_TARGETS=(
   worker_service_test worker_process_test make_model_test device_test
   coordinator_binary_test kernels_cuda_math_test
   secrets_test grpc_security_test worker_security_test block_allocator_test prefix_cache_test
-  joule-generate  # generate_deepseek_v3*_unimplemented: FP8 weights load, then a clear refusal
+  joule-generate  # generate_deepseek_v3*: MLA, noaux_tc and FP8 GEMMs through the CLI
   dtype_test logprobs_test prefix_routing_test scheduled_backend_test openai_fanout_test
+  mla_test noaux_tc_ep_test cluster_model_summary_test tokenizer_special_tokens_test
+  deepseek_v3_chat_test openai_choices_test
 )
 # LongRunsStayFast times the tokenizer against a wall-clock bound ASan cannot meet;
 # ReceiveThreadTakesTheReceives compares two threads' CPU time, which the slowdown upsets.

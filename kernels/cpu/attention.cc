@@ -35,6 +35,7 @@ void LaunchKvCacheWrite(const KvCacheWriteParams& p, CpuStream stream) {
       const int64_t slot = p.slots[t];
       if (slot < 0) continue;  // padding token (vLLM's convention): nothing to store
       std::memcpy(static_cast<float*>(p.k_cache) + slot * row, p.k + t * row, sizeof(float) * row);
+      if (p.v == nullptr) continue;  // MLA: the latent row is both
       std::memcpy(static_cast<float*>(p.v_cache) + slot * row, p.v + t * row, sizeof(float) * row);
     }
   });
@@ -47,6 +48,7 @@ void LaunchPagedAttention(const PagedAttentionParams& p, CpuStream stream) {
   if (rows <= 0) return;
   const int group = p.num_q_heads / p.num_kv_heads;
   const int hd = p.head_dim;
+  const int vd = p.v_head_dim > 0 ? p.v_head_dim : hd;
   const int64_t kv_stride = static_cast<int64_t>(p.num_kv_heads) * hd;
 
   // Sequence of each query row, so a flat item index maps to (row, KV head).
@@ -69,9 +71,10 @@ void LaunchPagedAttention(const PagedAttentionParams& p, CpuStream stream) {
 
       AttentionItem a;
       a.q = p.q + (r + row0) * p.num_q_heads * static_cast<int64_t>(hd) + h * group * hd;
-      a.out = p.out + (r + row0) * p.num_q_heads * static_cast<int64_t>(hd) + h * group * hd;
+      a.out = p.out + (r + row0) * p.num_q_heads * static_cast<int64_t>(vd) + h * group * vd;
       a.group = group;
       a.head_dim = hd;
+      a.v_dim = vd;
       a.scale = p.scale;
       a.k_cache = static_cast<const float*>(p.k_cache) + h * hd;
       a.v_cache = static_cast<const float*>(p.v_cache) + h * hd;

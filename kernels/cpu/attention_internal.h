@@ -10,9 +10,10 @@ namespace joule::kernels::cpu {
 // Plain types only: this crosses from ISA-specific translation units.
 struct AttentionItem {
   const float* q = nullptr;  // [group, head_dim]
-  float* out = nullptr;      // [group, head_dim]
+  float* out = nullptr;      // [group, v_dim]
   int group = 1;
   int head_dim = 0;
+  int v_dim = 0;  // a value row: the first v_dim elements of its cache row
   float scale = 1.0f;
   // Key/value row of cache slot s: k_cache + s * kv_stride (already offset to the head).
   const float* k_cache = nullptr;

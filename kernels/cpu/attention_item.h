@@ -93,7 +93,7 @@ template <class V, int G>
 inline void Values(const AttentionItem& a, int g0, const float* inv_sum) {
   constexpr int L = V::kLanes;
   constexpr int kKeyBlock = 16;
-  const int hd = a.head_dim;
+  const int hd = a.v_dim;
   const int64_t nkeys = a.key_end - a.key_begin;
   const float* p = a.scores + g0 * nkeys;
   float* out = a.out + g0 * hd;
@@ -176,7 +176,7 @@ template <class V>
 inline void AttendImpl(const AttentionItem& a) {
   const int64_t nkeys = a.key_end - a.key_begin;
   if (nkeys <= 0) {  // no visible key (inconsistent context length): zeros, not NaN
-    for (int i = 0; i < a.group * a.head_dim; ++i) a.out[i] = 0.0f;
+    for (int i = 0; i < a.group * a.v_dim; ++i) a.out[i] = 0.0f;
     return;
   }
   float* inv_sum = a.scores + a.group * nkeys;

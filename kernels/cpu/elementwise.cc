@@ -23,12 +23,23 @@ double SumSquares(const float* x, int64_t n) {
   return sum;
 }
 
-void RotateHalf(float* x, const float* cos, const float* sin, int half) {
+// y = x rotated (y may be x).
+void RotateHalf(const float* x, float* y, const float* cos, const float* sin, int half) {
   for (int i = 0; i < half; ++i) {
     const float x1 = x[i];
     const float x2 = x[i + half];
-    x[i] = x1 * cos[i] - x2 * sin[i];
-    x[i + half] = x2 * cos[i] + x1 * sin[i];
+    y[i] = x1 * cos[i] - x2 * sin[i];
+    y[i + half] = x2 * cos[i] + x1 * sin[i];
+  }
+}
+
+// The pairs (x0, x1), (x2, x3), ... rotated by angles 0, 1, ... (RopeParams::interleaved).
+void RotatePairs(const float* x, float* y, const float* cos, const float* sin, int half) {
+  for (int i = 0; i < half; ++i) {
+    const float x1 = x[2 * i];
+    const float x2 = x[2 * i + 1];
+    y[2 * i] = x1 * cos[i] - x2 * sin[i];
+    y[2 * i + 1] = x2 * cos[i] + x1 * sin[i];
   }
 }
 
@@ -37,9 +48,10 @@ void RotateHalf(float* x, const float* cos, const float* sin, int half) {
 void LaunchRmsNorm(const RmsNormParams& p, CpuStream stream) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.cols));
   ParallelFor(stream, p.rows, grain, [&](int64_t begin, int64_t end) {
+    const int64_t stride = p.stride > 0 ? p.stride : p.cols;
     for (int64_t r = begin; r < end; ++r) {
-      const float* x = p.x + r * p.cols;
-      float* out = p.out + r * p.cols;
+      const float* x = p.x + r * stride;
+      float* out = p.out + r * stride;
       const float mean = static_cast<float>(SumSquares(x, p.cols) / static_cast<double>(p.cols));
       const float inv = 1.0f / std::sqrt(mean + p.eps);
       // Same rounding order as Hugging Face: (x * rsqrt) * weight.
@@ -59,18 +71,27 @@ void LaunchSiluMul(const SiluMulParams& p, CpuStream stream) {
 
 void LaunchRope(const RopeParams& p, CpuStream stream) {
   const int half = p.head_dim / 2;
+  const int64_t q_head = p.q_head_stride > 0 ? p.q_head_stride : p.head_dim;
+  float* q_out = p.q_out != nullptr ? p.q_out : p.q;
+  const int64_t out_head = p.q_out == nullptr ? q_head
+                           : p.q_out_head_stride > 0 ? p.q_out_head_stride : p.head_dim;
+  const int64_t k_row = p.k_row_stride > 0 ? p.k_row_stride : int64_t{p.num_kv_heads} * p.head_dim;
+  auto rotate = p.interleaved ? &RotatePairs : &RotateHalf;
   ParallelFor(stream, p.tokens, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t pos = p.positions[t];
       const float* cos = p.cos + pos * half;
       const float* sin = p.sin + pos * half;
       if (p.q != nullptr) {
-        float* q = p.q + t * p.num_q_heads * static_cast<int64_t>(p.head_dim);
-        for (int h = 0; h < p.num_q_heads; ++h) RotateHalf(q + h * p.head_dim, cos, sin, half);
+        const float* q = p.q + t * p.num_q_heads * q_head;
+        float* out = q_out + t * p.num_q_heads * out_head;
+        for (int h = 0; h < p.num_q_heads; ++h) rotate(q + h * q_head, out + h * out_head, cos, sin, half);
       }
       if (p.k != nullptr) {
-        float* k = p.k + t * p.num_kv_heads * static_cast<int64_t>(p.head_dim);
-        for (int h = 0; h < p.num_kv_heads; ++h) RotateHalf(k + h * p.head_dim, cos, sin, half);
+        float* k = p.k + t * k_row;
+        for (int h = 0; h < p.num_kv_heads; ++h) {
+          rotate(k + h * p.head_dim, k + h * p.head_dim, cos, sin, half);
+        }
       }
     }
   });
@@ -84,11 +105,16 @@ void BuildRopeTable(float theta, int head_dim, int64_t max_position, float* cos,
   for (int i = 0; i < half; ++i) {
     inv_freq[i] = 1.0f / std::pow(theta, static_cast<float>(2 * i) / static_cast<float>(head_dim));
   }
+  BuildRopeTable(inv_freq.data(), half, max_position, 1.0f, cos, sin);
+}
+
+void BuildRopeTable(const float* inv_freq, int half, int64_t max_position, float scale, float* cos,
+                    float* sin) {
   for (int64_t pos = 0; pos < max_position; ++pos) {
     for (int i = 0; i < half; ++i) {
       const float angle = static_cast<float>(pos) * inv_freq[i];
-      cos[pos * half + i] = std::cos(angle);
-      sin[pos * half + i] = std::sin(angle);
+      cos[pos * half + i] = std::cos(angle) * scale;
+      sin[pos * half + i] = std::sin(angle) * scale;
     }
   }
 }

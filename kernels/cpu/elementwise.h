@@ -29,5 +29,9 @@ void LaunchGatedAdd(const GatedAddParams& p, CpuStream stream);
 // Fills cos/sin [max_position, head_dim/2] the way Hugging Face computes them
 // in F32: inv_freq[i] = 1 / theta^(2i/head_dim), angle = position * inv_freq[i].
 void BuildRopeTable(float theta, int head_dim, int64_t max_position, float* cos, float* sin);
+// The same from given inverse frequencies [half] (YaRN's), cos and sin then
+// multiplied by `scale` (YaRN's attention factor), as transformers does.
+void BuildRopeTable(const float* inv_freq, int half, int64_t max_position, float scale, float* cos,
+                    float* sin);
 
 }  // namespace joule::kernels::cpu

@@ -2,12 +2,15 @@
 //
 // Attention: one CTA of kThreads per (query row, KV head, split) serves every
 // query head of that KV head's group, so each K/V row is read once per group.
-// Keys go in tiles of kKeyTile: the warps score the tile (lanes split
-// head_dim), one warp per query head updates that head's online softmax, and
-// each thread adds the tile's values into its own head_dim columns. With one
-// split the CTA writes out = acc / l; with several it writes its un-normalized
-// state to the workspace and CombineSplitsKernel merges the splits. The index
-// and softmax arithmetic is in attention_math.h, tested on the host.
+// A group wider than kMaxAttentionGroup (multi-head latent attention's one
+// latent KV head under all query heads) is cut into chunks of query heads,
+// one CTA each. Keys go in tiles of kKeyTile: the warps score the tile (lanes
+// split head_dim), one warp per query head updates that head's online
+// softmax, and each thread adds the tile's values into its own value columns
+// (the first v_head_dim of the row, which MLA's values are). With one split
+// the CTA writes out = acc / l; with several it writes its un-normalized state
+// to the workspace and CombineSplitsKernel merges the splits. The index and
+// softmax arithmetic is in attention_math.h, tested on the host.
 #include <cuda_runtime.h>
 
 #include "absl/strings/str_cat.h"
@@ -24,21 +27,30 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kKeyTile = 32;  // one key per lane in UpdateSoftmax
 constexpr int kCacheWriteThreads = 128;
 constexpr int kCombineThreads = 128;
+constexpr int kMaxGridY = 65535;
 static_assert(kKeyTile == 32, "UpdateSoftmax gives each lane one key of the tile");
 static_assert(kMaxAttentionGroup <= kThreads, "WriteResult stores one head's max/sum per thread");
 
 // head_dim columns each lane holds when scoring a key (lanes split the row).
 __host__ __device__ constexpr int LaneDims(int head_dim_cap) { return head_dim_cap / 32; }
-// head_dim columns each thread accumulates when adding values.
-__host__ __device__ constexpr int ThreadDims(int head_dim_cap) { return (head_dim_cap + kThreads - 1) / kThreads; }
+// Value columns each thread accumulates when adding values.
+__host__ __device__ constexpr int ThreadDims(int value_dim_cap) { return (value_dim_cap + kThreads - 1) / kThreads; }
 
-// The kernel instance for a head_dim: the smallest power of two >= 32 that holds it.
+// The kernel instance for a head_dim: the smallest power of two >= 32 that
+// holds it, or the widest instance (MLA's latent + rope key, values capped at
+// kMaxAttentionValueDim).
 int HeadDimCap(int head_dim) {
   if (head_dim <= 32) return 32;
   if (head_dim <= 64) return 64;
   if (head_dim <= 128) return 128;
-  return 256;
+  if (head_dim <= 256) return 256;
+  return kMaxAttentionHeadDim;
 }
+
+// Width of a value row, and of an output row. The launch stores it in the
+// kernels' copy of the parameters (a select on the device costs the GQA
+// instances registers, then spills).
+int ValueDim(const PagedAttentionParams& p) { return p.v_head_dim > 0 ? p.v_head_dim : p.head_dim; }
 
 __device__ __forceinline__ float LoadCache(const float* p) { return *p; }
 __device__ __forceinline__ float LoadCache(const uint16_t* p) { return Bf16BitsToFloat(*p); }
@@ -52,19 +64,19 @@ __device__ __forceinline__ void StoreCache(uint16_t* p, float v) {
 // ---------------------------------------------------------------------------
 
 template <typename CacheT>
+__device__ __forceinline__ void StoreRow(const float* src, CacheT* dst, int64_t n) {
+  for (int64_t c = threadIdx.x; c < n; c += blockDim.x) StoreCache(dst + c, src[c]);
+}
+
+template <typename CacheT>
 __global__ void KvCacheWriteKernel(KvCacheWriteParams p) {
   const int64_t t = blockIdx.x;
   const int64_t slot = p.slots[t];
   if (slot < 0) return;  // padding token: nothing to store
   const int64_t row = static_cast<int64_t>(p.num_kv_heads) * p.head_dim;
-  const float* k = p.k + t * row;
-  const float* v = p.v + t * row;
-  CacheT* k_cache = static_cast<CacheT*>(p.k_cache) + slot * row;
-  CacheT* v_cache = static_cast<CacheT*>(p.v_cache) + slot * row;
-  for (int64_t c = threadIdx.x; c < row; c += blockDim.x) {
-    StoreCache(k_cache + c, k[c]);
-    StoreCache(v_cache + c, v[c]);
-  }
+  StoreRow(p.k + t * row, static_cast<CacheT*>(p.k_cache) + slot * row, row);
+  // No v: MLA's latent cache, whose key row holds the values too.
+  if (p.v != nullptr) StoreRow(p.v + t * row, static_cast<CacheT*>(p.v_cache) + slot * row, row);
 }
 
 // ---------------------------------------------------------------------------
@@ -74,7 +86,7 @@ __global__ void KvCacheWriteKernel(KvCacheWriteParams p) {
 // No default member initializers: __shared__ variables cannot have constructors.
 template <int kHeadDimCap>
 struct AttentionShared {
-  float q[kMaxAttentionGroup][kHeadDimCap];      // the group's queries, zero past head_dim
+  float q[kMaxAttentionGroup][kHeadDimCap];      // the CTA's queries, zero past head_dim
   float probs[kMaxAttentionGroup][kKeyTile];     // a tile's scores, then exp(score - max)
   int64_t key_rows[kKeyTile];                    // element offset of each tile key's row
   float max[kMaxAttentionGroup];                 // per query head: running max score
@@ -87,6 +99,9 @@ struct AttentionJob {
   int64_t token = 0;  // query row
   int kv_head = 0;
   int split = 0;
+  int heads = 0;  // query heads served: at most kMaxAttentionGroup
+  // Output rows [first_row, first_row + heads) of [num_tokens * num_q_heads].
+  int64_t first_row = 0;
   int seq = -1;   // -1: the row belongs to no sequence (no keys, zero output)
   KeyRange keys;  // this split's share of the row's visible keys
 };
@@ -97,6 +112,13 @@ __device__ AttentionJob FindJob(const PagedAttentionParams& p, int num_splits) {
   job.split = static_cast<int>(cta % num_splits);
   job.kv_head = static_cast<int>((cta / num_splits) % p.num_kv_heads);
   job.token = cta / num_splits / p.num_kv_heads;
+  // The chunk of query heads is blockIdx.y (always 0 unless the group is
+  // wider than kMaxAttentionGroup: MLA).
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const HeadRange heads = ChunkHeads(group, static_cast<int>(blockIdx.y), kMaxAttentionGroup);
+  job.heads = heads.size();
+  job.first_row =
+      job.token * p.num_q_heads + static_cast<int64_t>(job.kv_head) * group + heads.begin;
   job.seq = FindSequence(p.query_start, p.num_seqs, job.token);
   if (job.seq < 0) return job;
   const int64_t first_query = p.query_start[job.seq];
@@ -108,14 +130,14 @@ __device__ AttentionJob FindJob(const PagedAttentionParams& p, int num_splits) {
   return job;
 }
 
-// q points at the group's first query head; the group's heads are consecutive.
+// q points at the CTA's first query head; its heads are consecutive.
 template <int kHeadDimCap>
-__device__ __forceinline__ void LoadQueries(const float* q, int group, int head_dim,
+__device__ __forceinline__ void LoadQueries(const float* q, int heads, int head_dim,
                                             AttentionShared<kHeadDimCap>& sh) {
   for (int e = threadIdx.x; e < kMaxAttentionGroup * kHeadDimCap; e += kThreads) {
     const int g = e / kHeadDimCap;
     const int d = e % kHeadDimCap;
-    sh.q[g][d] = (g < group && d < head_dim) ? q[g * head_dim + d] : 0.f;
+    sh.q[g][d] = (g < heads && d < head_dim) ? q[g * head_dim + d] : 0.f;
   }
   if (threadIdx.x < kMaxAttentionGroup) {
     sh.max[threadIdx.x] = -INFINITY;
@@ -137,7 +159,7 @@ __device__ __forceinline__ void TileKeyRows(const PagedAttentionParams& p, const
 
 // probs[g][j] = scale * q[g] . k[j]: warp w scores keys w, w + kWarps, ...
 template <int kHeadDimCap, typename CacheT>
-__device__ __forceinline__ void ScoreTile(const PagedAttentionParams& p, int group, int count,
+__device__ __forceinline__ void ScoreTile(const PagedAttentionParams& p, int heads, int count,
                                           AttentionShared<kHeadDimCap>& sh) {
   constexpr int kLaneDims = LaneDims(kHeadDimCap);
   const int warp = threadIdx.x / 32;
@@ -153,7 +175,7 @@ __device__ __forceinline__ void ScoreTile(const PagedAttentionParams& p, int gro
     }
 #pragma unroll
     for (int g = 0; g < kMaxAttentionGroup; ++g) {
-      if (g >= group) break;  // the same for the whole warp: WarpSum stays converged
+      if (g >= heads) break;  // the same for the whole warp: WarpSum stays converged
       float dot = 0.f;
 #pragma unroll
       for (int i = 0; i < kLaneDims; ++i) dot += sh.q[g][lane + 32 * i] * k[i];
@@ -167,10 +189,10 @@ __device__ __forceinline__ void ScoreTile(const PagedAttentionParams& p, int gro
 // the new max, probs = exp(score - new max), and the factor that rescales the
 // sum and acc accumulated under the old max.
 template <int kHeadDimCap>
-__device__ __forceinline__ void UpdateSoftmax(int group, int count, AttentionShared<kHeadDimCap>& sh) {
+__device__ __forceinline__ void UpdateSoftmax(int heads, int count, AttentionShared<kHeadDimCap>& sh) {
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  for (int g = warp; g < group; g += kWarps) {
+  for (int g = warp; g < heads; g += kWarps) {
     const float score = lane < count ? sh.probs[g][lane] : -INFINITY;
     const float old_max = sh.max[g];
     const float new_max = fmaxf(old_max, WarpMax(score));
@@ -188,28 +210,30 @@ __device__ __forceinline__ void UpdateSoftmax(int group, int count, AttentionSha
 }
 
 // acc[g][i] (column threadIdx.x + kThreads * i) = acc * rescale[g] + sum_j probs[g][j] * v[j].
-template <int kHeadDimCap, typename CacheT>
-__device__ __forceinline__ void AddValues(const PagedAttentionParams& p, int group, int count,
+// A value row is the first v_head_dim columns of a row laid out like a key's.
+template <int kHeadDimCap, int kValueDimCap, typename CacheT>
+__device__ __forceinline__ void AddValues(const PagedAttentionParams& p, int heads, int count,
                                           const AttentionShared<kHeadDimCap>& sh,
-                                          float (&acc)[kMaxAttentionGroup][ThreadDims(kHeadDimCap)]) {
-  constexpr int kThreadDims = ThreadDims(kHeadDimCap);
+                                          float (&acc)[kMaxAttentionGroup][ThreadDims(kValueDimCap)]) {
+  constexpr int kThreadDims = ThreadDims(kValueDimCap);
 #pragma unroll
   for (int g = 0; g < kMaxAttentionGroup; ++g) {
-    if (g >= group) break;
+    if (g >= heads) break;
 #pragma unroll
     for (int i = 0; i < kThreadDims; ++i) acc[g][i] *= sh.rescale[g];
   }
   const CacheT* v_cache = static_cast<const CacheT*>(p.v_cache);
+  const int v_dim = p.v_head_dim;  // resolved by the launch
   for (int j = 0; j < count; ++j) {
     const CacheT* v_row = v_cache + sh.key_rows[j];
 #pragma unroll
     for (int i = 0; i < kThreadDims; ++i) {
       const int d = threadIdx.x + kThreads * i;
-      if (d >= p.head_dim) break;  // d only grows with i
+      if (d >= v_dim) break;  // d only grows with i
       const float v = LoadCache(v_row + d);
 #pragma unroll
       for (int g = 0; g < kMaxAttentionGroup; ++g) {
-        if (g >= group) break;
+        if (g >= heads) break;
         acc[g][i] += sh.probs[g][j] * v;
       }
     }
@@ -217,18 +241,18 @@ __device__ __forceinline__ void AddValues(const PagedAttentionParams& p, int gro
 }
 
 // One split: out = acc / sum. Several: the un-normalized state, for CombineSplitsKernel.
-template <int kHeadDimCap>
+template <int kHeadDimCap, int kValueDimCap>
 __device__ __forceinline__ void WriteResult(
     const PagedAttentionParams& p, const AttentionWorkspaceLayout& layout, const AttentionJob& job,
-    int group, int64_t first_row, const AttentionShared<kHeadDimCap>& sh,
-    const float (&acc)[kMaxAttentionGroup][ThreadDims(kHeadDimCap)]) {
-  constexpr int kThreadDims = ThreadDims(kHeadDimCap);
-  const int hd = p.head_dim;
+    const AttentionShared<kHeadDimCap>& sh,
+    const float (&acc)[kMaxAttentionGroup][ThreadDims(kValueDimCap)]) {
+  constexpr int kThreadDims = ThreadDims(kValueDimCap);
+  const int hd = p.v_head_dim;  // resolved by the launch
   float* workspace = static_cast<float*>(p.workspace);
 #pragma unroll
   for (int g = 0; g < kMaxAttentionGroup; ++g) {
-    if (g >= group) break;
-    const int64_t row = first_row + g;  // token * num_q_heads + q head
+    if (g >= job.heads) break;
+    const int64_t row = job.first_row + g;  // token * num_q_heads + q head
     const int64_t partial = row * layout.num_splits + job.split;
 #pragma unroll
     for (int i = 0; i < kThreadDims; ++i) {
@@ -241,37 +265,35 @@ __device__ __forceinline__ void WriteResult(
       }
     }
   }
-  if (layout.num_splits > 1 && threadIdx.x < group) {
-    const int64_t partial = (first_row + threadIdx.x) * layout.num_splits + job.split;
+  if (layout.num_splits > 1 && threadIdx.x < job.heads) {
+    const int64_t partial = (job.first_row + threadIdx.x) * layout.num_splits + job.split;
     workspace[layout.max_offset + partial] = sh.max[threadIdx.x];
     workspace[layout.sum_offset + partial] = sh.sum[threadIdx.x];
   }
 }
 
-template <int kHeadDimCap, typename CacheT>
+template <int kHeadDimCap, int kValueDimCap, typename CacheT>
 __global__ void __launch_bounds__(kThreads)
     PagedAttentionKernel(PagedAttentionParams p, AttentionWorkspaceLayout layout) {
   __shared__ AttentionShared<kHeadDimCap> sh;
   const AttentionJob job = FindJob(p, layout.num_splits);
-  const int group = p.num_q_heads / p.num_kv_heads;
-  // Output rows [first_row, first_row + group) of [num_tokens * num_q_heads].
-  const int64_t first_row = job.token * p.num_q_heads + static_cast<int64_t>(job.kv_head) * group;
-  LoadQueries(p.q + first_row * p.head_dim, group, p.head_dim, sh);
-  float acc[kMaxAttentionGroup][ThreadDims(kHeadDimCap)] = {};
+  const int heads = job.heads;
+  LoadQueries(p.q + job.first_row * p.head_dim, heads, p.head_dim, sh);
+  float acc[kMaxAttentionGroup][ThreadDims(kValueDimCap)] = {};
   __syncthreads();
   // job.keys is the same in every thread, so all take the same trips (and barriers).
   for (int64_t tile = job.keys.begin; tile < job.keys.end; tile += kKeyTile) {
     const int count = static_cast<int>(job.keys.end - tile < kKeyTile ? job.keys.end - tile : kKeyTile);
     TileKeyRows(p, job, tile, count, sh.key_rows);
     __syncthreads();
-    ScoreTile<kHeadDimCap, CacheT>(p, group, count, sh);
+    ScoreTile<kHeadDimCap, CacheT>(p, heads, count, sh);
     __syncthreads();
-    UpdateSoftmax(group, count, sh);
+    UpdateSoftmax(heads, count, sh);
     __syncthreads();
-    AddValues<kHeadDimCap, CacheT>(p, group, count, sh, acc);
+    AddValues<kHeadDimCap, kValueDimCap, CacheT>(p, heads, count, sh, acc);
     __syncthreads();  // the next tile overwrites key_rows and probs
   }
-  WriteResult(p, layout, job, group, first_row, sh, acc);
+  WriteResult<kHeadDimCap, kValueDimCap>(p, layout, job, sh, acc);
 }
 
 // One CTA per (token, q head) row: merges the row's splits in split order.
@@ -279,7 +301,8 @@ __global__ void CombineSplitsKernel(PagedAttentionParams p, AttentionWorkspaceLa
   const int64_t row = blockIdx.x;
   const int64_t first_partial = row * layout.num_splits;
   const float* workspace = static_cast<const float*>(p.workspace);
-  for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x) {
+  const int v_dim = p.v_head_dim;  // resolved by the launch
+  for (int d = threadIdx.x; d < v_dim; d += blockDim.x) {
     SoftmaxState total;
     float acc = 0.f;
     for (int s = 0; s < layout.num_splits; ++s) {
@@ -287,10 +310,10 @@ __global__ void CombineSplitsKernel(PagedAttentionParams p, AttentionWorkspaceLa
       SoftmaxState split;
       split.m = workspace[layout.max_offset + partial];
       split.l = workspace[layout.sum_offset + partial];
-      const float split_acc = workspace[layout.out_offset + partial * p.head_dim + d];
+      const float split_acc = workspace[layout.out_offset + partial * v_dim + d];
       MergeSoftmaxState(total, &acc, split, &split_acc, 1);
     }
-    p.out[row * p.head_dim + d] = FinalizeSoftmax(acc, total.l);
+    p.out[row * v_dim + d] = FinalizeSoftmax(acc, total.l);
   }
 }
 
@@ -313,17 +336,18 @@ absl::Status ValidateHeads(const PagedAttentionParams& p) {
     return absl::InvalidArgumentError(absl::StrCat("PagedAttention: num_kv_heads must divide num_q_heads (",
                                                    p.num_q_heads, "), got ", p.num_kv_heads));
   }
-  if (p.num_q_heads / p.num_kv_heads > kMaxAttentionGroup) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "PagedAttention: num_q_heads / num_kv_heads must be at most ", kMaxAttentionGroup, ", got ",
-        p.num_q_heads, " / ", p.num_kv_heads));
-  }
   if (p.head_dim <= 0 || p.head_dim > kMaxAttentionHeadDim ||
       p.head_dim % kAttentionHeadDimMultiple != 0) {
     return absl::InvalidArgumentError(absl::StrCat("PagedAttention: head_dim must be a multiple of ",
                                                    kAttentionHeadDimMultiple, " in [",
                                                    kAttentionHeadDimMultiple, ", ",
                                                    kMaxAttentionHeadDim, "], got ", p.head_dim));
+  }
+  const int v_dim = ValueDim(p);
+  if (p.v_head_dim < 0 || v_dim > p.head_dim || v_dim > kMaxAttentionValueDim) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "PagedAttention: v_head_dim (0: head_dim) must be in [0, head_dim] and at most ",
+        kMaxAttentionValueDim, ", got ", p.v_head_dim, " with head_dim ", p.head_dim));
   }
   return absl::OkStatus();
 }
@@ -370,20 +394,26 @@ int64_t ContextBound(const PagedAttentionParams& p) {
 
 template <typename CacheT>
 absl::Status LaunchAttentionKernels(const PagedAttentionParams& p,
-                                    const AttentionWorkspaceLayout& layout, unsigned attention_ctas,
+                                    const AttentionWorkspaceLayout& layout, dim3 attention_grid,
                                     unsigned combine_ctas, cudaStream_t stream) {
+  // Values as wide as keys, but for the MLA instance: its value columns stop at
+  // kMaxAttentionValueDim (512 of 576), which saves a column per thread.
   switch (HeadDimCap(p.head_dim)) {
     case 32:
-      PagedAttentionKernel<32, CacheT><<<attention_ctas, kThreads, 0, stream>>>(p, layout);
+      PagedAttentionKernel<32, 32, CacheT><<<attention_grid, kThreads, 0, stream>>>(p, layout);
       break;
     case 64:
-      PagedAttentionKernel<64, CacheT><<<attention_ctas, kThreads, 0, stream>>>(p, layout);
+      PagedAttentionKernel<64, 64, CacheT><<<attention_grid, kThreads, 0, stream>>>(p, layout);
       break;
     case 128:
-      PagedAttentionKernel<128, CacheT><<<attention_ctas, kThreads, 0, stream>>>(p, layout);
+      PagedAttentionKernel<128, 128, CacheT><<<attention_grid, kThreads, 0, stream>>>(p, layout);
+      break;
+    case 256:
+      PagedAttentionKernel<256, 256, CacheT><<<attention_grid, kThreads, 0, stream>>>(p, layout);
       break;
     default:
-      PagedAttentionKernel<256, CacheT><<<attention_ctas, kThreads, 0, stream>>>(p, layout);
+      PagedAttentionKernel<kMaxAttentionHeadDim, kMaxAttentionValueDim, CacheT>
+          <<<attention_grid, kThreads, 0, stream>>>(p, layout);
       break;
   }
   JOULE_CUDA_RETURN_IF_LAUNCH_FAILED("PagedAttentionKernel");
@@ -405,8 +435,11 @@ absl::Status LaunchKvCacheWrite(const KvCacheWriteParams& p, cudaStream_t stream
   }
   if (absl::Status s = ValidateCacheType("KvCacheWrite", p.cache_type); !s.ok()) return s;
   if (p.tokens == 0) return absl::OkStatus();
-  if (!p.k || !p.v || !p.slots || !p.k_cache || !p.v_cache) {
-    return absl::InvalidArgumentError("KvCacheWrite: k, v, slots, k_cache and v_cache must be non-null");
+  if (!p.k || !p.slots || !p.k_cache) {
+    return absl::InvalidArgumentError("KvCacheWrite: k, slots and k_cache must be non-null");
+  }
+  if (p.v != nullptr && p.v_cache == nullptr) {  // a null v writes keys only (MLA)
+    return absl::InvalidArgumentError("KvCacheWrite: v is set but v_cache is null");
   }
   if (p.tokens > kMaxGridX) {
     return absl::InvalidArgumentError(absl::StrCat("KvCacheWrite: tokens must be at most ", kMaxGridX,
@@ -423,12 +456,14 @@ absl::Status LaunchKvCacheWrite(const KvCacheWriteParams& p, cudaStream_t stream
 }
 
 size_t PagedAttentionWorkspaceBytes(int64_t num_tokens, int num_q_heads, int head_dim,
-                                    int64_t max_context_len) {
-  return MakeAttentionWorkspaceLayout(num_tokens, num_q_heads, head_dim, max_context_len).bytes;
+                                    int64_t max_context_len, int v_head_dim) {
+  const int v_dim = v_head_dim > 0 ? v_head_dim : head_dim;
+  return MakeAttentionWorkspaceLayout(num_tokens, num_q_heads, v_dim, max_context_len).bytes;
 }
 
 size_t PagedAttentionWorkspaceBytes(const PagedAttentionParams& p) {
-  return PagedAttentionWorkspaceBytes(p.num_tokens, p.num_q_heads, p.head_dim, ContextBound(p));
+  return PagedAttentionWorkspaceBytes(p.num_tokens, p.num_q_heads, p.head_dim, ContextBound(p),
+                                      p.v_head_dim);
 }
 
 absl::Status LaunchPagedAttention(const PagedAttentionParams& p, cudaStream_t stream) {
@@ -436,7 +471,7 @@ absl::Status LaunchPagedAttention(const PagedAttentionParams& p, cudaStream_t st
   if (absl::Status s = ValidateLayout(p); !s.ok()) return s;
   if (p.num_tokens == 0) return absl::OkStatus();
   const AttentionWorkspaceLayout layout =
-      MakeAttentionWorkspaceLayout(p.num_tokens, p.num_q_heads, p.head_dim, ContextBound(p));
+      MakeAttentionWorkspaceLayout(p.num_tokens, p.num_q_heads, ValueDim(p), ContextBound(p));
   if (absl::Status s = ValidatePointers(p, layout); !s.ok()) return s;
   // Checked in this order so no product overflows: splits > 1 only when
   // num_tokens * num_q_heads < kSplitTargetHeadRows.
@@ -444,13 +479,23 @@ absl::Status LaunchPagedAttention(const PagedAttentionParams& p, cudaStream_t st
     return absl::InvalidArgumentError(absl::StrCat("PagedAttention: num_tokens * num_q_heads must be at most ",
                                                    kMaxGridX, ", got ", p.num_tokens, " * ", p.num_q_heads));
   }
+  // Chunks of query heads go on the grid's y.
+  const int chunks = HeadChunks(p.num_q_heads / p.num_kv_heads, kMaxAttentionGroup);
+  if (chunks > kMaxGridY) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "PagedAttention: num_q_heads / num_kv_heads must be at most ",
+        int64_t{kMaxGridY} * kMaxAttentionGroup, ", got ", p.num_q_heads, " / ", p.num_kv_heads));
+  }
   const int64_t attention_ctas = p.num_tokens * p.num_kv_heads * layout.num_splits;
+  const dim3 attention_grid(static_cast<unsigned>(attention_ctas), static_cast<unsigned>(chunks));
   const int64_t combine_ctas = p.num_tokens * p.num_q_heads;
+  PagedAttentionParams resolved = p;
+  resolved.v_head_dim = ValueDim(p);
   if (p.cache_type == DType::kBF16) {
-    return LaunchAttentionKernels<uint16_t>(p, layout, static_cast<unsigned>(attention_ctas),
+    return LaunchAttentionKernels<uint16_t>(resolved, layout, attention_grid,
                                             static_cast<unsigned>(combine_ctas), stream);
   }
-  return LaunchAttentionKernels<float>(p, layout, static_cast<unsigned>(attention_ctas),
+  return LaunchAttentionKernels<float>(resolved, layout, attention_grid,
                                        static_cast<unsigned>(combine_ctas), stream);
 }
 

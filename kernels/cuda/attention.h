@@ -19,22 +19,28 @@ using ::joule::kernels::KvCacheWriteParams;
 using ::joule::kernels::PagedAttentionParams;
 
 // Shapes the attention kernel takes (CUDA-only limits): head_dim a multiple of
-// kAttentionHeadDimMultiple up to kMaxAttentionHeadDim, and at most
-// kMaxAttentionGroup query heads per KV head.
+// kAttentionHeadDimMultiple up to kMaxAttentionHeadDim (DeepSeek-V3's latent
+// 512 + rope key 64), v_head_dim at most head_dim and kMaxAttentionValueDim.
+// One CTA serves at most kMaxAttentionGroup query heads of a KV head; a wider
+// group (multi-head latent attention: up to 128 heads on one KV head) runs in
+// chunks of query heads, each of which reads the keys again.
 inline constexpr int kAttentionHeadDimMultiple = 16;
-inline constexpr int kMaxAttentionHeadDim = 256;
+inline constexpr int kMaxAttentionHeadDim = 576;
+inline constexpr int kMaxAttentionValueDim = 512;
 inline constexpr int kMaxAttentionGroup = 16;
 
 // F32 rows into an F32 or BF16 cache (BF16: round to nearest even, NaN stays
-// NaN); a negative slot stores nothing.
+// NaN); a negative slot stores nothing. A null v writes keys only (MLA's
+// latent cache), and v_cache may then be null too.
 absl::Status LaunchKvCacheWrite(const KvCacheWriteParams& p, cudaStream_t stream);
 
 // Workspace bytes LaunchPagedAttention needs (0 when it does not split the
 // keys). max_context_len must be the bound the launch uses: p.max_context_len,
 // or max_blocks_per_seq * block_size when that is 0 (the overload below
-// resolves it from the parameters).
+// resolves it from the parameters). The partial outputs are v_head_dim wide
+// (0 means head_dim), so sizing with head_dim alone covers any narrower values.
 size_t PagedAttentionWorkspaceBytes(int64_t num_tokens, int num_q_heads, int head_dim,
-                                    int64_t max_context_len);
+                                    int64_t max_context_len, int v_head_dim = 0);
 size_t PagedAttentionWorkspaceBytes(const PagedAttentionParams& p);
 
 // Reads no metadata on the host: the grid follows num_tokens, the head counts

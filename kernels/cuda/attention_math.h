@@ -67,6 +67,34 @@ JOULE_HD inline KeyRange VisibleKeys(int64_t context_len, int64_t q_len, int64_t
 }
 
 // ---------------------------------------------------------------------------
+// Query-head chunks (groups wider than one CTA serves)
+// ---------------------------------------------------------------------------
+
+// A KV head's group of query heads is served by HeadChunks CTAs of at most
+// max_heads heads each (multi-head latent attention: every query head shares
+// the one latent KV head, up to 128 of them). Each chunk reads the keys again.
+JOULE_HD inline int HeadChunks(int group, int max_heads) {
+  return (group + max_heads - 1) / max_heads;
+}
+
+// Query heads [begin, end) of the group that chunk `chunk` serves: max_heads
+// each, the last chunk the rest. Fixed sizes rather than balanced ones: no
+// division on the device, which costs the GQA kernels registers and a spill
+// (MLA's groups are multiples of 16 anyway).
+struct HeadRange {
+  int begin = 0;
+  int end = 0;
+  JOULE_HD int size() const { return end - begin; }
+};
+
+JOULE_HD inline HeadRange ChunkHeads(int group, int chunk, int max_heads) {
+  HeadRange heads;
+  heads.begin = chunk * max_heads;
+  heads.end = group - heads.begin < max_heads ? group : heads.begin + max_heads;
+  return heads;
+}
+
+// ---------------------------------------------------------------------------
 // Split-K over long contexts (FlashDecoding)
 // ---------------------------------------------------------------------------
 
@@ -107,6 +135,7 @@ JOULE_HD inline KeyRange SplitKeys(KeyRange keys, int split, int num_splits) {
 
 // Where the splits' partial results live in the workspace (floats):
 //   partial_out [rows, num_splits, head_dim]  un-normalized sum p * v
+//                                             (head_dim: of the values, v_head_dim)
 //   partial_max [rows, num_splits]            running max m (-inf: no key)
 //   partial_sum [rows, num_splits]            sum of exp(score - m)
 // with rows = num_tokens * num_q_heads (row r = token * num_q_heads + q head).

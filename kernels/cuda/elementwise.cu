@@ -16,9 +16,10 @@ constexpr int kRowThreads = 256;
 // One block per row; blocks stride over the rows past GridStrideBlocks' cap.
 unsigned RowBlocks(int64_t rows) { return GridStrideBlocks(rows, 1); }
 
-__global__ void RmsNormKernel(RmsNormParams p) {
-  const float* x = p.x + blockIdx.x * p.cols;
-  float* out = p.out + blockIdx.x * p.cols;
+// Rows `stride` apart (MLA normalizes the latent part of its cache rows).
+__global__ void RmsNormKernel(RmsNormParams p, int64_t stride) {
+  const float* x = p.x + blockIdx.x * stride;
+  float* out = p.out + blockIdx.x * stride;
   // Sum of squares in double and 1/sqrt rather than rsqrtf, as the CPU kernel
   // does, so both agree to the last bit or two.
   double sum = 0.0;
@@ -40,30 +41,75 @@ __global__ void SiluMulKernel(SiluMulParams p) {
   }
 }
 
-__device__ void RotateHalf(float* x, int heads, int head_dim, const float* cos, const float* sin) {
+// RopeParams' strides with their defaults filled in on the host.
+struct RopeStrides {
+  float* q_out = nullptr;  // p.q_out, or p.q itself (in place)
+  int64_t q_head = 0;      // from one head of q to the next
+  int64_t q_out_head = 0;  // ... of q_out
+  int64_t k_row = 0;       // from one token of k to the next
+};
+
+// One token's heads, `in_head` apart in x, rotated into y (heads `out_head`
+// apart; y may be x). Each thread owns whole pairs, so in place is safe.
+// interleaved: the pairs (x0, x1), (x2, x3), ...; otherwise (x_j, x_{j+half}).
+__device__ void RotateHeads(const float* x, int64_t in_head, float* y, int64_t out_head,
+                            int heads, int head_dim, bool interleaved, const float* cos,
+                            const float* sin) {
   const int half = head_dim / 2;
   for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
-    float* h = x + (i / half) * head_dim;
+    const int h = i / half;
     const int j = i % half;
-    const float x1 = h[j];
-    const float x2 = h[j + half];
-    h[j] = x1 * cos[j] - x2 * sin[j];
-    h[j + half] = x2 * cos[j] + x1 * sin[j];
+    const int first = interleaved ? 2 * j : j;
+    const int second = interleaved ? 2 * j + 1 : j + half;
+    const float* in = x + h * in_head;
+    float* out = y + h * out_head;
+    const float x1 = in[first];
+    const float x2 = in[second];
+    out[first] = x1 * cos[j] - x2 * sin[j];
+    out[second] = x2 * cos[j] + x1 * sin[j];
   }
 }
 
-__global__ void RopeKernel(RopeParams p) {
+__global__ void RopeKernel(RopeParams p, RopeStrides strides) {
   const int64_t t = blockIdx.x;
   const int half = p.head_dim / 2;
   const int64_t pos = p.positions[t];
   const float* cos = p.cos + pos * half;
   const float* sin = p.sin + pos * half;
   if (p.q != nullptr) {
-    RotateHalf(p.q + t * p.num_q_heads * p.head_dim, p.num_q_heads, p.head_dim, cos, sin);
+    RotateHeads(p.q + t * p.num_q_heads * strides.q_head, strides.q_head,
+                strides.q_out + t * p.num_q_heads * strides.q_out_head, strides.q_out_head,
+                p.num_q_heads, p.head_dim, p.interleaved, cos, sin);
   }
   if (p.k != nullptr) {
-    RotateHalf(p.k + t * p.num_kv_heads * p.head_dim, p.num_kv_heads, p.head_dim, cos, sin);
+    float* k = p.k + t * strides.k_row;
+    RotateHeads(k, p.head_dim, k, p.head_dim, p.num_kv_heads, p.head_dim, p.interleaved, cos, sin);
   }
+}
+
+// Fills in RopeParams' stride defaults (0: packed heads, q rotated in place),
+// or names the field that is negative or would overlap heads.
+absl::Status ResolveRopeStrides(const RopeParams& p, RopeStrides* strides) {
+  const auto check = [](const char* field, int64_t value, int64_t packed, int64_t* out) {
+    if (value != 0 && value < packed) {
+      return absl::InvalidArgumentError(absl::StrCat("Rope: ", field, " must be 0 or at least ",
+                                                     packed, ", got ", value));
+    }
+    *out = value != 0 ? value : packed;
+    return absl::OkStatus();
+  };
+  const int64_t kv_row = static_cast<int64_t>(p.num_kv_heads) * p.head_dim;
+  const absl::Status q_head = check("q_head_stride", p.q_head_stride, p.head_dim, &strides->q_head);
+  if (!q_head.ok()) return q_head;
+  const absl::Status k_row = check("k_row_stride", p.k_row_stride, kv_row, &strides->k_row);
+  if (!k_row.ok()) return k_row;
+  if (p.q_out == nullptr) {  // in place: q_out_head_stride is not read
+    strides->q_out = p.q;
+    strides->q_out_head = strides->q_head;
+    return absl::OkStatus();
+  }
+  strides->q_out = p.q_out;
+  return check("q_out_head_stride", p.q_out_head_stride, p.head_dim, &strides->q_out_head);
 }
 
 __global__ void EmbeddingKernel(EmbeddingParams p) {
@@ -112,8 +158,13 @@ absl::Status LaunchRmsNorm(const RmsNormParams& p, cudaStream_t stream) {
   if (p.rows < 0 || p.cols < 0) return absl::InvalidArgumentError("RmsNorm: negative shape");
   if (p.rows == 0 || p.cols == 0) return absl::OkStatus();
   if (!p.x || !p.weight || !p.out) return absl::InvalidArgumentError("RmsNorm: null pointer");
+  if (p.stride != 0 && p.stride < p.cols) {  // shorter rows would overlap
+    return absl::InvalidArgumentError(absl::StrCat("RmsNorm: stride must be 0 or at least cols (",
+                                                   p.cols, "), got ", p.stride));
+  }
   if (p.rows > kMaxGridX) return absl::InvalidArgumentError("RmsNorm: too many rows");
-  RmsNormKernel<<<static_cast<unsigned>(p.rows), kRmsNormThreads, 0, stream>>>(p);
+  const int64_t stride = p.stride != 0 ? p.stride : p.cols;
+  RmsNormKernel<<<static_cast<unsigned>(p.rows), kRmsNormThreads, 0, stream>>>(p, stride);
   JOULE_CUDA_RETURN_IF_LAUNCH_FAILED("RmsNormKernel");
   return absl::OkStatus();
 }
@@ -137,8 +188,10 @@ absl::Status LaunchRope(const RopeParams& p, cudaStream_t stream) {
   if (!p.positions || !p.cos || !p.sin) {
     return absl::InvalidArgumentError("Rope: null pointer");
   }
+  RopeStrides strides;
+  if (absl::Status s = ResolveRopeStrides(p, &strides); !s.ok()) return s;
   if (p.tokens > kMaxGridX) return absl::InvalidArgumentError("Rope: too many tokens");
-  RopeKernel<<<static_cast<unsigned>(p.tokens), 128, 0, stream>>>(p);
+  RopeKernel<<<static_cast<unsigned>(p.tokens), 128, 0, stream>>>(p, strides);
   JOULE_CUDA_RETURN_IF_LAUNCH_FAILED("RopeKernel");
   return absl::OkStatus();
 }

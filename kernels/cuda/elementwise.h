@@ -24,6 +24,9 @@ using ::joule::kernels::RmsNormParams;
 using ::joule::kernels::RopeParams;
 using ::joule::kernels::SiluMulParams;
 
+// Strides (RmsNormParams::stride, RopeParams' q_head_stride, q_out_head_stride
+// and k_row_stride) are 0 or at least the packed width (cols, head_dim,
+// num_kv_heads * head_dim), so rows and heads never overlap; checked.
 absl::Status LaunchRmsNorm(const RmsNormParams& p, cudaStream_t stream);
 absl::Status LaunchSiluMul(const SiluMulParams& p, cudaStream_t stream);
 absl::Status LaunchRope(const RopeParams& p, cudaStream_t stream);

@@ -15,6 +15,19 @@ namespace {
 
 constexpr int kRouterWarpsPerBlock = 4;
 
+// Padding of a captured batch (t at or past *valid_tokens) gets no expert and
+// no weight, so the layout leaves its slots out and the un-permute adds
+// nothing for it. Returns whether t is padding; the whole warp agrees.
+__device__ bool PadTokenPastValid(const RouterTopKParams& p, int64_t t, int32_t* ids,
+                                  float* weights) {
+  if (p.valid_tokens == nullptr || t < *p.valid_tokens) return false;
+  for (int j = threadIdx.x % 32; j < p.top_k; j += 32) {
+    ids[j] = -1;
+    weights[j] = 0.f;
+  }
+  return true;
+}
+
 // One warp per token; the token's probabilities live in shared memory.
 __global__ void RouterTopKKernel(RouterTopKParams p) {
   extern __shared__ float shared_probs[];
@@ -26,15 +39,7 @@ __global__ void RouterTopKKernel(RouterTopKParams p) {
   const float* logits = p.logits + t * p.num_experts;
   int32_t* ids = p.expert_ids + t * p.top_k;
   float* weights = p.weights + t * p.top_k;
-  if (p.valid_tokens != nullptr && t >= *p.valid_tokens) {
-    // Padding of a captured batch: no expert and no weight, so the layout
-    // leaves its slots out and the un-permute adds nothing for it.
-    for (int j = lane; j < p.top_k; j += 32) {
-      ids[j] = -1;
-      weights[j] = 0.f;
-    }
-    return;  // t is the warp's, so whole warps leave together
-  }
+  if (PadTokenPastValid(p, t, ids, weights)) return;  // t is the warp's: whole warps leave
 
   float max_logit = -INFINITY;
   for (int e = lane; e < p.num_experts; e += 32) {
@@ -81,6 +86,131 @@ __global__ void RouterTopKKernel(RouterTopKParams p) {
   }
   if (p.renormalize && lane == 0) {
     for (int j = 0; j < p.top_k; ++j) weights[j] /= picked_sum;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// noaux_tc routing (DeepSeek-V3): the CPU kernel's arithmetic, one warp per token
+// ---------------------------------------------------------------------------
+
+// The CPU's formula and rounding order (IEEE division; expf within 2 ulp of
+// the host's, so a near-tie of two experts may order differently).
+__device__ __forceinline__ float Sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
+
+// Arg-max of values[0, n) (n > 0) over the warp, ties to the lower index,
+// broadcast from lane 0. Some index < n always wins, even among NaNs, so bad
+// logits cannot send an expert id out of range.
+__device__ int WarpArgMax(const float* values, int n) {
+  const int lane = threadIdx.x % 32;
+  float best = -INFINITY;
+  int best_id = n;  // none yet
+  for (int i = lane; i < n; i += 32) {  // i rises within a lane: ">" keeps the lower index
+    if (best_id == n || values[i] > best) {
+      best = values[i];
+      best_id = i;
+    }
+  }
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const float other = __shfl_xor_sync(0xffffffffu, best, offset);
+    const int other_id = __shfl_xor_sync(0xffffffffu, best_id, offset);
+    if (other_id < n &&
+        (best_id == n || other > best || (other == best && other_id < best_id))) {
+      best = other;
+      best_id = other_id;
+    }
+  }
+  return __shfl_sync(0xffffffffu, best_id, 0);
+}
+
+// The sum of the two largest of c[0, n) (n >= 2), scanned as the CPU does.
+__device__ float TopTwoSum(const float* c, int n) {
+  float top1 = c[0], top2 = c[1];
+  if (top2 > top1) {
+    const float swap = top1;
+    top1 = top2;
+    top2 = swap;
+  }
+  for (int i = 2; i < n; ++i) {
+    if (c[i] > top1) {
+      top2 = top1;
+      top1 = c[i];
+    } else if (c[i] > top2) {
+      top2 = c[i];
+    }
+  }
+  return top1 + top2;
+}
+
+// Shared floats one warp uses: biased scores [num_experts], then group
+// scores and kept-group flags (1 or 0) [num_groups] each.
+__host__ __device__ int64_t NoauxTcSharedFloats(const RouterTopKParams& p) {
+  return p.num_experts + 2 * static_cast<int64_t>(p.num_groups);
+}
+
+// Keeps the topk_groups groups whose two best biased scores sum highest
+// (ties: lower group) and knocks every expert of the other groups out of
+// `choice` (-inf), as DeepSeek's and vLLM's mask does.
+__device__ void KeepBestGroups(const RouterTopKParams& p, float* choice, float* group_score,
+                               float* kept) {
+  const int lane = threadIdx.x % 32;
+  const int per_group = p.num_experts / p.num_groups;
+  for (int g = lane; g < p.num_groups; g += 32) {
+    group_score[g] = TopTwoSum(choice + g * per_group, per_group);
+    kept[g] = 0.f;
+  }
+  __syncwarp();
+  for (int r = 0; r < p.topk_groups; ++r) {
+    const int g = WarpArgMax(group_score, p.num_groups);
+    if (lane == 0) {
+      kept[g] = 1.f;
+      group_score[g] = -INFINITY;
+    }
+    __syncwarp();
+  }
+  for (int e = lane; e < p.num_experts; e += 32) {
+    if (kept[e / per_group] == 0.f) choice[e] = -INFINITY;
+  }
+  __syncwarp();
+}
+
+__global__ void NoauxTcKernel(RouterTopKParams p) {
+  extern __shared__ float shared[];
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kRouterWarpsPerBlock + warp;
+  if (t >= p.tokens) return;  // whole warps leave together
+  const float* logits = p.logits + t * p.num_experts;
+  int32_t* ids = p.expert_ids + t * p.top_k;
+  float* weights = p.weights + t * p.top_k;
+  if (PadTokenPastValid(p, t, ids, weights)) return;
+
+  float* choice = shared + warp * NoauxTcSharedFloats(p);
+  float* group_score = choice + p.num_experts;
+  float* kept = group_score + p.num_groups;
+  // The bias steers the choice only; the weights are the unbiased scores.
+  for (int e = lane; e < p.num_experts; e += 32) {
+    choice[e] = Sigmoid(logits[e]) + p.selection_bias[e];
+  }
+  __syncwarp();
+  KeepBestGroups(p, choice, group_score, kept);
+
+  // Top-k by biased score (ties: lower id), ordered by it; lane 0 writes.
+  float total = 0.f;
+  for (int j = 0; j < p.top_k; ++j) {
+    const int e = WarpArgMax(choice, p.num_experts);
+    if (lane == 0) {
+      ids[j] = e;
+      weights[j] = Sigmoid(logits[e]);
+      total += weights[j];
+      choice[e] = -INFINITY;
+    }
+    __syncwarp();
+  }
+  if (lane == 0) {
+    const float denominator = total + 1e-20f;
+    for (int j = 0; j < p.top_k; ++j) {
+      weights[j] = (p.renormalize ? weights[j] / denominator : weights[j]) * p.scaling;
+    }
   }
 }
 
@@ -200,6 +330,27 @@ __global__ void GatherRowsKernel(GatherRowsParams p) {
   }
 }
 
+// noaux_tc's group limits, naming the field (num_experts and top_k are checked already).
+absl::Status ValidateNoauxTcGroups(const RouterTopKParams& p) {
+  if (p.num_groups <= 0 || p.num_experts % p.num_groups != 0 ||
+      p.num_experts / p.num_groups < 2) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "RouterTopK: num_groups must divide num_experts (", p.num_experts,
+        ") into groups of at least 2 experts, got ", p.num_groups));
+  }
+  if (p.topk_groups <= 0 || p.topk_groups > p.num_groups) {
+    return absl::InvalidArgumentError(absl::StrCat("RouterTopK: topk_groups must be in [1, ",
+                                                   p.num_groups, "], got ", p.topk_groups));
+  }
+  const int candidates = p.topk_groups * (p.num_experts / p.num_groups);
+  if (p.top_k > candidates) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "RouterTopK: top_k must be at most the kept groups' experts (topk_groups * experts per "
+        "group = ", candidates, "), got ", p.top_k));
+  }
+  return absl::OkStatus();
+}
+
 unsigned RowBlocks(int64_t rows) { return static_cast<unsigned>(rows < 65535 ? rows : 65535); }
 
 int64_t AddressLowBits(const void* ptr) {
@@ -257,9 +408,9 @@ void LaunchGatherRowsFrom(const GatherRowsParams& p, cudaStream_t stream) {
 }  // namespace
 
 absl::Status LaunchRouterTopK(const RouterTopKParams& p, cudaStream_t stream) {
-  if (p.method != RouterMethod::kSoftmaxTopK) {
-    return absl::UnimplementedError(
-        "RouterTopK: noaux_tc routing (DeepSeek-V3) is not implemented on CUDA yet (CPU only)");
+  if (p.method != RouterMethod::kSoftmaxTopK && p.method != RouterMethod::kNoauxTc) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("RouterTopK: unknown method ", static_cast<int>(p.method)));
   }
   if (p.tokens < 0) return absl::InvalidArgumentError("RouterTopK: negative tokens");
   if (p.num_experts <= 0 || p.num_experts > kMaxRouterExperts) {
@@ -270,12 +421,25 @@ absl::Status LaunchRouterTopK(const RouterTopKParams& p, cudaStream_t stream) {
     return absl::InvalidArgumentError(absl::StrCat("RouterTopK: top_k must be in [1, ",
                                                    p.num_experts, "], got ", p.top_k));
   }
+  const bool noaux_tc = p.method == RouterMethod::kNoauxTc;
+  if (noaux_tc) {
+    if (absl::Status s = ValidateNoauxTcGroups(p); !s.ok()) return s;
+  }
   if (p.tokens == 0) return absl::OkStatus();
   if (!p.logits || !p.expert_ids || !p.weights) {
     return absl::InvalidArgumentError("RouterTopK: null pointer");
   }
+  if (noaux_tc && !p.selection_bias) {
+    return absl::InvalidArgumentError("RouterTopK: noaux_tc needs selection_bias, got null");
+  }
   const int64_t blocks = (p.tokens + kRouterWarpsPerBlock - 1) / kRouterWarpsPerBlock;
   if (blocks > kMaxGridX) return absl::InvalidArgumentError("RouterTopK: too many tokens");
+  if (noaux_tc) {
+    const size_t shared = sizeof(float) * kRouterWarpsPerBlock * NoauxTcSharedFloats(p);
+    NoauxTcKernel<<<static_cast<unsigned>(blocks), 32 * kRouterWarpsPerBlock, shared, stream>>>(p);
+    JOULE_CUDA_RETURN_IF_LAUNCH_FAILED("NoauxTcKernel");
+    return absl::OkStatus();
+  }
   const size_t shared = sizeof(float) * kRouterWarpsPerBlock * p.num_experts;
   RouterTopKKernel<<<static_cast<unsigned>(blocks), 32 * kRouterWarpsPerBlock, shared, stream>>>(p);
   JOULE_CUDA_RETURN_IF_LAUNCH_FAILED("RouterTopKKernel");

@@ -15,10 +15,12 @@
 namespace joule::kernels {
 
 // Writes this step's keys and values into their cache slots; a negative slot
-// is padding (vLLM's convention) and stores nothing.
+// is padding (vLLM's convention) and stores nothing. Without v (MLA's latent
+// cache: one row per token holds what keys and values are read from) only
+// keys are written.
 struct KvCacheWriteParams {
   const float* k = nullptr;  // [tokens, num_kv_heads, head_dim]
-  const float* v = nullptr;
+  const float* v = nullptr;  // [tokens, num_kv_heads, head_dim] or null
   const int64_t* slots = nullptr;  // [tokens]
   int64_t tokens = 0;
   int num_kv_heads = 0;
@@ -34,12 +36,19 @@ struct KvCacheWriteParams {
 // position context_len - q_len + i and attends to keys 0..position (or the last
 // `sliding_window` of them when sliding_window > 0). A query with no key to
 // attend to (CUDA graphs' padding: context_len 0) gets a zero output.
+//
+// Values may be narrower than keys (v_head_dim < head_dim): each value row is
+// the first v_head_dim elements of the v_cache row laid out like a key row.
+// Multi-head latent attention's absorbed form is one KV head whose key is
+// [latent, rope key] and whose value is the latent, both from one cache
+// (v_cache == k_cache).
 struct PagedAttentionParams {
   const float* q = nullptr;  // [tokens, num_q_heads, head_dim]
-  float* out = nullptr;      // [tokens, num_q_heads, head_dim]
+  float* out = nullptr;      // [tokens, num_q_heads, v_head_dim]
   int num_q_heads = 0;
   int num_kv_heads = 0;  // num_q_heads % num_kv_heads == 0
   int head_dim = 0;
+  int v_head_dim = 0;    // 0 means head_dim; at most head_dim
   float scale = 1.0f;
   const void* k_cache = nullptr;
   const void* v_cache = nullptr;

@@ -47,7 +47,7 @@ struct RouterTopKParams {
   // weight 0, so the layout leaves them out. Null: every token is real.
   const int64_t* valid_tokens = nullptr;
   RouterMethod method = RouterMethod::kSoftmaxTopK;
-  // kNoauxTc only (CPU launch only so far):
+  // kNoauxTc only:
   const float* selection_bias = nullptr;  // [num_experts] e_score_correction_bias
   int num_groups = 1;                     // n_group; divides num_experts, >= 2 experts each
   int topk_groups = 1;                    // topk_group

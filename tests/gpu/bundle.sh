@@ -45,7 +45,7 @@ strip --strip-unneeded .gpu/bin/* 2>/dev/null || true
 joule_carry_libs .gpu/lib .gpu/bin/*
 # The fake NVML's path is compiled into energy_meter_test; run.sh recreates it there.
 realpath "$B/tests/worker/telemetry" > .gpu/fake_nvml_dir
-cp -r "$B"/models/{qwen3_moe,qwen2_moe,mixtral}-tiny .gpu/models/
+cp -r "$B"/models/{qwen3_moe,qwen2_moe,mixtral,deepseek_v3,deepseek_v3_fp8}-tiny .gpu/models/
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 du -sh .gpu .gpu/bin .gpu/lib .gpu/models
 size_mb=$(( $(du -sb .gpu | cut -f1) / 1000000 ))

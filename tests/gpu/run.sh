@@ -99,11 +99,12 @@ PY
 hf_mini_presets() {
   local mini rc f
   mini=$(mktemp -d)
-  for f in qwen3_moe qwen2_moe mixtral; do
+  for f in qwen3_moe qwen2_moe mixtral deepseek_v3; do
     LD_LIBRARY_PATH=$JOULE_GPU_LD "$G/bin/joule-make-model" --family $f --preset mini --out "$mini/$f-mini" || return 1
   done
   python3 tests/reference/hf_check.py compare \
-    --model "$mini/qwen3_moe-mini" --model "$mini/qwen2_moe-mini" --model "$mini/mixtral-mini"
+    --model "$mini/qwen3_moe-mini" --model "$mini/qwen2_moe-mini" --model "$mini/mixtral-mini" \
+    --model "$mini/deepseek_v3-mini"
   rc=$?
   rm -rf "$mini"
   return $rc
@@ -149,7 +150,7 @@ check nvml_under_load       60 nvml_under_load
 check engine_bench         480 bench/engine/gpu_run.sh --out "$OUT/bench"
 check hf_fixtures          240 python3 tests/reference/hf_check.py fixtures --models-dir "$G/models" \
   --fixtures tests/data/golden/qwen3_moe-tiny.json tests/data/golden/qwen2_moe-tiny.json \
-             tests/data/golden/mixtral-tiny.json
+             tests/data/golden/mixtral-tiny.json tests/data/golden/deepseek_v3-tiny.json
 check hf_mini_presets      300 hf_mini_presets
 echo
 echo "===== summary ($(date +%T))"

@@ -1,10 +1,12 @@
 // The OpenAI SDK (npm "openai", pinned in package-lock.json) against a running
 // coordinator: every request field of docs/api.md's choices, log probabilities,
 // penalties and logit_bias parses in the SDK's hands and behaves as documented.
-//   node check.mjs --port P --model NAME --vocab V --max-logit-bias N
+//   node check.mjs --port P --model NAME --vocab V --max-logit-bias N [--bos ID] [--specials IDS]
 // The model is a built-in tiny model: byte-level tokenizer (ids 0..255 are the
 // bytes), random weights, so the checks are about structure and arithmetic,
 // not about what the text says. Greedy decoding is deterministic.
+// --bos: the id the tokenizer puts before a text prompt (DeepSeek-V3's
+// <｜begin▁of▁sentence｜>); -1 (default): none. --specials: the special tokens' ids.
 import OpenAI from 'openai';
 
 const args = Object.fromEntries(
@@ -12,6 +14,8 @@ const args = Object.fromEntries(
 const model = args.model;
 const vocab = Number(args.vocab);
 const maxLogitBias = Number(args['max-logit-bias']);
+const bos = Number(args.bos ?? -1);
+const added = bos >= 0 ? 1 : 0;  // tokens the server adds before a text prompt
 const client = new OpenAI({ baseURL: `http://127.0.0.1:${args.port}/v1`, apiKey: 'unused', maxRetries: 0, timeout: 60_000 });
 
 const failures = [];
@@ -26,9 +30,10 @@ const near = (a, b, tol = 1e-4) => typeof a === 'number' && typeof b === 'number
 const sum = (xs) => xs.reduce((s, x) => s + x, 0);
 const utf8 = new TextDecoder('utf-8');  // WHATWG replacement, as the server's decoder
 const greedy = { temperature: 0 };
-// <|endoftext|>, <|im_start|>, <|im_end|> banned: special tokens have no entry
-// in logprobs (they are not part of the text), which would spoil the counts.
-const noSpecials = { 256: -100, 257: -100, 258: -100 };
+// The special tokens (Qwen's <|endoftext|>, <|im_start|>, <|im_end|>) banned:
+// they have no entry in logprobs (they are not part of the text), which would
+// spoil the counts.
+const noSpecials = Object.fromEntries((args.specials ?? '256,257,258').split(',').map((id) => [Number(id), -100]));
 const user = (content) => [{ role: 'user', content }];
 
 // Chat: logprobs with top_logprobs, not streamed and streamed.
@@ -72,7 +77,8 @@ async function chatLogprobs() {
   check(usage?.completion_tokens === r.usage.completion_tokens, `chat stream usage ${JSON.stringify(usage)}`);
 }
 
-// Completions: logprobs N with echo: the prompt's tokens first, the first one null.
+// Completions: logprobs N with echo: the prompt's tokens first (after the BOS
+// where the tokenizer adds one), the first one null.
 async function completionsEcho() {
   const prompt = 'The sky';
   const r = await client.completions.create({ model, prompt, max_tokens: 6, ...greedy, logprobs: 2, echo: true, ignore_eos: true,
@@ -80,19 +86,21 @@ async function completionsEcho() {
   const c = r.choices[0];
   const lp = c.logprobs;
   check(c.text.startsWith(prompt), `echo: text ${JSON.stringify(c.text)} does not start with the prompt`);
-  check(r.usage.prompt_tokens === prompt.length && r.usage.completion_tokens === 6, `echo usage ${JSON.stringify(r.usage)}`);
+  check(r.usage.prompt_tokens === added + prompt.length && r.usage.completion_tokens === 6, `echo usage ${JSON.stringify(r.usage)}`);
+  const generated = added + prompt.length;  // the index of the first generated token
   const n = r.usage.prompt_tokens + r.usage.completion_tokens;
   if (!check(lp && lp.tokens.length === n && lp.token_logprobs.length === n && lp.top_logprobs.length === n && lp.text_offset.length === n,
     `echo logprobs lengths for ${n} tokens: ${JSON.stringify(lp)}`)) return;
-  check(lp.tokens.slice(0, prompt.length).join('') === prompt, `echo: prompt tokens ${JSON.stringify(lp.tokens)}`);
+  check(lp.tokens.slice(added, generated).join('') === prompt, `echo: prompt tokens ${JSON.stringify(lp.tokens)}`);
   check(lp.token_logprobs[0] === null && lp.top_logprobs[0] === null, 'echo: the first prompt token has a log probability');
   check(lp.text_offset[0] === 0 && lp.text_offset.every((o, i) => i === 0 || o >= lp.text_offset[i - 1]), `text_offset ${lp.text_offset}`);
-  check(lp.text_offset[prompt.length] === prompt.length, `the first generated token's text_offset ${lp.text_offset[prompt.length]}`);
+  check(lp.text_offset[generated] - lp.text_offset[added] === prompt.length,
+    `the first generated token's text_offset ${lp.text_offset[generated]} (the prompt's ${lp.text_offset[added]})`);
   for (let i = 1; i < n; ++i) {
     const top = Object.values(lp.top_logprobs[i] ?? {});
     check(typeof lp.token_logprobs[i] === 'number' && lp.token_logprobs[i] <= 1e-6 && top.length >= 1 && top.length <= 2,
       `echo token ${i}: ${lp.token_logprobs[i]} ${JSON.stringify(lp.top_logprobs[i])}`);
-    if (i >= prompt.length) {
+    if (i >= generated) {
       check(near(lp.token_logprobs[i], Math.max(...top)), `greedy token ${i}: ${lp.token_logprobs[i]} is not the best of ${JSON.stringify(lp.top_logprobs[i])}`);
     }
   }
@@ -103,7 +111,7 @@ async function nChoices() {
   const req = { model, prompt: 'abc', n: 3, max_tokens: 5, temperature: 1, seed: 42, ignore_eos: true };
   const a = await client.completions.create(req);
   check(JSON.stringify(a.choices.map((c) => c.index)) === '[0,1,2]', `n=3 indices ${a.choices.map((c) => c.index)}`);
-  check(a.usage.completion_tokens === 15 && a.usage.prompt_tokens === 3, `n=3 usage ${JSON.stringify(a.usage)}`);
+  check(a.usage.completion_tokens === 15 && a.usage.prompt_tokens === 3 + added, `n=3 usage ${JSON.stringify(a.usage)}`);
   const b = await client.completions.create(req);
   check(JSON.stringify(a.choices.map((c) => c.text)) === JSON.stringify(b.choices.map((c) => c.text)), 'seeded n=3 did not repeat');
 
@@ -133,11 +141,13 @@ async function bestOf() {
 async function severalPrompts() {
   const r = await client.completions.create({ model, prompt: ['ab', 'xyz'], n: 2, max_tokens: 4, ...greedy, ignore_eos: true });
   check(JSON.stringify(r.choices.map((c) => c.index)) === '[0,1,2,3]', `several prompts: indices ${r.choices.map((c) => c.index)}`);
-  check(r.usage.prompt_tokens === 5 && r.usage.completion_tokens === 16, `several prompts: usage ${JSON.stringify(r.usage)}`);
+  check(r.usage.prompt_tokens === 5 + 2 * added && r.usage.completion_tokens === 16, `several prompts: usage ${JSON.stringify(r.usage)}`);
   const one = await client.completions.create({ model, prompt: 'xyz', max_tokens: 4, ...greedy, ignore_eos: true });
   check(r.choices[2].text === one.choices[0].text && r.choices[3].text === one.choices[0].text,
     `prompt[1]'s choices ${JSON.stringify(r.choices.map((c) => c.text))} != alone ${JSON.stringify(one.choices[0].text)}`);
-  const ids = await client.completions.create({ model, prompt: [[120, 121, 122]], max_tokens: 4, ...greedy, ignore_eos: true });
+  // Token ids are sent as given: the same text's ids, with the BOS the tokenizer would add.
+  const xyz = [...(added ? [bos] : []), 120, 121, 122];
+  const ids = await client.completions.create({ model, prompt: [xyz], max_tokens: 4, ...greedy, ignore_eos: true });
   check(ids.choices[0].text === one.choices[0].text, 'token-id prompts differ from the same text');
 }
 

@@ -28,6 +28,16 @@ addr="127.0.0.1:$E2E_PORT"
 for r in $(seq 0 $((WORKERS - 1))); do e2e_start_worker "" "w$r" "$addr" "$MODEL"; done
 e2e_wait_ready "" "$addr" "$WORKERS"
 vocab="$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["vocab_size"])' "$MODEL/config.json")"
+# The special tokens' ids, and the BOS a Llama-class tokenizer_config.json adds (DeepSeek-V3).
+read -r bos specials < <(python3 - "$MODEL" <<'PY'
+import json, os, sys
+d = sys.argv[1]
+ids = {t["content"]: t["id"] for t in json.load(open(f"{d}/tokenizer.json")).get("added_tokens", [])}
+cfg = json.load(open(f"{d}/tokenizer_config.json")) if os.path.exists(f"{d}/tokenizer_config.json") else {}
+adds = "Llama" in str(cfg.get("tokenizer_class", "")) and cfg.get("add_bos_token", True)
+print(ids.get(cfg.get("bos_token"), -1) if adds else -1, ",".join(str(i) for i in sorted(ids.values())))
+PY
+)
 node "$work/check.mjs" --port "$(cat "$E2E_TMP/http_port")" --model "$(basename "$MODEL")" --vocab "$vocab" \
-  --max-logit-bias "$MAX_LOGIT_BIAS" || e2e_fail "OpenAI SDK checks failed"
+  --max-logit-bias "$MAX_LOGIT_BIAS" --bos "$bos" --specials "$specials" || e2e_fail "OpenAI SDK checks failed"
 echo "PASS: the OpenAI SDK against $(basename "$MODEL") at EP $WORKERS"

@@ -9,6 +9,9 @@
 #   check --selfcheck  the committed fixtures deepseek_v3-tiny.json / deepseek_v3_fp8-tiny.json still
 #                      describe those checkpoints; cached/chunked/batched paths and the absorbed MLA
 #                      reproduce the expanded full recompute
+#   check              deepseek_v3-tiny.bf16act.json (the GPU path's numbers: --bf16-activations,
+#                      absorbed MLA) still describes the BF16 checkpoint, at the tolerance the file
+#                      states
 #   selfcheck          the same self-checks on the mini checkpoint
 #   fp8check           the FP8 checkpoint is exactly the 128x128-block E4M3 quantization of the BF16 one
 # and with deepseek_v3_ffn.py check, that tests/data/deepseek_v3/ffn-tiny.json (the engine's
@@ -31,6 +34,8 @@ mkdir -p "$out"
 "$mk" --family deepseek_v3 --preset mini --layers 2 --out "$out/deepseek_v3-mini-2layers"
 "$py" "$ref" check --models-dir "$out" --atol 1e-4 --selfcheck \
   --fixtures "$src/tests/data/golden/deepseek_v3-tiny.json" "$src/tests/data/golden/deepseek_v3_fp8-tiny.json"
+"$py" "$ref" check --models-dir "$out" --atol 1e-4 \
+  --fixtures "$src/tests/data/golden/deepseek_v3-tiny.bf16act.json"
 "$py" "$ref" selfcheck --model "$out/deepseek_v3-mini-2layers"
 "$py" "$ref" fp8check --model "$out/deepseek_v3_fp8-tiny" --like "$out/deepseek_v3-tiny"
 "$py" "$src/tests/reference/deepseek_v3_ffn.py" check --model "$out/deepseek_v3-tiny" \

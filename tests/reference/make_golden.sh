@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Regenerates the golden fixtures tests/data/golden/<family>-tiny.json (float32, the CPU
 # engine's numbers) and <family>-tiny.bf16act.json (GEMM inputs and KV cache rounded to BF16,
-# the GPU path's numbers). For deepseek_v3: deepseek_v3-tiny.json and, from the --dtype fp8
-# checkpoint, deepseek_v3_fp8-tiny.json; no bf16act files (the engine's GPU numerics for MLA are
-# not defined yet); and tests/data/deepseek_v3/ffn-tiny.json (deepseek_v3_ffn.py: the per-layer
-# feed-forward outputs feed_forward_test compares with).
+# the GPU path's numbers). For deepseek_v3: deepseek_v3-tiny.json and deepseek_v3-tiny.bf16act.json
+# (absorbed MLA, as the engine's GPU path runs it) and, from the --dtype fp8 checkpoint,
+# deepseek_v3_fp8-tiny.json (no bf16act file: the GPU path refuses FP8 weights); and
+# tests/data/deepseek_v3/ffn-tiny.json (deepseek_v3_ffn.py: the per-layer feed-forward outputs
+# feed_forward_test compares with).
 #
 #   tests/reference/make_golden.sh BUILD_DIR [FAMILY...]
 #
@@ -49,6 +50,10 @@ for family in "${FAMILIES[@]}"; do
       PYTHONDONTWRITEBYTECODE=1 "$PYTHON" "$SRC_DIR/tests/reference/reference.py" golden \
         --model "$TMP/$name" --name "$name" --out "$OUT_DIR/$name.json" \
         --source "tests/reference/make_golden.sh BUILD_DIR: joule-make-model --family $family --preset $PRESET --dtype $dtype --out DIR; reference.py golden --model DIR --name $name --out tests/data/golden/$name.json"
+      [[ "$dtype" == fp8 ]] && continue  # the GPU path refuses FP8 weights: no GPU numerics
+      PYTHONDONTWRITEBYTECODE=1 "$PYTHON" "$SRC_DIR/tests/reference/reference.py" golden \
+        --model "$TMP/$name" --name "$name" --out "$OUT_DIR/$name.bf16act.json" --bf16-activations \
+        --source "tests/reference/make_golden.sh BUILD_DIR: joule-make-model --family $family --preset $PRESET --dtype $dtype --out DIR; reference.py golden --model DIR --name $name --out tests/data/golden/$name.bf16act.json --bf16-activations"
     done
     # The engine's feed-forward layer fixture (feed_forward_test) from the same two checkpoints.
     PYTHONDONTWRITEBYTECODE=1 "$PYTHON" "$SRC_DIR/tests/reference/deepseek_v3_ffn.py" ffn \

@@ -578,12 +578,12 @@ def load_model(model_dir, device="cpu", strict=True, bf16_activations=False):
         raw = json.load(f)
     dtypes = {}
     if (raw.get("architectures") or [None])[0] == DEEPSEEK_V3_ARCHITECTURE:
-        if bf16_activations:
-            raise CheckpointError("--bf16-activations: the GPU path's rounding points are not defined "
-                                  "for DeepseekV3ForCausalLM yet")
         config = DeepseekV3Config(raw)
+        if bf16_activations and config.fp8_block is not None:
+            raise CheckpointError("--bf16-activations: the GPU path refuses block-scaled FP8 weights, so "
+                                  "there are no GPU numerics to mirror for this checkpoint (use the BF16 one)")
         return DeepseekV3Model(config, read_checkpoint_tensors(model_dir, dtypes), dtypes,
-                               device=device, strict=strict)
+                               device=device, strict=strict, bf16_activations=bf16_activations)
     config = Config(raw)
     tensors = read_checkpoint_tensors(model_dir, dtypes)
     fp8 = sorted(n for n, d in dtypes.items() if d == "F8_E4M3")
@@ -858,8 +858,9 @@ class MlaCache:
 class NoauxTcMoe:
     """DeepseekV3MoE: DeepseekV3TopkRouter's noaux_tc routing, routed experts, shared experts."""
 
-    def __init__(self, router, bias, experts, shared, config):
+    def __init__(self, router, bias, experts, shared, config, act=_same):
         c = config
+        self.act = act                # rounds the router GEMM's input (identity in float32)
         self.router = router          # [E, H]
         self.bias = bias              # [E] e_score_correction_bias: selection only
         self.experts = experts        # list of Mlp
@@ -899,7 +900,8 @@ class NoauxTcMoe:
     def __call__(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        scores = F.linear(x, self.router).sigmoid()   # float32 router, as HF
+        # float32 router, as HF (bf16 activations: its input rounded like every GEMM's on the GPU)
+        scores = F.linear(self.act(x), self.router).sigmoid()
         selected = self.select(scores)
         if self.probe is not None:
             chosen = selected.sort(dim=-1).values
@@ -928,13 +930,22 @@ class DeepseekV3Model(Model):
       absorbed (as DeepSeek's and vLLM's decode): kv_b_proj's key half folded into the query and its
       value half applied after attending over the latents.
     attention_form picks "expanded", "absorbed", or "absorbed_decode" (absorbed for single-token
-    steps through a cache, expanded otherwise); self_check compares them."""
+    steps through a cache, expanded otherwise); self_check compares them.
 
-    def __init__(self, config, tensors, dtypes, device="cpu", strict=True):
+    bf16_activations (Joule's GPU numerics, worker/model/mla.cc RunMlaAttention): always the
+    absorbed form, as the engine runs it for every step; every linear's input is rounded to BF16
+    (q_a_proj / q_proj, q_b_proj, kv_a_proj_with_mqa, the per-head q_nope x W_UK and latent x W_UV
+    products, o_proj, router, experts, shared experts, dense MLP, lm_head); the cached row
+    [normalized latent | rotated k_rope] is rounded once (the BF16 KV cache), also for the tokens
+    of the current step; RMSNorms, RoPE, the absorbed query [q_latent | rotated q_rope] and the
+    softmax stay float32."""
+
+    def __init__(self, config, tensors, dtypes, device="cpu", strict=True, bf16_activations=False):
         self.config = c = config
         self.device = torch.device(device)
-        self.act = _same
-        self.attention_form = "expanded"
+        self.bf16_activations = bf16_activations
+        self.act = act = _round_bf16 if bf16_activations else _same
+        self.attention_form = "absorbed" if bf16_activations else "expanded"
         used = set()
         block = c.fp8_block
 
@@ -986,7 +997,7 @@ class DeepseekV3Model(Model):
 
         def mlp(prefix, inter):
             return Mlp(linear(f"{prefix}.gate_proj", inter, H), linear(f"{prefix}.up_proj", inter, H),
-                       linear(f"{prefix}.down_proj", H, inter))
+                       linear(f"{prefix}.down_proj", H, inter), act)
 
         H, nh = c.hidden_size, c.num_heads
         self.embed = get("model.embed_tokens.weight", [c.vocab_size, H])
@@ -1018,7 +1029,7 @@ class DeepseekV3Model(Model):
                           if c.n_shared_experts > 0 else None)
                 L.mlp = NoauxTcMoe(get(f"{m}.gate.weight", [c.num_experts, H]),
                                    get(f"{m}.gate.e_score_correction_bias", [c.num_experts]),
-                                   experts, shared, c)
+                                   experts, shared, c, act)
             else:
                 L.mlp = mlp(f"{p}.mlp", c.intermediate_size)
             self.layers.append(L)
@@ -1075,24 +1086,30 @@ class DeepseekV3Model(Model):
         c = self.config
         B, T, _ = x.shape
         nh, dn, dr, dv, R = c.num_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
+        act = self.act  # bf16 activations: each GEMM's input rounded (identity in float32)
+        x = act(x)
         if L.wq is not None:
             q = F.linear(x, L.wq)
         else:
-            q = F.linear(rms_norm(F.linear(x, L.wq_a), L.q_a_norm, MLA_LATENT_NORM_EPS), L.wq_b)
+            q = F.linear(act(rms_norm(F.linear(x, L.wq_a), L.q_a_norm, MLA_LATENT_NORM_EPS)), L.wq_b)
         q_nope, q_rot = q.view(B, T, nh, dn + dr).transpose(1, 2).split([dn, dr], dim=-1)
         latent, k_rot = F.linear(x, L.wkv_a).split([R, dr], dim=-1)
         latent = rms_norm(latent, L.kv_a_norm, MLA_LATENT_NORM_EPS)    # [B, T, R]
         q_rot = self._rotate(q_rot, cos, sin)                           # [B, nh, T, dr]
         k_rot = self._rotate(k_rot, cos, sin)                           # [B, T, dr]
+        # What the cache stores (bf16 activations: the BF16 cache row, which attention then reads
+        # for the current tokens too).
+        latent, k_rot = act(latent), act(k_rot)
         if cache is not None:
             latent, k_rot = cache.update(li, latent, k_rot)
         S = latent.shape[1]
         allowed = torch.arange(S, device=x.device)[None, :] <= q_pos[:, None]
-        absorbed = self.attention_form == "absorbed" or (
+        absorbed = self.bf16_activations or self.attention_form == "absorbed" or (
             self.attention_form == "absorbed_decode" and T == 1 and cache is not None)
         if absorbed:
             w_kv_b = L.wkv_b.view(nh, dn + dv, R)
-            q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_kv_b[:, :dn])
+            # Per head q_nope x W_UK (a GEMM: q_nope rounded), the result float32 like q_rot.
+            q_latent = torch.einsum("bhtd,hdr->bhtr", act(q_nope), w_kv_b[:, :dn])
             scores = (torch.einsum("bhtr,bsr->bhts", q_latent, latent) +
                       torch.einsum("bhtd,bsd->bhts", q_rot, k_rot)) * self.scaling
         else:
@@ -1103,10 +1120,12 @@ class DeepseekV3Model(Model):
             scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
         probs = F.softmax(scores, dim=-1, dtype=torch.float32)
         if absorbed:
-            out = torch.einsum("bhtr,hvr->bhtv", torch.einsum("bhts,bsr->bhtr", probs, latent), w_kv_b[:, dn:])
+            # The float32 attention-weighted latent, then per head x W_UV (a GEMM: input rounded).
+            out = torch.einsum("bhtr,hvr->bhtv", act(torch.einsum("bhts,bsr->bhtr", probs, latent)),
+                               w_kv_b[:, dn:])
         else:
             out = torch.matmul(probs, v)
-        return F.linear(out.transpose(1, 2).reshape(B, T, nh * dv), L.wo)
+        return F.linear(act(out.transpose(1, 2).reshape(B, T, nh * dv)), L.wo)
 
     def new_cache(self):
         return MlaCache(self.config.num_layers)
@@ -1143,7 +1162,12 @@ class DeepseekV3Model(Model):
 
     def extra_self_check(self, prompts, steps, atol, log):
         """The absorbed MLA against the expanded one: full recompute, absorbed single-token decode
-        after an expanded prefill, and batched absorbed decode. Returns the largest difference."""
+        after an expanded prefill, and batched absorbed decode. Returns the largest difference.
+        With bf16 activations there is one form only (absorbed; the expanded one rounds elsewhere)."""
+        if self.bf16_activations:
+            print("self-check: bf16 activations run the absorbed MLA only; absorbed vs expanded is "
+                  "checked in float32", file=log)
+            return 0.0
         worst = {"absorbed": 0.0, "absorbed_decode": 0.0}
 
         def cmp(form, what, a, b):

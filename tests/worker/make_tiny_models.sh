@@ -12,8 +12,8 @@ done
 "$mk" --family qwen3_moe --preset tiny --shards 3 --out "$out/qwen3_moe-tiny-sharded" >/dev/null
 "$mk" --family qwen2_moe --preset tiny --dtype f16 --out "$out/qwen2_moe-tiny-f16" >/dev/null
 "$mk" --family mixtral --preset tiny --dtype f32 --out "$out/mixtral-tiny-f32" >/dev/null
-# DeepSeek-V3 (BF16, and FP8 E4M3 with 128x128 block scales): the engine validates their config
-# and weights and runs their feed-forward layers; the forward pass waits for MLA.
+# DeepSeek-V3 (BF16, and FP8 E4M3 with 128x128 block scales), and its 256-expert routing shape.
 "$mk" --family deepseek_v3 --preset tiny --out "$out/deepseek_v3-tiny" >/dev/null
 "$mk" --family deepseek_v3 --preset tiny --dtype fp8 --out "$out/deepseek_v3_fp8-tiny" >/dev/null
+"$mk" --family deepseek_v3 --preset wide --dtype fp8 --out "$out/deepseek_v3_fp8-wide" >/dev/null
 echo "tiny models in $out"

@@ -135,6 +135,10 @@ absl::Status CpuBackend::KvCacheWrite(const kernels::KvCacheWriteParams& p) {
 
 absl::Status CpuBackend::PagedAttention(const kernels::PagedAttentionParams& p) {
   if (absl::Status s = F32Only("PagedAttention", "the KV cache", p.cache_type); !s.ok()) return s;
+  if (p.v_head_dim < 0 || p.v_head_dim > p.head_dim) {
+    return absl::InvalidArgumentError(absl::StrCat("PagedAttention: v_head_dim must be in [0, head_dim ",
+                                                   p.head_dim, "], got ", p.v_head_dim));
+  }
   kc::LaunchPagedAttention(p, stream());
   return absl::OkStatus();
 }

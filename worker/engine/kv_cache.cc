@@ -2,11 +2,23 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
+#include "worker/model/mla.h"
 
 namespace joule {
 
+namespace {
+
+// Elements one token stores per layer in the K (and V) cache: a key row per KV
+// head, or MLA's one latent row (worker/model/mla.h), which has no V cache.
+int64_t KeyRow(const ModelConfig& c) {
+  return c.UsesMla() ? MlaCacheRow(c.mla) : int64_t{c.num_key_value_heads} * c.head_dim;
+}
+
+}  // namespace
+
 int64_t PagedKvCache::BlockBytes(const ModelConfig& c, int block_size, kernels::DType type) {
-  return int64_t{2} * c.num_layers * block_size * c.num_key_value_heads * c.head_dim *
+  const int64_t caches = c.UsesMla() ? 1 : 2;
+  return caches * c.num_layers * block_size * KeyRow(c) *
          static_cast<int64_t>(kernels::ElementBytes(type));
 }
 
@@ -26,12 +38,17 @@ absl::StatusOr<std::unique_ptr<PagedKvCache>> PagedKvCache::Create(device::Backe
   ASSIGN_OR_RETURN(device::Buffer storage,
                    backend.Allocate(device::MemoryKind::kDevice, static_cast<size_t>(blocks * per_block)));
   KvCacheView view{.block_size = block_size, .num_blocks = blocks, .type = type};
-  const size_t per_layer = static_cast<size_t>(blocks * block_size * c.num_key_value_heads *
-                                               c.head_dim) * kernels::ElementBytes(type);
+  const size_t per_layer = static_cast<size_t>(blocks * block_size * KeyRow(c)) *
+                           kernels::ElementBytes(type);
   auto* base = storage.as<std::byte>();
   for (int l = 0; l < c.num_layers; ++l) {
-    view.k.push_back(base + (2 * l) * per_layer);
-    view.v.push_back(base + (2 * l + 1) * per_layer);
+    if (c.UsesMla()) {
+      view.k.push_back(base + l * per_layer);
+      view.v.push_back(nullptr);
+    } else {
+      view.k.push_back(base + (2 * l) * per_layer);
+      view.v.push_back(base + (2 * l + 1) * per_layer);
+    }
   }
   return std::unique_ptr<PagedKvCache>(
       new PagedKvCache(std::move(storage), std::move(view), per_block, prefix_caching));

@@ -18,7 +18,8 @@ namespace joule {
 
 class PagedKvCache {
  public:
-  // Bytes of one block: K and V of every layer, in the backend's KV type.
+  // Bytes of one block: K and V of every layer (MLA: the latent rows, no V),
+  // in the backend's KV type.
   static int64_t BlockBytes(const ModelConfig& config, int block_size, kernels::DType type);
   // Sizes the cache to as many blocks as fit in `budget_bytes` and allocates
   // them, zeroed (so resident up front: no page faults on the decode path).
@@ -41,6 +42,7 @@ class PagedKvCache {
                bool prefix_caching);
   int64_t bytes_per_block_;
   device::Buffer storage_;  // [layers][k|v][num_blocks * block_size * kv_heads * head_dim]
+                            // (MLA: [layers][num_blocks * block_size * MlaCacheRow])
   KvCacheView view_;
   BlockAllocator allocator_;
 };

@@ -11,6 +11,7 @@
 #include "kernels/cpu/elementwise.h"
 #include "worker/device/cpu_backend.h"
 #include "worker/model/feed_forward.h"
+#include "worker/model/mla.h"
 
 namespace joule {
 
@@ -22,40 +23,25 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& model_dir,
   return Create(std::move(weights), std::move(backend), options.cuda_graphs);
 }
 
-namespace {
-
-// What the forward pass cannot run yet, although config and weights loaded.
-absl::Status CheckForwardSupports(const ModelConfig& c) {
-  if (c.UsesMla()) {
-    return absl::UnimplementedError(absl::StrCat(
-        c.architecture, ": multi-head latent attention is not implemented yet"));
-  }
-  return absl::OkStatus();
-}
-
-}  // namespace
-
 absl::StatusOr<std::unique_ptr<Model>> Model::Create(std::unique_ptr<ModelWeights> weights,
                                                      std::unique_ptr<device::Backend> backend,
                                                      bool cuda_graphs) {
-  // After ModelWeights::Load, so a checkpoint's own errors come first.
-  RETURN_IF_ERROR(CheckForwardSupports(weights->config()));
   ASSIGN_OR_RETURN(auto device_weights, DeviceWeights::Create(*weights, *backend));
   auto model = std::unique_ptr<Model>(new Model(std::move(weights), std::move(backend),
                                                 std::move(device_weights), cuda_graphs));
-  RETURN_IF_ERROR(model->PrepareRope());
+  RETURN_IF_ERROR(model->PrepareTables());
   return model;
 }
 
 Model::Model(std::unique_ptr<ModelWeights> weights, int num_threads)
     : Model(std::move(weights), std::make_unique<device::CpuBackend>(num_threads), nullptr, false) {
-  // On the CPU the weights are views (nothing can fail) and the RoPE table
-  // is host memory.
+  // On the CPU the weights are views (nothing can fail) and the tables are
+  // host memory.
   device_weights_ = *DeviceWeights::Create(*weights_, *backend_);
   local_experts_ = std::make_unique<LocalExpertExecutor>(backend_.get(), device_weights_.get(), config());
-  absl::Status rope = PrepareRope();
-  if (!rope.ok()) {  // only an allocation of host memory can fail here
-    JOULE_LOG(Error) << "model: " << rope;
+  absl::Status tables = PrepareTables();
+  if (!tables.ok()) {  // only an allocation of host memory can fail here
+    JOULE_LOG(Error) << "model: " << tables;
     std::abort();
   }
 }
@@ -74,12 +60,14 @@ Model::Model(std::unique_ptr<ModelWeights> weights, std::unique_ptr<device::Back
 
 Model::~Model() = default;
 
-absl::Status Model::PrepareRope() {
+absl::Status Model::PrepareTables() {
   const ModelConfig& c = config();
+  ASSIGN_OR_RETURN(mla_, MlaWeights::Create(*weights_, *backend_));
   const int64_t n = c.max_position_embeddings * (c.head_dim / 2);
   std::vector<float> table(2 * n);
-  kernels::cpu::BuildRopeTable(c.rope_theta, c.head_dim, c.max_position_embeddings, table.data(),
-                               table.data() + n);
+  const std::vector<float> inv_freq = RopeInverseFrequencies(c);
+  kernels::cpu::BuildRopeTable(inv_freq.data(), c.head_dim / 2, c.max_position_embeddings,
+                               c.yarn.attention_factor, table.data(), table.data() + n);
   ASSIGN_OR_RETURN(rope_, backend_->Allocate(device::MemoryKind::kDevice, table.size() * sizeof(float)));
   RETURN_IF_ERROR(backend_->CopyAsync(rope_.data(), table.data(), table.size() * sizeof(float)));
   RETURN_IF_ERROR(backend_->Synchronize());
@@ -101,7 +89,6 @@ absl::Status Model::Reserve(const StepShape& shape) {
 
 absl::Status Model::Validate(const ForwardBatch& b, const KvCacheView& kv) const {
   const ModelConfig& c = config();
-  RETURN_IF_ERROR(CheckForwardSupports(c));  // a Model built by the CPU constructor
   const int64_t T = b.num_tokens();
   const int S = b.num_seqs();
   if (b.positions.size() != b.tokens.size() || b.slots.size() != b.tokens.size()) {
@@ -314,15 +301,30 @@ absl::Status Model::Layer(int layer, const StepShape& step, bool padded, const K
   const StepMetadata& m = workspace_.metadata();
   const StepActivations& a = workspace_.activations();
   device::Backend& dev = *backend_;
+  RETURN_IF_ERROR(dev.RmsNorm({.x = a.x, .weight = L.input_norm, .out = a.h, .rows = step.tokens,
+                               .cols = c.hidden_size, .eps = c.rms_norm_eps}));
+  if (c.UsesMla()) {
+    RETURN_IF_ERROR(RunMlaAttention(dev, c, L, mla_.layer(layer),
+                                    {.meta = m, .shape = step, .act = a, .cache = kv.k[layer],
+                                     .cache_type = kv.type, .block_size = kv.block_size,
+                                     .cos = rope_cos_, .sin = rope_sin_}));
+  } else {
+    RETURN_IF_ERROR(GroupedQueryAttention(layer, step, kv));
+  }
+  return FeedForward(layer, step, padded);
+}
+
+absl::Status Model::GroupedQueryAttention(int layer, const StepShape& step, const KvCacheView& kv) {
+  const ModelConfig& c = config();
+  const LayerView& L = device_weights_->layers()[layer];
+  const StepMetadata& m = workspace_.metadata();
+  const StepActivations& a = workspace_.activations();
+  device::Backend& dev = *backend_;
   const int64_t T = step.tokens;
   const int64_t H = c.hidden_size;
   const int D = c.head_dim;
   const int Hq = c.num_attention_heads;
   const int Hk = c.num_key_value_heads;
-
-  // --- attention ---
-  RETURN_IF_ERROR(dev.RmsNorm({.x = a.x, .weight = L.input_norm, .out = a.h, .rows = T, .cols = H,
-                               .eps = c.rms_norm_eps}));
   auto project = [&](const LinearView& l, float* out) {
     return dev.Gemm(LinearGemm(l, a.h, T, out, a.gemm_workspace));
   };
@@ -351,11 +353,19 @@ absl::Status Model::Layer(int layer, const StepShape& step, bool padded, const K
        .sliding_window = c.sliding_window, .num_tokens = T,
        .max_context_len = step.max_context_len, .workspace = a.attention_workspace}));
   // Residual add fused into the output projection.
-  RETURN_IF_ERROR(dev.Gemm({.x = a.attn, .m = T, .k = int64_t{Hq} * D, .w = L.o_proj.w,
-                            .w_type = L.o_proj.type, .n = H, .y = a.x, .accumulate = true,
-                            .workspace = a.gemm_workspace}));
+  return dev.Gemm({.x = a.attn, .m = T, .k = int64_t{Hq} * D, .w = L.o_proj.w,
+                   .w_type = L.o_proj.type, .n = H, .y = a.x, .accumulate = true,
+                   .workspace = a.gemm_workspace});
+}
 
-  // --- MLP / MoE ---
+absl::Status Model::FeedForward(int layer, const StepShape& step, bool padded) {
+  const ModelConfig& c = config();
+  const LayerView& L = device_weights_->layers()[layer];
+  const StepMetadata& m = workspace_.metadata();
+  const StepActivations& a = workspace_.activations();
+  device::Backend& dev = *backend_;
+  const int64_t T = step.tokens;
+  const int64_t H = c.hidden_size;
   RETURN_IF_ERROR(dev.RmsNorm({.x = a.x, .weight = L.post_attention_norm, .out = a.h, .rows = T,
                                .cols = H, .eps = c.rms_norm_eps}));
   ExpertExecutor& experts = experts_ != nullptr ? *experts_ : *local_experts_;

@@ -24,6 +24,7 @@
 #include "worker/model/device_weights.h"
 #include "worker/model/experts.h"
 #include "worker/model/forward_batch.h"
+#include "worker/model/mla.h"
 #include "worker/model/step_workspace.h"
 #include "worker/model/weights.h"
 
@@ -85,7 +86,8 @@ class Model {
   Model(std::unique_ptr<ModelWeights> weights, std::unique_ptr<device::Backend> backend,
         std::unique_ptr<DeviceWeights> device_weights, bool cuda_graphs);
   absl::Status Validate(const ForwardBatch& batch, const KvCacheView& kv) const;
-  absl::Status PrepareRope();
+  // The RoPE table and, for MLA, the absorbed weights.
+  absl::Status PrepareTables();
   // The graph that replays `batch` and its batch-size bucket, or null when
   // the step must run eagerly.
   std::pair<device::Graph*, int64_t> DecodeGraphFor(const ForwardBatch& batch,
@@ -96,6 +98,9 @@ class Model {
   // metadata, logits into `logits` (backend memory).
   absl::Status Run(const StepShape& shape, bool padded, const KvCacheView& kv, float* logits);
   absl::Status Layer(int layer, const StepShape& shape, bool padded, const KvCacheView& kv);
+  // Each half of a layer: x += attention(norm(x)) (h holds norm(x)), then x += mlp(norm(x)).
+  absl::Status GroupedQueryAttention(int layer, const StepShape& shape, const KvCacheView& kv);
+  absl::Status FeedForward(int layer, const StepShape& shape, bool padded);
   // Copies back the tokens the device picked and the logits of the rows it
   // did not (of `rows` rows), and waits.
   absl::Status ReturnResults(int64_t rows, float* logits, StepSampling* sampling);
@@ -107,6 +112,7 @@ class Model {
   ExpertExecutor* experts_;
   const bool cuda_graphs_;
   device::Buffer rope_;  // cos then sin, [max_position, head_dim / 2] each
+  MlaWeights mla_;       // multi-head latent attention's absorbed kv_b_proj
   const float* rope_cos_ = nullptr;
   const float* rope_sin_ = nullptr;
   StepWorkspace workspace_;

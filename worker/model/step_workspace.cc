@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "common/status.h"
+#include "worker/model/mla.h"
 
 namespace joule {
 
@@ -22,6 +23,26 @@ int64_t DenseIntermediate(const ModelConfig& c) {
     if (!c.IsMoeLayer(l)) widest = std::max(widest, c.intermediate_size);
   }
   return widest;
+}
+
+// Row widths of the attention buffers (0: the model has no such buffer).
+struct AttentionWidths {
+  int64_t q = 0, k = 0, attn = 0, q_lora = 0, kv_latent = 0, q_latent = 0, attn_latent = 0;
+  int attention_head_dim = 0;  // the head_dim PagedAttention runs at
+};
+
+AttentionWidths WidthsOf(const ModelConfig& c) {
+  const int64_t Hq = c.num_attention_heads;
+  if (!c.UsesMla()) {
+    const int64_t qd = Hq * c.head_dim;
+    return {.q = qd, .k = int64_t{c.num_key_value_heads} * c.head_dim, .attn = qd,
+            .attention_head_dim = c.head_dim};
+  }
+  const MlaConfig& mla = c.mla;
+  const int64_t row = MlaCacheRow(mla);
+  return {.q = Hq * mla.qk_head_dim(), .attn = Hq * mla.v_head_dim, .q_lora = mla.q_lora_rank,
+          .kv_latent = row, .q_latent = Hq * row, .attn_latent = Hq * mla.kv_lora_rank,
+          .attention_head_dim = static_cast<int>(row)};
 }
 
 }  // namespace
@@ -45,8 +66,7 @@ absl::Status StepWorkspace::Allocate(device::Backend& backend, const ModelConfig
   const int64_t S = std::max<int64_t>(1, shape.seqs);
   const int64_t R = std::max<int64_t>(1, shape.logit_rows);
   const int64_t H = c.hidden_size;
-  const int64_t qd = int64_t{c.num_attention_heads} * c.head_dim;
-  const int64_t kd = int64_t{c.num_key_value_heads} * c.head_dim;
+  const AttentionWidths w = WidthsOf(c);
   const int64_t dense = DenseIntermediate(c);
   const int64_t E = std::max(c.num_experts, 1);
   const int64_t K = std::max(c.num_experts_per_tok, 1);
@@ -66,20 +86,22 @@ absl::Status StepWorkspace::Allocate(device::Backend& backend, const ModelConfig
   block_tables_ = layout.Reserve(S * std::max<int64_t>(1, shape.blocks_per_seq) * sizeof(int32_t));
   metadata_bytes_ = layout.bytes();
   auto floats = [&](int64_t n) { return layout.Reserve(static_cast<size_t>(n) * sizeof(float)); };
-  const size_t x = floats(T * H), h = floats(T * H), q = floats(T * qd), k = floats(T * kd),
-               v = floats(T * kd), attn = floats(T * qd), mlp_out = floats(T * H),
+  const size_t x = floats(T * H), h = floats(T * H), q = floats(T * w.q), k = floats(T * w.k),
+               v = floats(T * w.k), attn = floats(T * w.attn), q_lora = floats(T * w.q_lora),
+               kv_latent = floats(T * w.kv_latent), q_latent = floats(T * w.q_latent),
+               attn_latent = floats(T * w.attn_latent), mlp_out = floats(T * H),
                shared = floats(T * H), scratch = floats(2 * T * dense),
                router = floats(T * E), ids = floats(T * K), weights = floats(T * K),
                gate = floats(T), final = floats(R * H),
                logits = host ? 0 : floats(R * c.vocab_size), tokens = floats(R);
   const size_t gemm = layout.Reserve(
-      backend.GemmWorkspaceBytes(std::max(T, R), std::max({H, qd, dense})));
+      backend.GemmWorkspaceBytes(std::max(T, R), std::max({H, w.q, w.attn, w.attn_latent, dense})));
   // A step with fewer tokens may split its keys into more parts (decode), so
   // the attention workspace is the largest any step up to T tokens asks for.
   size_t attention_bytes = 0;
   for (int64_t t = 1; t <= T; ++t) {
     attention_bytes = std::max(attention_bytes, backend.AttentionWorkspaceBytes(
-        t, c.num_attention_heads, c.head_dim, shape.max_context_len));
+        t, c.num_attention_heads, w.attention_head_dim, shape.max_context_len));
   }
   const size_t attention = layout.Reserve(attention_bytes);
 
@@ -94,7 +116,8 @@ absl::Status StepWorkspace::Allocate(device::Backend& backend, const ModelConfig
   device_meta_ = Carve(base);
   staging_meta_ = host ? device_meta_ : Carve(staging_.as<std::byte>());
   act_ = {.x = f(x), .h = f(h), .q = f(q), .k = f(k), .v = f(v), .attn = f(attn),
-          .mlp_out = f(mlp_out), .shared = f(shared), .mlp_scratch = f(scratch),
+          .q_lora = f(q_lora), .kv_latent = f(kv_latent), .q_latent = f(q_latent),
+          .attn_latent = f(attn_latent), .mlp_out = f(mlp_out), .shared = f(shared), .mlp_scratch = f(scratch),
           .router_logits = f(router), .topk_ids = reinterpret_cast<int32_t*>(base + ids),
           .topk_weights = f(weights), .gate_logit = f(gate), .final = f(final),
           .logits = host ? nullptr : f(logits),

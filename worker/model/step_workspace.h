@@ -31,10 +31,15 @@ struct StepMetadata {
 struct StepActivations {
   float* x = nullptr;              // [tokens, hidden] the residual stream
   float* h = nullptr;              // [tokens, hidden] normed
-  float* q = nullptr;              // [tokens, q_heads * head_dim]
-  float* k = nullptr;              // [tokens, kv_heads * head_dim]
+  float* q = nullptr;              // [tokens, q_heads * head_dim] (MLA: qk_head_dim)
+  float* k = nullptr;              // [tokens, kv_heads * head_dim] (none with MLA)
   float* v = nullptr;
-  float* attn = nullptr;           // [tokens, q_heads * head_dim]
+  float* attn = nullptr;           // [tokens, q_heads * head_dim] (MLA: v_head_dim)
+  // Multi-head latent attention only (worker/model/mla.h):
+  float* q_lora = nullptr;       // [tokens, q_lora_rank]
+  float* kv_latent = nullptr;    // [tokens, kv_lora_rank + qk_rope_head_dim] the cache rows
+  float* q_latent = nullptr;     // [tokens, q_heads, kv_lora_rank + qk_rope_head_dim]
+  float* attn_latent = nullptr;  // [tokens, q_heads, kv_lora_rank]
   float* mlp_out = nullptr;        // [tokens, hidden]
   float* shared = nullptr;         // [tokens, hidden] the shared expert's output
   float* mlp_scratch = nullptr;    // [2, tokens, dense or shared intermediate]

@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/status.h"
+#include "worker/model/mla.h"
 
 namespace joule {
 namespace {
@@ -338,6 +339,9 @@ size_t ModelWeights::ActiveBytesPerToken(std::optional<kernels::DType> as) const
   size_t total = lm_head_.bytes(as);
   for (const LayerWeights& L : layers_) {
     total += LayerBytesExceptRoutedExperts(L, as);
+    if (config_.UsesMla()) {  // decode reads the absorbed per-head matrices instead
+      total += MlaAbsorbedBytes(config_, L.kv_b_proj) - L.kv_b_proj.bytes(as);
+    }
     // Every expert of a layer has the same shape and dtype; any loaded one stands for all.
     for (const MlpWeights& e : L.experts) {
       if (!e.loaded) continue;

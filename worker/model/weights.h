@@ -84,8 +84,9 @@ class ModelWeights {
   const std::vector<LayerWeights>& layers() const { return layers_; }
 
   // Bytes of weights one token touches in a decode step (attention, router,
-  // dense/shared MLPs, top_k experts per MoE layer, lm_head) — the numerator
-  // of the memory-bandwidth roofline.
+  // dense/shared MLPs, top_k experts per MoE layer, lm_head; MLA's absorbed
+  // kv_b_proj as worker/model/mla.h keeps it) — the numerator of the
+  // memory-bandwidth roofline.
   // With `as`: the matrices counted as stored in that type (the device's).
   size_t ActiveBytesPerToken(std::optional<kernels::DType> as = std::nullopt) const;
   // Bytes of every loaded weight.

@@ -5,7 +5,7 @@
 //
 //   joule-make-model --family qwen3_moe|qwen2_moe|mixtral|deepseek_v3 --preset tiny|mini
 //                    --out DIR [--shards N] [--dtype bf16|f16|f32] [--seed S] [--layers N]
-//   joule-make-model --family deepseek_v3 --preset tiny|mini --dtype fp8 --out DIR
+//   joule-make-model --family deepseek_v3 --preset tiny|wide|mini [--dtype fp8] --out DIR
 //   joule-make-model --preset qwen3-30b-a3b-shape --out DIR [--layers 4]
 //
 // Every value is a pure function of (seed, tensor name, element index), so the
@@ -44,7 +44,7 @@ constexpr char kDeepseekV3[] = "deepseek_v3";
 #define JOULE_MAKE_MODEL_FLAGS(X)                                                                 \
   X(std::string, family, "qwen3_moe", "model family: qwen3_moe, qwen2_moe, mixtral or deepseek_v3") \
   X(std::string, preset, "tiny",                                                                  \
-    "size: tiny (tests), mini (benchmarks, ~215 MB) or qwen3-30b-a3b-shape (Qwen3-30B-A3B's layer " \
+    "size: tiny (tests), mini (benchmarks, ~215 MB), wide (deepseek_v3: 256 experts) or qwen3-30b-a3b-shape (Qwen3-30B-A3B's layer " \
     "shapes with 4 layers, ~6.2 GB; qwen3_moe only)")                                             \
   X(int, layers, 0, "decoder layers; 0: the preset's")                                            \
   X(int, threads, 0, "threads generating the weights; 0: every core (same bytes for any count)")  \
@@ -212,10 +212,14 @@ absl::StatusOr<DeepseekV3Preset> GetDeepseekV3Preset(const std::string& preset) 
                                                 1, 2.5, 4, 128, 1.0, 1.0};
   // mini: the benchmark model (~205 MB BF16), without the query LoRA (DeepSeek-V2-Lite's form),
   // two shared experts and DeepSeek-V3's YaRN parameters.
+  // wide: DeepSeek-V3's routing shape at tiny sizes (256 experts in 8 groups, 4 groups kept,
+  // top-8), for expert parallelism over a 256-expert layout.
+  if (preset == "wide") return DeepseekV3Preset{64, 2, 4, 0, 32, 16, 16, 16, 256, 8, 4, 8, 1, 16, 128,
+                                                1, 2.5, 4, 128, 1.0, 1.0};
   if (preset == "mini") return DeepseekV3Preset{512, 8, 8, 0, 128, 64, 32, 64, 32, 8, 3, 4, 2, 256, 1024,
                                                 1, 2.5, 40, 4096, 1.0, 1.0};
   return absl::InvalidArgumentError(
-      absl::StrCat("--preset: '", preset, "' is not a deepseek_v3 preset (tiny, mini)"));
+      absl::StrCat("--preset: '", preset, "' is not a deepseek_v3 preset (tiny, wide, mini)"));
 }
 
 // The keys of DeepSeek-V3's config.json (the Hugging Face release), with our sizes.
@@ -534,6 +538,26 @@ absl::StatusOr<size_t> WriteFp8Shard(const std::string& path, const std::string&
   return bytes;
 }
 
+// tokenizer.json and tokenizer_config.json. DeepSeek-V3 has its own special tokens, chat
+// template and BOS (tokenizer/tokenizer.h); the other families share the ChatML tokenizer.
+absl::Status WriteTokenizerFiles(const std::filesystem::path& dir, const std::string& family,
+                                 int64_t max_pos) {
+  if (family == kDeepseekV3) {
+    RETURN_IF_ERROR(WriteText(dir / "tokenizer.json", tokenizer::MakeDeepseekV3ByteLevelTokenizerJson()));
+    return WriteText(dir / "tokenizer_config.json", tokenizer::MakeDeepseekV3TokenizerConfigJson(max_pos));
+  }
+  RETURN_IF_ERROR(WriteText(dir / "tokenizer.json", tokenizer::MakeByteLevelTokenizerJson()));
+  nlohmann::json tok_cfg = {
+      {"tokenizer_class", "PreTrainedTokenizerFast"},
+      {"eos_token", family == "mixtral" ? "<|endoftext|>" : "<|im_end|>"},
+      {"pad_token", "<|endoftext|>"},
+      {"model_max_length", max_pos},
+      {"chat_template",
+       "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+       "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"}};
+  return WriteText(dir / "tokenizer_config.json", tok_cfg.dump(2) + "\n");
+}
+
 absl::Status Run(const MakeModelFlags& flags) {
   const std::string& family = flags.family;
   const std::string& preset = flags.preset;
@@ -572,16 +596,7 @@ absl::Status Run(const MakeModelFlags& flags) {
   nlohmann::json gen = {{"bos_token_id", kEndOfText}, {"eos_token_id", config["eos_token_id"]},
                         {"do_sample", false}};
   RETURN_IF_ERROR(WriteText(dir / "generation_config.json", gen.dump(2) + "\n"));
-  RETURN_IF_ERROR(WriteText(dir / "tokenizer.json", tokenizer::MakeByteLevelTokenizerJson()));
-  nlohmann::json tok_cfg = {
-      {"tokenizer_class", "PreTrainedTokenizerFast"},
-      {"eos_token", family == "mixtral" ? "<|endoftext|>" : "<|im_end|>"},
-      {"pad_token", "<|endoftext|>"},
-      {"model_max_length", max_pos},
-      {"chat_template",
-       "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-       "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"}};
-  RETURN_IF_ERROR(WriteText(dir / "tokenizer_config.json", tok_cfg.dump(2) + "\n"));
+  RETURN_IF_ERROR(WriteTokenizerFiles(dir, family, max_pos));
   if (flags.config_only) {
     std::printf("wrote the %s %s config (%lld layers) to %s, no weights\n", family.c_str(), preset.c_str(),
                 static_cast<long long>(layers), flags.out.c_str());

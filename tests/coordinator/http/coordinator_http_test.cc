@@ -92,6 +92,28 @@ TEST(CoordinatorServerHttp, ApiKeyFileAndMetricsKey) {
   EXPECT_THAT(std::string(bad.status().message()), HasSubstr("--api-key-file"));
 }
 
+// A DeepSeek-V3 checkpoint gets DeepSeek-V3's chat template: its tokenizer must have the
+// template's markers, or the coordinator refuses to start, naming the file and the token.
+TEST(CoordinatorServerHttp, DeepseekV3NeedsItsChatMarkers) {
+  testing::TinyModelDir model(R"({"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+      "vocab_size": 100, "hidden_size": 16, "num_hidden_layers": 2, "n_routed_experts": 4,
+      "num_experts_per_tok": 2, "first_k_dense_replace": 1, "max_position_embeddings": 64})");
+  std::ofstream(model.path() + "/tokenizer.json") << tokenizer::MakeByteLevelTokenizerJson();
+  auto o = Parse({"--model", model.path().c_str(), "--workers", "1", "--http-port", "0"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  auto refused = CoordinatorServer::Start(*o);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_THAT(std::string(refused.status().message()),
+              HasSubstr(model.path() + "/tokenizer.json: the tokenizer has no added token "
+                        "\"<｜begin▁of▁sentence｜>\", which the DeepSeek-V3 chat template writes"));
+
+  std::ofstream(model.path() + "/tokenizer.json") << tokenizer::MakeDeepseekV3ByteLevelTokenizerJson();
+  std::ofstream(model.path() + "/tokenizer_config.json") << tokenizer::MakeDeepseekV3TokenizerConfigJson(64);
+  auto server = CoordinatorServer::Start(*o);
+  ASSERT_TRUE(server.ok()) << server.status();
+  (*server)->Stop();
+}
+
 TEST(CoordinatorHttpOptions, TierQueueCaps) {
   auto defaults = ParseTierQueueCaps("");
   ASSERT_TRUE(defaults.ok());

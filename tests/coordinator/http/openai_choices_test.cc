@@ -254,6 +254,30 @@ TEST_F(ChoiceStreamTest, EchoPutsThePromptFirstWithItsLogprobs) {
   EXPECT_FALSE(b.logprobs[1].logprob.has_value());
 }
 
+// A token the tokenizer put before the text (a BOS, here id 256) is not in the
+// echoed text: its entry is there, with no width, and the offsets stay in the
+// text. Written in the prompt, the same token has its width.
+TEST_F(ChoiceStreamTest, EchoedTokensTheTokenizerAddedHaveNoWidth) {
+  ChoiceStream s(*tok_, {.logprobs = true});
+  ChoiceStream::Delta d;
+  s.Echo("ab", {256, 'a', 'b'}, {}, &d);
+  const v1::TokenLogprob x = Lp('x', -2.0f);
+  s.Push('x', &x, &d);
+  EXPECT_EQ(d.text, "abx");
+  ASSERT_EQ(d.logprobs.size(), 4u);
+  EXPECT_EQ(d.logprobs[0].text_offset, 0);
+  EXPECT_EQ(d.logprobs[1].text_offset, 0);
+  EXPECT_EQ(d.logprobs[2].text_offset, 1);
+  EXPECT_EQ(d.logprobs[3].text_offset, 2);
+
+  ChoiceStream written(*tok_, {.logprobs = true});
+  ChoiceStream::Delta w;
+  const std::string special = tok_->Decode({256});
+  written.Echo(special + "a", {256, 'a'}, {}, &w);
+  ASSERT_EQ(w.logprobs.size(), 2u);
+  EXPECT_EQ(w.logprobs[1].text_offset, static_cast<int64_t>(special.size()));  // ASCII content
+}
+
 TEST_F(ChoiceStreamTest, StopStringsStillEndTheText) {
   ChoiceStream s(*tok_, {.stop = {"b"}, .logprobs = true});
   ChoiceStream::Delta d;

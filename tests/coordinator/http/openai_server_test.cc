@@ -38,12 +38,17 @@ std::vector<int32_t> Bytes(const std::string& s) { return std::vector<int32_t>(s
 
 class OpenAiServerTest : public ::testing::Test {
  protected:
-  void Start(OpenAiServiceOptions options = {}, int64_t max_body_bytes = 1 << 20) {
+  // With no `tokenizer`, the built-in ChatML one.
+  void Start(OpenAiServiceOptions options = {}, int64_t max_body_bytes = 1 << 20,
+             std::unique_ptr<tokenizer::Tokenizer> tokenizer = nullptr) {
     if (options.model_name.empty()) options.model_name = "tiny";
     if (options.max_context == 0) options.max_context = kMaxContext;
-    auto t = tokenizer::ParseTokenizerJson(tokenizer::MakeByteLevelTokenizerJson(), "byte-level");
-    ASSERT_TRUE(t.ok()) << t.status();
-    tokenizer_ = std::move(*t);
+    if (tokenizer == nullptr) {
+      auto t = tokenizer::ParseTokenizerJson(tokenizer::MakeByteLevelTokenizerJson(), "byte-level");
+      ASSERT_TRUE(t.ok()) << t.status();
+      tokenizer = std::move(*t);
+    }
+    tokenizer_ = std::move(tokenizer);
     registry_ = std::make_shared<prometheus::Registry>();
     service_ = std::make_unique<OpenAiService>(options, tokenizer_.get(), &backend_, registry_, &clock_);
     auto server = HttpServer::Start(
@@ -202,6 +207,44 @@ TEST_F(OpenAiServerTest, ChatStreamsRoleTokensFinishUsageAndOneDone) {
   EXPECT_THAT(g.sampling().stop_token_ids(), Contains(kImEnd));
   EXPECT_THAT(g.sampling().stop_token_ids(), Contains(kEndOfText));
   EXPECT_EQ(g.sampling().max_tokens(), 8);
+}
+
+// DeepSeek-V3 (the built-in tokenizer files): the chat prompt is its template, BOS
+// once, stopped by <｜end▁of▁sentence｜>; a text completion prompt gets the BOS
+// its tokenizer_config.json asks for; a token-id prompt is taken as it is.
+TEST_F(OpenAiServerTest, DeepseekV3PromptsStartWithOneBos) {
+  constexpr int32_t kBos = 256, kEos = 258, kUser = 259, kAssistant = 260;
+  auto t = tokenizer::ParseTokenizerJson(tokenizer::MakeDeepseekV3ByteLevelTokenizerJson(), "tokenizer.json",
+                                         tokenizer::MakeDeepseekV3TokenizerConfigJson(kMaxContext),
+                                         "tokenizer_config.json");
+  ASSERT_TRUE(t.ok()) << t.status();
+  Start({.chat_format = tokenizer::ChatFormat::kDeepseekV3}, 1 << 20, std::move(*t));
+  auto prompt_of = [&](size_t call) {
+    const v1::GenerateRequest& g = backend_.WaitForCall(call)->request();
+    return std::vector<int32_t>(g.prompt_token_ids().begin(), g.prompt_token_ids().end());
+  };
+
+  backend_.SetScript({'o', 'k', kEos}, v1::FINISH_REASON_STOP);
+  auto r = Post("/v1/chat/completions",
+                R"({"model": "tiny", "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                    {"role": "assistant", "content": "a"}, {"role": "user", "content": "v"}], "max_tokens": 4})");
+  ASSERT_EQ(r.result_int(), 200) << r.body();
+  Json j = Json::parse(r.body());
+  EXPECT_EQ(j["choices"][0]["message"]["content"], "ok");  // the end of sentence is not printed
+  EXPECT_THAT(prompt_of(1), ElementsAre(kBos, 's', kUser, 'u', kAssistant, 'a', kEos, kUser, 'v', kAssistant));
+  EXPECT_EQ(j["usage"]["prompt_tokens"], 10);
+  EXPECT_THAT(backend_.WaitForCall(1)->request().sampling().stop_token_ids(), ElementsAre(kEos));
+
+  backend_.SetScript({'!'}, v1::FINISH_REASON_LENGTH);
+  r = Post("/v1/completions", R"({"model": "tiny", "prompt": "abc", "max_tokens": 1})");
+  ASSERT_EQ(r.result_int(), 200) << r.body();
+  EXPECT_THAT(prompt_of(2), ElementsAre(kBos, 'a', 'b', 'c'));
+  EXPECT_EQ(Json::parse(r.body())["usage"]["prompt_tokens"], 4);
+  EXPECT_EQ(backend_.WaitForCall(2)->request().sampling().stop_token_ids_size(), 0);
+
+  r = Post("/v1/completions", R"({"model": "tiny", "prompt": [97, 98], "max_tokens": 1})");
+  ASSERT_EQ(r.result_int(), 200) << r.body();
+  EXPECT_THAT(prompt_of(3), ElementsAre('a', 'b'));
 }
 
 TEST_F(OpenAiServerTest, ChatDefaultsToTheRestOfTheContext) {

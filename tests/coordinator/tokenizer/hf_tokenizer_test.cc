@@ -1,11 +1,13 @@
 // The reader against the real Qwen3 and DeepSeek-V3 tokenizer.json files: ids
 // must equal those of the reference implementation (tests/data/tokenizer/
 // *_fixtures.json, made by tests/reference/tokenizer_fixtures.mjs).
+#include <algorithm>
 #include <chrono>
 #include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "coordinator/tokenizer/chat_template.h"
 #include "coordinator/tokenizer/tokenizer.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -156,6 +158,50 @@ TEST(Qwen3Tokenizer, ChatMarkersAreSingleSpecialTokens) {
   std::string text;
   for (int32_t id : *ids) text += dec.Push(id);
   EXPECT_EQ(text + dec.Flush(), "user\nhi");
+}
+
+// /v1/completions encodes with the special tokens: none for Qwen3 (its tokenizer_config.json
+// has add_bos_token false), DeepSeek-V3's BOS for DeepSeek-V3 (LlamaTokenizerFast with
+// add_bos_token; its tokenizer.json post_processor alone adds nothing).
+TEST(Qwen3Tokenizer, CompletionPromptGetsNoSpecialTokens) {
+  const Tokenizer* tok = RealTokenizer("qwen3");
+  ASSERT_NE(tok, nullptr);
+  auto plain = tok->Encode("Hello, world!");
+  auto special = tok->EncodeWithSpecialTokens("Hello, world!");
+  ASSERT_TRUE(plain.ok() && special.ok());
+  EXPECT_EQ(*special, *plain);
+}
+
+TEST(DeepSeekV3Tokenizer, CompletionPromptGetsTheBosOnce) {
+  const Tokenizer* tok = RealTokenizer("deepseek_v3");
+  ASSERT_NE(tok, nullptr);
+  auto ids = tok->EncodeWithSpecialTokens("Hello, world!");
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  EXPECT_EQ(*ids, (std::vector<int32_t>{0, 19923, 14, 2058, 3}));  // the fixture's ids after BOS 0
+}
+
+// The chat template's markers are single tokens of the real vocabulary, and the
+// rendered conversation encodes with its one BOS.
+TEST(DeepSeekV3Tokenizer, ChatPromptHasOneBosAndSingleTokenMarkers) {
+  const Tokenizer* tok = RealTokenizer("deepseek_v3");
+  ASSERT_NE(tok, nullptr);
+  ASSERT_TRUE(CheckChatTokens(ChatFormat::kDeepseekV3, *tok).ok());
+  EXPECT_EQ(tok->TokenId("<｜User｜>"), 128803);
+  EXPECT_EQ(tok->TokenId("<｜Assistant｜>"), 128804);
+  auto text = RenderChat(ChatFormat::kDeepseekV3,
+                         {{"system", "Be brief."}, {"user", "Hi"}, {"assistant", "Hello"}, {"user", "Bye"}},
+                         /*add_generation_prompt=*/true);
+  ASSERT_TRUE(text.ok()) << text.status();
+  auto ids = tok->Encode(*text);
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  ASSERT_GE(ids->size(), 8u);
+  EXPECT_EQ(ids->front(), 0);
+  EXPECT_EQ(std::count(ids->begin(), ids->end(), 0), 1);
+  EXPECT_EQ(ids->back(), 128804);
+  EXPECT_EQ(std::count(ids->begin(), ids->end(), 128803), 2);
+  EXPECT_EQ(std::count(ids->begin(), ids->end(), 1), 1);  // the assistant turn's end
+  EXPECT_EQ(tok->Decode(*ids), *text);
+  EXPECT_EQ(ChatStopTokenIds(ChatFormat::kDeepseekV3, *tok), (std::vector<int32_t>{1}));
 }
 
 TEST(DeepSeekV3Tokenizer, SentenceMarkersAreSpecialTokens) {

@@ -3,7 +3,9 @@
 // physical blocks, padding tokens with negative slots, NaN in every slot no
 // sequence owns); the CPU reference gets an F32 cache written with the same
 // slots from the same rows, rounded to BF16 first when the GPU cache is BF16,
-// so both attend over identical numbers.
+// so both attend over identical numbers. Multi-head latent attention (MLA)
+// cases write keys only into one cache that is both k_cache and v_cache, and
+// read values as the first v_head_dim columns of each row.
 //
 // Tolerance: |got - want| <= 2e-5 * (1 + q_scale) + 1e-4 * |want|. Both sides
 // compute in F32 and differ only in summation order (head_dim products, up to
@@ -25,6 +27,7 @@
 #include <random>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "gmock/gmock.h"
@@ -48,12 +51,15 @@ struct CacheShape {
   int head_dim = 64;
   int block_size = 16;
   DType cache_type = DType::kBF16;
+  // MLA: one cache of latent rows (written without v) is k_cache and v_cache.
+  bool latent = false;
 };
 
 struct AttentionCase {
   std::vector<SeqSpec> seqs;
   CacheShape cache;
   int group = 4;  // query heads per KV head
+  int v_head_dim = 0;  // 0: head_dim
   int sliding_window = 0;
   int64_t max_context_len = 0;  // 0: max_blocks_per_seq * block_size
   int padding_rows = 0;         // query rows after the last sequence's (graph padding)
@@ -68,7 +74,10 @@ struct PagedCache {
   int max_blocks_per_seq = 0;
   std::vector<int32_t> block_tables;  // [num_seqs, max_blocks_per_seq], -1 where unused
   std::vector<float> host_k, host_v;  // NaN in unowned slots, like the device caches
-  std::unique_ptr<DeviceBuffer<uint8_t>> k, v;
+  std::unique_ptr<DeviceBuffer<uint8_t>> k, v;  // v null when latent
+
+  const float* host_values() const { return shape.latent ? host_k.data() : host_v.data(); }
+  const void* device_values() const { return shape.latent ? k->get() : v->get(); }
 };
 
 // One launch's metadata on the host.
@@ -96,6 +105,13 @@ std::unique_ptr<DeviceBuffer<uint8_t>> NanFilledDeviceBytes(size_t bytes) {
   auto buffer = std::make_unique<DeviceBuffer<uint8_t>>(bytes);
   EXPECT_EQ(cudaMemset(buffer->get(), 0xff, bytes), cudaSuccess);  // NaN in F32 and in BF16
   return buffer;
+}
+
+int ValueDim(const PagedAttentionParams& p) { return p.v_head_dim > 0 ? p.v_head_dim : p.head_dim; }
+
+// Elements of out: [num_tokens, num_q_heads, v_head_dim].
+size_t OutputSize(const PagedAttentionParams& p) {
+  return static_cast<size_t>(p.num_tokens) * p.num_q_heads * ValueDim(p);
 }
 
 class CudaAttentionTest : public CudaKernelTest {
@@ -140,27 +156,31 @@ class CudaAttentionTest : public CudaKernelTest {
     }
 
     const size_t cache_elements = static_cast<size_t>(num_blocks) * bs * row;
-    cache->k = NanFilledDeviceBytes(cache_elements * ElementBytes(shape.cache_type));
-    cache->v = NanFilledDeviceBytes(cache_elements * ElementBytes(shape.cache_type));
+    const size_t cache_bytes = cache_elements * ElementBytes(shape.cache_type);
+    cache->k = NanFilledDeviceBytes(cache_bytes);
+    if (!shape.latent) cache->v = NanFilledDeviceBytes(cache_bytes);
     DeviceBuffer<float> d_k(k), d_v(v);
     DeviceBuffer<int64_t> d_slots(slots);
-    KvCacheWriteParams w{.k = d_k.get(), .v = d_v.get(), .slots = d_slots.get(),
-                         .tokens = static_cast<int64_t>(slots.size()),
+    // Latent: keys only, and no v_cache at all (as the MLA layer launches it).
+    KvCacheWriteParams w{.k = d_k.get(), .v = shape.latent ? nullptr : d_v.get(),
+                         .slots = d_slots.get(), .tokens = static_cast<int64_t>(slots.size()),
                          .num_kv_heads = shape.num_kv_heads, .head_dim = shape.head_dim,
-                         .k_cache = cache->k->get(), .v_cache = cache->v->get(),
+                         .k_cache = cache->k->get(),
+                         .v_cache = shape.latent ? nullptr : cache->v->get(),
                          .cache_type = shape.cache_type};
-    ASSERT_TRUE(LaunchKvCacheWrite(w, stream_).ok());
+    const absl::Status written = LaunchKvCacheWrite(w, stream_);
+    ASSERT_TRUE(written.ok()) << written;
     Sync();
 
     for (float& x : k) x = RoundThroughCache(x, shape.cache_type);
     for (float& x : v) x = RoundThroughCache(x, shape.cache_type);
     cache->host_k.assign(cache_elements, std::nanf(""));
-    cache->host_v.assign(cache_elements, std::nanf(""));
+    if (!shape.latent) cache->host_v.assign(cache_elements, std::nanf(""));
     w.k = k.data();
-    w.v = v.data();
+    w.v = shape.latent ? nullptr : v.data();
     w.slots = slots.data();
     w.k_cache = cache->host_k.data();
-    w.v_cache = cache->host_v.data();
+    w.v_cache = shape.latent ? nullptr : cache->host_v.data();
     w.cache_type = DType::kF32;
     kernels::cpu::LaunchKvCacheWrite(w, kernels::cpu::CpuStream{});
   }
@@ -171,6 +191,7 @@ class CudaAttentionTest : public CudaKernelTest {
     p.num_q_heads = cache.shape.num_kv_heads * c.group;
     p.num_kv_heads = cache.shape.num_kv_heads;
     p.head_dim = cache.shape.head_dim;
+    p.v_head_dim = c.v_head_dim;
     p.scale = 1.0f / std::sqrt(static_cast<float>(p.head_dim));
     p.cache_type = cache.shape.cache_type;
     p.block_size = cache.shape.block_size;
@@ -185,11 +206,11 @@ class CudaAttentionTest : public CudaKernelTest {
   // kernels::cpu over the F32 twin; rows it does not write stay 0.
   static std::vector<float> RunCpu(PagedAttentionParams p, const PagedCache& cache,
                                    const Batch& batch, const std::vector<float>& q) {
-    std::vector<float> out(q.size(), 0.f);
+    std::vector<float> out(OutputSize(p), 0.f);
     p.q = q.data();
     p.out = out.data();
     p.k_cache = cache.host_k.data();
-    p.v_cache = cache.host_v.data();
+    p.v_cache = cache.host_values();
     p.cache_type = DType::kF32;
     p.query_start = batch.query_start.data();
     p.context_lens = batch.context_lens.data();
@@ -203,7 +224,8 @@ class CudaAttentionTest : public CudaKernelTest {
   void RunGpu(PagedAttentionParams p, const PagedCache& cache, const Batch& batch,
               const std::vector<float>& q, std::vector<float>* out) {
     DeviceBuffer<float> d_q(q);
-    auto d_out = NanFilledDeviceBytes(q.size() * sizeof(float));
+    const size_t out_size = OutputSize(p);
+    auto d_out = NanFilledDeviceBytes(out_size * sizeof(float));
     DeviceBuffer<int32_t> d_query_start(batch.query_start), d_context_lens(batch.context_lens);
     DeviceBuffer<int32_t> d_tables(cache.block_tables);
     const size_t workspace_bytes = PagedAttentionWorkspaceBytes(p);
@@ -211,7 +233,7 @@ class CudaAttentionTest : public CudaKernelTest {
     p.q = d_q.get();
     p.out = reinterpret_cast<float*>(d_out->get());
     p.k_cache = cache.k->get();
-    p.v_cache = cache.v->get();
+    p.v_cache = cache.device_values();
     p.query_start = d_query_start.get();
     p.context_lens = d_context_lens.get();
     p.block_tables = d_tables.get();
@@ -220,7 +242,7 @@ class CudaAttentionTest : public CudaKernelTest {
     ASSERT_TRUE(launched.ok()) << launched;
     Sync();
     std::vector<uint8_t> bytes = d_out->Download();
-    out->resize(q.size());
+    out->resize(out_size);
     std::memcpy(out->data(), bytes.data(), bytes.size());
   }
 
@@ -252,7 +274,7 @@ class CudaAttentionTest : public CudaKernelTest {
   // Padding sequences (context 0) and rows after the last sequence: exactly 0.
   static void ExpectZeroRowsWithoutKeys(const AttentionCase& c, const Batch& batch,
                                         const PagedAttentionParams& p, const std::vector<float>& got) {
-    const int64_t row = static_cast<int64_t>(p.num_q_heads) * p.head_dim;
+    const int64_t row = static_cast<int64_t>(p.num_q_heads) * ValueDim(p);
     std::vector<bool> empty(batch.num_tokens, false);
     for (size_t s = 0; s < c.seqs.size(); ++s) {
       for (int32_t t = batch.query_start[s]; t < batch.query_start[s + 1]; ++t) {
@@ -414,6 +436,86 @@ TEST_F(CudaAttentionTest, LargeLogitsStayFinite) {
 }
 
 // ---------------------------------------------------------------------------
+// Multi-head latent attention: one latent KV head, values narrower than keys
+// ---------------------------------------------------------------------------
+
+// MLA's absorbed form: cache rows of kv_lora_rank + qk_rope_head_dim written
+// as keys only, values their first kv_lora_rank columns, every query head on
+// the one KV head.
+AttentionCase MlaCase(int kv_lora_rank, int rope_dim, int heads, DType cache_type) {
+  AttentionCase c;
+  c.cache.num_kv_heads = 1;
+  c.cache.head_dim = kv_lora_rank + rope_dim;
+  c.cache.cache_type = cache_type;
+  c.cache.latent = true;
+  c.group = heads;
+  c.v_head_dim = kv_lora_rank;
+  return c;
+}
+
+TEST_F(CudaAttentionTest, DeepSeekV3DecodeSplitsTheKeys) {
+  // 128 heads over 576-wide rows, values their first 512: eight chunks of 16
+  // query heads, each cutting long contexts into splits; a padding sequence.
+  AttentionCase c = MlaCase(512, 64, 128, DType::kBF16);
+  c.cache.block_size = 64;
+  c.seqs = {{3000, 1}, {1500, 1}, {0, 1}, {700, 1}};
+  c.expect_split = true;
+  ExpectMatchesCpu(c);
+}
+
+TEST_F(CudaAttentionTest, DeepSeekV3PrefillInOnePass) {
+  // Several sequences at once in scrambled blocks: a full prompt, decode rows,
+  // a chunk after cached context, a padding sequence and graph-padding rows.
+  AttentionCase c = MlaCase(512, 64, 128, DType::kBF16);
+  c.seqs = {{37, 37}, {50, 1}, {20, 5}, {0, 1}, {33, 1}};
+  c.padding_rows = 2;
+  ExpectMatchesCpu(c);
+  c.cache.cache_type = DType::kF32;
+  ExpectMatchesCpu(c);
+}
+
+TEST_F(CudaAttentionTest, TinyAndMiniDeepSeekShapes) {
+  // worker/tools/make_model.cc's deepseek_v3 presets: tiny (latent 32 + rope
+  // 16, 4 heads) and mini (128 + 32, 8 heads), both cache types, both paths.
+  struct Shape {
+    int kv_lora_rank, rope_dim, heads;
+  };
+  for (const Shape& shape : {Shape{32, 16, 4}, Shape{128, 32, 8}}) {
+    for (DType type : {DType::kF32, DType::kBF16}) {
+      SCOPED_TRACE(testing::Message() << "row " << shape.kv_lora_rank + shape.rope_dim << " "
+                                      << DTypeName(type));
+      AttentionCase c = MlaCase(shape.kv_lora_rank, shape.rope_dim, shape.heads, type);
+      c.seqs = {{37, 37}, {50, 1}, {20, 5}, {0, 1}, {33, 1}};
+      ExpectMatchesCpu(c);
+      c.seqs = {{2000, 1}, {900, 1}, {0, 1}};
+      c.expect_split = true;
+      ExpectMatchesCpu(c);
+    }
+  }
+}
+
+TEST_F(CudaAttentionTest, GroupsThatEndInAPartialChunk) {
+  // 20 heads on the latent row: a chunk of 16 and one of 4. Then narrower
+  // values in ordinary GQA (two KV heads, separate caches, 24 heads each).
+  AttentionCase c = MlaCase(32, 16, 20, DType::kBF16);
+  c.seqs = {{40, 6}, {60, 1}};
+  ExpectMatchesCpu(c);
+  c.seqs = {{2000, 1}, {900, 1}};
+  c.expect_split = true;
+  ExpectMatchesCpu(c);
+
+  AttentionCase gqa;
+  gqa.cache.head_dim = 128;
+  gqa.v_head_dim = 64;
+  gqa.group = 24;
+  gqa.seqs = {{40, 6}, {60, 1}};
+  ExpectMatchesCpu(gqa);
+  gqa.seqs = {{2000, 1}, {900, 1}};
+  gqa.expect_split = true;
+  ExpectMatchesCpu(gqa);
+}
+
+// ---------------------------------------------------------------------------
 // CUDA graphs: the launch reads metadata on the device only
 // ---------------------------------------------------------------------------
 
@@ -550,6 +652,59 @@ TEST_F(CudaAttentionTest, KvCacheWriteStoresRowsAndSkipsNegativeSlots) {
   }
 }
 
+// The bytes a cache of num_slots rows should hold after `rows` went to
+// `slots`: the 0xff fill where nothing was stored.
+std::vector<uint8_t> ExpectedCacheBytes(const std::vector<float>& rows,
+                                        const std::vector<int64_t>& slots, int64_t row,
+                                        int num_slots, DType type) {
+  const size_t elem = ElementBytes(type);
+  std::vector<uint8_t> bytes(num_slots * row * elem, 0xff);
+  for (size_t t = 0; t < slots.size(); ++t) {
+    if (slots[t] < 0) continue;
+    for (int64_t e = 0; e < row; ++e) {
+      uint8_t* at = bytes.data() + (slots[t] * row + e) * elem;
+      const float x = rows[t * row + e];
+      if (type == DType::kF32) {
+        std::memcpy(at, &x, sizeof(float));
+      } else {
+        const uint16_t bits = ToBf16(x);
+        std::memcpy(at, &bits, sizeof(bits));
+      }
+    }
+  }
+  return bytes;
+}
+
+TEST_F(CudaAttentionTest, KvCacheWriteWithoutValuesWritesKeysOnly) {
+  // MLA: one 576-wide latent row per token, no v; with no v_cache (as the MLA
+  // layer launches it), and with one, which must stay untouched.
+  const int head_dim = 576, num_slots = 24;
+  const std::vector<int64_t> slots = {3, -1, 0, 23, 7, -2, 11, 5};
+  const int64_t tokens = static_cast<int64_t>(slots.size());
+  const std::vector<float> k = RandomFloats(tokens * head_dim, 3, -3.f, 3.f);
+  for (DType type : {DType::kF32, DType::kBF16}) {
+    for (bool with_v_cache : {false, true}) {
+      SCOPED_TRACE(testing::Message() << DTypeName(type) << (with_v_cache ? " with" : " without")
+                                      << " v_cache");
+      const size_t bytes = num_slots * head_dim * ElementBytes(type);
+      auto k_cache = NanFilledDeviceBytes(bytes);
+      auto v_cache = NanFilledDeviceBytes(bytes);
+      DeviceBuffer<float> d_k(k);
+      DeviceBuffer<int64_t> d_slots(slots);
+      const KvCacheWriteParams w{.k = d_k.get(), .slots = d_slots.get(), .tokens = tokens,
+                                 .num_kv_heads = 1, .head_dim = head_dim,
+                                 .k_cache = k_cache->get(),
+                                 .v_cache = with_v_cache ? v_cache->get() : nullptr,
+                                 .cache_type = type};
+      const absl::Status written = LaunchKvCacheWrite(w, stream_);
+      ASSERT_TRUE(written.ok()) << written;
+      Sync();
+      EXPECT_EQ(k_cache->Download(), ExpectedCacheBytes(k, slots, head_dim, num_slots, type));
+      EXPECT_EQ(v_cache->Download(), std::vector<uint8_t>(bytes, 0xff));
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Parameter validation (no device: every call fails before any launch)
 // ---------------------------------------------------------------------------
@@ -592,14 +747,22 @@ TEST(CudaAttentionValidation, PagedAttentionNamesTheBadField) {
   p = ValidLookingParams();
   p.num_kv_heads = 0;
   ExpectRejected(p, "num_kv_heads");
-  p = ValidLookingParams();
-  p.num_q_heads = 2 * kMaxAttentionGroup;
-  p.num_kv_heads = 1;
-  ExpectRejected(p, "num_q_heads / num_kv_heads");
-  for (int head_dim : {0, 36, 8, 272, 512}) {
+  for (int head_dim : {0, 36, 8, kMaxAttentionHeadDim + 16, 1024}) {
     p = ValidLookingParams();
     p.head_dim = head_dim;
     ExpectRejected(p, "head_dim");
+  }
+  // Values wider than keys, negative, or past the widest instance's columns
+  // (576-wide keys with values as wide: v_head_dim 0).
+  const std::pair<int, int> bad_values[] = {{128, 144},
+                                             {128, -1},
+                                             {kMaxAttentionHeadDim, 0},
+                                             {kMaxAttentionHeadDim, kMaxAttentionValueDim + 16}};
+  for (auto [head_dim, v_head_dim] : bad_values) {
+    p = ValidLookingParams();
+    p.head_dim = head_dim;
+    p.v_head_dim = v_head_dim;
+    ExpectRejected(p, "v_head_dim");
   }
   p = ValidLookingParams();
   p.block_size = 0;
@@ -646,6 +809,41 @@ TEST(CudaAttentionValidation, WorkspaceQueryFollowsTheLaunchsBound) {
   EXPECT_EQ(PagedAttentionWorkspaceBytes(4096, 8, 128, 1 << 20), 0u);
 }
 
+TEST(CudaAttentionValidation, WorkspaceHoldsValueWidePartials) {
+  // DeepSeek-V3 decode: one token, 128 heads, 576-wide keys, 512-wide values.
+  PagedAttentionParams p = ValidLookingParams();
+  p.num_q_heads = 128;
+  p.num_kv_heads = 1;
+  p.head_dim = 576;
+  p.v_head_dim = 512;
+  p.max_context_len = 16000;
+  const AttentionWorkspaceLayout layout = MakeAttentionWorkspaceLayout(1, 128, 512, 16000);
+  ASSERT_GT(layout.num_splits, 1);
+  EXPECT_EQ(PagedAttentionWorkspaceBytes(p), layout.bytes);
+  EXPECT_EQ(PagedAttentionWorkspaceBytes(1, 128, 576, 16000, 512), layout.bytes);
+  // Sizing by head_dim alone (what a caller that ignores v_head_dim asks for) is enough.
+  EXPECT_GT(PagedAttentionWorkspaceBytes(1, 128, 576, 16000), layout.bytes);
+}
+
+TEST(CudaAttentionValidation, HeadChunksCoverTheGroupOnce) {
+  EXPECT_EQ(HeadChunks(4, kMaxAttentionGroup), 1);
+  EXPECT_EQ(HeadChunks(16, kMaxAttentionGroup), 1);
+  EXPECT_EQ(HeadChunks(20, kMaxAttentionGroup), 2);
+  EXPECT_EQ(HeadChunks(128, kMaxAttentionGroup), 8);
+  for (int group = 1; group <= 130; ++group) {
+    const int chunks = HeadChunks(group, kMaxAttentionGroup);
+    int next = 0;
+    for (int chunk = 0; chunk < chunks; ++chunk) {
+      const HeadRange heads = ChunkHeads(group, chunk, kMaxAttentionGroup);
+      ASSERT_EQ(heads.begin, next) << "group " << group << " chunk " << chunk;
+      ASSERT_GT(heads.size(), 0) << "group " << group << " chunk " << chunk;
+      ASSERT_LE(heads.size(), kMaxAttentionGroup) << "group " << group << " chunk " << chunk;
+      next = heads.end;
+    }
+    EXPECT_EQ(next, group);
+  }
+}
+
 TEST(CudaAttentionValidation, EmptyWorkIsANoOp) {
   PagedAttentionParams p = ValidLookingParams();
   p.num_tokens = 0;
@@ -682,7 +880,11 @@ TEST(CudaAttentionValidation, KvCacheWriteNamesTheBadField) {
   expect_rejected(w, "slots");
   w = valid;
   w.v_cache = nullptr;
-  expect_rejected(w, "v_cache");
+  expect_rejected(w, "v_cache");  // a v needs somewhere to go
+  w = valid;
+  w.v = nullptr;
+  w.k_cache = nullptr;
+  expect_rejected(w, "k_cache");
 }
 
 }  // namespace

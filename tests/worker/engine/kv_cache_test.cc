@@ -29,6 +29,32 @@ TEST(PagedKvCacheTest, SizesFromByteBudget) {
   EXPECT_DOUBLE_EQ((*kv)->Usage(), 0.1);
 }
 
+// Multi-head latent attention caches one row per token and layer, the latent
+// and the rope key (DeepSeek-V3: 512 + 64), and no V: against the expanded
+// per-head keys and values (128 heads * (192 + 128)) that is 1/71.1 of the bytes.
+TEST(PagedKvCacheTest, MlaCachesOneLatentRowPerTokenAndLayer) {
+  device::CpuBackend cpu(1);
+  ModelConfig c;
+  c.family = ModelFamily::kDeepseekV3;
+  c.num_layers = 3;
+  c.num_attention_heads = c.num_key_value_heads = 128;
+  c.mla = {.kv_lora_rank = 512, .qk_nope_head_dim = 128, .qk_rope_head_dim = 64, .v_head_dim = 128};
+  c.head_dim = 64;
+  EXPECT_EQ(PagedKvCache::BlockBytes(c, 16, kernels::DType::kBF16), 3 * 16 * 576 * 2);
+  const int64_t expanded = int64_t{3} * 16 * 128 * (192 + 128) * 2;
+  EXPECT_NEAR(static_cast<double>(expanded) / PagedKvCache::BlockBytes(c, 16, kernels::DType::kBF16),
+              71.1, 0.05);
+  auto kv = PagedKvCache::Create(cpu, c, 16, 5 * 3 * 16 * 576 * 4);
+  ASSERT_TRUE(kv.ok()) << kv.status();
+  EXPECT_EQ((*kv)->allocator().num_blocks(), 5);
+  ASSERT_EQ((*kv)->view().k.size(), 3u);
+  ASSERT_EQ((*kv)->view().v.size(), 3u);
+  for (int l = 0; l < 3; ++l) EXPECT_EQ((*kv)->view().v[l], nullptr);
+  // Layers follow each other: 5 blocks * 16 slots * 576 floats.
+  EXPECT_EQ(static_cast<std::byte*>((*kv)->view().k[2]) - static_cast<std::byte*>((*kv)->view().k[1]),
+            5 * 16 * 576 * 4);
+}
+
 TEST(PagedKvCacheTest, RejectsBudgetBelowOneBlock) {
   device::CpuBackend cpu(1);
   ModelConfig c;

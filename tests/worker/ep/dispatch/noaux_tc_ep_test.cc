@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "common/placement.h"
+#include "coordinator/placement/eplb.h"
 #include "gtest/gtest.h"
 #include "tests/testing/paths.h"
 #include "tests/worker/ep/dispatch/ep_test_util.h"
@@ -37,23 +38,22 @@ struct Buffers {
   std::vector<int32_t> ids;
 };
 
-TEST(NoauxTcExpertParallelTest, Fp8DeepseekV3MatchesLocalExecutor) {
-  const std::string dir = joule::testing::TinyModelDir("deepseek_v3_fp8-tiny");
+// Every MoE layer of the checkpoint in `dir`, on `world` ranks placed by
+// `placement`, each with its own tokens, gives the local executor's bits.
+void ExpectExpertParallelMatchesLocal(const std::string& dir, const Placement& placement,
+                                      const std::vector<int64_t>& tokens) {
   auto full = ModelWeights::Load(dir);
   ASSERT_TRUE(full.ok()) << full.status();
   const ModelConfig& c = (*full)->config();
-  const int world = 2;
-  auto placement = ContiguousPlacement(world, c.num_layers, c.num_experts);
-  ASSERT_TRUE(placement.ok()) << placement.status();
+  const int world = placement.num_ranks;
   std::vector<std::unique_ptr<ModelWeights>> rank_weights;
   for (int r = 0; r < world; ++r) {
-    auto w = ModelWeights::Load(dir, OwnedBy(*placement, r));
+    auto w = ModelWeights::Load(dir, OwnedBy(placement, r));
     ASSERT_TRUE(w.ok()) << w.status();
     rank_weights.push_back(std::move(*w));
   }
-  // Each rank's own tokens (a different count per rank), as post-attention-normed states.
+  // Each rank's own tokens, as post-attention-normed states.
   const int64_t H = c.hidden_size;
-  const std::vector<int64_t> tokens = {5, 3};
   std::vector<std::vector<float>> h(world);
   for (int r = 0; r < world; ++r) {
     h[r].resize(tokens[r] * H);
@@ -83,7 +83,7 @@ TEST(NoauxTcExpertParallelTest, Fp8DeepseekV3MatchesLocalExecutor) {
     device::CpuBackend rank_cpu(kernels::cpu::CpuStream{});
     auto device_weights = DeviceWeights::Create(*rank_weights[rank], rank_cpu);
     ASSERT_TRUE(device_weights.ok());
-    ExpertParallelExecutor ex(rank_weights[rank].get(), transport.get(), *placement, {},
+    ExpertParallelExecutor ex(rank_weights[rank].get(), transport.get(), placement, {},
                               {.payload = PayloadType::kF32});
     Buffers b(c, tokens[rank]);
     for (int l = 0; l < c.num_layers; ++l) {
@@ -99,6 +99,37 @@ TEST(NoauxTcExpertParallelTest, Fp8DeepseekV3MatchesLocalExecutor) {
       EXPECT_EQ(got[r][l], want[r][l]) << "rank " << r << " layer " << l;
     }
   }
+}
+
+TEST(NoauxTcExpertParallelTest, Fp8DeepseekV3MatchesLocalExecutor) {
+  auto placement = ContiguousPlacement(2, 3, 16);  // deepseek_v3_fp8-tiny: 3 layers, 16 experts
+  ASSERT_TRUE(placement.ok()) << placement.status();
+  ExpectExpertParallelMatchesLocal(joule::testing::TinyModelDir("deepseek_v3_fp8-tiny"), *placement,
+                                   {5, 3});
+}
+
+// DeepSeek-V3's routing shape (256 experts in 8 groups, 4 kept, top-8) on 4
+// ranks, with EPLB's redundant replicas of the hottest experts: a token whose
+// expert has a replica on its own rank is served there, others round-robin
+// over the replicas; group-limited routing chooses logical experts, so the
+// replicas change where an expert runs, never what the layer computes. The
+// shared expert runs where the token lives (RunFeedForward), never dispatched.
+TEST(NoauxTcExpertParallelTest, WideLayoutWithEplbReplicasMatchesLocalExecutor) {
+  const int world = 4, layers = 2, experts = 256;
+  auto base = ContiguousPlacement(world, layers, experts);
+  ASSERT_TRUE(base.ok()) << base.status();
+  // A skewed load: low-numbered experts hot, so that their replicas land on other ranks.
+  std::vector<std::vector<int64_t>> load(layers, std::vector<int64_t>(experts));
+  for (int l = 0; l < layers; ++l) {
+    for (int e = 0; e < experts; ++e) load[l][e] = 100000 / (e + 1);
+  }
+  auto placement = RebalancePlacement(*base, load, /*redundant_experts=*/16);
+  ASSERT_TRUE(placement.ok()) << placement.status();
+  int replicated = 0;
+  for (const auto& holders : placement->replicas[1]) replicated += holders.size() > 1;
+  ASSERT_GE(replicated, 8);
+  ExpectExpertParallelMatchesLocal(joule::testing::TinyModelDir("deepseek_v3_fp8-wide"), *placement,
+                                   {7, 1, 12, 4});
 }
 
 }  // namespace
