@@ -119,6 +119,12 @@ void ScheduledBackend::GenerateAsync(const v1::GenerateRequest& request, absl::T
     return;
   }
   const scheduler::Tier tier = scheduler::ParseServiceTier(request.service_tier()).value();
+  // Hashed outside the lock, and only where prefix-aware routing uses them.
+  const scheduler::PrefixAffinityOptions& affinity = scheduler_->config().prefix_affinity;
+  std::vector<uint64_t> prefix_blocks;
+  if (affinity.enabled) {
+    prefix_blocks = scheduler::PrefixIndex::BlockHashes(request.prompt_token_ids(), affinity.block_tokens);
+  }
   uint64_t id = 0;
   absl::Status refused;
   {
@@ -134,9 +140,7 @@ void ScheduledBackend::GenerateAsync(const v1::GenerateRequest& request, absl::T
                                     .tier = tier,
                                     .prompt_tokens = request.prompt_token_ids_size(),
                                     .max_tokens = request.sampling().max_tokens(),
-                                    .prefix_blocks = scheduler::PrefixIndex::BlockHashes(
-                                        request.prompt_token_ids(),
-                                        scheduler_->config().prefix_affinity.block_tokens)});
+                                    .prefix_blocks = std::move(prefix_blocks)});
       if (refused.ok()) {
         queued_[id] = Queued{tier, request, deadline, std::move(sink), std::move(done), absl::Now()};
         ids_[request.request_id()] = id;

@@ -4,6 +4,8 @@
 #include "worker/model/mla.h"
 
 #include <cmath>
+#include <memory>
+#include <string>
 
 #include "common/dtype.h"
 #include "gtest/gtest.h"
@@ -48,17 +50,32 @@ TEST(MlaTest, WithoutYarnTheFrequenciesAreTheDefaultOnes) {
   for (int i = 0; i < 8; ++i) EXPECT_FLOAT_EQ(inv[i], 1.0f / std::pow(10000.0f, 2.0f * i / 16.0f));
 }
 
+// A tiny model's weights and the absorbed matrices made from them on the CPU.
+struct Absorbed {
+  explicit Absorbed(const std::string& name) {
+    auto w = ModelWeights::Load(testing::TinyModelDir(name));
+    EXPECT_TRUE(w.ok()) << w.status();
+    if (!w.ok()) return;
+    weights = *std::move(w);
+    auto m = MlaWeights::Create(*weights, cpu);
+    EXPECT_TRUE(m.ok()) << m.status();
+    if (m.ok()) mla = *std::move(m);
+  }
+  bool ok() const { return weights != nullptr && weights->config().num_layers > 0; }
+  device::CpuBackend cpu{1};
+  std::unique_ptr<ModelWeights> weights;
+  MlaWeights mla;
+};
+
 // W_UK[h]^T and W_UV[h] are kv_b_proj's rows of head h, widened exactly.
 TEST(MlaTest, AbsorbedWeightsAreKvBProjSplitPerHead) {
-  auto weights = ModelWeights::Load(testing::TinyModelDir("deepseek_v3-tiny"));
-  ASSERT_TRUE(weights.ok()) << weights.status();
-  device::CpuBackend cpu(1);
-  auto mla = MlaWeights::Create(**weights, cpu);
-  ASSERT_TRUE(mla.ok()) << mla.status();
-  const ModelConfig& c = (*weights)->config();
+  Absorbed t("deepseek_v3-tiny");
+  ASSERT_TRUE(t.ok());
+  const MlaWeights* mla = &t.mla;
+  const ModelConfig& c = t.weights->config();
   const int64_t R = c.mla.kv_lora_rank, dn = c.mla.qk_nope_head_dim, dv = c.mla.v_head_dim;
   for (int l = 0; l < c.num_layers; ++l) {
-    const Linear& kv_b = (*weights)->layers()[l].kv_b_proj;
+    const Linear& kv_b = t.weights->layers()[l].kv_b_proj;
     ASSERT_EQ(kv_b.type, kernels::DType::kBF16);
     auto w = [&](int64_t row, int64_t col) {
       return Bf16ToF32(static_cast<const uint16_t*>(kv_b.w)[row * R + col]);
@@ -84,14 +101,12 @@ TEST(MlaTest, AbsorbedWeightsAreKvBProjSplitPerHead) {
 
 // FP8: the codes times their block's scale, in F32 (BF16 would round them).
 TEST(MlaTest, Fp8AbsorbedWeightsAreDequantizedToF32) {
-  auto weights = ModelWeights::Load(testing::TinyModelDir("deepseek_v3_fp8-tiny"));
-  ASSERT_TRUE(weights.ok()) << weights.status();
-  device::CpuBackend cpu(1);
-  auto mla = MlaWeights::Create(**weights, cpu);
-  ASSERT_TRUE(mla.ok()) << mla.status();
-  const ModelConfig& c = (*weights)->config();
+  Absorbed t("deepseek_v3_fp8-tiny");
+  ASSERT_TRUE(t.ok());
+  const MlaWeights* mla = &t.mla;
+  const ModelConfig& c = t.weights->config();
   const int64_t R = c.mla.kv_lora_rank, dn = c.mla.qk_nope_head_dim, dv = c.mla.v_head_dim;
-  const Linear& kv_b = (*weights)->layers()[0].kv_b_proj;
+  const Linear& kv_b = t.weights->layers()[0].kv_b_proj;
   ASSERT_EQ(kv_b.type, kernels::DType::kF8E4M3);
   const MlaLayerWeights& a = mla->layer(0);
   ASSERT_EQ(a.type, kernels::DType::kF32);
@@ -108,12 +123,9 @@ TEST(MlaTest, Fp8AbsorbedWeightsAreDequantizedToF32) {
 }
 
 TEST(MlaTest, ModelsWithoutMlaGetNoTables) {
-  auto weights = ModelWeights::Load(testing::TinyModelDir("qwen3_moe-tiny"));
-  ASSERT_TRUE(weights.ok()) << weights.status();
-  device::CpuBackend cpu(1);
-  auto mla = MlaWeights::Create(**weights, cpu);
-  ASSERT_TRUE(mla.ok());
-  EXPECT_EQ(mla->bytes(), 0u);
+  Absorbed t("qwen3_moe-tiny");
+  ASSERT_TRUE(t.ok());
+  EXPECT_EQ(t.mla.bytes(), 0u);
 }
 
 }  // namespace
