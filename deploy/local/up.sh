@@ -11,7 +11,8 @@ usage() {
   cat <<USAGE
 usage: deploy/local/up.sh [options]
   --model DIR        checkpoint directory (default: the built-in tiny model, made if absent)
-  --family NAME      built-in model family: qwen3_moe | qwen2_moe | mixtral (default qwen3_moe)
+  --family NAME      built-in model family: qwen3_moe | qwen2_moe | mixtral | deepseek_v3
+                     (default qwen3_moe)
   --preset NAME      built-in model size: tiny | mini (default tiny)
   --workers N        worker processes (expert-parallel ranks) (default 2; 1 with --device cuda)
   --device DEV       where workers compute: cpu | cuda | cuda:N (default cpu). A GPU worker

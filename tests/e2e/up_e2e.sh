@@ -70,5 +70,12 @@ run_up --once --port 0 --grpc-port 0 --workers 3 --worker-threads 1 --max-tokens
   fail "up.sh --workers 3 --worker-threads 1 --insecure exited $?"
 check_security insecure
 check_threads 1 3
-echo "PASS: up.sh served every tier over mutual TLS with a cluster token (and --insecure without);" \
-  "workers took their share of the usable cores by default"
+# DeepSeek-V3 (multi-head latent attention, its chat template) the same way.
+run_up --once --port 0 --grpc-port 0 --family deepseek_v3 --max-tokens 4 ||
+  fail "up.sh --family deepseek_v3 exited $?"
+for tier in fast priority default flex; do
+  grep -Eq "^  $tier: +\[$tier, [0-9]+\+[0-9]+ tokens, " "$out" || fail "deepseek_v3: no answer for tier $tier"
+done
+rm -rf "$(sed -n 's/.*logs were in \(.*\)$/\1/p' "$out" | tail -1)"
+echo "PASS: up.sh served every tier over mutual TLS with a cluster token (and --insecure without)," \
+  "for Qwen3-MoE and DeepSeek-V3; workers took their share of the usable cores by default"
