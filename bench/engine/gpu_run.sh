@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Engine benchmark on one GPU: joule-engine-bench --device cuda:N against Hugging Face
 # transformers (bench/engine/hf_bench.py) in the same run, on the same checkpoints and GPU:
-#   * checkpoints generated here with joule-make-model: the qwen3_moe `mini` preset, and
-#     Qwen3-30B-A3B's layer shapes with a few layers (--preset qwen3-30b-a3b-shape);
+#   * checkpoints generated here with joule-make-model: the qwen3_moe `mini` preset, the
+#     deepseek_v3 `mini` preset in BF16 and FP8, and Qwen3-30B-A3B's layer shapes with a few
+#     layers (--preset qwen3-30b-a3b-shape);
 #   * decode tokens/s at batch 1, 8, 64 and 256 (32-token prompts, windows of 32 steps), prefill
 #     of 512-token prompts, tokens per joule (NVML) where each tool reports it;
 #   * the batch-1 decode roofline: active weight bytes per token / the device-to-device copy
@@ -116,6 +117,9 @@ if [ "$qwen3_shape" = 1 ]; then
   shape=qwen3-30b-a3b-shape-${layers}l
   checkpoint "$shape" --preset qwen3-30b-a3b-shape --layers "$layers" && bench "$shape"
 fi
+# DeepSeek-V3 (multi-head latent attention, noaux_tc routing), BF16 and block-scaled FP8 weights.
+checkpoint deepseek_v3-mini --family deepseek_v3 --preset mini && bench deepseek_v3-mini
+checkpoint deepseek_v3_fp8-mini --family deepseek_v3 --preset mini --dtype fp8 && bench deepseek_v3_fp8-mini
 echo
 if [ ${#failures[@]} -gt 0 ]; then
   echo "gpu_run.sh: ${#failures[@]} failure(s):"
