@@ -217,13 +217,10 @@ size_t LtGemmWorkspaceBytes(int64_t m, int64_t k) {
 }
 
 absl::Status ValidateLtGemmParams(const GemmParams& p) {
-  if (p.w_type == WeightType::kF8E4M3) {
-    return absl::UnimplementedError(
-        "LtGemm: block-scaled FP8 weights are not implemented on CUDA yet (CPU only)");
-  }
   if (p.w_type != WeightType::kBF16) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "LtGemm: w_type must be bf16 (the GPU keeps weights in BF16), got ", DTypeName(p.w_type)));
+        "LtGemm: w_type must be bf16 (f32 and f8_e4m3 weights take kernels::cuda::LaunchGemm), got ",
+        DTypeName(p.w_type)));
   }
   if (p.m < 0 || p.n < 0 || p.k < 0) {
     return absl::InvalidArgumentError(

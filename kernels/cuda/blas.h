@@ -34,7 +34,8 @@ using ::joule::kernels::WeightType;
 size_t LtGemmWorkspaceBytes(int64_t m, int64_t k);
 
 // What Run checks before it touches the device (shapes, strides, pointers,
-// w_type); InvalidArgument naming the field. Needs no GPU.
+// w_type: BF16 only; F32 and block-scaled FP8 weights take the SIMT kernel,
+// kernels/cuda/gemm.h); InvalidArgument naming the field. Needs no GPU.
 absl::Status ValidateLtGemmParams(const GemmParams& p);
 
 // One cuBLASLt handle, its workspace and the algorithms chosen so far. Not

@@ -11,6 +11,14 @@
 // rounded to BF16 as it is staged. Warps multiply with 16x16x16 WMMA fragments
 // into F32 accumulators, which pass through shared memory so the epilogue can
 // mask rows and columns and write whole row segments coalesced.
+//
+// Block-scaled FP8 weights (w_type kF8E4M3) take a SIMT kernel on the same
+// row tiles, row tables and epilogue: each E4M3 code is widened exactly and
+// multiplied by its block's F32 scale as it is staged into shared memory (the
+// dequantized weight the CPU kernel multiplies with), x is rounded to BF16
+// like the tensor-core path's (so expert parallelism, which may receive BF16
+// rows, still gives the local executor's bits), and every output is an F32
+// FMA chain over k in order, whatever the tile height.
 #include <cuda_bf16.h>
 #include <cuda_pipeline.h>
 #include <cuda_runtime.h>
@@ -334,14 +342,116 @@ __global__ void __launch_bounds__(kThreads) GroupedGemmKernel(GroupedGemmParams 
   WriteRows<kBm>(cs, p, n0, rows, table);
 }
 
-absl::Status ValidateGroupedGemm(const GroupedGemmParams& p) {
-  if (p.w_type == WeightType::kF8E4M3) {
-    return absl::UnimplementedError(
-        "GroupedGemm: block-scaled FP8 weights are not implemented on CUDA yet (CPU only)");
+// --- Block-scaled FP8 weights: SIMT ------------------------------------------
+
+constexpr int kFp8Bk = 32;  // k per stage
+constexpr int kFp8ThreadCols = 16;  // threads across a tile's columns; 4 columns each
+constexpr int kFp8ThreadRows = kThreads / kFp8ThreadCols;  // 8 rows of threads
+
+__device__ __forceinline__ float RoundedActivation(float v) {
+  return __bfloat162float(__float2bfloat16_rn(v));
+}
+__device__ __forceinline__ float RoundedActivation(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <int kBm>
+struct Fp8Smem {
+  float xs[kFp8Bk][kBm + 1];  // x tile, k-major; +1 spreads the banks
+  float ws[kFp8Bk][kBn + 1];  // dequantized W tile, k-major
+  static_assert(kBm % kFp8ThreadRows == 0, "whole rows per thread");
+};
+
+// y rows of the tile = x rows (rounded to BF16) times the dequantized W_g^T:
+// W[r, c] = e4m3(w[r, c]) * scale[(first_row + r) / rows * scale_ld + c / cols].
+template <int kBm, typename X>
+__global__ void __launch_bounds__(kThreads)
+    GroupedGemmFp8Kernel(GroupedGemmParams p, int64_t ldx, int64_t scale_ld) {
+  constexpr int kRowsPerThread = kBm / kFp8ThreadRows;
+  __shared__ Fp8Smem<kBm> sm;
+  __shared__ __align__(16) float cs[kBm * kLdc];
+  __shared__ Scan::TempStorage scan_storage;
+  __shared__ RowTable<kBm> table;
+  __shared__ int s_group;
+  __shared__ int64_t s_row_begin, s_row_end;
+
+  if (threadIdx.x == 0) s_group = -1;
+  __syncthreads();
+  FindRowTileBlockwise<kBm>(p.row_offsets, p.num_groups, blockIdx.y, scan_storage, &s_group,
+                            &s_row_begin, &s_row_end);
+  __syncthreads();
+  if (s_group < 0) return;  // past the real total: the whole block leaves
+  const int rows = static_cast<int>(s_row_end - s_row_begin);  // 1..kBm
+  FillRowTable<kBm>(p, s_row_begin, rows, table);
+  __syncthreads();
+
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kBn;
+  const X* x = static_cast<const X*>(p.x);
+  const uint8_t* w = static_cast<const uint8_t*>(p.w[s_group]);
+  const float* scale = static_cast<const float*>(p.w_scale_inv[s_group]);
+  const int64_t block_rows = p.w_blocks.rows;
+  const int64_t block_cols = p.w_blocks.cols;
+  const int64_t first_row = p.w_blocks.first_row;
+  const int tx = threadIdx.x % kFp8ThreadCols;
+  const int ty = threadIdx.x / kFp8ThreadCols;
+
+  float acc[kRowsPerThread][4] = {};
+  for (int64_t k0 = 0; k0 < p.k; k0 += kFp8Bk) {
+    // Consecutive threads read consecutive k of one row (32 bytes of codes).
+    for (int i = threadIdx.x; i < kBm * kFp8Bk; i += kThreads) {
+      const int row = i / kFp8Bk;
+      const int kk = i % kFp8Bk;
+      const int64_t gk = k0 + kk;
+      sm.xs[kk][row] =
+          row < rows && gk < p.k ? RoundedActivation(x[table.x_row[row] * ldx + gk]) : 0.f;
+    }
+    for (int i = threadIdx.x; i < kBn * kFp8Bk; i += kThreads) {
+      const int row = i / kFp8Bk;
+      const int kk = i % kFp8Bk;
+      const int64_t gn = n0 + row;
+      const int64_t gk = k0 + kk;
+      float v = 0.f;
+      if (gn < p.n && gk < p.k) {
+        v = E4M3ToFloat(w[gn * p.k + gk]) *
+            scale[(first_row + gn) / block_rows * scale_ld + gk / block_cols];
+      }
+      sm.ws[kk][row] = v;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int kk = 0; kk < kFp8Bk; ++kk) {
+      float a[kRowsPerThread], b[4];
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i) a[i] = sm.xs[kk][ty + kFp8ThreadRows * i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = sm.ws[kk][tx + kFp8ThreadCols * j];
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+      }
+    }
+    __syncthreads();
   }
-  if (p.w_type != WeightType::kBF16) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("GroupedGemm: w_type must be bf16 on CUDA (got ", DTypeName(p.w_type), ")"));
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      cs[(ty + kFp8ThreadRows * i) * kLdc + tx + kFp8ThreadCols * j] = acc[i][j];
+    }
+  }
+  __syncthreads();
+  WriteRows<kBm>(cs, p, n0, rows, table);
+}
+
+absl::Status ValidateGroupedGemm(const GroupedGemmParams& p) {
+  if (p.w_type != WeightType::kBF16 && p.w_type != WeightType::kF8E4M3) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "GroupedGemm: w_type must be bf16 or f8_e4m3 on CUDA (got ", DTypeName(p.w_type), ")"));
+  }
+  const bool fp8 = p.w_type == WeightType::kF8E4M3;
+  if (fp8 && (p.w_blocks.rows <= 0 || p.w_blocks.cols <= 0 || p.w_blocks.first_row < 0)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "GroupedGemm: f8_e4m3 weights need positive w_blocks.rows and cols and first_row >= 0, "
+        "got ", p.w_blocks.rows, "x", p.w_blocks.cols, " first_row ", p.w_blocks.first_row));
   }
   if (p.num_groups < 0 || p.n < 0 || p.k < 0 || p.max_rows < 0) {
     return absl::InvalidArgumentError(
@@ -359,6 +469,7 @@ absl::Status ValidateGroupedGemm(const GroupedGemmParams& p) {
                            : p.w == nullptr         ? "w"
                            : p.x == nullptr         ? "x"
                            : p.y == nullptr         ? "y"
+                           : fp8 && p.w_scale_inv == nullptr ? "w_scale_inv"
                                                     : nullptr;
   if (null_field != nullptr) {
     return absl::InvalidArgumentError(
@@ -377,6 +488,16 @@ absl::Status LaunchTiles(const GroupedGemmParams& p, int64_t ldx, cudaStream_t s
         col_tiles, " x ", row_tiles, " grid, more than one launch allows"));
   }
   const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(row_tiles));
+  if (p.w_type == WeightType::kF8E4M3) {
+    const int64_t scale_ld = (p.k + p.w_blocks.cols - 1) / p.w_blocks.cols;
+    if (p.x_type == RowType::kBF16) {
+      GroupedGemmFp8Kernel<kBm, __nv_bfloat16><<<grid, kThreads, 0, stream>>>(p, ldx, scale_ld);
+    } else {
+      GroupedGemmFp8Kernel<kBm, float><<<grid, kThreads, 0, stream>>>(p, ldx, scale_ld);
+    }
+    JOULE_CUDA_RETURN_IF_LAUNCH_FAILED("GroupedGemmFp8Kernel");
+    return absl::OkStatus();
+  }
   if (p.x_type == RowType::kBF16) {
     GroupedGemmKernel<kBm, __nv_bfloat16><<<grid, kThreads, 0, stream>>>(p, ldx);
   } else {

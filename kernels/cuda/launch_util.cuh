@@ -47,4 +47,23 @@ __device__ __forceinline__ float Bf16BitsToFloat(uint16_t v) {
   return __uint_as_float(static_cast<uint32_t>(v) << 16);
 }
 
+// An OCP FP8 E4M3 code as F32, exactly (common/dtype.h's E4M3ToF32): 1 sign,
+// 4 exponent (bias 7) and 3 mantissa bits; exponent 0 is subnormal
+// (mantissa * 2^-9), S.1111.111 is NaN, there are no infinities.
+__device__ __forceinline__ float E4M3ToFloat(uint8_t v) {
+  const uint32_t sign = static_cast<uint32_t>(v & 0x80u) << 24;
+  const uint32_t exponent = (v >> 3) & 0xfu;
+  const uint32_t mantissa = v & 0x7u;
+  float magnitude;
+  if (exponent == 0) {
+    magnitude = static_cast<float>(mantissa) * (1.0f / 512.0f);  // exact: 3 bits times 2^-9
+  } else if (exponent == 0xfu && mantissa == 0x7u) {
+    magnitude = __uint_as_float(0x7fc00000u);
+  } else {
+    // (1 + m/8) * 2^(e - 7): F32 exponent field e - 7 + 127, mantissa's top 3 bits.
+    magnitude = __uint_as_float(((exponent + 120u) << 23) | (mantissa << 20));
+  }
+  return __uint_as_float(__float_as_uint(magnitude) | sign);
+}
+
 }  // namespace joule::kernels::cuda

@@ -11,7 +11,8 @@
 // scale of its block (checkpoints name it `weight_scale_inv`: it multiplies).
 // The CPU widens the codes and applies the scale in registers, so the result is
 // the F32 GEMM over the dequantized weights up to summation order; the codes
-// stay in memory as stored. CUDA: Unimplemented.
+// stay in memory as stored. CUDA does the same on CUDA cores (x rounded to BF16
+// first, as for its other weights); no tensor-core FP8 path yet.
 //
 // Pointers are host memory for kernels::cpu launches and device memory for
 // kernels::cuda launches. Device-neutral: no CUDA or thread-pool types here.

@@ -63,7 +63,8 @@ class Backend {
   // The element type of the paged KV cache on this device.
   virtual kernels::DType kv_cache_type() const = 0;
   // The type a weight stored as `stored` has on this device (the GPU keeps
-  // every matrix in BF16 for its tensor cores; the CPU uses them as stored).
+  // every matrix in BF16 for its tensor cores, except block-scaled FP8, kept
+  // as stored; the CPU uses them as stored).
   virtual kernels::DType weight_type(kernels::DType stored) const = 0;
   // Host work that stays on the CPU (expert-parallel packing, sampling):
   // the CPU backend's thread pool; single-threaded elsewhere.

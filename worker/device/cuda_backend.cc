@@ -1,5 +1,6 @@
 // The CUDA backend: one GPU, one stream, cuBLASLt for dense GEMMs and
-// kernels/cuda for the rest; BF16 weights and KV cache; CUDA graphs.
+// kernels/cuda for the rest; BF16 weights (block-scaled FP8 kept as FP8) and
+// KV cache; CUDA graphs.
 #include "worker/device/cuda_backend.h"
 
 #include <cuda_runtime_api.h>
@@ -77,7 +78,11 @@ class CudaBackend final : public Backend {
   std::string pci_bus_id() const override { return pci_bus_id_; }
   bool device_memory_is_host() const override { return false; }
   kernels::DType kv_cache_type() const override { return kernels::DType::kBF16; }
-  kernels::DType weight_type(kernels::DType) const override { return kernels::DType::kBF16; }
+  // Block-scaled FP8 stays FP8 (one byte per weight, with its F32 scales);
+  // every other matrix is BF16 for the tensor cores.
+  kernels::DType weight_type(kernels::DType stored) const override {
+    return stored == kernels::DType::kF8E4M3 ? kernels::DType::kF8E4M3 : kernels::DType::kBF16;
+  }
   kernels::cpu::CpuStream host_stream() override { return {}; }
 
   absl::StatusOr<Buffer> Allocate(MemoryKind kind, size_t bytes) override;
@@ -115,11 +120,17 @@ class CudaBackend final : public Backend {
 
   absl::Status Gemm(const kernels::GemmParams& p) override {
     Bind();
+    // cuBLASLt takes BF16 weights. F32 ones (MLA's absorbed matrices of FP8
+    // checkpoints) and block-scaled FP8 ones run on the SIMT kernel, which
+    // widens them in registers (FP8 times its block's scale); it rounds x to
+    // BF16 as cuBLASLt's path does, so every GEMM here sees BF16 inputs.
+    if (p.w_type != kernels::DType::kBF16) {
+      return kcu::LaunchGemm(p, stream_, kcu::XRounding::kBf16);
+    }
     absl::Status lt = gemm_->Run(p, stream_);
     // A shape cuBLASLt has no algorithm for (decided on the host, the same
-    // way at warm-up and at capture) runs on the SIMT kernel, which reads
-    // the F32 input as it is.
-    if (absl::IsUnimplemented(lt)) return kcu::LaunchGemm(p, stream_);
+    // way at warm-up and at capture) runs on the SIMT kernel, x rounded alike.
+    if (absl::IsUnimplemented(lt)) return kcu::LaunchGemm(p, stream_, kcu::XRounding::kBf16);
     return lt;
   }
   absl::Status GroupedGemm(const kernels::GroupedGemmParams& p) override {

@@ -31,8 +31,8 @@ class DeviceWeights::Placer {
     LinearView v{.w = Matrix(l), .type = backend_.weight_type(l.type),
                  .out_features = l.out_features, .in_features = l.in_features};
     if (!l.bias.empty()) v.bias = Vector(l.bias);
-    if (mode_ == Mode::kView) {  // FP8 is read on the host only (Create refuses it elsewhere)
-      v.scale_inv = l.scale_inv;
+    if (v.type == kernels::DType::kF8E4M3) {  // the codes' block scales go along
+      v.scale_inv = Scales(l);
       v.blocks = l.blocks;
     }
     return v;
@@ -45,10 +45,16 @@ class DeviceWeights::Placer {
     return static_cast<const float*>(Place(values.data(), values.size() * sizeof(float)));
   }
 
+  // The device's pointer table: [gate x E, up x E, down x E], then for FP8
+  // the scales of each in the same order (ViewExperts' layout).
   ExpertsView Experts(const LayerWeights& L, std::vector<const void*>* table) {
     if (mode_ == Mode::kView) return ViewExperts(L, table);
     const int E = static_cast<int>(L.experts.size());
-    table->assign(3 * static_cast<size_t>(E), nullptr);
+    bool fp8 = false;
+    for (const MlpWeights& m : L.experts) {
+      if (m.loaded && backend_.weight_type(m.gate.type) == kernels::DType::kF8E4M3) fp8 = true;
+    }
+    table->assign((fp8 ? 6 : 3) * static_cast<size_t>(E), nullptr);
     ExpertsView v{.num_experts = E};
     for (int e = 0; e < E; ++e) {
       const MlpWeights& m = L.experts[e];
@@ -56,6 +62,12 @@ class DeviceWeights::Placer {
       (*table)[e] = Matrix(m.gate);
       (*table)[E + e] = Matrix(m.up);
       (*table)[2 * E + e] = Matrix(m.down);
+      if (fp8) {
+        (*table)[3 * E + e] = Scales(m.gate);
+        (*table)[4 * E + e] = Scales(m.up);
+        (*table)[5 * E + e] = Scales(m.down);
+        v.blocks = m.gate.blocks;
+      }
       v.type = backend_.weight_type(m.gate.type);
       v.hidden = m.gate.in_features;
       v.intermediate = m.gate.out_features;
@@ -66,6 +78,11 @@ class DeviceWeights::Placer {
     v.gate = ptrs;
     v.up = ptrs + E;
     v.down = ptrs + 2 * E;
+    if (fp8) {
+      v.gate_scale_inv = ptrs + 3 * E;
+      v.up_scale_inv = ptrs + 4 * E;
+      v.down_scale_inv = ptrs + 5 * E;
+    }
     return v;
   }
 
@@ -80,11 +97,17 @@ class DeviceWeights::Placer {
     auto it = placed_.find(l.w);
     if (it != placed_.end()) return it->second;
     const kernels::DType to = backend_.weight_type(l.type);
+    if (l.type == kernels::DType::kF8E4M3 && to != l.type && status_.ok()) {
+      // Only F32 is converted below; FP8 codes are never widened here.
+      status_ = absl::UnimplementedError(absl::StrCat(
+          "block-scaled FP8 weights on ", backend_.spec().ToString(), " would be kept as ",
+          kernels::DTypeName(to), ", a conversion the upload does not make"));
+    }
     const size_t n = static_cast<size_t>(l.out_features * l.in_features);
     const size_t offset = layout_.Reserve(n * kernels::ElementBytes(to));
     void* dst = mode_ == Mode::kUpload ? arena_ + offset : nullptr;
-    if (dst != nullptr) {
-      if (to == l.type) {
+    if (dst != nullptr && status_.ok()) {
+      if (to == l.type) {  // as stored: BF16, or FP8 codes byte for byte
         Copy(dst, l.w, n * kernels::ElementBytes(to));
       } else {  // F32 (or widened F16) -> BF16, rounded to nearest even
         staging_.resize(n);
@@ -98,12 +121,26 @@ class DeviceWeights::Placer {
     return dst;
   }
 
-  const void* Place(const void* src, size_t bytes) {
+  // An FP8 matrix's F32 scale grid, [ceil(out / rows), ceil(in / cols)],
+  // copied as is (placed once per grid, like the matrices).
+  const float* Scales(const joule::Linear& l) {
+    if (mode_ == Mode::kView || l.scale_inv == nullptr) return l.scale_inv;
+    auto it = placed_.find(l.scale_inv);
+    if (it != placed_.end()) return static_cast<const float*>(it->second);
+    const int64_t grid = ((l.out_features + l.blocks.rows - 1) / l.blocks.rows) *
+                         ((l.in_features + l.blocks.cols - 1) / l.blocks.cols);
+    const auto* placed = static_cast<const float*>(
+        Place(l.scale_inv, static_cast<size_t>(grid) * sizeof(float), /*sync=*/false));
+    placed_[l.scale_inv] = placed;
+    return placed;
+  }
+
+  const void* Place(const void* src, size_t bytes, bool sync = true) {
     if (mode_ == Mode::kView) return src;
     const size_t offset = layout_.Reserve(bytes);
     if (mode_ == Mode::kPlan) return nullptr;
     Copy(arena_ + offset, src, bytes);
-    Sync();  // the source may be a temporary (expert tables)
+    if (sync) Sync();  // the source may be a temporary (expert tables)
     return arena_ + offset;
   }
 
@@ -147,36 +184,10 @@ ExpertsView ViewExperts(const LayerWeights& L, std::vector<const void*>* table) 
   return v;
 }
 
-namespace {
-
-// True when any matrix the model uses is FP8 (embeddings and lm_head never are).
-bool HasFp8(const ModelWeights& weights) {
-  auto fp8 = [](const Linear& l) { return l.type == kernels::DType::kF8E4M3; };
-  auto mlp = [&](const MlpWeights& m) { return m.loaded && (fp8(m.gate) || fp8(m.up) || fp8(m.down)); };
-  for (const LayerWeights& L : weights.layers()) {
-    for (const Linear* l : {&L.q_proj, &L.k_proj, &L.v_proj, &L.o_proj, &L.q_a_proj, &L.q_b_proj,
-                            &L.kv_a_proj, &L.kv_b_proj, &L.router}) {
-      if (fp8(*l)) return true;
-    }
-    if (mlp(L.dense) || mlp(L.shared_expert)) return true;
-    for (const MlpWeights& e : L.experts) {
-      if (mlp(e)) return true;
-    }
-  }
-  return false;
-}
-
-}  // namespace
-
 absl::StatusOr<std::unique_ptr<DeviceWeights>> DeviceWeights::Create(const ModelWeights& weights,
                                                                      device::Backend& backend) {
   auto dw = std::unique_ptr<DeviceWeights>(new DeviceWeights());
   const bool view = backend.device_memory_is_host();
-  if (!view && HasFp8(weights)) {
-    return absl::UnimplementedError(absl::StrCat(
-        "block-scaled FP8 weights on ", backend.spec().ToString(),
-        " are not implemented yet (the CPU runs them; --device cpu)"));
-  }
   auto traverse = [&](Placer& placer) {
     dw->tables_.assign(weights.layers().size(), {});
     dw->embed_ = placer.Linear(weights.embed_tokens());
@@ -223,6 +234,7 @@ absl::StatusOr<std::unique_ptr<DeviceWeights>> DeviceWeights::Create(const Model
   }
   Placer plan(Placer::Mode::kPlan, backend, nullptr);
   traverse(plan);
+  RETURN_IF_ERROR(plan.status());
   absl::StatusOr<device::Buffer> arena = backend.Allocate(device::MemoryKind::kDevice, plan.bytes());
   if (!arena.ok()) {
     return Annotate(arena.status(),

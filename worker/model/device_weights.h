@@ -1,8 +1,9 @@
 // The model's weights where the backend computes: views of the host weights
 // on the CPU (zero copy, as loaded, FP8 included), or one upload to GPU memory
-// (every matrix in BF16, F32/F16 checkpoints converted; a rank uploads only the
-// experts it holds, plus attention, dense and shared weights; FP8 checkpoints
-// are Unimplemented there).
+// (each matrix in the backend's weight_type: BF16, F32/F16 checkpoints
+// converted, block-scaled FP8 codes copied byte for byte with their F32 scale
+// grids; a rank uploads only the experts it holds, plus attention, dense and
+// shared weights).
 //
 // The forward pass reads weights only through these views, so it is written
 // once for both devices.

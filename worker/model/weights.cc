@@ -250,7 +250,7 @@ size_t LayerBytesExceptRoutedExperts(const LayerWeights& L, AsType as = std::nul
 }  // namespace
 
 size_t Linear::bytes(std::optional<kernels::DType> as) const {
-  const kernels::DType stored = as.value_or(type);
+  const kernels::DType stored = type == kernels::DType::kF8E4M3 ? type : as.value_or(type);
   size_t total = static_cast<size_t>(out_features * in_features) * kernels::ElementBytes(stored) +
                  bias.size() * sizeof(float);
   if (stored == kernels::DType::kF8E4M3) {  // and its block scales

@@ -34,7 +34,8 @@ struct Linear {
   kernels::WeightBlocks blocks;
   std::vector<float> owned_scale_inv;  // backing store when the scales were not F32
   // Bytes of the matrix (and bias); with `as`, of the matrix stored in that
-  // type instead (a GPU keeps every matrix in BF16).
+  // type instead (a GPU keeps every matrix in BF16, except FP8 ones, which
+  // every device keeps as stored).
   size_t bytes(std::optional<kernels::DType> as = std::nullopt) const;
 };
 

@@ -90,7 +90,7 @@ TEST_P(DevicePathGoldenTest, LogprobsMatchReference) {
 
 INSTANTIATE_TEST_SUITE_P(Families, DevicePathGoldenTest,
                          ::testing::Values("qwen3_moe-tiny", "qwen2_moe-tiny", "mixtral-tiny",
-                                           "deepseek_v3-tiny"),
+                                           "deepseek_v3-tiny", "deepseek_v3_fp8-tiny"),
                          [](const auto& info) {
                            std::string n = info.param;
                            std::replace(n.begin(), n.end(), '-', '_');

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -212,19 +213,99 @@ TEST(FeedForwardTest, DeepseekV3DenseAndSharedExpertsMatchDirectComputation) {
   }
 }
 
-// A device that uploads weights (the GPU path; here the fake that runs on the
-// CPU) has no FP8 kernels yet: a clear Unimplemented, not BF16 made of FP8 bytes.
-TEST(FeedForwardTest, Fp8WeightsOnAnUploadingDeviceAreUnimplemented) {
-  auto fp8 = ModelWeights::Load(testing::TinyModelDir("deepseek_v3_fp8-tiny"));
-  ASSERT_TRUE(fp8.ok()) << fp8.status();
-  device::FakeDeviceBackend device(1);
-  auto placed = DeviceWeights::Create(**fp8, device);
-  ASSERT_FALSE(placed.ok());
-  EXPECT_EQ(placed.status().code(), absl::StatusCode::kUnimplemented) << placed.status();
-  EXPECT_THAT(std::string(placed.status().message()), ::testing::HasSubstr("FP8"));
+// The bytes of an FP8 matrix and its scale grid, as placed on a device
+// whose memory is host memory (the fake), equal the checkpoint's.
+void ExpectSameFp8(const Linear& host, const void* w, const float* scale_inv,
+                   const kernels::WeightBlocks& blocks, const std::string& what) {
+  SCOPED_TRACE(what);
+  ASSERT_EQ(host.type, kernels::DType::kF8E4M3);
+  ASSERT_NE(w, nullptr);
+  ASSERT_NE(scale_inv, nullptr);
+  EXPECT_NE(w, host.w) << "uploaded, not viewed";
+  EXPECT_EQ(std::memcmp(w, host.w, static_cast<size_t>(host.out_features * host.in_features)), 0);
+  const int64_t grid = ((host.out_features + host.blocks.rows - 1) / host.blocks.rows) *
+                       ((host.in_features + host.blocks.cols - 1) / host.blocks.cols);
+  EXPECT_EQ(std::memcmp(scale_inv, host.scale_inv, static_cast<size_t>(grid) * sizeof(float)), 0);
+  EXPECT_EQ(blocks.rows, host.blocks.rows);
+  EXPECT_EQ(blocks.cols, host.blocks.cols);
+  EXPECT_EQ(blocks.first_row, host.blocks.first_row);
+}
+
+void ExpectSameFp8(const Linear& host, const LinearView& view, const std::string& what) {
+  EXPECT_EQ(view.type, kernels::DType::kF8E4M3) << what;
+  ExpectSameFp8(host, view.w, view.scale_inv, view.blocks, what);
+}
+
+// A device that uploads weights (the GPU path; here the fake that runs the
+// CPU's kernels on its own copy) keeps FP8 matrices as FP8: the codes byte
+// for byte and their F32 scale grids, never widened to BF16, so the layers
+// give the CPU backend's bits.
+TEST(FeedForwardTest, Fp8WeightsOnAnUploadingDeviceStayFp8AndGiveTheCpuBits) {
+  const int64_t T = 5;
+  CpuLayers cpu("deepseek_v3_fp8-tiny", T);
+  ASSERT_NE(cpu.weights, nullptr);
+  const ModelConfig& c = cpu.config();
+  device::FakeDeviceBackend device(2);
+  auto placed = DeviceWeights::Create(*cpu.weights, device);
+  ASSERT_TRUE(placed.ok()) << placed.status();
+  const DeviceWeights& dw = **placed;
+
+  for (int l = 0; l < c.num_layers; ++l) {
+    const LayerWeights& L = cpu.weights->layers()[l];
+    const LayerView& v = dw.layers()[l];
+    const std::string layer = "layer " + std::to_string(l) + " ";
+    ExpectSameFp8(L.o_proj, v.o_proj, layer + "o_proj");
+    ExpectSameFp8(L.q_a_proj, v.q_a_proj, layer + "q_a_proj");
+    ExpectSameFp8(L.q_b_proj, v.q_b_proj, layer + "q_b_proj");
+    ExpectSameFp8(L.kv_a_proj, v.kv_a_proj, layer + "kv_a_proj");
+    ExpectSameFp8(L.kv_b_proj, v.kv_b_proj, layer + "kv_b_proj");
+    if (!L.is_moe) {
+      ExpectSameFp8(L.dense.gate, v.dense.gate, layer + "dense gate");
+      ExpectSameFp8(L.dense.up, v.dense.up, layer + "dense up");
+      ExpectSameFp8(L.dense.down, v.dense.down, layer + "dense down");
+      continue;
+    }
+    EXPECT_EQ(v.router.type, kernels::DType::kBF16);  // DeepSeek-V3 keeps the router BF16
+    ExpectSameFp8(L.shared_expert.gate, v.shared_expert.gate, layer + "shared gate");
+    ExpectSameFp8(L.shared_expert.up, v.shared_expert.up, layer + "shared up");
+    ExpectSameFp8(L.shared_expert.down, v.shared_expert.down, layer + "shared down");
+    const ExpertsView& ex = v.experts;
+    ASSERT_EQ(ex.type, kernels::DType::kF8E4M3);
+    ASSERT_NE(ex.gate_scale_inv, nullptr);
+    ASSERT_EQ(ex.held, c.num_experts);
+    for (int e = 0; e < ex.num_experts; ++e) {
+      const MlpWeights& m = L.experts[e];
+      const std::string expert = layer + "expert " + std::to_string(e);
+      ExpectSameFp8(m.gate, ex.gate[e], static_cast<const float*>(ex.gate_scale_inv[e]),
+                    ex.blocks, expert + " gate");
+      ExpectSameFp8(m.up, ex.up[e], static_cast<const float*>(ex.up_scale_inv[e]), ex.blocks,
+                    expert + " up");
+      ExpectSameFp8(m.down, ex.down[e], static_cast<const float*>(ex.down_scale_inv[e]),
+                    ex.blocks, expert + " down");
+    }
+  }
+  // One byte per FP8 weight: less than the same model in BF16 needs.
   auto bf16 = ModelWeights::Load(testing::TinyModelDir("deepseek_v3-tiny"));
   ASSERT_TRUE(bf16.ok()) << bf16.status();
-  EXPECT_TRUE(DeviceWeights::Create(**bf16, device).ok());
+  auto bf16_placed = DeviceWeights::Create(**bf16, device);
+  ASSERT_TRUE(bf16_placed.ok()) << bf16_placed.status();
+  EXPECT_GT(dw.uploaded_bytes(), 0u);
+  EXPECT_LT(dw.uploaded_bytes(), (*bf16_placed)->uploaded_bytes());
+
+  // Every layer on the device gives the CPU backend's bits.
+  LocalExpertExecutor experts(&device, &dw, c);
+  std::vector<float> x(T * c.hidden_size);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.53 * i + 0.2);
+  CpuLayers on_device("deepseek_v3_fp8-tiny", T);  // only its buffers
+  for (int l = 0; l < c.num_layers; ++l) {
+    SCOPED_TRACE(::testing::Message() << "layer " << l);
+    std::vector<float> want(x.size(), std::nanf("")), got(x.size(), std::nanf(""));
+    ASSERT_TRUE(RunFeedForward(cpu.cpu, c, cpu.device_weights->layers()[l], l, *cpu.local,
+                               x.data(), T, cpu.buffers(), want.data()).ok());
+    ASSERT_TRUE(RunFeedForward(device, c, dw.layers()[l], l, experts, x.data(), T,
+                               on_device.buffers(), got.data()).ok());
+    ASSERT_EQ(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)), 0);
+  }
 }
 
 }  // namespace

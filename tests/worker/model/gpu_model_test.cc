@@ -20,7 +20,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <map>
+#include <tuple>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -30,7 +32,9 @@
 #include "tests/worker/model/golden_harness.h"
 #include "worker/device/backend.h"
 #include "worker/engine/engine.h"
+#include "worker/model/device_weights.h"
 #include "worker/model/model.h"
+#include "worker/model/weights.h"
 
 namespace joule {
 namespace {
@@ -115,6 +119,173 @@ INSTANTIATE_TEST_SUITE_P(Families, GpuGoldenTest,
                            std::replace(n.begin(), n.end(), '-', '_');
                            return n;
                          });
+
+// DeepSeek-V3 with block-scaled FP8 weights (deepseek_v3_fp8-tiny): the GPU
+// keeps the E4M3 codes and their F32 scale grids (one byte per weight) and
+// runs the FP8 GEMMs (kernels/cuda/gemm.cu, grouped_gemm.cu; MLA's absorbed
+// matrices are F32 for FP8 checkpoints and take the SIMT GEMM too), every
+// GEMM input rounded to BF16 as elsewhere on the GPU.
+//
+// There is no bf16act fixture for FP8 yet (reference.py refuses
+// --bf16-activations for FP8 checkpoints), so this compares with the F32
+// reference (tests/data/golden/deepseek_v3_fp8-tiny.json) at the GPU
+// tolerance kTolerance. That is enough here: the reference with the GPU's
+// roundings (reference.py --bf16-activations with the refusal lifted) is
+// within 0.55 x kTolerance of the F32 one at every position of these
+// prompts, with the same expert choices (no routing flip: the smallest
+// router gap is 3.3e-4 there, 1.6e-3 in F32), and its greedy continuations
+// leave the F32 ones only at near ties (margins 4.5e-3 and 7.4e-2, below
+// kTieMargin). Were a routing decision to flip, logits would move by up to
+// 18 x kTolerance (seen between the BF16 twin's two fixtures): then this needs
+// the bf16act fixture.
+class GpuFp8GoldenTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    JOULE_SKIP_WITHOUT_CUDA_DEVICE();
+    prompts_ = LoadFixture("deepseek_v3_fp8-tiny");
+    ASSERT_FALSE(prompts_.empty());
+    model_ = LoadOnGpu("deepseek_v3_fp8-tiny", /*cuda_graphs=*/true);
+    ASSERT_NE(model_, nullptr);
+    ASSERT_TRUE(model_->backend().spec().is_cuda());
+  }
+  std::vector<Prompt> prompts_;
+  std::unique_ptr<Model> model_;
+};
+
+TEST_F(GpuFp8GoldenTest, BatchedPrefillLogitsMatchReference) {
+  ExpectLogitsNear(prompts_, RunPrompts(*model_, prompts_, 16, 1 << 20, 1), "gpu_fp8_batched_prefill",
+                   kTolerance);
+}
+
+TEST_F(GpuFp8GoldenTest, ChunkedPagedPrefillLogitsMatchReference) {
+  ExpectLogitsNear(prompts_, RunPrompts(*model_, prompts_, 4, 5, 7), "gpu_fp8_chunked_paged",
+                   kTolerance);
+}
+
+TEST_F(GpuFp8GoldenTest, TokenByTokenLogitsMatchReference) {
+  ExpectLogitsNear(prompts_, RunPrompts(*model_, prompts_, 1, 1, 3), "gpu_fp8_token_by_token",
+                   kTolerance);
+}
+
+TEST_F(GpuFp8GoldenTest, GreedyContinuationMatchesReference) {
+  const auto got = RunGreedy(*model_, prompts_,
+                             {.block_size = 4, .max_batch_tokens = 16, .max_running = 8});
+  ExpectGreedyMatches(prompts_, got, kTieMargin);
+  EXPECT_GT(model_->graph_replays(), 0) << "no decode step replayed a graph";
+}
+
+// `bytes` of device memory at `device`, copied back.
+template <typename T>
+std::vector<T> Download(device::Backend& backend, const void* device, size_t count) {
+  std::vector<T> host(count);
+  EXPECT_TRUE(backend.CopyAsync(host.data(), device, count * sizeof(T)).ok());
+  EXPECT_TRUE(backend.Synchronize().ok());
+  return host;
+}
+
+// An FP8 matrix on the GPU: the checkpoint's codes byte for byte, and its scale grid.
+void ExpectFp8OnDevice(device::Backend& backend, const Linear& host, const void* w,
+                       const void* scale_inv, const std::string& what) {
+  SCOPED_TRACE(what);
+  ASSERT_EQ(host.type, kernels::DType::kF8E4M3);
+  ASSERT_NE(w, nullptr);
+  ASSERT_NE(scale_inv, nullptr);
+  const size_t n = static_cast<size_t>(host.out_features * host.in_features);
+  const std::vector<uint8_t> codes = Download<uint8_t>(backend, w, n);
+  EXPECT_EQ(std::memcmp(codes.data(), host.w, n), 0);
+  const size_t grid = static_cast<size_t>(
+      ((host.out_features + host.blocks.rows - 1) / host.blocks.rows) *
+      ((host.in_features + host.blocks.cols - 1) / host.blocks.cols));
+  const std::vector<float> scales = Download<float>(backend, scale_inv, grid);
+  EXPECT_EQ(std::memcmp(scales.data(), host.scale_inv, grid * sizeof(float)), 0);
+}
+
+// FP8 matrices of the model, with their element counts (what one byte per weight means).
+int64_t Fp8Weights(const ModelWeights& w) {
+  int64_t total = 0;
+  auto add = [&](const Linear& l) {
+    if (l.type == kernels::DType::kF8E4M3) total += l.out_features * l.in_features;
+  };
+  for (const LayerWeights& L : w.layers()) {
+    for (const Linear* l : {&L.q_proj, &L.k_proj, &L.v_proj, &L.o_proj, &L.q_a_proj, &L.q_b_proj,
+                            &L.kv_a_proj, &L.kv_b_proj}) {
+      add(*l);
+    }
+    for (const MlpWeights* m : {&L.dense, &L.shared_expert}) {
+      if (m->loaded) {
+        add(m->gate);
+        add(m->up);
+        add(m->down);
+      }
+    }
+    for (const MlpWeights& e : L.experts) {
+      if (!e.loaded) continue;
+      add(e.gate);
+      add(e.up);
+      add(e.down);
+    }
+  }
+  return total;
+}
+
+// DeviceWeights on a CUDA backend keeps FP8 as FP8: the view says f8_e4m3,
+// the device holds the checkpoint's codes and scales, and the arena is
+// smaller than the BF16 twin's by more than half a byte per FP8 weight
+// (widened to BF16 it would be larger; the scale grids and the longer expert
+// pointer tables cost a few KiB).
+TEST(GpuFp8WeightsTest, DeviceWeightsKeepFp8CodesAndScales) {
+  JOULE_SKIP_WITHOUT_CUDA_DEVICE();
+  auto backend = device::CreateBackend(kGpu);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  device::Backend& gpu = **backend;
+  EXPECT_EQ(gpu.weight_type(kernels::DType::kF8E4M3), kernels::DType::kF8E4M3);
+  EXPECT_EQ(gpu.weight_type(kernels::DType::kF32), kernels::DType::kBF16);
+  auto fp8 = ModelWeights::Load(testing::TinyModelDir("deepseek_v3_fp8-tiny"));
+  auto bf16 = ModelWeights::Load(testing::TinyModelDir("deepseek_v3-tiny"));
+  ASSERT_TRUE(fp8.ok()) << fp8.status();
+  ASSERT_TRUE(bf16.ok()) << bf16.status();
+  auto placed = DeviceWeights::Create(**fp8, gpu);
+  ASSERT_TRUE(placed.ok()) << placed.status();
+  auto placed_bf16 = DeviceWeights::Create(**bf16, gpu);
+  ASSERT_TRUE(placed_bf16.ok()) << placed_bf16.status();
+
+  const ModelWeights& w = **fp8;
+  for (size_t l = 0; l < w.layers().size(); ++l) {
+    const LayerWeights& L = w.layers()[l];
+    const LayerView& v = (*placed)->layers()[l];
+    const std::string layer = "layer " + std::to_string(l) + " ";
+    for (auto [host, view, name] : {std::tuple{&L.o_proj, &v.o_proj, "o_proj"},
+                                    std::tuple{&L.q_a_proj, &v.q_a_proj, "q_a_proj"},
+                                    std::tuple{&L.q_b_proj, &v.q_b_proj, "q_b_proj"},
+                                    std::tuple{&L.kv_a_proj, &v.kv_a_proj, "kv_a_proj"}}) {
+      EXPECT_EQ(view->type, kernels::DType::kF8E4M3) << layer << name;
+      EXPECT_EQ(view->blocks.rows, host->blocks.rows);
+      EXPECT_EQ(view->blocks.cols, host->blocks.cols);
+      ExpectFp8OnDevice(gpu, *host, view->w, view->scale_inv, layer + name);
+    }
+    const MlpWeights& mlp = L.is_moe ? L.shared_expert : L.dense;
+    const MlpView& mlp_view = L.is_moe ? v.shared_expert : v.dense;
+    ExpectFp8OnDevice(gpu, mlp.gate, mlp_view.gate.w, mlp_view.gate.scale_inv, layer + "mlp gate");
+    ExpectFp8OnDevice(gpu, mlp.down, mlp_view.down.w, mlp_view.down.scale_inv, layer + "mlp down");
+    if (!L.is_moe) continue;
+    const ExpertsView& ex = v.experts;
+    ASSERT_EQ(ex.type, kernels::DType::kF8E4M3);
+    ASSERT_NE(ex.down_scale_inv, nullptr);
+    // The pointer tables live on the device too.
+    const int E = ex.num_experts;
+    const auto codes = Download<const void*>(gpu, ex.down, E);
+    const auto scales = Download<const void*>(gpu, ex.down_scale_inv, E);
+    for (int e = 0; e < E; ++e) {
+      ExpectFp8OnDevice(gpu, L.experts[e].down, codes[e], scales[e],
+                        layer + "expert " + std::to_string(e) + " down");
+    }
+  }
+  const int64_t fp8_weights = Fp8Weights(w);
+  ASSERT_GT(fp8_weights, 0);
+  EXPECT_LT((*placed)->uploaded_bytes() + static_cast<size_t>(fp8_weights / 2),
+            (*placed_bf16)->uploaded_bytes())
+      << "FP8 weights: " << fp8_weights;
+}
 
 // The logits each engine step sampled from, by request and step.
 struct StepLogits {
