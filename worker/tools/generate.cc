@@ -77,7 +77,8 @@ absl::Status Run(const GenerateFlags& args) {
     ASSIGN_OR_RETURN(prompt, ParseIds(args.prompt_ids));
   } else {
     if (!tok.ok()) return Annotate(tok.status(), "--prompt needs the model's tokenizer (or use --prompt-ids)");
-    ASSIGN_OR_RETURN(prompt, (*tok)->Encode(args.prompt));
+    // As Hugging Face's tokenizer(prompt): with the special tokens it adds (DeepSeek-V3: BOS).
+    ASSIGN_OR_RETURN(prompt, (*tok)->EncodeWithSpecialTokens(args.prompt));
   }
   const auto t_load = std::chrono::steady_clock::now();
   ASSIGN_OR_RETURN(const device::DeviceSpec device, device::ParseDeviceSpec(args.device));
