@@ -1,6 +1,7 @@
 # Sourced by sweep.sh and prefix_sweep.sh, not run: the settings both read from
 # the environment (see sweep.sh's header), joule-bench's path, and starting and
 # stopping a local cluster. Expects `root` (the checkout) to be set.
+# shellcheck shell=bash
 BUILD="${BUILD:-$root/build/default}"
 PORT="${PORT:-8000}"
 METRICS_PORT="${METRICS_PORT:-9100}"
@@ -12,11 +13,28 @@ CLUSTER_START="${CLUSTER_START:-${default_start//ROOT/$root}}"
 READY_PATH="${READY_PATH:-/ready}"
 READY_LOG="${READY_LOG-serving until Ctrl-C}"
 MODEL="${MODEL:-qwen3_moe-mini}"
+# Debian's python3 (matplotlib for the plots); a host without /usr/bin/python3 (a GPU image) uses
+# the python3 on its PATH.
+PYTHON="${PYTHON:-/usr/bin/python3}"
+[ -x "$PYTHON" ] || PYTHON=python3
 
-bench="$BUILD/bench/energy/joule-bench"
+# joule_bin NAME BUILD_SUBDIR: NAME in the build tree, or in BUILD/bin (a tests/gpu bundle).
+joule_bin() {
+  if [ ! -x "$BUILD/$2/$1" ] && [ -x "$BUILD/bin/$1" ]; then echo "$BUILD/bin/$1"; else echo "$BUILD/$2/$1"; fi
+}
+bench="$(joule_bin joule-bench bench/energy)"
 [ -x "$bench" ] || { echo "no $bench: build the joule-bench target first" >&2; exit 1; }
 url="http://127.0.0.1:$PORT"
 cluster_pid=""
+
+# http_ok URL: the URL answers 2xx (curl; python3 where curl is missing).
+http_ok() {
+  if command -v curl >/dev/null; then
+    curl -sf -o /dev/null "$1"
+  else
+    "$PYTHON" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)' "$1" 2>/dev/null
+  fi
+}
 
 # cluster_start POLICY SCHEDULER_CONFIG LOG [NAME=VALUE...]: runs CLUSTER_START
 # (placeholders substituted) in its own session with NAME=VALUE added to its
@@ -36,7 +54,7 @@ cluster_start() {
   cluster_pid=$!
   local ready=0
   for _ in $(seq 1 300); do
-    if curl -sf -o /dev/null "$url$READY_PATH" &&
+    if http_ok "$url$READY_PATH" &&
        { [ -z "$READY_LOG" ] || grep -q "$READY_LOG" "$log"; }; then
       ready=1
       break

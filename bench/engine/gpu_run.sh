@@ -8,16 +8,23 @@
 #     of 512-token prompts, tokens per joule (NVML) where each tool reports it;
 #   * the batch-1 decode roofline: active weight bytes per token / the device-to-device copy
 #     bandwidth measured in this run (bytes read + written; hf_bench.py's docstring).
+#   * a whole GPU cluster under joule-bench (HTTP API, fcfs, one tier): the qwen3_moe mini with
+#     EP 2 on this one GPU (two workers sharing it, rows through CUDA IPC windows) against EP 1
+#     on the same GPU, the same open-loop load (--cluster-rate req/s, 128-token prompts, 64
+#     output tokens): output tokens/s, time per output token, TTFT, tokens per joule of the GPU.
 # Writes OUT/engine-<model>.{json,md} with the ratios (bench/engine/report.py, as run.sh does
-# on the CPU) and OUT/gpu.json, and prints the tables. Exit status 1 when any measurement
-# failed: the tables still show what ran. Takes about 3 minutes (most of it loading the
-# Qwen3-shape checkpoint into transformers).
+# on the CPU), OUT/cluster-<model>-ep2-vs-ep1.{json,md} (joule-bench's runs beside them:
+# OUT/<model>.cluster-epN.{json,csv}, cluster logs in OUT/<model>.cluster-epN.logs/) and
+# OUT/gpu.json, and prints the tables. Exit status 1 when any measurement failed: the tables
+# still show what ran. Takes about 3 minutes (most of it loading the Qwen3-shape checkpoint into
+# transformers), plus about 80 s for the cluster runs.
 #
 #   bench/engine/gpu_run.sh [--out DIR] [--models DIR] [--device cuda:0] [--layers 4]
-#                           [--bin DIR] [--skip-qwen3-shape]
+#                           [--bin DIR] [--skip-qwen3-shape] [--skip-cluster] [--cluster-rate 32]
 #
 # Binaries: the bundle's (.gpu/bin, tests/gpu/bundle.sh) when there is one, else build/default's;
-# --bin DIR takes both joule-engine-bench and joule-make-model from DIR.
+# --bin DIR takes joule-engine-bench and joule-make-model (and the cluster's joule-coordinator,
+# joule-worker, joule-cli and joule-bench) from DIR.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 out=$root/bench/results/engine-gpu
@@ -26,6 +33,8 @@ device=cuda:0
 layers=4
 bin=""
 qwen3_shape=1
+cluster=1
+cluster_rate=32
 args="$*"
 while [ $# -gt 0 ]; do
   case $1 in
@@ -35,6 +44,8 @@ while [ $# -gt 0 ]; do
     --layers) layers=$2; shift 2 ;;
     --bin) bin=$2; shift 2 ;;
     --skip-qwen3-shape) qwen3_shape=0; shift ;;
+    --skip-cluster) cluster=0; shift ;;
+    --cluster-rate) cluster_rate=$2; shift 2 ;;
     *) echo "gpu_run.sh: unknown argument '$1'" >&2; exit 2 ;;
   esac
 done
@@ -42,11 +53,14 @@ source "$root/tests/gpu/env.sh"
 [ -n "${JOULE_GPU_LD:-}" ] || joule_gpu_find_libraries
 if [ -n "$bin" ]; then
   bench_bin=$bin/joule-engine-bench make_model=$bin/joule-make-model
+  cluster_build=$bin load_bin=$bin/joule-bench
 elif [ -d "$JOULE_GPU_BUNDLE/bin" ]; then
   bench_bin=$JOULE_GPU_BUNDLE/bin/joule-engine-bench make_model=$JOULE_GPU_BUNDLE/bin/joule-make-model
+  cluster_build=$JOULE_GPU_BUNDLE load_bin=$JOULE_GPU_BUNDLE/bin/joule-bench
 else
   bench_bin=$root/build/default/bench/engine/joule-engine-bench
   make_model=$root/build/default/worker/tools/joule-make-model
+  cluster_build=$root/build/default load_bin=$root/build/default/bench/energy/joule-bench
 fi
 mkdir -p "$out" "$models"
 failures=()
@@ -111,8 +125,110 @@ bench() {
     fail "$name: report.py"
 }
 
+# cluster_bench NAME: a whole cluster on $models/NAME under joule-bench, EP 1 then EP 2 on this
+# one GPU (bench/energy/gpu_cluster.sh: fcfs, a fixed KV cache per worker, NVML on the GPU), the
+# same seeded open-loop load for both; then OUT/cluster-NAME-ep2-vs-ep1.{json,md}. Both workers
+# of EP 2 meter the same GPU: joule-bench reads rank 0's counter only (the whole GPU).
+cluster_duration=20 cluster_warmup=5
+cluster_bench() {
+  local name=$1 ep pid rc run_dir rows=""
+  # The same seeded open-loop load for both clusters (joule-bench's flags; the URLs are each run's).
+  local load=(--model "$name" --rate "$cluster_rate" --duration-s "$cluster_duration"
+              --warmup-s "$cluster_warmup" --idle-s 0 --tier-mix standard=1 --prompt-len fixed:128
+              --output-len fixed:64 --ignore-eos --seed 1)
+  for ep in 1 2; do
+    run_dir=$out/$name.cluster-ep$ep.logs
+    rm -rf "$run_dir" "$out/$name.cluster-ep$ep".{json,csv}
+    mkdir -p "$run_dir"
+    echo
+    echo "----- $name: GPU cluster, EP $ep on $device under joule-bench ($(date +%T))"
+    # Its own session: stopping it signals the coordinator and every worker at once.
+    setsid "$root/bench/energy/gpu_cluster.sh" --build "$cluster_build" --model "$models/$name" \
+      --workers "$ep" --device "$device" --port 0 --metrics-port 0 --policy fcfs --kv-cache-mb 2048 \
+      --run-dir "$run_dir" >/dev/null 2>"$run_dir/gpu_cluster.log" &
+    pid=$!
+    for _ in $(seq 1 360); do
+      [ -f "$run_dir/ready" ] && break
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.5
+    done
+    if [ ! -f "$run_dir/ready" ]; then
+      tail -8 "$run_dir/gpu_cluster.log"
+      fail "$name: the EP $ep cluster did not become ready (logs: $run_dir)"
+      kill -TERM -- "-$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+      continue
+    fi
+    echo "joule-bench ${load[*]} (rank 0's /metrics: the GPU's NVML counter)"
+    LD_LIBRARY_PATH=$JOULE_GPU_LD timeout 120 "$load_bin" --url "http://127.0.0.1:$(cat "$run_dir/http_port")" \
+      --metrics-urls "http://127.0.0.1:$(cat "$run_dir/metrics_port.0")/metrics" --label "ep$ep" \
+      --progress-s 5 "${load[@]}" --out "$out/$name.cluster-ep$ep" >/dev/null
+    rc=$?
+    [ $rc -eq 0 ] || fail "$name: $(exit_note "joule-bench (EP $ep)" $rc)"
+    [ "$ep" = 1 ] || rows=$(grep -ho 'rows through [a-z -]*[a-z]' "$run_dir"/worker*.log | sort | uniq -c |
+      sed 's/^ *\([0-9]*\) /\1 ranks: /' | paste -sd';' -)
+    kill -TERM -- "-$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+  done
+  JOULE_BENCH_COMMAND="bench/engine/gpu_run.sh $args" python3 - "$out" "$name" "$device" "$cluster_rate" \
+    "$rows" "joule-bench ${load[*]}" <<'PY' || fail "$name: the cluster report"
+import datetime, json, os, sys
+out, name, device, rate, rows, load = sys.argv[1:7]
+def run(ep):
+    path = os.path.join(out, f"{name}.cluster-ep{ep}.json")
+    if not os.path.exists(path):
+        return None
+    doc = json.load(open(path))
+    a = doc["all"]
+    return {"requests": a.get("requests"), "completed": a.get("completed"), "errors": a.get("errors"),
+            "throughput_tok_s": a.get("throughput_tok_s"), "mean_tpot_ms": a.get("mean_tpot_ms"),
+            "tpot_p50_ms": a.get("tpot_ms", {}).get("p50"), "tpot_p99_ms": a.get("tpot_ms", {}).get("p99"),
+            "ttft_p50_ms": a.get("ttft_ms", {}).get("p50"), "ttft_p99_ms": a.get("ttft_ms", {}).get("p99"),
+            "tokens_per_joule": a.get("tokens_per_joule"),
+            "energy_source": doc.get("energy", {}).get("source")}
+ep1, ep2 = run(1), run(2)
+def ratio(key):
+    a, b = (ep2 or {}).get(key), (ep1 or {}).get(key)
+    return a / b if a and b else None
+ratios = {k: ratio(k) for k in ("throughput_tok_s", "mean_tpot_ms", "ttft_p50_ms", "tokens_per_joule")}
+gpu = {}
+if os.path.exists(os.path.join(out, "gpu.json")):
+    gpu = json.load(open(os.path.join(out, "gpu.json")))
+doc = {"meta": {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+                "command": os.environ.get("JOULE_BENCH_COMMAND", ""), "load": load, "device": device,
+                "gpu": gpu, "model": name, "rate": float(rate), "ep2_row_path": rows},
+       "ep1": ep1, "ep2": ep2, "ep2_over_ep1": ratios}
+base = os.path.join(out, f"cluster-{name}-ep2-vs-ep1")
+json.dump(doc, open(base + ".json", "w"), indent=2)
+def f(v, spec=".1f"):
+    return "-" if v is None else format(v, spec)
+def line(label, r):
+    if r is None:
+        return f"| {label} | failed | - | - | - | - | - |"
+    return (f"| {label} | {r['completed']} / {r['requests']} ({r['errors']} errors) | {f(r['throughput_tok_s'])} "
+            f"| {f(r['mean_tpot_ms'], '.2f')} | {f(r['tpot_p50_ms'], '.2f')} / {f(r['tpot_p99_ms'], '.2f')} "
+            f"| {f(r['ttft_p50_ms'])} / {f(r['ttft_p99_ms'])} | {f(r['tokens_per_joule'], '.2f')} |")
+md = [f"# A GPU cluster under joule-bench: {name}, EP 2 against EP 1 on one GPU", "",
+      f"{gpu.get('name', 'GPU')} ({device}), {doc['meta']['date']}. Same run, same GPU, same load: "
+      f"`{load}`. Both EP 2 workers share the GPU (expert rows: {rows or 'not logged'}); tokens "
+      f"per joule are the whole GPU's (NVML, read through rank 0's meter: {f((ep1 or ep2 or {}).get('energy_source'), 's')}), "
+      "idle power included.", "",
+      "| cluster | completed / requests | output tokens/s | mean TPOT ms | TPOT p50 / p99 ms | TTFT p50 / p99 ms | tokens/J |",
+      "|---|---|---|---|---|---|---|", line("EP 1", ep1), line("EP 2", ep2),
+      f"| EP 2 / EP 1 | | {f(ratios['throughput_tok_s'], '.2f')}x | {f(ratios['mean_tpot_ms'], '.2f')}x | "
+      f"| {f(ratios['ttft_p50_ms'], '.2f')}x (p50) | {f(ratios['tokens_per_joule'], '.2f')}x |", ""]
+open(base + ".md", "w").write("\n".join(md))
+print("\n".join(md))
+if not ep1 or not ep2 or ep1["errors"] or ep2["errors"]:
+    sys.exit("a cluster run failed or had errors")
+PY
+}
+
 echo "----- checkpoints in $models ($(date +%T))"
 checkpoint qwen3_moe-mini --family qwen3_moe --preset mini && bench qwen3_moe-mini
+# A whole GPU cluster, EP 2 on this one GPU against EP 1, on the same checkpoint.
+if [ "$cluster" = 1 ] && [ -f "$models/qwen3_moe-mini/config.json" ]; then
+  cluster_bench qwen3_moe-mini
+fi
 if [ "$qwen3_shape" = 1 ]; then
   shape=qwen3-30b-a3b-shape-${layers}l
   checkpoint "$shape" --preset qwen3-30b-a3b-shape --layers "$layers" && bench "$shape"

@@ -29,6 +29,16 @@ std::string TransportName(int t) {
                                       : absl::StrCat("unknown (", t, ")");
 }
 
+// The --transport value of a kind ("nccl"), else its enum name.
+std::string TransportFlag(int t) {
+  switch (t) {
+    case v1::TRANSPORT_KIND_UCX: return "ucx";
+    case v1::TRANSPORT_KIND_NCCL: return "nccl";
+    case v1::TRANSPORT_KIND_INPROC: return "inproc";
+    default: return TransportName(t);
+  }
+}
+
 // Contiguous sharding with dense layers left empty.
 absl::StatusOr<Placement> InitialPlacement(int world_size, const ModelSummary& model) {
   auto p = ContiguousPlacement(world_size, model.num_layers, model.num_experts);
@@ -141,11 +151,6 @@ absl::Status Membership::Register(const v1::RegisterRequest& request, v1::Regist
     return absl::FailedPreconditionError(
         "model fingerprint does not match the coordinator's model: start the worker with the same checkpoint");
   }
-  if (request.transport() != options_.transport) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("worker transport ", TransportName(request.transport()), " != coordinator's ",
-                     TransportName(options_.transport), " (--transport)"));
-  }
   if (request.worker_id().empty()) {
     return absl::InvalidArgumentError("worker_id: must not be empty");
   }
@@ -163,6 +168,32 @@ absl::Status Membership::Register(const v1::RegisterRequest& request, v1::Regist
 
   absl::MutexLock lock(&mu_);
   if (shutdown_) return absl::UnavailableError("coordinator is shutting down");
+  // One transport per group (the coordinator's --transport): a UCX rank and
+  // an NCCL rank cannot meet. Names the ranks already registered with it.
+  if (request.transport() != options_.transport) {
+    std::vector<int> holders;
+    std::string holder_ids;
+    for (const Slot& s : slots_) {
+      if (Live(s) && s.info.worker_id != request.worker_id()) {
+        holders.push_back(s.info.rank);
+        absl::StrAppend(&holder_ids, holder_ids.empty() ? "" : ", ", s.info.worker_id);
+      }
+    }
+    JOULE_LOG(Warning) << "worker " << request.worker_id() << " uses transport "
+                       << TransportName(request.transport()) << ", the group "
+                       << TransportName(options_.transport)
+                       << (holders.empty() ? "" : absl::StrCat(" (workers ", holder_ids, ")"));
+    // Other workers' ids are for the log; their ranks are enough for the caller.
+    return absl::FailedPreconditionError(absl::StrCat(
+        "transport: this worker uses ", TransportFlag(request.transport()),
+        " (joule-worker --transport ", TransportFlag(request.transport()), ") but the group uses ",
+        TransportFlag(options_.transport), " (joule-coordinator --transport ",
+        TransportFlag(options_.transport),
+        holders.empty() ? ""
+                        : absl::StrCat("; rank", holders.size() > 1 ? "s " : " ",
+                                       absl::StrJoin(holders, ", "), " registered with it"),
+        "); every rank of a group uses one transport"));
+  }
   // One kind of device per group: the ranks' collectives and shared windows
   // must be of one kind (host memory, or GPU memory through NCCL / CUDA IPC).
   for (const Slot& s : slots_) {

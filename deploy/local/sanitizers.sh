@@ -23,7 +23,7 @@ JOULE_ASAN_TARGETS=(
   joule-generate  # generate_deepseek_v3*: MLA, noaux_tc and FP8 GEMMs through the CLI
   dtype_test logprobs_test prefix_routing_test scheduled_backend_test openai_fanout_test
   mla_test noaux_tc_ep_test cluster_model_summary_test tokenizer_special_tokens_test
-  deepseek_v3_chat_test openai_choices_test
+  deepseek_v3_chat_test openai_choices_test staged_transport_test nccl_group_test
 )
 # LongRunsStayFast times the tokenizer against a wall-clock bound ASan cannot meet;
 # ReceiveThreadTakesTheReceives compares two threads' CPU time, which the slowdown upsets.

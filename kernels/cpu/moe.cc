@@ -272,7 +272,9 @@ void LaunchReduceRows(const ReduceRowsParams& p, CpuStream stream) {
     // BF16 rows are summed in F32 here and rounded once at the end.
     std::vector<float> scratch(f32_out ? 0 : h);
     for (int64_t r = begin; r < end; ++r) {
-      auto* out = static_cast<std::byte*>(p.out) + r * p.out_stride_bytes;
+      std::byte* out = p.out_rows != nullptr
+                           ? p.out_rows[r]
+                           : static_cast<std::byte*>(p.out) + r * p.out_stride_bytes;
       float* acc = f32_out ? reinterpret_cast<float*>(out) : scratch.data();
       if (!(f32_out && p.accumulate)) std::memset(acc, 0, sizeof(float) * h);
       for (int64_t j = p.offsets[r]; j < p.offsets[r + 1]; ++j) {

@@ -1,9 +1,11 @@
 // Router top-k, dispatch layout, expert load, permute, un-permute and the
-// row gather.
+// row gather and reduce.
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_check.h"
@@ -315,17 +317,53 @@ __device__ __forceinline__ Out ConvertBits(In v) {
   }
 }
 
+// Row r of a row-moving launch's input or output (GatherRowsParams,
+// ReduceRowsParams): base + r * stride_bytes, or out_rows[r] when given.
+template <typename In>
+__device__ __forceinline__ const In* InRow(const void* in, int64_t stride_bytes, int64_t r) {
+  return reinterpret_cast<const In*>(static_cast<const char*>(in) + r * stride_bytes);
+}
+template <typename Out>
+__device__ __forceinline__ Out* OutRow(std::byte* const* out_rows, void* out,
+                                       int64_t stride_bytes, int64_t r) {
+  return reinterpret_cast<Out*>(out_rows != nullptr ? reinterpret_cast<char*>(out_rows[r])
+                                                    : static_cast<char*>(out) + r * stride_bytes);
+}
+
 template <typename In, typename Out>
 __global__ void GatherRowsKernel(GatherRowsParams p) {
   for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
     const int64_t src_row = p.index != nullptr ? p.index[r] / p.index_divisor : r;
-    const In* in = reinterpret_cast<const In*>(static_cast<const char*>(p.in) +
-                                               src_row * p.in_stride_bytes);
-    char* out_bytes = p.out_rows != nullptr ? reinterpret_cast<char*>(p.out_rows[r])
-                                            : static_cast<char*>(p.out) + r * p.out_stride_bytes;
-    Out* out = reinterpret_cast<Out*>(out_bytes);
+    const In* in = InRow<In>(p.in, p.in_stride_bytes, src_row);
+    Out* out = OutRow<Out>(p.out_rows, p.out, p.out_stride_bytes, r);
     for (int64_t c = threadIdx.x; c < p.hidden; c += blockDim.x) {
       out[c] = ConvertBits<In, Out>(in[c]);
+    }
+  }
+}
+
+// One block per output row, threads over hidden. Each element is summed from
+// 0 (or from out) term by term in j order, as the CPU's rows are: an F32
+// multiply, then an add, each rounded on its own (__fmul_rn / __fadd_rn keep
+// nvcc from contracting them into an FMA, which the CPU does not do), so the
+// sums have the CPU's bits. Rounded to out_type once, at the end.
+template <typename In, typename Out>
+__global__ void ReduceRowsKernel(ReduceRowsParams p) {
+  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
+    Out* out = OutRow<Out>(p.out_rows, p.out, p.out_stride_bytes, r);
+    const int64_t begin = p.offsets[r];
+    const int64_t end = p.offsets[r + 1];
+    for (int64_t c = threadIdx.x; c < p.hidden; c += blockDim.x) {
+      float acc = 0.f;
+      if constexpr (sizeof(Out) == sizeof(uint32_t)) {
+        if (p.accumulate) acc = __uint_as_float(out[c]);
+      }
+      for (int64_t j = begin; j < end; ++j) {
+        const float w = p.weights != nullptr ? p.weights[j] : 1.f;
+        const In v = InRow<In>(p.in, p.in_stride_bytes, p.index[j])[c];
+        acc = __fadd_rn(acc, __fmul_rn(w, __uint_as_float(ConvertBits<In, uint32_t>(v))));
+      }
+      out[c] = ConvertBits<uint32_t, Out>(__float_as_uint(acc));
     }
   }
 }
@@ -357,22 +395,26 @@ int64_t AddressLowBits(const void* ptr) {
   return static_cast<int64_t>(reinterpret_cast<uintptr_t>(ptr) % 16);
 }
 
-absl::Status ValidateGatherRows(const GatherRowsParams& p) {
-  if (p.rows < 0 || p.hidden < 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "GatherRows: rows and hidden must be >= 0, got rows=", p.rows, " hidden=", p.hidden));
+// The buffers of a row-moving launch (GatherRowsParams, ReduceRowsParams:
+// the same field names), for `launch`'s messages: F32 or BF16 rows, in and
+// out (or out_rows) set, and strides and pointers that are multiples of the
+// element size, since misaligned element accesses fault on the GPU. With
+// out_rows, out and out_stride_bytes are unused.
+template <typename Params>
+absl::Status ValidateRowBuffers(const char* launch, const Params& p) {
+  const std::pair<const char*, RowType> types[] = {{"in_type", p.in_type},
+                                                   {"out_type", p.out_type}};
+  for (const auto& [field, type] : types) {
+    if (type != RowType::kF32 && type != RowType::kBF16) {
+      return absl::InvalidArgumentError(absl::StrCat(launch, ": ", field,
+                                                     " must be f32 or bf16, got ",
+                                                     DTypeName(type)));
+    }
   }
-  if (p.index != nullptr && p.index_divisor <= 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("GatherRows: index_divisor must be positive, got ", p.index_divisor));
-  }
-  if (p.rows == 0 || p.hidden == 0) return absl::OkStatus();
-  if (!p.in) return absl::InvalidArgumentError("GatherRows: in is null");
+  if (!p.in) return absl::InvalidArgumentError(absl::StrCat(launch, ": in is null"));
   if (!p.out && !p.out_rows) {
-    return absl::InvalidArgumentError("GatherRows: out and out_rows are both null");
+    return absl::InvalidArgumentError(absl::StrCat(launch, ": out and out_rows are both null"));
   }
-  // Misaligned element accesses fault on the GPU, so they are refused here.
-  // With out_rows, out and out_stride_bytes are unused.
   struct Check {
     const char* field;
     int64_t value;
@@ -388,7 +430,7 @@ absl::Status ValidateGatherRows(const GatherRowsParams& p) {
   for (const Check& c : checks) {
     const int64_t bytes = static_cast<int64_t>(ElementBytes(c.type));
     if (c.value % bytes != 0) {
-      return absl::InvalidArgumentError(absl::StrCat("GatherRows: ", c.field,
+      return absl::InvalidArgumentError(absl::StrCat(launch, ": ", c.field,
                                                      " must be a multiple of ", bytes, " for ",
                                                      DTypeName(c.type), " rows, got ", c.value));
     }
@@ -396,12 +438,49 @@ absl::Status ValidateGatherRows(const GatherRowsParams& p) {
   return absl::OkStatus();
 }
 
-template <typename In>
-void LaunchGatherRowsFrom(const GatherRowsParams& p, cudaStream_t stream) {
-  if (p.out_type == RowType::kBF16) {
-    GatherRowsKernel<In, uint16_t><<<RowBlocks(p.rows), 128, 0, stream>>>(p);
+absl::Status ValidateGatherRows(const GatherRowsParams& p) {
+  if (p.rows < 0 || p.hidden < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "GatherRows: rows and hidden must be >= 0, got rows=", p.rows, " hidden=", p.hidden));
+  }
+  if (p.index != nullptr && p.index_divisor <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("GatherRows: index_divisor must be positive, got ", p.index_divisor));
+  }
+  if (p.rows == 0 || p.hidden == 0) return absl::OkStatus();
+  return ValidateRowBuffers("GatherRows", p);
+}
+
+absl::Status ValidateReduceRows(const ReduceRowsParams& p) {
+  if (p.rows < 0 || p.hidden < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "ReduceRows: rows and hidden must be >= 0, got rows=", p.rows, " hidden=", p.hidden));
+  }
+  if (p.rows == 0 || p.hidden == 0) return absl::OkStatus();
+  if (p.accumulate && p.out_type != RowType::kF32) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "ReduceRows: accumulate needs F32 out, got out_type ", DTypeName(p.out_type)));
+  }
+  if (!p.offsets) return absl::InvalidArgumentError("ReduceRows: offsets is null");
+  if (!p.index) return absl::InvalidArgumentError("ReduceRows: index is null");
+  return ValidateRowBuffers("ReduceRows", p);
+}
+
+// Calls launch(In{}, Out{}) with the rows' raw element types (uint32_t: F32,
+// uint16_t: BF16), for launches templated on them.
+template <typename Launch>
+void WithRowTypes(RowType in_type, RowType out_type, Launch launch) {
+  auto with_in = [&](auto in) {
+    if (out_type == RowType::kBF16) {
+      launch(in, uint16_t{});
+    } else {
+      launch(in, uint32_t{});
+    }
+  };
+  if (in_type == RowType::kBF16) {
+    with_in(uint16_t{});
   } else {
-    GatherRowsKernel<In, uint32_t><<<RowBlocks(p.rows), 128, 0, stream>>>(p);
+    with_in(uint32_t{});
   }
 }
 
@@ -511,12 +590,20 @@ absl::Status LaunchUnpermute(const UnpermuteParams& p, cudaStream_t stream) {
 absl::Status LaunchGatherRows(const GatherRowsParams& p, cudaStream_t stream) {
   if (absl::Status s = ValidateGatherRows(p); !s.ok()) return s;
   if (p.rows == 0 || p.hidden == 0) return absl::OkStatus();
-  if (p.in_type == RowType::kBF16) {
-    LaunchGatherRowsFrom<uint16_t>(p, stream);
-  } else {
-    LaunchGatherRowsFrom<uint32_t>(p, stream);
-  }
+  WithRowTypes(p.in_type, p.out_type, [&](auto in, auto out) {
+    GatherRowsKernel<decltype(in), decltype(out)><<<RowBlocks(p.rows), 128, 0, stream>>>(p);
+  });
   JOULE_CUDA_RETURN_IF_LAUNCH_FAILED("GatherRowsKernel");
+  return absl::OkStatus();
+}
+
+absl::Status LaunchReduceRows(const ReduceRowsParams& p, cudaStream_t stream) {
+  if (absl::Status s = ValidateReduceRows(p); !s.ok()) return s;
+  if (p.rows == 0 || p.hidden == 0) return absl::OkStatus();
+  WithRowTypes(p.in_type, p.out_type, [&](auto in, auto out) {
+    ReduceRowsKernel<decltype(in), decltype(out)><<<RowBlocks(p.rows), 128, 0, stream>>>(p);
+  });
+  JOULE_CUDA_RETURN_IF_LAUNCH_FAILED("ReduceRowsKernel");
   return absl::OkStatus();
 }
 

@@ -1,6 +1,6 @@
 // Mixture-of-experts routing kernels on CUDA: router top-k, the dispatch
 // layout (slots grouped by expert), expert load counts, permute, the weighted
-// un-permute and the row gather of expert-parallel dispatch/combine.
+// un-permute and the row gather and reduce of expert-parallel dispatch/combine.
 // The parameter structs (and their semantics) are in kernels/params/moe.h,
 // shared with kernels/cpu/moe.h; every pointer is device memory. Launches are
 // asynchronous on `stream`.
@@ -17,6 +17,7 @@ using ::joule::kernels::ExpertLoadParams;
 using ::joule::kernels::GatherRowsParams;
 using ::joule::kernels::MoeLayoutParams;
 using ::joule::kernels::PermuteParams;
+using ::joule::kernels::ReduceRowsParams;
 using ::joule::kernels::RouterMethod;
 using ::joule::kernels::RouterTopKParams;
 using ::joule::kernels::RowType;
@@ -45,5 +46,11 @@ absl::Status LaunchUnpermute(const UnpermuteParams& p, cudaStream_t stream);
 // Strides and the in/out pointers must be multiples of their element size
 // (checked); out_rows entries, which live on the device, must be too.
 absl::Status LaunchGatherRows(const GatherRowsParams& p, cudaStream_t stream);
+
+// Deterministic (one block per output row, no atomics) and, for finite
+// values, bit for bit the CPU's sums: the same terms multiplied and added in
+// the same order, without FMA contraction. Alignment is checked as for
+// GatherRows; accumulate with BF16 out is refused (kernels::cpu ignores it).
+absl::Status LaunchReduceRows(const ReduceRowsParams& p, cudaStream_t stream);
 
 }  // namespace joule::kernels::cuda

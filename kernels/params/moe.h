@@ -137,7 +137,8 @@ struct GatherRowsParams {
 // BF16 rounds to nearest even once, after the sum). Strides are bytes, as in
 // GatherRowsParams. An expert-parallel combine reduces each token's expert
 // outputs on the rank that ran them with it, and adds the partial sums of all
-// ranks into the token's output. CPU launch only so far.
+// ranks into the token's output. CPU and CUDA launches (the GPU's
+// expert-parallel executor reduces on the device with it).
 struct ReduceRowsParams {
   const void* in = nullptr;
   RowType in_type = RowType::kF32;
@@ -151,6 +152,9 @@ struct ReduceRowsParams {
   bool accumulate = false;  // F32 out only: add into out instead of overwriting it
   int64_t rows = 0;
   int64_t hidden = 0;
+  // Optional [rows]: where out row r goes, in place of out + r *
+  // out_stride_bytes (rows spread over several buffers, e.g. peers' windows).
+  std::byte* const* out_rows = nullptr;
 };
 
 }  // namespace joule::kernels

@@ -5,6 +5,13 @@
 # shellcheck shell=bash
 
 JOULE_GPU_BUNDLE=${JOULE_GPU_BUNDLE:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/.gpu}
+# The bundle travels packed (bundle.sh writes .gpu.tar.xz beside .gpu/, the device tool carries
+# it): unpack it where .gpu/ is absent.
+if [ ! -d "$JOULE_GPU_BUNDLE/bin" ] && [ -f "$JOULE_GPU_BUNDLE.tar.xz" ]; then
+  tar -C "$(dirname "$JOULE_GPU_BUNDLE")" -xJf "$JOULE_GPU_BUNDLE.tar.xz" ||
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
+      "$JOULE_GPU_BUNDLE.tar.xz" "$(dirname "$JOULE_GPU_BUNDLE")"
+fi
 JOULE_GPU_HOST_LIBS=(libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libnccl.so.2 libnvidia-ml.so.1)
 
 # Sets JOULE_GPU_LD, JOULE_GPU_LIBS (one "name: path" line each) and JOULE_GPU_MISSING (names

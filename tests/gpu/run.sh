@@ -8,7 +8,8 @@
 # Logs go to $OUT (default /tmp/joule-gpu): gpu.log, one gtest JSON per test binary, the
 # engine benchmark's results under bench/.
 #
-# JOULE_GPU_CHECKS="cuda_kernels_test gpu_model_test" runs only the checks named.
+# JOULE_GPU_CHECKS="cuda_kernels_test gpu_model_test" runs only the checks named;
+# JOULE_GPU_PACK_OUT=1 packs $OUT (but gpu.log) into results.tar.xz at the end.
 #
 # A check is one line at the bottom: `check NAME TIME_LIMIT_S COMMAND [ARGS...]`, where COMMAND
 # is a program or one of the functions here (`gtest BINARY` runs a bundled gtest binary, and
@@ -30,6 +31,8 @@ export JOULE_SOURCE_DIR=$PWD JOULE_BINARY_DIR=$G
 # GPU 0's PCI bus id as NVML spells it: energy_meter_test opens the real GPU by it.
 JOULE_TEST_NVML_PCI_BUS_ID=$(nvidia-smi --query-gpu=pci.bus_id --format=csv,noheader -i 0 2>/dev/null | tr -d ' ')
 export JOULE_TEST_NVML_PCI_BUS_ID
+# cuda_ipc_windows_test launches its peer from the bundle, not from the build tree.
+export JOULE_CUDA_IPC_PEER=$G/bin/cuda_ipc_windows_peer
 # The fake NVML's path is compiled into energy_meter_test: recreate it.
 mkdir -p "$(cat "$G/fake_nvml_dir")" && cp "$G/bin/libjoule_fake_nvml.so" "$(cat "$G/fake_nvml_dir")/"
 
@@ -145,13 +148,20 @@ check cuda_kernels_test    180 gtest cuda_kernels_test
 check gpu_model_test       300 gtest gpu_model_test
 check gpu_fault_test        60 gtest gpu_fault_test
 check nccl_transport_test  180 gtest nccl_transport_test
+check cuda_ipc_windows_test 240 gtest cuda_ipc_windows_test
+check nccl_ep2_cluster     420 env LD_LIBRARY_PATH="$JOULE_GPU_LD" JOULE_E2E_SKIP_RC=0 tests/e2e/nccl_cluster_e2e.sh "$G" "$G/models/qwen3_moe-tiny" ep2 ON
+check gpu_cluster_ep       240 env E2E_LOG_DIR="$OUT/gpu_cluster_ep" \
+  tests/e2e/gpu_cluster_e2e.sh "$G" f32,bf16 1,2,4
 check energy_meter_test    120 gtest energy_meter_test
 check nvml_under_load       60 nvml_under_load
 check engine_bench         480 bench/engine/gpu_run.sh --out "$OUT/bench"
+check energy_sweep_gpu     300 env DEVICE=cuda:0 QUICK=1 BUILD="$G" OUT="$OUT/energy-sweep-gpu" PORT=18000 \
+  METRICS_PORT=19100 bench/energy/sweep.sh
 check hf_fixtures          240 python3 tests/reference/hf_check.py fixtures --models-dir "$G/models" \
   --fixtures tests/data/golden/qwen3_moe-tiny.json tests/data/golden/qwen2_moe-tiny.json \
              tests/data/golden/mixtral-tiny.json tests/data/golden/deepseek_v3-tiny.json
 check hf_mini_presets      300 hf_mini_presets
+check dispatch_combine_gpu 240 bench/dispatch_combine/gpu_run.sh "$G" --out "$OUT/bench"
 echo
 echo "===== summary ($(date +%T))"
 failed=0
@@ -163,4 +173,11 @@ done
 echo "$(( ${#names[@]} - failed )) passed, $failed failed"
 exec >&- 2>&-
 wait "$tee_pid" 2>/dev/null
+# JOULE_GPU_PACK_OUT=1 (the device tool returns at most 8 files from $OUT): everything but
+# gpu.log into $OUT/results.tar.xz.
+if [ "${JOULE_GPU_PACK_OUT:-0}" = 1 ]; then
+  (cd "$OUT" && find . -mindepth 1 -maxdepth 1 ! -name gpu.log ! -name results.tar.xz -print0 |
+     tar --null -T - -cJf results.tar.xz &&
+     find . -mindepth 1 -maxdepth 1 ! -name gpu.log ! -name results.tar.xz -exec rm -rf {} +)
+fi
 [ "$failed" -eq 0 ]

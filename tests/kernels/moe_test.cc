@@ -575,6 +575,59 @@ TEST_P(MoeTest, ReduceRowsSumsTermsInOrderThenRoundsOnce) {
   }
 }
 
+TEST_P(MoeTest, ReduceRowsIntoScatteredRowsGivesTheContiguousBits) {
+  // Combine's form: output rows land in two buffers (two peers' windows)
+  // through out_rows, odd rows in one, even rows in the other, each row
+  // followed by 4 bytes that must survive. Same bits as the contiguous launch.
+  const int64_t in_rows = 11, hidden = 37, rows = 8;
+  const auto in = RandomFloats(in_rows * hidden, 71);
+  std::mt19937 rng(5);
+  std::vector<int64_t> offsets{0};
+  std::vector<int32_t> index;
+  std::vector<float> weights;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < (r * 3) % 5; ++j) {
+      index.push_back(static_cast<int32_t>(rng() % in_rows));
+      weights.push_back(0.05f + 0.3f * static_cast<float>(rng() % 7));
+    }
+    offsets.push_back(static_cast<int64_t>(index.size()));
+  }
+  for (const RowType out_type : {RowType::kBF16, RowType::kF32}) {
+    const bool f32_out = out_type == RowType::kF32;
+    const int64_t row_bytes = (f32_out ? 4 : 2) * hidden + 4;
+    // F32 out accumulates into what the rows hold; BF16 out overwrites them.
+    std::vector<std::byte> start(rows * row_bytes, std::byte{0x5a});
+    for (int64_t r = 0; r < rows && f32_out; ++r) {
+      const auto prior = RandomFloats(hidden, 72 + static_cast<uint32_t>(r));
+      std::memcpy(start.data() + r * row_bytes, prior.data(), sizeof(float) * hidden);
+    }
+    std::vector<std::byte> even(((rows + 1) / 2) * row_bytes), odd(even.size());
+    std::vector<std::byte*> out_rows(rows);
+    for (int64_t r = 0; r < rows; ++r) {
+      out_rows[r] = (r % 2 == 0 ? even.data() : odd.data()) + (r / 2) * row_bytes;
+      std::memcpy(out_rows[r], start.data() + r * row_bytes, row_bytes);
+    }
+    const ReduceRowsParams p{.in = in.data(), .in_stride_bytes = hidden * 4,
+                             .offsets = offsets.data(), .index = index.data(),
+                             .weights = weights.data(), .out_type = out_type,
+                             .accumulate = f32_out, .rows = rows, .hidden = hidden,
+                             .out_rows = out_rows.data()};
+    LaunchReduceRows(p, stream());
+
+    std::vector<std::byte> want = start;
+    ReduceRowsParams ref = p;
+    ref.out_rows = nullptr;
+    ref.out = want.data();
+    ref.out_stride_bytes = row_bytes;
+    LaunchReduceRows(ref, stream());
+    ASSERT_NE(want, start);  // the reduce wrote something to compare
+    for (int64_t r = 0; r < rows; ++r) {
+      ASSERT_EQ(std::memcmp(out_rows[r], want.data() + r * row_bytes, row_bytes), 0)
+          << "row " << r << ", out_type " << DTypeName(out_type);
+    }
+  }
+}
+
 JOULE_INSTANTIATE_ISA_THREADS(MoeTest);
 
 }  // namespace

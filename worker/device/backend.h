@@ -107,6 +107,8 @@ class Backend {
   virtual absl::Status ExpertLoad(const kernels::ExpertLoadParams& p) = 0;
   virtual absl::Status Unpermute(const kernels::UnpermuteParams& p) = 0;
   virtual absl::Status GatherRows(const kernels::GatherRowsParams& p) = 0;
+  // Sums weighted rows into each output row (expert-parallel combine's reduce).
+  virtual absl::Status ReduceRows(const kernels::ReduceRowsParams& p) = 0;
   virtual absl::Status Sample(const kernels::SampleParams& p) = 0;
 
   // --- graphs ---------------------------------------------------------------

@@ -180,6 +180,16 @@ absl::Status CpuBackend::GatherRows(const kernels::GatherRowsParams& p) {
   return absl::OkStatus();
 }
 
+// Refused as the CUDA launch refuses it, rather than ignored as kernels::cpu does.
+absl::Status CpuBackend::ReduceRows(const kernels::ReduceRowsParams& p) {
+  if (p.accumulate && p.out_type != kernels::RowType::kF32) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "ReduceRows: accumulate needs F32 out, got out_type ", kernels::DTypeName(p.out_type)));
+  }
+  kc::LaunchReduceRows(p, stream());
+  return absl::OkStatus();
+}
+
 absl::Status CpuBackend::Sample(const kernels::SampleParams& p) {
   kc::LaunchSample(p, stream());
   return absl::OkStatus();

@@ -49,6 +49,7 @@ class CpuBackend final : public Backend {
   absl::Status ExpertLoad(const kernels::ExpertLoadParams& p) override;
   absl::Status Unpermute(const kernels::UnpermuteParams& p) override;
   absl::Status GatherRows(const kernels::GatherRowsParams& p) override;
+  absl::Status ReduceRows(const kernels::ReduceRowsParams& p) override;
   absl::Status Sample(const kernels::SampleParams& p) override;
 
  private:

@@ -189,6 +189,10 @@ class CudaBackend final : public Backend {
     Bind();
     return kcu::LaunchGatherRows(p, stream_);
   }
+  absl::Status ReduceRows(const kernels::ReduceRowsParams& p) override {
+    Bind();
+    return kcu::LaunchReduceRows(p, stream_);
+  }
   absl::Status Sample(const kernels::SampleParams& p) override {
     Bind();
     return kcu::LaunchSample(p, stream_);

@@ -49,6 +49,11 @@ absl::Status FakeDeviceBackend::Launch(Op op) {
   return op();
 }
 
+absl::Status FakeDeviceBackend::Synchronize() {
+  if (syncs_to_fault_ > 0 && --syncs_to_fault_ == 0) syncs_to_fault_ = -1;
+  return syncs_to_fault_ < 0 ? fault_ : absl::OkStatus();
+}
+
 absl::StatusOr<Buffer> FakeDeviceBackend::Allocate(MemoryKind kind, size_t bytes) {
   if (capturing_) return absl::FailedPreconditionError("Allocate during a graph capture");
   return cpu_.Allocate(kind, bytes);
@@ -107,6 +112,9 @@ absl::Status FakeDeviceBackend::ExpertLoad(const kernels::ExpertLoadParams& p) {
 }
 absl::Status FakeDeviceBackend::GatherRows(const kernels::GatherRowsParams& p) {
   return Launch([=, this] { return cpu_.GatherRows(p); });
+}
+absl::Status FakeDeviceBackend::ReduceRows(const kernels::ReduceRowsParams& p) {
+  return Launch([=, this] { return cpu_.ReduceRows(p); });
 }
 absl::Status FakeDeviceBackend::Sample(const kernels::SampleParams& p) {
   return Launch([=, this] { return cpu_.Sample(p); });

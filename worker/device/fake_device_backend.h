@@ -33,7 +33,8 @@ class FakeDeviceBackend final : public Backend {
   absl::StatusOr<Buffer> Allocate(MemoryKind kind, size_t bytes) override;
   absl::Status CopyAsync(void* dst, const void* src, size_t bytes) override;
   absl::Status Zero(void* dst, size_t bytes) override;
-  absl::Status Synchronize() override { return absl::OkStatus(); }
+  // Fails (from the injected fault on, as a faulted CUDA context does).
+  absl::Status Synchronize() override;
   absl::StatusOr<MemoryInfo> DeviceMemory() override { return cpu_.DeviceMemory(); }
 
   size_t GemmWorkspaceBytes(int64_t, int64_t) const override { return 0; }
@@ -54,6 +55,7 @@ class FakeDeviceBackend final : public Backend {
   absl::Status ExpertLoad(const kernels::ExpertLoadParams& p) override;
   absl::Status Unpermute(const kernels::UnpermuteParams& p) override;
   absl::Status GatherRows(const kernels::GatherRowsParams& p) override;
+  absl::Status ReduceRows(const kernels::ReduceRowsParams& p) override;
   absl::Status Sample(const kernels::SampleParams& p) override;
 
   bool SupportsGraphs() const override { return true; }
@@ -63,6 +65,13 @@ class FakeDeviceBackend final : public Backend {
   // Launches run so far (replays count each recorded launch), and launches
   // recorded into graphs.
   int64_t launches() const { return launches_; }
+
+  // A fault inside a kernel, as a GPU reports it: the `after`-th Synchronize
+  // from now (1: the next) and every later one return `fault`.
+  void InjectFault(int64_t after, absl::Status fault) {
+    syncs_to_fault_ = after;
+    fault_ = std::move(fault);
+  }
   int64_t recorded() const { return recorded_total_; }
 
  private:
@@ -74,6 +83,8 @@ class FakeDeviceBackend final : public Backend {
   bool capturing_ = false;
   std::vector<Op> recording_;
   int64_t launches_ = 0;
+  int64_t syncs_to_fault_ = 0;  // 0: no fault pending
+  absl::Status fault_;
   int64_t recorded_total_ = 0;
 };
 

@@ -24,7 +24,6 @@ class SummedBf16Combine final : public CombineStrategy {
   absl::Status RunExperts(const Exchange& x, const GroupedInput& rows, device::Backend& backend,
                           const ExpertsView& experts, GroupedExpertBuffers* buffers) override {
     const DispatchLayout& L = *x.layout;
-    const int me = L.me;
     const size_t payload = PayloadBytes(x.hidden);
     const int64_t recv_rows = L.recv_rows();
     // Where received row r's combine row goes: rank p's rows straight into
@@ -33,18 +32,8 @@ class SummedBf16Combine final : public CombineStrategy {
     // this rank's own rows straight into `a`. `b` already holds recv_rows
     // dispatch rows, longer than combine rows, and the gate/up projections
     // are done with the received rows before the first chunk lands on them.
-    combine_row_.resize(recv_rows);
-    auto place = [&](int64_t begin, int64_t end, std::byte* dst) {
-      for (int64_t r = begin; r < end; ++r) combine_row_[r] = dst + (r - begin) * payload;
-    };
-    if (x.direct) {
-      for (int p = 0; p < L.world; ++p) {
-        place(L.recv_offsets[p], L.recv_offsets[p + 1], x.win_a->at(p) + L.RowsBefore(p, me) * payload);
-      }
-    } else {
-      WriteRowsSplitSelf(recv_rows, L.recv_offsets[me], L.recv_offsets[me + 1], x.b->data(), payload,
-                         x.a->data() + L.send_offsets[me] * payload, place);
-    }
+    PlaceReturnRows(L, payload, x.direct ? x.win_a : nullptr, x.b->data(), x.a->data(),
+                    &combine_row_);
     const FusedCombine fused{
         .rows = L.grouped_to_row.data(), .weights = L.grouped_weight.data(),
         .out_rows = recv_rows, .sink = [&](int64_t col0, int64_t cols, const float* y) {
@@ -60,18 +49,7 @@ class SummedBf16Combine final : public CombineStrategy {
   }
 
   absl::StatusOr<uint64_t> PrepareReturn(const Exchange& x, ExchangeBytes* bytes) override {
-    const DispatchLayout& L = *x.layout;
-    const size_t payload = PayloadBytes(x.hidden);
-    uint64_t peer_bytes = 0;
-    for (int p = 0; p < L.world; ++p) {
-      const bool peer = p != L.me;  // rows for this rank itself are in place already
-      bytes->send[p] = peer ? (L.recv_offsets[p + 1] - L.recv_offsets[p]) * payload : 0;
-      bytes->send_offsets[p] = L.recv_offsets[p] * payload;
-      bytes->recv[p] = peer ? (L.send_offsets[p + 1] - L.send_offsets[p]) * payload : 0;
-      bytes->recv_offsets[p] = L.send_offsets[p] * payload;
-      peer_bytes += bytes->send[p];
-    }
-    return peer_bytes;
+    return RowExchangeBytes(*x.layout, PayloadBytes(x.hidden), /*back=*/true, bytes);
   }
 
   // Each token adds its ranks' partial sums (widened, no intermediate copy).
@@ -129,18 +107,7 @@ class PerChoiceF32Combine final : public CombineStrategy {
                               .rows = end - begin, .hidden = H},
                              x.stream);
                        });
-    uint64_t peer_bytes = 0;
-    for (int p = 0; p < L.world; ++p) {
-      const bool peer = p != me;
-      const int64_t from = L.row_choice_offsets[L.recv_offsets[p]];
-      const int64_t to = L.send_choice_offsets[L.send_offsets[p]];
-      bytes->send[p] = peer ? (L.row_choice_offsets[L.recv_offsets[p + 1]] - from) * f32_row : 0;
-      bytes->send_offsets[p] = from * f32_row;
-      bytes->recv[p] = peer ? (L.send_choice_offsets[L.send_offsets[p + 1]] - to) * f32_row : 0;
-      bytes->recv_offsets[p] = to * f32_row;
-      peer_bytes += bytes->send[p];
-    }
-    return peer_bytes;
+    return ChoiceReturnBytes(L, f32_row, bytes);
   }
 
   // The local executor's weighted un-permute: each token's top_k

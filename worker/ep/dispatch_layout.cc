@@ -144,6 +144,85 @@ absl::Status GroupReceivedChoices(const std::byte* received, size_t stride, size
   return absl::OkStatus();
 }
 
+uint64_t RowExchangeBytes(const DispatchLayout& L, size_t row_bytes, bool back,
+                          ExchangeBytes* bytes) {
+  bytes->Resize(L.world);
+  uint64_t peer_bytes = 0;
+  for (int p = 0; p < L.world; ++p) {
+    const bool peer = p != L.me;  // rows for this rank itself are in place already
+    const int64_t send_rows = L.send_offsets[p + 1] - L.send_offsets[p];
+    const int64_t recv_rows = L.recv_offsets[p + 1] - L.recv_offsets[p];
+    bytes->send[p] = peer ? (back ? recv_rows : send_rows) * row_bytes : 0;
+    bytes->send_offsets[p] = (back ? L.recv_offsets[p] : L.send_offsets[p]) * row_bytes;
+    bytes->recv[p] = peer ? (back ? send_rows : recv_rows) * row_bytes : 0;
+    bytes->recv_offsets[p] = (back ? L.send_offsets[p] : L.recv_offsets[p]) * row_bytes;
+    peer_bytes += bytes->send[p];
+  }
+  return peer_bytes;
+}
+
+uint64_t ChoiceReturnBytes(const DispatchLayout& L, size_t row_bytes, ExchangeBytes* bytes) {
+  bytes->Resize(L.world);
+  uint64_t peer_bytes = 0;
+  for (int p = 0; p < L.world; ++p) {
+    const bool peer = p != L.me;
+    const int64_t from = L.row_choice_offsets[L.recv_offsets[p]];
+    const int64_t to = L.send_choice_offsets[L.send_offsets[p]];
+    bytes->send[p] = peer ? (L.row_choice_offsets[L.recv_offsets[p + 1]] - from) * row_bytes : 0;
+    bytes->send_offsets[p] = from * row_bytes;
+    bytes->recv[p] = peer ? (L.send_choice_offsets[L.send_offsets[p + 1]] - to) * row_bytes : 0;
+    bytes->recv_offsets[p] = to * row_bytes;
+    peer_bytes += bytes->send[p];
+  }
+  return peer_bytes;
+}
+
+void PlaceSendRows(const DispatchLayout& L, size_t stride, const SharedWindows* windows,
+                   std::byte* send, std::byte* recv, std::vector<std::byte*>* rows) {
+  const int me = L.me;
+  rows->resize(L.send_rows());
+  for (int d = 0; d < L.world; ++d) {
+    std::byte* base = windows != nullptr ? windows->at(d) + L.RowsFrom(d, me) * stride
+                      : d == me          ? recv + L.recv_offsets[me] * stride
+                                         : send + L.send_offsets[d] * stride;
+    for (int64_t r = L.send_offsets[d]; r < L.send_offsets[d + 1]; ++r) {
+      (*rows)[r] = base + (r - L.send_offsets[d]) * stride;
+    }
+  }
+}
+
+void PlaceReturnRows(const DispatchLayout& L, size_t stride, const SharedWindows* windows,
+                     std::byte* send, std::byte* recv, std::vector<std::byte*>* rows) {
+  const int me = L.me;
+  rows->resize(L.recv_rows());
+  for (int p = 0; p < L.world; ++p) {
+    std::byte* base = windows != nullptr ? windows->at(p) + L.RowsBefore(p, me) * stride
+                      : p == me          ? recv + L.send_offsets[me] * stride
+                                         : send + L.recv_offsets[p] * stride;
+    for (int64_t r = L.recv_offsets[p]; r < L.recv_offsets[p + 1]; ++r) {
+      (*rows)[r] = base + (r - L.recv_offsets[p]) * stride;
+    }
+  }
+}
+
+void WriteRowChoices(const DispatchLayout& L, const int32_t* expert_ids,
+                     const float* router_weights, int64_t slots, int top_k,
+                     std::byte* const* rows, size_t offset) {
+  const int K = top_k;
+  constexpr int32_t kUnused = -1;
+  for (int64_t r = 0; r < L.send_rows(); ++r) {
+    std::byte* ids = rows[r] + offset;
+    for (int j = 0; j < K; ++j) std::memcpy(ids + j * sizeof(int32_t), &kUnused, sizeof(int32_t));
+  }
+  for (int64_t s = 0; s < slots; ++s) {
+    const int64_t row = L.slot_row[s];
+    const int64_t j = L.slot_to_choice[s] - L.send_choice_offsets[row];
+    std::byte* meta = rows[row] + offset;
+    std::memcpy(meta + j * sizeof(int32_t), &expert_ids[s], sizeof(int32_t));
+    std::memcpy(meta + (K + j) * sizeof(int32_t), &router_weights[s], sizeof(float));
+  }
+}
+
 absl::Status ExchangeBuffer::Reserve(size_t bytes, Transport* transport) {
   if (bytes <= capacity_) return absl::OkStatus();
   capacity_ = std::max(bytes, 2 * capacity_);

@@ -91,6 +91,36 @@ struct ExchangeBytes {
   }
 };
 
+// The byte counts of an all-to-all-v moving one row of `row_bytes` per
+// send row: dispatch (each rank's send rows to their destinations) or, with
+// `back`, the same rows returning (combine: received rows back to their
+// sources). Rows for this rank itself count 0 bytes: they are written in
+// place. Returns the bytes this rank sends to peers.
+uint64_t RowExchangeBytes(const DispatchLayout& layout, size_t row_bytes, bool back,
+                          ExchangeBytes* bytes);
+// The same for a combine that returns one row per received choice (F32:
+// the source un-permutes them in choice order).
+uint64_t ChoiceReturnBytes(const DispatchLayout& layout, size_t row_bytes, ExchangeBytes* bytes);
+
+// Where each dispatch row is written, [send rows] into *rows: straight into
+// each destination's window (`windows`, ranks on one host), or for an
+// all-to-all into `send` at its send row, this rank's own rows straight
+// into `recv` where they would arrive. Rows are `stride` bytes.
+void PlaceSendRows(const DispatchLayout& layout, size_t stride, const SharedWindows* windows,
+                   std::byte* send, std::byte* recv, std::vector<std::byte*>* rows);
+// Where each received row's combine row (one per received row) is written,
+// [received rows]: straight into its source's window at the source's send
+// row, or for an all-to-all into `send` in received order, this rank's own
+// rows straight into `recv` at their send rows.
+void PlaceReturnRows(const DispatchLayout& layout, size_t stride, const SharedWindows* windows,
+                     std::byte* send, std::byte* recv, std::vector<std::byte*>* rows);
+
+// Writes each send row's expert ids and router weights ([top_k ids, top_k
+// weights], unused ids -1, in the row's choice order) at rows[row] + offset.
+void WriteRowChoices(const DispatchLayout& layout, const int32_t* expert_ids,
+                     const float* router_weights, int64_t slots, int top_k,
+                     std::byte* const* rows, size_t offset);
+
 // A byte buffer handed to the transport. Grows geometrically and registers
 // each new allocation (a hint for zero-copy transports), so steady-state
 // steps neither allocate nor re-register.

@@ -11,6 +11,8 @@
 #include "common/status.h"
 #include "kernels/cpu/moe.h"
 #include "worker/device/cpu_backend.h"
+#include "worker/ep/device_stages.h"
+#include "worker/ep/exchange_windows.h"
 
 namespace joule::ep {
 namespace {
@@ -71,13 +73,17 @@ struct ExpertParallelExecutor::Impl {
   // are written straight into the other buffer.
   ExchangeBuffer dispatch_send, dispatch_recv;
   // With shared windows (ranks on one host, BF16) the exchanges become
-  // writes into peers' memory: dispatch rows into each destination's
-  // `dispatch_window`, combine rows into each source's `combine_window`, a
-  // barrier after each.
-  std::unique_ptr<SharedWindows> combine_window, dispatch_window;
-  bool windows_off = false;  // the transport cannot map them (or options say no)
+  // writes into peers' memory, a barrier after each.
+  std::unique_ptr<ExchangeWindows> windows;
   std::vector<std::byte*> send_row;  // [send rows] where each dispatch row is written
   GroupedExpertBuffers expert_buffers;
+  // A GPU worker's stages (options.device): rows in device memory.
+  std::unique_ptr<DeviceStages> device;
+  device::Backend* device_backend = nullptr;
+  std::unique_ptr<DeviceWeights> uploaded;  // its experts, when not the model's
+  std::vector<ExpertsView> device_experts;  // [layer]
+  std::vector<int32_t> host_ids;            // the router's choices, copied to the host
+  std::vector<float> host_weights;
 
   mutable absl::Mutex mu;
   Stats stats ABSL_GUARDED_BY(mu);
@@ -89,9 +95,9 @@ struct ExpertParallelExecutor::Impl {
     return PayloadBytes() + 2 * weights->config().num_experts_per_tok * sizeof(int32_t);
   }
   absl::Status CheckPlacement(const Placement& p) const;
-  // Windows of at least the given sizes on every rank (grown together:
-  // every rank passes the same sizes); false once they are off. Collective.
-  absl::StatusOr<bool> EnsureWindows(size_t combine_bytes, size_t dispatch_bytes);
+  absl::Status SetUpDevice(const ExpertParallelDevice& d);
+  // Device: the router's choices to the host (the layout is built there).
+  absl::Status CopyChoicesToHost(int64_t tokens, const int32_t* expert_ids, const float* weights);
 
   absl::Status Run(int layer, const float* x, int64_t tokens, const int32_t* expert_ids,
                    const float* weights, float* out);
@@ -141,34 +147,6 @@ absl::Status ExpertParallelExecutor::Impl::CheckPlacement(const Placement& p) co
   return absl::OkStatus();
 }
 
-absl::StatusOr<bool> ExpertParallelExecutor::Impl::EnsureWindows(size_t combine_bytes,
-                                                                   size_t dispatch_bytes) {
-  if (windows_off) return false;
-  for (auto [win, need] : {std::pair{&combine_window, combine_bytes},
-                           std::pair{&dispatch_window, dispatch_bytes}}) {
-    if (*win != nullptr && (*win)->bytes() >= need) continue;
-    const size_t grown = std::max(need, *win == nullptr ? size_t{0} : 2 * (*win)->bytes());
-    win->reset();
-    absl::StatusOr<std::unique_ptr<SharedWindows>> mapped = transport->MapSharedWindows(grown);
-    if (absl::IsUnimplemented(mapped.status())) {  // the same answer on every rank
-      JOULE_LOG(Info) << "rank " << transport->rank()
-                      << ": expert-parallel dispatch/combine through all-to-all-v ("
-                      << mapped.status().message() << ")";
-      windows_off = true;
-      combine_window.reset();
-      dispatch_window.reset();
-      return false;
-    }
-    if (!mapped.ok()) return mapped.status();
-    if (combine_window == nullptr && dispatch_window == nullptr) {
-      JOULE_LOG(Info) << "rank " << transport->rank()
-                      << ": expert-parallel dispatch/combine write into peers' shared windows";
-    }
-    *win = *std::move(mapped);
-  }
-  return true;
-}
-
 ExpertParallelExecutor::ExpertParallelExecutor(const ModelWeights* weights, Transport* transport,
                                                Placement placement, kc::CpuStream stream,
                                                ExpertParallelOptions options)
@@ -185,16 +163,55 @@ ExpertParallelExecutor::ExpertParallelExecutor(const ModelWeights* weights, Tran
   impl_->combine = MakeCombineStrategy(options.payload);
   impl_->layout.world = transport->world_size();
   impl_->layout.me = transport->rank();
-  impl_->windows_off = !options.shared_windows || options.payload != PayloadType::kBF16;
+  impl_->windows = std::make_unique<ExchangeWindows>(
+      [transport](size_t bytes) { return transport->MapSharedWindows(bytes); },
+      options.shared_windows && options.payload == PayloadType::kBF16, transport->rank());
   impl_->placement_status = impl_->CheckPlacement(placement);
   impl_->fingerprint = PlacementFingerprint(placement);
   impl_->placement = std::move(placement);
+  if (options.device.backend != nullptr && !options.device.backend->device_memory_is_host()) {
+    absl::Status device = impl_->SetUpDevice(options.device);
+    if (!device.ok() && impl_->placement_status.ok()) impl_->placement_status = device;
+  }
   const ModelConfig& c = weights->config();
   absl::MutexLock lock(&impl_->mu);
   impl_->load.assign(c.num_layers, std::vector<int64_t>(c.num_experts, 0));
 }
 
 ExpertParallelExecutor::~ExpertParallelExecutor() = default;
+
+absl::Status ExpertParallelExecutor::Impl::SetUpDevice(const ExpertParallelDevice& d) {
+  const ModelConfig& c = weights->config();
+  device_backend = d.backend;
+  device = std::make_unique<DeviceStages>(
+      DeviceStagesOptions{.backend = d.backend, .control = transport,
+                          .row_transport = d.row_transport, .payload = options.payload,
+                          .shared_windows = options.shared_windows},
+      c.hidden_size, c.num_experts_per_tok);
+  const DeviceWeights* views = d.resident;
+  if (views == nullptr || d.resident_host != weights) {
+    ASSIGN_OR_RETURN(uploaded, DeviceWeights::CreateExperts(*weights, *d.backend));
+    views = uploaded.get();
+  }
+  device_experts.resize(c.num_layers);
+  for (int l = 0; l < c.num_layers; ++l) device_experts[l] = views->layers()[l].experts;
+  JOULE_LOG(Info) << "rank " << transport->rank() << ": expert parallelism on "
+                  << d.backend->spec().ToString() << ", rows through "
+                  << RowPathName(device->row_path());
+  return absl::OkStatus();
+}
+
+absl::Status ExpertParallelExecutor::Impl::CopyChoicesToHost(int64_t tokens,
+                                                             const int32_t* expert_ids,
+                                                             const float* weights) {
+  const int64_t slots = std::max<int64_t>(tokens, 0) * this->weights->config().num_experts_per_tok;
+  host_ids.resize(slots);
+  host_weights.resize(slots);
+  if (slots == 0) return absl::OkStatus();
+  RETURN_IF_ERROR(device_backend->CopyAsync(host_ids.data(), expert_ids, slots * sizeof(int32_t)));
+  RETURN_IF_ERROR(device_backend->CopyAsync(host_weights.data(), weights, slots * sizeof(float)));
+  return device_backend->Synchronize();
+}
 
 absl::Status ExpertParallelExecutor::SetPlacement(Placement placement) {
   RETURN_IF_ERROR(Annotate(impl_->CheckPlacement(placement), "set placement"));
@@ -251,21 +268,43 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
                                                float* out) {
   const auto t_start = std::chrono::steady_clock::now();
   const int K = weights->config().num_experts_per_tok;
-  const absl::Status local = CheckRouting(layer, tokens, expert_ids);
+  absl::Status local = absl::OkStatus();
+  const int32_t* ids = expert_ids;
+  const float* ids_weights = router_w;
+  if (device != nullptr) {  // the layout is built on the host
+    local = Annotate(CopyChoicesToHost(tokens, expert_ids, router_w), "router choices to the host");
+    ids = host_ids.data();
+    ids_weights = host_weights.data();
+  }
+  if (local.ok()) local = CheckRouting(layer, tokens, ids);
   const int64_t slots = local.ok() ? tokens * K : 0;  // on failure only the flag goes out
   // (a) The layout: a replica for every slot, one send row per (token, rank).
-  BuildSendLayout(placement, layer, expert_ids, slots, K, &layout, &rank_token, &rank_row);
+  BuildSendLayout(placement, layer, ids, slots, K, &layout, &rank_token, &rank_row);
   // (b) The count exchange.
-  ASSIGN_OR_RETURN(const int64_t moving, ExchangeCounts(local, expert_ids, slots));
+  ASSIGN_OR_RETURN(const int64_t moving, ExchangeCounts(local, ids, slots));
   if (moving == 0) {  // every rank sees the same matrix: all skip the payload exchanges together
     absl::MutexLock lock(&mu);
     stats.dispatch_seconds += SecondsSince(t_start);
     return absl::OkStatus();
   }
+  if (device != nullptr) {
+    // (c)-(f) in device memory.
+    const double layout_seconds = SecondsSince(t_start);
+    StageTraffic traffic;
+    RETURN_IF_ERROR(Annotate(device->Run(layout, experts[layer], device_experts[layer], x, ids,
+                                         ids_weights, router_w, tokens, out, &traffic),
+                             Context("exchange")));
+    traffic.dispatch_seconds += layout_seconds;
+    absl::MutexLock lock(&mu);
+    stats.dispatch_bytes += traffic.dispatch_bytes;
+    stats.combine_bytes += traffic.combine_bytes;
+    stats.dispatch_seconds += traffic.dispatch_seconds;
+    stats.combine_seconds += traffic.combine_seconds;
+    return absl::OkStatus();
+  }
   // (c) Dispatch.
   uint64_t dispatch_bytes = 0;
-  ASSIGN_OR_RETURN(const Exchange exchange,
-                   Dispatch(x, expert_ids, router_w, slots, &dispatch_bytes));
+  ASSIGN_OR_RETURN(const Exchange exchange, Dispatch(x, ids, router_w, slots, &dispatch_bytes));
   const double dispatch_seconds = SecondsSince(t_start);
   // (d) This rank's experts over what it received.
   RETURN_IF_ERROR(RunExperts(exchange));
@@ -273,7 +312,7 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
   const auto t_combine = std::chrono::steady_clock::now();
   ASSIGN_OR_RETURN(const uint64_t combine_bytes, Combine(exchange));
   const std::byte* returned =
-      exchange.direct ? combine_window->at(layout.me) : dispatch_send.data();
+      exchange.direct ? windows->combine()->at(layout.me) : dispatch_send.data();
   combine->Reduce(exchange, returned, router_w, tokens, K, out);
 
   absl::MutexLock lock(&mu);
@@ -343,10 +382,10 @@ absl::StatusOr<Exchange> ExpertParallelExecutor::Impl::Dispatch(const float* x,
     combine_bytes = std::max<size_t>(combine_bytes, L.RowsBefore(r, W) * payload);
     dispatch_bytes = std::max<size_t>(dispatch_bytes, L.RowsFrom(r, W) * stride);
   }
-  absl::StatusOr<bool> windows = EnsureWindows(combine_bytes, dispatch_bytes);
-  if (!windows.ok()) return Annotate(windows.status(), Context("shared windows"));
-  Exchange ex{.layout = &layout, .hidden = H, .direct = *windows, .dispatch_stride = stride,
-              .a = &dispatch_send, .b = &dispatch_recv, .win_a = combine_window.get(),
+  absl::StatusOr<bool> direct = windows->Ensure(combine_bytes, dispatch_bytes);
+  if (!direct.ok()) return Annotate(direct.status(), Context("shared windows"));
+  Exchange ex{.layout = &layout, .hidden = H, .direct = *direct, .dispatch_stride = stride,
+              .a = &dispatch_send, .b = &dispatch_recv, .win_a = windows->combine(),
               .transport = transport, .stream = stream};
   if (!ex.direct) {
     // `dispatch_send` also receives the combine's returning rows.
@@ -355,18 +394,11 @@ absl::StatusOr<Exchange> ExpertParallelExecutor::Impl::Dispatch(const float* x,
     RETURN_IF_ERROR(Annotate(dispatch_recv.Reserve(L.recv_rows() * stride, transport),
                              Context("buffers")));
   }
-  ex.received = ex.direct ? dispatch_window->at(me) : dispatch_recv.data();
+  ex.received = ex.direct ? windows->dispatch()->at(me) : dispatch_recv.data();
   // Where each send row goes: the destination's window, or `dispatch_send`
   // (this rank's own rows straight into `dispatch_recv`) for the all-to-all.
-  send_row.resize(send_rows);
-  for (int d = 0; d < W; ++d) {
-    std::byte* base = ex.direct ? dispatch_window->at(d) + L.RowsFrom(d, me) * stride
-                      : d == me ? dispatch_recv.data() + L.recv_offsets[me] * stride
-                                : dispatch_send.data() + L.send_offsets[d] * stride;
-    for (int64_t r = L.send_offsets[d]; r < L.send_offsets[d + 1]; ++r) {
-      send_row[r] = base + (r - L.send_offsets[d]) * stride;
-    }
-  }
+  PlaceSendRows(L, stride, ex.direct ? windows->dispatch() : nullptr, dispatch_send.data(),
+                dispatch_recv.data(), &send_row);
   // A token going to several ranks is converted (BF16: rounded) once, into
   // its first row, and copied from there into the others.
   kc::LaunchGatherRows({.in = x, .in_type = kc::RowType::kF32, .in_stride_bytes = H * 4,
@@ -374,28 +406,8 @@ absl::StatusOr<Exchange> ExpertParallelExecutor::Impl::Dispatch(const float* x,
                         .rows = send_rows, .hidden = H, .out_rows = send_row.data(),
                         .copy_of = L.send_copy_of.data()},
                        stream);
-  constexpr int32_t kUnused = -1;
-  for (int64_t r = 0; r < send_rows; ++r) {
-    std::byte* ids = send_row[r] + payload;
-    for (int j = 0; j < K; ++j) std::memcpy(ids + j * sizeof(int32_t), &kUnused, sizeof(int32_t));
-  }
-  for (int64_t s = 0; s < slots; ++s) {
-    const int64_t row = L.slot_row[s];
-    const int64_t j = L.slot_to_choice[s] - L.send_choice_offsets[row];
-    std::byte* meta = send_row[row] + payload;
-    std::memcpy(meta + j * sizeof(int32_t), &expert_ids[s], sizeof(int32_t));
-    std::memcpy(meta + (K + j) * sizeof(int32_t), &router_w[s], sizeof(float));
-  }
-  bytes.Resize(W);
-  *peer_bytes = 0;
-  for (int p = 0; p < W; ++p) {
-    const bool peer = p != me;  // rows for this rank itself are already in place
-    bytes.send[p] = peer ? (L.send_offsets[p + 1] - L.send_offsets[p]) * stride : 0;
-    bytes.send_offsets[p] = L.send_offsets[p] * stride;
-    bytes.recv[p] = peer ? (L.recv_offsets[p + 1] - L.recv_offsets[p]) * stride : 0;
-    bytes.recv_offsets[p] = L.recv_offsets[p] * stride;
-    *peer_bytes += bytes.send[p];
-  }
+  WriteRowChoices(L, expert_ids, router_w, slots, K, send_row.data(), payload);
+  *peer_bytes = RowExchangeBytes(L, stride, /*back=*/false, &bytes);
   RETURN_IF_ERROR(Annotate(
       ex.direct ? transport->Barrier()  // every rank's rows are in place once all have written
                 : transport->AllToAllV(dispatch_send.data(), bytes.send.data(),

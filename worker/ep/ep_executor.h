@@ -17,6 +17,7 @@
 #include "kernels/cpu/thread_pool.h"
 #include "worker/ep/combine.h"
 #include "worker/ep/transport.h"
+#include "worker/model/device_weights.h"
 #include "worker/model/experts.h"
 #include "worker/model/weights.h"
 
@@ -28,17 +29,32 @@ namespace joule::ep {
 // single-process run by BF16 rounding. With kBF16 the rank that ran a token's
 // experts also sums their weighted outputs before combine (one row back per
 // token instead of one per expert); the rounding is of that sum.
+// A GPU worker's executor (absent: the host path on the CPU threads of the
+// executor's stream): rows stay in the backend's device memory and the
+// experts run there (device_stages.h says how rows move).
+struct ExpertParallelDevice {
+  device::Backend* backend = nullptr;  // not host memory (a GPU; the fake device)
+  // The model's weights on the device, and the host weights they mirror: the
+  // executor uses their experts when it is given those host weights, and
+  // uploads the experts it holds itself otherwise (a reloaded placement).
+  const DeviceWeights* resident = nullptr;
+  const ModelWeights* resident_host = nullptr;
+  Transport* row_transport = nullptr;  // device memory (NCCL), or null
+};
+
 struct ExpertParallelOptions {
   PayloadType payload = PayloadType::kBF16;
   // BF16 only: when the transport maps shared windows (ranks on one host),
   // write dispatch and combine rows straight into peers' memory, a barrier in
   // place of each all-to-all; otherwise, or when it cannot, all-to-all-v.
   bool shared_windows = true;
+  ExpertParallelDevice device;
 };
 
 class ExpertParallelExecutor : public ExpertExecutor {
  public:
   // weights must hold (at least) every expert the placement gives this rank;
+  // the transport carries the host-memory collectives (counts, barriers);
   // if not (or the placement is invalid), every Run fails with that error on
   // this rank and Aborted on its peers. Neither weights nor transport is owned.
   ExpertParallelExecutor(const ModelWeights* weights, Transport* transport, Placement placement,
@@ -46,7 +62,8 @@ class ExpertParallelExecutor : public ExpertExecutor {
   ~ExpertParallelExecutor() override;
 
   // Collective: every rank calls it for the same layers in the same order,
-  // also with tokens == 0. A transport error comes back annotated with the
+  // also with tokens == 0. Pointers are the model backend's memory (device
+  // memory with options.device). A transport error comes back annotated with the
   // layer; a rank that fails before the exchange makes its peers fail too.
   absl::Status Run(int layer, const float* x, int64_t tokens, const int32_t* expert_ids,
                    const float* weights, float* out) override;

@@ -186,14 +186,33 @@ ExpertsView ViewExperts(const LayerWeights& L, std::vector<const void*>* table) 
 
 absl::StatusOr<std::unique_ptr<DeviceWeights>> DeviceWeights::Create(const ModelWeights& weights,
                                                                      device::Backend& backend) {
+  return Place(weights, backend, /*experts_only=*/false);
+}
+
+absl::StatusOr<std::unique_ptr<DeviceWeights>> DeviceWeights::CreateExperts(
+    const ModelWeights& weights, device::Backend& backend) {
+  return Place(weights, backend, /*experts_only=*/true);
+}
+
+absl::StatusOr<std::unique_ptr<DeviceWeights>> DeviceWeights::Place(const ModelWeights& weights,
+                                                                    device::Backend& backend,
+                                                                    bool experts_only) {
   auto dw = std::unique_ptr<DeviceWeights>(new DeviceWeights());
   const bool view = backend.device_memory_is_host();
   auto traverse = [&](Placer& placer) {
     dw->tables_.assign(weights.layers().size(), {});
+    dw->layers_.assign(weights.layers().size(), LayerView{});
+    if (experts_only) {
+      for (size_t i = 0; i < weights.layers().size(); ++i) {
+        const LayerWeights& L = weights.layers()[i];
+        dw->layers_[i].is_moe = L.is_moe;
+        if (L.is_moe) dw->layers_[i].experts = placer.Experts(L, &dw->tables_[i]);
+      }
+      return;
+    }
     dw->embed_ = placer.Linear(weights.embed_tokens());
     dw->lm_head_ = placer.Linear(weights.lm_head());
     dw->final_norm_ = placer.Vector(weights.final_norm());
-    dw->layers_.assign(weights.layers().size(), LayerView{});
     for (size_t i = 0; i < weights.layers().size(); ++i) {
       const LayerWeights& L = weights.layers()[i];
       LayerView& v = dw->layers_[i];

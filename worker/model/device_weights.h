@@ -91,6 +91,11 @@ class DeviceWeights {
   // many are free.
   static absl::StatusOr<std::unique_ptr<DeviceWeights>> Create(const ModelWeights& weights,
                                                                device::Backend& backend);
+  // Only the routed experts `weights` holds (layers()[l].experts and
+  // is_moe; nothing else is placed): what an expert-parallel executor
+  // uploads for a placement whose experts the model's weights lack.
+  static absl::StatusOr<std::unique_ptr<DeviceWeights>> CreateExperts(const ModelWeights& weights,
+                                                                      device::Backend& backend);
 
   const LinearView& embed_tokens() const { return embed_; }
   const LinearView& lm_head() const { return lm_head_; }
@@ -102,6 +107,9 @@ class DeviceWeights {
  private:
   class Placer;
   DeviceWeights() = default;
+  static absl::StatusOr<std::unique_ptr<DeviceWeights>> Place(const ModelWeights& weights,
+                                                              device::Backend& backend,
+                                                              bool experts_only);
 
   device::Buffer arena_;                          // GPU: every weight, one allocation
   std::vector<std::vector<const void*>> tables_;  // CPU: each MoE layer's expert pointers

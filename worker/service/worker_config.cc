@@ -37,9 +37,9 @@ absl::Status WorkerConfig::Validate() const {
   if (absl::StatusOr<device::DeviceSpec> spec = device::ParseDeviceSpec(device); !spec.ok()) {
     return spec.status();
   }
-  if (!(gpu_memory_utilization > 0 && gpu_memory_utilization <= 1)) {
+  if (!(gpu_memory_utilization >= 0 && gpu_memory_utilization <= 1)) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "--gpu-memory-utilization: must be in (0, 1], got ", gpu_memory_utilization));
+        "--gpu-memory-utilization: must be in [0, 1], got ", gpu_memory_utilization));
   }
   if (max_model_len < 0) {
     return absl::InvalidArgumentError(absl::StrCat("--max-model-len: must be >= 0, got ", max_model_len));

@@ -36,10 +36,11 @@ namespace joule::worker {
     "cgroup CPU quota; see --workers-per-host)")                                                  \
   X(int, workers_per_host, 1,                                                                     \
     "worker processes sharing this host's cores: --threads 0 gives each usable cores / this, at least 1") \
-  X(int64_t, kv_cache_mb, 256, "KV cache size in MiB (CPU; a GPU sizes it with --gpu-memory-utilization)") \
+  X(int64_t, kv_cache_mb, 256,                                                                    \
+    "KV cache size in MiB (CPU; a GPU too with --gpu-memory-utilization 0)")                      \
   X(double, gpu_memory_utilization, 0.9,                                                          \
     "GPU: the fraction of the device's memory this worker may use; the KV cache gets what weights " \
-    "and workspaces leave of it")                                                                  \
+    "and workspaces leave of it. 0: --kv-cache-mb instead (workers sharing one GPU)")           \
   X(int64_t, max_model_len, 0,                                                                    \
     "longest prompt + max_tokens a request may have; 0: the model's max_position_embeddings")     \
   X(bool, cuda_graphs, true, "GPU: replay decode steps from CUDA graphs captured at start-up")    \

@@ -20,11 +20,14 @@
 #include "common/model_fingerprint.h"
 #include "common/status.h"
 #include "kernels/cpu/thread_pool.h"
+#include "worker/device/backend.h"
 #include "worker/device/device_spec.h"
 #include "worker/engine/engine.h"
 #include "worker/ep/ep_executor.h"
+#include "worker/ep/staged_transport.h"
 #include "worker/ep/ucx_transport.h"
 #include "worker/service/convert.h"
+#include "worker/service/nccl_group.h"
 
 namespace joule::worker {
 namespace {
@@ -277,13 +280,9 @@ absl::Status WorkerProcess::Register(int requested_rank) {
 absl::Status WorkerProcess::LoadModel() {
   Model::Options options;
   ASSIGN_OR_RETURN(options.device, device::ParseDeviceSpec(config_.device));
-  if (options.device.is_cuda() && world_size_ > 1) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "--device ", config_.device, ": this cluster has ", world_size_,
-        " ranks, and expert parallelism between GPU workers is not available yet (GPU workers, "
-        "part 2); a GPU worker serves a one-rank cluster (joule-coordinator --workers 1)"));
-  }
-  options.cuda_graphs = config_.cuda_graphs;
+  // Expert parallelism synchronizes with the host every MoE layer (the
+  // layout and the count exchange): decode steps cannot be one graph then.
+  options.cuda_graphs = config_.cuda_graphs && world_size_ == 1;
   const int usable = kernels::cpu::UsableCores();
   options.num_threads = config_.ComputeThreads(usable);
   JOULE_LOG(Info) << "compute threads: " << options.num_threads << " (usable cores " << usable
@@ -354,21 +353,80 @@ absl::Status WorkerProcess::JoinRunningGroup() {
 absl::StatusOr<std::unique_ptr<ep::Transport>> WorkerProcess::JoinGroup(int transport_rank,
                                                                         int world,
                                                                         uint64_t group_epoch) {
-  const ep::TransportOptions transport_options{.timeout = step_timeout_};
+  std::unique_ptr<ep::Transport> transport;
+  if (config_.transport == "nccl") {
+    ASSIGN_OR_RETURN(transport, JoinNcclGroup(transport_rank, world, group_epoch));
+  } else {
+    ASSIGN_OR_RETURN(transport, JoinUcxGroup(transport_rank, world, group_epoch));
+  }
+  JOULE_LOG(Info) << "rank " << rank_ << ": " << transport->name() << " transport connected to "
+                  << world - 1 << " peer(s) as rank " << transport_rank << " of " << world
+                  << (group_epoch > 0 ? absl::StrCat(" (group epoch ", group_epoch, ")") : "");
+  return transport;
+}
+
+absl::StatusOr<std::unique_ptr<ep::Transport>> WorkerProcess::JoinUcxGroup(int transport_rank,
+                                                                           int world,
+                                                                           uint64_t group_epoch) {
+  ASSIGN_OR_RETURN(std::unique_ptr<ep::UcxTransport> ucx,
+                   ep::UcxTransport::Create(
+                       transport_rank, world, {.timeout = step_timeout_},
+                       {.spin_before_naps = absl::Microseconds(config_.ucx_spin_us)}));
+  ASSIGN_OR_RETURN(std::vector<std::string> addresses,
+                   RendezvousAddresses(ucx->address(), transport_rank, world, group_epoch));
+  RETURN_IF_ERROR(ucx->Connect(addresses));
+  return std::unique_ptr<ep::Transport>(std::move(ucx));
+}
+
+// Every rank sends a descriptor (nccl_group.h), rank 0's with a fresh NCCL
+// unique id; every rank checks all of them alike, so a group NCCL cannot form
+// is refused on every rank with the same message, before NCCL is asked.
+absl::StatusOr<std::unique_ptr<ep::Transport>> WorkerProcess::JoinNcclGroup(int transport_rank,
+                                                                            int world,
+                                                                            uint64_t group_epoch) {
+  RETURN_IF_ERROR(NcclTransportAvailable());  // a CPU build says so
+  if (group_epoch > 0 || runtime_ != nullptr) {
+    // Re-forming would need a new NCCL communicator over the survivors (and
+    // its unique id through the group's rendezvous): not done yet.
+    return absl::FailedPreconditionError(absl::StrCat(
+        "--transport nccl: rank ", rank_, " cannot move to another expert-parallel group",
+        group_epoch > 0 ? absl::StrCat(" (group epoch ", group_epoch, ")") : "",
+        ": an NCCL group is formed once, at start-up; restart every worker of the cluster "
+        "(or use --transport ucx, whose groups re-form)"));
+  }
+  device::Backend& backend = model_->backend();
+  NcclRankDescriptor mine{.host = HostName(),
+                          .device = backend.spec().ToString(),
+                          .pci_bus_id = backend.pci_bus_id()};
+  // A CPU rank makes no id: the group is refused below on every rank anyway.
+  if (transport_rank == 0 && backend.spec().is_cuda()) {
+    ASSIGN_OR_RETURN(mine.unique_id, MakeNcclUniqueId());
+  }
+  const std::string address = EncodeNcclDescriptor(mine);
+  ASSIGN_OR_RETURN(std::vector<std::string> addresses,
+                   RendezvousAddresses(address, transport_rank, world, group_epoch));
+  addresses[transport_rank] = address;
+  ASSIGN_OR_RETURN(const std::string unique_id, CheckNcclGroup(addresses));
+  ASSIGN_OR_RETURN(std::unique_ptr<ep::Transport> nccl,
+                   CreateNcclTransport(transport_rank, world, unique_id,
+                                       {.timeout = step_timeout_}, backend.spec().index));
+  return std::unique_ptr<ep::Transport>(
+      std::make_unique<ep::StagedTransport>(std::move(nccl), &backend));
+}
+
+ep::Transport* WorkerProcess::row_transport() const {
+  auto* staged = dynamic_cast<ep::StagedTransport*>(transport_.get());
+  return staged != nullptr ? staged->device_transport() : nullptr;
+}
+
+absl::StatusOr<std::vector<std::string>> WorkerProcess::RendezvousAddresses(
+    const std::string& address, int transport_rank, int world, uint64_t group_epoch) {
   v1::RendezvousRequest request;
   request.set_worker_id(worker_id_);
   request.set_worker_secret(worker_secret_);
   request.set_rank(rank_);
   request.set_group_epoch(group_epoch);
-  if (config_.transport != "ucx") {
-    return absl::UnimplementedError(
-        "--transport nccl: this joule-worker has no NCCL transport (CPU build); use --transport ucx");
-  }
-  ASSIGN_OR_RETURN(std::unique_ptr<ep::UcxTransport> ucx,
-                   ep::UcxTransport::Create(
-                       transport_rank, world, transport_options,
-                       {.spin_before_naps = absl::Microseconds(config_.ucx_spin_us)}));
-  request.set_transport_address(ucx->address());
+  request.set_transport_address(address);
 
   // Rendezvous blocks until every rank registered; retry in slices so a stop
   // request is noticed, and until every peer's address is known (a peer may
@@ -394,7 +452,7 @@ absl::StatusOr<std::unique_ptr<ep::Transport>> WorkerProcess::JoinGroup(int tran
           absl::StrAppend(&waiting_for, waiting_for.empty() ? "" : ", ", r);
         }
       }
-      if (waiting_for.empty()) break;
+      if (waiting_for.empty()) return addresses;
       waiting_for = absl::StrCat("no transport address yet for rank(s) ", waiting_for);
       absl::SleepFor(absl::Milliseconds(100));
     } else {
@@ -410,20 +468,20 @@ absl::StatusOr<std::unique_ptr<ep::Transport>> WorkerProcess::JoinGroup(int tran
     }
     JOULE_LOG(Info) << "rank " << rank_ << ": waiting for the other ranks: " << waiting_for;
   }
-  RETURN_IF_ERROR(ucx->Connect(addresses));
-  JOULE_LOG(Info) << "rank " << rank_ << ": " << ucx->name() << " transport connected to "
-                  << world - 1 << " peer(s) as rank " << transport_rank << " of " << world
-                  << (group_epoch > 0 ? absl::StrCat(" (group epoch ", group_epoch, ")") : "");
-  return std::unique_ptr<ep::Transport>(std::move(ucx));
 }
 
 absl::Status WorkerProcess::StartServing() {
   ep::ExpertParallelOptions ep_options;
   ep_options.payload = config_.payload == "f32" ? ep::PayloadType::kF32 : ep::PayloadType::kBF16;
-  // A GPU worker (a one-rank cluster, see LoadModel) runs its experts on its
-  // device through the model's local executor.
+  // A GPU worker keeps its rows in device memory and runs its experts there
+  // (worker/ep/device_stages.h); a one-rank GPU cluster keeps the model's
+  // local executor and its decode graphs.
   std::unique_ptr<ep::ExpertParallelExecutor> executor;
-  if (!model_->backend().spec().is_cuda()) {
+  if (model_->backend().spec().is_cuda()) {
+    ep_options.device = {.backend = &model_->backend(), .resident = &model_->device_weights(),
+                         .resident_host = &model_->weights(), .row_transport = row_transport()};
+  }
+  if (!model_->backend().spec().is_cuda() || world_size_ > 1) {
     const ModelWeights* weights = joined_weights_ ? joined_weights_.get() : &model_->weights();
     executor = std::make_unique<ep::ExpertParallelExecutor>(
         weights, transport_.get(), placement_, model_->stream(), ep_options);

@@ -5,7 +5,10 @@
 //   3. load the model with only this rank's experts (mmap: the rest never
 //      becomes resident);
 //   4. open the transport for (rank, world), Rendezvous (sending its address)
-//      -> every peer's address, Connect (bounded by the step timeout);
+//      -> every peer's address, Connect (bounded by the step timeout); with
+//      --transport nccl the address is a descriptor (nccl_group.h), rank 0's
+//      carrying the NCCL unique id, and the transport a StagedTransport over
+//      the NCCL communicator (row_transport());
 //   5. build the expert-parallel executor, engine and runtime, start the step
 //      loop and the heartbeat (which reports ready).
 // Wait() returns once the worker has stopped: asked to (SIGTERM, coordinator),
@@ -16,6 +19,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
@@ -73,6 +77,22 @@ class WorkerProcess {
   // `transport_rank` of `world`, connected to every peer after the rendezvous.
   absl::StatusOr<std::unique_ptr<ep::Transport>> JoinGroup(int transport_rank, int world,
                                                           uint64_t group_epoch);
+  // JoinGroup for --transport ucx, and for --transport nccl (a StagedTransport
+  // over the NCCL communicator: host collectives work unchanged).
+  absl::StatusOr<std::unique_ptr<ep::Transport>> JoinUcxGroup(int transport_rank, int world,
+                                                             uint64_t group_epoch);
+  absl::StatusOr<std::unique_ptr<ep::Transport>> JoinNcclGroup(int transport_rank, int world,
+                                                              uint64_t group_epoch);
+  // The rendezvous of group `group_epoch` (0: the first): sends `address` as
+  // this rank's transport address and returns every rank's, by transport rank,
+  // once each is known (retrying until --rendezvous-timeout-ms; Stop() ends it).
+  absl::StatusOr<std::vector<std::string>> RendezvousAddresses(const std::string& address,
+                                                               int transport_rank, int world,
+                                                               uint64_t group_epoch);
+  // Device-memory transport for expert rows, null unless --transport nccl:
+  // the NCCL communicator under transport_ (whose host collectives it stages).
+  // Owned by transport_ and replaced with it.
+  ep::Transport* row_transport() const;
   absl::Status StartServing();
   // The regroup thread: takes each new group the heartbeat brings (Regroup).
   void RegroupLoop();

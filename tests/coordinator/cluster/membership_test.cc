@@ -200,7 +200,27 @@ TEST_F(MembershipTest, RefusesAnotherTransport) {
   absl::Status s = Register(r).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(std::string(s.message()),
-              HasSubstr("worker transport TRANSPORT_KIND_NCCL != coordinator's TRANSPORT_KIND_UCX"));
+              HasSubstr("transport: this worker uses nccl (joule-worker --transport nccl) but the "
+                        "group uses ucx (joule-coordinator --transport ucx); every rank of a group "
+                        "uses one transport"));
+}
+
+TEST_F(MembershipTest, RefusesAnotherTransportInOneGroupNamingItsRanks) {
+  Make(3);
+  ASSERT_EQ(*Register(Worker("w-a")), 0);
+  ASSERT_EQ(*Register(Worker("w-b")), 1);
+  v1::RegisterRequest nccl = Worker("w-c");
+  nccl.set_transport(v1::TRANSPORT_KIND_NCCL);
+  nccl.clear_transport_address();
+  absl::Status s = Register(nccl).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("this worker uses nccl (joule-worker --transport nccl) but the group uses "
+                        "ucx (joule-coordinator --transport ucx; ranks 0, 1 registered with it)"));
+  EXPECT_THAT(std::string(s.message()), Not(HasSubstr("w-a")));  // other workers' ids
+  EXPECT_THAT(std::string(s.message()), Not(HasSubstr("w-b")));
+  // The rank stays free for a worker with the group's transport.
+  EXPECT_EQ(*Register(Worker("w-d")), 2);
 }
 
 TEST_F(MembershipTest, RefusesAnotherKindOfDeviceInOneGroup) {

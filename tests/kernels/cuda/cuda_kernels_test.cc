@@ -196,6 +196,58 @@ TEST(CudaValidation, NewLaunchesNameTheBadField) {
   EXPECT_TRUE(LaunchGatherRows(GatherRowsParams{}, nullptr).ok());
 }
 
+// ReduceRows names the bad field before any device work; no rows is a no-op
+// whatever the pointers. Pointers here are never dereferenced.
+TEST(CudaValidation, ReduceRowsNamesTheBadField) {
+  auto expect_invalid = [](const ReduceRowsParams& p, const char* field) {
+    const absl::Status s = LaunchReduceRows(p, nullptr);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+    EXPECT_THAT(s.message(), HasSubstr(field)) << s;
+  };
+  std::vector<int64_t> fake(8);
+  ReduceRowsParams p;
+  p.in = fake.data();
+  p.in_stride_bytes = 12;
+  p.offsets = fake.data();
+  p.index = reinterpret_cast<const int32_t*>(fake.data());
+  p.out = fake.data();
+  p.out_stride_bytes = 12;
+  p.hidden = 3;
+  p.rows = -1;
+  expect_invalid(p, "rows and hidden must be >= 0");
+  p.rows = 2;
+  p.in_stride_bytes = 14;  // not a whole number of F32
+  expect_invalid(p, "in_stride_bytes");
+  p.in_stride_bytes = 12;
+  p.in_type = RowType::kF8E4M3;
+  expect_invalid(p, "in_type");
+  p.in_type = RowType::kBF16;
+  p.out_type = RowType::kBF16;
+  p.accumulate = true;
+  expect_invalid(p, "accumulate needs F32 out");
+  p.accumulate = false;
+  p.out_stride_bytes = 7;
+  expect_invalid(p, "out_stride_bytes");
+  p.out_stride_bytes = 6;
+  p.out = reinterpret_cast<char*>(fake.data()) + 1;
+  expect_invalid(p, "out (address)");
+  p.out = nullptr;
+  expect_invalid(p, "out and out_rows are both null");
+  p.out = fake.data();
+  p.offsets = nullptr;
+  expect_invalid(p, "offsets is null");
+  p.offsets = fake.data();
+  p.index = nullptr;
+  expect_invalid(p, "index is null");
+
+  EXPECT_TRUE(LaunchReduceRows(ReduceRowsParams{}, nullptr).ok());
+  ReduceRowsParams none;
+  none.hidden = 64;
+  none.accumulate = true;
+  none.out_type = RowType::kBF16;
+  EXPECT_TRUE(LaunchReduceRows(none, nullptr).ok());
+}
+
 TEST(CudaValidation, LtGemmNamesTheBadField) {
   std::vector<float> host(64);
   GemmParams p;
@@ -796,6 +848,109 @@ TEST_F(CudaKernelTest, GatherRowsMatchesCpuBitForBit) {
   ASSERT_TRUE(LaunchGatherRows(p, stream_).ok());
   Sync();
   EXPECT_EQ(dout.Download(), want);
+}
+
+// Random rows of 0..5 terms (input rows repeated among them), input and
+// output rows with trailing bytes that must be left alone, every type pair,
+// with and without weights and accumulate, through a strided out and through
+// out_rows (reversed, so a kernel that ignores them fails): byte for byte the
+// CPU's rows. Exact, not close: the kernel multiplies and adds each term in
+// the CPU's order, in F32, with no FMA contraction, and rounds once.
+TEST_F(CudaKernelTest, ReduceRowsMatchesCpuBitForBit) {
+  const int64_t in_rows = 29, hidden = 300, rows = 70;  // hidden: 2 strides of 128 and a tail
+  std::mt19937 rng(47);
+  std::vector<int64_t> offsets{0};
+  std::vector<int32_t> index;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint32_t terms = rng() % 6;
+    for (uint32_t j = 0; j < terms; ++j) index.push_back(static_cast<int32_t>(rng() % in_rows));
+    offsets.push_back(static_cast<int64_t>(index.size()));
+  }
+  const std::vector<float> weights = RandomFloats(index.size(), 48, -2.f, 2.f);
+  const std::vector<float> values = RandomFloats(in_rows * hidden, 49, -3.f, 3.f);
+  const std::vector<float> prior = RandomFloats(rows * hidden, 50);  // what accumulate adds to
+  DeviceBuffer<int64_t> doffsets(offsets);
+  DeviceBuffer<int32_t> dindex(index);
+  DeviceBuffer<float> dweights(weights);
+
+  struct Case {
+    RowType in_type, out_type;
+    bool weighted, accumulate;
+  };
+  for (const Case c : {Case{RowType::kF32, RowType::kF32, true, true},
+                       Case{RowType::kBF16, RowType::kBF16, false, false},
+                       Case{RowType::kBF16, RowType::kF32, true, true},
+                       Case{RowType::kF32, RowType::kBF16, true, false},
+                       Case{RowType::kF32, RowType::kF32, false, false}}) {
+    for (const bool scattered : {false, true}) {
+      SCOPED_TRACE(testing::Message() << DTypeName(c.in_type) << " -> " << DTypeName(c.out_type)
+                                      << (c.weighted ? " weighted" : "")
+                                      << (c.accumulate ? " accumulate" : "")
+                                      << (scattered ? " out_rows" : " strided"));
+      const int64_t in_elem = static_cast<int64_t>(ElementBytes(c.in_type));
+      const int64_t out_elem = static_cast<int64_t>(ElementBytes(c.out_type));
+      const int64_t in_stride = hidden * in_elem + 8;
+      const int64_t out_stride = hidden * out_elem + 4;
+      std::vector<uint8_t> in(in_rows * in_stride, 0xcd);
+      for (int64_t t = 0; t < in_rows; ++t) {
+        if (c.in_type == RowType::kF32) {
+          std::memcpy(&in[t * in_stride], &values[t * hidden], hidden * in_elem);
+          continue;
+        }
+        for (int64_t d = 0; d < hidden; ++d) {
+          const uint16_t bf16 = ToBf16(values[t * hidden + d]);
+          std::memcpy(&in[t * in_stride + d * 2], &bf16, 2);
+        }
+      }
+      std::vector<uint8_t> want(rows * out_stride, 0xab);
+      for (int64_t r = 0; r < rows && c.out_type == RowType::kF32; ++r) {
+        std::memcpy(&want[r * out_stride], &prior[r * hidden], hidden * sizeof(float));
+      }
+      DeviceBuffer<uint8_t> din(in), dout(want);
+      std::vector<std::byte*> host_rows(rows), device_rows(rows);
+      for (int64_t r = 0; r < rows; ++r) {
+        host_rows[r] = reinterpret_cast<std::byte*>(&want[(rows - 1 - r) * out_stride]);
+        device_rows[r] = reinterpret_cast<std::byte*>(dout.get() + (rows - 1 - r) * out_stride);
+      }
+      DeviceBuffer<std::byte*> drows(device_rows);
+
+      ReduceRowsParams p;
+      p.in_type = c.in_type;
+      p.in_stride_bytes = in_stride;
+      p.out_type = c.out_type;
+      p.out_stride_bytes = scattered ? 0 : out_stride;  // unused with out_rows
+      p.accumulate = c.accumulate;
+      p.rows = rows;
+      p.hidden = hidden;
+      ReduceRowsParams host = p;
+      host.in = in.data();
+      host.offsets = offsets.data();
+      host.index = index.data();
+      host.weights = c.weighted ? weights.data() : nullptr;
+      host.out = scattered ? nullptr : want.data();
+      host.out_rows = scattered ? host_rows.data() : nullptr;
+      cpu::LaunchReduceRows(host, cpu::CpuStream{});
+      ReduceRowsParams device = p;
+      device.in = din.get();
+      device.offsets = doffsets.get();
+      device.index = dindex.get();
+      device.weights = c.weighted ? dweights.get() : nullptr;
+      device.out = scattered ? nullptr : dout.get();
+      device.out_rows = scattered ? drows.get() : nullptr;
+      ASSERT_TRUE(LaunchReduceRows(device, stream_).ok());
+      Sync();
+      const std::vector<uint8_t> got = dout.Download();
+      ASSERT_EQ(got.size(), want.size());
+      int reported = 0;
+      for (size_t i = 0; i < got.size() && reported < 10; ++i) {
+        if (got[i] != want[i]) {
+          ++reported;
+          ADD_FAILURE() << "byte " << i << " (row " << i / out_stride << "): got "
+                        << int(got[i]) << ", want " << int(want[i]);
+        }
+      }
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 // The execution seam on a host without a GPU: device specs, buffers that know
-// where they live, workspace layouts, the CPU backend, and the clear refusal
-// of a GPU that is not there.
+// where they live, workspace layouts, the CPU backend, launches that give the
+// same bits on the CPU backend and the fake device, and the clear refusal of a
+// GPU that is not there.
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -11,6 +13,7 @@
 #include "worker/device/backend.h"
 #include "worker/device/cpu_backend.h"
 #include "worker/device/device_spec.h"
+#include "worker/device/fake_device_backend.h"
 
 namespace joule::device {
 namespace {
@@ -125,6 +128,95 @@ TEST(CpuBackendTest, RunsKernelsOnItsThreads) {
                   .ok());
   EXPECT_EQ(out, (std::vector<float>{-3, 0, 1, 2}));
   EXPECT_THAT(cpu.Describe(), HasSubstr("2 threads"));
+}
+
+// Expert-parallel combine's reduce through the seam: rows of 0..3 weighted
+// terms, F32 -> F32 accumulated and F32 -> BF16 into rows scattered over two
+// buffers by out_rows. The fake device gives the CPU backend's bits eagerly,
+// and a graph captured on it records the launch (nothing written) and
+// replays it over the inputs as they are at replay.
+TEST(BackendSeamTest, ReduceRowsGivesTheCpuBackendsBitsOnTheFakeDevice) {
+  constexpr int64_t kHidden = 5, kRows = 4;
+  std::vector<float> in = {1.5f,  -2.f, 0.25f, 3.f,  -1.f,    // row 0
+                           0.1f,  0.2f, 0.3f,  0.4f, 0.5f,    // row 1
+                           -7.f,  8.f,  1e-3f, 2.f,  1.f / 3,  // row 2
+                           100.f, -0.f, 6.f,   -5.f, 0.7f};   // row 3
+  const std::vector<int64_t> offsets = {0, 2, 2, 5, 6};
+  const std::vector<int32_t> index = {3, 1, 0, 2, 0, 1};
+  const std::vector<float> weights = {0.3f, 0.7f, 0.125f, -1.1f, 0.6f, 2.f};
+  // The sums of what `in` holds, in term order: a multiply, then an add, in F32.
+  auto reference = [&](std::vector<float> acc) {
+    for (int64_t r = 0; r < kRows; ++r) {
+      for (int64_t j = offsets[r]; j < offsets[r + 1]; ++j) {
+        for (int64_t d = 0; d < kHidden; ++d) {
+          const float term = weights[j] * in[index[j] * kHidden + d];
+          acc[r * kHidden + d] += term;
+        }
+      }
+    }
+    return acc;
+  };
+  const std::vector<float> prior = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10,
+                                    11, 12, 13, 14, 15, 16, 17, 18, 19, 20};
+  const kernels::ReduceRowsParams f32 = {
+      .in = in.data(), .in_stride_bytes = kHidden * 4, .offsets = offsets.data(),
+      .index = index.data(), .weights = weights.data(), .out_stride_bytes = kHidden * 4,
+      .accumulate = true, .rows = kRows, .hidden = kHidden};
+
+  CpuBackend cpu(2);
+  FakeDeviceBackend fake(2);
+  std::vector<float> on_cpu = prior, on_fake = prior;
+  kernels::ReduceRowsParams p = f32;
+  p.out = on_cpu.data();
+  ASSERT_TRUE(cpu.ReduceRows(p).ok());
+  p.out = on_fake.data();
+  ASSERT_TRUE(fake.ReduceRows(p).ok());
+  EXPECT_EQ(on_cpu, reference(prior));
+  EXPECT_EQ(std::memcmp(on_fake.data(), on_cpu.data(), on_cpu.size() * sizeof(float)), 0);
+
+  // BF16 rows, odd rows in one buffer and even rows in the other.
+  std::vector<uint16_t> even(2 * kHidden), odd(2 * kHidden), contiguous(kRows * kHidden);
+  const std::vector<std::byte*> out_rows = {
+      reinterpret_cast<std::byte*>(even.data()), reinterpret_cast<std::byte*>(odd.data()),
+      reinterpret_cast<std::byte*>(even.data() + kHidden),
+      reinterpret_cast<std::byte*>(odd.data() + kHidden)};
+  kernels::ReduceRowsParams bf16 = f32;
+  bf16.out_type = kernels::RowType::kBF16;
+  bf16.accumulate = false;
+  bf16.out = contiguous.data();
+  bf16.out_stride_bytes = kHidden * 2;
+  ASSERT_TRUE(cpu.ReduceRows(bf16).ok());
+  kernels::ReduceRowsParams scattered = bf16;
+  scattered.out = nullptr;
+  scattered.out_rows = out_rows.data();
+  ASSERT_TRUE(fake.BeginCapture().ok());
+  ASSERT_TRUE(fake.ReduceRows(scattered).ok());
+  absl::StatusOr<std::unique_ptr<Graph>> graph = fake.EndCapture();
+  ASSERT_TRUE(graph.ok()) << graph.status();
+  EXPECT_EQ(fake.recorded(), 1);
+  EXPECT_EQ(even, std::vector<uint16_t>(2 * kHidden, 0));  // recorded, not run
+  ASSERT_TRUE((*graph)->Launch().ok());
+  for (int64_t r = 0; r < kRows; ++r) {
+    EXPECT_EQ(std::memcmp(out_rows[r], contiguous.data() + r * kHidden, kHidden * 2), 0)
+        << "row " << r;
+  }
+  // A replay reads the inputs as they are then.
+  for (float& v : in) v *= -3.f;
+  ASSERT_TRUE(cpu.ReduceRows(bf16).ok());
+  ASSERT_TRUE((*graph)->Launch().ok());
+  for (int64_t r = 0; r < kRows; ++r) {
+    EXPECT_EQ(std::memcmp(out_rows[r], contiguous.data() + r * kHidden, kHidden * 2), 0)
+        << "replayed row " << r;
+  }
+  EXPECT_NE(contiguous, std::vector<uint16_t>(kRows * kHidden, 0));
+
+  // Accumulating into BF16 rows is refused on both, naming the field, as on CUDA.
+  bf16.accumulate = true;
+  for (Backend* backend : {static_cast<Backend*>(&cpu), static_cast<Backend*>(&fake)}) {
+    const absl::Status refused = backend->ReduceRows(bf16);
+    EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(refused.message()), HasSubstr("accumulate"));
+  }
 }
 
 // Without a usable GPU (this CI host) asking for one is a clear error, not a

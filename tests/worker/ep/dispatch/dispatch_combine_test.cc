@@ -6,6 +6,7 @@
 // a rank missing weights — every rank returns an error, none hangs.
 #include <algorithm>
 #include <chrono>
+#include <latch>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -18,6 +19,7 @@
 #include "gtest/gtest.h"
 #include "tests/worker/ep/dispatch/ep_test_util.h"
 #include "worker/device/cpu_backend.h"
+#include "worker/device/fake_device_backend.h"
 #include "worker/ep/ep_executor.h"
 #include "worker/ep/inproc_transport.h"
 #include "worker/model/experts.h"
@@ -181,11 +183,28 @@ void WriteAndLoad(const std::string& dir, const Trial& t, uint64_t seed, TrialWe
   }
 }
 
+// How a run's ranks execute: on the host (CPU threads), or on a fake device
+// (rows in its device memory: device_stages.h), with or without shared windows.
+struct RunMode {
+  bool shared_windows = true;
+  int threads = 1;
+  bool device = false;
+};
+
+// A fake device's copy of `host` (its memory is this process's, but reached
+// only through the backend, as a GPU's would be).
+template <typename T>
+device::Buffer ToDevice(device::Backend& backend, const std::vector<T>& host) {
+  auto buffer = backend.Allocate(device::MemoryKind::kDevice, std::max<size_t>(1, host.size() * sizeof(T)));
+  EXPECT_TRUE(buffer.ok()) << buffer.status();
+  EXPECT_TRUE(backend.CopyAsync(buffer->data(), host.data(), host.size() * sizeof(T)).ok());
+  return *std::move(buffer);
+}
+
 std::vector<std::vector<float>> RunExpertParallel(
     const Trial& t, const std::vector<std::unique_ptr<ModelWeights>>& rank_weights,
     PayloadType payload, std::vector<std::vector<std::vector<int64_t>>>* loads,
-    std::vector<ExpertParallelExecutor::Stats>* stats, bool shared_windows = true,
-    int threads = 1) {
+    std::vector<ExpertParallelExecutor::Stats>* stats, RunMode mode = {}) {
   InProcessGroup group(t.world);
   std::vector<std::vector<float>> outs(t.world);
   loads->assign(t.world, {});
@@ -193,17 +212,39 @@ std::vector<std::vector<float>> RunExpertParallel(
   RunRanks(t.world, [&](int rank) {
     auto transport = group.Rank(rank);
     std::unique_ptr<kernels::cpu::ThreadPool> pool;
-    if (threads > 1) pool = std::make_unique<kernels::cpu::ThreadPool>(threads);
+    if (mode.threads > 1) pool = std::make_unique<kernels::cpu::ThreadPool>(mode.threads);
+    std::unique_ptr<device::Backend> fake;
+    ExpertParallelOptions options{.payload = payload, .shared_windows = mode.shared_windows};
+    if (mode.device) {
+      fake = std::make_unique<device::FakeDeviceBackend>(1);
+      options.device.backend = fake.get();
+    }
     ExpertParallelExecutor ex(rank_weights[rank].get(), transport.get(), t.placement,
-                              {pool.get()},
-                              {.payload = payload, .shared_windows = shared_windows});
+                              {pool.get()}, options);
     const RankInput& in = t.in[rank];
     const int64_t TH = in.tokens * t.hidden, TK = in.tokens * t.top_k;
     outs[rank] = in.initial;
+    const float* x = in.x.data();
+    const int32_t* ids = in.ids.data();
+    const float* weights = in.weights.data();
+    float* out = outs[rank].data();
+    device::Buffer dx, dids, dweights, dout;
+    if (mode.device) {
+      dx = ToDevice(*fake, in.x);
+      dids = ToDevice(*fake, in.ids);
+      dweights = ToDevice(*fake, in.weights);
+      dout = ToDevice(*fake, in.initial);
+      x = dx.as<float>();
+      ids = dids.as<int32_t>();
+      weights = dweights.as<float>();
+      out = dout.as<float>();
+    }
     for (int l = 0; l < t.layers; ++l) {
-      absl::Status s = ex.Run(l, in.x.data() + l * TH, in.tokens, in.ids.data() + l * TK,
-                              in.weights.data() + l * TK, outs[rank].data() + l * TH);
+      absl::Status s = ex.Run(l, x + l * TH, in.tokens, ids + l * TK, weights + l * TK, out + l * TH);
       EXPECT_TRUE(s.ok()) << "rank " << rank << ": " << s;
+    }
+    if (mode.device) {
+      EXPECT_TRUE(fake->CopyAsync(outs[rank].data(), out, outs[rank].size() * sizeof(float)).ok());
     }
     (*loads)[rank] = ex.TakeExpertLoad();
     (*stats)[rank] = ex.stats();
@@ -244,13 +285,32 @@ TEST(DispatchCombineTest, MatchesDenseReferenceOnRandomProblems) {
     auto a2a_loads = loads;
     auto a2a_stats = stats;
     auto bf16_a2a = RunExpertParallel(t, rank_weights, PayloadType::kBF16, &a2a_loads, &a2a_stats,
-                                      /*shared_windows=*/false);
+                                      {.shared_windows = false});
     // And with a thread pool per rank (the chunks of every kernel split over
     // threads): still the same bits.
     auto pooled_loads = loads;
     auto pooled_stats = stats;
     auto bf16_pooled = RunExpertParallel(t, rank_weights, PayloadType::kBF16, &pooled_loads,
-                                         &pooled_stats, /*shared_windows=*/true, /*threads=*/3);
+                                         &pooled_stats, {.threads = 3});
+    // On a (fake) device: F32 gives the host's bits; BF16 through device
+    // windows and staged through host memory give each other's bits (their
+    // per-rank sums are in choice order, the host's in expert order, so
+    // BF16 is held to the reference's tolerance below instead).
+    std::vector<std::vector<std::vector<int64_t>>> dev_loads;
+    std::vector<ExpertParallelExecutor::Stats> dev_f32_stats, dev_bf16_stats, dev_staged_stats;
+    auto dev_f32 = RunExpertParallel(t, rank_weights, PayloadType::kF32, &dev_loads, &dev_f32_stats,
+                                     {.device = true});
+    EXPECT_EQ(dev_loads, loads);
+    auto dev_bf16 = RunExpertParallel(t, rank_weights, PayloadType::kBF16, &dev_loads,
+                                      &dev_bf16_stats, {.device = true});
+    auto dev_staged = RunExpertParallel(t, rank_weights, PayloadType::kBF16, &dev_loads,
+                                        &dev_staged_stats, {.shared_windows = false, .device = true});
+    for (int rank = 0; rank < t.world; ++rank) {
+      ASSERT_EQ(dev_f32[rank], f32[rank]) << "rank " << rank << ": device vs host, F32 payload";
+      ASSERT_EQ(dev_bf16[rank], dev_staged[rank]) << "rank " << rank << ": device windows vs staged";
+      EXPECT_EQ(dev_bf16_stats[rank].combine_bytes, bf16_stats[rank].combine_bytes) << "rank " << rank;
+      EXPECT_EQ(dev_staged_stats[rank].dispatch_bytes, dev_bf16_stats[rank].dispatch_bytes);
+    }
     for (int rank = 0; rank < t.world; ++rank) {
       ASSERT_EQ(bf16[rank], bf16_a2a[rank]) << "rank " << rank << ": windows vs all-to-all-v";
       ASSERT_EQ(bf16[rank], bf16_pooled[rank]) << "rank " << rank << ": 1 vs 3 threads";
@@ -279,7 +339,7 @@ TEST(DispatchCombineTest, MatchesDenseReferenceOnRandomProblems) {
       }
 
       std::vector<double> y, mag, ybf, magbf;
-      int64_t sent_f32 = 0, sent_bf16 = 0, returned_f32 = 0, returned_bf16 = 0;
+      int64_t sent_f32 = 0, sent_bf16 = 0, sent_rows = 0, returned_f32 = 0, returned_bf16 = 0;
       for (int l = 0; l < t.layers; ++l) {
         for (int64_t tok = 0; tok < in.tokens; ++tok) {
           const int64_t row = l * in.tokens + tok;
@@ -311,6 +371,7 @@ TEST(DispatchCombineTest, MatchesDenseReferenceOnRandomProblems) {
             if (dest == rank) continue;
             sent_f32 += H * 4 + 8 * K;
             sent_bf16 += H * 2 + 8 * K;
+            sent_rows += 1;
           }
           for (int64_t h = 0; h < H; ++h) {
             const double c = in.initial[row * H + h];
@@ -323,6 +384,9 @@ TEST(DispatchCombineTest, MatchesDenseReferenceOnRandomProblems) {
             ASSERT_LE(err_bf, tol_bf[h] + slack) << "BF16 payload, rank " << rank << " layer " << l
                                                  << " token " << tok << " dim " << h;
             worst_bf16 = std::max(worst_bf16, err_bf / (tol_bf[h] + slack));
+            const double err_dev = std::abs(dev_bf16[rank][row * H + h] - (c + ref_bf[h]));
+            ASSERT_LE(err_dev, tol_bf[h] + slack) << "BF16 payload on the device, rank " << rank
+                                                  << " layer " << l << " token " << tok << " dim " << h;
           }
         }
       }
@@ -330,6 +394,9 @@ TEST(DispatchCombineTest, MatchesDenseReferenceOnRandomProblems) {
       // token's expert ids and router weights on that rank (top_k of each).
       EXPECT_EQ(stats[rank].dispatch_bytes, static_cast<uint64_t>(sent_f32));
       EXPECT_EQ(bf16_stats[rank].dispatch_bytes, static_cast<uint64_t>(sent_bf16));
+      // On a device the choices go over the control transport: rows are payload only.
+      EXPECT_EQ(dev_f32_stats[rank].dispatch_bytes, static_cast<uint64_t>(sent_rows * H * 4));
+      EXPECT_EQ(dev_bf16_stats[rank].dispatch_bytes, static_cast<uint64_t>(sent_rows * H * 2));
       returned_f32 = returned_bf16 = 0;
       for (int src = 0; src < t.world; ++src) {
         if (src == rank) continue;
@@ -345,6 +412,7 @@ TEST(DispatchCombineTest, MatchesDenseReferenceOnRandomProblems) {
         }
       }
       EXPECT_EQ(stats[rank].combine_bytes, static_cast<uint64_t>(returned_f32));
+      EXPECT_EQ(dev_f32_stats[rank].combine_bytes, static_cast<uint64_t>(returned_f32));
       EXPECT_EQ(bf16_stats[rank].combine_bytes, static_cast<uint64_t>(returned_bf16));
     }
     // Per-expert load: tokens each rank routed, summed over ranks.
@@ -397,9 +465,9 @@ TEST(DispatchCombineTest, WideRowsCombineOverSeveralChunks) {
   std::vector<ExpertParallelExecutor::Stats> stats;
   auto windows = RunExpertParallel(t, rank_weights, PayloadType::kBF16, &loads, &stats);
   auto a2a = RunExpertParallel(t, rank_weights, PayloadType::kBF16, &loads, &stats,
-                               /*shared_windows=*/false);
+                               {.shared_windows = false});
   auto pooled = RunExpertParallel(t, rank_weights, PayloadType::kBF16, &loads, &stats,
-                                  /*shared_windows=*/true, /*threads=*/3);
+                                  {.threads = 3});
   for (int rank = 0; rank < t.world; ++rank) {
     ASSERT_EQ(windows[rank], a2a[rank]) << "rank " << rank << ": windows vs all-to-all-v";
     ASSERT_EQ(windows[rank], pooled[rank]) << "rank " << rank << ": 1 vs 3 threads";
@@ -552,6 +620,39 @@ TEST_F(DispatchFailureTest, DeadPeerFailsEveryLayerCallQuicklyWithTheLayer) {
     EXPECT_EQ(results[rank].code(), absl::StatusCode::kUnavailable) << results[rank];
     EXPECT_THAT(std::string(results[rank].message()), HasSubstr("layer 1"));
     EXPECT_THAT(std::string(results[rank].message()), HasSubstr("rank 2"));
+    EXPECT_LT(seconds[rank], 5.0);
+  }
+}
+
+// A GPU fault on one rank in the middle of a layer (its stream fails at the
+// dispatch's synchronization): that rank reports the device's error with
+// the layer; its peers, waiting for its rows, fail within the transport's
+// timeout instead of hanging or combining partial rows.
+TEST_F(DispatchFailureTest, DeviceFaultOnOneRankFailsItsPeersWithinTheTimeout) {
+  InProcessGroup group(3, {.timeout = absl::Seconds(1)});
+  std::vector<absl::Status> results(3);
+  std::vector<double> seconds(3);
+  // In-process windows are each rank's own memory: a rank's executor must
+  // outlive its peers' writes into them (separate processes keep the mapping).
+  std::latch all_done(3);
+  RunRanks(3, [&](int rank) {
+    auto transport = group.Rank(rank);
+    device::FakeDeviceBackend fake(1);
+    ExpertParallelExecutor ex(weights_.get(), transport.get(), placement_, {},
+                              {.device = {.backend = &fake}});
+    EXPECT_TRUE(RunLayer(ex, 0).ok());
+    // The next synchronization after the router's choices: the dispatch's.
+    if (rank == 1) fake.InjectFault(2, absl::InternalError("cuda:0: an illegal memory access"));
+    const auto t0 = std::chrono::steady_clock::now();
+    results[rank] = RunLayer(ex, 1);
+    seconds[rank] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    all_done.arrive_and_wait();
+  });
+  EXPECT_THAT(std::string(results[1].message()), HasSubstr("illegal memory access"));
+  EXPECT_THAT(std::string(results[1].message()), HasSubstr("layer 1"));
+  for (int rank : {0, 2}) {
+    EXPECT_EQ(results[rank].code(), absl::StatusCode::kDeadlineExceeded) << results[rank];
+    EXPECT_THAT(std::string(results[rank].message()), HasSubstr("layer 1"));
     EXPECT_LT(seconds[rank], 5.0);
   }
 }

@@ -14,6 +14,7 @@
 #include "gtest/gtest.h"
 #include "tests/testing/paths.h"
 #include "tests/worker/ep/dispatch/ep_test_util.h"
+#include "worker/device/fake_device_backend.h"
 #include "worker/engine/engine.h"
 #include "worker/ep/ep_executor.h"
 #include "worker/ep/inproc_transport.h"
@@ -88,6 +89,9 @@ Output RunSingle(const std::string& dir, const std::vector<GenerationRequest>& r
 struct EpRun {
   PayloadType payload = PayloadType::kF32;
   bool load_all_experts = false;
+  // Each rank's model on a fake device, its rows in device memory
+  // (device_stages.h): what a GPU worker runs, on the CPU's kernels.
+  bool device = false;
   // Called on every rank after each successful step (all ranks call it for
   // the same steps); may use the transport collectively.
   std::function<void(int rank, int step, ExpertParallelExecutor&, Transport&)> between_steps;
@@ -115,10 +119,23 @@ std::vector<RankResult> RunExpertParallel(const std::string& dir,
     auto transport = group.Rank(rank);
     Model::Options mo{.num_threads = 1};
     if (!run.load_all_experts) mo.weights = OwnedBy(*placement, rank);
-    auto model = Model::Load(dir, mo);
+    absl::StatusOr<std::unique_ptr<Model>> model;
+    if (run.device) {
+      auto weights = ModelWeights::Load(dir, mo.weights);
+      ASSERT_TRUE(weights.ok()) << weights.status();
+      model = Model::Create(*std::move(weights), std::make_unique<device::FakeDeviceBackend>(1),
+                            /*cuda_graphs=*/false);
+    } else {
+      model = Model::Load(dir, mo);
+    }
     ASSERT_TRUE(model.ok()) << model.status();
+    ExpertParallelOptions options{.payload = run.payload};
+    if (run.device) {
+      options.device = {.backend = &(*model)->backend(), .resident = &(*model)->device_weights(),
+                        .resident_host = &(*model)->weights()};
+    }
     ExpertParallelExecutor ex(&(*model)->weights(), transport.get(), *placement, (*model)->stream(),
-                              {.payload = run.payload});
+                              options);
     (*model)->set_expert_executor(&ex);
     auto engine = Engine::Create(model->get(), Options());
     ASSERT_TRUE(engine.ok());
@@ -168,6 +185,11 @@ class EpEngineTest : public ::testing::TestWithParam<std::string> {
   }
   double worst_f32_logit_diff_ = -1;
 
+  // BF16 payloads at EP 4: logits within BF16 rounding of the single process.
+  void ExpectBf16Close(bool device);
+  // EPLB replicas placed mid-generation, then every expert everywhere.
+  void ExpectRebalanceKeepsOutputs(bool device);
+
   std::string Dir() const { return joule::testing::TinyModelDir(GetParam()); }
 
   // F32 payloads: the same tokens and logits as the single-process engine.
@@ -194,18 +216,22 @@ class EpEngineTest : public ::testing::TestWithParam<std::string> {
 };
 
 TEST_P(EpEngineTest, EveryRankBusyMatchesSingleProcess) {
-  for (int world : {1, 2, 4}) {
-    SCOPED_TRACE(::testing::Message() << "EP " << world);
-    auto requests = Workload(world);
-    ExpectMatchesSingleProcess(requests, RunExpertParallel(Dir(), requests, {}));
+  for (bool device : {false, true}) {
+    for (int world : {1, 2, 4}) {
+      SCOPED_TRACE(::testing::Message() << "EP " << world << (device ? " on a fake device" : ""));
+      auto requests = Workload(world);
+      ExpectMatchesSingleProcess(requests, RunExpertParallel(Dir(), requests, {.device = device}));
+    }
   }
 }
 
 TEST_P(EpEngineTest, IdleRanksJoinWithEmptyBatches) {
-  for (auto [world, idle] : std::vector<std::pair<int, std::vector<int>>>{{2, {1}}, {4, {0, 2}}, {4, {1, 2, 3}}}) {
-    SCOPED_TRACE(::testing::Message() << "EP " << world << ", idle ranks " << idle.size());
+  for (auto [world, idle, device] : std::vector<std::tuple<int, std::vector<int>, bool>>{
+           {2, {1}, false}, {4, {0, 2}, false}, {4, {1, 2, 3}, false}, {4, {0, 2}, true}}) {
+    SCOPED_TRACE(::testing::Message() << "EP " << world << ", idle ranks " << idle.size()
+                                      << (device ? " on a fake device" : ""));
     auto requests = Workload(world, idle);
-    auto ep = RunExpertParallel(Dir(), requests, {});
+    auto ep = RunExpertParallel(Dir(), requests, {.device = device});
     ExpectMatchesSingleProcess(requests, ep);
     for (int r : idle) {
       EXPECT_TRUE(ep[r].out.tokens.empty());
@@ -215,9 +241,16 @@ TEST_P(EpEngineTest, IdleRanksJoinWithEmptyBatches) {
 }
 
 TEST_P(EpEngineTest, Bf16PayloadKeepsTokensWhereMarginsAllow) {
+  for (bool device : {false, true}) {
+    SCOPED_TRACE(device ? "on a fake device" : "on the host");
+    ExpectBf16Close(device);
+  }
+}
+
+void EpEngineTest::ExpectBf16Close(bool device) {
   const int world = 4;
   auto requests = Workload(world);
-  auto ep = RunExpertParallel(Dir(), requests, {.payload = PayloadType::kBF16});
+  auto ep = RunExpertParallel(Dir(), requests, {.payload = PayloadType::kBF16, .device = device});
   auto config = LoadModelConfig(Dir());
   ASSERT_TRUE(config.ok());
   int moe_layers = 0;
@@ -264,6 +297,13 @@ TEST_P(EpEngineTest, Bf16PayloadKeepsTokensWhereMarginsAllow) {
 }
 
 TEST_P(EpEngineTest, RebalanceBetweenStepsKeepsOutputs) {
+  for (bool device : {false, true}) {
+    SCOPED_TRACE(device ? "on a fake device" : "on the host");
+    ExpectRebalanceKeepsOutputs(device);
+  }
+}
+
+void EpEngineTest::ExpectRebalanceKeepsOutputs(bool device) {
   const int world = 4;
   auto config = LoadModelConfig(Dir());
   ASSERT_TRUE(config.ok());
@@ -277,6 +317,7 @@ TEST_P(EpEngineTest, RebalanceBetweenStepsKeepsOutputs) {
   std::vector<int> replicas_added(world);
   EpRun run;
   run.load_all_experts = true;
+  run.device = device;
   run.between_steps = [&](int rank, int step, ExpertParallelExecutor& ex, Transport& transport) {
     if (step == 2) {
       // What a coordinator does: sum the per-expert load the ranks report and
@@ -384,7 +425,8 @@ TEST_P(EpEngineTest, DeadRankMidGenerationFailsEveryOtherRankQuickly) {
 }
 
 INSTANTIATE_TEST_SUITE_P(TinyModels, EpEngineTest,
-                         ::testing::Values("qwen3_moe-tiny", "qwen2_moe-tiny", "mixtral-tiny"),
+                         ::testing::Values("qwen3_moe-tiny", "qwen2_moe-tiny", "mixtral-tiny", "deepseek_v3-tiny",
+                                           "deepseek_v3_fp8-tiny"),
                          [](const auto& info) {
                            std::string n = info.param;
                            std::replace(n.begin(), n.end(), '-', '_');

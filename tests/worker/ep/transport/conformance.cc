@@ -194,9 +194,55 @@ absl::Status CheckMismatchedCounts(Transport& t) {
   return Annotate(t.Barrier(), "barrier after mismatched counts");
 }
 
-absl::Status CheckSharedWindows(Transport& t, bool* mapped) {
+WindowCopy HostWindowCopy() {
+  return {
+      .to_window = [](void* window, const void* host, size_t n) {
+        std::memcpy(window, host, n);
+        return absl::OkStatus();
+      },
+      .from_window = [](void* host, const void* window, size_t n) {
+        std::memcpy(host, window, n);
+        return absl::OkStatus();
+      },
+      .settle = [] { return absl::OkStatus(); },
+  };
+}
+
+absl::Status CheckWindowExchange(Transport& t, const SharedWindows& win, const WindowCopy& copy,
+                                 uint64_t round) {
   const int w = t.world_size();
   const int me = t.rank();
+  if (win.bytes() % w != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("window of ", win.bytes(), " bytes for ", w,
+                                                   " ranks"));
+  }
+  const size_t chunk = win.bytes() / w;
+  std::vector<uint8_t> staging(chunk);
+  // Rank `me` writes its chunk of every rank's window (its own included).
+  for (int p = 0; p < w; ++p) {
+    if (win.at(p) == nullptr) return absl::InternalError(absl::StrCat("no window for rank ", p));
+    Fill(staging.data(), chunk, round, me, p);
+    if (absl::Status s = copy.to_window(win.at(p) + me * chunk, staging.data(), chunk); !s.ok()) {
+      return Annotate(s, absl::StrCat("write to rank ", p, "'s window"));
+    }
+  }
+  if (absl::Status s = copy.settle(); !s.ok()) return Annotate(s, "settle window writes");
+  if (absl::Status s = t.Barrier(); !s.ok()) return Annotate(s, "barrier after window writes");
+  for (int p = 0; p < w; ++p) {
+    if (absl::Status s = copy.from_window(staging.data(), win.at(me) + p * chunk, chunk); !s.ok()) {
+      return Annotate(s, "read own window");
+    }
+    if (absl::Status s = Verify(staging.data(), chunk, round, p, me, "shared window"); !s.ok()) {
+      return s;
+    }
+  }
+  // Nobody releases (or reuses) a window a peer may still be reading.
+  if (absl::Status s = t.Barrier(); !s.ok()) return Annotate(s, "barrier after window reads");
+  return absl::OkStatus();
+}
+
+absl::Status CheckSharedWindows(Transport& t, bool* mapped) {
+  const int w = t.world_size();
   *mapped = false;
   for (const size_t chunk : {size_t{4096} + 3, size_t{3} << 20}) {  // then larger, the first released
     absl::StatusOr<std::unique_ptr<SharedWindows>> windows = t.MapSharedWindows(chunk * w);
@@ -207,21 +253,7 @@ absl::Status CheckSharedWindows(Transport& t, bool* mapped) {
     if (win.bytes() != chunk * w) {
       return absl::InternalError(absl::StrCat("window of ", win.bytes(), " bytes, asked ", chunk * w));
     }
-    // Rank `me` writes its chunk of every rank's window (its own included).
-    for (int p = 0; p < w; ++p) {
-      if (win.at(p) == nullptr) return absl::InternalError(absl::StrCat("no window for rank ", p));
-      Fill(reinterpret_cast<uint8_t*>(win.at(p)) + me * chunk, chunk, chunk, me, p);
-    }
-    if (absl::Status s = t.Barrier(); !s.ok()) return Annotate(s, "barrier after window writes");
-    for (int p = 0; p < w; ++p) {
-      if (absl::Status s = Verify(reinterpret_cast<const uint8_t*>(win.at(me)) + p * chunk, chunk,
-                                  chunk, p, me, "shared window");
-          !s.ok()) {
-        return s;
-      }
-    }
-    // Nobody releases (or reuses) a window a peer may still be reading.
-    if (absl::Status s = t.Barrier(); !s.ok()) return Annotate(s, "barrier after window reads");
+    if (absl::Status s = CheckWindowExchange(t, win, HostWindowCopy(), chunk); !s.ok()) return s;
   }
   return absl::OkStatus();
 }

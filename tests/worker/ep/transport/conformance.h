@@ -8,6 +8,7 @@
 // (ucx_transport_peer), so both transports are held to the same behaviour.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 
@@ -35,6 +36,25 @@ absl::Status CheckBarriers(Transport& t, int n);
 // sends, rank 0 more than rank 1 sends): both get InvalidArgument naming the
 // sender, other ranks succeed, and the group stays usable.
 absl::Status CheckMismatchedCounts(Transport& t);
+
+// How a check moves bytes in and out of window memory: memcpy for host
+// windows; for device windows cudaMemcpy, with `settle` waiting until the
+// writes are complete (cudaDeviceSynchronize) before the barrier that
+// publishes them.
+struct WindowCopy {
+  std::function<absl::Status(void* window, const void* host, size_t n)> to_window;
+  std::function<absl::Status(void* host, const void* window, size_t n)> from_window;
+  std::function<absl::Status()> settle;
+};
+WindowCopy HostWindowCopy();
+
+// One exchange through mapped windows of bytes() = world * chunk: every rank
+// writes its chunk of every rank's window (its own included), settles, passes
+// a barrier on `t`, finds each peer's chunk (a pattern of `round`, source and
+// destination) in its own, and passes another barrier (nobody releases or
+// reuses a window a peer may still be reading).
+absl::Status CheckWindowExchange(Transport& t, const SharedWindows& win, const WindowCopy& copy,
+                                 uint64_t round);
 
 // Shared windows (Transport::MapSharedWindows): Unimplemented is allowed
 // (`*mapped` stays false). Otherwise every rank writes its chunk of every

@@ -1,11 +1,17 @@
 // NcclTransport on device buffers. With one GPU: a 1-rank communicator, the
 // device-buffer path of both collectives, and an init that times out when the
 // second rank never joins. With two or more GPUs: two ranks on threads.
+// Then the transport conformance suite on NCCL: host collectives through
+// StagedTransport over NcclTransport on a CudaBackend, as joule-worker
+// --transport nccl runs them (one rank on one GPU; two ranks on two GPUs).
 // Without a device every GPU test skips with the reason.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
+#include <latch>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -13,7 +19,10 @@
 #include "gtest/gtest.h"
 #include "kernels/cuda/cuda_check.h"
 #include "tests/kernels/cuda/cuda_test_util.h"
+#include "tests/worker/ep/transport/conformance.h"
+#include "worker/device/backend.h"
 #include "worker/ep/nccl_transport.h"
+#include "worker/ep/staged_transport.h"
 
 namespace joule::ep {
 namespace {
@@ -134,6 +143,80 @@ TEST(NcclTransport, TwoRanksExchangeAcrossDevices) {
   for (auto& th : threads) th.join();
   EXPECT_TRUE(results[0].ok()) << results[0];
   EXPECT_TRUE(results[1].ok()) << results[1];
+}
+
+// ---- The conformance suite on NCCL: StagedTransport over NcclTransport ----------------
+
+// Runs `body` on one thread per rank, rank r on cuda:r with its own CudaBackend
+// and a StagedTransport over its NCCL communicator. Every rank's transport
+// lives until every body returned (an absent rank's communicator stays up, as
+// a hung process's would).
+std::vector<absl::Status> RunStagedNcclRanks(int world, absl::Duration timeout,
+                                             const std::function<absl::Status(Transport&)>& body) {
+  std::vector<absl::Status> results(world);
+  absl::StatusOr<std::string> id = NcclTransport::MakeUniqueId();
+  if (!id.ok()) return std::vector<absl::Status>(world, id.status());
+  std::latch done(world);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < world; ++r) {
+    threads.emplace_back([&, r] {
+      std::unique_ptr<device::Backend> backend;
+      std::unique_ptr<StagedTransport> staged;
+      results[r] = [&]() -> absl::Status {
+        absl::StatusOr<std::unique_ptr<device::Backend>> b =
+            device::CreateBackend({.kind = device::DeviceKind::kCuda, .index = r});
+        if (!b.ok()) return b.status();
+        backend = *std::move(b);
+        auto nccl = NcclTransport::Create(r, world, *id, {.timeout = timeout}, r);
+        if (!nccl.ok()) return nccl.status();
+        staged = std::make_unique<StagedTransport>(*std::move(nccl), backend.get());
+        if (staged->memory_kind() != MemoryKind::kHost || staged->name() != "nccl+staged" ||
+            staged->device_transport()->memory_kind() != MemoryKind::kDevice) {
+          return absl::InternalError("not a host transport over a device transport: " +
+                                     staged->name());
+        }
+        return body(*staged);
+      }();
+      done.arrive_and_wait();
+      staged.reset();  // before its backend
+    });
+  }
+  for (auto& th : threads) th.join();
+  return results;
+}
+
+TEST(StagedNcclTransport, OneRankPassesConformance) {
+  SKIP_WITHOUT_DEVICE();
+  auto results = RunStagedNcclRanks(1, absl::Seconds(30),
+                                    [](Transport& t) { return testing::RunConformance(t); });
+  EXPECT_TRUE(results[0].ok()) << results[0];
+}
+
+TEST(StagedNcclTransport, TwoRanksPassConformance) {
+  SKIP_WITHOUT_DEVICE();
+  if (DeviceCount() < 2) GTEST_SKIP() << "needs two CUDA devices, found " << DeviceCount();
+  auto results = RunStagedNcclRanks(2, absl::Seconds(30),
+                                    [](Transport& t) { return testing::RunConformance(t); });
+  for (int r = 0; r < 2; ++r) EXPECT_TRUE(results[r].ok()) << "rank " << r << ": " << results[r];
+}
+
+TEST(StagedNcclTransport, AbsentRankTimesOutTheOther) {
+  SKIP_WITHOUT_DEVICE();
+  if (DeviceCount() < 2) GTEST_SKIP() << "needs two CUDA devices, found " << DeviceCount();
+  const absl::Duration timeout = absl::Seconds(5);  // also bounds the communicator's init
+  auto results = RunStagedNcclRanks(2, timeout, [&](Transport& t) {
+    return testing::CheckAbsentPeerTimesOut(t, /*absent=*/1, timeout);
+  });
+  for (int r = 0; r < 2; ++r) EXPECT_TRUE(results[r].ok()) << "rank " << r << ": " << results[r];
+}
+
+TEST(StagedNcclTransport, InterruptEndsAWaitForAnAbsentRank) {
+  SKIP_WITHOUT_DEVICE();
+  if (DeviceCount() < 2) GTEST_SKIP() << "needs two CUDA devices, found " << DeviceCount();
+  auto results = RunStagedNcclRanks(2, absl::Seconds(30), [](Transport& t) {
+    return testing::CheckInterruptEndsAWait(t, /*absent=*/1, absl::Milliseconds(200));
+  });
+  for (int r = 0; r < 2; ++r) EXPECT_TRUE(results[r].ok()) << "rank " << r << ": " << results[r];
 }
 
 }  // namespace
