@@ -43,7 +43,7 @@ JOULE_TSAN_TARGETS=(
 JOULE_TSAN_EXCLUDE='_NOT_BUILT|make_tiny_models|generate_|ReceiveThreadTakesTheReceives'
 
 # Seconds each fuzzer runs (tests/fuzz/run.sh).
-JOULE_FUZZ_SECONDS="${JOULE_FUZZ_SECONDS:-20}"
+JOULE_FUZZ_SECONDS="${JOULE_FUZZ_SECONDS:-12}"
 
 joule_phase_time() { joule_log "phase $1: $(( SECONDS - $2 )) s"; }
 

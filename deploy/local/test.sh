@@ -4,7 +4,7 @@
 # Benchmarks (ctest labels "bench" and "perf") are not run here: ctest -L perf runs them.
 # --sanitizers (the default where JOULE_CI=1, which .ci/run sets) then also runs the unit
 # tests under ASan + UBSan, the concurrency tests under ThreadSanitizer and every fuzzer for
-# JOULE_FUZZ_SECONDS (20) each; JOULE_SANITIZER_PHASES="asan tsan fuzz" picks among them.
+# JOULE_FUZZ_SECONDS (12) each; JOULE_SANITIZER_PHASES="asan tsan fuzz" picks among them.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/sanitizers.sh"
