@@ -238,6 +238,31 @@ __device__ void FillRowTable(const GroupedGemmParams& p, int64_t row_begin, int 
   table.scale[t] = p.y_rows != nullptr && p.row_scale != nullptr ? p.row_scale[r] : 1.f;
 }
 
+// A block's row tile in shared memory (plain data: a __shared__ variable
+// cannot have initializers, unlike RowTile).
+struct SharedRowTile {
+  int group;
+  int64_t row_begin, row_end;
+};
+
+// Finds this block's row tile (blockIdx.y) and fills its row table. Returns
+// its rows (1..kBm), or 0 when the tile lies past the real total: the same
+// answer for every thread, so the whole block returns.
+template <int kBm>
+__device__ int ClaimRowTile(const GroupedGemmParams& p, Scan::TempStorage& scan_storage,
+                            RowTable<kBm>& table, SharedRowTile& tile) {
+  if (threadIdx.x == 0) tile.group = -1;
+  __syncthreads();
+  FindRowTileBlockwise<kBm>(p.row_offsets, p.num_groups, blockIdx.y, scan_storage, &tile.group,
+                            &tile.row_begin, &tile.row_end);
+  __syncthreads();
+  if (tile.group < 0) return 0;
+  const int rows = static_cast<int>(tile.row_end - tile.row_begin);
+  FillRowTable<kBm>(p, tile.row_begin, rows, table);
+  __syncthreads();
+  return rows;
+}
+
 // The warps' accumulators into the F32 tile cs (kBm x kBn, pitch kLdc).
 template <int kBm>
 __device__ void StoreAccumulators(
@@ -278,22 +303,13 @@ __global__ void __launch_bounds__(kThreads) GroupedGemmKernel(GroupedGemmParams 
   __shared__ __align__(128) unsigned char smem[T::kSmemBytes];
   __shared__ Scan::TempStorage scan_storage;
   __shared__ RowTable<kBm> table;
-  __shared__ int s_group;
-  __shared__ int64_t s_row_begin, s_row_end;
-
-  if (threadIdx.x == 0) s_group = -1;
-  __syncthreads();
-  FindRowTileBlockwise<kBm>(p.row_offsets, p.num_groups, blockIdx.y, scan_storage, &s_group,
-                            &s_row_begin, &s_row_end);
-  __syncthreads();
-  if (s_group < 0) return;  // past the real total: the whole block leaves
-  const int rows = static_cast<int>(s_row_end - s_row_begin);  // 1..kBm
-  FillRowTable<kBm>(p, s_row_begin, rows, table);
-  __syncthreads();
+  __shared__ SharedRowTile tile;
+  const int rows = ClaimRowTile<kBm>(p, scan_storage, table, tile);
+  if (rows == 0) return;  // past the real total: the whole block leaves
 
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kBn;
   const X* x = static_cast<const X*>(p.x);
-  const __nv_bfloat16* w = static_cast<const __nv_bfloat16*>(p.w[s_group]);
+  const __nv_bfloat16* w = static_cast<const __nv_bfloat16*>(p.w[tile.group]);
   const bool vec_w = p.k % kChunk == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
   const bool vec_x = (ldx * sizeof(X)) % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
   __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(smem);
@@ -370,23 +386,14 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ __align__(16) float cs[kBm * kLdc];
   __shared__ Scan::TempStorage scan_storage;
   __shared__ RowTable<kBm> table;
-  __shared__ int s_group;
-  __shared__ int64_t s_row_begin, s_row_end;
-
-  if (threadIdx.x == 0) s_group = -1;
-  __syncthreads();
-  FindRowTileBlockwise<kBm>(p.row_offsets, p.num_groups, blockIdx.y, scan_storage, &s_group,
-                            &s_row_begin, &s_row_end);
-  __syncthreads();
-  if (s_group < 0) return;  // past the real total: the whole block leaves
-  const int rows = static_cast<int>(s_row_end - s_row_begin);  // 1..kBm
-  FillRowTable<kBm>(p, s_row_begin, rows, table);
-  __syncthreads();
+  __shared__ SharedRowTile tile;
+  const int rows = ClaimRowTile<kBm>(p, scan_storage, table, tile);
+  if (rows == 0) return;  // past the real total: the whole block leaves
 
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kBn;
   const X* x = static_cast<const X*>(p.x);
-  const uint8_t* w = static_cast<const uint8_t*>(p.w[s_group]);
-  const float* scale = static_cast<const float*>(p.w_scale_inv[s_group]);
+  const uint8_t* w = static_cast<const uint8_t*>(p.w[tile.group]);
+  const float* scale = static_cast<const float*>(p.w_scale_inv[tile.group]);
   const int64_t block_rows = p.w_blocks.rows;
   const int64_t block_cols = p.w_blocks.cols;
   const int64_t first_row = p.w_blocks.first_row;

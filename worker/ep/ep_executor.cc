@@ -79,7 +79,6 @@ struct ExpertParallelExecutor::Impl {
   GroupedExpertBuffers expert_buffers;
   // A GPU worker's stages (options.device): rows in device memory.
   std::unique_ptr<DeviceStages> device;
-  device::Backend* device_backend = nullptr;
   std::unique_ptr<DeviceWeights> uploaded;  // its experts, when not the model's
   std::vector<ExpertsView> device_experts;  // [layer]
   std::vector<int32_t> host_ids;            // the router's choices, copied to the host
@@ -182,7 +181,6 @@ ExpertParallelExecutor::~ExpertParallelExecutor() = default;
 
 absl::Status ExpertParallelExecutor::Impl::SetUpDevice(const ExpertParallelDevice& d) {
   const ModelConfig& c = weights->config();
-  device_backend = d.backend;
   device = std::make_unique<DeviceStages>(
       DeviceStagesOptions{.backend = d.backend, .control = transport,
                           .row_transport = d.row_transport, .payload = options.payload,
@@ -208,9 +206,10 @@ absl::Status ExpertParallelExecutor::Impl::CopyChoicesToHost(int64_t tokens,
   host_ids.resize(slots);
   host_weights.resize(slots);
   if (slots == 0) return absl::OkStatus();
-  RETURN_IF_ERROR(device_backend->CopyAsync(host_ids.data(), expert_ids, slots * sizeof(int32_t)));
-  RETURN_IF_ERROR(device_backend->CopyAsync(host_weights.data(), weights, slots * sizeof(float)));
-  return device_backend->Synchronize();
+  device::Backend& backend = *options.device.backend;
+  RETURN_IF_ERROR(backend.CopyAsync(host_ids.data(), expert_ids, slots * sizeof(int32_t)));
+  RETURN_IF_ERROR(backend.CopyAsync(host_weights.data(), weights, slots * sizeof(float)));
+  return backend.Synchronize();
 }
 
 absl::Status ExpertParallelExecutor::SetPlacement(Placement placement) {
