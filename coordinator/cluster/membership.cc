@@ -257,6 +257,7 @@ absl::Status Membership::Register(const v1::RegisterRequest& request, v1::Regist
   s.transport_address = request.transport_address();
   s.last_seen = clock_->Now();
   s.heartbeated = false;
+  s.probe = 0;  // a new holder: the old one's probe judges nobody
   // The group runs without this rank (it left): the worker joins it once loaded.
   s.joining = options_.elastic && group_epoch_ > 0 && GroupRankLocked(rank) < 0;
   s.drained = false;
@@ -516,6 +517,7 @@ MembershipStats Membership::stats() const {
   absl::MutexLock lock(&mu_);
   MembershipStats stats{.group_epoch = group_epoch_,
                         .rank_failures = rank_failures_,
+                        .heartbeats_late = heartbeats_late_,
                         .recovery_seconds = recovery_seconds_,
                         .ep_load_imbalance = LoadImbalance(placement_, load_)};
   for (const Slot& s : slots_) {
@@ -608,6 +610,7 @@ absl::Status Membership::HeartbeatLocked(const v1::HeartbeatRequest& request,
   if (outside && s.joining) {
     s.last_seen = clock_->Now();
     s.heartbeated = true;
+    s.probe = 0;
     if (!request.join()) return absl::OkStatus();  // still loading
     std::vector<int> members = group_;
     members.push_back(request.rank());
@@ -638,6 +641,7 @@ absl::Status Membership::HeartbeatLocked(const v1::HeartbeatRequest& request,
   s.info.group_epoch = request.group_epoch();
   s.last_seen = clock_->Now();
   s.heartbeated = true;
+  s.probe = 0;  // alive: an open suspicion's outcome no longer matters
   RecordEnergyLocked(request, &s);
   for (const v1::ExpertLoad& el : request.expert_load()) {
     auto& layer = load_[el.layer()];
@@ -667,39 +671,90 @@ absl::Status Membership::HeartbeatLocked(const v1::HeartbeatRequest& request,
   return absl::OkStatus();
 }
 
-std::vector<DeadRank> Membership::ExpireHeartbeats() {
+std::string Membership::HeartbeatLostReason(absl::Duration silent) const {
+  return absl::StrCat("heartbeat lost (none for ", absl::ToInt64Milliseconds(silent), " ms, limit ",
+                      options_.heartbeat_misses, " x ",
+                      absl::ToInt64Milliseconds(options_.heartbeat_interval), " ms)");
+}
+
+HeartbeatExpiry Membership::ExpireHeartbeats() {
   const absl::Time now = clock_->Now();
   const absl::Duration limit = options_.heartbeat_interval * options_.heartbeat_misses;
-  std::vector<DeadRank> dead;
+  HeartbeatExpiry out;
   absl::MutexLock lock(&mu_);
   for (Slot& s : slots_) {
-    if (!Live(s)) continue;
+    if (!Live(s) || s.probe != 0) continue;
     const absl::Duration silent = now - s.last_seen;
-    if (silent <= (s.heartbeated ? limit : options_.startup_timeout)) continue;
-    s.info.state = RankState::kDead;
-    s.info.dead_reason =
-        s.heartbeated
-            ? absl::StrCat("heartbeat lost (none for ", absl::ToInt64Milliseconds(silent),
-                           " ms, limit ", options_.heartbeat_misses, " x ",
-                           absl::ToInt64Milliseconds(options_.heartbeat_interval), " ms)")
-            : absl::StrCat("no heartbeat within ", absl::ToInt64Seconds(silent),
-                           " s of registering (startup timeout ",
-                           absl::ToInt64Seconds(options_.startup_timeout), " s)");
-    JOULE_LOG(Error) << "rank " << s.info.rank << " (worker " << s.info.worker_id
-                     << ") died: " << s.info.dead_reason;
-    dead.push_back({s.info.rank, s.info.dead_reason});
+    if (!s.heartbeated) {
+      if (silent <= options_.startup_timeout) continue;
+      MarkDeadLocked(&s, absl::StrCat("no heartbeat within ", absl::ToInt64Seconds(silent),
+                                      " s of registering (startup timeout ",
+                                      absl::ToInt64Seconds(options_.startup_timeout), " s)"));
+      out.dead.push_back({s.info.rank, s.info.dead_reason});
+    } else if (s.kept_at > s.last_seen) {
+      // A probe kept it a whole limit ago and still no heartbeat: its worker
+      // answers RPCs but its heartbeats do not arrive, which no probe mends.
+      if (now - s.kept_at <= limit) continue;
+      MarkDeadLocked(&s, absl::StrCat(HeartbeatLostReason(silent), "; its status probe answered ",
+                                      absl::ToInt64Milliseconds(now - s.kept_at),
+                                      " ms ago, yet no heartbeat since"));
+      out.dead.push_back({s.info.rank, s.info.dead_reason});
+    } else if (silent > limit) {
+      s.probe = ++last_probe_;
+      out.suspects.push_back({.rank = s.info.rank,
+                              .probe = s.probe,
+                              .worker_id = s.info.worker_id,
+                              .worker_endpoint = s.info.worker_endpoint});
+      JOULE_LOG(Warning) << "rank " << s.info.rank << " (worker " << s.info.worker_id << "): "
+                         << HeartbeatLostReason(silent) << "; probing its status";
+    }
   }
-  for (const DeadRank& d : dead) MemberDiedLocked(d.rank, d.reason);
-  return dead;
+  for (const DeadRank& d : out.dead) MemberDiedLocked(d.rank, d.reason);
+  return out;
+}
+
+Membership::Slot* Membership::SuspectLocked(const SuspectRank& suspect) {
+  if (suspect.rank < 0 || suspect.rank >= options_.world_size || suspect.probe == 0) return nullptr;
+  Slot& s = slots_[suspect.rank];
+  const bool open = Live(s) && s.probe == suspect.probe && s.info.worker_id == suspect.worker_id;
+  return open ? &s : nullptr;
+}
+
+bool Membership::KeepSuspect(const SuspectRank& suspect) {
+  absl::MutexLock lock(&mu_);
+  Slot* s = SuspectLocked(suspect);
+  if (s == nullptr) return false;
+  s->probe = 0;
+  s->kept_at = clock_->Now();
+  ++heartbeats_late_;
+  JOULE_LOG(Warning) << "rank " << suspect.rank << " missed heartbeats for "
+                     << absl::ToInt64Milliseconds(s->kept_at - s->last_seen)
+                     << " ms but answered its status probe: kept (host overloaded?)";
+  return true;
+}
+
+std::optional<DeadRank> Membership::SuspectDead(const SuspectRank& suspect, const absl::Status& error) {
+  absl::MutexLock lock(&mu_);
+  Slot* s = SuspectLocked(suspect);
+  if (s == nullptr) return std::nullopt;
+  s->probe = 0;
+  MarkDeadLocked(s, absl::StrCat(HeartbeatLostReason(clock_->Now() - s->last_seen),
+                                 "; status probe: ", error.message()));
+  MemberDiedLocked(suspect.rank, s->info.dead_reason);
+  return DeadRank{suspect.rank, s->info.dead_reason};
+}
+
+void Membership::MarkDeadLocked(Slot* s, const std::string& reason) {
+  s->info.state = RankState::kDead;
+  s->info.dead_reason = reason;
+  JOULE_LOG(Error) << "rank " << s->info.rank << " (worker " << s->info.worker_id
+                   << ") died: " << reason;
 }
 
 bool Membership::MarkDead(int rank, const std::string& reason) {
   absl::MutexLock lock(&mu_);
   if (rank < 0 || rank >= options_.world_size || !Live(slots_[rank])) return false;
-  Slot& s = slots_[rank];
-  s.info.state = RankState::kDead;
-  s.info.dead_reason = reason;
-  JOULE_LOG(Error) << "rank " << rank << " (worker " << s.info.worker_id << ") died: " << reason;
+  MarkDeadLocked(&slots_[rank], reason);
   MemberDiedLocked(rank, reason);
   return true;
 }

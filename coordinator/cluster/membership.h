@@ -90,6 +90,7 @@ struct GroupInfo {
 struct MembershipStats {
   uint64_t group_epoch = 0;
   uint64_t rank_failures = 0;            // ranks marked dead
+  uint64_t heartbeats_late = 0;          // suspects kept because their status probe answered
   std::vector<double> recovery_seconds;  // a member's death -> its group serving again
   // Every rank that reported a meter: energy, power, source (RankInfo's fields).
   std::vector<RankInfo> metered;
@@ -100,7 +101,22 @@ struct MembershipStats {
 
 struct DeadRank {
   int rank = 0;
-  std::string reason;  // "heartbeat lost (none for 1.6 s)"
+  std::string reason;  // "heartbeat lost (none for 1600 ms, limit 3 x 500 ms)"
+};
+
+// A rank silent past the heartbeat limit. Late heartbeats (an overloaded host)
+// look the same as a dead worker, so it is dead only once a status probe of
+// its worker fails: KeepSuspect or SuspectDead with the probe's outcome.
+struct SuspectRank {
+  int rank = 0;
+  uint64_t probe = 0;  // names this suspicion: the outcome of an older one changes nothing
+  std::string worker_id;        // the holder suspected: a later holder is not judged by it
+  std::string worker_endpoint;  // where to probe
+};
+
+struct HeartbeatExpiry {
+  std::vector<DeadRank> dead;          // marked dead now
+  std::vector<SuspectRank> suspects;   // to probe
 };
 
 class Membership {
@@ -144,10 +160,21 @@ class Membership {
   using StepObserver = std::function<void(int rank, const std::vector<scheduler::StepSample>&)>;
   void SetStepObserver(StepObserver observer);
 
-  // Marks dead every rank without a heartbeat for more than
-  // heartbeat_misses * heartbeat_interval (startup_timeout before its first
-  // heartbeat); returns those newly marked.
-  std::vector<DeadRank> ExpireHeartbeats();
+  // Ranks without a heartbeat for more than heartbeat_misses *
+  // heartbeat_interval become suspects, one probe at a time per rank (a
+  // heartbeat clears the suspicion). Marked dead at once: a rank silent past
+  // startup_timeout before its first heartbeat, and one still silent a whole
+  // limit after its probe kept it (it answers RPCs but its heartbeats do not
+  // arrive). Returns those newly marked and the new suspects.
+  HeartbeatExpiry ExpireHeartbeats();
+  // The suspect's worker answered its status probe: the rank stays, and gets
+  // one more heartbeat limit from now. False when `suspect` is no longer the
+  // rank's open suspicion (a heartbeat came, or it registered again).
+  bool KeepSuspect(const SuspectRank& suspect);
+  // The suspect's status probe failed: marks it dead, the reason ending in
+  // "; status probe: <error>". Nullopt when `suspect` is no longer the rank's
+  // open suspicion.
+  std::optional<DeadRank> SuspectDead(const SuspectRank& suspect, const absl::Status& error);
   // Marks `rank` dead (e.g. its endpoint stopped answering). False when it was
   // not held by a live worker.
   bool MarkDead(int rank, const std::string& reason);
@@ -184,6 +211,10 @@ class Membership {
     RankInfo info;
     std::string transport_address;
     absl::Time last_seen;       // last heartbeat (or registration / rendezvous call)
+    // When a status probe last kept it while silent; after last_seen: no
+    // heartbeat since.
+    absl::Time kept_at = absl::InfinitePast();
+    uint64_t probe = 0;         // the open suspicion's probe; 0: none
     bool heartbeated = false;  // since registering
     bool joining = false;      // registered into a running group it is not in yet
     bool drained = false;      // taken out by Drain: its worker exits cleanly
@@ -218,6 +249,12 @@ class Membership {
                                  const std::string& secret, absl::string_view next_step) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool ServingLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // "heartbeat lost (none for X ms, limit N x I ms)".
+  std::string HeartbeatLostReason(absl::Duration silent) const;
+  // Marks `s` dead with `reason` and logs it; MemberDiedLocked re-forms the group.
+  void MarkDeadLocked(Slot* s, const std::string& reason) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The slot whose open suspicion `suspect` is; null when none is.
+  Slot* SuspectLocked(const SuspectRank& suspect) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const MembershipOptions options_;
   const ModelSummary model_;
@@ -238,6 +275,8 @@ class Membership {
   // Set while a re-formed group does not serve yet: when the first death was seen.
   std::optional<absl::Time> recovering_since_ ABSL_GUARDED_BY(mu_);
   uint64_t rank_failures_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t heartbeats_late_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t last_probe_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<double> recovery_seconds_ ABSL_GUARDED_BY(mu_);
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
   StepObserver step_observer_ ABSL_GUARDED_BY(mu_);

@@ -663,9 +663,7 @@ absl::Status Router::ProbedOutcome(const Call& call, const absl::Status& worker_
 }
 
 void Router::Poll(bool expire_heartbeats) {
-  if (expire_heartbeats) {
-    for (const DeadRank& d : membership_->ExpireHeartbeats()) FailRank(d.rank, d.reason);
-  }
+  if (expire_heartbeats) ExpireHeartbeats();
   // ClientGone() belongs to the front door and may take its locks: ask
   // outside ours.
   std::vector<std::shared_ptr<Call>> live, parked;
@@ -686,6 +684,38 @@ void Router::Poll(bool expire_heartbeats) {
     } else {
       TryResume(call);
     }
+  }
+}
+
+void Router::ExpireHeartbeats() {
+  HeartbeatExpiry expiry = membership_->ExpireHeartbeats();
+  for (const DeadRank& d : expiry.dead) FailRank(d.rank, d.reason);
+  for (const SuspectRank& suspect : expiry.suspects) ProbeSuspect(suspect);
+}
+
+void Router::ProbeSuspect(const SuspectRank& suspect) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (shutdown_) return;  // stopping: nobody needs the verdict
+    ++outstanding_;         // ~Router waits for the callback
+  }
+  // Asynchronous: the control loop goes on while the probe waits.
+  clients_->Connect(suspect.worker_endpoint)
+      ->Status(absl::Now() + options_.probe_timeout,
+               [this, suspect](absl::StatusOr<v1::WorkerStatusReply> probe) {
+                 OnSuspectProbed(suspect, probe.status());
+                 Released();
+               });
+}
+
+void Router::OnSuspectProbed(const SuspectRank& suspect, const absl::Status& probe) {
+  // An answer, even UNIMPLEMENTED, shows the worker alive: its heartbeats are late.
+  if (probe.ok() || absl::IsUnimplemented(probe)) {
+    membership_->KeepSuspect(suspect);
+    return;
+  }
+  if (std::optional<DeadRank> dead = membership_->SuspectDead(suspect, probe)) {
+    FailRank(dead->rank, dead->reason);
   }
 }
 

@@ -126,7 +126,8 @@ class Router {
                         GenerateSink* sink);
 
   // Periodic work, from the coordinator's control loop: expires heartbeats
-  // (failing the dead ranks' requests) unless `expire_heartbeats` is false,
+  // unless `expire_heartbeats` is false (a silent rank is probed with a Status
+  // call and kept when it answers, else marked dead and its requests failed),
   // cancels worker calls whose client has gone away and resumes waiting
   // requests once a group serves.
   void Poll(bool expire_heartbeats = true);
@@ -152,7 +153,8 @@ class Router {
   int InFlight(int rank) const;
   RouterStats stats() const;
 
-  // Waits for every request's `done` (and any Status probe) to have run.
+  // Waits for every request's `done` (and any Status probe, heartbeat probes
+  // included) to have run.
   ~Router();
 
  private:
@@ -190,6 +192,11 @@ class Router {
   std::optional<absl::Status> Outcome(const Call& call, const absl::Status& worker_status) const;
   absl::Status ProbedOutcome(const Call& call, const absl::Status& worker_status,
                              const absl::StatusOr<v1::WorkerStatusReply>& probe);
+  // Probes the membership's new suspects and fails the ranks it marked dead.
+  void ExpireHeartbeats();
+  // Asks a suspect's worker for its status: an answer keeps the rank.
+  void ProbeSuspect(const SuspectRank& suspect);
+  void OnSuspectProbed(const SuspectRank& suspect, const absl::Status& probe);
   std::string DeadRanksSummary() const;
   // Why no rank can take a request now (PickRank's errors); the candidate
   // ranks otherwise.
@@ -209,7 +216,7 @@ class Router {
   uint64_t next_call_ ABSL_GUARDED_BY(mu_) = 0;
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
   // Requests whose `done` has not run yet (a Status probe may outlive calls_),
-  // and step plans not answered yet.
+  // step plans not answered yet and heartbeat probes in flight.
   int outstanding_ ABSL_GUARDED_BY(mu_) = 0;
   std::map<int, uint64_t> plan_sequence_ ABSL_GUARDED_BY(mu_);        // the last sent, per rank
   std::map<int, absl::Time> plan_error_logged_ ABSL_GUARDED_BY(mu_);  // per rank

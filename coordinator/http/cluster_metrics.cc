@@ -46,6 +46,9 @@ std::vector<prometheus::MetricFamily> ClusterMetricFamilies(const cluster::Membe
       static_cast<double>(membership.group_epoch));
   add("joule_rank_failures_total", MetricType::Counter, "Ranks marked dead",
       static_cast<double>(membership.rank_failures));
+  add("joule_heartbeat_late_total", MetricType::Counter,
+      "Ranks silent past the heartbeat limit that answered their status probe and were kept",
+      static_cast<double>(membership.heartbeats_late));
   add("joule_requests_resumed_total", MetricType::Counter,
       "Request attempts started on a live rank after the rank serving them failed",
       static_cast<double>(router.requests_resumed));

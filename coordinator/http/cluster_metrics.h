@@ -3,6 +3,7 @@
 // /metrics next to HttpMetrics):
 //   joule_membership_epoch              the expert-parallel group's epoch (1: as formed)
 //   joule_rank_failures_total           ranks marked dead
+//   joule_heartbeat_late_total          silent ranks kept: their status probe answered
 //   joule_recovery_seconds              a member's death -> its group serving again
 //   joule_requests_resumed_total        attempts started after a failed one
 //   joule_resumed_tokens_total          tokens those attempts recomputed

@@ -439,6 +439,8 @@ TEST_F(CoordinatorGrpcTest, SilentRankIsMarkedDeadAndItsRequestFailsWithTheReaso
   v1::ClusterStatusReply st = Status();
   EXPECT_EQ(st.ranks(0).state(), "dead");
   EXPECT_THAT(st.ranks(0).reason(), HasSubstr("heartbeat lost"));
+  // Its status probe answered once (late heartbeats?); none came after it.
+  EXPECT_THAT(st.ranks(0).reason(), HasSubstr("yet no heartbeat since"));
   // The worker was told to drop the sequence.
   const absl::Time give_up = absl::Now() + absl::Seconds(10);
   while (!w.service_.saw_cancel_ && absl::Now() < give_up) absl::SleepFor(absl::Milliseconds(5));

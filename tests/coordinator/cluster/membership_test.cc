@@ -280,7 +280,7 @@ TEST_F(MembershipTest, SameWorkerRegisteringAgainKeepsItsRank) {
   EXPECT_EQ(*Register(Worker("w-b")), 1);
 }
 
-TEST_F(MembershipTest, HeartbeatsMakeRanksReadyAndSilenceMakesThemDead) {
+TEST_F(MembershipTest, HeartbeatsMakeRanksReadyAndSilenceMakesThemSuspects) {
   Make(2);
   ASSERT_TRUE(Register(Worker("w-a")).ok());
   ASSERT_TRUE(Register(Worker("w-b")).ok());
@@ -289,25 +289,113 @@ TEST_F(MembershipTest, HeartbeatsMakeRanksReadyAndSilenceMakesThemDead) {
   EXPECT_EQ(membership_->Ranks()[0].state, RankState::kReady);
   EXPECT_EQ(membership_->Ranks()[1].state, RankState::kRegistered);
 
-  // 3 intervals (1.5 s) of silence is still alive; beyond it, dead.
+  // 3 intervals (1.5 s) of silence is still alive; beyond it, a suspect to probe.
   clock_.Advance(absl::Milliseconds(1000));
   ASSERT_TRUE(Beat("w-a", 0).ok());
   clock_.Advance(absl::Milliseconds(500));
-  EXPECT_TRUE(membership_->ExpireHeartbeats().empty());
+  HeartbeatExpiry expiry = membership_->ExpireHeartbeats();
+  EXPECT_TRUE(expiry.dead.empty());
+  EXPECT_TRUE(expiry.suspects.empty());
   clock_.Advance(absl::Milliseconds(100));
-  std::vector<DeadRank> dead = membership_->ExpireHeartbeats();
-  ASSERT_EQ(dead.size(), 1u);
-  EXPECT_EQ(dead[0].rank, 1);
-  EXPECT_THAT(dead[0].reason, HasSubstr("heartbeat lost (none for 1600 ms, limit 3 x 500 ms)"));
+  expiry = membership_->ExpireHeartbeats();
+  EXPECT_TRUE(expiry.dead.empty());
+  ASSERT_EQ(expiry.suspects.size(), 1u);
+  const SuspectRank suspect = expiry.suspects[0];
+  EXPECT_EQ(suspect.rank, 1);
+  EXPECT_EQ(suspect.worker_id, "w-b");
+  EXPECT_EQ(suspect.worker_endpoint, "w-b:5000");
+  EXPECT_EQ(membership_->Ranks()[1].state, RankState::kRegistered) << "not dead before its probe";
+  expiry = membership_->ExpireHeartbeats();
+  EXPECT_TRUE(expiry.suspects.empty()) << "one probe at a time";
+
+  // The probe failed: dead, saying why.
+  std::optional<DeadRank> dead =
+      membership_->SuspectDead(suspect, absl::UnavailableError("connection refused"));
+  ASSERT_TRUE(dead.has_value());
+  EXPECT_EQ(dead->rank, 1);
+  EXPECT_THAT(dead->reason, HasSubstr("heartbeat lost (none for 1600 ms, limit 3 x 500 ms); "
+                                      "status probe: connection refused"));
   EXPECT_EQ(membership_->Ranks()[1].state, RankState::kDead);
-  EXPECT_EQ(membership_->Ranks()[1].dead_reason, dead[0].reason);
-  EXPECT_TRUE(membership_->ExpireHeartbeats().empty()) << "reported once";
+  EXPECT_EQ(membership_->Ranks()[1].dead_reason, dead->reason);
+  EXPECT_FALSE(membership_->SuspectDead(suspect, absl::UnavailableError("again")).has_value())
+      << "reported once";
+  EXPECT_TRUE(membership_->ExpireHeartbeats().suspects.empty());
   EXPECT_EQ(membership_->Ranks()[0].state, RankState::kReady);
 
   // A dead rank's slot can be taken by a replacement worker.
   EXPECT_EQ(*Register(Worker("w-new")), 1);
   EXPECT_EQ(membership_->Ranks()[1].worker_id, "w-new");
   EXPECT_EQ(Beat("w-b", 1).code(), absl::StatusCode::kNotFound);
+}
+
+// Late heartbeats (an overloaded host): a probe that answers keeps the rank
+// for one more limit; a heartbeat then starts afresh, while more silence
+// means its heartbeats do not arrive at all.
+TEST_F(MembershipTest, ASuspectWhoseProbeAnswersIsKeptOnce) {
+  Make(2);
+  ASSERT_TRUE(Register(Worker("w-a")).ok());
+  ASSERT_TRUE(Register(Worker("w-b")).ok());
+  ASSERT_TRUE(Beat("w-a", 0).ok());
+  ASSERT_TRUE(Beat("w-b", 1).ok());
+  clock_.Advance(absl::Milliseconds(1600));
+  ASSERT_TRUE(Beat("w-a", 0).ok());
+  std::vector<SuspectRank> suspects = membership_->ExpireHeartbeats().suspects;
+  ASSERT_EQ(suspects.size(), 1u);
+  clock_.Advance(absl::Milliseconds(200));  // the probe's round trip
+  EXPECT_TRUE(membership_->KeepSuspect(suspects[0]));
+  EXPECT_FALSE(membership_->KeepSuspect(suspects[0])) << "answered once";
+  EXPECT_EQ(membership_->Ranks()[1].state, RankState::kReady);
+  EXPECT_EQ(membership_->stats().heartbeats_late, 1u);
+
+  // Its late heartbeat arrives; the next silence is probed again.
+  ASSERT_TRUE(Beat("w-b", 1).ok());
+  clock_.Advance(absl::Milliseconds(1600));
+  ASSERT_TRUE(Beat("w-a", 0).ok());
+  suspects = membership_->ExpireHeartbeats().suspects;
+  ASSERT_EQ(suspects.size(), 1u);
+  EXPECT_TRUE(membership_->KeepSuspect(suspects[0]));
+
+  // No heartbeat for a whole limit after that answer: dead without a probe.
+  clock_.Advance(absl::Milliseconds(1500));
+  ASSERT_TRUE(Beat("w-a", 0).ok());
+  HeartbeatExpiry expiry = membership_->ExpireHeartbeats();
+  EXPECT_TRUE(expiry.suspects.empty());
+  EXPECT_TRUE(expiry.dead.empty()) << "still within the limit";
+  clock_.Advance(absl::Milliseconds(100));
+  ASSERT_TRUE(Beat("w-a", 0).ok());
+  expiry = membership_->ExpireHeartbeats();
+  EXPECT_TRUE(expiry.suspects.empty());
+  ASSERT_EQ(expiry.dead.size(), 1u);
+  EXPECT_EQ(expiry.dead[0].rank, 1);
+  EXPECT_THAT(expiry.dead[0].reason,
+              HasSubstr("heartbeat lost (none for 3200 ms, limit 3 x 500 ms); its status probe "
+                        "answered 1600 ms ago, yet no heartbeat since"));
+  EXPECT_EQ(membership_->Ranks()[1].state, RankState::kDead);
+  EXPECT_EQ(membership_->stats().heartbeats_late, 2u);
+}
+
+TEST_F(MembershipTest, AHeartbeatDuringTheProbeOrANewHolderVoidsItsOutcome) {
+  Make(2, /*elastic=*/false);
+  ASSERT_TRUE(Register(Worker("w-a")).ok());
+  ASSERT_TRUE(Register(Worker("w-b")).ok());
+  ASSERT_TRUE(Beat("w-a", 0).ok());
+  ASSERT_TRUE(Beat("w-b", 1).ok());
+  clock_.Advance(absl::Milliseconds(1600));
+  std::vector<SuspectRank> suspects = membership_->ExpireHeartbeats().suspects;
+  ASSERT_EQ(suspects.size(), 2u);
+  // Rank 0's heartbeat arrives while its probe times out: it is alive.
+  ASSERT_TRUE(Beat("w-a", 0).ok());
+  EXPECT_FALSE(membership_->SuspectDead(suspects[0], absl::DeadlineExceededError("late")).has_value());
+  EXPECT_EQ(membership_->Ranks()[0].state, RankState::kReady);
+  // Rank 1 died otherwise and a new worker took it before w-b's probe ended.
+  ASSERT_TRUE(membership_->MarkDead(1, "worker unreachable"));
+  ASSERT_EQ(*Register(Worker("w-c")), 1);
+  EXPECT_FALSE(membership_->SuspectDead(suspects[1], absl::UnavailableError("refused")).has_value());
+  EXPECT_FALSE(membership_->KeepSuspect(suspects[1]));
+  EXPECT_EQ(membership_->Ranks()[1].worker_id, "w-c");
+  EXPECT_EQ(membership_->Ranks()[1].state, RankState::kRegistered);
+  EXPECT_EQ(membership_->stats().rank_failures, 1u);
+  EXPECT_EQ(membership_->stats().heartbeats_late, 0u);
 }
 
 TEST_F(MembershipTest, LoadingRankGetsTheStartupTimeoutBeforeItsFirstHeartbeat) {
@@ -319,7 +407,8 @@ TEST_F(MembershipTest, LoadingRankGetsTheStartupTimeoutBeforeItsFirstHeartbeat) 
   for (int i = 0; i < 9; ++i) {
     clock_.Advance(absl::Minutes(1));
     ASSERT_TRUE(Beat("w-a", 0).ok());
-    EXPECT_TRUE(membership_->ExpireHeartbeats().empty()) << "minute " << i + 1;
+    const HeartbeatExpiry expiry = membership_->ExpireHeartbeats();
+    EXPECT_TRUE(expiry.dead.empty() && expiry.suspects.empty()) << "minute " << i + 1;
   }
   // ...and a rendezvous call counts as a sign of life.
   v1::RendezvousRequest req;
@@ -329,19 +418,21 @@ TEST_F(MembershipTest, LoadingRankGetsTheStartupTimeoutBeforeItsFirstHeartbeat) 
   ASSERT_TRUE(SendRendezvous(*membership_, req, absl::Now(), &reply).ok());
   clock_.Advance(absl::Minutes(9));
   ASSERT_TRUE(Beat("w-a", 0).ok());
-  EXPECT_TRUE(membership_->ExpireHeartbeats().empty());
-  // Silent past the startup timeout (10 min): dead, saying why.
+  EXPECT_TRUE(membership_->ExpireHeartbeats().dead.empty());
+  // Silent past the startup timeout (10 min): dead at once (no probe), saying why.
   clock_.Advance(absl::Minutes(2));
   ASSERT_TRUE(Beat("w-a", 0).ok());
-  std::vector<DeadRank> dead = membership_->ExpireHeartbeats();
+  const HeartbeatExpiry expiry = membership_->ExpireHeartbeats();
+  EXPECT_TRUE(expiry.suspects.empty());
+  const std::vector<DeadRank>& dead = expiry.dead;
   ASSERT_EQ(dead.size(), 1u);
   EXPECT_EQ(dead[0].rank, 1);
   EXPECT_THAT(dead[0].reason, HasSubstr("no heartbeat within 660 s of registering (startup timeout 600 s)"));
-  // After its first heartbeat, the short limit applies.
+  // After its first heartbeat, the short limit applies (and a probe).
   ASSERT_EQ(*Register(Worker("w-c")), 1);
   ASSERT_TRUE(Beat("w-c", 1).ok());
   clock_.Advance(absl::Milliseconds(1600));
-  ASSERT_EQ(membership_->ExpireHeartbeats().size(), 2u);
+  ASSERT_EQ(membership_->ExpireHeartbeats().suspects.size(), 2u);
 }
 
 TEST_F(MembershipTest, UcxAddressesMayArriveWithTheRendezvous) {

@@ -306,6 +306,8 @@ TEST_F(RouterTest, FailedWriteToClientCancelsTheWorkerCall) {
   EXPECT_EQ(st.code(), absl::StatusCode::kCancelled);
 }
 
+// A rank silent past the limit is probed, asynchronously; it is dead once its
+// worker does not answer, the reason naming the silence and the probe's error.
 TEST_F(RouterTest, HeartbeatLossFailsThatRanksRequestsWithTheReason) {
   Make(2);
   Beat(1, 9, 0);  // push the first request to rank 0
@@ -315,20 +317,32 @@ TEST_F(RouterTest, HeartbeatLossFailsThatRanksRequestsWithTheReason) {
   auto stream = Worker(0)->WaitForStream();
   ASSERT_NE(stream, nullptr);
   stream->Push(Tokens({4}));
+  Worker(0)->HoldStatusReplies();
+  Worker(0)->SetStatusReply(absl::DeadlineExceededError("Deadline Exceeded"));
 
   // Rank 1 keeps beating, rank 0 goes silent.
   clock_.Advance(absl::Milliseconds(1000));
   Beat(1, 0, 0);
   router_->Poll();
-  EXPECT_FALSE(stream->cancelled());
+  EXPECT_EQ(Worker(0)->status_calls(), 0) << "within the limit: no probe";
   clock_.Advance(absl::Milliseconds(700));
   Beat(1, 0, 0);
   router_->Poll();
+  // Poll returned with the probe unanswered: a suspect, not dead yet.
+  EXPECT_EQ(Worker(0)->status_calls(), 1);
+  EXPECT_EQ(membership_->Ranks()[0].state, RankState::kReady);
+  EXPECT_FALSE(stream->cancelled());
+  router_->Poll();
+  EXPECT_EQ(Worker(0)->status_calls(), 1) << "one probe at a time per rank";
+  Worker(0)->ReleaseStatusReplies();
   EXPECT_TRUE(stream->WaitCancelled(absl::Seconds(10)));
   t.join();
   EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable);
   EXPECT_THAT(std::string(st.message()), HasSubstr("rank 0 died: heartbeat lost (none for 1700 ms, limit 3 x 500 ms)"));
+  EXPECT_THAT(std::string(st.message()), HasSubstr("; status probe: Deadline Exceeded"));
   EXPECT_EQ(membership_->Ranks()[0].state, RankState::kDead);
+  EXPECT_THAT(membership_->Ranks()[0].dead_reason,
+              HasSubstr("heartbeat lost (none for 1700 ms, limit 3 x 500 ms); status probe: Deadline Exceeded"));
 
   // Nothing new is admitted while the expert-parallel group is broken.
   absl::Status next = router_->Generate(Request(), absl::InfiniteFuture(), &sink);
@@ -599,6 +613,80 @@ TEST_F(RouterTest, AsyncStatusProbeDoesNotHoldTheWorkerThread) {
               HasSubstr("rank 0 died: worker unreachable: connection refused (its Generate stream "
                         "ended with UNAVAILABLE: Socket closed)"));
   EXPECT_EQ(membership_->Ranks()[0].state, RankState::kDead);
+}
+
+// Late heartbeats on an overloaded host: the worker answers its status probe,
+// so it keeps its rank and its requests, with a warning and a count.
+TEST_F(RouterTest, SilentRankThatAnswersItsStatusProbeIsKeptAndServesOn) {
+  Make(2);
+  Beat(1, 9, 0);
+  auto sink = std::make_shared<RecordingSink>();
+  AsyncResult result;
+  router_->GenerateAsync(Request(), absl::InfiniteFuture(), sink, result.Done(sink));
+  auto stream = Worker(0)->WaitForStream();
+  ASSERT_NE(stream, nullptr);
+
+  clock_.Advance(absl::Milliseconds(1600));
+  Beat(1, 9, 0);
+  ::testing::internal::CaptureStderr();
+  router_->Poll();
+  const std::string log = ::testing::internal::GetCapturedStderr();
+  EXPECT_EQ(Worker(0)->status_calls(), 1);
+  EXPECT_THAT(log, HasSubstr("rank 0 missed heartbeats for 1600 ms but answered its status probe: "
+                             "kept (host overloaded?)"));
+  EXPECT_EQ(membership_->Ranks()[0].state, RankState::kReady);
+  EXPECT_EQ(membership_->stats().heartbeats_late, 1u);
+  EXPECT_EQ(membership_->stats().rank_failures, 0u);
+  EXPECT_FALSE(stream->cancelled());
+
+  // Its request finishes, and the rank takes the next one.
+  stream->Push(Tokens({7}, v1::FINISH_REASON_STOP));
+  stream->Close(absl::OkStatus());
+  EXPECT_TRUE(result.outcome().ok()) << result.outcome();
+  Worker(0)->SetScript({Tokens({8}, v1::FINISH_REASON_STOP)});
+  RecordingSink next;
+  EXPECT_TRUE(router_->Generate(Request(), absl::InfiniteFuture(), &next).ok());
+  EXPECT_EQ(Worker(0)->generate_calls(), 2u);
+
+  // Its late heartbeat arrives: the next silence is probed afresh.
+  Beat(0, 0, 0);
+  clock_.Advance(absl::Milliseconds(1600));
+  Beat(1, 9, 0);
+  router_->Poll();
+  EXPECT_EQ(Worker(0)->status_calls(), 2);
+  EXPECT_EQ(membership_->Ranks()[0].state, RankState::kReady);
+  EXPECT_EQ(membership_->stats().heartbeats_late, 2u);
+}
+
+// The probe was for the worker that held the rank when it went silent: its
+// failure says nothing about the worker that holds the rank now.
+TEST_F(RouterTest, AProbeOfTheOldHolderDoesNotMarkTheNewOneDead) {
+  Make(2);
+  Worker(0)->HoldStatusReplies();
+  Worker(0)->SetStatusReply(absl::UnavailableError("connection refused"));
+  clock_.Advance(absl::Milliseconds(1600));
+  Beat(1, 0, 0);
+  router_->Poll();
+  ASSERT_EQ(Worker(0)->status_calls(), 1);
+  // Meanwhile its Generate stream broke (marked dead) and a restarted worker
+  // took the rank at the same address.
+  ASSERT_TRUE(membership_->MarkDead(0, "worker unreachable: connection refused"));
+  v1::RegisterRequest req;
+  req.set_protocol_version(v1::PROTOCOL_VERSION_1);
+  req.set_model_fingerprint(kFingerprint);
+  req.set_requested_rank(0);
+  req.set_worker_id("w0-restarted");
+  req.set_transport(v1::TRANSPORT_KIND_UCX);
+  req.set_worker_endpoint("w0:1");
+  v1::RegisterReply reply;
+  ASSERT_TRUE(membership_->Register(req, &reply).ok());
+
+  Worker(0)->ReleaseStatusReplies();
+  const RankInfo rank0 = membership_->Ranks()[0];
+  EXPECT_EQ(rank0.worker_id, "w0-restarted");
+  EXPECT_EQ(rank0.state, RankState::kRegistered);
+  EXPECT_EQ(rank0.dead_reason, "");
+  EXPECT_EQ(membership_->stats().rank_failures, 1u) << "only the MarkDead";
 }
 
 TEST_F(RouterTest, AsyncHoldsThousandsOfRequestsOnOneThread) {

@@ -129,12 +129,13 @@ TEST(SchedulerMetricsTest, IpwStepCapsFollowTheLearnedModel) {
 
 TEST(ClusterMetricsTest, EpochFailuresResumesAndTheRecoveryHistogram) {
   const cluster::MembershipStats membership{
-      .group_epoch = 3, .rank_failures = 2, .recovery_seconds = {0.3, 1.5}};
+      .group_epoch = 3, .rank_failures = 2, .heartbeats_late = 4, .recovery_seconds = {0.3, 1.5}};
   const cluster::RouterStats router{.requests_resumed = 7, .resumed_tokens = 120, .parked = 1};
   const std::vector<prometheus::MetricFamily> families = ClusterMetricFamilies(membership, router);
   std::map<std::string, double> v = Values(families);
   EXPECT_EQ(v["joule_membership_epoch{}"], 3);
   EXPECT_EQ(v["joule_rank_failures_total{}"], 2);
+  EXPECT_EQ(v["joule_heartbeat_late_total{}"], 4);
   EXPECT_EQ(v["joule_requests_resumed_total{}"], 7);
   EXPECT_EQ(v["joule_resumed_tokens_total{}"], 120);
   EXPECT_EQ(v["joule_requests_waiting_to_resume{}"], 1);
