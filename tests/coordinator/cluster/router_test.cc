@@ -82,18 +82,22 @@ class RouterTest : public ::testing::Test {
     membership_ = *Membership::Create(o, TinySummary(), &clock_);
     router_ = std::make_unique<Router>(membership_.get(), &clients_, options);
     for (int r = 0; r < world_size; ++r) {
-      v1::RegisterRequest req;
-      req.set_protocol_version(v1::PROTOCOL_VERSION_1);
-      req.set_model_fingerprint(kFingerprint);
-      req.set_requested_rank(r);
-      req.set_worker_id(absl::StrCat("w", r));
-      req.set_transport(v1::TRANSPORT_KIND_UCX);
-      req.set_worker_endpoint(absl::StrCat("w", r, ":1"));
-      v1::RegisterReply reply;
-      ASSERT_TRUE(membership_->Register(req, &reply).ok());
-      secrets_[r] = reply.worker_secret();
+      ASSERT_NO_FATAL_FAILURE(Register(r, absl::StrCat("w", r)));
       if (ready) Beat(r, 0, 0);
     }
+  }
+  // `worker_id` takes rank r at endpoint "wR:1".
+  void Register(int r, const std::string& worker_id) {
+    v1::RegisterRequest req;
+    req.set_protocol_version(v1::PROTOCOL_VERSION_1);
+    req.set_model_fingerprint(kFingerprint);
+    req.set_requested_rank(r);
+    req.set_worker_id(worker_id);
+    req.set_transport(v1::TRANSPORT_KIND_UCX);
+    req.set_worker_endpoint(absl::StrCat("w", r, ":1"));
+    v1::RegisterReply reply;
+    ASSERT_TRUE(membership_->Register(req, &reply).ok());
+    secrets_[r] = reply.worker_secret();
   }
   // The first expert-parallel group (epoch 1): every rank meets at the rendezvous.
   void FormGroup(int world_size) {
@@ -671,15 +675,7 @@ TEST_F(RouterTest, AProbeOfTheOldHolderDoesNotMarkTheNewOneDead) {
   // Meanwhile its Generate stream broke (marked dead) and a restarted worker
   // took the rank at the same address.
   ASSERT_TRUE(membership_->MarkDead(0, "worker unreachable: connection refused"));
-  v1::RegisterRequest req;
-  req.set_protocol_version(v1::PROTOCOL_VERSION_1);
-  req.set_model_fingerprint(kFingerprint);
-  req.set_requested_rank(0);
-  req.set_worker_id("w0-restarted");
-  req.set_transport(v1::TRANSPORT_KIND_UCX);
-  req.set_worker_endpoint("w0:1");
-  v1::RegisterReply reply;
-  ASSERT_TRUE(membership_->Register(req, &reply).ok());
+  ASSERT_NO_FATAL_FAILURE(Register(0, "w0-restarted"));
 
   Worker(0)->ReleaseStatusReplies();
   const RankInfo rank0 = membership_->Ranks()[0];
