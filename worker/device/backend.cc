@@ -5,6 +5,23 @@
 #include "worker/device/cuda_backend.h"
 
 namespace joule::device {
+namespace {
+
+class SynchronizingEvent final : public Event {
+ public:
+  explicit SynchronizingEvent(Backend* backend) : backend_(backend) {}
+  absl::Status Record() override { return absl::OkStatus(); }
+  absl::Status Wait() override { return backend_->Synchronize(); }
+
+ private:
+  Backend* backend_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Event>> Backend::CreateEvent() {
+  return std::make_unique<SynchronizingEvent>(this);
+}
 
 absl::Status Backend::BeginCapture() {
   return absl::UnimplementedError(absl::StrCat(spec().ToString(), " has no graphs"));

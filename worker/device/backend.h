@@ -40,6 +40,17 @@ struct MemoryInfo {
   int64_t total_bytes = 0;
 };
 
+// A point in a backend's stream: everything launched before its last
+// Record(). The host can wait for that work alone while later launches run on
+// (two micro-batches of one MoE layer: one's exchange waits while the other's
+// kernels run). A fault inside that work surfaces at Wait().
+class Event {
+ public:
+  virtual ~Event() = default;
+  virtual absl::Status Record() = 0;
+  virtual absl::Status Wait() = 0;
+};
+
 // A recorded sequence of launches (a CUDA graph) replayed as one.
 class Graph {
  public:
@@ -80,6 +91,10 @@ class Backend {
   virtual absl::Status Zero(void* dst, size_t bytes) = 0;
   // Waits for everything launched so far; surfaces faults inside kernels.
   virtual absl::Status Synchronize() = 0;
+  // An event of this backend's stream. The default waits by Synchronize()
+  // (everything launched so far): right on every backend, and exact where
+  // launches run to completion.
+  virtual absl::StatusOr<std::unique_ptr<Event>> CreateEvent();
   // Device memory free and in total (the CPU reports physical memory).
   virtual absl::StatusOr<MemoryInfo> DeviceMemory() = 0;
 

@@ -48,6 +48,28 @@ class CudaGraph final : public Graph {
   cudaStream_t stream_;
 };
 
+// Records and waits on the backend's stream without the stream's later work.
+class CudaEvent final : public Event {
+ public:
+  CudaEvent(cudaEvent_t event, cudaStream_t stream, int ordinal)
+      : event_(event), stream_(stream), ordinal_(ordinal) {}
+  ~CudaEvent() override { cudaEventDestroy(event_); }
+  absl::Status Record() override {
+    JOULE_CUDA_RETURN_IF_ERROR(cudaSetDevice(ordinal_));
+    JOULE_CUDA_RETURN_IF_ERROR(cudaEventRecord(event_, stream_));
+    return absl::OkStatus();
+  }
+  absl::Status Wait() override {
+    JOULE_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(event_));
+    return absl::OkStatus();
+  }
+
+ private:
+  cudaEvent_t event_;
+  cudaStream_t stream_;
+  int ordinal_;
+};
+
 // NVML spells a bus id with an 8-digit domain ("00000000:1B:00.0"); the CUDA
 // runtime with 4 ("0000:1B:00.0").
 std::string NvmlBusId(const char* cuda_bus_id) {
@@ -102,6 +124,12 @@ class CudaBackend final : public Backend {
     Bind();
     JOULE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
     return absl::OkStatus();
+  }
+  absl::StatusOr<std::unique_ptr<Event>> CreateEvent() override {
+    Bind();
+    cudaEvent_t event = nullptr;
+    JOULE_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+    return std::unique_ptr<Event>(new CudaEvent(event, stream_, spec_.index));
   }
   absl::StatusOr<MemoryInfo> DeviceMemory() override {
     Bind();

@@ -1,29 +1,55 @@
 #include "worker/device/fake_device_backend.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 
+#include "absl/strings/str_cat.h"
 #include "common/status.h"
 
 namespace joule::device {
-namespace {
 
 class FakeGraph final : public Graph {
  public:
-  FakeGraph(std::vector<std::function<absl::Status()>> ops, int64_t* launches)
-      : ops_(std::move(ops)), launches_(launches) {}
-  absl::Status Launch() override {
-    for (const auto& op : ops_) {
-      ++*launches_;
-      RETURN_IF_ERROR(op());
-    }
+  FakeGraph(std::vector<std::function<absl::Status()>> ops, FakeDeviceBackend* backend)
+      : ops_(std::make_shared<const std::vector<std::function<absl::Status()>>>(std::move(ops))),
+        backend_(backend) {}
+  absl::Status Launch() override { return backend_->LaunchRecorded(ops_); }
+
+ private:
+  // Shared with queued replays, which may outlive the graph.
+  std::shared_ptr<const std::vector<std::function<absl::Status()>>> ops_;
+  FakeDeviceBackend* backend_;
+};
+
+// The point in the stream at Record: the ops queued so far.
+class FakeEvent final : public Event {
+ public:
+  explicit FakeEvent(FakeDeviceBackend* backend) : backend_(backend) {}
+  absl::Status Record() override {
+    seq_ = backend_->Enqueued();
     return absl::OkStatus();
+  }
+  absl::Status Wait() override {
+    absl::Status done = backend_->WaitFor(seq_);
+    absl::Status fault = backend_->CountWait();
+    return done.ok() ? fault : done;
   }
 
  private:
-  std::vector<std::function<absl::Status()>> ops_;
-  int64_t* launches_;
+  FakeDeviceBackend* backend_;
+  int64_t seq_ = 0;
 };
+
+namespace {
+
+// Which asynchronous fake owns each live allocation, so freeing one can wait
+// for that backend's stream (Buffer's release takes no context).
+absl::Mutex registry_mu;
+std::map<void*, FakeDeviceBackend*>& Registry() {
+  static auto* registry = new std::map<void*, FakeDeviceBackend*>;
+  return *registry;
+}
 
 // Tokens before the trailing ones whose every choice is expert -1 (padding,
 // which a padded batch always puts last).
@@ -39,6 +65,25 @@ int64_t RealTokens(const int32_t* expert_ids, int64_t tokens, int top_k) {
 
 }  // namespace
 
+FakeDeviceBackend::FakeDeviceBackend(int num_threads, bool asynchronous)
+    : cpu_(num_threads), asynchronous_(asynchronous) {
+  if (asynchronous_) thread_ = std::thread([this] { RunQueue(); });
+}
+
+FakeDeviceBackend::~FakeDeviceBackend() {
+  if (!asynchronous_) return;
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+    cv_.SignalAll();
+  }
+  thread_.join();  // runs what is queued first
+  absl::MutexLock lock(&registry_mu);
+  for (auto& [data, backend] : Registry()) {
+    if (backend == this) backend = nullptr;
+  }
+}
+
 absl::Status FakeDeviceBackend::Launch(Op op) {
   if (capturing_) {
     recording_.push_back(std::move(op));
@@ -46,25 +91,142 @@ absl::Status FakeDeviceBackend::Launch(Op op) {
     return absl::OkStatus();
   }
   ++launches_;
-  return op();
+  if (!asynchronous_) return op();
+  absl::MutexLock lock(&mu_);
+  queue_.push_back(std::move(op));
+  ++enqueued_;
+  cv_.SignalAll();
+  return absl::OkStatus();
 }
 
-absl::Status FakeDeviceBackend::Synchronize() {
+absl::Status FakeDeviceBackend::LaunchRecorded(std::shared_ptr<const std::vector<Op>> ops) {
+  if (!asynchronous_) {
+    for (const Op& op : *ops) {
+      ++launches_;
+      RETURN_IF_ERROR(op());
+    }
+    return absl::OkStatus();
+  }
+  launches_ += static_cast<int64_t>(ops->size()) - 1;  // Launch counts one
+  return Launch([ops] {
+    for (const Op& op : *ops) RETURN_IF_ERROR(op());
+    return absl::OkStatus();
+  });
+}
+
+void FakeDeviceBackend::RunQueue() {
+  for (;;) {
+    Op op;
+    {
+      absl::MutexLock lock(&mu_);
+      while (queue_.empty() && !stopping_) cv_.Wait(&mu_);
+      if (queue_.empty()) return;
+      op = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    absl::Status status = op();
+    absl::MutexLock lock(&mu_);
+    if (!status.ok() && sticky_.ok()) sticky_ = status;
+    ++completed_;
+    cv_.SignalAll();
+  }
+}
+
+int64_t FakeDeviceBackend::Enqueued() {
+  absl::MutexLock lock(&mu_);
+  return enqueued_;
+}
+
+absl::Status FakeDeviceBackend::WaitFor(int64_t seq) {
+  absl::MutexLock lock(&mu_);
+  while (completed_ < seq) cv_.Wait(&mu_);
+  return sticky_;
+}
+
+absl::Status FakeDeviceBackend::CountWait() {
   if (syncs_to_fault_ > 0 && --syncs_to_fault_ == 0) syncs_to_fault_ = -1;
   return syncs_to_fault_ < 0 ? fault_ : absl::OkStatus();
 }
 
+absl::Status FakeDeviceBackend::Synchronize() {
+  absl::Status done = asynchronous_ ? WaitFor(Enqueued()) : absl::OkStatus();
+  absl::Status fault = CountWait();
+  return done.ok() ? fault : done;
+}
+
+absl::StatusOr<std::unique_ptr<Event>> FakeDeviceBackend::CreateEvent() {
+  return std::unique_ptr<Event>(new FakeEvent(this));
+}
+
+bool FakeDeviceBackend::Owns(const void* p, size_t bytes) {
+  const auto start = reinterpret_cast<uintptr_t>(p);
+  absl::MutexLock lock(&mu_);
+  auto it = owned_.upper_bound(start);
+  if (it == owned_.begin()) return false;
+  --it;
+  return start + bytes <= it->first + it->second;
+}
+
+void FakeDeviceBackend::FreeAfterDrain(void* data, MemoryKind) {
+  {
+    absl::MutexLock lock(&registry_mu);
+    auto it = Registry().find(data);
+    if (it != Registry().end()) {
+      if (FakeDeviceBackend* backend = it->second) {
+        backend->WaitFor(backend->Enqueued()).IgnoreError();  // as cudaFree waits
+        absl::MutexLock owned(&backend->mu_);
+        backend->owned_.erase(reinterpret_cast<uintptr_t>(data));
+      }
+      Registry().erase(it);
+    }
+  }
+  std::free(data);
+}
+
 absl::StatusOr<Buffer> FakeDeviceBackend::Allocate(MemoryKind kind, size_t bytes) {
   if (capturing_) return absl::FailedPreconditionError("Allocate during a graph capture");
-  return cpu_.Allocate(kind, bytes);
+  if (!asynchronous_ || kind == MemoryKind::kHost) return cpu_.Allocate(kind, bytes);
+  constexpr size_t kAlign = 64;
+  const size_t rounded = (std::max<size_t>(bytes, 1) + kAlign - 1) / kAlign * kAlign;
+  void* data = std::aligned_alloc(kAlign, rounded);
+  if (data == nullptr) {
+    return absl::ResourceExhaustedError(absl::StrCat("cannot allocate ", bytes, " bytes"));
+  }
+  std::memset(data, 0, rounded);
+  {
+    absl::MutexLock lock(&mu_);
+    owned_[reinterpret_cast<uintptr_t>(data)] = rounded;
+  }
+  absl::MutexLock lock(&registry_mu);
+  Registry()[data] = this;
+  return Buffer(data, bytes, kind, &FreeAfterDrain);
 }
 
 absl::Status FakeDeviceBackend::CopyAsync(void* dst, const void* src, size_t bytes) {
-  return Launch([=] { return cpu_.CopyAsync(dst, src, bytes); });
+  if (!asynchronous_ || bytes == 0 || capturing_) {
+    return Launch([=, this] { return cpu_.CopyAsync(dst, src, bytes); });
+  }
+  if (!Owns(dst, bytes)) {  // into pageable host memory: the call waits and copies
+    RETURN_IF_ERROR(WaitFor(Enqueued()));
+    std::memmove(dst, src, bytes);
+    return absl::OkStatus();
+  }
+  if (!Owns(src, bytes)) {  // from pageable host memory: the source is taken now
+    auto taken = std::make_shared<std::vector<std::byte>>(
+        static_cast<const std::byte*>(src), static_cast<const std::byte*>(src) + bytes);
+    return Launch([dst, taken] {
+      std::memcpy(dst, taken->data(), taken->size());
+      return absl::OkStatus();
+    });
+  }
+  return Launch([=] {
+    std::memmove(dst, src, bytes);
+    return absl::OkStatus();
+  });
 }
 
 absl::Status FakeDeviceBackend::Zero(void* dst, size_t bytes) {
-  return Launch([=] { return cpu_.Zero(dst, bytes); });
+  return Launch([=, this] { return cpu_.Zero(dst, bytes); });
 }
 
 absl::Status FakeDeviceBackend::BeginCapture() {
@@ -77,7 +239,7 @@ absl::Status FakeDeviceBackend::BeginCapture() {
 absl::StatusOr<std::unique_ptr<Graph>> FakeDeviceBackend::EndCapture() {
   if (!capturing_) return absl::FailedPreconditionError("no capture is open");
   capturing_ = false;
-  return std::unique_ptr<Graph>(new FakeGraph(std::move(recording_), &launches_));
+  return std::unique_ptr<Graph>(new FakeGraph(std::move(recording_), this));
 }
 
 absl::Status FakeDeviceBackend::Gemm(const kernels::GemmParams& p) {

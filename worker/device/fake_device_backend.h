@@ -8,11 +8,28 @@
 // router's valid_tokens, expert id -1 left out of the layout and the
 // un-permute, zero attention for a sequence with no context). The kernels are
 // the CPU's, so every row's result has the CPU backend's bits.
+//
+// Asynchronous (the second constructor argument), it is a stream as a GPU's
+// is: launches and copies run in order on the backend's own thread while the
+// caller goes on, so host code that reads results, reuses memory or publishes
+// rows to peers before waiting (Synchronize, an Event) sees stale data or
+// races, as it would on a GPU. Copies follow
+// cudaMemcpyAsync: from host memory the backend did not allocate (pageable)
+// the source is taken at the call; into such memory the call waits for the
+// stream and copies before it returns; between the backend's own memory
+// (device, pinned) it runs in stream order. Freeing a buffer waits for the
+// stream first, as cudaFree does.
 #pragma once
 
+#include <cstdint>
+#include <deque>
 #include <functional>
+#include <map>
 #include <memory>
+#include <thread>
 #include <vector>
+
+#include "absl/synchronization/mutex.h"
 
 #include "worker/device/backend.h"
 #include "worker/device/cpu_backend.h"
@@ -21,7 +38,8 @@ namespace joule::device {
 
 class FakeDeviceBackend final : public Backend {
  public:
-  explicit FakeDeviceBackend(int num_threads) : cpu_(num_threads) {}
+  explicit FakeDeviceBackend(int num_threads, bool asynchronous = false);
+  ~FakeDeviceBackend() override;
 
   const DeviceSpec& spec() const override { return cpu_.spec(); }
   std::string Describe() const override { return "fake device on " + cpu_.Describe(); }
@@ -35,6 +53,7 @@ class FakeDeviceBackend final : public Backend {
   absl::Status Zero(void* dst, size_t bytes) override;
   // Fails (from the injected fault on, as a faulted CUDA context does).
   absl::Status Synchronize() override;
+  absl::StatusOr<std::unique_ptr<Event>> CreateEvent() override;
   absl::StatusOr<MemoryInfo> DeviceMemory() override { return cpu_.DeviceMemory(); }
 
   size_t GemmWorkspaceBytes(int64_t, int64_t) const override { return 0; }
@@ -67,7 +86,7 @@ class FakeDeviceBackend final : public Backend {
   int64_t launches() const { return launches_; }
 
   // A fault inside a kernel, as a GPU reports it: the `after`-th Synchronize
-  // from now (1: the next) and every later one return `fault`.
+  // or event Wait from now (1: the next) and every later one return `fault`.
   void InjectFault(int64_t after, absl::Status fault) {
     syncs_to_fault_ = after;
     fault_ = std::move(fault);
@@ -76,10 +95,35 @@ class FakeDeviceBackend final : public Backend {
 
  private:
   using Op = std::function<absl::Status()>;
-  // Runs `op` now, or records it while a capture is open.
+  friend class FakeEvent;
+  friend class FakeGraph;
+  // Runs `op` now (queues it when asynchronous), or records it while a
+  // capture is open.
   absl::Status Launch(Op op);
+  // Replays a graph's ops as one launch, each counted.
+  absl::Status LaunchRecorded(std::shared_ptr<const std::vector<Op>> ops);
+  // Asynchronous: ops queued so far; waiting until `seq` of them ran; the
+  // first failure of a queued op (sticky, as a CUDA context's).
+  int64_t Enqueued();
+  absl::Status WaitFor(int64_t seq);
+  void RunQueue();
+  // Counts one wait against an injected fault.
+  absl::Status CountWait();
+  // Whether [p, p + bytes) lies in memory this backend allocated.
+  bool Owns(const void* p, size_t bytes);
+  static void FreeAfterDrain(void* data, MemoryKind kind);
 
   CpuBackend cpu_;
+  const bool asynchronous_;
+  absl::Mutex mu_;
+  absl::CondVar cv_;
+  std::deque<Op> queue_ ABSL_GUARDED_BY(mu_);
+  int64_t enqueued_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t completed_ ABSL_GUARDED_BY(mu_) = 0;
+  absl::Status sticky_ ABSL_GUARDED_BY(mu_);
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::map<uintptr_t, size_t> owned_ ABSL_GUARDED_BY(mu_);  // start -> bytes
+  std::thread thread_;
   bool capturing_ = false;
   std::vector<Op> recording_;
   int64_t launches_ = 0;

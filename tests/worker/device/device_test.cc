@@ -4,6 +4,7 @@
 // GPU that is not there.
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -222,6 +223,88 @@ TEST(BackendSeamTest, ReduceRowsGivesTheCpuBackendsBitsOnTheFakeDevice) {
 // Without a usable GPU (this CI host) asking for one is a clear error, not a
 // crash or a silent CPU fallback; on a GPU host, an ordinal past the last
 // device names how many there are.
+// An event on a backend whose launches run to completion (the CPU; the fake
+// device) waits by Synchronize: a fault inside earlier work surfaces at Wait.
+TEST(EventTest, TheDefaultEventWaitsBySynchronizingAndReportsFaults) {
+  CpuBackend cpu(1);
+  absl::StatusOr<std::unique_ptr<Event>> event = cpu.CreateEvent();
+  ASSERT_TRUE(event.ok()) << event.status();
+  EXPECT_TRUE((*event)->Record().ok());
+  EXPECT_TRUE((*event)->Wait().ok());
+  FakeDeviceBackend fake(1);
+  absl::StatusOr<std::unique_ptr<Event>> faulty = fake.CreateEvent();
+  ASSERT_TRUE(faulty.ok()) << faulty.status();
+  fake.InjectFault(1, absl::InternalError("cuda:0: an illegal memory access"));
+  ASSERT_TRUE((*faulty)->Record().ok());
+  EXPECT_THAT(std::string((*faulty)->Wait().message()), HasSubstr("illegal memory access"));
+}
+
+// The asynchronous fake device is a stream: launches run on its own thread
+// in order, an event waits for what was launched before its Record, a copy
+// from pageable host memory takes the source at the call (cudaMemcpyAsync's
+// rule), and a failing launch fails the next wait, and every later one.
+TEST(EventTest, TheAsynchronousFakeDeviceRunsInStreamOrder) {
+  FakeDeviceBackend fake(1, /*asynchronous=*/true);
+  const size_t n = 1 << 16;
+  absl::StatusOr<Buffer> dev = fake.Allocate(MemoryKind::kDevice, n * sizeof(float));
+  absl::StatusOr<Buffer> pinned = fake.Allocate(MemoryKind::kPinned, n * sizeof(float));
+  ASSERT_TRUE(dev.ok() && pinned.ok());
+  std::vector<float> src(n, 1.0f);
+  absl::StatusOr<std::unique_ptr<Event>> event = fake.CreateEvent();
+  ASSERT_TRUE(event.ok());
+  for (int round = 0; round < 20; ++round) {
+    ASSERT_TRUE(fake.CopyAsync(dev->data(), src.data(), n * sizeof(float)).ok());
+    src.assign(n, 2.0f);  // after the call: the copy has the 1s
+    ASSERT_TRUE(fake.Add({.y = dev->as<float>(), .x = dev->as<float>(), .n = int64_t(n)}).ok());
+    ASSERT_TRUE(fake.CopyAsync(pinned->data(), dev->data(), n * sizeof(float)).ok());
+    ASSERT_TRUE((*event)->Record().ok());
+    ASSERT_TRUE(fake.Zero(dev->data(), n * sizeof(float)).ok());  // later work
+    ASSERT_TRUE((*event)->Wait().ok());
+    EXPECT_EQ(pinned->as<float>()[n - 1], 2.0f) << "round " << round;  // 1 + 1
+    ASSERT_TRUE(fake.Synchronize().ok());
+    EXPECT_EQ(dev->as<float>()[0], 0.0f);
+    src.assign(n, 1.0f);
+  }
+  std::vector<float> back(n, -1.0f);  // into pageable memory: done when the call returns
+  ASSERT_TRUE(fake.CopyAsync(back.data(), pinned->data(), n * sizeof(float)).ok());
+  EXPECT_EQ(back[0], 2.0f);
+  // A BF16 KV cache write fails inside the (CPU) kernel: at the next wait, and every later one.
+  ASSERT_TRUE(fake.KvCacheWrite({.cache_type = kernels::DType::kBF16}).ok());
+  EXPECT_THAT(std::string(fake.Synchronize().message()), HasSubstr("KV cache"));
+  EXPECT_FALSE(fake.Synchronize().ok());
+}
+
+// A CUDA event waits for the copies launched before its Record (skips
+// without a GPU; tests/gpu/run.sh runs this binary on one with
+// JOULE_REQUIRE_GPU=1, which turns the skip into a failure).
+TEST(EventTest, ACudaEventWaitsForTheWorkRecordedBeforeIt) {
+  absl::StatusOr<std::unique_ptr<Backend>> cuda = CreateBackend({.kind = DeviceKind::kCuda});
+  if (!cuda.ok()) {
+    const char* require = std::getenv("JOULE_REQUIRE_GPU");
+    if (require != nullptr && std::string(require) == "1") FAIL() << cuda.status();
+    GTEST_SKIP() << cuda.status();
+  }
+  Backend& gpu = **cuda;
+  const size_t n = size_t{16} << 20;  // floats: long enough that the copies are still running
+  std::vector<float> src(n);
+  for (size_t i = 0; i < n; ++i) src[i] = static_cast<float>(i % 1000);
+  absl::StatusOr<Buffer> dev = gpu.Allocate(MemoryKind::kDevice, n * sizeof(float));
+  absl::StatusOr<Buffer> back = gpu.Allocate(MemoryKind::kPinned, n * sizeof(float));
+  ASSERT_TRUE(dev.ok() && back.ok());
+  absl::StatusOr<std::unique_ptr<Event>> first = gpu.CreateEvent();
+  absl::StatusOr<std::unique_ptr<Event>> second = gpu.CreateEvent();
+  ASSERT_TRUE(first.ok() && second.ok());
+  ASSERT_TRUE(gpu.CopyAsync(dev->data(), src.data(), n * sizeof(float)).ok());
+  ASSERT_TRUE(gpu.CopyAsync(back->data(), dev->data(), n * sizeof(float)).ok());
+  ASSERT_TRUE((*first)->Record().ok());
+  ASSERT_TRUE(gpu.Zero(dev->data(), n * sizeof(float)).ok());  // later work
+  ASSERT_TRUE((*second)->Record().ok());
+  ASSERT_TRUE((*first)->Wait().ok());
+  EXPECT_EQ(std::memcmp(back->data(), src.data(), n * sizeof(float)), 0);
+  ASSERT_TRUE((*second)->Wait().ok());
+  ASSERT_TRUE(gpu.Synchronize().ok());
+}
+
 TEST(CreateBackendTest, AGpuThatIsNotThereIsAClearError) {
   for (int ordinal : {0, 7}) {
     absl::StatusOr<std::unique_ptr<Backend>> backend =

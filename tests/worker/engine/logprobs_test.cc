@@ -174,7 +174,9 @@ TEST_F(LogprobsTest, EachTokensLogprobIsTheLogSoftmaxOfTheModelsLogits) {
         EXPECT_EQ(lp.top[k].token, order[k]) << "request " << id << " token " << i << " rank " << k;
         EXPECT_NEAR(lp.top[k].logprob, want[order[k]], 1e-5);
       }
-      if (params[id].temperature == 0.0f) EXPECT_EQ(lp.top[0].token, lp.token) << "greedy";
+      if (params[id].temperature == 0.0f) {
+        EXPECT_EQ(lp.top[0].token, lp.token) << "greedy";
+      }
     }
   }
 }
@@ -295,10 +297,14 @@ TEST_F(LogprobsTest, PreemptionAndFailedStepsChangeNoLogprobAndThePromptsComeOnc
     int preemptions = 0;
     for (const auto& [id, other] : got) preemptions += other.preemptions;
     EXPECT_GT(preemptions, 0) << "the cache was meant to be too small";
-    if (k.name != "failing steps") EXPECT_GT(g.preemptions, 0);
+    if (k.name != "failing steps") {
+      EXPECT_GT(g.preemptions, 0);
+    }
     ExpectSameLogprobs(g.prompt, alone.prompt, "prompt");
     ExpectSameLogprobs(g.logprobs, alone.logprobs, "tokens");
-    if (k.name == "failing steps") EXPECT_GT(failed, 2);
+    if (k.name == "failing steps") {
+      EXPECT_GT(failed, 2);
+    }
   }
 }
 

@@ -38,7 +38,8 @@ std::unique_ptr<Model> OnFakeDevice(const std::string& name, bool graphs,
                                     device::FakeDeviceBackend** backend = nullptr) {
   auto weights = ModelWeights::Load(testing::TinyModelDir(name));
   EXPECT_TRUE(weights.ok()) << weights.status();
-  auto fake = std::make_unique<device::FakeDeviceBackend>(2);
+  // Asynchronous: launches run on the fake device's thread, as on a GPU's stream.
+  auto fake = std::make_unique<device::FakeDeviceBackend>(2, /*asynchronous=*/true);
   if (backend != nullptr) *backend = fake.get();
   auto model = Model::Create(*std::move(weights), std::move(fake), graphs);
   EXPECT_TRUE(model.ok()) << model.status();

@@ -223,7 +223,9 @@ void ExpectEntryNear(const TokenLogprob& got, int32_t want_token, const std::vec
     EXPECT_NEAR(alt.logprob, want[alt.token], tolerance) << where << " alternative " << k;
     // The k-th most likely token, unless another is within the tolerance of it.
     EXPECT_GE(want[alt.token], sorted[k] - 2 * tolerance) << where << " alternative " << k;
-    if (k > 0) EXPECT_GE(got.top[k - 1].logprob, alt.logprob) << where << " alternative " << k;
+    if (k > 0) {
+      EXPECT_GE(got.top[k - 1].logprob, alt.logprob) << where << " alternative " << k;
+    }
   }
 }
 

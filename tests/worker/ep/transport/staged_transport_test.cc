@@ -93,7 +93,7 @@ std::vector<StagedRank> MakeRanks(InProcessGroup& group, const HostRanges* host 
   std::vector<StagedRank> ranks;
   for (int r = 0; r < group.world_size(); ++r) {
     StagedRank rank;
-    rank.backend = std::make_unique<device::FakeDeviceBackend>(1);
+    rank.backend = std::make_unique<device::FakeDeviceBackend>(1, /*asynchronous=*/true);
     rank.transport = std::make_unique<StagedTransport>(
         std::make_unique<PretendDeviceTransport>(group.Rank(r), host), rank.backend.get());
     ranks.push_back(std::move(rank));
