@@ -104,6 +104,7 @@ using joule::ep::ExpertParallelExecutor;
   X(int, moe_intermediate, 8, "moe_intermediate_size (tiny, to keep the expert GEMMs small)") \
   X(int, threads, 1, "CPU threads of each rank's executor")                                \
   X(bool, shared_windows, true, "write rows into peers' shared windows where the transport maps them (else all-to-all-v)") \
+  X(bool, two_batch_overlap, false, "each Run as two micro-batches whose phases interleave (device path)") \
   X(int, max_iters, 200, "most timed Runs per point (at least 3)")                         \
   X(double, target_seconds, 0.25, "timed Runs per point are sized to about this long")     \
   X(double, mem_fraction, 0.6, "skip points whose buffers need more of the free memory")
@@ -223,7 +224,8 @@ const char* Bool(bool b) { return b ? "true" : "false"; }
 // This rank's device for --device: null for cpu (the host path).
 absl::StatusOr<std::unique_ptr<device::Backend>> CreateDevice(const std::string& name,
                                                               int threads) {
-  if (name == "fake") return std::make_unique<device::FakeDeviceBackend>(threads);
+  // Asynchronous, as a GPU's stream: the host waits only where the executor does.
+  if (name == "fake") return std::make_unique<device::FakeDeviceBackend>(threads, true);
   ASSIGN_OR_RETURN(const device::DeviceSpec spec, device::ParseDeviceSpec(name));
   if (!spec.is_cuda()) return std::unique_ptr<device::Backend>();
   return device::CreateBackend(spec);
@@ -255,10 +257,12 @@ void PrintHead(const Rank& r, int hidden, int tokens) {
   const Args& a = r.args;
   std::fprintf(r.out,
                "{\"impl\":\"joule-ep-executor\",\"device\":\"%s\",\"tls\":\"%s\","
-               "\"peer_errors\":%s,\"recv_thread\":%s,\"shared_windows\":%s,\"ep\":%d,"
+               "\"peer_errors\":%s,\"recv_thread\":%s,\"shared_windows\":%s,"
+               "\"two_batch_overlap\":%s,\"ep\":%d,"
                "\"hidden\":%d,\"tokens\":%d,\"top_k\":%d",
                a.device.c_str(), r.tls.c_str(), Bool(a.peer_errors), Bool(a.recv_thread),
-               Bool(a.shared_windows), a.world, hidden, tokens, a.top_k);
+               Bool(a.shared_windows), Bool(a.two_batch_overlap), a.world, hidden, tokens,
+               a.top_k);
 }
 
 // True (on every rank) when the point's buffers would need more than
@@ -548,6 +552,7 @@ void RunHidden(Rank& r, int hidden, const std::vector<int>& token_counts) {
   ExpertParallelExecutor ex(weights->get(), &r.transport, pl, r.stream,
                             {.payload = joule::ep::PayloadType::kBF16,
                              .shared_windows = a.shared_windows,
+                             .two_batch_overlap = a.two_batch_overlap,
                              .device = {.backend = r.backend}});
   for (int tokens : token_counts) {
     if (!SkipPoint(r, hidden, tokens)) RunPoint(r, ex, hidden, tokens);

@@ -133,6 +133,18 @@ def join(raw):
     return rows, skipped, list(memcpy.values())
 
 
+def two_batch_overlap(raw):
+    """EP 2 with real expert work, one batch per Run against two overlapped
+    micro-batches: per point the Run time of each and two / one (< 1: it pays)."""
+    one = {j["tokens"]: j for j in load(os.path.join(raw, "joule-tbo-one.jsonl")) if "skipped" not in j}
+    two = {j["tokens"]: j for j in load(os.path.join(raw, "joule-tbo-two.jsonl")) if "skipped" not in j}
+    return [{"ep": one[t]["ep"], "hidden": one[t]["hidden"], "tokens": t,
+             "moe_intermediate": one[t].get("moe_intermediate"),
+             "one_batch_run_us": one[t]["run_us_median"], "two_batches_run_us": two[t]["run_us_median"],
+             "two_over_one": ratio(two[t]["run_us_median"], one[t]["run_us_median"])}
+            for t in sorted(set(one) & set(two))]
+
+
 def fmt(x, spec=".2f"):
     return "-" if x is None else format(x, spec)
 
@@ -184,6 +196,17 @@ def markdown(res):
               f"GB/s, combine {d['intranode_ep8']['combine_GBps']} GB/s (NVLink bottleneck "
               "bandwidth). Those move rows between 8 GPUs over NVLink; here every rank shares "
               "one GPU, so a row's move is a write within its HBM, which cudaMemcpy bounds."]
+    lines += ["", "Two-batch overlap (each Run as two micro-batches whose exchanges wait while "
+              "the other's experts run, ExpertParallelOptions::two_batch_overlap), EP 2 on the "
+              "same GPU, experts with real work: median Run time, slowest rank.", "",
+              "| EP | hidden | moe_intermediate | tokens/rank | one batch Run us | two batches Run us "
+              "| two / one |", "|---|---|---|---|---|---|---|"]
+    for t in res["two_batch_overlap"]:
+        lines.append(f"| {t['ep']} | {t['hidden']} | {t['moe_intermediate']} | {t['tokens']} | "
+                     f"{t['one_batch_run_us']:.1f} | {t['two_batches_run_us']:.1f} | "
+                     f"{fmt(t['two_over_one'])} |")
+    if not res["two_batch_overlap"]:
+        lines.append("| (not measured) |" + " |" * 6)
     if res["failures"]:
         lines += ["", "Failures: " + "; ".join(res["failures"])]
     return "\n".join(lines) + "\n"
@@ -199,7 +222,8 @@ def main():
     res = {"date": datetime.date.today().isoformat(), "command": command, "machine": machine(raw),
            "aim": f"bandwidth >= {AIM}x cudaMemcpyAsync D2D on the same GPU",
            "definitions": DEFINITIONS, "rows": rows, "skipped": skipped, "memcpy": memcpy,
-           "deepep_published": DEEPEP, "failures": sorted(set(failures))}
+           "deepep_published": DEEPEP, "two_batch_overlap": two_batch_overlap(raw),
+           "failures": sorted(set(failures))}
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "dispatch_combine-gpu.json"), "w") as f:
         json.dump(res, f, indent=1)

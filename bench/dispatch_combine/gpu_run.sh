@@ -5,7 +5,10 @@
 #     (counts, router choices, barriers) over UCX shared memory in host memory; hidden 7168,
 #     top-8 of 64 experts, 128 and 4096 tokens per rank;
 #   * cudaMemcpyAsync device-to-device on the same GPU at the same payload sizes
-#     (joule-memcpy-bench), after the ranks are done.
+#     (joule-memcpy-bench), after the ranks are done;
+#   * two-batch overlap: EP 2 with experts that do real work (moe_intermediate TBO_INTERMEDIATE,
+#     default 256), each Run as one batch and then as two overlapped micro-batches
+#     (--two-batch-overlap), the same points: the Run time of each and their ratio.
 # Writes OUT/dispatch_combine-gpu.{json,md} (gpu_report.py): the GPU, per point the dispatch and
 # combine latency, bandwidth and its ratio to cudaMemcpy, and the row path each rank logged;
 # raw JSON lines and rank logs in OUT/dispatch_combine-gpu-raw/. Exit status 1 when a
@@ -59,15 +62,17 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,pci.bus_id --format=csv,
   -i "$index" > "$raw/nvidia-smi.csv" 2>&1 || fail "nvidia-smi: $(cat "$raw/nvidia-smi.csv")"
 
 export UCX_TLS=shm,self UCX_WARN_UNUSED_ENV_VARS=n JOULE_LOG_LEVEL=info
-# One EP size: EP rank processes on $device, the file rendezvous in a fresh directory.
+# ep_run EP NAME [FLAGS]: EP rank processes on $device, the file rendezvous in a fresh
+# directory; rank 0's lines in $raw/joule-NAME.jsonl, every rank's log in $raw/NAME-rankR.log.
 ep_run() {
-  local ep=$1 dir pids=() rc=0 r
+  local ep=$1 name=$2 dir pids=() rc=0 r
+  shift 2
   dir=$(mktemp -d)
   for ((r = 0; r < ep; r++)); do
     LD_LIBRARY_PATH=$JOULE_GPU_LD timeout -k 5 100 "$bin/joule-dispatch-combine-bench" \
       --rank "$r" --world "$ep" --dir "$dir" --device "$device" --hidden "$hidden" \
       --tokens "$tokens" --top-k 8 --experts 64 --target-seconds 1 --max-iters 500 \
-      --out "$raw/joule-ep$ep.jsonl" 2> "$raw/ep$ep-rank$r.log" &
+      --out "$raw/joule-$name.jsonl" "$@" 2> "$raw/$name-rank$r.log" &
     pids+=($!)
   done
   for r in "${pids[@]}"; do wait "$r" || rc=$?; done
@@ -77,8 +82,15 @@ ep_run() {
 if [ -x "$bin/joule-dispatch-combine-bench" ]; then
   for ep in $eps; do
     echo "EP $ep on $device: hidden $hidden, tokens per rank $tokens ($(date +%T))"
-    ep_run "$ep" || fail "EP $ep (exit $?): $(tail -n 3 "$raw"/ep"$ep"-rank*.log | tr '\n' ' ')"
+    ep_run "$ep" "ep$ep" || fail "EP $ep (exit $?): $(tail -n 3 "$raw"/ep"$ep"-rank*.log | tr '\n' ' ')"
     grep -h "rows through\|dispatch/combine" "$raw"/ep"$ep"-rank*.log
+  done
+  for mode in one two; do
+    echo "Two-batch overlap: EP 2, moe_intermediate ${TBO_INTERMEDIATE:-256}, $mode batch(es) per Run ($(date +%T))"
+    flags=(--moe-intermediate "${TBO_INTERMEDIATE:-256}")
+    [ "$mode" = one ] || flags+=(--two-batch-overlap)
+    ep_run 2 "tbo-$mode" "${flags[@]}" ||
+      fail "two-batch overlap, $mode (exit $?): $(tail -n 3 "$raw"/tbo-"$mode"-rank*.log | tr '\n' ' ')"
   done
 fi
 if [ -x "$bin/joule-memcpy-bench" ]; then

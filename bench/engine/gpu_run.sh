@@ -10,14 +10,15 @@
 #     bandwidth measured in this run (bytes read + written; hf_bench.py's docstring).
 #   * a whole GPU cluster under joule-bench (HTTP API, fcfs, one tier): the qwen3_moe mini with
 #     EP 2 on this one GPU (two workers sharing it, rows through CUDA IPC windows) against EP 1
-#     on the same GPU, the same open-loop load (--cluster-rate req/s, 128-token prompts, 64
-#     output tokens): output tokens/s, time per output token, TTFT, tokens per joule of the GPU.
+#     on the same GPU, and EP 2 with two-batch overlap (--two-batch-overlap) against EP 2, the
+#     same open-loop load (--cluster-rate req/s, 128-token prompts, 64 output tokens): output
+#     tokens/s, time per output token, TTFT, tokens per joule of the GPU.
 # Writes OUT/engine-<model>.{json,md} with the ratios (bench/engine/report.py, as run.sh does
 # on the CPU), OUT/cluster-<model>-ep2-vs-ep1.{json,md} (joule-bench's runs beside them:
-# OUT/<model>.cluster-epN.{json,csv}, cluster logs in OUT/<model>.cluster-epN.logs/) and
+# OUT/<model>.cluster-{ep1,ep2,ep2-tbo}.{json,csv}, cluster logs in .logs/ beside them) and
 # OUT/gpu.json, and prints the tables. Exit status 1 when any measurement failed: the tables
 # still show what ran. Takes about 3 minutes (most of it loading the Qwen3-shape checkpoint into
-# transformers), plus about 80 s for the cluster runs.
+# transformers), plus about 2 minutes for the three cluster runs.
 #
 #   bench/engine/gpu_run.sh [--out DIR] [--models DIR] [--device cuda:0] [--layers 4]
 #                           [--bin DIR] [--skip-qwen3-shape] [--skip-cluster] [--cluster-rate 32]
@@ -125,27 +126,30 @@ bench() {
     fail "$name: report.py"
 }
 
-# cluster_bench NAME: a whole cluster on $models/NAME under joule-bench, EP 1 then EP 2 on this
-# one GPU (bench/energy/gpu_cluster.sh: fcfs, a fixed KV cache per worker, NVML on the GPU), the
-# same seeded open-loop load for both; then OUT/cluster-NAME-ep2-vs-ep1.{json,md}. Both workers
-# of EP 2 meter the same GPU: joule-bench reads rank 0's counter only (the whole GPU).
+# cluster_bench NAME: a whole cluster on $models/NAME under joule-bench, EP 1, EP 2, then EP 2
+# with two-batch overlap (--two-batch-overlap) on this one GPU (bench/energy/gpu_cluster.sh:
+# fcfs, a fixed KV cache per worker, NVML on the GPU), the same seeded open-loop load for all;
+# then OUT/cluster-NAME-ep2-vs-ep1.{json,md}. Both workers of EP 2 meter the same GPU:
+# joule-bench reads rank 0's counter only (the whole GPU).
 cluster_duration=20 cluster_warmup=5
 cluster_bench() {
-  local name=$1 ep pid rc run_dir rows=""
+  local name=$1 ep run pid rc run_dir rows="" extra
   # The same seeded open-loop load for both clusters (joule-bench's flags; the URLs are each run's).
   local load=(--model "$name" --rate "$cluster_rate" --duration-s "$cluster_duration"
               --warmup-s "$cluster_warmup" --idle-s 0 --tier-mix standard=1 --prompt-len fixed:128
               --output-len fixed:64 --ignore-eos --seed 1)
-  for ep in 1 2; do
-    run_dir=$out/$name.cluster-ep$ep.logs
-    rm -rf "$run_dir" "$out/$name.cluster-ep$ep".{json,csv}
+  for run in ep1 ep2 ep2-tbo; do
+    ep=${run#ep} ep=${ep%-tbo} extra=()
+    [ "$run" = ep2-tbo ] && extra=(-- --two-batch-overlap)
+    run_dir=$out/$name.cluster-$run.logs
+    rm -rf "$run_dir" "$out/$name.cluster-$run".{json,csv}
     mkdir -p "$run_dir"
     echo
-    echo "----- $name: GPU cluster, EP $ep on $device under joule-bench ($(date +%T))"
+    echo "----- $name: GPU cluster, EP $ep${extra:+ ${extra[*]:1}} on $device under joule-bench ($(date +%T))"
     # Its own session: stopping it signals the coordinator and every worker at once.
     setsid "$root/bench/energy/gpu_cluster.sh" --build "$cluster_build" --model "$models/$name" \
       --workers "$ep" --device "$device" --port 0 --metrics-port 0 --policy fcfs --kv-cache-mb 2048 \
-      --run-dir "$run_dir" >/dev/null 2>"$run_dir/gpu_cluster.log" &
+      --run-dir "$run_dir" "${extra[@]}" >/dev/null 2>"$run_dir/gpu_cluster.log" &
     pid=$!
     for _ in $(seq 1 360); do
       [ -f "$run_dir/ready" ] && break
@@ -154,17 +158,17 @@ cluster_bench() {
     done
     if [ ! -f "$run_dir/ready" ]; then
       tail -8 "$run_dir/gpu_cluster.log"
-      fail "$name: the EP $ep cluster did not become ready (logs: $run_dir)"
+      fail "$name: the $run cluster did not become ready (logs: $run_dir)"
       kill -TERM -- "-$pid" 2>/dev/null; wait "$pid" 2>/dev/null
       continue
     fi
     echo "joule-bench ${load[*]} (rank 0's /metrics: the GPU's NVML counter)"
     LD_LIBRARY_PATH=$JOULE_GPU_LD timeout 120 "$load_bin" --url "http://127.0.0.1:$(cat "$run_dir/http_port")" \
-      --metrics-urls "http://127.0.0.1:$(cat "$run_dir/metrics_port.0")/metrics" --label "ep$ep" \
-      --progress-s 5 "${load[@]}" --out "$out/$name.cluster-ep$ep" >/dev/null
+      --metrics-urls "http://127.0.0.1:$(cat "$run_dir/metrics_port.0")/metrics" --label "$run" \
+      --progress-s 5 "${load[@]}" --out "$out/$name.cluster-$run" >/dev/null
     rc=$?
-    [ $rc -eq 0 ] || fail "$name: $(exit_note "joule-bench (EP $ep)" $rc)"
-    [ "$ep" = 1 ] || rows=$(grep -ho 'rows through [a-z -]*[a-z]' "$run_dir"/worker*.log | sort | uniq -c |
+    [ $rc -eq 0 ] || fail "$name: $(exit_note "joule-bench ($run)" $rc)"
+    [ "$run" != ep2 ] || rows=$(grep -ho 'rows through [a-z -]*[a-z]' "$run_dir"/worker*.log | sort | uniq -c |
       sed 's/^ *\([0-9]*\) /\1 ranks: /' | paste -sd';' -)
     kill -TERM -- "-$pid" 2>/dev/null
     wait "$pid" 2>/dev/null
@@ -173,8 +177,8 @@ cluster_bench() {
     "$rows" "joule-bench ${load[*]}" <<'PY' || fail "$name: the cluster report"
 import datetime, json, os, sys
 out, name, device, rate, rows, load = sys.argv[1:7]
-def run(ep):
-    path = os.path.join(out, f"{name}.cluster-ep{ep}.json")
+def run(label):
+    path = os.path.join(out, f"{name}.cluster-{label}.json")
     if not os.path.exists(path):
         return None
     doc = json.load(open(path))
@@ -185,18 +189,21 @@ def run(ep):
             "ttft_p50_ms": a.get("ttft_ms", {}).get("p50"), "ttft_p99_ms": a.get("ttft_ms", {}).get("p99"),
             "tokens_per_joule": a.get("tokens_per_joule"),
             "energy_source": doc.get("energy", {}).get("source")}
-ep1, ep2 = run(1), run(2)
-def ratio(key):
-    a, b = (ep2 or {}).get(key), (ep1 or {}).get(key)
+ep1, ep2, tbo = run("ep1"), run("ep2"), run("ep2-tbo")
+def ratio(key, top, bottom):
+    a, b = (top or {}).get(key), (bottom or {}).get(key)
     return a / b if a and b else None
-ratios = {k: ratio(k) for k in ("throughput_tok_s", "mean_tpot_ms", "ttft_p50_ms", "tokens_per_joule")}
+keys = ("throughput_tok_s", "mean_tpot_ms", "ttft_p50_ms", "tokens_per_joule")
+ratios = {k: ratio(k, ep2, ep1) for k in keys}
+tbo_ratios = {k: ratio(k, tbo, ep2) for k in keys}
 gpu = {}
 if os.path.exists(os.path.join(out, "gpu.json")):
     gpu = json.load(open(os.path.join(out, "gpu.json")))
 doc = {"meta": {"date": datetime.datetime.now().isoformat(timespec="seconds"),
                 "command": os.environ.get("JOULE_BENCH_COMMAND", ""), "load": load, "device": device,
                 "gpu": gpu, "model": name, "rate": float(rate), "ep2_row_path": rows},
-       "ep1": ep1, "ep2": ep2, "ep2_over_ep1": ratios}
+       "ep1": ep1, "ep2": ep2, "ep2_over_ep1": ratios, "ep2_two_batch_overlap": tbo,
+       "tbo_over_ep2": tbo_ratios}
 base = os.path.join(out, f"cluster-{name}-ep2-vs-ep1")
 json.dump(doc, open(base + ".json", "w"), indent=2)
 def f(v, spec=".1f"):
@@ -214,11 +221,15 @@ md = [f"# A GPU cluster under joule-bench: {name}, EP 2 against EP 1 on one GPU"
       "idle power included.", "",
       "| cluster | completed / requests | output tokens/s | mean TPOT ms | TPOT p50 / p99 ms | TTFT p50 / p99 ms | tokens/J |",
       "|---|---|---|---|---|---|---|", line("EP 1", ep1), line("EP 2", ep2),
-      f"| EP 2 / EP 1 | | {f(ratios['throughput_tok_s'], '.2f')}x | {f(ratios['mean_tpot_ms'], '.2f')}x | "
-      f"| {f(ratios['ttft_p50_ms'], '.2f')}x (p50) | {f(ratios['tokens_per_joule'], '.2f')}x |", ""]
+      line("EP 2, two-batch overlap", tbo)]
+def ratio_line(label, r):
+    return (f"| {label} | | {f(r['throughput_tok_s'], '.2f')}x | {f(r['mean_tpot_ms'], '.2f')}x | "
+            f"| {f(r['ttft_p50_ms'], '.2f')}x (p50) | {f(r['tokens_per_joule'], '.2f')}x |")
+md += [ratio_line("EP 2 / EP 1", ratios), ratio_line("two-batch overlap / EP 2", tbo_ratios), "",
+       "Two-batch overlap stays (and becomes the default) only if its row beats EP 2's here.", ""]
 open(base + ".md", "w").write("\n".join(md))
 print("\n".join(md))
-if not ep1 or not ep2 or ep1["errors"] or ep2["errors"]:
+if any(r is None or r["errors"] for r in (ep1, ep2, tbo)):
     sys.exit("a cluster run failed or had errors")
 PY
 }

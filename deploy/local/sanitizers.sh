@@ -29,9 +29,12 @@ JOULE_ASAN_TARGETS=(
 # ReceiveThreadTakesTheReceives compares two threads' CPU time, which the slowdown upsets.
 JOULE_ASAN_EXCLUDE='_NOT_BUILT|LongRunsStayFast|ReceiveThreadTakesTheReceives'
 
-# ThreadSanitizer (preset tsan): transports, router, HTTP server, scheduler.
+# ThreadSanitizer (preset tsan): transports, router, HTTP server, scheduler, and
+# the device path of expert parallelism on the asynchronous fake device (its
+# launches on a thread of their own, as on a GPU's stream: a missing wait shows as
+# wrong results or a race).
 JOULE_TSAN_TARGETS=(
-  inproc_transport_test ucx_transport_test
+  inproc_transport_test ucx_transport_test device_test dispatch_combine_test
   router_test coordinator_grpc_test
   openai_server_test openai_api_test
   scheduler_test scheduler_simulation_test

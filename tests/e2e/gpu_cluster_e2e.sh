@@ -18,7 +18,8 @@
 #   gpu_cluster_e2e.sh BUILD_DIR PAYLOADS SIZES [CUDA]
 #     PAYLOADS  f32, bf16 or f32,bf16
 #     SIZES     cluster sizes to compare with N = 1, e.g. 2,4 (a 1 in the list is the baseline,
-#               which always runs first, once per model)
+#               which always runs first, once per model); a size with a t (2t) runs its workers
+#               with --two-batch-overlap (each MoE layer as two interleaved micro-batches)
 #     CUDA      ON|OFF: whether the build has the CUDA backend (ctest passes JOULE_HAVE_CUDA)
 #   BUILD_DIR is a build tree or a tests/gpu bundle (.gpu/: binaries in bin/, libraries from
 #   tests/gpu/env.sh, tiny models in models/).
@@ -54,7 +55,7 @@ for p in ${PAYLOADS//,/ }; do
   [[ "$p" =~ ^(f32|bf16)$ ]] || { echo "PAYLOADS: f32, bf16 or f32,bf16, got '$PAYLOADS'" >&2; exit 2; }
 done
 for n in ${SIZES//,/ }; do
-  [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "SIZES: cluster sizes like 2,4, got '$SIZES'" >&2; exit 2; }
+  [[ "$n" =~ ^[1-9][0-9]*t?$ ]] || { echo "SIZES: cluster sizes like 2,4,2t, got '$SIZES'" >&2; exit 2; }
 done
 
 # The numbers are under test here, not TLS (a GPU host may lack openssl).
@@ -151,16 +152,17 @@ generate() {
 # Results in $E2E_TMP/res/FAMILY.epN.PAYLOAD.{alone,together}.I
 serve() {
   local family="$1" n="$2" payload="$3" tag r i clients=()
-  local model="$MODELS/$family-tiny"
+  local model="$MODELS/$family-tiny" workers="${2%t}" flags=()
+  [ "$n" = "$workers" ] || flags=(--two-batch-overlap)
   tag="$family.ep$n.$payload"
   [ -f "$model/config.json" ] || e2e_fail "no tiny model at $model"
-  e2e_start_coordinator "" "$model" "$n"
+  e2e_start_coordinator "" "$model" "$workers"
   local addr="127.0.0.1:$E2E_PORT"
-  for r in $(seq 0 $((n - 1))); do
+  for r in $(seq 0 $((workers - 1))); do
     e2e_start_worker "" "$tag.w$r" "$addr" "$model" --device "$DEVICE" --payload "$payload" \
-      --gpu-memory-utilization 0 --kv-cache-mb "$KV_CACHE_MB"
+      --gpu-memory-utilization 0 --kv-cache-mb "$KV_CACHE_MB" "${flags[@]}"
   done
-  wait_ready "$addr" "$n"
+  wait_ready "$addr" "$workers"
   mkdir -p "$E2E_TMP/res"
   for i in "${!prompts[@]}"; do generate "$addr" "$i" "$E2E_TMP/res/$tag.alone.$i"; done
   for i in "${!prompts[@]}"; do
@@ -168,13 +170,16 @@ serve() {
     clients+=($!)
   done
   for pid in "${clients[@]}"; do wait "$pid" || e2e_fail "$tag: a concurrent request failed"; done
-  if [ "$n" -gt 1 ]; then
+  if [ "$workers" -gt 1 ]; then
     local ranks
     ranks="$(cat "$E2E_TMP/res/$tag.together".*.rank | sort -u | paste -sd' ' -)"
     [ "$(wc -w <<<"$ranks")" -ge 2 ] || e2e_fail "$tag: the concurrent prompts were all served by rank(s) [$ranks]"
     echo "$tag: concurrent prompts served by ranks $ranks"
-    for r in $(seq 0 $((n - 1))); do
+    for r in $(seq 0 $((workers - 1))); do
       local log="$E2E_TMP/$tag.w$r.err" path
+      if [ ${#flags[@]} -gt 0 ] && ! grep -q "two micro-batches per MoE layer" "$log"; then
+        e2e_fail "$tag: worker $r did not log two micro-batches per MoE layer"
+      fi
       path="$(grep -o 'rows through [a-z -]*[a-z]' "$log" | head -1 || true)"
       case "$payload:$path" in
         "bf16:rows through device windows" | "f32:rows through device windows" | \
@@ -195,7 +200,8 @@ summary=()
 compare() {
   local family="$1" n="$2" payload="$3" i phase want got same=0 total=0 tok_same=0 tok_total=0 k w g
   local base="$E2E_TMP/res/$family.ep1.${PAYLOAD_LIST[0]}" tag="$E2E_TMP/res/$family.ep$n.$payload"
-  local notes=""
+  local notes="" label="EP ${n%t}"
+  [ "$n" = "${n%t}" ] || label+=" (two-batch overlap)"
   for i in "${!prompts[@]}"; do
     for phase in alone together; do
       want="$(cat "$base.$phase.$i")"
@@ -215,11 +221,11 @@ compare() {
       if [ "$got" = "$want" ]; then
         same=$((same + 1))
       elif [ "$payload" = f32 ]; then
-        f32_failures+=("$family EP $n f32, prompt $i $phase: [$got], one GPU worker [$want]")
+        f32_failures+=("$family $label f32, prompt $i $phase: [$got], one GPU worker [$want]")
       fi
     done
   done
-  summary+=("$family EP $n $payload: $same/$total sequences identical to EP 1, $tok_same/$tok_total tokens before the first difference ($(( 100 * tok_same / tok_total ))%)${notes:+;$notes}")
+  summary+=("$family $label $payload: $same/$total sequences identical to EP 1, $tok_same/$tok_total tokens before the first difference ($(( 100 * tok_same / tok_total ))%)${notes:+;$notes}")
   echo "${summary[-1]}"
 }
 

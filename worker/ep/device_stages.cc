@@ -91,6 +91,10 @@ size_t DeviceStages::PayloadBytes() const {
   return static_cast<size_t>(hidden_) * (options_.payload == PayloadType::kBF16 ? 2 : 4);
 }
 
+RowType DeviceStages::WireType() const {
+  return options_.payload == PayloadType::kBF16 ? RowType::kBF16 : RowType::kF32;
+}
+
 // Each send row's [expert ids, router weights] to its destination over the
 // control transport, grouped by expert on arrival.
 absl::Status DeviceStages::ExchangeChoices(DispatchLayout& L, const int32_t* host_ids,
@@ -201,7 +205,7 @@ absl::StatusOr<DeviceStages::DeviceLayout> DeviceStages::UploadLayout(const Disp
 
 absl::Status DeviceStages::MoveRows(bool direct, const std::byte* send, std::byte* recv,
                                     const ExchangeBytes& bytes) {
-  RETURN_IF_ERROR(backend_.Synchronize());  // the rows are written (also into peers' windows)
+  RETURN_IF_ERROR(written_->Wait());  // the rows are written (also into peers' windows)
   if (direct) return control_.Barrier();
   if (path_ == RowPath::kDeviceTransport) {
     return options_.row_transport->AllToAllV(send, bytes.send.data(), bytes.send_offsets.data(),
@@ -226,7 +230,8 @@ absl::Status DeviceStages::MoveRows(bool direct, const std::byte* send, std::byt
     RETURN_IF_ERROR(backend_.CopyAsync(host_send + bytes.send_offsets[p],
                                        send + bytes.send_offsets[p], bytes.send[p]));
   }
-  RETURN_IF_ERROR(backend_.Synchronize());
+  RETURN_IF_ERROR(written_->Record());
+  RETURN_IF_ERROR(written_->Wait());
   RETURN_IF_ERROR(control_.AllToAllV(host_send, bytes.send.data(), bytes.send_offsets.data(),
                                      host_recv, bytes.recv.data(), bytes.recv_offsets.data()));
   for (int p = 0; p < W; ++p) {
@@ -242,39 +247,68 @@ absl::Status DeviceStages::Run(DispatchLayout& L, const ExpertsView& held,
                                const int32_t* host_ids, const float* host_weights,
                                const float* device_weights, int64_t tokens, float* out,
                                StageTraffic* traffic) {
-  const auto t_start = std::chrono::steady_clock::now();
-  const int64_t H = hidden_;
-  const bool bf16 = options_.payload == PayloadType::kBF16;
-  const RowType wire = bf16 ? RowType::kBF16 : RowType::kF32;
-  const int64_t payload = static_cast<int64_t>(PayloadBytes());
-  RETURN_IF_ERROR(ExchangeChoices(L, host_ids, host_weights, tokens * top_k_, held));
-  ASSIGN_OR_RETURN(const bool direct, PrepareRows(L));
-  ASSIGN_OR_RETURN(const DeviceLayout d, UploadLayout(L, direct));
+  RETURN_IF_ERROR(Begin({.layout = &L, .held = &held, .experts = &experts, .x = x,
+                         .host_ids = host_ids, .host_weights = host_weights,
+                         .device_weights = device_weights, .tokens = tokens, .out = out}));
+  RETURN_IF_ERROR(Dispatch());
+  RETURN_IF_ERROR(Experts());
+  ASSIGN_OR_RETURN(*traffic, Combine());
+  return absl::OkStatus();
+}
 
-  // Pack and dispatch.
-  RETURN_IF_ERROR(backend_.GatherRows({.in = x, .in_type = RowType::kF32, .in_stride_bytes = H * 4,
-                                       .index = d.send_to_token, .out_type = wire,
-                                       .out_stride_bytes = payload, .rows = L.send_rows(),
-                                       .hidden = H, .out_rows = d.send_rows}));
-  traffic->dispatch_bytes = RowExchangeBytes(L, payload, /*back=*/false, &bytes_);
-  RETURN_IF_ERROR(Annotate(MoveRows(direct, dispatch_send_.as<std::byte>(),
+absl::Status DeviceStages::Begin(const Layer& layer) {
+  const auto t_start = std::chrono::steady_clock::now();
+  if (written_ == nullptr) {
+    ASSIGN_OR_RETURN(written_, backend_.CreateEvent());
+  }
+  layer_ = layer;
+  traffic_ = {};
+  DispatchLayout& L = *layer.layout;
+  RETURN_IF_ERROR(ExchangeChoices(L, layer.host_ids, layer.host_weights, layer.tokens * top_k_,
+                                  *layer.held));
+  ASSIGN_OR_RETURN(direct_, PrepareRows(L));
+  ASSIGN_OR_RETURN(device_layout_, UploadLayout(L, direct_));
+  const int64_t H = hidden_;
+  RETURN_IF_ERROR(backend_.GatherRows({.in = layer.x, .in_type = RowType::kF32,
+                                       .in_stride_bytes = H * 4,
+                                       .index = device_layout_.send_to_token, .out_type = WireType(),
+                                       .out_stride_bytes = static_cast<int64_t>(PayloadBytes()),
+                                       .rows = L.send_rows(), .hidden = H,
+                                       .out_rows = device_layout_.send_rows}));
+  RETURN_IF_ERROR(written_->Record());
+  traffic_.dispatch_seconds = SecondsSince(t_start);
+  return absl::OkStatus();
+}
+
+absl::Status DeviceStages::Dispatch() {
+  const auto t_start = std::chrono::steady_clock::now();
+  const DispatchLayout& L = *layer_.layout;
+  traffic_.dispatch_bytes = RowExchangeBytes(L, PayloadBytes(), /*back=*/false, &bytes_);
+  RETURN_IF_ERROR(Annotate(MoveRows(direct_, dispatch_send_.as<std::byte>(),
                                     dispatch_recv_.as<std::byte>(), bytes_),
                            "dispatch"));
-  traffic->dispatch_seconds = SecondsSince(t_start);
+  traffic_.dispatch_seconds += SecondsSince(t_start);
+  return absl::OkStatus();
+}
 
-  // This rank's experts, reading the received rows where they landed.
-  const auto t_combine = std::chrono::steady_clock::now();
+// This rank's experts, reading the received rows where they landed, then
+// the rows that go back: BF16 each received row's weighted sum, F32 each
+// choice's row.
+absl::Status DeviceStages::Experts() {
+  const auto t_start = std::chrono::steady_clock::now();
+  const DispatchLayout& L = *layer_.layout;
+  const DeviceLayout& d = device_layout_;
+  const int64_t H = hidden_;
+  const int64_t payload = static_cast<int64_t>(PayloadBytes());
   const std::byte* received =
-      direct ? windows_.dispatch()->at(L.me) : dispatch_recv_.as<std::byte>();
+      direct_ ? windows_.dispatch()->at(L.me) : dispatch_recv_.as<std::byte>();
   const int64_t choices = L.recv_choices();
   RETURN_IF_ERROR(Annotate(
-      RunGroupedExperts(backend_, experts, L.layer,
-                        {.x = received, .type = wire, .stride = H, .rows = d.grouped_to_row},
+      RunGroupedExperts(backend_, *layer_.experts, L.layer,
+                        {.x = received, .type = WireType(), .stride = H, .rows = d.grouped_to_row},
                         d.expert_offsets, choices, expert_out_.as<float>(), &expert_buffers_),
       "experts"));
-
-  // Return rows, combine, reduce.
-  if (bf16) {
+  if (options_.payload == PayloadType::kBF16) {
     RETURN_IF_ERROR(backend_.ReduceRows({.in = expert_out_.data(), .in_type = RowType::kF32,
                                          .in_stride_bytes = H * 4,
                                          .offsets = d.row_choice_offsets,
@@ -282,35 +316,50 @@ absl::Status DeviceStages::Run(DispatchLayout& L, const ExpertsView& held,
                                          .out_type = RowType::kBF16, .out_stride_bytes = payload,
                                          .rows = L.recv_rows(), .hidden = H,
                                          .out_rows = d.return_rows}));
-    traffic->combine_bytes = RowExchangeBytes(L, payload, /*back=*/true, &bytes_);
   } else {
     RETURN_IF_ERROR(backend_.GatherRows({.in = expert_out_.data(), .in_type = RowType::kF32,
                                          .in_stride_bytes = H * 4, .index = d.choice_to_grouped,
                                          .out_type = RowType::kF32, .out_stride_bytes = H * 4,
                                          .rows = choices, .hidden = H,
                                          .out_rows = d.return_rows}));
-    traffic->combine_bytes = ChoiceReturnBytes(L, H * 4, &bytes_);
   }
-  RETURN_IF_ERROR(Annotate(MoveRows(direct, combine_send_.as<std::byte>(),
+  RETURN_IF_ERROR(written_->Record());
+  traffic_.combine_seconds = SecondsSince(t_start);
+  return absl::OkStatus();
+}
+
+// The rows back, then the reduce: BF16 adds each token's returned partial
+// sums; F32 adds the choices with the router weights in choice order, the
+// single-GPU engine's bits.
+absl::StatusOr<StageTraffic> DeviceStages::Combine() {
+  const auto t_start = std::chrono::steady_clock::now();
+  const DispatchLayout& L = *layer_.layout;
+  const DeviceLayout& d = device_layout_;
+  const int64_t H = hidden_;
+  const bool bf16 = options_.payload == PayloadType::kBF16;
+  traffic_.combine_bytes = bf16 ? RowExchangeBytes(L, PayloadBytes(), /*back=*/true, &bytes_)
+                                : ChoiceReturnBytes(L, H * 4, &bytes_);
+  RETURN_IF_ERROR(Annotate(MoveRows(direct_, combine_send_.as<std::byte>(),
                                     combine_recv_.as<std::byte>(), bytes_),
                            "combine"));
   const std::byte* returned =
-      direct ? windows_.combine()->at(L.me) : combine_recv_.as<std::byte>();
+      direct_ ? windows_.combine()->at(L.me) : combine_recv_.as<std::byte>();
   if (bf16) {
     RETURN_IF_ERROR(backend_.ReduceRows({.in = returned, .in_type = RowType::kBF16,
-                                         .in_stride_bytes = payload, .offsets = d.token_row_offsets,
-                                         .index = d.token_rows, .out = out,
-                                         .out_type = RowType::kF32, .out_stride_bytes = H * 4,
-                                         .accumulate = true, .rows = tokens, .hidden = H}));
+                                         .in_stride_bytes = static_cast<int64_t>(PayloadBytes()),
+                                         .offsets = d.token_row_offsets, .index = d.token_rows,
+                                         .out = layer_.out, .out_type = RowType::kF32,
+                                         .out_stride_bytes = H * 4, .accumulate = true,
+                                         .rows = layer_.tokens, .hidden = H}));
   } else {
     RETURN_IF_ERROR(backend_.Unpermute({.expert_out = reinterpret_cast<const float*>(returned),
                                         .slot_to_permuted = d.slot_to_choice,
-                                        .weights = device_weights, .tokens = tokens,
-                                        .top_k = top_k_, .hidden = H, .out = out,
+                                        .weights = layer_.device_weights, .tokens = layer_.tokens,
+                                        .top_k = top_k_, .hidden = H, .out = layer_.out,
                                         .accumulate = true}));
   }
-  traffic->combine_seconds = SecondsSince(t_combine);
-  return absl::OkStatus();
+  traffic_.combine_seconds += SecondsSince(t_start);
+  return traffic_;
 }
 
 }  // namespace joule::ep

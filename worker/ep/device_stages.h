@@ -33,6 +33,7 @@
 //                    without NVLink or a GPU-aware fabric.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -78,8 +79,11 @@ struct DeviceStagesOptions {
 struct StageTraffic {
   uint64_t dispatch_bytes = 0;
   uint64_t combine_bytes = 0;
-  double dispatch_seconds = 0;  // choices exchange, upload, pack and the rows' move
-  double combine_seconds = 0;   // waiting for the experts, return rows, their move, reduce launch
+  // Host time in the phases (a second micro-batch's phases in between are
+  // not counted): choices exchange, upload, pack launch and the rows' move;
+  double dispatch_seconds = 0;
+  // expert and return launches, waiting for them, the move back, the reduce launch.
+  double combine_seconds = 0;
 };
 
 class DeviceStages {
@@ -96,9 +100,35 @@ class DeviceStages {
   // the same experts in device memory), combines, and adds into out
   // (device). host_ids/host_weights: the router's [tokens * top_k] choices
   // on the host; device_weights: the same weights in device memory.
+  // Run is the four phases below in order.
   absl::Status Run(DispatchLayout& layout, const ExpertsView& held, const ExpertsView& experts,
                    const float* x, const int32_t* host_ids, const float* host_weights,
                    const float* device_weights, int64_t tokens, float* out, StageTraffic* traffic);
+
+  // The phases of Run. Two DeviceStages (two micro-batches of one layer)
+  // interleave them on one stream, each phase collective in the same order
+  // on every rank, so one micro-batch's host waits (for its rows to be
+  // written, the exchange, its peers) overlap the other's kernels.
+  struct Layer {
+    DispatchLayout* layout = nullptr;
+    const ExpertsView* held = nullptr;
+    const ExpertsView* experts = nullptr;
+    const float* x = nullptr;
+    const int32_t* host_ids = nullptr;
+    const float* host_weights = nullptr;
+    const float* device_weights = nullptr;
+    int64_t tokens = 0;
+    float* out = nullptr;
+  };
+  // The choices exchange, buffers, the layout's upload and the pack launch.
+  absl::Status Begin(const Layer& layer);
+  // Waits for this micro-batch's pack (not later launches), moves the rows.
+  absl::Status Dispatch();
+  // Launches the experts over the received rows and the return rows.
+  absl::Status Experts();
+  // Waits for the return rows, moves them back, launches the reduce into out.
+  // Returns the layer's traffic.
+  absl::StatusOr<StageTraffic> Combine();
 
  private:
   // The layer's index arrays and row addresses in device memory.
@@ -125,9 +155,11 @@ class DeviceStages {
   absl::StatusOr<DeviceLayout> UploadLayout(const DispatchLayout& L, bool direct);
   // Moves rows as the path says; `bytes` are the all-to-all's (ignored
   // through windows).
+  // Waits for this micro-batch's launches so far (`written_`).
   absl::Status MoveRows(bool direct, const std::byte* send, std::byte* recv,
                         const ExchangeBytes& bytes);
   size_t PayloadBytes() const;  // one dispatch or combine row
+  kernels::RowType WireType() const;
 
   DeviceStagesOptions options_;
   device::Backend& backend_;
@@ -149,6 +181,15 @@ class DeviceStages {
   std::vector<std::byte*> choice_rows_;
   std::vector<std::byte*> send_rows_, return_rows_;
   ExchangeBytes bytes_;
+  // Between the phases: the layer in flight, its device layout, whether rows
+  // go through windows, its traffic so far; the event after this micro-batch's
+  // latest launches.
+  Layer layer_;
+  DeviceLayout device_layout_;
+  bool direct_ = false;
+  StageTraffic traffic_;
+  std::chrono::steady_clock::time_point combine_start_;
+  std::unique_ptr<device::Event> written_;
 };
 
 }  // namespace joule::ep

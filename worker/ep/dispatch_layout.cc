@@ -23,7 +23,7 @@ int64_t DispatchLayout::RowsFrom(int d, int p) const {
 void BuildSendLayout(const Placement& placement, int layer, const int32_t* expert_ids,
                      int64_t slots, int top_k, DispatchLayout* layout,
                      std::vector<int32_t>* rank_token_scratch,
-                     std::vector<int32_t>* rank_row_scratch) {
+                     std::vector<int32_t>* rank_row_scratch, int64_t first_token) {
   DispatchLayout& L = *layout;
   const int W = L.world;
   const int K = top_k;
@@ -32,7 +32,7 @@ void BuildSendLayout(const Placement& placement, int layer, const int32_t* exper
   L.layer = layer;
   L.dest.resize(slots);
   for (int64_t s = 0; s < slots; ++s) {
-    L.dest[s] = ChooseReplica(placement, layer, expert_ids[s], s / K, L.me);
+    L.dest[s] = ChooseReplica(placement, layer, expert_ids[s], first_token + s / K, L.me);
   }
   const int64_t send_tokens = slots / K;
   L.send_offsets.assign(W + 1, 0);

@@ -63,10 +63,13 @@ struct DispatchLayout {
 
 // (a) The sender side for `slots` (token, choice) slots: a replica for every
 // slot, then one send row per (token, destination rank), grouped by
-// destination. `rank_token` and `rank_row` are scratch.
+// destination. `rank_token` and `rank_row` are scratch. `first_token`: the
+// first slot's token in the layer's call (a second micro-batch), so replicas
+// are chosen as for the whole call.
 void BuildSendLayout(const Placement& placement, int layer, const int32_t* expert_ids,
                      int64_t slots, int top_k, DispatchLayout* layout,
-                     std::vector<int32_t>* rank_token, std::vector<int32_t>* rank_row);
+                     std::vector<int32_t>* rank_token, std::vector<int32_t>* rank_row,
+                     int64_t first_token = 0);
 
 // (b) The world x world count matrix from the all-gathered count rows (each
 // [rows to every rank, ...] of row_len entries) and this rank's receive

@@ -1,9 +1,11 @@
 #include "worker/ep/ep_executor.h"
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstddef>
 #include <cstring>
+#include <span>
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
@@ -64,9 +66,19 @@ struct ExpertParallelExecutor::Impl {
   ExpertParallelOptions options;
   std::unique_ptr<CombineStrategy> combine;  // how outputs go back (per payload type)
 
-  DispatchLayout layout;
-  std::vector<int64_t> count_row, count_all;
-  std::vector<int32_t> rank_token, rank_row;  // [world] per-token scratch of the layout
+  // One micro-batch of a layer: its layout and count exchange and, on a
+  // device, its stages. Two with options.two_batch_overlap; the host path
+  // runs them one after the other in lanes[0].
+  struct Lane {
+    DispatchLayout layout;
+    std::vector<int64_t> count_row, count_all;
+    std::vector<int32_t> rank_token, rank_row;  // [world] per-token scratch of the layout
+    std::unique_ptr<DeviceStages> device;
+    bool moving = false;  // rows move in this layer (every rank agrees)
+  };
+  std::array<Lane, 2> lanes;
+  int micro_batches = 1;
+  int layer = -1;  // the layer running
   ExchangeBytes bytes;
   // Dispatch sends from `dispatch_send` into `dispatch_recv`; combine sends
   // back from `dispatch_recv` into `dispatch_send`. Rows for this rank itself
@@ -78,7 +90,7 @@ struct ExpertParallelExecutor::Impl {
   std::vector<std::byte*> send_row;  // [send rows] where each dispatch row is written
   GroupedExpertBuffers expert_buffers;
   // A GPU worker's stages (options.device): rows in device memory.
-  std::unique_ptr<DeviceStages> device;
+  bool on_device = false;
   std::unique_ptr<DeviceWeights> uploaded;  // its experts, when not the model's
   std::vector<ExpertsView> device_experts;  // [layer]
   std::vector<int32_t> host_ids;            // the router's choices, copied to the host
@@ -100,17 +112,31 @@ struct ExpertParallelExecutor::Impl {
 
   absl::Status Run(int layer, const float* x, int64_t tokens, const int32_t* expert_ids,
                    const float* weights, float* out);
+  // Tokens [first, first + tokens) of a layer's call.
+  struct MicroBatch {
+    int64_t first = 0;
+    int64_t tokens = 0;
+  };
+  absl::Status RunOnHost(const absl::Status& local, MicroBatch b, const float* x,
+                         const int32_t* expert_ids, const float* router_w, float* out);
+  absl::Status RunOnDevice(const absl::Status& local, std::span<const MicroBatch> batches,
+                           const float* x, const int32_t* host_ids, const float* host_w,
+                           const float* router_w, float* out);
   // The stages of Run.
   absl::Status CheckRouting(int layer, int64_t tokens, const int32_t* expert_ids) const;
-  absl::StatusOr<int64_t> ExchangeCounts(const absl::Status& local, const int32_t* expert_ids,
-                                         int64_t slots);
+  // The layout of `slots` choices and the count exchange; false when no row
+  // moves on any rank.
+  absl::StatusOr<bool> LayOut(Lane& lane, const absl::Status& local, MicroBatch b,
+                              const int32_t* expert_ids);
+  absl::StatusOr<int64_t> ExchangeCounts(Lane& lane, const absl::Status& local,
+                                         const int32_t* expert_ids, int64_t slots);
   absl::StatusOr<Exchange> Dispatch(const float* x, const int32_t* expert_ids,
                                     const float* router_weights, int64_t slots,
                                     uint64_t* peer_bytes);
   absl::Status RunExperts(const Exchange& exchange);
   absl::StatusOr<uint64_t> Combine(const Exchange& exchange);
   std::string Context(const char* stage) const {
-    return absl::StrCat("expert-parallel ", stage, " of layer ", layout.layer);
+    return absl::StrCat("expert-parallel ", stage, " of layer ", layer);
   }
 };
 
@@ -160,8 +186,11 @@ ExpertParallelExecutor::ExpertParallelExecutor(const ModelWeights* weights, Tran
   }
   impl_->options = options;
   impl_->combine = MakeCombineStrategy(options.payload);
-  impl_->layout.world = transport->world_size();
-  impl_->layout.me = transport->rank();
+  impl_->micro_batches = options.two_batch_overlap ? 2 : 1;
+  for (Impl::Lane& lane : impl_->lanes) {
+    lane.layout.world = transport->world_size();
+    lane.layout.me = transport->rank();
+  }
   impl_->windows = std::make_unique<ExchangeWindows>(
       [transport](size_t bytes) { return transport->MapSharedWindows(bytes); },
       options.shared_windows && options.payload == PayloadType::kBF16, transport->rank());
@@ -181,11 +210,14 @@ ExpertParallelExecutor::~ExpertParallelExecutor() = default;
 
 absl::Status ExpertParallelExecutor::Impl::SetUpDevice(const ExpertParallelDevice& d) {
   const ModelConfig& c = weights->config();
-  device = std::make_unique<DeviceStages>(
-      DeviceStagesOptions{.backend = d.backend, .control = transport,
-                          .row_transport = d.row_transport, .payload = options.payload,
-                          .shared_windows = options.shared_windows},
-      c.hidden_size, c.num_experts_per_tok);
+  for (int b = 0; b < micro_batches; ++b) {
+    lanes[b].device = std::make_unique<DeviceStages>(
+        DeviceStagesOptions{.backend = d.backend, .control = transport,
+                            .row_transport = d.row_transport, .payload = options.payload,
+                            .shared_windows = options.shared_windows},
+        c.hidden_size, c.num_experts_per_tok);
+  }
+  on_device = true;
   const DeviceWeights* views = d.resident;
   if (views == nullptr || d.resident_host != weights) {
     ASSIGN_OR_RETURN(uploaded, DeviceWeights::CreateExperts(*weights, *d.backend));
@@ -195,7 +227,8 @@ absl::Status ExpertParallelExecutor::Impl::SetUpDevice(const ExpertParallelDevic
   for (int l = 0; l < c.num_layers; ++l) device_experts[l] = views->layers()[l].experts;
   JOULE_LOG(Info) << "rank " << transport->rank() << ": expert parallelism on "
                   << d.backend->spec().ToString() << ", rows through "
-                  << RowPathName(device->row_path());
+                  << RowPathName(lanes[0].device->row_path())
+                  << (micro_batches == 2 ? ", two micro-batches per MoE layer" : "");
   return absl::OkStatus();
 }
 
@@ -262,57 +295,72 @@ absl::Status ExpertParallelExecutor::Impl::CheckRouting(int layer, int64_t token
   return absl::OkStatus();
 }
 
-absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_t tokens,
+absl::Status ExpertParallelExecutor::Impl::Run(int layer_index, const float* x, int64_t tokens,
                                                const int32_t* expert_ids, const float* router_w,
                                                float* out) {
-  const auto t_start = std::chrono::steady_clock::now();
-  const int K = weights->config().num_experts_per_tok;
+  layer = layer_index;
   absl::Status local = absl::OkStatus();
   const int32_t* ids = expert_ids;
   const float* ids_weights = router_w;
-  if (device != nullptr) {  // the layout is built on the host
+  if (on_device) {  // the layout is built on the host
     local = Annotate(CopyChoicesToHost(tokens, expert_ids, router_w), "router choices to the host");
     ids = host_ids.data();
     ids_weights = host_weights.data();
   }
   if (local.ok()) local = CheckRouting(layer, tokens, ids);
-  const int64_t slots = local.ok() ? tokens * K : 0;  // on failure only the flag goes out
-  // (a) The layout: a replica for every slot, one send row per (token, rank).
-  BuildSendLayout(placement, layer, ids, slots, K, &layout, &rank_token, &rank_row);
-  // (b) The count exchange.
-  ASSIGN_OR_RETURN(const int64_t moving, ExchangeCounts(local, ids, slots));
-  if (moving == 0) {  // every rank sees the same matrix: all skip the payload exchanges together
+  const int64_t valid = local.ok() ? tokens : 0;  // on failure only the flag goes out
+  std::array<MicroBatch, 2> batches;
+  batches[0].tokens = micro_batches == 2 ? (valid + 1) / 2 : valid;
+  batches[1] = {.first = batches[0].tokens, .tokens = valid - batches[0].tokens};
+  const std::span<const MicroBatch> run(batches.data(), micro_batches);
+  if (on_device) return RunOnDevice(local, run, x, ids, ids_weights, router_w, out);
+  for (const MicroBatch& b : run) RETURN_IF_ERROR(RunOnHost(local, b, x, ids, router_w, out));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<bool> ExpertParallelExecutor::Impl::LayOut(Lane& lane, const absl::Status& local,
+                                                          MicroBatch b,
+                                                          const int32_t* expert_ids) {
+  const int K = weights->config().num_experts_per_tok;
+  const int64_t slots = b.tokens * K;
+  // A replica for every slot, one send row per (token, rank).
+  BuildSendLayout(placement, layer, expert_ids, slots, K, &lane.layout, &lane.rank_token,
+                  &lane.rank_row, b.first);
+  ASSIGN_OR_RETURN(const int64_t moving, ExchangeCounts(lane, local, expert_ids, slots));
+  // Every rank sees the same matrix: all skip the payload exchanges together.
+  lane.moving = moving > 0;
+  return lane.moving;
+}
+
+absl::Status ExpertParallelExecutor::Impl::RunOnHost(const absl::Status& local, MicroBatch b,
+                                                     const float* x, const int32_t* expert_ids,
+                                                     const float* router_w, float* out) {
+  const auto t_start = std::chrono::steady_clock::now();
+  const int K = weights->config().num_experts_per_tok;
+  const int64_t H = weights->config().hidden_size;
+  x += b.first * H;
+  out += b.first * H;
+  expert_ids += b.first * K;
+  router_w += b.first * K;
+  const int64_t slots = b.tokens * K;
+  ASSIGN_OR_RETURN(const bool moving, LayOut(lanes[0], local, b, expert_ids));
+  if (!moving) {
     absl::MutexLock lock(&mu);
     stats.dispatch_seconds += SecondsSince(t_start);
     return absl::OkStatus();
   }
-  if (device != nullptr) {
-    // (c)-(f) in device memory.
-    const double layout_seconds = SecondsSince(t_start);
-    StageTraffic traffic;
-    RETURN_IF_ERROR(Annotate(device->Run(layout, experts[layer], device_experts[layer], x, ids,
-                                         ids_weights, router_w, tokens, out, &traffic),
-                             Context("exchange")));
-    traffic.dispatch_seconds += layout_seconds;
-    absl::MutexLock lock(&mu);
-    stats.dispatch_bytes += traffic.dispatch_bytes;
-    stats.combine_bytes += traffic.combine_bytes;
-    stats.dispatch_seconds += traffic.dispatch_seconds;
-    stats.combine_seconds += traffic.combine_seconds;
-    return absl::OkStatus();
-  }
-  // (c) Dispatch.
+  // Dispatch, this rank's experts over what it received, combine, and the
+  // reduce into out.
   uint64_t dispatch_bytes = 0;
-  ASSIGN_OR_RETURN(const Exchange exchange, Dispatch(x, ids, router_w, slots, &dispatch_bytes));
+  ASSIGN_OR_RETURN(const Exchange exchange,
+                   Dispatch(x, expert_ids, router_w, slots, &dispatch_bytes));
   const double dispatch_seconds = SecondsSince(t_start);
-  // (d) This rank's experts over what it received.
   RETURN_IF_ERROR(RunExperts(exchange));
-  // (e) Combine, (f) the reduce into out.
   const auto t_combine = std::chrono::steady_clock::now();
   ASSIGN_OR_RETURN(const uint64_t combine_bytes, Combine(exchange));
   const std::byte* returned =
-      exchange.direct ? windows->combine()->at(layout.me) : dispatch_send.data();
-  combine->Reduce(exchange, returned, router_w, tokens, K, out);
+      exchange.direct ? windows->combine()->at(lanes[0].layout.me) : dispatch_send.data();
+  combine->Reduce(exchange, returned, router_w, b.tokens, K, out);
 
   absl::MutexLock lock(&mu);
   stats.dispatch_bytes += dispatch_bytes;
@@ -322,38 +370,99 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer, const float* x, int64_
   return absl::OkStatus();
 }
 
+// Each micro-batch's layout, count exchange and pack in turn (the next one's
+// host work runs while the previous one's pack does); then each one's
+// dispatch and experts (its dispatch waits while the previous one's experts
+// run); then each one's combine (waiting while the next one's experts run).
+// Every rank runs the same phases in the same order.
+absl::Status ExpertParallelExecutor::Impl::RunOnDevice(const absl::Status& local,
+                                                       std::span<const MicroBatch> batches,
+                                                       const float* x, const int32_t* host_ids,
+                                                       const float* host_w,
+                                                       const float* router_w, float* out) {
+  const int K = weights->config().num_experts_per_tok;
+  const int64_t H = weights->config().hidden_size;
+  double layout_seconds = 0;
+  for (size_t i = 0; i < batches.size(); ++i) {
+    const MicroBatch& b = batches[i];
+    const auto t_start = std::chrono::steady_clock::now();
+    ASSIGN_OR_RETURN(const bool moving, LayOut(lanes[i], local, b, host_ids + b.first * K));
+    layout_seconds += SecondsSince(t_start);
+    if (!moving) continue;
+    RETURN_IF_ERROR(Annotate(
+        lanes[i].device->Begin({.layout = &lanes[i].layout, .held = &experts[layer],
+                                .experts = &device_experts[layer], .x = x + b.first * H,
+                                .host_ids = host_ids + b.first * K,
+                                .host_weights = host_w + b.first * K,
+                                .device_weights = router_w + b.first * K, .tokens = b.tokens,
+                                .out = out + b.first * H}),
+        Context("exchange")));
+  }
+  for (size_t i = 0; i < batches.size(); ++i) {
+    if (!lanes[i].moving) continue;
+    RETURN_IF_ERROR(Annotate(lanes[i].device->Dispatch(), Context("exchange")));
+    RETURN_IF_ERROR(Annotate(lanes[i].device->Experts(), Context("exchange")));
+  }
+  StageTraffic sum{.dispatch_seconds = layout_seconds};
+  for (size_t i = 0; i < batches.size(); ++i) {
+    if (!lanes[i].moving) continue;
+    absl::StatusOr<StageTraffic> t = lanes[i].device->Combine();
+    if (!t.ok()) return Annotate(t.status(), Context("exchange"));
+    sum.dispatch_bytes += t->dispatch_bytes;
+    sum.combine_bytes += t->combine_bytes;
+    sum.dispatch_seconds += t->dispatch_seconds;
+    sum.combine_seconds += t->combine_seconds;
+  }
+  absl::MutexLock lock(&mu);
+  stats.dispatch_bytes += sum.dispatch_bytes;
+  stats.combine_bytes += sum.combine_bytes;
+  stats.dispatch_seconds += sum.dispatch_seconds;
+  stats.combine_seconds += sum.combine_seconds;
+  return absl::OkStatus();
+}
+
 // Each rank's row is [rows to every rank, placement fingerprint, failure
-// flag]; together they form the world x world count matrix every rank needs
-// to size its receives. Returns the rows that move in all.
-absl::StatusOr<int64_t> ExpertParallelExecutor::Impl::ExchangeCounts(const absl::Status& local,
+// flag, micro-batches per layer]; together they form the world x world count
+// matrix every rank needs to size its receives. Returns the rows that move
+// in all.
+absl::StatusOr<int64_t> ExpertParallelExecutor::Impl::ExchangeCounts(Lane& lane,
+                                                                     const absl::Status& local,
                                                                      const int32_t* expert_ids,
                                                                      int64_t slots) {
-  DispatchLayout& L = layout;
+  DispatchLayout& L = lane.layout;
   const int W = L.world;
-  const int row_len = W + 2;
-  count_row.assign(row_len, 0);
-  for (int d = 0; d < W; ++d) count_row[d] = L.send_offsets[d + 1] - L.send_offsets[d];
-  count_row[W] = static_cast<int64_t>(fingerprint);
-  count_row[W + 1] = local.ok() ? 0 : 1;
-  count_all.resize(static_cast<size_t>(W) * row_len);
-  RETURN_IF_ERROR(Annotate(transport->AllGather(count_row.data(), row_len * sizeof(int64_t),
-                                                count_all.data()),
+  const int row_len = W + 3;
+  std::vector<int64_t>& row = lane.count_row;
+  std::vector<int64_t>& all = lane.count_all;
+  row.assign(row_len, 0);
+  for (int d = 0; d < W; ++d) row[d] = L.send_offsets[d + 1] - L.send_offsets[d];
+  row[W] = static_cast<int64_t>(fingerprint);
+  row[W + 1] = local.ok() ? 0 : 1;
+  row[W + 2] = micro_batches;
+  all.resize(static_cast<size_t>(W) * row_len);
+  RETURN_IF_ERROR(Annotate(transport->AllGather(row.data(), row_len * sizeof(int64_t), all.data()),
                            Context("count exchange")));
   if (!local.ok()) return Annotate(local, Context("dispatch"));
   for (int p = 0; p < W; ++p) {
-    if (count_all[p * row_len + W + 1] != 0) {
+    if (all[p * row_len + W + 1] != 0) {
       return absl::AbortedError(absl::StrCat(Context("dispatch"), ": rank ", p,
                                              " failed this layer (its own error says why)"));
     }
   }
   for (int p = 0; p < W; ++p) {
-    if (count_all[p * row_len + W] != static_cast<int64_t>(fingerprint)) {
+    if (all[p * row_len + W] != static_cast<int64_t>(fingerprint)) {
       return absl::FailedPreconditionError(absl::StrCat(
           Context("dispatch"), ": rank ", p, " routes by a different placement than rank ", L.me,
           " (a new placement must be applied on every rank between the same steps)"));
     }
+    if (all[p * row_len + W + 2] != micro_batches) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          Context("dispatch"), ": rank ", p, " splits a MoE layer into ", all[p * row_len + W + 2],
+          " micro-batch(es), rank ", L.me, " into ", micro_batches,
+          " (two-batch overlap must be on or off on every rank alike)"));
+    }
   }
-  const int64_t moving = SetCounts(count_all, row_len, &L);
+  const int64_t moving = SetCounts(all, row_len, &L);
   absl::MutexLock lock(&mu);
   std::vector<int64_t>& layer_load = load[L.layer];
   for (int64_t s = 0; s < slots; ++s) ++layer_load[expert_ids[s]];
@@ -367,7 +476,7 @@ absl::StatusOr<Exchange> ExpertParallelExecutor::Impl::Dispatch(const float* x,
                                                                 const float* router_w,
                                                                 int64_t slots,
                                                                 uint64_t* peer_bytes) {
-  const DispatchLayout& L = layout;
+  const DispatchLayout& L = lanes[0].layout;
   const int W = L.world;
   const int me = L.me;
   const int K = weights->config().num_experts_per_tok;
@@ -383,7 +492,7 @@ absl::StatusOr<Exchange> ExpertParallelExecutor::Impl::Dispatch(const float* x,
   }
   absl::StatusOr<bool> direct = windows->Ensure(combine_bytes, dispatch_bytes);
   if (!direct.ok()) return Annotate(direct.status(), Context("shared windows"));
-  Exchange ex{.layout = &layout, .hidden = H, .direct = *direct, .dispatch_stride = stride,
+  Exchange ex{.layout = &lanes[0].layout, .hidden = H, .direct = *direct, .dispatch_stride = stride,
               .a = &dispatch_send, .b = &dispatch_recv, .win_a = windows->combine(),
               .transport = transport, .stream = stream};
   if (!ex.direct) {
@@ -423,7 +532,8 @@ absl::StatusOr<Exchange> ExpertParallelExecutor::Impl::Dispatch(const float* x,
 // F32 copy per choice. Nothing overwrites them before combine: peers' next
 // dispatch waits for this rank at combine's barrier or all-to-all.
 absl::Status ExpertParallelExecutor::Impl::RunExperts(const Exchange& ex) {
-  const ExpertsView& held = experts[layout.layer];
+  DispatchLayout& layout = lanes[0].layout;
+  const ExpertsView& held = experts[layer];
   RETURN_IF_ERROR(Annotate(GroupReceivedChoices(ex.received, ex.dispatch_stride, PayloadBytes(),
                                                 weights->config().num_experts_per_tok, held,
                                                 &layout),

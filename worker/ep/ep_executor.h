@@ -48,6 +48,12 @@ struct ExpertParallelOptions {
   // write dispatch and combine rows straight into peers' memory, a barrier in
   // place of each all-to-all; otherwise, or when it cannot, all-to-all-v.
   bool shared_windows = true;
+  // Two-batch overlap: each MoE layer's tokens run as two micro-batches
+  // whose phases interleave on the device, so one's host waits (exchanges,
+  // barriers) overlap the other's kernels. On the host path the two run one
+  // after the other (same results, no overlap). Every rank must agree (the
+  // count exchange refuses a mix).
+  bool two_batch_overlap = false;
   ExpertParallelDevice device;
 };
 

@@ -52,6 +52,9 @@ namespace joule::worker {
   X(int, max_running, 64, "sequences in the running batch")                                       \
   X(std::string, transport, "ucx", "expert-parallel transport: ucx | nccl")                       \
   X(std::string, payload, "bf16", "dispatch/combine payload precision: bf16 | f32")               \
+  X(bool, two_batch_overlap, false,                                                               \
+    "GPU expert parallelism: each MoE layer as two micro-batches, one's exchange waiting while "  \
+    "the other's experts run; the same on every worker")                                          \
   X(int64_t, step_timeout_ms, 10000, "a collective that takes longer fails the step (peer lost); the coordinator's value wins") \
   X(int64_t, rpc_timeout_ms, 5000, "deadline of Register and Heartbeat calls")                    \
   X(int64_t, rendezvous_timeout_ms, 300000, "how long to wait for every rank to register")        \

@@ -4,11 +4,14 @@
 # that rank 0 writes one JSON line whose fields are sane, that the bytes are
 # the BF16 rows the device path moves (one row of hidden x 2 bytes per token
 # and peer, the same back in combine), and that every rank's executor took the
-# device path (its "rows through ..." log line).
+# device path (its "rows through ..." log line). With --two-batch-overlap, the
+# same with each Run as two micro-batches (the same bytes move).
 #
-#   fake_device_smoke.sh BUILD_DIR
+#   fake_device_smoke.sh BUILD_DIR [--two-batch-overlap]
 set -euo pipefail
 bin="$1/bench/dispatch_combine/joule-dispatch-combine-bench"
+tbo="${2:-}"
+[ -z "$tbo" ] || [ "$tbo" = --two-batch-overlap ] || { echo "unknown argument '$tbo'"; exit 2; }
 [ -x "$bin" ] || { echo "no $bin"; exit 1; }
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
@@ -18,7 +21,7 @@ hidden=256 tokens=32
 pids=()
 for r in 0 1; do
   timeout 50 "$bin" --rank "$r" --world 2 --dir "$tmp/rv" --hidden "$hidden" --tokens "$tokens" \
-    --device fake --target-seconds 0.05 --max-iters 20 --out "$tmp/out.jsonl" 2>"$tmp/rank$r.log" &
+    --device fake --target-seconds 0.05 --max-iters 20 --out "$tmp/out.jsonl" $tbo 2>"$tmp/rank$r.log" &
   pids+=($!)
 done
 rc=0
@@ -26,19 +29,20 @@ for p in "${pids[@]}"; do wait "$p" || rc=$?; done
 cat "$tmp"/rank*.log
 [ "$rc" -eq 0 ] || { echo "FAIL: a rank exited with $rc"; exit 1; }
 for r in 0 1; do
-  grep -q "rank $r: expert parallelism on .*, rows through device windows" "$tmp/rank$r.log" ||
-    { echo "FAIL: rank $r did not log the device path's rows through device windows"; exit 1; }
+  grep -q "rank $r: expert parallelism on .*, rows through device windows${tbo:+, two micro-batches}" \
+    "$tmp/rank$r.log" ||
+    { echo "FAIL: rank $r did not log the device path's rows through device windows${tbo:+ in two micro-batches}"; exit 1; }
 done
 cat "$tmp/out.jsonl"
-python3 - "$tmp/out.jsonl" "$hidden" "$tokens" <<'PY'
+python3 - "$tmp/out.jsonl" "$hidden" "$tokens" "$tbo" <<'PY'
 import json, sys
 lines = [l for l in open(sys.argv[1]) if l.strip()]
-hidden, tokens = int(sys.argv[2]), int(sys.argv[3])
+hidden, tokens, tbo = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] != ""
 if len(lines) != 1:
     sys.exit(f"FAIL: {len(lines)} JSON lines, expected 1")
 j = json.loads(lines[0])
 want = {"impl": "joule-ep-executor", "device": "fake", "ep": 2, "hidden": hidden,
-        "tokens": tokens, "top_k": 8}
+        "tokens": tokens, "top_k": 8, "two_batch_overlap": tbo}
 bad = {k: j.get(k) for k, v in want.items() if j.get(k) != v}
 if bad or "skipped" in j:
     sys.exit(f"FAIL: fields {bad} (want {want}); skipped: {j.get('skipped')}")

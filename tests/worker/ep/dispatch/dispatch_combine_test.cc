@@ -189,6 +189,7 @@ struct RunMode {
   bool shared_windows = true;
   int threads = 1;
   bool device = false;
+  bool two_batches = false;  // two-batch overlap
 };
 
 // A fake device's copy of `host` (its memory is this process's, but reached
@@ -214,9 +215,10 @@ std::vector<std::vector<float>> RunExpertParallel(
     std::unique_ptr<kernels::cpu::ThreadPool> pool;
     if (mode.threads > 1) pool = std::make_unique<kernels::cpu::ThreadPool>(mode.threads);
     std::unique_ptr<device::Backend> fake;
-    ExpertParallelOptions options{.payload = payload, .shared_windows = mode.shared_windows};
+    ExpertParallelOptions options{.payload = payload, .shared_windows = mode.shared_windows,
+                                  .two_batch_overlap = mode.two_batches};
     if (mode.device) {
-      fake = std::make_unique<device::FakeDeviceBackend>(1);
+      fake = std::make_unique<device::FakeDeviceBackend>(1, /*asynchronous=*/true);
       options.device.backend = fake.get();
     }
     ExpertParallelExecutor ex(rank_weights[rank].get(), transport.get(), t.placement,
@@ -305,6 +307,29 @@ TEST(DispatchCombineTest, MatchesDenseReferenceOnRandomProblems) {
                                       &dev_bf16_stats, {.device = true});
     auto dev_staged = RunExpertParallel(t, rank_weights, PayloadType::kBF16, &dev_loads,
                                         &dev_staged_stats, {.shared_windows = false, .device = true});
+    // Two micro-batches per layer (their phases interleaved on the device,
+    // one after the other on the host): every token's arithmetic is the
+    // same, so the bits are too.
+    std::vector<ExpertParallelExecutor::Stats> tbo_stats;
+    auto tbo_loads = loads;
+    auto dev_f32_tbo = RunExpertParallel(t, rank_weights, PayloadType::kF32, &tbo_loads, &tbo_stats,
+                                         {.device = true, .two_batches = true});
+    EXPECT_EQ(tbo_loads, loads);
+    auto dev_bf16_tbo = RunExpertParallel(t, rank_weights, PayloadType::kBF16, &tbo_loads,
+                                          &tbo_stats, {.device = true, .two_batches = true});
+    auto dev_staged_tbo = RunExpertParallel(t, rank_weights, PayloadType::kBF16, &tbo_loads,
+                                            &tbo_stats,
+                                            {.shared_windows = false, .device = true,
+                                             .two_batches = true});
+    auto bf16_tbo = RunExpertParallel(t, rank_weights, PayloadType::kBF16, &tbo_loads, &tbo_stats,
+                                      {.two_batches = true});
+    for (int rank = 0; rank < t.world; ++rank) {
+      ASSERT_EQ(dev_f32_tbo[rank], f32[rank]) << "rank " << rank << ": two micro-batches, F32";
+      ASSERT_EQ(dev_bf16_tbo[rank], dev_bf16[rank]) << "rank " << rank << ": two micro-batches";
+      ASSERT_EQ(dev_staged_tbo[rank], dev_bf16[rank]) << "rank " << rank << ": two, staged";
+      ASSERT_EQ(bf16_tbo[rank], bf16[rank]) << "rank " << rank << ": two micro-batches, host";
+      EXPECT_EQ(tbo_stats[rank].combine_bytes, bf16_stats[rank].combine_bytes) << "rank " << rank;
+    }
     for (int rank = 0; rank < t.world; ++rank) {
       ASSERT_EQ(dev_f32[rank], f32[rank]) << "rank " << rank << ": device vs host, F32 payload";
       ASSERT_EQ(dev_bf16[rank], dev_staged[rank]) << "rank " << rank << ": device windows vs staged";
@@ -672,6 +697,22 @@ TEST_F(DispatchFailureTest, DisagreeingPlacementsFailOnEveryRank) {
   for (int rank = 0; rank < 3; ++rank) {
     EXPECT_EQ(results[rank].code(), absl::StatusCode::kFailedPrecondition) << results[rank];
     EXPECT_THAT(std::string(results[rank].message()), HasSubstr("different placement"));
+  }
+}
+
+TEST_F(DispatchFailureTest, TwoBatchOverlapOnSomeRanksOnlyIsRefusedOnEveryRank) {
+  InProcessGroup group(3, {.timeout = absl::Seconds(60)});
+  std::vector<absl::Status> results(3);
+  RunRanks(3, [&](int rank) {
+    auto transport = group.Rank(rank);
+    ExpertParallelExecutor ex(weights_.get(), transport.get(), placement_, {},
+                              {.two_batch_overlap = rank == 2});
+    results[rank] = RunLayer(ex, 0);
+  });
+  for (int rank = 0; rank < 3; ++rank) {
+    EXPECT_EQ(results[rank].code(), absl::StatusCode::kFailedPrecondition) << results[rank];
+    EXPECT_THAT(std::string(results[rank].message()), HasSubstr("micro-batch"));
+    EXPECT_THAT(std::string(results[rank].message()), HasSubstr("two-batch overlap"));
   }
 }
 

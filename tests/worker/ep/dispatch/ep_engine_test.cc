@@ -92,6 +92,7 @@ struct EpRun {
   // Each rank's model on a fake device, its rows in device memory
   // (device_stages.h): what a GPU worker runs, on the CPU's kernels.
   bool device = false;
+  bool two_batch_overlap = false;
   // Called on every rank after each successful step (all ranks call it for
   // the same steps); may use the transport collectively.
   std::function<void(int rank, int step, ExpertParallelExecutor&, Transport&)> between_steps;
@@ -123,13 +124,16 @@ std::vector<RankResult> RunExpertParallel(const std::string& dir,
     if (run.device) {
       auto weights = ModelWeights::Load(dir, mo.weights);
       ASSERT_TRUE(weights.ok()) << weights.status();
-      model = Model::Create(*std::move(weights), std::make_unique<device::FakeDeviceBackend>(1),
+      // Asynchronous: launches run on the fake device's thread, as on a GPU's stream.
+      model = Model::Create(*std::move(weights),
+                            std::make_unique<device::FakeDeviceBackend>(1, /*asynchronous=*/true),
                             /*cuda_graphs=*/false);
     } else {
       model = Model::Load(dir, mo);
     }
     ASSERT_TRUE(model.ok()) << model.status();
-    ExpertParallelOptions options{.payload = run.payload};
+    ExpertParallelOptions options{.payload = run.payload,
+                                  .two_batch_overlap = run.two_batch_overlap};
     if (run.device) {
       options.device = {.backend = &(*model)->backend(), .resident = &(*model)->device_weights(),
                         .resident_host = &(*model)->weights()};
@@ -237,6 +241,19 @@ TEST_P(EpEngineTest, IdleRanksJoinWithEmptyBatches) {
       EXPECT_TRUE(ep[r].out.tokens.empty());
       EXPECT_EQ(ep[r].steps, ep[world - 1 - r].steps) << "all ranks run the same steps";
     }
+  }
+}
+
+// Each MoE layer as two micro-batches whose phases interleave (the GPU's
+// two-batch overlap), busy and idle ranks: still the single process's
+// tokens and logits.
+TEST_P(EpEngineTest, TwoBatchOverlapMatchesSingleProcess) {
+  for (auto [world, idle] : std::vector<std::pair<int, std::vector<int>>>{
+           {2, {}}, {4, {}}, {4, {0, 2}}}) {
+    SCOPED_TRACE(::testing::Message() << "EP " << world << ", idle ranks " << idle.size());
+    auto requests = Workload(world, idle);
+    ExpectMatchesSingleProcess(
+        requests, RunExpertParallel(Dir(), requests, {.device = true, .two_batch_overlap = true}));
   }
 }
 
