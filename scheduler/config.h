@@ -104,6 +104,7 @@ struct CalibrationSample {
 struct SchedulerConfig {
   PolicyKind policy = PolicyKind::kIpw;
   bool lockstep = true;
+  // Per rank, each at most what the rank's worker reports (RankInfo.engine).
   int max_batch_tokens = 512;
   int max_running = 128;
   // Generous: each worker bounds its running batch itself (--max-running); this

@@ -35,6 +35,8 @@ namespace {
 using policy_internal::InFlight;
 using policy_internal::CachedOn;
 using policy_internal::LeastLoaded;
+using policy_internal::MaxBatchTokens;
+using policy_internal::MaxRunning;
 using policy_internal::PreferCached;
 using policy_internal::Starved;
 
@@ -105,7 +107,6 @@ class IpwPolicy final : public Policy {
 
     // 3. Batch: room per rank, in decode slots (one token per sequence per step).
     const bool headroom_ok = Headroom(s) >= s.config->ipw.min_headroom;
-    const int64_t slot_cap = std::min<int64_t>(s.config->max_running, s.config->max_batch_tokens);
     std::map<int, int64_t> room;
     int64_t valley_target = 0;  // batch sequences that make unconstrained steps efficient
     int64_t valley_batch = 0;   // batch sequences already on those ranks
@@ -118,6 +119,7 @@ class IpwPolicy final : public Policy {
         room[rank] = std::min(fill, capacity);
         continue;
       }
+      const int64_t slot_cap = std::min(MaxRunning(s, rank), MaxBatchTokens(s, rank));
       room[rank] = std::min(slot_cap - slots, capacity);
       valley_target += s.cost->EfficientBatch(rank, Context(s, rank), slot_cap,
                                               s.config->ipw.efficiency_slack);
@@ -163,7 +165,7 @@ class IpwPolicy final : public Policy {
 
   StepLimits Limits(const PolicyState& s, int rank) override {
     StepLimits l;
-    l.max_running = s.config->max_running;
+    l.max_running = MaxRunning(s, rank);
     l.max_batch_tokens = Budget(s, rank, Tightest(s, rank), &l.step_time_budget);
     auto it = s.ranks->find(rank);
     if (it == s.ranks->end()) return l;
@@ -201,7 +203,7 @@ class IpwPolicy final : public Policy {
       }
     }
     // Slots for waiting interactive work come from the newest batch sequences.
-    int64_t excess = running + interactive_waiting - s.config->max_running;
+    int64_t excess = running + interactive_waiting - l.max_running;
     for (auto b = batch_running.rbegin(); excess > 0 && b != batch_running.rend(); ++b, --excess) {
       l.preempt.push_back((*b)->info.id);
     }
@@ -249,7 +251,7 @@ class IpwPolicy final : public Policy {
   // `tightest` (a TPOT target; none: the full cap).
   int64_t Budget(const PolicyState& s, int rank, std::optional<absl::Duration> tightest,
                  absl::Duration* time_budget) const {
-    const int64_t cap = s.config->max_batch_tokens;
+    const int64_t cap = MaxBatchTokens(s, rank);
     if (!tightest) {
       if (time_budget) *time_budget = absl::InfiniteDuration();
       return cap;
@@ -267,8 +269,11 @@ class IpwPolicy final : public Policy {
         if (HasTpotTarget(s, *r)) ++constrained;
       }
     }
-    return std::clamp<int64_t>(
-        tokens, std::max<int64_t>({constrained, 1, s.config->ipw.min_step_tokens}), cap);
+    // The floor stays within the cap: a worker may allow fewer tokens than
+    // min_step_tokens (and std::clamp needs floor <= cap).
+    const int64_t floor =
+        std::min(cap, std::max<int64_t>({constrained, 1, s.config->ipw.min_step_tokens}));
+    return std::clamp<int64_t>(tokens, floor, cap);
   }
 
   // 1 - observed TPOT / target of the worst running request with a TPOT

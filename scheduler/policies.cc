@@ -16,6 +16,28 @@ int64_t InFlight(const PolicyState& s, int rank) {
   return it == s.ranks->end() ? 0 : static_cast<int64_t>(it->second.size());
 }
 
+namespace {
+
+EngineLimits EngineOf(const PolicyState& s, int rank) {
+  if (s.engine_limits == nullptr) return {};
+  auto it = s.engine_limits->find(rank);
+  return it == s.engine_limits->end() ? EngineLimits{} : it->second;
+}
+
+int Capped(int configured, int engine) {
+  return engine > 0 ? std::min(configured, engine) : configured;
+}
+
+}  // namespace
+
+int MaxRunning(const PolicyState& s, int rank) {
+  return Capped(s.config->max_running, EngineOf(s, rank).max_running);
+}
+
+int MaxBatchTokens(const PolicyState& s, int rank) {
+  return Capped(s.config->max_batch_tokens, EngineOf(s, rank).max_batch_tokens);
+}
+
 std::optional<int> LeastLoaded(const PolicyState& s, const std::vector<int>& ready,
                                const std::map<int, int64_t>& added) {
   std::optional<int> best;
@@ -71,6 +93,8 @@ std::optional<int> PreferCached(const PolicyState& s, const Request& r,
 namespace {
 
 using policy_internal::LeastLoaded;
+using policy_internal::MaxBatchTokens;
+using policy_internal::MaxRunning;
 using policy_internal::PreferCached;
 using policy_internal::Starved;
 
@@ -103,10 +127,10 @@ class FcfsPolicy final : public Policy {
     return SpreadInOrder(s, ready, all);
   }
 
-  StepLimits Limits(const PolicyState& s, int /*rank*/) override {
+  StepLimits Limits(const PolicyState& s, int rank) override {
     StepLimits l;
-    l.max_batch_tokens = s.config->max_batch_tokens;
-    l.max_running = s.config->max_running;
+    l.max_batch_tokens = MaxBatchTokens(s, rank);
+    l.max_running = MaxRunning(s, rank);
     return l;  // empty order: the engine's own FCFS
   }
 };
@@ -134,8 +158,8 @@ class PriorityPolicy final : public Policy {
 
   StepLimits Limits(const PolicyState& s, int rank) override {
     StepLimits l;
-    l.max_batch_tokens = s.config->max_batch_tokens;
-    l.max_running = s.config->max_running;
+    l.max_batch_tokens = MaxBatchTokens(s, rank);
+    l.max_running = MaxRunning(s, rank);
     auto it = s.ranks->find(rank);
     if (it == s.ranks->end()) return l;
     std::vector<const Request*> seqs;
@@ -154,7 +178,7 @@ class PriorityPolicy final : public Policy {
     for (const Request* r : seqs) {
       (r->state == Request::State::kRunning ? running : waiting).push_back(r);
     }
-    int64_t free_slots = s.config->max_running - static_cast<int64_t>(running.size());
+    int64_t free_slots = l.max_running - static_cast<int64_t>(running.size());
     // Victims: lowest tier first, newest first within a tier.
     std::vector<const Request*> victims(running.rbegin(), running.rend());
     size_t v = 0;

@@ -58,6 +58,7 @@ struct PolicyState {
   const RankRequests* ranks = nullptr;  // in flight, every rank that ever had work
   const std::map<int, double>* step_gap_s = nullptr;
   const PrefixIndex* prefix = nullptr;
+  const std::map<int, EngineLimits>* engine_limits = nullptr;  // per rank; absent: unknown
 };
 
 class Policy {
@@ -93,6 +94,10 @@ bool Starved(const PolicyState& s, const Request& r);
 std::optional<int> LeastLoaded(const PolicyState& s, const std::vector<int>& ready,
                                const std::map<int, int64_t>& added);
 int64_t InFlight(const PolicyState& s, int rank);
+// The config's max_running / max_batch_tokens, lowered to what `rank`'s
+// worker allows: what every per-rank decision must plan within.
+int MaxRunning(const PolicyState& s, int rank);
+int MaxBatchTokens(const PolicyState& s, int rank);
 // Prompt tokens of `r` that `rank` is believed to hold in its prefix cache.
 int64_t CachedOn(const PolicyState& s, const Request& r, int rank);
 // Routing for prefix-cache hits (config.prefix_affinity): the ready rank

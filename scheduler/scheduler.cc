@@ -47,6 +47,11 @@ Scheduler::Scheduler(SchedulerConfig config, const Clock* clock, std::unique_ptr
 
 Scheduler::~Scheduler() = default;
 
+PolicyState Scheduler::StateLocked(absl::Time now) const {
+  return PolicyState{now,     &config_,     &cost_,   &slo_,          &queues_,
+                     &ranks_, &step_gap_s_, &prefix_, &engine_limits_};
+}
+
 absl::Status Scheduler::Submit(const RequestInfo& info) {
   if (info.prompt_tokens < 1) {
     return absl::InvalidArgumentError(
@@ -105,13 +110,14 @@ std::vector<Assignment> Scheduler::Dispatch(const ClusterView& cluster) {
   absl::MutexLock lock(&mu_);
   std::vector<int> ready;
   for (const RankInfo& r : cluster.ranks) {
+    engine_limits_[r.rank] = r.engine;
     if (r.ready) ready.push_back(r.rank);
   }
   std::sort(ready.begin(), ready.end());
   ready.erase(std::unique(ready.begin(), ready.end()), ready.end());
   if (ready.empty()) return {};
   const absl::Time now = clock_->Now();
-  PolicyState state{now, &config_, &cost_, &slo_, &queues_, &ranks_, &step_gap_s_, &prefix_};
+  const PolicyState state = StateLocked(now);
   std::vector<Assignment> out = policy_->Dispatch(state, ready);
   for (const Assignment& a : out) {
     Request* r = requests_.at(a.id).get();
@@ -145,8 +151,7 @@ std::optional<absl::Time> Scheduler::NextWakeup() const {
 
 StepLimits Scheduler::StepLimitsFor(int rank) {
   absl::MutexLock lock(&mu_);
-  PolicyState state{clock_->Now(), &config_,     &cost_,      &slo_,
-                    &queues_,      &ranks_,      &step_gap_s_, &prefix_};
+  const PolicyState state = StateLocked(clock_->Now());
   StepLimits limits = policy_->Limits(state, rank);
   last_limits_[rank] = limits;
   return limits;
@@ -154,8 +159,7 @@ StepLimits Scheduler::StepLimitsFor(int rank) {
 
 int64_t Scheduler::StepTokenCapFor(int rank, Tier tier) {
   absl::MutexLock lock(&mu_);
-  PolicyState state{clock_->Now(), &config_,     &cost_,      &slo_,
-                    &queues_,      &ranks_,      &step_gap_s_, &prefix_};
+  const PolicyState state = StateLocked(clock_->Now());
   return policy_->StepTokenCap(state, rank, tier);
 }
 
@@ -294,8 +298,7 @@ SchedulerSnapshot Scheduler::Snapshot() const {
     ts.stats = slo_.stats(t);
     ts.recent_attainment = slo_.RecentAttainment(t);
   }
-  PolicyState state{clock_->Now(), &config_,     &cost_,      &slo_,
-                    &queues_,      &ranks_,      &step_gap_s_, &prefix_};
+  const PolicyState state = StateLocked(clock_->Now());
   for (const auto& [rank, reqs] : ranks_) {
     RankSnapshot rs;
     rs.rank = rank;

@@ -41,6 +41,7 @@
 namespace joule::scheduler {
 
 class Policy;
+struct PolicyState;
 struct Request;
 
 struct RequestInfo {
@@ -53,9 +54,18 @@ struct RequestInfo {
   std::vector<uint64_t> prefix_blocks;
 };
 
+// What a rank's worker allows itself (joule-worker --max-running,
+// --max-batch-tokens); 0: unknown (an older worker). The scheduler plans the
+// rank within the smaller of these and its config's.
+struct EngineLimits {
+  int max_running = 0;
+  int max_batch_tokens = 0;
+};
+
 struct RankInfo {
   int rank = 0;
   bool ready = true;
+  EngineLimits engine;
 };
 
 // The ranks that may take work now (from membership).
@@ -120,7 +130,8 @@ class Scheduler {
   absl::Status Submit(const RequestInfo& request);
 
   // The requests to send now, and where. Each id is returned once; the
-  // request then counts as in flight on that rank.
+  // request then counts as in flight on that rank. Also takes each listed
+  // rank's engine limits, for this and later decisions on that rank.
   std::vector<Assignment> Dispatch(const ClusterView& cluster);
 
   // The earliest time Dispatch() would decide differently with no new event
@@ -158,6 +169,7 @@ class Scheduler {
  private:
   Scheduler(SchedulerConfig config, const Clock* clock, std::unique_ptr<Policy> policy);
   void Forget(uint64_t id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  PolicyState StateLocked(absl::Time now) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Duration RetryAfterLocked(Tier tier) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const SchedulerConfig config_;
@@ -174,6 +186,7 @@ class Scheduler {
   // In-flight requests per rank, in submission order.
   std::map<int, std::map<uint64_t, Request*>> ranks_ ABSL_GUARDED_BY(mu_);
   std::map<int, StepLimits> last_limits_ ABSL_GUARDED_BY(mu_);
+  std::map<int, EngineLimits> engine_limits_ ABSL_GUARDED_BY(mu_);  // from the last ClusterView
   PrefixIndex prefix_ ABSL_GUARDED_BY(mu_);
   // Per rank: when the last step was reported, and the mean time between
   // steps that was not step (lockstep agreement, streaming): TPOT pays it too.

@@ -133,6 +133,19 @@ std::string DeviceKind(const std::string& device) {
   return kind.empty() ? "cpu" : kind;
 }
 
+// 0 is an older worker's (unknown); below that the request is broken.
+absl::Status CheckEngineLimits(const v1::RegisterRequest& request) {
+  const std::pair<const char*, int> limits[] = {{"max_running", request.max_running()},
+                                                {"max_batch_tokens", request.max_batch_tokens()}};
+  for (const auto& [field, value] : limits) {
+    if (value < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ": must not be negative, got ", value, " (0: unknown)"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::Status Membership::Register(const v1::RegisterRequest& request, v1::RegisterReply* reply) {
@@ -158,6 +171,7 @@ absl::Status Membership::Register(const v1::RegisterRequest& request, v1::Regist
     return absl::InvalidArgumentError(
         "worker_endpoint: must name the worker's gRPC server (host:port)");
   }
+  RETURN_IF_ERROR(CheckEngineLimits(request));
   const int n = options_.world_size;
   const int requested = request.requested_rank();
   if (requested < -1 || requested >= n) {
@@ -215,7 +229,10 @@ absl::Status Membership::Register(const v1::RegisterRequest& request, v1::Regist
                                                      " already holds rank ", s.info.rank,
                                                      ", not the requested rank ", requested));
       }
-      slots_[s.info.rank].worker_secret = RandomHex(kWorkerSecretBytes);
+      Slot& same = slots_[s.info.rank];
+      same.worker_secret = RandomHex(kWorkerSecretBytes);
+      same.info.max_running = request.max_running();
+      same.info.max_batch_tokens = request.max_batch_tokens();
       FillRegisterReplyLocked(s.info.rank, reply);
       return absl::OkStatus();
     }
@@ -252,6 +269,8 @@ absl::Status Membership::Register(const v1::RegisterRequest& request, v1::Regist
                     .worker_endpoint = request.worker_endpoint(),
                     .host = request.host(),
                     .device = request.device(),
+                    .max_running = request.max_running(),
+                    .max_batch_tokens = request.max_batch_tokens(),
                     .energy_joules = s.info.energy_joules,
                     .energy_source = s.info.energy_source};
   s.transport_address = request.transport_address();

@@ -61,6 +61,10 @@ struct RankInfo {
   std::string worker_endpoint;
   std::string host;
   std::string device;
+  // Its worker's engine limits (RegisterRequest, from joule-worker
+  // --max-running, --max-batch-tokens), replaced at each registration; 0: unknown.
+  int max_running = 0;
+  int max_batch_tokens = 0;
   int running = 0;
   int waiting = 0;
   double kv_usage = 0;
@@ -127,8 +131,9 @@ class Membership {
 
   // Refusals carry a status code and a message naming the problem: wrong
   // protocol version or model fingerprint or transport (FAILED_PRECONDITION),
-  // rank out of range or missing fields (INVALID_ARGUMENT), rank held by a live
-  // worker (ALREADY_EXISTS), cluster full (RESOURCE_EXHAUSTED). A worker that
+  // rank out of range, missing fields or negative engine limits
+  // (INVALID_ARGUMENT), rank held by a live worker (ALREADY_EXISTS), cluster
+  // full (RESOURCE_EXHAUSTED). A worker that
   // registers again with the same worker_id gets its rank back. Every
   // registration gets a new random worker_secret in the reply.
   absl::Status Register(const v1::RegisterRequest& request, v1::RegisterReply* reply);

@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/logging.h"
 #include "coordinator/http/http_metrics.h"
 #include "scheduler/tier.h"
@@ -183,12 +184,39 @@ void ScheduledBackend::Wake() {
   woken_ = true;
 }
 
-scheduler::ClusterView ScheduledBackend::View() const {
+scheduler::ClusterView ScheduledBackend::View() {
   scheduler::ClusterView view;
   for (const cluster::RankInfo& r : membership_->Ranks()) {
-    view.ranks.push_back({.rank = r.rank, .ready = r.state == cluster::RankState::kReady});
+    NoteEngineLimits(r);
+    view.ranks.push_back({.rank = r.rank,
+                          .ready = r.state == cluster::RankState::kReady,
+                          .engine = {.max_running = r.max_running,
+                                     .max_batch_tokens = r.max_batch_tokens}});
   }
   return view;
+}
+
+void ScheduledBackend::NoteEngineLimits(const cluster::RankInfo& r) {
+  if (r.state == cluster::RankState::kFree) return;
+  auto registration = std::make_tuple(r.worker_id, r.max_running, r.max_batch_tokens);
+  auto [noted, inserted] = limits_noted_.try_emplace(r.rank, registration);
+  if (!inserted && noted->second == registration) return;
+  noted->second = registration;
+  const scheduler::SchedulerConfig& config = scheduler_->config();
+  std::vector<std::string> capped;
+  if (r.max_running > 0 && r.max_running < config.max_running) {
+    capped.push_back(absl::StrCat("runs at most ", r.max_running,
+                                  " sequences (--max-running); the scheduler's max_running ",
+                                  config.max_running, " is capped to it"));
+  }
+  if (r.max_batch_tokens > 0 && r.max_batch_tokens < config.max_batch_tokens) {
+    capped.push_back(absl::StrCat(
+        "takes at most ", r.max_batch_tokens,
+        " tokens per step (--max-batch-tokens); the scheduler's max_batch_tokens ",
+        config.max_batch_tokens, " is capped to it"));
+  }
+  if (capped.empty()) return;
+  JOULE_LOG(Info) << "rank " << r.rank << " " << absl::StrJoin(capped, "; it ");
 }
 
 void ScheduledBackend::Loop() {

@@ -6,7 +6,10 @@
 // back to the scheduler for SLO accounting.
 //
 // The steps workers report with their heartbeats go to Scheduler::OnStep, so
-// the step cost model learns from the cluster's own telemetry.
+// the step cost model learns from the cluster's own telemetry. Each rank's
+// engine limits (its worker's --max-running, --max-batch-tokens, reported at
+// registration) go with the cluster view, so the scheduler plans the rank
+// within them; a registration that caps the scheduler's config is logged.
 //
 // How each rank composes its steps travels as step plans: after dispatching,
 // the loop asks the scheduler for every ready rank's StepLimits and sends the
@@ -28,6 +31,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <tuple>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
@@ -80,7 +84,10 @@ class ScheduledBackend final : public GenerationBackend {
   void Loop();
   void Wake();
   void Send(uint64_t id, int rank, Queued queued);
-  scheduler::ClusterView View() const;
+  scheduler::ClusterView View();  // dispatch loop only
+  // Logs once per registration when `rank`'s worker allows less than the
+  // scheduler's config asks for.
+  void NoteEngineLimits(const cluster::RankInfo& rank);
   // Sends each ready rank its step plan when it changed (dispatch loop only).
   void SendStepPlans(const scheduler::ClusterView& view);
 
@@ -107,6 +114,8 @@ class ScheduledBackend final : public GenerationBackend {
   // Dispatch loop only.
   std::map<int, RankPlan> plans_;
   std::optional<absl::Time> plan_due_;  // when a plan held back by the interval may go
+  // Per rank: the registration last noted (worker id, max_running, max_batch_tokens).
+  std::map<int, std::tuple<std::string, int, int>> limits_noted_;
   std::thread loop_;
 };
 

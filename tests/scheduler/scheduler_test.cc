@@ -23,6 +23,14 @@ ClusterView Ranks(int n) {
   return v;
 }
 
+// One ready rank whose worker allows `max_running` sequences and
+// `max_batch_tokens` tokens per step (0: unknown).
+ClusterView RankAllowing(int max_running, int max_batch_tokens) {
+  ClusterView v;
+  v.ranks.push_back({.rank = 0, .ready = true, .engine = {max_running, max_batch_tokens}});
+  return v;
+}
+
 std::vector<uint64_t> Ids(const std::vector<Assignment>& a) {
   std::vector<uint64_t> ids;
   for (const Assignment& x : a) ids.push_back(x.id);
@@ -147,6 +155,73 @@ TEST_F(SchedulerTest, PriorityOrdersTheStepAndPreemptsLowerTiersForSlots) {
   StepLimits l = s->StepLimitsFor(0);
   EXPECT_THAT(l.order, ElementsAre(3, 2, 1));
   EXPECT_THAT(l.preempt, ElementsAre(1));  // the batch one, not the standard one
+}
+
+TEST_F(SchedulerTest, EveryPolicyPlansARankWithinWhatItsWorkerAllows) {
+  for (PolicyKind policy : {PolicyKind::kFcfs, PolicyKind::kPriority, PolicyKind::kIpw}) {
+    SCOPED_TRACE(PolicyName(policy));
+    SchedulerConfig c = Config(policy);  // max_running 128, max_batch_tokens 512
+    auto s = Make(c);
+    s->Dispatch(RankAllowing(64, 256));
+    StepLimits l = s->StepLimitsFor(0);
+    EXPECT_EQ(l.max_running, 64);
+    EXPECT_EQ(l.max_batch_tokens, 256);
+    // A worker's limits only lower the config's; unknown (0) leaves them.
+    s->Dispatch(RankAllowing(1000, 0));
+    l = s->StepLimitsFor(0);
+    EXPECT_EQ(l.max_running, c.max_running);
+    EXPECT_EQ(l.max_batch_tokens, c.max_batch_tokens);
+  }
+}
+
+// The config allows 128 running sequences, the worker 64: with 64 batch
+// sequences running the rank is full, so a waiting fast one takes the newest
+// one's slot instead of waiting behind all of them.
+TEST_F(SchedulerTest, PriorityPreemptsForSlotsWhenTheWorkersRunningLimitIsFull) {
+  for (int worker_limit : {64, 0}) {
+    SCOPED_TRACE(worker_limit == 0 ? "worker limit unknown" : "worker allows 64");
+    auto s = Make(Config(PolicyKind::kPriority));
+    const ClusterView view = RankAllowing(worker_limit, 0);
+    for (uint64_t id = 1; id <= 64; ++id) ASSERT_TRUE(s->Submit({id, Tier::kBatch, 5, 50}).ok());
+    ASSERT_EQ(s->Dispatch(view).size(), 64u);
+    for (uint64_t id = 1; id <= 64; ++id) s->OnTokens(id, 1);
+    ASSERT_TRUE(s->Submit({65, Tier::kFast, 5, 50}).ok());
+    ASSERT_THAT(Ids(s->Dispatch(view)), ElementsAre(65));
+    const StepLimits l = s->StepLimitsFor(0);
+    if (worker_limit == 0) {
+      EXPECT_THAT(l.preempt, IsEmpty()) << "128 slots by the config: room for it";
+    } else {
+      EXPECT_THAT(l.preempt, ElementsAre(64));
+      EXPECT_EQ(l.max_running, 64);
+    }
+    EXPECT_EQ(l.order.front(), 65u);
+  }
+}
+
+TEST_F(SchedulerTest, IpwFillsAndPreemptsWithinTheWorkersRunningLimit) {
+  SchedulerConfig c = Config(PolicyKind::kIpw);  // max_running 128
+  c.ipw.valley_hold = absl::ZeroDuration();
+  auto s = Make(c);
+  const ClusterView view = RankAllowing(64, 0);
+  // Batch fills the worker's 64 running slots, not the config's 128.
+  for (uint64_t id = 1; id <= 70; ++id) ASSERT_TRUE(s->Submit({id, Tier::kBatch, 10, 100}).ok());
+  ASSERT_EQ(s->Dispatch(view).size(), 64u);
+  for (uint64_t id = 1; id <= 64; ++id) s->OnTokens(id, 1);
+  EXPECT_THAT(s->StepLimitsFor(0).preempt, IsEmpty());
+  ASSERT_TRUE(s->Submit({71, Tier::kFast, 10, 100}).ok());
+  ASSERT_THAT(Ids(s->Dispatch(view)), ElementsAre(71));
+  const StepLimits l = s->StepLimitsFor(0);
+  EXPECT_THAT(l.preempt, ElementsAre(64));  // the newest running batch sequence
+  EXPECT_EQ(l.max_running, 64);
+}
+
+TEST_F(SchedulerTest, IpwStepCapStaysWithinAWorkerThatAllowsFewerThanTheMinimumStep) {
+  SchedulerConfig c = Config(PolicyKind::kIpw);  // ipw.min_step_tokens 16
+  auto s = Make(c);
+  ASSERT_TRUE(s->Submit({1, Tier::kFast, 10, 50}).ok());
+  ASSERT_THAT(Ids(s->Dispatch(RankAllowing(0, 8))), ElementsAre(1));
+  EXPECT_EQ(s->StepLimitsFor(0).max_batch_tokens, 8);
+  EXPECT_EQ(s->StepTokenCapFor(0, Tier::kFast), 8);
 }
 
 TEST_F(SchedulerTest, IpwCapsTheStepWhileAFastRequestIsInFlight) {

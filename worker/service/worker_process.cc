@@ -211,6 +211,8 @@ absl::Status WorkerProcess::Register(int requested_rank) {
   request.set_transport(config_.transport == "nccl" ? v1::TRANSPORT_KIND_NCCL : v1::TRANSPORT_KIND_UCX);
   // The transport address goes with the rendezvous: UCX needs our rank first.
   request.set_worker_endpoint(endpoint_);
+  request.set_max_running(config_.max_running);
+  request.set_max_batch_tokens(config_.max_batch_tokens);
 
   // The coordinator may start after the workers: retry while it is
   // unreachable (a registration whose reply was lost gets the same rank back:

@@ -261,6 +261,48 @@ TEST_F(MembershipTest, RefusesRankOutOfRangeAndMissingFields) {
   EXPECT_THAT(std::string(Register(r).status().message()), HasSubstr("worker_endpoint"));
 }
 
+TEST_F(MembershipTest, RefusesNegativeEngineLimitsNamingTheField) {
+  Make(1);
+  v1::RegisterRequest r = Worker("w-a");
+  r.set_max_running(-1);
+  absl::Status s = Register(r).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("max_running: must not be negative, got -1"));
+  r = Worker("w-a");
+  r.set_max_batch_tokens(-512);
+  s = Register(r).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("max_batch_tokens: must not be negative"));
+  EXPECT_EQ(membership_->Ranks()[0].state, RankState::kFree);
+}
+
+TEST_F(MembershipTest, KeepsEachRanksEngineLimitsFromItsLatestRegistration) {
+  Make(2);
+  v1::RegisterRequest a = Worker("w-a");
+  a.set_max_running(64);
+  a.set_max_batch_tokens(256);
+  ASSERT_EQ(*Register(a), 0);
+  ASSERT_EQ(*Register(Worker("w-b")), 1);  // an older worker: unknown
+  std::vector<RankInfo> ranks = membership_->Ranks();
+  EXPECT_EQ(ranks[0].max_running, 64);
+  EXPECT_EQ(ranks[0].max_batch_tokens, 256);
+  EXPECT_EQ(ranks[1].max_running, 0);
+  EXPECT_EQ(ranks[1].max_batch_tokens, 0);
+  // The same worker registering again replaces them.
+  a.set_max_running(32);
+  ASSERT_EQ(*Register(a), 0);
+  EXPECT_EQ(membership_->Ranks()[0].max_running, 32);
+  // So does a new worker taking the rank over.
+  ASSERT_TRUE(membership_->MarkDead(0, "gone"));
+  v1::RegisterRequest c = Worker("w-c", 0);
+  c.set_max_running(16);
+  ASSERT_EQ(*Register(c), 0);
+  ranks = membership_->Ranks();
+  EXPECT_EQ(ranks[0].max_running, 16);
+  EXPECT_EQ(ranks[0].max_batch_tokens, 0);
+  EXPECT_EQ(ranks[1].max_running, 0) << "another rank's registration changes nothing here";
+}
+
 TEST_F(MembershipTest, RefusesWhenFull) {
   Make(2);
   ASSERT_TRUE(Register(Worker("w-a")).ok());

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/logging.h"
 #include "coordinator/cluster/fake_clock.h"
 #include "coordinator/cluster/fake_worker_client.h"
 #include "gmock/gmock.h"
@@ -21,6 +22,7 @@ namespace joule::http {
 namespace {
 
 using ::testing::ElementsAre;
+using ::testing::HasSubstr;
 using ::testing::IsEmpty;
 
 constexpr char kFingerprint[] = "fnv1a64:0123456789abcdef";
@@ -44,7 +46,8 @@ class NullSink final : public cluster::GenerateSink {
 
 class ScheduledBackendTest : public ::testing::Test {
  protected:
-  void Make(scheduler::SchedulerConfig config) {
+  // `worker_max_running`: what the worker registers (0: unknown, an older worker).
+  void Make(scheduler::SchedulerConfig config, int worker_max_running = 0) {
     cluster::MembershipOptions o{.world_size = 1,
                                  .model_dir = "/m",
                                  .model_fingerprint = kFingerprint,
@@ -57,6 +60,7 @@ class ScheduledBackendTest : public ::testing::Test {
     req.set_worker_id("w0");
     req.set_transport(v1::TRANSPORT_KIND_UCX);
     req.set_worker_endpoint("w0:1");
+    req.set_max_running(worker_max_running);
     v1::RegisterReply reply;
     ASSERT_TRUE(membership_->Register(req, &reply).ok());
     v1::HeartbeatRequest hb;
@@ -221,6 +225,44 @@ TEST_F(ScheduledBackendTest, PreemptionIsSentOncePerDecision) {
   fast2->Close(absl::OkStatus());
   fast->Close(absl::OkStatus());
   batch->Close(absl::OkStatus());
+}
+
+// The worker allows two running sequences, the scheduler's config 128: with
+// two batch requests running the rank is full, so the fast request takes the
+// newer one's slot; the coordinator says once that the rank caps its config.
+TEST_F(ScheduledBackendTest, PlansARankWithinTheRunningLimitItsWorkerRegistered) {
+  const LogLevel level = MinLogLevel();
+  SetMinLogLevel(LogLevel::kInfo);
+  ::testing::internal::CaptureStderr();
+  Make(Config(scheduler::PolicyKind::kPriority), /*worker_max_running=*/2);
+  v1::StepPlanReply none;
+  worker()->SetStepPlanReply(none);
+  std::shared_ptr<cluster::FakeStream> batch1 = Submit("batch-1", "flex", 1);
+  std::shared_ptr<cluster::FakeStream> batch2 = Submit("batch-2", "flex", 2);
+  ASSERT_NE(batch1, nullptr);
+  ASSERT_NE(batch2, nullptr);
+  Token(*batch1);
+  Token(*batch2);
+  ASSERT_TRUE(Eventually([&] { return Running(scheduler::Tier::kBatch) == 2; }));
+  std::shared_ptr<cluster::FakeStream> fast = Submit("fast-1", "fast", 3);
+  ASSERT_NE(fast, nullptr);
+  const std::string fast_id = fast->request().request_id();
+  const std::string batch1_id = batch1->request().request_id();
+  const std::string batch2_id = batch2->request().request_id();
+  std::optional<v1::StepPlanRequest> plan = PlanWithOrder({fast_id, batch1_id, batch2_id});
+  const std::string log = ::testing::internal::GetCapturedStderr();
+  SetMinLogLevel(level);
+  ASSERT_TRUE(plan.has_value());
+  EXPECT_THAT(plan->preempt(), ElementsAre(batch2_id));
+  EXPECT_EQ(plan->max_running(), 2);
+  const std::string capped =
+      "rank 0 runs at most 2 sequences (--max-running); the scheduler's max_running 128 is "
+      "capped to it";
+  EXPECT_THAT(log, HasSubstr(capped));
+  EXPECT_EQ(log.find(capped), log.rfind(capped)) << "logged more than once:\n" << log;
+  fast->Close(absl::OkStatus());
+  batch2->Close(absl::OkStatus());
+  batch1->Close(absl::OkStatus());
 }
 
 TEST_F(ScheduledBackendTest, WhatTheWorkerPreemptedGoesBackToTheScheduler) {
