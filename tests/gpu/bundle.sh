@@ -64,7 +64,15 @@ du -sh .gpu .gpu/bin .gpu/lib .gpu/models
 # What travels is the xz archive (the device tool carries at most 64 MiB with the working tree;
 # ICU's data library alone is 30 MB unpacked): env.sh unpacks it there when .gpu/ is absent.
 grep -qx '/.gpu.tar.xz' .git/info/exclude 2>/dev/null || echo '/.gpu.tar.xz' >> .git/info/exclude
-tar -cf - .gpu | xz -6 -T0 > .gpu.tar.xz
+# The CPU dispatch/combine sweep's bundle (.bench/: its benchmarks, ucx_perftest, Open MPI) rides
+# along for run.sh's cpu_dispatch_sweep check, so a GPU host's many cores measure it too.
+packed=(.gpu)
+if bash bench/dispatch_combine/bundle.sh "$B" >/dev/null; then
+  packed+=(.bench)
+else
+  echo "bundle.sh: bench/dispatch_combine/bundle.sh failed: cpu_dispatch_sweep will fail" >&2
+fi
+tar -cf - "${packed[@]}" | xz -6 -T0 > .gpu.tar.xz
 size_mb=$(( $(du -sb .gpu | cut -f1) / 1000000 ))
 packed_mb=$(( $(stat -c %s .gpu.tar.xz) / 1000000 ))
 echo "bundle: ${size_mb} MB in .gpu/, ${packed_mb} MB in .gpu.tar.xz (binaries: ${targets[*]})"

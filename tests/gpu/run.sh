@@ -113,7 +113,24 @@ hf_mini_presets() {
   return $rc
 }
 
-export -f machine libraries gtest nvml_under_load hf_mini_presets
+# The CPU dispatch/combine sweep (bench/dispatch_combine/run.sh, quick sizes, transport and
+# executor levels, EP 2 and 4 over UCX shm and TCP with and without the receive thread, against
+# ucx_perftest and MPI_Alltoallv) on this host's cores, from the .bench/ bundle; the tables go
+# to $OUT/bench/.
+cpu_dispatch_sweep() {
+  [ -d .bench/bin ] || { echo "no .bench/ bundle: tests/gpu/bundle.sh packs it"; return 127; }
+  local rc=0 f
+  echo "cores: $(nproc)"
+  bench/dispatch_combine/run_bundled.sh --quick || rc=$?
+  bench/dispatch_combine/run_bundled.sh --quick --executor || rc=$?
+  mkdir -p "$OUT/bench"
+  for f in bench/results/dispatch_combine-{transport,executor}.{json,md}; do
+    [ -f "$f" ] && cp "$f" "$OUT/bench/"
+  done
+  return $rc
+}
+
+export -f machine libraries gtest nvml_under_load hf_mini_presets cpu_dispatch_sweep
 
 # ---- the runner ----------------------------------------------------------------------------
 
@@ -161,7 +178,8 @@ check hf_fixtures          240 python3 tests/reference/hf_check.py fixtures --mo
   --fixtures tests/data/golden/qwen3_moe-tiny.json tests/data/golden/qwen2_moe-tiny.json \
              tests/data/golden/mixtral-tiny.json tests/data/golden/deepseek_v3-tiny.json
 check hf_mini_presets      300 hf_mini_presets
-check dispatch_combine_gpu 240 bench/dispatch_combine/gpu_run.sh "$G" --out "$OUT/bench"
+check dispatch_combine_gpu 300 bench/dispatch_combine/gpu_run.sh "$G" --out "$OUT/bench"
+check cpu_dispatch_sweep   300 cpu_dispatch_sweep
 echo
 echo "===== summary ($(date +%T))"
 failed=0
