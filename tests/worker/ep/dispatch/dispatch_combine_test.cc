@@ -608,9 +608,13 @@ class DispatchFailureTest : public ::testing::Test {
   }
   void TearDown() override { std::filesystem::remove_all(dir_); }
 
-  absl::Status RunLayer(ExpertParallelExecutor& ex, int layer) {
+  // With an asynchronous `device`, its launches (which read x_ and write out)
+  // are waited for before out goes: a GPU's would outlive the call too.
+  absl::Status RunLayer(ExpertParallelExecutor& ex, int layer, device::Backend* device = nullptr) {
     std::vector<float> out(out_);
-    return ex.Run(layer, x_.data(), 4, ids_.data(), w_.data(), out.data());
+    absl::Status s = ex.Run(layer, x_.data(), 4, ids_.data(), w_.data(), out.data());
+    if (device != nullptr) device->Synchronize().IgnoreError();  // a fault's status is s's
+    return s;
   }
 
   std::string dir_;
@@ -654,31 +658,35 @@ TEST_F(DispatchFailureTest, DeadPeerFailsEveryLayerCallQuicklyWithTheLayer) {
 // the layer; its peers, waiting for its rows, fail within the transport's
 // timeout instead of hanging or combining partial rows.
 TEST_F(DispatchFailureTest, DeviceFaultOnOneRankFailsItsPeersWithinTheTimeout) {
-  InProcessGroup group(3, {.timeout = absl::Seconds(1)});
-  std::vector<absl::Status> results(3);
-  std::vector<double> seconds(3);
-  // In-process windows are each rank's own memory: a rank's executor must
-  // outlive its peers' writes into them (separate processes keep the mapping).
-  std::latch all_done(3);
-  RunRanks(3, [&](int rank) {
-    auto transport = group.Rank(rank);
-    device::FakeDeviceBackend fake(1);
-    ExpertParallelExecutor ex(weights_.get(), transport.get(), placement_, {},
-                              {.device = {.backend = &fake}});
-    EXPECT_TRUE(RunLayer(ex, 0).ok());
-    // The next synchronization after the router's choices: the dispatch's.
-    if (rank == 1) fake.InjectFault(2, absl::InternalError("cuda:0: an illegal memory access"));
-    const auto t0 = std::chrono::steady_clock::now();
-    results[rank] = RunLayer(ex, 1);
-    seconds[rank] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    all_done.arrive_and_wait();
-  });
-  EXPECT_THAT(std::string(results[1].message()), HasSubstr("illegal memory access"));
-  EXPECT_THAT(std::string(results[1].message()), HasSubstr("layer 1"));
-  for (int rank : {0, 2}) {
-    EXPECT_EQ(results[rank].code(), absl::StatusCode::kDeadlineExceeded) << results[rank];
-    EXPECT_THAT(std::string(results[rank].message()), HasSubstr("layer 1"));
-    EXPECT_LT(seconds[rank], 5.0);
+  // One batch per layer, then two overlapped micro-batches (their own waits).
+  for (bool two_batches : {false, true}) {
+    SCOPED_TRACE(two_batches ? "two micro-batches" : "one batch");
+    InProcessGroup group(3, {.timeout = absl::Seconds(1)});
+    std::vector<absl::Status> results(3);
+    std::vector<double> seconds(3);
+    // In-process windows are each rank's own memory: a rank's executor must
+    // outlive its peers' writes into them (separate processes keep the mapping).
+    std::latch all_done(3);
+    RunRanks(3, [&](int rank) {
+      auto transport = group.Rank(rank);
+      device::FakeDeviceBackend fake(1, /*asynchronous=*/true);
+      ExpertParallelExecutor ex(weights_.get(), transport.get(), placement_, {},
+                                {.two_batch_overlap = two_batches, .device = {.backend = &fake}});
+      EXPECT_TRUE(RunLayer(ex, 0, &fake).ok());
+      // The next wait after the router's choices: the (first) dispatch's.
+      if (rank == 1) fake.InjectFault(2, absl::InternalError("cuda:0: an illegal memory access"));
+      const auto t0 = std::chrono::steady_clock::now();
+      results[rank] = RunLayer(ex, 1, &fake);
+      seconds[rank] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      all_done.arrive_and_wait();
+    });
+    EXPECT_THAT(std::string(results[1].message()), HasSubstr("illegal memory access"));
+    EXPECT_THAT(std::string(results[1].message()), HasSubstr("layer 1"));
+    for (int rank : {0, 2}) {
+      EXPECT_EQ(results[rank].code(), absl::StatusCode::kDeadlineExceeded) << results[rank];
+      EXPECT_THAT(std::string(results[rank].message()), HasSubstr("layer 1"));
+      EXPECT_LT(seconds[rank], 5.0);
+    }
   }
 }
 
