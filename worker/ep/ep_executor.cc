@@ -47,6 +47,12 @@ double SecondsSince(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
+// An OverlapSetting for messages.
+std::string OverlapName(int64_t setting) {
+  if (setting == 0) return "never (two-batch overlap off)";
+  return absl::StrCat("from ", setting - 1, " rows on (two-batch overlap on)");
+}
+
 }  // namespace
 
 struct ExpertParallelExecutor::Impl {
@@ -77,7 +83,11 @@ struct ExpertParallelExecutor::Impl {
     bool moving = false;  // rows move in this layer (every rank agrees)
   };
   std::array<Lane, 2> lanes;
-  int micro_batches = 1;
+  int micro_batches = 1;  // the most per layer: 2 with two-batch overlap
+  // Rows that moved (over all ranks) in this layer so far, and in the last
+  // layer that completed: every rank saw the same count matrices, so the
+  // split decided from them is the same on every rank.
+  int64_t layer_rows = 0, last_layer_rows = 0;
   int layer = -1;  // the layer running
   ExchangeBytes bytes;
   // Dispatch sends from `dispatch_send` into `dispatch_recv`; combine sends
@@ -112,6 +122,15 @@ struct ExpertParallelExecutor::Impl {
 
   absl::Status Run(int layer, const float* x, int64_t tokens, const int32_t* expert_ids,
                    const float* weights, float* out);
+  // Micro-batches for the next layer (two-batch overlap above its row threshold).
+  int MicroBatchesNow() const {
+    return micro_batches == 2 && last_layer_rows >= options.two_batch_min_rows ? 2 : 1;
+  }
+  // What the count exchange compares: two-batch overlap off (0), or on from
+  // `two_batch_min_rows` rows (1 + that).
+  int64_t OverlapSetting() const {
+    return micro_batches == 2 ? 1 + options.two_batch_min_rows : 0;
+  }
   // Tokens [first, first + tokens) of a layer's call.
   struct MicroBatch {
     int64_t first = 0;
@@ -228,7 +247,11 @@ absl::Status ExpertParallelExecutor::Impl::SetUpDevice(const ExpertParallelDevic
   JOULE_LOG(Info) << "rank " << transport->rank() << ": expert parallelism on "
                   << d.backend->spec().ToString() << ", rows through "
                   << RowPathName(lanes[0].device->row_path())
-                  << (micro_batches == 2 ? ", two micro-batches per MoE layer" : "");
+                  << (micro_batches == 2 ? ", two micro-batches per MoE layer" : "")
+                  << (micro_batches == 2 && options.two_batch_min_rows > 0
+                          ? absl::StrCat(" after one that moved >= ", options.two_batch_min_rows,
+                                         " rows")
+                          : "");
   return absl::OkStatus();
 }
 
@@ -309,12 +332,22 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer_index, const float* x, 
   }
   if (local.ok()) local = CheckRouting(layer, tokens, ids);
   const int64_t valid = local.ok() ? tokens : 0;  // on failure only the flag goes out
+  const int split = MicroBatchesNow();
   std::array<MicroBatch, 2> batches;
-  batches[0].tokens = micro_batches == 2 ? (valid + 1) / 2 : valid;
+  batches[0].tokens = split == 2 ? (valid + 1) / 2 : valid;
   batches[1] = {.first = batches[0].tokens, .tokens = valid - batches[0].tokens};
-  const std::span<const MicroBatch> run(batches.data(), micro_batches);
-  if (on_device) return RunOnDevice(local, run, x, ids, ids_weights, router_w, out);
-  for (const MicroBatch& b : run) RETURN_IF_ERROR(RunOnHost(local, b, x, ids, router_w, out));
+  const std::span<const MicroBatch> run(batches.data(), split);
+  layer_rows = 0;
+  if (on_device) {
+    RETURN_IF_ERROR(RunOnDevice(local, run, x, ids, ids_weights, router_w, out));
+  } else {
+    for (const MicroBatch& b : run) RETURN_IF_ERROR(RunOnHost(local, b, x, ids, router_w, out));
+  }
+  last_layer_rows = layer_rows;
+  if (split == 2) {
+    absl::MutexLock lock(&mu);
+    ++stats.two_batch_layers;
+  }
   return absl::OkStatus();
 }
 
@@ -422,9 +455,9 @@ absl::Status ExpertParallelExecutor::Impl::RunOnDevice(const absl::Status& local
 }
 
 // Each rank's row is [rows to every rank, placement fingerprint, failure
-// flag, micro-batches per layer]; together they form the world x world count
-// matrix every rank needs to size its receives. Returns the rows that move
-// in all.
+// flag, two-batch overlap setting]; together they form the world x world
+// count matrix every rank needs to size its receives. Returns the rows that
+// move in all.
 absl::StatusOr<int64_t> ExpertParallelExecutor::Impl::ExchangeCounts(Lane& lane,
                                                                      const absl::Status& local,
                                                                      const int32_t* expert_ids,
@@ -438,7 +471,7 @@ absl::StatusOr<int64_t> ExpertParallelExecutor::Impl::ExchangeCounts(Lane& lane,
   for (int d = 0; d < W; ++d) row[d] = L.send_offsets[d + 1] - L.send_offsets[d];
   row[W] = static_cast<int64_t>(fingerprint);
   row[W + 1] = local.ok() ? 0 : 1;
-  row[W + 2] = micro_batches;
+  row[W + 2] = OverlapSetting();
   all.resize(static_cast<size_t>(W) * row_len);
   RETURN_IF_ERROR(Annotate(transport->AllGather(row.data(), row_len * sizeof(int64_t), all.data()),
                            Context("count exchange")));
@@ -455,14 +488,16 @@ absl::StatusOr<int64_t> ExpertParallelExecutor::Impl::ExchangeCounts(Lane& lane,
           Context("dispatch"), ": rank ", p, " routes by a different placement than rank ", L.me,
           " (a new placement must be applied on every rank between the same steps)"));
     }
-    if (all[p * row_len + W + 2] != micro_batches) {
+    if (all[p * row_len + W + 2] != OverlapSetting()) {
       return absl::FailedPreconditionError(absl::StrCat(
-          Context("dispatch"), ": rank ", p, " splits a MoE layer into ", all[p * row_len + W + 2],
-          " micro-batch(es), rank ", L.me, " into ", micro_batches,
-          " (two-batch overlap must be on or off on every rank alike)"));
+          Context("dispatch"), ": rank ", p, " splits MoE layers into micro-batches ",
+          OverlapName(all[p * row_len + W + 2]), ", rank ", L.me, " ",
+          OverlapName(OverlapSetting()),
+          " (two-batch overlap and its minimum rows must be alike on every rank)"));
     }
   }
   const int64_t moving = SetCounts(all, row_len, &L);
+  layer_rows += moving;
   absl::MutexLock lock(&mu);
   std::vector<int64_t>& layer_load = load[L.layer];
   for (int64_t s = 0; s < slots; ++s) ++layer_load[expert_ids[s]];

@@ -54,6 +54,10 @@ struct ExpertParallelOptions {
   // after the other (same results, no overlap). Every rank must agree (the
   // count exchange refuses a mix).
   bool two_batch_overlap = false;
+  // With two_batch_overlap: a layer splits only when the previous MoE layer
+  // moved at least this many rows over all ranks (every rank saw the same
+  // count matrix, so all decide alike without a message); 0: every layer.
+  int64_t two_batch_min_rows = 0;
   ExpertParallelDevice device;
 };
 
@@ -96,6 +100,7 @@ class ExpertParallelExecutor : public ExpertExecutor {
     uint64_t combine_bytes = 0;
     double dispatch_seconds = 0;
     double combine_seconds = 0;
+    uint64_t two_batch_layers = 0;  // layer calls run as two micro-batches
   };
   Stats stats() const;
 

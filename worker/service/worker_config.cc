@@ -59,6 +59,9 @@ absl::Status WorkerConfig::Validate() const {
   if (payload != "bf16" && payload != "f32") {
     return absl::InvalidArgumentError(absl::StrCat("--payload: must be bf16 or f32, got '", payload, "'"));
   }
+  if (two_batch_overlap_min_rows < 0) {
+    return absl::InvalidArgumentError("--two-batch-overlap-min-rows: must not be negative");
+  }
   if (step_timeout_ms <= 0) return absl::InvalidArgumentError("--step-timeout-ms: must be positive");
   if (rpc_timeout_ms <= 0) return absl::InvalidArgumentError("--rpc-timeout-ms: must be positive");
   if (rendezvous_timeout_ms <= 0) {

@@ -55,6 +55,9 @@ namespace joule::worker {
   X(bool, two_batch_overlap, false,                                                               \
     "GPU expert parallelism: each MoE layer as two micro-batches, one's exchange waiting while "  \
     "the other's experts run; the same on every worker")                                          \
+  X(int64_t, two_batch_overlap_min_rows, 0,                                                       \
+    "with --two-batch-overlap: split a layer only after one that moved at least this many rows " \
+    "over all ranks (0: every layer); the same on every worker")                                  \
   X(int64_t, step_timeout_ms, 10000, "a collective that takes longer fails the step (peer lost); the coordinator's value wins") \
   X(int64_t, rpc_timeout_ms, 5000, "deadline of Register and Heartbeat calls")                    \
   X(int64_t, rendezvous_timeout_ms, 300000, "how long to wait for every rank to register")        \

@@ -104,6 +104,7 @@ struct WorkerStatus {
   uint64_t combine_bytes_total = 0;
   double dispatch_seconds_total = 0;
   double combine_seconds_total = 0;
+  uint64_t two_batch_layers_total = 0;  // MoE layer calls run as two micro-batches
   uint64_t busy_steps = 0;  // rounds in which some rank had tokens (ran the MoE layers)
   // Tokens this rank routed to each expert since start, [layer][expert]
   // (empty rows for dense layers).

@@ -68,7 +68,10 @@ namespace joule::worker {
   X(joule_combine_seconds_total, Counter,                                                       \
     "Seconds in combine (all-to-all or barrier, un-permute; F32 payloads also packing; BF16 "  \
     "rows are summed and rounded in the expert GEMMs); / busy steps = per step.",               \
-    s.combine_seconds_total)
+    s.combine_seconds_total)                                                                    \
+  X(joule_two_batch_layers_total, Counter,                                                      \
+    "MoE layer calls run as two overlapped micro-batches (--two-batch-overlap).",               \
+    s.two_batch_layers_total)
 
 // Energy, labelled rank and source (nvml, rapl, or model = an estimate);
 // only when the worker has a meter. total = attributed + idle + unattributed.

@@ -476,6 +476,7 @@ absl::Status WorkerProcess::StartServing() {
   ep::ExpertParallelOptions ep_options;
   ep_options.payload = config_.payload == "f32" ? ep::PayloadType::kF32 : ep::PayloadType::kBF16;
   ep_options.two_batch_overlap = config_.two_batch_overlap;
+  ep_options.two_batch_min_rows = config_.two_batch_overlap_min_rows;
   // A GPU worker keeps its rows in device memory and runs its experts there
   // (worker/ep/device_stages.h); a one-rank GPU cluster keeps the model's
   // local executor and its decode graphs.

@@ -344,6 +344,7 @@ void WorkerRuntime::ReplaceExecutor(std::unique_ptr<ep::ExpertParallelExecutor> 
   retired_ep_stats_.combine_bytes += old.combine_bytes;
   retired_ep_stats_.dispatch_seconds += old.dispatch_seconds;
   retired_ep_stats_.combine_seconds += old.combine_seconds;
+  retired_ep_stats_.two_batch_layers += old.two_batch_layers;
   executor_ = std::move(executor);
 }
 
@@ -723,6 +724,7 @@ void WorkerRuntime::PublishStatus() {
   status_.combine_bytes_total = retired_ep_stats_.combine_bytes + ep.combine_bytes;
   status_.dispatch_seconds_total = retired_ep_stats_.dispatch_seconds + ep.dispatch_seconds;
   status_.combine_seconds_total = retired_ep_stats_.combine_seconds + ep.combine_seconds;
+  status_.two_batch_layers_total = retired_ep_stats_.two_batch_layers + ep.two_batch_layers;
 }
 
 }  // namespace joule::worker

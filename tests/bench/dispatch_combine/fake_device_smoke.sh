@@ -65,7 +65,8 @@ row = 2 * hidden
 for k in ("dispatch_bytes_per_rank", "combine_bytes_per_rank"):
     if not 0.9 * tokens * row <= j[k] <= tokens * row:
         sys.exit(f"FAIL: {k} = {j[k]}, expected about {tokens * row} ({tokens} rows of {row} bytes)")
-if j["bytes_per_rank"] != j["dispatch_bytes_per_rank"] + j["combine_bytes_per_rank"]:
+# Means over ranks and iterations, each printed rounded: equal within the rounding.
+if abs(j["bytes_per_rank"] - j["dispatch_bytes_per_rank"] - j["combine_bytes_per_rank"]) > 1:
     sys.exit("FAIL: bytes_per_rank is not dispatch + combine")
 print("PASS")
 PY

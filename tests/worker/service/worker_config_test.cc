@@ -71,6 +71,10 @@ TEST(WorkerConfigTest, ErrorsNameTheFlag) {
   EXPECT_THAT(std::string(Parse({"--coordinator", "c:1", "--model", "/m", "--workers-per-host", "0"})
                               .status().message()),
               HasSubstr("--workers-per-host: must be at least 1"));
+  EXPECT_THAT(std::string(Parse({"--coordinator", "c:1", "--model", "/m",
+                                 "--two-batch-overlap-min-rows", "-1"})
+                              .status().message()),
+              HasSubstr("--two-batch-overlap-min-rows: must not be negative"));
   EXPECT_EQ(Parse({"--help"}).status().code(), absl::StatusCode::kCancelled);
 }
 

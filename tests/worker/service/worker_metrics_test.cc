@@ -154,6 +154,7 @@ TEST(WorkerMetricsTest, ServesTheTableOverLoopbackWithCurrentValues) {
   s.power_watts = 312.5;
   s.dispatch_bytes_total = 4096;
   s.combine_seconds_total = 0.75;
+  s.two_batch_layers_total = 96;
   s.expert_tokens_total = {{}, {3, 0, 5}};
   handler.Set(s);
   m = Samples(HttpGet((*server)->port(), "/metrics"));
@@ -162,6 +163,7 @@ TEST(WorkerMetricsTest, ServesTheTableOverLoopbackWithCurrentValues) {
       << "a meter without an instant reading exports none";
   EXPECT_DOUBLE_EQ(m["joule_dispatch_bytes_total{rank=\"3\"}"], 4096);
   EXPECT_DOUBLE_EQ(m["joule_combine_seconds_total{rank=\"3\"}"], 0.75);
+  EXPECT_DOUBLE_EQ(m["joule_two_batch_layers_total{rank=\"3\"}"], 96);
   EXPECT_DOUBLE_EQ(m["joule_expert_tokens_total{rank=\"3\",layer=\"1\",expert=\"0\"}"], 3);
   EXPECT_DOUBLE_EQ(m["joule_expert_tokens_total{rank=\"3\",layer=\"1\",expert=\"1\"}"], 0);
   EXPECT_DOUBLE_EQ(m["joule_expert_tokens_total{rank=\"3\",layer=\"1\",expert=\"2\"}"], 5);

@@ -713,14 +713,35 @@ TEST_F(DispatchFailureTest, TwoBatchOverlapOnSomeRanksOnlyIsRefusedOnEveryRank) 
   std::vector<absl::Status> results(3);
   RunRanks(3, [&](int rank) {
     auto transport = group.Rank(rank);
+    // Rank 2 has it on, rank 1 on from another minimum, rank 0 off.
     ExpertParallelExecutor ex(weights_.get(), transport.get(), placement_, {},
-                              {.two_batch_overlap = rank == 2});
+                              {.two_batch_overlap = rank > 0, .two_batch_min_rows = rank});
     results[rank] = RunLayer(ex, 0);
   });
   for (int rank = 0; rank < 3; ++rank) {
     EXPECT_EQ(results[rank].code(), absl::StatusCode::kFailedPrecondition) << results[rank];
     EXPECT_THAT(std::string(results[rank].message()), HasSubstr("micro-batch"));
     EXPECT_THAT(std::string(results[rank].message()), HasSubstr("two-batch overlap"));
+  }
+}
+
+// With a minimum of rows, a layer splits only after one that moved that many
+// over all ranks: every rank decides alike from the count matrix they share.
+TEST_F(DispatchFailureTest, TwoBatchOverlapSplitsOnlyAfterALayerWithEnoughRows) {
+  for (auto [min_rows, want] : std::vector<std::pair<int64_t, uint64_t>>{
+           {0, 2}, {1, 1}, {1000000, 0}}) {
+    InProcessGroup group(3, {.timeout = absl::Seconds(60)});
+    std::vector<uint64_t> split(3);
+    RunRanks(3, [&](int rank) {
+      auto transport = group.Rank(rank);
+      ExpertParallelExecutor ex(weights_.get(), transport.get(), placement_, {},
+                                {.two_batch_overlap = true, .two_batch_min_rows = min_rows});
+      for (int layer : {0, 1}) EXPECT_TRUE(RunLayer(ex, layer).ok()) << "layer " << layer;
+      split[rank] = ex.stats().two_batch_layers;
+    });
+    for (int rank = 0; rank < 3; ++rank) {
+      EXPECT_EQ(split[rank], want) << "rank " << rank << ", min rows " << min_rows;
+    }
   }
 }
 
