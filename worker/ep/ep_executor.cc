@@ -86,8 +86,11 @@ struct ExpertParallelExecutor::Impl {
   int micro_batches = 1;  // the most per layer: 2 with two-batch overlap
   // Rows that moved (over all ranks) in this layer so far, and in the last
   // layer that completed: every rank saw the same count matrices, so the
-  // split decided from them is the same on every rank.
+  // split decided from them is the same on every rank. A new placement
+  // forgets them on every rank (a rank that reloads experts gets a new
+  // executor, the others SetPlacement). `split`: this layer's micro-batches.
   int64_t layer_rows = 0, last_layer_rows = 0;
+  int split = 1;
   int layer = -1;  // the layer running
   ExchangeBytes bytes;
   // Dispatch sends from `dispatch_send` into `dispatch_recv`; combine sends
@@ -273,10 +276,13 @@ absl::Status ExpertParallelExecutor::SetPlacement(Placement placement) {
   impl_->fingerprint = PlacementFingerprint(placement);
   impl_->placement = std::move(placement);
   impl_->placement_status = absl::OkStatus();
+  impl_->last_layer_rows = 0;  // as a new executor starts: every rank decides alike
   return absl::OkStatus();
 }
 
 const Placement& ExpertParallelExecutor::placement() const { return impl_->placement; }
+
+absl::Status ExpertParallelExecutor::status() const { return impl_->placement_status; }
 
 std::vector<std::vector<int64_t>> ExpertParallelExecutor::TakeExpertLoad() {
   absl::MutexLock lock(&impl_->mu);
@@ -332,7 +338,7 @@ absl::Status ExpertParallelExecutor::Impl::Run(int layer_index, const float* x, 
   }
   if (local.ok()) local = CheckRouting(layer, tokens, ids);
   const int64_t valid = local.ok() ? tokens : 0;  // on failure only the flag goes out
-  const int split = MicroBatchesNow();
+  split = MicroBatchesNow();
   std::array<MicroBatch, 2> batches;
   batches[0].tokens = split == 2 ? (valid + 1) / 2 : valid;
   batches[1] = {.first = batches[0].tokens, .tokens = valid - batches[0].tokens};
@@ -455,16 +461,16 @@ absl::Status ExpertParallelExecutor::Impl::RunOnDevice(const absl::Status& local
 }
 
 // Each rank's row is [rows to every rank, placement fingerprint, failure
-// flag, two-batch overlap setting]; together they form the world x world
-// count matrix every rank needs to size its receives. Returns the rows that
-// move in all.
+// flag, two-batch overlap setting, this layer's micro-batches]; together
+// they form the world x world count matrix every rank needs to size its
+// receives. Returns the rows that move in all.
 absl::StatusOr<int64_t> ExpertParallelExecutor::Impl::ExchangeCounts(Lane& lane,
                                                                      const absl::Status& local,
                                                                      const int32_t* expert_ids,
                                                                      int64_t slots) {
   DispatchLayout& L = lane.layout;
   const int W = L.world;
-  const int row_len = W + 3;
+  const int row_len = W + 4;
   std::vector<int64_t>& row = lane.count_row;
   std::vector<int64_t>& all = lane.count_all;
   row.assign(row_len, 0);
@@ -472,6 +478,7 @@ absl::StatusOr<int64_t> ExpertParallelExecutor::Impl::ExchangeCounts(Lane& lane,
   row[W] = static_cast<int64_t>(fingerprint);
   row[W + 1] = local.ok() ? 0 : 1;
   row[W + 2] = OverlapSetting();
+  row[W + 3] = split;
   all.resize(static_cast<size_t>(W) * row_len);
   RETURN_IF_ERROR(Annotate(transport->AllGather(row.data(), row_len * sizeof(int64_t), all.data()),
                            Context("count exchange")));
@@ -494,6 +501,11 @@ absl::StatusOr<int64_t> ExpertParallelExecutor::Impl::ExchangeCounts(Lane& lane,
           OverlapName(all[p * row_len + W + 2]), ", rank ", L.me, " ",
           OverlapName(OverlapSetting()),
           " (two-batch overlap and its minimum rows must be alike on every rank)"));
+    }
+    if (all[p * row_len + W + 3] != split) {  // a bug, not a setting: fail rather than mix
+      return absl::InternalError(absl::StrCat(
+          Context("dispatch"), ": rank ", p, " runs this layer as ", all[p * row_len + W + 3],
+          " micro-batch(es), rank ", L.me, " as ", split));
     }
   }
   const int64_t moving = SetCounts(all, row_len, &L);

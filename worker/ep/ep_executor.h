@@ -78,6 +78,10 @@ class ExpertParallelExecutor : public ExpertExecutor {
   absl::Status Run(int layer, const float* x, int64_t tokens, const int32_t* expert_ids,
                    const float* weights, float* out) override;
 
+  // Why every Run fails on this rank (a placement it cannot serve, a device
+  // that could not be set up); OK otherwise.
+  absl::Status status() const;
+
   // Applies a new placement; call between steps only, on every rank.
   // FailedPrecondition if this rank does not hold weights the placement needs.
   absl::Status SetPlacement(Placement placement);

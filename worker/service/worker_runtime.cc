@@ -300,11 +300,14 @@ bool WorkerRuntime::ApplyPlacement(uint64_t epoch) {
   AccumulateExpertLoad();  // counts of the executor being replaced
   absl::Status s;
   const bool reloaded = p.weights != nullptr && executor_ != nullptr;
-  if (reloaded) {
-    // Experts this rank did not hold: a new executor over the reloaded weights.
-    ReplaceExecutor(MakeExecutor(p, transport_));
-  } else if (executor_ != nullptr) {
-    s = executor_->SetPlacement(p.placement);
+  if (executor_ != nullptr) {
+    // Every rank starts a new executor at this round, over reloaded weights
+    // or its own: executors map their shared windows together (at their
+    // first layer), so a new one on some ranks only would meet the others'
+    // next exchange with its mapping.
+    std::unique_ptr<ep::ExpertParallelExecutor> next = MakeExecutor(p, transport_);
+    s = next->status();
+    if (s.ok()) ReplaceExecutor(std::move(next));
   }  // without an executor this one rank holds every expert: nothing moves
   if (!s.ok()) {
     // Every other rank applied it; carrying on would route tokens wrongly.

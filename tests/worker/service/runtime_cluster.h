@@ -128,7 +128,8 @@ class RuntimeCluster {
   RuntimeCluster(const std::string& model_dir, int world, absl::Duration step_timeout,
                  EngineOptions engine_options = SmallEngine(),
                  std::vector<telemetry::EnergyMeter*> energy_meters = {},
-                 RuntimeOptions options = RuntimeOptions())
+                 RuntimeOptions options = RuntimeOptions(),
+                 ep::PayloadType payload = ep::PayloadType::kF32)  // F32: the reference's bits
       : model_dir_(model_dir), group_(world, ep::TransportOptions{.timeout = step_timeout}) {
     auto config = LoadModelConfig(model_dir);
     EXPECT_TRUE(config.ok()) << config.status();
@@ -139,7 +140,7 @@ class RuntimeCluster {
       if (!config->IsMoeLayer(l)) placement->replicas[l].clear();
     }
     placement_ = *placement;
-    options.expert_parallel.payload = ep::PayloadType::kF32;  // exact match with the reference
+    options.expert_parallel.payload = payload;  // BF16: rows through shared windows
     for (int r = 0; r < world; ++r) {
       Rank rank;
       options.energy_meter = energy_meters.empty() ? nullptr : energy_meters[r];

@@ -394,6 +394,57 @@ TEST(WorkerRuntime, PlacementChangeAppliedBetweenStepsWithoutDroppingRequests) {
   EXPECT_EQ(after.tokens(), ReferenceTokens(dir, prompts[0], Greedy(8)));
 }
 
+// A placement that gives new experts to one rank only: that rank reloads
+// its weights into a new executor while the other keeps its weights. The
+// executors map their shared windows collectively, so both must start
+// afresh at the same round, or the new one's mapping meets the other's next
+// exchange.
+TEST(WorkerRuntime, APlacementThatOneRankReloadsForKeepsEveryRankInStep) {
+  const std::string dir = testing::TinyModelDir("qwen3_moe-tiny");
+  // BF16: rows through the in-process shared windows (tokens then need not
+  // be the F32 reference's; every request must complete).
+  RuntimeCluster cluster(dir, 2, absl::Seconds(5), testing_util::SmallEngine(), {}, RuntimeOptions(),
+                         ep::PayloadType::kBF16);
+  auto config = LoadModelConfig(dir);
+  ASSERT_TRUE(config.ok());
+  Placement wider = cluster.placement();  // rank 0 also holds every expert of rank 1
+  for (auto& layer : wider.replicas) {
+    for (auto& ranks : layer) {
+      if (ranks == std::vector<int32_t>{1}) ranks = {0, 1};
+    }
+  }
+  cluster.StartAll();
+  const std::vector<int32_t> prompt = Prompt(9, 10);
+  Collector before;
+  ASSERT_TRUE(cluster.runtime(1).Submit("before", {.prompt = prompt, .sampling = Greedy(200)},
+                                        before.callbacks()).ok());
+  ASSERT_TRUE(before.WaitTokens(2));
+  for (int r = 0; r < 2; ++r) {
+    PlacementLoader loader(dir, *config, r, 2, cluster.placement());
+    auto p = loader.Prepare(PlacementToProto(wider, 2));
+    ASSERT_TRUE(p.ok()) << p.status();
+    EXPECT_EQ(p->weights != nullptr, r == 0) << "only rank 0 loads experts";
+    cluster.runtime(r).OfferPlacement(*std::move(p));
+  }
+  ASSERT_TRUE(before.WaitDone());
+  ASSERT_TRUE(before.outcome().status.ok()) << before.outcome().status;
+  EXPECT_EQ(before.tokens().size(), 200u);
+  const absl::Time deadline = absl::Now() + absl::Seconds(20);
+  while ((cluster.runtime(0).Status().placement_epoch != 2 ||
+          cluster.runtime(1).Status().placement_epoch != 2) && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(2));
+  }
+  for (int r = 0; r < 2; ++r) EXPECT_EQ(cluster.runtime(r).Status().placement_epoch, 2u);
+  for (int r = 0; r < 2; ++r) {
+    Collector after;
+    ASSERT_TRUE(cluster.runtime(r).Submit("after", {.prompt = prompt, .sampling = Greedy(8)},
+                                          after.callbacks()).ok());
+    ASSERT_TRUE(after.WaitDone());
+    ASSERT_TRUE(after.outcome().status.ok()) << "rank " << r << ": " << after.outcome().status;
+    EXPECT_EQ(after.tokens().size(), 8u);
+  }
+}
+
 // Ranks 0 and 1 of a 3-rank cluster, after rank 2 died, in a new two-rank
 // group: what the worker process does on the coordinator's group update.
 class Regrouped {

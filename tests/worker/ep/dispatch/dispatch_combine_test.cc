@@ -745,6 +745,34 @@ TEST_F(DispatchFailureTest, TwoBatchOverlapSplitsOnlyAfterALayerWithEnoughRows) 
   }
 }
 
+// A new placement starts the row history afresh on every rank, whether the
+// rank reloads its experts into a new executor or applies it to its own.
+// (F32: no shared windows, which only executors created together can map.)
+TEST_F(DispatchFailureTest, ANewPlacementStartsTheRowHistoryOnEveryRank) {
+  InProcessGroup group(3, {.timeout = absl::Seconds(60)});
+  std::vector<uint64_t> split(3);
+  RunRanks(3, [&](int rank) {
+    auto transport = group.Rank(rank);
+    const ExpertParallelOptions options{.payload = PayloadType::kF32, .two_batch_overlap = true,
+                                        .two_batch_min_rows = 1};
+    auto ex = std::make_unique<ExpertParallelExecutor>(weights_.get(), transport.get(),
+                                                       placement_, kernels::cpu::CpuStream{},
+                                                       options);
+    for (int layer : {0, 1}) EXPECT_TRUE(RunLayer(*ex, layer).ok());
+    if (rank == 0) {  // reloaded its experts: a new executor
+      ex = std::make_unique<ExpertParallelExecutor>(weights_.get(), transport.get(), placement_,
+                                                    kernels::cpu::CpuStream{}, options);
+    } else {
+      EXPECT_TRUE(ex->SetPlacement(placement_).ok());
+    }
+    for (int layer : {0, 1}) EXPECT_TRUE(RunLayer(*ex, layer).ok()) << "rank " << rank;
+    split[rank] = ex->stats().two_batch_layers;
+  });
+  EXPECT_EQ(split[0], 1u);  // layer 1 after the new placement
+  EXPECT_EQ(split[1], 2u);  // layer 1 before it, and after
+  EXPECT_EQ(split[2], 2u);
+}
+
 TEST_F(DispatchFailureTest, RankWithoutItsWeightsFailsAndSoDoItsPeers) {
   auto partial = ModelWeights::Load(dir_, OwnedBy(placement_, 0));  // rank 0's experts only
   ASSERT_TRUE(partial.ok());
