@@ -694,7 +694,11 @@ void WorkerProcess::Shutdown() {
   if (runtime_) {
     // Every rank stops at the same control round; a lost peer ends the loop
     // within the step timeout, so this wait is bounded.
-    runtime_->Stop(reason);
+    if (left) {
+      runtime_->Leave(reason);  // not a word to the old group: it re-forms without this rank
+    } else {
+      runtime_->Stop(reason);
+    }
     if (left && transport_) {
       // The group is broken or went on without this rank (it was drained, or
       // left): a step waiting on its peers fails now, not at the step timeout.

@@ -57,6 +57,27 @@ void WorkerRuntime::Stop(const std::string& reason) {
   stop_requested_.store(true);
 }
 
+void WorkerRuntime::Leave(const std::string& reason) {
+  absl::MutexLock lock(&mu_);
+  if (stop_requested_.load()) return;
+  stop_reason_ = reason;
+  left_.store(true);  // before stop_requested_: a round that sees the stop sees this
+  stop_requested_.store(true);
+}
+
+bool WorkerRuntime::EndIfLeft() {
+  if (!left_.load()) return false;
+  std::string reason;
+  {
+    absl::MutexLock lock(&mu_);
+    reason = stop_reason_;
+  }
+  JOULE_LOG(Info) << "rank " << transport_->rank() << ": left the group (" << reason
+                  << "); failing " << live_.size() << " in-flight request(s)";
+  FailAll(absl::UnavailableError(absl::StrCat("worker shutting down: ", reason)));
+  return true;
+}
+
 void WorkerRuntime::Join() {
   if (loop_.joinable()) loop_.join();
 }
@@ -160,6 +181,7 @@ void WorkerRuntime::Loop() {
                   << ": step loop started (" << transport_->name() << " transport, placement epoch "
                   << applied_epoch_ << ")";
   while (true) {
+    if (EndIfLeft()) break;
     if (rounds_ % static_cast<uint64_t>(std::max(1, options_.control_interval)) == 0) {
       const Round round = ControlRound();
       if (round == Round::kEnd) break;
@@ -176,6 +198,7 @@ void WorkerRuntime::Loop() {
     absl::StatusOr<ep::LockstepStepper::Result> r = stepper_.Step();
     if (r.ok()) InjectDelay(r->step);
     const absl::Duration took = absl::Now() - step_start;
+    if (!r.ok() && EndIfLeft()) break;
     if (!r.ok() && WaitForGroup(r.status())) continue;  // the survivors regrouped
     if (!r.ok()) {
       // Names this rank: on a GPU worker the cause may be its own device
@@ -243,10 +266,11 @@ WorkerRuntime::Round WorkerRuntime::ControlRound() {
   }
   const int world = transport_->world_size();
   Control mine{.ready_epoch = candidate_ ? candidate_->epoch : applied_epoch_,
-               .stopping = stop_requested_.load() ? 1u : 0u,
+               .stopping = stop_requested_.load() && !left_.load() ? 1u : 0u,
                .step_token_cap = engine_->LocalStepTokenCap()};
   std::vector<Control> all(world);
   if (absl::Status s = transport_->AllGather(&mine, sizeof(Control), all.data()); !s.ok()) {
+    if (EndIfLeft()) return Round::kEnd;
     if (WaitForGroup(s)) return Round::kRegrouped;
     const absl::Status failure =
         absl::UnavailableError(absl::StrCat("expert-parallel step failed: ", s.message()));

@@ -98,6 +98,11 @@ class WorkerRuntime : public WorkerHandler {
   // Asks every rank to stop at the next control round; in-flight requests fail
   // with Unavailable "worker shutting down: <reason>". Idempotent.
   void Stop(const std::string& reason);
+  // This rank left its group (drained, or the group went on without it): its
+  // loop ends at its next round without telling the old group's peers, who
+  // re-form without it (Stop would stop them all). In-flight requests fail as
+  // with Stop; the exit status stays OK. Interrupt the transport after it.
+  void Leave(const std::string& reason);
   // Blocks until the step loop has ended (after Stop, or a failed step).
   void Join();
   // Waits up to `timeout` for the loop to end; true if it has.
@@ -179,6 +184,8 @@ class WorkerRuntime : public WorkerHandler {
   // switches to the new group; false when none came (the loop then fails
   // every request).
   bool WaitForGroup(const absl::Status& failure);
+  // After Leave: fails the in-flight requests; true when the loop must end.
+  bool EndIfLeft();
   // A new executor for `placement` over `transport` (the runtime's current
   // weights unless the placement brought its own).
   std::unique_ptr<ep::ExpertParallelExecutor> MakeExecutor(PreparedPlacement& placement,
@@ -233,6 +240,7 @@ class WorkerRuntime : public WorkerHandler {
   std::thread loop_;
   absl::Notification exited_;
   std::atomic<bool> stop_requested_{false};
+  std::atomic<bool> left_{false};  // Leave: stop without announcing it
 
   mutable absl::Mutex mu_;
   std::deque<Op> inbox_ ABSL_GUARDED_BY(mu_);

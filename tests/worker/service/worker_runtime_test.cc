@@ -394,6 +394,29 @@ TEST(WorkerRuntime, PlacementChangeAppliedBetweenStepsWithoutDroppingRequests) {
   EXPECT_EQ(after.tokens(), ReferenceTokens(dir, prompts[0], Greedy(8)));
 }
 
+// A drained rank leaves without a word to its group: the others are not
+// stopped by it ("rank 0 is shutting down") but keep their requests and wait
+// for the group that re-forms without it.
+TEST(WorkerRuntime, ALeavingRankDoesNotStopTheOthers) {
+  const std::string dir = testing::TinyModelDir("qwen3_moe-tiny");
+  RuntimeCluster cluster(dir, 2, absl::Seconds(1), testing_util::SmallEngine(), {},
+                         {.regroup_timeout = absl::Seconds(20)});
+  cluster.StartAll();
+  Collector c;
+  ASSERT_TRUE(cluster.runtime(1).Submit("kept", {.prompt = Prompt(8, 7), .sampling = Greedy(400)},
+                                        c.callbacks()).ok());
+  ASSERT_TRUE(c.WaitTokens(2));
+  cluster.runtime(0).Leave("drained (joule-cli drain)");
+  ASSERT_TRUE(cluster.runtime(0).WaitForExit(absl::Seconds(5)));
+  EXPECT_TRUE(cluster.runtime(0).exit_status().ok()) << cluster.runtime(0).exit_status();
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (!cluster.runtime(1).AwaitingGroup() && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  EXPECT_TRUE(cluster.runtime(1).AwaitingGroup()) << "rank 1 stopped instead of waiting";
+  EXPECT_FALSE(c.WaitDone(absl::Milliseconds(1))) << "its request is kept for the new group";
+}
+
 // A placement that gives new experts to one rank only: that rank reloads
 // its weights into a new executor while the other keeps its weights. The
 // executors map their shared windows collectively, so both must start
