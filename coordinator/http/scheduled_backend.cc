@@ -307,7 +307,7 @@ void ScheduledBackend::SendStepPlans(const scheduler::ClusterView& view) {
       name(preempt, &plan.preempt);
     }
     last.order = limits.order;
-    last.sent_at = now;
+    last.sent_at = absl::Now();  // when it goes out, not when this pass began
     last.preempt_asked.insert(preempt.begin(), preempt.end());
     router_->SendStepPlan(r.rank, plan, [this, preempt](absl::StatusOr<int> preempted) {
       // The worker preempted (some of) them: back to waiting, as far as the
