@@ -30,11 +30,7 @@ class FakeEvent final : public Event {
     seq_ = backend_->Enqueued();
     return absl::OkStatus();
   }
-  absl::Status Wait() override {
-    absl::Status done = backend_->WaitFor(seq_);
-    absl::Status fault = backend_->CountWait();
-    return done.ok() ? fault : done;
-  }
+  absl::Status Wait() override { return backend_->Wait(seq_); }
 
  private:
   FakeDeviceBackend* backend_;
@@ -143,16 +139,18 @@ absl::Status FakeDeviceBackend::WaitFor(int64_t seq) {
   return sticky_;
 }
 
+absl::Status FakeDeviceBackend::Wait(int64_t seq) {
+  absl::Status done = WaitFor(seq);  // nothing to wait for when synchronous
+  absl::Status fault = CountWait();
+  return done.ok() ? fault : done;
+}
+
 absl::Status FakeDeviceBackend::CountWait() {
   if (syncs_to_fault_ > 0 && --syncs_to_fault_ == 0) syncs_to_fault_ = -1;
   return syncs_to_fault_ < 0 ? fault_ : absl::OkStatus();
 }
 
-absl::Status FakeDeviceBackend::Synchronize() {
-  absl::Status done = asynchronous_ ? WaitFor(Enqueued()) : absl::OkStatus();
-  absl::Status fault = CountWait();
-  return done.ok() ? fault : done;
-}
+absl::Status FakeDeviceBackend::Synchronize() { return Wait(Enqueued()); }
 
 absl::StatusOr<std::unique_ptr<Event>> FakeDeviceBackend::CreateEvent() {
   return std::unique_ptr<Event>(new FakeEvent(this));

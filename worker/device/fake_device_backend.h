@@ -109,6 +109,8 @@ class FakeDeviceBackend final : public Backend {
   void RunQueue();
   // Counts one wait against an injected fault.
   absl::Status CountWait();
+  // A host wait (Synchronize, an event): for `seq` ops, then the fault count.
+  absl::Status Wait(int64_t seq);
   // Whether [p, p + bytes) lies in memory this backend allocated.
   bool Owns(const void* p, size_t bytes);
   static void FreeAfterDrain(void* data, MemoryKind kind);
