@@ -698,38 +698,61 @@ std::string Membership::HeartbeatLostReason(absl::Duration silent) const {
 
 HeartbeatExpiry Membership::ExpireHeartbeats() {
   const absl::Time now = clock_->Now();
-  const absl::Duration limit = options_.heartbeat_interval * options_.heartbeat_misses;
   HeartbeatExpiry out;
   absl::MutexLock lock(&mu_);
   for (Slot& s : slots_) {
-    if (!Live(s) || s.probe != 0) continue;
-    const absl::Duration silent = now - s.last_seen;
-    if (!s.heartbeated) {
-      if (silent <= options_.startup_timeout) continue;
-      MarkDeadLocked(&s, absl::StrCat("no heartbeat within ", absl::ToInt64Seconds(silent),
-                                      " s of registering (startup timeout ",
-                                      absl::ToInt64Seconds(options_.startup_timeout), " s)"));
+    if (!Live(s)) continue;
+    if (std::optional<std::string> reason = JudgeSilenceLocked(&s, now, &out.suspects)) {
+      MarkDeadLocked(&s, *reason);
       out.dead.push_back({s.info.rank, s.info.dead_reason});
-    } else if (s.kept_at > s.last_seen) {
-      // A probe kept it a whole limit ago and still no heartbeat: its worker
-      // answers RPCs but its heartbeats do not arrive, which no probe mends.
-      if (now - s.kept_at <= limit) continue;
-      MarkDeadLocked(&s, absl::StrCat(HeartbeatLostReason(silent), "; its status probe answered ",
-                                      absl::ToInt64Milliseconds(now - s.kept_at),
-                                      " ms ago, yet no heartbeat since"));
-      out.dead.push_back({s.info.rank, s.info.dead_reason});
-    } else if (silent > limit) {
-      s.probe = ++last_probe_;
-      out.suspects.push_back({.rank = s.info.rank,
-                              .probe = s.probe,
-                              .worker_id = s.info.worker_id,
-                              .worker_endpoint = s.info.worker_endpoint});
-      JOULE_LOG(Warning) << "rank " << s.info.rank << " (worker " << s.info.worker_id << "): "
-                         << HeartbeatLostReason(silent) << "; probing its status";
     }
   }
   for (const DeadRank& d : out.dead) MemberDiedLocked(d.rank, d.reason);
   return out;
+}
+
+std::optional<std::string> Membership::JudgeSilenceLocked(Slot* s, absl::Time now,
+                                                          std::vector<SuspectRank>* suspects) {
+  const absl::Duration limit = HeartbeatLimit();
+  const absl::Duration silent = now - s->last_seen;
+  if (!s->heartbeated) {
+    if (silent <= options_.startup_timeout) return std::nullopt;
+    return absl::StrCat("no heartbeat within ", absl::ToInt64Seconds(silent),
+                        " s of registering (startup timeout ",
+                        absl::ToInt64Seconds(options_.startup_timeout), " s)");
+  }
+  if (s->probe != 0) {  // an open suspicion: its outcome counts once past the limit
+    if (silent <= limit || !s->probe_outcome.has_value()) return std::nullopt;
+    if (s->probe_outcome->ok()) {
+      KeepLocked(s);
+      return std::nullopt;
+    }
+    return ProbeFailedReason(silent, *s->probe_outcome);
+  }
+  if (s->kept_at > s->last_seen) {
+    // A probe kept it a whole limit ago and still no heartbeat: its worker
+    // answers RPCs but its heartbeats do not arrive, which no probe mends.
+    if (now - s->kept_at <= limit) return std::nullopt;
+    return absl::StrCat(HeartbeatLostReason(silent), "; its status probe answered ",
+                        absl::ToInt64Milliseconds(now - s->kept_at),
+                        " ms ago, yet no heartbeat since");
+  }
+  if (silent > limit / 2) {
+    s->probe = ++last_probe_;
+    s->probe_outcome.reset();
+    suspects->push_back({.rank = s->info.rank,
+                         .probe = s->probe,
+                         .worker_id = s->info.worker_id,
+                         .worker_endpoint = s->info.worker_endpoint});
+    JOULE_LOG(Info) << "rank " << s->info.rank << " (worker " << s->info.worker_id
+                    << "): no heartbeat for " << absl::ToInt64Milliseconds(silent)
+                    << " ms (half the limit passed); probing its status";
+  }
+  return std::nullopt;
+}
+
+std::string Membership::ProbeFailedReason(absl::Duration silent, const absl::Status& error) const {
+  return absl::StrCat(HeartbeatLostReason(silent), "; status probe: ", error.message());
 }
 
 Membership::Slot* Membership::SuspectLocked(const SuspectRank& suspect) {
@@ -739,16 +762,24 @@ Membership::Slot* Membership::SuspectLocked(const SuspectRank& suspect) {
   return open ? &s : nullptr;
 }
 
+void Membership::KeepLocked(Slot* s) {
+  s->probe = 0;
+  s->kept_at = clock_->Now();
+  ++heartbeats_late_;
+  JOULE_LOG(Warning) << "rank " << s->info.rank << " missed heartbeats for "
+                     << absl::ToInt64Milliseconds(s->kept_at - s->last_seen)
+                     << " ms but answered its status probe: kept (host overloaded?)";
+}
+
 bool Membership::KeepSuspect(const SuspectRank& suspect) {
   absl::MutexLock lock(&mu_);
   Slot* s = SuspectLocked(suspect);
   if (s == nullptr) return false;
-  s->probe = 0;
-  s->kept_at = clock_->Now();
-  ++heartbeats_late_;
-  JOULE_LOG(Warning) << "rank " << suspect.rank << " missed heartbeats for "
-                     << absl::ToInt64Milliseconds(s->kept_at - s->last_seen)
-                     << " ms but answered its status probe: kept (host overloaded?)";
+  if (clock_->Now() - s->last_seen > HeartbeatLimit()) {
+    KeepLocked(s);
+  } else {
+    s->probe_outcome = absl::OkStatus();  // judged once past the limit
+  }
   return true;
 }
 
@@ -756,9 +787,13 @@ std::optional<DeadRank> Membership::SuspectDead(const SuspectRank& suspect, cons
   absl::MutexLock lock(&mu_);
   Slot* s = SuspectLocked(suspect);
   if (s == nullptr) return std::nullopt;
+  const absl::Duration silent = clock_->Now() - s->last_seen;
+  if (silent <= HeartbeatLimit()) {
+    s->probe_outcome = error.ok() ? absl::UnknownError("status probe failed") : error;
+    return std::nullopt;  // ExpireHeartbeats marks it dead once past the limit
+  }
   s->probe = 0;
-  MarkDeadLocked(s, absl::StrCat(HeartbeatLostReason(clock_->Now() - s->last_seen),
-                                 "; status probe: ", error.message()));
+  MarkDeadLocked(s, ProbeFailedReason(silent, error));
   MemberDiedLocked(suspect.rank, s->info.dead_reason);
   return DeadRank{suspect.rank, s->info.dead_reason};
 }

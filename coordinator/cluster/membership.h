@@ -108,9 +108,11 @@ struct DeadRank {
   std::string reason;  // "heartbeat lost (none for 1600 ms, limit 3 x 500 ms)"
 };
 
-// A rank silent past the heartbeat limit. Late heartbeats (an overloaded host)
-// look the same as a dead worker, so it is dead only once a status probe of
-// its worker fails: KeepSuspect or SuspectDead with the probe's outcome.
+// A rank silent past half the heartbeat limit. Late heartbeats (an overloaded
+// host) look the same as a dead worker, so it is dead only once a status probe
+// of its worker fails: KeepSuspect or SuspectDead with the probe's outcome,
+// judged once the rank is silent past the whole limit. Probing from half the
+// limit on lets a frozen worker's probe time out by then.
 struct SuspectRank {
   int rank = 0;
   uint64_t probe = 0;  // names this suspicion: the outcome of an older one changes nothing
@@ -165,20 +167,24 @@ class Membership {
   using StepObserver = std::function<void(int rank, const std::vector<scheduler::StepSample>&)>;
   void SetStepObserver(StepObserver observer);
 
-  // Ranks without a heartbeat for more than heartbeat_misses *
-  // heartbeat_interval become suspects, one probe at a time per rank (a
-  // heartbeat clears the suspicion). Marked dead at once: a rank silent past
-  // startup_timeout before its first heartbeat, and one still silent a whole
-  // limit after its probe kept it (it answers RPCs but its heartbeats do not
-  // arrive). Returns those newly marked and the new suspects.
+  // Ranks without a heartbeat for more than half of heartbeat_misses *
+  // heartbeat_interval (the limit) become suspects, one probe at a time per
+  // rank (a heartbeat clears the suspicion). A probe that ended before the
+  // limit is judged here once the limit passes (see KeepSuspect and
+  // SuspectDead). Marked dead at once: a rank silent past startup_timeout
+  // before its first heartbeat, and one still silent a whole limit after its
+  // probe kept it (it answers RPCs but its heartbeats do not arrive). Returns
+  // those newly marked and the new suspects.
   HeartbeatExpiry ExpireHeartbeats();
   // The suspect's worker answered its status probe: the rank stays, and gets
-  // one more heartbeat limit from now. False when `suspect` is no longer the
-  // rank's open suspicion (a heartbeat came, or it registered again).
+  // one more heartbeat limit from when it is judged (now, or once silent past
+  // the limit). False when `suspect` is no longer the rank's open suspicion (a
+  // heartbeat came, or it registered again).
   bool KeepSuspect(const SuspectRank& suspect);
   // The suspect's status probe failed: marks it dead, the reason ending in
-  // "; status probe: <error>". Nullopt when `suspect` is no longer the rank's
-  // open suspicion.
+  // "; status probe: <error>" — now when silent past the limit, else the
+  // ExpireHeartbeats call after the limit (nullopt here). Nullopt too when
+  // `suspect` is no longer the rank's open suspicion.
   std::optional<DeadRank> SuspectDead(const SuspectRank& suspect, const absl::Status& error);
   // Marks `rank` dead (e.g. its endpoint stopped answering). False when it was
   // not held by a live worker.
@@ -220,6 +226,8 @@ class Membership {
     // heartbeat since.
     absl::Time kept_at = absl::InfinitePast();
     uint64_t probe = 0;         // the open suspicion's probe; 0: none
+    // The open probe's outcome, waiting for the limit: OK when it answered.
+    std::optional<absl::Status> probe_outcome;
     bool heartbeated = false;  // since registering
     bool joining = false;      // registered into a running group it is not in yet
     bool drained = false;      // taken out by Drain: its worker exits cleanly
@@ -256,6 +264,17 @@ class Membership {
   bool ServingLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // "heartbeat lost (none for X ms, limit N x I ms)".
   std::string HeartbeatLostReason(absl::Duration silent) const;
+  std::string ProbeFailedReason(absl::Duration silent, const absl::Status& error) const;
+  absl::Duration HeartbeatLimit() const {
+    return options_.heartbeat_interval * options_.heartbeat_misses;
+  }
+  // A live rank's silence: the dead reason when it must die now; else maybe
+  // opens a suspicion (appended to `suspects`) or keeps a probed one.
+  std::optional<std::string> JudgeSilenceLocked(Slot* s, absl::Time now,
+                                                std::vector<SuspectRank>* suspects)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Its probe answered and it is silent past the limit: one more limit.
+  void KeepLocked(Slot* s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Marks `s` dead with `reason` and logs it; MemberDiedLocked re-forms the group.
   void MarkDeadLocked(Slot* s, const std::string& reason) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The slot whose open suspicion `suspect` is; null when none is.

@@ -331,10 +331,9 @@ TEST_F(MembershipTest, HeartbeatsMakeRanksReadyAndSilenceMakesThemSuspects) {
   EXPECT_EQ(membership_->Ranks()[0].state, RankState::kReady);
   EXPECT_EQ(membership_->Ranks()[1].state, RankState::kRegistered);
 
-  // 3 intervals (1.5 s) of silence is still alive; beyond it, a suspect to probe.
-  clock_.Advance(absl::Milliseconds(1000));
+  // Half the limit (3 x 500 ms) of silence is fine; beyond it, a suspect to probe.
+  clock_.Advance(absl::Milliseconds(750));
   ASSERT_TRUE(Beat("w-a", 0).ok());
-  clock_.Advance(absl::Milliseconds(500));
   HeartbeatExpiry expiry = membership_->ExpireHeartbeats();
   EXPECT_TRUE(expiry.dead.empty());
   EXPECT_TRUE(expiry.suspects.empty());
@@ -350,15 +349,24 @@ TEST_F(MembershipTest, HeartbeatsMakeRanksReadyAndSilenceMakesThemSuspects) {
   expiry = membership_->ExpireHeartbeats();
   EXPECT_TRUE(expiry.suspects.empty()) << "one probe at a time";
 
-  // The probe failed: dead, saying why.
-  std::optional<DeadRank> dead =
-      membership_->SuspectDead(suspect, absl::UnavailableError("connection refused"));
-  ASSERT_TRUE(dead.has_value());
-  EXPECT_EQ(dead->rank, 1);
-  EXPECT_THAT(dead->reason, HasSubstr("heartbeat lost (none for 1600 ms, limit 3 x 500 ms); "
+  // The probe failed within the limit: dead once the limit passes, saying why.
+  EXPECT_FALSE(
+      membership_->SuspectDead(suspect, absl::UnavailableError("connection refused")).has_value())
+      << "still within the limit";
+  clock_.Advance(absl::Milliseconds(650));
+  ASSERT_TRUE(Beat("w-a", 0).ok());
+  EXPECT_TRUE(membership_->ExpireHeartbeats().dead.empty()) << "1500 ms: not past the limit";
+  EXPECT_EQ(membership_->Ranks()[1].state, RankState::kRegistered);
+  clock_.Advance(absl::Milliseconds(100));
+  expiry = membership_->ExpireHeartbeats();
+  EXPECT_TRUE(expiry.suspects.empty());
+  ASSERT_EQ(expiry.dead.size(), 1u);
+  const DeadRank dead = expiry.dead[0];
+  EXPECT_EQ(dead.rank, 1);
+  EXPECT_THAT(dead.reason, HasSubstr("heartbeat lost (none for 1600 ms, limit 3 x 500 ms); "
                                       "status probe: connection refused"));
   EXPECT_EQ(membership_->Ranks()[1].state, RankState::kDead);
-  EXPECT_EQ(membership_->Ranks()[1].dead_reason, dead->reason);
+  EXPECT_EQ(membership_->Ranks()[1].dead_reason, dead.reason);
   EXPECT_FALSE(membership_->SuspectDead(suspect, absl::UnavailableError("again")).has_value())
       << "reported once";
   EXPECT_TRUE(membership_->ExpireHeartbeats().suspects.empty());
@@ -414,6 +422,72 @@ TEST_F(MembershipTest, ASuspectWhoseProbeAnswersIsKeptOnce) {
                         "answered 1600 ms ago, yet no heartbeat since"));
   EXPECT_EQ(membership_->Ranks()[1].state, RankState::kDead);
   EXPECT_EQ(membership_->stats().heartbeats_late, 2u);
+}
+
+// A probe that answers before the limit waits for it: the rank is kept (and
+// counted late) only once silent past the limit, then gets one more limit.
+TEST_F(MembershipTest, AnEarlyAnswerIsJudgedAtTheLimit) {
+  Make(2);
+  ASSERT_TRUE(Register(Worker("w-a")).ok());
+  ASSERT_TRUE(Register(Worker("w-b")).ok());
+  ASSERT_TRUE(Beat("w-a", 0).ok());
+  ASSERT_TRUE(Beat("w-b", 1).ok());
+  auto advance_and_expire = [&](int ms) {
+    clock_.Advance(absl::Milliseconds(ms));
+    EXPECT_TRUE(Beat("w-a", 0).ok());
+    return membership_->ExpireHeartbeats();
+  };
+  std::vector<SuspectRank> suspects = advance_and_expire(800).suspects;
+  ASSERT_EQ(suspects.size(), 1u);
+  EXPECT_TRUE(membership_->KeepSuspect(suspects[0]));
+  EXPECT_EQ(membership_->stats().heartbeats_late, 0u) << "not late yet";
+  HeartbeatExpiry expiry = advance_and_expire(700);
+  EXPECT_TRUE(expiry.dead.empty() && expiry.suspects.empty()) << "1500 ms";
+  EXPECT_EQ(membership_->stats().heartbeats_late, 0u);
+  expiry = advance_and_expire(100);
+  EXPECT_TRUE(expiry.dead.empty() && expiry.suspects.empty()) << "1600 ms: kept";
+  EXPECT_EQ(membership_->stats().heartbeats_late, 1u);
+  EXPECT_EQ(membership_->Ranks()[1].state, RankState::kReady);
+  EXPECT_FALSE(membership_->KeepSuspect(suspects[0])) << "judged once";
+  EXPECT_TRUE(advance_and_expire(1500).dead.empty()) << "a whole limit from the judgement";
+  expiry = advance_and_expire(100);
+  ASSERT_EQ(expiry.dead.size(), 1u);
+  EXPECT_THAT(expiry.dead[0].reason, HasSubstr("none for 3200 ms, limit 3 x 500 ms); its status "
+                                               "probe answered 1600 ms ago, yet no heartbeat since"));
+}
+
+// A heartbeat between an early probe failure and the limit voids the failure.
+TEST_F(MembershipTest, AHeartbeatBeforeTheLimitVoidsAnEarlyFailure) {
+  Make(2);
+  ASSERT_TRUE(Register(Worker("w-a")).ok());
+  ASSERT_TRUE(Register(Worker("w-b")).ok());
+  ASSERT_TRUE(Beat("w-a", 0).ok());
+  ASSERT_TRUE(Beat("w-b", 1).ok());
+  clock_.Advance(absl::Milliseconds(800));
+  ASSERT_TRUE(Beat("w-a", 0).ok());
+  const std::vector<SuspectRank> suspects = membership_->ExpireHeartbeats().suspects;
+  ASSERT_EQ(suspects.size(), 1u);
+  EXPECT_FALSE(membership_->SuspectDead(suspects[0], absl::DeadlineExceededError("late")));
+  clock_.Advance(absl::Milliseconds(100));
+  ASSERT_TRUE(Beat("w-b", 1).ok());
+  clock_.Advance(absl::Milliseconds(700));
+  ASSERT_TRUE(Beat("w-a", 0).ok());
+  EXPECT_TRUE(membership_->ExpireHeartbeats().dead.empty());
+  EXPECT_EQ(membership_->Ranks()[1].state, RankState::kReady);
+  EXPECT_FALSE(membership_->KeepSuspect(suspects[0])) << "void";
+  EXPECT_EQ(membership_->stats().rank_failures, 0u);
+
+  // Silent again, and this probe fails past the limit: dead at once.
+  clock_.Advance(absl::Milliseconds(800));
+  ASSERT_TRUE(Beat("w-a", 0).ok());
+  const std::vector<SuspectRank> again = membership_->ExpireHeartbeats().suspects;
+  ASSERT_EQ(again.size(), 1u);
+  clock_.Advance(absl::Milliseconds(100));
+  const std::optional<DeadRank> dead =
+      membership_->SuspectDead(again[0], absl::DeadlineExceededError("deadline exceeded"));
+  ASSERT_TRUE(dead.has_value());
+  EXPECT_THAT(dead->reason, HasSubstr("heartbeat lost (none for 1600 ms, limit 3 x 500 ms); "
+                                      "status probe: deadline exceeded"));
 }
 
 TEST_F(MembershipTest, AHeartbeatDuringTheProbeOrANewHolderVoidsItsOutcome) {

@@ -325,20 +325,26 @@ TEST_F(RouterTest, HeartbeatLossFailsThatRanksRequestsWithTheReason) {
   Worker(0)->SetStatusReply(absl::DeadlineExceededError("Deadline Exceeded"));
 
   // Rank 1 keeps beating, rank 0 goes silent.
-  clock_.Advance(absl::Milliseconds(1000));
-  Beat(1, 0, 0);
-  router_->Poll();
-  EXPECT_EQ(Worker(0)->status_calls(), 0) << "within the limit: no probe";
-  clock_.Advance(absl::Milliseconds(700));
-  Beat(1, 0, 0);
-  router_->Poll();
+  auto advance_and_poll = [&](int ms) {
+    clock_.Advance(absl::Milliseconds(ms));
+    Beat(1, 0, 0);
+    router_->Poll();
+  };
+  advance_and_poll(700);
+  EXPECT_EQ(Worker(0)->status_calls(), 0) << "within half the limit: no probe";
+  advance_and_poll(300);
   // Poll returned with the probe unanswered: a suspect, not dead yet.
   EXPECT_EQ(Worker(0)->status_calls(), 1);
   EXPECT_EQ(membership_->Ranks()[0].state, RankState::kReady);
   EXPECT_FALSE(stream->cancelled());
   router_->Poll();
   EXPECT_EQ(Worker(0)->status_calls(), 1) << "one probe at a time per rank";
+  // The probe fails within the limit: judged once the limit passes.
   Worker(0)->ReleaseStatusReplies();
+  advance_and_poll(400);
+  EXPECT_EQ(membership_->Ranks()[0].state, RankState::kReady) << "1400 ms: within the limit";
+  EXPECT_FALSE(stream->cancelled());
+  advance_and_poll(300);
   EXPECT_TRUE(stream->WaitCancelled(absl::Seconds(10)));
   t.join();
   EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable);
