@@ -151,6 +151,10 @@ int Generate(Frontend::Stub* stub, const Flags& f) {
   return 0;
 }
 
+// An engine limit as status prints it: 0 is an older worker that did not say,
+// not a limit of zero.
+std::string Limit(int value) { return value > 0 ? std::to_string(value) : "-"; }
+
 int Status(Frontend::Stub* stub) {
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
@@ -167,8 +171,9 @@ int Status(Frontend::Stub* stub) {
   for (const auto& r : reply.ranks()) {
     const std::string member =
         reply.group_epoch() > 0 && r.group_rank() >= 0 ? " group_rank=" + std::to_string(r.group_rank()) : "";
-    std::printf("rank %d: %s endpoint=%s running=%d%s%s%s\n", r.rank(), r.state().c_str(),
-                r.worker_endpoint().empty() ? "-" : r.worker_endpoint().c_str(), r.running(),
+    std::printf("rank %d: %s endpoint=%s running=%d max_running=%s max_batch_tokens=%s%s%s%s\n",
+                r.rank(), r.state().c_str(), r.worker_endpoint().empty() ? "-" : r.worker_endpoint().c_str(),
+                r.running(), Limit(r.max_running()).c_str(), Limit(r.max_batch_tokens()).c_str(),
                 member.c_str(), r.reason().empty() ? "" : " reason=", r.reason().c_str());
   }
   return 0;

@@ -83,6 +83,8 @@ grpc::Status FrontendServiceImpl::ClusterStatus(grpc::ServerContext* context,
     out->set_running(std::max(r.running, router_->InFlight(r.rank)));
     out->set_reason(r.dead_reason);
     out->set_group_rank(r.group_rank);
+    out->set_max_running(r.max_running);
+    out->set_max_batch_tokens(r.max_batch_tokens);
   }
   return grpc::Status::OK;
 }

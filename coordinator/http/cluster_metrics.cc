@@ -31,10 +31,30 @@ void AddEnergy(const cluster::MembershipStats& membership, std::vector<prometheu
   AddSample(&out->back(), {}, total);
 }
 
+// Each rank's engine limits, which the scheduler plans within. 0 is unknown,
+// so it gets no sample rather than a limit of zero.
+void AddEngineLimits(const std::vector<cluster::RankInfo>& ranks, std::vector<prometheus::MetricFamily>* out) {
+  using prometheus::MetricType;
+  prometheus::MetricFamily running = NewFamily(
+      "joule_rank_max_running", MetricType::Gauge,
+      "Sequences each rank's worker runs at most (joule-worker --max-running, from its registration)");
+  prometheus::MetricFamily tokens = NewFamily(
+      "joule_rank_max_batch_tokens", MetricType::Gauge,
+      "Tokens per step each rank's worker runs at most (joule-worker --max-batch-tokens, from its registration)");
+  for (const cluster::RankInfo& r : ranks) {
+    const std::vector<prometheus::ClientMetric::Label> labels = {{.name = "rank", .value = std::to_string(r.rank)}};
+    if (r.max_running > 0) AddSample(&running, labels, r.max_running);
+    if (r.max_batch_tokens > 0) AddSample(&tokens, labels, r.max_batch_tokens);
+  }
+  out->push_back(std::move(running));
+  out->push_back(std::move(tokens));
+}
+
 }  // namespace
 
 std::vector<prometheus::MetricFamily> ClusterMetricFamilies(const cluster::MembershipStats& membership,
-                                                            const cluster::RouterStats& router) {
+                                                            const cluster::RouterStats& router,
+                                                            const std::vector<cluster::RankInfo>& ranks) {
   using prometheus::MetricType;
   std::vector<prometheus::MetricFamily> out;
   auto add = [&out](const char* name, MetricType type, const char* help, double value) {
@@ -61,6 +81,7 @@ std::vector<prometheus::MetricFamily> ClusterMetricFamilies(const cluster::Membe
                           "Time from a group member's death to the re-formed group serving"));
   AddHistogram(&out.back(), {0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60}, membership.recovery_seconds);
   AddEnergy(membership, &out);
+  AddEngineLimits(ranks, &out);
   if (membership.ep_load_imbalance > 0) {
     add("joule_ep_load_imbalance", MetricType::Gauge,
         "Busiest rank's expert work over the mean rank's, since the last rebalance (1: balanced)",

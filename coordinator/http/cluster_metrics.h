@@ -8,6 +8,10 @@
 //   joule_requests_resumed_total        attempts started after a failed one
 //   joule_resumed_tokens_total          tokens those attempts recomputed
 //   joule_requests_waiting_to_resume    requests waiting for a serving group now
+// and each rank's engine limits, as its worker registered them (no sample while
+// unknown: no worker yet, or an older one that does not report them):
+//   joule_rank_max_running{rank}        joule-worker --max-running
+//   joule_rank_max_batch_tokens{rank}   joule-worker --max-batch-tokens
 #pragma once
 
 #include <vector>
@@ -19,8 +23,10 @@
 
 namespace joule::http {
 
+// `ranks`: Membership::Ranks(), for the engine limits.
 std::vector<prometheus::MetricFamily> ClusterMetricFamilies(const cluster::MembershipStats& membership,
-                                                            const cluster::RouterStats& router);
+                                                            const cluster::RouterStats& router,
+                                                            const std::vector<cluster::RankInfo>& ranks);
 
 class ClusterMetrics final : public prometheus::Collectable {
  public:
@@ -28,7 +34,7 @@ class ClusterMetrics final : public prometheus::Collectable {
   ClusterMetrics(const cluster::Membership* membership, const cluster::Router* router)
       : membership_(membership), router_(router) {}
   std::vector<prometheus::MetricFamily> Collect() const override {
-    return ClusterMetricFamilies(membership_->stats(), router_->stats());
+    return ClusterMetricFamilies(membership_->stats(), router_->stats(), membership_->Ranks());
   }
 
  private:

@@ -1,6 +1,6 @@
 // joule-coordinator and joule-cli as a script drives them: port file, the
-// "listening on" line, status through the CLI, clean exit on SIGTERM, and a
-// clear message for a bad flag.
+// "listening on" line, status through the CLI (with a registered worker's
+// engine limits), clean exit on SIGTERM, and a clear message for a bad flag.
 #include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
@@ -13,11 +13,15 @@
 #include <string>
 #include <vector>
 
+#include <grpcpp/grpcpp.h>
+
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "absl/strings/numbers.h"
+#include "common/model_fingerprint.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "proto/joule/v1/cluster.grpc.pb.h"
 #include "tests/testing/listen_address.h"
 #include "tests/coordinator/cluster/test_model.h"
 
@@ -63,6 +67,36 @@ int WaitExit(pid_t pid, absl::Duration timeout) {
   return -1;
 }
 
+// What `joule-cli status` prints, after checking it exited with 0.
+std::string CliStatus(const std::string& dir, const std::string& port) {
+  pid_t cli = Spawn({JOULE_CLI_BIN, "status", "--coordinator", absl::StrCat("127.0.0.1:", port)},
+                    dir + "/cli-out", dir + "/cli-err");
+  EXPECT_EQ(WaitExit(cli, absl::Seconds(20)), 0) << ReadFile(dir + "/cli-err");
+  return ReadFile(dir + "/cli-out");
+}
+
+// Registers a worker for rank 0 that reports these engine limits (it never
+// heartbeats, so the rank stays "registered").
+grpc::Status RegisterRank0(const std::string& model_dir, const std::string& port, int max_running,
+                           int max_batch_tokens) {
+  v1::RegisterRequest r;
+  r.set_protocol_version(v1::PROTOCOL_VERSION_1);
+  r.set_model_fingerprint(*ModelFingerprint(model_dir));
+  r.set_requested_rank(0);
+  r.set_worker_id("w0");
+  r.set_transport(v1::TRANSPORT_KIND_UCX);
+  r.set_transport_address("addr-w0");
+  r.set_worker_endpoint("127.0.0.1:1");
+  r.set_max_running(max_running);
+  r.set_max_batch_tokens(max_batch_tokens);
+  auto stub = v1::Coordinator::NewStub(
+      grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+  v1::RegisterReply reply;
+  return stub->Register(&ctx, r, &reply);
+}
+
 TEST(CoordinatorBinary, ServesOnAnEphemeralPortAndExitsCleanlyOnSigterm) {
   testing::TinyModelDir model;
   const std::string dir = model.path();
@@ -86,19 +120,24 @@ TEST(CoordinatorBinary, ServesOnAnEphemeralPortAndExitsCleanlyOnSigterm) {
   ASSERT_TRUE(absl::SimpleAtoi(port, &port_number));
   EXPECT_TRUE(joule::testing::ListensOnLoopbackOnly(port_number));
 
-  pid_t cli = Spawn({JOULE_CLI_BIN, "status", "--coordinator", absl::StrCat("127.0.0.1:", port)},
-                    dir + "/cli-out", dir + "/cli-err");
-  EXPECT_EQ(WaitExit(cli, absl::Seconds(20)), 0) << ReadFile(dir + "/cli-err");
-  const std::string status = ReadFile(dir + "/cli-out");
+  std::string status = CliStatus(dir, port);
   EXPECT_THAT(status, HasSubstr("world_size: 2"));
-  EXPECT_THAT(status, HasSubstr("rank 0: free"));
+  // No worker yet: limits unknown, not zero.
+  EXPECT_THAT(status, HasSubstr("rank 0: free endpoint=- running=0 max_running=- max_batch_tokens=-\n"));
   EXPECT_THAT(status, HasSubstr("rank 1: free"));
 
-  cli = Spawn({JOULE_CLI_BIN, "generate", "--coordinator", absl::StrCat("127.0.0.1:", port),
+  pid_t cli = Spawn({JOULE_CLI_BIN, "generate", "--coordinator", absl::StrCat("127.0.0.1:", port),
                "--prompt-ids", "1,2,3", "--max-tokens", "4"},
               dir + "/gen-out", dir + "/gen-err");
   EXPECT_EQ(WaitExit(cli, absl::Seconds(20)), 1);
   EXPECT_THAT(ReadFile(dir + "/gen-err"), HasSubstr("error: UNAVAILABLE: no worker is ready"));
+
+  const grpc::Status registered = RegisterRank0(dir, port, /*max_running=*/7, /*max_batch_tokens=*/333);
+  ASSERT_TRUE(registered.ok()) << registered.error_message();
+  status = CliStatus(dir, port);
+  EXPECT_THAT(status, HasSubstr("rank 0: registered endpoint=127.0.0.1:1 running=0 max_running=7 "
+                                "max_batch_tokens=333\n"));
+  EXPECT_THAT(status, HasSubstr("rank 1: free endpoint=- running=0 max_running=- max_batch_tokens=-\n"));
 
   ASSERT_EQ(kill(pid, SIGTERM), 0);
   EXPECT_EQ(WaitExit(pid, absl::Seconds(10)), 0) << ReadFile(dir + "/err");

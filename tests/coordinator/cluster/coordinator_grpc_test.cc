@@ -483,5 +483,23 @@ TEST_F(CoordinatorGrpcTest, RebalanceBumpsEpochAndReachesWorkersThroughHeartbeat
   EXPECT_THAT(s.error_message(), HasSubstr("redundant_experts"));
 }
 
+// An operator sees what the scheduler plans each rank within; 0 stays 0
+// (unknown: no worker yet, or an older one).
+TEST_F(CoordinatorGrpcTest, StatusCarriesEachRanksEngineLimits) {
+  Start(2);
+  v1::RegisterRequest w0 = WorkerRequest("w0", "127.0.0.1:1");
+  w0.set_requested_rank(0);
+  w0.set_max_running(7);
+  w0.set_max_batch_tokens(333);
+  v1::RegisterReply reply;
+  ASSERT_TRUE(Register(w0, &reply).ok());
+  const v1::ClusterStatusReply st = Status();
+  ASSERT_EQ(st.ranks_size(), 2);
+  EXPECT_EQ(st.ranks(0).max_running(), 7);
+  EXPECT_EQ(st.ranks(0).max_batch_tokens(), 333);
+  EXPECT_EQ(st.ranks(1).max_running(), 0);
+  EXPECT_EQ(st.ranks(1).max_batch_tokens(), 0);
+}
+
 }  // namespace
 }  // namespace joule::cluster

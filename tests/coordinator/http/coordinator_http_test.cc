@@ -4,12 +4,19 @@
 #include <cstdlib>
 #include <fstream>
 
+#include <grpcpp/grpcpp.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "common/model_fingerprint.h"
 #include "coordinator/cluster/coordinator_options.h"
 #include "coordinator/cluster/coordinator_server.h"
 #include "coordinator/tokenizer/tokenizer.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "proto/joule/v1/cluster.grpc.pb.h"
 #include "tests/coordinator/cluster/test_model.h"
 #include "tests/coordinator/http/http_test_client.h"
 #include "tests/testing/listen_address.h"
@@ -190,6 +197,47 @@ TEST(CoordinatorServerHttp, NeedsTheTokenizerWhenHttpIsOn) {
   EXPECT_THAT(std::string(server.status().message()), HasSubstr("tokenizer"));
   o.http_port = -1;
   EXPECT_TRUE(CoordinatorServer::Start(o).ok());
+}
+
+// /metrics shows the engine limits a worker registered with, by rank, and
+// nothing for a rank whose limits are unknown (no worker there yet).
+TEST(CoordinatorServerHttp, MetricsShowEachRanksEngineLimits) {
+  testing::TinyModelDir model;
+  std::ofstream(model.path() + "/tokenizer.json") << tokenizer::MakeByteLevelTokenizerJson();
+  CoordinatorOptions o;
+  o.model = model.path();
+  o.workers = 2;
+  o.host = "127.0.0.1";
+  o.http_port = 0;
+  auto server = CoordinatorServer::Start(o);
+  ASSERT_TRUE(server.ok()) << server.status();
+
+  v1::RegisterRequest r;
+  r.set_protocol_version(v1::PROTOCOL_VERSION_1);
+  r.set_model_fingerprint(*ModelFingerprint(model.path()));
+  r.set_requested_rank(1);
+  r.set_worker_id("w1");
+  r.set_transport(v1::TRANSPORT_KIND_UCX);
+  r.set_transport_address("addr-w1");
+  r.set_worker_endpoint("127.0.0.1:1");
+  r.set_max_running(7);
+  r.set_max_batch_tokens(333);
+  auto coordinator = v1::Coordinator::NewStub(grpc::CreateChannel(
+      absl::StrCat("127.0.0.1:", (*server)->port()), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+  v1::RegisterReply reply;
+  const grpc::Status registered = coordinator->Register(&ctx, r, &reply);
+  ASSERT_TRUE(registered.ok()) << registered.error_message();
+
+  http::testing::TestClient c((*server)->http_port());
+  auto metrics = c.Request(bhttp::verb::get, "/metrics");
+  ASSERT_EQ(metrics.result_int(), 200);
+  EXPECT_THAT(metrics.body(), HasSubstr("\n" R"(joule_rank_max_running{rank="1"} 7)" "\n"));
+  EXPECT_THAT(metrics.body(), HasSubstr("\n" R"(joule_rank_max_batch_tokens{rank="1"} 333)" "\n"));
+  EXPECT_THAT(metrics.body(), Not(HasSubstr(R"(joule_rank_max_running{rank="0"})")));
+  EXPECT_THAT(metrics.body(), Not(HasSubstr(R"(joule_rank_max_batch_tokens{rank="0"})")));
+  (*server)->Stop();
 }
 
 }  // namespace

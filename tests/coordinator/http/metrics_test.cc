@@ -131,7 +131,7 @@ TEST(ClusterMetricsTest, EpochFailuresResumesAndTheRecoveryHistogram) {
   const cluster::MembershipStats membership{
       .group_epoch = 3, .rank_failures = 2, .heartbeats_late = 4, .recovery_seconds = {0.3, 1.5}};
   const cluster::RouterStats router{.requests_resumed = 7, .resumed_tokens = 120, .parked = 1};
-  const std::vector<prometheus::MetricFamily> families = ClusterMetricFamilies(membership, router);
+  const std::vector<prometheus::MetricFamily> families = ClusterMetricFamilies(membership, router, {});
   std::map<std::string, double> v = Values(families);
   EXPECT_EQ(v["joule_membership_epoch{}"], 3);
   EXPECT_EQ(v["joule_rank_failures_total{}"], 2);
@@ -160,15 +160,31 @@ TEST(ClusterMetricsTest, EveryRanksMeterAndTheLoadImbalance) {
   cluster::MembershipStats membership;
   membership.metered = {{.rank = 0, .energy_joules = 100, .power_watts = 20, .energy_source = "nvml"},
                         {.rank = 2, .energy_joules = 50, .power_watts = 10, .energy_source = "model"}};
-  std::map<std::string, double> v = Values(ClusterMetricFamilies(membership, {}));
+  std::map<std::string, double> v = Values(ClusterMetricFamilies(membership, {}, {}));
   EXPECT_EQ(v["joule_rank_power_watts{rank=0,source=nvml}"], 20);
   EXPECT_EQ(v["joule_rank_power_watts{rank=2,source=model}"], 10);
   EXPECT_EQ(v["joule_rank_energy_joules_total{rank=0,source=nvml}"], 100);
   EXPECT_EQ(v["joule_cluster_energy_joules_total{}"], 150);
   EXPECT_EQ(v.count("joule_ep_load_imbalance{}"), 0u) << "no load yet: no sample";
   membership.ep_load_imbalance = 1.5;
-  v = Values(ClusterMetricFamilies(membership, {}));
+  v = Values(ClusterMetricFamilies(membership, {}, {}));
   EXPECT_EQ(v["joule_ep_load_imbalance{}"], 1.5);
+}
+
+// What the scheduler plans each rank within, by rank; an older worker's 0 is
+// unknown and gets no sample, not a limit of zero.
+TEST(ClusterMetricsTest, EveryRanksEngineLimits) {
+  const std::vector<cluster::RankInfo> ranks = {
+      {.rank = 0, .state = cluster::RankState::kReady, .max_running = 7, .max_batch_tokens = 333},
+      {.rank = 1, .state = cluster::RankState::kRegistered},
+      {.rank = 2, .state = cluster::RankState::kReady, .max_running = 5, .max_batch_tokens = 111}};
+  std::map<std::string, double> v = Values(ClusterMetricFamilies({}, {}, ranks));
+  EXPECT_EQ(v["joule_rank_max_running{rank=0}"], 7);
+  EXPECT_EQ(v["joule_rank_max_batch_tokens{rank=0}"], 333);
+  EXPECT_EQ(v["joule_rank_max_running{rank=2}"], 5);
+  EXPECT_EQ(v["joule_rank_max_batch_tokens{rank=2}"], 111);
+  EXPECT_EQ(v.count("joule_rank_max_running{rank=1}"), 0u);
+  EXPECT_EQ(v.count("joule_rank_max_batch_tokens{rank=1}"), 0u);
 }
 
 }  // namespace
