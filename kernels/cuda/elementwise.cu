@@ -141,7 +141,11 @@ __global__ void GatedAddKernel(GatedAddParams p) {
     const float gate = 1.f / (1.f + expf(-p.gate_logit[r]));
     float* y = p.y + r * p.cols;
     const float* x = p.x + r * p.cols;
-    for (int64_t c = threadIdx.x; c < p.cols; c += blockDim.x) y[c] += gate * x[c];
+    // Multiply and add rounded apart, as the CPU does: nvcc would contract
+    // `y += gate * x` into one FMA, which rounds once.
+    for (int64_t c = threadIdx.x; c < p.cols; c += blockDim.x) {
+      y[c] = __fadd_rn(y[c], __fmul_rn(gate, x[c]));
+    }
   }
 }
 

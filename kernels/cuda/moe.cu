@@ -59,14 +59,21 @@ __global__ void RouterTopKKernel(RouterTopKParams p) {
   for (int e = lane; e < p.num_experts; e += 32) probs[e] *= inv;
   __syncwarp();
 
-  float picked_sum = 0.f;
+  float picked_sum = 0.f;  // lane 0's
   for (int j = 0; j < p.top_k; ++j) {
     // Arg-max, ties to the lower expert id; picked experts hold -1 (probs are >= 0).
-    float best = -INFINITY;
+    // Why the rank: a NaN, +inf or all -inf row makes every prob NaN, and a bare
+    // "probs[e] > best" then never holds, leaving best_id == num_experts (out of
+    // range for ids and for this warp's probs). Ranking NaN as -0.5 (below any
+    // prob, above a picked expert) makes every rank a number, so the first
+    // unpicked expert always wins and a NaN row yields experts 0..top_k-1 with
+    // NaN weights, as the CPU's InsertTopK does (kernels/cpu/moe.cc).
+    float best = -INFINITY;  // below every rank, so a lane's first expert wins
     int best_id = p.num_experts;
     for (int e = lane; e < p.num_experts; e += 32) {
-      if (probs[e] > best) {  // e rises within a lane, so ">" keeps the lower id
-        best = probs[e];
+      const float rank = isnan(probs[e]) ? -0.5f : probs[e];
+      if (rank > best) {  // e rises within a lane, so ">" keeps the lower id
+        best = rank;
         best_id = e;
       }
     }
@@ -78,12 +85,15 @@ __global__ void RouterTopKKernel(RouterTopKParams p) {
         best_id = other_id;
       }
     }
+    // Ranks are never NaN, so every lane agrees on best_id, which is below
+    // num_experts since top_k <= num_experts leaves an unpicked expert.
     if (lane == 0) {
+      const float picked = probs[best_id];  // the prob itself (NaN stays NaN), not its rank
       ids[j] = best_id;
-      weights[j] = best;
+      weights[j] = picked;
       probs[best_id] = -1.f;
+      picked_sum += picked;
     }
-    picked_sum += best;
     __syncwarp();
   }
   if (p.renormalize && lane == 0) {
@@ -281,7 +291,8 @@ __global__ void UnpermuteKernel(UnpermuteParams p) {
     const float* w = p.weights + t * p.top_k;
     float* dst = p.out + t * p.hidden;
     for (int64_t c = threadIdx.x; c < p.hidden; c += blockDim.x) {
-      // Same order as the CPU kernel: start from out (or 0), add choices in order.
+      // Same order and rounding as the CPU kernel: start from out (or 0), add
+      // choices in order, multiply and add rounded apart (no FMA contraction).
       float acc = p.accumulate ? dst[c] : 0.f;
       for (int j = 0; j < p.top_k; ++j) {
         if (rows[j] < 0) continue;
@@ -290,7 +301,7 @@ __global__ void UnpermuteKernel(UnpermuteParams p) {
         const float v = p.expert_out_bf16 != nullptr
                             ? __uint_as_float(static_cast<uint32_t>(p.expert_out_bf16[i]) << 16)
                             : p.expert_out[i];
-        acc += w[j] * v;
+        acc = __fadd_rn(acc, __fmul_rn(w[j], v));
       }
       dst[c] = acc;
     }

@@ -2,7 +2,9 @@
 // arithmetic (kernels/cpu/sampling.cc): x = logit / T, e = expf(x - max x),
 // the total in F64, and the inverse CDF in token order. Each thread owns a
 // contiguous chunk of the vocabulary, so the order of the prefix sums is the
-// token order; only where the F64 sum is rounded differs from the CPU.
+// token order. The results are close to the CPU's, not bit-equal: the F64 sum
+// is rounded in another order, and the device's expf is within 2 ulp of the
+// host's exp, so a draw that lands near a CDF boundary may pick the neighbour.
 #include <cuda_runtime.h>
 
 #include <cfloat>
@@ -70,12 +72,17 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(SampleParams p) {
   double before = 0.0, total = 0.0;
   Scan(storage.scan).ExclusiveSum(mine, before, total);
   const double target = p.uniform[r] * total;
-  // The thread whose chunk holds the target walks it; if rounding leaves the
-  // target past every chunk, the last token (as on the CPU).
-  if (threadIdx.x == kThreads - 1 && !(target < before + mine)) {
-    p.tokens[r] = static_cast<int32_t>(p.vocab - 1);
-  }
-  if (before <= target && target < before + mine) {
+  // The thread whose chunk holds the target walks it. Every chunk boundary is
+  // one value, a thread's `before`: testing [before, before + mine) instead
+  // would round the upper bound apart from the next thread's `before`, leaving
+  // a draw in a gap (no writer) or an overlap (two). The owner is the count of
+  // threads after the first whose chunk starts at or below the target (with
+  // rising prefixes, the last such thread): one number every thread agrees
+  // on, so exactly one writes, even if rounding makes the prefixes step down.
+  // A target past every chunk (rounding, or a NaN row) goes to the last
+  // thread, whose walk ends at the last token (as on the CPU).
+  const int owner = __syncthreads_count(threadIdx.x > 0 && !(target < before));
+  if (threadIdx.x == owner) {
     double left = target - before;
     int64_t pick = end - 1;
     for (int64_t i = begin; i < end; ++i) {

@@ -10,7 +10,9 @@
 //   < 0: left to the host (top-k, top-p, or a caller that wants the logits):
 //        tokens[r] is set to -1.
 // The CPU sampler runs the same arithmetic for the same rows, so a seed gives
-// the same tokens on either device up to the order of one F64 sum.
+// nearly the same tokens on either device, not always the same: the CUDA
+// kernel sums in another order and its expf differs from the host's exp by a
+// few ulp, so a draw near a boundary of the CDF may pick a neighbouring token.
 #pragma once
 
 #include <cstdint>

@@ -246,14 +246,10 @@ class CudaBackend final : public Backend {
 
  private:
   // The CUDA device is per thread; the step loop is not the thread that
-  // created the backend.
-  void Bind() const {
-    thread_local int bound = -1;
-    if (bound != spec_.index) {
-      cudaSetDevice(spec_.index);
-      bound = spec_.index;
-    }
-  }
+  // created the backend. Set every time, not cached: other code (another
+  // backend's creation, events, the NCCL transport) calls cudaSetDevice
+  // directly, so a cache of the bound device goes stale. The call is cheap.
+  void Bind() const { cudaSetDevice(spec_.index); }
 
   const DeviceSpec spec_;
   cudaStream_t stream_;
@@ -286,6 +282,11 @@ absl::StatusOr<Buffer> CudaBackend::Allocate(MemoryKind kind, size_t bytes) {
   Buffer buffer(data, bytes, kind, &Release);
   if (kind == MemoryKind::kDevice) {
     RETURN_IF_ERROR(Zero(data, n));
+    // Wait for the zeroing: a caller may hand the buffer to another stream
+    // (NCCL receiving into a staging buffer), where a late memset on ours
+    // would wipe what arrived. Allocation is rare and never inside graph
+    // capture (buffers are reserved and warmed up before it).
+    RETURN_IF_ERROR(Synchronize());
   } else {
     std::memset(data, 0, n);
   }

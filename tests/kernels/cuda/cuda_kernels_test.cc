@@ -462,7 +462,29 @@ TEST_F(CudaKernelTest, GatedAddMatchesCpu) {
   Sync();
   // The GPU's expf is within 2 ulp of the CPU's, so the gate differs in its
   // last bits at most; a wrong sign or a missing gate is off by ~0.1 or more.
-  ExpectNear(dy.Download(), want, 1e-6f, 1e-6f, "gated add");
+  const std::vector<float> got = dy.Download();
+  ExpectNear(got, want, 1e-6f, 1e-6f, "gated add");
+
+  // Bit for bit, given the device's gate: some gate within 4 ulp of the CPU's
+  // gives every column of a row as y + gate * x with the multiply and the add
+  // rounded apart (an FMA, rounding once, misses on many columns).
+  for (int64_t r = 0; r < rows; ++r) {
+    const float cpu_gate = 1.0f / (1.0f + std::exp(-logits[r]));
+    float gate = cpu_gate;
+    for (int step = 0; step < 4; ++step) gate = std::nextafter(gate, -INFINITY);
+    bool matched = false;
+    for (int candidate = 0; candidate <= 8 && !matched; ++candidate) {
+      matched = true;
+      for (int64_t c = 0; c < cols && matched; ++c) {
+        const int64_t i = r * cols + c;
+        const float product = gate * x[i];  // rounded here (the build does not contract)
+        matched = got[i] == y[i] + product;
+      }
+      gate = std::nextafter(gate, INFINITY);
+    }
+    EXPECT_TRUE(matched) << "row " << r << " (gate " << cpu_gate
+                         << " on the CPU): no nearby gate gives the CPU's rounding";
+  }
 }
 
 TEST_F(CudaKernelTest, BiasAddLeavesRowPaddingAlone) {
@@ -530,6 +552,52 @@ TEST_F(CudaKernelTest, RouterTopKMatchesReference) {
     Sync();
     EXPECT_EQ(dids.Download(), want_ids);
     ExpectNear(dw.Download(), want_w, 1e-5f, 1e-7f, "weights");
+  }
+}
+
+// A row whose softmax is NaN (a NaN logit, a +inf one, or all -inf) picks
+// experts 0..top_k-1 with NaN weights, as the CPU's InsertTopK does: always
+// in range and distinct, and the other tokens' choices stay their own (the
+// warps share one block's shared memory, so an out-of-range pick would mark
+// the next token's expert 0 as taken).
+TEST_F(CudaKernelTest, RouterTopKNanRowsPickInRangeExpertsLikeTheCpu) {
+  const int64_t tokens = 8;  // two blocks of four warps
+  const int experts = 60, top_k = 4;
+  std::vector<float> logits = RandomFloats(tokens * experts, 43, -4.f, 4.f);
+  auto row = [&](int64_t t) { return logits.begin() + t * experts; };
+  row(0)[17] = NAN;
+  std::fill(row(3), row(3) + experts, -INFINITY);  // the block's last warp
+  row(5)[40] = INFINITY;
+  row(6)[0] = NAN;
+  const std::vector<int64_t> bad = {0, 3, 5, 6};
+  row(1)[0] = row(4)[0] = row(7)[0] = 10.f;  // the next warps' expert 0 is their first choice
+  for (const bool renormalize : {true, false}) {
+    SCOPED_TRACE(testing::Message() << "renormalize=" << renormalize);
+    std::vector<int32_t> want_ids(tokens * top_k);
+    std::vector<float> want_w(tokens * top_k);
+    cpu::LaunchRouterTopK({logits.data(), tokens, experts, top_k, renormalize, want_ids.data(),
+                           want_w.data()},
+                          cpu::CpuStream{});
+    DeviceBuffer<float> dlogits(logits), dw(tokens * top_k);
+    DeviceBuffer<int32_t> dids(tokens * top_k);
+    ASSERT_TRUE(LaunchRouterTopK({dlogits.get(), tokens, experts, top_k, renormalize, dids.get(),
+                                  dw.get()},
+                                 stream_)
+                    .ok());
+    Sync();
+    const std::vector<int32_t> ids = dids.Download();
+    std::vector<float> w = dw.Download();
+    EXPECT_EQ(ids, want_ids);
+    for (int64_t t : bad) {
+      for (int j = 0; j < top_k; ++j) {
+        EXPECT_EQ(ids[t * top_k + j], j) << "token " << t;
+        EXPECT_TRUE(std::isnan(w[t * top_k + j])) << "token " << t << " choice " << j;
+        EXPECT_TRUE(std::isnan(want_w[t * top_k + j])) << "token " << t << " choice " << j;
+        w[t * top_k + j] = want_w[t * top_k + j] = 0.f;  // NaN != NaN: leave them out of the compare
+      }
+    }
+    for (int64_t t : {1, 4, 7}) EXPECT_EQ(ids[t * top_k], 0) << "token " << t;
+    ExpectNear(w, want_w, 1e-5f, 1e-7f, "weights");
   }
 }
 

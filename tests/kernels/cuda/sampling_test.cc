@@ -1,8 +1,10 @@
 // The device sampler against the CPU's (kernels/params/sampling.h): greedy
 // picks the same first maximum; a temperature draw picks the same token for
 // the same uniform, unless the uniform lands within rounding of the boundary
-// between two tokens (the F64 totals are summed in another order), and the
-// same inputs give the same tokens on every run.
+// between two tokens (the F64 totals are summed in another order, and the
+// device's expf differs from the host's exp by a few ulp), and the same
+// inputs give the same tokens on every run.
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <vector>
@@ -73,6 +75,69 @@ TEST_F(CudaKernelTest, SampleMatchesTheCpuSampler) {
             << "row " << r << ": got " << got[r] << ", want " << want[r];
       }
     }
+  }
+}
+
+// Draws that land on (or a few ulp around) the boundaries between the
+// threads' chunks of the vocabulary: each row is written exactly once, with a
+// token in range that is the CPU's or within rounding of it. A chunk's upper
+// bound rounded apart from the next chunk's start would leave some of these
+// draws with no writer (the row keeps its stale value). A NaN row draws the
+// last token, as on the CPU.
+TEST_F(CudaKernelTest, SampleDrawsAtChunkBoundariesAreWritten) {
+  const int64_t vocab = 5000;  // chunks of 10 tokens over the block's 512 threads
+  const int64_t chunk = 10;
+  const std::vector<float> row = RandomFloats(vocab, 77, -3.f, 3.f);
+  const float temperature = 1.0f;
+  float max_scaled = -INFINITY;
+  for (float x : row) max_scaled = std::max(max_scaled, x / temperature);
+  std::vector<double> through(vocab);  // the CPU's running sum through each token
+  double total = 0;
+  for (int64_t i = 0; i < vocab; ++i) {
+    total += std::exp(row[i] / temperature - max_scaled);  // float exp, as the CPU's
+    through[i] = total;
+  }
+  std::vector<double> uniform;
+  for (int64_t end = chunk; end < vocab; end += 37 * chunk) {  // a spread of chunk ends
+    const double at = through[end - 1] / total;
+    double u = at;
+    for (int step = 0; step < 6; ++step) u = std::nextafter(u, 0.0);
+    for (int step = 0; step <= 12; ++step, u = std::nextafter(u, 1.0)) uniform.push_back(u);
+  }
+  const int64_t nan_row = static_cast<int64_t>(uniform.size());
+  uniform.push_back(0.5);
+  const int64_t rows = static_cast<int64_t>(uniform.size());
+  std::vector<float> logits;
+  for (int64_t r = 0; r < rows; ++r) logits.insert(logits.end(), row.begin(), row.end());
+  logits[nan_row * vocab + 123] = NAN;
+  const std::vector<float> temperatures(rows, temperature);
+  std::vector<int32_t> want(rows);
+  cpu::LaunchSample({.logits = logits.data(), .rows = rows, .vocab = vocab,
+                     .temperature = temperatures.data(), .uniform = uniform.data(),
+                     .tokens = want.data()},
+                    cpu::CpuStream{});
+  EXPECT_EQ(want[nan_row], vocab - 1);
+  DeviceBuffer<float> dlogits(logits), dtemperature(temperatures);
+  DeviceBuffer<double> duniform(uniform);
+  DeviceBuffer<int32_t> dtokens(std::vector<int32_t>(rows, -7));  // stale
+  ASSERT_TRUE(LaunchSample({.logits = dlogits.get(), .rows = rows, .vocab = vocab,
+                            .temperature = dtemperature.get(), .uniform = duniform.get(),
+                            .tokens = dtokens.get()},
+                           stream_)
+                  .ok());
+  Sync();
+  const std::vector<int32_t> got = dtokens.Download();
+  EXPECT_EQ(got[nan_row], vocab - 1);
+  for (int64_t r = 0; r < nan_row; ++r) {
+    ASSERT_GE(got[r], 0) << "row " << r << " (u = " << uniform[r] << ") was not written";
+    ASSERT_LT(got[r], vocab) << "row " << r;
+    if (got[r] == want[r]) continue;
+    // Otherwise the neighbour across the boundary the draw sits on (the
+    // device's sums differ from the CPU's by far less than one token's share).
+    const int32_t before = std::min(got[r], want[r]);
+    EXPECT_EQ(std::abs(got[r] - want[r]), 1) << "row " << r;
+    EXPECT_NEAR(through[before], uniform[r] * total, 1e-6 * total)
+        << "row " << r << ": got " << got[r] << ", want " << want[r];
   }
 }
 
