@@ -104,7 +104,7 @@ struct ExpertParallelExecutor::Impl {
   GroupedExpertBuffers expert_buffers;
   // A GPU worker's stages (options.device): rows in device memory.
   bool on_device = false;
-  std::unique_ptr<DeviceWeights> uploaded;  // its experts, when not the model's
+  std::unique_ptr<DeviceExperts> placed;  // its experts, when not the model's
   std::vector<ExpertsView> device_experts;  // [layer]
   std::vector<int32_t> host_ids;            // the router's choices, copied to the host
   std::vector<float> host_weights;
@@ -240,13 +240,19 @@ absl::Status ExpertParallelExecutor::Impl::SetUpDevice(const ExpertParallelDevic
         c.hidden_size, c.num_experts_per_tok);
   }
   on_device = true;
-  const DeviceWeights* views = d.resident;
-  if (views == nullptr || d.resident_host != weights) {
-    ASSIGN_OR_RETURN(uploaded, DeviceWeights::CreateExperts(*weights, *d.backend));
-    views = uploaded.get();
+  if (d.resident != nullptr && d.resident_host == weights) {
+    device_experts.resize(c.num_layers);
+    for (int l = 0; l < c.num_layers; ++l) device_experts[l] = d.resident->layers()[l].experts;
+  } else {
+    // Reloaded experts: the worker's store keeps what earlier placements put
+    // on the device; without one, a store of this executor's own.
+    std::shared_ptr<DeviceExpertStore> store = d.experts;
+    if (store == nullptr) store = std::make_shared<DeviceExpertStore>(*d.backend, d.resident, d.resident_host);
+    ASSIGN_OR_RETURN(placed, store->Place(*weights));
+    device_experts = placed->layers();
+    JOULE_LOG(Info) << "rank " << transport->rank() << ": experts on the device, "
+                    << placed->uploaded_bytes() << " bytes uploaded for this placement";
   }
-  device_experts.resize(c.num_layers);
-  for (int l = 0; l < c.num_layers; ++l) device_experts[l] = views->layers()[l].experts;
   JOULE_LOG(Info) << "rank " << transport->rank() << ": expert parallelism on "
                   << d.backend->spec().ToString() << ", rows through "
                   << RowPathName(lanes[0].device->row_path())

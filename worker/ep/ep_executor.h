@@ -17,6 +17,7 @@
 #include "kernels/cpu/thread_pool.h"
 #include "worker/ep/combine.h"
 #include "worker/ep/transport.h"
+#include "worker/model/device_expert_store.h"
 #include "worker/model/device_weights.h"
 #include "worker/model/experts.h"
 #include "worker/model/weights.h"
@@ -39,6 +40,10 @@ struct ExpertParallelDevice {
   // uploads the experts it holds itself otherwise (a reloaded placement).
   const DeviceWeights* resident = nullptr;
   const ModelWeights* resident_host = nullptr;
+  // Where executors over other weights (a reloaded placement) get their
+  // experts: one store per worker keeps the copies a new placement shares
+  // with the last. Null: each such executor uploads its own.
+  std::shared_ptr<DeviceExpertStore> experts;
   Transport* row_transport = nullptr;  // device memory (NCCL), or null
 };
 

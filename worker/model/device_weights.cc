@@ -186,33 +186,13 @@ ExpertsView ViewExperts(const LayerWeights& L, std::vector<const void*>* table) 
 
 absl::StatusOr<std::unique_ptr<DeviceWeights>> DeviceWeights::Create(const ModelWeights& weights,
                                                                      device::Backend& backend) {
-  return Place(weights, backend, /*experts_only=*/false);
-}
-
-absl::StatusOr<std::unique_ptr<DeviceWeights>> DeviceWeights::CreateExperts(
-    const ModelWeights& weights, device::Backend& backend) {
-  return Place(weights, backend, /*experts_only=*/true);
-}
-
-absl::StatusOr<std::unique_ptr<DeviceWeights>> DeviceWeights::Place(const ModelWeights& weights,
-                                                                    device::Backend& backend,
-                                                                    bool experts_only) {
   auto dw = std::unique_ptr<DeviceWeights>(new DeviceWeights());
-  const bool view = backend.device_memory_is_host();
   auto traverse = [&](Placer& placer) {
-    dw->tables_.assign(weights.layers().size(), {});
-    dw->layers_.assign(weights.layers().size(), LayerView{});
-    if (experts_only) {
-      for (size_t i = 0; i < weights.layers().size(); ++i) {
-        const LayerWeights& L = weights.layers()[i];
-        dw->layers_[i].is_moe = L.is_moe;
-        if (L.is_moe) dw->layers_[i].experts = placer.Experts(L, &dw->tables_[i]);
-      }
-      return;
-    }
     dw->embed_ = placer.Linear(weights.embed_tokens());
     dw->lm_head_ = placer.Linear(weights.lm_head());
     dw->final_norm_ = placer.Vector(weights.final_norm());
+    dw->tables_.assign(weights.layers().size(), {});
+    dw->layers_.assign(weights.layers().size(), LayerView{});
     for (size_t i = 0; i < weights.layers().size(); ++i) {
       const LayerWeights& L = weights.layers()[i];
       LayerView& v = dw->layers_[i];
@@ -246,25 +226,42 @@ absl::StatusOr<std::unique_ptr<DeviceWeights>> DeviceWeights::Place(const ModelW
       }
     }
   };
-  if (view) {
+  if (backend.device_memory_is_host()) {
     Placer placer(Placer::Mode::kView, backend, nullptr);
     traverse(placer);
     return dw;
   }
+  RETURN_IF_ERROR(PlaceInArena(backend, &dw->arena_, traverse));
+  return dw;
+}
+
+absl::StatusOr<MlpView> DeviceWeights::CreateMlp(const MlpWeights& mlp, device::Backend& backend,
+                                                 device::Buffer* buffer) {
+  MlpView view;
+  if (backend.device_memory_is_host()) {
+    Placer placer(Placer::Mode::kView, backend, nullptr);
+    return placer.Mlp(mlp);
+  }
+  RETURN_IF_ERROR(PlaceInArena(backend, buffer, [&](Placer& placer) { view = placer.Mlp(mlp); }));
+  RETURN_IF_ERROR(backend.Synchronize());  // BF16 matrices are copied asynchronously
+  return view;
+}
+
+absl::Status DeviceWeights::PlaceInArena(device::Backend& backend, device::Buffer* arena,
+                                         absl::FunctionRef<void(Placer&)> walk) {
   Placer plan(Placer::Mode::kPlan, backend, nullptr);
-  traverse(plan);
+  walk(plan);
   RETURN_IF_ERROR(plan.status());
-  absl::StatusOr<device::Buffer> arena = backend.Allocate(device::MemoryKind::kDevice, plan.bytes());
-  if (!arena.ok()) {
-    return Annotate(arena.status(),
+  absl::StatusOr<device::Buffer> allocated = backend.Allocate(device::MemoryKind::kDevice, plan.bytes());
+  if (!allocated.ok()) {
+    return Annotate(allocated.status(),
                     absl::StrFormat("uploading %.2f GiB of weights to %s", plan.bytes() / double(1 << 30),
                                     backend.spec().ToString()));
   }
-  dw->arena_ = *std::move(arena);
-  Placer upload(Placer::Mode::kUpload, backend, dw->arena_.as<std::byte>());
-  traverse(upload);
-  RETURN_IF_ERROR(upload.status());
-  return dw;
+  *arena = *std::move(allocated);
+  Placer upload(Placer::Mode::kUpload, backend, arena->as<std::byte>());
+  walk(upload);
+  return upload.status();
 }
 
 }  // namespace joule

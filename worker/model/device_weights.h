@@ -12,6 +12,7 @@
 #include <memory>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "kernels/params/types.h"
 #include "worker/device/backend.h"
@@ -91,25 +92,29 @@ class DeviceWeights {
   // many are free.
   static absl::StatusOr<std::unique_ptr<DeviceWeights>> Create(const ModelWeights& weights,
                                                                device::Backend& backend);
-  // Only the routed experts `weights` holds (layers()[l].experts and
-  // is_moe; nothing else is placed): what an expert-parallel executor
-  // uploads for a placement whose experts the model's weights lack.
-  static absl::StatusOr<std::unique_ptr<DeviceWeights>> CreateExperts(const ModelWeights& weights,
-                                                                      device::Backend& backend);
+  // One MLP (a routed expert) on the device, converted as Create converts;
+  // `*buffer` gets the bytes the view points into (none for host views).
+  static absl::StatusOr<MlpView> CreateMlp(const MlpWeights& mlp, device::Backend& backend,
+                                           device::Buffer* buffer);
 
   const LinearView& embed_tokens() const { return embed_; }
   const LinearView& lm_head() const { return lm_head_; }
   const float* final_norm() const { return final_norm_; }
   const std::vector<LayerView>& layers() const { return layers_; }
+  // A MoE layer's expert pointers as the device's table holds them ([gate x
+  // E, up x E, down x E], then FP8 scales in the same order when the experts
+  // are FP8, always for host views); empty for dense layers.
+  const std::vector<const void*>& expert_table(int layer) const { return tables_[layer]; }
   // Bytes placed in device memory by the upload; 0 for views of host memory.
   size_t uploaded_bytes() const { return arena_.bytes(); }
 
  private:
   class Placer;
   DeviceWeights() = default;
-  static absl::StatusOr<std::unique_ptr<DeviceWeights>> Place(const ModelWeights& weights,
-                                                              device::Backend& backend,
-                                                              bool experts_only);
+  // Walks `walk` with a planning Placer, allocates the bytes it reserved as
+  // `*arena`, then walks it again to upload into them.
+  static absl::Status PlaceInArena(device::Backend& backend, device::Buffer* arena,
+                                   absl::FunctionRef<void(Placer&)> walk);
 
   device::Buffer arena_;                          // GPU: every weight, one allocation
   std::vector<std::vector<const void*>> tables_;  // CPU: each MoE layer's expert pointers

@@ -484,6 +484,10 @@ absl::Status WorkerProcess::StartServing() {
   if (model_->backend().spec().is_cuda()) {
     ep_options.device = {.backend = &model_->backend(), .resident = &model_->device_weights(),
                          .resident_host = &model_->weights(), .row_transport = row_transport()};
+    // Every executor of this worker (rebalances, regroups) places its experts
+    // through one store, so each uploads only what the last did not hold.
+    ep_options.device.experts = std::make_shared<DeviceExpertStore>(
+        model_->backend(), &model_->device_weights(), &model_->weights());
   }
   if (!model_->backend().spec().is_cuda() || world_size_ > 1) {
     const ModelWeights* weights = joined_weights_ ? joined_weights_.get() : &model_->weights();
