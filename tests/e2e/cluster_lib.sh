@@ -57,10 +57,11 @@ e2e_start_coordinator() {
 }
 
 # e2e_start_worker PREFIX_CMD NAME COORDINATOR_ADDR MODEL [extra flags...]
+# (E2E_WORKER_BIN: another worker binary, e.g. joule-worker-fake-device)
 e2e_start_worker() {
   local prefix="$1" name="$2" addr="$3" model="$4"
   shift 4
-  $prefix "$BUILD/worker/service/joule-worker" --coordinator "$addr" --model "$model" \
+  $prefix "${E2E_WORKER_BIN:-$BUILD/worker/service/joule-worker}" --coordinator "$addr" --model "$model" \
     --threads 1 --kv-cache-mb 32 --payload f32 "$@" >"$E2E_TMP/$name.out" 2>"$E2E_TMP/$name.err" &
   E2E_PIDS+=($!)
 }

@@ -21,10 +21,15 @@
 #               which always runs first, once per model); a size with a t (2t) runs its workers
 #               with --two-batch-overlap (each MoE layer as two interleaved micro-batches)
 #     CUDA      ON|OFF: whether the build has the CUDA backend (ctest passes JOULE_HAVE_CUDA)
+# With f32 payloads each cluster of N > 1 then changes its placement while serving: a rebalance
+# with 2 replicas per MoE layer, then kill -9 of the last worker started (the others regroup);
+# every prompt alone after each must still give one GPU worker's tokens
+# (E2E_PLACEMENT_CHANGES=0: not).
 #   BUILD_DIR is a build tree or a tests/gpu bundle (.gpu/: binaries in bin/, libraries from
 #   tests/gpu/env.sh, tiny models in models/).
 # Environment: E2E_FAMILIES (qwen3_moe deepseek_v3: BUILD_DIR/models/<family>-tiny),
-#   E2E_DEVICE (cuda:0), E2E_KV_CACHE_MB (64, per worker), E2E_LOG_DIR (copy every process's log
+#   E2E_DEVICE (cuda:0; fake: the fake device in joule-worker-fake-device, no GPU needed — the
+#   GPU worker's process path on the CPU, what CI runs), E2E_KV_CACHE_MB (64, per worker), E2E_LOG_DIR (copy every process's log
 #   there), UCX_TLS (shm,self), JOULE_E2E_SKIP_RC (77).
 # Without a GPU (nvidia-smi lists none) or without the CUDA backend it prints "needs a GPU" and
 # exits 77 (ctest's SKIP_RETURN_CODE); under JOULE_REQUIRE_GPU=1 (tests/gpu/run.sh) that is a
@@ -36,6 +41,7 @@ SIZES="$3"
 CUDA="${4:-ON}"
 SKIP_RC="${JOULE_E2E_SKIP_RC:-77}"
 FAMILIES="${E2E_FAMILIES:-qwen3_moe deepseek_v3}"
+CHANGES="${E2E_PLACEMENT_CHANGES:-1}"
 DEVICE="${E2E_DEVICE:-cuda:0}"
 KV_CACHE_MB="${E2E_KV_CACHE_MB:-64}"
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -48,9 +54,17 @@ skip() {
   echo "SKIP: needs a GPU: $*"
   exit "$SKIP_RC"
 }
-[ "$CUDA" = ON ] || skip "this build has no CUDA backend"
-command -v nvidia-smi >/dev/null 2>&1 || skip "no nvidia-smi"
-nvidia-smi -L 2>/dev/null | grep -q '^GPU ' || skip "nvidia-smi lists no GPU"
+if [ "$DEVICE" = fake ]; then
+  # The fake device (tests only): the GPU worker's process path on the CPU, in joule-worker-fake-device.
+  export E2E_WORKER_BIN="$BUILD/worker/service/joule-worker-fake-device"
+  [ -x "$E2E_WORKER_BIN" ] || { echo "FAIL: no $E2E_WORKER_BIN" >&2; exit 1; }
+  GPU_NAME="the fake device (CPU kernels behind an asynchronous GPU-like backend)"
+else
+  [ "$CUDA" = ON ] || skip "this build has no CUDA backend"
+  command -v nvidia-smi >/dev/null 2>&1 || skip "no nvidia-smi"
+  nvidia-smi -L 2>/dev/null | grep -q '^GPU ' || skip "nvidia-smi lists no GPU"
+  GPU_NAME="$(nvidia-smi -L | head -1)"
+fi
 for p in ${PAYLOADS//,/ }; do
   [[ "$p" =~ ^(f32|bf16)$ ]] || { echo "PAYLOADS: f32, bf16 or f32,bf16, got '$PAYLOADS'" >&2; exit 2; }
 done
@@ -190,8 +204,41 @@ serve() {
       if [ "$r" = 0 ]; then echo "$tag: $path"; fi
     done
   fi
+  if [ "$CHANGES" = 1 ] && [ "$workers" -gt 1 ] && [ "$payload" = f32 ]; then
+    change_placement "$tag" "$addr" "$workers"
+  fi
   stop_all
   mv "$E2E_TMP/coordinator.err" "$E2E_TMP/$tag.coordinator.err"  # the next cluster's goes there
+}
+
+# wait_log FILE PATTERN WHAT: until FILE has a line matching PATTERN (30 s).
+wait_log() {
+  local file="$1" pattern="$2" what="$3"
+  for _ in $(seq 1 120); do
+    grep -q -- "$pattern" "$file" 2>/dev/null && return 0
+    sleep 0.25
+  done
+  e2e_fail "$what: no '$pattern' in $(basename "$file") within 30 s"
+}
+
+# change_placement TAG ADDR N: the GPU path's placement changes on a serving cluster. A
+# rebalance with 2 replicas per MoE layer (the replicas' ranks load them: new executors whose
+# experts the device store uploads, the kept ones reused), then kill -9 of the last worker
+# started (the survivors regroup and take its experts). After each, every prompt alone again
+# ($tag.rebalanced.I, $tag.regrouped.I: compared with one GPU worker by compare()).
+change_placement() {
+  local tag="$1" addr="$2" n="$3" r i
+  "$BUILD/coordinator/cli/joule-cli" rebalance --coordinator "$addr" --redundant-experts 2 >/dev/null ||
+    e2e_fail "$tag: joule-cli rebalance failed"
+  for r in $(seq 0 $((n - 1))); do
+    wait_log "$E2E_TMP/$tag.w$r.err" "applied placement epoch 2" "$tag: worker $r after the rebalance"
+  done
+  grep -h "bytes uploaded for this placement" "$E2E_TMP/$tag".w*.err | sed 's/^[^]]*] /  /' | head -4
+  for i in "${!prompts[@]}"; do generate "$addr" "$i" "$E2E_TMP/res/$tag.rebalanced.$i"; done
+  kill -KILL "${E2E_PIDS[-1]}"
+  wait_log "$E2E_TMP/coordinator.err" "serves again" "$tag: the survivors of a kill -9"
+  for i in "${!prompts[@]}"; do generate "$addr" "$i" "$E2E_TMP/res/$tag.regrouped.$i"; done
+  echo "$tag: rebalanced (2 replicas per MoE layer), then regrouped after a kill -9"
 }
 
 # compare FAMILY N PAYLOAD: against the baseline; prints one summary line, counts f32 failures.
@@ -202,9 +249,11 @@ compare() {
   local base="$E2E_TMP/res/$family.ep1.${PAYLOAD_LIST[0]}" tag="$E2E_TMP/res/$family.ep$n.$payload"
   local notes="" label="EP ${n%t}"
   [ "$n" = "${n%t}" ] || label+=" (two-batch overlap)"
+  local phases=(alone together)
+  [ -f "$tag.rebalanced.0" ] && phases+=(rebalanced regrouped)
   for i in "${!prompts[@]}"; do
-    for phase in alone together; do
-      want="$(cat "$base.$phase.$i")"
+    for phase in "${phases[@]}"; do
+      want="$(cat "$base.$phase.$i" 2>/dev/null || cat "$base.alone.$i")"
       got="$(cat "$tag.$phase.$i")"
       if [ "$phase" = together ] && [ "$want" != "$(cat "$base.alone.$i")" ]; then
         notes+=" prompt $i: one GPU worker gives other tokens in a batch than alone, compared alone only;"
@@ -231,7 +280,7 @@ compare() {
 
 IFS=, read -r -a PAYLOAD_LIST <<<"$PAYLOADS"
 IFS=, read -r -a SIZE_LIST <<<"$SIZES"
-echo "GPU: $(nvidia-smi -L | head -1); families: $FAMILIES; payloads: $PAYLOADS; sizes: 1 + $SIZES on $DEVICE"
+echo "GPU: $GPU_NAME; families: $FAMILIES; payloads: $PAYLOADS; sizes: 1 + $SIZES on $DEVICE"
 for family in $FAMILIES; do
   # The baseline: one GPU worker (its payload flag moves no rows: it runs its experts itself).
   serve "$family" 1 "${PAYLOAD_LIST[0]}"

@@ -1,5 +1,7 @@
 #include "worker/device/backend.h"
 
+#include <atomic>
+
 #include "absl/strings/str_cat.h"
 #include "worker/device/cpu_backend.h"
 #include "worker/device/cuda_backend.h"
@@ -31,9 +33,23 @@ absl::StatusOr<std::unique_ptr<Graph>> Backend::EndCapture() {
   return absl::UnimplementedError(absl::StrCat(spec().ToString(), " has no graphs"));
 }
 
+namespace {
+std::atomic<FakeBackendFactory> fake_factory{nullptr};
+}  // namespace
+
+void SetFakeBackendFactory(FakeBackendFactory factory) { fake_factory.store(factory); }
+
 absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(const DeviceSpec& spec,
                                                        const BackendOptions& options) {
-  if (spec.is_cuda()) return CreateCudaBackend(spec.index, options);
+  switch (spec.kind) {
+    case DeviceKind::kCuda: return CreateCudaBackend(spec.index, options);
+    case DeviceKind::kFake:
+      if (FakeBackendFactory make = fake_factory.load()) return make(options);
+      return absl::FailedPreconditionError(
+          "--device fake: the fake device (tests only) is in joule-worker-fake-device, not in "
+          "this binary");
+    case DeviceKind::kCpu: break;
+  }
   return std::make_unique<CpuBackend>(options.num_threads);
 }
 

@@ -146,7 +146,13 @@ struct BackendOptions {
 // The backend for `spec`. For CUDA: FailedPrecondition when this build has no
 // CUDA, the host has no driver or no GPU, or the ordinal is out of range (the
 // message says how many devices there are).
+// For fake: the factory a test build registered (FailedPrecondition without one).
 absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(const DeviceSpec& spec,
                                                        const BackendOptions& options = {});
+
+// How CreateBackend makes --device fake: set by test builds that link the fake
+// device (joule-worker-fake-device), never by production binaries.
+using FakeBackendFactory = std::unique_ptr<Backend> (*)(const BackendOptions& options);
+void SetFakeBackendFactory(FakeBackendFactory factory);
 
 }  // namespace joule::device

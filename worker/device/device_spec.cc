@@ -7,7 +7,12 @@
 namespace joule::device {
 
 std::string DeviceSpec::ToString() const {
-  return is_cuda() ? absl::StrCat("cuda:", index) : std::string("cpu");
+  switch (kind) {
+    case DeviceKind::kCuda: return absl::StrCat("cuda:", index);
+    case DeviceKind::kFake: return "fake";
+    case DeviceKind::kCpu: break;
+  }
+  return "cpu";
 }
 
 absl::StatusOr<DeviceSpec> ParseDeviceSpec(std::string_view text_in) {
@@ -15,6 +20,7 @@ absl::StatusOr<DeviceSpec> ParseDeviceSpec(std::string_view text_in) {
   const absl::string_view text(text_in.data(), text_in.size());
   if (text == "cpu") return DeviceSpec{};
   if (text == "cuda") return DeviceSpec{.kind = DeviceKind::kCuda, .index = 0};
+  if (text == "fake") return DeviceSpec{.kind = DeviceKind::kFake};
   absl::string_view ordinal = text;
   int index = -1;
   if (absl::ConsumePrefix(&ordinal, "cuda:") && !ordinal.empty() &&

@@ -41,7 +41,7 @@ class FakeDeviceBackend final : public Backend {
   explicit FakeDeviceBackend(int num_threads, bool asynchronous = false);
   ~FakeDeviceBackend() override;
 
-  const DeviceSpec& spec() const override { return cpu_.spec(); }
+  const DeviceSpec& spec() const override { return spec_; }
   std::string Describe() const override { return "fake device on " + cpu_.Describe(); }
   bool device_memory_is_host() const override { return false; }
   kernels::DType kv_cache_type() const override { return cpu_.kv_cache_type(); }
@@ -54,7 +54,11 @@ class FakeDeviceBackend final : public Backend {
   // Fails (from the injected fault on, as a faulted CUDA context does).
   absl::Status Synchronize() override;
   absl::StatusOr<std::unique_ptr<Event>> CreateEvent() override;
-  absl::StatusOr<MemoryInfo> DeviceMemory() override { return cpu_.DeviceMemory(); }
+  // A pretend 1 GiB device, so --gpu-memory-utilization sizes a KV cache
+  // the host can hold next to other workers.
+  absl::StatusOr<MemoryInfo> DeviceMemory() override {
+    return MemoryInfo{.free_bytes = int64_t{1} << 30, .total_bytes = int64_t{1} << 30};
+  }
 
   size_t GemmWorkspaceBytes(int64_t, int64_t) const override { return 0; }
   size_t AttentionWorkspaceBytes(int64_t, int, int, int64_t) const override { return 0; }
@@ -115,6 +119,7 @@ class FakeDeviceBackend final : public Backend {
   bool Owns(const void* p, size_t bytes);
   static void FreeAfterDrain(void* data, MemoryKind kind);
 
+  const DeviceSpec spec_{.kind = DeviceKind::kFake};
   CpuBackend cpu_;
   const bool asynchronous_;
   absl::Mutex mu_;

@@ -20,8 +20,19 @@
 #include "worker/service/grpc_coordinator_client.h"
 #include "worker/service/worker_config.h"
 #include "worker/service/worker_process.h"
+#ifdef JOULE_WORKER_FAKE_DEVICE
+#include "worker/device/fake_device_backend.h"
+#endif
 
 int main(int argc, char** argv) {
+#ifdef JOULE_WORKER_FAKE_DEVICE
+  // joule-worker-fake-device (tests only): --device fake is the asynchronous
+  // fake GPU, so the GPU worker's process path runs on a CPU-only host.
+  joule::device::SetFakeBackendFactory(
+      [](const joule::device::BackendOptions& o) -> std::unique_ptr<joule::device::Backend> {
+        return std::make_unique<joule::device::FakeDeviceBackend>(o.num_threads, /*asynchronous=*/true);
+      });
+#endif
   absl::StatusOr<joule::worker::WorkerConfig> config = joule::worker::ParseWorkerConfig(argc, argv);
   if (!config.ok()) return joule::ReportOptionsError("joule-worker", config.status());
 

@@ -77,7 +77,8 @@ namespace joule::worker {
   X(double, inject_delay_per_token_us, 0,                                                          \
     "fault injection for tests: and this much longer per token of the step")                      \
   X(std::string, device, "cpu",                                                                  \
-    "where the forward pass runs: cpu, cuda (= cuda:0) or cuda:N; reported at registration")      \
+    "where the forward pass runs: cpu, cuda (= cuda:0) or cuda:N (fake: tests, in "              \
+    "joule-worker-fake-device only); reported at registration")                                    \
   JOULE_ENERGY_METER_FLAGS(X)                                                                     \
   JOULE_GRPC_SECURITY_FLAGS(X)
 

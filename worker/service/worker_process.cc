@@ -481,7 +481,7 @@ absl::Status WorkerProcess::StartServing() {
   // (worker/ep/device_stages.h); a one-rank GPU cluster keeps the model's
   // local executor and its decode graphs.
   std::unique_ptr<ep::ExpertParallelExecutor> executor;
-  if (model_->backend().spec().is_cuda()) {
+  if (!model_->backend().device_memory_is_host()) {
     ep_options.device = {.backend = &model_->backend(), .resident = &model_->device_weights(),
                          .resident_host = &model_->weights(), .row_transport = row_transport()};
     // Every executor of this worker (rebalances, regroups) places its experts
@@ -489,7 +489,7 @@ absl::Status WorkerProcess::StartServing() {
     ep_options.device.experts = std::make_shared<DeviceExpertStore>(
         model_->backend(), &model_->device_weights(), &model_->weights());
   }
-  if (!model_->backend().spec().is_cuda() || world_size_ > 1) {
+  if (model_->backend().device_memory_is_host() || world_size_ > 1) {
     const ModelWeights* weights = joined_weights_ ? joined_weights_.get() : &model_->weights();
     executor = std::make_unique<ep::ExpertParallelExecutor>(
         weights, transport_.get(), placement_, model_->stream(), ep_options);

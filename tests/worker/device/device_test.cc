@@ -28,6 +28,26 @@ TEST(DeviceSpecTest, ParsesCpuAndCudaOrdinals) {
   EXPECT_EQ(*ParseDeviceSpec("cuda:12"), (DeviceSpec{.kind = DeviceKind::kCuda, .index = 12}));
   EXPECT_EQ(ParseDeviceSpec("cuda:3")->ToString(), "cuda:3");
   EXPECT_EQ(ParseDeviceSpec("cpu")->ToString(), "cpu");
+  EXPECT_EQ(*ParseDeviceSpec("fake"), DeviceSpec{.kind = DeviceKind::kFake});
+  EXPECT_EQ(ParseDeviceSpec("fake")->ToString(), "fake");
+}
+
+// --device fake only where a test build registered the fake device; then it
+// is the asynchronous fake GPU (its own device kind, not the CPU's).
+TEST(DeviceSpecTest, TheFakeDeviceNeedsARegisteredFactory) {
+  absl::StatusOr<std::unique_ptr<Backend>> none = CreateBackend({.kind = DeviceKind::kFake});
+  ASSERT_FALSE(none.ok());
+  EXPECT_EQ(none.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(none.status().message()), HasSubstr("joule-worker-fake-device"));
+  SetFakeBackendFactory([](const BackendOptions& o) -> std::unique_ptr<Backend> {
+    return std::make_unique<FakeDeviceBackend>(o.num_threads, /*asynchronous=*/true);
+  });
+  absl::StatusOr<std::unique_ptr<Backend>> fake = CreateBackend({.kind = DeviceKind::kFake});
+  SetFakeBackendFactory(nullptr);
+  ASSERT_TRUE(fake.ok()) << fake.status();
+  EXPECT_EQ((*fake)->spec().ToString(), "fake");
+  EXPECT_FALSE((*fake)->device_memory_is_host());
+  EXPECT_EQ((*fake)->DeviceMemory()->total_bytes, int64_t{1} << 30);
 }
 
 TEST(DeviceSpecTest, RejectsAnythingElseNamingTheFlag) {
