@@ -44,8 +44,10 @@ from e2e_util import FAILURES, check, sse_data
 class Cluster:
     """A coordinator and its workers as child processes, logs in a temp dir."""
 
-    def __init__(self, build, model, workers, coordinator_flags=(), netns=None, subnet=None):
+    def __init__(self, build, model, workers, coordinator_flags=(), netns=None, subnet=None,
+                 device="cpu"):
         self.build, self.model, self.n = build, model, workers
+        self.device = device
         self.coordinator_flags = list(coordinator_flags)
         # With netns: worker r runs in namespace TAGwR at SUBNET.(r+2); the coordinator
         # (and this script) in the namespace at SUBNET.1.
@@ -110,8 +112,12 @@ class Cluster:
             prefix = ["ip", "netns", "exec", "%sw%d" % (self.netns, r)]
             flags += ["--grpc-host", "0.0.0.0", "--advertise-host", "%s.%d" % (self.subnet, r + 2)]
         self.spawned += 1
+        binary = "worker/service/joule-worker"
+        if self.device == "fake":  # the GPU worker's path on the fake device (a test build)
+            binary = "worker/service/joule-worker-fake-device"
+            flags += ["--device", "fake", "--gpu-memory-utilization", "0"]
         return self._spawn("w%d.%d" % (r, self.spawned), prefix + [
-            os.path.join(self.build, "worker/service/joule-worker"), "--coordinator", reach,
+            os.path.join(self.build, binary), "--coordinator", reach,
             "--model", self.model, "--threads", "1", "--kv-cache-mb", "32", "--payload", "f32"] + flags)
 
     def wait_ready(self, n, also=None):
@@ -440,13 +446,16 @@ def main():
     ap.add_argument("--streams", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--seed", type=int, default=None, help="picks the worker (default: random)")
+    ap.add_argument("--device", choices=["cpu", "fake"], default="cpu",
+                    help="fake: workers on the fake GPU (joule-worker-fake-device)")
     args = ap.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     victim = random.Random(seed).randrange(args.workers)
 
     if args.fault == "link" and not (args.netns and args.subnet):
         ap.error("--fault link needs --netns and --subnet (run it through netns_e2e.sh)")
-    cluster = Cluster(args.build, args.model, args.workers, netns=args.netns, subnet=args.subnet)
+    cluster = Cluster(args.build, args.model, args.workers, netns=args.netns, subnet=args.subnet,
+                      device=args.device)
     if args.fault == "unloadable":  # its files will go: a private copy
         cluster.model = os.path.join(cluster.tmp, os.path.basename(os.path.normpath(args.model)))
         shutil.copytree(args.model, cluster.model)
