@@ -6,6 +6,8 @@
 # Once every rank is ready it prints "serving until Ctrl-C" (sweep.sh's READY_LOG) and writes
 # RUN_DIR/ready; the ports are in RUN_DIR/http_port and RUN_DIR/metrics_port.R.
 #
+# --device fake (tests only: joule-worker-fake-device, the model meter) runs the same on the CPU.
+#
 #   bench/energy/gpu_cluster.sh --build DIR --model DIR [--workers 1] [--device cuda:0]
 #       [--port 8000] [--metrics-port 9100] [--policy priority] [--scheduler-config FILE]
 #       [--kv-cache-mb 4096] [--energy-source nvml] [--run-dir DIR] [-- MORE WORKER FLAGS]
@@ -57,6 +59,11 @@ binary() {
 }
 coordinator_bin=$(binary joule-coordinator coordinator)
 worker_bin=$(binary joule-worker worker/service)
+# The fake device (tests only) is in a test build of the worker, and has no NVML.
+if [ "$device" = fake ]; then
+  worker_bin=$(binary joule-worker-fake-device worker/service)
+  [ "$energy_source" != nvml ] || energy_source=model
+fi
 cli_bin=$(binary joule-cli coordinator/cli)
 
 # Only our binaries get the bundle's libraries (tests/gpu/env.sh): the host's tools keep theirs.

@@ -22,6 +22,11 @@
 #
 #   bench/engine/gpu_run.sh [--out DIR] [--models DIR] [--device cuda:0] [--layers 4]
 #                           [--bin DIR] [--skip-qwen3-shape] [--skip-cluster] [--cluster-rate 32]
+#                           [--cluster-only] [--cluster-model qwen3_moe-mini] [--cluster-duration 20]
+#
+# --cluster-only runs the cluster part alone (on --cluster-model from --models); with --device fake
+# (the fake device, joule-worker-fake-device) that is CI's smoke test of this script's cluster part
+# (bench_gpu_run_cluster_fake_device): its numbers measure nothing about a GPU.
 #
 # Binaries: the bundle's (.gpu/bin, tests/gpu/bundle.sh) when there is one, else build/default's;
 # --bin DIR takes joule-engine-bench and joule-make-model (and the cluster's joule-coordinator,
@@ -36,6 +41,9 @@ bin=""
 qwen3_shape=1
 cluster=1
 cluster_rate=32
+cluster_only=0
+cluster_model=qwen3_moe-mini
+cluster_duration=20
 args="$*"
 while [ $# -gt 0 ]; do
   case $1 in
@@ -47,6 +55,9 @@ while [ $# -gt 0 ]; do
     --skip-qwen3-shape) qwen3_shape=0; shift ;;
     --skip-cluster) cluster=0; shift ;;
     --cluster-rate) cluster_rate=$2; shift 2 ;;
+    --cluster-only) cluster_only=1; shift ;;
+    --cluster-model) cluster_model=$2; shift 2 ;;
+    --cluster-duration) cluster_duration=$2; shift 2 ;;
     *) echo "gpu_run.sh: unknown argument '$1'" >&2; exit 2 ;;
   esac
 done
@@ -74,8 +85,11 @@ step_timeout=${JOULE_BENCH_STEP_TIMEOUT_S:-240}
 # The GPU, for the tables (nvidia-smi's index = NVML's; cuda:N is assumed to be the same GPU).
 index=${device#cuda:}
 [ "$index" = "$device" ] && index=0
-nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit,pci.bus_id --format=csv,noheader \
+if [ "$device" = fake ]; then
+  echo "fake device (CPU kernels; tests only),-,-,-,-" > "$out/nvidia-smi.csv"
+else nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit,pci.bus_id --format=csv,noheader \
   -i "$index" > "$out/nvidia-smi.csv" 2>&1 || fail "nvidia-smi: $(cat "$out/nvidia-smi.csv")"
+fi
 python3 - "$out/nvidia-smi.csv" "$out/gpu.json" <<'PY'
 import json, os, sys
 fields = ["name", "driver_version", "memory_total", "power_limit", "pci_bus_id"]
@@ -131,7 +145,7 @@ bench() {
 # fcfs, a fixed KV cache per worker, NVML on the GPU), the same seeded open-loop load for all;
 # then OUT/cluster-NAME-ep2-vs-ep1.{json,md}. Both workers of EP 2 meter the same GPU:
 # joule-bench reads rank 0's counter only (the whole GPU).
-cluster_duration=20 cluster_warmup=5
+cluster_warmup=$(( cluster_duration >= 10 ? 5 : cluster_duration / 2 ))
 cluster_bench() {
   local name=$1 ep run pid rc run_dir rows="" extra
   # The same seeded open-loop load for both clusters (joule-bench's flags; the URLs are each run's).
@@ -235,18 +249,23 @@ PY
 }
 
 echo "----- checkpoints in $models ($(date +%T))"
-checkpoint qwen3_moe-mini --family qwen3_moe --preset mini && bench qwen3_moe-mini
-# A whole GPU cluster, EP 2 on this one GPU against EP 1, on the same checkpoint.
-if [ "$cluster" = 1 ] && [ -f "$models/qwen3_moe-mini/config.json" ]; then
-  cluster_bench qwen3_moe-mini
+if [ "$cluster_only" = 1 ]; then
+  [ -f "$models/$cluster_model/config.json" ] || checkpoint "$cluster_model" --family qwen3_moe --preset mini
+  cluster_bench "$cluster_model"
+else
+  checkpoint qwen3_moe-mini --family qwen3_moe --preset mini && bench qwen3_moe-mini
+  # A whole GPU cluster, EP 2 on this one GPU against EP 1, on the same checkpoint.
+  if [ "$cluster" = 1 ] && [ -f "$models/qwen3_moe-mini/config.json" ]; then
+    cluster_bench qwen3_moe-mini
+  fi
+  if [ "$qwen3_shape" = 1 ]; then
+    shape=qwen3-30b-a3b-shape-${layers}l
+    checkpoint "$shape" --preset qwen3-30b-a3b-shape --layers "$layers" && bench "$shape"
+  fi
+  # DeepSeek-V3 (multi-head latent attention, noaux_tc routing), BF16 and block-scaled FP8 weights.
+  checkpoint deepseek_v3-mini --family deepseek_v3 --preset mini && bench deepseek_v3-mini
+  checkpoint deepseek_v3_fp8-mini --family deepseek_v3 --preset mini --dtype fp8 && bench deepseek_v3_fp8-mini
 fi
-if [ "$qwen3_shape" = 1 ]; then
-  shape=qwen3-30b-a3b-shape-${layers}l
-  checkpoint "$shape" --preset qwen3-30b-a3b-shape --layers "$layers" && bench "$shape"
-fi
-# DeepSeek-V3 (multi-head latent attention, noaux_tc routing), BF16 and block-scaled FP8 weights.
-checkpoint deepseek_v3-mini --family deepseek_v3 --preset mini && bench deepseek_v3-mini
-checkpoint deepseek_v3_fp8-mini --family deepseek_v3 --preset mini --dtype fp8 && bench deepseek_v3_fp8-mini
 echo
 if [ ${#failures[@]} -gt 0 ]; then
   echo "gpu_run.sh: ${#failures[@]} failure(s):"
