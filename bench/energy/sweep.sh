@@ -47,12 +47,15 @@
 # made here with joule-make-model when absent). SLO_SCALE=auto measures batch-1 decode on the
 # GPU. The sweep ends with OUT/table.md (bench/energy/sweep_table.py) and fails when a run's
 # energy is not NVML's.
+# DEVICE=fake (tests only: joule-worker-fake-device, the model meter) runs the GPU path on the
+# CPU: CI's smoke test of this script's GPU branch (energy_sweep_fake_device).
 #   DEVICE=cuda:0 QUICK=1 bench/energy/sweep.sh                  # from the repository root
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 DEVICE="${DEVICE:-cpu}"
 if [ "$DEVICE" != cpu ]; then
-  [[ "$DEVICE" =~ ^cuda(:[0-9]+)?$ ]] || { echo "DEVICE: cpu, cuda or cuda:N, got '$DEVICE'" >&2; exit 2; }
+  [[ "$DEVICE" =~ ^(cuda(:[0-9]+)?|fake)$ ]] ||
+    { echo "DEVICE: cpu, cuda, cuda:N or fake, got '$DEVICE'" >&2; exit 2; }
   source "$root/tests/gpu/env.sh"  # JOULE_GPU_BUNDLE; JOULE_GPU_LD: only our binaries get it
   # (|| true: env.sh is for scripts without set -e; its find fails on absent directories)
   if [ -z "${JOULE_GPU_LD:-}" ]; then joule_gpu_find_libraries || true; fi
@@ -62,6 +65,7 @@ if [ "$DEVICE" != cpu ]; then
   MODEL_DIR="${MODEL_DIR:-${TMPDIR:-/tmp}/joule-bench-models/qwen3_moe-mini}"
   MODEL="${MODEL:-$(basename "$MODEL_DIR")}"
   ENERGY_SOURCE="${ENERGY_SOURCE:-nvml}"
+  [ "$DEVICE" != fake ] || ENERGY_SOURCE=model  # the fake device has no NVML
   if [ -z "${CLUSTER_START:-}" ]; then
     CLUSTER_START="$(printf '%q ' "$root/bench/energy/gpu_cluster.sh" --build "$BUILD" \
       --model "$MODEL_DIR" --workers "$GPU_WORKERS" --device "$DEVICE" --energy-source "$ENERGY_SOURCE")"
