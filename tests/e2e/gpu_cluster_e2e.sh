@@ -211,32 +211,42 @@ serve() {
   mv "$E2E_TMP/coordinator.err" "$E2E_TMP/$tag.coordinator.err"  # the next cluster's goes there
 }
 
-# wait_log FILE PATTERN WHAT: until FILE has a line matching PATTERN (30 s).
+# wait_log FILE PATTERN: until FILE has a line matching PATTERN (30 s); 1 if it never does.
 wait_log() {
-  local file="$1" pattern="$2" what="$3"
+  local file="$1" pattern="$2"
   for _ in $(seq 1 120); do
     grep -q -- "$pattern" "$file" 2>/dev/null && return 0
     sleep 0.25
   done
-  e2e_fail "$what: no '$pattern' in $(basename "$file") within 30 s"
+  return 1
 }
 
 # change_placement TAG ADDR N: the GPU path's placement changes on a serving cluster. A
 # rebalance with 2 replicas per MoE layer (the replicas' ranks load them: new executors whose
 # experts the device store uploads, the kept ones reused), then kill -9 of the last worker
 # started (the survivors regroup and take its experts). After each, every prompt alone again
-# ($tag.rebalanced.I, $tag.regrouped.I: compared with one GPU worker by compare()).
+# ($tag.rebalanced.I, $tag.regrouped.I: compared with one GPU worker by compare()). A failure
+# is recorded in change_failures (the run goes on, so a GPU run still reports every size).
+change_failures=()
 change_placement() {
   local tag="$1" addr="$2" n="$3" r i
-  "$BUILD/coordinator/cli/joule-cli" rebalance --coordinator "$addr" --redundant-experts 2 >/dev/null ||
-    e2e_fail "$tag: joule-cli rebalance failed"
+  if ! "$BUILD/coordinator/cli/joule-cli" rebalance --coordinator "$addr" --redundant-experts 2 >/dev/null; then
+    change_failures+=("$tag: joule-cli rebalance failed")
+    return
+  fi
   for r in $(seq 0 $((n - 1))); do
-    wait_log "$E2E_TMP/$tag.w$r.err" "applied placement epoch 2" "$tag: worker $r after the rebalance"
+    if ! wait_log "$E2E_TMP/$tag.w$r.err" "applied placement epoch 2"; then
+      change_failures+=("$tag: worker $r did not apply the rebalance within 30 s")
+      return
+    fi
   done
   grep -h "bytes uploaded for this placement" "$E2E_TMP/$tag".w*.err | sed 's/^[^]]*] /  /' | head -4
   for i in "${!prompts[@]}"; do generate "$addr" "$i" "$E2E_TMP/res/$tag.rebalanced.$i"; done
   kill -KILL "${E2E_PIDS[-1]}"
-  wait_log "$E2E_TMP/coordinator.err" "serves again" "$tag: the survivors of a kill -9"
+  if ! wait_log "$E2E_TMP/coordinator.err" "serves again"; then
+    change_failures+=("$tag: the survivors of a kill -9 did not serve again within 30 s")
+    return
+  fi
   for i in "${!prompts[@]}"; do generate "$addr" "$i" "$E2E_TMP/res/$tag.regrouped.$i"; done
   echo "$tag: rebalanced (2 replicas per MoE layer), then regrouped after a kill -9"
 }
@@ -250,7 +260,8 @@ compare() {
   local notes="" label="EP ${n%t}"
   [ "$n" = "${n%t}" ] || label+=" (two-batch overlap)"
   local phases=(alone together)
-  [ -f "$tag.rebalanced.0" ] && phases+=(rebalanced regrouped)
+  [ -f "$tag.rebalanced.0" ] && phases+=(rebalanced)
+  [ -f "$tag.regrouped.0" ] && phases+=(regrouped)
   for i in "${!prompts[@]}"; do
     for phase in "${phases[@]}"; do
       want="$(cat "$base.$phase.$i" 2>/dev/null || cat "$base.alone.$i")"
@@ -295,6 +306,10 @@ done
 echo "----- summary"
 [ ${#summary[@]} -gt 0 ] || summary=("only one GPU worker ran: SIZES named no cluster to compare with it")
 printf '%s\n' "${summary[@]}"
+if [ ${#change_failures[@]} -gt 0 ]; then
+  printf '%s\n' "${change_failures[@]}" >&2
+  e2e_fail "${#change_failures[@]} placement change(s) failed"
+fi
 if [ ${#f32_failures[@]} -gt 0 ]; then
   printf '%s\n' "${f32_failures[@]}" >&2
   e2e_fail "${#f32_failures[@]} f32 sequence(s) differ from one GPU worker's"
