@@ -4,7 +4,9 @@
 #   nccl_cluster_e2e.sh BUILD_DIR MODEL_DIR ep2 NCCL
 #     Two GPU workers (--device cuda:0 / cuda:1 --transport nccl) must give the
 #     greedy tokens one GPU worker gives alone (a one-rank cluster), for prompts
-#     served concurrently by both ranks. Needs 2 GPUs and a CUDA + NCCL build
+#     served concurrently by both ranks; then again after kill -9 of the second
+#     (the first serves alone: group epoch 2) and after a new worker on cuda:1
+#     joins (epoch 3: a new NCCL communicator). Needs 2 GPUs and a CUDA + NCCL build
 #     (NCCL = ON): otherwise it skips (exit 77, ctest's SKIP_RETURN_CODE) saying
 #     "needs 2 GPUs, found N". Under JOULE_REQUIRE_GPU=1 (tests/gpu/run.sh) no
 #     GPU at all is a failure; JOULE_E2E_SKIP_RC sets the skip status (run.sh
@@ -106,6 +108,32 @@ generate_all() {
   for pid in "${clients[@]}"; do wait "$pid" || true; done
 }
 
+# expect_single TAG WHAT: TAG's tokens for every prompt are the one GPU worker's.
+expect_single() {
+  local tag="$1" what="$2" i want got
+  for i in "${!prompts[@]}"; do
+    want="$(cat "$E2E_TMP/single.$i")"
+    got="$(cat "$E2E_TMP/$tag.$i")"
+    [ -n "$want" ] || e2e_fail "the one-GPU cluster produced nothing for prompt $i"
+    [ "$got" = "$want" ] || e2e_fail "prompt $i: $what gave [$got], one GPU worker [$want]"
+  done
+}
+
+# wait_group_epoch ADDR EPOCH READY SECONDS: until joule-cli status shows group epoch EPOCH
+# with READY ranks ready.
+wait_group_epoch() {
+  local addr="$1" epoch="$2" ready="$3" seconds="$4" status=""
+  for _ in $(seq 1 $((seconds * 4))); do
+    status="$("$BUILD/coordinator/cli/joule-cli" status --coordinator "$addr" 2>/dev/null || true)"
+    if grep -q "^group_epoch: $epoch\b" <<<"$status" && [ "$(grep -c ': ready' <<<"$status")" = "$ready" ]; then
+      return 0
+    fi
+    sleep 0.25
+  done
+  echo "$status" >&2
+  e2e_fail "no group epoch $epoch with $ready ready rank(s) within $seconds s"
+}
+
 case "$MODE" in
 ep2)
   # The reference: one GPU worker alone.
@@ -126,14 +154,22 @@ ep2)
       e2e_fail "$w did not log its NCCL transport"
   done
   generate_all "$addr" ep2
-  for i in "${!prompts[@]}"; do
-    want="$(cat "$E2E_TMP/single.$i")"
-    got="$(cat "$E2E_TMP/ep2.$i")"
-    [ -n "$want" ] || e2e_fail "the one-GPU cluster produced nothing for prompt $i"
-    [ "$got" = "$want" ] ||
-      e2e_fail "prompt $i: two GPU workers over NCCL gave [$got], one GPU worker [$want]"
-  done
-  echo "PASS: EP=2 over NCCL (cuda:0, cuda:1) $(basename "$MODEL"): ${#prompts[@]} prompts match one GPU worker"
+  expect_single ep2 "two GPU workers over NCCL"
+  echo "EP=2 over NCCL (cuda:0, cuda:1) $(basename "$MODEL"): ${#prompts[@]} prompts match one GPU worker"
+
+  # The group re-forms over NCCL: kill -9 of w1 (w0 serves alone in group epoch 2, a one-rank
+  # communicator), then a new worker on cuda:1 joins (epoch 3: a new two-rank communicator
+  # whose unique id the epoch's rendezvous carries). Every prompt must still match.
+  kill -KILL "${E2E_PIDS[-1]}"
+  wait "${E2E_PIDS[-1]}" 2>/dev/null || true
+  wait_group_epoch "$addr" 2 1 60
+  generate_all "$addr" after_kill
+  expect_single after_kill "w0 alone after w1's kill -9 (group epoch 2)"
+  e2e_start_worker "" w1b "$addr" "$MODEL" --device cuda:1 --transport nccl
+  wait_group_epoch "$addr" 3 2 180
+  generate_all "$addr" rejoined
+  expect_single rejoined "w0 and a rejoined w1 over a new NCCL communicator (group epoch 3)"
+  echo "PASS: EP=2 over NCCL (cuda:0, cuda:1) $(basename "$MODEL"): ${#prompts[@]} prompts match one GPU worker, also after a kill -9 (1 rank) and a rejoin (2 ranks, a new communicator)"
   ;;
 
 refusals)

@@ -387,15 +387,9 @@ absl::StatusOr<std::unique_ptr<ep::Transport>> WorkerProcess::JoinNcclGroup(int 
                                                                             int world,
                                                                             uint64_t group_epoch) {
   RETURN_IF_ERROR(NcclTransportAvailable());  // a CPU build says so
-  if (group_epoch > 0 || runtime_ != nullptr) {
-    // Re-forming would need a new NCCL communicator over the survivors (and
-    // its unique id through the group's rendezvous): not done yet.
-    return absl::FailedPreconditionError(absl::StrCat(
-        "--transport nccl: rank ", rank_, " cannot move to another expert-parallel group",
-        group_epoch > 0 ? absl::StrCat(" (group epoch ", group_epoch, ")") : "",
-        ": an NCCL group is formed once, at start-up; restart every worker of the cluster "
-        "(or use --transport ucx, whose groups re-form)"));
-  }
+  // A new group (a death, a join, a restarted coordinator) gets a new
+  // communicator the same way: the group epoch's rendezvous carries its rank
+  // 0's fresh unique id; the old communicator was aborted by Interrupt.
   device::Backend& backend = model_->backend();
   NcclRankDescriptor mine{.host = HostName(),
                           .device = backend.spec().ToString(),
@@ -416,8 +410,8 @@ absl::StatusOr<std::unique_ptr<ep::Transport>> WorkerProcess::JoinNcclGroup(int 
       std::make_unique<ep::StagedTransport>(std::move(nccl), &backend));
 }
 
-ep::Transport* WorkerProcess::row_transport() const {
-  auto* staged = dynamic_cast<ep::StagedTransport*>(transport_.get());
+ep::Transport* WorkerProcess::RowTransport(ep::Transport* transport) {
+  auto* staged = dynamic_cast<ep::StagedTransport*>(transport);
   return staged != nullptr ? staged->device_transport() : nullptr;
 }
 
@@ -483,7 +477,8 @@ absl::Status WorkerProcess::StartServing() {
   std::unique_ptr<ep::ExpertParallelExecutor> executor;
   if (!model_->backend().device_memory_is_host()) {
     ep_options.device = {.backend = &model_->backend(), .resident = &model_->device_weights(),
-                         .resident_host = &model_->weights(), .row_transport = row_transport()};
+                         .resident_host = &model_->weights(),
+                         .row_transport = RowTransport(transport_.get())};
     // Every executor of this worker (rebalances, regroups) places its experts
     // through one store, so each uploads only what the last did not hold.
     ep_options.device.experts = std::make_shared<DeviceExpertStore>(
@@ -649,9 +644,11 @@ absl::Status WorkerProcess::SwitchGroup(int transport_rank, int world, uint64_t 
                    JoinGroup(transport_rank, world, rendezvous_epoch));
   loader_->Regroup(transport_rank, world);
   ASSIGN_OR_RETURN(PreparedPlacement prepared, loader_->Prepare(placement));
-  RETURN_IF_ERROR(runtime_->InstallGroup(
-      {.epoch = epoch, .transport = transport.get(), .placement = std::move(prepared)},
-      step_timeout_ + absl::Seconds(2)));
+  RETURN_IF_ERROR(runtime_->InstallGroup({.epoch = epoch,
+                                          .transport = transport.get(),
+                                          .row_transport = RowTransport(transport.get()),
+                                          .placement = std::move(prepared)},
+                                         step_timeout_ + absl::Seconds(2)));
   transport_ = std::move(transport);  // the old one is no longer used
   group_epoch_ = epoch;
   JOULE_LOG(Warning) << "rank " << rank_ << ": serving in group epoch " << epoch << " after "

@@ -8,7 +8,7 @@
 //      -> every peer's address, Connect (bounded by the step timeout); with
 //      --transport nccl the address is a descriptor (nccl_group.h), rank 0's
 //      carrying the NCCL unique id, and the transport a StagedTransport over
-//      the NCCL communicator (row_transport());
+//      the NCCL communicator (RowTransport());
 //   5. build the expert-parallel executor, engine and runtime, start the step
 //      loop and the heartbeat (which reports ready).
 // Wait() returns once the worker has stopped: asked to (SIGTERM, coordinator),
@@ -90,9 +90,9 @@ class WorkerProcess {
                                                                int transport_rank, int world,
                                                                uint64_t group_epoch);
   // Device-memory transport for expert rows, null unless --transport nccl:
-  // the NCCL communicator under transport_ (whose host collectives it stages).
-  // Owned by transport_ and replaced with it.
-  ep::Transport* row_transport() const;
+  // the NCCL communicator under `transport` (whose host collectives it
+  // stages). Owned by `transport` and replaced with it.
+  static ep::Transport* RowTransport(ep::Transport* transport);
   absl::Status StartServing();
   // The regroup thread: takes each new group the heartbeat brings (Regroup).
   void RegroupLoop();

@@ -16,6 +16,7 @@ WorkerRuntime::WorkerRuntime(Model* model, ep::Transport* transport, std::unique
     : model_(model),
       transport_(transport),
       options_(std::move(options)),
+      row_transport_(options_.expert_parallel.device.row_transport),
       engine_(std::move(engine)),
       executor_(std::move(executor)),
       stepper_(engine_.get(), transport_),
@@ -359,8 +360,10 @@ std::unique_ptr<ep::ExpertParallelExecutor> WorkerRuntime::MakeExecutor(Prepared
                                                                         ep::Transport* transport) {
   if (p.weights != nullptr) expert_weights_ = std::move(p.weights);
   const ModelWeights* weights = expert_weights_ ? expert_weights_.get() : &model_->weights();
+  ep::ExpertParallelOptions options = options_.expert_parallel;
+  options.device.row_transport = row_transport_;
   return std::make_unique<ep::ExpertParallelExecutor>(weights, transport, p.placement,
-                                                      model_->stream(), options_.expert_parallel);
+                                                      model_->stream(), options);
 }
 
 void WorkerRuntime::ReplaceExecutor(std::unique_ptr<ep::ExpertParallelExecutor> executor) {
@@ -427,6 +430,7 @@ bool WorkerRuntime::WaitForGroup(const absl::Status& failure) {
     pending_group_.reset();
   }
   AccumulateExpertLoad();  // counts of the executor being replaced
+  row_transport_ = group.row_transport;  // the old one went with its transport
   ReplaceExecutor(MakeExecutor(group.placement, group.transport));
   transport_ = group.transport;
   stepper_ = ep::LockstepStepper(engine_.get(), transport_);

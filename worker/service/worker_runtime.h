@@ -79,6 +79,9 @@ struct PreparedPlacement {
 struct NewGroup {
   uint64_t epoch = 0;
   ep::Transport* transport = nullptr;  // not owned; must outlive the runtime's use
+  // The group's device transport for expert rows (NCCL's communicator under
+  // `transport`), or null; replaces ExpertParallelDevice::row_transport.
+  ep::Transport* row_transport = nullptr;
   PreparedPlacement placement;         // weights set when new experts were loaded
 };
 
@@ -220,6 +223,8 @@ class WorkerRuntime : public WorkerHandler {
   Model* const model_;
   ep::Transport* transport_;  // replaced by a new group (loop thread only)
   const RuntimeOptions options_;
+  // Its device transport for expert rows (NewGroup::row_transport; loop thread only).
+  ep::Transport* row_transport_;
   // Step-loop state.
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<ModelWeights> expert_weights_;  // weights of a reloaded placement, if any
