@@ -151,14 +151,21 @@ TEST(CoordinatorHttpOptions, ApiKeyFromEnvironmentAndNeverPrinted) {
   EXPECT_THAT(flag->ToString(), HasSubstr("(set)"));
 }
 
-TEST(CoordinatorServerHttp, ServesTheApiInFrontOfTheRouter) {
-  testing::TinyModelDir model;
+// A two-rank coordinator on `model` (given a byte-level tokenizer) with its
+// HTTP API on a free loopback port.
+CoordinatorOptions TwoRankHttpOptions(const testing::TinyModelDir& model) {
   std::ofstream(model.path() + "/tokenizer.json") << tokenizer::MakeByteLevelTokenizerJson();
   CoordinatorOptions o;
   o.model = model.path();
   o.workers = 2;
   o.host = "127.0.0.1";
   o.http_port = 0;
+  return o;
+}
+
+TEST(CoordinatorServerHttp, ServesTheApiInFrontOfTheRouter) {
+  testing::TinyModelDir model;
+  CoordinatorOptions o = TwoRankHttpOptions(model);
   o.served_model_name = "tiny-served";
   auto server = CoordinatorServer::Start(o);
   ASSERT_TRUE(server.ok()) << server.status();
@@ -203,13 +210,7 @@ TEST(CoordinatorServerHttp, NeedsTheTokenizerWhenHttpIsOn) {
 // nothing for a rank whose limits are unknown (no worker there yet).
 TEST(CoordinatorServerHttp, MetricsShowEachRanksEngineLimits) {
   testing::TinyModelDir model;
-  std::ofstream(model.path() + "/tokenizer.json") << tokenizer::MakeByteLevelTokenizerJson();
-  CoordinatorOptions o;
-  o.model = model.path();
-  o.workers = 2;
-  o.host = "127.0.0.1";
-  o.http_port = 0;
-  auto server = CoordinatorServer::Start(o);
+  auto server = CoordinatorServer::Start(TwoRankHttpOptions(model));
   ASSERT_TRUE(server.ok()) << server.status();
 
   v1::RegisterRequest r;

@@ -31,7 +31,41 @@ bool NearBoundary(const std::vector<float>& logits, int64_t vocab, float tempera
   return std::abs(through - u * total) <= 1e-9 * total;
 }
 
-TEST_F(CudaKernelTest, SampleMatchesTheCpuSampler) {
+// One batch of rows through each sampler.
+struct SampleRows {
+  std::vector<float> logits;  // rows x vocab
+  int64_t rows = 0, vocab = 0;
+  std::vector<float> temperature;
+  std::vector<double> uniform;
+};
+
+std::vector<int32_t> CpuTokens(const SampleRows& b) {
+  std::vector<int32_t> tokens(b.rows);
+  cpu::LaunchSample({.logits = b.logits.data(), .rows = b.rows, .vocab = b.vocab,
+                     .temperature = b.temperature.data(), .uniform = b.uniform.data(),
+                     .tokens = tokens.data()},
+                    cpu::CpuStream{});
+  return tokens;
+}
+
+class SampleTest : public CudaKernelTest {
+ protected:
+  // The device's tokens, every row first set to `stale` (a row left unwritten keeps it).
+  std::vector<int32_t> DeviceTokens(const SampleRows& b, int32_t stale) {
+    DeviceBuffer<float> dlogits(b.logits), dtemperature(b.temperature);
+    DeviceBuffer<double> duniform(b.uniform);
+    DeviceBuffer<int32_t> dtokens(std::vector<int32_t>(b.rows, stale));
+    EXPECT_TRUE(LaunchSample({.logits = dlogits.get(), .rows = b.rows, .vocab = b.vocab,
+                              .temperature = dtemperature.get(), .uniform = duniform.get(),
+                              .tokens = dtokens.get()},
+                             stream_)
+                    .ok());
+    Sync();
+    return dtokens.Download();
+  }
+};
+
+TEST_F(SampleTest, SampleMatchesTheCpuSampler) {
   for (const int64_t vocab : {int64_t{7}, int64_t{300}, int64_t{151936}}) {
     SCOPED_TRACE(vocab);
     const int64_t rows = 24;
@@ -47,22 +81,10 @@ TEST_F(CudaKernelTest, SampleMatchesTheCpuSampler) {
     }
     uniform[1] = 0.0;            // the first token with any mass
     uniform[2] = 1.0 - 1e-12;    // the last tokens with any mass
-    std::vector<int32_t> want(rows);
-    cpu::LaunchSample({.logits = logits.data(), .rows = rows, .vocab = vocab,
-                       .temperature = temperature.data(), .uniform = uniform.data(),
-                       .tokens = want.data()},
-                      cpu::CpuStream{});
-    DeviceBuffer<float> dlogits(logits), dtemperature(temperature);
-    DeviceBuffer<double> duniform(uniform);
+    const SampleRows batch{logits, rows, vocab, temperature, uniform};
+    const std::vector<int32_t> want = CpuTokens(batch);
     for (int run = 0; run < 2; ++run) {
-      DeviceBuffer<int32_t> dtokens(std::vector<int32_t>(rows, 12345));
-      ASSERT_TRUE(LaunchSample({.logits = dlogits.get(), .rows = rows, .vocab = vocab,
-                                .temperature = dtemperature.get(), .uniform = duniform.get(),
-                                .tokens = dtokens.get()},
-                               stream_)
-                      .ok());
-      Sync();
-      const std::vector<int32_t> got = dtokens.Download();
+      const std::vector<int32_t> got = DeviceTokens(batch, 12345);
       for (int64_t r = 0; r < rows; ++r) {
         if (temperature[r] < 0) {
           EXPECT_EQ(got[r], -1) << "row " << r << " is the host's";
@@ -84,7 +106,7 @@ TEST_F(CudaKernelTest, SampleMatchesTheCpuSampler) {
 // bound rounded apart from the next chunk's start would leave some of these
 // draws with no writer (the row keeps its stale value). A NaN row draws the
 // last token, as on the CPU.
-TEST_F(CudaKernelTest, SampleDrawsAtChunkBoundariesAreWritten) {
+TEST_F(SampleTest, SampleDrawsAtChunkBoundariesAreWritten) {
   const int64_t vocab = 5000;  // chunks of 10 tokens over the block's 512 threads
   const int64_t chunk = 10;
   const std::vector<float> row = RandomFloats(vocab, 77, -3.f, 3.f);
@@ -111,22 +133,10 @@ TEST_F(CudaKernelTest, SampleDrawsAtChunkBoundariesAreWritten) {
   for (int64_t r = 0; r < rows; ++r) logits.insert(logits.end(), row.begin(), row.end());
   logits[nan_row * vocab + 123] = NAN;
   const std::vector<float> temperatures(rows, temperature);
-  std::vector<int32_t> want(rows);
-  cpu::LaunchSample({.logits = logits.data(), .rows = rows, .vocab = vocab,
-                     .temperature = temperatures.data(), .uniform = uniform.data(),
-                     .tokens = want.data()},
-                    cpu::CpuStream{});
+  const SampleRows batch{logits, rows, vocab, temperatures, uniform};
+  const std::vector<int32_t> want = CpuTokens(batch);
   EXPECT_EQ(want[nan_row], vocab - 1);
-  DeviceBuffer<float> dlogits(logits), dtemperature(temperatures);
-  DeviceBuffer<double> duniform(uniform);
-  DeviceBuffer<int32_t> dtokens(std::vector<int32_t>(rows, -7));  // stale
-  ASSERT_TRUE(LaunchSample({.logits = dlogits.get(), .rows = rows, .vocab = vocab,
-                            .temperature = dtemperature.get(), .uniform = duniform.get(),
-                            .tokens = dtokens.get()},
-                           stream_)
-                  .ok());
-  Sync();
-  const std::vector<int32_t> got = dtokens.Download();
+  const std::vector<int32_t> got = DeviceTokens(batch, -7);  // -7: stale
   EXPECT_EQ(got[nan_row], vocab - 1);
   for (int64_t r = 0; r < nan_row; ++r) {
     ASSERT_GE(got[r], 0) << "row " << r << " (u = " << uniform[r] << ") was not written";
