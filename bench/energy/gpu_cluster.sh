@@ -73,6 +73,10 @@ if [ -z "${JOULE_GPU_LD:-}" ]; then
   joule_gpu_find_libraries || true  # env.sh is for scripts without set -e (find fails on absent dirs)
 fi
 run() { LD_LIBRARY_PATH="$JOULE_GPU_LD" "$@"; }
+# spawn CMD... &: the same in the background, exec'd so that $! is the process itself (with
+# run, $! is a subshell: stop() would signal and wait for it while the process, still holding
+# its port and GPU, outlives it, and the next cluster fails to bind).
+spawn() { LD_LIBRARY_PATH="$JOULE_GPU_LD" exec "$@"; }
 export UCX_TLS="${UCX_TLS:-shm,self}" UCX_WARN_UNUSED_ENV_VARS=n
 
 [ -n "$run_dir" ] || run_dir="$(mktemp -d /tmp/joule-gpu-cluster.XXXXXX)"
@@ -87,7 +91,7 @@ stop() {
 trap stop EXIT
 trap 'exit 0' INT TERM
 
-run "$coordinator_bin" --model "$model" --workers "$workers" --port 0 --port-file "$run_dir/port" \
+spawn "$coordinator_bin" --model "$model" --workers "$workers" --port 0 --port-file "$run_dir/port" \
   --http-port "$port" --http-port-file "$run_dir/http_port" --policy "$policy" \
   ${scheduler_config:+--scheduler-config "$scheduler_config"} \
   >"$run_dir/coordinator.out" 2>"$run_dir/coordinator.log" &
@@ -101,7 +105,7 @@ threads=$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 ))
 for r in $(seq 0 $((workers - 1))); do
   worker_metrics_port=0
   [ "$metrics_port" = 0 ] || worker_metrics_port=$((metrics_port + r))
-  run "$worker_bin" --coordinator "$addr" --model "$model" --device "$device" --threads "$threads" \
+  spawn "$worker_bin" --coordinator "$addr" --model "$model" --device "$device" --threads "$threads" \
     --gpu-memory-utilization 0 --kv-cache-mb "$kv_cache_mb" --energy-source "$energy_source" \
     --metrics-port "$worker_metrics_port" --metrics-port-file "$run_dir/metrics_port.$r" \
     ${worker_flags[@]+"${worker_flags[@]}"} >"$run_dir/worker$r.out" 2>"$run_dir/worker$r.log" &
