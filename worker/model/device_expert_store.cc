@@ -6,32 +6,6 @@
 namespace joule {
 namespace {
 
-// A layer's pointer table ([gate x E, up x E, down x E], then FP8 scales in
-// the same order) and its view's shape, filled expert by expert.
-struct LayerTable {
-  std::vector<const void*> pointers;
-  ExpertsView view;
-
-  void Add(int e, const MlpView& m) {
-    const int E = view.num_experts;
-    const bool fp8 = m.gate.type == kernels::DType::kF8E4M3;
-    if (pointers.empty()) pointers.assign((fp8 ? 6 : 3) * static_cast<size_t>(E), nullptr);
-    pointers[e] = m.gate.w;
-    pointers[E + e] = m.up.w;
-    pointers[2 * E + e] = m.down.w;
-    if (fp8) {
-      pointers[3 * E + e] = m.gate.scale_inv;
-      pointers[4 * E + e] = m.up.scale_inv;
-      pointers[5 * E + e] = m.down.scale_inv;
-      view.blocks = m.gate.blocks;
-    }
-    view.type = m.gate.type;
-    view.hidden = m.gate.in_features;
-    view.intermediate = m.gate.out_features;
-    ++view.held;
-  }
-};
-
 bool SameShape(const MlpView& stored, const MlpWeights& host, device::Backend& backend) {
   return stored.gate.in_features == host.gate.in_features &&
          stored.gate.out_features == host.gate.out_features &&
@@ -49,13 +23,13 @@ absl::StatusOr<std::unique_ptr<DeviceExperts>> DeviceExpertStore::Place(const Mo
   auto out = std::make_unique<DeviceExperts>();
   const size_t num_layers = weights.layers().size();
   out->layers_.assign(num_layers, ExpertsView{});
-  std::vector<std::vector<const void*>> tables(num_layers);
+  std::vector<std::optional<ExpertTable>> tables(num_layers);  // MoE layers'
   absl::MutexLock lock(&mu_);
   absl::erase_if(stored_, [](const auto& kv) { return kv.second.expired(); });
   for (size_t l = 0; l < num_layers; ++l) {
     const LayerWeights& L = weights.layers()[l];
     if (!L.is_moe) continue;
-    LayerTable table{.view = {.num_experts = static_cast<int>(L.experts.size())}};
+    ExpertTable& table = tables[l].emplace(static_cast<int>(L.experts.size()));
     for (int e = 0; e < table.view.num_experts; ++e) {
       if (!L.experts[e].loaded) continue;
       ASSIGN_OR_RETURN(std::shared_ptr<const StoredExpert> expert,
@@ -63,11 +37,6 @@ absl::StatusOr<std::unique_ptr<DeviceExperts>> DeviceExpertStore::Place(const Mo
       table.Add(e, expert->mlp);
       out->held_.push_back(std::move(expert));
     }
-    // A layer without experts here still gets a table (of nulls), as the
-    // grouped GEMMs expect.
-    if (table.pointers.empty()) table.pointers.assign(3 * static_cast<size_t>(table.view.num_experts), nullptr);
-    out->layers_[l] = table.view;
-    tables[l] = std::move(table.pointers);
   }
   RETURN_IF_ERROR(UploadTables(tables, out.get()));
   return out;
@@ -116,28 +85,20 @@ std::shared_ptr<const StoredExpert> DeviceExpertStore::Resident(int l, int e) co
   return expert;
 }
 
-absl::Status DeviceExpertStore::UploadTables(const std::vector<std::vector<const void*>>& tables,
+absl::Status DeviceExpertStore::UploadTables(const std::vector<std::optional<ExpertTable>>& tables,
                                              DeviceExperts* out) {
   size_t entries = 0;
-  for (const auto& t : tables) entries += t.size();
+  for (const auto& t : tables) entries += t ? t->pointers.size() : 0;
   if (entries == 0) return absl::OkStatus();
   ASSIGN_OR_RETURN(out->tables_, backend_.Allocate(device::MemoryKind::kDevice,
                                                    entries * sizeof(const void*)));
   auto* next = out->tables_.as<const void*>();
   for (size_t l = 0; l < tables.size(); ++l) {
-    if (tables[l].empty()) continue;
-    RETURN_IF_ERROR(backend_.CopyAsync(next, tables[l].data(), tables[l].size() * sizeof(void*)));
-    ExpertsView& v = out->layers_[l];
-    const int E = v.num_experts;
-    v.gate = next;
-    v.up = next + E;
-    v.down = next + 2 * E;
-    if (tables[l].size() == 6 * static_cast<size_t>(E)) {
-      v.gate_scale_inv = next + 3 * E;
-      v.up_scale_inv = next + 4 * E;
-      v.down_scale_inv = next + 5 * E;
-    }
-    next += tables[l].size();
+    if (!tables[l]) continue;
+    const std::vector<const void*>& pointers = tables[l]->pointers;
+    RETURN_IF_ERROR(backend_.CopyAsync(next, pointers.data(), pointers.size() * sizeof(void*)));
+    out->layers_[l] = tables[l]->At(next);
+    next += pointers.size();
   }
   return backend_.Synchronize();  // the host tables go when this returns
 }

@@ -12,6 +12,7 @@
 
 #include <cstddef>
 #include <memory>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -69,7 +70,7 @@ class DeviceExpertStore {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::shared_ptr<const StoredExpert> Resident(int l, int e) const;
   // Uploads every layer's pointer table into `out->tables_`.
-  absl::Status UploadTables(const std::vector<std::vector<const void*>>& tables,
+  absl::Status UploadTables(const std::vector<std::optional<ExpertTable>>& tables,
                             DeviceExperts* out);
 
   device::Backend& backend_;

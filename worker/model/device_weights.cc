@@ -49,41 +49,13 @@ class DeviceWeights::Placer {
   // the scales of each in the same order (ViewExperts' layout).
   ExpertsView Experts(const LayerWeights& L, std::vector<const void*>* table) {
     if (mode_ == Mode::kView) return ViewExperts(L, table);
-    const int E = static_cast<int>(L.experts.size());
-    bool fp8 = false;
-    for (const MlpWeights& m : L.experts) {
-      if (m.loaded && backend_.weight_type(m.gate.type) == kernels::DType::kF8E4M3) fp8 = true;
+    ExpertTable experts(static_cast<int>(L.experts.size()));
+    for (int e = 0; e < experts.view.num_experts; ++e) {
+      if (L.experts[e].loaded) experts.Add(e, Mlp(L.experts[e]));
     }
-    table->assign((fp8 ? 6 : 3) * static_cast<size_t>(E), nullptr);
-    ExpertsView v{.num_experts = E};
-    for (int e = 0; e < E; ++e) {
-      const MlpWeights& m = L.experts[e];
-      if (!m.loaded) continue;
-      (*table)[e] = Matrix(m.gate);
-      (*table)[E + e] = Matrix(m.up);
-      (*table)[2 * E + e] = Matrix(m.down);
-      if (fp8) {
-        (*table)[3 * E + e] = Scales(m.gate);
-        (*table)[4 * E + e] = Scales(m.up);
-        (*table)[5 * E + e] = Scales(m.down);
-        v.blocks = m.gate.blocks;
-      }
-      v.type = backend_.weight_type(m.gate.type);
-      v.hidden = m.gate.in_features;
-      v.intermediate = m.gate.out_features;
-      ++v.held;
-    }
-    const auto* ptrs =
-        static_cast<const void* const*>(Place(table->data(), table->size() * sizeof(void*)));
-    v.gate = ptrs;
-    v.up = ptrs + E;
-    v.down = ptrs + 2 * E;
-    if (fp8) {
-      v.gate_scale_inv = ptrs + 3 * E;
-      v.up_scale_inv = ptrs + 4 * E;
-      v.down_scale_inv = ptrs + 5 * E;
-    }
-    return v;
+    *table = experts.pointers;  // kept: the host copy of the device table (expert_table)
+    return experts.At(
+        static_cast<const void* const*>(Place(table->data(), table->size() * sizeof(void*))));
   }
 
   size_t bytes() const { return layout_.bytes(); }
@@ -159,6 +131,42 @@ class DeviceWeights::Placer {
   std::vector<uint16_t> staging_;
   absl::Status status_;
 };
+
+ExpertTable::ExpertTable(int num_experts)
+    : pointers(3 * static_cast<size_t>(num_experts), nullptr), view{.num_experts = num_experts} {}
+
+void ExpertTable::Add(int e, const MlpView& m) {
+  const int E = view.num_experts;
+  const bool fp8 = m.gate.type == kernels::DType::kF8E4M3;
+  if (fp8) pointers.resize(6 * static_cast<size_t>(E), nullptr);
+  pointers[e] = m.gate.w;
+  pointers[E + e] = m.up.w;
+  pointers[2 * E + e] = m.down.w;
+  if (fp8) {
+    pointers[3 * E + e] = m.gate.scale_inv;
+    pointers[4 * E + e] = m.up.scale_inv;
+    pointers[5 * E + e] = m.down.scale_inv;
+    view.blocks = m.gate.blocks;
+  }
+  view.type = m.gate.type;
+  view.hidden = m.gate.in_features;
+  view.intermediate = m.gate.out_features;
+  ++view.held;
+}
+
+ExpertsView ExpertTable::At(const void* const* table) const {
+  ExpertsView v = view;
+  const int E = v.num_experts;
+  v.gate = table;
+  v.up = table + E;
+  v.down = table + 2 * E;
+  if (pointers.size() == 6 * static_cast<size_t>(E)) {
+    v.gate_scale_inv = table + 3 * E;
+    v.up_scale_inv = table + 4 * E;
+    v.down_scale_inv = table + 5 * E;
+  }
+  return v;
+}
 
 ExpertsView ViewExperts(const LayerWeights& L, std::vector<const void*>* table) {
   const int E = static_cast<int>(L.experts.size());

@@ -85,6 +85,19 @@ struct LayerView {
 // scales of each in the same order; kept by the caller).
 ExpertsView ViewExperts(const LayerWeights& layer, std::vector<const void*>* table);
 
+// One MoE layer's device expert table, filled expert by expert: `pointers` is
+// [gate x E, up x E, down x E], then for FP8 experts the scales of each in the
+// same order (3 x E nulls for a layer without experts); `view` its shape.
+struct ExpertTable {
+  explicit ExpertTable(int num_experts);
+  void Add(int expert, const MlpView& mlp);
+  // `view` reading its pointers from `table`, a device copy of `pointers`.
+  ExpertsView At(const void* const* table) const;
+
+  std::vector<const void*> pointers;
+  ExpertsView view;
+};
+
 class DeviceWeights {
  public:
   // `weights` must outlive the result (the CPU views point into it).
