@@ -47,11 +47,6 @@ int HeadDimCap(int head_dim) {
   return kMaxAttentionHeadDim;
 }
 
-// Width of a value row, and of an output row. The launch stores it in the
-// kernels' copy of the parameters (a select on the device costs the GQA
-// instances registers, then spills).
-int ValueDim(const PagedAttentionParams& p) { return p.v_head_dim > 0 ? p.v_head_dim : p.head_dim; }
-
 __device__ __forceinline__ float LoadCache(const float* p) { return *p; }
 __device__ __forceinline__ float LoadCache(const uint16_t* p) { return Bf16BitsToFloat(*p); }
 __device__ __forceinline__ void StoreCache(float* p, float v) { *p = v; }
@@ -321,55 +316,6 @@ __global__ void CombineSplitsKernel(PagedAttentionParams p, AttentionWorkspaceLa
 // Host side
 // ---------------------------------------------------------------------------
 
-absl::Status ValidateCacheType(const char* kernel, DType cache_type) {
-  if (cache_type == DType::kF32 || cache_type == DType::kBF16) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat(kernel, ": cache_type must be f32 or bf16, got ",
-                                                 static_cast<int>(cache_type)));
-}
-
-absl::Status ValidateHeads(const PagedAttentionParams& p) {
-  if (p.num_q_heads <= 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("PagedAttention: num_q_heads must be positive, got ", p.num_q_heads));
-  }
-  if (p.num_kv_heads <= 0 || p.num_q_heads % p.num_kv_heads != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("PagedAttention: num_kv_heads must divide num_q_heads (",
-                                                   p.num_q_heads, "), got ", p.num_kv_heads));
-  }
-  if (p.head_dim <= 0 || p.head_dim > kMaxAttentionHeadDim ||
-      p.head_dim % kAttentionHeadDimMultiple != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("PagedAttention: head_dim must be a multiple of ",
-                                                   kAttentionHeadDimMultiple, " in [",
-                                                   kAttentionHeadDimMultiple, ", ",
-                                                   kMaxAttentionHeadDim, "], got ", p.head_dim));
-  }
-  const int v_dim = ValueDim(p);
-  if (p.v_head_dim < 0 || v_dim > p.head_dim || v_dim > kMaxAttentionValueDim) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "PagedAttention: v_head_dim (0: head_dim) must be in [0, head_dim] and at most ",
-        kMaxAttentionValueDim, ", got ", p.v_head_dim, " with head_dim ", p.head_dim));
-  }
-  return absl::OkStatus();
-}
-
-absl::Status ValidateLayout(const PagedAttentionParams& p) {
-  const auto positive = [](const char* field, int64_t value) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("PagedAttention: ", field, " must be positive, got ", value));
-  };
-  const auto non_negative = [](const char* field, int64_t value) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("PagedAttention: ", field, " must be >= 0, got ", value));
-  };
-  if (p.num_tokens < 0) return non_negative("num_tokens", p.num_tokens);
-  if (p.num_seqs < 0) return non_negative("num_seqs", p.num_seqs);
-  if (p.block_size <= 0) return positive("block_size", p.block_size);
-  if (p.max_blocks_per_seq <= 0) return positive("max_blocks_per_seq", p.max_blocks_per_seq);
-  if (p.sliding_window < 0) return non_negative("sliding_window", p.sliding_window);
-  if (p.max_context_len < 0) return non_negative("max_context_len", p.max_context_len);
-  return ValidateCacheType("PagedAttention", p.cache_type);
-}
-
 absl::Status ValidatePointers(const PagedAttentionParams& p, const AttentionWorkspaceLayout& layout) {
   if (!p.q || !p.out || !p.k_cache || !p.v_cache) {
     return absl::InvalidArgumentError("PagedAttention: q, out, k_cache and v_cache must be non-null");
@@ -467,8 +413,7 @@ size_t PagedAttentionWorkspaceBytes(const PagedAttentionParams& p) {
 }
 
 absl::Status LaunchPagedAttention(const PagedAttentionParams& p, cudaStream_t stream) {
-  if (absl::Status s = ValidateHeads(p); !s.ok()) return s;
-  if (absl::Status s = ValidateLayout(p); !s.ok()) return s;
+  if (absl::Status s = ValidatePagedAttention(p); !s.ok()) return s;
   if (p.num_tokens == 0) return absl::OkStatus();
   const AttentionWorkspaceLayout layout =
       MakeAttentionWorkspaceLayout(p.num_tokens, p.num_q_heads, ValueDim(p), ContextBound(p));
@@ -489,6 +434,8 @@ absl::Status LaunchPagedAttention(const PagedAttentionParams& p, cudaStream_t st
   const int64_t attention_ctas = p.num_tokens * p.num_kv_heads * layout.num_splits;
   const dim3 attention_grid(static_cast<unsigned>(attention_ctas), static_cast<unsigned>(chunks));
   const int64_t combine_ctas = p.num_tokens * p.num_q_heads;
+  // The kernels' copy carries the value width resolved: a select on the device
+  // costs the GQA instances registers, then spills.
   PagedAttentionParams resolved = p;
   resolved.v_head_dim = ValueDim(p);
   if (p.cache_type == DType::kBF16) {

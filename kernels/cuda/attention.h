@@ -11,23 +11,13 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
+#include "kernels/cuda/attention_checks.h"  // the accepted shapes and their limits
 #include "kernels/params/attention.h"
 
 namespace joule::kernels::cuda {
 
 using ::joule::kernels::KvCacheWriteParams;
 using ::joule::kernels::PagedAttentionParams;
-
-// Shapes the attention kernel takes (CUDA-only limits): head_dim a multiple of
-// kAttentionHeadDimMultiple up to kMaxAttentionHeadDim (DeepSeek-V3's latent
-// 512 + rope key 64), v_head_dim at most head_dim and kMaxAttentionValueDim.
-// One CTA serves at most kMaxAttentionGroup query heads of a KV head; a wider
-// group (multi-head latent attention: up to 128 heads on one KV head) runs in
-// chunks of query heads, each of which reads the keys again.
-inline constexpr int kAttentionHeadDimMultiple = 16;
-inline constexpr int kMaxAttentionHeadDim = 576;
-inline constexpr int kMaxAttentionValueDim = 512;
-inline constexpr int kMaxAttentionGroup = 16;
 
 // F32 rows into an F32 or BF16 cache (BF16: round to nearest even, NaN stays
 // NaN); a negative slot stores nothing. A null v writes keys only (MLA's

@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
+#include "kernels/cuda/attention_checks.h"
 
 namespace joule::device {
 
@@ -280,8 +281,10 @@ absl::Status FakeDeviceBackend::Sample(const kernels::SampleParams& p) {
   return Launch([=, this] { return cpu_.Sample(p); });
 }
 
-// As on the GPU: a sequence with no context (padding) gets zeros.
+// As on the GPU: what its launch refuses is refused here, and a sequence with
+// no context (padding) gets zeros.
 absl::Status FakeDeviceBackend::PagedAttention(const kernels::PagedAttentionParams& p) {
+  RETURN_IF_ERROR(kernels::cuda::ValidatePagedAttention(p));
   return Launch([=, this] {
     RETURN_IF_ERROR(cpu_.PagedAttention(p));
     const int64_t row = int64_t{p.num_q_heads} * p.head_dim;

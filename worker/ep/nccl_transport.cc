@@ -183,6 +183,9 @@ class NcclTransportImpl final : public NcclTransport {
       if (e != cudaErrorNotReady) {
         return Fail(kernels::cuda::CudaErrorToStatus(e, "cudaStreamQuery", __FILE__, __LINE__));
       }
+      // "Not ready" is also this thread's last error: cleared, or the next
+      // kernel launch's check (cudaGetLastError) would report it as its own.
+      (void)cudaGetLastError();
       ncclResult_t state = ncclSuccess;
       const ncclResult_t r = ncclCommGetAsyncError(comm_, &state);
       if (r != ncclSuccess) return Fail(AsyncError(r, what));

@@ -82,7 +82,7 @@ absl::Status Model::Reserve(const StepShape& shape) {
   if (workspace_.bytes() > 0 && workspace_.shape().Holds(shape)) return absl::OkStatus();
   // Graphs hold the old buffers' addresses; they are captured again on demand.
   decode_graphs_.clear();
-  graph_kv_ = nullptr;
+  graph_kv_ = KvCacheView();
   RETURN_IF_ERROR(workspace_.Allocate(*backend_, config(), shape.Max(workspace_.shape())));
   return local_experts_->Reserve(workspace_.shape().tokens);
 }
@@ -207,11 +207,23 @@ StepShape Model::DecodeShape(int64_t bucket) const {
           .logit_rows = bucket, .max_context_len = r.max_context_len};
 }
 
+namespace {
+
+// A graph holds every layer's cache address and the cache's geometry: a new
+// cache at a reused address (a freed range that cudaMalloc hands out again)
+// with another block count or size must not replay it.
+bool SameCache(const KvCacheView& a, const KvCacheView& b) {
+  return a.block_size == b.block_size && a.num_blocks == b.num_blocks && a.type == b.type &&
+         a.k == b.k && a.v == b.v;
+}
+
+}  // namespace
+
 std::pair<device::Graph*, int64_t> Model::DecodeGraphFor(const ForwardBatch& b,
                                                          const KvCacheView& kv) {
   const int64_t T = b.num_tokens();
   if (decode_graphs_.empty() || T == 0 || experts_ != nullptr || kv.k.empty() ||
-      kv.k[0] != graph_kv_ || b.max_blocks_per_seq > workspace_.shape().blocks_per_seq ||
+      !SameCache(kv, graph_kv_) || b.max_blocks_per_seq > workspace_.shape().blocks_per_seq ||
       b.num_seqs() != T || static_cast<int64_t>(b.logit_rows.size()) != T) {
     return {nullptr, 0};
   }
@@ -261,7 +273,7 @@ absl::StatusOr<std::vector<int>> Model::CaptureDecodeGraphs(const KvCacheView& k
     decode_graphs_[bucket] = *std::move(graph);
     captured.push_back(bucket);
   }
-  graph_kv_ = kv.k.empty() ? nullptr : kv.k[0];
+  graph_kv_ = kv;
   return captured;
 }
 

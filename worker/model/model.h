@@ -118,7 +118,7 @@ class Model {
   StepWorkspace workspace_;
   // Decode graphs by batch size, valid for the cache they were captured on.
   std::map<int64_t, std::unique_ptr<device::Graph>> decode_graphs_;
-  const void* graph_kv_ = nullptr;
+  KvCacheView graph_kv_;
   int64_t graph_replays_ = 0;
 };
 

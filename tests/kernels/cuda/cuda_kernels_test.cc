@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <iterator>
 #include <memory>
@@ -1159,10 +1160,21 @@ TEST_F(CudaKernelTest, LtGemmMatchesReference) {
     p.accumulate = c.accumulate;
     p.workspace = dworkspace.get();
     const size_t plans_before = gemm.cached_plans();
+    // Rows of w or y not 16-byte aligned: a cuBLASLt may have no algorithm
+    // (Unimplemented), and CudaBackend::Gemm then takes the SIMT kernel.
+    const bool aligned = c.k % 8 == 0 && ldy % 4 == 0 && c.y_offset % 4 == 0;
     // Overwriting runs go twice: the second reuses the cached algorithm.
-    for (int run = 0; run < (c.accumulate ? 1 : 2); ++run) {
+    bool no_algorithm = false;
+    for (int run = 0; run < (c.accumulate ? 1 : 2) && !no_algorithm; ++run) {
       const absl::Status status = gemm.Run(p, stream_);
-      ASSERT_TRUE(status.ok()) << status;
+      no_algorithm = !aligned && absl::IsUnimplemented(status);
+      ASSERT_TRUE(status.ok() || no_algorithm) << status;
+    }
+    if (no_algorithm) {
+      std::printf("[ NOTE ] m=%lld n=%lld k=%lld ldy=%lld: this cuBLASLt has no algorithm "
+                  "(production falls back to the SIMT kernel)\n", static_cast<long long>(c.m),
+                  static_cast<long long>(c.n), static_cast<long long>(c.k), static_cast<long long>(ldy));
+      continue;
     }
     Sync();
     EXPECT_EQ(gemm.cached_plans(), plans_before + (c.k > 0 ? 1 : 0));
