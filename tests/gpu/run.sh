@@ -167,7 +167,7 @@ check gpu_fault_test        60 gtest gpu_fault_test
 check nccl_transport_test  180 gtest nccl_transport_test
 check cuda_ipc_windows_test 240 gtest cuda_ipc_windows_test
 check nccl_ep2_cluster     420 env LD_LIBRARY_PATH="$JOULE_GPU_LD" JOULE_E2E_SKIP_RC=0 tests/e2e/nccl_cluster_e2e.sh "$G" "$G/models/qwen3_moe-tiny" ep2 ON
-check gpu_cluster_ep       360 env E2E_LOG_DIR="$OUT/gpu_cluster_ep" \
+check gpu_cluster_ep       450 env E2E_LOG_DIR="$OUT/gpu_cluster_ep" \
   tests/e2e/gpu_cluster_e2e.sh "$G" f32,bf16 1,2,4,2t
 check energy_meter_test    120 gtest energy_meter_test
 check nvml_under_load       60 nvml_under_load

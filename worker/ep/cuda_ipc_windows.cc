@@ -12,6 +12,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "common/status.h"
 #include "kernels/cuda/cuda_check.h"
 
 namespace joule::ep {
@@ -211,6 +212,46 @@ absl::Status SetSyncMemops(void* ptr) {
   return absl::OkStatus();
 }
 
+// Where the allocation holding `ptr` begins (cuMemGetAddressRange through the
+// runtime's driver entry point). A handle names a whole allocation, and a peer
+// opening it gets that allocation's base: the window's offset in it travels
+// with the handle.
+absl::StatusOr<size_t> OffsetInAllocation(void* ptr) {
+  using GetRangeFn = CUresult (*)(CUdeviceptr*, size_t*, CUdeviceptr);
+  void* fn = nullptr;
+  cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+  JOULE_CUDA_RETURN_IF_ERROR(cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &fn, 12000,
+                                                              cudaEnableDefault, &found));
+  if (fn == nullptr || found != cudaDriverEntryPointSuccess) {
+    return absl::InternalError("cuda ipc windows: the driver has no cuMemGetAddressRange");
+  }
+  CUdeviceptr base = 0;
+  size_t size = 0;
+  const CUresult r =
+      reinterpret_cast<GetRangeFn>(fn)(&base, &size, reinterpret_cast<CUdeviceptr>(ptr));
+  if (r != CUDA_SUCCESS) {
+    return absl::InternalError(absl::StrCat(
+        "cuMemGetAddressRange on the window failed: CUresult ", static_cast<int>(r)));
+  }
+  return static_cast<size_t>(reinterpret_cast<CUdeviceptr>(ptr) - base);
+}
+
+// Windows are allocated in whole 2 MiB granules, as NVIDIA advises for memory
+// shared over CUDA IPC: a smaller cudaMalloc may be carved from a block that
+// holds other buffers, and the handle would expose (and name) the whole block.
+constexpr size_t kIpcGranule = size_t{2} << 20;
+
+size_t IpcAllocationBytes(size_t bytes) {
+  return (std::max<size_t>(bytes, 1) + kIpcGranule - 1) / kIpcGranule * kIpcGranule;
+}
+
+// What a rank sends its peers for its window: the handle and the window's
+// offset in the allocation the handle names.
+struct ExportedWindow {
+  cudaIpcMemHandle_t handle{};
+  uint64_t offset = 0;
+};
+
 // Makes `device` current for a scope and puts the caller's back after.
 class ScopedDevice {
  public:
@@ -249,14 +290,16 @@ class CudaIpcWindows final : public SharedWindows {
 
   // With `device_` current: allocates, zeroes (complete before any peer can
   // write) and exports this rank's window.
-  absl::Status AllocateOwn(cudaIpcMemHandle_t* handle) {
+  absl::Status AllocateOwn(ExportedWindow* exported) {
     void* own = nullptr;
-    JOULE_CUDA_RETURN_IF_ERROR(cudaMalloc(&own, std::max<size_t>(bytes_, 1)));
+    JOULE_CUDA_RETURN_IF_ERROR(cudaMalloc(&own, IpcAllocationBytes(bytes_)));
     own_ = own;
     if (absl::Status s = SetSyncMemops(own_); !s.ok()) return s;
     JOULE_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(own_, 0, bytes_, nullptr));
     JOULE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(nullptr));
-    JOULE_CUDA_RETURN_IF_ERROR(cudaIpcGetMemHandle(handle, own_));
+    ASSIGN_OR_RETURN(exported->offset, OffsetInAllocation(own_));
+    void* base = static_cast<std::byte*>(own_) - exported->offset;
+    JOULE_CUDA_RETURN_IF_ERROR(cudaIpcGetMemHandle(&exported->handle, base));
     ptrs_[rank_] = static_cast<std::byte*>(own_);
     return absl::OkStatus();
   }
@@ -265,20 +308,22 @@ class CudaIpcWindows final : public SharedWindows {
   absl::Status OpenPeers(const std::vector<std::string>& handles) {
     for (int p = 0; p < static_cast<int>(handles.size()); ++p) {
       if (p == rank_) continue;
-      cudaIpcMemHandle_t handle{};
-      if (handles[p].size() != sizeof(handle)) {
+      ExportedWindow exported;
+      if (handles[p].size() != sizeof(exported)) {
         return absl::InvalidArgumentError(
             absl::StrCat("cuda ipc windows: rank ", p, " sent a handle of ", handles[p].size(),
                          " bytes"));
       }
-      std::memcpy(&handle, handles[p].data(), sizeof(handle));
-      void* peer = nullptr;
-      const cudaError_t err = cudaIpcOpenMemHandle(&peer, handle, cudaIpcMemLazyEnablePeerAccess);
+      std::memcpy(&exported, handles[p].data(), sizeof(exported));
+      void* base = nullptr;
+      const cudaError_t err =
+          cudaIpcOpenMemHandle(&base, exported.handle, cudaIpcMemLazyEnablePeerAccess);
       if (err != cudaSuccess) {
         const std::string call = absl::StrCat("cudaIpcOpenMemHandle(rank ", p, "'s window)");
         return CudaErrorToStatus(err, call.c_str(), __FILE__, __LINE__);
       }
-      ptrs_[p] = static_cast<std::byte*>(peer);
+      opened_[p] = base;
+      ptrs_[p] = static_cast<std::byte*>(base) + exported.offset;
     }
     return absl::OkStatus();
   }
@@ -287,8 +332,9 @@ class CudaIpcWindows final : public SharedWindows {
     ScopedDevice current;
     (void)current.Set(device_);
     for (int p = 0; p < static_cast<int>(ptrs_.size()); ++p) {
-      if (p == rank_ || ptrs_[p] == nullptr) continue;
-      (void)cudaIpcCloseMemHandle(ptrs_[p]);
+      if (p == rank_) continue;
+      if (opened_[p] != nullptr) (void)cudaIpcCloseMemHandle(opened_[p]);
+      opened_[p] = nullptr;
       ptrs_[p] = nullptr;
     }
     (void)cudaGetLastError();
@@ -298,6 +344,7 @@ class CudaIpcWindows final : public SharedWindows {
   const int rank_;
   const int device_;
   void* own_ = nullptr;
+  std::vector<void*> opened_ = std::vector<void*>(ptrs_.size(), nullptr);  // what Close takes
 };
 
 }  // namespace
@@ -396,11 +443,11 @@ absl::StatusOr<std::unique_ptr<SharedWindows>> MapCudaIpcWindows(
 
   // 2. This rank's window, zero-filled and exported. On an error nobody has
   //    opened any window yet, so each rank frees its own (the destructor).
-  cudaIpcMemHandle_t handle{};
-  if (local.ok()) local = windows->AllocateOwn(&handle);
+  ExportedWindow exported;
+  if (local.ok()) local = windows->AllocateOwn(&exported);
   absl::StatusOr<std::vector<std::string>> handles =
       AgreeStep(control, ClearLastError(local),
-                std::string(reinterpret_cast<const char*>(&handle), sizeof(handle)), "export");
+                std::string(reinterpret_cast<const char*>(&exported), sizeof(exported)), "export");
   if (!handles.ok()) return handles.status();
 
   // 3. Every peer's window, mapped here.

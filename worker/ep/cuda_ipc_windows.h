@@ -36,8 +36,10 @@
 namespace joule::ep {
 
 // Collective over `control` (a host-memory transport, e.g. UCX): every rank
-// cudaMalloc's a zero-filled window of `bytes` (the same on every rank) on
-// CUDA device `device`, exports it (cudaIpcGetMemHandle), all-gathers the
+// cudaMalloc's a zero-filled window of `bytes` (the same on every rank; the
+// allocation rounded up to whole 2 MiB, so it shares its block with no other
+// buffer) on CUDA device `device`, exports it (cudaIpcGetMemHandle, with the
+// window's offset in the allocation the handle names), all-gathers the
 // handles with its host identity and its device's UUID, and opens every
 // peer's (cudaIpcOpenMemHandle, cudaIpcMemLazyEnablePeerAccess); several
 // ranks may share one GPU. Leaves the calling thread's current device as it

@@ -94,6 +94,10 @@ class DeviceStages {
   // still fall back when some rank cannot map them.
   RowPath row_path() const { return path_; }
 
+  // Collective: frees this micro-batch's device windows in the order CUDA
+  // IPC needs (ExchangeWindows::ReleaseAll).
+  absl::Status ReleaseWindows() { return windows_.ReleaseAll(); }
+
   // Collective, after the count exchange set `layout`'s counts: dispatches
   // the rows of x [tokens, hidden] (device, F32) by `layout`, runs this
   // rank's experts (`held`: host views, to check what is held; `experts`:

@@ -297,6 +297,13 @@ std::vector<std::vector<int64_t>> ExpertParallelExecutor::TakeExpertLoad() {
   return out;
 }
 
+absl::Status ExpertParallelExecutor::ReleaseWindows() {
+  for (Impl::Lane& lane : impl_->lanes) {
+    if (lane.device != nullptr) RETURN_IF_ERROR(lane.device->ReleaseWindows());
+  }
+  return impl_->windows->ReleaseAll();
+}
+
 ExpertParallelExecutor::Stats ExpertParallelExecutor::stats() const {
   absl::MutexLock lock(&impl_->mu);
   return impl_->stats;
@@ -467,7 +474,8 @@ absl::Status ExpertParallelExecutor::Impl::RunOnDevice(const absl::Status& local
 }
 
 // Each rank's row is [rows to every rank, placement fingerprint, failure
-// flag, two-batch overlap setting, this layer's micro-batches]; together
+// flag, two-batch overlap setting, this layer's micro-batches, shared
+// windows wanted]; together
 // they form the world x world count matrix every rank needs to size its
 // receives. Returns the rows that move in all.
 absl::StatusOr<int64_t> ExpertParallelExecutor::Impl::ExchangeCounts(Lane& lane,
@@ -476,7 +484,7 @@ absl::StatusOr<int64_t> ExpertParallelExecutor::Impl::ExchangeCounts(Lane& lane,
                                                                      int64_t slots) {
   DispatchLayout& L = lane.layout;
   const int W = L.world;
-  const int row_len = W + 4;
+  const int row_len = W + 5;
   std::vector<int64_t>& row = lane.count_row;
   std::vector<int64_t>& all = lane.count_all;
   row.assign(row_len, 0);
@@ -485,6 +493,7 @@ absl::StatusOr<int64_t> ExpertParallelExecutor::Impl::ExchangeCounts(Lane& lane,
   row[W + 1] = local.ok() ? 0 : 1;
   row[W + 2] = OverlapSetting();
   row[W + 3] = split;
+  row[W + 4] = options.shared_windows ? 1 : 0;
   all.resize(static_cast<size_t>(W) * row_len);
   RETURN_IF_ERROR(Annotate(transport->AllGather(row.data(), row_len * sizeof(int64_t), all.data()),
                            Context("count exchange")));
@@ -507,6 +516,14 @@ absl::StatusOr<int64_t> ExpertParallelExecutor::Impl::ExchangeCounts(Lane& lane,
           OverlapName(all[p * row_len + W + 2]), ", rank ", L.me, " ",
           OverlapName(OverlapSetting()),
           " (two-batch overlap and its minimum rows must be alike on every rank)"));
+    }
+    if (all[p * row_len + W + 4] != row[W + 4]) {  // else mapping would wait for the others
+      const auto how = [](int64_t windows) {
+        return windows != 0 ? "into shared windows" : "through the all-to-all-v";
+      };
+      return absl::FailedPreconditionError(absl::StrCat(
+          Context("dispatch"), ": rank ", p, " moves rows ", how(all[p * row_len + W + 4]),
+          ", rank ", L.me, " ", how(row[W + 4]), " (--shared-windows must be alike on every rank)"));
     }
     if (all[p * row_len + W + 3] != split) {  // a bug, not a setting: fail rather than mix
       return absl::InternalError(absl::StrCat(

@@ -52,6 +52,7 @@ struct ExpertParallelOptions {
   // BF16 only: when the transport maps shared windows (ranks on one host),
   // write dispatch and combine rows straight into peers' memory, a barrier in
   // place of each all-to-all; otherwise, or when it cannot, all-to-all-v.
+  // Every rank must agree (the count exchange refuses a mix).
   bool shared_windows = true;
   // Two-batch overlap: each MoE layer's tokens run as two micro-batches
   // whose phases interleave on the device, so one's host waits (exchanges,
@@ -112,6 +113,12 @@ class ExpertParallelExecutor : public ExpertExecutor {
     uint64_t two_batch_layers = 0;  // layer calls run as two micro-batches
   };
   Stats stats() const;
+
+  // Collective, on every rank of a group that goes on: frees the shared
+  // windows so no rank frees memory a peer still has mapped (CUDA IPC calls
+  // that undefined). The executor must not run again after it. The
+  // destructor alone suffices where the group broke or at exit.
+  absl::Status ReleaseWindows();
 
  private:
   struct Impl;

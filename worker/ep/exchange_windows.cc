@@ -38,4 +38,12 @@ absl::StatusOr<bool> ExchangeWindows::Ensure(size_t combine_bytes, size_t dispat
   return true;
 }
 
+absl::Status ExchangeWindows::ReleaseAll() {
+  for (std::unique_ptr<SharedWindows>* win : {&combine_, &dispatch_}) {
+    if (*win != nullptr && release_ != nullptr) RETURN_IF_ERROR(release_(**win));
+    win->reset();
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace joule::ep

@@ -35,6 +35,11 @@ class ExchangeWindows {
   // group and are returned.
   absl::StatusOr<bool> Ensure(size_t combine_bytes, size_t dispatch_bytes);
 
+  // Collective: releases both windows (the Release callback first, so no
+  // rank frees memory a peer still has open); the next Ensure maps anew.
+  // For an executor about to be replaced while its group goes on.
+  absl::Status ReleaseAll();
+
   SharedWindows* combine() const { return combine_.get(); }
   SharedWindows* dispatch() const { return dispatch_.get(); }
 

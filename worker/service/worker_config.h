@@ -52,6 +52,10 @@ namespace joule::worker {
   X(int, max_running, 64, "sequences in the running batch")                                       \
   X(std::string, transport, "ucx", "expert-parallel transport: ucx | nccl")                       \
   X(std::string, payload, "bf16", "dispatch/combine payload precision: bf16 | f32")               \
+  X(bool, shared_windows, true,                                                                   \
+    "BF16 expert parallelism on one host: write dispatch/combine rows straight into peers' "      \
+    "shared windows (CUDA IPC on a GPU, UCX shared memory on a CPU) where they map; false: "      \
+    "rows through the all-to-all-v even then; the same on every worker")                          \
   X(bool, two_batch_overlap, false,                                                               \
     "GPU expert parallelism: each MoE layer as two micro-batches, one's exchange waiting while "  \
     "the other's experts run; the same on every worker")                                          \

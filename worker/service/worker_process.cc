@@ -469,6 +469,7 @@ absl::StatusOr<std::vector<std::string>> WorkerProcess::RendezvousAddresses(
 absl::Status WorkerProcess::StartServing() {
   ep::ExpertParallelOptions ep_options;
   ep_options.payload = config_.payload == "f32" ? ep::PayloadType::kF32 : ep::PayloadType::kBF16;
+  ep_options.shared_windows = config_.shared_windows;
   ep_options.two_batch_overlap = config_.two_batch_overlap;
   ep_options.two_batch_min_rows = config_.two_batch_overlap_min_rows;
   // A GPU worker keeps its rows in device memory and runs its experts there

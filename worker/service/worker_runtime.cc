@@ -330,8 +330,14 @@ bool WorkerRuntime::ApplyPlacement(uint64_t epoch) {
     // or its own: executors map their shared windows together (at their
     // first layer), so a new one on some ranks only would meet the others'
     // next exchange with its mapping.
-    std::unique_ptr<ep::ExpertParallelExecutor> next = MakeExecutor(p, transport_);
-    s = next->status();
+    // The old one's windows go first, together (its peers may still have
+    // them mapped); it runs no more either way.
+    s = executor_->ReleaseWindows();
+    std::unique_ptr<ep::ExpertParallelExecutor> next;
+    if (s.ok()) {
+      next = MakeExecutor(p, transport_);
+      s = next->status();
+    }
     if (s.ok()) ReplaceExecutor(std::move(next));
   }  // without an executor this one rank holds every expert: nothing moves
   if (!s.ok()) {

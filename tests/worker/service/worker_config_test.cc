@@ -53,6 +53,26 @@ TEST(WorkerConfigTest, EnvironmentThenFlags) {
   EXPECT_FALSE(off->prefix_caching);
 }
 
+// --shared-windows: on by default (BF16 rows through peers' shared windows
+// where they map); =false sends them through the all-to-all-v; a value that
+// is not a bool is refused naming the flag.
+TEST(WorkerConfigTest, SharedWindowsOnByDefaultAndCanBeTurnedOff) {
+  auto on = Parse({"--coordinator", "c:1", "--model", "/m"});
+  ASSERT_TRUE(on.ok()) << on.status();
+  EXPECT_TRUE(on->shared_windows);
+  EXPECT_THAT(on->ToString(), HasSubstr("--shared-windows=true"));
+  auto off = Parse({"--coordinator", "c:1", "--model", "/m", "--shared-windows=false"});
+  ASSERT_TRUE(off.ok()) << off.status();
+  EXPECT_FALSE(off->shared_windows);
+  EXPECT_THAT(off->ToString(), HasSubstr("--shared-windows=false"));
+  auto alone = Parse({"--coordinator", "c:1", "--model", "/m", "--shared-windows"});
+  ASSERT_TRUE(alone.ok()) << alone.status();
+  EXPECT_TRUE(alone->shared_windows);
+  EXPECT_THAT(std::string(Parse({"--coordinator", "c:1", "--model", "/m", "--shared-windows=maybe"})
+                              .status().message()),
+              HasSubstr("--shared-windows: 'maybe' is not true or false"));
+}
+
 TEST(WorkerConfigTest, ErrorsNameTheFlag) {
   EXPECT_THAT(std::string(Parse({"--model", "/m"}).status().message()), HasSubstr("--coordinator"));
   EXPECT_THAT(std::string(Parse({"--coordinator", "c:1"}).status().message()), HasSubstr("--model"));

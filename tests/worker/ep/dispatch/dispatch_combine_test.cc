@@ -725,6 +725,26 @@ TEST_F(DispatchFailureTest, TwoBatchOverlapOnSomeRanksOnlyIsRefusedOnEveryRank) 
   }
 }
 
+// A rank with --shared-windows=false would never join the others' collective
+// mapping of windows: the count exchange before it refuses the mix.
+TEST_F(DispatchFailureTest, SharedWindowsOnSomeRanksOnlyIsRefusedOnEveryRank) {
+  InProcessGroup group(3, {.timeout = absl::Seconds(60)});
+  std::vector<absl::Status> results(3);
+  RunRanks(3, [&](int rank) {
+    auto transport = group.Rank(rank);
+    ExpertParallelExecutor ex(weights_.get(), transport.get(), placement_, {},
+                              {.payload = PayloadType::kBF16, .shared_windows = rank != 1});
+    results[rank] = RunLayer(ex, 0);
+  });
+  for (int rank = 0; rank < 3; ++rank) {
+    EXPECT_EQ(results[rank].code(), absl::StatusCode::kFailedPrecondition) << results[rank];
+    EXPECT_THAT(std::string(results[rank].message()),
+                HasSubstr("--shared-windows must be alike on every rank"));
+  }
+  EXPECT_THAT(std::string(results[0].message()),
+              HasSubstr("rank 1 moves rows through the all-to-all-v, rank 0 into shared windows"));
+}
+
 // With a minimum of rows, a layer splits only after one that moved that many
 // over all ranks: every rank decides alike from the count matrix they share.
 TEST_F(DispatchFailureTest, TwoBatchOverlapSplitsOnlyAfterALayerWithEnoughRows) {

@@ -6,7 +6,9 @@
 // DEVICES is "one" (every rank on device 0) or "spread" (rank % device count).
 // Publishes its UCX address in DIR, collects the others', connects and runs
 // SCENARIO:
-//   "exchange"      windows of 4099 bytes per rank, then (the first released
+//   "exchange"      two mappings of 4099 bytes per rank alive at once (distinct
+//                   addresses, an exchange through one leaves the other
+//                   alone), then windows of 4099 bytes per rank, then (the first released
 //                   in the strict order) 3 MiB per rank, then 8 mappings of
 //                   random sizes from SEED (0 bytes among them): each starts
 //                   zero-filled, every rank writes its chunk of every rank's
@@ -22,6 +24,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -119,7 +122,42 @@ absl::Status CheckOneMapping(Transport& control, int device, size_t chunk, uint6
   return absl::OkStatus();
 }
 
+// Two small mappings alive at once, after another small allocation, as a
+// worker holds them (dispatch and combine windows among its other buffers):
+// each rank's two windows are distinct on every rank, and an exchange
+// through one leaves the other's contents alone.
+absl::Status CheckTwoLiveMappings(Transport& control, int device) {
+  const int world = control.world_size();
+  void* neighbour = nullptr;  // a small buffer the windows could share a block with
+  JOULE_CUDA_RETURN_IF_ERROR(cudaMalloc(&neighbour, 4096));
+  const size_t bytes = size_t{4099} * world;
+  auto a = joule::ep::MapCudaIpcWindows(control, device, bytes);
+  absl::StatusOr<std::unique_ptr<SharedWindows>> b = a.status();
+  if (a.ok()) b = joule::ep::MapCudaIpcWindows(control, device, bytes);
+  absl::Status result = b.status();
+  for (int p = 0; result.ok() && p < world; ++p) {
+    if ((*a)->at(p) == (*b)->at(p)) {
+      result = absl::InternalError(absl::StrCat("two live mappings: rank ", p,
+                                                "'s windows are one address"));
+    }
+  }
+  const WindowCopy copy = DeviceWindowCopy();
+  uint64_t round = 50;
+  for (SharedWindows* win : {a.ok() ? a->get() : nullptr, b.ok() ? b->get() : nullptr,
+                             a.ok() ? a->get() : nullptr}) {
+    if (!result.ok()) break;
+    result = joule::ep::testing::CheckWindowExchange(control, *win, copy, round++);
+  }
+  if (!result.ok()) result = absl::Status(result.code(), "two live mappings: " + result.ToString());
+  if (a.ok()) joule::ep::ClosePeerWindows(**a);
+  if (b.ok()) joule::ep::ClosePeerWindows(**b);
+  if (absl::Status s = control.Barrier(); !s.ok() && result.ok()) result = s;
+  cudaFree(neighbour);
+  return result;
+}
+
 absl::Status Exchange(Transport& control, int device, uint64_t seed) {
+  if (absl::Status s = CheckTwoLiveMappings(control, device); !s.ok()) return s;
   // Small and odd, then larger after the first was released.
   if (absl::Status s = CheckOneMapping(control, device, 4096 + 3, 1, true); !s.ok()) return s;
   if (absl::Status s = CheckOneMapping(control, device, size_t{3} << 20, 2, false); !s.ok()) {
