@@ -155,7 +155,11 @@ def markdown(res):
     lines = ["# Dispatch/combine benchmark: ExpertParallelExecutor on one GPU", "",
              f"GPU: {gpu}, driver {mc.get('driver_version', '?')}, {mc.get('memory_total', '?')}; "
              f"host {mc.get('cpu', '?')}, {mc['host_cores']} cores. Date {res['date']}.",
-             f"Command: `{res['command']}`", "",
+             f"Command: `{res['command']}`", ""]
+    if any(m.get("impl") == "fake-device-copy" for m in res["memcpy"]):
+        lines += ["**The fake device (CPU-backed): a check of the scripts, not a GPU "
+                  "measurement.**", ""]
+    lines += [
              "Every rank is one process, and all ranks share the one GPU: rows move through "
              "CUDA IPC windows in its memory (each rank writes its BF16 rows straight into the "
              "destination rank's window), control messages (counts, router choices, barriers) "

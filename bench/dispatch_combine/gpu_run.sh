@@ -14,12 +14,14 @@
 # raw JSON lines and rank logs in OUT/dispatch_combine-gpu-raw/. Exit status 1 when a
 # measurement failed (the report still shows what ran). About a minute on an H100.
 #
-#   bench/dispatch_combine/gpu_run.sh [BUNDLE_OR_BUILD_DIR] [--out DIR] [--device cuda:0]
+#   bench/dispatch_combine/gpu_run.sh [BUNDLE_OR_BUILD_DIR] [--out DIR] [--device cuda:0|fake]
 #
 # BUNDLE_OR_BUILD_DIR: a GPU bundle (tests/gpu/bundle.sh's .gpu/: binaries in bin/) or a build
 # tree (binaries in bench/dispatch_combine/); default .gpu/ when it has the binaries, else
 # build/default. OUT defaults to bench/results/. EPS (default "2 4"), TOKENS ("128,4096") and
-# HIDDEN ("7168") narrow or widen the sweep.
+# HIDDEN ("7168") narrow or widen the sweep; TARGET_SECONDS (default 1) is each point's time.
+# --device fake runs every step on the CPU-backed fake device, the memcpy baseline included
+# (tests/bench/dispatch_combine/gpu_run_fake_device.sh: CI's check of this script).
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 out=$root/bench/results
@@ -57,9 +59,12 @@ for b in joule-dispatch-combine-bench joule-memcpy-bench; do
   [ -x "$bin/$b" ] || fail "$bin/$b is missing (build it with CUDA; tests/gpu/bundle.sh packs it)"
 done
 
-index=${device#cuda:}
-nvidia-smi --query-gpu=name,driver_version,memory.total,pci.bus_id --format=csv,noheader \
-  -i "$index" > "$raw/nvidia-smi.csv" 2>&1 || fail "nvidia-smi: $(cat "$raw/nvidia-smi.csv")"
+if [ "$device" = fake ]; then
+  echo "fake device (CPU-backed; a CI smoke test that measures nothing about a GPU)" > "$raw/nvidia-smi.csv"
+else
+  nvidia-smi --query-gpu=name,driver_version,memory.total,pci.bus_id --format=csv,noheader \
+    -i "${device#cuda:}" > "$raw/nvidia-smi.csv" 2>&1 || fail "nvidia-smi: $(cat "$raw/nvidia-smi.csv")"
+fi
 
 export UCX_TLS=shm,self UCX_WARN_UNUSED_ENV_VARS=n JOULE_LOG_LEVEL=info
 # ep_run EP NAME [FLAGS]: EP rank processes on $device, the file rendezvous in a fresh
@@ -71,7 +76,7 @@ ep_run() {
   for ((r = 0; r < ep; r++)); do
     LD_LIBRARY_PATH=$JOULE_GPU_LD timeout -k 5 100 "$bin/joule-dispatch-combine-bench" \
       --rank "$r" --world "$ep" --dir "$dir" --device "$device" --hidden "$hidden" \
-      --tokens "$tokens" --top-k 8 --experts 64 --target-seconds 1 --max-iters 500 \
+      --tokens "$tokens" --top-k 8 --experts 64 --target-seconds "${TARGET_SECONDS:-1}" --max-iters 500 \
       --out "$raw/joule-$name.jsonl" "$@" 2> "$raw/$name-rank$r.log" &
     pids+=($!)
   done
