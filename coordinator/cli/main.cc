@@ -171,9 +171,10 @@ int Status(Frontend::Stub* stub) {
   for (const auto& r : reply.ranks()) {
     const std::string member =
         reply.group_epoch() > 0 && r.group_rank() >= 0 ? " group_rank=" + std::to_string(r.group_rank()) : "";
-    std::printf("rank %d: %s endpoint=%s running=%d max_running=%s max_batch_tokens=%s%s%s%s\n",
+    std::printf("rank %d: %s endpoint=%s running=%d waiting=%d kv_usage=%.2f max_running=%s "
+                "max_batch_tokens=%s%s%s%s\n",
                 r.rank(), r.state().c_str(), r.worker_endpoint().empty() ? "-" : r.worker_endpoint().c_str(),
-                r.running(), Limit(r.max_running()).c_str(), Limit(r.max_batch_tokens()).c_str(),
+                r.running(), r.waiting(), r.kv_usage(), Limit(r.max_running()).c_str(), Limit(r.max_batch_tokens()).c_str(),
                 member.c_str(), r.reason().empty() ? "" : " reason=", r.reason().c_str());
   }
   return 0;

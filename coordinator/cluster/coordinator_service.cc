@@ -85,6 +85,8 @@ grpc::Status FrontendServiceImpl::ClusterStatus(grpc::ServerContext* context,
     out->set_group_rank(r.group_rank);
     out->set_max_running(r.max_running);
     out->set_max_batch_tokens(r.max_batch_tokens);
+    out->set_waiting(r.waiting);
+    out->set_kv_usage(r.kv_usage);
   }
   return grpc::Status::OK;
 }

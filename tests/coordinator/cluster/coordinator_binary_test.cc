@@ -123,7 +123,7 @@ TEST(CoordinatorBinary, ServesOnAnEphemeralPortAndExitsCleanlyOnSigterm) {
   std::string status = CliStatus(dir, port);
   EXPECT_THAT(status, HasSubstr("world_size: 2"));
   // No worker yet: limits unknown, not zero.
-  EXPECT_THAT(status, HasSubstr("rank 0: free endpoint=- running=0 max_running=- max_batch_tokens=-\n"));
+  EXPECT_THAT(status, HasSubstr("rank 0: free endpoint=- running=0 waiting=0 kv_usage=0.00 max_running=- max_batch_tokens=-\n"));
   EXPECT_THAT(status, HasSubstr("rank 1: free"));
 
   pid_t cli = Spawn({JOULE_CLI_BIN, "generate", "--coordinator", absl::StrCat("127.0.0.1:", port),
@@ -135,9 +135,9 @@ TEST(CoordinatorBinary, ServesOnAnEphemeralPortAndExitsCleanlyOnSigterm) {
   const grpc::Status registered = RegisterRank0(dir, port, /*max_running=*/7, /*max_batch_tokens=*/333);
   ASSERT_TRUE(registered.ok()) << registered.error_message();
   status = CliStatus(dir, port);
-  EXPECT_THAT(status, HasSubstr("rank 0: registered endpoint=127.0.0.1:1 running=0 max_running=7 "
+  EXPECT_THAT(status, HasSubstr("rank 0: registered endpoint=127.0.0.1:1 running=0 waiting=0 kv_usage=0.00 max_running=7 "
                                 "max_batch_tokens=333\n"));
-  EXPECT_THAT(status, HasSubstr("rank 1: free endpoint=- running=0 max_running=- max_batch_tokens=-\n"));
+  EXPECT_THAT(status, HasSubstr("rank 1: free endpoint=- running=0 waiting=0 kv_usage=0.00 max_running=- max_batch_tokens=-\n"));
 
   ASSERT_EQ(kill(pid, SIGTERM), 0);
   EXPECT_EQ(WaitExit(pid, absl::Seconds(10)), 0) << ReadFile(dir + "/err");

@@ -484,8 +484,9 @@ TEST_F(CoordinatorGrpcTest, RebalanceBumpsEpochAndReachesWorkersThroughHeartbeat
 }
 
 // An operator sees what the scheduler plans each rank within; 0 stays 0
-// (unknown: no worker yet, or an older one).
-TEST_F(CoordinatorGrpcTest, StatusCarriesEachRanksEngineLimits) {
+// (unknown: no worker yet, or an older one). Its queue and KV cache use come
+// from its last heartbeat.
+TEST_F(CoordinatorGrpcTest, StatusCarriesEachRanksEngineLimitsAndLoad) {
   Start(2);
   v1::RegisterRequest w0 = WorkerRequest("w0", "127.0.0.1:1");
   w0.set_requested_rank(0);
@@ -493,12 +494,30 @@ TEST_F(CoordinatorGrpcTest, StatusCarriesEachRanksEngineLimits) {
   w0.set_max_batch_tokens(333);
   v1::RegisterReply reply;
   ASSERT_TRUE(Register(w0, &reply).ok());
-  const v1::ClusterStatusReply st = Status();
+  v1::ClusterStatusReply st = Status();
   ASSERT_EQ(st.ranks_size(), 2);
   EXPECT_EQ(st.ranks(0).max_running(), 7);
   EXPECT_EQ(st.ranks(0).max_batch_tokens(), 333);
+  EXPECT_EQ(st.ranks(0).waiting(), 0);
   EXPECT_EQ(st.ranks(1).max_running(), 0);
   EXPECT_EQ(st.ranks(1).max_batch_tokens(), 0);
+
+  v1::HeartbeatRequest hb;
+  hb.set_worker_id("w0");
+  hb.set_worker_secret(reply.worker_secret());
+  hb.set_rank(0);
+  hb.set_placement_epoch(1);
+  hb.set_waiting(5);
+  hb.set_kv_usage(0.375);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(In(absl::Seconds(5)));
+  v1::HeartbeatReply hreply;
+  ASSERT_TRUE(coordinator_->Heartbeat(&ctx, hb, &hreply).ok());
+  st = Status();
+  EXPECT_EQ(st.ranks(0).waiting(), 5);
+  EXPECT_EQ(st.ranks(0).kv_usage(), 0.375);
+  EXPECT_EQ(st.ranks(1).waiting(), 0);
+  EXPECT_EQ(st.ranks(1).kv_usage(), 0);
 }
 
 }  // namespace
