@@ -106,6 +106,7 @@ class LocalExpertExecutor : public ExpertExecutor {
   // Sizes the workspace for steps of up to `max_tokens` tokens, so Run
   // allocates nothing (graph capture). Run grows it otherwise.
   absl::Status Reserve(int64_t max_tokens);
+  int64_t reserved_tokens() const { return reserved_tokens_; }
   absl::Status Run(int layer, const float* x, int64_t tokens, const int32_t* expert_ids,
                    const float* weights, float* out) override;
 

@@ -84,6 +84,10 @@ absl::Status Model::Reserve(const StepShape& shape) {
   decode_graphs_.clear();
   graph_kv_ = KvCacheView();
   RETURN_IF_ERROR(workspace_.Allocate(*backend_, config(), shape.Max(workspace_.shape())));
+  // Routed experts that run elsewhere (expert parallelism) leave the local
+  // executor idle: its buffers (GBs for a large model) would only shrink the
+  // KV cache. It sizes them on a first Run if it ever runs.
+  if (experts_ != nullptr) return absl::OkStatus();
   return local_experts_->Reserve(workspace_.shape().tokens);
 }
 

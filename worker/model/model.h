@@ -61,8 +61,9 @@ class Model {
   void set_expert_executor(ExpertExecutor* executor);
   LocalExpertExecutor& local_experts() { return *local_experts_; }
 
-  // Sizes the step workspace (and the local experts') for steps up to
-  // `shape`, so no step allocates. Forward grows it for a larger step.
+  // Sizes the step workspace (and the local experts', unless an expert
+  // executor is set) for steps up to `shape`, so no step allocates. Forward
+  // grows it for a larger step.
   absl::Status Reserve(const StepShape& shape);
   const StepShape& reserved() const { return workspace_.shape(); }
   size_t workspace_bytes() const { return workspace_.bytes(); }

@@ -498,6 +498,10 @@ absl::Status WorkerProcess::StartServing() {
   engine_options.max_batch_tokens = config_.max_batch_tokens;
   engine_options.max_running = config_.max_running;
   engine_options.prefix_caching = config_.prefix_caching;
+  // Set before the engine sizes its buffers and KV cache: an expert-parallel
+  // rank reserves nothing for the local expert executor it never runs (the
+  // runtime sets it again, and restores the local one when it ends).
+  if (executor != nullptr) model_->set_expert_executor(executor.get());
   ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, Engine::Create(model_.get(), engine_options));
   RuntimeOptions runtime_options;
   runtime_options.idle_wait = absl::Microseconds(config_.idle_wait_us);

@@ -158,6 +158,31 @@ LoadRun RunMixedLoad(Model& model, bool observe = true, bool logprobs = false) {
   return run;
 }
 
+// Stands in for the expert-parallel executor: experts run elsewhere.
+class ElsewhereExperts : public ExpertExecutor {
+ public:
+  absl::Status Run(int, const float*, int64_t, const int32_t*, const float*, float*) override {
+    return absl::OkStatus();
+  }
+};
+
+// An expert-parallel rank's engine reserves nothing for the local expert
+// executor (for a large model, GBs the KV cache would lose); a model running
+// its experts itself reserves them for the largest step, so no step allocates.
+TEST(DevicePathTest, ExpertsRunningElsewhereReserveNoLocalExpertBuffers) {
+  const EngineOptions options{.block_size = 4, .max_batch_tokens = 64, .max_running = 8};
+  auto local = OnFakeDevice("qwen3_moe-tiny", /*graphs=*/false);
+  auto elsewhere = OnFakeDevice("qwen3_moe-tiny", /*graphs=*/false);
+  ASSERT_NE(local, nullptr);
+  ASSERT_NE(elsewhere, nullptr);
+  ElsewhereExperts stub;
+  elsewhere->set_expert_executor(&stub);
+  ASSERT_TRUE(Engine::Create(local.get(), options).ok());
+  ASSERT_TRUE(Engine::Create(elsewhere.get(), options).ok());
+  EXPECT_EQ(local->local_experts().reserved_tokens(), 64);
+  EXPECT_EQ(elsewhere->local_experts().reserved_tokens(), 0);
+}
+
 TEST(DevicePathTest, ReplayedDecodeGraphsGiveTheBitsOfEagerLaunches) {
   device::FakeDeviceBackend* fake = nullptr;
   auto graphed = OnFakeDevice("qwen3_moe-tiny", /*graphs=*/true, &fake);
