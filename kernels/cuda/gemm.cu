@@ -45,8 +45,8 @@ __device__ __forceinline__ float LoadWeight<uint16_t>(const GemmParams& p, const
 template <>
 __device__ __forceinline__ float LoadWeight<uint8_t>(const GemmParams& p, const uint8_t* w,
                                                      int64_t gn, int64_t gk, int64_t scale_ld) {
-  const float scale = p.w_scale_inv[(p.w_blocks.first_row + gn) / p.w_blocks.rows * scale_ld +
-                                    gk / p.w_blocks.cols];
+  const float scale = p.w_scale_inv[Fp8ScaleIndex(p.w_blocks.first_row + gn, gk, p.w_blocks.rows,
+                                                  p.w_blocks.cols, scale_ld)];
   return E4M3ToFloat(w[gn * p.k + gk]) * scale;
 }
 
@@ -143,6 +143,10 @@ absl::Status LaunchGemm(const GemmParams& p, cudaStream_t stream, XRounding x_ro
     return absl::InvalidArgumentError(absl::StrCat(
         "Gemm: f8_e4m3 weights need positive w_blocks.rows and cols and first_row >= 0, got ",
         p.w_blocks.rows, "x", p.w_blocks.cols, " first_row ", p.w_blocks.first_row));
+  }
+  if (p.w_type == WeightType::kF8E4M3 &&
+      !Fp8IndicesFit(p.w_blocks.first_row, p.n, p.k, p.w_blocks.rows, p.w_blocks.cols)) {
+    return absl::InvalidArgumentError("Gemm: f8_e4m3 weights' rows, k and blocks must fit 32 bits");
   }
   if (p.m == 0 || p.n == 0) return absl::OkStatus();
   if (!p.y || (p.k > 0 && (!p.x || !p.w))) return absl::InvalidArgumentError("Gemm: null pointer");

@@ -418,7 +418,7 @@ __global__ void __launch_bounds__(kThreads)
       float v = 0.f;
       if (gn < p.n && gk < p.k) {
         v = E4M3ToFloat(w[gn * p.k + gk]) *
-            scale[(first_row + gn) / block_rows * scale_ld + gk / block_cols];
+            scale[Fp8ScaleIndex(first_row + gn, gk, block_rows, block_cols, scale_ld)];
       }
       sm.ws[kk][row] = v;
     }
@@ -459,6 +459,10 @@ absl::Status ValidateGroupedGemm(const GroupedGemmParams& p) {
     return absl::InvalidArgumentError(absl::StrCat(
         "GroupedGemm: f8_e4m3 weights need positive w_blocks.rows and cols and first_row >= 0, "
         "got ", p.w_blocks.rows, "x", p.w_blocks.cols, " first_row ", p.w_blocks.first_row));
+  }
+  if (fp8 && !Fp8IndicesFit(p.w_blocks.first_row, p.n, p.k, p.w_blocks.rows, p.w_blocks.cols)) {
+    return absl::InvalidArgumentError(
+        "GroupedGemm: f8_e4m3 weights' rows, k and blocks must fit 32 bits");
   }
   if (p.num_groups < 0 || p.n < 0 || p.k < 0 || p.max_rows < 0) {
     return absl::InvalidArgumentError(

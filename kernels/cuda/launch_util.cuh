@@ -15,6 +15,25 @@ inline unsigned GridStrideBlocks(int64_t n, int threads) {
   return static_cast<unsigned>(blocks < 4096 ? blocks : 4096);
 }
 
+// The FP8 scale of weight (row, col): its block's entry in the row-major
+// scale grid of `scale_ld` columns. Divided in 32 bits (launches refuse
+// larger indices, Fp8IndicesFit): the GPU emulates a 64-bit division in tens
+// of instructions, and this runs for every weight staged.
+__device__ __forceinline__ int64_t Fp8ScaleIndex(int64_t row, int64_t col, int64_t block_rows,
+                                                 int64_t block_cols, int64_t scale_ld) {
+  const uint32_t block_row = static_cast<uint32_t>(row) / static_cast<uint32_t>(block_rows);
+  const uint32_t block_col = static_cast<uint32_t>(col) / static_cast<uint32_t>(block_cols);
+  return static_cast<int64_t>(block_row) * scale_ld + block_col;
+}
+
+// Whether Fp8ScaleIndex's 32-bit division holds for weights of n rows from
+// first_row and k columns, in blocks of block_rows x block_cols.
+inline bool Fp8IndicesFit(int64_t first_row, int64_t n, int64_t k, int64_t block_rows,
+                          int64_t block_cols) {
+  constexpr int64_t kMax = UINT32_MAX;
+  return first_row + n <= kMax && k <= kMax && block_rows <= kMax && block_cols <= kMax;
+}
+
 template <typename T>
 __device__ __forceinline__ T WarpSum(T v) {
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
