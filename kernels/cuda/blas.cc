@@ -201,14 +201,19 @@ struct LtGemm::PlanCache {
                                   size_t library_workspace_bytes) {
     auto it = plans.find(key);
     if (it == plans.end()) {
+      if (auto no = unsupported.find(key); no != unsupported.end()) return no->second;
       absl::StatusOr<std::unique_ptr<Plan>> made = MakePlan(handle, key, library_workspace_bytes);
-      if (!made.ok()) return made.status();  // not cached: a later call asks again
+      // "No algorithm" is the same answer next time (the caller falls back
+      // for every step of that shape): asked once. Other errors: asked again.
+      if (absl::IsUnimplemented(made.status())) unsupported.emplace(key, made.status());
+      if (!made.ok()) return made.status();
       it = plans.emplace(key, *std::move(made)).first;
     }
     return it->second.get();
   }
 
   absl::flat_hash_map<PlanKey, std::unique_ptr<Plan>> plans;
+  absl::flat_hash_map<PlanKey, absl::Status> unsupported;  // shapes cuBLASLt has no algorithm for
 };
 
 size_t LtGemmWorkspaceBytes(int64_t m, int64_t k) {
