@@ -783,17 +783,20 @@ bool Membership::KeepSuspect(const SuspectRank& suspect) {
   return true;
 }
 
-std::optional<DeadRank> Membership::SuspectDead(const SuspectRank& suspect, const absl::Status& error) {
+std::optional<DeadRank> Membership::SuspectDead(const SuspectRank& suspect, const absl::Status& error,
+                                                bool gone) {
   absl::MutexLock lock(&mu_);
   Slot* s = SuspectLocked(suspect);
   if (s == nullptr) return std::nullopt;
   const absl::Duration silent = clock_->Now() - s->last_seen;
-  if (silent <= HeartbeatLimit()) {
+  if (silent <= HeartbeatLimit() && !gone) {
     s->probe_outcome = error.ok() ? absl::UnknownError("status probe failed") : error;
     return std::nullopt;  // ExpireHeartbeats marks it dead once past the limit
   }
   s->probe = 0;
-  MarkDeadLocked(s, ProbeFailedReason(silent, error));
+  std::string reason = ProbeFailedReason(silent, error);
+  if (gone) absl::StrAppend(&reason, "; its endpoint ", s->info.worker_endpoint, " refuses connections");
+  MarkDeadLocked(s, reason);
   MemberDiedLocked(suspect.rank, s->info.dead_reason);
   return DeadRank{suspect.rank, s->info.dead_reason};
 }

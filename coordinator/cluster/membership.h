@@ -182,10 +182,13 @@ class Membership {
   // heartbeat came, or it registered again).
   bool KeepSuspect(const SuspectRank& suspect);
   // The suspect's status probe failed: marks it dead, the reason ending in
-  // "; status probe: <error>" — now when silent past the limit, else the
-  // ExpireHeartbeats call after the limit (nullopt here). Nullopt too when
-  // `suspect` is no longer the rank's open suspicion.
-  std::optional<DeadRank> SuspectDead(const SuspectRank& suspect, const absl::Status& error);
+  // "; status probe: <error>" — now when silent past the limit or `gone`
+  // (nothing listens at its endpoint any more: the process is gone, so no
+  // late heartbeat can come), else the ExpireHeartbeats call after the limit
+  // (nullopt here). Nullopt too when `suspect` is no longer the rank's open
+  // suspicion.
+  std::optional<DeadRank> SuspectDead(const SuspectRank& suspect, const absl::Status& error,
+                                      bool gone = false);
   // Marks `rank` dead (e.g. its endpoint stopped answering). False when it was
   // not held by a live worker.
   bool MarkDead(int rank, const std::string& reason);

@@ -714,7 +714,11 @@ void Router::OnSuspectProbed(const SuspectRank& suspect, const absl::Status& pro
     membership_->KeepSuspect(suspect);
     return;
   }
-  if (std::optional<DeadRank> dead = membership_->SuspectDead(suspect, probe)) {
+  // Unreachable, and nothing listens where it served: the process is gone,
+  // no late heartbeat can come, so it is dead now rather than at the limit.
+  const bool gone = absl::IsUnavailable(probe) && options_.endpoint_refuses &&
+                    options_.endpoint_refuses(suspect.worker_endpoint);
+  if (std::optional<DeadRank> dead = membership_->SuspectDead(suspect, probe, gone)) {
     FailRank(dead->rank, dead->reason);
   }
 }

@@ -31,6 +31,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "coordinator/cluster/endpoint_probe.h"
 #include "coordinator/cluster/membership.h"
 #include "coordinator/cluster/worker_client.h"
 #include "proto/joule/v1/generate.pb.h"
@@ -60,6 +61,12 @@ struct RouterOptions {
   absl::Duration resume_wait = absl::Seconds(60);
   // Deadline of a step plan (SendStepPlan); the worker answers after its next step.
   absl::Duration step_plan_timeout = absl::Seconds(2);
+  // Whether nothing listens at a silent rank's endpoint once its status probe
+  // found it unreachable (EndpointRefuses): then it is dead at once, not at
+  // the heartbeat limit. Null: always judged at the limit (tests inject one).
+  std::function<bool(const std::string& endpoint)> endpoint_refuses = [](const std::string& e) {
+    return EndpointRefuses(e, absl::Milliseconds(200));
+  };
 };
 
 // The scheduler's plan for one rank's next steps (scheduler/step_limits.h),

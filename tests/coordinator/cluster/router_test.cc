@@ -625,6 +625,34 @@ TEST_F(RouterTest, AsyncStatusProbeDoesNotHoldTheWorkerThread) {
   EXPECT_EQ(membership_->Ranks()[0].state, RankState::kDead);
 }
 
+// A killed worker: its probe finds it unreachable and nothing listens at its
+// endpoint any more, so it is dead at the probe, half a limit sooner. A
+// probe that times out (a frozen process still accepts connections) or an
+// endpoint that still accepts is judged at the limit, as before.
+TEST_F(RouterTest, AnUnreachableRankWhoseEndpointRefusesIsDeadAtTheProbe) {
+  std::vector<std::string> asked;
+  Make(3, true, {.endpoint_refuses = [&](const std::string& endpoint) {
+         asked.push_back(endpoint);
+         return endpoint != "w1:1";
+       }});
+  Worker(0)->SetStatusReply(absl::UnavailableError("failed to connect to all addresses"));
+  Worker(1)->SetStatusReply(absl::UnavailableError("failed to connect to all addresses"));
+  Worker(2)->SetStatusReply(absl::DeadlineExceededError("Deadline Exceeded"));
+  clock_.Advance(absl::Milliseconds(1000));  // past half the limit (1500 ms)
+  router_->Poll();
+  EXPECT_EQ(membership_->Ranks()[0].state, RankState::kDead);
+  EXPECT_THAT(membership_->Ranks()[0].dead_reason,
+              HasSubstr("heartbeat lost (none for 1000 ms, limit 3 x 500 ms); status probe: failed to "
+                        "connect to all addresses; its endpoint w0:1 refuses connections"));
+  EXPECT_EQ(membership_->Ranks()[1].state, RankState::kReady) << "it still accepts: at the limit";
+  EXPECT_EQ(membership_->Ranks()[2].state, RankState::kReady) << "timed out: at the limit";
+  EXPECT_EQ(asked, (std::vector<std::string>{"w0:1", "w1:1"})) << "only unreachable ones are checked";
+  clock_.Advance(absl::Milliseconds(600));
+  router_->Poll();
+  EXPECT_EQ(membership_->Ranks()[1].state, RankState::kDead);
+  EXPECT_EQ(membership_->Ranks()[2].state, RankState::kDead);
+}
+
 // Late heartbeats on an overloaded host: the worker answers its status probe,
 // so it keeps its rank and its requests, with a warning and a count.
 TEST_F(RouterTest, SilentRankThatAnswersItsStatusProbeIsKeptAndServesOn) {
