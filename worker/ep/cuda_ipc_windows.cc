@@ -190,20 +190,26 @@ absl::StatusOr<PeerIdentity> LocalIdentity(int device, const std::string& host_i
   return id;
 }
 
-// CU_POINTER_ATTRIBUTE_SYNC_MEMOPS through the runtime's driver entry point,
-// so nothing links libcuda (absent on hosts without a GPU).
-absl::Status SetSyncMemops(void* ptr) {
-  using SetAttributeFn = CUresult (*)(const void*, CUpointer_attribute, CUdeviceptr);
+// A driver API function through the runtime's driver entry point, so
+// nothing links libcuda (absent on hosts without a GPU).
+template <typename Fn>
+absl::StatusOr<Fn> DriverFunction(const char* name) {
   void* fn = nullptr;
   cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
-  JOULE_CUDA_RETURN_IF_ERROR(cudaGetDriverEntryPointByVersion("cuPointerSetAttribute", &fn, 12000,
-                                                              cudaEnableDefault, &found));
+  JOULE_CUDA_RETURN_IF_ERROR(
+      cudaGetDriverEntryPointByVersion(name, &fn, 12000, cudaEnableDefault, &found));
   if (fn == nullptr || found != cudaDriverEntryPointSuccess) {
-    return absl::InternalError("cuda ipc windows: the driver has no cuPointerSetAttribute");
+    return absl::InternalError(absl::StrCat("cuda ipc windows: the driver has no ", name));
   }
+  return reinterpret_cast<Fn>(fn);
+}
+
+// CU_POINTER_ATTRIBUTE_SYNC_MEMOPS on the window.
+absl::Status SetSyncMemops(void* ptr) {
+  using SetAttributeFn = CUresult (*)(const void*, CUpointer_attribute, CUdeviceptr);
+  ASSIGN_OR_RETURN(const SetAttributeFn set, DriverFunction<SetAttributeFn>("cuPointerSetAttribute"));
   const unsigned int on = 1;
-  const CUresult r = reinterpret_cast<SetAttributeFn>(fn)(&on, CU_POINTER_ATTRIBUTE_SYNC_MEMOPS,
-                                                          reinterpret_cast<CUdeviceptr>(ptr));
+  const CUresult r = set(&on, CU_POINTER_ATTRIBUTE_SYNC_MEMOPS, reinterpret_cast<CUdeviceptr>(ptr));
   if (r != CUDA_SUCCESS) {
     return absl::InternalError(absl::StrCat(
         "cuPointerSetAttribute(CU_POINTER_ATTRIBUTE_SYNC_MEMOPS) on the window failed: CUresult ",
@@ -212,23 +218,15 @@ absl::Status SetSyncMemops(void* ptr) {
   return absl::OkStatus();
 }
 
-// Where the allocation holding `ptr` begins (cuMemGetAddressRange through the
-// runtime's driver entry point). A handle names a whole allocation, and a peer
-// opening it gets that allocation's base: the window's offset in it travels
-// with the handle.
+// Where the allocation holding `ptr` begins (cuMemGetAddressRange). A handle
+// names a whole allocation, and a peer opening it gets that allocation's
+// base: the window's offset in it travels with the handle.
 absl::StatusOr<size_t> OffsetInAllocation(void* ptr) {
   using GetRangeFn = CUresult (*)(CUdeviceptr*, size_t*, CUdeviceptr);
-  void* fn = nullptr;
-  cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
-  JOULE_CUDA_RETURN_IF_ERROR(cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &fn, 12000,
-                                                              cudaEnableDefault, &found));
-  if (fn == nullptr || found != cudaDriverEntryPointSuccess) {
-    return absl::InternalError("cuda ipc windows: the driver has no cuMemGetAddressRange");
-  }
+  ASSIGN_OR_RETURN(const GetRangeFn get_range, DriverFunction<GetRangeFn>("cuMemGetAddressRange"));
   CUdeviceptr base = 0;
   size_t size = 0;
-  const CUresult r =
-      reinterpret_cast<GetRangeFn>(fn)(&base, &size, reinterpret_cast<CUdeviceptr>(ptr));
+  const CUresult r = get_range(&base, &size, reinterpret_cast<CUdeviceptr>(ptr));
   if (r != CUDA_SUCCESS) {
     return absl::InternalError(absl::StrCat(
         "cuMemGetAddressRange on the window failed: CUresult ", static_cast<int>(r)));
