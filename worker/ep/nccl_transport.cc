@@ -183,8 +183,9 @@ class NcclTransportImpl final : public NcclTransport {
       if (e != cudaErrorNotReady) {
         return Fail(kernels::cuda::CudaErrorToStatus(e, "cudaStreamQuery", __FILE__, __LINE__));
       }
-      // "Not ready" is also this thread's last error: cleared, or the next
-      // kernel launch's check (cudaGetLastError) would report it as its own.
+      // Cleared in case the runtime also recorded "not ready" as this
+      // thread's last error (the CUDA guide says it does not; PyTorch clears
+      // it all the same): the next launch check would report it as its own.
       (void)cudaGetLastError();
       ncclResult_t state = ncclSuccess;
       const ncclResult_t r = ncclCommGetAsyncError(comm_, &state);
