@@ -16,8 +16,7 @@ absl::StatusOr<bool> ExchangeWindows::Ensure(size_t combine_bytes, size_t dispat
   for (auto [win, need] : {std::pair{&combine_, combine_bytes}, std::pair{&dispatch_, dispatch_bytes}}) {
     if (*win != nullptr && (*win)->bytes() >= need) continue;
     const size_t grown = std::max(need, *win == nullptr ? size_t{0} : 2 * (*win)->bytes());
-    if (*win != nullptr && release_ != nullptr) RETURN_IF_ERROR(release_(**win));
-    win->reset();
+    RETURN_IF_ERROR(Free(*win));
     absl::StatusOr<std::unique_ptr<SharedWindows>> mapped = map_(grown);
     if (absl::IsUnimplemented(mapped.status())) {  // the same answer on every rank
       JOULE_LOG(Info) << "rank " << rank_
@@ -38,12 +37,15 @@ absl::StatusOr<bool> ExchangeWindows::Ensure(size_t combine_bytes, size_t dispat
   return true;
 }
 
-absl::Status ExchangeWindows::ReleaseAll() {
-  for (std::unique_ptr<SharedWindows>* win : {&combine_, &dispatch_}) {
-    if (*win != nullptr && release_ != nullptr) RETURN_IF_ERROR(release_(**win));
-    win->reset();
-  }
+absl::Status ExchangeWindows::Free(std::unique_ptr<SharedWindows>& win) {
+  if (win != nullptr && release_ != nullptr) RETURN_IF_ERROR(release_(*win));
+  win.reset();
   return absl::OkStatus();
+}
+
+absl::Status ExchangeWindows::ReleaseAll() {
+  RETURN_IF_ERROR(Free(combine_));
+  return Free(dispatch_);
 }
 
 }  // namespace joule::ep

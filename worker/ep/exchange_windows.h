@@ -44,6 +44,9 @@ class ExchangeWindows {
   SharedWindows* dispatch() const { return dispatch_.get(); }
 
  private:
+  // The Release callback on `win` when it is mapped, then frees it.
+  absl::Status Free(std::unique_ptr<SharedWindows>& win);
+
   Mapper map_;
   Release release_;
   bool off_;
