@@ -3,7 +3,7 @@
 // CPU-backed fake device (worker/device/fake_device_backend.h) refuses what
 // the GPU would refuse, so CI finds such a call without a GPU. An idle
 // expert-parallel rank's empty batch (no tokens, max_blocks_per_seq 0) is
-// valid: CI missed that the launch refused it while only the GPU checked.
+// valid.
 #pragma once
 
 #include "absl/status/status.h"

@@ -138,15 +138,8 @@ absl::Status LaunchGemm(const GemmParams& p, cudaStream_t stream, XRounding x_ro
     return absl::InvalidArgumentError(absl::StrCat("Gemm: ldx=", ldx, " < k=", p.k, " or ldy=",
                                                    ldy, " < n=", p.n));
   }
-  if (p.w_type == WeightType::kF8E4M3 &&
-      (p.w_blocks.rows <= 0 || p.w_blocks.cols <= 0 || p.w_blocks.first_row < 0)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "Gemm: f8_e4m3 weights need positive w_blocks.rows and cols and first_row >= 0, got ",
-        p.w_blocks.rows, "x", p.w_blocks.cols, " first_row ", p.w_blocks.first_row));
-  }
-  if (p.w_type == WeightType::kF8E4M3 &&
-      !Fp8IndicesFit(p.w_blocks.first_row, p.n, p.k, p.w_blocks.rows, p.w_blocks.cols)) {
-    return absl::InvalidArgumentError("Gemm: f8_e4m3 weights' rows, k and blocks must fit 32 bits");
+  if (p.w_type == WeightType::kF8E4M3) {
+    if (absl::Status s = ValidateFp8Blocks("Gemm", p.w_blocks, p.n, p.k); !s.ok()) return s;
   }
   if (p.m == 0 || p.n == 0) return absl::OkStatus();
   if (!p.y || (p.k > 0 && (!p.x || !p.w))) return absl::InvalidArgumentError("Gemm: null pointer");

@@ -455,14 +455,8 @@ absl::Status ValidateGroupedGemm(const GroupedGemmParams& p) {
         "GroupedGemm: w_type must be bf16 or f8_e4m3 on CUDA (got ", DTypeName(p.w_type), ")"));
   }
   const bool fp8 = p.w_type == WeightType::kF8E4M3;
-  if (fp8 && (p.w_blocks.rows <= 0 || p.w_blocks.cols <= 0 || p.w_blocks.first_row < 0)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "GroupedGemm: f8_e4m3 weights need positive w_blocks.rows and cols and first_row >= 0, "
-        "got ", p.w_blocks.rows, "x", p.w_blocks.cols, " first_row ", p.w_blocks.first_row));
-  }
-  if (fp8 && !Fp8IndicesFit(p.w_blocks.first_row, p.n, p.k, p.w_blocks.rows, p.w_blocks.cols)) {
-    return absl::InvalidArgumentError(
-        "GroupedGemm: f8_e4m3 weights' rows, k and blocks must fit 32 bits");
+  if (fp8) {
+    if (absl::Status s = ValidateFp8Blocks("GroupedGemm", p.w_blocks, p.n, p.k); !s.ok()) return s;
   }
   if (p.num_groups < 0 || p.n < 0 || p.k < 0 || p.max_rows < 0) {
     return absl::InvalidArgumentError(

@@ -5,6 +5,10 @@
 
 #include <cstdint>
 
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "kernels/params/gemm.h"
+
 namespace joule::kernels::cuda {
 
 inline constexpr int64_t kMaxGridX = 2147483647;
@@ -17,7 +21,7 @@ inline unsigned GridStrideBlocks(int64_t n, int threads) {
 
 // The FP8 scale of weight (row, col): its block's entry in the row-major
 // scale grid of `scale_ld` columns. Divided in 32 bits (launches refuse
-// larger indices, Fp8IndicesFit): the GPU emulates a 64-bit division in tens
+// larger indices, ValidateFp8Blocks): the GPU emulates a 64-bit division in tens
 // of instructions, and this runs for every weight staged.
 __device__ __forceinline__ int64_t Fp8ScaleIndex(int64_t row, int64_t col, int64_t block_rows,
                                                  int64_t block_cols, int64_t scale_ld) {
@@ -26,12 +30,21 @@ __device__ __forceinline__ int64_t Fp8ScaleIndex(int64_t row, int64_t col, int64
   return static_cast<int64_t>(block_row) * scale_ld + block_col;
 }
 
-// Whether Fp8ScaleIndex's 32-bit division holds for weights of n rows from
-// first_row and k columns, in blocks of block_rows x block_cols.
-inline bool Fp8IndicesFit(int64_t first_row, int64_t n, int64_t k, int64_t block_rows,
-                          int64_t block_cols) {
+// The FP8 scale blocks of weights of n rows and k columns, for `kernel`'s
+// messages: positive blocks, and indices Fp8ScaleIndex can divide in 32 bits.
+inline absl::Status ValidateFp8Blocks(const char* kernel, const WeightBlocks& b, int64_t n,
+                                      int64_t k) {
+  if (b.rows <= 0 || b.cols <= 0 || b.first_row < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        kernel, ": f8_e4m3 weights need positive w_blocks.rows and cols and first_row >= 0, got ",
+        b.rows, "x", b.cols, " first_row ", b.first_row));
+  }
   constexpr int64_t kMax = UINT32_MAX;
-  return first_row + n <= kMax && k <= kMax && block_rows <= kMax && block_cols <= kMax;
+  if (b.first_row + n > kMax || k > kMax || b.rows > kMax || b.cols > kMax) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(kernel, ": f8_e4m3 weights' rows, k and blocks must fit 32 bits"));
+  }
+  return absl::OkStatus();
 }
 
 template <typename T>
