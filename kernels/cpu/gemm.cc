@@ -58,7 +58,7 @@ void SetWeightBlocks(GemmBlock& b, WeightType type, const WeightBlocks& blocks, 
 void GemmBlockScalar(const GemmBlock& b) { GemmBlockDispatch<Scalar, ScalarTiles>(b); }
 
 void LaunchGemm(const GemmParams& p, CpuStream stream) {
-  if (p.m <= 0 || p.n <= 0) return;
+  if (p.m <= 0 || p.n <= 0 || p.batch <= 0) return;
   GemmBlock b;
   b.x = p.x;
   b.ldx = p.ldx != 0 ? p.ldx : p.k;
@@ -74,11 +74,17 @@ void LaunchGemm(const GemmParams& p, CpuStream stream) {
   b.m1 = p.m;
   const GemmBlockFn fn = SelectBlockFn();
   const int64_t cols = ColumnsPerItem(p.m, p.k, p.n, p.w_type, stream);
-  const int64_t items = (p.n + cols - 1) / cols;
-  ParallelFor(stream, items, 1, [&](int64_t begin, int64_t end) {
+  const int64_t col_items = (p.n + cols - 1) / cols;
+  // One work item per (batch member, column block): a batch is one parallel
+  // region, and each member's columns split as an unbatched GEMM's do.
+  ParallelFor(stream, p.batch * col_items, 1, [&](int64_t begin, int64_t end) {
     GemmBlock blk = b;
     for (int64_t i = begin; i < end; ++i) {
-      blk.n0 = i * cols;
+      const GemmParams member = GemmBatchMember(p, i / col_items);
+      blk.x = member.x;
+      blk.w = member.w;
+      blk.y = member.y;
+      blk.n0 = (i % col_items) * cols;
       blk.n1 = std::min(p.n, blk.n0 + cols);
       fn(blk);
     }

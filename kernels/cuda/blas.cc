@@ -231,6 +231,11 @@ absl::Status ValidateLtGemmParams(const GemmParams& p) {
     return absl::InvalidArgumentError(
         absl::StrCat("LtGemm: m, n and k must be >= 0, got m=", p.m, " n=", p.n, " k=", p.k));
   }
+  if (p.batch != 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "LtGemm: batch must be 1 (CudaBackend::Gemm runs a batch's members one by one), got ",
+        p.batch));
+  }
   const int64_t ldx = p.ldx == 0 ? p.k : p.ldx;
   const int64_t ldy = p.ldy == 0 ? p.n : p.ldy;
   if (ldx < p.k) {

@@ -5,7 +5,8 @@
 // block, 4x4 per thread, k in steps of 16) with BF16 widened to F32 as it is
 // staged, F32 accumulation; x is read as F32, or rounded to BF16 (nearest
 // even) as it is staged when the caller asks (XRounding::kBf16: the GPU's
-// numerics, where every GEMM input is BF16). FP8 (E4M3) codes
+// numerics, where every GEMM input is BF16). A strided batch (MLA's per-head
+// products) is the grid's z dimension. FP8 (E4M3) codes
 // are widened exactly and multiplied by their block's F32 scale as they are
 // staged, so the tile holds the dequantized weights the CPU kernel multiplies
 // with (one F32 rounding of code times scale) and the result is theirs up to
@@ -18,6 +19,7 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/gemm.h"
+#include "kernels/cuda/gemm_checks.h"
 #include "kernels/cuda/launch_util.cuh"
 
 namespace joule::kernels::cuda {
@@ -55,7 +57,11 @@ __global__ void __launch_bounds__(kThreads) GemmKernel(GemmParams p, int64_t ldx
                                                      int64_t scale_ld) {
   __shared__ float xs[kTileK][kTileM + 1];  // x tile, k-major; +1 avoids bank conflicts
   __shared__ float ws[kTileK][kTileN + 1];  // W tile, k-major
-  const W* w = static_cast<const W*>(p.w);
+  // Batch member blockIdx.z (GemmParams' strided batch; 0 when unbatched).
+  const int64_t member = blockIdx.z;
+  const float* x = p.x + member * p.x_batch_stride;
+  const W* w = static_cast<const W*>(p.w) + member * p.w_batch_stride;
+  float* const y_base = p.y + member * p.y_batch_stride;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTileM;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kTileN;
   const int tx = threadIdx.x % 16;
@@ -71,7 +77,7 @@ __global__ void __launch_bounds__(kThreads) GemmKernel(GemmParams p, int64_t ldx
       const int64_t gk = k0 + kk;
       const int64_t gm = m0 + row;
       const int64_t gn = n0 + row;
-      float xv = (gm < p.m && gk < p.k) ? p.x[gm * ldx + gk] : 0.f;
+      float xv = (gm < p.m && gk < p.k) ? x[gm * ldx + gk] : 0.f;
       if constexpr (kRoundX) xv = __bfloat162float(__float2bfloat16_rn(xv));
       xs[kk][row] = xv;
       ws[kk][row] = (gn < p.n && gk < p.k) ? LoadWeight(p, w, gn, gk, scale_ld) : 0.f;
@@ -103,7 +109,7 @@ __global__ void __launch_bounds__(kThreads) GemmKernel(GemmParams p, int64_t ldx
       if (gn >= p.n) continue;
       float r = acc[i][j];
       if (p.bias != nullptr) r += p.bias[gn];
-      float* y = p.y + gm * ldy + gn;
+      float* y = y_base + gm * ldy + gn;
       *y = p.accumulate ? *y + r : r;
     }
   }
@@ -141,6 +147,7 @@ absl::Status LaunchGemm(const GemmParams& p, cudaStream_t stream, XRounding x_ro
   if (p.w_type == WeightType::kF8E4M3) {
     if (absl::Status s = ValidateFp8Blocks("Gemm", p.w_blocks, p.n, p.k); !s.ok()) return s;
   }
+  if (absl::Status s = ValidateGemmBatch("Gemm", p); !s.ok()) return s;
   if (p.m == 0 || p.n == 0) return absl::OkStatus();
   if (!p.y || (p.k > 0 && (!p.x || !p.w))) return absl::InvalidArgumentError("Gemm: null pointer");
   if (p.w_type == WeightType::kF8E4M3 && p.k > 0 && p.w_scale_inv == nullptr) {
@@ -151,7 +158,8 @@ absl::Status LaunchGemm(const GemmParams& p, cudaStream_t stream, XRounding x_ro
   if (tiles_m > 65535 || tiles_n > kMaxGridX) {
     return absl::InvalidArgumentError(absl::StrCat("Gemm: m=", p.m, " too large for one launch"));
   }
-  const dim3 grid(static_cast<unsigned>(tiles_n), static_cast<unsigned>(tiles_m));
+  const dim3 grid(static_cast<unsigned>(tiles_n), static_cast<unsigned>(tiles_m),
+                  static_cast<unsigned>(p.batch));
   const int64_t scale_ld =
       p.w_type == WeightType::kF8E4M3 ? (p.k + p.w_blocks.cols - 1) / p.w_blocks.cols : 0;
   if (x_rounding == XRounding::kBf16) {

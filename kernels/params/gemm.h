@@ -50,7 +50,30 @@ struct GemmParams {
   // kF8E4M3 only: the F32 block scales and their geometry.
   const float* w_scale_inv = nullptr;
   WeightBlocks w_blocks;
+  // Strided batch (MLA's per-head products): `batch` products of this shape in
+  // one launch, the b-th reading x + b * x_batch_stride and w + b *
+  // w_batch_stride (elements of w_type) and writing y + b * y_batch_stride.
+  // F32 and BF16 weights only (FP8 scales have no batch stride); bias and
+  // workspace are shared. kernels/cuda/gemm_checks.h says what is accepted.
+  int64_t batch = 1;
+  int64_t x_batch_stride = 0;
+  int64_t w_batch_stride = 0;
+  int64_t y_batch_stride = 0;
 };
+
+// The b-th product of a batched GEMM as a GEMM of its own (batch 1). Null
+// pointers (k = 0 needs no x or w) stay null.
+inline GemmParams GemmBatchMember(const GemmParams& p, int64_t b) {
+  GemmParams one = p;
+  if (p.x != nullptr) one.x = p.x + b * p.x_batch_stride;
+  if (p.w != nullptr) {
+    one.w = static_cast<const char*>(p.w) +
+            b * p.w_batch_stride * static_cast<int64_t>(ElementBytes(p.w_type));
+  }
+  if (p.y != nullptr) one.y = p.y + b * p.y_batch_stride;
+  one.batch = 1;
+  return one;
+}
 
 // One GEMM per group over contiguous row ranges of x (tokens permuted by
 // expert): rows [row_offsets[g], row_offsets[g+1]) are multiplied by w[g].

@@ -153,6 +153,54 @@ TEST_P(GemmTest, RowResultDoesNotDependOnItsBatch) {
   }
 }
 
+// A strided batch laid out as MLA's per-head products: head h reads columns
+// [h * k, (h + 1) * k) of each x row and writes columns [h * n, (h + 1) * n) of
+// each y row. Every member must give the bits of the same GEMM run alone, and
+// y's padding columns stay untouched.
+TEST_P(GemmTest, BatchedMembersMatchTheirOwnGemmsBitForBit) {
+  const int64_t heads = 5, m = 3, k = 40, n = 24;
+  for (WeightType wt : {WeightType::kBF16, WeightType::kF32}) {
+    SCOPED_TRACE(::testing::Message() << "bf16=" << (wt == WeightType::kBF16));
+    const int64_t ldx = heads * k + 3, ldy = heads * n + 2;
+    const auto x = RandomFloats(m * ldx, 61);
+    Weights w = MakeWeights(heads * n, k, wt, 62);  // heads [n, k] matrices, back to back
+    const auto y0 = RandomFloats(m * ldy, 63);
+    GemmParams p;
+    p.x = x.data();
+    p.m = m;
+    p.k = k;
+    p.ldx = ldx;
+    p.w = w.data(wt);
+    p.w_type = wt;
+    p.n = n;
+    p.ldy = ldy;
+    p.accumulate = true;
+    p.batch = heads;
+    p.x_batch_stride = k;
+    p.w_batch_stride = n * k;
+    p.y_batch_stride = n;
+    std::vector<float> batched = y0, alone = y0;
+    p.y = batched.data();
+    LaunchGemm(p, stream());
+    for (int64_t h = 0; h < heads; ++h) {
+      GemmParams one = p;
+      one.y = alone.data();
+      LaunchGemm(GemmBatchMember(one, h), stream());
+    }
+    ASSERT_EQ(batched, alone);
+    for (int64_t h = 0; h < heads; ++h) {  // the members themselves against the reference
+      SCOPED_TRACE(::testing::Message() << "head " << h);
+      const std::vector<float> w_head(w.f32.begin() + h * n * k, w.f32.begin() + (h + 1) * n * k);
+      const std::vector<float> before(y0.begin() + h * n, y0.end());
+      ExpectGemmMatches(x.data() + h * k, ldx, w_head, nullptr, before, batched.data() + h * n,
+                        ldy, 0, m, n, k, true);
+    }
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t j = heads * n; j < ldy; ++j) ASSERT_EQ(batched[i * ldy + j], y0[i * ldy + j]);
+    }
+  }
+}
+
 // Large enough for many column blocks per thread and the full-width tiles.
 TEST_P(GemmTest, MatchesReferenceOnModelSizedShape) {
   const int64_t m = 9, k = 1000, n = 515;

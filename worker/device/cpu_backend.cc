@@ -12,6 +12,7 @@
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/moe.h"
 #include "kernels/cpu/sampling.h"
+#include "kernels/cuda/gemm_checks.h"
 
 namespace joule::device {
 
@@ -84,6 +85,7 @@ absl::StatusOr<MemoryInfo> CpuBackend::DeviceMemory() {
 
 absl::Status CpuBackend::Gemm(const kernels::GemmParams& p) {
   if (absl::Status s = CheckFp8("Gemm", p.w_type, p.w_scale_inv != nullptr, p.w_blocks); !s.ok()) return s;
+  if (absl::Status s = kernels::cuda::ValidateGemmBatch("Gemm", p); !s.ok()) return s;
   kc::LaunchGemm(p, stream());
   return absl::OkStatus();
 }

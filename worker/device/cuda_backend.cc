@@ -17,6 +17,7 @@
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/elementwise.h"
 #include "kernels/cuda/gemm.h"
+#include "kernels/cuda/gemm_checks.h"
 #include "kernels/cuda/grouped_gemm.h"
 #include "kernels/cuda/moe.h"
 #include "kernels/cuda/sampling.h"
@@ -155,11 +156,26 @@ class CudaBackend final : public Backend {
     if (p.w_type != kernels::DType::kBF16) {
       return kcu::LaunchGemm(p, stream_, kcu::XRounding::kBf16);
     }
+    if (p.batch != 1) return BatchedBf16Gemm(p);
     absl::Status lt = gemm_->Run(p, stream_);
     // A shape cuBLASLt has no algorithm for (decided on the host, the same
     // way at warm-up and at capture) runs on the SIMT kernel, x rounded alike.
     if (absl::IsUnimplemented(lt)) return kcu::LaunchGemm(p, stream_, kcu::XRounding::kBf16);
     return lt;
+  }
+  // A batch of BF16 products (MLA's per-head GEMMs, one per query head): with
+  // few rows (decode) one SIMT launch covers every member, where a cuBLASLt
+  // launch per member would cost more than its math; prefill-sized members
+  // run one by one on cuBLASLt's tensor cores. The bound is a first guess: the
+  // GPU bundle's engine_bench (DeepSeek-V3 shapes) is where it gets measured.
+  absl::Status BatchedBf16Gemm(const kernels::GemmParams& p) {
+    constexpr int64_t kSimtBatchMaxRows = 256;
+    if (p.m <= kSimtBatchMaxRows) return kcu::LaunchGemm(p, stream_, kcu::XRounding::kBf16);
+    if (absl::Status s = kcu::ValidateGemmBatch("Gemm", p); !s.ok()) return s;
+    for (int64_t b = 0; b < p.batch; ++b) {
+      if (absl::Status s = Gemm(kernels::GemmBatchMember(p, b)); !s.ok()) return s;
+    }
+    return absl::OkStatus();
   }
   absl::Status GroupedGemm(const kernels::GroupedGemmParams& p) override {
     Bind();

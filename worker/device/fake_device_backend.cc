@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "kernels/cuda/attention_checks.h"
+#include "kernels/cuda/gemm_checks.h"
 
 namespace joule::device {
 
@@ -242,6 +243,7 @@ absl::StatusOr<std::unique_ptr<Graph>> FakeDeviceBackend::EndCapture() {
 }
 
 absl::Status FakeDeviceBackend::Gemm(const kernels::GemmParams& p) {
+  RETURN_IF_ERROR(kernels::cuda::ValidateGemmBatch("Gemm", p));  // at launch, as on the GPU
   return Launch([=, this] { return cpu_.Gemm(p); });
 }
 absl::Status FakeDeviceBackend::GroupedGemm(const kernels::GroupedGemmParams& p) {

@@ -153,17 +153,14 @@ absl::Status ProjectQueryAndLatent(device::Backend& dev, const ModelConfig& c, c
                       .stride = MlaCacheRow(mla)});
 }
 
-// For every head, y[:, h] = x[:, h] W[h]^T with per-head weights W [n, k] of `type`.
+// For every head, y[:, h] = x[:, h] W[h]^T with per-head weights W [n, k] of
+// `type`: one batched GEMM (a launch per head was 2 x heads launches a layer).
 absl::Status PerHeadGemm(device::Backend& dev, int heads, const float* x, int64_t x_head,
                          int64_t ldx, int64_t k, const void* w, kernels::DType type, int64_t n,
                          float* y, int64_t y_head, int64_t ldy, int64_t tokens, void* workspace) {
-  const size_t w_head = static_cast<size_t>(n * k) * kernels::ElementBytes(type);
-  for (int h = 0; h < heads; ++h) {
-    RETURN_IF_ERROR(dev.Gemm({.x = x + h * x_head, .m = tokens, .k = k, .ldx = ldx,
-                              .w = static_cast<const std::byte*>(w) + h * w_head, .w_type = type,
-                              .n = n, .y = y + h * y_head, .ldy = ldy, .workspace = workspace}));
-  }
-  return absl::OkStatus();
+  return dev.Gemm({.x = x, .m = tokens, .k = k, .ldx = ldx, .w = w, .w_type = type, .n = n,
+                   .y = y, .ldy = ldy, .workspace = workspace, .batch = heads,
+                   .x_batch_stride = x_head, .w_batch_stride = n * k, .y_batch_stride = y_head});
 }
 
 }  // namespace

@@ -249,8 +249,8 @@ TEST(CudaValidation, ReduceRowsNamesTheBadField) {
   EXPECT_TRUE(LaunchReduceRows(none, nullptr).ok());
 }
 
-TEST(CudaValidation, LtGemmNamesTheBadField) {
-  std::vector<float> host(64);
+// A 2 x 8 by 8 x 4 product over host memory: only validation may read it.
+GemmParams HostGemm(std::vector<float>& host) {
   GemmParams p;
   p.x = host.data();
   p.w = host.data();
@@ -259,6 +259,12 @@ TEST(CudaValidation, LtGemmNamesTheBadField) {
   p.m = 2;
   p.n = 4;
   p.k = 8;
+  return p;
+}
+
+TEST(CudaValidation, LtGemmNamesTheBadField) {
+  std::vector<float> host(64);
+  const GemmParams p = HostGemm(host);
   EXPECT_TRUE(ValidateLtGemmParams(p).ok());
 
   auto expect_invalid = [](GemmParams bad, const char* field) {
@@ -284,6 +290,9 @@ TEST(CudaValidation, LtGemmNamesTheBadField) {
   bad = p;
   bad.w = reinterpret_cast<const char*>(host.data()) + 1;
   expect_invalid(bad, "w must be 2-byte aligned");
+  bad = p;
+  bad.batch = 2;  // CudaBackend::Gemm splits a batch before cuBLASLt
+  expect_invalid(bad, "LtGemm: batch must be 1");
 
   // Empty products need no pointers; k = 0 needs no x, w or workspace.
   GemmParams empty;
@@ -301,6 +310,19 @@ TEST(CudaValidation, LtGemmNamesTheBadField) {
   EXPECT_EQ(LtGemmWorkspaceBytes(7, 33), size_t{7 * 40 * 2});
   EXPECT_EQ(LtGemmWorkspaceBytes(3, 64), size_t{3 * 64 * 2});
   EXPECT_EQ(LtGemmWorkspaceBytes(0, 64), size_t{0});
+}
+
+// The SIMT launch checks a batch before anything reaches the device.
+TEST(CudaValidation, GemmRefusesABatchItCannotRun) {
+  std::vector<float> host(64);
+  GemmParams p = HostGemm(host);
+  p.w_type = WeightType::kF8E4M3;
+  p.w_scale_inv = host.data();
+  p.batch = 2;
+  EXPECT_THAT(LaunchGemm(p, nullptr).message(), HasSubstr("f8_e4m3 weights take batch 1"));
+  p.w_type = WeightType::kF32;
+  p.batch = 0;
+  EXPECT_THAT(LaunchGemm(p, nullptr).message(), HasSubstr("batch must be in [1, 65535]"));
 }
 
 TEST(CudaValidation, LtGemmCreateWithoutDeviceIsFailedPrecondition) {

@@ -2,13 +2,17 @@
 // where they live, workspace layouts, the CPU backend, launches that give the
 // same bits on the CPU backend and the fake device, and the clear refusal of a
 // GPU that is not there.
+#include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
+#include "common/dtype.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "worker/device/backend.h"
@@ -294,16 +298,21 @@ TEST(EventTest, TheAsynchronousFakeDeviceRunsInStreamOrder) {
   EXPECT_FALSE(fake.Synchronize().ok());
 }
 
-// A CUDA event waits for the copies launched before its Record (skips
-// without a GPU; tests/gpu/run.sh runs this binary on one with
-// JOULE_REQUIRE_GPU=1, which turns the skip into a failure).
+// Without a GPU the GPU tests skip; tests/gpu/run.sh runs this binary on one
+// with JOULE_REQUIRE_GPU=1, which turns the skip into a failure.
+void SkipWithoutGpu(const absl::Status& why) {
+  const char* require = std::getenv("JOULE_REQUIRE_GPU");
+  if (require != nullptr && std::string(require) == "1") {
+    ADD_FAILURE() << why;
+    return;
+  }
+  GTEST_SKIP() << why;
+}
+
+// A CUDA event waits for the copies launched before its Record.
 TEST(EventTest, ACudaEventWaitsForTheWorkRecordedBeforeIt) {
   absl::StatusOr<std::unique_ptr<Backend>> cuda = CreateBackend({.kind = DeviceKind::kCuda});
-  if (!cuda.ok()) {
-    const char* require = std::getenv("JOULE_REQUIRE_GPU");
-    if (require != nullptr && std::string(require) == "1") FAIL() << cuda.status();
-    GTEST_SKIP() << cuda.status();
-  }
+  if (!cuda.ok()) return SkipWithoutGpu(cuda.status());
   Backend& gpu = **cuda;
   const size_t n = size_t{16} << 20;  // floats: long enough that the copies are still running
   std::vector<float> src(n);
@@ -325,6 +334,66 @@ TEST(EventTest, ACudaEventWaitsForTheWorkRecordedBeforeIt) {
   ASSERT_TRUE(gpu.Synchronize().ok());
 }
 
+// MLA's batched per-head GEMM on a GPU: few rows take one SIMT launch over every member,
+// prefill-sized rows a cuBLASLt launch per member. Both give the CPU backend's
+// products up to x's rounding to BF16 (relative 2^-9 per term, so within
+// 2.5e-3 of sum |x w|), which a member reading another's slice exceeds.
+TEST(CudaGemmTest, ABatchedGemmMatchesTheCpuBackendOnBothPaths) {
+  absl::StatusOr<std::unique_ptr<Backend>> cuda = CreateBackend({.kind = DeviceKind::kCuda});
+  if (!cuda.ok()) return SkipWithoutGpu(cuda.status());
+  Backend& gpu = **cuda;
+  CpuBackend cpu(2);
+  constexpr int64_t kHeads = 4, kK = 64, kN = 96;
+  for (int64_t m : {8, 300}) {
+    SCOPED_TRACE(testing::Message() << "m=" << m);
+    std::vector<float> x(m * kHeads * kK);
+    std::vector<uint16_t> w(kHeads * kN * kK);
+    uint32_t state = 12345;
+    auto next = [&] { return ((state = state * 1664525u + 1013904223u) >> 8) / 16777216.0f - 0.5f; };
+    for (float& v : x) v = next();
+    for (uint16_t& v : w) v = F32ToBf16(next());
+    kernels::GemmParams p = {.m = m, .k = kK, .ldx = kHeads * kK, .w_type = kernels::DType::kBF16,
+                             .n = kN, .ldy = kHeads * kN, .batch = kHeads, .x_batch_stride = kK,
+                             .w_batch_stride = kN * kK, .y_batch_stride = kN};
+    std::vector<float> want(m * kHeads * kN), got(want.size());
+    p.x = x.data();
+    p.w = w.data();
+    p.y = want.data();
+    ASSERT_TRUE(cpu.Gemm(p).ok());
+
+    auto dx = gpu.Allocate(MemoryKind::kDevice, x.size() * sizeof(float));
+    auto dw = gpu.Allocate(MemoryKind::kDevice, w.size() * sizeof(uint16_t));
+    auto dy = gpu.Allocate(MemoryKind::kDevice, got.size() * sizeof(float));
+    auto workspace = gpu.Allocate(MemoryKind::kDevice, std::max<size_t>(gpu.GemmWorkspaceBytes(m, kK), 1));
+    ASSERT_TRUE(dx.ok() && dw.ok() && dy.ok() && workspace.ok());
+    ASSERT_TRUE(gpu.CopyAsync(dx->data(), x.data(), x.size() * sizeof(float)).ok());
+    ASSERT_TRUE(gpu.CopyAsync(dw->data(), w.data(), w.size() * sizeof(uint16_t)).ok());
+    p.x = static_cast<const float*>(dx->data());
+    p.w = dw->data();
+    p.y = static_cast<float*>(dy->data());
+    p.workspace = workspace->data();
+    ASSERT_TRUE(gpu.Gemm(p).ok());
+    ASSERT_TRUE(gpu.CopyAsync(got.data(), dy->data(), got.size() * sizeof(float)).ok());
+    ASSERT_TRUE(gpu.Synchronize().ok());
+    int reported = 0;
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t h = 0; h < kHeads; ++h) {
+        for (int64_t j = 0; j < kN; ++j) {
+          double mag = 0;
+          for (int64_t k = 0; k < kK; ++k) {
+            mag += std::fabs(double(x[i * kHeads * kK + h * kK + k]) * Bf16ToF32(w[(h * kN + j) * kK + k]));
+          }
+          const int64_t at = i * kHeads * kN + h * kN + j;
+          if (!(std::fabs(got[at] - want[at]) <= 2.5e-3 * mag + 1e-6) && reported++ < 10) {
+            ADD_FAILURE() << "token " << i << " head " << h << " col " << j << ": got " << got[at]
+                          << ", want " << want[at];
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST(CreateBackendTest, AGpuThatIsNotThereIsAClearError) {
   for (int ordinal : {0, 7}) {
     absl::StatusOr<std::unique_ptr<Backend>> backend =
@@ -344,6 +413,44 @@ TEST(CreateBackendTest, AGpuThatIsNotThereIsAClearError) {
   absl::StatusOr<std::unique_ptr<Backend>> cpu = CreateBackend({});
   ASSERT_TRUE(cpu.ok());
   EXPECT_FALSE((*cpu)->spec().is_cuda());
+}
+
+// MLA's per-head products as one batched Gemm through the seam: the fake
+// device gives the CPU backend's bits, and both refuse what the CUDA launch
+// refuses (kernels/cuda/gemm_checks.h), naming the field.
+TEST(BackendSeamTest, BatchedGemmOnTheFakeDeviceAndItsRefusals) {
+  constexpr int64_t kHeads = 3, kM = 2, kK = 4, kN = 3;
+  std::vector<float> x(kM * kHeads * kK), w(kHeads * kN * kK);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = 0.25f * static_cast<float>(i % 7) - 0.5f;
+  for (size_t i = 0; i < w.size(); ++i) w[i] = 0.125f * static_cast<float>(i % 5) - 0.25f;
+  kernels::GemmParams p = {.x = x.data(), .m = kM, .k = kK, .ldx = kHeads * kK, .w = w.data(),
+                           .w_type = kernels::DType::kF32, .n = kN, .ldy = kHeads * kN,
+                           .batch = kHeads, .x_batch_stride = kK, .w_batch_stride = kN * kK,
+                           .y_batch_stride = kN};
+  CpuBackend cpu(2);
+  FakeDeviceBackend fake(2);
+  std::vector<float> on_cpu(kM * kHeads * kN), on_fake(on_cpu.size());
+  p.y = on_cpu.data();
+  ASSERT_TRUE(cpu.Gemm(p).ok());
+  p.y = on_fake.data();
+  ASSERT_TRUE(fake.Gemm(p).ok());
+  ASSERT_TRUE(fake.Synchronize().ok());
+  EXPECT_EQ(on_fake, on_cpu);
+  // Head 1, token 1, output 2: the dot product of x's and w's head-1 slices.
+  float want = 0.f;
+  for (int64_t k = 0; k < kK; ++k) want += x[1 * kHeads * kK + kK + k] * w[(kN + 2) * kK + k];
+  EXPECT_FLOAT_EQ(on_cpu[1 * kHeads * kN + kN + 2], want);
+
+  kernels::GemmParams fp8 = p;
+  fp8.w_type = kernels::DType::kF8E4M3;
+  fp8.w_scale_inv = w.data();
+  kernels::GemmParams empty = p;
+  empty.batch = 0;
+  for (Backend* backend : std::initializer_list<Backend*>{&cpu, &fake}) {
+    SCOPED_TRACE(backend->Describe());
+    EXPECT_THAT(backend->Gemm(fp8).message(), HasSubstr("f8_e4m3 weights take batch 1"));
+    EXPECT_THAT(backend->Gemm(empty).message(), HasSubstr("batch must be in [1, 65535], got 0"));
+  }
 }
 
 }  // namespace
