@@ -9,7 +9,11 @@
 # engine benchmark's results under bench/.
 #
 # JOULE_GPU_CHECKS="cuda_kernels_test gpu_model_test" runs only the checks named;
-# JOULE_GPU_PACK_OUT=1 packs $OUT (but gpu.log) into results.tar.xz at the end.
+# JOULE_GPU_PACK_OUT=1 packs $OUT (but gpu.log) into results.tar.xz at the end;
+# JOULE_GPU_BUDGET_S=N ends the whole run within about N seconds (give the device tool's
+# timeout_s less 30): a check gets at most the time left less a minute for packing, and one
+# that would get under 30 s is not started (FAIL, "not run: the budget was spent"), so the
+# summary and the packed results come back even when the checks outlast the lease.
 #
 # A check is one line at the bottom: `check NAME TIME_LIMIT_S COMMAND [ARGS...]`, where COMMAND
 # is a program or one of the functions here (`gtest BINARY` runs a bundled gtest binary, and
@@ -141,6 +145,15 @@ check() {
   shift 2
   # JOULE_GPU_CHECKS="a b": run only these checks (a rerun after a fix).
   if [ -n "${JOULE_GPU_CHECKS:-}" ] && [[ " $JOULE_GPU_CHECKS " != *" $name "* ]]; then return 0; fi
+  if [ -n "${JOULE_GPU_BUDGET_S:-}" ]; then
+    local left=$((JOULE_GPU_BUDGET_S - SECONDS - 60))
+    if [ "$left" -lt 30 ]; then
+      echo "===== $name: not run, ${JOULE_GPU_BUDGET_S} s budget spent"
+      names+=("$name") seconds+=(0) notes+=("not run: the budget was spent") results+=(FAIL)
+      return 0
+    fi
+    [ "$left" -ge "$limit" ] || limit=$left
+  fi
   echo
   echo "===== $name ($(date +%T), limit ${limit} s): $*"
   timeout -k 10 "$limit" bash -c '"$@"' "$name" "$@"
