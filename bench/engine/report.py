@@ -83,6 +83,15 @@ def torch_reference(decode, prefill):
                         "tokens_per_s": prefill["results"][0]["prefill_tokens_per_s"]}}
 
 
+def buffer_note(j):
+    """Over how many bytes the roofline's bandwidth was read: the model's weights, which may fit
+    the caches (older runs: always 1 GiB)."""
+    if not j.get("bandwidth_buffer_bytes"):
+        return ""
+    return (f" over {j['bandwidth_buffer_bytes']/1e6:.0f} MB, the model's weights "
+            f"({j['read_bandwidth_gbs_1gib']:.1f} GB/s over 1 GiB)")
+
+
 def cpu_report(j, t, family, out_dir, command):
     cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')), '?')
     res = {"date": datetime.date.today().isoformat(), "machine": f"{cpu}, {os.cpu_count()} cores",
@@ -90,7 +99,7 @@ def cpu_report(j, t, family, out_dir, command):
     lines = [f"# Engine benchmark: {family} mini", "",
              f"Machine: {res['machine']}; threads {j['threads']}; date {res['date']}.",
              f"Command: `{res['command']}`", "",
-             f"Memory read bandwidth (same run): {j['read_bandwidth_gbs']:.1f} GB/s; "
+             f"Memory read bandwidth (same run): {j['read_bandwidth_gbs']:.1f} GB/s{buffer_note(j)}; "
              f"active weights per token {j['active_bytes_per_token']/1e6:.2f} MB -> "
              f"batch-1 roofline {j['roofline_tokens_per_s_batch1']:.1f} tokens/s.", ""]
     rows = []
@@ -150,7 +159,7 @@ def fp8_report(bf16, fp8, out_dir, command):
     for name, j in (("BF16", jb), ("FP8", jf)):
         res["ratios"][f"roofline_fraction_batch1_{name.lower()}"] = j["roofline_fraction_batch1"]
         lines += ["", f"{name}: batch-1 roofline {j['roofline_tokens_per_s_batch1']:.1f} tokens/s "
-                      f"({j['read_bandwidth_gbs']:.1f} GB/s); decode at batch 1 = "
+                      f"({j['read_bandwidth_gbs']:.1f} GB/s{buffer_note(j)}); decode at batch 1 = "
                       f"{100*j['roofline_fraction_batch1']:.0f}% of it."]
     lines += [""] + kv_lines(jb, res)
     write(out_dir, "engine-deepseek_v3-mini-fp8-vs-bf16", res, lines)
