@@ -19,10 +19,27 @@ class SynchronizingEvent final : public Event {
   Backend* backend_;
 };
 
+// Copies on the backend's own stream.
+class BackendCopyStream final : public CopyStream {
+ public:
+  explicit BackendCopyStream(Backend* backend) : backend_(backend) {}
+  absl::Status CopyAsync(void* dst, const void* src, size_t bytes) override {
+    return backend_->CopyAsync(dst, src, bytes);
+  }
+  absl::Status Synchronize() override { return backend_->Synchronize(); }
+
+ private:
+  Backend* backend_;
+};
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Event>> Backend::CreateEvent() {
   return std::make_unique<SynchronizingEvent>(this);
+}
+
+absl::StatusOr<std::unique_ptr<CopyStream>> Backend::CreateCopyStream() {
+  return std::make_unique<BackendCopyStream>(this);
 }
 
 absl::Status Backend::BeginCapture() {

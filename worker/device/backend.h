@@ -51,6 +51,20 @@ class Event {
   virtual absl::Status Wait() = 0;
 };
 
+// A second stream of a backend that only copies. Its work is not ordered
+// with the backend's stream, so a staged collective's few copies do not wait
+// for the kernels queued there (the other micro-batch of a layer). The host
+// orders the two: it waits for the backend's work (an Event) before copying
+// what that work wrote, and synchronizes this stream before the backend's
+// launches read what it copied. Copies follow Backend::CopyAsync otherwise.
+class CopyStream {
+ public:
+  virtual ~CopyStream() = default;
+  virtual absl::Status CopyAsync(void* dst, const void* src, size_t bytes) = 0;
+  // Waits for this stream's copies (a fault in the device surfaces here too).
+  virtual absl::Status Synchronize() = 0;
+};
+
 // A recorded sequence of launches (a CUDA graph) replayed as one.
 class Graph {
  public:
@@ -95,6 +109,10 @@ class Backend {
   // (everything launched so far): right on every backend, and exact where
   // launches run to completion.
   virtual absl::StatusOr<std::unique_ptr<Event>> CreateEvent();
+  // A copy stream beside this backend's. The default copies on the backend's
+  // own stream (right everywhere; nothing overlaps): the CPU's copies run to
+  // completion anyway, the GPU and the fake device give a stream of its own.
+  virtual absl::StatusOr<std::unique_ptr<CopyStream>> CreateCopyStream();
   // Device memory free and in total (the CPU reports physical memory).
   virtual absl::StatusOr<MemoryInfo> DeviceMemory() = 0;
 

@@ -71,6 +71,33 @@ class CudaEvent final : public Event {
   int ordinal_;
 };
 
+// A non-blocking stream of its own: its copies never wait for the backend's
+// stream, nor it for them.
+class CudaCopyStream final : public CopyStream {
+ public:
+  CudaCopyStream(cudaStream_t stream, int ordinal) : stream_(stream), ordinal_(ordinal) {}
+  ~CudaCopyStream() override {
+    cudaSetDevice(ordinal_);
+    cudaStreamSynchronize(stream_);
+    cudaStreamDestroy(stream_);
+  }
+  absl::Status CopyAsync(void* dst, const void* src, size_t bytes) override {
+    if (bytes == 0) return absl::OkStatus();
+    JOULE_CUDA_RETURN_IF_ERROR(cudaSetDevice(ordinal_));
+    JOULE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream_));
+    return absl::OkStatus();
+  }
+  absl::Status Synchronize() override {
+    JOULE_CUDA_RETURN_IF_ERROR(cudaSetDevice(ordinal_));
+    JOULE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+    return absl::OkStatus();
+  }
+
+ private:
+  cudaStream_t stream_;
+  int ordinal_;
+};
+
 // NVML spells a bus id with an 8-digit domain ("00000000:1B:00.0"); the CUDA
 // runtime with 4 ("0000:1B:00.0").
 std::string NvmlBusId(const char* cuda_bus_id) {
@@ -131,6 +158,12 @@ class CudaBackend final : public Backend {
     cudaEvent_t event = nullptr;
     JOULE_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
     return std::unique_ptr<Event>(new CudaEvent(event, stream_, spec_.index));
+  }
+  absl::StatusOr<std::unique_ptr<CopyStream>> CreateCopyStream() override {
+    Bind();
+    cudaStream_t stream = nullptr;
+    JOULE_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    return std::unique_ptr<CopyStream>(new CudaCopyStream(stream, spec_.index));
   }
   absl::StatusOr<MemoryInfo> DeviceMemory() override {
     Bind();

@@ -39,6 +39,51 @@ class FakeEvent final : public Event {
   int64_t seq_ = 0;
 };
 
+// The asynchronous fake's copy stream. Copies between the backend's own
+// memory run only at Synchronize (a legal schedule for a stream, and the one
+// that makes a missing wait show deterministically); from pageable host
+// memory the source is taken at the call, into it the call copies at once
+// after the copies queued before, as cudaMemcpyAsync does. Nothing here
+// waits for the backend's stream: the caller orders the two.
+class FakeCopyStream final : public CopyStream {
+ public:
+  explicit FakeCopyStream(FakeDeviceBackend* backend) : backend_(backend) {}
+  absl::Status CopyAsync(void* dst, const void* src, size_t bytes) override {
+    if (bytes == 0) return absl::OkStatus();
+    if (!backend_->Owns(dst, bytes)) {
+      RunQueued();
+      std::memmove(dst, src, bytes);
+    } else if (!backend_->Owns(src, bytes)) {
+      const auto* from = static_cast<const std::byte*>(src);
+      queued_.push_back({dst, nullptr, std::vector<std::byte>(from, from + bytes)});
+    } else {
+      queued_.push_back({dst, src, std::vector<std::byte>(bytes)});
+    }
+    return absl::OkStatus();
+  }
+  // A fault injected into the device surfaces here as at the backend's waits.
+  absl::Status Synchronize() override {
+    RunQueued();
+    return backend_->CountWait();
+  }
+
+ private:
+  struct Copy {
+    void* dst;
+    const void* src;  // null: `taken` holds the source
+    std::vector<std::byte> taken;
+  };
+  void RunQueued() {
+    for (Copy& c : queued_) {
+      std::memmove(c.dst, c.src != nullptr ? c.src : c.taken.data(), c.taken.size());
+    }
+    queued_.clear();
+  }
+
+  FakeDeviceBackend* backend_;
+  std::vector<Copy> queued_;
+};
+
 namespace {
 
 // Which asynchronous fake owns each live allocation, so freeing one can wait
@@ -156,6 +201,21 @@ absl::Status FakeDeviceBackend::Synchronize() { return Wait(Enqueued()); }
 
 absl::StatusOr<std::unique_ptr<Event>> FakeDeviceBackend::CreateEvent() {
   return std::unique_ptr<Event>(new FakeEvent(this));
+}
+
+absl::Status FakeDeviceBackend::HoldStream(absl::Notification* release) {
+  if (!asynchronous_) {
+    return absl::FailedPreconditionError("HoldStream: a synchronous fake would hold the caller");
+  }
+  return Launch([release] {
+    release->WaitForNotification();
+    return absl::OkStatus();
+  });
+}
+
+absl::StatusOr<std::unique_ptr<CopyStream>> FakeDeviceBackend::CreateCopyStream() {
+  if (!asynchronous_) return Backend::CreateCopyStream();  // everything runs to completion
+  return std::unique_ptr<CopyStream>(new FakeCopyStream(this));
 }
 
 bool FakeDeviceBackend::Owns(const void* p, size_t bytes) {

@@ -18,7 +18,9 @@
 // the source is taken at the call; into such memory the call waits for the
 // stream and copies before it returns; between the backend's own memory
 // (device, pinned) it runs in stream order. Freeing a buffer waits for the
-// stream first, as cudaFree does.
+// stream first, as cudaFree does. Its copy stream (CreateCopyStream) runs
+// copies between its own memory only when synchronized, and never waits for
+// the backend's stream.
 #pragma once
 
 #include <cstdint>
@@ -30,6 +32,7 @@
 #include <vector>
 
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 
 #include "worker/device/backend.h"
 #include "worker/device/cpu_backend.h"
@@ -54,6 +57,7 @@ class FakeDeviceBackend final : public Backend {
   // Fails (from the injected fault on, as a faulted CUDA context does).
   absl::Status Synchronize() override;
   absl::StatusOr<std::unique_ptr<Event>> CreateEvent() override;
+  absl::StatusOr<std::unique_ptr<CopyStream>> CreateCopyStream() override;
   // A pretend 1 GiB device, so --gpu-memory-utilization sizes a KV cache
   // the host can hold next to other workers.
   absl::StatusOr<MemoryInfo> DeviceMemory() override {
@@ -89,17 +93,23 @@ class FakeDeviceBackend final : public Backend {
   // recorded into graphs.
   int64_t launches() const { return launches_; }
 
-  // A fault inside a kernel, as a GPU reports it: the `after`-th Synchronize
-  // or event Wait from now (1: the next) and every later one return `fault`.
+  // A fault inside a kernel, as a GPU reports it: the `after`-th wait from
+  // now (Synchronize, an event's Wait, a copy stream's Synchronize; 1: the
+  // next) and every later one return `fault`.
   void InjectFault(int64_t after, absl::Status fault) {
     syncs_to_fault_ = after;
     fault_ = std::move(fault);
   }
   int64_t recorded() const { return recorded_total_; }
 
+  // Asynchronous only: queues an op that runs until `release` is notified, as
+  // a long kernel would; everything queued later waits behind it.
+  absl::Status HoldStream(absl::Notification* release);
+
  private:
   using Op = std::function<absl::Status()>;
   friend class FakeEvent;
+  friend class FakeCopyStream;
   friend class FakeGraph;
   // Runs `op` now (queues it when asynchronous), or records it while a
   // capture is open.

@@ -225,13 +225,18 @@ absl::Status DeviceStages::MoveRows(bool direct, const std::byte* send, std::byt
   }
   std::byte* host_send = host_send_.as<std::byte>();
   std::byte* host_recv = host_recv_.as<std::byte>();
+  // Down on the copy stream: the other micro-batch's kernels, queued on the
+  // backend's stream since this one's pack, are not waited for.
+  if (copies_ == nullptr) {
+    ASSIGN_OR_RETURN(copies_, backend_.CreateCopyStream());
+  }
   for (int p = 0; p < W; ++p) {
     if (bytes.send[p] == 0) continue;
-    RETURN_IF_ERROR(backend_.CopyAsync(host_send + bytes.send_offsets[p],
+    RETURN_IF_ERROR(copies_->CopyAsync(host_send + bytes.send_offsets[p],
                                        send + bytes.send_offsets[p], bytes.send[p]));
   }
-  RETURN_IF_ERROR(written_->Record());
-  RETURN_IF_ERROR(written_->Wait());
+  RETURN_IF_ERROR(copies_->Synchronize());
+  // Up on the backend's stream: ordered before this micro-batch's experts.
   RETURN_IF_ERROR(control_.AllToAllV(host_send, bytes.send.data(), bytes.send_offsets.data(),
                                      host_recv, bytes.recv.data(), bytes.recv_offsets.data()));
   for (int p = 0; p < W; ++p) {

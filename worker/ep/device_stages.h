@@ -28,9 +28,11 @@
 //                    barrier stands in for each all-to-all (BF16 payloads).
 //   kDeviceTransport all-to-all-v of device buffers (NCCL), after the stream
 //                    is synchronized.
-//   kStaged          device rows copied to pinned host memory, the control
-//                    transport's all-to-all-v (UCX), copied back: GPU hosts
-//                    without NVLink or a GPU-aware fabric.
+//   kStaged          device rows copied to pinned host memory (on a copy
+//                    stream, not behind the other micro-batch's kernels), the
+//                    control transport's all-to-all-v (UCX), copied back on
+//                    the backend's stream: GPU hosts without NVLink or a
+//                    GPU-aware fabric.
 #pragma once
 
 #include <chrono>
@@ -179,6 +181,7 @@ class DeviceStages {
       layout_;
   device::Buffer layout_staging_;  // pinned: the index arrays on their way up
   device::Buffer host_send_, host_recv_;  // pinned: kStaged rows
+  std::unique_ptr<device::CopyStream> copies_;  // kStaged: the rows' way down
   GroupedExpertBuffers expert_buffers_;
   // Host: the choices of each send row / received row, the exchange's counts.
   std::vector<std::byte> choices_send_, choices_recv_;

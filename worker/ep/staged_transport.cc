@@ -31,6 +31,19 @@ absl::Status StagedTransport::Reserve(device::Buffer& buffer, size_t bytes) {
   return absl::OkStatus();
 }
 
+absl::Status StagedTransport::Ready() {
+  if (!broken_.ok()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("staged transport: broken by an earlier error: ", broken_.message()));
+  }
+  if (copies_ == nullptr) {
+    absl::StatusOr<std::unique_ptr<device::CopyStream>> copies = backend_->CreateCopyStream();
+    if (!copies.ok()) return Broken(copies.status());
+    copies_ = *std::move(copies);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status StagedTransport::Broken(absl::Status status) {
   status = Annotate(status, absl::StrCat("staged transport: rank ", rank(), ": staging"));
   if (broken_.ok()) broken_ = status;
@@ -51,30 +64,27 @@ absl::Status StagedTransport::CopyChunks(const std::vector<Chunk>& chunks,
     }
     const size_t src = to_device ? run.host_offset : run.device_offset;
     const size_t dst = to_device ? run.device_offset : run.host_offset;
-    RETURN_IF_ERROR(backend_->CopyAsync(dst_base + dst, src_base + src, run.bytes));
+    RETURN_IF_ERROR(copies_->CopyAsync(dst_base + dst, src_base + src, run.bytes));
   }
   return absl::OkStatus();
 }
 
 absl::Status StagedTransport::AllGather(const void* in, size_t bytes, void* out) {
-  if (!broken_.ok()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("staged transport: broken by an earlier error: ", broken_.message()));
-  }
+  RETURN_IF_ERROR(Ready());
   const int world = world_size();
   if (absl::Status s = Reserve(gather_, world * bytes); !s.ok()) return Broken(s);
   std::byte* gathered = gather_.as<std::byte>();
   std::byte* mine = gathered + rank() * bytes;
   if (bytes > 0) {
-    absl::Status s = backend_->CopyAsync(mine, in, bytes);
-    if (s.ok()) s = backend_->Synchronize();
+    absl::Status s = copies_->CopyAsync(mine, in, bytes);
+    if (s.ok()) s = copies_->Synchronize();
     if (!s.ok()) return Broken(s);
   }
   // In place: NCCL and the other transports take in == out + rank * bytes.
   RETURN_IF_ERROR(inner_->AllGather(mine, bytes, gathered));
   if (bytes > 0) {
-    absl::Status s = backend_->CopyAsync(out, gathered, world * bytes);
-    if (s.ok()) s = backend_->Synchronize();
+    absl::Status s = copies_->CopyAsync(out, gathered, world * bytes);
+    if (s.ok()) s = copies_->Synchronize();
     if (!s.ok()) return Broken(s);
   }
   return absl::OkStatus();
@@ -83,10 +93,7 @@ absl::Status StagedTransport::AllGather(const void* in, size_t bytes, void* out)
 absl::Status StagedTransport::AllToAllV(const void* send, const size_t* send_counts,
                                         const size_t* send_offsets, void* recv,
                                         const size_t* recv_counts, const size_t* recv_offsets) {
-  if (!broken_.ok()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("staged transport: broken by an earlier error: ", broken_.message()));
-  }
+  RETURN_IF_ERROR(Ready());
   const int world = world_size();
   const int me = rank();
   // Every rank's send and receive counts, so that each rank sees every pair.
@@ -139,7 +146,7 @@ absl::Status StagedTransport::AllToAllV(const void* send, const size_t* send_cou
   if (!send_chunks_.empty()) {
     absl::Status s = CopyChunks(send_chunks_, static_cast<const std::byte*>(send),
                                 send_.as<std::byte>(), /*to_device=*/true);
-    if (s.ok()) s = backend_->Synchronize();
+    if (s.ok()) s = copies_->Synchronize();
     if (!s.ok()) return Broken(s);
   }
   RETURN_IF_ERROR(inner_->AllToAllV(send_.data(), send_counts_.data(), send_offsets_.data(),
@@ -148,7 +155,7 @@ absl::Status StagedTransport::AllToAllV(const void* send, const size_t* send_cou
     // Chunk by chunk: the caller's bytes between chunks stay untouched.
     absl::Status s = CopyChunks(recv_chunks_, recv_.as<std::byte>(),
                                 static_cast<std::byte*>(recv), /*to_device=*/false);
-    if (s.ok()) s = backend_->Synchronize();
+    if (s.ok()) s = copies_->Synchronize();
     if (!s.ok()) return Broken(s);
   }
   if (!mismatch.empty()) {

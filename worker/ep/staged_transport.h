@@ -16,9 +16,12 @@
 // naming each other, that pair moves nothing, every other pair completes and
 // the group stays usable. A call may therefore wait up to twice the timeout.
 //
-// Copies run on the backend's stream, which each call synchronizes: call from
-// the thread that owns the backend (the step loop), never during a graph
-// capture. The backend must outlive the transport. MapSharedWindows is
+// Copies run on a copy stream of the backend (Backend::CreateCopyStream),
+// which each call synchronizes: a collective waits for its own copies, not
+// for the kernels queued on the model's stream (with two-batch overlap, the
+// other micro-batch's). The host buffers passed in are read and written
+// only by the host. Call from the thread that owns the backend (the step
+// loop), never during a graph capture. The backend must outlive the transport. MapSharedWindows is
 // Unimplemented: rows between GPUs use CUDA IPC windows, not this class.
 #pragma once
 
@@ -72,11 +75,14 @@ class StagedTransport final : public Transport {
   };
   absl::Status CopyChunks(const std::vector<Chunk>& chunks, const std::byte* src_base,
                           std::byte* dst_base, bool to_device);
+  // OK unless broken; makes the copy stream on first use.
+  absl::Status Ready();
   // Marks the transport broken by a local staging failure (peers time out).
   absl::Status Broken(absl::Status status);
 
   std::unique_ptr<Transport> inner_;
   device::Backend* const backend_;
+  std::unique_ptr<device::CopyStream> copies_;  // every staging copy
   absl::Status broken_;  // a staging copy failed: every later call fails fast
   int64_t allocations_ = 0;
   device::Buffer gather_;  // all-gathers, in place

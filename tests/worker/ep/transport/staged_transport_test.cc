@@ -6,6 +6,7 @@
 // them. The same suite over NCCL on GPUs is in nccl_transport_test.
 #include "worker/ep/staged_transport.h"
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -16,6 +17,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "common/status.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -243,6 +245,47 @@ TEST(StagedTransport, HandsTheDeviceTransportStagingBuffersAndKeepsThem) {
     EXPECT_EQ(allocations[r], warm_allocations[r]) << "rank " << r << ": steady-state calls allocated";
     EXPECT_GE(ranks[r].transport->staging_bytes(), 2 * kWorld * kBytes) << "rank " << r;
   }
+}
+
+// A collective waits for its own staging copies, not for the kernels queued
+// on the model's stream (two-batch overlap: the other micro-batch's). Each
+// rank's stream is held, as by a long kernel, while the ranks all-gather,
+// all-to-all-v and barrier; the calls must finish before it is released.
+TEST(StagedTransport, CollectivesDoNotWaitForTheModelsStream) {
+  constexpr int kWorld = 2;
+  InProcessGroup group(kWorld, {.timeout = absl::Seconds(30)});
+  std::vector<StagedRank> ranks = MakeRanks(group);
+  absl::Notification release;
+  for (StagedRank& rank : ranks) ASSERT_TRUE(rank.backend->HoldStream(&release).ok());
+  std::vector<absl::Status> results(kWorld);
+  std::atomic<int> running{kWorld};
+  absl::Notification done;
+  std::vector<std::thread> threads;
+  for (int r = 0; r < kWorld; ++r) {
+    threads.emplace_back([&, r] {
+      results[r] = [&]() -> absl::Status {
+        StagedTransport& t = *ranks[r].transport;
+        const uint32_t mine = 100 + r;
+        std::vector<uint32_t> all(kWorld);
+        RETURN_IF_ERROR(t.AllGather(&mine, sizeof(mine), all.data()));
+        if (all != std::vector<uint32_t>{100, 101}) return absl::DataLossError("all-gather");
+        std::vector<size_t> counts(kWorld, 4), offsets = {0, 4};
+        std::vector<uint32_t> send = {10u * r, 10u * r + 1}, recv(kWorld);
+        RETURN_IF_ERROR(t.AllToAllV(send.data(), counts.data(), offsets.data(), recv.data(),
+                                    counts.data(), offsets.data()));
+        if (recv != std::vector<uint32_t>{uint32_t(r), 10u + r}) return absl::DataLossError("all-to-all-v");
+        return t.Barrier();
+      }();
+      if (--running == 0) done.Notify();
+    });
+  }
+  // Bounded: a transport that waits for the held stream is released after 20 s and fails.
+  const bool finished_while_held = done.WaitForNotificationWithTimeout(absl::Seconds(20));
+  release.Notify();
+  for (auto& t : threads) t.join();
+  EXPECT_TRUE(finished_while_held) << "a collective waited for the model's stream";
+  for (int r = 0; r < kWorld; ++r) EXPECT_TRUE(results[r].ok()) << "rank " << r << ": " << results[r];
+  for (StagedRank& rank : ranks) EXPECT_TRUE(rank.backend->Synchronize().ok());
 }
 
 // Counts that disagree: both ranks of the pair hear the same sentence naming
