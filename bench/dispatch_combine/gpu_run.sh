@@ -73,8 +73,10 @@ ep_run() {
   local ep=$1 name=$2 dir pids=() rc=0 r
   shift 2
   dir=$(mktemp -d)
+  # --foreground: the timeouts stay in the caller's process group, so a check's timeout
+  # (tests/gpu/run.sh) that kills the group kills the ranks too.
   for ((r = 0; r < ep; r++)); do
-    LD_LIBRARY_PATH=$JOULE_GPU_LD timeout -k 5 100 "$bin/joule-dispatch-combine-bench" \
+    LD_LIBRARY_PATH=$JOULE_GPU_LD timeout --foreground -k 5 100 "$bin/joule-dispatch-combine-bench" \
       --rank "$r" --world "$ep" --dir "$dir" --device "$device" --hidden "$hidden" \
       --tokens "$tokens" --top-k 8 --experts 64 --target-seconds "${TARGET_SECONDS:-1}" --max-iters 500 \
       --out "$raw/joule-$name.jsonl" "$@" 2> "$raw/$name-rank$r.log" &
@@ -100,7 +102,7 @@ if [ -x "$bin/joule-dispatch-combine-bench" ]; then
 fi
 if [ -x "$bin/joule-memcpy-bench" ]; then
   echo "cudaMemcpyAsync D2D on $device ($(date +%T))"
-  LD_LIBRARY_PATH=$JOULE_GPU_LD timeout -k 5 60 "$bin/joule-memcpy-bench" --device "$device" \
+  LD_LIBRARY_PATH=$JOULE_GPU_LD timeout --foreground -k 5 60 "$bin/joule-memcpy-bench" --device "$device" \
     --ep "${eps// /,}" --hidden "$hidden" --tokens "$tokens" --top-k 8 --experts 64 --iters 100 \
     --out "$raw/memcpy.jsonl" || fail "joule-memcpy-bench (exit $?)"
 fi

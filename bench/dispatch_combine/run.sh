@@ -79,7 +79,7 @@ for ep in $eps; do
 done
 
 # ucx_perftest tag_bw at every per-peer size Joule measured.
-sizes="$(cat "$tmp"/joule-*.jsonl | /usr/bin/python3 -c '
+sizes="$(cat "$tmp"/joule-*.jsonl | python3 -c '
 import json, sys
 print(" ".join(str(s) for s in sorted({json.loads(l).get("bytes_per_peer", 0) for l in sys.stdin if l.strip()} - {0})))')"
 port=$((20000 + RANDOM % 20000))
@@ -87,12 +87,12 @@ perftest() {  # $1 label, $2 size, rest: env
   local label="$1" size="$2"; shift 2
   local iters=$(( 400000000 / size )); iters=$(( iters < 20 ? 20 : iters > 20000 ? 20000 : iters ))
   port=$((port + 1))
-  env "$@" timeout 120 ucx_perftest -p "$port" -t tag_bw -s "$size" -n "$iters" >/dev/null 2>&1 &
+  env "$@" timeout --foreground 120 ucx_perftest -p "$port" -t tag_bw -s "$size" -n "$iters" >/dev/null 2>&1 &
   local server=$!
   local line=""
   for attempt in 1 2 3 4 5; do
     sleep 0.3
-    line="$(env "$@" timeout 120 ucx_perftest 127.0.0.1 -p "$port" -t tag_bw -s "$size" -n "$iters" 2>/dev/null | grep '^Final:' || true)"
+    line="$(env "$@" timeout --foreground 120 ucx_perftest 127.0.0.1 -p "$port" -t tag_bw -s "$size" -n "$iters" 2>/dev/null | grep '^Final:' || true)"
     [ -n "$line" ] && break
   done
   wait "$server" || true
@@ -123,6 +123,6 @@ else
   echo "no MPI benchmark (install libopenmpi-dev openmpi-bin and rebuild): MPI columns stay empty" >&2
 fi
 
-/usr/bin/python3 "$root/bench/dispatch_combine/report.py" "$tmp" "$root/bench/results" \
+python3 "$root/bench/dispatch_combine/report.py" "$tmp" "$root/bench/results" \
   "bench/dispatch_combine/run.sh ${build#$root/}${quick:+ $quick}$( [ "$stage" = executor ] && echo ' --executor')" \
   "$stage"

@@ -9,8 +9,7 @@ R=$PWD/.bench
 export LD_LIBRARY_PATH=$R/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export OPAL_PREFIX=$R/ompi PMIX_PREFIX=$R/pmix2 PATH=$R/bin:$PATH
 export PMIX_MCA_mca_base_component_path=$R/pmix2/lib/pmix
-# run.sh wants a build tree layout and /usr/bin/python3 (standard library only).
+# run.sh wants a build tree layout.
 mkdir -p "$R/build/bench/dispatch_combine"
 for b in "$R"/bin/joule-*-bench; do ln -sf "$b" "$R/build/bench/dispatch_combine/"; done
-[ -x /usr/bin/python3 ] || ln -s "$(command -v python3)" /usr/bin/python3
 exec bench/dispatch_combine/run.sh "$R/build" "$@"

@@ -81,6 +81,8 @@ fail() { echo "FAILED: $*"; failures+=("$*"); }
 batches=1,8,64,256 prompt_len=32 decode_steps=32 prefill_len=512
 # Each tool's run on one checkpoint gets this long; what it measured before is kept.
 step_timeout=${JOULE_BENCH_STEP_TIMEOUT_S:-240}
+# Every timeout here is --foreground: it stays in this script's process group, so a check's
+# timeout (tests/gpu/run.sh) that kills the group kills the tool under it too.
 
 # The GPU, for the tables (nvidia-smi's index = NVML's; cuda:N is assumed to be the same GPU).
 index=${device#cuda:}
@@ -107,7 +109,7 @@ checkpoint() {
     echo "checkpoint $models/$name exists"
     return 0
   fi
-  LD_LIBRARY_PATH=$JOULE_GPU_LD timeout 180 "$make_model" "$@" --out "$models/$name" ||
+  LD_LIBRARY_PATH=$JOULE_GPU_LD timeout --foreground 180 "$make_model" "$@" --out "$models/$name" ||
     { fail "joule-make-model $* (exit $?)"; return 1; }
 }
 
@@ -124,12 +126,12 @@ bench() {
   rm -f "$out/$name.joule.json" "$out/$name.hf.json"
   echo
   echo "----- $name: Joule ($(date +%T)): ${joule[*]}"
-  LD_LIBRARY_PATH=$JOULE_GPU_LD timeout "$step_timeout" "${joule[@]}" --json "$out/$name.joule.json"
+  LD_LIBRARY_PATH=$JOULE_GPU_LD timeout --foreground "$step_timeout" "${joule[@]}" --json "$out/$name.joule.json"
   rc=$?
   [ $rc -eq 0 ] || { joule_err=$(exit_note joule-engine-bench $rc); fail "$name: $joule_err"; }
   echo
   echo "----- $name: transformers ($(date +%T)): ${hf[*]}"
-  (cd "$root" && timeout "$step_timeout" "${hf[@]}" --json "$out/$name.hf.json")
+  (cd "$root" && timeout --foreground "$step_timeout" "${hf[@]}" --json "$out/$name.hf.json")
   rc=$?
   [ $rc -eq 0 ] || { hf_err=$(exit_note hf_bench.py $rc); fail "$name: $hf_err"; }
   echo
@@ -146,8 +148,19 @@ bench() {
 # then OUT/cluster-NAME-ep2-vs-ep1.{json,md}. Both workers of EP 2 meter the same GPU:
 # joule-bench reads rank 0's counter only (the whole GPU).
 cluster_warmup=$(( cluster_duration >= 10 ? 5 : cluster_duration / 2 ))
+# The running cluster's session (setsid) is stopped on any exit too: a check killed mid-run
+# must not leave its coordinator and workers on the GPU (the energy sweep comes next).
+cluster_pid=""
+cluster_stop() {
+  if [ -n "$cluster_pid" ]; then
+    kill -TERM -- "-$cluster_pid" 2>/dev/null
+    wait "$cluster_pid" 2>/dev/null
+    cluster_pid=""
+  fi
+}
+trap cluster_stop EXIT
 cluster_bench() {
-  local name=$1 ep run pid rc run_dir rows="" extra
+  local name=$1 ep run rc run_dir rows="" extra
   # The same seeded open-loop load for both clusters (joule-bench's flags; the URLs are each run's).
   local load=(--model "$name" --rate "$cluster_rate" --duration-s "$cluster_duration"
               --warmup-s "$cluster_warmup" --idle-s 0 --tier-mix standard=1 --prompt-len fixed:128
@@ -164,28 +177,27 @@ cluster_bench() {
     setsid "$root/bench/energy/gpu_cluster.sh" --build "$cluster_build" --model "$models/$name" \
       --workers "$ep" --device "$device" --port 0 --metrics-port 0 --policy fcfs --kv-cache-mb 2048 \
       --run-dir "$run_dir" "${extra[@]}" >/dev/null 2>"$run_dir/gpu_cluster.log" &
-    pid=$!
+    cluster_pid=$!
     for _ in $(seq 1 360); do
       [ -f "$run_dir/ready" ] && break
-      kill -0 "$pid" 2>/dev/null || break
+      kill -0 "$cluster_pid" 2>/dev/null || break
       sleep 0.5
     done
     if [ ! -f "$run_dir/ready" ]; then
       tail -8 "$run_dir/gpu_cluster.log"
       fail "$name: the $run cluster did not become ready (logs: $run_dir)"
-      kill -TERM -- "-$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+      cluster_stop
       continue
     fi
     echo "joule-bench ${load[*]} (rank 0's /metrics: the GPU's NVML counter)"
-    LD_LIBRARY_PATH=$JOULE_GPU_LD timeout 120 "$load_bin" --url "http://127.0.0.1:$(cat "$run_dir/http_port")" \
+    LD_LIBRARY_PATH=$JOULE_GPU_LD timeout --foreground 120 "$load_bin" --url "http://127.0.0.1:$(cat "$run_dir/http_port")" \
       --metrics-urls "http://127.0.0.1:$(cat "$run_dir/metrics_port.0")/metrics" --label "$run" \
       --progress-s 5 "${load[@]}" --out "$out/$name.cluster-$run" >/dev/null
     rc=$?
     [ $rc -eq 0 ] || fail "$name: $(exit_note "joule-bench ($run)" $rc)"
     [ "$run" != ep2 ] || rows=$(grep -ho 'rows through [a-z -]*[a-z]' "$run_dir"/worker*.log | sort | uniq -c |
       sed 's/^ *\([0-9]*\) /\1 ranks: /' | paste -sd';' -)
-    kill -TERM -- "-$pid" 2>/dev/null
-    wait "$pid" 2>/dev/null
+    cluster_stop
   done
   JOULE_BENCH_COMMAND="bench/engine/gpu_run.sh $args" python3 - "$out" "$name" "$device" "$cluster_rate" \
     "$rows" "joule-bench ${load[*]}" <<'PY' || fail "$name: the cluster report"

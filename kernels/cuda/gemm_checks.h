@@ -11,8 +11,9 @@ namespace joule::kernels::cuda {
 // One CUDA launch covers the batch in its grid's z dimension.
 inline constexpr int64_t kMaxGemmBatch = 65535;
 
-// batch in [1, kMaxGemmBatch], strides not negative, and FP8 weights only
-// unbatched. `kernel` names the launch in the message.
+// batch in [1, kMaxGemmBatch], strides not negative, FP8 weights only
+// unbatched, and members whose outputs cannot overlap (side by side in each
+// row of y, or one after another). `kernel` names the launch in the message.
 absl::Status ValidateGemmBatch(const char* kernel, const GemmParams& p);
 
 }  // namespace joule::kernels::cuda

@@ -62,7 +62,8 @@ cp -r "$B"/models/{qwen3_moe,qwen2_moe,mixtral,deepseek_v3,deepseek_v3_fp8}-tiny
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 du -sh .gpu .gpu/bin .gpu/lib .gpu/models
 # What travels is the xz archive (the device tool carries at most 64 MiB with the working tree;
-# ICU's data library alone is 30 MB unpacked): env.sh unpacks it there when .gpu/ is absent.
+# ICU's data library alone is 30 MB unpacked): env.sh unpacks it there when .gpu/ is absent or
+# came from another archive.
 grep -qx '/.gpu.tar.xz' .git/info/exclude 2>/dev/null || echo '/.gpu.tar.xz' >> .git/info/exclude
 # The CPU dispatch/combine sweep's bundle (.bench/: its benchmarks, ucx_perftest, Open MPI) rides
 # along for run.sh's cpu_dispatch_sweep check, so a GPU host's many cores measure it too.

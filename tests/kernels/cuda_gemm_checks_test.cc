@@ -2,6 +2,9 @@
 // CI host: the CPU backend, the fake device and the CUDA launch use these checks.
 #include "kernels/cuda/gemm_checks.h"
 
+#include <string>
+#include <utility>
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -20,6 +23,7 @@ GemmParams PerHead() {
   p.x_batch_stride = 192;
   p.w_batch_stride = 512 * 128;
   p.y_batch_stride = 576;
+  p.ldy = 128 * 576;  // a token's heads side by side, as MLA lays them out
   return p;
 }
 
@@ -48,6 +52,28 @@ TEST(CudaGemmChecks, BadBatchesNameTheField) {
   const absl::Status fp8 = ValidateGemmBatch("Gemm", p);
   EXPECT_TRUE(absl::IsInvalidArgument(fp8));
   EXPECT_THAT(fp8.message(), HasSubstr("f8_e4m3 weights take batch 1"));
+}
+
+// Members run in parallel: two writing one element would race.
+TEST(CudaGemmChecks, MembersWhoseOutputsOverlapAreRefused) {
+  GemmParams stacked = PerHead();
+  stacked.ldy = 0;  // n: each member's [m, n] block after the last
+  stacked.y_batch_stride = stacked.m * stacked.n;
+  EXPECT_TRUE(ValidateGemmBatch("Gemm", stacked).ok());
+  GemmParams one_row = PerHead();
+  one_row.m = 1;
+  one_row.ldy = 0;  // one token: ldy never reached
+  EXPECT_TRUE(ValidateGemmBatch("Gemm", one_row).ok());
+  for (auto [ys, ldy] : {std::pair<int64_t, int64_t>{0, 128 * 576}, {511, 128 * 576},
+                         {576, 127 * 576 + 511}, {576, 0}}) {
+    GemmParams p = PerHead();
+    p.y_batch_stride = ys;
+    p.ldy = ldy;
+    const absl::Status s = ValidateGemmBatch("Gemm", p);
+    EXPECT_TRUE(absl::IsInvalidArgument(s)) << "y_batch_stride " << ys << " ldy " << ldy << ": " << s;
+    EXPECT_THAT(s.message(), HasSubstr("the batch members' outputs overlap (y_batch_stride=" +
+                                       std::to_string(ys)));
+  }
 }
 
 }  // namespace

@@ -317,6 +317,11 @@ absl::StatusOr<Buffer> CudaBackend::Allocate(MemoryKind kind, size_t bytes) {
     case MemoryKind::kPinned: err = cudaHostAlloc(&data, n, cudaHostAllocDefault); break;
     case MemoryKind::kHost: data = std::malloc(n); break;
   }
+  if (err != cudaSuccess && err != cudaErrorMemoryAllocation) {
+    // Not a shortage: a broken context (a kernel's fault before) or a bug.
+    return kcu::CudaErrorToStatus(err, kind == MemoryKind::kPinned ? "cudaHostAlloc" : "cudaMalloc",
+                                  __FILE__, __LINE__);
+  }
   if (err != cudaSuccess || data == nullptr) {
     cudaGetLastError();  // an out-of-memory result is not sticky; clear it
     size_t free_bytes = 0, total_bytes = 0;
