@@ -319,8 +319,8 @@ absl::StatusOr<Buffer> CudaBackend::Allocate(MemoryKind kind, size_t bytes) {
   }
   if (err != cudaSuccess && err != cudaErrorMemoryAllocation) {
     // Not a shortage: a broken context (a kernel's fault before) or a bug.
-    return kcu::CudaErrorToStatus(err, kind == MemoryKind::kPinned ? "cudaHostAlloc" : "cudaMalloc",
-                                  __FILE__, __LINE__);
+    const char* call = kind == MemoryKind::kPinned ? "cudaHostAlloc" : "cudaMalloc";
+    return kcu::CudaErrorToStatus(err, call, __FILE__, __LINE__);
   }
   if (err != cudaSuccess || data == nullptr) {
     cudaGetLastError();  // an out-of-memory result is not sticky; clear it

@@ -55,9 +55,9 @@ class FakeCopyStream final : public CopyStream {
       std::memmove(dst, src, bytes);
     } else if (!backend_->Owns(src, bytes)) {
       const auto* from = static_cast<const std::byte*>(src);
-      queued_.push_back({dst, nullptr, std::vector<std::byte>(from, from + bytes)});
+      queued_.push_back({dst, nullptr, bytes, std::vector<std::byte>(from, from + bytes)});
     } else {
-      queued_.push_back({dst, src, std::vector<std::byte>(bytes)});
+      queued_.push_back({dst, src, bytes, {}});
     }
     return absl::OkStatus();
   }
@@ -71,12 +71,11 @@ class FakeCopyStream final : public CopyStream {
   struct Copy {
     void* dst;
     const void* src;  // null: `taken` holds the source
+    size_t bytes;
     std::vector<std::byte> taken;
   };
   void RunQueued() {
-    for (Copy& c : queued_) {
-      std::memmove(c.dst, c.src != nullptr ? c.src : c.taken.data(), c.taken.size());
-    }
+    for (Copy& c : queued_) std::memmove(c.dst, c.src != nullptr ? c.src : c.taken.data(), c.bytes);
     queued_.clear();
   }
 

@@ -51,10 +51,13 @@ absl::Status StagedTransport::Broken(absl::Status status) {
 }
 
 // Chunks that follow each other on both sides become one copy (the usual
-// case: callers pack their chunks back to back).
-absl::Status StagedTransport::CopyChunks(const std::vector<Chunk>& chunks,
-                                         const std::byte* src_base, std::byte* dst_base,
-                                         bool to_device) {
+// case: callers pack their chunks back to back). A failed copy or wait
+// breaks the transport.
+absl::Status StagedTransport::Stage(std::span<const Chunk> chunks, const void* src_base,
+                                    void* dst_base, bool to_device) {
+  if (chunks.empty()) return absl::OkStatus();
+  const auto* src_bytes = static_cast<const std::byte*>(src_base);
+  auto* dst_bytes = static_cast<std::byte*>(dst_base);
   size_t i = 0;
   while (i < chunks.size()) {
     Chunk run = chunks[i++];
@@ -64,8 +67,11 @@ absl::Status StagedTransport::CopyChunks(const std::vector<Chunk>& chunks,
     }
     const size_t src = to_device ? run.host_offset : run.device_offset;
     const size_t dst = to_device ? run.device_offset : run.host_offset;
-    RETURN_IF_ERROR(copies_->CopyAsync(dst_base + dst, src_base + src, run.bytes));
+    if (absl::Status s = copies_->CopyAsync(dst_bytes + dst, src_bytes + src, run.bytes); !s.ok()) {
+      return Broken(s);
+    }
   }
+  if (absl::Status s = copies_->Synchronize(); !s.ok()) return Broken(s);
   return absl::OkStatus();
 }
 
@@ -75,19 +81,13 @@ absl::Status StagedTransport::AllGather(const void* in, size_t bytes, void* out)
   if (absl::Status s = Reserve(gather_, world * bytes); !s.ok()) return Broken(s);
   std::byte* gathered = gather_.as<std::byte>();
   std::byte* mine = gathered + rank() * bytes;
-  if (bytes > 0) {
-    absl::Status s = copies_->CopyAsync(mine, in, bytes);
-    if (s.ok()) s = copies_->Synchronize();
-    if (!s.ok()) return Broken(s);
-  }
+  const Chunk mine_chunk{.host_offset = 0, .device_offset = 0, .bytes = bytes};
+  const Chunk all_chunk{.host_offset = 0, .device_offset = 0, .bytes = world * bytes};
+  const size_t n = bytes > 0 ? 1 : 0;  // nothing to stage for an empty gather
+  RETURN_IF_ERROR(Stage({&mine_chunk, n}, in, mine, /*to_device=*/true));
   // In place: NCCL and the other transports take in == out + rank * bytes.
   RETURN_IF_ERROR(inner_->AllGather(mine, bytes, gathered));
-  if (bytes > 0) {
-    absl::Status s = copies_->CopyAsync(out, gathered, world * bytes);
-    if (s.ok()) s = copies_->Synchronize();
-    if (!s.ok()) return Broken(s);
-  }
-  return absl::OkStatus();
+  return Stage({&all_chunk, n}, gathered, out, /*to_device=*/false);
 }
 
 absl::Status StagedTransport::AllToAllV(const void* send, const size_t* send_counts,
@@ -143,21 +143,11 @@ absl::Status StagedTransport::AllToAllV(const void* send, const size_t* send_cou
 
   if (absl::Status s = Reserve(send_, send_total); !s.ok()) return Broken(s);
   if (absl::Status s = Reserve(recv_, recv_total); !s.ok()) return Broken(s);
-  if (!send_chunks_.empty()) {
-    absl::Status s = CopyChunks(send_chunks_, static_cast<const std::byte*>(send),
-                                send_.as<std::byte>(), /*to_device=*/true);
-    if (s.ok()) s = copies_->Synchronize();
-    if (!s.ok()) return Broken(s);
-  }
+  RETURN_IF_ERROR(Stage(send_chunks_, send, send_.data(), /*to_device=*/true));
   RETURN_IF_ERROR(inner_->AllToAllV(send_.data(), send_counts_.data(), send_offsets_.data(),
                                     recv_.data(), recv_counts_.data(), recv_offsets_.data()));
-  if (!recv_chunks_.empty()) {
-    // Chunk by chunk: the caller's bytes between chunks stay untouched.
-    absl::Status s = CopyChunks(recv_chunks_, recv_.as<std::byte>(),
-                                static_cast<std::byte*>(recv), /*to_device=*/false);
-    if (s.ok()) s = copies_->Synchronize();
-    if (!s.ok()) return Broken(s);
-  }
+  // Chunk by chunk: the caller's bytes between chunks stay untouched.
+  RETURN_IF_ERROR(Stage(recv_chunks_, recv_.data(), recv, /*to_device=*/false));
   if (!mismatch.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "all-to-all-v: counts disagree (", mismatch,

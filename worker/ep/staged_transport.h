@@ -19,15 +19,16 @@
 // Copies run on a copy stream of the backend (Backend::CreateCopyStream),
 // which each call synchronizes: a collective waits for its own copies, not
 // for the kernels queued on the model's stream (with two-batch overlap, the
-// other micro-batch's). The host buffers passed in are read and written
-// only by the host. Call from the thread that owns the backend (the step
-// loop), never during a graph capture. The backend must outlive the transport. MapSharedWindows is
-// Unimplemented: rows between GPUs use CUDA IPC windows, not this class.
+// other micro-batch's). Call from the thread that owns the backend (the step
+// loop), never during a graph capture. The backend must outlive the
+// transport. MapSharedWindows is Unimplemented: rows between GPUs use CUDA
+// IPC windows, not this class.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -67,14 +68,15 @@ class StagedTransport final : public Transport {
  private:
   // `buffer` holds at least `bytes` afterwards (doubling; contents not kept).
   absl::Status Reserve(device::Buffer& buffer, size_t bytes);
-  // Copies runs of chunks between host and device memory (see .cc).
+  // Copies runs of chunks between host and device memory on the copy stream
+  // and waits for them (see .cc); nothing without chunks.
   struct Chunk {
     size_t host_offset;
     size_t device_offset;
     size_t bytes;
   };
-  absl::Status CopyChunks(const std::vector<Chunk>& chunks, const std::byte* src_base,
-                          std::byte* dst_base, bool to_device);
+  absl::Status Stage(std::span<const Chunk> chunks, const void* src_base, void* dst_base,
+                     bool to_device);
   // OK unless broken; makes the copy stream on first use.
   absl::Status Ready();
   // Marks the transport broken by a local staging failure (peers time out).
